@@ -1,0 +1,228 @@
+using Ddpm.Tensors;
+
+namespace Ddpm.Kernels.Checks;
+
+/// <summary>
+/// Every op of the engine as a check case, on odd shapes that are multiples of no tile
+/// (N=3, C=5, H=7, W=9, a size of 1 somewhere). Together the cases launch every ILGPU kernel
+/// the engine loads.
+/// </summary>
+public static class OpCatalog
+{
+    /// <summary>All cases: the ones with a backward are gradient-checked too.</summary>
+    public static IReadOnlyList<OpCase> All { get; } = Build();
+
+    /// <summary>The cases that have a backward.</summary>
+    public static IEnumerable<OpCase> Differentiable => All.Where(c => c.Backward is not null);
+
+    /// <summary>The case called <paramref name="name"/>.</summary>
+    public static OpCase Get(string name) => All.First(c => c.Name == name);
+
+    private static List<OpCase> Build() =>
+    [
+        Conv("conv2d 3x3 s1 p1", n: 3, c: 5, h: 7, w: 9, k: 4, r: 3, s: 3, stride: 1, pad: 1),
+        Conv("conv2d 3x3 s2 p1", n: 3, c: 5, h: 7, w: 9, k: 6, r: 3, s: 3, stride: 2, pad: 1),
+        Conv("conv2d 1x1", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1, s: 1, stride: 1, pad: 0),
+        Conv("conv2d 3x3 c=1", n: 2, c: 1, h: 7, w: 9, k: 5, r: 3, s: 3, stride: 1, pad: 1),
+        Conv("conv2d 5x3 s2 p2", n: 1, c: 2, h: 8, w: 5, k: 3, r: 5, s: 3, stride: 2, pad: 2),
+        GroupNormCase("groupnorm C6 G3", n: 3, c: 6, h: 7, w: 9, groups: 3),
+        GroupNormCase("groupnorm C5 G5", n: 3, c: 5, h: 7, w: 9, groups: 5),
+        GroupNormCase("groupnorm C5 G1 1x1", n: 3, c: 5, h: 1, w: 1, groups: 1),
+        new OpCase
+        {
+            Name = "silu",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(x[0].Shape), y => Silu.Forward(x[0], y))],
+            Backward = (s, x, y, dy, dx) => Silu.Backward(dy, x[0], dx[0]!),
+        },
+        new OpCase
+        {
+            Name = "upsample nearest 2x",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(3, 5, 14, 18), y => Upsample.Forward(x[0], y))],
+            Backward = (s, x, y, dy, dx) => Upsample.Backward(dy, dx[0]!),
+        },
+        new OpCase
+        {
+            Name = "linear",
+            Inputs = [new("x", [3, 7]), new("w", [5, 7]), new("b", [5])],
+            Forward = (s, x) => [Run(s.Output(3, 5), y => Linear.Forward(x[0], x[1], x[2], y))],
+            Backward = (s, x, y, dy, d) =>
+            {
+                Linear.BackwardInput(dy, x[1], d[0]!);
+                Linear.BackwardWeight(dy, x[0], d[1]!);
+                Linear.BackwardBias(dy, d[2]!);
+            },
+        },
+        new OpCase
+        {
+            Name = "matmul AT.BT accumulate",
+            Inputs = [new("a", [7, 3]), new("b", [5, 7]), new("c", [3, 5])],
+            Forward = (s, x) =>
+            {
+                Linear.Matmul(x[0], true, x[1], true, x[2], accumulate: true);
+                return [x[2]];
+            },
+        },
+        new OpCase
+        {
+            Name = "concat channels",
+            Inputs = [new("a", [3, 2, 7, 9]), new("b", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(3, 7, 7, 9), y => Concat.Forward(x[0], x[1], y))],
+            Backward = (s, x, y, dy, d) => Concat.Backward(dy, d[0]!, d[1]!),
+        },
+        new OpCase
+        {
+            Name = "add",
+            Inputs = [new("a", [3, 5, 7, 9]), new("b", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(x[0].Shape), y => Elementwise.Add(x[0], x[1], y))],
+            Backward = (s, x, y, dy, d) =>
+            {
+                Elementwise.Accumulate(d[0]!, dy);
+                Elementwise.Accumulate(d[1]!, dy);
+            },
+        },
+        new OpCase
+        {
+            Name = "scale",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(x[0].Shape), y => Elementwise.Scale(x[0], -0.7f, y))],
+            Backward = (s, x, y, dy, d) => Elementwise.Accumulate(d[0]!, dy, -0.7f),
+        },
+        new OpCase
+        {
+            Name = "add channels (time embedding)",
+            Inputs = [new("x", [3, 5, 7, 9]), new("e", [3, 5])],
+            Forward = (s, x) => [Run(s.Output(x[0].Shape), y => Elementwise.AddChannels(x[0], x[1], y))],
+            Backward = (s, x, y, dy, d) =>
+            {
+                Elementwise.Accumulate(d[0]!, dy);
+                Elementwise.AddChannelsBackward(dy, d[1]!);
+            },
+        },
+        new OpCase
+        {
+            Name = "mse loss",
+            Inputs = [new("pred", [3, 1, 7, 9]), new("target", [3, 1, 7, 9], Differentiable: false)],
+            Forward = (s, x) => [Run(s.Output(1), y => Reduce.Mse(x[0], x[1], y))],
+            Backward = (s, x, y, dy, d) => Reduce.MseBackward(dy, x[0], x[1], d[0]!),
+            // The step's curvature error of a quadratic is exactly zero; the loss is a mean, so small.
+            GradAtol = 1e-4,
+        },
+        new OpCase
+        {
+            Name = "sum",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(1), y => Reduce.Sum(x[0], y))],
+            Backward = (s, x, y, dy, d) => Reduce.SumBackward(dy, d[0]!, 1f),
+        },
+        new OpCase
+        {
+            Name = "mean",
+            // Few elements, so the gradient 1/n is large enough for a broken one to show.
+            Inputs = [new("x", [3, 5])],
+            Forward = (s, x) => [Run(s.Output(1), y => Reduce.Mean(x[0], y))],
+            Backward = (s, x, y, dy, d) => Reduce.SumBackward(dy, d[0]!, 1f / x[0].Length),
+            GradAtol = 1e-4,
+        },
+        new OpCase
+        {
+            Name = "sum of squares",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(1), y => Reduce.SumSquares(x[0], y))],
+        },
+        new OpCase
+        {
+            Name = "sinusoidal time embedding",
+            Inputs = [new("t", [5], InputFill.Timesteps)],
+            Forward = (s, x) => [Run(s.Output(5, 18), y => TimeEmbedding.Forward(x[0], y))],
+            // sin/cos of arguments up to 300 rad: the GPU's range reduction differs in the last bits.
+            KernelAtol = 2e-5,
+        },
+        new OpCase
+        {
+            Name = "adam step",
+            Inputs = [new("p", [3, 5, 7]), new("g", [3, 5, 7]), new("m", [3, 5, 7]), new("v", [3, 5, 7], InputFill.Positive)],
+            Forward = (s, x) =>
+            {
+                Optim.Adam(x[0], x[1], x[2], x[3], lr: 1e-3f, beta1: 0.9f, beta2: 0.999f, eps: 1e-8f, step: 3);
+                return [x[0], x[2], x[3]];
+            },
+        },
+        new OpCase
+        {
+            Name = "ema",
+            Inputs = [new("e", [3, 5, 7]), new("p", [3, 5, 7])],
+            Forward = (s, x) =>
+            {
+                Optim.Ema(x[0], x[1], 0.999f);
+                return [x[0]];
+            },
+        },
+        new OpCase
+        {
+            Name = "random uniform",
+            Inputs = [],
+            Forward = (s, x) => [Run(s.Output(3, 5, 7, 9), y => RandomFill.Uniform(y, seed: 42, offset: 1000))],
+            // The same integer arithmetic on every backend: equal bit for bit.
+            KernelAtol = 0,
+            KernelRtol = 0,
+        },
+        new OpCase
+        {
+            Name = "random normal",
+            Inputs = [],
+            Forward = (s, x) => [Run(s.Output(3, 5, 7, 9), y => RandomFill.Normal(y, seed: 42, offset: 1001))],
+            KernelAtol = 1e-5,
+            KernelRtol = 1e-5,
+        },
+        new OpCase
+        {
+            Name = "fill",
+            Inputs = [],
+            Forward = (s, x) => [Run(s.Output(3, 5), y => Elementwise.Fill(y, 2.5f))],
+            KernelAtol = 0,
+            KernelRtol = 0,
+        },
+    ];
+
+    private static Tensor Run(Tensor output, Action<Tensor> op)
+    {
+        op(output);
+        return output;
+    }
+
+    private static OpCase Conv(string name, int n, int c, int h, int w, int k, int r, int s, int stride, int pad)
+    {
+        var g = new ConvShape(n, c, h, w, k, r, s, stride, pad);
+        return new OpCase
+        {
+            Name = name,
+            Inputs = [new("x", [n, c, h, w]), new("w", [k, c, r, s]), new("b", [k])],
+            Forward = (sc, x) => [Run(sc.Output(n, k, g.P, g.Q), y => Conv2d.Forward(x[0], x[1], x[2], y, stride, pad))],
+            Backward = (sc, x, y, dy, d) =>
+            {
+                Conv2d.BackwardInput(dy, x[1], d[0]!, stride, pad);
+                Conv2d.BackwardWeight(dy, x[0], d[1]!, stride, pad);
+                Conv2d.BackwardBias(dy, d[2]!);
+            },
+        };
+    }
+
+    private static OpCase GroupNormCase(string name, int n, int c, int h, int w, int groups) => new()
+    {
+        Name = name,
+        Inputs = [new("x", [n, c, h, w]), new("gamma", [c], InputFill.Positive), new("beta", [c])],
+        Forward = (s, x) =>
+        {
+            var y = s.Output(n, c, h, w);
+            var mean = s.Output(n, groups);
+            var rstd = s.Output(n, groups);
+            GroupNorm.Forward(x[0], x[1], x[2], groups, 1e-5f, y, mean, rstd);
+            return [y, mean, rstd];
+        },
+        Backward = (s, x, y, dy, d) => GroupNorm.Backward(dy, x[0], y[1], y[2], x[1], groups, d[0]!, d[1]!, d[2]!),
+        // A 1×1 group of one channel normalises a single value: y = beta whatever x, and the
+        // variance is ~eps, so x's derivative is tiny but its curvature huge; groups here hold ≥ 5.
+    };
+}

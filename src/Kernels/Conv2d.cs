@@ -1,0 +1,570 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>Geometry of a 2-D convolution: x [N, C, H, W] * w [K, C, R, S] (+ b [K]) → y [N, K, P, Q],
+/// P = (H + 2·Pad - R) / Stride + 1, Q likewise. Blittable, so kernels take it as an argument.</summary>
+public readonly struct ConvShape
+{
+    /// <summary>Batch, input channels, input height and width, output channels, kernel height and width.</summary>
+    public readonly int N, C, H, W, K, R, S;
+
+    /// <summary>Stride and zero padding (the same in both directions).</summary>
+    public readonly int Stride, Pad;
+
+    /// <summary>Output height and width.</summary>
+    public readonly int P, Q;
+
+    /// <summary>Builds the geometry and checks that the output is not empty.</summary>
+    public ConvShape(int n, int c, int h, int w, int k, int r, int s, int stride, int pad)
+    {
+        if (stride < 1 || pad < 0 || r < 1 || s < 1)
+        {
+            throw new ArgumentException($"conv2d: bad geometry (kernel {r}x{s}, stride {stride}, pad {pad})");
+        }
+        (N, C, H, W, K, R, S, Stride, Pad) = (n, c, h, w, k, r, s, stride, pad);
+        P = (h + 2 * pad - r) / stride + 1;
+        Q = (w + 2 * pad - s) / stride + 1;
+        if (P < 1 || Q < 1)
+        {
+            throw new ArgumentException($"conv2d: a {r}x{s} kernel does not fit a {h}x{w} input with pad {pad}");
+        }
+    }
+
+    /// <summary>Rows of the lowered (im2col) matrix: C·R·S.</summary>
+    public int Crs => C * R * S;
+
+    /// <summary>Columns of the lowered matrix: P·Q.</summary>
+    public int Pq => P * Q;
+
+    /// <summary>Multiply-adds ×2 of the forward pass (each gradient costs the same).</summary>
+    public double Flops => 2.0 * N * K * Crs * Pq;
+
+    /// <summary>True when the lowering is the identity (1×1, stride 1, no padding).</summary>
+    public bool IsPointwise => R == 1 && S == 1 && Stride == 1 && Pad == 0;
+
+    /// <summary>The geometry implied by an input and a weight tensor.</summary>
+    public static ConvShape Of(Tensor x, Tensor w, int stride, int pad)
+    {
+        Check.Rank("conv2d", "x", x, 4);
+        Check.Rank("conv2d", "w", w, 4);
+        if (w.Dim(1) != x.Dim(1))
+        {
+            throw new ArgumentException($"conv2d: weight {w.ShapeText} expects {w.Dim(1)} input channels, x is {x.ShapeText}");
+        }
+        return new ConvShape(x.Dim(0), x.Dim(1), x.Dim(2), x.Dim(3), w.Dim(0), w.Dim(2), w.Dim(3), stride, pad);
+    }
+}
+
+/// <summary>
+/// 2-D convolution with bias, forward and the three gradients. Shapes (letters as in
+/// <see cref="ConvShape"/>): x [N, C, H, W], w [K, C, R, S], b [K], y [N, K, P, Q].
+/// Versions:
+///  - CPU naive: direct loops, the reference for the fast path and the benchmark baseline.
+///  - CPU fast: per image, im2col into a [C·R·S, P·Q] matrix and a packed SIMD GEMM
+///    (<see cref="Gemm"/>); forward y = W·col, input gradient col2im(Wᵀ·dy), weight gradient
+///    dW += dy·colᵀ with a private dW per worker, summed at the end. Images go to the cores.
+///  - ILGPU v1: one thread per output element (forward, input gradient, weight gradient, bias).
+/// Backward ops add into their gradient buffers.
+/// </summary>
+public static unsafe class Conv2d
+{
+    /// <summary>y = conv(x, w) + b.</summary>
+    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad)
+    {
+        var g = ConvShape.Of(x, w, stride, pad);
+        CheckOperands(g, x, w, b, y);
+        if (x.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(x);
+            k.Conv2d.Forward(k.Stream, y.Length, x.View, w.View, b.View, y.View, g);
+            return;
+        }
+        ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y));
+    }
+
+    /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input.</summary>
+    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx, int stride, int pad)
+    {
+        var g = ConvShape.Of(dx, w, stride, pad);
+        Check.Devices("conv2d backward input", dy, w, dx);
+        Check.Shape("conv2d backward input", "dy", dy, g.N, g.K, g.P, g.Q);
+        if (dx.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(dx);
+            k.Conv2d.BackwardInput(k.Stream, dx.Length, dy.View, w.View, dx.View, g);
+            return;
+        }
+        BackwardInputCpu(g, Ptr(dy), Ptr(w), Ptr(dx));
+    }
+
+    /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight.</summary>
+    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, int stride, int pad)
+    {
+        var g = ConvShape.Of(x, dw, stride, pad);
+        Check.Devices("conv2d backward weight", dy, x, dw);
+        Check.Shape("conv2d backward weight", "dy", dy, g.N, g.K, g.P, g.Q);
+        if (x.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(x);
+            k.Conv2d.BackwardWeight(k.Stream, dw.Length, dy.View, x.View, dw.View, g);
+            return;
+        }
+        BackwardWeightCpu(g, Ptr(dy), Ptr(x), Ptr(dw));
+    }
+
+    /// <summary>db[k] += Σ_{n,p,q} dy[n,k,p,q].</summary>
+    public static void BackwardBias(Tensor dy, Tensor db)
+    {
+        Check.Rank("conv2d backward bias", "dy", dy, 4);
+        Check.Devices("conv2d backward bias", dy, db);
+        int n = dy.Dim(0), kk = dy.Dim(1), pq = dy.Dim(2) * dy.Dim(3);
+        Check.Shape("conv2d backward bias", "db", db, kk);
+        if (dy.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(dy);
+            k.Conv2d.BackwardBias(k.Stream, kk, dy.View, db.View, n, pq);
+            return;
+        }
+        var dyv = dy.HostArray;
+        var dbv = db.HostArray;
+        for (int c = 0; c < kk; c++)
+        {
+            float s = 0;
+            for (int i = 0; i < n; i++)
+            {
+                s += Elementwise.SumSpan(dyv.AsSpan((i * kk + c) * pq, pq));
+            }
+            dbv[c] += s;
+        }
+    }
+
+    private static void CheckOperands(ConvShape g, Tensor x, Tensor w, Tensor b, Tensor y)
+    {
+        Check.Devices("conv2d", x, w, b, y);
+        Check.Shape("conv2d", "b", b, g.K);
+        Check.Shape("conv2d", "y", y, g.N, g.K, g.P, g.Q);
+    }
+
+    internal static float* Ptr(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(t.HostArray));
+
+    // ---------------- CPU fast: im2col + packed GEMM ----------------
+
+    /// <summary>Forward on raw CPU buffers: per image, col = im2col(x[n]); y[n] = W·col + b.</summary>
+    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y)
+    {
+        bool imagesInParallel = g.N >= Cpu.Threads;
+        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+        Cpu.Items(imagesInParallel ? g.N : 1, item =>
+        {
+            int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
+            for (int n = first; n < last; n++)
+            {
+                float* col = g.IsPointwise ? x + n * xs : Scratch.Col(g.Crs * g.Pq);
+                if (!g.IsPointwise)
+                {
+                    Im2Col(g, x + n * xs, col);
+                }
+                float* yn = y + n * ys;
+                Gemm.Multiply(g.K, g.Pq, g.Crs, w, g.Crs, 1, col, g.Pq, 1, yn, g.Pq, accumulate: false, parallel: !imagesInParallel);
+                for (int k = 0; k < g.K; k++)
+                {
+                    Simd.AddScalar(new Span<float>(yn + (long)k * g.Pq, g.Pq), b[k]);
+                }
+            }
+        });
+    }
+
+    /// <summary>Input gradient on raw CPU buffers: dx[n] += col2im(Wᵀ·dy[n]).</summary>
+    public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx)
+    {
+        bool imagesInParallel = g.N >= Cpu.Threads;
+        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+        Cpu.Items(imagesInParallel ? g.N : 1, item =>
+        {
+            int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
+            for (int n = first; n < last; n++)
+            {
+                if (g.IsPointwise)
+                {
+                    Gemm.Multiply(g.C, g.Pq, g.K, w, 1, g.C, dy + n * ys, g.Pq, 1, dx + n * xs, g.Pq, accumulate: true, parallel: !imagesInParallel);
+                    continue;
+                }
+                float* col = Scratch.Col(g.Crs * g.Pq);
+                Gemm.Multiply(g.Crs, g.Pq, g.K, w, 1, g.Crs, dy + n * ys, g.Pq, 1, col, g.Pq, accumulate: false, parallel: !imagesInParallel);
+                Col2ImAdd(g, col, dx + n * xs);
+            }
+        });
+    }
+
+    /// <summary>Weight gradient on raw CPU buffers: dW += Σ_n dy[n]·im2col(x[n])ᵀ, one private
+    /// partial sum per worker so workers never write the same memory.</summary>
+    public static void BackwardWeightCpu(ConvShape g, float* dy, float* x, float* dw)
+    {
+        int workers = Math.Min(Cpu.Threads, g.N);
+        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+        int wlen = g.K * g.Crs;
+        var partials = Scratch.Partials(workers, wlen);
+        Cpu.Items(workers, worker =>
+        {
+            float* acc = partials + (long)worker * wlen;
+            new Span<float>(acc, wlen).Clear();
+            int first = (int)((long)g.N * worker / workers), last = (int)((long)g.N * (worker + 1) / workers);
+            for (int n = first; n < last; n++)
+            {
+                float* col = g.IsPointwise ? x + n * xs : Scratch.Col(g.Crs * g.Pq);
+                if (!g.IsPointwise)
+                {
+                    Im2Col(g, x + n * xs, col);
+                }
+                // dW [K, CRS] += dy[n] [K, PQ] · colᵀ [PQ, CRS]
+                Gemm.Multiply(g.K, g.Crs, g.Pq, dy + n * ys, g.Pq, 1, col, 1, g.Pq, acc, g.Crs, accumulate: true, parallel: workers == 1);
+            }
+        });
+        var dst = new Span<float>(dw, wlen);
+        for (int worker = 0; worker < workers; worker++)
+        {
+            Simd.AddInPlace(dst, new ReadOnlySpan<float>(partials + (long)worker * wlen, wlen));
+        }
+    }
+
+    /// <summary>col[(c·R + r)·S + s, p·Q + q] = x[c, p·stride - pad + r, q·stride - pad + s], zero outside.</summary>
+    internal static void Im2Col(ConvShape g, float* x, float* col)
+    {
+        for (int c = 0; c < g.C; c++)
+        {
+            for (int r = 0; r < g.R; r++)
+            {
+                for (int s = 0; s < g.S; s++)
+                {
+                    float* row = col + (long)((c * g.R + r) * g.S + s) * g.Pq;
+                    for (int p = 0; p < g.P; p++)
+                    {
+                        int h = p * g.Stride - g.Pad + r;
+                        float* dst = row + p * g.Q;
+                        if ((uint)h >= (uint)g.H)
+                        {
+                            new Span<float>(dst, g.Q).Clear();
+                            continue;
+                        }
+                        float* src = x + ((long)c * g.H + h) * g.W;
+                        if (g.Stride == 1)
+                        {
+                            // Contiguous run: valid q where 0 <= q - pad + s < W.
+                            int q0 = Math.Max(0, g.Pad - s), q1 = Math.Min(g.Q, g.W + g.Pad - s);
+                            for (int q = 0; q < q0; q++)
+                            {
+                                dst[q] = 0;
+                            }
+                            if (q1 > q0)
+                            {
+                                new ReadOnlySpan<float>(src + q0 - g.Pad + s, q1 - q0).CopyTo(new Span<float>(dst + q0, q1 - q0));
+                            }
+                            for (int q = Math.Max(q1, q0); q < g.Q; q++)
+                            {
+                                dst[q] = 0;
+                            }
+                        }
+                        else
+                        {
+                            for (int q = 0; q < g.Q; q++)
+                            {
+                                int w = q * g.Stride - g.Pad + s;
+                                dst[q] = (uint)w < (uint)g.W ? src[w] : 0f;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// <summary>The adjoint of <see cref="Im2Col"/>: x[c, h, w] += every col entry that read it.</summary>
+    internal static void Col2ImAdd(ConvShape g, float* col, float* x)
+    {
+        for (int c = 0; c < g.C; c++)
+        {
+            for (int r = 0; r < g.R; r++)
+            {
+                for (int s = 0; s < g.S; s++)
+                {
+                    float* row = col + (long)((c * g.R + r) * g.S + s) * g.Pq;
+                    for (int p = 0; p < g.P; p++)
+                    {
+                        int h = p * g.Stride - g.Pad + r;
+                        if ((uint)h >= (uint)g.H)
+                        {
+                            continue;
+                        }
+                        float* dst = x + ((long)c * g.H + h) * g.W;
+                        float* src = row + p * g.Q;
+                        if (g.Stride == 1)
+                        {
+                            int q0 = Math.Max(0, g.Pad - s), q1 = Math.Min(g.Q, g.W + g.Pad - s);
+                            if (q1 > q0)
+                            {
+                                Simd.AddInPlace(new Span<float>(dst + q0 - g.Pad + s, q1 - q0), new ReadOnlySpan<float>(src + q0, q1 - q0));
+                            }
+                        }
+                        else
+                        {
+                            for (int q = 0; q < g.Q; q++)
+                            {
+                                int w = q * g.Stride - g.Pad + s;
+                                if ((uint)w < (uint)g.W)
+                                {
+                                    dst[w] += src[q];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------- CPU naive: the reference and the benchmark baseline ----------------
+
+    /// <summary>Direct loops: y[n,k,p,q] = b[k] + Σ_{c,r,s} w[k,c,r,s]·x[n,c,p·st-pad+r,q·st-pad+s].</summary>
+    public static void ForwardNaive(ConvShape g, float[] x, float[] w, float[] b, float[] y)
+    {
+        for (int n = 0; n < g.N; n++)
+        for (int k = 0; k < g.K; k++)
+        for (int p = 0; p < g.P; p++)
+        for (int q = 0; q < g.Q; q++)
+        {
+            float acc = b[k];
+            for (int c = 0; c < g.C; c++)
+            for (int r = 0; r < g.R; r++)
+            {
+                int h = p * g.Stride - g.Pad + r;
+                if ((uint)h >= (uint)g.H)
+                {
+                    continue;
+                }
+                for (int s = 0; s < g.S; s++)
+                {
+                    int ww = q * g.Stride - g.Pad + s;
+                    if ((uint)ww < (uint)g.W)
+                    {
+                        acc += w[((k * g.C + c) * g.R + r) * g.S + s] * x[((n * g.C + c) * g.H + h) * g.W + ww];
+                    }
+                }
+            }
+            y[((n * g.K + k) * g.P + p) * g.Q + q] = acc;
+        }
+    }
+
+    /// <summary>Direct loops: dx[n,c,h,w] += Σ w[k,c,r,s]·dy[n,k,p,q] over the (p,q) that read (h,w).</summary>
+    public static void BackwardInputNaive(ConvShape g, float[] dy, float[] w, float[] dx)
+    {
+        for (int n = 0; n < g.N; n++)
+        for (int k = 0; k < g.K; k++)
+        for (int p = 0; p < g.P; p++)
+        for (int q = 0; q < g.Q; q++)
+        {
+            float d = dy[((n * g.K + k) * g.P + p) * g.Q + q];
+            for (int c = 0; c < g.C; c++)
+            for (int r = 0; r < g.R; r++)
+            {
+                int h = p * g.Stride - g.Pad + r;
+                if ((uint)h >= (uint)g.H)
+                {
+                    continue;
+                }
+                for (int s = 0; s < g.S; s++)
+                {
+                    int ww = q * g.Stride - g.Pad + s;
+                    if ((uint)ww < (uint)g.W)
+                    {
+                        dx[((n * g.C + c) * g.H + h) * g.W + ww] += w[((k * g.C + c) * g.R + r) * g.S + s] * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// <summary>Direct loops: dw[k,c,r,s] += Σ_{n,p,q} dy[n,k,p,q]·x[n,c,p·st-pad+r,q·st-pad+s].</summary>
+    public static void BackwardWeightNaive(ConvShape g, float[] dy, float[] x, float[] dw)
+    {
+        for (int n = 0; n < g.N; n++)
+        for (int k = 0; k < g.K; k++)
+        for (int p = 0; p < g.P; p++)
+        for (int q = 0; q < g.Q; q++)
+        {
+            float d = dy[((n * g.K + k) * g.P + p) * g.Q + q];
+            for (int c = 0; c < g.C; c++)
+            for (int r = 0; r < g.R; r++)
+            {
+                int h = p * g.Stride - g.Pad + r;
+                if ((uint)h >= (uint)g.H)
+                {
+                    continue;
+                }
+                for (int s = 0; s < g.S; s++)
+                {
+                    int ww = q * g.Stride - g.Pad + s;
+                    if ((uint)ww < (uint)g.W)
+                    {
+                        dw[((k * g.C + c) * g.R + r) * g.S + s] += d * x[((n * g.C + c) * g.H + h) * g.W + ww];
+                    }
+                }
+            }
+        }
+    }
+
+    // ---------------- ILGPU v1: one thread per output element ----------------
+
+    // i over y [N, K, P, Q]
+    internal static void ForwardKernel(Index1D i, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y, ConvShape g)
+    {
+        int q = i % g.Q, p = i / g.Q % g.P, k = i / g.Pq % g.K, n = i / (g.Pq * g.K);
+        float acc = b[k];
+        for (int c = 0; c < g.C; c++)
+        {
+            for (int r = 0; r < g.R; r++)
+            {
+                int h = p * g.Stride - g.Pad + r;
+                if (h < 0 || h >= g.H)
+                {
+                    continue;
+                }
+                for (int s = 0; s < g.S; s++)
+                {
+                    int ww = q * g.Stride - g.Pad + s;
+                    if (ww >= 0 && ww < g.W)
+                    {
+                        acc += w[((k * g.C + c) * g.R + r) * g.S + s] * x[((n * g.C + c) * g.H + h) * g.W + ww];
+                    }
+                }
+            }
+        }
+        y[i] = acc;
+    }
+
+    // i over dx [N, C, H, W]: gathers every (k, r, s) whose output position (p, q) read this input.
+    internal static void BackwardInputKernel(Index1D i, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, ConvShape g)
+    {
+        int ww = i % g.W, h = i / g.W % g.H, c = i / (g.W * g.H) % g.C, n = i / (g.W * g.H * g.C);
+        float acc = 0;
+        for (int r = 0; r < g.R; r++)
+        {
+            int ph = h + g.Pad - r;
+            if (ph < 0 || ph % g.Stride != 0 || ph / g.Stride >= g.P)
+            {
+                continue;
+            }
+            int p = ph / g.Stride;
+            for (int s = 0; s < g.S; s++)
+            {
+                int qw = ww + g.Pad - s;
+                if (qw < 0 || qw % g.Stride != 0 || qw / g.Stride >= g.Q)
+                {
+                    continue;
+                }
+                int q = qw / g.Stride;
+                for (int k = 0; k < g.K; k++)
+                {
+                    acc += w[((k * g.C + c) * g.R + r) * g.S + s] * dy[((n * g.K + k) * g.P + p) * g.Q + q];
+                }
+            }
+        }
+        dx[i] += acc;
+    }
+
+    // i over dw [K, C, R, S]: sums over the batch and the output positions.
+    internal static void BackwardWeightKernel(Index1D i, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw, ConvShape g)
+    {
+        int s = i % g.S, r = i / g.S % g.R, c = i / (g.S * g.R) % g.C, k = i / (g.S * g.R * g.C);
+        float acc = 0;
+        for (int n = 0; n < g.N; n++)
+        {
+            for (int p = 0; p < g.P; p++)
+            {
+                int h = p * g.Stride - g.Pad + r;
+                if (h < 0 || h >= g.H)
+                {
+                    continue;
+                }
+                for (int q = 0; q < g.Q; q++)
+                {
+                    int ww = q * g.Stride - g.Pad + s;
+                    if (ww >= 0 && ww < g.W)
+                    {
+                        acc += dy[((n * g.K + k) * g.P + p) * g.Q + q] * x[((n * g.C + c) * g.H + h) * g.W + ww];
+                    }
+                }
+            }
+        }
+        dw[i] += acc;
+    }
+
+    // k over db [K]
+    internal static void BackwardBiasKernel(Index1D k, ArrayView<float> dy, ArrayView<float> db, int n, int pq)
+    {
+        float acc = 0;
+        int kk = db.IntLength;
+        for (int i = 0; i < n; i++)
+        {
+            int start = (i * kk + k) * pq;
+            for (int j = 0; j < pq; j++)
+            {
+                acc += dy[start + j];
+            }
+        }
+        db[k] += acc;
+    }
+
+    internal sealed class Gpu(IlgpuKernels k)
+    {
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardInput =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardInputKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardWeight =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardWeightKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int> BackwardBias =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int>>(BackwardBiasKernel);
+    }
+}
+
+/// <summary>Per-thread scratch memory for the CPU kernels: pinned, grown on demand and kept, so
+/// a training step allocates nothing once the first step has sized it.</summary>
+internal static unsafe class Scratch
+{
+    [ThreadStatic] private static float[]? _col;
+    private static float[]? _partials;
+    private static readonly object PartialsLock = new();
+
+    /// <summary>This thread's lowering buffer, at least <paramref name="length"/> floats.</summary>
+    public static float* Col(int length)
+    {
+        if (_col is null || _col.Length < length)
+        {
+            _col = GC.AllocateUninitializedArray<float>(length, pinned: true);
+        }
+        return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_col));
+    }
+
+    /// <summary>A shared buffer of <paramref name="workers"/>·<paramref name="length"/> floats for
+    /// per-worker partial sums (one weight-gradient op at a time uses it).</summary>
+    public static float* Partials(int workers, int length)
+    {
+        lock (PartialsLock)
+        {
+            long need = (long)workers * length;
+            if (_partials is null || _partials.Length < need)
+            {
+                _partials = GC.AllocateUninitializedArray<float>((int)need, pinned: true);
+            }
+            return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_partials));
+        }
+    }
+}

@@ -1,0 +1,118 @@
+using System.Reflection;
+using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>
+/// Every ILGPU kernel of the engine, compiled once for one accelerator and kept: loading compiles
+/// (tens of milliseconds a kernel), so it happens here, at the device's first op, never inside a
+/// forward pass. <see cref="For(IlgpuDevice)"/> returns the set cached on the device.
+/// </summary>
+public sealed class IlgpuKernels
+{
+    private readonly List<LoadedKernel> _loaded = [];
+
+    private IlgpuKernels(IlgpuDevice device)
+    {
+        Device = device;
+        Accelerator = device.Accelerator;
+        Elementwise = new Elementwise.Gpu(this);
+        Conv2d = new Conv2d.Gpu(this);
+        GroupNorm = new GroupNorm.Gpu(this);
+        Upsample = new Upsample.Gpu(this);
+        Linear = new Linear.Gpu(this);
+        Concat = new Concat.Gpu(this);
+        Reduce = new Reduce.Gpu(this);
+        TimeEmbedding = new TimeEmbedding.Gpu(this);
+        Optim = new Optim.Gpu(this);
+        Random = new RandomFill.Gpu(this);
+    }
+
+    /// <summary>The device these kernels were compiled for.</summary>
+    public IlgpuDevice Device { get; }
+
+    /// <summary>The accelerator these kernels were compiled for.</summary>
+    public Accelerator Accelerator { get; }
+
+    /// <summary>The stream every op is queued on.</summary>
+    public AcceleratorStream Stream => Accelerator.DefaultStream;
+
+    internal Elementwise.Gpu Elementwise { get; }
+    internal Conv2d.Gpu Conv2d { get; }
+    internal GroupNorm.Gpu GroupNorm { get; }
+    internal Upsample.Gpu Upsample { get; }
+    internal Linear.Gpu Linear { get; }
+    internal Concat.Gpu Concat { get; }
+    internal Reduce.Gpu Reduce { get; }
+    internal TimeEmbedding.Gpu TimeEmbedding { get; }
+    internal Optim.Gpu Optim { get; }
+    internal RandomFill.Gpu Random { get; }
+
+    /// <summary>Every kernel method loaded, with how it is launched: the list the PTX test compiles.</summary>
+    public IReadOnlyList<LoadedKernel> Loaded => _loaded;
+
+    /// <summary>The kernel set of <paramref name="device"/>, compiled on first use and cached.</summary>
+    public static IlgpuKernels For(IlgpuDevice device) => device.GetExtension(d => new IlgpuKernels((IlgpuDevice)d));
+
+    /// <summary>The kernel set of the device a tensor lives on.</summary>
+    internal static IlgpuKernels For(Tensor t) => For((IlgpuDevice)t.Device);
+
+    /// <summary>Loads an implicitly grouped kernel (one thread per index, ILGPU picks the group)
+    /// as a launcher taking the stream first.</summary>
+    internal TLauncher Auto<TLauncher>(Delegate kernel) where TLauncher : Delegate
+    {
+        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false));
+        return Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method);
+    }
+
+    /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>.</summary>
+    internal TLauncher Grouped<TLauncher>(Delegate kernel) where TLauncher : Delegate
+    {
+        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true));
+        return Accelerator.LoadKernel<TLauncher>(kernel.Method);
+    }
+
+    /// <summary>A scratch tensor for reductions, from the device pool.</summary>
+    internal Tensor Scratch(int length) => Tensor.Empty(Device, length);
+}
+
+/// <summary>A kernel entry point and whether it is explicitly grouped.</summary>
+public readonly record struct LoadedKernel(MethodInfo Method, bool Grouped);
+
+/// <summary>Shape checks shared by every op: one clear message naming the op and the shapes.</summary>
+internal static class Check
+{
+    public static void Same(string op, Tensor a, Tensor b)
+    {
+        if (a.Device != b.Device)
+        {
+            throw new ArgumentException($"{op}: tensors on different devices ({a.Device.Name} and {b.Device.Name})");
+        }
+    }
+
+    public static void Shape(string op, string name, Tensor t, params int[] expected)
+    {
+        if (!t.Shape.AsSpan().SequenceEqual(expected))
+        {
+            throw new ArgumentException($"{op}: {name} is {t.ShapeText}, expected {Tensor.ShapeString(expected)}");
+        }
+    }
+
+    public static void Rank(string op, string name, Tensor t, int rank)
+    {
+        if (t.Rank != rank)
+        {
+            throw new ArgumentException($"{op}: {name} is {t.ShapeText}, expected rank {rank}");
+        }
+    }
+
+    public static void Devices(string op, params Tensor[] ts)
+    {
+        for (int i = 1; i < ts.Length; i++)
+        {
+            Same(op, ts[0], ts[i]);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>Strided GEMM geometry for kernels: C [M, N] (=|+=) A·B with A(i,p) = a[i·ARow + p·ACol]
+/// and B(p,j) = b[p·BRow + j·BCol]; strides express the transposes.</summary>
+public readonly struct MatmulShape(int m, int n, int k, int aRow, int aCol, int bRow, int bCol, bool accumulate)
+{
+    /// <summary>Rows of C, columns of C, inner dimension.</summary>
+    public readonly int M = m, N = n, K = k;
+
+    /// <summary>Element strides of A and B.</summary>
+    public readonly int ARow = aRow, ACol = aCol, BRow = bRow, BCol = bCol;
+
+    /// <summary>1 to add into C, 0 to overwrite it (an int: kernels take blittable values).</summary>
+    public readonly int Accumulate = accumulate ? 1 : 0;
+}
+
+/// <summary>
+/// Matrix multiply and the fully connected layer (torch.nn.Linear): y = x·wᵀ + b with
+/// x [N, In], w [Out, In], b [Out], y [N, Out]; backward dx += dy·w, dw += dyᵀ·x, db += Σ_n dy.
+/// Versions: CPU through the packed SIMD <see cref="Gemm"/> (transposes are strides);
+/// ILGPU v1 one thread per output element.
+/// </summary>
+public static unsafe class Linear
+{
+    /// <summary>c (=|+=) op(a)·op(b), op = transpose when asked. a, b, c are 2-D.</summary>
+    public static void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, bool accumulate)
+    {
+        Check.Rank("matmul", "a", a, 2);
+        Check.Rank("matmul", "b", b, 2);
+        Check.Devices("matmul", a, b, c);
+        int m = transA ? a.Dim(1) : a.Dim(0), k = transA ? a.Dim(0) : a.Dim(1);
+        int kb = transB ? b.Dim(1) : b.Dim(0), n = transB ? b.Dim(0) : b.Dim(1);
+        if (k != kb)
+        {
+            throw new ArgumentException($"matmul: inner sizes differ ({a.ShapeText}{(transA ? "ᵀ" : "")} · {b.ShapeText}{(transB ? "ᵀ" : "")})");
+        }
+        Check.Shape("matmul", "c", c, m, n);
+        var s = new MatmulShape(m, n, k,
+            transA ? 1 : a.Dim(1), transA ? a.Dim(1) : 1,
+            transB ? 1 : b.Dim(1), transB ? b.Dim(1) : 1, accumulate);
+        if (a.Device.IsIlgpu)
+        {
+            var kk = IlgpuKernels.For(a);
+            kk.Linear.Matmul(kk.Stream, m * n, a.View, b.View, c.View, s);
+            return;
+        }
+        Gemm.Multiply(m, n, k, Conv2d.Ptr(a), s.ARow, s.ACol, Conv2d.Ptr(b), s.BRow, s.BCol, Conv2d.Ptr(c), n, accumulate, parallel: true);
+    }
+
+    /// <summary>y = x·wᵀ + b.</summary>
+    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y)
+    {
+        Check.Rank("linear", "w", w, 2);
+        Check.Shape("linear", "b", b, w.Dim(0));
+        Matmul(x, false, w, true, y, accumulate: false);
+        if (y.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(y);
+            k.Linear.AddRows(k.Stream, y.Length, b.View, y.View, w.Dim(0));
+            return;
+        }
+        int outs = w.Dim(0);
+        var yv = y.HostArray;
+        var bv = b.HostArray;
+        for (int i = 0; i < x.Dim(0); i++)
+        {
+            Simd.AddInPlace(yv.AsSpan(i * outs, outs), bv.AsSpan(0, outs));
+        }
+    }
+
+    /// <summary>dx += dy·w.</summary>
+    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx) => Matmul(dy, false, w, false, dx, accumulate: true);
+
+    /// <summary>dw += dyᵀ·x.</summary>
+    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw) => Matmul(dy, true, x, false, dw, accumulate: true);
+
+    /// <summary>db[o] += Σ_n dy[n, o].</summary>
+    public static void BackwardBias(Tensor dy, Tensor db)
+    {
+        Check.Rank("linear backward bias", "dy", dy, 2);
+        Check.Devices("linear backward bias", dy, db);
+        int n = dy.Dim(0), outs = dy.Dim(1);
+        Check.Shape("linear backward bias", "db", db, outs);
+        if (dy.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(dy);
+            k.Linear.ColumnSums(k.Stream, outs, dy.View, db.View, n);
+            return;
+        }
+        var dyv = dy.HostArray;
+        var dbv = db.HostArray;
+        for (int i = 0; i < n; i++)
+        {
+            Simd.AddInPlace(dbv.AsSpan(0, outs), dyv.AsSpan(i * outs, outs));
+        }
+    }
+
+    // i over c [M, N]
+    internal static void MatmulKernel(Index1D i, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, MatmulShape s)
+    {
+        int row = i / s.N, col = i % s.N;
+        float acc = 0;
+        for (int p = 0; p < s.K; p++)
+        {
+            acc += a[row * s.ARow + p * s.ACol] * b[p * s.BRow + col * s.BCol];
+        }
+        c[i] = s.Accumulate != 0 ? c[i] + acc : acc;
+    }
+
+    // i over y [rows, cols]
+    internal static void AddRowsKernel(Index1D i, ArrayView<float> b, ArrayView<float> y, int cols) => y[i] += b[i % cols];
+
+    // col over [cols]: sums [rows, cols] down the rows into out (+=)
+    internal static void ColumnSumsKernel(Index1D col, ArrayView<float> x, ArrayView<float> sums, int rows)
+    {
+        int cols = sums.IntLength;
+        float acc = 0;
+        for (int r = 0; r < rows; r++)
+        {
+            acc += x[r * cols + col];
+        }
+        sums[col] += acc;
+    }
+
+    internal sealed class Gpu(IlgpuKernels k)
+    {
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, MatmulShape> Matmul =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, MatmulShape>>(MatmulKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> AddRows =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(AddRowsKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> ColumnSums =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(ColumnSumsKernel);
+    }
+}

@@ -1,0 +1,168 @@
+using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>
+/// Full reductions to a scalar ([1] tensor) and the MSE loss, with backward:
+///   sum:  out = Σ x                      backward dx += dOut
+///   mean: out = Σ x / n                  backward dx += dOut / n
+///   sum of squares: out = Σ x²           (gradient-norm clipping; no backward needed)
+///   mse:  out = Σ (pred - target)² / n   backward dpred += dOut·2(pred - target)/n
+/// Results are deterministic on every backend: a fixed split into partial sums, then one ordered
+/// sum. Versions: CPU partial sums in double over chunks on the cores; ILGPU v1, 256 strided
+/// partial sums (one thread each), then one thread adds them.
+/// </summary>
+public static class Reduce
+{
+    private const int Slots = 256;
+
+    /// <summary>out[0] = Σ x.</summary>
+    public static void Sum(Tensor x, Tensor output) => Run("sum", x, null, output, Mode.Identity, 1f);
+
+    /// <summary>out[0] = Σ x / n.</summary>
+    public static void Mean(Tensor x, Tensor output) => Run("mean", x, null, output, Mode.Identity, 1f / x.Length);
+
+    /// <summary>out[0] = Σ x².</summary>
+    public static void SumSquares(Tensor x, Tensor output) => Run("sum of squares", x, null, output, Mode.Square, 1f);
+
+    /// <summary>out[0] = mean((pred - target)²).</summary>
+    public static void Mse(Tensor pred, Tensor target, Tensor output)
+    {
+        Check.Shape("mse", "target", target, pred.Shape);
+        Run("mse", pred, target, output, Mode.SquaredDifference, 1f / pred.Length);
+    }
+
+    /// <summary>dx += dOut[0]·scale (scale 1 for sum, 1/n for mean).</summary>
+    public static void SumBackward(Tensor dOut, Tensor dx, float scale)
+    {
+        Check.Shape("sum backward", "dOut", dOut, 1);
+        Check.Devices("sum backward", dOut, dx);
+        if (dx.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(dx);
+            k.Reduce.Broadcast(k.Stream, dx.Length, dOut.View, dx.View, scale);
+            return;
+        }
+        Simd.AddScalar(dx.Span, dOut.HostArray[0] * scale);
+    }
+
+    /// <summary>dpred += dOut[0]·2·(pred - target)/n.</summary>
+    public static void MseBackward(Tensor dOut, Tensor pred, Tensor target, Tensor dPred)
+    {
+        Check.Shape("mse backward", "dOut", dOut, 1);
+        Check.Shape("mse backward", "target", target, pred.Shape);
+        Check.Shape("mse backward", "dPred", dPred, pred.Shape);
+        Check.Devices("mse backward", dOut, pred, target, dPred);
+        float scale = 2f / pred.Length;
+        if (pred.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(pred);
+            k.Reduce.MseBackward(k.Stream, pred.Length, dOut.View, pred.View, target.View, dPred.View, scale);
+            return;
+        }
+        var p = pred.HostArray;
+        var t = target.HostArray;
+        var d = dPred.HostArray;
+        float s = dOut.HostArray[0] * scale;
+        Cpu.For(pred.Length, 1 << 16, (first, last) =>
+        {
+            for (int i = first; i < last; i++)
+            {
+                d[i] += s * (p[i] - t[i]);
+            }
+        });
+    }
+
+    private enum Mode
+    {
+        Identity = 0,
+        Square = 1,
+        SquaredDifference = 2,
+    }
+
+    private static void Run(string op, Tensor a, Tensor? b, Tensor output, Mode mode, float scale)
+    {
+        Check.Shape(op, "output", output, 1);
+        Check.Devices(op, a, output);
+        if (b is not null)
+        {
+            Check.Same(op, a, b);
+        }
+        if (a.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(a);
+            using var partial = k.Scratch(Slots);
+            var bv = (b ?? a).View;
+            k.Reduce.Partial(k.Stream, Slots, a.View, bv, partial.View, a.Length, (int)mode);
+            k.Reduce.Finish(k.Stream, 1, partial.View, output.View, scale);
+            return;
+        }
+        var av = a.HostArray;
+        var bh = b?.HostArray;
+        int chunks = Math.Max(1, Math.Min(Cpu.Threads * 4, a.Length / 4096));
+        var results = new double[chunks];
+        Cpu.Items(chunks, c =>
+        {
+            long first = (long)a.Length * c / chunks, last = (long)a.Length * (c + 1) / chunks;
+            double s = 0;
+            for (long i = first; i < last; i++)
+            {
+                double v = mode == Mode.SquaredDifference ? av[i] - bh![i] : av[i];
+                s += mode == Mode.Identity ? v : v * v;
+            }
+            results[c] = s;
+        });
+        double total = 0;
+        foreach (double s in results)
+        {
+            total += s;
+        }
+        output.HostArray[0] = (float)(total * scale);
+    }
+
+    // slot over [Slots]: strided partial sums, so neighbouring threads read neighbouring elements.
+    internal static void PartialKernel(Index1D slot, ArrayView<float> a, ArrayView<float> b, ArrayView<float> partial, int n, int mode)
+    {
+        float s = 0;
+        for (int i = slot; i < n; i += Slots)
+        {
+            float v = mode == 2 ? a[i] - b[i] : a[i];
+            s += mode == 0 ? v : v * v;
+        }
+        partial[slot] = s;
+    }
+
+    // a single thread: out[0] = scale · Σ partial, in slot order (deterministic).
+    internal static void FinishKernel(Index1D zero, ArrayView<float> partial, ArrayView<float> output, float scale)
+    {
+        float s = 0;
+        for (int i = 0; i < partial.IntLength; i++)
+        {
+            s += partial[i];
+        }
+        output[zero] = s * scale;
+    }
+
+    internal static void BroadcastKernel(Index1D i, ArrayView<float> dOut, ArrayView<float> dx, float scale) => dx[i] += dOut[0] * scale;
+
+    internal static void MseBackwardKernel(Index1D i, ArrayView<float> dOut, ArrayView<float> pred, ArrayView<float> target,
+        ArrayView<float> dPred, float scale) =>
+        dPred[i] += dOut[0] * scale * (pred[i] - target[i]);
+
+    internal sealed class Gpu(IlgpuKernels k)
+    {
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> Partial =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>>(PartialKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float> Finish =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float>>(FinishKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float> Broadcast =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float>>(BroadcastKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float> MseBackward =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float>>(MseBackwardKernel);
+    }
+}

@@ -1,0 +1,50 @@
+using System.Runtime.Intrinsics;
+
+namespace Ddpm.Tensors;
+
+/// <summary>The managed CPU backend: tensors are pooled float arrays, ops are C# with SIMD and threads.</summary>
+public sealed class CpuDevice : Device
+{
+    /// <summary>The process-wide managed CPU device.</summary>
+    public static CpuDevice Instance { get; } = new(shared: true);
+
+    private readonly bool _shared;
+
+    private CpuDevice(bool shared) => _shared = shared;
+
+    /// <summary>A managed CPU device with its own pool (most code shares <see cref="Instance"/>).</summary>
+    public CpuDevice()
+    {
+    }
+
+    /// <inheritdoc/>
+    protected override bool IsShared => _shared;
+
+    /// <inheritdoc/>
+    public override DeviceKind Kind => DeviceKind.Cpu;
+
+    /// <inheritdoc/>
+    public override string Name => $"cpu ({Environment.ProcessorCount} threads, {SimdName})";
+
+    /// <summary>The widest vector unit the JIT uses here.</summary>
+    public static string SimdName =>
+        Vector512.IsHardwareAccelerated ? "AVX-512" : Vector256.IsHardwareAccelerated ? "AVX2" : Vector128.IsHardwareAccelerated ? "SSE/NEON" : "scalar";
+
+    /// <inheritdoc/>
+    protected override object AllocateStorage(int length) => GC.AllocateUninitializedArray<float>(length, pinned: true);
+
+    /// <inheritdoc/>
+    protected override void FreeStorage(object storage)
+    {
+    }
+
+    internal override void Upload(object storage, ReadOnlySpan<float> source) => source.CopyTo((float[])storage);
+
+    internal override void Download(object storage, Span<float> destination) =>
+        ((float[])storage).AsSpan(0, destination.Length).CopyTo(destination);
+
+    internal override void Zero(object storage, int length) => Array.Clear((float[])storage, 0, length);
+
+    internal override void Copy(object source, object destination, int length) =>
+        Array.Copy((float[])source, (float[])destination, length);
+}

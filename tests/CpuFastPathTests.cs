@@ -1,0 +1,92 @@
+using Ddpm.Kernels;
+using Ddpm.Tensors;
+
+namespace Ddpm.Tests;
+
+/// <summary>The managed backend's fast paths (packed GEMM, im2col convolution) against their naive
+/// twins, on shapes that leave remainders at every edge of the tiling.</summary>
+public sealed unsafe class CpuFastPathTests
+{
+    private static float[] Ints(Random rng, int n)
+    {
+        // Small integers: every product and sum is exact in float32, so fast and naive must agree exactly.
+        var v = new float[n];
+        for (int i = 0; i < n; i++)
+        {
+            v[i] = rng.Next(-3, 4);
+        }
+        return v;
+    }
+
+    [Theory]
+    [InlineData(1, 1, 1)]
+    [InlineData(3, 7, 5)]
+    [InlineData(17, 33, 65)]
+    [InlineData(65, 129, 31)]
+    [InlineData(64, 784, 576)]
+    [InlineData(7, 1, 300)]
+    [InlineData(5, 9, 0)]
+    public void GemmMatchesNaiveForEveryTransposeAndMode(int m, int n, int k)
+    {
+        var rng = new Random(m * 1000 + n * 10 + k);
+        var a = Ints(rng, Math.Max(1, m * k));
+        var b = Ints(rng, Math.Max(1, k * n));
+        var c0 = Ints(rng, m * n);
+        foreach (bool ta in new[] { false, true })
+        foreach (bool tb in new[] { false, true })
+        foreach (bool acc in new[] { false, true })
+        foreach (bool parallel in new[] { false, true })
+        {
+            var want = (float[])c0.Clone();
+            var got = (float[])c0.Clone();
+            int aRow = ta ? 1 : k, aCol = ta ? m : 1, bRow = tb ? 1 : n, bCol = tb ? k : 1;
+            fixed (float* pa = a, pb = b, pw = want, pg = got)
+            {
+                Gemm.MultiplyNaive(m, n, k, pa, aRow, aCol, pb, bRow, bCol, pw, n, acc);
+                Gemm.Multiply(m, n, k, pa, aRow, aCol, pb, bRow, bCol, pg, n, acc, parallel);
+            }
+            Assert.True(want.AsSpan().SequenceEqual(got), $"m={m} n={n} k={k} ta={ta} tb={tb} acc={acc} parallel={parallel}");
+        }
+    }
+
+    [Theory]
+    [InlineData(3, 5, 7, 9, 4, 3, 1, 1)]
+    [InlineData(3, 17, 13, 11, 33, 3, 1, 1)]
+    [InlineData(3, 17, 13, 11, 33, 3, 2, 1)]
+    [InlineData(2, 19, 14, 14, 7, 1, 1, 0)]
+    [InlineData(1, 3, 9, 8, 5, 5, 2, 2)]
+    [InlineData(4, 1, 28, 28, 16, 3, 1, 1)]
+    public void ConvolutionMatchesNaive(int n, int c, int h, int w, int k, int r, int stride, int pad)
+    {
+        var g = new ConvShape(n, c, h, w, k, r, r, stride, pad);
+        var rng = new Random(n + c + h + w + k);
+        var x = Ints(rng, n * c * h * w);
+        var wt = Ints(rng, k * c * r * r);
+        var b = Ints(rng, k);
+        var dy = Ints(rng, n * k * g.P * g.Q);
+        var dev = CpuDevice.Instance;
+        using var tx = Tensor.FromHost(dev, x, n, c, h, w);
+        using var tw = Tensor.FromHost(dev, wt, k, c, r, r);
+        using var tb = Tensor.FromHost(dev, b, k);
+        using var ty = Tensor.Empty(dev, n, k, g.P, g.Q);
+        using var tdy = Tensor.FromHost(dev, dy, n, k, g.P, g.Q);
+        var dx0 = Ints(rng, x.Length);
+        var dw0 = Ints(rng, wt.Length);
+        using var tdx = Tensor.FromHost(dev, dx0, n, c, h, w);
+        using var tdw = Tensor.FromHost(dev, dw0, k, c, r, r);
+
+        Conv2d.Forward(tx, tw, tb, ty, stride, pad);
+        Conv2d.BackwardInput(tdy, tw, tdx, stride, pad);
+        Conv2d.BackwardWeight(tdy, tx, tdw, stride, pad);
+
+        var y = new float[ty.Length];
+        Conv2d.ForwardNaive(g, x, wt, b, y);
+        var dx = (float[])dx0.Clone();
+        Conv2d.BackwardInputNaive(g, dy, wt, dx);
+        var dw = (float[])dw0.Clone();
+        Conv2d.BackwardWeightNaive(g, dy, x, dw);
+        Assert.Equal(y, ty.ToArray());
+        Assert.Equal(dx, tdx.ToArray());
+        Assert.Equal(dw, tdw.ToArray());
+    }
+}
