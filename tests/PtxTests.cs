@@ -32,6 +32,12 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
             {
                 var compiled = (PTXCompiledKernel)backend.Compile(entry, default);
                 Assert.Contains(".entry", compiled.PTXAssembly);
+                // DDPM_PTX_DIR=folder keeps each kernel's PTX for reading.
+                if (Environment.GetEnvironmentVariable("DDPM_PTX_DIR") is { Length: > 0 } dir)
+                {
+                    Directory.CreateDirectory(dir);
+                    File.WriteAllText(Path.Combine(dir, $"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}.ptx"), compiled.PTXAssembly);
+                }
                 output.WriteLine($"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}: {compiled.PTXAssembly.Length} chars of PTX");
             }
             catch (Exception e)

@@ -34,7 +34,15 @@ public static class Program
         check.SetAction(parse => Run(() => Check(parse.GetValue(checkDevice)!)));
 
         var root = new RootCommand("ddpm: a denoising diffusion model (DDPM) engine in C#, trained on MNIST.") { info, check };
-        return root.Parse(args).Invoke();
+        var parsed = root.Parse(args);
+        if (parsed.Errors.Count > 0)
+        {
+            // One line, not a page of help: the first problem and where to look.
+            var messages = parsed.Errors.Select(e => string.Join(' ', e.Message.Split(['\n', '\t', '\r'], StringSplitOptions.RemoveEmptyEntries)).TrimEnd('.'));
+            Console.Error.WriteLine($"ddpm: {string.Join("; ", messages.Reverse())} (see 'ddpm --help')");
+            return 2;
+        }
+        return parsed.Invoke();
     }
 
     private static int Run(Func<int> body)

@@ -46,7 +46,13 @@ public static class TimeEmbedding
         // Same float32 arithmetic as the PyTorch peer: exp(-ln(1e4)·j/half), then t·f.
         float freq = MathF.Exp(-9.21034037f * j / half);
         float arg = t * freq;
-        return column < half ? MathF.Sin(arg) : MathF.Cos(arg);
+        // Arguments reach ~300 rad. CUDA's sin.approx/cos.approx (what ILGPU emits for MathF.Sin)
+        // are accurate only on [-π, π], so reduce first, in float, with 2π split in two
+        // (Cody-Waite): k·TwoPiHigh is exact for k < 2^16 since TwoPiHigh has 8 significant bits.
+        const float TwoPiHigh = 6.28125f, TwoPiLow = 1.9353071795864769e-3f;
+        float k = MathF.Round(arg * (1f / (2f * MathF.PI)));
+        float reduced = arg - k * TwoPiHigh - k * TwoPiLow;
+        return column < half ? MathF.Sin(reduced) : MathF.Cos(reduced);
     }
 
     internal static void ForwardKernel(Index1D i, ArrayView<float> t, ArrayView<float> y, int half) =>

@@ -1,4 +1,5 @@
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace Ddpm.Tensors;
 
@@ -28,7 +29,7 @@ public sealed class CpuDevice : Device
 
     /// <summary>The widest vector unit the JIT uses here.</summary>
     public static string SimdName =>
-        Vector512.IsHardwareAccelerated ? "AVX-512" : Vector256.IsHardwareAccelerated ? "AVX2" : Vector128.IsHardwareAccelerated ? "SSE/NEON" : "scalar";
+        Avx512F.IsSupported ? "AVX-512" : Avx2.IsSupported ? "AVX2" : Vector128.IsHardwareAccelerated ? "128-bit SIMD" : "scalar";
 
     /// <inheritdoc/>
     protected override object AllocateStorage(int length) => GC.AllocateUninitializedArray<float>(length, pinned: true);

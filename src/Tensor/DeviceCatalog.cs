@@ -87,7 +87,9 @@ public static class DeviceCatalog
                 AcceleratorType.CPU => "ilgpu-cpu",
                 _ => d.AcceleratorType.ToString(),
             };
-            lines.Add($"{kind,-10} {d.Name}, {d.MemorySize / (1 << 20)} MiB");
+            lines.Add(d.AcceleratorType == AcceleratorType.CPU
+                ? $"{kind,-10} {d.Name} (ILGPU's CPU simulator: for tests, not for training)"
+                : $"{kind,-10} {d.Name}, {d.MemorySize / (1 << 20)} MiB");
         }
         return lines;
     }

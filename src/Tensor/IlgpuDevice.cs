@@ -45,7 +45,7 @@ public sealed class IlgpuDevice : Device
         return Context.Create(b => b
             .Cuda()
             .OpenCL()
-            .CPU()
+            .CPU(CPUDeviceKind.Default)
             .EnableAlgorithms());
     }
 

@@ -56,7 +56,8 @@ public static class Philox
     {
         var (u1, u2) = NormalUniforms(seed, index >> 1);
         float r = MathF.Sqrt(-2.0f * MathF.Log(u1));
-        float angle = 2.0f * MathF.PI * u2;
+        // The angle lies in [-π, π): GPUs' fast sin/cos are accurate on that range only.
+        float angle = MathF.PI * (2.0f * u2 - 1.0f);
         return (index & 1) == 0 ? r * MathF.Cos(angle) : r * MathF.Sin(angle);
     }
 }
