@@ -1,0 +1,137 @@
+using Ddpm.Tensors;
+
+namespace Ddpm.Nn;
+
+/// <summary>
+/// Creates a model's parameters in order, on one device, initialised as PyTorch's defaults:
+/// conv and linear weights and biases uniform in ±1/sqrt(fan_in) (kaiming_uniform with a = √5
+/// reduces to that bound), GroupNorm weight 1 and bias 0. Parameter k draws from the Philox
+/// stream of the seed at offset k·2³², so the same seed gives the same model on every backend.
+/// </summary>
+public sealed class ParameterFactory(Device device, ulong seed)
+{
+    private readonly List<Parameter> _parameters = [];
+
+    /// <summary>Every parameter made so far, in creation order.</summary>
+    public IReadOnlyList<Parameter> Parameters => _parameters;
+
+    /// <summary>The device parameters are made on.</summary>
+    public Device Device { get; } = device;
+
+    /// <summary>A parameter uniform in ±<paramref name="bound"/>.</summary>
+    public Parameter Uniform(string name, float bound, params int[] shape)
+    {
+        int n = shape.Aggregate(1, (a, b) => a * b);
+        var host = new float[n];
+        ulong offset = (ulong)_parameters.Count << 32;
+        for (int i = 0; i < n; i++)
+        {
+            host[i] = (2f * Philox.Uniform(seed, offset + (ulong)i) - 1f) * bound;
+        }
+        return Add(name, host, shape);
+    }
+
+    /// <summary>A parameter filled with <paramref name="value"/>.</summary>
+    public Parameter Constant(string name, float value, params int[] shape)
+    {
+        var host = new float[shape.Aggregate(1, (a, b) => a * b)];
+        Array.Fill(host, value);
+        return Add(name, host, shape);
+    }
+
+    private Parameter Add(string name, float[] host, int[] shape)
+    {
+        var p = new Parameter(name, Tensor.FromHost(Device, host, shape));
+        _parameters.Add(p);
+        return p;
+    }
+}
+
+/// <summary>2-D convolution with bias (torch.nn.Conv2d): weight [out, in, k, k], bias [out].</summary>
+public sealed class Conv2dLayer
+{
+    /// <summary>Makes "name.weight" and "name.bias".</summary>
+    public Conv2dLayer(ParameterFactory f, string name, int cin, int cout, int kernel, int stride = 1, int pad = -1)
+    {
+        Stride = stride;
+        Pad = pad < 0 ? kernel / 2 : pad;
+        float bound = 1f / MathF.Sqrt(cin * kernel * kernel);
+        Weight = f.Uniform($"{name}.weight", bound, cout, cin, kernel, kernel);
+        Bias = f.Uniform($"{name}.bias", bound, cout);
+    }
+
+    /// <summary>[out, in, k, k].</summary>
+    public Parameter Weight { get; }
+
+    /// <summary>[out].</summary>
+    public Parameter Bias { get; }
+
+    /// <summary>Stride of the convolution.</summary>
+    public int Stride { get; }
+
+    /// <summary>Zero padding on each side.</summary>
+    public int Pad { get; }
+
+    /// <summary>y = conv(x) + bias.</summary>
+    public Var Forward(Tape g, Var x) => g.Conv2d(x, Weight, Bias, Stride, Pad);
+}
+
+/// <summary>Fully connected layer (torch.nn.Linear): weight [out, in], bias [out].</summary>
+public sealed class LinearLayer(ParameterFactory f, string name, int inputs, int outputs)
+{
+    /// <summary>[out, in].</summary>
+    public Parameter Weight { get; } = f.Uniform($"{name}.weight", 1f / MathF.Sqrt(inputs), outputs, inputs);
+
+    /// <summary>[out].</summary>
+    public Parameter Bias { get; } = f.Uniform($"{name}.bias", 1f / MathF.Sqrt(inputs), outputs);
+
+    /// <summary>y = x·Wᵀ + b.</summary>
+    public Var Forward(Tape g, Var x) => g.Linear(x, Weight, Bias);
+}
+
+/// <summary>Group normalisation with affine weight and bias (torch.nn.GroupNorm).</summary>
+public sealed class GroupNormLayer(ParameterFactory f, string name, int groups, int channels, float eps = 1e-5f)
+{
+    /// <summary>[C], initialised to 1.</summary>
+    public Parameter Weight { get; } = f.Constant($"{name}.weight", 1f, channels);
+
+    /// <summary>[C], initialised to 0.</summary>
+    public Parameter Bias { get; } = f.Constant($"{name}.bias", 0f, channels);
+
+    /// <summary>y = groupnorm(x)·weight + bias.</summary>
+    public Var Forward(Tape g, Var x) => g.GroupNorm(x, Weight, Bias, groups, eps);
+}
+
+/// <summary>
+/// The spec's ResBlock(cin, cout) with time embedding:
+/// h = conv1(silu(norm1(x))); h += temb(silu(t_emb)) over H×W; h = conv2(silu(norm2(h)));
+/// out = h + (skip(x) if cin ≠ cout else x), skip a 1×1 convolution.
+/// </summary>
+public sealed class ResBlock
+{
+    private readonly GroupNormLayer _norm1, _norm2;
+    private readonly Conv2dLayer _conv1, _conv2;
+    private readonly Conv2dLayer? _skip;
+    private readonly LinearLayer _temb;
+
+    /// <summary>Makes name.norm1, name.conv1, name.temb, name.norm2, name.conv2 and, when cin ≠ cout, name.skip.</summary>
+    public ResBlock(ParameterFactory f, string name, int cin, int cout, int tdim, int groups)
+    {
+        _norm1 = new GroupNormLayer(f, $"{name}.norm1", groups, cin);
+        _conv1 = new Conv2dLayer(f, $"{name}.conv1", cin, cout, 3);
+        _temb = new LinearLayer(f, $"{name}.temb", tdim, cout);
+        _norm2 = new GroupNormLayer(f, $"{name}.norm2", groups, cout);
+        _conv2 = new Conv2dLayer(f, $"{name}.conv2", cout, cout, 3);
+        _skip = cin != cout ? new Conv2dLayer(f, $"{name}.skip", cin, cout, 1) : null;
+    }
+
+    /// <summary>The block on x [N, cin, H, W] with <paramref name="siluTemb"/> = silu(t_emb) [N, tdim]
+    /// (computed once by the U-Net for all blocks; its gradient adds up over them).</summary>
+    public Var Forward(Tape g, Var x, Var siluTemb)
+    {
+        var h = _conv1.Forward(g, g.Silu(_norm1.Forward(g, x)));
+        h = g.AddChannels(h, _temb.Forward(g, siluTemb));
+        h = _conv2.Forward(g, g.Silu(_norm2.Forward(g, h)));
+        return g.Add(h, _skip is null ? x : _skip.Forward(g, x));
+    }
+}

@@ -1,0 +1,320 @@
+using System.Buffers.Binary;
+using System.Text;
+using System.Text.Json;
+
+namespace Ddpm.Nn;
+
+/// <summary>One tensor of a safetensors file: name, dtype ("F32" or "I64"), shape, and where its bytes lie in the data section.</summary>
+public sealed record SafeTensorEntry(string Name, string DType, int[] Shape, long Begin, long End)
+{
+    /// <summary>Element count.</summary>
+    public long Count => Shape.Aggregate(1L, (a, b) => a * b);
+}
+
+/// <summary>A safetensors file that failed validation; the message names the file and the problem.</summary>
+public sealed class CheckpointException(string message) : Exception(message);
+
+/// <summary>
+/// safetensors (huggingface/safetensors): an 8-byte little-endian header length, a JSON header
+/// {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}, then the
+/// raw little-endian data. Writing is atomic (temporary file, flushed to disk, renamed over the
+/// old one). Reading trusts nothing: header length against the file size, JSON shape, dtypes,
+/// shapes, offsets inside the data, no overlaps, sizes matching dtype × shape, all before a
+/// single tensor is read, so a truncated or hostile file gets a clear error, never a huge
+/// allocation or an unhandled exception.
+/// </summary>
+public static class SafeTensors
+{
+    /// <summary>Largest header accepted (the format's own limit is 100 MB).</summary>
+    public const long MaxHeaderBytes = 100_000_000;
+
+    /// <summary>Largest file read: a base model with Adam moments and EMA is about 71 MB.</summary>
+    public const long MaxFileBytes = 1L << 30;
+
+    /// <summary>Writes float32 tensors and string metadata to <paramref name="path"/> atomically.</summary>
+    public static void Write(string path, IEnumerable<(string Name, int[] Shape, float[] Data)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        var list = tensors.ToList();
+        var header = new Dictionary<string, object>();
+        if (metadata is { Count: > 0 })
+        {
+            header["__metadata__"] = metadata;
+        }
+        long offset = 0;
+        foreach (var (name, shape, data) in list)
+        {
+            long count = shape.Aggregate(1L, (a, b) => a * b);
+            if (count != data.Length)
+            {
+                throw new ArgumentException($"safetensors: {name} has {data.Length} values for shape {string.Join("x", shape)}");
+            }
+            if (header.ContainsKey(name))
+            {
+                throw new ArgumentException($"safetensors: duplicate tensor name {name}");
+            }
+            header[name] = new { dtype = "F32", shape, data_offsets = new[] { offset, offset + 4L * data.Length } };
+            offset += 4L * data.Length;
+        }
+        var json = JsonSerializer.SerializeToUtf8Bytes(header);
+        // Pad the header with spaces so the data section starts 8-byte aligned (as the reference writer does).
+        int padded = (json.Length + 7) / 8 * 8;
+        var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
+        Directory.CreateDirectory(dir);
+        var temp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
+        try
+        {
+            using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
+            {
+                Span<byte> len = stackalloc byte[8];
+                BinaryPrimitives.WriteUInt64LittleEndian(len, (ulong)padded);
+                stream.Write(len);
+                stream.Write(json);
+                for (int i = json.Length; i < padded; i++)
+                {
+                    stream.WriteByte((byte)' ');
+                }
+                foreach (var (_, _, data) in list)
+                {
+                    WriteFloats(stream, data);
+                }
+                stream.Flush(flushToDisk: true);
+            }
+            File.Move(temp, path, overwrite: true);
+        }
+        catch
+        {
+            File.Delete(temp);
+            throw;
+        }
+    }
+
+    private static void WriteFloats(Stream stream, float[] data)
+    {
+        var bytes = new byte[Math.Min(data.Length, 1 << 18) * 4];
+        for (int start = 0; start < data.Length; start += bytes.Length / 4)
+        {
+            int n = Math.Min(bytes.Length / 4, data.Length - start);
+            for (int i = 0; i < n; i++)
+            {
+                BinaryPrimitives.WriteSingleLittleEndian(bytes.AsSpan(4 * i), data[start + i]);
+            }
+            stream.Write(bytes, 0, 4 * n);
+        }
+    }
+
+    /// <summary>Opens and validates <paramref name="path"/>; tensors are read on demand.</summary>
+    public static SafeTensorsFile Read(string path)
+    {
+        if (!File.Exists(path))
+        {
+            throw new CheckpointException($"{path}: no such file");
+        }
+        long size = new FileInfo(path).Length;
+        if (size > MaxFileBytes)
+        {
+            throw new CheckpointException($"{path}: {size >> 20} MiB is larger than any checkpoint of this engine ({MaxFileBytes >> 20} MiB at most)");
+        }
+        byte[] bytes;
+        try
+        {
+            bytes = File.ReadAllBytes(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or OutOfMemoryException)
+        {
+            throw new CheckpointException($"{path}: cannot read ({e.Message})");
+        }
+        return Parse(path, bytes);
+    }
+
+    /// <summary>Validates a safetensors image held in memory (<paramref name="label"/> names it in errors).</summary>
+    public static SafeTensorsFile Parse(string label, byte[] bytes)
+    {
+        string Fail(string problem) => throw new CheckpointException($"{label}: not a valid safetensors file: {problem}");
+
+        if (bytes.Length < 8)
+        {
+            Fail($"{bytes.Length} bytes, shorter than the 8-byte header length");
+        }
+        ulong headerLength = BinaryPrimitives.ReadUInt64LittleEndian(bytes);
+        if (headerLength < 2 || headerLength > MaxHeaderBytes || headerLength > (ulong)(bytes.Length - 8))
+        {
+            Fail($"header length {headerLength} does not fit a file of {bytes.Length} bytes");
+        }
+        long dataStart = 8 + (long)headerLength, dataLength = bytes.Length - dataStart;
+        JsonDocument doc;
+        try
+        {
+            doc = JsonDocument.Parse(bytes.AsMemory(8, (int)headerLength), new JsonDocumentOptions { MaxDepth = 8 });
+        }
+        catch (JsonException e)
+        {
+            return Fail<SafeTensorsFile>(label, $"header is not JSON ({e.Message})");
+        }
+        using (doc)
+        {
+            if (doc.RootElement.ValueKind != JsonValueKind.Object)
+            {
+                Fail("header is not a JSON object");
+            }
+            var entries = new List<SafeTensorEntry>();
+            var metadata = new Dictionary<string, string>();
+            foreach (var property in doc.RootElement.EnumerateObject())
+            {
+                if (property.Name == "__metadata__")
+                {
+                    if (property.Value.ValueKind != JsonValueKind.Object)
+                    {
+                        Fail("__metadata__ is not an object");
+                    }
+                    foreach (var m in property.Value.EnumerateObject())
+                    {
+                        metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : Fail($"metadata '{m.Name}' is not a string");
+                    }
+                    continue;
+                }
+                entries.Add(ParseEntry(label, property, dataLength));
+            }
+            var byOffset = entries.OrderBy(e => e.Begin).ThenBy(e => e.End).ToList();
+            for (int i = 1; i < byOffset.Count; i++)
+            {
+                if (byOffset[i].Begin < byOffset[i - 1].End)
+                {
+                    Fail($"tensors {byOffset[i - 1].Name} and {byOffset[i].Name} overlap");
+                }
+            }
+            return new SafeTensorsFile(label, bytes, dataStart, entries, metadata);
+        }
+    }
+
+    private static T Fail<T>(string label, string problem) => throw new CheckpointException($"{label}: not a valid safetensors file: {problem}");
+
+    private static SafeTensorEntry ParseEntry(string label, JsonProperty property, long dataLength)
+    {
+        string name = property.Name;
+        var v = property.Value;
+        string Bad(string problem) => Fail<string>(label, $"tensor '{name}': {problem}");
+        if (v.ValueKind != JsonValueKind.Object)
+        {
+            Bad("entry is not an object");
+        }
+        if (!v.TryGetProperty("dtype", out var dtypeElement) || dtypeElement.ValueKind != JsonValueKind.String)
+        {
+            Bad("no dtype");
+        }
+        string dtype = dtypeElement.GetString()!;
+        int elementSize = dtype switch { "F32" => 4, "I64" => 8, _ => 0 };
+        if (elementSize == 0)
+        {
+            Bad($"dtype {dtype} is not supported (F32, I64)");
+        }
+        if (!v.TryGetProperty("shape", out var shapeElement) || shapeElement.ValueKind != JsonValueKind.Array || shapeElement.GetArrayLength() > 8)
+        {
+            Bad("shape is not an array of at most 8 dimensions");
+        }
+        var shape = new int[shapeElement.GetArrayLength()];
+        long count = 1;
+        int k = 0;
+        foreach (var d in shapeElement.EnumerateArray())
+        {
+            int dim = -1;
+            if (d.ValueKind != JsonValueKind.Number || !d.TryGetInt32(out dim) || dim < 0)
+            {
+                Bad("shape has a dimension that is not a non-negative 32-bit integer");
+            }
+            shape[k++] = dim;
+            count *= dim;
+            if (count > int.MaxValue)
+            {
+                Bad("more than 2^31 elements");
+            }
+        }
+        if (!v.TryGetProperty("data_offsets", out var offsets) || offsets.ValueKind != JsonValueKind.Array || offsets.GetArrayLength() != 2)
+        {
+            Bad("data_offsets is not a [begin, end] pair");
+        }
+        long begin = OffsetOf(offsets[0]), end = OffsetOf(offsets[1]);
+        if (begin < 0 || end < begin || end > dataLength)
+        {
+            Bad($"data_offsets [{begin}, {end}] lie outside the {dataLength} data bytes");
+        }
+        if (end - begin != count * elementSize)
+        {
+            Bad($"{end - begin} bytes for {count} {dtype} values");
+        }
+        return new SafeTensorEntry(name, dtype, shape, begin, end);
+    }
+
+    private static long OffsetOf(JsonElement e) => e.ValueKind == JsonValueKind.Number && e.TryGetInt64(out long v) ? v : -1;
+}
+
+/// <summary>A validated safetensors image: entries by name, metadata, and typed reads.</summary>
+public sealed class SafeTensorsFile
+{
+    private readonly byte[] _bytes;
+    private readonly long _dataStart;
+    private readonly Dictionary<string, SafeTensorEntry> _entries;
+
+    internal SafeTensorsFile(string label, byte[] bytes, long dataStart, List<SafeTensorEntry> entries, Dictionary<string, string> metadata)
+    {
+        Label = label;
+        _bytes = bytes;
+        _dataStart = dataStart;
+        _entries = entries.ToDictionary(e => e.Name);
+        Metadata = metadata;
+    }
+
+    /// <summary>The file name used in messages.</summary>
+    public string Label { get; }
+
+    /// <summary>Run metadata (the header's __metadata__).</summary>
+    public IReadOnlyDictionary<string, string> Metadata { get; }
+
+    /// <summary>Every tensor entry by name.</summary>
+    public IReadOnlyDictionary<string, SafeTensorEntry> Entries => _entries;
+
+    /// <summary>True when a tensor called <paramref name="name"/> exists.</summary>
+    public bool Contains(string name) => _entries.ContainsKey(name);
+
+    /// <summary>The F32 tensor <paramref name="name"/>, checked against <paramref name="expectedShape"/> when given.</summary>
+    public float[] ReadFloats(string name, int[]? expectedShape = null)
+    {
+        var e = Entry(name, "F32", expectedShape);
+        var values = new float[e.Count];
+        var span = _bytes.AsSpan((int)(_dataStart + e.Begin), (int)(e.End - e.Begin));
+        for (int i = 0; i < values.Length; i++)
+        {
+            values[i] = BinaryPrimitives.ReadSingleLittleEndian(span.Slice(4 * i));
+        }
+        return values;
+    }
+
+    /// <summary>The I64 tensor <paramref name="name"/>.</summary>
+    public long[] ReadInt64(string name)
+    {
+        var e = Entry(name, "I64", null);
+        var values = new long[e.Count];
+        var span = _bytes.AsSpan((int)(_dataStart + e.Begin), (int)(e.End - e.Begin));
+        for (int i = 0; i < values.Length; i++)
+        {
+            values[i] = BinaryPrimitives.ReadInt64LittleEndian(span.Slice(8 * i));
+        }
+        return values;
+    }
+
+    private SafeTensorEntry Entry(string name, string dtype, int[]? expectedShape)
+    {
+        if (!_entries.TryGetValue(name, out var e))
+        {
+            throw new CheckpointException($"{Label}: no tensor '{name}'");
+        }
+        if (e.DType != dtype)
+        {
+            throw new CheckpointException($"{Label}: tensor '{name}' is {e.DType}, expected {dtype}");
+        }
+        if (expectedShape is not null && !e.Shape.AsSpan().SequenceEqual(expectedShape))
+        {
+            throw new CheckpointException($"{Label}: tensor '{name}' is {string.Join("x", e.Shape)}, expected {string.Join("x", expectedShape)}");
+        }
+        return e;
+    }
+}

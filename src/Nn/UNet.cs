@@ -1,0 +1,107 @@
+using Ddpm.Tensors;
+
+namespace Ddpm.Nn;
+
+/// <summary>
+/// The model spec's U-Net, UNet(ch): 28×28 → 14×14 → 7×7 and back, channels (ch, 2ch, 4ch), one
+/// ResBlock per level, GroupNorm with 8 groups, SiLU everywhere, time embedding ch → 4ch → 4ch.
+/// Input x [N, 1, 28, 28] and timesteps t [N] (integers as floats); output the predicted noise
+/// [N, 1, 28, 28]. Parameter names and shapes are the PyTorch peer's.
+/// </summary>
+public sealed class UNet
+{
+    /// <summary>GroupNorm groups, as the spec.</summary>
+    public const int Groups = 8;
+
+    private readonly LinearLayer _timeLin1, _timeLin2;
+    private readonly Conv2dLayer _convIn, _down0, _down1, _up1, _up0, _convOut;
+    private readonly ResBlock _enc0, _enc1, _mid0, _mid1, _dec1, _dec0;
+    private readonly GroupNormLayer _normOut;
+
+    /// <summary>Builds the network on <paramref name="device"/> with PyTorch's default initialisation drawn from <paramref name="seed"/>.</summary>
+    public UNet(int ch, Device device, ulong seed = 0)
+    {
+        if (ch < Groups || ch % Groups != 0)
+        {
+            throw new ArgumentException($"unet: ch {ch} must be a multiple of {Groups} (GroupNorm groups)");
+        }
+        Channels = ch;
+        var f = new ParameterFactory(device, seed);
+        int tdim = 4 * ch;
+        _timeLin1 = new LinearLayer(f, "time_lin1", ch, tdim);
+        _timeLin2 = new LinearLayer(f, "time_lin2", tdim, tdim);
+        _convIn = new Conv2dLayer(f, "conv_in", 1, ch, 3);
+        _enc0 = new ResBlock(f, "enc0", ch, ch, tdim, Groups);
+        _down0 = new Conv2dLayer(f, "down0.conv", ch, ch, 3, stride: 2, pad: 1);
+        _enc1 = new ResBlock(f, "enc1", ch, 2 * ch, tdim, Groups);
+        _down1 = new Conv2dLayer(f, "down1.conv", 2 * ch, 2 * ch, 3, stride: 2, pad: 1);
+        _mid0 = new ResBlock(f, "mid0", 2 * ch, 4 * ch, tdim, Groups);
+        _mid1 = new ResBlock(f, "mid1", 4 * ch, 4 * ch, tdim, Groups);
+        _up1 = new Conv2dLayer(f, "up1.conv", 4 * ch, 4 * ch, 3);
+        _dec1 = new ResBlock(f, "dec1", 6 * ch, 2 * ch, tdim, Groups);
+        _up0 = new Conv2dLayer(f, "up0.conv", 2 * ch, 2 * ch, 3);
+        _dec0 = new ResBlock(f, "dec0", 3 * ch, ch, tdim, Groups);
+        _normOut = new GroupNormLayer(f, "norm_out", Groups, ch);
+        _convOut = new Conv2dLayer(f, "conv_out", ch, 1, 3);
+        Parameters = f.Parameters;
+        Device = device;
+    }
+
+    /// <summary>The base width ch.</summary>
+    public int Channels { get; }
+
+    /// <summary>The device the parameters live on.</summary>
+    public Device Device { get; }
+
+    /// <summary>Every parameter, in creation order, named as in the spec.</summary>
+    public IReadOnlyList<Parameter> Parameters { get; }
+
+    /// <summary>Total number of learned values.</summary>
+    public long ParameterCount => Parameters.Sum(p => (long)p.Length);
+
+    /// <summary>The parameter called <paramref name="name"/>.</summary>
+    public Parameter this[string name] => Parameters.FirstOrDefault(p => p.Name == name)
+        ?? throw new KeyNotFoundException($"unet has no parameter '{name}'");
+
+    /// <summary>eps_theta(x, t).</summary>
+    public Var Forward(Tape g, Var x, Var t)
+    {
+        var temb = _timeLin2.Forward(g, g.Silu(_timeLin1.Forward(g, g.TimeEmbedding(t, Channels))));
+        var st = g.Silu(temb);
+        var h = _convIn.Forward(g, x);
+        var s0 = _enc0.Forward(g, h, st);
+        var s1 = _enc1.Forward(g, _down0.Forward(g, s0), st);
+        h = _mid1.Forward(g, _mid0.Forward(g, _down1.Forward(g, s1), st), st);
+        h = _dec1.Forward(g, g.Concat(_up1.Forward(g, g.Upsample2x(h)), s1), st);
+        h = _dec0.Forward(g, g.Concat(_up0.Forward(g, g.Upsample2x(h)), s0), st);
+        return _convOut.Forward(g, g.Silu(_normOut.Forward(g, h)));
+    }
+
+    /// <summary>Sets every parameter's gradient to zero.</summary>
+    public void ZeroGrad()
+    {
+        foreach (var p in Parameters)
+        {
+            p.ZeroGrad();
+        }
+    }
+}
+
+/// <summary>The spec's presets: tiny (16), small (32), base (64).</summary>
+public static class Presets
+{
+    /// <summary>Preset names, smallest first.</summary>
+    public static readonly string[] Names = ["tiny", "small", "base"];
+
+    /// <summary>The base width ch of a preset.</summary>
+    public static int Channels(string preset) => preset switch
+    {
+        "tiny" => 16,
+        "small" => 32,
+        "base" => 64,
+        _ => throw new ArgumentException($"unknown preset '{preset}': expected tiny, small or base"),
+    };
+
+    /// <summary>The preset whose width is <paramref name="ch"/>, or null.</summary>
+    public static string? NameOf(int ch) => ch switch { 16 => "tiny", 32 => "small", 64 => "base", _ => null };
+}
