@@ -221,5 +221,6 @@ public sealed class AutogradTests(ITestOutputHelper output)
         }
     }
 
-    private static readonly (int Step, float Loss)[] Pinned = [(0, float.NaN)];
+    // Recorded on the managed CPU backend (AVX-512 GEMM), 2 cores.
+    private static readonly (int Step, float Loss)[] Pinned = [(0, 1.18048f), (10, 0.53801f), (20, 0.22205f), (29, 0.06626f)];
 }

@@ -223,6 +223,50 @@ public static class Elementwise
         });
     }
 
+    /// <summary>
+    /// y[n, ...] = ca[n]·a[n, ...] + cb[n]·b[n, ...]: per-sample coefficients ca, cb [N] over
+    /// a, b, y [N, ...]. The diffusion forward process (x_t = sqrt(ābar_t)·x0 + sqrt(1-ābar_t)·eps)
+    /// and every sampler step are this op. No backward: its inputs are data and noise.
+    /// </summary>
+    public static void Combine(Tensor a, Tensor ca, Tensor b, Tensor cb, Tensor y)
+    {
+        const string op = "combine";
+        SameShape(op, a, b);
+        SameShape(op, a, y);
+        Check.Devices(op, a, ca, b, cb, y);
+        int n = a.Dim(0), per = a.Length / Math.Max(n, 1);
+        Check.Shape(op, "ca", ca, n);
+        Check.Shape(op, "cb", cb, n);
+        if (a.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(a);
+            k.Elementwise.Combine(k.Stream, a.Length, a.View, ca.View, b.View, cb.View, y.View, per);
+            return;
+        }
+        var av = a.HostArray;
+        var bv = b.HostArray;
+        var yv = y.HostArray;
+        var cav = ca.HostArray;
+        var cbv = cb.HostArray;
+        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (first, last) =>
+        {
+            for (int s = first; s < last; s++)
+            {
+                var va = new Vector<float>(cav[s]);
+                var vb = new Vector<float>(cbv[s]);
+                int i = s * per, stop = i + per;
+                for (; i <= stop - Vector<float>.Count; i += Vector<float>.Count)
+                {
+                    (va * new Vector<float>(av, i) + vb * new Vector<float>(bv, i)).CopyTo(yv, i);
+                }
+                for (; i < stop; i++)
+                {
+                    yv[i] = cav[s] * av[i] + cbv[s] * bv[i];
+                }
+            }
+        });
+    }
+
     /// <summary>Σ of a span with SIMD partial sums (float; callers sum a few thousand at most).</summary>
     internal static float SumSpan(ReadOnlySpan<float> v)
     {
@@ -282,6 +326,11 @@ public static class Elementwise
         sums[row] += s;
     }
 
+    // i over a, b, y [N, per]
+    internal static void CombineKernel(Index1D i, ArrayView<float> a, ArrayView<float> ca, ArrayView<float> b, ArrayView<float> cb,
+        ArrayView<float> y, int per) =>
+        y[i] = ca[i / per] * a[i] + cb[i / per] * b[i];
+
     internal sealed class Gpu
     {
         private readonly IlgpuKernels _k;
@@ -296,6 +345,7 @@ public static class Elementwise
             Fill = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, float>>(FillKernel);
             AddChannels = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>>(AddChannelsKernel);
             RowSums = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(RowSumsKernel);
+            Combine = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>>(CombineKernel);
             // Every activation the engine uses is loaded up front, with the rest.
             MapLauncher<Silu>();
             MapBackwardLauncher<Silu>();
@@ -307,6 +357,7 @@ public static class Elementwise
         public Action<AcceleratorStream, Index1D, ArrayView<float>, float> Fill { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> AddChannels { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> RowSums { get; }
+        public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> Combine { get; }
 
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>> MapLauncher<TOp>() where TOp : struct, IUnaryOp =>
             Cached(typeof(Map<TOp>), () => _k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>>>(MapKernel<TOp>));

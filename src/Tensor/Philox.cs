@@ -34,13 +34,19 @@ public static class Philox
         return (c0, c1, c2, c3);
     }
 
-    /// <summary>Uniform in [0, 1): element <paramref name="index"/> of the stream, 24 random bits.</summary>
-    public static float Uniform(ulong seed, ulong index)
+    /// <summary>32 random bits: element <paramref name="index"/> of the word stream of <paramref name="seed"/>.</summary>
+    public static uint Bits(ulong seed, ulong index)
     {
         var (a, b, c, d) = Block(seed, index >> 2);
-        uint word = (index & 3) switch { 0 => a, 1 => b, 2 => c, _ => d };
-        return (word >> 8) * (1.0f / 16777216.0f);
+        return (index & 3) switch { 0 => a, 1 => b, 2 => c, _ => d };
     }
+
+    /// <summary>A key for stream <paramref name="stream"/> of a run seeded <paramref name="seed"/>
+    /// (shuffling, timesteps and noise each draw from their own).</summary>
+    public static ulong Key(ulong seed, ulong stream) => seed * 0x9E3779B97F4A7C15UL + stream * 0xD1B54A32D192ED03UL + 1;
+
+    /// <summary>Uniform in [0, 1): element <paramref name="index"/> of the stream, 24 random bits.</summary>
+    public static float Uniform(ulong seed, ulong index) => (Bits(seed, index) >> 8) * (1.0f / 16777216.0f);
 
     /// <summary>The two uniforms (u1 in (0, 1], u2 in [0, 1)) behind the normal pair of block <paramref name="pair"/>.</summary>
     public static (float U1, float U2) NormalUniforms(ulong seed, ulong pair)

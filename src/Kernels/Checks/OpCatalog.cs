@@ -102,6 +102,12 @@ public static class OpCatalog
         },
         new OpCase
         {
+            Name = "combine (per-sample axpby)",
+            Inputs = [new("a", [3, 1, 7, 9]), new("ca", [3]), new("b", [3, 1, 7, 9]), new("cb", [3])],
+            Forward = (s, x) => [Run(s.Output(3, 1, 7, 9), y => Elementwise.Combine(x[0], x[1], x[2], x[3], y))],
+        },
+        new OpCase
+        {
             Name = "mse loss",
             Inputs = [new("pred", [3, 1, 7, 9]), new("target", [3, 1, 7, 9], Differentiable: false)],
             Forward = (s, x) => [Run(s.Output(1), y => Reduce.Mse(x[0], x[1], y))],

@@ -1,0 +1,87 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Text.Json;
+using Ddpm.Diffusion;
+using Ddpm.Kernels;
+using Ddpm.Nn;
+using Ddpm.Tensors;
+
+namespace Ddpm.Cli;
+
+/// <summary>
+/// <c>ddpm bench</c>: times training steps (forward, backward, Adam) and denoising steps (one
+/// no-grad forward) on synthetic data, as `torch_unet.py bench` does, and prints one JSON line
+/// with the peer's keys ("torch" holds the engine's name and runtime).
+/// </summary>
+public static class BenchCommand
+{
+    /// <summary>The command and its options.</summary>
+    public static Command Build()
+    {
+        var preset = new Option<string>("--preset") { Description = "tiny | small | base", DefaultValueFactory = _ => "base" };
+        preset.AcceptOnlyFromAmong(Presets.Names);
+        var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 };
+        var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 };
+        var device = Program.DeviceOption();
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device };
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!)));
+        return command;
+    }
+
+    private static int Run(string preset, int batch, int steps, string deviceName)
+    {
+        if (batch < 1 || steps < 1)
+        {
+            throw new ArgumentException("--batch and --steps must be at least 1");
+        }
+        using var device = DeviceCatalog.Open(deviceName, out _);
+        // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.
+        var rng = new Random(0);
+        var pixels = new byte[2 * batch * MnistSet.Pixels];
+        rng.NextBytes(pixels);
+        var data = new MnistSet(pixels, new byte[2 * batch], 2 * batch);
+        using var trainer = new Trainer(device, new TrainOptions { Preset = preset, Batch = batch, Epochs = 1_000_000, Lr = 2e-4f }, data);
+        for (int i = 0; i < 2; i++)
+        {
+            trainer.TrainStep();
+        }
+        device.Synchronize();
+        var clock = Stopwatch.StartNew();
+        for (int i = 0; i < steps; i++)
+        {
+            trainer.TrainStep();
+        }
+        device.Synchronize();
+        double trainMs = clock.Elapsed.TotalMilliseconds / steps;
+
+        using var x = Tensor.Empty(device, batch, 1, 28, 28);
+        using var t = Tensor.Empty(device, batch);
+        RandomFill.Normal(x, 1, 0);
+        Elementwise.Fill(t, 10);
+        void Denoise()
+        {
+            using var tape = Tape.NoGrad(device);
+            trainer.Model.Forward(tape, tape.Constant(x), tape.Constant(t));
+            device.Synchronize();
+        }
+        Denoise();
+        clock.Restart();
+        for (int i = 0; i < steps; i++)
+        {
+            Denoise();
+        }
+        double denoiseMs = clock.Elapsed.TotalMilliseconds / steps;
+        Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
+        {
+            ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device.Kind == DeviceKind.Cpu ? CpuDevice.SimdName : "ILGPU")})",
+            ["device"] = DeviceCatalog.KindName(device.Kind),
+            ["threads"] = device.Kind == DeviceKind.Cpu ? Environment.ProcessorCount : 0,
+            ["preset"] = preset,
+            ["params"] = trainer.Model.ParameterCount,
+            ["batch"] = batch,
+            ["train_step_ms"] = Math.Round(trainMs, 2),
+            ["denoise_step_ms"] = Math.Round(denoiseMs, 2),
+        }));
+        return 0;
+    }
+}
