@@ -30,12 +30,13 @@ public sealed class FlopsAttribute(double flops) : Attribute
     public double Flops { get; } = flops;
 }
 
-/// <summary>GFLOP/s = [Flops] of the method / mean time of one invocation.</summary>
+/// <summary>GFLOP/s = [Flops] of the method / mean time of one invocation (for the memory-bound
+/// benchmarks the attribute holds bytes moved, so the column reads GB/s).</summary>
 public sealed class GflopsColumn : IColumn
 {
     public string Id => nameof(GflopsColumn);
 
-    public string ColumnName => "GFLOP/s";
+    public string ColumnName => "GFLOP/s (GB/s)";
 
     public bool AlwaysShow => true;
 

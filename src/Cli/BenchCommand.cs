@@ -23,12 +23,13 @@ public static class BenchCommand
         var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 };
         var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 };
         var device = Program.DeviceOption();
-        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!)));
+        var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) of the timed train steps; table on stderr" };
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile };
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile))));
         return command;
     }
 
-    private static int Run(string preset, int batch, int steps, string deviceName)
+    private static int Run(string preset, int batch, int steps, string deviceName, bool profile)
     {
         if (batch < 1 || steps < 1)
         {
@@ -53,6 +54,21 @@ public static class BenchCommand
         }
         device.Synchronize();
         double trainMs = clock.Elapsed.TotalMilliseconds / steps;
+        if (profile)
+        {
+            // A separate pass: profiling synchronises around every op, so it must not touch the timed figures.
+            Tape.Profile = new OpProfile();
+            for (int i = 0; i < steps; i++)
+            {
+                trainer.TrainStep();
+            }
+            Console.Error.WriteLine($"train step profile ({steps} steps, ms in all):");
+            foreach (var line in Tape.Profile.Report())
+            {
+                Console.Error.WriteLine($"  {line}");
+            }
+            Tape.Profile = null;
+        }
 
         using var x = Tensor.Empty(device, batch, 1, 28, 28);
         using var t = Tensor.Empty(device, batch);

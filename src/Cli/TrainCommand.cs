@@ -64,6 +64,14 @@ public static class TrainCommand
         {
             throw new ArgumentException("--epochs and --max-steps must be at least 1");
         }
+        if (s.Resume && s.Preset is not null)
+        {
+            int ch = Checkpoint.ChannelsOf(SafeTensors.Read(checkpoint));
+            if (Presets.Channels(s.Preset) != ch)
+            {
+                throw new ArgumentException($"--resume: {checkpoint} holds a {Presets.NameOf(ch) ?? $"ch={ch}"} model, not {s.Preset}");
+            }
+        }
         using var device = Program.OpenDevice(s.Device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
         Directory.CreateDirectory(s.Out);

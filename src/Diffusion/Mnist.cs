@@ -107,21 +107,7 @@ public static class Mnist
     public static byte[] ReadMaybeGzipped(string path)
     {
         var bytes = File.ReadAllBytes(path);
-        if (bytes.Length >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b)
-        {
-            try
-            {
-                using var gz = new GZipStream(new MemoryStream(bytes), CompressionMode.Decompress);
-                using var raw = new MemoryStream();
-                gz.CopyTo(raw);
-                return raw.ToArray();
-            }
-            catch (InvalidDataException e)
-            {
-                throw new DataException($"{path}: corrupt gzip data ({e.Message})", e);
-            }
-        }
-        return bytes;
+        return bytes.Length >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b ? Gunzip(bytes, path) : bytes;
     }
 
     /// <summary>md5 as lowercase hex.</summary>
@@ -187,7 +173,7 @@ public static class Mnist
                 foreach (var file in missing.ToList())
                 {
                     log?.Invoke($"fetching {file.Name} from {mirror}");
-                    var raw = Gunzip(Download(mirror + file.Name + ".gz"), file.Name);
+                    var raw = Gunzip(Download(mirror + file.Name + ".gz"), mirror + file.Name + ".gz");
                     Store(folder, file, raw);
                     missing.Remove(file);
                 }
@@ -227,7 +213,7 @@ public static class Mnist
         }
         catch (InvalidDataException e)
         {
-            throw new DataException($"{name}.gz: corrupt download ({e.Message})", e);
+            throw new DataException($"{name}: corrupt gzip data ({e.Message})", e);
         }
     }
 

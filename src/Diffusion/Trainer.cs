@@ -172,6 +172,7 @@ public sealed class Trainer : IDisposable
     public float TrainStep()
     {
         int b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
+        var prepare = Tape.Profile?.Time("batch (data, noise, x_t)", Device) ?? default;
         var order = Order(epoch);
         for (int n = 0; n < b; n++)
         {
@@ -187,8 +188,9 @@ public sealed class Trainer : IDisposable
         _cb.CopyFrom(_hostCb);
         RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), (ulong)Step * (ulong)_eps.Length);
         Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
-
         Model.ZeroGrad();
+        prepare.Dispose();
+
         float loss;
         using (var tape = new Tape(Device))
         {
@@ -201,6 +203,7 @@ public sealed class Trainer : IDisposable
             }
             tape.Backward(l);
         }
+        using var update = Tape.Profile?.Time("clip, adam, ema", Device) ?? default;
         if (Options.Clip > 0)
         {
             LastGradNorm = Adam.ClipGradNorm(Model.Parameters, Options.Clip);

@@ -1,3 +1,5 @@
+using System.Buffers;
+using System.Runtime.Intrinsics;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
@@ -5,22 +7,25 @@ using ILGPU.Runtime;
 namespace Ddpm.Kernels;
 
 /// <summary>
-/// Group normalisation with affine weight and bias (Wu and He 2018), as torch.nn.GroupNorm.
+/// Group normalisation with affine weight and bias (Wu and He 2018), as torch.nn.GroupNorm,
+/// optionally fused with the SiLU that follows every group norm of the U-Net.
 /// Shapes: x, y [N, C, H, W]; gamma, beta [C]; mean, rstd [N, G]; G divides C, and each group
-/// holds M = (C/G)·H·W elements.
-///   forward:  xhat = (x - mean)·rstd, rstd = 1/sqrt(var + eps) (biased variance), y = gamma·xhat + beta
-///   backward: with g = dy·gamma, dx = rstd·(g - mean_grp(g) - xhat·mean_grp(g·xhat)),
-///             dgamma[c] += Σ dy·xhat, dbeta[c] += Σ dy.
-/// Forward saves mean and rstd by name for backward. Versions: CPU, one task per (n, group)
-/// (two-pass statistics in double); ILGPU v1, one thread per (n, group) for statistics, one per
-/// element for the pointwise parts, one per channel for dgamma/dbeta.
+/// holds M = (C/G)·H·W contiguous elements.
+///   forward:  xhat = (x - mean)·rstd, rstd = 1/sqrt(var + eps) (biased variance),
+///             u = gamma·xhat + beta, y = u (or silu(u) when fused)
+///   backward: du = dy (or dy·silu'(u) when fused, u recomputed from x); with g = du·gamma,
+///             dx = rstd·(g - mean_grp(g) - xhat·mean_grp(g·xhat)), dgamma[c] += Σ du·xhat, dbeta[c] += Σ du.
+/// Forward saves mean and rstd by name for backward; the fused op never stores u.
+/// Versions: CPU, one task per (n, group), SIMD (Vector256) sums with per-(n, c) partials in
+/// double, two passes over the data per direction; ILGPU v1, one thread per (n, group) for
+/// statistics, one per element for the pointwise parts, one per channel for dgamma/dbeta.
 /// </summary>
 public static class GroupNorm
 {
-    /// <summary>y = groupnorm(x)·gamma + beta; writes mean and rstd [N, G] for backward.</summary>
-    public static void Forward(Tensor x, Tensor gamma, Tensor beta, int groups, float eps, Tensor y, Tensor mean, Tensor rstd)
+    /// <summary>y = groupnorm(x)·gamma + beta, or silu of it when <paramref name="silu"/>; writes mean and rstd [N, G].</summary>
+    public static void Forward(Tensor x, Tensor gamma, Tensor beta, int groups, float eps, Tensor y, Tensor mean, Tensor rstd, bool silu = false)
     {
-        var s = ShapeOf("groupnorm", x, groups);
+        var s = ShapeOf("groupnorm", x, groups, silu);
         Check.Devices("groupnorm", x, gamma, beta, y, mean, rstd);
         Check.Shape("groupnorm", "gamma", gamma, s.C);
         Check.Shape("groupnorm", "beta", beta, s.C);
@@ -45,17 +50,8 @@ public static class GroupNorm
             for (int ng = first; ng < last; ng++)
             {
                 var span = xv.AsSpan(ng * s.GroupSize, s.GroupSize);
-                double sum = 0;
-                foreach (float v in span)
-                {
-                    sum += v;
-                }
-                double mu = sum / s.GroupSize, sq = 0;
-                foreach (float v in span)
-                {
-                    sq += (v - mu) * (v - mu);
-                }
-                float m = (float)mu, r = (float)(1.0 / Math.Sqrt(sq / s.GroupSize + eps));
+                double mu = Sum(span) / s.GroupSize;
+                float m = (float)mu, r = (float)(1.0 / Math.Sqrt(SumSquaredDeviations(span, m) / s.GroupSize + eps));
                 mv[ng] = m;
                 rv[ng] = r;
                 int c0 = ng % groups * s.ChannelsPerGroup;
@@ -63,20 +59,18 @@ public static class GroupNorm
                 {
                     float scale = r * gv[c0 + cg], shift = bv[c0 + cg] - m * scale;
                     int start = ng * s.GroupSize + cg * s.Hw;
-                    for (int i = start; i < start + s.Hw; i++)
-                    {
-                        yv[i] = xv[i] * scale + shift;
-                    }
+                    AffineSilu(xv.AsSpan(start, s.Hw), yv.AsSpan(start, s.Hw), scale, shift, silu);
                 }
             }
         });
     }
 
-    /// <summary>dx += ∂L/∂x, dgamma += Σ dy·xhat, dbeta += Σ dy, from the saved mean and rstd.</summary>
-    public static void Backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor gamma, int groups, Tensor dx, Tensor dgamma, Tensor dbeta)
+    /// <summary>dx += ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd
+    /// (beta is read only when fused, to recompute u).</summary>
+    public static void Backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor gamma, Tensor beta, int groups, Tensor dx, Tensor dgamma, Tensor dbeta, bool silu = false)
     {
-        var s = ShapeOf("groupnorm backward", x, groups);
-        Check.Devices("groupnorm backward", dy, x, mean, rstd, gamma, dx, dgamma, dbeta);
+        var s = ShapeOf("groupnorm backward", x, groups, silu);
+        Check.Devices("groupnorm backward", dy, x, mean, rstd, gamma, beta, dx, dgamma, dbeta);
         Check.Shape("groupnorm backward", "dy", dy, x.Shape);
         Check.Shape("groupnorm backward", "dx", dx, x.Shape);
         Check.Shape("groupnorm backward", "dgamma", dgamma, s.C);
@@ -86,9 +80,9 @@ public static class GroupNorm
         {
             var k = IlgpuKernels.For(x);
             using var sums = k.Scratch(2 * s.N * groups);
-            k.GroupNorm.GroupSums(k.Stream, s.N * groups, dy.View, x.View, mean.View, rstd.View, gamma.View, sums.View, s);
-            k.GroupNorm.InputGrad(k.Stream, x.Length, dy.View, x.View, mean.View, rstd.View, gamma.View, sums.View, dx.View, s);
-            k.GroupNorm.ParamGrad(k.Stream, s.C, dy.View, x.View, mean.View, rstd.View, dgamma.View, dbeta.View, s);
+            k.GroupNorm.GroupSums(k.Stream, s.N * groups, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, sums.View, s);
+            k.GroupNorm.InputGrad(k.Stream, x.Length, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, sums.View, dx.View, s);
+            k.GroupNorm.ParamGrad(k.Stream, s.C, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, dgamma.View, dbeta.View, s);
             return;
         }
         var dyv = dy.HostArray;
@@ -96,64 +90,64 @@ public static class GroupNorm
         var mv = mean.HostArray;
         var rv = rstd.HostArray;
         var gv = gamma.HostArray;
+        var bv = beta.HostArray;
         var dxv = dx.HostArray;
-        var dgv = dgamma.HostArray;
-        var dbv = dbeta.HostArray;
-        Cpu.For(s.N * groups, 1, (first, last) =>
+        // Per (n, c): Σ_hw du and Σ_hw du·x. The group sums and dgamma/dbeta all follow from these.
+        var sumDu = ArrayPool<double>.Shared.Rent(s.N * s.C);
+        var sumDuX = ArrayPool<double>.Shared.Rent(s.N * s.C);
+        try
         {
-            for (int ng = first; ng < last; ng++)
+            Cpu.For(s.N * groups, 1, (first, last) =>
             {
-                float m = mv[ng], r = rv[ng];
-                int c0 = ng % groups * s.ChannelsPerGroup;
-                double sumG = 0, sumGx = 0;
-                for (int cg = 0; cg < s.ChannelsPerGroup; cg++)
+                for (int ng = first; ng < last; ng++)
                 {
-                    float gam = gv[c0 + cg];
-                    int start = ng * s.GroupSize + cg * s.Hw;
-                    for (int i = start; i < start + s.Hw; i++)
+                    float m = mv[ng], r = rv[ng];
+                    int n = ng / groups, c0 = ng % groups * s.ChannelsPerGroup;
+                    double sumG = 0, sumGx = 0;
+                    for (int cg = 0; cg < s.ChannelsPerGroup; cg++)
                     {
-                        float gi = dyv[i] * gam;
-                        sumG += gi;
-                        sumGx += gi * (xv[i] - m) * r;
+                        int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
+                        float scale = r * gv[c], shift = bv[c] - m * scale;
+                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu);
+                        sumDu[n * s.C + c] = a;
+                        sumDuX[n * s.C + c] = b;
+                        // Σ g = γ·Σ du; Σ g·xhat = γ·r·(Σ du·x - m·Σ du).
+                        sumG += gv[c] * a;
+                        sumGx += gv[c] * r * (b - m * a);
+                    }
+                    float meanG = (float)(sumG / s.GroupSize), meanGx = (float)(sumGx / s.GroupSize);
+                    for (int cg = 0; cg < s.ChannelsPerGroup; cg++)
+                    {
+                        int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
+                        float scale = r * gv[c], shift = bv[c] - m * scale;
+                        InputGrad(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, scale, shift, meanG, meanGx, silu);
                     }
                 }
-                float meanG = (float)(sumG / s.GroupSize), meanGx = (float)(sumGx / s.GroupSize);
-                for (int cg = 0; cg < s.ChannelsPerGroup; cg++)
-                {
-                    float gam = gv[c0 + cg];
-                    int start = ng * s.GroupSize + cg * s.Hw;
-                    for (int i = start; i < start + s.Hw; i++)
-                    {
-                        float xhat = (xv[i] - m) * r;
-                        dxv[i] += r * (dyv[i] * gam - meanG - xhat * meanGx);
-                    }
-                }
-            }
-        });
-        // dgamma, dbeta: one task per channel so no two tasks write the same element.
-        Cpu.For(s.C, 1, (first, last) =>
-        {
-            for (int c = first; c < last; c++)
+            });
+            var dgv = dgamma.HostArray;
+            var dbv = dbeta.HostArray;
+            for (int c = 0; c < s.C; c++)
             {
                 double sg = 0, sb = 0;
                 for (int n = 0; n < s.N; n++)
                 {
                     int ng = n * groups + c / s.ChannelsPerGroup;
-                    float m = mv[ng], r = rv[ng];
-                    int start = (n * s.C + c) * s.Hw;
-                    for (int i = start; i < start + s.Hw; i++)
-                    {
-                        sg += dyv[i] * (xv[i] - m) * r;
-                        sb += dyv[i];
-                    }
+                    double a = sumDu[n * s.C + c], b = sumDuX[n * s.C + c];
+                    sg += rv[ng] * (b - mv[ng] * a);
+                    sb += a;
                 }
                 dgv[c] += (float)sg;
                 dbv[c] += (float)sb;
             }
-        });
+        }
+        finally
+        {
+            ArrayPool<double>.Shared.Return(sumDu);
+            ArrayPool<double>.Shared.Return(sumDuX);
+        }
     }
 
-    private static GroupShape ShapeOf(string op, Tensor x, int groups)
+    private static GroupShape ShapeOf(string op, Tensor x, int groups, bool silu)
     {
         Check.Rank(op, "x", x, 4);
         int c = x.Dim(1);
@@ -161,15 +155,143 @@ public static class GroupNorm
         {
             throw new ArgumentException($"{op}: {groups} groups do not divide {c} channels");
         }
-        return new GroupShape(x.Dim(0), c, groups, x.Dim(2) * x.Dim(3));
+        return new GroupShape(x.Dim(0), c, groups, x.Dim(2) * x.Dim(3), silu);
     }
 
-    /// <summary>N, C, G and H·W of a group-norm call, with the derived sizes kernels need.</summary>
-    internal readonly struct GroupShape(int n, int c, int g, int hw)
+    // ---------------- CPU SIMD helpers (Vector256, scalar tails) ----------------
+
+    private static double Sum(ReadOnlySpan<float> v)
+    {
+        var acc0 = Vector256<float>.Zero;
+        var acc1 = Vector256<float>.Zero;
+        int i = 0, w = Vector256<float>.Count;
+        for (; i <= v.Length - 2 * w; i += 2 * w)
+        {
+            acc0 += Vector256.Create(v.Slice(i, w));
+            acc1 += Vector256.Create(v.Slice(i + w, w));
+        }
+        double s = Vector256.Sum(acc0 + acc1);
+        for (; i < v.Length; i++)
+        {
+            s += v[i];
+        }
+        return s;
+    }
+
+    private static double SumSquaredDeviations(ReadOnlySpan<float> v, float mean)
+    {
+        var m = Vector256.Create(mean);
+        var acc = Vector256<float>.Zero;
+        int i = 0, w = Vector256<float>.Count;
+        for (; i <= v.Length - w; i += w)
+        {
+            var d = Vector256.Create(v.Slice(i, w)) - m;
+            acc = Vector256.FusedMultiplyAdd(d, d, acc);
+        }
+        double s = Vector256.Sum(acc);
+        for (; i < v.Length; i++)
+        {
+            double d = v[i] - mean;
+            s += d * d;
+        }
+        return s;
+    }
+
+    private static Vector256<float> SiluOf(Vector256<float> u) => u / (Vector256<float>.One + Vector256.Exp(-u));
+
+    // silu'(u) = σ(u)·(1 + u·(1 - σ(u)))
+    private static Vector256<float> SiluDerivative(Vector256<float> u)
+    {
+        var sig = Vector256<float>.One / (Vector256<float>.One + Vector256.Exp(-u));
+        return sig * (Vector256<float>.One + u * (Vector256<float>.One - sig));
+    }
+
+    // y = u or silu(u), u = x·scale + shift
+    private static void AffineSilu(ReadOnlySpan<float> x, Span<float> y, float scale, float shift, bool silu)
+    {
+        var vs = Vector256.Create(scale);
+        var vb = Vector256.Create(shift);
+        int i = 0, w = Vector256<float>.Count;
+        for (; i <= x.Length - w; i += w)
+        {
+            var u = Vector256.FusedMultiplyAdd(Vector256.Create(x.Slice(i, w)), vs, vb);
+            (silu ? SiluOf(u) : u).CopyTo(y.Slice(i, w));
+        }
+        for (; i < x.Length; i++)
+        {
+            float u = x[i] * scale + shift;
+            y[i] = silu ? Silu.Apply(u) : u;
+        }
+    }
+
+    // (Σ du, Σ du·x) over one channel, du = dy or dy·silu'(x·scale + shift)
+    private static (double, double) ChannelSums(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, float scale, float shift, bool silu)
+    {
+        var vs = Vector256.Create(scale);
+        var vb = Vector256.Create(shift);
+        var a = Vector256<float>.Zero;
+        var b = Vector256<float>.Zero;
+        int i = 0, w = Vector256<float>.Count;
+        for (; i <= x.Length - w; i += w)
+        {
+            var xv = Vector256.Create(x.Slice(i, w));
+            var du = Vector256.Create(dy.Slice(i, w));
+            if (silu)
+            {
+                du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
+            }
+            a += du;
+            b = Vector256.FusedMultiplyAdd(du, xv, b);
+        }
+        double sa = Vector256.Sum(a), sb = Vector256.Sum(b);
+        for (; i < x.Length; i++)
+        {
+            float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
+            sa += du;
+            sb += du * x[i];
+        }
+        return (sa, sb);
+    }
+
+    // dx += r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
+    private static void InputGrad(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r,
+        float scale, float shift, float meanG, float meanGx, bool silu)
+    {
+        var vs = Vector256.Create(scale);
+        var vb = Vector256.Create(shift);
+        var vg = Vector256.Create(gamma);
+        var vm = Vector256.Create(m);
+        var vr = Vector256.Create(r);
+        var vmg = Vector256.Create(meanG);
+        var vmgx = Vector256.Create(meanGx);
+        int i = 0, w = Vector256<float>.Count;
+        for (; i <= x.Length - w; i += w)
+        {
+            var xv = Vector256.Create(x.Slice(i, w));
+            var du = Vector256.Create(dy.Slice(i, w));
+            if (silu)
+            {
+                du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
+            }
+            var xhat = (xv - vm) * vr;
+            var g = du * vg - vmg - xhat * vmgx;
+            Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))).CopyTo(dx.Slice(i, w));
+        }
+        for (; i < x.Length; i++)
+        {
+            float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
+            float xhat = (x[i] - m) * r;
+            dx[i] += r * (du * gamma - meanG - xhat * meanGx);
+        }
+    }
+
+    /// <summary>N, C, G and H·W of a group-norm call, the derived sizes kernels need, and whether SiLU is fused (1) or not (0).</summary>
+    internal readonly struct GroupShape(int n, int c, int g, int hw, bool silu)
     {
         public readonly int N = n, C = c, G = g, Hw = hw;
         public readonly int ChannelsPerGroup = c / g;
         public readonly int GroupSize = c / g * hw;
+        public readonly int Silu = silu ? 1 : 0;
     }
 
     // ---------------- ILGPU v1 ----------------
@@ -198,18 +320,24 @@ public static class GroupNorm
         ArrayView<float> mean, ArrayView<float> rstd, ArrayView<float> y, GroupShape s)
     {
         int c = i / s.Hw % s.C, ng = i / s.GroupSize;
-        y[i] = (x[i] - mean[ng]) * rstd[ng] * gamma[c] + beta[c];
+        float u = (x[i] - mean[ng]) * rstd[ng] * gamma[c] + beta[c];
+        y[i] = s.Silu != 0 ? Silu.Apply(u) : u;
     }
 
-    // ng over [N*G]: sums[2ng] = Σ dy·gamma, sums[2ng+1] = Σ dy·gamma·xhat over the group.
+    // The upstream gradient of the normalised value u: dy, or dy·silu'(u) with u recomputed.
+    private static float Du(float dy, float x, float m, float r, float gamma, float beta, int silu) =>
+        silu != 0 ? dy * Silu.Derivative((x - m) * r * gamma + beta) : dy;
+
+    // ng over [N*G]: sums[2ng] = Σ du·gamma, sums[2ng+1] = Σ du·gamma·xhat over the group.
     internal static void GroupSumsKernel(Index1D ng, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean,
-        ArrayView<float> rstd, ArrayView<float> gamma, ArrayView<float> sums, GroupShape s)
+        ArrayView<float> rstd, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> sums, GroupShape s)
     {
         float m = mean[ng], r = rstd[ng], sg = 0, sgx = 0;
         int start = ng * s.GroupSize, c0 = ng % s.G * s.ChannelsPerGroup;
         for (int j = 0; j < s.GroupSize; j++)
         {
-            float gi = dy[start + j] * gamma[c0 + j / s.Hw];
+            int c = c0 + j / s.Hw;
+            float gi = Du(dy[start + j], x[start + j], m, r, gamma[c], beta[c], s.Silu) * gamma[c];
             sg += gi;
             sgx += gi * (x[start + j] - m) * r;
         }
@@ -219,16 +347,17 @@ public static class GroupNorm
 
     // i over x [N, C, H, W]
     internal static void InputGradKernel(Index1D i, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
-        ArrayView<float> gamma, ArrayView<float> sums, ArrayView<float> dx, GroupShape s)
+        ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> sums, ArrayView<float> dx, GroupShape s)
     {
         int c = i / s.Hw % s.C, ng = i / s.GroupSize;
-        float r = rstd[ng], xhat = (x[i] - mean[ng]) * r;
-        dx[i] += r * (dy[i] * gamma[c] - sums[2 * ng] / s.GroupSize - xhat * sums[2 * ng + 1] / s.GroupSize);
+        float m = mean[ng], r = rstd[ng], xhat = (x[i] - m) * r;
+        float du = Du(dy[i], x[i], m, r, gamma[c], beta[c], s.Silu);
+        dx[i] += r * (du * gamma[c] - sums[2 * ng] / s.GroupSize - xhat * sums[2 * ng + 1] / s.GroupSize);
     }
 
     // c over [C]
     internal static void ParamGradKernel(Index1D c, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
-        ArrayView<float> dgamma, ArrayView<float> dbeta, GroupShape s)
+        ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> dgamma, ArrayView<float> dbeta, GroupShape s)
     {
         float sg = 0, sb = 0;
         for (int n = 0; n < s.N; n++)
@@ -237,9 +366,9 @@ public static class GroupNorm
             float m = mean[ng], r = rstd[ng];
             for (int j = 0; j < s.Hw; j++)
             {
-                float d = dy[start + j];
-                sg += d * (x[start + j] - m) * r;
-                sb += d;
+                float du = Du(dy[start + j], x[start + j], m, r, gamma[c], beta[c], s.Silu);
+                sg += du * (x[start + j] - m) * r;
+                sb += du;
             }
         }
         dgamma[c] += sg;
@@ -254,13 +383,13 @@ public static class GroupNorm
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> Normalize =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(NormalizeKernel);
 
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> GroupSums =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(GroupSumsKernel);
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> GroupSums =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(GroupSumsKernel);
 
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> InputGrad =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(InputGradKernel);
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> InputGrad =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(InputGradKernel);
 
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> ParamGrad =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(ParamGradKernel);
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> ParamGrad =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(ParamGradKernel);
     }
 }

@@ -100,6 +100,9 @@ public sealed class GroupNormLayer(ParameterFactory f, string name, int groups, 
 
     /// <summary>y = groupnorm(x)·weight + bias.</summary>
     public Var Forward(Tape g, Var x) => g.GroupNorm(x, Weight, Bias, groups, eps);
+
+    /// <summary>y = silu(groupnorm(x)·weight + bias), fused.</summary>
+    public Var ForwardSilu(Tape g, Var x) => g.GroupNormSilu(x, Weight, Bias, groups, eps);
 }
 
 /// <summary>
@@ -129,9 +132,9 @@ public sealed class ResBlock
     /// (computed once by the U-Net for all blocks; its gradient adds up over them).</summary>
     public Var Forward(Tape g, Var x, Var siluTemb)
     {
-        var h = _conv1.Forward(g, g.Silu(_norm1.Forward(g, x)));
+        var h = _conv1.Forward(g, _norm1.ForwardSilu(g, x));
         h = g.AddChannels(h, _temb.Forward(g, siluTemb));
-        h = _conv2.Forward(g, g.Silu(_norm2.Forward(g, h)));
+        h = _conv2.Forward(g, _norm2.ForwardSilu(g, h));
         return g.Add(h, _skip is null ? x : _skip.Forward(g, x));
     }
 }

@@ -40,6 +40,9 @@ public sealed class Tape : IDisposable
     /// <summary>False for a <see cref="NoGrad"/> tape.</summary>
     public bool Recording { get; }
 
+    /// <summary>When set, every op and backward step of every tape is timed into it (see <see cref="OpProfile"/>).</summary>
+    public static OpProfile? Profile { get; set; }
+
     /// <summary>Number of backward records kept (0 on a no-grad tape).</summary>
     public int RecordCount => _records.Count;
 
@@ -62,10 +65,11 @@ public sealed class Tape : IDisposable
     /// <summary>y = conv2d(x, w) + b. dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy.</summary>
     public Var Conv2d(Var x, Var w, Var b, int stride, int pad)
     {
+        using var timer = Profile?.Time("conv2d", Device) ?? default;
         var g = ConvShape.Of(x.Value, w.Value, stride, pad);
         var y = Make([g.N, g.K, g.P, g.Q], x, w, b);
         Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad);
-        Record(y, [x, w], dy =>
+        Record("conv2d", y, [x, w], dy =>
         {
             if (x.RequiresGrad)
             {
@@ -84,21 +88,29 @@ public sealed class Tape : IDisposable
     }
 
     /// <summary>y = groupnorm(x)·gamma + beta, saving mean and rstd for backward.</summary>
-    public Var GroupNorm(Var x, Var gamma, Var beta, int groups, float eps)
+    public Var GroupNorm(Var x, Var gamma, Var beta, int groups, float eps) => GroupNorm(x, gamma, beta, groups, eps, silu: false);
+
+    /// <summary>y = silu(groupnorm(x)·gamma + beta) in one pass (the pattern in front of every U-Net
+    /// convolution); backward recomputes the normalised value instead of storing it.</summary>
+    public Var GroupNormSilu(Var x, Var gamma, Var beta, int groups, float eps) => GroupNorm(x, gamma, beta, groups, eps, silu: true);
+
+    private Var GroupNorm(Var x, Var gamma, Var beta, int groups, float eps, bool silu)
     {
+        string op = silu ? "groupnorm+silu" : "groupnorm";
+        using var timer = Profile?.Time(op, Device) ?? default;
         var y = Make(x.Shape, x, gamma, beta);
         int n = x.Shape[0];
         var mean = Tensor.Empty(Device, n, groups);
         var rstd = Tensor.Empty(Device, n, groups);
-        Kernels.GroupNorm.Forward(x.Value, gamma.Value, beta.Value, groups, eps, y.Value, mean, rstd);
-        if (!Record(y, [x, gamma], dy =>
+        Kernels.GroupNorm.Forward(x.Value, gamma.Value, beta.Value, groups, eps, y.Value, mean, rstd, silu);
+        if (!Record(op, y, [x, gamma, beta], dy =>
         {
             // The kernel computes all three gradients together; a frozen input gets a throwaway buffer.
             using var scratchX = x.RequiresGrad ? null : x.Value.ZerosLike();
             using var scratchG = gamma.RequiresGrad ? null : gamma.Value.ZerosLike();
             using var scratchB = beta.RequiresGrad ? null : beta.Value.ZerosLike();
-            Kernels.GroupNorm.Backward(dy, x.Value, mean, rstd, gamma.Value, groups,
-                scratchX ?? x.GradBuffer(), scratchG ?? gamma.GradBuffer(), scratchB ?? beta.GradBuffer());
+            Kernels.GroupNorm.Backward(dy, x.Value, mean, rstd, gamma.Value, beta.Value, groups,
+                scratchX ?? x.GradBuffer(), scratchG ?? gamma.GradBuffer(), scratchB ?? beta.GradBuffer(), silu);
         }, mean, rstd))
         {
             mean.Dispose();
@@ -110,28 +122,31 @@ public sealed class Tape : IDisposable
     /// <summary>y = silu(x). dx = dy·silu'(x).</summary>
     public Var Silu(Var x)
     {
+        using var timer = Profile?.Time("silu", Device) ?? default;
         var y = Make(x.Shape, x);
         Kernels.Silu.Forward(x.Value, y.Value);
-        Record(y, [x], dy => Kernels.Silu.Backward(dy, x.Value, x.GradBuffer()));
+        Record("silu", y, [x], dy => Kernels.Silu.Backward(dy, x.Value, x.GradBuffer()));
         return y;
     }
 
     /// <summary>y = nearest 2× upsampling of x. dx = 2×2 block sums of dy.</summary>
     public Var Upsample2x(Var x)
     {
+        using var timer = Profile?.Time("upsample", Device) ?? default;
         var s = x.Shape;
         var y = Make([s[0], s[1], 2 * s[2], 2 * s[3]], x);
         Kernels.Upsample.Forward(x.Value, y.Value);
-        Record(y, [], dy => Kernels.Upsample.Backward(dy, x.GradBuffer()));
+        Record("upsample", y, [], dy => Kernels.Upsample.Backward(dy, x.GradBuffer()));
         return y;
     }
 
     /// <summary>y = x·wᵀ + b. dx = dy·w, dw = dyᵀ·x, db = Σ_n dy.</summary>
     public Var Linear(Var x, Var w, Var b)
     {
+        using var timer = Profile?.Time("linear", Device) ?? default;
         var y = Make([x.Shape[0], w.Shape[0]], x, w, b);
         Kernels.Linear.Forward(x.Value, w.Value, b.Value, y.Value);
-        Record(y, [x, w], dy =>
+        Record("linear", y, [x, w], dy =>
         {
             if (x.RequiresGrad)
             {
@@ -152,10 +167,11 @@ public sealed class Tape : IDisposable
     /// <summary>y = cat(a, b) along channels. da, db = the two slices of dy.</summary>
     public Var Concat(Var a, Var b)
     {
+        using var timer = Profile?.Time("concat", Device) ?? default;
         var s = a.Shape;
         var y = Make([s[0], s[1] + b.Shape[1], s[2], s[3]], a, b);
         Kernels.Concat.Forward(a.Value, b.Value, y.Value);
-        Record(y, [], dy =>
+        Record("concat", y, [], dy =>
         {
             using var scratchA = a.RequiresGrad ? null : a.Value.ZerosLike();
             using var scratchB = b.RequiresGrad ? null : b.Value.ZerosLike();
@@ -167,9 +183,10 @@ public sealed class Tape : IDisposable
     /// <summary>y = a + b. da = db = dy.</summary>
     public Var Add(Var a, Var b)
     {
+        using var timer = Profile?.Time("add", Device) ?? default;
         var y = Make(a.Shape, a, b);
         Elementwise.Add(a.Value, b.Value, y.Value);
-        Record(y, [], dy =>
+        Record("add", y, [], dy =>
         {
             if (a.RequiresGrad)
             {
@@ -186,9 +203,10 @@ public sealed class Tape : IDisposable
     /// <summary>y[n,c,h,w] = x[n,c,h,w] + e[n,c]. dx = dy, de = Σ_hw dy.</summary>
     public Var AddChannels(Var x, Var e)
     {
+        using var timer = Profile?.Time("add_channels", Device) ?? default;
         var y = Make(x.Shape, x, e);
         Elementwise.AddChannels(x.Value, e.Value, y.Value);
-        Record(y, [], dy =>
+        Record("add_channels", y, [], dy =>
         {
             if (x.RequiresGrad)
             {
@@ -205,9 +223,10 @@ public sealed class Tape : IDisposable
     /// <summary>loss = mean((pred - target)²), a [1] tensor. dpred = dloss·2(pred - target)/n.</summary>
     public Var MseLoss(Var pred, Var target)
     {
+        using var timer = Profile?.Time("mse", Device) ?? default;
         var y = Make([1], pred, target);
         Reduce.Mse(pred.Value, target.Value, y.Value);
-        Record(y, [pred, target], dy =>
+        Record("mse", y, [pred, target], dy =>
         {
             if (pred.RequiresGrad)
             {
@@ -227,6 +246,7 @@ public sealed class Tape : IDisposable
     /// <summary>The sinusoidal embedding of integer timesteps t [N] → [N, dim]; no gradient (t is data).</summary>
     public Var TimeEmbedding(Var t, int dim)
     {
+        using var timer = Profile?.Time("time_embedding", Device) ?? default;
         var y = Make([t.Shape[0], dim]);
         Kernels.TimeEmbedding.Forward(t.Value, y.Value);
         return y;
@@ -266,6 +286,7 @@ public sealed class Tape : IDisposable
             var r = _records[i];
             if (r.Output.Grad is { } dy)
             {
+                using var timer = Profile?.Time(r.Op, Device) ?? default;
                 r.Backward(dy);
             }
             foreach (var aux in r.Aux)
@@ -324,7 +345,7 @@ public sealed class Tape : IDisposable
     }
 
     /// <summary>Records a backward step when the output needs a gradient; false when nothing was recorded.</summary>
-    private bool Record(Var output, Var[] saved, Action<Tensor> backward, params Tensor[] aux)
+    private bool Record(string op, Var output, Var[] saved, Action<Tensor> backward, params Tensor[] aux)
     {
         if (!output.RequiresGrad)
         {
@@ -334,9 +355,9 @@ public sealed class Tape : IDisposable
         {
             s.PendingUses++;
         }
-        _records.Add(new Step(output, saved, backward, aux));
+        _records.Add(new Step(op + ".backward", output, saved, backward, aux));
         return true;
     }
 
-    private sealed record Step(Var Output, Var[] Saved, Action<Tensor> Backward, Tensor[] Aux);
+    private sealed record Step(string Op, Var Output, Var[] Saved, Action<Tensor> Backward, Tensor[] Aux);
 }

@@ -74,7 +74,7 @@ public sealed class UNet
         h = _mid1.Forward(g, _mid0.Forward(g, _down1.Forward(g, s1), st), st);
         h = _dec1.Forward(g, g.Concat(_up1.Forward(g, g.Upsample2x(h)), s1), st);
         h = _dec0.Forward(g, g.Concat(_up0.Forward(g, g.Upsample2x(h)), s0), st);
-        return _convOut.Forward(g, g.Silu(_normOut.Forward(g, h)));
+        return _convOut.Forward(g, _normOut.ForwardSilu(g, h));
     }
 
     /// <summary>Sets every parameter's gradient to zero.</summary>

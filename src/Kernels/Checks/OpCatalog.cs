@@ -28,6 +28,8 @@ public static class OpCatalog
         GroupNormCase("groupnorm C6 G3", n: 3, c: 6, h: 7, w: 9, groups: 3),
         GroupNormCase("groupnorm C5 G5", n: 3, c: 5, h: 7, w: 9, groups: 5),
         GroupNormCase("groupnorm C5 G1 1x1", n: 3, c: 5, h: 1, w: 1, groups: 1),
+        GroupNormCase("groupnorm+silu C6 G3", n: 3, c: 6, h: 7, w: 9, groups: 3, silu: true),
+        GroupNormCase("groupnorm+silu C8 G2 W=13", n: 2, c: 8, h: 3, w: 13, groups: 2, silu: true),
         new OpCase
         {
             Name = "silu",
@@ -215,7 +217,7 @@ public static class OpCatalog
         };
     }
 
-    private static OpCase GroupNormCase(string name, int n, int c, int h, int w, int groups) => new()
+    private static OpCase GroupNormCase(string name, int n, int c, int h, int w, int groups, bool silu = false) => new()
     {
         Name = name,
         Inputs = [new("x", [n, c, h, w]), new("gamma", [c], InputFill.Positive), new("beta", [c])],
@@ -224,10 +226,10 @@ public static class OpCatalog
             var y = s.Output(n, c, h, w);
             var mean = s.Output(n, groups);
             var rstd = s.Output(n, groups);
-            GroupNorm.Forward(x[0], x[1], x[2], groups, 1e-5f, y, mean, rstd);
+            GroupNorm.Forward(x[0], x[1], x[2], groups, 1e-5f, y, mean, rstd, silu);
             return [y, mean, rstd];
         },
-        Backward = (s, x, y, dy, d) => GroupNorm.Backward(dy, x[0], y[1], y[2], x[1], groups, d[0]!, d[1]!, d[2]!),
+        Backward = (s, x, y, dy, d) => GroupNorm.Backward(dy, x[0], y[1], y[2], x[1], x[2], groups, d[0]!, d[1]!, d[2]!, silu),
         // A 1×1 group of one channel normalises a single value: y = beta whatever x, and the
         // variance is ~eps, so x's derivative is tiny but its curvature huge; groups here hold ≥ 5.
     };

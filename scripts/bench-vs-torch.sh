@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The engine's `ddpm bench` against the PyTorch peer's `torch_unet.py bench --threads 2`, alternating
+# the two (engine, peer, engine, peer, ...) so that a machine's drift hits both alike; prints every
+# reading and the medians and ratios (engine / peer) per preset, then peak memory (max RSS) of a
+# base-preset run of each under /usr/bin/time.
+#
+#   scripts/bench-vs-torch.sh [REPS] [PRESETS...]      default: 3 reps, tiny small base
+#
+# Needs /usr/bin/python3 with torch (apt-get install python3-torch), GNU time (apt-get install time)
+# and the peer script at ../shared/reference/torch_unet.py (or PEER=path).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reps=${1:-3}; shift || true
+presets=${*:-tiny small base}
+peer=${PEER:-../shared/reference/torch_unet.py}
+dotnet build src/Cli -c Release >/dev/null
+engine=(dotnet src/Cli/bin/Release/net10.0/ddpm.dll)
+out=$(mktemp)
+for preset in $presets; do
+  for rep in $(seq "$reps"); do
+    e=$("${engine[@]}" bench --preset "$preset" --batch 64 --steps 5 --device cpu)
+    p=$(/usr/bin/python3 "$peer" bench --preset "$preset" --batch 64 --steps 5 --threads 2)
+    echo "engine $e" | tee -a "$out"
+    echo "peer   $p" | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    who, js = line.split(" ", 1)
+    d = json.loads(js)
+    rows.setdefault((d["preset"], who), []).append(d)
+print("\n| preset | engine train ms | peer train ms | train ratio | engine denoise ms | peer denoise ms | denoise ratio | readings |")
+print("|---|---|---|---|---|---|---|---|")
+for preset in dict.fromkeys(k[0] for k in rows):
+    e, p = rows[(preset, "engine")], rows[(preset, "peer")]
+    med = lambda xs, k: statistics.median(x[k] for x in xs)
+    et, pt, ed, pd = med(e, "train_step_ms"), med(p, "train_step_ms"), med(e, "denoise_step_ms"), med(p, "denoise_step_ms")
+    print(f"| {preset} | {et:.1f} | {pt:.1f} | {et/pt:.2f} | {ed:.1f} | {pd:.1f} | {ed/pd:.2f} | {len(e)} each |")
+PY
+if [ -x /usr/bin/time ]; then
+  for who in engine peer; do
+    if [ $who = engine ]; then cmd=("${engine[@]}" bench --preset base --batch 64 --steps 2 --device cpu)
+    else cmd=(/usr/bin/python3 "$peer" bench --preset base --batch 64 --steps 2 --threads 2); fi
+    rss=$( { /usr/bin/time -f "%M" "${cmd[@]}" >/dev/null; } 2>&1 | tail -1 )
+    echo "peak memory ($who, base, batch 64, train and denoise steps): $((rss / 1024)) MiB"
+  done
+fi

@@ -1,0 +1,135 @@
+using Ddpm.Cli;
+using Ddpm.Diffusion;
+using Ddpm.Nn;
+using Ddpm.Tensors;
+
+namespace Ddpm.Tests;
+
+/// <summary>The command line as a user meets it: wrong flags, missing or foreign checkpoints and
+/// broken data get one line on stderr and a non-zero exit; sample writes its three files.
+/// Serial: the tests swap the process's console writers.</summary>
+[Collection(CliCollection.Name)]
+public sealed class CliTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("ddpm-cli").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static (int Code, string Err, string Out) Run(params string[] args)
+    {
+        var (err, output) = (new StringWriter(), new StringWriter());
+        var (oldErr, oldOut) = (Console.Error, Console.Out);
+        Console.SetError(err);
+        Console.SetOut(output);
+        try
+        {
+            return (Program.Main(args), err.ToString(), output.ToString());
+        }
+        finally
+        {
+            Console.SetError(oldErr);
+            Console.SetOut(oldOut);
+        }
+    }
+
+    private static void OneLineError((int Code, string Err, string Out) r, int code, string contains)
+    {
+        Assert.Equal(code, r.Code);
+        var lines = r.Err.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Single(lines, l => l.StartsWith("ddpm: ", StringComparison.Ordinal));
+        Assert.Contains(contains, r.Err);
+    }
+
+    [Theory]
+    [InlineData(new[] { "train", "--preset", "huge" }, "huge")]
+    [InlineData(new[] { "train", "--batch", "many" }, "many")]
+    [InlineData(new[] { "train", "--epochs" }, "--epochs")]
+    [InlineData(new[] { "sample", "--sampler", "euler" }, "euler")]
+    [InlineData(new[] { "bench", "--device", "tpu" }, "tpu")]
+    [InlineData(new[] { "frobnicate" }, "frobnicate")]
+    public void WrongFlagsAreOneLineAndExitTwo(string[] args, string contains) => OneLineError(Run(args), ExitCodes.Usage, contains);
+
+    [Fact]
+    public void MissingCheckpoint()
+    {
+        OneLineError(Run("sample", "--checkpoint", Path.Combine(_dir, "none.safetensors")), ExitCodes.Failure, "does not exist");
+        OneLineError(Run("train", "--resume", "--out", _dir, "--data", _dir), ExitCodes.Failure, "does not exist");
+    }
+
+    [Fact]
+    public void CorruptCheckpoint()
+    {
+        var path = Path.Combine(_dir, "bad.safetensors");
+        File.WriteAllBytes(path, [9, 9, 9, 9]);
+        OneLineError(Run("sample", "--checkpoint", path), ExitCodes.Failure, "not a valid safetensors file");
+    }
+
+    [Fact]
+    public void CheckpointOfAnotherPresetOnResume()
+    {
+        using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2 }, new MnistSet(new byte[4 * 784], new byte[4], 4)))
+        {
+            trainer.Save(Path.Combine(_dir, TrainCommand.CheckpointFile));
+        }
+        OneLineError(Run("train", "--resume", "--preset", "small", "--out", _dir, "--data", _dir), ExitCodes.Failure, "holds a tiny model, not small");
+    }
+
+    [Fact]
+    public void NewRunRefusesToOverwriteAnOldOne()
+    {
+        File.WriteAllBytes(Path.Combine(_dir, TrainCommand.CheckpointFile), [1]);
+        OneLineError(Run("train", "--out", _dir), ExitCodes.Failure, "--resume");
+        Assert.Equal([1], File.ReadAllBytes(Path.Combine(_dir, TrainCommand.CheckpointFile)));
+    }
+
+    [Fact]
+    public void BrokenDataNamesTheFile()
+    {
+        var data = Path.Combine(_dir, "data");
+        Directory.CreateDirectory(data);
+        foreach (var (name, _) in Mnist.Files)
+        {
+            File.WriteAllBytes(Path.Combine(data, name), [0, 0, 8, 3, 0, 0, 0, 0]);
+        }
+        OneLineError(Run("train", "--data", data, "--out", Path.Combine(_dir, "run")), ExitCodes.Failure, "train-images-idx3-ubyte");
+    }
+
+    [Fact]
+    public void SampleWritesGridIdxAndAnimation()
+    {
+        var checkpoint = Path.Combine(_dir, "tiny.safetensors");
+        var model = new UNet(16, CpuDevice.Instance, seed: 1);
+        using (var ema = new Ema(model.Parameters, 0.9f))
+        {
+            Checkpoint.Save(checkpoint, model, ema: ema);
+        }
+        var output = Path.Combine(_dir, "out");
+        var r = Run("sample", "--checkpoint", checkpoint, "--n", "3", "--sampler", "ddim", "--steps", "4", "--seed", "2", "--device", "cpu", "--out", output);
+        Assert.True(r.Code == 0, r.Err);
+        Assert.Contains("EMA", r.Err);
+        var idx = Mnist.ParseIdx("samples", File.ReadAllBytes(Path.Combine(output, "samples-idx3-ubyte")));
+        Assert.Equal(3, idx.Count);
+        Assert.Equal([28, 28], idx.ItemShape);
+        Assert.True(new FileInfo(Path.Combine(output, "samples.png")).Length > 100);
+        Assert.True(new FileInfo(Path.Combine(output, "reverse.gif")).Length > 100);
+        // Same seed, same digits.
+        var again = Path.Combine(_dir, "again");
+        Assert.Equal(0, Run("sample", "--checkpoint", checkpoint, "--n", "3", "--sampler", "ddim", "--steps", "4", "--seed", "2", "--device", "cpu", "--out", again).Code);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(output, "samples-idx3-ubyte")), File.ReadAllBytes(Path.Combine(again, "samples-idx3-ubyte")));
+    }
+
+    [Fact]
+    public void InfoSaysWhatAutoPicksAndWhy()
+    {
+        var r = Run("info");
+        Assert.Equal(0, r.Code);
+        Assert.Contains("auto picks:", r.Out);
+        Assert.Contains("why:", r.Out);
+    }
+}
+
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class CliCollection
+{
+    public const string Name = "cli";
+}
