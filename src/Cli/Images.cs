@@ -104,7 +104,7 @@ public static class Images
             avg.LineWidth = 2;
             avg.Color = ScottPlot.Colors.OrangeRed;
             avg.LegendText = $"mean of {window}";
-            plot.ShowLegend();
+            plot.ShowLegend(ScottPlot.Alignment.UpperRight);
         }
         plot.Title("training loss");
         plot.XLabel("step");

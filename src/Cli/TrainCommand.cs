@@ -169,7 +169,7 @@ public static class TrainCommand
             }
         }
 
-        string Status() => $"step {trainer.Step}/{trainer.TotalSteps} epoch {trainer.Epoch + 1} loss {smoothed:F4}";
+        string Status() => $"step {trainer.Step}/{trainer.TotalSteps} epoch {Math.Min(trainer.Epoch + 1, trainer.Options.Epochs)} loss {smoothed:F4}";
 
         if (AnsiConsole.Profile.Capabilities.Interactive)
         {
