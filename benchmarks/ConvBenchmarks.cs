@@ -53,3 +53,67 @@ public class ConvBenchmarks
     [Benchmark, Flops(Flops)]
     public void BackwardWeightFast() => Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
 }
+
+/// <summary>
+/// The U-Net's convolutions at batch 64 (3×3 pad 1 unless named 1×1; "s2" = the stride-2 down convolutions), each pass,
+/// with the per-shape choice of <see cref="Conv2d"/> (Auto) against the explicit im2col lowering.
+/// Shape "C-K-H": C input channels, K output channels, H×H input.
+/// Run: dotnet run -c Release --project benchmarks -- --filter '*UNetConvolutionBenchmarks*'
+/// </summary>
+public class UNetConvolutionBenchmarks
+{
+    private ConvShape _g;
+    private int _stride, _pad;
+    private Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
+
+    [Params("16-16-28", "48-16-28", "16-16-28s2", "16-32-14", "32-32-14s2", "32-64-7", "64-64-7", "96-32-14", "64-64-14", "32-32-28",
+        "64-64-28", "1-16-28", "16-1-28", "48-16-28-1x1")]
+    public string Shape { get; set; } = "";
+
+    [Params(ConvLowering.Auto, ConvLowering.Explicit)]
+    public ConvLowering Lowering { get; set; }
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        string[] parts = Shape.Replace("s2", "").Split('-');
+        int c = int.Parse(parts[0]), k = int.Parse(parts[1]), h = int.Parse(parts[2]), r = parts.Length > 3 ? 1 : 3;
+        _stride = Shape.EndsWith("s2") ? 2 : 1;
+        _pad = r / 2;
+        _g = new ConvShape(64, c, h, h, k, r, r, _stride, _pad);
+        var d = CpuDevice.Instance;
+        _x = Tensor.Empty(d, _g.N, _g.C, _g.H, _g.W);
+        _w = Tensor.Empty(d, _g.K, _g.C, _g.R, _g.S);
+        _b = Tensor.Empty(d, _g.K);
+        _y = Tensor.Empty(d, _g.N, _g.K, _g.P, _g.Q);
+        _dy = Tensor.Empty(d, _g.N, _g.K, _g.P, _g.Q);
+        _dx = Tensor.Zeros(d, _g.N, _g.C, _g.H, _g.W);
+        _dw = Tensor.Zeros(d, _g.K, _g.C, _g.R, _g.S);
+        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
+        {
+            RandomFill.Normal(t, i, 0);
+        }
+    }
+
+    // The lowering is per thread: set it on the thread that runs the iterations.
+    [Benchmark]
+    public void Forward()
+    {
+        Conv2d.CpuLowering = Lowering;
+        Conv2d.Forward(_x, _w, _b, _y, _stride, _pad);
+    }
+
+    [Benchmark]
+    public void BackwardInput()
+    {
+        Conv2d.CpuLowering = Lowering;
+        Conv2d.BackwardInput(_dy, _w, _dx, _stride, _pad);
+    }
+
+    [Benchmark]
+    public void BackwardWeight()
+    {
+        Conv2d.CpuLowering = Lowering;
+        Conv2d.BackwardWeight(_dy, _x, _dw, _stride, _pad);
+    }
+}

@@ -56,7 +56,32 @@ public sealed unsafe class CpuFastPathTests
     [InlineData(2, 19, 14, 14, 7, 1, 1, 0)]
     [InlineData(1, 3, 9, 8, 5, 5, 2, 2)]
     [InlineData(4, 1, 28, 28, 16, 3, 1, 1)]
+    // Implicit-GEMM edges: padded rows of 33 and 13 floats (panels of 48 end mid-row), C·R·S = 135 and 1170 (k blocks
+    // that are not multiples of 16), K = 1 and 9 (partial 8-row tiles), stride 3, 5x5 stride 2 on a wide image.
+    [InlineData(3, 15, 29, 31, 9, 3, 1, 1)]
+    [InlineData(2, 130, 7, 7, 9, 3, 1, 1)]
+    [InlineData(2, 16, 28, 28, 1, 3, 1, 1)]
+    [InlineData(2, 9, 10, 10, 5, 3, 3, 1)]
+    [InlineData(2, 3, 40, 70, 5, 5, 2, 2)]
+    [InlineData(2, 5, 6, 6, 3, 3, 1, 0)]
     public void ConvolutionMatchesNaive(int n, int c, int h, int w, int k, int r, int stride, int pad)
+    {
+        // Every lowering: the per-shape choice and both forced ones (the setting is per thread).
+        foreach (var lowering in Enum.GetValues<ConvLowering>())
+        {
+            Conv2d.CpuLowering = lowering;
+            try
+            {
+                CheckConvolution(n, c, h, w, k, r, stride, pad, lowering);
+            }
+            finally
+            {
+                Conv2d.CpuLowering = ConvLowering.Auto;
+            }
+        }
+    }
+
+    private static void CheckConvolution(int n, int c, int h, int w, int k, int r, int stride, int pad, ConvLowering lowering)
     {
         var g = new ConvShape(n, c, h, w, k, r, r, stride, pad);
         var rng = new Random(n + c + h + w + k);
@@ -85,8 +110,8 @@ public sealed unsafe class CpuFastPathTests
         Conv2d.BackwardInputNaive(g, dy, wt, dx);
         var dw = (float[])dw0.Clone();
         Conv2d.BackwardWeightNaive(g, dy, x, dw);
-        Assert.Equal(y, ty.ToArray());
-        Assert.Equal(dx, tdx.ToArray());
-        Assert.Equal(dw, tdw.ToArray());
+        Assert.True(y.AsSpan().SequenceEqual(ty.ToArray()), $"forward, {lowering}");
+        Assert.True(dx.AsSpan().SequenceEqual(tdx.ToArray()), $"input gradient, {lowering}");
+        Assert.True(dw.AsSpan().SequenceEqual(tdw.ToArray()), $"weight gradient, {lowering}");
     }
 }

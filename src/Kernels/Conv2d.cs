@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
@@ -60,19 +61,51 @@ public readonly struct ConvShape
     }
 }
 
+/// <summary>How the managed CPU backend lowers a convolution to matrix products.</summary>
+public enum ConvLowering
+{
+    /// <summary>Per shape and pass, the lowering that measured faster (the default).</summary>
+    Auto,
+
+    /// <summary>im2col into a [C·R·S, P·Q] matrix (col2im after the input gradient's product), then the packed GEMM.</summary>
+    Explicit,
+
+    /// <summary>Implicit GEMM: the GEMM packs its operand straight from a padded copy of each image. The input
+    /// gradients it does not cover (stride above 4, padding at least the kernel size) stay explicit.</summary>
+    Implicit,
+}
+
 /// <summary>
 /// 2-D convolution with bias, forward and the three gradients. Shapes (letters as in
 /// <see cref="ConvShape"/>): x [N, C, H, W], w [K, C, R, S], b [K], y [N, K, P, Q].
 /// Versions:
 ///  - CPU naive: direct loops, the reference for the fast path and the benchmark baseline.
-///  - CPU fast: per image, im2col into a [C·R·S, P·Q] matrix and a packed SIMD GEMM
+///  - CPU fast, explicit: per image, im2col into a [C·R·S, P·Q] matrix and a packed SIMD GEMM
 ///    (<see cref="Gemm"/>); forward y = W·col, input gradient col2im(Wᵀ·dy), weight gradient
 ///    dW += dy·colᵀ with a private dW per worker, summed at the end. Images go to the cores.
+///  - CPU fast, implicit (<see cref="ConvGemm"/>): the same products with the GEMM packing its
+///    operand straight from a padded copy of the image, the bias added on the way out; the input
+///    gradient as convolutions of dy with the flipped kernel, one per stride phase. Chosen per shape
+///    and pass (<see cref="CpuLowering"/>): implicit except for pointwise convolutions.
 ///  - ILGPU v1: one thread per output element (forward, input gradient, weight gradient, bias).
 /// Backward ops add into their gradient buffers.
 /// </summary>
 public static unsafe class Conv2d
 {
+    [ThreadStatic] private static ConvLowering t_lowering;
+
+    /// <summary>
+    /// The lowering of the CPU fast path for calls made from the current thread: <see cref="ConvLowering.Auto"/> (the
+    /// default) picks per shape and pass; tests and benchmarks force one. Per thread, so a test that forces a lowering
+    /// cannot change the rounding of a concurrent test's convolutions. Every choice computes the same sums, in a
+    /// different order.
+    /// </summary>
+    public static ConvLowering CpuLowering
+    {
+        get => t_lowering;
+        set => t_lowering = value;
+    }
+
     /// <summary>y = conv(x, w) + b.</summary>
     public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad)
     {
@@ -130,17 +163,53 @@ public static unsafe class Conv2d
             k.Conv2d.BackwardBias(k.Stream, kk, dy.View, db.View, n, pq);
             return;
         }
-        var dyv = dy.HostArray;
-        var dbv = db.HostArray;
-        for (int c = 0; c < kk; c++)
+        BackwardBiasCpu(Ptr(dy), Ptr(db), n, kk, pq);
+    }
+
+    /// <summary>
+    /// db[k] += Σ_{n,p} dy[n, k, p] on raw CPU buffers, dy [n, kk, pq]. Channels are spread over the cores (each
+    /// channel summed in the same order whatever the core count), rows summed with four vector accumulators: once
+    /// the convolutions got faster this serial, latency-bound loop was ~5% of a training step.
+    /// </summary>
+    internal static void BackwardBiasCpu(float* dy, float* db, int n, int kk, int pq)
+    {
+        Cpu.For(kk, Math.Max(1, (1 << 16) / Math.Max(1, n * pq)), (c0, c1) =>
         {
-            float s = 0;
-            for (int i = 0; i < n; i++)
+            for (int c = c0; c < c1; c++)
             {
-                s += Elementwise.SumSpan(dyv.AsSpan((i * kk + c) * pq, pq));
+                float s = 0;
+                for (int i = 0; i < n; i++)
+                {
+                    s += SumRow(dy + ((long)i * kk + c) * pq, pq);
+                }
+                db[c] += s;
             }
-            dbv[c] += s;
+        });
+    }
+
+    /// <summary>Σ row[0..len) with four independent vector accumulators.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static float SumRow(float* row, int len)
+    {
+        int w = Vector256<float>.Count, i = 0;
+        Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
+        for (; i + 4 * w <= len; i += 4 * w)
+        {
+            a0 += Vector256.Load(row + i);
+            a1 += Vector256.Load(row + i + w);
+            a2 += Vector256.Load(row + i + 2 * w);
+            a3 += Vector256.Load(row + i + 3 * w);
         }
+        for (; i + w <= len; i += w)
+        {
+            a0 += Vector256.Load(row + i);
+        }
+        float s = Vector256.Sum((a0 + a1) + (a2 + a3));
+        for (; i < len; i++)
+        {
+            s += row[i];
+        }
+        return s;
     }
 
     private static void CheckOperands(ConvShape g, Tensor x, Tensor w, Tensor b, Tensor y)
@@ -154,9 +223,15 @@ public static unsafe class Conv2d
 
     // ---------------- CPU fast: im2col + packed GEMM ----------------
 
-    /// <summary>Forward on raw CPU buffers: per image, col = im2col(x[n]); y[n] = W·col + b.</summary>
+    /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b, the lowering col implicit or explicit
+    /// (im2col) as <see cref="CpuLowering"/> chooses.</summary>
     public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y)
     {
+        if (UseImplicit(g, Pass.Forward))
+        {
+            ConvGemm.Forward(g, x, w, b, y);
+            return;
+        }
         bool imagesInParallel = g.N >= Cpu.Threads;
         long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
         Cpu.Items(imagesInParallel ? g.N : 1, item =>
@@ -179,9 +254,15 @@ public static unsafe class Conv2d
         });
     }
 
-    /// <summary>Input gradient on raw CPU buffers: dx[n] += col2im(Wᵀ·dy[n]).</summary>
+    /// <summary>Input gradient on raw CPU buffers: dx[n] += col2im(Wᵀ·dy[n]), or the equivalent convolutions of dy
+    /// with the flipped kernel (implicit).</summary>
     public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx)
     {
+        if (UseImplicit(g, Pass.Input))
+        {
+            ConvGemm.BackwardInput(g, dy, w, dx);
+            return;
+        }
         bool imagesInParallel = g.N >= Cpu.Threads;
         long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
         Cpu.Items(imagesInParallel ? g.N : 1, item =>
@@ -201,10 +282,15 @@ public static unsafe class Conv2d
         });
     }
 
-    /// <summary>Weight gradient on raw CPU buffers: dW += Σ_n dy[n]·im2col(x[n])ᵀ, one private
+    /// <summary>Weight gradient on raw CPU buffers: dW += Σ_n dy[n]·col(x[n])ᵀ, one private
     /// partial sum per worker so workers never write the same memory.</summary>
     public static void BackwardWeightCpu(ConvShape g, float* dy, float* x, float* dw)
     {
+        if (UseImplicit(g, Pass.Weight))
+        {
+            ConvGemm.BackwardWeight(g, dy, x, dw);
+            return;
+        }
         int workers = Math.Min(Cpu.Threads, g.N);
         long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
         int wlen = g.K * g.Crs;
@@ -230,6 +316,28 @@ public static unsafe class Conv2d
         {
             Simd.AddInPlace(dst, new ReadOnlySpan<float>(partials + (long)worker * wlen, wlen));
         }
+    }
+
+    private enum Pass { Forward, Input, Weight }
+
+    /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through <see cref="ConvGemm"/>.</summary>
+    private static bool UseImplicit(ConvShape g, Pass pass)
+    {
+        if (pass == Pass.Input && !ConvGemm.SupportsBackwardInput(g)) return false;
+        switch (CpuLowering)
+        {
+            case ConvLowering.Explicit: return false;
+            case ConvLowering.Implicit: return true;
+        }
+        // Measured on the 2-core Cascade Lake development machine (UNetConvolutionBenchmarks in benchmarks/), N = 64:
+        // the implicit path wins every 3x3 pass of the U-Net's shapes (1..128 channels, 28x28 .. 7x7, stride 1 and 2)
+        // by 1.3-4x, and ties (±5%) the largest (256 channels at 7x7, where its wide columns waste 2/7 of the work).
+        // Pointwise convolutions need no lowering at all, so the explicit path (a plain GEMM on the tensor) wins there.
+        if (g.IsPointwise) return false;
+        // The implicit path runs each image on one core, the explicit one splits a lone image's GEMM over the cores:
+        // with fewer images than cores that wins back the input gradient once the product is large (K >= 64).
+        if (g.N < Cpu.Threads && pass == Pass.Input && g.K >= 64) return false;
+        return true;
     }
 
     /// <summary>col[(c·R + r)·S + s, p·Q + q] = x[c, p·stride - pad + r, q·stride - pad + s], zero outside.</summary>
@@ -540,8 +648,7 @@ public static unsafe class Conv2d
 internal static unsafe class Scratch
 {
     [ThreadStatic] private static float[]? _col;
-    private static float[]? _partials;
-    private static readonly object PartialsLock = new();
+    [ThreadStatic] private static float[]? _partials;
 
     /// <summary>This thread's lowering buffer, at least <paramref name="length"/> floats.</summary>
     public static float* Col(int length)
@@ -553,18 +660,17 @@ internal static unsafe class Scratch
         return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_col));
     }
 
-    /// <summary>A shared buffer of <paramref name="workers"/>·<paramref name="length"/> floats for
-    /// per-worker partial sums (one weight-gradient op at a time uses it).</summary>
+    /// <summary>The calling thread's buffer of <paramref name="workers"/>·<paramref name="length"/> floats
+    /// for the per-worker partial sums of one weight-gradient call; the workers write into it while the
+    /// caller waits. Per calling thread: a single shared buffer let concurrent weight gradients (tests run
+    /// in parallel) overwrite, or reallocate and free, each other's partial sums.</summary>
     public static float* Partials(int workers, int length)
     {
-        lock (PartialsLock)
+        long need = (long)workers * length;
+        if (_partials is null || _partials.Length < need)
         {
-            long need = (long)workers * length;
-            if (_partials is null || _partials.Length < need)
-            {
-                _partials = GC.AllocateUninitializedArray<float>((int)need, pinned: true);
-            }
-            return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_partials));
+            _partials = GC.AllocateUninitializedArray<float>((int)need, pinned: true);
         }
+        return (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_partials));
     }
 }

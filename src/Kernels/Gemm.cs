@@ -12,6 +12,12 @@
 // There is no separate NC (L3) level: the matrices here are small (m <= ~1k), so packing B one micro-panel at a time
 // means every B element is read from memory exactly once per A block and then reused mc/MR times straight from L1.
 //
+// B sources: the driver is generic over where its B micro-panels come from (IBSource, a struct type argument, so each
+// source gets its own specialised copy of the driver). Besides strided matrices, the implicit-GEMM convolution
+// (ConvGemm) multiplies lowered matrices that exist only as offsets into a padded image: rows that are contiguous runs
+// starting anywhere (MultiplyRowOffsets) or columns that are (MultiplyColumnOffsets). Packing from those costs the same
+// as packing a strided matrix, and saves writing and re-reading the 9x larger im2col matrix.
+//
 // Micro-kernel choice (measured on the 2.5 GHz Cascade Lake target, one core):
 //   * AVX-512: MR x NR = 8 x 48. 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers; each k step
 //     issues 3 vector loads + 8 broadcasts for 24 FMAs, so it is FMA-bound (~145 GFLOP/s with data in L1, ~58 of the
@@ -101,6 +107,50 @@ public static unsafe class Gemm
         Serial<TK>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate);
     }
 
+    /// <summary>
+    /// C[i*ldc + j] (=|+=) sum_p A(i,p)·B(p,j) with B(p,j) = b[rowOffsets[p] + j]: each row of B is a contiguous run
+    /// that may start anywhere in b. This is the lowered matrix of an implicit-GEMM convolution, whose rows are
+    /// shifted windows of one padded image, so B is packed straight from the image instead of from an im2col copy.
+    /// Shapes: A [m,k] read as in <see cref="Multiply"/>, rowOffsets [k], C [m,n]; b[rowOffsets[p] .. + n) must be
+    /// readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm.
+    /// </summary>
+    internal static void MultiplyRowOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* rowOffsets, float* c, int ldc, bool accumulate)
+    {
+        if (Trivial(m, n, k, c, ldc, accumulate)) return;
+        var src = new RowOffsetsB(b, rowOffsets);
+        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else if (Fma.IsSupported) Serial<Avx2Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+    }
+
+    /// <summary>
+    /// C[i*ldc + j] (=|+=) sum_p A(i,p)·B(p,j) with B(p,j) = b[columnOffsets[j] + p]: each column of B is a contiguous
+    /// run (the transposed lowered matrix of a convolution's weight gradient, packed straight from the padded image).
+    /// Shapes: A [m,k] read as in <see cref="Multiply"/>, columnOffsets [n], C [m,n]; b[columnOffsets[j] .. + k) must
+    /// be readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm.
+    /// </summary>
+    internal static void MultiplyColumnOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* columnOffsets, float* c, int ldc, bool accumulate)
+    {
+        if (Trivial(m, n, k, c, ldc, accumulate)) return;
+        var src = new ColumnOffsetsB(b, columnOffsets);
+        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else if (Fma.IsSupported) Serial<Avx2Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else Serial<ScalarKernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+    }
+
+    /// <summary>Checks the sizes; true when there is nothing to multiply (k = 0 then clears C unless accumulating).</summary>
+    private static bool Trivial(int m, int n, int k, float* c, int ldc, bool accumulate)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(m);
+        ArgumentOutOfRangeException.ThrowIfNegative(n);
+        ArgumentOutOfRangeException.ThrowIfNegative(k);
+        if (m == 0 || n == 0) return true;
+        if (k != 0) return false;
+        if (!accumulate)
+            for (int i = 0; i < m; i++) new Span<float>(c + (long)i * ldc, n).Clear();
+        return true;
+    }
+
     // ---------------------------------------------------------------------------------------------------------------
     // Blocked driver
     // ---------------------------------------------------------------------------------------------------------------
@@ -108,6 +158,13 @@ public static unsafe class Gemm
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Serial<TK>(int m, int n, int k, float* a, int aRow, int aCol, float* b, int bRow, int bCol, float* c, int ldc, bool accumulate)
         where TK : struct, IMicroKernel
+        => Serial<TK, StridedB>(m, n, k, a, aRow, aCol, new StridedB(b, bRow, bCol), c, ldc, accumulate);
+
+    /// <summary>The blocked product on the calling thread; <typeparamref name="TB"/> packs the B micro-panels.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Serial<TK, TB>(int m, int n, int k, float* a, int aRow, int aCol, TB b, float* c, int ldc, bool accumulate)
+        where TK : struct, IMicroKernel
+        where TB : struct, IBSource
     {
         int MR = TK.MR, NR = TK.NR;
         // Equal-sized blocks avoid a thin last block that would pay the per-block C traffic for little work.
@@ -133,7 +190,7 @@ public static unsafe class Gemm
                 for (int jr = 0; jr < n; jr += NR)
                 {
                     int nr = Math.Min(NR, n - jr);
-                    PackB<TK>(kc, nr, b + (long)pc * bRow + (long)jr * bCol, bRow, bCol, bp);
+                    b.Pack<TK>(pc, kc, jr, nr, bp);
                     float* cPanel = c + (long)ic * ldc + jr;
                     for (int ir = 0; ir < mc; ir += MR)
                     {
@@ -295,14 +352,158 @@ public static unsafe class Gemm
         }
     }
 
-    /// <summary>dst[q*ldd + r] = src[r*lds + q] for a 16x16 block (4 shuffle stages, 64 shuffles).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Transpose16x16(float* src, int lds, float* dst, int ldd)
+    /// <summary>Where the driver gets its B micro-panels from: a strided matrix, or rows/columns scattered in an image.</summary>
+    private interface IBSource
     {
-        Vector512<float> r0 = Vector512.Load(src), r1 = Vector512.Load(src + lds), r2 = Vector512.Load(src + 2L * lds), r3 = Vector512.Load(src + 3L * lds);
-        Vector512<float> r4 = Vector512.Load(src + 4L * lds), r5 = Vector512.Load(src + 5L * lds), r6 = Vector512.Load(src + 6L * lds), r7 = Vector512.Load(src + 7L * lds);
-        Vector512<float> r8 = Vector512.Load(src + 8L * lds), r9 = Vector512.Load(src + 9L * lds), r10 = Vector512.Load(src + 10L * lds), r11 = Vector512.Load(src + 11L * lds);
-        Vector512<float> r12 = Vector512.Load(src + 12L * lds), r13 = Vector512.Load(src + 13L * lds), r14 = Vector512.Load(src + 14L * lds), r15 = Vector512.Load(src + 15L * lds);
+        /// <summary>dst[p*NR + j] = B(p0 + p, j0 + j) for p &lt; kc, j &lt; nr (nr &lt;= NR); columns nr..NR zeroed.</summary>
+        void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel;
+    }
+
+    /// <summary>B(p,j) = b[p*bRow + j*bCol].</summary>
+    private readonly struct StridedB(float* b, int bRow, int bCol) : IBSource
+    {
+        private readonly float* _b = b;
+        private readonly int _bRow = bRow, _bCol = bCol;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
+            => PackB<TK>(kc, nr, _b + (long)p0 * _bRow + (long)j0 * _bCol, _bRow, _bCol, dst);
+    }
+
+    /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
+    private readonly struct RowOffsetsB(float* b, int* rowOffsets) : IBSource
+    {
+        private readonly float* _b = b;
+        private readonly int* _off = rowOffsets;
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
+        {
+            int NR = TK.NR;
+            int* off = _off + p0;
+            float* b = _b + j0;
+            if (NR == 48 && Avx512F.IsSupported)
+            {
+                if (nr == 48)
+                {
+                    for (int p = 0; p < kc; p++)
+                    {
+                        float* s = b + off[p];
+                        float* d = dst + p * 48;
+                        Vector512.Store(Vector512.Load(s), d);
+                        Vector512.Store(Vector512.Load(s + 16), d + 16);
+                        Vector512.Store(Vector512.Load(s + 32), d + 32);
+                    }
+                    return;
+                }
+                // Edge panel: masked loads read nothing past column nr - 1 and fill the rest with zeros.
+                Vector512<int> lane = Vector512<int>.Indices, width = Vector512.Create(nr);
+                Vector512<float> m0 = Vector512.LessThan(lane, width).AsSingle();
+                Vector512<float> m1 = Vector512.LessThan(lane + Vector512.Create(16), width).AsSingle();
+                Vector512<float> m2 = Vector512.LessThan(lane + Vector512.Create(32), width).AsSingle();
+                for (int p = 0; p < kc; p++)
+                {
+                    float* s = b + off[p];
+                    float* d = dst + p * 48;
+                    Vector512.Store(Avx512F.MaskLoad(s, m0, Vector512<float>.Zero), d);
+                    Vector512.Store(Avx512F.MaskLoad(s + 16, m1, Vector512<float>.Zero), d + 16);
+                    Vector512.Store(Avx512F.MaskLoad(s + 32, m2, Vector512<float>.Zero), d + 32);
+                }
+                return;
+            }
+            for (int p = 0; p < kc; p++)
+            {
+                float* s = b + off[p];
+                float* d = dst + p * NR;
+                int j = 0;
+                for (; j < nr; j++) d[j] = s[j];
+                for (; j < NR; j++) d[j] = 0f;
+            }
+        }
+    }
+
+    /// <summary>B(p,j) = b[columnOffsets[j] + p]: 16x16 register transposes of 16 contiguous column runs.</summary>
+    private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
+    {
+        private readonly float* _b = b;
+        private readonly int* _off = columnOffsets;
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
+        {
+            int NR = TK.NR;
+            int* off = _off + j0;
+            float* b = _b + p0;
+            int jv = 0;
+            if (NR % 16 == 0 && Avx512F.IsSupported)
+            {
+                int kFull = kc & ~15;
+                for (; jv + 16 <= nr; jv += 16)
+                    for (int p = 0; p < kFull; p += 16)
+                        TransposeGather16x16(b + p, off + jv, dst + p * NR + jv, NR);
+                for (int p = kFull; p < kc; p++)
+                {
+                    float* d = dst + p * NR;
+                    for (int j = 0; j < jv; j++) d[j] = b[off[j] + p];
+                }
+            }
+            for (int p = 0; p < kc; p++)
+            {
+                float* d = dst + p * NR;
+                int j = jv;
+                for (; j < nr; j++) d[j] = b[off[j] + p];
+                if (NR % 16 == 0 && Avx512F.IsSupported)
+                {
+                    // Narrow panels (C·R·S = 9 for a one-channel input) are mostly zero padding.
+                    for (; (j & 15) != 0; j++) d[j] = 0f;
+                    for (; j < NR; j += 16) Vector512.Store(Vector512<float>.Zero, d + j);
+                }
+                for (; j < NR; j++) d[j] = 0f;
+            }
+        }
+    }
+
+    /// <summary>dst[q*ldd + r] = src[r*lds + q] for a 16x16 block (4 shuffle stages, 64 shuffles).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose16x16(float* src, int lds, float* dst, int ldd) => Transpose16x16(new StridedRows(src, lds), dst, ldd);
+
+    /// <summary>dst[q*ldd + r] = src[offsets[r] + q] for r, q &lt; 16: the same transpose of 16 scattered rows.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TransposeGather16x16(float* src, int* offsets, float* dst, int ldd) => Transpose16x16(new OffsetRows(src, offsets), dst, ldd);
+
+    /// <summary>Where the 16 rows of a register transpose start. A struct type argument, so every use is inlined: the
+    /// transpose must compile as one optimised method (16 vector arguments would exceed the JIT's inlining limit).</summary>
+    private interface IRows
+    {
+        float* Row(int i);
+    }
+
+    private readonly struct StridedRows(float* src, int lds) : IRows
+    {
+        private readonly float* _src = src;
+        private readonly int _lds = lds;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public float* Row(int i) => _src + (long)i * _lds;
+    }
+
+    private readonly struct OffsetRows(float* src, int* offsets) : IRows
+    {
+        private readonly float* _src = src;
+        private readonly int* _offsets = offsets;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public float* Row(int i) => _src + _offsets[i];
+    }
+
+    /// <summary>dst[q*ldd + r] = rows.Row(r)[q] for r, q &lt; 16.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Transpose16x16<TRows>(TRows rows, float* dst, int ldd) where TRows : struct, IRows
+    {
+        Vector512<float> r0 = Vector512.Load(rows.Row(0)), r1 = Vector512.Load(rows.Row(1)), r2 = Vector512.Load(rows.Row(2)), r3 = Vector512.Load(rows.Row(3));
+        Vector512<float> r4 = Vector512.Load(rows.Row(4)), r5 = Vector512.Load(rows.Row(5)), r6 = Vector512.Load(rows.Row(6)), r7 = Vector512.Load(rows.Row(7));
+        Vector512<float> r8 = Vector512.Load(rows.Row(8)), r9 = Vector512.Load(rows.Row(9)), r10 = Vector512.Load(rows.Row(10)), r11 = Vector512.Load(rows.Row(11));
+        Vector512<float> r12 = Vector512.Load(rows.Row(12)), r13 = Vector512.Load(rows.Row(13)), r14 = Vector512.Load(rows.Row(14)), r15 = Vector512.Load(rows.Row(15));
         Vector512<float> t0 = Avx512F.UnpackLow(r0, r1), t1 = Avx512F.UnpackHigh(r0, r1), t2 = Avx512F.UnpackLow(r2, r3), t3 = Avx512F.UnpackHigh(r2, r3);
         Vector512<float> t4 = Avx512F.UnpackLow(r4, r5), t5 = Avx512F.UnpackHigh(r4, r5), t6 = Avx512F.UnpackLow(r6, r7), t7 = Avx512F.UnpackHigh(r6, r7);
         Vector512<float> t8 = Avx512F.UnpackLow(r8, r9), t9 = Avx512F.UnpackHigh(r8, r9), t10 = Avx512F.UnpackLow(r10, r11), t11 = Avx512F.UnpackHigh(r10, r11);
