@@ -114,4 +114,34 @@ public sealed unsafe class CpuFastPathTests
         Assert.True(dx.AsSpan().SequenceEqual(tdx.ToArray()), $"input gradient, {lowering}");
         Assert.True(dw.AsSpan().SequenceEqual(tdw.ToArray()), $"weight gradient, {lowering}");
     }
+
+    [Fact]
+    public void FastExpIsWithinTwoUlpAndClampsAtTheEnds()
+    {
+        double worst = 0;
+        for (float x = -87f; x <= 87f; x += 0.0137f)
+        {
+            var v = System.Runtime.Intrinsics.Vector256.Create(x, -x, x * 0.5f, x * 0.25f, x * 0.125f, x / 64, x / 1024, 0f);
+            var e = FastMath.Exp(v);
+            for (int i = 0; i < 8; i++)
+            {
+                double exact = Math.Exp(v[i]);
+                double ulp = MathF.BitIncrement((float)exact) - (float)exact;
+                worst = Math.Max(worst, Math.Abs(e[i] - exact) / Math.Max(ulp, double.Epsilon));
+            }
+        }
+        Assert.True(worst <= 2.0, $"worst error {worst:F2} ulp");
+        var ends = FastMath.Exp(System.Runtime.Intrinsics.Vector256.Create(-1000f, 1000f, float.NaN, float.NegativeInfinity, float.PositiveInfinity, 0f, 1f, -1f));
+        Assert.InRange(ends[0], 0f, 1.2e-38f);
+        Assert.True(float.IsFinite(ends[1]) && ends[1] > 1e38f);
+        Assert.True(float.IsNaN(ends[2]), "NaN must stay NaN");
+        Assert.InRange(ends[3], 0f, 1.2e-38f);
+        Assert.Equal(1f, ends[5]);
+        Assert.Equal(MathF.E, ends[6], 1e-6f);
+        var sig = FastMath.Sigmoid(System.Runtime.Intrinsics.Vector256.Create(-100f, 100f, 0f, 2f, -2f, 30f, -30f, 0.5f));
+        Assert.Equal(0f, sig[0], 1e-30f);
+        Assert.Equal(1f, sig[1]);
+        Assert.Equal(0.5f, sig[2]);
+        Assert.Equal(1 / (1 + Math.Exp(-2)), sig[3], 1e-7);
+    }
 }

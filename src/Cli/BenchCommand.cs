@@ -23,7 +23,7 @@ public static class BenchCommand
         var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 };
         var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 };
         var device = Program.DeviceOption();
-        var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) of the timed train steps; table on stderr" };
+        var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train steps; tables on stderr" };
         var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile };
         command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile))));
         return command;
@@ -57,7 +57,7 @@ public static class BenchCommand
         if (profile)
         {
             // A separate pass: profiling synchronises around every op, so it must not touch the timed figures.
-            Tape.Profile = new OpProfile();
+            Tape.Profile = new OpProfile { ByShape = true };
             for (int i = 0; i < steps; i++)
             {
                 trainer.TrainStep();

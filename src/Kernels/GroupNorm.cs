@@ -99,6 +99,8 @@ public static class GroupNorm
         {
             Cpu.For(s.N * groups, 1, (first, last) =>
             {
+                // With SiLU fused, du = dy·silu'(u) is computed once into this scratch and read back by the second pass.
+                var du = silu ? DuScratch(s.GroupSize) : null;
                 for (int ng = first; ng < last; ng++)
                 {
                     float m = mv[ng], r = rv[ng];
@@ -108,7 +110,7 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu);
+                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu ? du.AsSpan(cg * s.Hw, s.Hw) : default, silu);
                         sumDu[n * s.C + c] = a;
                         sumDuX[n * s.C + c] = b;
                         // Σ g = γ·Σ du; Σ g·xhat = γ·r·(Σ du·x - m·Σ du).
@@ -120,7 +122,8 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        InputGrad(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, scale, shift, meanG, meanGx, silu);
+                        var duc = silu ? du.AsSpan(cg * s.Hw, s.Hw) : dyv.AsSpan(start, s.Hw);
+                        InputGrad(duc, xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, meanG, meanGx);
                     }
                 }
             });
@@ -197,12 +200,12 @@ public static class GroupNorm
         return s;
     }
 
-    private static Vector256<float> SiluOf(Vector256<float> u) => u / (Vector256<float>.One + Vector256.Exp(-u));
+    private static Vector256<float> SiluOf(Vector256<float> u) => u * FastMath.Sigmoid(u);
 
     // silu'(u) = σ(u)·(1 + u·(1 - σ(u)))
     private static Vector256<float> SiluDerivative(Vector256<float> u)
     {
-        var sig = Vector256<float>.One / (Vector256<float>.One + Vector256.Exp(-u));
+        var sig = FastMath.Sigmoid(u);
         return sig * (Vector256<float>.One + u * (Vector256<float>.One - sig));
     }
 
@@ -224,8 +227,8 @@ public static class GroupNorm
         }
     }
 
-    // (Σ du, Σ du·x) over one channel, du = dy or dy·silu'(x·scale + shift)
-    private static (double, double) ChannelSums(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, float scale, float shift, bool silu)
+    // (Σ du, Σ du·x) over one channel, du = dy or dy·silu'(x·scale + shift); with SiLU, du is also stored in duOut.
+    private static (double, double) ChannelSums(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, float scale, float shift, Span<float> duOut, bool silu)
     {
         var vs = Vector256.Create(scale);
         var vb = Vector256.Create(shift);
@@ -239,6 +242,7 @@ public static class GroupNorm
             if (silu)
             {
                 du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
+                du.CopyTo(duOut.Slice(i, w));
             }
             a += du;
             b = Vector256.FusedMultiplyAdd(du, xv, b);
@@ -247,18 +251,32 @@ public static class GroupNorm
         for (; i < x.Length; i++)
         {
             float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
+            if (silu)
+            {
+                duOut[i] = du;
+            }
             sa += du;
             sb += du * x[i];
         }
         return (sa, sb);
     }
 
-    // dx += r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
-    private static void InputGrad(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r,
-        float scale, float shift, float meanG, float meanGx, bool silu)
+    /// <summary>Per-thread scratch for the fused backward's du of one group.</summary>
+    private static float[] DuScratch(int length)
     {
-        var vs = Vector256.Create(scale);
-        var vb = Vector256.Create(shift);
+        var buf = t_du;
+        if (buf is null || buf.Length < length)
+        {
+            t_du = buf = new float[length];
+        }
+        return buf;
+    }
+
+    [ThreadStatic] private static float[]? t_du;
+
+    // dx += r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
+    private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx)
+    {
         var vg = Vector256.Create(gamma);
         var vm = Vector256.Create(m);
         var vr = Vector256.Create(r);
@@ -268,20 +286,14 @@ public static class GroupNorm
         for (; i <= x.Length - w; i += w)
         {
             var xv = Vector256.Create(x.Slice(i, w));
-            var du = Vector256.Create(dy.Slice(i, w));
-            if (silu)
-            {
-                du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
-            }
             var xhat = (xv - vm) * vr;
-            var g = du * vg - vmg - xhat * vmgx;
+            var g = Vector256.Create(du.Slice(i, w)) * vg - vmg - xhat * vmgx;
             Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))).CopyTo(dx.Slice(i, w));
         }
         for (; i < x.Length; i++)
         {
-            float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
             float xhat = (x[i] - m) * r;
-            dx[i] += r * (du * gamma - meanG - xhat * meanGx);
+            dx[i] += r * (du[i] * gamma - meanG - xhat * meanGx);
         }
     }
 

@@ -39,7 +39,7 @@ public struct Silu : IUnaryOp
             for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
             {
                 var v = Vector256.Create(xs, i);
-                (v / (Vector256<float>.One + Vector256.Exp(-v))).CopyTo(ys, i);
+                (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
             }
             for (; i < last; i++)
             {
@@ -68,7 +68,7 @@ public struct Silu : IUnaryOp
             for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
             {
                 var v = Vector256.Create(xs, i);
-                var s = Vector256<float>.One / (Vector256<float>.One + Vector256.Exp(-v));
+                var s = FastMath.Sigmoid(v);
                 var d = s * (Vector256<float>.One + v * (Vector256<float>.One - s));
                 Vector256.FusedMultiplyAdd(Vector256.Create(dys, i), d, Vector256.Create(dxs, i)).CopyTo(dxs, i);
             }

@@ -11,6 +11,11 @@ namespace Ddpm.Nn;
 public sealed class OpProfile
 {
     private readonly Dictionary<string, (double Ms, long Calls)> _totals = [];
+    private readonly Dictionary<string, (double Ms, long Calls, double Flops)> _details = [];
+
+    /// <summary>When set, ops that can (the convolutions) also time each pass by shape into a second table, with
+    /// GFLOP/s; those rows are inside the op's own row, not added to the total.</summary>
+    public bool ByShape { get; init; }
 
     /// <summary>Total milliseconds and calls by op name ("conv2d", "conv2d.backward", ...).</summary>
     public IReadOnlyDictionary<string, (double Ms, long Calls)> Totals => _totals;
@@ -20,6 +25,24 @@ public sealed class OpProfile
     {
         device.Synchronize();
         return new Timer(this, op, device, Stopwatch.GetTimestamp());
+    }
+
+    /// <summary>Starts timing one pass of one shape (see <see cref="ByShape"/>); <paramref name="flops"/> per call.</summary>
+    public Timer TimeDetail(string key, double flops, Device device)
+    {
+        device.Synchronize();
+        return new Timer(this, key, device, Stopwatch.GetTimestamp(), flops);
+    }
+
+    private void Add(string op, double ms, double flops)
+    {
+        if (flops > 0)
+        {
+            var (dms, dcalls, dflops) = _details.GetValueOrDefault(op);
+            _details[op] = (dms + ms, dcalls + 1, dflops + flops);
+            return;
+        }
+        Add(op, ms);
     }
 
     private void Add(string op, double ms)
@@ -38,10 +61,20 @@ public sealed class OpProfile
             yield return $"{op,-24} {ms,10:F1} {calls,8} {100 * ms / all,6:F1}%";
         }
         yield return $"{"total",-24} {all,10:F1}";
+        if (_details.Count == 0)
+        {
+            yield break;
+        }
+        yield return "";
+        yield return $"{"by shape (inside the rows above)",-40} {"ms",10} {"calls",8} {"GFLOP/s",8}";
+        foreach (var (key, (ms, calls, flops)) in _details.OrderByDescending(kv => kv.Value.Ms))
+        {
+            yield return $"{key,-40} {ms,10:F1} {calls,8} {flops / ms / 1e6,8:F1}";
+        }
     }
 
     /// <summary>Stops the clock of one op on dispose.</summary>
-    public readonly struct Timer(OpProfile owner, string op, Device device, long start) : IDisposable
+    public readonly struct Timer(OpProfile owner, string op, Device device, long start, double flops = 0) : IDisposable
     {
         /// <inheritdoc/>
         public void Dispose()
@@ -51,7 +84,7 @@ public sealed class OpProfile
                 return;
             }
             device.Synchronize();
-            owner.Add(op, Stopwatch.GetElapsedTime(start).TotalMilliseconds);
+            owner.Add(op, Stopwatch.GetElapsedTime(start).TotalMilliseconds, flops);
         }
     }
 }

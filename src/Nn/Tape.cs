@@ -68,15 +68,20 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("conv2d", Device) ?? default;
         var g = ConvShape.Of(x.Value, w.Value, stride, pad);
         var y = Make([g.N, g.K, g.P, g.Q], x, w, b);
-        Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad);
+        using (ConvDetail("fwd", g))
+        {
+            Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad);
+        }
         Record("conv2d", y, [x, w], dy =>
         {
             if (x.RequiresGrad)
             {
+                using var detail = ConvDetail("dx ", g);
                 Kernels.Conv2d.BackwardInput(dy, w.Value, x.GradBuffer(), stride, pad);
             }
             if (w.RequiresGrad)
             {
+                using var detail = ConvDetail("dw ", g);
                 Kernels.Conv2d.BackwardWeight(dy, x.Value, w.GradBuffer(), stride, pad);
             }
             if (b.RequiresGrad)
@@ -86,6 +91,12 @@ public sealed class Tape : IDisposable
         });
         return y;
     }
+
+    /// <summary>A by-shape timer for one convolution pass when the profile asks for it, e.g. "conv fwd 16>32 3x3/1 14x14".</summary>
+    private OpProfile.Timer ConvDetail(string pass, ConvShape g) =>
+        Profile is { ByShape: true } p
+            ? p.TimeDetail($"conv {pass} {g.C}>{g.K} {g.R}x{g.S}/{g.Stride} {g.H}x{g.W}", 2.0 * g.N * g.K * g.Crs * g.Pq, Device)
+            : default;
 
     /// <summary>y = groupnorm(x)·gamma + beta, saving mean and rstd for backward.</summary>
     public Var GroupNorm(Var x, Var gamma, Var beta, int groups, float eps) => GroupNorm(x, gamma, beta, groups, eps, silu: false);

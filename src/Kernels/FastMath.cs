@@ -1,0 +1,41 @@
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+
+namespace Ddpm.Kernels;
+
+/// <summary>
+/// Vector exp and sigmoid for the CPU backend's SiLU paths. Vector256.Exp of .NET 10 computes in double and was measured
+/// at 2-3x the cost of the rest of a fused group norm + SiLU; this is the single-precision Cephes expf: n = round(x·log2 e),
+/// r = x - n·ln 2 in two parts (Cody-Waite), exp r by a degree-6 polynomial, times 2^n built in the exponent bits.
+/// Inputs are clamped to [ln FLT_MIN, 88.376] (-87.34: no subnormal results, exp(-1000) gives FLT_MIN; the top keeps
+/// exp finite); NaN stays NaN. Error within 2 ulp of exp on [-87, 88].
+/// </summary>
+internal static class FastMath
+{
+    private const float Lo = -87.3365447505531f, Hi = 88.3762626647949f, Log2E = 1.44269504088896341f, Ln2Hi = 0.693359375f, Ln2Lo = -2.12194440e-4f;
+    private const float P0 = 1.9875691500e-4f, P1 = 1.3981999507e-3f, P2 = 8.3334519073e-3f, P3 = 4.1665795894e-2f, P4 = 1.6666665459e-1f, P5 = 5.0000001201e-1f;
+
+    /// <summary>e^x per lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Exp(Vector256<float> x)
+    {
+        // Min/Max of .NET 10 propagate NaN, so a NaN input reaches the polynomial and the result.
+        x = Vector256.Min(Vector256.Max(x, Vector256.Create(Lo)), Vector256.Create(Hi));
+        Vector256<float> n = Vector256.Round(x * Vector256.Create(Log2E));
+        Vector256<float> r = Vector256.FusedMultiplyAdd(n, Vector256.Create(-Ln2Hi), x);
+        r = Vector256.FusedMultiplyAdd(n, Vector256.Create(-Ln2Lo), r);
+        Vector256<float> p = Vector256.Create(P0);
+        p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P1));
+        p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P2));
+        p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P3));
+        p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P4));
+        p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P5));
+        p = Vector256.FusedMultiplyAdd(p, r * r, r + Vector256<float>.One);
+        Vector256<int> bits = (Vector256.ConvertToInt32(n) + Vector256.Create(127)) << 23;
+        return p * bits.AsSingle();
+    }
+
+    /// <summary>σ(u) = 1 / (1 + e^-u) per lane.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> Sigmoid(Vector256<float> u) => Vector256<float>.One / (Vector256<float>.One + Exp(-u));
+}
