@@ -113,6 +113,13 @@ public sealed unsafe class CpuFastPathTests
         Assert.True(y.AsSpan().SequenceEqual(ty.ToArray()), $"forward, {lowering}");
         Assert.True(dx.AsSpan().SequenceEqual(tdx.ToArray()), $"input gradient, {lowering}");
         Assert.True(dw.AsSpan().SequenceEqual(tdw.ToArray()), $"weight gradient, {lowering}");
+
+        // Overwriting (a fresh gradient buffer): the old contents, NaN here, are never read.
+        using var fresh = Tensor.FromHost(dev, Enumerable.Repeat(float.NaN, x.Length).ToArray(), n, c, h, w);
+        Conv2d.BackwardInput(tdy, tw, fresh, stride, pad, accumulate: false);
+        var dxOnly = new float[x.Length];
+        Conv2d.BackwardInputNaive(g, dy, wt, dxOnly);
+        Assert.True(dxOnly.AsSpan().SequenceEqual(fresh.ToArray()), $"input gradient without accumulating, {lowering}");
     }
 
     [Fact]

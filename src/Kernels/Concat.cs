@@ -29,21 +29,40 @@ public static class Concat
         }
     }
 
-    /// <summary>da += dy[:, :Ca], db += dy[:, Ca:].</summary>
-    public static void Backward(Tensor dy, Tensor da, Tensor db)
+    /// <summary>da += dy[:, :Ca], db += dy[:, Ca:] (= instead of += for a side whose accumulate flag is false: its
+    /// old contents are never read).</summary>
+    public static void Backward(Tensor dy, Tensor da, Tensor db, bool accumulateA = true, bool accumulateB = true)
     {
         var (n, ca, cb, hw) = Shapes("concat backward", da, db, dy);
         if (dy.Device.IsIlgpu)
         {
+            if (!accumulateA) da.Zero();
+            if (!accumulateB) db.Zero();
             var k = IlgpuKernels.For(dy);
             k.Concat.Backward(k.Stream, dy.Length, dy.View, da.View, db.View, ca * hw, cb * hw);
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        for (int i = 0; i < n; i++)
+        var (dyv, dav, dbv) = (dy.HostArray, da.HostArray, db.HostArray);
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (first, last) =>
         {
-            Simd.AddInPlace(da.HostArray.AsSpan(i * sa, sa), dy.HostArray.AsSpan(i * (sa + sb), sa));
-            Simd.AddInPlace(db.HostArray.AsSpan(i * sb, sb), dy.HostArray.AsSpan(i * (sa + sb) + sa, sb));
+            for (int i = first; i < last; i++)
+            {
+                Part(dyv.AsSpan(i * (sa + sb), sa), dav.AsSpan(i * sa, sa), accumulateA);
+                Part(dyv.AsSpan(i * (sa + sb) + sa, sb), dbv.AsSpan(i * sb, sb), accumulateB);
+            }
+        });
+
+        static void Part(ReadOnlySpan<float> src, Span<float> dst, bool accumulate)
+        {
+            if (accumulate)
+            {
+                Simd.AddInPlace(dst, src);
+            }
+            else
+            {
+                src.CopyTo(dst);
+            }
         }
     }
 

@@ -120,19 +120,24 @@ public static unsafe class Conv2d
         ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y));
     }
 
-    /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input.</summary>
-    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx, int stride, int pad)
+    /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input; with
+    /// <paramref name="accumulate"/> false, dx = conv_transpose(dy, w) and dx's old contents are never read.</summary>
+    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx, int stride, int pad, bool accumulate = true)
     {
         var g = ConvShape.Of(dx, w, stride, pad);
         Check.Devices("conv2d backward input", dy, w, dx);
         Check.Shape("conv2d backward input", "dy", dy, g.N, g.K, g.P, g.Q);
         if (dx.Device.IsIlgpu)
         {
+            if (!accumulate)
+            {
+                dx.Zero();
+            }
             var k = IlgpuKernels.For(dx);
             k.Conv2d.BackwardInput(k.Stream, dx.Length, dy.View, w.View, dx.View, g);
             return;
         }
-        BackwardInputCpu(g, Ptr(dy), Ptr(w), Ptr(dx));
+        BackwardInputCpu(g, Ptr(dy), Ptr(w), Ptr(dx), accumulate);
     }
 
     /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight.</summary>
@@ -256,11 +261,11 @@ public static unsafe class Conv2d
 
     /// <summary>Input gradient on raw CPU buffers: dx[n] += col2im(Wᵀ·dy[n]), or the equivalent convolutions of dy
     /// with the flipped kernel (implicit).</summary>
-    public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx)
+    public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true)
     {
         if (UseImplicit(g, Pass.Input))
         {
-            ConvGemm.BackwardInput(g, dy, w, dx);
+            ConvGemm.BackwardInput(g, dy, w, dx, accumulate);
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
@@ -272,8 +277,12 @@ public static unsafe class Conv2d
             {
                 if (g.IsPointwise)
                 {
-                    Gemm.Multiply(g.C, g.Pq, g.K, w, 1, g.C, dy + n * ys, g.Pq, 1, dx + n * xs, g.Pq, accumulate: true, parallel: !imagesInParallel);
+                    Gemm.Multiply(g.C, g.Pq, g.K, w, 1, g.C, dy + n * ys, g.Pq, 1, dx + n * xs, g.Pq, accumulate, parallel: !imagesInParallel);
                     continue;
+                }
+                if (!accumulate)
+                {
+                    new Span<float>(dx + n * xs, (int)xs).Clear();
                 }
                 float* col = Scratch.Col(g.Crs * g.Pq);
                 Gemm.Multiply(g.Crs, g.Pq, g.K, w, 1, g.Crs, dy + n * ys, g.Pq, 1, col, g.Pq, accumulate: false, parallel: !imagesInParallel);

@@ -78,7 +78,7 @@ internal static unsafe class ConvGemm
     /// dx[n] += the transposed convolution of dy[n], as Stride² stride-1 convolutions (see the header comment and
     /// <see cref="SupportsBackwardInput"/>).
     /// </summary>
-    public static void BackwardInput(ConvShape g, float* dy, float* w, float* dx)
+    public static void BackwardInput(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true)
     {
         if (!SupportsBackwardInput(g)) throw new ArgumentException("conv2d: the implicit input gradient needs stride <= 4 and pad < kernel size");
         int st = g.Stride;
@@ -111,13 +111,20 @@ internal static unsafe class ConvGemm
             float* planes = ws.Planes(pl.Length);
             pl.Fill(dy + n * ys, planes);
             float* dxw = ws.Wide(g.C * wideMax);
+            // Stride 1 has one phase that covers every input: it writes dx when not accumulating. Strided phases
+            // interleave (and a phase may have no taps), so they add onto a cleared image.
+            bool write = !accumulate && st == 1 && count == 1;
+            if (!accumulate && !write)
+            {
+                new Span<float>(dx + n * xs, (int)xs).Clear();
+            }
             for (int i = 0; i < count; i++)
             {
                 Phase ph = phases[i];
                 int kk = g.K * ph.Taps, wide = ph.Rows * pl.Wh;
                 // dxwide [C, rows·Wh] = W_ab [C, K·taps] · col(dy) [K·taps, rows·Wh]
                 Gemm.MultiplyRowOffsets(g.C, wide, kk, wts + (long)g.C * ph.First, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false);
-                ph.Scatter(g, dxw, pl.Wh, dx + n * xs);
+                ph.Scatter(g, dxw, pl.Wh, dx + n * xs, accumulate: !write);
             }
         });
     }
@@ -204,16 +211,18 @@ internal static unsafe class ConvGemm
             }
         }
 
-        /// <summary>dx[c, st·u + A - pad, st·v + B - pad] += wide[c, (u - ULo)·ldw + v - VLo] over this phase's outputs.</summary>
+        /// <summary>dx[c, st·u + A - pad, st·v + B - pad] += wide[c, (u - ULo)·ldw + v - VLo] over this phase's outputs
+        /// (= instead of += for the single phase of stride 1 when not accumulating).</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public readonly void Scatter(ConvShape g, float* wide, int ldw, float* dx)
+        public readonly void Scatter(ConvShape g, float* wide, int ldw, float* dx, bool accumulate)
         {
             int st = g.Stride, h0 = st * ULo + A - g.Pad, w0 = st * VLo + B - g.Pad;
             if (st == 1)
             {
-                DropWideColumns(wide, ldw, g.C, g.H, g.W, dx, null, accumulate: true);
+                DropWideColumns(wide, ldw, g.C, g.H, g.W, dx, null, accumulate);
                 return;
             }
+            if (!accumulate) throw new InvalidOperationException("strided phases add onto a cleared image");
             for (int c = 0; c < g.C; c++)
             {
                 for (int i = 0; i < Rows; i++)

@@ -65,9 +65,10 @@ public static class GroupNorm
         });
     }
 
-    /// <summary>dx += ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd
-    /// (beta is read only when fused, to recompute u).</summary>
-    public static void Backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor gamma, Tensor beta, int groups, Tensor dx, Tensor dgamma, Tensor dbeta, bool silu = false)
+    /// <summary>dx += ∂L/∂x (dx = ∂L/∂x, old contents unread, when not <paramref name="accumulate"/>), dgamma += Σ du·xhat,
+    /// dbeta += Σ du, from the saved mean and rstd (beta is read only when fused, to recompute u).</summary>
+    public static void Backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor gamma, Tensor beta, int groups, Tensor dx, Tensor dgamma, Tensor dbeta, bool silu = false,
+        bool accumulate = true)
     {
         var s = ShapeOf("groupnorm backward", x, groups, silu);
         Check.Devices("groupnorm backward", dy, x, mean, rstd, gamma, beta, dx, dgamma, dbeta);
@@ -78,6 +79,10 @@ public static class GroupNorm
         Check.Shape("groupnorm backward", "mean", mean, s.N, groups);
         if (x.Device.IsIlgpu)
         {
+            if (!accumulate)
+            {
+                dx.Zero();
+            }
             var k = IlgpuKernels.For(x);
             using var sums = k.Scratch(2 * s.N * groups);
             k.GroupNorm.GroupSums(k.Stream, s.N * groups, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, sums.View, s);
@@ -123,7 +128,7 @@ public static class GroupNorm
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
                         var duc = silu ? du.AsSpan(cg * s.Hw, s.Hw) : dyv.AsSpan(start, s.Hw);
-                        InputGrad(duc, xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, meanG, meanGx);
+                        InputGrad(duc, xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, meanG, meanGx, accumulate);
                     }
                 }
             });
@@ -274,8 +279,8 @@ public static class GroupNorm
 
     [ThreadStatic] private static float[]? t_du;
 
-    // dx += r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
-    private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx)
+    // dx (+)= r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
+    private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx, bool accumulate)
     {
         var vg = Vector256.Create(gamma);
         var vm = Vector256.Create(m);
@@ -288,12 +293,13 @@ public static class GroupNorm
             var xv = Vector256.Create(x.Slice(i, w));
             var xhat = (xv - vm) * vr;
             var g = Vector256.Create(du.Slice(i, w)) * vg - vmg - xhat * vmgx;
-            Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))).CopyTo(dx.Slice(i, w));
+            (accumulate ? Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))) : vr * g).CopyTo(dx.Slice(i, w));
         }
         for (; i < x.Length; i++)
         {
             float xhat = (x[i] - m) * r;
-            dx[i] += r * (du[i] * gamma - meanG - xhat * meanGx);
+            float v = r * (du[i] * gamma - meanG - xhat * meanGx);
+            dx[i] = accumulate ? dx[i] + v : v;
         }
     }
 

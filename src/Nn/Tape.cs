@@ -77,7 +77,8 @@ public sealed class Tape : IDisposable
             if (x.RequiresGrad)
             {
                 using var detail = ConvDetail("dx ", g);
-                Kernels.Conv2d.BackwardInput(dy, w.Value, x.GradBuffer(), stride, pad);
+                var dx = x.GradForWrite(out bool accumulate);
+                Kernels.Conv2d.BackwardInput(dy, w.Value, dx, stride, pad, accumulate);
             }
             if (w.RequiresGrad)
             {
@@ -117,11 +118,12 @@ public sealed class Tape : IDisposable
         if (!Record(op, y, [x, gamma, beta], dy =>
         {
             // The kernel computes all three gradients together; a frozen input gets a throwaway buffer.
-            using var scratchX = x.RequiresGrad ? null : x.Value.ZerosLike();
+            bool accumulate = false;
+            using var scratchX = x.RequiresGrad ? null : Tensor.Empty(Device, x.Shape);
             using var scratchG = gamma.RequiresGrad ? null : gamma.Value.ZerosLike();
             using var scratchB = beta.RequiresGrad ? null : beta.Value.ZerosLike();
             Kernels.GroupNorm.Backward(dy, x.Value, mean, rstd, gamma.Value, beta.Value, groups,
-                scratchX ?? x.GradBuffer(), scratchG ?? gamma.GradBuffer(), scratchB ?? beta.GradBuffer(), silu);
+                scratchX ?? x.GradForWrite(out accumulate), scratchG ?? gamma.GradBuffer(), scratchB ?? beta.GradBuffer(), silu, accumulate);
         }, mean, rstd))
         {
             mean.Dispose();
@@ -184,9 +186,13 @@ public sealed class Tape : IDisposable
         Kernels.Concat.Forward(a.Value, b.Value, y.Value);
         Record("concat", y, [], dy =>
         {
-            using var scratchA = a.RequiresGrad ? null : a.Value.ZerosLike();
-            using var scratchB = b.RequiresGrad ? null : b.Value.ZerosLike();
-            Kernels.Concat.Backward(dy, scratchA ?? a.GradBuffer(), scratchB ?? b.GradBuffer());
+            // A side that needs no gradient writes into a throwaway buffer.
+            bool accA = false, accB = false;
+            using var scratchA = a.RequiresGrad ? null : Tensor.Empty(Device, a.Shape);
+            using var scratchB = b.RequiresGrad ? null : Tensor.Empty(Device, b.Shape);
+            var da = scratchA ?? a.GradForWrite(out accA);
+            var db = scratchB ?? b.GradForWrite(out accB);
+            Kernels.Concat.Backward(dy, da, db, accA, accB);
         });
         return y;
     }
@@ -199,13 +205,13 @@ public sealed class Tape : IDisposable
         Elementwise.Add(a.Value, b.Value, y.Value);
         Record("add", y, [], dy =>
         {
-            if (a.RequiresGrad)
-            {
-                Elementwise.Accumulate(a.GradBuffer(), dy);
-            }
             if (b.RequiresGrad)
             {
-                Elementwise.Accumulate(b.GradBuffer(), dy);
+                PassGrad(b, y, dy);
+            }
+            if (a.RequiresGrad)
+            {
+                PassGrad(a, y, dy);
             }
         });
         return y;
@@ -219,13 +225,13 @@ public sealed class Tape : IDisposable
         Elementwise.AddChannels(x.Value, e.Value, y.Value);
         Record("add_channels", y, [], dy =>
         {
-            if (x.RequiresGrad)
-            {
-                Elementwise.Accumulate(x.GradBuffer(), dy);
-            }
             if (e.RequiresGrad)
             {
                 Elementwise.AddChannelsBackward(dy, e.GradBuffer());
+            }
+            if (x.RequiresGrad)
+            {
+                PassGrad(x, y, dy);
             }
         });
         return y;
@@ -323,6 +329,28 @@ public sealed class Tape : IDisposable
         {
             v.Release();
         }
+    }
+
+    /// <summary>
+    /// v's gradient += y's, for ops whose derivative is the identity (additions). When v has no gradient yet and y's is
+    /// still its own, v takes y's buffer instead of a copy: y's gradient is read by no one after its producer's backward,
+    /// which is running now. Call it last for the input that may take the buffer (the buffer then belongs to v).
+    /// </summary>
+    private static void PassGrad(Var v, Var y, Tensor dy)
+    {
+        if (v.Grad is null && v is not Parameter && ReferenceEquals(y.Grad, dy))
+        {
+            v.Grad = dy;
+            y.Grad = null;
+            return;
+        }
+        if (v.Grad is null)
+        {
+            v.Grad = Tensor.Empty(dy.Device, dy.Shape);
+            v.Grad.CopyFrom(dy);
+            return;
+        }
+        Elementwise.Accumulate(v.Grad, dy);
     }
 
     /// <summary>Releases every value and saved tensor the tape still holds.</summary>
