@@ -79,6 +79,21 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
+        // The implicit weight gradient's two kernels, each forced (the dot-product tiles need AVX-512).
+        foreach (bool dot in new[] { true, false })
+        {
+            Conv2d.CpuLowering = ConvLowering.Implicit;
+            ConvGemm.t_dotWeightGradient = dot;
+            try
+            {
+                CheckConvolution(n, c, h, w, k, r, stride, pad, ConvLowering.Implicit);
+            }
+            finally
+            {
+                Conv2d.CpuLowering = ConvLowering.Auto;
+                ConvGemm.t_dotWeightGradient = null;
+            }
+        }
     }
 
     private static void CheckConvolution(int n, int c, int h, int w, int k, int r, int stride, int pad, ConvLowering lowering)
