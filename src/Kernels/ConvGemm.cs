@@ -37,7 +37,7 @@ using System.Runtime.Intrinsics.X86;
 namespace Ddpm.Kernels;
 
 /// <summary>Implicit-GEMM convolution: the GEMM packs its operands straight from a padded copy of each image.</summary>
-internal static unsafe class ConvGemm
+internal static unsafe partial class ConvGemm
 {
     /// <summary>
     /// True when the input gradient can run as convolutions of dy: stride at most <see cref="MaxStride"/> and padding
@@ -609,8 +609,8 @@ internal static unsafe class ConvGemm
     {
         [ThreadStatic] private static Workspace? t_current;
 
-        private void* _planes, _wide, _offsets, _weights, _line;
-        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap;
+        private void* _planes, _wide, _offsets, _weights, _line, _lowered;
+        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap, _loweredCap;
 
         public static Workspace Current => t_current ??= new Workspace();
 
@@ -625,6 +625,9 @@ internal static unsafe class ConvGemm
 
         /// <summary>The flipped, transposed kernel of the input gradient, shared read-only by the workers of one call.</summary>
         public float* Weights(long floats) => (float*)Ensure(ref _weights, ref _weightsCap, (nuint)floats * sizeof(float));
+
+        /// <summary>The batched lowering's col matrix of a group of images.</summary>
+        public float* Lowered(long floats) => (float*)Ensure(ref _lowered, ref _loweredCap, (nuint)floats * sizeof(float));
 
         /// <summary>One padded input row, for the stride-phase split.</summary>
         public float* Line(int floats) => (float*)Ensure(ref _line, ref _lineCap, (nuint)floats * sizeof(float));
@@ -649,6 +652,7 @@ internal static unsafe class ConvGemm
             NativeMemory.AlignedFree(_offsets);
             NativeMemory.AlignedFree(_weights);
             NativeMemory.AlignedFree(_line);
+            NativeMemory.AlignedFree(_lowered);
         }
     }
 }
