@@ -80,13 +80,13 @@ internal static unsafe partial class ConvGemm
     }
 
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ with the group's lowered images side by side: dot-product tiles for up to
-    /// 64 output channels, the packed GEMM above. One private partial sum per worker, summed at the end.</summary>
+    /// 32 output channels, the packed GEMM above. One private partial sum per worker, summed at the end.</summary>
     public static void BackwardWeightBatched(ConvShape g, float* dy, float* x, float* dw)
     {
         int group = GroupOf(g, BatchedReduction), ld = (group * g.Pq + 15) & ~15, crs = g.Crs, crs6 = (crs + 5) / 6 * 6;
         int k4 = (g.K + 3) & ~3, wlen = g.K * crs;
         int groups = (g.N + group - 1) / group, workers = Math.Min(Cpu.Threads, groups);
-        bool dot = g.K <= DotMaxK && Avx512F.IsSupported;
+        bool dot = g.K <= DotSmallK && Avx512F.IsSupported;
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
         int* off = Workspace.Current.Offsets(crs6 + crs);
         for (int p = 0; p < crs6; p++) off[p] = Math.Min(p, crs - 1) * ld;
@@ -124,7 +124,7 @@ internal static unsafe partial class ConvGemm
                 }
                 if (dot)
                 {
-                    DotTiles(g.K, crs, ld, dyg, col, off, acc);
+                    DotTiles(g.K, crs, ld, dyg, 0, col, 0, 1, off, acc);
                 }
                 else
                 {

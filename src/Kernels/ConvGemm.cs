@@ -247,12 +247,18 @@ internal static unsafe partial class ConvGemm
     /// tiles read dy and the lowered rows as they lie, at the price of a horizontal sum per result and tile: worth it
     /// for small K on large images.
     /// </summary>
-    internal static bool UsesDotWeightGradient(ConvShape g) =>
-        t_dotWeightGradient ?? (Avx512F.IsSupported && g.K <= DotMaxK && (long)g.P * (g.Q + (g.S - 1) / g.Stride) >= DotMinJ);
+    internal static bool UsesDotWeightGradient(ConvShape g)
+    {
+        if (t_dotWeightGradient is { } forced) return forced;
+        long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
+        return Avx512F.IsSupported && (g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ));
+    }
 
-    // Measured (batch 64, 2 cores): the dot tiles win at 28x28 (J = 840) for K = 1..64 (16 -> 16: 121 against 80 GFLOP/s;
-    // 64 -> 64: 182 against 176), tie at K = 128, and lose at 14x14 (J = 224) and 7x7 (J = 63: 39 against 66).
-    private const int DotMaxK = 64, DotMinJ = 400;
+    // Measured (batch 64, 2 cores, against the packed GEMM): with up to 32 output channels the dot tiles win or tie at
+    // every size (16 -> 16 at 28x28: 146 against 99 GFLOP/s; 32 -> 32 at 14x14: 125 against 117); with 64 they win at
+    // 28x28 (J = 840: 182 against 176) and lose below (64 -> 64 at 7x7: 91 against 103); from 128 the GEMM wins.
+    // Small images go through the tiles in groups of about DotMinJ positions.
+    private const int DotSmallK = 32, DotMaxK = 64, DotMinJ = 400;
 
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ, one private partial sum per worker, summed at the end.</summary>
     public static void BackwardWeight(ConvShape g, float* dy, float* x, float* dw)
@@ -307,7 +313,9 @@ internal static unsafe partial class ConvGemm
         pl.Offsets(g.R, g.S, off);
         for (int p = crs; p < crs6; p++) off[p] = off[crs - 1];
         int workers = Math.Min(Cpu.Threads, g.N);
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+        // Small images go in groups, so that each tile's sums run over ~DotMinJ positions before their horizontal sum.
+        int group = Math.Clamp((DotMinJ + ldd - 1) / ldd, 1, Math.Max(1, g.N / workers));
+        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length, dyLen = (long)k4 * ldd;
         float* partials = Scratch.Partials(workers, wlen);
         Cpu.Items(workers, worker =>
         {
@@ -315,18 +323,22 @@ internal static unsafe partial class ConvGemm
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
             // The planes' slack (Wh + 64 floats) covers the reads of the padded row end past j.
-            float* planes = ws.Planes(pl.Length);
-            float* dyw = ws.Wide((long)k4 * ldd);
-            new Span<float>(dyw, k4 * ldd).Clear();
+            float* planes = ws.Planes(group * planeLen);
+            float* dyw = ws.Wide(group * dyLen);
+            new Span<float>(dyw, (int)(group * dyLen)).Clear();
             int first = (int)((long)g.N * worker / workers), last = (int)((long)g.N * (worker + 1) / workers);
-            for (int n = first; n < last; n++)
+            for (int n0 = first; n0 < last; n0 += group)
             {
-                pl.Fill(x + n * xs, planes);
-                for (int k = 0; k < g.K; k++)
+                int count = Math.Min(group, last - n0);
+                for (int i = 0; i < count; i++)
                 {
-                    ToWideColumns(dy + n * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + (long)k * ldd, pl.Wh);
+                    pl.Fill(x + (n0 + i) * xs, planes + i * planeLen);
+                    for (int k = 0; k < g.K; k++)
+                    {
+                        ToWideColumns(dy + (n0 + i) * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + i * dyLen + (long)k * ldd, pl.Wh);
+                    }
                 }
-                DotTiles(g.K, crs, ldd, dyw, planes, off, acc);
+                DotTiles(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
             }
         });
         var dst = new Span<float>(dw, wlen);
@@ -336,42 +348,47 @@ internal static unsafe partial class ConvGemm
         }
     }
 
-    /// <summary>acc[k, p] += Σ_{j &lt; ldd} dyw[k·ldd + j]·planes[off[p] + j] for k &lt; kk, p &lt; crs (see <see cref="BackwardWeightDot"/>).</summary>
+    /// <summary>acc[k, p] += Σ_i Σ_{j &lt; ldd} dyw[i·dyStride + k·ldd + j]·planes[i·planeStride + off[p] + j] for k &lt; kk,
+    /// p &lt; crs, over <paramref name="images"/> images (see <see cref="BackwardWeightDot"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DotTiles(int kk, int crs, int ldd, float* dyw, float* planes, int* off, float* acc)
+    private static void DotTiles(int kk, int crs, int ldd, float* dyw, long dyStride, float* planes, long planeStride, int images, int* off, float* acc)
     {
         for (int k0 = 0; k0 < kk; k0 += 4)
         {
-            float* d0 = dyw + (long)k0 * ldd, d1 = d0 + ldd, d2 = d1 + ldd, d3 = d2 + ldd;
             for (int p0 = 0; p0 < crs; p0 += 6)
             {
-                float* c0 = planes + off[p0], c1 = planes + off[p0 + 1], c2 = planes + off[p0 + 2];
-                float* c3 = planes + off[p0 + 3], c4 = planes + off[p0 + 4], c5 = planes + off[p0 + 5];
                 Vector512<float> a00 = default, a01 = default, a02 = default, a03 = default, a04 = default, a05 = default;
                 Vector512<float> a10 = default, a11 = default, a12 = default, a13 = default, a14 = default, a15 = default;
                 Vector512<float> a20 = default, a21 = default, a22 = default, a23 = default, a24 = default, a25 = default;
                 Vector512<float> a30 = default, a31 = default, a32 = default, a33 = default, a34 = default, a35 = default;
-                for (int j = 0; j < ldd; j += 16)
+                for (int i = 0; i < images; i++)
                 {
-                    Vector512<float> y0 = Vector512.Load(d0 + j), y1 = Vector512.Load(d1 + j), y2 = Vector512.Load(d2 + j), y3 = Vector512.Load(d3 + j);
-                    Vector512<float> v = Vector512.Load(c0 + j);
-                    a00 = Avx512F.FusedMultiplyAdd(y0, v, a00); a10 = Avx512F.FusedMultiplyAdd(y1, v, a10);
-                    a20 = Avx512F.FusedMultiplyAdd(y2, v, a20); a30 = Avx512F.FusedMultiplyAdd(y3, v, a30);
-                    v = Vector512.Load(c1 + j);
-                    a01 = Avx512F.FusedMultiplyAdd(y0, v, a01); a11 = Avx512F.FusedMultiplyAdd(y1, v, a11);
-                    a21 = Avx512F.FusedMultiplyAdd(y2, v, a21); a31 = Avx512F.FusedMultiplyAdd(y3, v, a31);
-                    v = Vector512.Load(c2 + j);
-                    a02 = Avx512F.FusedMultiplyAdd(y0, v, a02); a12 = Avx512F.FusedMultiplyAdd(y1, v, a12);
-                    a22 = Avx512F.FusedMultiplyAdd(y2, v, a22); a32 = Avx512F.FusedMultiplyAdd(y3, v, a32);
-                    v = Vector512.Load(c3 + j);
-                    a03 = Avx512F.FusedMultiplyAdd(y0, v, a03); a13 = Avx512F.FusedMultiplyAdd(y1, v, a13);
-                    a23 = Avx512F.FusedMultiplyAdd(y2, v, a23); a33 = Avx512F.FusedMultiplyAdd(y3, v, a33);
-                    v = Vector512.Load(c4 + j);
-                    a04 = Avx512F.FusedMultiplyAdd(y0, v, a04); a14 = Avx512F.FusedMultiplyAdd(y1, v, a14);
-                    a24 = Avx512F.FusedMultiplyAdd(y2, v, a24); a34 = Avx512F.FusedMultiplyAdd(y3, v, a34);
-                    v = Vector512.Load(c5 + j);
-                    a05 = Avx512F.FusedMultiplyAdd(y0, v, a05); a15 = Avx512F.FusedMultiplyAdd(y1, v, a15);
-                    a25 = Avx512F.FusedMultiplyAdd(y2, v, a25); a35 = Avx512F.FusedMultiplyAdd(y3, v, a35);
+                    float* d0 = dyw + i * dyStride + (long)k0 * ldd, d1 = d0 + ldd, d2 = d1 + ldd, d3 = d2 + ldd;
+                    float* pi = planes + i * planeStride;
+                    float* c0 = pi + off[p0], c1 = pi + off[p0 + 1], c2 = pi + off[p0 + 2];
+                    float* c3 = pi + off[p0 + 3], c4 = pi + off[p0 + 4], c5 = pi + off[p0 + 5];
+                    for (int j = 0; j < ldd; j += 16)
+                    {
+                        Vector512<float> y0 = Vector512.Load(d0 + j), y1 = Vector512.Load(d1 + j), y2 = Vector512.Load(d2 + j), y3 = Vector512.Load(d3 + j);
+                        Vector512<float> v = Vector512.Load(c0 + j);
+                        a00 = Avx512F.FusedMultiplyAdd(y0, v, a00); a10 = Avx512F.FusedMultiplyAdd(y1, v, a10);
+                        a20 = Avx512F.FusedMultiplyAdd(y2, v, a20); a30 = Avx512F.FusedMultiplyAdd(y3, v, a30);
+                        v = Vector512.Load(c1 + j);
+                        a01 = Avx512F.FusedMultiplyAdd(y0, v, a01); a11 = Avx512F.FusedMultiplyAdd(y1, v, a11);
+                        a21 = Avx512F.FusedMultiplyAdd(y2, v, a21); a31 = Avx512F.FusedMultiplyAdd(y3, v, a31);
+                        v = Vector512.Load(c2 + j);
+                        a02 = Avx512F.FusedMultiplyAdd(y0, v, a02); a12 = Avx512F.FusedMultiplyAdd(y1, v, a12);
+                        a22 = Avx512F.FusedMultiplyAdd(y2, v, a22); a32 = Avx512F.FusedMultiplyAdd(y3, v, a32);
+                        v = Vector512.Load(c3 + j);
+                        a03 = Avx512F.FusedMultiplyAdd(y0, v, a03); a13 = Avx512F.FusedMultiplyAdd(y1, v, a13);
+                        a23 = Avx512F.FusedMultiplyAdd(y2, v, a23); a33 = Avx512F.FusedMultiplyAdd(y3, v, a33);
+                        v = Vector512.Load(c4 + j);
+                        a04 = Avx512F.FusedMultiplyAdd(y0, v, a04); a14 = Avx512F.FusedMultiplyAdd(y1, v, a14);
+                        a24 = Avx512F.FusedMultiplyAdd(y2, v, a24); a34 = Avx512F.FusedMultiplyAdd(y3, v, a34);
+                        v = Vector512.Load(c5 + j);
+                        a05 = Avx512F.FusedMultiplyAdd(y0, v, a05); a15 = Avx512F.FusedMultiplyAdd(y1, v, a15);
+                        a25 = Avx512F.FusedMultiplyAdd(y2, v, a25); a35 = Avx512F.FusedMultiplyAdd(y3, v, a35);
+                    }
                 }
                 int np = Math.Min(6, crs - p0);
                 StoreSums(acc + (long)k0 * crs + p0, np, a00, a01, a02, a03, a04, a05);
