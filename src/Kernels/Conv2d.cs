@@ -74,9 +74,9 @@ public enum ConvLowering
     /// gradients it does not cover (stride above 4, padding at least the kernel size) stay explicit.</summary>
     Implicit,
 
-    /// <summary>im2col of several images side by side, one GEMM (or dot-product tiles) per group: for small outputs
-    /// (7x7, the strided convolutions), where one image's product is too narrow for the GEMM's panels. Input gradients
-    /// of strided convolutions stay implicit.</summary>
+    /// <summary>im2col of several images side by side, one GEMM (or dot-product tiles) per group, meant for small outputs
+    /// (7x7), where one image's product is too narrow for the GEMM's panels. Only when asked for: inside whole steps it
+    /// measured no faster than the implicit path. Input gradients of strided convolutions stay implicit.</summary>
     Batched,
 }
 
@@ -354,24 +354,13 @@ public static unsafe class Conv2d
     private static bool UseBatched(ConvShape g, Pass pass)
     {
         if (pass == Pass.Input && !ConvGemm.SupportsBatchedInput(g)) return false;
-        if (g.N < Cpu.Threads) return CpuLowering == ConvLowering.Batched;
-        switch (CpuLowering)
-        {
-            case ConvLowering.Batched: return true;
-            case ConvLowering.Explicit:
-            case ConvLowering.Implicit: return false;
-        }
-        // Measured (batch 64, 2 cores, against the implicit path): at 7x7 the batched forward wins 5-30% (64 -> 64:
-        // 107 against 102 GFLOP/s; 128 -> 256: 163 against 124), the batched input gradient wins with many input
-        // channels (256 -> 256: 122 against 106) and loses with few (32 -> 64: 65 against 80); at 14x14 and for the
-        // strided convolutions the implicit path wins every pass, and the batched weight gradient never wins (its col
-        // matrix outgrows the cache).
-        if (g.IsPointwise || g.Pq > BatchedMaxOutput) return false;
-        return pass == Pass.Forward || (pass == Pass.Input && g.C >= 128);
+        if (CpuLowering == ConvLowering.Batched) return true;
+        // Not chosen automatically. Alone (batch 64, 2 cores, against the implicit path) the batched 7x7 forward won
+        // 5-30% (64 -> 64: 107 against 102 GFLOP/s; 128 -> 256: 163 against 124) and the input gradient with many
+        // channels 15%, but inside whole steps, alternated step by step with the implicit path, it gained nothing
+        // (tiny: train 1.07x, denoise 1.00x the time; small 1.02x and 1.08x; base 1.04x and 0.97x).
+        return false;
     }
-
-    /// <summary>Largest output (P·Q) the automatic choice lowers in batches.</summary>
-    private const int BatchedMaxOutput = 49;
 
     /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through <see cref="ConvGemm"/>.</summary>
     private static bool UseImplicit(ConvShape g, Pass pass)
