@@ -166,7 +166,10 @@ public static class GroupNorm
         return new GroupShape(x.Dim(0), c, groups, x.Dim(2) * x.Dim(3), silu);
     }
 
-    // ---------------- CPU SIMD helpers (Vector256, scalar tails) ----------------
+    // ---------------- CPU SIMD helpers (Vector512 where AVX-512 is, then Vector256, scalar tails) ----------------
+
+    /// <summary>Whether the element loops run 16 lanes at a time (AVX-512); settable for benchmarks.</summary>
+    internal static bool Wide = System.Runtime.Intrinsics.X86.Avx512F.IsSupported;
 
     private static double Sum(ReadOnlySpan<float> v)
     {
@@ -217,9 +220,20 @@ public static class GroupNorm
     // y = u or silu(u), u = x·scale + shift
     private static void AffineSilu(ReadOnlySpan<float> x, Span<float> y, float scale, float shift, bool silu)
     {
+        int i = 0;
+        if (Wide)
+        {
+            var ws = Vector512.Create(scale);
+            var wb = Vector512.Create(shift);
+            for (; i <= x.Length - 16; i += 16)
+            {
+                var u = Vector512.FusedMultiplyAdd(Vector512.Create(x.Slice(i, 16)), ws, wb);
+                (silu ? u * FastMath.Sigmoid(u) : u).CopyTo(y.Slice(i, 16));
+            }
+        }
         var vs = Vector256.Create(scale);
         var vb = Vector256.Create(shift);
-        int i = 0, w = Vector256<float>.Count;
+        int w = Vector256<float>.Count;
         for (; i <= x.Length - w; i += w)
         {
             var u = Vector256.FusedMultiplyAdd(Vector256.Create(x.Slice(i, w)), vs, vb);
@@ -235,11 +249,36 @@ public static class GroupNorm
     // (Σ du, Σ du·x) over one channel, du = dy or dy·silu'(x·scale + shift); with SiLU, du is also stored in duOut.
     private static (double, double) ChannelSums(ReadOnlySpan<float> dy, ReadOnlySpan<float> x, float scale, float shift, Span<float> duOut, bool silu)
     {
+        int i = 0;
+        double sa = 0, sb = 0;
+        if (Wide)
+        {
+            var ws = Vector512.Create(scale);
+            var wb = Vector512.Create(shift);
+            var wa = Vector512<float>.Zero;
+            var wbx = Vector512<float>.Zero;
+            for (; i <= x.Length - 16; i += 16)
+            {
+                var xv = Vector512.Create(x.Slice(i, 16));
+                var du = Vector512.Create(dy.Slice(i, 16));
+                if (silu)
+                {
+                    var u = Vector512.FusedMultiplyAdd(xv, ws, wb);
+                    var sig = FastMath.Sigmoid(u);
+                    du *= sig * (Vector512<float>.One + u * (Vector512<float>.One - sig));
+                    du.CopyTo(duOut.Slice(i, 16));
+                }
+                wa += du;
+                wbx = Vector512.FusedMultiplyAdd(du, xv, wbx);
+            }
+            sa = Vector512.Sum(wa);
+            sb = Vector512.Sum(wbx);
+        }
         var vs = Vector256.Create(scale);
         var vb = Vector256.Create(shift);
         var a = Vector256<float>.Zero;
         var b = Vector256<float>.Zero;
-        int i = 0, w = Vector256<float>.Count;
+        int w = Vector256<float>.Count;
         for (; i <= x.Length - w; i += w)
         {
             var xv = Vector256.Create(x.Slice(i, w));
@@ -252,7 +291,8 @@ public static class GroupNorm
             a += du;
             b = Vector256.FusedMultiplyAdd(du, xv, b);
         }
-        double sa = Vector256.Sum(a), sb = Vector256.Sum(b);
+        sa += Vector256.Sum(a);
+        sb += Vector256.Sum(b);
         for (; i < x.Length; i++)
         {
             float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
@@ -282,12 +322,27 @@ public static class GroupNorm
     // dx (+)= r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
     private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx, bool accumulate)
     {
+        int i = 0;
+        if (Wide)
+        {
+            var wg = Vector512.Create(gamma);
+            var wm = Vector512.Create(m);
+            var wr = Vector512.Create(r);
+            var wmg = Vector512.Create(meanG);
+            var wmgx = Vector512.Create(meanGx);
+            for (; i <= x.Length - 16; i += 16)
+            {
+                var xhat = (Vector512.Create(x.Slice(i, 16)) - wm) * wr;
+                var g = Vector512.Create(du.Slice(i, 16)) * wg - wmg - xhat * wmgx;
+                (accumulate ? Vector512.FusedMultiplyAdd(wr, g, Vector512.Create(dx.Slice(i, 16))) : wr * g).CopyTo(dx.Slice(i, 16));
+            }
+        }
         var vg = Vector256.Create(gamma);
         var vm = Vector256.Create(m);
         var vr = Vector256.Create(r);
         var vmg = Vector256.Create(meanG);
         var vmgx = Vector256.Create(meanGx);
-        int i = 0, w = Vector256<float>.Count;
+        int w = Vector256<float>.Count;
         for (; i <= x.Length - w; i += w)
         {
             var xv = Vector256.Create(x.Slice(i, w));
