@@ -117,3 +117,64 @@ public class UNetConvolutionBenchmarks
         Conv2d.BackwardWeight(_dy, _x, _dw, _stride, _pad);
     }
 }
+
+/// <summary>
+/// The tiny preset's most frequent convolution, 3×3, N=64, 16→16 channels, 28×28, pad 1: naive loops against the fast
+/// path, and the fast weight gradient's two kernels (dot-product tiles, chosen here, against the packed GEMM).
+/// FLOPs = 2·N·K·C·R·S·P·Q = 2·64·16·16·9·784 ≈ 0.231 GFLOP for the forward and for each gradient.
+/// </summary>
+public class SmallConvBenchmarks
+{
+    private const double Flops = 2.0 * 64 * 16 * 16 * 9 * 784;
+    private static readonly ConvShape G = new(64, 16, 28, 28, 16, 3, 3, 1, 1);
+    private Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
+    private float[] _hx = null!, _hw = null!, _hb = null!, _hy = null!, _hdy = null!, _hdx = null!, _hdw = null!;
+
+    [GlobalSetup]
+    public void Setup()
+    {
+        var d = CpuDevice.Instance;
+        _x = Tensor.Empty(d, G.N, G.C, G.H, G.W);
+        _w = Tensor.Empty(d, G.K, G.C, G.R, G.S);
+        _b = Tensor.Empty(d, G.K);
+        _y = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
+        _dy = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
+        _dx = Tensor.Zeros(d, G.N, G.C, G.H, G.W);
+        _dw = Tensor.Zeros(d, G.K, G.C, G.R, G.S);
+        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
+        {
+            RandomFill.Normal(t, i, 0);
+        }
+        (_hx, _hw, _hb, _hdy) = (_x.ToArray(), _w.ToArray(), _b.ToArray(), _dy.ToArray());
+        (_hy, _hdx, _hdw) = (new float[_y.Length], new float[_dx.Length], new float[_dw.Length]);
+    }
+
+    [Benchmark, Flops(Flops)]
+    public void ForwardNaive() => Conv2d.ForwardNaive(G, _hx, _hw, _hb, _hy);
+
+    [Benchmark, Flops(Flops)]
+    public void ForwardFast() => Conv2d.Forward(_x, _w, _b, _y, 1, 1);
+
+    [Benchmark, Flops(Flops)]
+    public void BackwardInputNaive() => Conv2d.BackwardInputNaive(G, _hdy, _hw, _hdx);
+
+    [Benchmark, Flops(Flops)]
+    public void BackwardInputFast() => Conv2d.BackwardInput(_dy, _w, _dx, 1, 1, accumulate: false);
+
+    [Benchmark, Flops(Flops)]
+    public void BackwardWeightNaive() => Conv2d.BackwardWeightNaive(G, _hdy, _hx, _hdw);
+
+    [Benchmark, Flops(Flops)]
+    public void BackwardWeightFastDot()
+    {
+        ConvGemm.t_dotWeightGradient = true;
+        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
+    }
+
+    [Benchmark, Flops(Flops)]
+    public void BackwardWeightFastGemm()
+    {
+        ConvGemm.t_dotWeightGradient = false;
+        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
+    }
+}

@@ -15,8 +15,9 @@ public static class Program
     public static void Main(string[] args)
     {
         var config = DefaultConfig.Instance
-            // Few, long invocations: a naive 3×3 convolution of the reference case takes about a second.
-            .AddJob(Job.ShortRun.WithWarmupCount(2).WithIterationCount(5).WithInvocationCount(1).WithUnrollFactor(1))
+            // Few iterations: a naive 3×3 convolution of the reference case takes seconds (the pilot stage then runs one
+            // invocation an iteration); fast kernels of a few ms get as many invocations as fill an iteration.
+            .AddJob(Job.ShortRun.WithWarmupCount(2).WithIterationCount(5).WithUnrollFactor(1))
             .AddColumn(new GflopsColumn())
             .WithOptions(ConfigOptions.DisableOptimizationsValidator);
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args, config);
@@ -54,8 +55,10 @@ public sealed class GflopsColumn : IColumn
 
     public string GetValue(Summary summary, BenchmarkDotNet.Running.BenchmarkCase benchmarkCase, SummaryStyle style)
     {
-        var flops = benchmarkCase.Descriptor.WorkloadMethod.GetCustomAttributes(typeof(FlopsAttribute), false)
-            .OfType<FlopsAttribute>().FirstOrDefault()?.Flops;
+        var method = benchmarkCase.Descriptor.WorkloadMethod;
+        // A [Flops] constant, or for counts known only at run time (lanes, cores) the class's static FlopsOf(method name).
+        var flops = method.GetCustomAttributes(typeof(FlopsAttribute), false).OfType<FlopsAttribute>().FirstOrDefault()?.Flops
+            ?? method.DeclaringType?.GetMethod("FlopsOf")?.Invoke(null, [method.Name]) as double?;
         var mean = summary[benchmarkCase]?.ResultStatistics?.Mean;
         return flops is null || mean is null or 0 ? "-" : $"{flops.Value / mean.Value:F1}";
     }
