@@ -163,6 +163,7 @@ internal static class Cpu
 internal static class Simd
 {
     /// <summary>dst[i] += value.</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void AddScalar(Span<float> dst, float value)
     {
         var v = new System.Numerics.Vector<float>(value);
@@ -178,6 +179,7 @@ internal static class Simd
     }
 
     /// <summary>dst[i] += src[i].</summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     public static void AddInPlace(Span<float> dst, ReadOnlySpan<float> src)
     {
         int n = System.Numerics.Vector<float>.Count, i = 0;
