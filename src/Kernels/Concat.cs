@@ -22,11 +22,15 @@ public static class Concat
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        for (int i = 0; i < n; i++)
+        var (av, bv, yv) = (a.HostArray, b.HostArray, y.HostArray);
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (first, last) =>
         {
-            Array.Copy(a.HostArray, i * sa, y.HostArray, i * (sa + sb), sa);
-            Array.Copy(b.HostArray, i * sb, y.HostArray, i * (sa + sb) + sa, sb);
-        }
+            for (int i = first; i < last; i++)
+            {
+                Array.Copy(av, i * sa, yv, i * (sa + sb), sa);
+                Array.Copy(bv, i * sb, yv, i * (sa + sb) + sa, sb);
+            }
+        });
     }
 
     /// <summary>da += dy[:, :Ca], db += dy[:, Ca:] (= instead of += for a side whose accumulate flag is false: its
