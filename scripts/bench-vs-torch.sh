@@ -2,7 +2,7 @@
 # The engine's `ddpm bench` against the PyTorch peer's `torch_unet.py bench --threads 2`, alternating
 # the two (engine, peer, engine, peer, ...) so that a machine's drift hits both alike; prints every
 # reading and the medians and ratios (engine / peer) per preset, then peak memory (max RSS) of a
-# base-preset run of each under /usr/bin/time.
+# base-preset run of each under /usr/bin/time. Ratios are engine / peer, pair by pair, median and range.
 #
 #   scripts/bench-vs-torch.sh [REPS] [PRESETS...]      default: 3 reps, tiny small base
 #
@@ -31,13 +31,17 @@ for line in open(sys.argv[1]):
     who, js = line.split(" ", 1)
     d = json.loads(js)
     rows.setdefault((d["preset"], who), []).append(d)
-print("\n| preset | engine train ms | peer train ms | train ratio | engine denoise ms | peer denoise ms | denoise ratio | readings |")
+print("\n| preset | engine train ms | peer train ms | train ratio (range) | engine denoise ms | peer denoise ms | denoise ratio (range) | pairs |")
 print("|---|---|---|---|---|---|---|---|")
 for preset in dict.fromkeys(k[0] for k in rows):
     e, p = rows[(preset, "engine")], rows[(preset, "peer")]
     med = lambda xs, k: statistics.median(x[k] for x in xs)
-    et, pt, ed, pd = med(e, "train_step_ms"), med(p, "train_step_ms"), med(e, "denoise_step_ms"), med(p, "denoise_step_ms")
-    print(f"| {preset} | {et:.1f} | {pt:.1f} | {et/pt:.2f} | {ed:.1f} | {pd:.1f} | {ed/pd:.2f} | {len(e)} each |")
+    # Ratios pair by pair (each engine run against the peer run right after it), then their median and range.
+    def ratios(k):
+        r = sorted(x[k] / y[k] for x, y in zip(e, p))
+        return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
+    print(f"| {preset} | {med(e, 'train_step_ms'):.1f} | {med(p, 'train_step_ms'):.1f} | {ratios('train_step_ms')} | "
+          f"{med(e, 'denoise_step_ms'):.1f} | {med(p, 'denoise_step_ms'):.1f} | {ratios('denoise_step_ms')} | {len(e)} |")
 PY
 if [ -x /usr/bin/time ]; then
   for who in engine peer; do

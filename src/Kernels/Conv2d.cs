@@ -359,8 +359,12 @@ public static unsafe class Conv2d
         // 5-30% (64 -> 64: 107 against 102 GFLOP/s; 128 -> 256: 163 against 124) and the input gradient with many
         // channels 15%, but inside whole steps, alternated step by step with the implicit path, it gained nothing
         // (tiny: train 1.07x, denoise 1.00x the time; small 1.02x and 1.08x; base 1.04x and 0.97x).
-        return false;
+        if (g.IsPointwise || g.Pq > AutoBatchedMaxOutput) return false;
+        return pass == Pass.Forward || (pass == Pass.Input && g.C >= 128);
     }
+
+    /// <summary>Largest output (P·Q) the automatic choice lowers in batches (0: none); a knob for step-level A/B runs.</summary>
+    internal static int AutoBatchedMaxOutput = 0;
 
     /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through <see cref="ConvGemm"/>.</summary>
     private static bool UseImplicit(ConvShape g, Pass pass)
