@@ -9,31 +9,13 @@ namespace Ddpm.Benchmarks;
 /// FLOPs = 2·N·K·C·R·S·P·Q = 2·32·64·64·9·784 ≈ 1.85 GFLOP for the forward and for each gradient.
 /// Naive: direct loops (<see cref="Conv2d.ForwardNaive"/>); fast: im2col + packed SIMD GEMM on all cores.
 /// </summary>
-public class ConvBenchmarks
+public class ConvBenchmarks : ConvOperands
 {
     private const double Flops = 2.0 * 32 * 64 * 64 * 9 * 784;
     private static readonly ConvShape G = new(32, 64, 28, 28, 64, 3, 3, 1, 1);
-    private Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
-    private float[] _hx = null!, _hw = null!, _hb = null!, _hy = null!, _hdy = null!, _hdx = null!, _hdw = null!;
 
     [GlobalSetup]
-    public void Setup()
-    {
-        var d = CpuDevice.Instance;
-        _x = Tensor.Empty(d, G.N, G.C, G.H, G.W);
-        _w = Tensor.Empty(d, G.K, G.C, G.R, G.S);
-        _b = Tensor.Empty(d, G.K);
-        _y = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
-        _dy = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
-        _dx = Tensor.Zeros(d, G.N, G.C, G.H, G.W);
-        _dw = Tensor.Zeros(d, G.K, G.C, G.R, G.S);
-        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
-        {
-            RandomFill.Normal(t, i, 0);
-        }
-        (_hx, _hw, _hb, _hdy) = (_x.ToArray(), _w.ToArray(), _b.ToArray(), _dy.ToArray());
-        (_hy, _hdx, _hdw) = (new float[_y.Length], new float[_dx.Length], new float[_dw.Length]);
-    }
+    public void Setup() => Allocate(G);
 
     [Benchmark, Flops(Flops)]
     public void ForwardNaive() => Conv2d.ForwardNaive(G, _hx, _hw, _hb, _hy);
@@ -60,11 +42,10 @@ public class ConvBenchmarks
 /// Shape "C-K-H": C input channels, K output channels, H×H input.
 /// Run: dotnet run -c Release --project benchmarks -- --filter '*UNetConvolutionBenchmarks*'
 /// </summary>
-public class UNetConvolutionBenchmarks
+public class UNetConvolutionBenchmarks : ConvOperands
 {
     private ConvShape _g;
     private int _stride, _pad;
-    private Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
 
     [Params("16-16-28", "48-16-28", "16-16-28s2", "16-32-14", "32-32-14s2", "32-64-7", "64-64-7", "96-32-14", "64-64-14", "32-32-28",
         "64-64-28", "1-16-28", "16-1-28", "48-16-28-1x1")]
@@ -81,18 +62,7 @@ public class UNetConvolutionBenchmarks
         _stride = Shape.EndsWith("s2") ? 2 : 1;
         _pad = r / 2;
         _g = new ConvShape(64, c, h, h, k, r, r, _stride, _pad);
-        var d = CpuDevice.Instance;
-        _x = Tensor.Empty(d, _g.N, _g.C, _g.H, _g.W);
-        _w = Tensor.Empty(d, _g.K, _g.C, _g.R, _g.S);
-        _b = Tensor.Empty(d, _g.K);
-        _y = Tensor.Empty(d, _g.N, _g.K, _g.P, _g.Q);
-        _dy = Tensor.Empty(d, _g.N, _g.K, _g.P, _g.Q);
-        _dx = Tensor.Zeros(d, _g.N, _g.C, _g.H, _g.W);
-        _dw = Tensor.Zeros(d, _g.K, _g.C, _g.R, _g.S);
-        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
-        {
-            RandomFill.Normal(t, i, 0);
-        }
+        Allocate(_g);
     }
 
     // The lowering is per thread: set it on the thread that runs the iterations.
@@ -123,31 +93,13 @@ public class UNetConvolutionBenchmarks
 /// path, and the fast weight gradient's two kernels (dot-product tiles, chosen here, against the packed GEMM).
 /// FLOPs = 2·N·K·C·R·S·P·Q = 2·64·16·16·9·784 ≈ 0.231 GFLOP for the forward and for each gradient.
 /// </summary>
-public class SmallConvBenchmarks
+public class SmallConvBenchmarks : ConvOperands
 {
     private const double Flops = 2.0 * 64 * 16 * 16 * 9 * 784;
     private static readonly ConvShape G = new(64, 16, 28, 28, 16, 3, 3, 1, 1);
-    private Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
-    private float[] _hx = null!, _hw = null!, _hb = null!, _hy = null!, _hdy = null!, _hdx = null!, _hdw = null!;
 
     [GlobalSetup]
-    public void Setup()
-    {
-        var d = CpuDevice.Instance;
-        _x = Tensor.Empty(d, G.N, G.C, G.H, G.W);
-        _w = Tensor.Empty(d, G.K, G.C, G.R, G.S);
-        _b = Tensor.Empty(d, G.K);
-        _y = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
-        _dy = Tensor.Empty(d, G.N, G.K, G.P, G.Q);
-        _dx = Tensor.Zeros(d, G.N, G.C, G.H, G.W);
-        _dw = Tensor.Zeros(d, G.K, G.C, G.R, G.S);
-        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
-        {
-            RandomFill.Normal(t, i, 0);
-        }
-        (_hx, _hw, _hb, _hdy) = (_x.ToArray(), _w.ToArray(), _b.ToArray(), _dy.ToArray());
-        (_hy, _hdx, _hdw) = (new float[_y.Length], new float[_dx.Length], new float[_dw.Length]);
-    }
+    public void Setup() => Allocate(G);
 
     [Benchmark, Flops(Flops)]
     public void ForwardNaive() => Conv2d.ForwardNaive(G, _hx, _hw, _hb, _hy);
@@ -176,5 +128,31 @@ public class SmallConvBenchmarks
     {
         ConvGemm.t_dotWeightGradient = false;
         Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
+    }
+}
+
+/// <summary>The operands of one convolution case, on the CPU backend and as host arrays for the naive versions: x, w, b
+/// and dy seeded normals, y and the gradients ready to be written (dx, dw zeroed).</summary>
+public abstract class ConvOperands
+{
+    protected Tensor _x = null!, _w = null!, _b = null!, _y = null!, _dy = null!, _dx = null!, _dw = null!;
+    protected float[] _hx = null!, _hw = null!, _hb = null!, _hy = null!, _hdy = null!, _hdx = null!, _hdw = null!;
+
+    protected void Allocate(ConvShape g)
+    {
+        var d = CpuDevice.Instance;
+        _x = Tensor.Empty(d, g.N, g.C, g.H, g.W);
+        _w = Tensor.Empty(d, g.K, g.C, g.R, g.S);
+        _b = Tensor.Empty(d, g.K);
+        _y = Tensor.Empty(d, g.N, g.K, g.P, g.Q);
+        _dy = Tensor.Empty(d, g.N, g.K, g.P, g.Q);
+        _dx = Tensor.Zeros(d, g.N, g.C, g.H, g.W);
+        _dw = Tensor.Zeros(d, g.K, g.C, g.R, g.S);
+        foreach (var (t, i) in new[] { (_x, 1UL), (_w, 2UL), (_b, 3UL), (_dy, 4UL) })
+        {
+            RandomFill.Normal(t, i, 0);
+        }
+        (_hx, _hw, _hb, _hdy) = (_x.ToArray(), _w.ToArray(), _b.ToArray(), _dy.ToArray());
+        (_hy, _hdx, _hdw) = (new float[_y.Length], new float[_dx.Length], new float[_dw.Length]);
     }
 }

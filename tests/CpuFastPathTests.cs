@@ -64,7 +64,8 @@ public sealed unsafe class CpuFastPathTests
     [InlineData(2, 9, 10, 10, 5, 3, 3, 1)]
     [InlineData(2, 3, 40, 70, 5, 5, 2, 2)]
     [InlineData(2, 5, 6, 6, 3, 3, 1, 0)]
-    // Batched lowering: groups of 5 images with a partial last group per worker, stride 2, K > 64 (GEMM weight gradient).
+    // Dot-product weight gradient over groups of small images (5 a group, a partial last group per worker), stride 2,
+    // K > 64.
     [InlineData(11, 5, 7, 7, 9, 3, 1, 1)]
     [InlineData(11, 6, 14, 14, 10, 3, 2, 1)]
     [InlineData(9, 3, 7, 7, 70, 3, 1, 1)]

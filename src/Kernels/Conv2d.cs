@@ -73,11 +73,6 @@ public enum ConvLowering
     /// <summary>Implicit GEMM: the GEMM packs its operand straight from a padded copy of each image. The input
     /// gradients it does not cover (stride above 4, padding at least the kernel size) stay explicit.</summary>
     Implicit,
-
-    /// <summary>im2col of several images side by side, one GEMM (or dot-product tiles) per group, meant for small outputs
-    /// (7x7), where one image's product is too narrow for the GEMM's panels. Only when asked for: inside whole steps it
-    /// measured no faster than the implicit path. Input gradients of strided convolutions stay implicit.</summary>
-    Batched,
 }
 
 /// <summary>
@@ -237,11 +232,6 @@ public static unsafe class Conv2d
     /// (im2col) as <see cref="CpuLowering"/> chooses.</summary>
     public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y)
     {
-        if (UseBatched(g, Pass.Forward))
-        {
-            ConvGemm.ForwardBatched(g, x, w, b, y);
-            return;
-        }
         if (UseImplicit(g, Pass.Forward))
         {
             ConvGemm.Forward(g, x, w, b, y);
@@ -273,11 +263,6 @@ public static unsafe class Conv2d
     /// with the flipped kernel (implicit).</summary>
     public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true)
     {
-        if (UseBatched(g, Pass.Input))
-        {
-            ConvGemm.BackwardInputBatched(g, dy, w, dx, accumulate);
-            return;
-        }
         if (UseImplicit(g, Pass.Input))
         {
             ConvGemm.BackwardInput(g, dy, w, dx, accumulate);
@@ -310,11 +295,6 @@ public static unsafe class Conv2d
     /// partial sum per worker so workers never write the same memory.</summary>
     public static void BackwardWeightCpu(ConvShape g, float* dy, float* x, float* dw)
     {
-        if (UseBatched(g, Pass.Weight))
-        {
-            ConvGemm.BackwardWeightBatched(g, dy, x, dw);
-            return;
-        }
         if (UseImplicit(g, Pass.Weight))
         {
             ConvGemm.BackwardWeight(g, dy, x, dw);
@@ -349,23 +329,6 @@ public static unsafe class Conv2d
 
     private enum Pass { Forward, Input, Weight }
 
-    /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through the batched lowering (see
-    /// <see cref="ConvLowering.Batched"/>); otherwise <see cref="UseImplicit"/> decides.</summary>
-    private static bool UseBatched(ConvShape g, Pass pass)
-    {
-        if (pass == Pass.Input && !ConvGemm.SupportsBatchedInput(g)) return false;
-        if (CpuLowering == ConvLowering.Batched) return true;
-        // Not chosen automatically. Alone (batch 64, 2 cores, against the implicit path) the batched 7x7 forward won
-        // 5-30% (64 -> 64: 107 against 102 GFLOP/s; 128 -> 256: 163 against 124) and the input gradient with many
-        // channels 15%, but inside whole steps, alternated step by step with the implicit path, it gained nothing
-        // (tiny: train 1.07x, denoise 1.00x the time; small 1.02x and 1.08x; base 1.04x and 0.97x).
-        if (g.IsPointwise || g.Pq > AutoBatchedMaxOutput) return false;
-        return pass == Pass.Forward || (pass == Pass.Input && g.C >= 128);
-    }
-
-    /// <summary>Largest output (P·Q) the automatic choice lowers in batches (0: none); a knob for step-level A/B runs.</summary>
-    internal static int AutoBatchedMaxOutput = 0;
-
     /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through <see cref="ConvGemm"/>.</summary>
     private static bool UseImplicit(ConvShape g, Pass pass)
     {
@@ -386,18 +349,16 @@ public static unsafe class Conv2d
         return true;
     }
 
-    /// <summary>col[(c·R + r)·S + s, p·Q + q] = x[c, p·stride - pad + r, q·stride - pad + s], zero outside; rows of col
-    /// are <paramref name="ld"/> floats apart (P·Q when 0).</summary>
-    internal static void Im2Col(ConvShape g, float* x, float* col, int ld = 0)
+    /// <summary>col[(c·R + r)·S + s, p·Q + q] = x[c, p·stride - pad + r, q·stride - pad + s], zero outside.</summary>
+    internal static void Im2Col(ConvShape g, float* x, float* col)
     {
-        if (ld == 0) ld = g.Pq;
         for (int c = 0; c < g.C; c++)
         {
             for (int r = 0; r < g.R; r++)
             {
                 for (int s = 0; s < g.S; s++)
                 {
-                    float* row = col + (long)((c * g.R + r) * g.S + s) * ld;
+                    float* row = col + (long)((c * g.R + r) * g.S + s) * g.Pq;
                     for (int p = 0; p < g.P; p++)
                     {
                         int h = p * g.Stride - g.Pad + r;

@@ -37,7 +37,7 @@ using System.Runtime.Intrinsics.X86;
 namespace Ddpm.Kernels;
 
 /// <summary>Implicit-GEMM convolution: the GEMM packs its operands straight from a padded copy of each image.</summary>
-internal static unsafe partial class ConvGemm
+internal static unsafe class ConvGemm
 {
     /// <summary>
     /// True when the input gradient can run as convolutions of dy: stride at most <see cref="MaxStride"/> and padding
@@ -237,7 +237,7 @@ internal static unsafe partial class ConvGemm
 
     /// <summary>
     /// Which weight-gradient kernel runs: null picks by shape (<see cref="UsesDotWeightGradient"/>), true forces the
-    /// dot-product tiles, false the packed GEMM. Per thread, for tests and benchmarks.
+    /// dot-product tiles (where AVX-512 is), false the packed GEMM. Per thread, for tests and benchmarks.
     /// </summary>
     [ThreadStatic] internal static bool? t_dotWeightGradient;
 
@@ -249,9 +249,10 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     internal static bool UsesDotWeightGradient(ConvShape g)
     {
+        if (!Avx512F.IsSupported) return false;
         if (t_dotWeightGradient is { } forced) return forced;
         long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
-        return Avx512F.IsSupported && (g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ));
+        return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);
     }
 
     // Measured (batch 64, 2 cores, against the packed GEMM): with up to 32 output channels the dot tiles win or tie at
@@ -263,7 +264,7 @@ internal static unsafe partial class ConvGemm
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ, one private partial sum per worker, summed at the end.</summary>
     public static void BackwardWeight(ConvShape g, float* dy, float* x, float* dw)
     {
-        if (UsesDotWeightGradient(g) && Avx512F.IsSupported)
+        if (UsesDotWeightGradient(g))
         {
             BackwardWeightDot(g, dy, x, dw);
             return;
@@ -626,8 +627,8 @@ internal static unsafe partial class ConvGemm
     {
         [ThreadStatic] private static Workspace? t_current;
 
-        private void* _planes, _wide, _offsets, _weights, _line, _lowered;
-        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap, _loweredCap;
+        private void* _planes, _wide, _offsets, _weights, _line;
+        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap;
 
         public static Workspace Current => t_current ??= new Workspace();
 
@@ -642,9 +643,6 @@ internal static unsafe partial class ConvGemm
 
         /// <summary>The flipped, transposed kernel of the input gradient, shared read-only by the workers of one call.</summary>
         public float* Weights(long floats) => (float*)Ensure(ref _weights, ref _weightsCap, (nuint)floats * sizeof(float));
-
-        /// <summary>The batched lowering's col matrix of a group of images.</summary>
-        public float* Lowered(long floats) => (float*)Ensure(ref _lowered, ref _loweredCap, (nuint)floats * sizeof(float));
 
         /// <summary>One padded input row, for the stride-phase split.</summary>
         public float* Line(int floats) => (float*)Ensure(ref _line, ref _lineCap, (nuint)floats * sizeof(float));
@@ -669,7 +667,6 @@ internal static unsafe partial class ConvGemm
             NativeMemory.AlignedFree(_offsets);
             NativeMemory.AlignedFree(_weights);
             NativeMemory.AlignedFree(_line);
-            NativeMemory.AlignedFree(_lowered);
         }
     }
 }

@@ -217,6 +217,12 @@ public static class GroupNorm
         return sig * (Vector256<float>.One + u * (Vector256<float>.One - sig));
     }
 
+    private static Vector512<float> SiluDerivative(Vector512<float> u)
+    {
+        var sig = FastMath.Sigmoid(u);
+        return sig * (Vector512<float>.One + u * (Vector512<float>.One - sig));
+    }
+
     // y = u or silu(u), u = x·scale + shift
     private static void AffineSilu(ReadOnlySpan<float> x, Span<float> y, float scale, float shift, bool silu)
     {
@@ -263,9 +269,7 @@ public static class GroupNorm
                 var du = Vector512.Create(dy.Slice(i, 16));
                 if (silu)
                 {
-                    var u = Vector512.FusedMultiplyAdd(xv, ws, wb);
-                    var sig = FastMath.Sigmoid(u);
-                    du *= sig * (Vector512<float>.One + u * (Vector512<float>.One - sig));
+                    du *= SiluDerivative(Vector512.FusedMultiplyAdd(xv, ws, wb));
                     du.CopyTo(duOut.Slice(i, 16));
                 }
                 wa += du;

@@ -334,7 +334,8 @@ public sealed class Tape : IDisposable
     /// <summary>
     /// v's gradient += y's, for ops whose derivative is the identity (additions). When v has no gradient yet and y's is
     /// still its own, v takes y's buffer instead of a copy: y's gradient is read by no one after its producer's backward,
-    /// which is running now. Call it last for the input that may take the buffer (the buffer then belongs to v).
+    /// which is running now. Later calls of the same backward (the other input, or the same Var twice in x + x) still
+    /// read dy, which nothing has changed yet.
     /// </summary>
     private static void PassGrad(Var v, Var y, Tensor dy)
     {
