@@ -185,7 +185,7 @@ public sealed class AutogradTests(ITestOutputHelper output)
         }
         if (clip is { } c)
         {
-            Adam.ClipGradNorm(model.Parameters, c);
+            adam.ClipGradNorm(c);
         }
         adam.Update();
         return loss;

@@ -74,11 +74,12 @@ public static class BenchCommand
         using var t = Tensor.Empty(device, batch);
         RandomFill.Normal(x, 1, 0);
         Elementwise.Fill(t, 10);
+        using var tape = Tape.NoGrad(device);
         void Denoise()
         {
-            using var tape = Tape.NoGrad(device);
             trainer.Model.Forward(tape, tape.Constant(x), tape.Constant(t));
             device.Synchronize();
+            tape.Reset();
         }
         Denoise();
         clock.Restart();

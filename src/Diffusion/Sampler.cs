@@ -122,12 +122,13 @@ public static class Sampler
     {
         var device = model.Device;
         using var t = Tensor.Empty(device, n);
+        using var tape = Tape.NoGrad(device);
         return Run(device, n, steps, seed, (x, step, eps) =>
         {
             Elementwise.Fill(t, step);
-            using var tape = Tape.NoGrad(device);
             var y = model.Forward(tape, tape.Constant(x), tape.Constant(t));
             eps.CopyFrom(y.Value);
+            tape.Reset();
         }, onStep);
     }
 }

@@ -91,7 +91,8 @@ public sealed class Trainer : IDisposable
     private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3;
     private readonly MnistSet _data;
     private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t;
-    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT;
+    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLoss = new float[1];
+    private readonly Tape _tape;
     private int[] _order = [];
     private int _orderEpoch = -1;
 
@@ -128,6 +129,7 @@ public sealed class Trainer : IDisposable
         _ca = Tensor.Empty(device, b);
         _cb = Tensor.Empty(device, b);
         _t = Tensor.Empty(device, b);
+        _tape = new Tape(device);
         _hostBatch = new float[b * MnistSet.Pixels];
         (_hostCa, _hostCb, _hostT) = (new float[b], new float[b], new float[b]);
     }
@@ -191,22 +193,29 @@ public sealed class Trainer : IDisposable
         Model.ZeroGrad();
         prepare.Dispose();
 
+        // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
+        // reuses its bookkeeping objects, so a step allocates no managed memory.
         float loss;
-        using (var tape = new Tape(Device))
+        try
         {
-            var pred = Model.Forward(tape, tape.Constant(_xt), tape.Constant(_t));
-            var l = tape.MseLoss(pred, tape.Constant(_eps));
-            loss = l.Value.ToArray()[0];
+            var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t));
+            var l = _tape.MseLoss(pred, _tape.Constant(_eps));
+            l.Value.CopyTo(_hostLoss);
+            loss = _hostLoss[0];
             if (!float.IsFinite(loss))
             {
                 throw new TrainingDivergedException($"loss is {loss} at step {Step} (epoch {epoch + 1}); try a lower --lr or --clip 1");
             }
-            tape.Backward(l);
+            _tape.Backward(l);
+        }
+        finally
+        {
+            _tape.Reset();
         }
         using var update = Tape.Profile?.Time("clip, adam, ema", Device) ?? default;
         if (Options.Clip > 0)
         {
-            LastGradNorm = Adam.ClipGradNorm(Model.Parameters, Options.Clip);
+            LastGradNorm = Adam.ClipGradNorm(Options.Clip);
         }
         Adam.Update();
         Ema?.Update();
@@ -221,14 +230,22 @@ public sealed class Trainer : IDisposable
         {
             return _order;
         }
-        var order = Enumerable.Range(0, _data.Count).ToArray();
+        if (_order.Length != _data.Count)
+        {
+            _order = new int[_data.Count];
+        }
+        var order = _order;
+        for (int i = 0; i < order.Length; i++)
+        {
+            order[i] = i;
+        }
         ulong key = Philox.Key(Options.Seed, ShuffleStream), start = (ulong)epoch * (ulong)_data.Count;
         for (int i = order.Length - 1; i > 0; i--)
         {
             int k = (int)(Philox.Bits(key, start + (ulong)i) % (uint)(i + 1));
             (order[i], order[k]) = (order[k], order[i]);
         }
-        (_order, _orderEpoch) = (order, epoch);
+        _orderEpoch = epoch;
         return order;
     }
 
@@ -271,6 +288,7 @@ public sealed class Trainer : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        _tape.Dispose();
         foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t })
         {
             t.Dispose();

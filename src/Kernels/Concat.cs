@@ -22,9 +22,9 @@ public static class Concat
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        var (av, bv, yv) = (a.HostArray, b.HostArray, y.HostArray);
-        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (first, last) =>
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (a.HostArray, b.HostArray, y.HostArray, sa, sb), static (v, first, last) =>
         {
+            var (av, bv, yv, sa, sb) = v;
             for (int i = first; i < last; i++)
             {
                 Array.Copy(av, i * sa, yv, i * (sa + sb), sa);
@@ -47,9 +47,10 @@ public static class Concat
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        var (dyv, dav, dbv) = (dy.HostArray, da.HostArray, db.HostArray);
-        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (first, last) =>
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (dy.HostArray, da.HostArray, db.HostArray, sa, sb, accumulateA, accumulateB),
+            static (v, first, last) =>
         {
+            var (dyv, dav, dbv, sa, sb, accumulateA, accumulateB) = v;
             for (int i = first; i < last; i++)
             {
                 Part(dyv.AsSpan(i * (sa + sb), sa), dav.AsSpan(i * sa, sa), accumulateA);

@@ -178,8 +178,10 @@ public static unsafe class Conv2d
     /// </summary>
     internal static void BackwardBiasCpu(float* dy, float* db, int n, int kk, int pq)
     {
-        Cpu.For(kk, Math.Max(1, (1 << 16) / Math.Max(1, n * pq)), (c0, c1) =>
+        Cpu.For(kk, Math.Max(1, (1 << 16) / Math.Max(1, n * pq)), ((nint)dy, (nint)db, n, kk, pq), static (state, c0, c1) =>
         {
+            var (dyp, dbp, n, kk, pq) = state;
+            float* dy = (float*)dyp, db = (float*)dbp;
             for (int c = c0; c < c1; c++)
             {
                 float s = 0;
@@ -238,9 +240,11 @@ public static unsafe class Conv2d
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
-        Cpu.Items(imagesInParallel ? g.N : 1, item =>
+        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)x, (nint)w, (nint)b, (nint)y, imagesInParallel), static (state, item) =>
         {
+            var (g, xp, wp, bp, yp, imagesInParallel) = state;
+            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
             for (int n = first; n < last; n++)
             {
@@ -269,9 +273,11 @@ public static unsafe class Conv2d
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
-        Cpu.Items(imagesInParallel ? g.N : 1, item =>
+        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)dy, (nint)w, (nint)dx, accumulate, imagesInParallel), static (state, item) =>
         {
+            var (g, dyp, wp, dxp, accumulate, imagesInParallel) = state;
+            float* dy = (float*)dyp, w = (float*)wp, dx = (float*)dxp;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
             for (int n = first; n < last; n++)
             {
@@ -301,12 +307,13 @@ public static unsafe class Conv2d
             return;
         }
         int workers = Math.Min(Cpu.Threads, g.N);
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
         int wlen = g.K * g.Crs;
         var partials = Scratch.Partials(workers, wlen);
-        Cpu.Items(workers, worker =>
+        Cpu.Items(workers, (g, (nint)dy, (nint)x, (nint)partials, wlen, workers), static (state, worker) =>
         {
-            float* acc = partials + (long)worker * wlen;
+            var (g, dyp, xp, partialsp, wlen, workers) = state;
+            float* dy = (float*)dyp, x = (float*)xp, acc = (float*)partialsp + (long)worker * wlen;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             new Span<float>(acc, wlen).Clear();
             int first = (int)((long)g.N * worker / workers), last = (int)((long)g.N * (worker + 1) / workers);
             for (int n = first; n < last; n++)

@@ -58,12 +58,16 @@ internal static unsafe class ConvGemm
     public static void Forward(ConvShape g, float* x, float* w, float* b, float* y)
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
-        int crs = g.Crs, wide = g.P * pl.Wh;
+        int crs = g.Crs;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
-        Cpu.Items(g.N, n =>
+        Cpu.Items(g.N, (g, pl, (nint)x, (nint)w, (nint)b, (nint)y, (nint)off), static (state, n) =>
         {
+            var (g, pl, xp, wp, bp, yp, offp) = state;
+            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp;
+            int* off = (int*)offp;
+            int crs = g.Crs, wide = g.P * pl.Wh;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             var ws = Workspace.Current;
             float* planes = ws.Planes(pl.Length);
             pl.Fill(x + n * xs, planes);
@@ -104,9 +108,15 @@ internal static unsafe class ConvGemm
                 phases[count++] = ph;
             }
         }
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
-        Cpu.Items(g.N, n =>
+        var pointers = ((nint)dy, (nint)dx, (nint)off, (nint)wts, (nint)phases);
+        Cpu.Items(g.N, (g, pl, pointers, count, wideMax, accumulate), static (state, n) =>
         {
+            var (g, pl, (dyp, dxp, offp, wtsp, phasesp), count, wideMax, accumulate) = state;
+            float* dy = (float*)dyp, dx = (float*)dxp, wts = (float*)wtsp;
+            int* off = (int*)offp;
+            Phase* phases = (Phase*)phasesp;
+            int st = g.Stride;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             var ws = Workspace.Current;
             float* planes = ws.Planes(pl.Length);
             pl.Fill(dy + n * ys, planes);
@@ -270,15 +280,19 @@ internal static unsafe class ConvGemm
             return;
         }
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
-        int crs = g.Crs, wide = g.P * pl.Wh, wlen = g.K * crs;
+        int crs = g.Crs, wlen = g.K * crs;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
         int workers = Math.Min(Cpu.Threads, g.N);
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
         float* partials = Scratch.Partials(workers, wlen);
-        Cpu.Items(workers, worker =>
+        Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers), static (state, worker) =>
         {
-            float* acc = partials + (long)worker * wlen;
+            var (g, pl, dyp, xp, offp, partialsp, workers) = state;
+            float* dy = (float*)dyp, x = (float*)xp;
+            int* off = (int*)offp;
+            int crs = g.Crs, wide = g.P * pl.Wh, wlen = g.K * crs;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+            float* acc = (float*)partialsp + (long)worker * wlen;
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
             float* planes = ws.Planes(pl.Length);
@@ -308,7 +322,7 @@ internal static unsafe class ConvGemm
     private static void BackwardWeightDot(ConvShape g, float* dy, float* x, float* dw)
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
-        int crs = g.Crs, crs6 = (crs + 5) / 6 * 6, k4 = (g.K + 3) & ~3, wlen = g.K * crs;
+        int crs = g.Crs, crs6 = (crs + 5) / 6 * 6, wlen = g.K * crs;
         int j = g.P * pl.Wh, ldd = (j + 15) & ~15;
         int* off = Workspace.Current.Offsets(crs6);
         pl.Offsets(g.R, g.S, off);
@@ -316,11 +330,15 @@ internal static unsafe class ConvGemm
         int workers = Math.Min(Cpu.Threads, g.N);
         // Small images go in groups, so that each tile's sums run over ~DotMinJ positions before their horizontal sum.
         int group = Math.Clamp((DotMinJ + ldd - 1) / ldd, 1, Math.Max(1, g.N / workers));
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length, dyLen = (long)k4 * ldd;
         float* partials = Scratch.Partials(workers, wlen);
-        Cpu.Items(workers, worker =>
+        Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers, group, ldd), static (state, worker) =>
         {
-            float* acc = partials + (long)worker * wlen;
+            var (g, pl, dyp, xp, offp, partialsp, workers, group, ldd) = state;
+            float* dy = (float*)dyp, x = (float*)xp;
+            int* off = (int*)offp;
+            int crs = g.Crs, wlen = g.K * crs, k4 = (g.K + 3) & ~3;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length, dyLen = (long)k4 * ldd;
+            float* acc = (float*)partialsp + (long)worker * wlen;
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
             // The planes' slack (Wh + 64 floats) covers the reads of the padded row end past j.

@@ -34,10 +34,9 @@ public static class Elementwise
             k.Elementwise.MapLauncher<TOp>()(k.Stream, x.Length, x.View, y.View);
             return;
         }
-        var xs = x.HostArray;
-        var ys = y.HostArray;
-        Cpu.For(x.Length, 1 << 15, (s, e) =>
+        Cpu.For(x.Length, 1 << 15, (x.HostArray, y.HostArray), static (v, s, e) =>
         {
+            var (xs, ys) = v;
             for (int i = s; i < e; i++)
             {
                 ys[i] = TOp.Apply(xs[i]);
@@ -56,11 +55,9 @@ public static class Elementwise
             k.Elementwise.MapBackwardLauncher<TOp>()(k.Stream, x.Length, dy.View, x.View, dx.View);
             return;
         }
-        var dys = dy.HostArray;
-        var xs = x.HostArray;
-        var dxs = dx.HostArray;
-        Cpu.For(x.Length, 1 << 15, (s, e) =>
+        Cpu.For(x.Length, 1 << 15, (dy.HostArray, x.HostArray, dx.HostArray), static (v, s, e) =>
         {
+            var (dys, xs, dxs) = v;
             for (int i = s; i < e; i++)
             {
                 dxs[i] += dys[i] * TOp.Derivative(xs[i]);
@@ -79,11 +76,9 @@ public static class Elementwise
             k.Elementwise.Add(k.Stream, a.Length, a.View, b.View, y.View);
             return;
         }
-        var av = a.HostArray;
-        var bv = b.HostArray;
-        var yv = y.HostArray;
-        Cpu.For(a.Length, 1 << 16, (s, e) =>
+        Cpu.For(a.Length, 1 << 16, (a.HostArray, b.HostArray, y.HostArray), static (v, s, e) =>
         {
+            var (av, bv, yv) = v;
             int i = s;
             for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
@@ -106,10 +101,9 @@ public static class Elementwise
             k.Elementwise.Axpy(k.Stream, dst.Length, src.View, dst.View, alpha);
             return;
         }
-        var sv = src.HostArray;
-        var dv = dst.HostArray;
-        Cpu.For(dst.Length, 1 << 16, (s, e) =>
+        Cpu.For(dst.Length, 1 << 16, (src.HostArray, dst.HostArray, alpha), static (v, s, e) =>
         {
+            var (sv, dv, alpha) = v;
             var va = new Vector<float>(alpha);
             int i = s;
             for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
@@ -133,10 +127,9 @@ public static class Elementwise
             k.Elementwise.Scale(k.Stream, x.Length, x.View, y.View, s);
             return;
         }
-        var xv = x.HostArray;
-        var yv = y.HostArray;
-        Cpu.For(x.Length, 1 << 16, (st, e) =>
+        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, s), static (v, st, e) =>
         {
+            var (xv, yv, s) = v;
             var vs = new Vector<float>(s);
             int i = st;
             for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
@@ -177,11 +170,9 @@ public static class Elementwise
             k.Elementwise.AddChannels(k.Stream, x.Length, x.View, e.View, y.View, hw);
             return;
         }
-        var xv = x.HostArray;
-        var ev = e.HostArray;
-        var yv = y.HostArray;
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (x.HostArray, e.HostArray, y.HostArray, hw), static (v, s, end) =>
         {
+            var (xv, ev, yv, hw) = v;
             for (int nc = s; nc < end; nc++)
             {
                 var vb = new Vector<float>(ev[nc]);
@@ -212,10 +203,9 @@ public static class Elementwise
             k.Elementwise.RowSums(k.Stream, n * c, dy.View, de.View, hw);
             return;
         }
-        var dyv = dy.HostArray;
-        var dev = de.HostArray;
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (dy.HostArray, de.HostArray, hw), static (v, s, end) =>
         {
+            var (dyv, dev, hw) = v;
             for (int nc = s; nc < end; nc++)
             {
                 dev[nc] += SumSpan(dyv.AsSpan(nc * hw, hw));
@@ -243,13 +233,10 @@ public static class Elementwise
             k.Elementwise.Combine(k.Stream, a.Length, a.View, ca.View, b.View, cb.View, y.View, per);
             return;
         }
-        var av = a.HostArray;
-        var bv = b.HostArray;
-        var yv = y.HostArray;
-        var cav = ca.HostArray;
-        var cbv = cb.HostArray;
-        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (first, last) =>
+        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (a.HostArray, ca.HostArray, b.HostArray, cb.HostArray, y.HostArray, per),
+            static (v, first, last) =>
         {
+            var (av, cav, bv, cbv, yv, per) = v;
             for (int s = first; s < last; s++)
             {
                 var va = new Vector<float>(cav[s]);

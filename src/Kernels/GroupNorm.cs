@@ -39,14 +39,10 @@ public static class GroupNorm
             k.GroupNorm.Normalize(k.Stream, x.Length, x.View, gamma.View, beta.View, mean.View, rstd.View, y.View, s);
             return;
         }
-        var xv = x.HostArray;
-        var yv = y.HostArray;
-        var gv = gamma.HostArray;
-        var bv = beta.HostArray;
-        var mv = mean.HostArray;
-        var rv = rstd.HostArray;
-        Cpu.For(s.N * groups, 1, (first, last) =>
+        var arrays = (x.HostArray, y.HostArray, gamma.HostArray, beta.HostArray, mean.HostArray, rstd.HostArray);
+        Cpu.For(s.N * groups, 1, (arrays, s, groups, eps, silu), static (state, first, last) =>
         {
+            var ((xv, yv, gv, bv, mv, rv), s, groups, eps, silu) = state;
             for (int ng = first; ng < last; ng++)
             {
                 var span = xv.AsSpan(ng * s.GroupSize, s.GroupSize);
@@ -102,8 +98,10 @@ public static class GroupNorm
         var sumDuX = ArrayPool<double>.Shared.Rent(s.N * s.C);
         try
         {
-            Cpu.For(s.N * groups, 1, (first, last) =>
+            var arrays = (dyv, xv, mv, rv, gv, bv, dxv, sumDu, sumDuX);
+            Cpu.For(s.N * groups, 1, (arrays, s, groups, silu, accumulate), static (state, first, last) =>
             {
+                var ((dyv, xv, mv, rv, gv, bv, dxv, sumDu, sumDuX), s, groups, silu, accumulate) = state;
                 // With SiLU fused, du = dy·silu'(u) is computed once into this scratch and read back by the second pass.
                 var du = silu ? DuScratch(s.GroupSize) : null;
                 for (int ng = first; ng < last; ng++)

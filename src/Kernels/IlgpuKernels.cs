@@ -92,7 +92,7 @@ internal static class Check
         }
     }
 
-    public static void Shape(string op, string name, Tensor t, params int[] expected)
+    public static void Shape(string op, string name, Tensor t, params ReadOnlySpan<int> expected)
     {
         if (!t.Shape.AsSpan().SequenceEqual(expected))
         {
@@ -108,7 +108,7 @@ internal static class Check
         }
     }
 
-    public static void Devices(string op, params Tensor[] ts)
+    public static void Devices(string op, params ReadOnlySpan<Tensor> ts)
     {
         for (int i = 1; i < ts.Length; i++)
         {

@@ -20,11 +20,10 @@ public static class Optim
         {
             throw new ArgumentException($"adam: step {step} must be 1 or more");
         }
-        foreach (var (name, t) in new[] { ("g", g), ("m", m), ("v", v) })
-        {
-            Check.Same("adam", p, t);
-            Check.Shape("adam", name, t, p.Shape);
-        }
+        Check.Devices("adam", p, g, m, v);
+        Check.Shape("adam", "g", g, p.Shape);
+        Check.Shape("adam", "m", m, p.Shape);
+        Check.Shape("adam", "v", v, p.Shape);
         var h = new AdamHyper(lr, beta1, beta2, eps,
             (float)(1.0 / (1.0 - Math.Pow(beta1, step))), (float)(1.0 / Math.Sqrt(1.0 - Math.Pow(beta2, step))));
         if (p.Device.IsIlgpu)
@@ -33,12 +32,9 @@ public static class Optim
             k.Optim.Adam(k.Stream, p.Length, p.View, g.View, m.View, v.View, h);
             return;
         }
-        var pv = p.HostArray;
-        var gv = g.HostArray;
-        var mv = m.HostArray;
-        var vv = v.HostArray;
-        Cpu.For(p.Length, 1 << 15, (first, last) =>
+        Cpu.For(p.Length, 1 << 15, (p.HostArray, g.HostArray, m.HostArray, v.HostArray, h), static (state, first, last) =>
         {
+            var (pv, gv, mv, vv, h) = state;
             for (int i = first; i < last; i++)
             {
                 AdamElement(ref pv[i], gv[i], ref mv[i], ref vv[i], h);

@@ -6,47 +6,58 @@ internal static class Cpu
     /// <summary>Worker count: every core the process may use.</summary>
     public static int Threads => Environment.ProcessorCount;
 
-    /// <summary>Runs <paramref name="body"/>(start, end) over [0, length) in contiguous chunks, on
-    /// every core when the work is large enough to pay for the hand-off, else inline.</summary>
-    public static void For(int length, int grain, Action<int, int> body)
+    // The bodies are static lambdas that get their arrays and sizes through a state value (a tuple or a small struct)
+    // rather than captures: a capturing lambda allocates a closure and a delegate on every call, a static one nothing.
+
+    /// <summary>Runs <paramref name="body"/>(state, start, end) over [0, length) in contiguous chunks, on every core
+    /// when the work is large enough to pay for the hand-off, else inline.</summary>
+    public static void For<TState>(int length, int grain, TState state, Action<TState, int, int> body)
     {
         int chunks = Math.Min(Threads, (length + grain - 1) / Math.Max(grain, 1));
         if (chunks <= 1)
         {
-            body(0, length);
+            body(state, 0, length);
             return;
         }
-        if (Pool.TryRun(chunks, null, body, length))
+        if (!Pool.TryRun(chunks, length, state, null, body))
         {
-            return;
+            RangesOnThreadPool(length, chunks, state, body);
         }
-        Parallel.For(0, chunks, i =>
-        {
-            long start = (long)length * i / chunks, end = (long)length * (i + 1) / chunks;
-            body((int)start, (int)end);
-        });
     }
 
-    /// <summary>Runs <paramref name="body"/>(i) for each item i in [0, count), items spread over the cores.</summary>
-    public static void Items(int count, Action<int> body)
+    /// <summary>Runs <paramref name="body"/>(state, i) for each item i in [0, count), items spread over the cores.</summary>
+    public static void Items<TState>(int count, TState state, Action<TState, int> body)
     {
         if (count <= 1 || Threads == 1)
         {
             for (int i = 0; i < count; i++)
             {
-                body(i);
+                body(state, i);
             }
             return;
         }
-        if (!Pool.TryRun(count, body, null, 0))
+        if (!Pool.TryRun(count, 0, state, body, null))
         {
-            Parallel.For(0, count, body);
+            ItemsOnThreadPool(count, state, body);
         }
     }
 
+    // The fallbacks when the helpers are busy (another caller, or a call from inside a job). Their lambdas live in methods
+    // of their own: C# allocates a method's closure on entry, so in For or Items it would be paid on every call.
+
+    private static void RangesOnThreadPool<TState>(int length, int chunks, TState state, Action<TState, int, int> body) =>
+        Parallel.For(0, chunks, i =>
+        {
+            long start = (long)length * i / chunks, end = (long)length * (i + 1) / chunks;
+            body(state, (int)start, (int)end);
+        });
+
+    private static void ItemsOnThreadPool<TState>(int count, TState state, Action<TState, int> body) =>
+        Parallel.For(0, count, i => body(state, i));
+
     /// <summary>
     /// Dedicated helper threads for <see cref="For"/> and <see cref="Items"/>: a parallel call allocates nothing (a
-    /// Parallel.For allocated about 1.5 KB) and the caller works alongside the helpers, items claimed one at a time
+    /// Parallel.For allocated about 1.5 KB; the job's state waits in <see cref="Job{TState}"/>'s static fields) and the caller works alongside the helpers, items claimed one at a time
     /// from a shared counter. One call at a time: a call made while another runs (tests in parallel) or from inside a
     /// job falls back to Parallel.For. Each helper goes Signaled -> Running -> Finished; a caller that runs out of
     /// items cancels any helper that has not woken yet (Signaled -> Finished), so a descheduled helper never stalls
@@ -64,18 +75,30 @@ internal static class Cpu
 
         private static int s_busy, s_next, s_count, s_length;
         private static Helper[]? s_helpers;
+        /// <summary>The running job's state and body for one state type, and delegates made once per type that call it.</summary>
+        private static class Job<TState>
+        {
+            public static TState? State;
+            public static Action<TState, int>? Items;
+            public static Action<TState, int, int>? Range;
+            public static readonly Action<int> RunItem = static i => Items!(State!, i);
+            public static readonly Action<int, int> RunRange = static (start, end) => Range!(State!, start, end);
+        }
+
         private static Action<int>? s_items;
         private static Action<int, int>? s_range;
         private static Exception? s_error;
         [ThreadStatic] private static bool t_inJob;
 
-        public static bool TryRun(int count, Action<int>? items, Action<int, int>? range, int length)
+        public static bool TryRun<TState>(int count, int length, TState state, Action<TState, int>? items, Action<TState, int, int>? range)
         {
             if (t_inJob || Interlocked.CompareExchange(ref s_busy, 1, 0) != 0) return false;
             try
             {
                 Helper[] helpers = EnsureHelpers(Threads - 1);
-                (s_items, s_range, s_count, s_length, s_error) = (items, range, count, length, null);
+                (Job<TState>.State, Job<TState>.Items, Job<TState>.Range) = (state, items, range);
+                (s_items, s_range) = (items is null ? null : Job<TState>.RunItem, range is null ? null : Job<TState>.RunRange);
+                (s_count, s_length, s_error) = (count, length, null);
                 Volatile.Write(ref s_next, 0);
                 int used = Math.Min(helpers.Length, count - 1);
                 for (int t = 0; t < used; t++)
@@ -96,6 +119,7 @@ internal static class Cpu
             }
             finally
             {
+                (Job<TState>.State, Job<TState>.Items, Job<TState>.Range) = (default, null, null);
                 (s_items, s_range, s_error) = (null, null, null);
                 Volatile.Write(ref s_busy, 0);
             }

@@ -33,9 +33,9 @@ public static class RandomFill
             }
             return;
         }
-        var v = t.HostArray;
-        Cpu.For(t.Length, 1 << 14, (first, last) =>
+        Cpu.For(t.Length, 1 << 14, (t.HostArray, seed, offset, normal), static (state, first, last) =>
         {
+            var (v, seed, offset, normal) = state;
             for (int i = first; i < last; i++)
             {
                 v[i] = normal ? Philox.Normal(seed, offset + (ulong)i) : Philox.Uniform(seed, offset + (ulong)i);

@@ -62,12 +62,10 @@ public static class Reduce
             k.Reduce.MseBackward(k.Stream, pred.Length, dOut.View, pred.View, target.View, dPred.View, scale);
             return;
         }
-        var p = pred.HostArray;
-        var t = target.HostArray;
-        var d = dPred.HostArray;
         float s = dOut.HostArray[0] * scale;
-        Cpu.For(pred.Length, 1 << 16, (first, last) =>
+        Cpu.For(pred.Length, 1 << 16, (pred.HostArray, target.HostArray, dPred.HostArray, s), static (v, first, last) =>
         {
+            var (p, t, d, s) = v;
             for (int i = first; i < last; i++)
             {
                 d[i] += s * (p[i] - t[i]);
@@ -99,13 +97,13 @@ public static class Reduce
             k.Reduce.Finish(k.Stream, 1, partial.View, output.View, scale);
             return;
         }
-        var av = a.HostArray;
-        var bh = b?.HostArray;
+        // Fixed chunks summed in order: the result does not depend on which thread ran which chunk.
         int chunks = Math.Max(1, Math.Min(Cpu.Threads * 4, a.Length / 4096));
-        var results = new double[chunks];
-        Cpu.Items(chunks, c =>
+        var results = System.Buffers.ArrayPool<double>.Shared.Rent(chunks);
+        Cpu.Items(chunks, (a.HostArray, b?.HostArray, a.Length, chunks, mode, results), static (state, c) =>
         {
-            long first = (long)a.Length * c / chunks, last = (long)a.Length * (c + 1) / chunks;
+            var (av, bh, length, chunks, mode, results) = state;
+            long first = (long)length * c / chunks, last = (long)length * (c + 1) / chunks;
             double s = 0;
             for (long i = first; i < last; i++)
             {
@@ -115,10 +113,11 @@ public static class Reduce
             results[c] = s;
         });
         double total = 0;
-        foreach (double s in results)
+        for (int c = 0; c < chunks; c++)
         {
-            total += s;
+            total += results[c];
         }
+        System.Buffers.ArrayPool<double>.Shared.Return(results);
         output.HostArray[0] = (float)(total * scale);
     }
 

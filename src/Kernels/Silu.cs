@@ -31,10 +31,9 @@ public struct Silu : IUnaryOp
         }
         Check.Same("silu", x, y);
         Check.Shape("silu", "y", y, x.Shape);
-        var xs = x.HostArray;
-        var ys = y.HostArray;
-        Cpu.For(x.Length, 1 << 14, (first, last) =>
+        Cpu.For(x.Length, 1 << 14, (x.HostArray, y.HostArray), static (state, first, last) =>
         {
+            var (xs, ys) = state;
             int i = first;
             for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
             {
@@ -59,11 +58,9 @@ public struct Silu : IUnaryOp
         Check.Devices("silu backward", dy, x, dx);
         Check.Shape("silu backward", "dy", dy, x.Shape);
         Check.Shape("silu backward", "dx", dx, x.Shape);
-        var dys = dy.HostArray;
-        var xs = x.HostArray;
-        var dxs = dx.HostArray;
-        Cpu.For(x.Length, 1 << 14, (first, last) =>
+        Cpu.For(x.Length, 1 << 14, (dy.HostArray, x.HostArray, dx.HostArray), static (state, first, last) =>
         {
+            var (dys, xs, dxs) = state;
             int i = first;
             for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
             {

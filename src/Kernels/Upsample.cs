@@ -25,10 +25,9 @@ public static class Upsample
             k.Upsample.Forward(k.Stream, y.Length, x.View, y.View, h, w);
             return;
         }
-        var xv = x.HostArray;
-        var yv = y.HostArray;
-        Cpu.For(n * c, 8, (first, last) =>
+        Cpu.For(n * c, 8, (x.HostArray, y.HostArray, h, w), static (state, first, last) =>
         {
+            var (xv, yv, h, w) = state;
             for (int nc = first; nc < last; nc++)
             {
                 for (int i = 0; i < h; i++)
@@ -59,10 +58,9 @@ public static class Upsample
             k.Upsample.Backward(k.Stream, dx.Length, dy.View, dx.View, h, w);
             return;
         }
-        var dyv = dy.HostArray;
-        var dxv = dx.HostArray;
-        Cpu.For(n * c, 8, (first, last) =>
+        Cpu.For(n * c, 8, (dy.HostArray, dx.HostArray, h, w), static (v, first, last) =>
         {
+            var (dyv, dxv, h, w) = v;
             for (int nc = first; nc < last; nc++)
             {
                 for (int i = 0; i < h; i++)

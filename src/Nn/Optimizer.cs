@@ -10,6 +10,7 @@ namespace Ddpm.Nn;
 public sealed class Adam : IDisposable
 {
     private readonly IReadOnlyList<Parameter> _parameters;
+    private readonly Tensor? _normTotal, _normPart; // [1] each, for ClipGradNorm
 
     /// <summary>Moments start at zero; the spec's defaults are β1 0.9, β2 0.999, eps 1e-8.</summary>
     public Adam(IReadOnlyList<Parameter> parameters, float lr = 1e-3f, float beta1 = 0.9f, float beta2 = 0.999f, float eps = 1e-8f)
@@ -19,6 +20,11 @@ public sealed class Adam : IDisposable
         (Beta1, Beta2, Eps) = (beta1, beta2, eps);
         M = parameters.Select(p => p.Value.ZerosLike()).ToArray();
         V = parameters.Select(p => p.Value.ZerosLike()).ToArray();
+        if (parameters.Count > 0)
+        {
+            _normTotal = Tensor.Empty(parameters[0].Value.Device, 1);
+            _normPart = Tensor.Empty(parameters[0].Value.Device, 1);
+        }
     }
 
     /// <summary>Step size.</summary>
@@ -60,30 +66,31 @@ public sealed class Adam : IDisposable
     /// norm = sqrt(Σ_p Σ g²), gradients are scaled by maxNorm / (norm + 1e-6) when that is below 1.
     /// Returns the norm before clipping (one device read).
     /// </summary>
-    public static float ClipGradNorm(IReadOnlyList<Parameter> parameters, float maxNorm)
+    public float ClipGradNorm(float maxNorm)
     {
-        if (parameters.Count == 0)
+        var parameters = _parameters;
+        if (_normTotal is not { } total || _normPart is not { } part)
         {
             return 0;
         }
-        var device = parameters[0].Value.Device;
-        using var total = Tensor.Zeros(device, 1);
-        using var part = Tensor.Empty(device, 1);
-        foreach (var p in parameters)
+        total.Zero();
+        for (int i = 0; i < parameters.Count; i++)
         {
-            if (p.Grad is { } g)
+            if (parameters[i].Grad is { } g)
             {
                 Reduce.SumSquares(g, part);
                 Elementwise.Accumulate(total, part);
             }
         }
-        float norm = MathF.Sqrt(total.ToArray()[0]);
+        Span<float> host = stackalloc float[1];
+        total.CopyTo(host);
+        float norm = MathF.Sqrt(host[0]);
         float scale = maxNorm / (norm + 1e-6f);
         if (scale < 1f)
         {
-            foreach (var p in parameters)
+            for (int i = 0; i < parameters.Count; i++)
             {
-                if (p.Grad is { } g)
+                if (parameters[i].Grad is { } g)
                 {
                     Elementwise.Scale(g, scale, g);
                 }
@@ -99,6 +106,8 @@ public sealed class Adam : IDisposable
         {
             t.Dispose();
         }
+        _normTotal?.Dispose();
+        _normPart?.Dispose();
     }
 }
 

@@ -18,6 +18,10 @@ public sealed class Tape : IDisposable
 {
     private readonly List<Step> _records = [];
     private readonly List<Var> _owned = [];
+    private readonly List<Var> _constants = [];
+    private readonly List<Tensor> _tensors = [];
+    private readonly Stack<Var> _spareVars = new();
+    private readonly Dictionary<int, Stack<Tensor>> _spareTensors = []; // by rank, so a recycled handle keeps its shape array
     private bool _backwardDone;
 
     /// <summary>A recording tape on <paramref name="device"/>.</summary>
@@ -47,20 +51,69 @@ public sealed class Tape : IDisposable
     public int RecordCount => _records.Count;
 
     /// <summary>Wraps a tensor the caller owns as a graph input that needs no gradient.</summary>
-    public Var Constant(Tensor value) => new(value, requiresGrad: false);
+    public Var Constant(Tensor value)
+    {
+        var v = NewVar(value, requiresGrad: false);
+        _constants.Add(v);
+        return v;
+    }
 
-    /// <summary>Takes a value out of the tape: the caller now owns (and disposes) its tensor.</summary>
+    /// <summary>Takes a value out of the tape: the caller now owns (and disposes) its tensor, which a
+    /// <see cref="Reset"/> leaves alone.</summary>
     public Tensor Keep(Var v)
     {
-        if (!_owned.Remove(v))
+        int i = _owned.LastIndexOf(v);
+        if (i < 0)
         {
             throw new InvalidOperationException("only a value this tape made can be kept");
         }
+        _owned.RemoveAt(i);
+        _tensors.RemoveAt(_tensors.LastIndexOf(v.Value));
         v.OwnedByTape = false;
         return v.Value;
     }
 
+    /// <summary>
+    /// Releases every value, gradient and saved tensor of the last recording to the pool and starts a new one. The
+    /// tape keeps the Var and Tensor objects for the next recording, so a training loop that resets one tape per
+    /// step allocates no managed memory after its first step; in return, a value the tape made (or a constant it
+    /// wrapped) must not be used after the reset, unless taken out with <see cref="Keep"/>.
+    /// </summary>
+    public void Reset()
+    {
+        foreach (var r in _records)
+        {
+            r.Aux0?.Dispose();
+            r.Aux1?.Dispose();
+        }
+        _records.Clear();
+        foreach (var v in _owned)
+        {
+            v.Release();
+            _spareVars.Push(v);
+        }
+        _owned.Clear();
+        foreach (var v in _constants)
+        {
+            _spareVars.Push(v);
+        }
+        _constants.Clear();
+        foreach (var t in _tensors)
+        {
+            t.Dispose();
+            if (!_spareTensors.TryGetValue(t.Rank, out var spares))
+            {
+                _spareTensors[t.Rank] = spares = new Stack<Tensor>();
+            }
+            spares.Push(t);
+        }
+        _tensors.Clear();
+        _backwardDone = false;
+    }
+
     // ---------------- primitives and their derivative rules ----------------
+    // Each rule is a static lambda that reads what it needs from its record (inputs A, B, C, integer arguments, saved
+    // tensors): a capturing lambda would allocate a closure per op and step.
 
     /// <summary>y = conv2d(x, w) + b. dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy.</summary>
     public Var Conv2d(Var x, Var w, Var b, int stride, int pad)
@@ -72,31 +125,35 @@ public sealed class Tape : IDisposable
         {
             Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad);
         }
-        Record("conv2d", y, [x, w], dy =>
+        Record(new Step("conv2d.backward", y, static (tape, in r, dy) =>
         {
+            var (x, w, b, stride, pad) = (r.A!, r.B!, r.C!, r.I0, r.I1);
+            var g = ConvShape.Of(x.Value, w.Value, stride, pad);
             if (x.RequiresGrad)
             {
-                using var detail = ConvDetail("dx ", g);
-                var dx = x.GradForWrite(out bool accumulate);
+                using var detail = ConvDetail("dx ", g, tape.Device);
+                var dx = tape.GradForWrite(x, out bool accumulate);
                 Kernels.Conv2d.BackwardInput(dy, w.Value, dx, stride, pad, accumulate);
             }
             if (w.RequiresGrad)
             {
-                using var detail = ConvDetail("dw ", g);
-                Kernels.Conv2d.BackwardWeight(dy, x.Value, w.GradBuffer(), stride, pad);
+                using var detail = ConvDetail("dw ", g, tape.Device);
+                Kernels.Conv2d.BackwardWeight(dy, x.Value, tape.GradOf(w), stride, pad);
             }
             if (b.RequiresGrad)
             {
-                Kernels.Conv2d.BackwardBias(dy, b.GradBuffer());
+                Kernels.Conv2d.BackwardBias(dy, tape.GradOf(b));
             }
-        });
+        }, x, w, b) { Saved = 2, I0 = stride, I1 = pad });
         return y;
     }
 
     /// <summary>A by-shape timer for one convolution pass when the profile asks for it, e.g. "conv fwd 16>32 3x3/1 14x14".</summary>
-    private OpProfile.Timer ConvDetail(string pass, ConvShape g) =>
+    private OpProfile.Timer ConvDetail(string pass, ConvShape g) => ConvDetail(pass, g, Device);
+
+    private static OpProfile.Timer ConvDetail(string pass, ConvShape g, Device device) =>
         Profile is { ByShape: true } p
-            ? p.TimeDetail($"conv {pass} {g.C}>{g.K} {g.R}x{g.S}/{g.Stride} {g.H}x{g.W}", 2.0 * g.N * g.K * g.Crs * g.Pq, Device)
+            ? p.TimeDetail($"conv {pass} {g.C}>{g.K} {g.R}x{g.S}/{g.Stride} {g.H}x{g.W}", 2.0 * g.N * g.K * g.Crs * g.Pq, device)
             : default;
 
     /// <summary>y = groupnorm(x)·gamma + beta, saving mean and rstd for backward.</summary>
@@ -112,19 +169,19 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time(op, Device) ?? default;
         var y = Make(x.Shape, x, gamma, beta);
         int n = x.Shape[0];
-        var mean = Tensor.Empty(Device, n, groups);
-        var rstd = Tensor.Empty(Device, n, groups);
+        var mean = NewTensor([n, groups]);
+        var rstd = NewTensor([n, groups]);
         Kernels.GroupNorm.Forward(x.Value, gamma.Value, beta.Value, groups, eps, y.Value, mean, rstd, silu);
-        if (!Record(op, y, [x, gamma, beta], dy =>
+        if (!Record(new Step(silu ? "groupnorm+silu.backward" : "groupnorm.backward", y, static (tape, in r, dy) =>
         {
+            var (x, gamma, beta, groups, silu) = (r.A!, r.B!, r.C!, r.I0, r.I1 != 0);
             // The kernel computes all three gradients together; a frozen input gets a throwaway buffer.
             bool accumulate = false;
-            using var scratchX = x.RequiresGrad ? null : Tensor.Empty(Device, x.Shape);
-            using var scratchG = gamma.RequiresGrad ? null : gamma.Value.ZerosLike();
-            using var scratchB = beta.RequiresGrad ? null : beta.Value.ZerosLike();
-            Kernels.GroupNorm.Backward(dy, x.Value, mean, rstd, gamma.Value, beta.Value, groups,
-                scratchX ?? x.GradForWrite(out accumulate), scratchG ?? gamma.GradBuffer(), scratchB ?? beta.GradBuffer(), silu, accumulate);
-        }, mean, rstd))
+            var dx = x.RequiresGrad ? tape.GradForWrite(x, out accumulate) : tape.NewTensor(x.Shape);
+            var dgamma = gamma.RequiresGrad ? tape.GradOf(gamma) : tape.Zeros(gamma.Shape);
+            var dbeta = beta.RequiresGrad ? tape.GradOf(beta) : tape.Zeros(beta.Shape);
+            Kernels.GroupNorm.Backward(dy, x.Value, r.Aux0!, r.Aux1!, gamma.Value, beta.Value, groups, dx, dgamma, dbeta, silu, accumulate);
+        }, x, gamma, beta) { Saved = 3, I0 = groups, I1 = silu ? 1 : 0, Aux0 = mean, Aux1 = rstd }))
         {
             mean.Dispose();
             rstd.Dispose();
@@ -138,7 +195,7 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("silu", Device) ?? default;
         var y = Make(x.Shape, x);
         Kernels.Silu.Forward(x.Value, y.Value);
-        Record("silu", y, [x], dy => Kernels.Silu.Backward(dy, x.Value, x.GradBuffer()));
+        Record(new Step("silu.backward", y, static (tape, in r, dy) => Kernels.Silu.Backward(dy, r.A!.Value, tape.GradOf(r.A!)), x) { Saved = 1 });
         return y;
     }
 
@@ -149,7 +206,7 @@ public sealed class Tape : IDisposable
         var s = x.Shape;
         var y = Make([s[0], s[1], 2 * s[2], 2 * s[3]], x);
         Kernels.Upsample.Forward(x.Value, y.Value);
-        Record("upsample", y, [], dy => Kernels.Upsample.Backward(dy, x.GradBuffer()));
+        Record(new Step("upsample.backward", y, static (tape, in r, dy) => Kernels.Upsample.Backward(dy, tape.GradOf(r.A!)), x));
         return y;
     }
 
@@ -159,21 +216,22 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("linear", Device) ?? default;
         var y = Make([x.Shape[0], w.Shape[0]], x, w, b);
         Kernels.Linear.Forward(x.Value, w.Value, b.Value, y.Value);
-        Record("linear", y, [x, w], dy =>
+        Record(new Step("linear.backward", y, static (tape, in r, dy) =>
         {
+            var (x, w, b) = (r.A!, r.B!, r.C!);
             if (x.RequiresGrad)
             {
-                Kernels.Linear.BackwardInput(dy, w.Value, x.GradBuffer());
+                Kernels.Linear.BackwardInput(dy, w.Value, tape.GradOf(x));
             }
             if (w.RequiresGrad)
             {
-                Kernels.Linear.BackwardWeight(dy, x.Value, w.GradBuffer());
+                Kernels.Linear.BackwardWeight(dy, x.Value, tape.GradOf(w));
             }
             if (b.RequiresGrad)
             {
-                Kernels.Linear.BackwardBias(dy, b.GradBuffer());
+                Kernels.Linear.BackwardBias(dy, tape.GradOf(b));
             }
-        });
+        }, x, w, b) { Saved = 2 });
         return y;
     }
 
@@ -184,16 +242,15 @@ public sealed class Tape : IDisposable
         var s = a.Shape;
         var y = Make([s[0], s[1] + b.Shape[1], s[2], s[3]], a, b);
         Kernels.Concat.Forward(a.Value, b.Value, y.Value);
-        Record("concat", y, [], dy =>
+        Record(new Step("concat.backward", y, static (tape, in r, dy) =>
         {
             // A side that needs no gradient writes into a throwaway buffer.
+            var (a, b) = (r.A!, r.B!);
             bool accA = false, accB = false;
-            using var scratchA = a.RequiresGrad ? null : Tensor.Empty(Device, a.Shape);
-            using var scratchB = b.RequiresGrad ? null : Tensor.Empty(Device, b.Shape);
-            var da = scratchA ?? a.GradForWrite(out accA);
-            var db = scratchB ?? b.GradForWrite(out accB);
+            var da = a.RequiresGrad ? tape.GradForWrite(a, out accA) : tape.NewTensor(a.Shape);
+            var db = b.RequiresGrad ? tape.GradForWrite(b, out accB) : tape.NewTensor(b.Shape);
             Kernels.Concat.Backward(dy, da, db, accA, accB);
-        });
+        }, a, b));
         return y;
     }
 
@@ -203,17 +260,17 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("add", Device) ?? default;
         var y = Make(a.Shape, a, b);
         Elementwise.Add(a.Value, b.Value, y.Value);
-        Record("add", y, [], dy =>
+        Record(new Step("add.backward", y, static (tape, in r, dy) =>
         {
-            if (b.RequiresGrad)
+            if (r.B!.RequiresGrad)
             {
-                PassGrad(b, y, dy);
+                tape.PassGrad(r.B, r.Output, dy);
             }
-            if (a.RequiresGrad)
+            if (r.A!.RequiresGrad)
             {
-                PassGrad(a, y, dy);
+                tape.PassGrad(r.A, r.Output, dy);
             }
-        });
+        }, a, b));
         return y;
     }
 
@@ -223,17 +280,18 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("add_channels", Device) ?? default;
         var y = Make(x.Shape, x, e);
         Elementwise.AddChannels(x.Value, e.Value, y.Value);
-        Record("add_channels", y, [], dy =>
+        Record(new Step("add_channels.backward", y, static (tape, in r, dy) =>
         {
+            var (x, e) = (r.A!, r.B!);
             if (e.RequiresGrad)
             {
-                Elementwise.AddChannelsBackward(dy, e.GradBuffer());
+                Elementwise.AddChannelsBackward(dy, tape.GradOf(e));
             }
             if (x.RequiresGrad)
             {
-                PassGrad(x, y, dy);
+                tape.PassGrad(x, r.Output, dy);
             }
-        });
+        }, x, e));
         return y;
     }
 
@@ -243,20 +301,21 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("mse", Device) ?? default;
         var y = Make([1], pred, target);
         Reduce.Mse(pred.Value, target.Value, y.Value);
-        Record("mse", y, [pred, target], dy =>
+        Record(new Step("mse.backward", y, static (tape, in r, dy) =>
         {
+            var (pred, target) = (r.A!, r.B!);
             if (pred.RequiresGrad)
             {
-                Reduce.MseBackward(dy, pred.Value, target.Value, pred.GradBuffer());
+                Reduce.MseBackward(dy, pred.Value, target.Value, tape.GradOf(pred));
             }
             if (target.RequiresGrad)
             {
                 // d/dtarget = -d/dpred.
-                using var dPred = pred.Value.ZerosLike();
+                var dPred = tape.Zeros(pred.Shape);
                 Reduce.MseBackward(dy, pred.Value, target.Value, dPred);
-                Elementwise.Accumulate(target.GradBuffer(), dPred, -1f);
+                Elementwise.Accumulate(tape.GradOf(target), dPred, -1f);
             }
-        });
+        }, pred, target) { Saved = 2 });
         return y;
     }
 
@@ -279,7 +338,7 @@ public sealed class Tape : IDisposable
         {
             throw new ArgumentException($"backward needs a scalar loss, got {loss.Value.ShapeText}");
         }
-        using var one = Tensor.Empty(Device, 1);
+        var one = NewTensor([1]);
         Elementwise.Fill(one, 1f);
         Backward(loss, one);
     }
@@ -294,24 +353,23 @@ public sealed class Tape : IDisposable
         }
         if (_backwardDone)
         {
-            throw new InvalidOperationException("backward already ran on this tape; make a new tape per step");
+            throw new InvalidOperationException("backward already ran on this recording; reset the tape (or make a new one) per step");
         }
         _backwardDone = true;
-        output.GradBuffer().CopyFrom(dOutput);
+        GradOf(output).CopyFrom(dOutput);
         for (int i = _records.Count - 1; i >= 0; i--)
         {
             var r = _records[i];
             if (r.Output.Grad is { } dy)
             {
                 using var timer = Profile?.Time(r.Op, Device) ?? default;
-                r.Backward(dy);
+                r.Backward(this, r, dy);
             }
-            foreach (var aux in r.Aux)
+            r.Aux0?.Dispose();
+            r.Aux1?.Dispose();
+            for (int k = 0; k < r.Saved; k++)
             {
-                aux.Dispose();
-            }
-            foreach (var saved in r.Saved)
-            {
+                var saved = r.Input(k);
                 saved.PendingUses--;
                 ReleaseIfDone(saved);
             }
@@ -331,15 +389,33 @@ public sealed class Tape : IDisposable
         }
     }
 
+    /// <summary>v's gradient, created as zeros on first use (a parameter's own persistent one, else a tape tensor).</summary>
+    private Tensor GradOf(Var v) => v.OwnedByTape ? v.Grad ??= Zeros(v.Shape) : v.GradBuffer();
+
+    /// <summary>
+    /// The gradient buffer for a kernel that can either overwrite or add: a fresh, uninitialised buffer with
+    /// <paramref name="accumulate"/> false when no gradient has arrived yet (saving the zeroing pass), else the
+    /// existing one with <paramref name="accumulate"/> true.
+    /// </summary>
+    private Tensor GradForWrite(Var v, out bool accumulate)
+    {
+        if (!v.OwnedByTape)
+        {
+            return v.GradForWrite(out accumulate);
+        }
+        accumulate = v.Grad is not null;
+        return v.Grad ??= NewTensor(v.Shape);
+    }
+
     /// <summary>
     /// v's gradient += y's, for ops whose derivative is the identity (additions). When v has no gradient yet and y's is
     /// still its own, v takes y's buffer instead of a copy: y's gradient is read by no one after its producer's backward,
     /// which is running now. Later calls of the same backward (the other input, or the same Var twice in x + x) still
     /// read dy, which nothing has changed yet.
     /// </summary>
-    private static void PassGrad(Var v, Var y, Tensor dy)
+    private void PassGrad(Var v, Var y, Tensor dy)
     {
-        if (v.Grad is null && v is not Parameter && ReferenceEquals(y.Grad, dy))
+        if (v.Grad is null && v.OwnedByTape && ReferenceEquals(y.Grad, dy))
         {
             v.Grad = dy;
             y.Grad = null;
@@ -347,8 +423,8 @@ public sealed class Tape : IDisposable
         }
         if (v.Grad is null)
         {
-            v.Grad = Tensor.Empty(dy.Device, dy.Shape);
-            v.Grad.CopyFrom(dy);
+            var g = GradForWrite(v, out _);
+            g.CopyFrom(dy);
             return;
         }
         Elementwise.Accumulate(v.Grad, dy);
@@ -357,47 +433,79 @@ public sealed class Tape : IDisposable
     /// <summary>Releases every value and saved tensor the tape still holds.</summary>
     public void Dispose()
     {
-        foreach (var r in _records)
-        {
-            foreach (var aux in r.Aux)
-            {
-                aux.Dispose();
-            }
-        }
-        _records.Clear();
-        foreach (var v in _owned)
-        {
-            if (v.OwnedByTape)
-            {
-                v.Release();
-            }
-        }
-        _owned.Clear();
+        Reset();
+        _spareVars.Clear();
+        _spareTensors.Clear();
     }
 
-    private Var Make(int[] shape, params Var[] inputs)
+    /// <summary>A tensor that lives until the next <see cref="Reset"/> (a recycled handle when the tape has one).</summary>
+    private Tensor NewTensor(ReadOnlySpan<int> shape)
+    {
+        var t = _spareTensors.TryGetValue(shape.Length, out var spares) && spares.TryPop(out var spare)
+            ? spare.Reopen(shape)
+            : Tensor.Empty(Device, shape);
+        _tensors.Add(t);
+        return t;
+    }
+
+    private Tensor Zeros(ReadOnlySpan<int> shape)
+    {
+        var t = NewTensor(shape);
+        t.Zero();
+        return t;
+    }
+
+    private Var NewVar(Tensor value, bool requiresGrad)
+    {
+        if (_spareVars.TryPop(out var v))
+        {
+            v.Reuse(value, requiresGrad);
+            return v;
+        }
+        return new Var(value, requiresGrad);
+    }
+
+    /// <summary>The output of an op on up to three inputs: it needs a gradient when recording and any input does.</summary>
+    private Var Make(ReadOnlySpan<int> shape, Var? a = null, Var? b = null, Var? c = null)
     {
         ObjectDisposedException.ThrowIf(_backwardDone && Recording, this);
-        bool requiresGrad = Recording && inputs.Any(v => v.RequiresGrad);
-        var v = new Var(Tensor.Empty(Device, shape), requiresGrad) { OwnedByTape = true };
+        bool requiresGrad = Recording && (a is { RequiresGrad: true } || b is { RequiresGrad: true } || c is { RequiresGrad: true });
+        var v = NewVar(NewTensor(shape), requiresGrad);
+        v.OwnedByTape = true;
         _owned.Add(v);
         return v;
     }
 
     /// <summary>Records a backward step when the output needs a gradient; false when nothing was recorded.</summary>
-    private bool Record(string op, Var output, Var[] saved, Action<Tensor> backward, params Tensor[] aux)
+    private bool Record(in Step step)
     {
-        if (!output.RequiresGrad)
+        if (!step.Output.RequiresGrad)
         {
             return false;
         }
-        foreach (var s in saved)
+        for (int k = 0; k < step.Saved; k++)
         {
-            s.PendingUses++;
+            step.Input(k).PendingUses++;
         }
-        _records.Add(new Step(op + ".backward", output, saved, backward, aux));
+        _records.Add(step);
         return true;
     }
 
-    private sealed record Step(string Op, Var Output, Var[] Saved, Action<Tensor> Backward, Tensor[] Aux);
+    /// <summary>A derivative rule: adds ∂loss/∂input for the record's inputs, given ∂loss/∂output <paramref name="dy"/>.</summary>
+    private delegate void Rule(Tape tape, in Step record, Tensor dy);
+
+    /// <summary>
+    /// One backward record: the op's rule, its output, its inputs A, B, C, of which the first <see cref="Saved"/> have
+    /// values the rule reads (so they stay alive until it has run), integer arguments and saved tensors.
+    /// </summary>
+    private readonly record struct Step(string Op, Var Output, Rule Backward, Var? A = null, Var? B = null, Var? C = null)
+    {
+        public int Saved { get; init; }
+        public int I0 { get; init; }
+        public int I1 { get; init; }
+        public Tensor? Aux0 { get; init; }
+        public Tensor? Aux1 { get; init; }
+
+        public Var Input(int k) => (k == 0 ? A : k == 1 ? B : C)!;
+    }
 }

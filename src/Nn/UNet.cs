@@ -80,9 +80,9 @@ public sealed class UNet
     /// <summary>Sets every parameter's gradient to zero.</summary>
     public void ZeroGrad()
     {
-        foreach (var p in Parameters)
+        for (int i = 0; i < Parameters.Count; i++) // not foreach: an interface's enumerator is an allocation per step
         {
-            p.ZeroGrad();
+            Parameters[i].ZeroGrad();
         }
     }
 }

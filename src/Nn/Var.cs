@@ -23,7 +23,7 @@ public class Var
     public Tensor? Grad { get; internal set; }
 
     /// <summary>Whether backward computes a gradient for this value.</summary>
-    public bool RequiresGrad { get; }
+    public bool RequiresGrad { get; private set; }
 
     /// <summary>Shape of the value.</summary>
     public int[] Shape => Value.Shape;
@@ -47,6 +47,13 @@ public class Var
     internal int PendingUses;
     internal bool ProducerDone;
     internal bool OwnedByTape;
+
+    /// <summary>Makes a recycled Var (see <see cref="Tape.Reset"/>) a fresh value.</summary>
+    internal void Reuse(Tensor value, bool requiresGrad)
+    {
+        (Value, Grad, RequiresGrad) = (value, null, requiresGrad);
+        (PendingUses, ProducerDone, OwnedByTape) = (0, false, false);
+    }
 
     internal void Release()
     {

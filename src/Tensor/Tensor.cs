@@ -23,10 +23,10 @@ public sealed class Tensor : IDisposable
     public Device Device { get; }
 
     /// <summary>Dimensions, outermost first.</summary>
-    public int[] Shape { get; }
+    public int[] Shape { get; private set; }
 
     /// <summary>Number of elements: the product of <see cref="Shape"/>.</summary>
-    public int Length { get; }
+    public int Length { get; private set; }
 
     /// <summary>Number of dimensions.</summary>
     public int Rank => Shape.Length;
@@ -44,14 +44,38 @@ public sealed class Tensor : IDisposable
     public bool IsDisposed => _storage is null;
 
     /// <summary>A tensor of <paramref name="shape"/> with unspecified contents (pooled memory is not cleared).</summary>
-    public static Tensor Empty(Device device, params int[] shape)
+    public static Tensor Empty(Device device, params ReadOnlySpan<int> shape)
     {
         int length = CheckedLength(shape);
-        return new Tensor(device, (int[])shape.Clone(), device.Rent(length), length);
+        return new Tensor(device, shape.ToArray(), device.Rent(length), length);
+    }
+
+    /// <summary>
+    /// Gives a disposed tensor new storage for <paramref name="shape"/>, reusing the object (and its shape array when the
+    /// rank matches). For the autograd tape, which recycles the handles it made between steps; no one else may hold them.
+    /// </summary>
+    internal Tensor Reopen(ReadOnlySpan<int> shape)
+    {
+        if (_storage is not null)
+        {
+            throw new InvalidOperationException($"only a disposed tensor can be reopened; this {ShapeText} one is live");
+        }
+        int length = CheckedLength(shape);
+        if (Shape.Length == shape.Length)
+        {
+            shape.CopyTo(Shape);
+        }
+        else
+        {
+            Shape = shape.ToArray();
+        }
+        Length = length;
+        _storage = Device.Rent(length);
+        return this;
     }
 
     /// <summary>A tensor of zeros.</summary>
-    public static Tensor Zeros(Device device, params int[] shape)
+    public static Tensor Zeros(Device device, params ReadOnlySpan<int> shape)
     {
         var t = Empty(device, shape);
         t.Zero();
@@ -59,7 +83,7 @@ public sealed class Tensor : IDisposable
     }
 
     /// <summary>A tensor holding a copy of <paramref name="data"/>.</summary>
-    public static Tensor FromHost(Device device, ReadOnlySpan<float> data, params int[] shape)
+    public static Tensor FromHost(Device device, ReadOnlySpan<float> data, params ReadOnlySpan<int> shape)
     {
         var t = Empty(device, shape);
         if (data.Length != t.Length)

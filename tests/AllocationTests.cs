@@ -1,0 +1,79 @@
+using Ddpm.Diffusion;
+using Ddpm.Kernels;
+using Ddpm.Nn;
+using Ddpm.Tensors;
+
+namespace Ddpm.Tests;
+
+/// <summary>Tests that need the CPU backend's helper threads to themselves: while another test holds them, a parallel
+/// call falls back to the thread pool, which allocates.</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class QuietCollection
+{
+    public const string Name = "quiet";
+}
+
+/// <summary>The training step's hot path allocates nothing after the first step: no tensor memory from the system
+/// (the pool serves every buffer) and no managed objects (the tape recycles its records, values and handles, the kernels
+/// pass state to static lambdas).</summary>
+[Collection(QuietCollection.Name)]
+public sealed class AllocationTests
+{
+    [Fact]
+    public void TrainingStepAllocatesNothingAfterTheFirst()
+    {
+        using var device = new CpuDevice();
+        var pixels = new byte[24 * MnistSet.Pixels];
+        new Random(4).NextBytes(pixels);
+        // 24 digits in batches of 8: the measured steps cross an epoch boundary (a new shuffle).
+        using var trainer = new Trainer(device, new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 100, Clip = 1f }, new MnistSet(pixels, new byte[24], 24));
+        trainer.TrainStep();
+        trainer.TrainStep();
+        long systemAllocations = device.Stats.SystemAllocations;
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 5; i++)
+        {
+            trainer.TrainStep();
+        }
+        long bytes = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.Equal(0, bytes);
+        Assert.Equal(systemAllocations, device.Stats.SystemAllocations);
+    }
+
+    /// <summary>A tape reset and used again computes what a new tape does, bit for bit (its recycled Var and Tensor
+    /// objects carry nothing over).</summary>
+    [Fact]
+    public void ResetTapeMatchesANewTape()
+    {
+        using var device = new CpuDevice();
+        var model = new UNet(16, device, seed: 5);
+        using var x = Tensor.Empty(device, 2, 1, 28, 28);
+        using var target = Tensor.Empty(device, 2, 1, 28, 28);
+        using var t = Tensor.FromHost(device, [7f, 420f], 2);
+        RandomFill.Normal(x, 1, 0);
+        RandomFill.Normal(target, 2, 0);
+
+        float[][] Gradients(Tape tape)
+        {
+            model.ZeroGrad();
+            var loss = tape.MseLoss(model.Forward(tape, tape.Constant(x), tape.Constant(t)), tape.Constant(target));
+            tape.Backward(loss);
+            var grads = model.Parameters.Select(p => p.Grad!.ToArray()).ToArray();
+            tape.Reset();
+            return grads;
+        }
+
+        float[][] fresh;
+        using (var tape = new Tape(device))
+        {
+            fresh = Gradients(tape);
+        }
+        using var reused = new Tape(device);
+        Gradients(reused);
+        var again = Gradients(reused);
+        for (int i = 0; i < fresh.Length; i++)
+        {
+            Assert.Equal(fresh[i], again[i]);
+        }
+    }
+}
