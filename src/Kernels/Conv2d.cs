@@ -106,18 +106,29 @@ public static unsafe class Conv2d
         set => t_lowering = value;
     }
 
-    /// <summary>y = conv(x, w) + b.</summary>
-    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad)
+    /// <summary>y = conv(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each output
+    /// image: the time embedding a ResBlock adds after its first convolution, folded into the convolution's epilogue
+    /// (its gradient is <see cref="Elementwise.AddChannelsBackward"/> of dy).</summary>
+    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad, Tensor? channelBias = null)
     {
         var g = ConvShape.Of(x, w, stride, pad);
         CheckOperands(g, x, w, b, y);
+        if (channelBias is not null)
+        {
+            Check.Devices("conv2d", x, channelBias);
+            Check.Shape("conv2d", "channel bias", channelBias, g.N, g.K);
+        }
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
             k.Conv2d.Forward(k.Stream, y.Length, x.View, w.View, b.View, y.View, g);
+            if (channelBias is not null)
+            {
+                Elementwise.AddChannels(y, channelBias, y);
+            }
             return;
         }
-        ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y));
+        ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias));
     }
 
     /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input; with
@@ -230,20 +241,20 @@ public static unsafe class Conv2d
 
     // ---------------- CPU fast: im2col + packed GEMM ----------------
 
-    /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b, the lowering col implicit or explicit
-    /// (im2col) as <see cref="CpuLowering"/> chooses.</summary>
-    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y)
+    /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b (+ e[n] when e is not null), the lowering
+    /// col implicit or explicit (im2col) as <see cref="CpuLowering"/> chooses.</summary>
+    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y, float* e = null)
     {
         if (UseImplicit(g, Pass.Forward))
         {
-            ConvGemm.Forward(g, x, w, b, y);
+            ConvGemm.Forward(g, x, w, b, y, e);
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
-        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)x, (nint)w, (nint)b, (nint)y, imagesInParallel), static (state, item) =>
+        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)x, (nint)w, (nint)b, (nint)y, (nint)e, imagesInParallel), static (state, item) =>
         {
-            var (g, xp, wp, bp, yp, imagesInParallel) = state;
-            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp;
+            var (g, xp, wp, bp, yp, ep, imagesInParallel) = state;
+            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
             for (int n = first; n < last; n++)
@@ -257,7 +268,7 @@ public static unsafe class Conv2d
                 Gemm.Multiply(g.K, g.Pq, g.Crs, w, g.Crs, 1, col, g.Pq, 1, yn, g.Pq, accumulate: false, parallel: !imagesInParallel);
                 for (int k = 0; k < g.K; k++)
                 {
-                    Simd.AddScalar(new Span<float>(yn + (long)k * g.Pq, g.Pq), b[k]);
+                    Simd.AddScalar(new Span<float>(yn + (long)k * g.Pq, g.Pq), e == null ? b[k] : b[k] + e[(long)n * g.K + k]);
                 }
             }
         });

@@ -54,17 +54,18 @@ internal static unsafe class ConvGemm
     /// <summary>The input gradient splits into Stride² phase convolutions; their descriptors live on the stack.</summary>
     private const int MaxStride = 4;
 
-    /// <summary>y[n] = W·col(x[n]) + b for every image, images spread over the cores.</summary>
-    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y)
+    /// <summary>y[n] = W·col(x[n]) + b (+ e[n, k] per output channel when e is not null) for every image, images spread
+    /// over the cores.</summary>
+    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null)
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
         int crs = g.Crs;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
-        Cpu.Items(g.N, (g, pl, (nint)x, (nint)w, (nint)b, (nint)y, (nint)off), static (state, n) =>
+        Cpu.Items(g.N, (g, pl, (nint)x, (nint)w, (nint)b, (nint)y, (nint)e, (nint)off), static (state, n) =>
         {
-            var (g, pl, xp, wp, bp, yp, offp) = state;
-            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp;
+            var (g, pl, xp, wp, bp, yp, ep, offp) = state;
+            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
             int* off = (int*)offp;
             int crs = g.Crs, wide = g.P * pl.Wh;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
@@ -74,7 +75,15 @@ internal static unsafe class ConvGemm
             float* yw = ws.Wide((long)g.K * wide);
             // ywide [K, P·Wh] = W [K, CRS] · col [CRS, P·Wh]
             Gemm.MultiplyRowOffsets(g.K, wide, crs, w, crs, 1, planes, off, yw, wide, accumulate: false);
-            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, b, accumulate: false);
+            float* bias = b;
+            if (e != null)
+            {
+                // This image's bias: b[k] + e[n, k].
+                float* bn = stackalloc float[g.K];
+                for (int k = 0; k < g.K; k++) bn[k] = b[k] + e[(long)n * g.K + k];
+                bias = bn;
+            }
+            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false);
         });
     }
 

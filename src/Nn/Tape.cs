@@ -115,19 +115,24 @@ public sealed class Tape : IDisposable
     // Each rule is a static lambda that reads what it needs from its record (inputs A, B, C, integer arguments, saved
     // tensors): a capturing lambda would allocate a closure per op and step.
 
-    /// <summary>y = conv2d(x, w) + b. dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy.</summary>
-    public Var Conv2d(Var x, Var w, Var b, int stride, int pad)
+    /// <summary>y = conv2d(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each image (in
+    /// the convolution's epilogue). dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy, de = Σ_hw dy.</summary>
+    public Var Conv2d(Var x, Var w, Var b, int stride, int pad, Var? channelBias = null)
     {
         using var timer = Profile?.Time("conv2d", Device) ?? default;
         var g = ConvShape.Of(x.Value, w.Value, stride, pad);
-        var y = Make([g.N, g.K, g.P, g.Q], x, w, b);
+        var y = Make([g.N, g.K, g.P, g.Q], x, w, b, channelBias);
         using (ConvDetail("fwd", g))
         {
-            Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad);
+            Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad, channelBias?.Value);
         }
         Record(new Step("conv2d.backward", y, static (tape, in r, dy) =>
         {
-            var (x, w, b, stride, pad) = (r.A!, r.B!, r.C!, r.I0, r.I1);
+            var (x, w, b, e, stride, pad) = (r.A!, r.B!, r.C!, r.D, r.I0, r.I1);
+            if (e is { RequiresGrad: true })
+            {
+                Elementwise.AddChannelsBackward(dy, tape.GradOf(e));
+            }
             var g = ConvShape.Of(x.Value, w.Value, stride, pad);
             if (x.RequiresGrad)
             {
@@ -144,7 +149,7 @@ public sealed class Tape : IDisposable
             {
                 Kernels.Conv2d.BackwardBias(dy, tape.GradOf(b));
             }
-        }, x, w, b) { Saved = 2, I0 = stride, I1 = pad });
+        }, x, w, b, channelBias) { Saved = 2, I0 = stride, I1 = pad });
         return y;
     }
 
@@ -465,11 +470,12 @@ public sealed class Tape : IDisposable
         return new Var(value, requiresGrad);
     }
 
-    /// <summary>The output of an op on up to three inputs: it needs a gradient when recording and any input does.</summary>
-    private Var Make(ReadOnlySpan<int> shape, Var? a = null, Var? b = null, Var? c = null)
+    /// <summary>The output of an op on up to four inputs: it needs a gradient when recording and any input does.</summary>
+    private Var Make(ReadOnlySpan<int> shape, Var? a = null, Var? b = null, Var? c = null, Var? d = null)
     {
         ObjectDisposedException.ThrowIf(_backwardDone && Recording, this);
-        bool requiresGrad = Recording && (a is { RequiresGrad: true } || b is { RequiresGrad: true } || c is { RequiresGrad: true });
+        bool requiresGrad = Recording && (a is { RequiresGrad: true } || b is { RequiresGrad: true } || c is { RequiresGrad: true }
+            || d is { RequiresGrad: true });
         var v = NewVar(NewTensor(shape), requiresGrad);
         v.OwnedByTape = true;
         _owned.Add(v);
@@ -495,10 +501,10 @@ public sealed class Tape : IDisposable
     private delegate void Rule(Tape tape, in Step record, Tensor dy);
 
     /// <summary>
-    /// One backward record: the op's rule, its output, its inputs A, B, C, of which the first <see cref="Saved"/> have
+    /// One backward record: the op's rule, its output, its inputs A, B, C, D, of which the first <see cref="Saved"/> have
     /// values the rule reads (so they stay alive until it has run), integer arguments and saved tensors.
     /// </summary>
-    private readonly record struct Step(string Op, Var Output, Rule Backward, Var? A = null, Var? B = null, Var? C = null)
+    private readonly record struct Step(string Op, Var Output, Rule Backward, Var? A = null, Var? B = null, Var? C = null, Var? D = null)
     {
         public int Saved { get; init; }
         public int I0 { get; init; }

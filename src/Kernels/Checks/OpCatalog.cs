@@ -25,6 +25,8 @@ public static class OpCatalog
         Conv("conv2d 1x1", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1, s: 1, stride: 1, pad: 0),
         Conv("conv2d 3x3 c=1", n: 2, c: 1, h: 7, w: 9, k: 5, r: 3, s: 3, stride: 1, pad: 1),
         Conv("conv2d 5x3 s2 p2", n: 1, c: 2, h: 8, w: 5, k: 3, r: 5, s: 3, stride: 2, pad: 2),
+        ConvChannelBias("conv2d 3x3 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4),
+        ConvChannelBias("conv2d 1x1 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1),
         GroupNormCase("groupnorm C6 G3", n: 3, c: 6, h: 7, w: 9, groups: 3),
         GroupNormCase("groupnorm C5 G5", n: 3, c: 5, h: 7, w: 9, groups: 5),
         GroupNormCase("groupnorm C5 G1 1x1", n: 3, c: 5, h: 1, w: 1, groups: 1),
@@ -213,6 +215,25 @@ public static class OpCatalog
                 Conv2d.BackwardInput(dy, x[1], d[0]!, stride, pad);
                 Conv2d.BackwardWeight(dy, x[0], d[1]!, stride, pad);
                 Conv2d.BackwardBias(dy, d[2]!);
+            },
+        };
+    }
+
+    /// <summary>y = conv(x, w) + b + e[n, k] (the ResBlock's time embedding folded into its first convolution).</summary>
+    private static OpCase ConvChannelBias(string name, int n, int c, int h, int w, int k, int r = 3)
+    {
+        int pad = r / 2;
+        return new OpCase
+        {
+            Name = name,
+            Inputs = [new("x", [n, c, h, w]), new("w", [k, c, r, r]), new("b", [k]), new("e", [n, k])],
+            Forward = (sc, x) => [Run(sc.Output(n, k, h, w), y => Conv2d.Forward(x[0], x[1], x[2], y, 1, pad, channelBias: x[3]))],
+            Backward = (sc, x, y, dy, d) =>
+            {
+                Conv2d.BackwardInput(dy, x[1], d[0]!, 1, pad);
+                Conv2d.BackwardWeight(dy, x[0], d[1]!, 1, pad);
+                Conv2d.BackwardBias(dy, d[2]!);
+                Elementwise.AddChannelsBackward(dy, d[3]!);
             },
         };
     }
