@@ -12,7 +12,9 @@ namespace Ddpm.Nn;
 /// Memory: intermediates belong to the tape. During backward a value goes back to the device pool
 /// as soon as no remaining record needs it, and a gradient as soon as its producer has used it, so
 /// a training step's memory is bounded and returns to the pool for the next step. A tape made by
-/// <see cref="NoGrad"/> records nothing; its values are released on <see cref="Dispose"/>.
+/// <see cref="NoGrad"/> records nothing; its values are released on <see cref="Reset"/> or <see cref="Dispose"/>.
+/// A loop that keeps one tape and resets it every step allocates no managed memory after the first: records are
+/// structs whose rules are static lambdas, and the Var and Tensor objects are recycled.
 /// </summary>
 public sealed class Tape : IDisposable
 {
