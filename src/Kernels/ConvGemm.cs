@@ -60,12 +60,16 @@ internal static unsafe class ConvGemm
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
         int crs = g.Crs;
-        int* off = Workspace.Current.Offsets(crs);
+        var caller = Workspace.Current;
+        int* off = caller.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
-        Cpu.Items(g.N, (g, pl, (nint)x, (nint)w, (nint)b, (nint)y, (nint)e, (nint)off), static (state, n) =>
+        // The weights are every image's A: packed once here instead of once per image.
+        float* packed = caller.PackedA(Gemm.PackedALength(g.K, crs));
+        Gemm.PackA(g.K, crs, w, crs, 1, packed);
+        Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off), static (state, n) =>
         {
-            var (g, pl, xp, wp, bp, yp, ep, offp) = state;
-            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
+            var (g, pl, xp, packedp, bp, yp, ep, offp) = state;
+            float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
             int* off = (int*)offp;
             int crs = g.Crs, wide = g.P * pl.Wh;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
@@ -74,7 +78,7 @@ internal static unsafe class ConvGemm
             pl.Fill(x + n * xs, planes);
             float* yw = ws.Wide((long)g.K * wide);
             // ywide [K, P·Wh] = W [K, CRS] · col [CRS, P·Wh]
-            Gemm.MultiplyRowOffsets(g.K, wide, crs, w, crs, 1, planes, off, yw, wide, accumulate: false);
+            Gemm.MultiplyRowOffsets(g.K, wide, crs, null, crs, 1, planes, off, yw, wide, accumulate: false, packedA: packed);
             float* bias = b;
             if (e != null)
             {
@@ -102,9 +106,10 @@ internal static unsafe class ConvGemm
         var caller = Workspace.Current;
         int* off = caller.Offsets(g.K * g.R * g.S);
         float* wts = caller.Weights((long)g.C * g.K * g.R * g.S);
+        float* packed = caller.PackedA(Gemm.PackedALength(g.C, g.K * g.R * g.S));
         Phase* phases = stackalloc Phase[st * st];
         int count = 0, used = 0;
-        long wideMax = 0;
+        long wideMax = 0, packedUsed = 0;
         for (int a = 0; a < st; a++)
         {
             for (int b = 0; b < st; b++)
@@ -112,16 +117,21 @@ internal static unsafe class ConvGemm
                 var ph = new Phase(g, a, b, top, left, used);
                 if (ph.Taps == 0 || ph.Rows <= 0 || ph.Cols <= 0) continue; // no tap of the kernel, or no output, in this phase
                 ph.Prepare(g, w, pl, off + used, wts + (long)g.C * used);
-                used += g.K * ph.Taps;
+                // Each phase's sub-kernel is the A of every image's product: packed once here.
+                int kk = g.K * ph.Taps;
+                ph.Packed = packedUsed;
+                Gemm.PackA(g.C, kk, wts + (long)g.C * used, kk, 1, packed + packedUsed);
+                packedUsed += Gemm.PackedALength(g.C, kk);
+                used += kk;
                 wideMax = Math.Max(wideMax, (long)ph.Rows * pl.Wh);
                 phases[count++] = ph;
             }
         }
-        var pointers = ((nint)dy, (nint)dx, (nint)off, (nint)wts, (nint)phases);
+        var pointers = ((nint)dy, (nint)dx, (nint)off, (nint)packed, (nint)phases);
         Cpu.Items(g.N, (g, pl, pointers, count, wideMax, accumulate), static (state, n) =>
         {
-            var (g, pl, (dyp, dxp, offp, wtsp, phasesp), count, wideMax, accumulate) = state;
-            float* dy = (float*)dyp, dx = (float*)dxp, wts = (float*)wtsp;
+            var (g, pl, (dyp, dxp, offp, packedp, phasesp), count, wideMax, accumulate) = state;
+            float* dy = (float*)dyp, dx = (float*)dxp, packed = (float*)packedp;
             int* off = (int*)offp;
             Phase* phases = (Phase*)phasesp;
             int st = g.Stride;
@@ -142,7 +152,7 @@ internal static unsafe class ConvGemm
                 Phase ph = phases[i];
                 int kk = g.K * ph.Taps, wide = ph.Rows * pl.Wh;
                 // dxwide [C, rows·Wh] = W_ab [C, K·taps] · col(dy) [K·taps, rows·Wh]
-                Gemm.MultiplyRowOffsets(g.C, wide, kk, wts + (long)g.C * ph.First, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false);
+                Gemm.MultiplyRowOffsets(g.C, wide, kk, null, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false, packedA: packed + ph.Packed);
                 ph.Scatter(g, dxw, pl.Wh, dx + n * xs, accumulate: !write);
             }
         });
@@ -193,6 +203,9 @@ internal static unsafe class ConvGemm
     private struct Phase
     {
         public int A, B, RowTaps, ColTaps, ULo, Rows, VLo, Cols, RowStart, ColStart, First;
+
+        /// <summary>Where this phase's packed sub-kernel starts in the call's packed buffer.</summary>
+        public long Packed;
 
         /// <summary>The phase's taps and outputs; dy sits at (top, left) in the frame (see <see cref="InputFrame"/>);
         /// its offsets and sub-kernel will start at index <paramref name="first"/> of the call's tables.</summary>
@@ -654,8 +667,8 @@ internal static unsafe class ConvGemm
     {
         [ThreadStatic] private static Workspace? t_current;
 
-        private void* _planes, _wide, _offsets, _weights, _line;
-        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap;
+        private void* _planes, _wide, _offsets, _weights, _line, _packed;
+        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap, _packedCap;
 
         public static Workspace Current => t_current ??= new Workspace();
 
@@ -670,6 +683,10 @@ internal static unsafe class ConvGemm
 
         /// <summary>The flipped, transposed kernel of the input gradient, shared read-only by the workers of one call.</summary>
         public float* Weights(long floats) => (float*)Ensure(ref _weights, ref _weightsCap, (nuint)floats * sizeof(float));
+
+        /// <summary>The weights packed for the GEMM (<see cref="Gemm.PackA(int, int, float*, int, int, float*)"/>), shared
+        /// read-only by the workers of one call.</summary>
+        public float* PackedA(long floats) => (float*)Ensure(ref _packed, ref _packedCap, (nuint)floats * sizeof(float));
 
         /// <summary>One padded input row, for the stride-phase split.</summary>
         public float* Line(int floats) => (float*)Ensure(ref _line, ref _lineCap, (nuint)floats * sizeof(float));
@@ -694,6 +711,7 @@ internal static unsafe class ConvGemm
             NativeMemory.AlignedFree(_offsets);
             NativeMemory.AlignedFree(_weights);
             NativeMemory.AlignedFree(_line);
+            NativeMemory.AlignedFree(_packed);
         }
     }
 }
