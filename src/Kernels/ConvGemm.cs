@@ -302,30 +302,44 @@ internal static unsafe class ConvGemm
             return;
         }
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
-        int crs = g.Crs, wlen = g.K * crs;
+        int crs = g.Crs, wlen = g.K * crs, j = g.P * pl.Wh;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
         int workers = Math.Min(Cpu.Threads, g.N);
+        // The GEMM reads and writes all of its C (the worker's dW) once per block of its reduction. Small images go in
+        // groups whose positions (each image's rounded up to whole 16-float slices, the rest zero) fill about one
+        // block, so a 7x7 layer's dW is swept once per two images instead of once per image.
+        int group = Math.Clamp(Gemm.KC / ((j + 15) & ~15), 1, Math.Max(1, g.N / workers));
+        int ldk = group > 1 ? (j + 15) & ~15 : j;
         float* partials = Scratch.Partials(workers, wlen);
-        Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers), static (state, worker) =>
+        Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers, group, ldk), static (state, worker) =>
         {
-            var (g, pl, dyp, xp, offp, partialsp, workers) = state;
+            var (g, pl, dyp, xp, offp, partialsp, workers, group, ldk) = state;
             float* dy = (float*)dyp, x = (float*)xp;
             int* off = (int*)offp;
-            int crs = g.Crs, wide = g.P * pl.Wh, wlen = g.K * crs;
-            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+            int crs = g.Crs, wlen = g.K * crs, ldd = group * ldk;
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length;
             float* acc = (float*)partialsp + (long)worker * wlen;
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
-            float* planes = ws.Planes(pl.Length);
-            float* dyw = ws.Wide((long)g.K * wide);
+            float* planes = ws.Planes(group * planeLen);
+            float* dyw = ws.Wide((long)g.K * ldd);
+            if (ldk > g.P * pl.Wh) new Span<float>(dyw, g.K * ldd).Clear(); // the zero slice ends, never written after
             int first = (int)((long)g.N * worker / workers), last = (int)((long)g.N * (worker + 1) / workers);
-            for (int n = first; n < last; n++)
+            for (int n0 = first; n0 < last; n0 += group)
             {
-                pl.Fill(x + n * xs, planes);
-                ToWideColumns(dy + n * ys, g.K, g.P, g.Q, dyw, pl.Wh);
-                // dW [K, CRS] += dywide [K, P·Wh] · colᵀ [P·Wh, CRS]
-                Gemm.MultiplyColumnOffsets(g.K, crs, wide, dyw, wide, 1, planes, off, acc, crs, accumulate: true);
+                int count = Math.Min(group, last - n0);
+                for (int i = 0; i < count; i++)
+                {
+                    pl.Fill(x + (n0 + i) * xs, planes + i * planeLen);
+                    for (int k = 0; k < g.K; k++)
+                    {
+                        ToWideColumns(dy + (n0 + i) * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + (long)k * ldd + i * ldk, pl.Wh);
+                    }
+                }
+                // dW [K, CRS] += dywide [K, count·ldk] · colᵀ [count·ldk, CRS], image i's columns read from its planes
+                Gemm.MultiplyColumnOffsets(g.K, crs, count * ldk, dyw, ldd, 1, planes, off, acc, crs, accumulate: true,
+                    groupStride: planeLen, kPerGroup: group > 1 ? ldk : 0);
             }
         });
         var dst = new Span<float>(dw, wlen);

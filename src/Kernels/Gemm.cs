@@ -55,7 +55,7 @@ namespace Ddpm.Kernels;
 /// <summary>Single-precision GEMM on the managed CPU backend: C = A·B (+ C when accumulating), any strides.</summary>
 public static unsafe class Gemm
 {
-    private const int KC = 128;
+    internal const int KC = 128;
     private const int MC = 1024;
     /// <summary>Below ~1 MFLOP (~10 µs) waking a helper costs as much as it saves (measured crossover ~0.5-1 MFLOP).</summary>
     private const double MinParallelFlops = 1.5e6;
@@ -176,9 +176,18 @@ public static unsafe class Gemm
     /// Shapes: A [m,k] read as in <see cref="Multiply"/>, columnOffsets [n], C [m,n]; b[columnOffsets[j] .. + k) must
     /// be readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm.
     /// </summary>
-    internal static void MultiplyColumnOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* columnOffsets, float* c, int ldc, bool accumulate)
+    internal static void MultiplyColumnOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* columnOffsets, float* c, int ldc, bool accumulate,
+        long groupStride = 0, int kPerGroup = 0)
     {
         if (Trivial(m, n, k, c, ldc, accumulate)) return;
+        if (kPerGroup > 0)
+        {
+            var grouped = new GroupedColumnOffsetsB(b, columnOffsets, groupStride, kPerGroup);
+            if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
+            else if (Fma.IsSupported) Serial<Avx2Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
+            else Serial<ScalarKernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
+            return;
+        }
         var src = new ColumnOffsetsB(b, columnOffsets);
         if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
         else if (Fma.IsSupported) Serial<Avx2Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
@@ -511,6 +520,26 @@ public static unsafe class Gemm
                     for (; j < NR; j += 16) Vector512.Store(Vector512<float>.Zero, d + j);
                 }
                 for (; j < NR; j++) d[j] = 0f;
+            }
+        }
+    }
+
+    /// <summary>
+    /// Column offsets over groups: rows [i·kPerGroup, (i+1)·kPerGroup) of B are the column-offset matrix of the block
+    /// b + i·groupStride (several images' lowered matrices stacked along the reduction). A packing slice never straddles
+    /// two groups when kPerGroup is a multiple of 16.
+    /// </summary>
+    private readonly struct GroupedColumnOffsetsB(float* b, int* columnOffsets, long groupStride, int kPerGroup) : IBSource
+    {
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
+        {
+            for (int p = p0; p < p0 + kc;)
+            {
+                int i = p / kPerGroup, end = Math.Min(p0 + kc, (i + 1) * kPerGroup);
+                // Group i's B(p, j) = b[i·groupStride + off[j] + p - i·kPerGroup].
+                new ColumnOffsetsB(b + i * (groupStride - kPerGroup), columnOffsets).Pack<TK>(p, end - p, j0, nr, dst + (long)(p - p0) * TK.NR);
+                p = end;
             }
         }
     }
