@@ -318,7 +318,7 @@ internal static unsafe class ConvGemm
             float* dy = (float*)dyp, x = (float*)xp;
             int* off = (int*)offp;
             int crs = g.Crs, wlen = g.K * crs, ldd = group * ldk;
-            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length;
+            long planeLen = pl.Length;
             float* acc = (float*)partialsp + (long)worker * wlen;
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
@@ -329,17 +329,10 @@ internal static unsafe class ConvGemm
             for (int n0 = first; n0 < last; n0 += group)
             {
                 int count = Math.Min(group, last - n0);
-                for (int i = 0; i < count; i++)
-                {
-                    pl.Fill(x + (n0 + i) * xs, planes + i * planeLen);
-                    for (int k = 0; k < g.K; k++)
-                    {
-                        ToWideColumns(dy + (n0 + i) * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + (long)k * ldd + i * ldk, pl.Wh);
-                    }
-                }
+                StageGroup(g, pl, x, dy, n0, count, planes, dyw, imageStride: ldk, channelStride: ldd);
                 // dW [K, CRS] += dywide [K, count·ldk] · colᵀ [count·ldk, CRS], image i's columns read from its planes
                 Gemm.MultiplyColumnOffsets(g.K, crs, count * ldk, dyw, ldd, 1, planes, off, acc, crs, accumulate: true,
-                    groupStride: planeLen, kPerGroup: group > 1 ? ldk : 0);
+                    groupStride: planeLen, kPerGroup: ldk);
             }
         });
         var dst = new Span<float>(dw, wlen);
@@ -373,7 +366,7 @@ internal static unsafe class ConvGemm
             float* dy = (float*)dyp, x = (float*)xp;
             int* off = (int*)offp;
             int crs = g.Crs, wlen = g.K * crs, k4 = (g.K + 3) & ~3;
-            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length, dyLen = (long)k4 * ldd;
+            long planeLen = pl.Length, dyLen = (long)k4 * ldd;
             float* acc = (float*)partialsp + (long)worker * wlen;
             new Span<float>(acc, wlen).Clear();
             var ws = Workspace.Current;
@@ -385,14 +378,7 @@ internal static unsafe class ConvGemm
             for (int n0 = first; n0 < last; n0 += group)
             {
                 int count = Math.Min(group, last - n0);
-                for (int i = 0; i < count; i++)
-                {
-                    pl.Fill(x + (n0 + i) * xs, planes + i * planeLen);
-                    for (int k = 0; k < g.K; k++)
-                    {
-                        ToWideColumns(dy + (n0 + i) * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + i * dyLen + (long)k * ldd, pl.Wh);
-                    }
-                }
+                StageGroup(g, pl, x, dy, n0, count, planes, dyw, imageStride: dyLen, channelStride: ldd);
                 DotTiles(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
             }
         });
@@ -521,6 +507,23 @@ internal static unsafe class ConvGemm
                 {
                     for (int x = 0; x < q; x++) dst[x] = src[x] + bk;
                 }
+            }
+        }
+    }
+
+    /// <summary>
+    /// The weight gradient's operands for images n0 .. n0 + count: image i's padded planes at planes + i·pl.Length, and
+    /// each channel k of its dy on the wide grid at dyw + i·imageStride + k·channelStride (P rows of Wh floats).
+    /// </summary>
+    private static void StageGroup(ConvShape g, Planes pl, float* x, float* dy, int n0, int count, float* planes, float* dyw, long imageStride, long channelStride)
+    {
+        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
+        for (int i = 0; i < count; i++)
+        {
+            pl.Fill(x + (n0 + i) * xs, planes + i * pl.Length);
+            for (int k = 0; k < g.K; k++)
+            {
+                ToWideColumns(dy + (n0 + i) * ys + (long)k * g.Pq, 1, g.P, g.Q, dyw + i * imageStride + k * channelStride, pl.Wh);
             }
         }
     }

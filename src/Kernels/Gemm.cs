@@ -174,24 +174,19 @@ public static unsafe class Gemm
     /// C[i*ldc + j] (=|+=) sum_p A(i,p)·B(p,j) with B(p,j) = b[columnOffsets[j] + p]: each column of B is a contiguous
     /// run (the transposed lowered matrix of a convolution's weight gradient, packed straight from the padded image).
     /// Shapes: A [m,k] read as in <see cref="Multiply"/>, columnOffsets [n], C [m,n]; b[columnOffsets[j] .. + k) must
-    /// be readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm.
+    /// be readable. With <paramref name="kPerGroup"/> &gt; 0, B is groups of kPerGroup rows, group i read from
+    /// b + i·<paramref name="groupStride"/> (several images stacked along the reduction). Runs on the calling thread only
+    /// (safe to call concurrently); allocation-free once warm.
     /// </summary>
     internal static void MultiplyColumnOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* columnOffsets, float* c, int ldc, bool accumulate,
         long groupStride = 0, int kPerGroup = 0)
     {
         if (Trivial(m, n, k, c, ldc, accumulate)) return;
-        if (kPerGroup > 0)
-        {
-            var grouped = new GroupedColumnOffsetsB(b, columnOffsets, groupStride, kPerGroup);
-            if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
-            else if (Fma.IsSupported) Serial<Avx2Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
-            else Serial<ScalarKernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, grouped, c, ldc, accumulate);
-            return;
-        }
-        var src = new ColumnOffsetsB(b, columnOffsets);
-        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
-        else if (Fma.IsSupported) Serial<Avx2Kernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
-        else Serial<ScalarKernel, ColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        // Ungrouped is one group of all k rows.
+        var src = new GroupedColumnOffsetsB(b, columnOffsets, groupStride, kPerGroup > 0 ? kPerGroup : k);
+        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else if (Fma.IsSupported) Serial<Avx2Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else Serial<ScalarKernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
     }
 
     /// <summary>Checks the sizes; true when there is nothing to multiply (k = 0 then clears C unless accumulating).</summary>

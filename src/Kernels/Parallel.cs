@@ -57,8 +57,8 @@ internal static class Cpu
 
     /// <summary>
     /// Dedicated helper threads for <see cref="For"/> and <see cref="Items"/>: a parallel call allocates nothing (a
-    /// Parallel.For allocated about 1.5 KB; the job's state waits in <see cref="Job{TState}"/>'s static fields) and the caller works alongside the helpers, items claimed one at a time
-    /// from a shared counter. One call at a time: a call made while another runs (tests in parallel) or from inside a
+    /// Parallel.For allocated about 1.5 KB; the job's state waits in <see cref="Job{TState}"/>'s static fields) and the
+    /// caller works alongside the helpers, items claimed one at a time from a shared counter. One call at a time: a call made while another runs (tests in parallel) or from inside a
     /// job falls back to Parallel.For. Each helper goes Signaled -> Running -> Finished; a caller that runs out of
     /// items cancels any helper that has not woken yet (Signaled -> Finished), so a descheduled helper never stalls
     /// the call, and that helper's late wake-up finds nothing to do.

@@ -406,12 +406,8 @@ public sealed class Tape : IDisposable
     /// </summary>
     private Tensor GradForWrite(Var v, out bool accumulate)
     {
-        if (!v.OwnedByTape)
-        {
-            return v.GradForWrite(out accumulate);
-        }
         accumulate = v.Grad is not null;
-        return v.Grad ??= NewTensor(v.Shape);
+        return v.Grad ??= v.OwnedByTape ? NewTensor(v.Shape) : Tensor.Empty(Device, v.Shape);
     }
 
     /// <summary>

@@ -31,17 +31,6 @@ public class Var
     /// <summary>The gradient buffer, created as zeros on first use.</summary>
     internal Tensor GradBuffer() => Grad ??= Value.ZerosLike();
 
-    /// <summary>
-    /// The gradient buffer for a kernel that can either overwrite or add: a fresh, uninitialised buffer with
-    /// <paramref name="accumulate"/> false when no gradient has arrived yet (saving the zeroing pass), else the
-    /// existing one with <paramref name="accumulate"/> true.
-    /// </summary>
-    internal Tensor GradForWrite(out bool accumulate)
-    {
-        accumulate = Grad is not null;
-        return Grad ??= Tensor.Empty(Value.Device, Value.Shape);
-    }
-
     // Bookkeeping for releasing intermediates during backward: how many recorded backward steps
     // still need this value, and whether the step that produced it has run.
     internal int PendingUses;
