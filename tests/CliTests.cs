@@ -71,7 +71,7 @@ public sealed class CliTests : IDisposable
         {
             trainer.Save(Path.Combine(_dir, TrainCommand.CheckpointFile));
         }
-        OneLineError(Run("train", "--resume", "--preset", "small", "--out", _dir, "--data", _dir), ExitCodes.Failure, "holds a tiny model, not small");
+        OneLineError(Run("train", "--resume", "--preset", "small", "--out", _dir, "--data", _dir), ExitCodes.Usage, "holds a tiny model, not small");
     }
 
     [Fact]

@@ -20,8 +20,8 @@ public static class BenchCommand
     {
         var preset = new Option<string>("--preset") { Description = "tiny | small | base", DefaultValueFactory = _ => "base" };
         preset.AcceptOnlyFromAmong(Presets.Names);
-        var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 };
-        var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 };
+        var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 }.Within(1, TrainOptions.MaxBatch);
+        var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 }.Within(1, 100_000);
         var device = Program.DeviceOption();
         var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train steps; tables on stderr" };
         var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile };

@@ -37,17 +37,133 @@ public static class Program
         {
             return body();
         }
-        catch (Exception e) when (e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException
+        catch (Exception e) when (e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException or RunLockedException
             or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException)
         {
-            Console.Error.WriteLine($"ddpm: {e.Message}");
+            Console.Error.WriteLine($"ddpm: {OneLine(e.Message)}");
             return e switch
             {
+                UsageException => ExitCodes.Usage,
                 TrainingDivergedException => ExitCodes.Diverged,
                 OutOfDeviceMemoryException or OutOfMemoryException => ExitCodes.OutOfMemory,
                 _ => ExitCodes.Failure,
             };
         }
+        catch (Exception e) when (Environment.GetEnvironmentVariable("DDPM_DEBUG") is null)
+        {
+            // A bug, not the user's doing: still one line, with the way to the stack trace.
+            Console.Error.WriteLine($"ddpm: internal error: {e.GetType().Name}: {OneLine(e.Message)} (set DDPM_DEBUG=1 for the stack trace)");
+            return ExitCodes.Internal;
+        }
+    }
+
+    private static string OneLine(string message) => string.Join(' ', message.Split(['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries));
+
+    /// <summary>Refuses a folder flag that names an existing file, by the flag's name.</summary>
+    public static void RequireFolder(string flag, string path)
+    {
+        if (File.Exists(path))
+        {
+            throw new UsageException($"{flag} {path}: is a file, not a folder");
+        }
+    }
+
+    /// <summary>Takes the run folder's lock (creating the folder), or says which process holds it.</summary>
+    public static RunLock LockRun(string folder)
+    {
+        try
+        {
+            return RunLock.Acquire(folder, msg => Console.Error.WriteLine(msg));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UsageException($"--out {folder}: cannot write there ({OneLine(e.Message)})");
+        }
+    }
+
+    /// <summary>Creates an output folder and proves it writable before any work is done, naming the flag when it is not.</summary>
+    public static void RequireWritableFolder(string flag, string folder)
+    {
+        RequireFolder(flag, folder);
+        try
+        {
+            Directory.CreateDirectory(folder);
+            var probe = Path.Combine(folder, $".ddpm-write-test.{Environment.ProcessId}");
+            File.WriteAllBytes(probe, []);
+            File.Delete(probe);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UsageException($"{flag} {folder}: cannot write there ({OneLine(e.Message)})");
+        }
+    }
+
+    /// <summary>Limits a numeric option to [min, max]; a value outside (NaN included) is a usage error naming the flag.</summary>
+    public static Option<T> Within<T>(this Option<T> option, T min, T max) where T : struct, System.Numerics.INumber<T>
+    {
+        option.Validators.Add(r =>
+        {
+            T v;
+            try
+            {
+                v = r.GetValueOrDefault<T>();
+            }
+            catch (InvalidOperationException)
+            {
+                return; // not a number at all: the parser reports that
+            }
+            if (!(v >= min && v <= max))
+            {
+                r.AddError($"{option.Name} {Text(v)}: must be {Range(min, max)}");
+            }
+        });
+        return option;
+    }
+
+    /// <inheritdoc cref="Within{T}(Option{T}, T, T)"/>
+    public static Option<T?> Within<T>(this Option<T?> option, T min, T max) where T : struct, System.Numerics.INumber<T>
+    {
+        option.Validators.Add(r =>
+        {
+            T? value;
+            try
+            {
+                value = r.GetValueOrDefault<T?>();
+            }
+            catch (InvalidOperationException)
+            {
+                return; // not a number at all: the parser reports that
+            }
+            if (value is { } v && !(v >= min && v <= max))
+            {
+                r.AddError($"{option.Name} {Text(v)}: must be {Range(min, max)}");
+            }
+        });
+        return option;
+    }
+
+    private static string Text<T>(T v) where T : System.Numerics.INumber<T> => v.ToString(null, System.Globalization.CultureInfo.InvariantCulture);
+
+    private static string Range<T>(T min, T max) where T : System.Numerics.INumber<T>
+    {
+        bool floating = typeof(T) == typeof(float) || typeof(T) == typeof(double);
+        if (floating && double.CreateChecked(max) >= float.MaxValue)
+        {
+            return $"a finite number, {Text(min)} or more";
+        }
+        if (floating && double.CreateChecked(min) > 0 && double.CreateChecked(min) < 1e-30)
+        {
+            return $"a number in (0, {Text(max)}]";
+        }
+        if (typeof(T) == typeof(float) && float.CreateChecked(max) == 0.99999994f)
+        {
+            return $"a number in [{Text(min)}, 1)";
+        }
+        if (!floating && (double.CreateChecked(max) >= int.MaxValue))
+        {
+            return $"{Text(min)} or more";
+        }
+        return $"in {Text(min)}..{Text(max)}";
     }
 
     /// <summary>The --device option every command shares.</summary>
@@ -104,6 +220,9 @@ public static class ExitCodes
     /// <summary>Out of memory on the device or host.</summary>
     public const int OutOfMemory = 4;
 
-    /// <summary>Stopped by Ctrl-C after saving a checkpoint (128 + SIGINT).</summary>
+    /// <summary>Stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives 143 and SIGHUP 129, likewise after saving.</summary>
     public const int Interrupted = 130;
+
+    /// <summary>A bug in the engine (an exception no user input should cause): one line, and DDPM_DEBUG=1 shows the stack.</summary>
+    public const int Internal = 70;
 }

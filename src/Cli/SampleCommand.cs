@@ -12,55 +12,68 @@ public static class SampleCommand
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
-        var n = new Option<int>("--n") { Description = "how many digits", DefaultValueFactory = _ => 64 };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
+        var n = new Option<int>("--n") { Description = "how many digits (1..10000)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
         var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps)", DefaultValueFactory = _ => "ddpm" };
         sampler.AcceptOnlyFromAmong("ddpm", "ddim");
-        var variance = new Option<string>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's) | small (posterior)", DefaultValueFactory = _ => "large" };
+        var variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
         variance.AcceptOnlyFromAmong("large", "small");
-        var steps = new Option<int>("--steps") { Description = "ddim steps S (ddpm always takes T)", DefaultValueFactory = _ => 50 };
-        var eta = new Option<double>("--eta") { Description = "ddim's eta: 0 deterministic, 1 as ddpm", DefaultValueFactory = _ => 0.0 };
+        var steps = new Option<int?>("--steps") { Description = "ddim steps S (default 50; ddpm always takes the run's T)" }.Within(1, NoiseScheduleLimits.MaxT);
+        var eta = new Option<double?>("--eta") { Description = "ddim's eta in [0, 1]: 0 deterministic (default), 1 as ddpm" }.Within(0.0, 1.0);
         var seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
         var noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
         var device = Program.DeviceOption();
         var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" };
         var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, sampler, variance, steps, eta, seed, noEma, device, output };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(variance)!,
-            p.GetValue(steps), p.GetValue(eta), p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(variance), p.GetValue(steps),
+            p.GetValue(eta), p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
         return command;
     }
 
-    private static int Run(string checkpoint, int n, string samplerName, string variance, int steps, double eta, ulong seed, bool noEma, string deviceName, string? outDir)
+    private static int Run(string checkpoint, int n, string samplerName, string? variance, int? steps, double? eta, ulong seed, bool noEma, string deviceName, string? outDir)
     {
-        if (n is < 1 or > 10_000)
+        bool ddim = samplerName == "ddim";
+        if (!ddim && (steps is not null || eta is not null))
         {
-            throw new ArgumentException($"--n {n} must be between 1 and 10000");
+            throw new UsageException($"{(steps is not null ? "--steps" : "--eta")} applies to --sampler ddim only (ddpm always takes the run's T steps)");
+        }
+        if (ddim && variance is not null)
+        {
+            throw new UsageException("--variance applies to --sampler ddpm only (ddim's noise is set by --eta)");
+        }
+        if (Directory.Exists(checkpoint))
+        {
+            throw new UsageException($"--checkpoint {checkpoint}: is a folder; pass its {TrainCommand.CheckpointFile}");
         }
         if (!File.Exists(checkpoint))
         {
             throw new ArgumentException($"checkpoint {checkpoint} does not exist (train one with 'ddpm train')");
         }
-        var file = SafeTensors.Read(checkpoint);
-        int ch = Checkpoint.ChannelsOf(file);
-        var meta = file.Metadata;
+        // The whole file is validated (names, shapes against the preset it claims, finite values, metadata) before anything is built.
+        var info = Checkpoint.Inspect(checkpoint);
+        var meta = info.Metadata;
         string scheduleName = meta.GetValueOrDefault("schedule", "linear");
-        int T = int.TryParse(meta.GetValueOrDefault("T", "300"), NumberStyles.None, CultureInfo.InvariantCulture, out int parsed) ? parsed : 300;
+        int T = meta.TryGetValue("T", out var t) ? int.Parse(t, CultureInfo.InvariantCulture) : 300;
+        if (ddim && steps > T)
+        {
+            throw new UsageException($"--steps {steps}: the run has T = {T} diffusion steps, so ddim takes at most {T}");
+        }
         var schedule = NoiseSchedule.ByName(scheduleName, T);
-        var kind = samplerName == "ddim" ? SamplerKind.Ddim : variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
-        var plan = Sampler.Plan(schedule, kind, steps, eta);
+        var kind = ddim ? SamplerKind.Ddim : variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
+        var plan = Sampler.Plan(schedule, kind, steps ?? 50, eta ?? 0);
+        outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
+        Program.RequireWritableFolder("--out", outDir);
 
         using var device = Program.OpenDevice(deviceName);
-        var model = new UNet(ch, device);
-        bool useEma = !noEma && Checkpoint.HasEma(file);
+        var model = new UNet(info.Channels, device);
+        bool useEma = !noEma && info.HasEma;
         using (var ema = useEma ? new Ema(model.Parameters, 0.5f) : null)
         {
-            Checkpoint.Load(checkpoint, model, ema: ema);
+            Checkpoint.Load(info, model, ema: ema);
             ema?.CopyToModel();
         }
-        outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
-        Directory.CreateDirectory(outDir);
-        Console.Error.WriteLine($"sampling {n} digits: {Presets.NameOf(ch) ?? $"ch={ch}"} model, {(useEma ? "EMA" : "raw")} weights, " +
-            $"{(kind == SamplerKind.Ddim ? $"ddim {plan.Count} steps eta {eta}" : $"ddpm ({variance} variance) {plan.Count} steps")}, {scheduleName} schedule, seed {seed}");
+        Console.Error.WriteLine($"sampling {n} digits: {info.Preset} model, {(useEma ? "EMA" : "raw")} weights, " +
+            $"{(kind == SamplerKind.Ddim ? $"ddim {plan.Count} steps eta {eta ?? 0}" : $"ddpm ({variance ?? "large"} variance) {plan.Count} steps")}, {scheduleName} schedule, seed {seed}");
 
         var frames = new List<float[]>();
         int every = Math.Max(1, plan.Count / 30);

@@ -1,6 +1,5 @@
 using System.CommandLine;
 using System.Diagnostics;
-using System.Globalization;
 using System.Text.Json;
 using Ddpm.Diffusion;
 using Ddpm.Nn;
@@ -18,83 +17,105 @@ public static class TrainCommand
     /// <summary>The file names a run folder holds.</summary>
     public const string CheckpointFile = "model.safetensors", MetricsFile = "metrics.jsonl", LossFile = "loss.png", SamplesFile = "samples.png";
 
+    /// <summary>Steps between checkpoints by default: about two minutes of the tiny preset on two cores, seconds on a GPU.</summary>
+    public const int DefaultSaveEvery = 500;
+
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
         var preset = new Option<string?>("--preset") { Description = "tiny | small | base (default: base on a GPU, tiny on the CPU backend)" };
         preset.AcceptOnlyFromAmong(Presets.Names);
-        var epochs = new Option<int?>("--epochs") { Description = "passes over the 60,000 training digits (default 3)" };
-        var maxSteps = new Option<long?>("--max-steps") { Description = "stop after this many steps in all (default: no limit)" };
-        var batch = new Option<int>("--batch") { Description = "digits per step", DefaultValueFactory = _ => 64 };
-        var lr = new Option<float>("--lr") { Description = "Adam learning rate", DefaultValueFactory = _ => 1e-3f };
-        var schedule = new Option<string>("--schedule") { Description = "noise schedule: linear (the seed's) | cosine", DefaultValueFactory = _ => "linear" };
+        var epochs = new Option<int?>("--epochs") { Description = "passes over the training digits (default 3)" }.Within(1, 1_000_000);
+        var maxSteps = new Option<long?>("--max-steps") { Description = "stop after this many steps in all (default: no limit)" }.Within(1, long.MaxValue / 2);
+        var batch = new Option<int?>("--batch") { Description = "digits per step (default 64)" }.Within(1, TrainOptions.MaxBatch);
+        var lr = new Option<float?>("--lr") { Description = "Adam learning rate (default 1e-3); may change on --resume" }.Within(float.Epsilon, 1f);
+        var schedule = new Option<string?>("--schedule") { Description = "noise schedule: linear (the seed's, default) | cosine" };
         schedule.AcceptOnlyFromAmong("linear", "cosine");
-        var ema = new Option<float>("--ema") { Description = "EMA decay of the weights, e.g. 0.999 (0: off)", DefaultValueFactory = _ => 0f };
-        var clip = new Option<float>("--clip") { Description = "clip the gradient norm to this (0: off)", DefaultValueFactory = _ => 0f };
-        var seed = new Option<ulong>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise", DefaultValueFactory = _ => 0UL };
+        var ema = new Option<float?>("--ema") { Description = "EMA decay of the weights, e.g. 0.999 (default 0: off); may change on --resume" }.Within(0f, 0.99999994f);
+        var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
+        var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
+        var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var device = Program.DeviceOption();
-        var data = new Option<string>("--data") { Description = "folder of the MNIST files (fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
+        var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
-            p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule)!,
-            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!, p.GetValue(resume)))));
+            p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule),
+            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(resume)))));
         return command;
     }
 
-    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int Batch, float Lr, string Schedule, float Ema, float Clip,
-        ulong Seed, string Device, string Data, string Out, bool Resume);
+    /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
+    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, string? Schedule, float? Ema, float? Clip,
+        ulong? Seed, int SaveEvery, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
     {
+        Program.RequireFolder("--out", s.Out);
+        Program.RequireFolder("--data", s.Data);
         var checkpoint = Path.Combine(s.Out, CheckpointFile);
+        using var runLock = Program.LockRun(s.Out);
+        Durable.RemoveStaleTemps(s.Out, ".*.tmp", allPidsStale: true);
         if (s.Resume && !File.Exists(checkpoint))
         {
             throw new ArgumentException($"--resume: {checkpoint} does not exist");
         }
         if (!s.Resume && File.Exists(checkpoint))
         {
-            throw new ArgumentException($"{s.Out} already holds a run; pass --resume to continue it or --out DIR for a new one");
+            throw new ArgumentException($"--out {s.Out} already holds a run; pass --resume to continue it or --out DIR for a new one");
         }
-        if (s.Epochs is < 1 || s.MaxSteps is < 1)
+        if (s.Resume)
         {
-            throw new ArgumentException("--epochs and --max-steps must be at least 1");
-        }
-        if (s.Resume && s.Preset is not null)
-        {
-            int ch = Checkpoint.ChannelsOf(SafeTensors.Read(checkpoint));
-            if (Presets.Channels(s.Preset) != ch)
+            // Validate the whole checkpoint before the device, the data or the run folder is touched.
+            var info = Checkpoint.Inspect(checkpoint);
+            if (s.Preset is not null && s.Preset != info.Preset)
             {
-                throw new ArgumentException($"--resume: {checkpoint} holds a {Presets.NameOf(ch) ?? $"ch={ch}"} model, not {s.Preset}");
+                throw new UsageException($"--resume: {checkpoint} holds a {info.Preset} model, not {s.Preset}");
             }
         }
         using var device = Program.OpenDevice(s.Device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
-        Directory.CreateDirectory(s.Out);
 
         using var trainer = s.Resume
-            ? Trainer.Resume(device, checkpoint, mnist, o => o with { Epochs = s.Epochs ?? o.Epochs, MaxSteps = s.MaxSteps ?? o.MaxSteps })
+            ? Trainer.Resume(device, checkpoint, mnist, o => o with
+            {
+                Preset = s.Preset ?? o.Preset,
+                Epochs = s.Epochs ?? o.Epochs,
+                MaxSteps = s.MaxSteps ?? o.MaxSteps,
+                Batch = s.Batch ?? o.Batch,
+                Lr = s.Lr ?? o.Lr,
+                Schedule = s.Schedule ?? o.Schedule,
+                EmaDecay = s.Ema ?? o.EmaDecay,
+                Clip = s.Clip ?? o.Clip,
+                Seed = s.Seed ?? o.Seed,
+            })
             : new Trainer(device, new TrainOptions
             {
                 Preset = s.Preset ?? DefaultPreset(device),
                 Epochs = s.Epochs ?? 3,
                 MaxSteps = s.MaxSteps ?? 0,
-                Batch = s.Batch,
-                Lr = s.Lr,
-                Schedule = s.Schedule,
-                EmaDecay = s.Ema,
-                Clip = s.Clip,
-                Seed = s.Seed,
+                Batch = s.Batch ?? 64,
+                Lr = s.Lr ?? 1e-3f,
+                Schedule = s.Schedule ?? "linear",
+                EmaDecay = s.Ema ?? 0f,
+                Clip = s.Clip ?? 0f,
+                Seed = s.Seed ?? 0UL,
             }, mnist);
         var o = trainer.Options;
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
             $"lr {o.Lr}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}");
+        var changes = trainer.ChangesAtResume.ToList();
+        if (changes.Count > 0)
+        {
+            Console.Error.WriteLine($"changed on resume: {string.Join("; ", changes)}");
+        }
         if (s.Preset is null && !s.Resume && device.Kind == DeviceKind.Cpu)
         {
             Console.Error.WriteLine("preset: tiny, chosen for the CPU backend (pass --preset small|base for a larger model)");
@@ -103,69 +124,82 @@ public static class TrainCommand
         var metricsPath = Path.Combine(s.Out, MetricsFile);
         var history = s.Resume ? TrimMetrics(metricsPath, trainer.Step) : NewMetrics(metricsPath);
         using var metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
-        using var stop = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) =>
+        if (changes.Count > 0)
         {
-            // First Ctrl-C: finish the step, save, exit. A second one kills the process as usual.
-            if (!stop.IsCancellationRequested)
+            metrics.WriteLine(JsonSerializer.Serialize(new { @event = "resume", step = trainer.Step, changes }));
+        }
+        var run = new RunFiles(s.Out, checkpoint, history, metrics, s.SaveEvery);
+        using (var signals = new StopSignals())
+        {
+            Loop(trainer, run, signals);
+            using (signals.Critical())
             {
-                e.Cancel = true;
-                stop.Cancel();
+                trainer.Save(checkpoint);
+                Images.SaveLossPlot(Path.Combine(s.Out, LossFile), history);
             }
-        };
-        Console.CancelKeyPress += onCancel;
-        try
-        {
-            Loop(trainer, history, metrics, s.Out, stop.Token);
+            if (signals.Received is { } signal)
+            {
+                Console.Error.WriteLine($"stopped by {signal} at step {trainer.Step}: saved {checkpoint}; continue with --resume");
+                return signals.ExitCode;
+            }
         }
-        finally
-        {
-            Console.CancelKeyPress -= onCancel;
-        }
-        trainer.Save(checkpoint);
-        Images.SaveLossPlot(Path.Combine(s.Out, LossFile), history);
-        if (stop.IsCancellationRequested)
-        {
-            Console.Error.WriteLine($"interrupted at step {trainer.Step}: saved {checkpoint}; continue with --resume");
-            return ExitCodes.Interrupted;
-        }
+        // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
         WriteSamples(trainer, Path.Combine(s.Out, SamplesFile));
-        Console.Error.WriteLine($"done: {trainer.Step} steps; wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}, {Path.Combine(s.Out, SamplesFile)}");
+        Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
+            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}, {Path.Combine(s.Out, SamplesFile)}");
         return 0;
     }
+
+    /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
+    private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
 
     /// <summary>The preset when none is given: the seed's base on a GPU; tiny on the CPU backend, where base takes hours an epoch.</summary>
     public static string DefaultPreset(Device device) => device.Kind is DeviceKind.Cuda or DeviceKind.OpenCL ? "base" : "tiny";
 
-    private static void Loop(Trainer trainer, List<(long Step, double Loss)> history, StreamWriter metrics, string outDir, CancellationToken stop)
+    private static void Loop(Trainer trainer, RunFiles run, StopSignals signals)
     {
         var clock = Stopwatch.StartNew();
         long firstStep = trainer.Step;
         double smoothed = double.NaN;
-        string checkpoint = Path.Combine(outDir, CheckpointFile);
+        var stop = signals.Token;
 
         void OneStep(Action<string> report)
         {
             float loss = trainer.TrainStep();
-            smoothed = double.IsNaN(smoothed) ? loss : 0.98 * smoothed + 0.02 * loss;
-            history.Add((trainer.Step, loss));
+            bool skipped = trainer.LastSkip is not null;
+            if (!skipped)
+            {
+                smoothed = double.IsNaN(smoothed) ? loss : 0.98 * smoothed + 0.02 * loss;
+                run.History.Add((trainer.Step, loss));
+            }
+            else
+            {
+                report($"warning: {trainer.LastSkip}");
+            }
             double rate = (trainer.Step - firstStep) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
-            metrics.WriteLine(JsonSerializer.Serialize(new
+            run.Metrics.WriteLine(JsonSerializer.Serialize(new
             {
                 step = trainer.Step,
                 epoch = (trainer.Step - 1) / trainer.StepsPerEpoch + 1,
-                loss,
+                loss = skipped || !float.IsFinite(loss) ? (float?)null : loss,
+                skipped = skipped ? true : (bool?)null,
                 lr = trainer.Adam.LearningRate,
-                grad_norm = float.IsNaN(trainer.LastGradNorm) ? (float?)null : trainer.LastGradNorm,
+                grad_norm = float.IsFinite(trainer.LastGradNorm) ? trainer.LastGradNorm : (float?)null,
                 steps_per_s = Math.Round(rate, 3),
                 elapsed_s = Math.Round(clock.Elapsed.TotalSeconds, 2),
-            }));
-            if (trainer.Step % trainer.StepsPerEpoch == 0 && !trainer.Finished)
+            }, MetricsJson));
+            bool epochEnd = trainer.Step % trainer.StepsPerEpoch == 0;
+            if ((epochEnd || (run.SaveEvery > 0 && trainer.Step % run.SaveEvery == 0)) && !trainer.Finished)
             {
-                trainer.Save(checkpoint);
-                metrics.Flush();
-                Images.SaveLossPlot(Path.Combine(outDir, LossFile), history);
-                report($"epoch {trainer.Step / trainer.StepsPerEpoch} done: loss {smoothed:F4}; saved {checkpoint}");
+                using (signals.Critical())
+                {
+                    trainer.Save(run.Checkpoint);
+                    Images.SaveLossPlot(Path.Combine(run.Folder, LossFile), run.History);
+                }
+                if (epochEnd)
+                {
+                    report($"epoch {trainer.Step / trainer.StepsPerEpoch} done: loss {smoothed:F4}; saved {run.Checkpoint}");
+                }
             }
         }
 
@@ -205,6 +239,8 @@ public static class TrainCommand
         }
     }
 
+    private static readonly JsonSerializerOptions MetricsJson = new() { DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull };
+
     /// <summary>Writes the seed's sample grid: 64 digits by DDPM (fixed large variance), with EMA weights when the run keeps them.</summary>
     private static void WriteSamples(Trainer trainer, string path)
     {
@@ -227,40 +263,21 @@ public static class TrainCommand
         Images.SaveGrid(path, digits, 64);
     }
 
-    private static List<(long, double)> NewMetrics(string path)
+    private static List<(long Step, double Loss)> NewMetrics(string path)
     {
         File.WriteAllText(path, "");
         return [];
     }
 
-    /// <summary>On resume, drops metric lines after the checkpoint's step (work that the resumed run redoes).</summary>
-    private static List<(long, double)> TrimMetrics(string path, long step)
+    /// <summary>On resume, drops metric lines after the checkpoint's step (work that the resumed run redoes), and lines that are not metrics, each with a warning.</summary>
+    private static List<(long Step, double Loss)> TrimMetrics(string path, long step)
     {
-        var kept = new List<string>();
-        var history = new List<(long, double)>();
-        if (File.Exists(path))
+        var metrics = RunMetrics.Read(path, step);
+        foreach (var problem in metrics.Problems)
         {
-            foreach (var line in File.ReadLines(path))
-            {
-                try
-                {
-                    using var doc = JsonDocument.Parse(line);
-                    long s = doc.RootElement.GetProperty("step").GetInt64();
-                    if (s <= step)
-                    {
-                        kept.Add(line);
-                        history.Add((s, doc.RootElement.GetProperty("loss").GetDouble()));
-                    }
-                }
-                catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException)
-                {
-                    // A line cut short by a crash: drop it.
-                }
-            }
+            Console.Error.WriteLine($"warning: {problem}");
         }
-        File.WriteAllLines(path, kept);
-        return history;
+        RunMetrics.Rewrite(path, metrics);
+        return metrics.History;
     }
-
-    internal static string Invariant(FormattableString s) => s.ToString(CultureInfo.InvariantCulture);
 }

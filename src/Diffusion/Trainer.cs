@@ -38,6 +38,54 @@ public sealed record TrainOptions
     /// <summary>Seed of the weights, the shuffling, the timesteps and the noise.</summary>
     public ulong Seed { get; init; }
 
+    /// <summary>
+    /// What is wrong with these options, as (metadata key, flag, problem) triples; empty when they
+    /// make a valid run. The one place the ranges live: the command line reports a problem by its
+    /// flag, a checkpoint's metadata by its key.
+    /// </summary>
+    public IEnumerable<(string Key, string Flag, string Problem)> Problems()
+    {
+        if (Presets.NameOf(Presets.ChannelsOrZero(Preset)) is null)
+        {
+            yield return ("preset", "--preset", $"'{Preset}' is not tiny, small or base");
+        }
+        if (Epochs is < 1 or > 1_000_000)
+        {
+            yield return ("epochs", "--epochs", $"{Epochs} must be in 1..1000000");
+        }
+        if (MaxSteps < 0)
+        {
+            yield return ("max_steps", "--max-steps", $"{MaxSteps} must not be negative");
+        }
+        if (Batch is < 1 or > MaxBatch)
+        {
+            yield return ("batch", "--batch", $"{Batch} must be in 1..{MaxBatch}");
+        }
+        if (!(Lr > 0) || !float.IsFinite(Lr))
+        {
+            yield return ("lr", "--lr", $"{Lr.ToString(CultureInfo.InvariantCulture)} must be a positive finite number");
+        }
+        if (Schedule is not ("linear" or "cosine"))
+        {
+            yield return ("schedule", "--schedule", $"'{Schedule}' is not linear or cosine");
+        }
+        if (DiffusionSteps is < 2 or > NoiseScheduleLimits.MaxT)
+        {
+            yield return ("T", "T", $"{DiffusionSteps} must be in 2..{NoiseScheduleLimits.MaxT}");
+        }
+        if (!(EmaDecay >= 0 && EmaDecay < 1))
+        {
+            yield return ("ema", "--ema", $"{EmaDecay.ToString(CultureInfo.InvariantCulture)} must be in [0, 1) (0: off)");
+        }
+        if (!(Clip >= 0) || !float.IsFinite(Clip))
+        {
+            yield return ("clip", "--clip", $"{Clip.ToString(CultureInfo.InvariantCulture)} must be a finite number, 0 or more (0: off)");
+        }
+    }
+
+    /// <summary>The largest batch a run may take (a step's activations grow with it; 4096 is far past any recipe).</summary>
+    public const int MaxBatch = 4096;
+
     /// <summary>The options as checkpoint metadata.</summary>
     public Dictionary<string, string> ToMetadata() => new()
     {
@@ -59,7 +107,7 @@ public sealed record TrainOptions
         string Get(string key) => m.TryGetValue(key, out var v) ? v : throw new CheckpointException($"{label}: metadata lacks '{key}' (not a training checkpoint?)");
         T Parse<T>(string key) where T : IParsable<T> =>
             T.TryParse(Get(key), CultureInfo.InvariantCulture, out var v) ? v : throw new CheckpointException($"{label}: metadata '{key}' = '{Get(key)}' is malformed");
-        return new TrainOptions
+        var options = new TrainOptions
         {
             Preset = Get("preset"),
             Epochs = Parse<int>("epochs"),
@@ -72,8 +120,16 @@ public sealed record TrainOptions
             Clip = Parse<float>("clip"),
             Seed = Parse<ulong>("seed"),
         };
+        foreach (var (key, _, problem) in options.Problems())
+        {
+            throw new CheckpointException($"{label}: metadata '{key}' = '{Get(key)}': {problem}");
+        }
+        return options;
     }
 }
+
+/// <summary>Settings that cannot be used: a flag's value out of its range, or a change that --resume cannot make. The message names the flag.</summary>
+public sealed class UsageException(string message) : ArgumentException(message);
 
 /// <summary>Training loss became NaN or infinite: the message names the step.</summary>
 public sealed class TrainingDivergedException(string message) : Exception(message);
@@ -91,7 +147,9 @@ public sealed class Trainer : IDisposable
     private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3;
     private readonly MnistSet _data;
     private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t;
-    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLoss = new float[1];
+    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLoss = new float[1], _hostFlag = new float[1];
+    private readonly Tensor _flag;
+    private readonly List<string> _changes = [];
     private readonly Tape _tape;
     private int[] _order = [];
     private int _orderEpoch = -1;
@@ -99,21 +157,13 @@ public sealed class Trainer : IDisposable
     /// <summary>A fresh run: weights from the seed, Adam and EMA at their start.</summary>
     public Trainer(Device device, TrainOptions options, MnistSet data)
     {
-        if (options.Batch < 1 || options.Batch > data.Count)
+        foreach (var (_, flag, problem) in options.Problems())
         {
-            throw new ArgumentException($"batch {options.Batch} must be between 1 and {data.Count}");
+            throw new UsageException($"{flag} {problem}");
         }
-        if (options.Epochs < 1 || options.MaxSteps < 0)
+        if (options.Batch > data.Count)
         {
-            throw new ArgumentException($"epochs ({options.Epochs}) must be at least 1 and max steps ({options.MaxSteps}) not negative");
-        }
-        if (!(options.Lr > 0) || float.IsInfinity(options.Lr))
-        {
-            throw new ArgumentException($"learning rate {options.Lr} must be positive");
-        }
-        if (options.Clip < 0)
-        {
-            throw new ArgumentException($"clip {options.Clip} must not be negative");
+            throw new UsageException($"--batch {options.Batch} is more than the {data.Count} training images");
         }
         Options = options;
         _data = data;
@@ -129,6 +179,7 @@ public sealed class Trainer : IDisposable
         _ca = Tensor.Empty(device, b);
         _cb = Tensor.Empty(device, b);
         _t = Tensor.Empty(device, b);
+        _flag = Tensor.Empty(device, 1);
         _tape = new Tape(device);
         _hostBatch = new float[b * MnistSet.Pixels];
         (_hostCa, _hostCb, _hostT) = (new float[b], new float[b], new float[b]);
@@ -170,7 +221,27 @@ public sealed class Trainer : IDisposable
     /// <summary>The global gradient norm of the last step (before clipping), when clipping is on.</summary>
     public float LastGradNorm { get; private set; } = float.NaN;
 
-    /// <summary>One training step; returns its loss. Throws <see cref="TrainingDivergedException"/> on NaN.</summary>
+    /// <summary>Steps the optimizer skipped because the loss or a gradient was not finite (their data was consumed).</summary>
+    public long Skipped { get; private set; }
+
+    /// <summary>Why the last step was skipped (it names the step and the first parameter whose gradient went non-finite), or null.</summary>
+    public string? LastSkip { get; private set; }
+
+    /// <summary>Skipped steps in a row after which training stops as diverged.</summary>
+    public const int MaxConsecutiveSkips = 5;
+
+    private int _consecutiveSkips;
+
+    /// <summary>Changes made to the run's options on resume, each as "step S: key old -> new".</summary>
+    public IReadOnlyList<string> Changes => _changes;
+
+    /// <summary>
+    /// One training step; returns its loss. When the loss or any gradient is NaN or infinite the
+    /// optimizer skips the step (weights, Adam and EMA unchanged, so no checkpoint ever holds such
+    /// values), <see cref="LastSkip"/> says why, and the loss is returned as it was. After
+    /// <see cref="MaxConsecutiveSkips"/> such steps in a row it throws
+    /// <see cref="TrainingDivergedException"/>.
+    /// </summary>
     public float TrainStep()
     {
         int b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
@@ -202,10 +273,6 @@ public sealed class Trainer : IDisposable
             var l = _tape.MseLoss(pred, _tape.Constant(_eps));
             l.Value.CopyTo(_hostLoss);
             loss = _hostLoss[0];
-            if (!float.IsFinite(loss))
-            {
-                throw new TrainingDivergedException($"loss is {loss} at step {Step} (epoch {epoch + 1}); try a lower --lr or --clip 1");
-            }
             _tape.Backward(l);
         }
         finally
@@ -213,6 +280,23 @@ public sealed class Trainer : IDisposable
             _tape.Reset();
         }
         using var update = Tape.Profile?.Time("clip, adam, ema", Device) ?? default;
+        int bad = FirstNonFiniteGradient();
+        if (!float.IsFinite(loss) || bad >= 0)
+        {
+            LastSkip = $"step {Step} (epoch {epoch + 1}): " +
+                (bad >= 0 ? $"the gradient of '{Model.Parameters[bad].Name}' is not finite (loss {loss.ToString(CultureInfo.InvariantCulture)})" : $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}") +
+                "; the optimizer skipped the step";
+            Skipped++;
+            Step++;
+            if (++_consecutiveSkips >= MaxConsecutiveSkips)
+            {
+                throw new TrainingDivergedException(
+                    $"training diverged: {_consecutiveSkips} steps in a row were not finite, the last at {LastSkip}; try --resume with a lower --lr, or --clip 1");
+            }
+            return loss;
+        }
+        _consecutiveSkips = 0;
+        LastSkip = null;
         if (Options.Clip > 0)
         {
             LastGradNorm = Adam.ClipGradNorm(Options.Clip);
@@ -221,6 +305,22 @@ public sealed class Trainer : IDisposable
         Ema?.Update();
         Step++;
         return loss;
+    }
+
+    /// <summary>The index of the first parameter whose gradient holds NaN or infinity, or -1 (one flag on the device, one read).</summary>
+    private int FirstNonFiniteGradient()
+    {
+        Elementwise.Fill(_flag, Reduce.NoneFlagged);
+        var ps = Model.Parameters;
+        for (int i = 0; i < ps.Count; i++)
+        {
+            if (ps[i].Grad is { } g)
+            {
+                Reduce.FlagNonFinite(g, _flag, i);
+            }
+        }
+        _flag.CopyTo(_hostFlag);
+        return _hostFlag[0] < Reduce.NoneFlagged ? (int)_hostFlag[0] : -1;
     }
 
     /// <summary>The epoch's permutation of the training digits (Fisher-Yates on the shuffle stream).</summary>
@@ -253,29 +353,90 @@ public sealed class Trainer : IDisposable
     public void Save(string path)
     {
         var meta = Options.ToMetadata();
-        meta["step"] = Step.ToString(CultureInfo.InvariantCulture);
+        meta[Checkpoint.StepKey] = Step.ToString(CultureInfo.InvariantCulture);
         meta["epoch"] = Epoch.ToString(CultureInfo.InvariantCulture);
+        meta["steps_per_epoch"] = StepsPerEpoch.ToString(CultureInfo.InvariantCulture);
+        meta[Checkpoint.SkippedKey] = Skipped.ToString(CultureInfo.InvariantCulture);
+        if (_changes.Count > 0)
+        {
+            meta["changes"] = string.Join("; ", _changes);
+        }
         Checkpoint.Save(path, Model, Adam, Ema, meta);
     }
 
     /// <summary>
-    /// Continues the run saved in <paramref name="path"/>: its options (but the epochs and the step
-    /// cap, which <paramref name="extend"/> may raise), its weights, Adam and EMA, and its step.
+    /// Continues the run saved in <paramref name="path"/>, validated whole first: its options,
+    /// weights, Adam, EMA, step and skipped count. <paramref name="change"/> may change what can
+    /// change mid-run (epochs, step cap, learning rate, clipping, EMA decay); each change is
+    /// recorded in <see cref="Changes"/> and so in the next checkpoint's metadata. What would
+    /// break the run's exactness (preset, batch, seed, schedule, T) is refused, as is a data set
+    /// that gives another number of steps an epoch.
     /// </summary>
-    public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? extend = null)
+    public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? change = null)
     {
-        var file = SafeTensors.Read(path);
-        var options = TrainOptions.FromMetadata(file.Metadata, path);
-        options = extend?.Invoke(options) ?? options;
-        if (!long.TryParse(file.Metadata.GetValueOrDefault("step"), NumberStyles.None, CultureInfo.InvariantCulture, out long step))
+        var info = Checkpoint.Inspect(path);
+        if (!info.HasAdam)
         {
-            throw new CheckpointException($"{path}: metadata lacks a valid 'step'");
+            throw new CheckpointException($"{path}: holds weights only (no Adam state), so it can be sampled from but not resumed");
+        }
+        var saved = TrainOptions.FromMetadata(info.Metadata, path);
+        var meta = info.Metadata;
+        if (!meta.ContainsKey(Checkpoint.StepKey))
+        {
+            throw new CheckpointException($"{path}: metadata lacks '{Checkpoint.StepKey}'");
+        }
+        long step = long.Parse(meta[Checkpoint.StepKey], CultureInfo.InvariantCulture);
+        long skipped = meta.TryGetValue(Checkpoint.SkippedKey, out var sk) ? long.Parse(sk, CultureInfo.InvariantCulture) : 0;
+        if (meta.TryGetValue("steps_per_epoch", out var pe) && long.Parse(pe, CultureInfo.InvariantCulture) != data.Count / saved.Batch)
+        {
+            throw new CheckpointException(
+                $"{path}: the run took {pe} steps an epoch, but this training set gives {data.Count / saved.Batch} ({data.Count} images): --data holds another data set than the run's");
+        }
+        var options = change?.Invoke(saved) ?? saved;
+        foreach (var (name, was, now) in new[]
+        {
+            ("--preset", saved.Preset, options.Preset), ("--batch", Text(saved.Batch), Text(options.Batch)), ("--seed", Text(saved.Seed), Text(options.Seed)),
+            ("--schedule", saved.Schedule, options.Schedule), ("T", Text(saved.DiffusionSteps), Text(options.DiffusionSteps)),
+        })
+        {
+            if (was != now)
+            {
+                throw new UsageException($"--resume: {name} cannot change mid-run (the run has {was}, asked for {now}); start a new run with another --out");
+            }
+        }
+        if (saved.EmaDecay > 0 && options.EmaDecay == 0)
+        {
+            throw new UsageException($"--resume: --ema 0 would drop the run's EMA weights; keep them (sample --no-ema uses the raw weights)");
         }
         var trainer = new Trainer(device, options, data);
         try
         {
-            Checkpoint.Load(path, trainer.Model, trainer.Adam, trainer.Ema);
+            Checkpoint.Load(info, trainer.Model, trainer.Adam, trainer.Ema);
+            if (trainer.Ema is { } ema && !info.HasEma)
+            {
+                // EMA switched on mid-run: it starts from the weights as they are now.
+                for (int i = 0; i < ema.Weights.Count; i++)
+                {
+                    ema.Weights[i].CopyFrom(trainer.Model.Parameters[i].Value);
+                }
+            }
             trainer.Step = step;
+            trainer.Skipped = skipped;
+            if (meta.TryGetValue("changes", out var earlier) && earlier.Length > 0)
+            {
+                trainer._changes.AddRange(earlier.Split("; "));
+            }
+            foreach (var (key, was, now) in new[]
+            {
+                ("epochs", Text(saved.Epochs), Text(options.Epochs)), ("max_steps", Text(saved.MaxSteps), Text(options.MaxSteps)),
+                ("lr", Text(saved.Lr), Text(options.Lr)), ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
+            })
+            {
+                if (was != now)
+                {
+                    trainer._changes.Add($"step {step}: {key} {was} -> {now}");
+                }
+            }
             return trainer;
         }
         catch
@@ -285,11 +446,16 @@ public sealed class Trainer : IDisposable
         }
     }
 
+    /// <summary>The changes the last <see cref="Resume"/> made (those recorded at its step).</summary>
+    public IEnumerable<string> ChangesAtResume => _changes.Where(c => c.StartsWith($"step {Step}:", StringComparison.Ordinal));
+
+    private static string Text<T>(T value) where T : IFormattable => value.ToString(value is float ? "R" : null, CultureInfo.InvariantCulture);
+
     /// <inheritdoc/>
     public void Dispose()
     {
         _tape.Dispose();
-        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t })
+        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _flag })
         {
             t.Dispose();
         }

@@ -34,6 +34,52 @@ public static class Reduce
         Run("mse", pred, target, output, Mode.SquaredDifference, 1f / pred.Length);
     }
 
+    /// <summary>The value a non-finite flag holds while nothing was found (larger than any tensor id).</summary>
+    public const float NoneFlagged = 16_777_216f;
+
+    /// <summary>
+    /// Marks a non-finite tensor: when any element of <paramref name="x"/> is NaN or infinite,
+    /// flag[0] becomes min(flag[0], <paramref name="id"/>). Called for each parameter's gradient
+    /// in order after flag[0] was set to <see cref="NoneFlagged"/>, flag[0] names the first
+    /// parameter whose gradient went non-finite, and stays on the device until it is read.
+    /// </summary>
+    public static void FlagNonFinite(Tensor x, Tensor flag, int id)
+    {
+        Check.Shape("flag non-finite", "flag", flag, 1);
+        Check.Devices("flag non-finite", x, flag);
+        if (id < 0 || id >= NoneFlagged)
+        {
+            throw new ArgumentOutOfRangeException(nameof(id), $"flag non-finite: id {id} must be in 0..{NoneFlagged - 1}");
+        }
+        if (x.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(x);
+            k.Reduce.FlagNonFinite(k.Stream, x.Length, x.View, flag.View, id);
+            return;
+        }
+        if (flag.HostArray[0] <= id)
+        {
+            return;
+        }
+        // x·0 is 0 for every finite x and NaN for NaN and ±inf: one multiply-add per element, in SIMD.
+        var span = x.Span;
+        var acc = System.Numerics.Vector<float>.Zero;
+        int i = 0;
+        for (; i <= span.Length - System.Numerics.Vector<float>.Count; i += System.Numerics.Vector<float>.Count)
+        {
+            acc += new System.Numerics.Vector<float>(span[i..]) * System.Numerics.Vector<float>.Zero;
+        }
+        float tail = 0;
+        for (; i < span.Length; i++)
+        {
+            tail += span[i] * 0f;
+        }
+        if (float.IsNaN(System.Numerics.Vector.Sum(acc) + tail))
+        {
+            flag.HostArray[0] = id;
+        }
+    }
+
     /// <summary>dx += dOut[0]·scale (scale 1 for sum, 1/n for mean).</summary>
     public static void SumBackward(Tensor dOut, Tensor dx, float scale)
     {
@@ -150,8 +196,22 @@ public static class Reduce
         ArrayView<float> dPred, float scale) =>
         dPred[i] += dOut[0] * scale * (pred[i] - target[i]);
 
+    // i over x: every thread that sees a non-finite value lowers the flag to id. Launches for lower ids ran
+    // earlier on the same stream, so the flag ends as the lowest id; writers within a launch write the same value.
+    internal static void FlagNonFiniteKernel(Index1D i, ArrayView<float> x, ArrayView<float> flag, int id)
+    {
+        float v = x[i];
+        if ((float.IsNaN(v) || float.IsInfinity(v)) && flag[0] > id)
+        {
+            flag[0] = id;
+        }
+    }
+
     internal sealed class Gpu(IlgpuKernels k)
     {
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> FlagNonFinite =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(FlagNonFiniteKernel);
+
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> Partial =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>>(PartialKernel);
 

@@ -1,4 +1,5 @@
 using System.Globalization;
+using Ddpm.Tensors;
 
 namespace Ddpm.Nn;
 
@@ -48,65 +49,212 @@ public static class Checkpoint
             }
             meta["ema.decay"] = ema.Decay.ToString("R", CultureInfo.InvariantCulture);
         }
+        foreach (var (name, _, values) in tensors)
+        {
+            int at = Array.FindIndex(values, v => !float.IsFinite(v));
+            if (at >= 0)
+            {
+                throw new CheckpointException($"{path}: not saved: tensor '{name}' holds a non-finite value at index {at} (the file on disk is unchanged)");
+            }
+        }
         SafeTensors.Write(path, tensors, meta);
     }
 
-    /// <summary>The base width of the model in a checkpoint, from conv_in.weight [ch, 1, 3, 3].</summary>
-    public static int ChannelsOf(SafeTensorsFile file)
+    /// <summary>Metadata key of the steps taken (the trainer's position).</summary>
+    public const string StepKey = "step";
+
+    /// <summary>Metadata key of the steps the optimizer skipped because the loss or a gradient was not finite.</summary>
+    public const string SkippedKey = "skipped";
+
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<int, IReadOnlyList<(string Name, int[] Shape)>> Layouts = new();
+
+    /// <summary>
+    /// Every parameter's name and shape for a U-Net of width <paramref name="ch"/>, in parameter
+    /// order. Only the presets' widths are ever asked for, so a hostile file cannot make it build
+    /// a huge model.
+    /// </summary>
+    public static IReadOnlyList<(string Name, int[] Shape)> Layout(int ch) => Layouts.GetOrAdd(ch, static c =>
     {
-        if (!file.Entries.TryGetValue("conv_in.weight", out var e) || e.Shape.Length != 4)
+        var model = new UNet(c, CpuDevice.Instance);
+        var layout = model.Parameters.Select(p => (p.Name, p.Shape)).ToArray();
+        foreach (var p in model.Parameters)
         {
-            throw new CheckpointException($"{file.Label}: no conv_in.weight, so not a checkpoint of this model");
+            p.Value.Dispose();
         }
-        return e.Shape[0];
+        return layout;
+    });
+
+    /// <summary>The base width of the model in a checkpoint, from conv_in.weight [ch, 1, 3, 3], after the whole file is validated.</summary>
+    public static int ChannelsOf(SafeTensorsFile file) => Inspect(file).Channels;
+
+    /// <summary>Reads and validates a whole checkpoint (see <see cref="Inspect(SafeTensorsFile)"/>).</summary>
+    public static CheckpointInfo Inspect(string path) => Inspect(SafeTensors.Read(path));
+
+    /// <summary>
+    /// Validates a whole checkpoint before anything is built from it: the width it claims must be
+    /// a preset's, every tensor a parameter of that preset (or its Adam moment or EMA copy) in
+    /// F32 with the parameter's exact shape, every parameter present, Adam's moments and the EMA
+    /// complete or absent, every value finite (and Adam's second moments not negative), and the
+    /// metadata consistent with the tensors and itself. A weights-only file without metadata (what
+    /// the PyTorch peer writes) passes when its shapes match one preset. Each failure is a
+    /// <see cref="CheckpointException"/> naming the file and the tensor or metadata key at fault.
+    /// </summary>
+    public static CheckpointInfo Inspect(SafeTensorsFile file)
+    {
+        string label = file.Label;
+        CheckpointException Bad(string problem) => new($"{label}: {problem}");
+        if (!file.Entries.TryGetValue("conv_in.weight", out var convIn) || convIn.Shape.Length != 4)
+        {
+            throw Bad("no conv_in.weight [ch, 1, 3, 3], so not a checkpoint of this model");
+        }
+        int ch = convIn.Shape[0];
+        string preset = Presets.NameOf(ch)
+            ?? throw Bad($"conv_in.weight is {string.Join("x", convIn.Shape)}: its width {ch} matches no preset (tiny 16, small 32, base 64)");
+        var meta = file.Metadata;
+        if (meta.TryGetValue(ChannelsKey, out var channels) && channels != ch.ToString(CultureInfo.InvariantCulture))
+        {
+            throw Bad($"metadata '{ChannelsKey}' = '{channels}' but the weights are ch={ch} ({preset})");
+        }
+        if (meta.TryGetValue("preset", out var claimed) && claimed != preset)
+        {
+            throw Bad($"metadata 'preset' = '{claimed}' but the weights are {preset} (ch={ch})");
+        }
+        if (meta.TryGetValue("format", out var format) && format != "ddpm-unet-v1")
+        {
+            throw Bad($"metadata 'format' = '{format}' is not ddpm-unet-v1");
+        }
+
+        var layout = Layout(ch);
+        var shapes = layout.ToDictionary(p => p.Name, p => p.Shape);
+        int adamM = 0, adamV = 0, emaCount = 0;
+        foreach (var (name, entry) in file.Entries)
+        {
+            string parameter = name;
+            foreach (var prefix in (string[])["adam.m.", "adam.v.", "ema."])
+            {
+                if (name.StartsWith(prefix, StringComparison.Ordinal))
+                {
+                    parameter = name[prefix.Length..];
+                    adamM += prefix == "adam.m." ? 1 : 0;
+                    adamV += prefix == "adam.v." ? 1 : 0;
+                    emaCount += prefix == "ema." ? 1 : 0;
+                    break;
+                }
+            }
+            if (!shapes.TryGetValue(parameter, out var shape))
+            {
+                throw Bad($"unexpected tensor '{name}' (not a parameter of the {preset} model)");
+            }
+            if (entry.DType != "F32")
+            {
+                throw Bad($"tensor '{name}' is {entry.DType}, expected F32");
+            }
+            if (!entry.Shape.AsSpan().SequenceEqual(shape))
+            {
+                throw Bad($"tensor '{name}' is {string.Join("x", entry.Shape)}, expected {string.Join("x", shape)} for the {preset} model");
+            }
+            long at = file.FirstNonFinite(name);
+            if (at >= 0)
+            {
+                throw Bad($"tensor '{name}' holds a non-finite value at index {at}");
+            }
+            if (name.StartsWith("adam.v.", StringComparison.Ordinal) && file.FirstNegative(name) is var negative and >= 0)
+            {
+                throw Bad($"tensor '{name}' (Adam's second moment) holds a negative value at index {negative}");
+            }
+        }
+        foreach (var (name, _) in layout)
+        {
+            if (!file.Contains(name))
+            {
+                throw Bad($"no tensor '{name}' (every parameter of the {preset} model must be present)");
+            }
+        }
+        string? Missing(string prefix) => layout.Select(p => prefix + p.Name).FirstOrDefault(n => !file.Contains(n));
+        if ((adamM | adamV) != 0 && (adamM != layout.Count || adamV != layout.Count))
+        {
+            throw Bad($"incomplete Adam state: no tensor '{Missing("adam.m.") ?? Missing("adam.v.")}'");
+        }
+        if (emaCount != 0 && emaCount != layout.Count)
+        {
+            throw Bad($"incomplete EMA weights: {emaCount} of {layout.Count} parameters have an 'ema.' copy; no tensor '{Missing("ema.")}'");
+        }
+        bool hasAdam = adamM == layout.Count, hasEma = emaCount == layout.Count;
+
+        long? Integer(string key, long min, long max)
+        {
+            if (!meta.TryGetValue(key, out var text))
+            {
+                return null;
+            }
+            return long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out long v) && v >= min && v <= max
+                ? v
+                : throw Bad($"metadata '{key}' = '{text}' is not an integer in {min}..{max}");
+        }
+        long? adamStep = Integer(AdamStepKey, 0, int.MaxValue);
+        if (hasAdam != adamStep.HasValue)
+        {
+            throw Bad(hasAdam ? $"Adam state without '{AdamStepKey}' in the metadata" : $"metadata '{AdamStepKey}' without Adam state");
+        }
+        if (meta.TryGetValue("ema.decay", out var decayText))
+        {
+            if (!hasEma)
+            {
+                throw Bad("metadata 'ema.decay' without EMA weights");
+            }
+            if (!float.TryParse(decayText, NumberStyles.Float, CultureInfo.InvariantCulture, out float decay) || !(decay >= 0 && decay < 1))
+            {
+                throw Bad($"metadata 'ema.decay' = '{decayText}' is not a number in [0, 1)");
+            }
+        }
+        long? step = Integer(StepKey, 0, long.MaxValue / 2);
+        long skipped = Integer(SkippedKey, 0, long.MaxValue / 2) ?? 0;
+        if (step is { } s && adamStep is { } a && s != a + skipped)
+        {
+            throw Bad($"metadata '{StepKey}' = {s} disagrees with '{AdamStepKey}' = {a} and '{SkippedKey}' = {skipped} (step = adam.step + skipped)");
+        }
+        long? perEpoch = Integer("steps_per_epoch", 1, int.MaxValue);
+        if (Integer("epoch", 0, int.MaxValue) is { } epoch && step is { } s2 && perEpoch is { } pe && epoch != s2 / pe)
+        {
+            throw Bad($"metadata 'epoch' = {epoch} disagrees with 'step' = {s2} at {pe} steps an epoch");
+        }
+        Integer("T", 2, NoiseScheduleLimits.MaxT);
+        if (meta.TryGetValue("schedule", out var schedule) && schedule is not ("linear" or "cosine"))
+        {
+            throw Bad($"metadata 'schedule' = '{schedule}' is not linear or cosine");
+        }
+        return new CheckpointInfo(file, ch, preset, hasAdam, hasEma);
     }
 
     /// <summary>
     /// Loads a checkpoint into <paramref name="model"/> (and Adam, and the EMA, when given and
-    /// present). Every tensor's name and shape is checked first; on any problem nothing is changed
-    /// and the message names it. Returns the file's metadata.
+    /// present). The whole file is validated first (<see cref="Inspect(SafeTensorsFile)"/>); on
+    /// any problem nothing is changed and the message names it. Returns the file's metadata.
     /// </summary>
-    public static IReadOnlyDictionary<string, string> Load(string path, UNet model, Adam? adam = null, Ema? ema = null)
+    public static IReadOnlyDictionary<string, string> Load(string path, UNet model, Adam? adam = null, Ema? ema = null) =>
+        Load(Inspect(path), model, adam, ema);
+
+    /// <inheritdoc cref="Load(string, UNet, Adam?, Ema?)"/>
+    public static IReadOnlyDictionary<string, string> Load(CheckpointInfo info, UNet model, Adam? adam = null, Ema? ema = null)
     {
-        var file = SafeTensors.Read(path);
-        int ch = ChannelsOf(file);
-        if (ch != model.Channels)
+        var file = info.File;
+        string path = file.Label;
+        if (info.Channels != model.Channels)
         {
             throw new CheckpointException(
-                $"{path}: holds a ch={ch} model ({Presets.NameOf(ch) ?? "custom"}), not ch={model.Channels} ({Presets.NameOf(model.Channels) ?? "custom"})");
+                $"{path}: holds a ch={info.Channels} model ({info.Preset}), not ch={model.Channels} ({Presets.NameOf(model.Channels) ?? "custom"})");
+        }
+        if (adam is not null && !info.HasAdam)
+        {
+            throw new CheckpointException($"{path}: has no Adam state to resume from (a weights-only file)");
         }
         var ps = model.Parameters;
-        var known = new HashSet<string>();
-        foreach (var p in ps)
-        {
-            known.Add(p.Name);
-            known.Add($"adam.m.{p.Name}");
-            known.Add($"adam.v.{p.Name}");
-            known.Add($"ema.{p.Name}");
-        }
-        foreach (var name in file.Entries.Keys)
-        {
-            if (!known.Contains(name))
-            {
-                throw new CheckpointException($"{path}: unexpected tensor '{name}' (not a parameter of this model)");
-            }
-        }
-        bool hasAdam = adam is not null && ps.All(p => file.Contains($"adam.m.{p.Name}") && file.Contains($"adam.v.{p.Name}"));
-        bool hasEma = ema is not null && ps.All(p => file.Contains($"ema.{p.Name}"));
-        if (adam is not null && !hasAdam)
-        {
-            throw new CheckpointException($"{path}: has no (or incomplete) Adam state to resume from");
-        }
-        // Read and check everything before touching the model.
+        bool hasAdam = adam is not null, hasEma = ema is not null && info.HasEma;
+        // Read everything before touching the model.
         var weights = ps.Select(p => file.ReadFloats(p.Name, p.Shape)).ToArray();
         var m = hasAdam ? ps.Select(p => file.ReadFloats($"adam.m.{p.Name}", p.Shape)).ToArray() : null;
         var v = hasAdam ? ps.Select(p => file.ReadFloats($"adam.v.{p.Name}", p.Shape)).ToArray() : null;
         var e = hasEma ? ps.Select(p => file.ReadFloats($"ema.{p.Name}", p.Shape)).ToArray() : null;
-        int step = 0;
-        if (hasAdam && !(file.Metadata.TryGetValue(AdamStepKey, out var s) && int.TryParse(s, NumberStyles.None, CultureInfo.InvariantCulture, out step)))
-        {
-            throw new CheckpointException($"{path}: Adam state without a valid '{AdamStepKey}' in the metadata");
-        }
         for (int i = 0; i < ps.Count; i++)
         {
             ps[i].Value.CopyFrom(weights[i]);
@@ -122,12 +270,31 @@ public static class Checkpoint
         }
         if (hasAdam)
         {
-            adam!.Step = step;
+            adam!.Step = (int)info.AdamStep!.Value;
         }
         return file.Metadata;
     }
 
-    /// <summary>True when the file holds EMA weights for every parameter of a model of its width.</summary>
-    public static bool HasEma(SafeTensorsFile file) =>
-        file.Entries.Keys.Any(k => k.StartsWith("ema.", StringComparison.Ordinal));
+    /// <summary>True when the file holds EMA weights for every parameter (validates the whole file).</summary>
+    public static bool HasEma(SafeTensorsFile file) => Inspect(file).HasEma;
+}
+
+/// <summary>A checkpoint that passed <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>: its file, width, preset and what it holds.</summary>
+public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma)
+{
+    /// <summary>The file's name, as used in messages.</summary>
+    public string Path => File.Label;
+
+    /// <summary>The run metadata.</summary>
+    public IReadOnlyDictionary<string, string> Metadata => File.Metadata;
+
+    /// <summary>Adam's step count, when the file has Adam state.</summary>
+    public long? AdamStep => HasAdam ? long.Parse(Metadata[Checkpoint.AdamStepKey], CultureInfo.InvariantCulture) : null;
+}
+
+/// <summary>Bounds on the diffusion process a checkpoint may claim.</summary>
+public static class NoiseScheduleLimits
+{
+    /// <summary>The most diffusion steps T a checkpoint may claim (the spec's T is 300).</summary>
+    public const int MaxT = 4000;
 }

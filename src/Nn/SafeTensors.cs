@@ -25,8 +25,15 @@ public sealed class CheckpointException(string message) : Exception(message);
 /// </summary>
 public static class SafeTensors
 {
-    /// <summary>Largest header accepted (the format's own limit is 100 MB).</summary>
-    public const long MaxHeaderBytes = 100_000_000;
+    /// <summary>
+    /// Largest header accepted. The format allows 100 MB, but a base checkpoint's header is about
+    /// 40 KB, and parsing JSON costs up to about six times its size in memory: 8 MiB keeps every
+    /// read within twice the file's size plus 64 MiB.
+    /// </summary>
+    public const long MaxHeaderBytes = 8L << 20;
+
+    /// <summary>Metadata key of the file's integrity hash (see <see cref="Checksum"/>).</summary>
+    public const string ChecksumKey = "checksum";
 
     /// <summary>Largest file read: a base model with Adam moments and EMA is about 71 MB.</summary>
     public const long MaxFileBytes = 1L << 30;
@@ -36,10 +43,7 @@ public static class SafeTensors
     {
         var list = tensors.ToList();
         var header = new Dictionary<string, object>();
-        if (metadata is { Count: > 0 })
-        {
-            header["__metadata__"] = metadata;
-        }
+        var index = new List<SafeTensorEntry>();
         long offset = 0;
         foreach (var (name, shape, data) in list)
         {
@@ -53,8 +57,19 @@ public static class SafeTensors
                 throw new ArgumentException($"safetensors: duplicate tensor name {name}");
             }
             header[name] = new { dtype = "F32", shape, data_offsets = new[] { offset, offset + 4L * data.Length } };
+            index.Add(new SafeTensorEntry(name, "F32", shape, offset, offset + 4L * data.Length));
             offset += 4L * data.Length;
         }
+        var meta = new Dictionary<string, string>(metadata ?? new Dictionary<string, string>());
+        meta.Remove(ChecksumKey);
+        meta[ChecksumKey] = Checksum(meta, index, hash =>
+        {
+            foreach (var (_, _, data) in list)
+            {
+                hash(System.Runtime.InteropServices.MemoryMarshal.AsBytes(data.AsSpan()));
+            }
+        });
+        header["__metadata__"] = meta;
         var json = JsonSerializer.SerializeToUtf8Bytes(header);
         // Pad the header with spaces so the data section starts 8-byte aligned (as the reference writer does).
         int padded = (json.Length + 7) / 8 * 8;
@@ -73,19 +88,50 @@ public static class SafeTensors
                 {
                     stream.WriteByte((byte)' ');
                 }
+                SaveDelay.Begin(path);
                 foreach (var (_, _, data) in list)
                 {
                     WriteFloats(stream, data);
                 }
                 stream.Flush(flushToDisk: true);
             }
-            File.Move(temp, path, overwrite: true);
+            SaveDelay.Pause();
+            Durable.ReplaceFile(temp, path);
+            SaveDelay.End();
         }
         catch
         {
             File.Delete(temp);
             throw;
         }
+    }
+
+    /// <summary>
+    /// The file's integrity hash, "sha256:HEX" over the metadata (sorted key=value lines, the
+    /// checksum itself left out), the tensor index (name, dtype, shape, offsets, sorted by name)
+    /// and the raw data section. Written by this engine into every file; a file that carries one
+    /// and does not match it was damaged or edited, so a flipped byte in a step count or a weight
+    /// cannot pass as valid. Files without one (the PyTorch peer's) are checked structurally only.
+    /// </summary>
+    public static string Checksum(IReadOnlyDictionary<string, string> metadata, IEnumerable<SafeTensorEntry> index, Action<Action<ReadOnlySpan<byte>>> data)
+    {
+        using var sha = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        var text = new StringBuilder();
+        foreach (var (k, v) in metadata.Where(m => m.Key != ChecksumKey).OrderBy(m => m.Key, StringComparer.Ordinal))
+        {
+            text.Append(k).Append('=').Append(v).Append('\n');
+        }
+        foreach (var e in index.OrderBy(e => e.Name, StringComparer.Ordinal))
+        {
+            text.Append(e.Name).Append('|').Append(e.DType).Append('|').Append(string.Join(",", e.Shape)).Append('|').Append(e.Begin).Append('|').Append(e.End).Append('\n');
+        }
+        sha.AppendData(Encoding.UTF8.GetBytes(text.ToString()));
+        if (!BitConverter.IsLittleEndian)
+        {
+            throw new PlatformNotSupportedException("safetensors: big-endian hosts are not supported");
+        }
+        data(bytes => sha.AppendData(bytes));
+        return "sha256:" + Convert.ToHexStringLower(sha.GetHashAndReset());
     }
 
     private static void WriteFloats(Stream stream, float[] data)
@@ -103,23 +149,46 @@ public static class SafeTensors
     }
 
     /// <summary>Opens and validates <paramref name="path"/>; tensors are read on demand.</summary>
+    /// <remarks>
+    /// Only a regular file's recorded size is ever read: a FIFO, /dev/zero or a device reports
+    /// a length of 0 and is refused before it is opened (it would block, or never end), and the
+    /// read stops at the recorded size whatever the file does meanwhile.
+    /// </remarks>
     public static SafeTensorsFile Read(string path)
     {
+        if (Directory.Exists(path))
+        {
+            throw new CheckpointException($"{path}: is a folder, not a checkpoint file");
+        }
         if (!File.Exists(path))
         {
             throw new CheckpointException($"{path}: no such file");
         }
         long size = new FileInfo(path).Length;
+        if (size < 8)
+        {
+            throw new CheckpointException($"{path}: not a valid safetensors file: {size} bytes, shorter than the 8-byte header length (or not a regular file)");
+        }
         if (size > MaxFileBytes)
         {
             throw new CheckpointException($"{path}: {size >> 20} MiB is larger than any checkpoint of this engine ({MaxFileBytes >> 20} MiB at most)");
         }
-        byte[] bytes;
+        var bytes = new byte[size];
         try
         {
-            bytes = File.ReadAllBytes(path);
+            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+            int read = 0;
+            while (read < bytes.Length)
+            {
+                int n = stream.Read(bytes, read, bytes.Length - read);
+                if (n == 0)
+                {
+                    throw new CheckpointException($"{path}: ends at byte offset {read}, before its recorded size of {size} bytes");
+                }
+                read += n;
+            }
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException or OutOfMemoryException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             throw new CheckpointException($"{path}: cannot read ({e.Message})");
         }
@@ -141,14 +210,21 @@ public static class SafeTensors
             Fail($"header length {headerLength} does not fit a file of {bytes.Length} bytes");
         }
         long dataStart = 8 + (long)headerLength, dataLength = bytes.Length - dataStart;
+        var headerBytes = bytes.AsMemory(8, (int)headerLength);
+        int invalid = FirstInvalidUtf8(headerBytes.Span);
+        if (invalid >= 0)
+        {
+            Fail($"header has invalid UTF-8 at byte offset {8 + invalid}");
+        }
         JsonDocument doc;
         try
         {
-            doc = JsonDocument.Parse(bytes.AsMemory(8, (int)headerLength), new JsonDocumentOptions { MaxDepth = 8 });
+            doc = JsonDocument.Parse(headerBytes, new JsonDocumentOptions { MaxDepth = 8 });
         }
         catch (JsonException e)
         {
-            return Fail<SafeTensorsFile>(label, $"header is not JSON ({e.Message})");
+            string where = e.LineNumber == 0 && e.BytePositionInLine is { } p ? $" at byte offset {8 + p}" : e.LineNumber is { } line ? $" at header line {line + 1}" : "";
+            return Fail<SafeTensorsFile>(label, $"header is not JSON{where} ({e.Message.Split('|')[0].Split(" LineNumber")[0].Trim()})");
         }
         using (doc)
         {
@@ -157,23 +233,34 @@ public static class SafeTensors
                 Fail("header is not a JSON object");
             }
             var entries = new List<SafeTensorEntry>();
-            var metadata = new Dictionary<string, string>();
+            var names = new HashSet<string>(StringComparer.Ordinal);
+            Dictionary<string, string>? metadata = null;
             foreach (var property in doc.RootElement.EnumerateObject())
             {
                 if (property.Name == "__metadata__")
                 {
-                    if (property.Value.ValueKind != JsonValueKind.Object)
+                    if (property.Value.ValueKind != JsonValueKind.Object || metadata is not null)
                     {
-                        Fail("__metadata__ is not an object");
+                        Fail("__metadata__ is not an object, or appears twice");
                     }
+                    metadata = [];
                     foreach (var m in property.Value.EnumerateObject())
                     {
-                        metadata[m.Name] = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : Fail($"metadata '{m.Name}' is not a string");
+                        string value = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : Fail($"metadata '{m.Name}' is not a string");
+                        if (!metadata.TryAdd(m.Name, value))
+                        {
+                            Fail($"metadata '{m.Name}' appears twice");
+                        }
                     }
                     continue;
                 }
+                if (!names.Add(property.Name))
+                {
+                    Fail($"tensor '{property.Name}' appears twice");
+                }
                 entries.Add(ParseEntry(label, property, dataLength));
             }
+            metadata ??= [];
             var byOffset = entries.OrderBy(e => e.Begin).ThenBy(e => e.End).ToList();
             for (int i = 1; i < byOffset.Count; i++)
             {
@@ -182,8 +269,31 @@ public static class SafeTensors
                     Fail($"tensors {byOffset[i - 1].Name} and {byOffset[i].Name} overlap");
                 }
             }
+            if (metadata.TryGetValue(ChecksumKey, out var expected))
+            {
+                var actual = Checksum(metadata, entries, hash => hash(bytes.AsSpan((int)dataStart)));
+                if (actual != expected)
+                {
+                    Fail($"metadata '{ChecksumKey}' does not match the contents (the file was damaged or edited after it was written)");
+                }
+            }
             return new SafeTensorsFile(label, bytes, dataStart, entries, metadata);
         }
+    }
+
+    /// <summary>The offset of the first byte that is not part of valid UTF-8, or -1.</summary>
+    private static int FirstInvalidUtf8(ReadOnlySpan<byte> text)
+    {
+        int offset = 0;
+        while (offset < text.Length)
+        {
+            if (System.Text.Rune.DecodeFromUtf8(text[offset..], out _, out int consumed) != System.Buffers.OperationStatus.Done)
+            {
+                return offset;
+            }
+            offset += consumed;
+        }
+        return -1;
     }
 
     private static T Fail<T>(string label, string problem) => throw new CheckpointException($"{label}: not a valid safetensors file: {problem}");
@@ -279,14 +389,38 @@ public sealed class SafeTensorsFile
     public float[] ReadFloats(string name, int[]? expectedShape = null)
     {
         var e = Entry(name, "F32", expectedShape);
-        var values = new float[e.Count];
-        var span = _bytes.AsSpan((int)(_dataStart + e.Begin), (int)(e.End - e.Begin));
+        return System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(Bytes(e)).ToArray();
+    }
+
+    /// <summary>The index of the first NaN or infinite value of the F32 tensor <paramref name="name"/>, or -1 (reads in place, allocates nothing).</summary>
+    public long FirstNonFinite(string name)
+    {
+        var values = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(Bytes(Entry(name, "F32", null)));
         for (int i = 0; i < values.Length; i++)
         {
-            values[i] = BinaryPrimitives.ReadSingleLittleEndian(span.Slice(4 * i));
+            if (!float.IsFinite(values[i]))
+            {
+                return i;
+            }
         }
-        return values;
+        return -1;
     }
+
+    /// <summary>The index of the first negative value of the F32 tensor <paramref name="name"/>, or -1.</summary>
+    public long FirstNegative(string name)
+    {
+        var values = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(Bytes(Entry(name, "F32", null)));
+        for (int i = 0; i < values.Length; i++)
+        {
+            if (values[i] < 0)
+            {
+                return i;
+            }
+        }
+        return -1;
+    }
+
+    private ReadOnlySpan<byte> Bytes(SafeTensorEntry e) => _bytes.AsSpan((int)(_dataStart + e.Begin), (int)(e.End - e.Begin));
 
     /// <summary>The I64 tensor <paramref name="name"/>.</summary>
     public long[] ReadInt64(string name)
@@ -316,5 +450,42 @@ public sealed class SafeTensorsFile
             throw new CheckpointException($"{Label}: tensor '{name}' is {string.Join("x", e.Shape)}, expected {string.Join("x", expectedShape)}");
         }
         return e;
+    }
+}
+
+/// <summary>
+/// A test-only hook that widens the window of a checkpoint save so a fault-injection test can kill
+/// the process inside it: with DDPM_TEST_SAVE_DELAY_MS=N in the environment, each write marks its
+/// start and end on stderr and sleeps N/2 ms after the header and again before the rename.
+/// Without the variable it does nothing.
+/// </summary>
+internal static class SaveDelay
+{
+    private static readonly int Milliseconds =
+        int.TryParse(Environment.GetEnvironmentVariable("DDPM_TEST_SAVE_DELAY_MS"), out int ms) && ms > 0 ? ms : 0;
+
+    public static void Begin(string path)
+    {
+        if (Milliseconds > 0)
+        {
+            Console.Error.WriteLine($"test-hook: save begin {Path.GetFileName(path)}");
+            Thread.Sleep(Milliseconds / 2);
+        }
+    }
+
+    public static void Pause()
+    {
+        if (Milliseconds > 0)
+        {
+            Thread.Sleep(Milliseconds - Milliseconds / 2);
+        }
+    }
+
+    public static void End()
+    {
+        if (Milliseconds > 0)
+        {
+            Console.Error.WriteLine("test-hook: save end");
+        }
     }
 }

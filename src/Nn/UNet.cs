@@ -102,6 +102,9 @@ public static class Presets
         _ => throw new ArgumentException($"unknown preset '{preset}': expected tiny, small or base"),
     };
 
+    /// <summary>The base width of a preset, or 0 for a name that is none.</summary>
+    public static int ChannelsOrZero(string preset) => preset switch { "tiny" => 16, "small" => 32, "base" => 64, _ => 0 };
+
     /// <summary>The preset whose width is <paramref name="ch"/>, or null.</summary>
     public static string? NameOf(int ch) => ch switch { 16 => "tiny", 32 => "small", 64 => "base", _ => null };
 }

@@ -1,0 +1,317 @@
+using System.Globalization;
+using System.Text;
+using Ddpm.Nn;
+
+namespace Ddpm.Cli;
+
+/// <summary>
+/// Another live process holds a run folder's lock. An <see cref="IOException"/>, so <see cref="Program.Guard"/>
+/// prints its one-line message and exits with <see cref="ExitCodes.Failure"/>.
+/// </summary>
+public sealed class RunLockedException(string folder, int pid, string host, string since, bool otherHost)
+    : IOException($"--out {folder}: another ddpm train (pid {pid}{(otherHost ? $" on {host}" : "")}, since {since}) is using this folder; wait for it to finish or pass another --out")
+{
+    /// <summary>The folder as the caller named it.</summary>
+    public string Folder { get; } = folder;
+
+    /// <summary>The holder's process id.</summary>
+    public int Pid { get; } = pid;
+
+    /// <summary>The holder's host name.</summary>
+    public string Host { get; } = host;
+
+    /// <summary>When the holder took the lock, UTC, ISO 8601 ("2026-11-30T07:00:00Z"); "an unknown time" if not recorded.</summary>
+    public string Since { get; } = since;
+}
+
+/// <summary>
+/// One training run per folder: the file <c>&lt;folder&gt;/.ddpm.lock</c> names the holder (pid, host, start time,
+/// command line, one <c>key=value</c> per line) for the whole run and is deleted on exit. The file appears whole
+/// and only if absent (written to a temp file, flushed, then hard-linked into place by a no-overwrite move), so a
+/// reader never sees half a lock. A lock whose pid is not a live process on this host (a crash, a SIGKILL), or
+/// that cannot be parsed, is stale and taken over; a lock from another host is always live, since its pid cannot
+/// be checked from here. Taking over is serialised by an OS file lock on <c>.ddpm.lock.takeover</c> (flock on Unix,
+/// a share mode on Windows; released by the kernel if its holder dies, so it never goes stale itself; the empty file
+/// stays, since deleting it while another process has it open would let two hold it), and the
+/// stale lock is removed only if it still holds the very bytes judged stale, so two processes that find the same
+/// stale lock cannot both win.
+/// </summary>
+public sealed class RunLock : IDisposable
+{
+    /// <summary>The lock file's name inside the run folder.</summary>
+    public const string FileName = ".ddpm.lock";
+
+    /// <summary>Rounds of create / inspect / take over before giving up on a folder that keeps changing.</summary>
+    private const int MaxAttempts = 200;
+
+    private readonly byte[] _content;
+    private int _disposed;
+
+    private RunLock(string path, byte[] content)
+    {
+        Path = path;
+        _content = content;
+    }
+
+    /// <summary>Full path of the lock file held.</summary>
+    public string Path { get; }
+
+    /// <summary>
+    /// Takes the lock of <paramref name="folder"/> (created if missing) for this process, or throws
+    /// <see cref="RunLockedException"/> if a live process holds it. A stale lock is removed and reported through
+    /// <paramref name="log"/> ("removed a stale lock of pid N").
+    /// </summary>
+    public static RunLock Acquire(string folder, Action<string>? log = null)
+    {
+        Directory.CreateDirectory(folder);
+        string path = System.IO.Path.Combine(System.IO.Path.GetFullPath(folder), FileName);
+        byte[] content = Encoding.UTF8.GetBytes(Describe(Environment.ProcessId, Environment.MachineName, DateTime.UtcNow, CommandLine()));
+        for (int attempt = 0; attempt < MaxAttempts; attempt++)
+        {
+            if (TryCreate(path, content))
+            {
+                // Leftovers of processes killed while creating or taking over a lock; live ones' are kept.
+                string dir = System.IO.Path.GetDirectoryName(path)!;
+                Durable.RemoveStaleTemps(dir, FileName + ".*.tmp");
+                Durable.RemoveStaleTemps(dir, FileName + ".*.stale");
+                return new RunLock(path, content);
+            }
+            byte[]? seen = TryReadAll(path);
+            if (seen is null)
+            {
+                continue; // released between our create and our read: create again
+            }
+            var holder = Holder.Parse(seen);
+            if (holder.IsLive)
+            {
+                throw new RunLockedException(folder, holder.Pid, holder.Host ?? Environment.MachineName, holder.Since ?? "an unknown time", holder.IsOtherHost);
+            }
+            if (TryRemoveStale(path, seen))
+            {
+                log?.Invoke(holder.Pid > 0 ? $"removed a stale lock of pid {holder.Pid}" : $"removed a stale lock that could not be read ({path})");
+            }
+            else
+            {
+                Thread.Sleep(Random.Shared.Next(1, 10)); // another process is taking over: let it finish
+            }
+        }
+        throw new IOException($"--out {folder}: could not create the lock file {path} in {MaxAttempts} attempts");
+    }
+
+    /// <summary>Deletes the lock file if it is still ours (it holds exactly what we wrote: our pid, host and start time).</summary>
+    public void Dispose()
+    {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
+        byte[]? now = TryReadAll(Path);
+        if (now is not null && now.AsSpan().SequenceEqual(_content))
+        {
+            try
+            {
+                File.Delete(Path);
+            }
+            catch (IOException)
+            {
+                // Nothing useful to do at exit; the next run finds our pid dead and takes over.
+            }
+        }
+    }
+
+    /// <summary>The lock file's text: "pid=N", "host=NAME", "started=yyyy-MM-ddTHH:mm:ssZ" and "command=..." lines.</summary>
+    public static string Describe(int pid, string host, DateTime startedUtc, string commandLine) =>
+        $"pid={pid}\nhost={host}\nstarted={startedUtc.ToString("yyyy-MM-ddTHH:mm:ssZ", CultureInfo.InvariantCulture)}\ncommand={commandLine}\n";
+
+    private static string CommandLine()
+    {
+        var args = Environment.GetCommandLineArgs();
+        var text = string.Join(' ', args.Select(a => a.Contains(' ') ? $"\"{a}\"" : a));
+        return text.ReplaceLineEndings(" ");
+    }
+
+    /// <summary>
+    /// Creates the lock whole, or returns false if one exists. The temp file ends in our pid
+    /// (".ddpm.lock.GUID.PID.tmp"), so a crash's leftover is recognisable and removed by a later <see cref="Acquire"/>.
+    /// </summary>
+    private static bool TryCreate(string path, byte[] content)
+    {
+        string temp = $"{path}.{Guid.NewGuid():N}.{Environment.ProcessId}.tmp";
+        try
+        {
+            using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            {
+                stream.Write(content);
+                stream.Flush(flushToDisk: true);
+            }
+            try
+            {
+                // Without overwrite, .NET hard-links the temp to the name (failing if it exists) and unlinks the temp
+                // on Unix, and calls MoveFileEx without REPLACE_EXISTING on Windows: atomic either way.
+                File.Move(temp, path, overwrite: false);
+            }
+            catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException)
+            {
+                return false; // it exists (or vanished just after failing us): the caller looks and retries
+            }
+            Durable.FsyncDirectory(System.IO.Path.GetDirectoryName(path)!);
+            return true;
+        }
+        finally
+        {
+            File.Delete(temp); // no-op once moved
+        }
+    }
+
+    /// <summary>
+    /// Under the takeover lock, removes the lock file if it still holds <paramref name="stale"/>. Returns false if
+    /// another process is taking over right now (try again); true once that stale lock is gone, by us or anyone.
+    /// </summary>
+    private static bool TryRemoveStale(string path, byte[] stale)
+    {
+        FileStream guard;
+        try
+        {
+            guard = new FileStream(path + ".takeover", FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.ReadWrite);
+        }
+        catch (IOException)
+        {
+            return false;
+        }
+        using (guard)
+        {
+            // Renamed aside before judging, so what is deleted is exactly the file inspected. Should the file system
+            // ignore the takeover lock (some network mounts do) and a fresh lock be caught instead, it goes back.
+            string aside = $"{path}.{Guid.NewGuid():N}.{Environment.ProcessId}.stale";
+            try
+            {
+                File.Move(path, aside, overwrite: false);
+            }
+            catch (FileNotFoundException)
+            {
+                return true;
+            }
+            byte[]? taken = TryReadAll(aside);
+            if (taken is not null && !taken.AsSpan().SequenceEqual(stale))
+            {
+                try
+                {
+                    File.Move(aside, path, overwrite: false);
+                }
+                catch (IOException)
+                {
+                    // A third process created a lock meanwhile; the one we hold aside loses its file.
+                }
+                return true;
+            }
+            File.Delete(aside);
+            return true;
+        }
+    }
+
+    private static byte[]? TryReadAll(string path)
+    {
+        try
+        {
+            // ReadWrite|Delete sharing: never blocked by, and never blocking, a holder that keeps the file open.
+            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+            var buffer = new MemoryStream();
+            stream.CopyTo(buffer);
+            return buffer.ToArray();
+        }
+        catch (FileNotFoundException)
+        {
+            return null;
+        }
+        catch (DirectoryNotFoundException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>What a lock file says about its holder, and whether that holder may still be running.</summary>
+    private readonly record struct Holder(int Pid, string? Host, string? Since, DateTime? StartedUtc)
+    {
+        /// <summary>Written on another machine: its pid means nothing here, so it is presumed live.</summary>
+        public bool IsOtherHost => Host is not null && !string.Equals(Host, Environment.MachineName, StringComparison.OrdinalIgnoreCase);
+
+        /// <summary>
+        /// Live if it came from another host, or its pid runs here and that process did not start after the lock was
+        /// written (a later start means the pid was reused by an unrelated process after a crash).
+        /// </summary>
+        public bool IsLive
+        {
+            get
+            {
+                if (Pid <= 0)
+                {
+                    return false; // empty or garbage: a crash mid-write or a damaged file
+                }
+                if (IsOtherHost)
+                {
+                    return true;
+                }
+                if (!Durable.IsProcessAlive(Pid))
+                {
+                    return false;
+                }
+                return !(StartedUtc is { } started && ProcessStartUtc(Pid) is { } processStart && processStart > started.AddSeconds(5));
+            }
+        }
+
+        public static Holder Parse(byte[] bytes)
+        {
+            int pid = 0;
+            string? host = null, since = null;
+            DateTime? started = null;
+            string text;
+            try
+            {
+                text = new UTF8Encoding(false, throwOnInvalidBytes: true).GetString(bytes);
+            }
+            catch (DecoderFallbackException)
+            {
+                return default;
+            }
+            foreach (var line in text.Split('\n'))
+            {
+                int eq = line.IndexOf('=');
+                if (eq <= 0)
+                {
+                    continue;
+                }
+                var value = line[(eq + 1)..].Trim();
+                switch (line[..eq].Trim())
+                {
+                    case "pid":
+                        _ = int.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out pid);
+                        break;
+                    case "host":
+                        host = value;
+                        break;
+                    case "started":
+                        since = value;
+                        if (DateTime.TryParse(value, CultureInfo.InvariantCulture, DateTimeStyles.AdjustToUniversal | DateTimeStyles.AssumeUniversal, out var t))
+                        {
+                            started = t;
+                        }
+                        break;
+                }
+            }
+            return new Holder(pid, host, since, started);
+        }
+
+        private static DateTime? ProcessStartUtc(int pid)
+        {
+            try
+            {
+                using var process = System.Diagnostics.Process.GetProcessById(pid);
+                return process.StartTime.ToUniversalTime();
+            }
+            catch (Exception e) when (e is ArgumentException or InvalidOperationException or NotSupportedException or System.ComponentModel.Win32Exception or UnauthorizedAccessException)
+            {
+                return null;
+            }
+        }
+    }
+}
