@@ -75,7 +75,7 @@ public static class Program
         {
             return RunLock.Acquire(folder, msg => Console.Error.WriteLine(msg));
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is (IOException or UnauthorizedAccessException) and not RunLockedException)
         {
             throw new UsageException($"--out {folder}: cannot write there ({OneLine(e.Message)})");
         }

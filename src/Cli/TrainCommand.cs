@@ -35,24 +35,25 @@ public static class TrainCommand
         var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
+        var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
         var device = Program.DeviceOption();
         var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, grid, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, string? Schedule, float? Ema, float? Clip,
-        ulong? Seed, int SaveEvery, string Device, string Data, string Out, bool Resume);
+        ulong? Seed, int SaveEvery, int Grid, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
     {
@@ -144,9 +145,12 @@ public static class TrainCommand
             }
         }
         // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
-        WriteSamples(trainer, Path.Combine(s.Out, SamplesFile));
+        if (s.Grid > 0)
+        {
+            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid);
+        }
         Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
-            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}, {Path.Combine(s.Out, SamplesFile)}");
+            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(s.Out, SamplesFile)}" : "")}");
         return 0;
     }
 
@@ -242,9 +246,9 @@ public static class TrainCommand
     private static readonly JsonSerializerOptions MetricsJson = new() { DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull };
 
     /// <summary>Writes the seed's sample grid: 64 digits by DDPM (fixed large variance), with EMA weights when the run keeps them.</summary>
-    private static void WriteSamples(Trainer trainer, string path)
+    private static void WriteSamples(Trainer trainer, string path, int count)
     {
-        Console.Error.WriteLine("sampling 64 digits for the grid");
+        Console.Error.WriteLine($"sampling {count} digits for the grid");
         var model = trainer.Model;
         float[][]? saved = null;
         if (trainer.Ema is { } ema)
@@ -252,7 +256,7 @@ public static class TrainCommand
             saved = model.Parameters.Select(p => p.Value.ToArray()).ToArray();
             ema.CopyToModel();
         }
-        var digits = Sampler.Run(model, 64, Sampler.Plan(trainer.Schedule, SamplerKind.DdpmLarge), trainer.Options.Seed);
+        var digits = Sampler.Run(model, count, Sampler.Plan(trainer.Schedule, SamplerKind.DdpmLarge), trainer.Options.Seed);
         if (saved is not null)
         {
             for (int i = 0; i < saved.Length; i++)
@@ -260,7 +264,7 @@ public static class TrainCommand
                 model.Parameters[i].Value.CopyFrom(saved[i]);
             }
         }
-        Images.SaveGrid(path, digits, 64);
+        Images.SaveGrid(path, digits, count);
     }
 
     private static List<(long Step, double Loss)> NewMetrics(string path)
