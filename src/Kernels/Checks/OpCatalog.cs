@@ -143,6 +143,21 @@ public static class OpCatalog
         },
         new OpCase
         {
+            Name = "flag non-finite",
+            Inputs = [new("x", [3, 5, 7, 9]), new("y", [3, 5, 7])],
+            Forward = (s, x) =>
+            {
+                var flag = s.Output(1);
+                Elementwise.Fill(flag, Reduce.NoneFlagged);
+                Reduce.FlagNonFinite(x[0], flag, 4); // finite: stays
+                Elementwise.Scale(x[1], float.PositiveInfinity, x[1]); // ±inf everywhere
+                Reduce.FlagNonFinite(x[1], flag, 2);
+                Reduce.FlagNonFinite(x[1], flag, 3); // a later, higher id does not overwrite
+                return [flag];
+            },
+        },
+        new OpCase
+        {
             Name = "sinusoidal time embedding",
             Inputs = [new("t", [5], InputFill.Timesteps)],
             Forward = (s, x) => [Run(s.Output(5, 18), y => TimeEmbedding.Forward(x[0], y))],
