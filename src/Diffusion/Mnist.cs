@@ -450,8 +450,7 @@ public static class Mnist
                 }
                 output.Flush(flushToDisk: true);
             }
-            File.Move(temp, path, overwrite: true);
-            // TODO durable
+            Ddpm.Nn.Durable.ReplaceFile(temp, path);
         }
         finally
         {
