@@ -225,6 +225,49 @@ public sealed class DataReaderTests : IDisposable
         Assert.Contains(expected, e.Message);
     }
 
+    /// <summary>A stream that yields <paramref name="good"/> bytes and then fails, as a dropped download does.</summary>
+    private sealed class FailingStream(int good) : Stream
+    {
+        private int _left = good;
+
+        public override int Read(byte[] buffer, int offset, int count)
+        {
+            if (_left == 0)
+            {
+                throw new IOException("connection reset");
+            }
+            int n = Math.Min(count, _left);
+            Array.Fill(buffer, (byte)1, offset, n);
+            _left -= n;
+            return n;
+        }
+
+        public override bool CanRead => true;
+        public override bool CanSeek => false;
+        public override bool CanWrite => false;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override void Flush() { }
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
+    }
+
+    [Fact]
+    public void StoreChecksMd5AndLeavesNoPartFileOnFailure()
+    {
+        var bytes = Idx([2, 28, 28]);
+        var file = ("train-images-idx3-ubyte", Mnist.Md5(bytes));
+        // A wrong md5 and a stream that breaks mid-way both fail, leaving neither the file nor a .part.
+        var e = Assert.Throws<DataException>(() => Mnist.Store(_dir, (file.Item1, Mnist.Md5([1])), new MemoryStream(bytes)));
+        Assert.Contains("md5", e.Message);
+        Assert.Throws<IOException>(() => Mnist.Store(_dir, file, new FailingStream(100_000)));
+        Assert.Empty(Directory.GetFiles(_dir));
+        Mnist.Store(_dir, file, new MemoryStream(bytes));
+        Assert.Equal(["train-images-idx3-ubyte"], Directory.GetFiles(_dir).Select(Path.GetFileName));
+        Assert.Equal(bytes, File.ReadAllBytes(Path.Combine(_dir, "train-images-idx3-ubyte")));
+    }
+
     [Fact]
     public void StalePartFilesOfDeadProcessesAreRemoved()
     {

@@ -387,14 +387,26 @@ public static class Mnist
         {
             return true;
         }
+        Process process;
         try
         {
-            using var process = Process.GetProcessById(pid);
-            return !process.HasExited;
+            process = Process.GetProcessById(pid);
         }
         catch (Exception e) when (e is ArgumentException or InvalidOperationException)
         {
             return false;
+        }
+        using (process)
+        {
+            try
+            {
+                return !process.HasExited;
+            }
+            catch (Exception e) when (e is InvalidOperationException or NotSupportedException or System.ComponentModel.Win32Exception)
+            {
+                // Another user's process: it exists, so its files are not stale.
+                return true;
+            }
         }
     }
 
@@ -421,7 +433,7 @@ public static class Mnist
     /// Streams <paramref name="raw"/> into a temporary file unique to this process and attempt,
     /// checks its md5, then renames it into place; the temporary file is deleted on any failure.
     /// </summary>
-    private static void Store(string folder, (string Name, string Md5) file, Stream raw)
+    internal static void Store(string folder, (string Name, string Md5) file, Stream raw)
     {
         var path = Path.Combine(folder, file.Name);
         var temp = Path.Combine(folder, $".{file.Name}.{Environment.ProcessId}.{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6))}.part");
