@@ -27,14 +27,15 @@ public sealed class RunLockedException(string folder, int pid, string host, stri
 /// <summary>
 /// One training run per folder: the file <c>&lt;folder&gt;/.ddpm.lock</c> names the holder (pid, host, start time,
 /// command line, one <c>key=value</c> per line) for the whole run and is deleted on exit. The file appears whole
-/// and only if absent (written to a temp file, flushed, then hard-linked into place by a no-overwrite move), so a
-/// reader never sees half a lock. A lock whose pid is not a live process on this host (a crash, a SIGKILL), or
-/// that cannot be parsed, is stale and taken over; a lock from another host is always live, since its pid cannot
-/// be checked from here. Taking over is serialised by an OS file lock on <c>.ddpm.lock.takeover</c> (flock on Unix,
-/// a share mode on Windows; released by the kernel if its holder dies, so it never goes stale itself; the empty file
-/// stays, since deleting it while another process has it open would let two hold it), and the
-/// stale lock is removed only if it still holds the very bytes judged stale, so two processes that find the same
-/// stale lock cannot both win.
+/// and only if absent (written to a temp file, flushed, then hard-linked to the name, which fails if the name
+/// exists: <see cref="Durable.TryPublishNew"/>), so a reader never sees half a lock. A lock is stale, and taken
+/// over, if it cannot be parsed, or its pid is not a live process on this host (a crash, a SIGKILL), or that
+/// process started after the lock was written (the pid was reused). A lock from another host is always live,
+/// since its pid cannot be checked from here. Taking over is serialised by an OS file lock on
+/// <c>.ddpm.lock.takeover</c> (flock on Unix, a share mode on Windows; the kernel releases it if its holder dies,
+/// so it never goes stale itself; the empty file stays, since deleting it while another process has it open would
+/// let two hold it), and the stale lock is removed only if it still holds the very bytes judged stale, so two
+/// processes that find the same stale lock cannot both win.
 /// </summary>
 public sealed class RunLock : IDisposable
 {
@@ -86,13 +87,14 @@ public sealed class RunLock : IDisposable
             {
                 throw new RunLockedException(folder, holder.Pid, holder.Host ?? Environment.MachineName, holder.Since ?? "an unknown time", holder.IsOtherHost);
             }
-            if (TryRemoveStale(path, seen))
+            switch (TryRemoveStale(path, seen))
             {
-                log?.Invoke(holder.Pid > 0 ? $"removed a stale lock of pid {holder.Pid}" : $"removed a stale lock that could not be read ({path})");
-            }
-            else
-            {
-                Thread.Sleep(Random.Shared.Next(1, 10)); // another process is taking over: let it finish
+                case Takeover.Removed:
+                    log?.Invoke(holder.Pid > 0 ? $"removed a stale lock of pid {holder.Pid}" : $"removed a stale lock that could not be read ({path})");
+                    break;
+                case Takeover.Busy:
+                    Thread.Sleep(Random.Shared.Next(1, 10)); // another process is taking over: let it finish
+                    break;
             }
         }
         throw new IOException($"--out {folder}: could not create the lock file {path} in {MaxAttempts} attempts");
@@ -144,15 +146,9 @@ public sealed class RunLock : IDisposable
                 stream.Write(content);
                 stream.Flush(flushToDisk: true);
             }
-            try
+            if (!Durable.TryPublishNew(temp, path))
             {
-                // Without overwrite, .NET hard-links the temp to the name (failing if it exists) and unlinks the temp
-                // on Unix, and calls MoveFileEx without REPLACE_EXISTING on Windows: atomic either way.
-                File.Move(temp, path, overwrite: false);
-            }
-            catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException)
-            {
-                return false; // it exists (or vanished just after failing us): the caller looks and retries
+                return false;
             }
             Durable.FsyncDirectory(System.IO.Path.GetDirectoryName(path)!);
             return true;
@@ -163,25 +159,44 @@ public sealed class RunLock : IDisposable
         }
     }
 
+    /// <summary>What became of one attempt to remove a stale lock.</summary>
+    private enum Takeover
+    {
+        /// <summary>We deleted the stale lock.</summary>
+        Removed,
+
+        /// <summary>The lock is no longer the one judged stale (gone or replaced): look again.</summary>
+        Changed,
+
+        /// <summary>Another process is taking over right now: wait a moment and look again.</summary>
+        Busy,
+    }
+
     /// <summary>
-    /// Under the takeover lock, removes the lock file if it still holds <paramref name="stale"/>. Returns false if
-    /// another process is taking over right now (try again); true once that stale lock is gone, by us or anyone.
+    /// Under the takeover lock, deletes the lock file if it still holds <paramref name="stale"/>. Only takers delete
+    /// a lock that is not their own and they hold the takeover lock to do it; creators cannot replace an existing
+    /// file; so what was compared is what gets deleted.
     /// </summary>
-    private static bool TryRemoveStale(string path, byte[] stale)
+    private static Takeover TryRemoveStale(string path, byte[] stale)
     {
         FileStream guard;
         try
         {
-            guard = new FileStream(path + ".takeover", FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.ReadWrite);
+            guard = new FileStream(path + ".takeover", FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
         }
         catch (IOException)
         {
-            return false;
+            return Takeover.Busy;
         }
         using (guard)
         {
-            // Renamed aside before judging, so what is deleted is exactly the file inspected. Should the file system
-            // ignore the takeover lock (some network mounts do) and a fresh lock be caught instead, it goes back.
+            byte[]? now = TryReadAll(path);
+            if (now is null || !now.AsSpan().SequenceEqual(stale))
+            {
+                return Takeover.Changed;
+            }
+            // Renamed aside and checked again before deleting: should the file system ignore the takeover lock
+            // (some network mounts do) and another taker have replaced the file meanwhile, it goes back.
             string aside = $"{path}.{Guid.NewGuid():N}.{Environment.ProcessId}.stale";
             try
             {
@@ -189,23 +204,18 @@ public sealed class RunLock : IDisposable
             }
             catch (FileNotFoundException)
             {
-                return true;
+                return Takeover.Changed;
             }
             byte[]? taken = TryReadAll(aside);
             if (taken is not null && !taken.AsSpan().SequenceEqual(stale))
             {
-                try
-                {
-                    File.Move(aside, path, overwrite: false);
-                }
-                catch (IOException)
-                {
-                    // A third process created a lock meanwhile; the one we hold aside loses its file.
-                }
-                return true;
+                // Back under its name, unless a creator took the empty name meanwhile (then its owner has lost it).
+                Durable.TryPublishNew(aside, path);
+                File.Delete(aside);
+                return Takeover.Changed;
             }
             File.Delete(aside);
-            return true;
+            return Takeover.Removed;
         }
     }
 

@@ -23,6 +23,61 @@ public static class Durable
     }
 
     /// <summary>
+    /// Gives the fully written file <paramref name="temp"/> the name <paramref name="path"/> only if no file has that
+    /// name, atomically: link(2) then removal of the temp on Unix, MoveFileEx without REPLACE_EXISTING on Windows.
+    /// Returns false, the temp left in place, if the name is taken. Two writers racing for one name never both
+    /// succeed, and a reader never sees the file half written. (File.Move without overwrite is not this: on Unix it
+    /// checks that the name is free, then renames, and a racing writer's file is replaced.) Where the file system
+    /// has no hard links, the name is claimed with O_EXCL and the bytes copied in: still one winner, but a reader
+    /// may briefly see it short.
+    /// </summary>
+    public static bool TryPublishNew(string temp, string path)
+    {
+        var libc = LibC.Instance;
+        if (libc is null)
+        {
+            try
+            {
+                File.Move(temp, path, overwrite: false); // Windows: one atomic call
+                return true;
+            }
+            catch (IOException e) when (e is not FileNotFoundException and not DirectoryNotFoundException && File.Exists(path))
+            {
+                return false;
+            }
+        }
+        int errno = libc.Link(Path.GetFullPath(temp), Path.GetFullPath(path));
+        if (errno == 0)
+        {
+            File.Delete(temp);
+            return true;
+        }
+        if (errno == LibC.EEXIST)
+        {
+            return false;
+        }
+        if (!libc.IsNoHardLinks(errno))
+        {
+            throw new IOException($"link of {temp} to {path} failed: {Marshal.GetPInvokeErrorMessage(errno)} (errno {errno})");
+        }
+        try
+        {
+            using var target = new FileStream(path, FileMode.CreateNew, FileAccess.Write, FileShare.None);
+            using (var source = new FileStream(temp, FileMode.Open, FileAccess.Read))
+            {
+                source.CopyTo(target);
+            }
+            target.Flush(flushToDisk: true);
+        }
+        catch (IOException) when (File.Exists(path) && File.Exists(temp))
+        {
+            return false;
+        }
+        File.Delete(temp);
+        return true;
+    }
+
+    /// <summary>
     /// Flushes a folder's entries (names, renames, deletions) to disk: open(dir, O_RDONLY), fsync, close,
     /// through libc resolved by name for this call only (no DllImport resolver is registered anywhere).
     /// Best effort where it cannot be done: a no-op on Windows (NTFS journals renames), where libc does
@@ -144,15 +199,19 @@ public static class Durable
         }
     }
 
-    /// <summary>open, fsync and close from the C library, looked up by name once; null where there is none to load.</summary>
+    /// <summary>open, fsync, close and link from the C library, looked up by name once; null where there is none to load.</summary>
     private sealed unsafe class LibC
     {
+        public const int EEXIST = 17; // these few numbers are the same on Linux and macOS
+        private const int EPERM = 1;
         private const int EINTR = 4;
         private const int EINVAL = 22;
+        private const int EMLINK = 31;
 
         private readonly delegate* unmanaged<byte*, int, int> _open;
         private readonly delegate* unmanaged<int, int> _fsync;
         private readonly delegate* unmanaged<int, int> _close;
+        private readonly delegate* unmanaged<byte*, byte*, int> _link;
         private readonly int _openFlags;
         private readonly int _enotsup;
 
@@ -161,6 +220,7 @@ public static class Durable
             _open = (delegate* unmanaged<byte*, int, int>)NativeLibrary.GetExport(handle, "open");
             _fsync = (delegate* unmanaged<int, int>)NativeLibrary.GetExport(handle, "fsync");
             _close = (delegate* unmanaged<int, int>)NativeLibrary.GetExport(handle, "close");
+            _link = (delegate* unmanaged<byte*, byte*, int>)NativeLibrary.GetExport(handle, "link");
             _openFlags = openFlags;
             _enotsup = enotsup;
         }
@@ -188,11 +248,29 @@ public static class Durable
             }
         }
 
+        /// <summary>link(2): 0, or the errno it failed with.</summary>
+        public int Link(string existing, string created)
+        {
+            var from = CString(existing);
+            var to = CString(created);
+            int rc;
+            fixed (byte* f = from, t = to)
+            {
+                do
+                {
+                    rc = _link(f, t);
+                }
+                while (rc < 0 && Marshal.GetLastSystemError() == EINTR);
+            }
+            return rc == 0 ? 0 : Marshal.GetLastSystemError();
+        }
+
+        /// <summary>Whether link failed because the file system has no hard links (FAT, some FUSE and SMB mounts).</summary>
+        public bool IsNoHardLinks(int errno) => errno == EPERM || errno == _enotsup || errno == EMLINK;
+
         public void FsyncDirectory(string dir)
         {
-            // The path as a NUL-terminated UTF-8 string, as the kernel takes it.
-            var bytes = new byte[System.Text.Encoding.UTF8.GetMaxByteCount(dir.Length) + 1];
-            System.Text.Encoding.UTF8.GetBytes(dir, bytes);
+            var bytes = CString(dir);
             int fd;
             fixed (byte* p = bytes)
             {
@@ -213,6 +291,14 @@ public static class Durable
             {
                 throw Failure("fsync", dir, errno);
             }
+        }
+
+        /// <summary>A NUL-terminated UTF-8 string, as the kernel takes a path.</summary>
+        private static byte[] CString(string path)
+        {
+            var bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
+            System.Text.Encoding.UTF8.GetBytes(path, bytes);
+            return bytes;
         }
 
         private static IOException Failure(string call, string dir, int errno) =>
