@@ -127,7 +127,7 @@ public static class TrainCommand
         using var metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
         if (changes.Count > 0)
         {
-            metrics.WriteLine(JsonSerializer.Serialize(new { @event = "resume", step = trainer.Step, changes }));
+            metrics.WriteLine(JsonSerializer.Serialize(new { @event = "resume", step = trainer.Step, changes }, MetricsJson));
         }
         var run = new RunFiles(s.Out, checkpoint, history, metrics, s.SaveEvery);
         using (var signals = new StopSignals())
@@ -243,7 +243,11 @@ public static class TrainCommand
         }
     }
 
-    private static readonly JsonSerializerOptions MetricsJson = new() { DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull };
+    private static readonly JsonSerializerOptions MetricsJson = new()
+    {
+        DefaultIgnoreCondition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull,
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping, // "lr 0.001 -> 0.0005", not "-\u003E"
+    };
 
     /// <summary>Writes the seed's sample grid: 64 digits by DDPM (fixed large variance), with EMA weights when the run keeps them.</summary>
     private static void WriteSamples(Trainer trainer, string path, int count)
