@@ -158,13 +158,9 @@ public sealed class ReliabilityTests : IDisposable
         Assert.True(GC.GetAllocatedBytesForCurrentThread() - before < 64L << 20);
     }
 
-    [Fact]
+    [UnixFact]
     public void DevZeroAndFifoAreRefusedUnopened()
     {
-        if (OperatingSystem.IsWindows())
-        {
-            return;
-        }
         var clock = Stopwatch.StartNew();
         OneLine(Run("sample", "--checkpoint", "/dev/zero", "--out", PathOf("s")), ExitCodes.Failure, "/dev/zero", "not a regular file");
         var fifo = PathOf("fifo");
@@ -421,7 +417,7 @@ public sealed class ReliabilityTests : IDisposable
         OneLine(Run("sample", "--checkpoint", checkpoint, "--out", file), ExitCodes.Usage, "--out", "is a file");
     }
 
-    [Fact]
+    [UnixFact]
     public void AnUnwritableSampleFolderIsFoundBeforeSampling()
     {
         var checkpoint = TrainedCheckpoint("c.safetensors");
