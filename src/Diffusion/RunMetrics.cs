@@ -124,31 +124,46 @@ public static class RunMetrics
         }
         using (doc)
         {
-            var root = doc.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
+            try
             {
-                return "not a JSON object";
+                return Check(doc.RootElement, out step, out loss);
             }
-            if (!root.TryGetProperty("step", out var s) || s.ValueKind != JsonValueKind.Number || !s.TryGetInt64(out step) || step < 0)
+            catch (InvalidOperationException)
             {
-                return "'step' is not a non-negative integer";
+                // System.Text.Json throws this when a key it compares holds an escaped lone surrogate ("\ud800").
+                return "a key holds a \\u escape that is not valid UTF-16 (a lone surrogate)";
             }
-            bool isEvent = root.TryGetProperty("event", out var ev) && ev.ValueKind == JsonValueKind.String;
-            if (!root.TryGetProperty("loss", out var l) || l.ValueKind == JsonValueKind.Null)
-            {
-                return isEvent || (root.TryGetProperty("skipped", out var sk) && sk.ValueKind == JsonValueKind.True) ? null : "no 'loss'";
-            }
-            if (l.ValueKind != JsonValueKind.Number || !l.TryGetDouble(out double value) || !double.IsFinite(value))
-            {
-                return "'loss' is not a finite number";
-            }
-            if (step < 1)
-            {
-                return "'step' of a training step must be at least 1";
-            }
-            loss = value;
-            return null;
         }
+    }
+
+    /// <summary>The checks of one parsed line (see the overload above).</summary>
+    private static string? Check(JsonElement root, out long step, out double? loss)
+    {
+        step = 0;
+        loss = null;
+        if (root.ValueKind != JsonValueKind.Object)
+        {
+            return "not a JSON object";
+        }
+        if (!root.TryGetProperty("step", out var s) || s.ValueKind != JsonValueKind.Number || !s.TryGetInt64(out step) || step < 0)
+        {
+            return "'step' is not a non-negative integer";
+        }
+        bool isEvent = root.TryGetProperty("event", out var ev) && ev.ValueKind == JsonValueKind.String;
+        if (!root.TryGetProperty("loss", out var l) || l.ValueKind == JsonValueKind.Null)
+        {
+            return isEvent || (root.TryGetProperty("skipped", out var sk) && sk.ValueKind == JsonValueKind.True) ? null : "no 'loss'";
+        }
+        if (l.ValueKind != JsonValueKind.Number || !l.TryGetDouble(out double value) || !double.IsFinite(value))
+        {
+            return "'loss' is not a finite number";
+        }
+        if (step < 1)
+        {
+            return "'step' of a training step must be at least 1";
+        }
+        loss = value;
+        return null;
     }
 
     /// <summary>Replaces <paramref name="path"/> with the kept lines, atomically (a crash leaves the old file or the new one).</summary>

@@ -228,57 +228,73 @@ public static class SafeTensors
         }
         using (doc)
         {
-            if (doc.RootElement.ValueKind != JsonValueKind.Object)
+            try
             {
-                Fail("header is not a JSON object");
+                return FromHeader(label, bytes, doc.RootElement, dataStart, dataLength);
             }
-            var entries = new List<SafeTensorEntry>();
-            var names = new HashSet<string>(StringComparer.Ordinal);
-            Dictionary<string, string>? metadata = null;
-            foreach (var property in doc.RootElement.EnumerateObject())
+            catch (InvalidOperationException e)
             {
-                if (property.Name == "__metadata__")
-                {
-                    if (property.Value.ValueKind != JsonValueKind.Object || metadata is not null)
-                    {
-                        Fail("__metadata__ is not an object, or appears twice");
-                    }
-                    metadata = [];
-                    foreach (var m in property.Value.EnumerateObject())
-                    {
-                        string value = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : Fail($"metadata '{m.Name}' is not a string");
-                        if (!metadata.TryAdd(m.Name, value))
-                        {
-                            Fail($"metadata '{m.Name}' appears twice");
-                        }
-                    }
-                    continue;
-                }
-                if (!names.Add(property.Name))
-                {
-                    Fail($"tensor '{property.Name}' appears twice");
-                }
-                entries.Add(ParseEntry(label, property, dataLength));
+                // System.Text.Json throws this, not a JsonException, when a name or string it reads holds an escaped lone surrogate ("\ud800").
+                return Fail<SafeTensorsFile>(label, $"header has a string that is not valid UTF-16 ({e.Message})");
             }
-            metadata ??= [];
-            var byOffset = entries.OrderBy(e => e.Begin).ThenBy(e => e.End).ToList();
-            for (int i = 1; i < byOffset.Count; i++)
-            {
-                if (byOffset[i].Begin < byOffset[i - 1].End)
-                {
-                    Fail($"tensors {byOffset[i - 1].Name} and {byOffset[i].Name} overlap");
-                }
-            }
-            if (metadata.TryGetValue(ChecksumKey, out var expected))
-            {
-                var actual = Checksum(metadata, entries, hash => hash(bytes.AsSpan((int)dataStart)));
-                if (actual != expected)
-                {
-                    Fail($"metadata '{ChecksumKey}' does not match the contents (the file was damaged or edited after it was written)");
-                }
-            }
-            return new SafeTensorsFile(label, bytes, dataStart, entries, metadata);
         }
+    }
+
+    /// <summary>The checks of a parsed header: entries, metadata, overlaps and the checksum (see <see cref="Parse"/>).</summary>
+    private static SafeTensorsFile FromHeader(string label, byte[] bytes, JsonElement root, long dataStart, long dataLength)
+    {
+        string Fail(string problem) => throw new CheckpointException($"{label}: not a valid safetensors file: {problem}");
+
+        if (root.ValueKind != JsonValueKind.Object)
+        {
+            Fail("header is not a JSON object");
+        }
+        var entries = new List<SafeTensorEntry>();
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        Dictionary<string, string>? metadata = null;
+        foreach (var property in root.EnumerateObject())
+        {
+            if (property.Name == "__metadata__")
+            {
+                if (property.Value.ValueKind != JsonValueKind.Object || metadata is not null)
+                {
+                    Fail("__metadata__ is not an object, or appears twice");
+                }
+                metadata = [];
+                foreach (var m in property.Value.EnumerateObject())
+                {
+                    string value = m.Value.ValueKind == JsonValueKind.String ? m.Value.GetString()! : Fail($"metadata '{m.Name}' is not a string");
+                    if (!metadata.TryAdd(m.Name, value))
+                    {
+                        Fail($"metadata '{m.Name}' appears twice");
+                    }
+                }
+                continue;
+            }
+            if (!names.Add(property.Name))
+            {
+                Fail($"tensor '{property.Name}' appears twice");
+            }
+            entries.Add(ParseEntry(label, property, dataLength));
+        }
+        metadata ??= [];
+        var byOffset = entries.OrderBy(e => e.Begin).ThenBy(e => e.End).ToList();
+        for (int i = 1; i < byOffset.Count; i++)
+        {
+            if (byOffset[i].Begin < byOffset[i - 1].End)
+            {
+                Fail($"tensors {byOffset[i - 1].Name} and {byOffset[i].Name} overlap");
+            }
+        }
+        if (metadata.TryGetValue(ChecksumKey, out var expected))
+        {
+            var actual = Checksum(metadata, entries, hash => hash(bytes.AsSpan((int)dataStart)));
+            if (actual != expected)
+            {
+                Fail($"metadata '{ChecksumKey}' does not match the contents (the file was damaged or edited after it was written)");
+            }
+        }
+        return new SafeTensorsFile(label, bytes, dataStart, entries, metadata);
     }
 
     /// <summary>The offset of the first byte that is not part of valid UTF-8, or -1.</summary>
