@@ -1,0 +1,413 @@
+// The micro-kernels of the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): each computes one
+// MR x NR tile of C in registers from a packed A panel and a packed B panel.
+//
+// Micro-kernel choice (measured on the 2.5 GHz Cascade Lake target, one core):
+//   * AVX-512: MR x NR = 8 x 48. 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers; each k step
+//     issues 3 vector loads + 8 broadcasts for 24 FMAs, so it is FMA-bound (~145 GFLOP/s with data in L1, ~58 of the
+//     64 flop/cycle peak). 8x32, 12x32, 14x32 and 6x64 reach the same in-cache speed; 8x48 wins on the real shapes
+//     because 8 divides every channel count (32..2304: no row edges ever) and 48 fits the image widths: n = 576, 1152,
+//     2304 are exact, 784 = 16x48 + 16, 196 = 4x48 + 4, 49 = 48 + 1. Column edges are split over 8x32 / 8x16 / 8x4 /
+//     8x1 kernels instead of computing a zero-padded 8x48 tile (n = 49 runs ~17% faster than with 8x32 tiles).
+//   * AVX2 fallback: 6 x 16 with ymm (12 accumulators + 2 B + 1 broadcast = 15 of 16 registers), the classic choice.
+//   * Otherwise a 4 x 4 scalar kernel, so the code is correct everywhere.
+//   The AVX-512 path is selected with Avx512F.IsSupported rather than Vector512.IsHardwareAccelerated: .NET reports
+//   the latter as false on Skylake-X/Cascade Lake (frequency-licence heuristic), yet there the 512-bit kernel is
+//   ~1.75x faster than the 256-bit one.
+
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+
+namespace Ddpm.Kernels;
+
+public static unsafe partial class Gemm
+{
+    // ---------------------------------------------------------------------------------------------------------------
+    // Micro-kernels. Static abstract members on struct type arguments make every driver instantiation a specialised
+    // copy with MR/NR as JIT-time constants and direct (inlinable) kernel calls.
+    // ---------------------------------------------------------------------------------------------------------------
+
+    private interface IMicroKernel
+    {
+        static abstract int MR { get; }
+        static abstract int NR { get; }
+
+        /// <summary>
+        /// C[0..MR, 0..NR) (=|+=) Apanel·Bpanel over kc steps. a: packed A panel (MR floats per step); b: B rows of NR
+        /// floats, ldb apart.
+        /// </summary>
+        static abstract void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate);
+
+        /// <summary>
+        /// Edge tile: C[0..mr, 0..nr) (=|+=) the product of a packed A panel and a packed (zero-padded, ld NR) B panel,
+        /// touching nothing outside that window. tile: MR x NR floats of scratch.
+        /// </summary>
+        static abstract void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile);
+    }
+
+    private struct Avx512Kernel : IMicroKernel
+    {
+        public static int MR => 8;
+        public static int NR => 48;
+
+        /// <summary>The 8x48 kernel: 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        {
+            Vector512<float> c00 = default, c01 = default, c02 = default;
+            Vector512<float> c10 = default, c11 = default, c12 = default;
+            Vector512<float> c20 = default, c21 = default, c22 = default;
+            Vector512<float> c30 = default, c31 = default, c32 = default;
+            Vector512<float> c40 = default, c41 = default, c42 = default;
+            Vector512<float> c50 = default, c51 = default, c52 = default;
+            Vector512<float> c60 = default, c61 = default, c62 = default;
+            Vector512<float> c70 = default, c71 = default, c72 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector512<float> b0 = Vector512.Load(b), b1 = Vector512.Load(b + 16), b2 = Vector512.Load(b + 32);
+                Vector512<float> a0 = Vector512.Create(a[0]);
+                c00 = Avx512F.FusedMultiplyAdd(a0, b0, c00); c01 = Avx512F.FusedMultiplyAdd(a0, b1, c01); c02 = Avx512F.FusedMultiplyAdd(a0, b2, c02);
+                Vector512<float> a1 = Vector512.Create(a[1]);
+                c10 = Avx512F.FusedMultiplyAdd(a1, b0, c10); c11 = Avx512F.FusedMultiplyAdd(a1, b1, c11); c12 = Avx512F.FusedMultiplyAdd(a1, b2, c12);
+                Vector512<float> a2 = Vector512.Create(a[2]);
+                c20 = Avx512F.FusedMultiplyAdd(a2, b0, c20); c21 = Avx512F.FusedMultiplyAdd(a2, b1, c21); c22 = Avx512F.FusedMultiplyAdd(a2, b2, c22);
+                Vector512<float> a3 = Vector512.Create(a[3]);
+                c30 = Avx512F.FusedMultiplyAdd(a3, b0, c30); c31 = Avx512F.FusedMultiplyAdd(a3, b1, c31); c32 = Avx512F.FusedMultiplyAdd(a3, b2, c32);
+                Vector512<float> a4 = Vector512.Create(a[4]);
+                c40 = Avx512F.FusedMultiplyAdd(a4, b0, c40); c41 = Avx512F.FusedMultiplyAdd(a4, b1, c41); c42 = Avx512F.FusedMultiplyAdd(a4, b2, c42);
+                Vector512<float> a5 = Vector512.Create(a[5]);
+                c50 = Avx512F.FusedMultiplyAdd(a5, b0, c50); c51 = Avx512F.FusedMultiplyAdd(a5, b1, c51); c52 = Avx512F.FusedMultiplyAdd(a5, b2, c52);
+                Vector512<float> a6 = Vector512.Create(a[6]);
+                c60 = Avx512F.FusedMultiplyAdd(a6, b0, c60); c61 = Avx512F.FusedMultiplyAdd(a6, b1, c61); c62 = Avx512F.FusedMultiplyAdd(a6, b2, c62);
+                Vector512<float> a7 = Vector512.Create(a[7]);
+                c70 = Avx512F.FusedMultiplyAdd(a7, b0, c70); c71 = Avx512F.FusedMultiplyAdd(a7, b1, c71); c72 = Avx512F.FusedMultiplyAdd(a7, b2, c72);
+                a += 8;
+                b += ldb;
+            }
+            StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
+            StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
+            StoreRow3(c20, c21, c22, c, accumulate); c += ldc;
+            StoreRow3(c30, c31, c32, c, accumulate); c += ldc;
+            StoreRow3(c40, c41, c42, c, accumulate); c += ldc;
+            StoreRow3(c50, c51, c52, c, accumulate); c += ldc;
+            StoreRow3(c60, c61, c62, c, accumulate); c += ldc;
+            StoreRow3(c70, c71, c72, c, accumulate);
+        }
+
+        /// <summary>8x32 tile of a 48-wide packed panel (edge panels of 33..36 columns).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run32(int kc, float* a, float* b, float* c, int ldc, bool accumulate)
+        {
+            Vector512<float> c00 = default, c01 = default, c10 = default, c11 = default;
+            Vector512<float> c20 = default, c21 = default, c30 = default, c31 = default;
+            Vector512<float> c40 = default, c41 = default, c50 = default, c51 = default;
+            Vector512<float> c60 = default, c61 = default, c70 = default, c71 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector512<float> b0 = Vector512.Load(b), b1 = Vector512.Load(b + 16);
+                Vector512<float> a0 = Vector512.Create(a[0]);
+                c00 = Avx512F.FusedMultiplyAdd(a0, b0, c00); c01 = Avx512F.FusedMultiplyAdd(a0, b1, c01);
+                Vector512<float> a1 = Vector512.Create(a[1]);
+                c10 = Avx512F.FusedMultiplyAdd(a1, b0, c10); c11 = Avx512F.FusedMultiplyAdd(a1, b1, c11);
+                Vector512<float> a2 = Vector512.Create(a[2]);
+                c20 = Avx512F.FusedMultiplyAdd(a2, b0, c20); c21 = Avx512F.FusedMultiplyAdd(a2, b1, c21);
+                Vector512<float> a3 = Vector512.Create(a[3]);
+                c30 = Avx512F.FusedMultiplyAdd(a3, b0, c30); c31 = Avx512F.FusedMultiplyAdd(a3, b1, c31);
+                Vector512<float> a4 = Vector512.Create(a[4]);
+                c40 = Avx512F.FusedMultiplyAdd(a4, b0, c40); c41 = Avx512F.FusedMultiplyAdd(a4, b1, c41);
+                Vector512<float> a5 = Vector512.Create(a[5]);
+                c50 = Avx512F.FusedMultiplyAdd(a5, b0, c50); c51 = Avx512F.FusedMultiplyAdd(a5, b1, c51);
+                Vector512<float> a6 = Vector512.Create(a[6]);
+                c60 = Avx512F.FusedMultiplyAdd(a6, b0, c60); c61 = Avx512F.FusedMultiplyAdd(a6, b1, c61);
+                Vector512<float> a7 = Vector512.Create(a[7]);
+                c70 = Avx512F.FusedMultiplyAdd(a7, b0, c70); c71 = Avx512F.FusedMultiplyAdd(a7, b1, c71);
+                a += 8;
+                b += 48;
+            }
+            StoreRow2(c00, c01, c, accumulate); c += ldc;
+            StoreRow2(c10, c11, c, accumulate); c += ldc;
+            StoreRow2(c20, c21, c, accumulate); c += ldc;
+            StoreRow2(c30, c31, c, accumulate); c += ldc;
+            StoreRow2(c40, c41, c, accumulate); c += ldc;
+            StoreRow2(c50, c51, c, accumulate); c += ldc;
+            StoreRow2(c60, c61, c, accumulate); c += ldc;
+            StoreRow2(c70, c71, c, accumulate);
+        }
+
+        /// <summary>8x16 tile of a 48-wide packed panel.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run16(int kc, float* a, float* b, float* c, int ldc, bool accumulate)
+        {
+            Vector512<float> c00 = default, c10 = default;
+            Vector512<float> c20 = default, c30 = default;
+            Vector512<float> c40 = default, c50 = default;
+            Vector512<float> c60 = default, c70 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector512<float> b0 = Vector512.Load(b);
+                Vector512<float> a0 = Vector512.Create(a[0]);
+                c00 = Avx512F.FusedMultiplyAdd(a0, b0, c00);
+                Vector512<float> a1 = Vector512.Create(a[1]);
+                c10 = Avx512F.FusedMultiplyAdd(a1, b0, c10);
+                Vector512<float> a2 = Vector512.Create(a[2]);
+                c20 = Avx512F.FusedMultiplyAdd(a2, b0, c20);
+                Vector512<float> a3 = Vector512.Create(a[3]);
+                c30 = Avx512F.FusedMultiplyAdd(a3, b0, c30);
+                Vector512<float> a4 = Vector512.Create(a[4]);
+                c40 = Avx512F.FusedMultiplyAdd(a4, b0, c40);
+                Vector512<float> a5 = Vector512.Create(a[5]);
+                c50 = Avx512F.FusedMultiplyAdd(a5, b0, c50);
+                Vector512<float> a6 = Vector512.Create(a[6]);
+                c60 = Avx512F.FusedMultiplyAdd(a6, b0, c60);
+                Vector512<float> a7 = Vector512.Create(a[7]);
+                c70 = Avx512F.FusedMultiplyAdd(a7, b0, c70);
+                a += 8;
+                b += 48;
+            }
+            StoreRow1(c00, c, accumulate); c += ldc;
+            StoreRow1(c10, c, accumulate); c += ldc;
+            StoreRow1(c20, c, accumulate); c += ldc;
+            StoreRow1(c30, c, accumulate); c += ldc;
+            StoreRow1(c40, c, accumulate); c += ldc;
+            StoreRow1(c50, c, accumulate); c += ldc;
+            StoreRow1(c60, c, accumulate); c += ldc;
+            StoreRow1(c70, c, accumulate);
+        }
+
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow3(Vector512<float> x0, Vector512<float> x1, Vector512<float> x2, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += Vector512.Load(c);
+                x1 += Vector512.Load(c + 16);
+                x2 += Vector512.Load(c + 32);
+            }
+            Vector512.Store(x0, c);
+            Vector512.Store(x1, c + 16);
+            Vector512.Store(x2, c + 32);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow2(Vector512<float> x0, Vector512<float> x1, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += Vector512.Load(c);
+                x1 += Vector512.Load(c + 16);
+            }
+            Vector512.Store(x0, c);
+            Vector512.Store(x1, c + 16);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow1(Vector512<float> x0, float* c, bool accumulate)
+        {
+            if (accumulate) x0 += Vector512.Load(c);
+            Vector512.Store(x0, c);
+        }
+
+        /// <summary>
+        /// Column edges are split into the cheapest set of narrower kernels instead of padding to 48 (cost per k step,
+        /// in cycles: 8x48 = 12, 8x32 = 8, 8x16 = 4.5, 8x4 = 2.5, 8x1 = 1), e.g. n = 784 = 16x48 + 16 and
+        /// n = 49 = 48 + 1 waste nothing. Exact-width pieces write straight into C; partial rows go through the tile.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
+        {
+            if (nr > 36)
+            {
+                Run(kc, a, b, 48, tile, 48, false);
+                CopyTile(tile, 48, mr, nr, c, ldc, accumulate);
+                return;
+            }
+            bool direct = mr == 8;
+            float* d = direct ? c : tile;
+            int ldd = direct ? ldc : 48;
+            bool accd = direct && accumulate;
+            int j = 0;
+            if (nr >= 32) { Run32(kc, a, b, d, ldd, accd); j = 32; }
+            if (nr - j >= 16) { Run16(kc, a, b + j, d + j, ldd, accd); j += 16; }
+            int rem = nr - j;
+            if (rem > 4)
+            {
+                Run16(kc, a, b + j, tile + j, 48, false);
+                if (direct) CopyTile(tile + j, 48, 8, rem, c + j, ldc, accumulate);
+            }
+            else if (rem > 1) Run4(kc, a, b + j, rem, d + j, ldd, accd);
+            else if (rem == 1) Run1(kc, a, b + j, d + j, ldd, accd);
+            if (!direct) CopyTile(tile, 48, mr, nr, c, ldc, accumulate);
+        }
+
+        /// <summary>
+        /// 8 x w (w &lt;= 4) tile vectorised down the 8 rows instead of across columns: a packed A step is one ymm, each
+        /// B element a broadcast. Two k steps per iteration give 8 independent FMA chains to hide the FMA latency.
+        /// Always reads 4 columns (the packed panel is 48 wide and zero-padded) but writes only w.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run4(int kc, float* a, float* b, int w, float* c, int ldc, bool accumulate)
+        {
+            Vector256<float> x0 = default, x1 = default, x2 = default, x3 = default;
+            Vector256<float> y0 = default, y1 = default, y2 = default, y3 = default;
+            for (; kc >= 2; kc -= 2)
+            {
+                Vector256<float> a0 = Vector256.Load(a), a1 = Vector256.Load(a + 8);
+                x0 = Fma.MultiplyAdd(a0, Vector256.Create(b[0]), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Create(b[1]), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Create(b[2]), x2);
+                x3 = Fma.MultiplyAdd(a0, Vector256.Create(b[3]), x3);
+                y0 = Fma.MultiplyAdd(a1, Vector256.Create(b[48]), y0);
+                y1 = Fma.MultiplyAdd(a1, Vector256.Create(b[49]), y1);
+                y2 = Fma.MultiplyAdd(a1, Vector256.Create(b[50]), y2);
+                y3 = Fma.MultiplyAdd(a1, Vector256.Create(b[51]), y3);
+                a += 16;
+                b += 96;
+            }
+            if (kc > 0)
+            {
+                Vector256<float> a0 = Vector256.Load(a);
+                x0 = Fma.MultiplyAdd(a0, Vector256.Create(b[0]), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Create(b[1]), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Create(b[2]), x2);
+                x3 = Fma.MultiplyAdd(a0, Vector256.Create(b[3]), x3);
+            }
+            float* cols = stackalloc float[32];
+            Vector256.Store(x0 + y0, cols);
+            Vector256.Store(x1 + y1, cols + 8);
+            Vector256.Store(x2 + y2, cols + 16);
+            Vector256.Store(x3 + y3, cols + 24);
+            for (int j = 0; j < w; j++) StoreColumn(cols + 8 * j, c + j, ldc, accumulate);
+        }
+
+        /// <summary>8 x 1 tile (n = 49 leaves one column): four k steps per iteration for four independent chains.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run1(int kc, float* a, float* b, float* c, int ldc, bool accumulate)
+        {
+            Vector256<float> x0 = default, x1 = default, x2 = default, x3 = default;
+            for (; kc >= 4; kc -= 4)
+            {
+                x0 = Fma.MultiplyAdd(Vector256.Load(a), Vector256.Create(b[0]), x0);
+                x1 = Fma.MultiplyAdd(Vector256.Load(a + 8), Vector256.Create(b[48]), x1);
+                x2 = Fma.MultiplyAdd(Vector256.Load(a + 16), Vector256.Create(b[96]), x2);
+                x3 = Fma.MultiplyAdd(Vector256.Load(a + 24), Vector256.Create(b[144]), x3);
+                a += 32;
+                b += 192;
+            }
+            for (; kc > 0; kc--)
+            {
+                x0 = Fma.MultiplyAdd(Vector256.Load(a), Vector256.Create(b[0]), x0);
+                a += 8;
+                b += 48;
+            }
+            float* col = stackalloc float[8];
+            Vector256.Store((x0 + x1) + (x2 + x3), col);
+            StoreColumn(col, c, ldc, accumulate);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreColumn(float* col, float* c, int ldc, bool accumulate)
+        {
+            if (accumulate) for (int r = 0; r < 8; r++) c[(long)r * ldc] += col[r];
+            else for (int r = 0; r < 8; r++) c[(long)r * ldc] = col[r];
+        }
+    }
+
+    private struct Avx2Kernel : IMicroKernel
+    {
+        public static int MR => 6;
+        public static int NR => 16;
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        {
+            Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
+            Vector256<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector256<float> b0 = Vector256.Load(b), b1 = Vector256.Load(b + 8);
+                Vector256<float> a0 = Vector256.Create(a[0]);
+                c00 = Fma.MultiplyAdd(a0, b0, c00); c01 = Fma.MultiplyAdd(a0, b1, c01);
+                Vector256<float> a1 = Vector256.Create(a[1]);
+                c10 = Fma.MultiplyAdd(a1, b0, c10); c11 = Fma.MultiplyAdd(a1, b1, c11);
+                Vector256<float> a2 = Vector256.Create(a[2]);
+                c20 = Fma.MultiplyAdd(a2, b0, c20); c21 = Fma.MultiplyAdd(a2, b1, c21);
+                Vector256<float> a3 = Vector256.Create(a[3]);
+                c30 = Fma.MultiplyAdd(a3, b0, c30); c31 = Fma.MultiplyAdd(a3, b1, c31);
+                Vector256<float> a4 = Vector256.Create(a[4]);
+                c40 = Fma.MultiplyAdd(a4, b0, c40); c41 = Fma.MultiplyAdd(a4, b1, c41);
+                Vector256<float> a5 = Vector256.Create(a[5]);
+                c50 = Fma.MultiplyAdd(a5, b0, c50); c51 = Fma.MultiplyAdd(a5, b1, c51);
+                a += 6;
+                b += ldb;
+            }
+            StoreRow(c00, c01, c, accumulate); c += ldc;
+            StoreRow(c10, c11, c, accumulate); c += ldc;
+            StoreRow(c20, c21, c, accumulate); c += ldc;
+            StoreRow(c30, c31, c, accumulate); c += ldc;
+            StoreRow(c40, c41, c, accumulate); c += ldc;
+            StoreRow(c50, c51, c, accumulate);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow(Vector256<float> x0, Vector256<float> x1, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += Vector256.Load(c);
+                x1 += Vector256.Load(c + 8);
+            }
+            Vector256.Store(x0, c);
+            Vector256.Store(x1, c + 8);
+        }
+
+        public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
+        {
+            Run(kc, a, b, 16, tile, 16, false);
+            CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
+        }
+    }
+
+    private struct ScalarKernel : IMicroKernel
+    {
+        public static int MR => 4;
+        public static int NR => 4;
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        {
+            float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+            float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+            for (; kc > 0; kc--)
+            {
+                float b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
+                float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+                c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+                c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+                a += 4;
+                b += ldb;
+            }
+            StoreRow(c00, c01, c02, c03, c, accumulate); c += ldc;
+            StoreRow(c10, c11, c12, c13, c, accumulate); c += ldc;
+            StoreRow(c20, c21, c22, c23, c, accumulate); c += ldc;
+            StoreRow(c30, c31, c32, c33, c, accumulate);
+        }
+
+        private static void StoreRow(float x0, float x1, float x2, float x3, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += c[0]; x1 += c[1]; x2 += c[2]; x3 += c[3];
+            }
+            c[0] = x0; c[1] = x1; c[2] = x2; c[3] = x3;
+        }
+
+        public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
+        {
+            Run(kc, a, b, 4, tile, 4, false);
+            CopyTile(tile, 4, mr, nr, c, ldc, accumulate);
+        }
+    }
+}
