@@ -185,7 +185,7 @@ public static unsafe class Conv2d
     /// <summary>
     /// db[k] += Σ_{n,p} dy[n, k, p] on raw CPU buffers, dy [n, kk, pq]. Channels are spread over the cores (each
     /// channel summed in the same order whatever the core count), rows summed with four vector accumulators: once
-    /// the convolutions got faster this serial, latency-bound loop was ~5% of a training step.
+    /// the convolutions got faster this serial, latency-bound loop was a visible share of a training step (docs/perf.md).
     /// </summary>
     internal static void BackwardBiasCpu(float* dy, float* db, int n, int kk, int pq)
     {
@@ -356,9 +356,8 @@ public static unsafe class Conv2d
             case ConvLowering.Explicit: return false;
             case ConvLowering.Implicit: return true;
         }
-        // Measured on the 2-core Cascade Lake development machine (UNetConvolutionBenchmarks in benchmarks/), N = 64:
-        // the implicit path wins every 3x3 pass of the U-Net's shapes (1..128 channels, 28x28 .. 7x7, stride 1 and 2)
-        // by 1.3-4x, and ties (±5%) the largest (256 channels at 7x7, where its wide columns waste 2/7 of the work).
+        // The implicit path wins every 3x3 pass of the U-Net's shapes (1..128 channels, 28x28 .. 7x7, stride 1 and 2)
+        // and ties the largest (256 channels at 7x7, where its wide columns waste 2/7 of the work) (docs/perf.md).
         // Pointwise convolutions need no lowering at all, so the explicit path (a plain GEMM on the tensor) wins there.
         if (g.IsPointwise) return false;
         // The implicit path runs each image on one core, the explicit one splits a lone image's GEMM over the cores:

@@ -2,7 +2,7 @@
 //
 // Why: the U-Net's convolutions have few channels (16..256) on small images (28x28 .. 7x7). Lowered explicitly, a 3x3
 // convolution writes an im2col matrix [C·R·S, P·Q] nine times the size of the input and the GEMM's packing reads it
-// back; with K = 16 output channels the GEMM itself is ~20 µs per image while that round trip moves ~1 MB. Here the
+// back; with K = 16 output channels the GEMM itself is short beside that round trip of ~1 MB (docs/perf.md). Here the
 // GEMM packs its micro-panels straight from one zero-padded copy of the image, so the lowered matrix never exists.
 //
 // How: the image x [C, H, W] is copied once into "planes": zero-padded by (padH, padW) and, for stride st > 1, split
@@ -24,8 +24,8 @@
 //                     For stride 1 that is one convolution with the whole flipped kernel and padding R-1-pad.
 // The copies in and out are each about the size of the input or output, against 2 x 9x the input for im2col, and
 // the input gradient needs no col2im scatter (9 adds per input element).
-// Every per-image loop here is marked AggressiveOptimization, like the GEMM's: helpers left to tiered compilation were
-// measured running as unoptimised tier-0 code (vector operations as calls) for seconds, and 2-3x slower while they did.
+// Every per-image loop here is marked AggressiveOptimization, like the GEMM's: helpers left to tiered compilation ran
+// as unoptimised tier-0 code (vector operations as calls) for seconds, and far slower while they did (docs/perf.md).
 // Per-image work runs on one core (images are spread over the cores); scratch is per thread and kept, so the steady
 // state allocates no memory beyond the parallel loop itself.
 //

@@ -30,10 +30,9 @@ internal static unsafe partial class ConvGemm
         return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);
     }
 
-    // Measured (batch 64, 2 cores, against the packed GEMM): with up to 32 output channels the dot tiles win or tie at
-    // every size (16 -> 16 at 28x28: 146 against 99 GFLOP/s; 32 -> 32 at 14x14: 125 against 117); with 64 they win at
-    // 28x28 (J = 840: 182 against 176) and lose below (64 -> 64 at 7x7: 91 against 103); from 128 the GEMM wins.
-    // Small images go through the tiles in groups of about DotMinJ positions.
+    // Thresholds from measurement against the packed GEMM (docs/perf.md): with up to 32 output channels the dot tiles
+    // win or tie at every size; with 64 they win on large images (28x28, J = 840) and lose below; from 128 the GEMM
+    // wins. Small images go through the tiles in groups of about DotMinJ positions.
     private const int DotSmallK = 32, DotMaxK = 64, DotMinJ = 400;
 
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ, one private partial sum per worker, summed at the end.</summary>

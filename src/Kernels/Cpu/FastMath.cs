@@ -4,8 +4,8 @@ using System.Runtime.Intrinsics;
 namespace Ddpm.Kernels;
 
 /// <summary>
-/// Vector exp and sigmoid for the CPU backend's SiLU paths. Vector256.Exp of .NET 10 computes in double and was measured
-/// at 2-3x the cost of the rest of a fused group norm + SiLU; this is the single-precision Cephes expf: n = round(x·log2 e),
+/// Vector exp and sigmoid for the CPU backend's SiLU paths. Vector256.Exp of .NET 10 computes in double and cost more
+/// than the rest of a fused group norm + SiLU (docs/perf.md); this is the single-precision Cephes expf: n = round(x·log2 e),
 /// r = x - n·ln 2 in two parts (Cody-Waite), exp r by a degree-6 polynomial, times 2^n built in the exponent bits.
 /// Inputs are clamped to [ln FLT_MIN, 88.376] (-87.34: no subnormal results, exp(-1000) gives FLT_MIN; the top keeps
 /// exp finite); NaN stays NaN. Error within 2 ulp of exp on [-87, 88].

@@ -19,8 +19,8 @@
 // as packing a strided matrix, and saves writing and re-reading the 9x larger im2col matrix.
 //
 // Block sizes: KC = 128 keeps the B micro-panel (128 x 48 x 4 B = 24 KiB) resident in the 32 KiB L1 while the A
-// panels stream past it (96..192 measured within 3%; 8x32 with KC = 192 was ~10% slower than with 128). MC = 1024
-// bounds the packed A block at 512 KiB, half the 1 MiB L2. k is split into equal multiples of 16 (the transposing
+// panels stream past it (the KC values tried: docs/perf.md). MC = 1024 bounds the packed A block at 512 KiB, half the
+// 1 MiB L2. k is split into equal multiples of 16 (the transposing
 // packers work in 16-step slices) rather than KC-sized blocks plus a runt.
 //
 // The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources, the per-thread
@@ -37,7 +37,7 @@ public static unsafe partial class Gemm
 {
     internal const int KC = 128;
     private const int MC = 1024;
-    /// <summary>Below ~1 MFLOP (~10 µs) waking a helper costs as much as it saves (measured crossover ~0.5-1 MFLOP).</summary>
+    /// <summary>Below this a product is over before a woken helper pays for its wake-up (the crossover: docs/perf.md).</summary>
     private const double MinParallelFlops = 1.5e6;
 
     /// <summary>
@@ -115,7 +115,7 @@ public static unsafe partial class Gemm
     /// Packs all of A [m, k] (read as in <see cref="Multiply"/>) into dst (<see cref="PackedALength"/> floats), block by
     /// block in the order the driver reads them. A product whose A is the same for many calls (a convolution's weights,
     /// once per image) passes it as packedA and skips the per-call packing: for a 256-channel 7x7 layer that packing
-    /// (2.4 MB of transposes per image) cost as much as a third of the multiply.
+    /// is 2.4 MB of transposes per image, a large share of the multiply (docs/perf.md).
     /// </summary>
     internal static void PackA(int m, int k, float* a, int aRow, int aCol, float* dst)
     {

@@ -1,18 +1,18 @@
 // The micro-kernels of the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): each computes one
 // MR x NR tile of C in registers from a packed A panel and a packed B panel.
 //
-// Micro-kernel choice (measured on the 2.5 GHz Cascade Lake target, one core):
+// Micro-kernel choice (the figures behind it: docs/perf.md):
 //   * AVX-512: MR x NR = 8 x 48. 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers; each k step
-//     issues 3 vector loads + 8 broadcasts for 24 FMAs, so it is FMA-bound (~145 GFLOP/s with data in L1, ~58 of the
-//     64 flop/cycle peak). 8x32, 12x32, 14x32 and 6x64 reach the same in-cache speed; 8x48 wins on the real shapes
-//     because 8 divides every channel count (32..2304: no row edges ever) and 48 fits the image widths: n = 576, 1152,
-//     2304 are exact, 784 = 16x48 + 16, 196 = 4x48 + 4, 49 = 48 + 1. Column edges are split over 8x32 / 8x16 / 8x4 /
-//     8x1 kernels instead of computing a zero-padded 8x48 tile (n = 49 runs ~17% faster than with 8x32 tiles).
+//     issues 3 vector loads + 8 broadcasts for 24 FMAs, so it is FMA-bound. 8x32, 12x32, 14x32 and 6x64 are as fast
+//     in cache; 8x48 wins on the real shapes because 8 divides every channel count (32..2304: no row edges ever) and
+//     48 fits the image widths: n = 576, 1152, 2304 are exact, 784 = 16x48 + 16, 196 = 4x48 + 4, 49 = 48 + 1. Column
+//     edges are split over 8x32 / 8x16 / 8x4 / 8x1 kernels instead of computing a zero-padded 8x48 tile, which would
+//     waste most of a thin edge's work.
 //   * AVX2 fallback: 6 x 16 with ymm (12 accumulators + 2 B + 1 broadcast = 15 of 16 registers), the classic choice.
 //   * Otherwise a 4 x 4 scalar kernel, so the code is correct everywhere.
 //   The AVX-512 path is selected with Avx512F.IsSupported rather than Vector512.IsHardwareAccelerated: .NET reports
-//   the latter as false on Skylake-X/Cascade Lake (frequency-licence heuristic), yet there the 512-bit kernel is
-//   ~1.75x faster than the 256-bit one.
+//   the latter as false on Skylake-X/Cascade Lake (frequency-licence heuristic), yet there the 512-bit kernel is the
+//   faster one (docs/perf.md).
 
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
