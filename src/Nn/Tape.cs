@@ -60,26 +60,11 @@ public sealed class Tape : IDisposable
         return v;
     }
 
-    /// <summary>Takes a value out of the tape: the caller now owns (and disposes) its tensor, which a
-    /// <see cref="Reset"/> leaves alone.</summary>
-    public Tensor Keep(Var v)
-    {
-        int i = _owned.LastIndexOf(v);
-        if (i < 0)
-        {
-            throw new InvalidOperationException("only a value this tape made can be kept");
-        }
-        _owned.RemoveAt(i);
-        _tensors.RemoveAt(_tensors.LastIndexOf(v.Value));
-        v.OwnedByTape = false;
-        return v.Value;
-    }
-
     /// <summary>
     /// Releases every value, gradient and saved tensor of the last recording to the pool and starts a new one. The
     /// tape keeps the Var and Tensor objects for the next recording, so a training loop that resets one tape per
     /// step allocates no managed memory after its first step; in return, a value the tape made (or a constant it
-    /// wrapped) must not be used after the reset, unless taken out with <see cref="Keep"/>.
+    /// wrapped) must not be used after the reset.
     /// </summary>
     public void Reset()
     {
@@ -278,27 +263,6 @@ public sealed class Tape : IDisposable
                 tape.PassGrad(r.A, r.Output, dy);
             }
         }, a, b));
-        return y;
-    }
-
-    /// <summary>y[n,c,h,w] = x[n,c,h,w] + e[n,c]. dx = dy, de = Σ_hw dy.</summary>
-    public Var AddChannels(Var x, Var e)
-    {
-        using var timer = Profile?.Time("add_channels", Device) ?? default;
-        var y = Make(x.Shape, x, e);
-        Elementwise.AddChannels(x.Value, e.Value, y.Value);
-        Record(new Step("add_channels.backward", y, static (tape, in r, dy) =>
-        {
-            var (x, e) = (r.A!, r.B!);
-            if (e.RequiresGrad)
-            {
-                Elementwise.AddChannelsBackward(dy, tape.GradOf(e));
-            }
-            if (x.RequiresGrad)
-            {
-                tape.PassGrad(x, r.Output, dy);
-            }
-        }, x, e));
         return y;
     }
 
