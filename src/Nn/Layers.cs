@@ -128,17 +128,12 @@ public sealed class ResBlock
         _skip = cin != cout ? new Conv2dLayer(f, $"{name}.skip", cin, cout, 1) : null;
     }
 
-    /// <summary>Whether conv1 adds the time embedding itself (the default) or a separate op does; for tests and benchmarks.</summary>
-    internal static bool FuseTimeEmbedding = true;
-
     /// <summary>The block on x [N, cin, H, W] with <paramref name="siluTemb"/> = silu(t_emb) [N, tdim]
     /// (computed once by the U-Net for all blocks; its gradient adds up over them).</summary>
     public Var Forward(Tape g, Var x, Var siluTemb)
     {
         // The time embedding is added in conv1's epilogue (one pass over h fewer than a separate add).
-        var h = FuseTimeEmbedding
-            ? _conv1.Forward(g, _norm1.ForwardSilu(g, x), _temb.Forward(g, siluTemb))
-            : g.AddChannels(_conv1.Forward(g, _norm1.ForwardSilu(g, x)), _temb.Forward(g, siluTemb));
+        var h = _conv1.Forward(g, _norm1.ForwardSilu(g, x), _temb.Forward(g, siluTemb));
         h = _conv2.Forward(g, _norm2.ForwardSilu(g, h));
         return g.Add(h, _skip is null ? x : _skip.Forward(g, x));
     }

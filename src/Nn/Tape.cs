@@ -9,16 +9,30 @@ namespace Ddpm.Nn;
 /// input that requires one. Every derivative rule of the engine is here, one per primitive (as
 /// tinygrad's gradient.py); layers and the U-Net get their gradients from these for free.
 ///
+/// Records: one struct type per op (<see cref="Conv2dRecord"/>, <see cref="GroupNormRecord"/>, ...) with its inputs,
+/// arguments and saved tensors as named fields and its derivative rule as a method. Each type has its own list; the
+/// tape keeps the order of all records as (list, index) entries and runs them backwards.
+///
 /// Memory: intermediates belong to the tape. During backward a value goes back to the device pool
 /// as soon as no remaining record needs it, and a gradient as soon as its producer has used it, so
 /// a training step's memory is bounded and returns to the pool for the next step. A tape made by
 /// <see cref="NoGrad"/> records nothing; its values are released on <see cref="Reset"/> or <see cref="Dispose"/>.
 /// A loop that keeps one tape and resets it every step allocates no managed memory after the first: records are
-/// structs whose rules are static lambdas, and the Var and Tensor objects are recycled.
+/// structs in lists that keep their capacity, rules are ordinary methods (no delegate, no closure), and the Var and
+/// Tensor objects are recycled.
 /// </summary>
 public sealed class Tape : IDisposable
 {
-    private readonly List<Step> _records = [];
+    private readonly List<Entry> _order = [];
+    private readonly Records<Conv2dRecord> _conv2d = new();
+    private readonly Records<GroupNormRecord> _groupNorm = new();
+    private readonly Records<SiluRecord> _silu = new();
+    private readonly Records<UpsampleRecord> _upsample = new();
+    private readonly Records<LinearRecord> _linear = new();
+    private readonly Records<ConcatRecord> _concat = new();
+    private readonly Records<AddRecord> _add = new();
+    private readonly Records<MseRecord> _mse = new();
+    private readonly RecordList[] _allRecords;
     private readonly List<Var> _owned = [];
     private readonly List<Var> _constants = [];
     private readonly List<Tensor> _tensors = [];
@@ -35,6 +49,7 @@ public sealed class Tape : IDisposable
     {
         Device = device;
         Recording = recording;
+        _allRecords = [_conv2d, _groupNorm, _silu, _upsample, _linear, _concat, _add, _mse];
     }
 
     /// <summary>A tape that records nothing (sampling, evaluation): no gradient, nothing kept for backward.</summary>
@@ -50,7 +65,7 @@ public sealed class Tape : IDisposable
     public static OpProfile? Profile { get; set; }
 
     /// <summary>Number of backward records kept (0 on a no-grad tape).</summary>
-    public int RecordCount => _records.Count;
+    public int RecordCount => _order.Count;
 
     /// <summary>Wraps a tensor the caller owns as a graph input that needs no gradient.</summary>
     public Var Constant(Tensor value)
@@ -60,35 +75,15 @@ public sealed class Tape : IDisposable
         return v;
     }
 
-    /// <summary>Takes a value out of the tape: the caller now owns (and disposes) its tensor, which a
-    /// <see cref="Reset"/> leaves alone.</summary>
-    public Tensor Keep(Var v)
-    {
-        int i = _owned.LastIndexOf(v);
-        if (i < 0)
-        {
-            throw new InvalidOperationException("only a value this tape made can be kept");
-        }
-        _owned.RemoveAt(i);
-        _tensors.RemoveAt(_tensors.LastIndexOf(v.Value));
-        v.OwnedByTape = false;
-        return v.Value;
-    }
-
     /// <summary>
     /// Releases every value, gradient and saved tensor of the last recording to the pool and starts a new one. The
     /// tape keeps the Var and Tensor objects for the next recording, so a training loop that resets one tape per
     /// step allocates no managed memory after its first step; in return, a value the tape made (or a constant it
-    /// wrapped) must not be used after the reset, unless taken out with <see cref="Keep"/>.
+    /// wrapped) must not be used after the reset.
     /// </summary>
     public void Reset()
     {
-        foreach (var r in _records)
-        {
-            r.Aux0?.Dispose();
-            r.Aux1?.Dispose();
-        }
-        _records.Clear();
+        ClearRecords();
         foreach (var v in _owned)
         {
             v.Release();
@@ -113,9 +108,9 @@ public sealed class Tape : IDisposable
         _backwardDone = false;
     }
 
-    // ---------------- primitives and their derivative rules ----------------
-    // Each rule is a static lambda that reads what it needs from its record (inputs A, B, C, integer arguments, saved
-    // tensors): a capturing lambda would allocate a closure per op and step.
+    // ---------------- primitives ----------------
+    // Each op runs its forward kernel and records a struct of its own type; the derivative rules are the records'
+    // Backward methods, further down.
 
     /// <summary>y = conv2d(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each image (in
     /// the convolution's epilogue). dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy, de = Σ_hw dy.</summary>
@@ -128,30 +123,7 @@ public sealed class Tape : IDisposable
         {
             Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad, channelBias?.Value);
         }
-        Record(new Step("conv2d.backward", y, static (tape, in r, dy) =>
-        {
-            var (x, w, b, e, stride, pad) = (r.A!, r.B!, r.C!, r.D, r.I0, r.I1);
-            if (e is { RequiresGrad: true })
-            {
-                Elementwise.AddChannelsBackward(dy, tape.GradOf(e));
-            }
-            var g = ConvShape.Of(x.Value, w.Value, stride, pad);
-            if (x.RequiresGrad)
-            {
-                using var detail = ConvDetail("dx ", g, tape.Device);
-                var dx = tape.GradForWrite(x, out bool accumulate);
-                Kernels.Conv2d.BackwardInput(dy, w.Value, dx, stride, pad, accumulate);
-            }
-            if (w.RequiresGrad)
-            {
-                using var detail = ConvDetail("dw ", g, tape.Device);
-                Kernels.Conv2d.BackwardWeight(dy, x.Value, tape.GradOf(w), stride, pad);
-            }
-            if (b.RequiresGrad)
-            {
-                Kernels.Conv2d.BackwardBias(dy, tape.GradOf(b));
-            }
-        }, x, w, b, channelBias) { Saved = 2, I0 = stride, I1 = pad });
+        Record(_conv2d, new Conv2dRecord(y, x, w, b, channelBias, stride, pad));
         return y;
     }
 
@@ -179,16 +151,7 @@ public sealed class Tape : IDisposable
         var mean = NewTensor([n, groups]);
         var rstd = NewTensor([n, groups]);
         Kernels.GroupNorm.Forward(x.Value, gamma.Value, beta.Value, groups, eps, y.Value, mean, rstd, silu);
-        if (!Record(new Step(silu ? "groupnorm+silu.backward" : "groupnorm.backward", y, static (tape, in r, dy) =>
-        {
-            var (x, gamma, beta, groups, silu) = (r.A!, r.B!, r.C!, r.I0, r.I1 != 0);
-            // The kernel computes all three gradients together; a frozen input gets a throwaway buffer.
-            bool accumulate = false;
-            var dx = x.RequiresGrad ? tape.GradForWrite(x, out accumulate) : tape.NewTensor(x.Shape);
-            var dgamma = gamma.RequiresGrad ? tape.GradOf(gamma) : tape.Zeros(gamma.Shape);
-            var dbeta = beta.RequiresGrad ? tape.GradOf(beta) : tape.Zeros(beta.Shape);
-            Kernels.GroupNorm.Backward(dy, x.Value, r.Aux0!, r.Aux1!, gamma.Value, beta.Value, groups, dx, dgamma, dbeta, silu, accumulate);
-        }, x, gamma, beta) { Saved = 3, I0 = groups, I1 = silu ? 1 : 0, Aux0 = mean, Aux1 = rstd }))
+        if (!Record(_groupNorm, new GroupNormRecord(y, x, gamma, beta, mean, rstd, groups, silu)))
         {
             mean.Dispose();
             rstd.Dispose();
@@ -202,7 +165,7 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("silu", Device) ?? default;
         var y = Make(x.Shape, x);
         Kernels.Silu.Forward(x.Value, y.Value);
-        Record(new Step("silu.backward", y, static (tape, in r, dy) => Kernels.Silu.Backward(dy, r.A!.Value, tape.GradOf(r.A!)), x) { Saved = 1 });
+        Record(_silu, new SiluRecord(y, x));
         return y;
     }
 
@@ -213,7 +176,7 @@ public sealed class Tape : IDisposable
         var s = x.Shape;
         var y = Make([s[0], s[1], 2 * s[2], 2 * s[3]], x);
         Kernels.Upsample.Forward(x.Value, y.Value);
-        Record(new Step("upsample.backward", y, static (tape, in r, dy) => Kernels.Upsample.Backward(dy, tape.GradOf(r.A!)), x));
+        Record(_upsample, new UpsampleRecord(y, x));
         return y;
     }
 
@@ -223,22 +186,7 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("linear", Device) ?? default;
         var y = Make([x.Shape[0], w.Shape[0]], x, w, b);
         Kernels.Linear.Forward(x.Value, w.Value, b.Value, y.Value);
-        Record(new Step("linear.backward", y, static (tape, in r, dy) =>
-        {
-            var (x, w, b) = (r.A!, r.B!, r.C!);
-            if (x.RequiresGrad)
-            {
-                Kernels.Linear.BackwardInput(dy, w.Value, tape.GradOf(x));
-            }
-            if (w.RequiresGrad)
-            {
-                Kernels.Linear.BackwardWeight(dy, x.Value, tape.GradOf(w));
-            }
-            if (b.RequiresGrad)
-            {
-                Kernels.Linear.BackwardBias(dy, tape.GradOf(b));
-            }
-        }, x, w, b) { Saved = 2 });
+        Record(_linear, new LinearRecord(y, x, w, b));
         return y;
     }
 
@@ -249,15 +197,7 @@ public sealed class Tape : IDisposable
         var s = a.Shape;
         var y = Make([s[0], s[1] + b.Shape[1], s[2], s[3]], a, b);
         Kernels.Concat.Forward(a.Value, b.Value, y.Value);
-        Record(new Step("concat.backward", y, static (tape, in r, dy) =>
-        {
-            // A side that needs no gradient writes into a throwaway buffer.
-            var (a, b) = (r.A!, r.B!);
-            bool accA = false, accB = false;
-            var da = a.RequiresGrad ? tape.GradForWrite(a, out accA) : tape.NewTensor(a.Shape);
-            var db = b.RequiresGrad ? tape.GradForWrite(b, out accB) : tape.NewTensor(b.Shape);
-            Kernels.Concat.Backward(dy, da, db, accA, accB);
-        }, a, b));
+        Record(_concat, new ConcatRecord(y, a, b));
         return y;
     }
 
@@ -267,38 +207,7 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("add", Device) ?? default;
         var y = Make(a.Shape, a, b);
         Elementwise.Add(a.Value, b.Value, y.Value);
-        Record(new Step("add.backward", y, static (tape, in r, dy) =>
-        {
-            if (r.B!.RequiresGrad)
-            {
-                tape.PassGrad(r.B, r.Output, dy);
-            }
-            if (r.A!.RequiresGrad)
-            {
-                tape.PassGrad(r.A, r.Output, dy);
-            }
-        }, a, b));
-        return y;
-    }
-
-    /// <summary>y[n,c,h,w] = x[n,c,h,w] + e[n,c]. dx = dy, de = Σ_hw dy.</summary>
-    public Var AddChannels(Var x, Var e)
-    {
-        using var timer = Profile?.Time("add_channels", Device) ?? default;
-        var y = Make(x.Shape, x, e);
-        Elementwise.AddChannels(x.Value, e.Value, y.Value);
-        Record(new Step("add_channels.backward", y, static (tape, in r, dy) =>
-        {
-            var (x, e) = (r.A!, r.B!);
-            if (e.RequiresGrad)
-            {
-                Elementwise.AddChannelsBackward(dy, tape.GradOf(e));
-            }
-            if (x.RequiresGrad)
-            {
-                tape.PassGrad(x, r.Output, dy);
-            }
-        }, x, e));
+        Record(_add, new AddRecord(y, a, b));
         return y;
     }
 
@@ -308,21 +217,7 @@ public sealed class Tape : IDisposable
         using var timer = Profile?.Time("mse", Device) ?? default;
         var y = Make([1], pred, target);
         Reduce.Mse(pred.Value, target.Value, y.Value);
-        Record(new Step("mse.backward", y, static (tape, in r, dy) =>
-        {
-            var (pred, target) = (r.A!, r.B!);
-            if (pred.RequiresGrad)
-            {
-                Reduce.MseBackward(dy, pred.Value, target.Value, tape.GradOf(pred));
-            }
-            if (target.RequiresGrad)
-            {
-                // d/dtarget = -d/dpred.
-                var dPred = tape.Zeros(pred.Shape);
-                Reduce.MseBackward(dy, pred.Value, target.Value, dPred);
-                Elementwise.Accumulate(tape.GradOf(target), dPred, -1f);
-            }
-        }, pred, target) { Saved = 2 });
+        Record(_mse, new MseRecord(y, pred, target));
         return y;
     }
 
@@ -333,6 +228,359 @@ public sealed class Tape : IDisposable
         var y = Make([t.Shape[0], dim]);
         Kernels.TimeEmbedding.Forward(t.Value, y.Value);
         return y;
+    }
+
+    // ---------------- records and their derivative rules ----------------
+
+    /// <summary>
+    /// One op's backward record: its output, then its inputs, arguments and saved tensors as named fields. An input
+    /// whose value the rule reads is held (<see cref="Hold"/>) from recording until the rule has run
+    /// (<see cref="Unhold"/>), so backward frees it no earlier; an input the rule only sends a gradient to is not.
+    /// </summary>
+    private interface IRecord
+    {
+        /// <summary>The op's output; its gradient is the rule's dy.</summary>
+        Var Output { get; }
+
+        /// <summary>The name the profile times the rule under.</summary>
+        string Op { get; }
+
+        /// <summary>The derivative rule: adds ∂loss/∂input into every input that requires a gradient, given
+        /// <paramref name="dy"/> = ∂loss/∂output.</summary>
+        void Backward(Tape tape, Tensor dy);
+
+        /// <summary>Counts a pending use on every input whose value <see cref="Backward"/> reads.</summary>
+        void Hold();
+
+        /// <summary>After the rule (or instead of it, when no gradient reached the output): gives those uses back,
+        /// releasing what no record needs any more, and disposes the tensors the record saved.</summary>
+        void Unhold();
+
+        /// <summary>On a reset before backward: disposes the tensors the record saved.</summary>
+        void Discard();
+    }
+
+    /// <summary>conv2d: y = conv(X, W; Stride, Pad) + Bias (+ ChannelBias[n, k]). The rule reads X and W.</summary>
+    private readonly record struct Conv2dRecord(Var Output, Var X, Var W, Var Bias, Var? ChannelBias, int Stride, int Pad) : IRecord
+    {
+        public string Op => "conv2d.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            if (ChannelBias is { RequiresGrad: true })
+            {
+                Elementwise.AddChannelsBackward(dy, tape.GradOf(ChannelBias, GradWrite.Add, out _));
+            }
+            var g = ConvShape.Of(X.Value, W.Value, Stride, Pad);
+            if (X.RequiresGrad)
+            {
+                using var detail = ConvDetail("dx ", g, tape.Device);
+                var dx = tape.GradOf(X, GradWrite.OverwriteOrAdd, out bool accumulate);
+                Kernels.Conv2d.BackwardInput(dy, W.Value, dx, Stride, Pad, accumulate);
+            }
+            if (W.RequiresGrad)
+            {
+                using var detail = ConvDetail("dw ", g, tape.Device);
+                Kernels.Conv2d.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _), Stride, Pad);
+            }
+            if (Bias.RequiresGrad)
+            {
+                Kernels.Conv2d.BackwardBias(dy, tape.GradOf(Bias, GradWrite.Add, out _));
+            }
+        }
+
+        public void Hold()
+        {
+            X.PendingUses++;
+            W.PendingUses++;
+        }
+
+        public void Unhold()
+        {
+            Give(X);
+            Give(W);
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>groupnorm(+silu): y = [silu](norm(X; Groups)·Gamma + Beta), with the forward's per-group Mean and Rstd
+    /// saved. The rule reads X, Gamma and Beta (the fused SiLU recomputes the pre-activation).</summary>
+    private readonly record struct GroupNormRecord(Var Output, Var X, Var Gamma, Var Beta, Tensor Mean, Tensor Rstd, int Groups, bool Silu)
+        : IRecord
+    {
+        public string Op => Silu ? "groupnorm+silu.backward" : "groupnorm.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            // The kernel computes all three gradients together; a frozen input gets a throwaway buffer.
+            bool accumulate = false;
+            var dx = X.RequiresGrad ? tape.GradOf(X, GradWrite.OverwriteOrAdd, out accumulate) : tape.NewTensor(X.Shape);
+            var dgamma = Gamma.RequiresGrad ? tape.GradOf(Gamma, GradWrite.Add, out _) : tape.Zeros(Gamma.Shape);
+            var dbeta = Beta.RequiresGrad ? tape.GradOf(Beta, GradWrite.Add, out _) : tape.Zeros(Beta.Shape);
+            Kernels.GroupNorm.Backward(dy, X.Value, Mean, Rstd, Gamma.Value, Beta.Value, Groups, dx, dgamma, dbeta, Silu, accumulate);
+        }
+
+        public void Hold()
+        {
+            X.PendingUses++;
+            Gamma.PendingUses++;
+            Beta.PendingUses++;
+        }
+
+        public void Unhold()
+        {
+            Give(X);
+            Give(Gamma);
+            Give(Beta);
+            Discard();
+        }
+
+        public void Discard()
+        {
+            Mean.Dispose();
+            Rstd.Dispose();
+        }
+    }
+
+    /// <summary>silu: y = silu(X). The rule reads X.</summary>
+    private readonly record struct SiluRecord(Var Output, Var X) : IRecord
+    {
+        public string Op => "silu.backward";
+
+        public void Backward(Tape tape, Tensor dy) => Kernels.Silu.Backward(dy, X.Value, tape.GradOf(X, GradWrite.Add, out _));
+
+        public void Hold() => X.PendingUses++;
+
+        public void Unhold() => Give(X);
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>upsample: y = nearest 2× of X. The rule reads no value.</summary>
+    private readonly record struct UpsampleRecord(Var Output, Var X) : IRecord
+    {
+        public string Op => "upsample.backward";
+
+        public void Backward(Tape tape, Tensor dy) => Kernels.Upsample.Backward(dy, tape.GradOf(X, GradWrite.Add, out _));
+
+        public void Hold()
+        {
+        }
+
+        public void Unhold()
+        {
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>linear: y = X·Wᵀ + Bias. The rule reads X and W.</summary>
+    private readonly record struct LinearRecord(Var Output, Var X, Var W, Var Bias) : IRecord
+    {
+        public string Op => "linear.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            if (X.RequiresGrad)
+            {
+                Kernels.Linear.BackwardInput(dy, W.Value, tape.GradOf(X, GradWrite.Add, out _));
+            }
+            if (W.RequiresGrad)
+            {
+                Kernels.Linear.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _));
+            }
+            if (Bias.RequiresGrad)
+            {
+                Kernels.Linear.BackwardBias(dy, tape.GradOf(Bias, GradWrite.Add, out _));
+            }
+        }
+
+        public void Hold()
+        {
+            X.PendingUses++;
+            W.PendingUses++;
+        }
+
+        public void Unhold()
+        {
+            Give(X);
+            Give(W);
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>concat: y = cat(A, B) along channels. The rule reads no value (only the shapes).</summary>
+    private readonly record struct ConcatRecord(Var Output, Var A, Var B) : IRecord
+    {
+        public string Op => "concat.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            // A side that needs no gradient writes into a throwaway buffer.
+            bool accA = false, accB = false;
+            var da = A.RequiresGrad ? tape.GradOf(A, GradWrite.OverwriteOrAdd, out accA) : tape.NewTensor(A.Shape);
+            var db = B.RequiresGrad ? tape.GradOf(B, GradWrite.OverwriteOrAdd, out accB) : tape.NewTensor(B.Shape);
+            Kernels.Concat.Backward(dy, da, db, accA, accB);
+        }
+
+        public void Hold()
+        {
+        }
+
+        public void Unhold()
+        {
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>add: y = A + B. The rule reads no value.</summary>
+    private readonly record struct AddRecord(Var Output, Var A, Var B) : IRecord
+    {
+        public string Op => "add.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            if (B.RequiresGrad)
+            {
+                tape.PassGrad(B, Output, dy);
+            }
+            if (A.RequiresGrad)
+            {
+                tape.PassGrad(A, Output, dy);
+            }
+        }
+
+        public void Hold()
+        {
+        }
+
+        public void Unhold()
+        {
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>mse: loss = mean((Pred - Target)²). The rule reads Pred and Target.</summary>
+    private readonly record struct MseRecord(Var Output, Var Pred, Var Target) : IRecord
+    {
+        public string Op => "mse.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            if (Pred.RequiresGrad)
+            {
+                Reduce.MseBackward(dy, Pred.Value, Target.Value, tape.GradOf(Pred, GradWrite.Add, out _));
+            }
+            if (Target.RequiresGrad)
+            {
+                // d/dtarget = -d/dpred.
+                var dPred = tape.Zeros(Pred.Shape);
+                Reduce.MseBackward(dy, Pred.Value, Target.Value, dPred);
+                Elementwise.Accumulate(tape.GradOf(Target, GradWrite.Add, out _), dPred, -1f);
+            }
+        }
+
+        public void Hold()
+        {
+            Pred.PendingUses++;
+            Target.PendingUses++;
+        }
+
+        public void Unhold()
+        {
+            Give(Pred);
+            Give(Target);
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>The records of one op type, in recording order; the list keeps its capacity across resets.</summary>
+    private abstract class RecordList
+    {
+        /// <summary>Runs record <paramref name="index"/>'s rule (when its output got a gradient) and lets go of what it held.</summary>
+        public abstract void Backward(Tape tape, int index);
+
+        /// <summary>Forgets every record, disposing what they saved unless backward already did.</summary>
+        public abstract void Clear(bool backwardRan);
+    }
+
+    private sealed class Records<T> : RecordList where T : struct, IRecord
+    {
+        private readonly List<T> _items = [];
+
+        public int Add(in T record)
+        {
+            _items.Add(record);
+            return _items.Count - 1;
+        }
+
+        public override void Backward(Tape tape, int index)
+        {
+            var r = _items[index];
+            if (r.Output.Grad is { } dy)
+            {
+                using var timer = Profile?.Time(r.Op, tape.Device) ?? default;
+                r.Backward(tape, dy);
+            }
+            r.Unhold();
+            r.Output.ProducerDone = true;
+            ReleaseIfDone(r.Output);
+        }
+
+        public override void Clear(bool backwardRan)
+        {
+            if (!backwardRan)
+            {
+                foreach (var r in _items)
+                {
+                    r.Discard();
+                }
+            }
+            _items.Clear();
+        }
+    }
+
+    /// <summary>A record's place in the recording: its type's list and its index there.</summary>
+    private readonly record struct Entry(RecordList List, int Index);
+
+    /// <summary>Records a backward step when the output needs a gradient; false when nothing was recorded.</summary>
+    private bool Record<T>(Records<T> list, in T record) where T : struct, IRecord
+    {
+        if (!record.Output.RequiresGrad)
+        {
+            return false;
+        }
+        record.Hold();
+        _order.Add(new Entry(list, list.Add(record)));
+        return true;
+    }
+
+    private void ClearRecords(bool backwardRan = false)
+    {
+        foreach (var list in _allRecords)
+        {
+            list.Clear(backwardRan);
+        }
+        _order.Clear();
     }
 
     // ---------------- backward ----------------
@@ -363,27 +611,28 @@ public sealed class Tape : IDisposable
             throw new InvalidOperationException("backward already ran on this recording; reset the tape (or make a new one) per step");
         }
         _backwardDone = true;
-        GradOf(output).CopyFrom(dOutput);
-        for (int i = _records.Count - 1; i >= 0; i--)
+        var seed = GradOf(output, GradWrite.OverwriteOrAdd, out bool accumulate);
+        if (accumulate)
         {
-            var r = _records[i];
-            if (r.Output.Grad is { } dy)
-            {
-                using var timer = Profile?.Time(r.Op, Device) ?? default;
-                r.Backward(this, r, dy);
-            }
-            r.Aux0?.Dispose();
-            r.Aux1?.Dispose();
-            for (int k = 0; k < r.Saved; k++)
-            {
-                var saved = r.Input(k);
-                saved.PendingUses--;
-                ReleaseIfDone(saved);
-            }
-            r.Output.ProducerDone = true;
-            ReleaseIfDone(r.Output);
+            Elementwise.Accumulate(seed, dOutput);
         }
-        _records.Clear();
+        else
+        {
+            seed.CopyFrom(dOutput);
+        }
+        for (int i = _order.Count - 1; i >= 0; i--)
+        {
+            var (list, index) = _order[i];
+            list.Backward(this, index);
+        }
+        ClearRecords(backwardRan: true);
+    }
+
+    /// <summary>Gives back a use a record held on <paramref name="v"/>, releasing it if that was the last.</summary>
+    private static void Give(Var v)
+    {
+        v.PendingUses--;
+        ReleaseIfDone(v);
     }
 
     private static void ReleaseIfDone(Var v)
@@ -396,18 +645,40 @@ public sealed class Tape : IDisposable
         }
     }
 
-    /// <summary>v's gradient, created as zeros on first use (a parameter's own persistent one, else a tape tensor).</summary>
-    private Tensor GradOf(Var v) => v.OwnedByTape ? v.Grad ??= Zeros(v.Shape) : v.GradBuffer();
+    /// <summary>How a rule's kernel writes into a gradient buffer.</summary>
+    private enum GradWrite
+    {
+        /// <summary>The kernel only adds (+=): a first gradient starts as zeros.</summary>
+        Add,
+
+        /// <summary>The kernel overwrites (=) or adds as told by the accumulate flag: a first gradient starts
+        /// uninitialised and the kernel must write every element of it.</summary>
+        OverwriteOrAdd,
+    }
 
     /// <summary>
-    /// The gradient buffer for a kernel that can either overwrite or add: a fresh, uninitialised buffer with
-    /// <paramref name="accumulate"/> false when no gradient has arrived yet (saving the zeroing pass), else the
-    /// existing one with <paramref name="accumulate"/> true.
+    /// v's gradient buffer: the one way a rule gets one. When a gradient has already reached v, its buffer, with
+    /// <paramref name="accumulate"/> true: the kernel must add into it. Otherwise a new buffer becomes v's gradient (a
+    /// tape tensor for an intermediate, the Var's own persistent tensor for a parameter or input): zeros for
+    /// <see cref="GradWrite.Add"/> (accumulate true: adding into zeros), uninitialised for
+    /// <see cref="GradWrite.OverwriteOrAdd"/> (accumulate false: the kernel overwrites every element, saving the
+    /// zeroing pass).
     /// </summary>
-    private Tensor GradForWrite(Var v, out bool accumulate)
+    private Tensor GradOf(Var v, GradWrite write, out bool accumulate)
     {
-        accumulate = v.Grad is not null;
-        return v.Grad ??= v.OwnedByTape ? NewTensor(v.Shape) : Tensor.Empty(Device, v.Shape);
+        if (v.Grad is { } existing)
+        {
+            accumulate = true;
+            return existing;
+        }
+        var g = v.OwnedByTape ? NewTensor(v.Shape) : Tensor.Empty(Device, v.Shape);
+        accumulate = write == GradWrite.Add;
+        if (accumulate)
+        {
+            g.Zero();
+        }
+        v.Grad = g;
+        return g;
     }
 
     /// <summary>
@@ -424,13 +695,15 @@ public sealed class Tape : IDisposable
             y.Grad = null;
             return;
         }
-        if (v.Grad is null)
+        var g = GradOf(v, GradWrite.OverwriteOrAdd, out bool accumulate);
+        if (accumulate)
         {
-            var g = GradForWrite(v, out _);
-            g.CopyFrom(dy);
-            return;
+            Elementwise.Accumulate(g, dy);
         }
-        Elementwise.Accumulate(v.Grad, dy);
+        else
+        {
+            g.CopyFrom(dy);
+        }
     }
 
     /// <summary>Releases every value and saved tensor the tape still holds.</summary>
@@ -478,38 +751,5 @@ public sealed class Tape : IDisposable
         v.OwnedByTape = true;
         _owned.Add(v);
         return v;
-    }
-
-    /// <summary>Records a backward step when the output needs a gradient; false when nothing was recorded.</summary>
-    private bool Record(in Step step)
-    {
-        if (!step.Output.RequiresGrad)
-        {
-            return false;
-        }
-        for (int k = 0; k < step.Saved; k++)
-        {
-            step.Input(k).PendingUses++;
-        }
-        _records.Add(step);
-        return true;
-    }
-
-    /// <summary>A derivative rule: adds ∂loss/∂input for the record's inputs, given ∂loss/∂output <paramref name="dy"/>.</summary>
-    private delegate void Rule(Tape tape, in Step record, Tensor dy);
-
-    /// <summary>
-    /// One backward record: the op's rule, its output, its inputs A, B, C, D, of which the first <see cref="Saved"/> have
-    /// values the rule reads (so they stay alive until it has run), integer arguments and saved tensors.
-    /// </summary>
-    private readonly record struct Step(string Op, Var Output, Rule Backward, Var? A = null, Var? B = null, Var? C = null, Var? D = null)
-    {
-        public int Saved { get; init; }
-        public int I0 { get; init; }
-        public int I1 { get; init; }
-        public Tensor? Aux0 { get; init; }
-        public Tensor? Aux1 { get; init; }
-
-        public Var Input(int k) => (k == 0 ? A : k == 1 ? B : C)!;
     }
 }

@@ -28,9 +28,6 @@ public class Var
     /// <summary>Shape of the value.</summary>
     public int[] Shape => Value.Shape;
 
-    /// <summary>The gradient buffer, created as zeros on first use.</summary>
-    internal Tensor GradBuffer() => Grad ??= Value.ZerosLike();
-
     // Bookkeeping for releasing intermediates during backward: how many recorded backward steps
     // still need this value, and whether the step that produced it has run.
     internal int PendingUses;
@@ -68,5 +65,15 @@ public sealed class Parameter : Var
     public int Length => Value.Length;
 
     /// <summary>Sets the gradient to zero (allocating it the first time).</summary>
-    public void ZeroGrad() => GradBuffer().Zero();
+    public void ZeroGrad()
+    {
+        if (Grad is { } g)
+        {
+            g.Zero();
+        }
+        else
+        {
+            Grad = Value.ZerosLike();
+        }
+    }
 }

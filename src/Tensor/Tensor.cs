@@ -40,9 +40,6 @@ public sealed class Tensor : IDisposable
     /// <summary>"3x5x7x9" for a shape.</summary>
     public static string ShapeString(ReadOnlySpan<int> shape) => shape.Length == 0 ? "scalar" : string.Join("x", shape.ToArray());
 
-    /// <summary>True once the storage has gone back to the pool.</summary>
-    public bool IsDisposed => _storage is null;
-
     /// <summary>A tensor of <paramref name="shape"/> with unspecified contents (pooled memory is not cleared).</summary>
     public static Tensor Empty(Device device, params ReadOnlySpan<int> shape)
     {
