@@ -16,7 +16,7 @@
 //   * Otherwise a 4 x 4 scalar kernel, the reference and the last fallback, so the code is correct everywhere.
 //   Which one runs follows CpuSimd.Level (Isa), so every kernel can be tested on one wide machine; Gemm.LastKernel
 //   records the choice.
-//   The AVX-512 path is selected with Avx512F.IsSupported rather than Vector512.IsHardwareAccelerated: .NET reports
+//   The AVX-512 path is gated on Avx512F.IsSupported (in Isa.Avx512, with the level) rather than Vector512.IsHardwareAccelerated: .NET reports
 //   the latter as false on Skylake-X/Cascade Lake (frequency-licence heuristic), yet there the 512-bit kernel is the
 //   faster one (docs/perf.md).
 
