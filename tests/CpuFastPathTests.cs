@@ -3,8 +3,24 @@ using Ddpm.Tensors;
 
 namespace Ddpm.Tests;
 
-/// <summary>The managed backend's fast paths (packed GEMM, im2col convolution) against their naive
-/// twins, on shapes that leave remainders at every edge of the tiling.</summary>
+/// <summary>Tests that change <see cref="CpuSimd.Level"/>: the setting is process-wide, so they run alone (a test of
+/// one level must not run on the level another test just set).</summary>
+[CollectionDefinition(Name, DisableParallelization = true)]
+public sealed class SimdLevelCollection
+{
+    public const string Name = "simd levels";
+
+    /// <summary>Every level, narrowest first; a level this processor lacks is skipped by the test, visibly.</summary>
+    public static readonly SimdLevel[] Levels = Enum.GetValues<SimdLevel>();
+
+    /// <summary>Each case once per level, the level first.</summary>
+    public static IEnumerable<object[]> Cross(params object[][] cases) =>
+        from level in Levels from c in cases select new object[] { level }.Concat(c).ToArray();
+}
+
+/// <summary>The managed backend's fast paths (packed GEMM, implicit and im2col convolution) against their naive
+/// twins, on shapes that leave remainders at every edge of the tiling, at every instruction level the processor has.</summary>
+[Collection(SimdLevelCollection.Name)]
 public sealed unsafe class CpuFastPathTests
 {
     private static float[] Ints(Random rng, int n)
@@ -18,16 +34,17 @@ public sealed unsafe class CpuFastPathTests
         return v;
     }
 
-    [Theory]
-    [InlineData(1, 1, 1)]
-    [InlineData(3, 7, 5)]
-    [InlineData(17, 33, 65)]
-    [InlineData(65, 129, 31)]
-    [InlineData(64, 784, 576)]
-    [InlineData(7, 1, 300)]
-    [InlineData(5, 9, 0)]
-    public void GemmMatchesNaiveForEveryTransposeAndMode(int m, int n, int k)
+    public static IEnumerable<object[]> GemmCases => SimdLevelCollection.Cross(
+        [1, 1, 1], [3, 7, 5], [17, 33, 65], [65, 129, 31], [64, 784, 576], [7, 1, 300], [5, 9, 0],
+        // Edges of the 6x8, 6x16 and 4x4 tiles: rows 6k+1, columns 8k+3 / 16k+7.
+        [13, 23, 19], [7, 41, 130]);
+
+    [SkippableTheory]
+    [MemberData(nameof(GemmCases))]
+    public void GemmMatchesNaiveForEveryTransposeAndMode(SimdLevel level, int m, int n, int k)
     {
+        Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
+        using var _ = CpuSimd.Use(level);
         var rng = new Random(m * 1000 + n * 10 + k);
         var a = Ints(rng, Math.Max(1, m * k));
         var b = Ints(rng, Math.Max(1, k * n));
@@ -49,28 +66,33 @@ public sealed unsafe class CpuFastPathTests
         }
     }
 
-    [Theory]
-    [InlineData(3, 5, 7, 9, 4, 3, 1, 1)]
-    [InlineData(3, 17, 13, 11, 33, 3, 1, 1)]
-    [InlineData(3, 17, 13, 11, 33, 3, 2, 1)]
-    [InlineData(2, 19, 14, 14, 7, 1, 1, 0)]
-    [InlineData(1, 3, 9, 8, 5, 5, 2, 2)]
-    [InlineData(4, 1, 28, 28, 16, 3, 1, 1)]
-    // Implicit-GEMM edges: padded rows of 33 and 13 floats (panels of 48 end mid-row), C·R·S = 135 and 1170 (k blocks
-    // that are not multiples of 16), K = 1 and 9 (partial 8-row tiles), stride 3, 5x5 stride 2 on a wide image.
-    [InlineData(3, 15, 29, 31, 9, 3, 1, 1)]
-    [InlineData(2, 130, 7, 7, 9, 3, 1, 1)]
-    [InlineData(2, 16, 28, 28, 1, 3, 1, 1)]
-    [InlineData(2, 9, 10, 10, 5, 3, 3, 1)]
-    [InlineData(2, 3, 40, 70, 5, 5, 2, 2)]
-    [InlineData(2, 5, 6, 6, 3, 3, 1, 0)]
-    // Dot-product weight gradient over groups of small images (5 a group, a partial last group per worker), stride 2,
-    // K > 64.
-    [InlineData(11, 5, 7, 7, 9, 3, 1, 1)]
-    [InlineData(11, 6, 14, 14, 10, 3, 2, 1)]
-    [InlineData(9, 3, 7, 7, 70, 3, 1, 1)]
-    public void ConvolutionMatchesNaive(int n, int c, int h, int w, int k, int r, int stride, int pad)
+    // Rows 7-12, implicit-GEMM edges: padded rows of 33 and 13 floats (panels of 48 end mid-row), C·R·S = 135 and 1170
+    // (k blocks that are not multiples of 16), K = 1 and 9 (partial 8-row tiles), stride 3, 5x5 stride 2 on a wide
+    // image. The last three, the dot-product weight gradient over groups of small images (5 a group, a partial last
+    // group per worker), stride 2, K > 64.
+    public static IEnumerable<object[]> ConvolutionCases => SimdLevelCollection.Cross(
+        [3, 5, 7, 9, 4, 3, 1, 1],
+        [3, 17, 13, 11, 33, 3, 1, 1],
+        [3, 17, 13, 11, 33, 3, 2, 1],
+        [2, 19, 14, 14, 7, 1, 1, 0],
+        [1, 3, 9, 8, 5, 5, 2, 2],
+        [4, 1, 28, 28, 16, 3, 1, 1],
+        [3, 15, 29, 31, 9, 3, 1, 1],
+        [2, 130, 7, 7, 9, 3, 1, 1],
+        [2, 16, 28, 28, 1, 3, 1, 1],
+        [2, 9, 10, 10, 5, 3, 3, 1],
+        [2, 3, 40, 70, 5, 5, 2, 2],
+        [2, 5, 6, 6, 3, 3, 1, 0],
+        [11, 5, 7, 7, 9, 3, 1, 1],
+        [11, 6, 14, 14, 10, 3, 2, 1],
+        [9, 3, 7, 7, 70, 3, 1, 1]);
+
+    [SkippableTheory]
+    [MemberData(nameof(ConvolutionCases))]
+    public void ConvolutionMatchesNaive(SimdLevel level, int n, int c, int h, int w, int k, int r, int stride, int pad)
     {
+        Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
+        using var _ = CpuSimd.Use(level);
         // Every lowering: the per-shape choice and both forced ones (the setting is per thread).
         foreach (var lowering in Enum.GetValues<ConvLowering>())
         {
@@ -84,7 +106,8 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
-        // The implicit weight gradient's two kernels, each forced (the dot-product tiles need AVX-512).
+        // The implicit weight gradient's two kernels, each forced (the dot-product tiles need AVX-512: below it the
+        // forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
             Conv2d.CpuLowering = ConvLowering.Implicit;
@@ -140,35 +163,5 @@ public sealed unsafe class CpuFastPathTests
         var dxOnly = new float[x.Length];
         Conv2d.BackwardInputNaive(g, dy, wt, dxOnly);
         Assert.True(dxOnly.AsSpan().SequenceEqual(fresh.ToArray()), $"input gradient without accumulating, {lowering}");
-    }
-
-    [Fact]
-    public void FastExpIsWithinTwoUlpAndClampsAtTheEnds()
-    {
-        double worst = 0;
-        for (float x = -87f; x <= 87f; x += 0.0137f)
-        {
-            var v = System.Runtime.Intrinsics.Vector256.Create(x, -x, x * 0.5f, x * 0.25f, x * 0.125f, x / 64, x / 1024, 0f);
-            var e = FastMath.Exp(v);
-            for (int i = 0; i < 8; i++)
-            {
-                double exact = Math.Exp(v[i]);
-                double ulp = MathF.BitIncrement((float)exact) - (float)exact;
-                worst = Math.Max(worst, Math.Abs(e[i] - exact) / Math.Max(ulp, double.Epsilon));
-            }
-        }
-        Assert.True(worst <= 2.0, $"worst error {worst:F2} ulp");
-        var ends = FastMath.Exp(System.Runtime.Intrinsics.Vector256.Create(-1000f, 1000f, float.NaN, float.NegativeInfinity, float.PositiveInfinity, 0f, 1f, -1f));
-        Assert.InRange(ends[0], 0f, 1.2e-38f);
-        Assert.True(float.IsFinite(ends[1]) && ends[1] > 1e38f);
-        Assert.True(float.IsNaN(ends[2]), "NaN must stay NaN");
-        Assert.InRange(ends[3], 0f, 1.2e-38f);
-        Assert.Equal(1f, ends[5]);
-        Assert.Equal(MathF.E, ends[6], 1e-6f);
-        var sig = FastMath.Sigmoid(System.Runtime.Intrinsics.Vector256.Create(-100f, 100f, 0f, 2f, -2f, 30f, -30f, 0.5f));
-        Assert.Equal(0f, sig[0], 1e-30f);
-        Assert.Equal(1f, sig[1]);
-        Assert.Equal(0.5f, sig[2]);
-        Assert.Equal(1 / (1 + Math.Exp(-2)), sig[3], 1e-7);
     }
 }

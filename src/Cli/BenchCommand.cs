@@ -24,16 +24,28 @@ public static class BenchCommand
         var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 }.Within(1, 100_000);
         var device = Program.DeviceOption();
         var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train steps; tables on stderr" };
-        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile))));
+        var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
+        simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile, simd };
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile), p.GetValue(simd))));
         return command;
     }
 
-    private static int Run(string preset, int batch, int steps, string deviceName, bool profile)
+    private static int Run(string preset, int batch, int steps, string deviceName, bool profile, string? simd)
     {
         if (batch < 1 || steps < 1)
         {
             throw new ArgumentException("--batch and --steps must be at least 1");
+        }
+        if (simd is not null)
+        {
+            // A level the processor lacks is an error, not a silent clamp: the figures would be labelled wrongly.
+            var level = CpuSimd.Parse(simd)!.Value;
+            if (!CpuSimd.Supports(level))
+            {
+                throw new ArgumentException($"--simd {simd}: this processor offers up to {CpuSimd.Name(CpuSimd.Max)}");
+            }
+            CpuSimd.Level = level;
         }
         using var device = DeviceCatalog.Open(deviceName, out _);
         // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.

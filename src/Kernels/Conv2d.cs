@@ -209,20 +209,41 @@ public static unsafe class Conv2d
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static float SumRow(float* row, int len)
     {
-        int w = Vector256<float>.Count, i = 0;
-        Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
-        for (; i + 4 * w <= len; i += 4 * w)
+        int i = 0;
+        float s = 0f;
+        if (Isa.Avx2)
         {
-            a0 += Vector256.Load(row + i);
-            a1 += Vector256.Load(row + i + w);
-            a2 += Vector256.Load(row + i + 2 * w);
-            a3 += Vector256.Load(row + i + 3 * w);
+            int w = Vector256<float>.Count;
+            Vector256<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            for (; i + 4 * w <= len; i += 4 * w)
+            {
+                a0 += Vector256.Load(row + i);
+                a1 += Vector256.Load(row + i + w);
+                a2 += Vector256.Load(row + i + 2 * w);
+                a3 += Vector256.Load(row + i + 3 * w);
+            }
+            for (; i + w <= len; i += w)
+            {
+                a0 += Vector256.Load(row + i);
+            }
+            s = Vector256.Sum((a0 + a1) + (a2 + a3));
         }
-        for (; i + w <= len; i += w)
+        else if (Isa.V128)
         {
-            a0 += Vector256.Load(row + i);
+            Vector128<float> a0 = default, a1 = default, a2 = default, a3 = default;
+            for (; i + 16 <= len; i += 16)
+            {
+                a0 += Vector128.Load(row + i);
+                a1 += Vector128.Load(row + i + 4);
+                a2 += Vector128.Load(row + i + 8);
+                a3 += Vector128.Load(row + i + 12);
+            }
+            for (; i + 4 <= len; i += 4)
+            {
+                a0 += Vector128.Load(row + i);
+            }
+            s = Vector128.Sum((a0 + a1) + (a2 + a3));
         }
-        float s = Vector256.Sum((a0 + a1) + (a2 + a3));
         for (; i < len; i++)
         {
             s += row[i];

@@ -80,7 +80,7 @@ public static class Elementwise
         {
             var (av, bv, yv) = v;
             int i = s;
-            for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
+            for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
                 (new Vector<float>(av, i) + new Vector<float>(bv, i)).CopyTo(yv, i);
             }
@@ -106,7 +106,7 @@ public static class Elementwise
             var (sv, dv, alpha) = v;
             var va = new Vector<float>(alpha);
             int i = s;
-            for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
+            for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
                 Vector.FusedMultiplyAdd(new Vector<float>(sv, i), va, new Vector<float>(dv, i)).CopyTo(dv, i);
             }
@@ -132,7 +132,7 @@ public static class Elementwise
             var (xv, yv, s) = v;
             var vs = new Vector<float>(s);
             int i = st;
-            for (; i <= e - Vector<float>.Count; i += Vector<float>.Count)
+            for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
                 (new Vector<float>(xv, i) * vs).CopyTo(yv, i);
             }
@@ -177,7 +177,7 @@ public static class Elementwise
             {
                 var vb = new Vector<float>(ev[nc]);
                 int i = nc * hw, stop = i + hw;
-                for (; i <= stop - Vector<float>.Count; i += Vector<float>.Count)
+                for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
                     (new Vector<float>(xv, i) + vb).CopyTo(yv, i);
                 }
@@ -242,7 +242,7 @@ public static class Elementwise
                 var va = new Vector<float>(cav[s]);
                 var vb = new Vector<float>(cbv[s]);
                 int i = s * per, stop = i + per;
-                for (; i <= stop - Vector<float>.Count; i += Vector<float>.Count)
+                for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
                     (va * new Vector<float>(av, i) + vb * new Vector<float>(bv, i)).CopyTo(yv, i);
                 }
@@ -259,7 +259,7 @@ public static class Elementwise
     {
         var acc = Vector<float>.Zero;
         int i = 0;
-        for (; i <= v.Length - Vector<float>.Count; i += Vector<float>.Count)
+        for (; Simd.VectorT && i <= v.Length - Vector<float>.Count; i += Vector<float>.Count)
         {
             acc += new Vector<float>(v.Slice(i));
         }

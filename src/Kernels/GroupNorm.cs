@@ -16,7 +16,7 @@ namespace Ddpm.Kernels;
 ///   backward: du = dy (or dy·silu'(u) when fused, u recomputed from x); with g = du·gamma,
 ///             dx = rstd·(g - mean_grp(g) - xhat·mean_grp(g·xhat)), dgamma[c] += Σ du·xhat, dbeta[c] += Σ du.
 /// Forward saves mean and rstd by name for backward; the fused op never stores u.
-/// Versions: CPU, one task per (n, group), SIMD (Vector256) sums with per-(n, c) partials in
+/// Versions: CPU, one task per (n, group), SIMD sums at the level CpuSimd.Level sets (Vector512, Vector256 or Vector128) with per-(n, c) partials in
 /// double, two passes over the data per direction; ILGPU v1, one thread per (n, group) for
 /// statistics, one per element for the pointwise parts, one per channel for dgamma/dbeta.
 /// </summary>
@@ -164,22 +164,36 @@ public static class GroupNorm
         return new GroupShape(x.Dim(0), c, groups, x.Dim(2) * x.Dim(3), silu);
     }
 
-    // ---------------- CPU SIMD helpers (Vector512 where AVX-512 is, then Vector256, scalar tails) ----------------
-
-    /// <summary>Whether the element loops run 16 lanes at a time (AVX-512); settable for benchmarks.</summary>
-    internal static bool Wide = System.Runtime.Intrinsics.X86.Avx512F.IsSupported;
+    // ---------------- CPU SIMD helpers: by CpuSimd.Level (Isa), Vector512 where AVX-512 is, then Vector256 (AVX2) or
+    // Vector128 (SSE, NEON), scalar tails; the scalar level runs the tails only ----------------
 
     private static double Sum(ReadOnlySpan<float> v)
     {
-        var acc0 = Vector256<float>.Zero;
-        var acc1 = Vector256<float>.Zero;
-        int i = 0, w = Vector256<float>.Count;
-        for (; i <= v.Length - 2 * w; i += 2 * w)
+        int i = 0;
+        double s = 0;
+        if (Isa.Avx2)
         {
-            acc0 += Vector256.Create(v.Slice(i, w));
-            acc1 += Vector256.Create(v.Slice(i + w, w));
+            var acc0 = Vector256<float>.Zero;
+            var acc1 = Vector256<float>.Zero;
+            int w = Vector256<float>.Count;
+            for (; i <= v.Length - 2 * w; i += 2 * w)
+            {
+                acc0 += Vector256.Create(v.Slice(i, w));
+                acc1 += Vector256.Create(v.Slice(i + w, w));
+            }
+            s = Vector256.Sum(acc0 + acc1);
         }
-        double s = Vector256.Sum(acc0 + acc1);
+        else if (Isa.V128)
+        {
+            var acc0 = Vector128<float>.Zero;
+            var acc1 = Vector128<float>.Zero;
+            for (; i <= v.Length - 8; i += 8)
+            {
+                acc0 += Vector128.Create(v.Slice(i, 4));
+                acc1 += Vector128.Create(v.Slice(i + 4, 4));
+            }
+            s = Vector128.Sum(acc0 + acc1);
+        }
         for (; i < v.Length; i++)
         {
             s += v[i];
@@ -189,15 +203,31 @@ public static class GroupNorm
 
     private static double SumSquaredDeviations(ReadOnlySpan<float> v, float mean)
     {
-        var m = Vector256.Create(mean);
-        var acc = Vector256<float>.Zero;
-        int i = 0, w = Vector256<float>.Count;
-        for (; i <= v.Length - w; i += w)
+        int i = 0;
+        double s = 0;
+        if (Isa.Avx2)
         {
-            var d = Vector256.Create(v.Slice(i, w)) - m;
-            acc = Vector256.FusedMultiplyAdd(d, d, acc);
+            var m = Vector256.Create(mean);
+            var acc = Vector256<float>.Zero;
+            int w = Vector256<float>.Count;
+            for (; i <= v.Length - w; i += w)
+            {
+                var d = Vector256.Create(v.Slice(i, w)) - m;
+                acc = Vector256.FusedMultiplyAdd(d, d, acc);
+            }
+            s = Vector256.Sum(acc);
         }
-        double s = Vector256.Sum(acc);
+        else if (Isa.V128)
+        {
+            var m = Vector128.Create(mean);
+            var acc = Vector128<float>.Zero;
+            for (; i <= v.Length - 4; i += 4)
+            {
+                var d = Vector128.Create(v.Slice(i, 4)) - m;
+                acc = Vector128.MultiplyAddEstimate(d, d, acc);
+            }
+            s = Vector128.Sum(acc);
+        }
         for (; i < v.Length; i++)
         {
             double d = v[i] - mean;
@@ -221,11 +251,17 @@ public static class GroupNorm
         return sig * (Vector512<float>.One + u * (Vector512<float>.One - sig));
     }
 
+    private static Vector128<float> SiluDerivative(Vector128<float> u)
+    {
+        var sig = FastMath.Sigmoid(u);
+        return sig * (Vector128<float>.One + u * (Vector128<float>.One - sig));
+    }
+
     // y = u or silu(u), u = x·scale + shift
     private static void AffineSilu(ReadOnlySpan<float> x, Span<float> y, float scale, float shift, bool silu)
     {
         int i = 0;
-        if (Wide)
+        if (Isa.Avx512)
         {
             var ws = Vector512.Create(scale);
             var wb = Vector512.Create(shift);
@@ -235,13 +271,26 @@ public static class GroupNorm
                 (silu ? u * FastMath.Sigmoid(u) : u).CopyTo(y.Slice(i, 16));
             }
         }
-        var vs = Vector256.Create(scale);
-        var vb = Vector256.Create(shift);
-        int w = Vector256<float>.Count;
-        for (; i <= x.Length - w; i += w)
+        if (Isa.Avx2)
         {
-            var u = Vector256.FusedMultiplyAdd(Vector256.Create(x.Slice(i, w)), vs, vb);
-            (silu ? SiluOf(u) : u).CopyTo(y.Slice(i, w));
+            var vs = Vector256.Create(scale);
+            var vb = Vector256.Create(shift);
+            int w = Vector256<float>.Count;
+            for (; i <= x.Length - w; i += w)
+            {
+                var u = Vector256.FusedMultiplyAdd(Vector256.Create(x.Slice(i, w)), vs, vb);
+                (silu ? SiluOf(u) : u).CopyTo(y.Slice(i, w));
+            }
+        }
+        else if (Isa.V128)
+        {
+            var vs = Vector128.Create(scale);
+            var vb = Vector128.Create(shift);
+            for (; i <= x.Length - 4; i += 4)
+            {
+                var u = Vector128.MultiplyAddEstimate(Vector128.Create(x.Slice(i, 4)), vs, vb);
+                (silu ? u * FastMath.Sigmoid(u) : u).CopyTo(y.Slice(i, 4));
+            }
         }
         for (; i < x.Length; i++)
         {
@@ -255,7 +304,7 @@ public static class GroupNorm
     {
         int i = 0;
         double sa = 0, sb = 0;
-        if (Wide)
+        if (Isa.Avx512)
         {
             var ws = Vector512.Create(scale);
             var wb = Vector512.Create(shift);
@@ -276,25 +325,49 @@ public static class GroupNorm
             sa = Vector512.Sum(wa);
             sb = Vector512.Sum(wbx);
         }
-        var vs = Vector256.Create(scale);
-        var vb = Vector256.Create(shift);
-        var a = Vector256<float>.Zero;
-        var b = Vector256<float>.Zero;
-        int w = Vector256<float>.Count;
-        for (; i <= x.Length - w; i += w)
+        if (Isa.Avx2)
         {
-            var xv = Vector256.Create(x.Slice(i, w));
-            var du = Vector256.Create(dy.Slice(i, w));
-            if (silu)
+            var vs = Vector256.Create(scale);
+            var vb = Vector256.Create(shift);
+            var a = Vector256<float>.Zero;
+            var b = Vector256<float>.Zero;
+            int w = Vector256<float>.Count;
+            for (; i <= x.Length - w; i += w)
             {
-                du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
-                du.CopyTo(duOut.Slice(i, w));
+                var xv = Vector256.Create(x.Slice(i, w));
+                var du = Vector256.Create(dy.Slice(i, w));
+                if (silu)
+                {
+                    du *= SiluDerivative(Vector256.FusedMultiplyAdd(xv, vs, vb));
+                    du.CopyTo(duOut.Slice(i, w));
+                }
+                a += du;
+                b = Vector256.FusedMultiplyAdd(du, xv, b);
             }
-            a += du;
-            b = Vector256.FusedMultiplyAdd(du, xv, b);
+            sa += Vector256.Sum(a);
+            sb += Vector256.Sum(b);
         }
-        sa += Vector256.Sum(a);
-        sb += Vector256.Sum(b);
+        else if (Isa.V128)
+        {
+            var vs = Vector128.Create(scale);
+            var vb = Vector128.Create(shift);
+            var a = Vector128<float>.Zero;
+            var b = Vector128<float>.Zero;
+            for (; i <= x.Length - 4; i += 4)
+            {
+                var xv = Vector128.Create(x.Slice(i, 4));
+                var du = Vector128.Create(dy.Slice(i, 4));
+                if (silu)
+                {
+                    du *= SiluDerivative(Vector128.MultiplyAddEstimate(xv, vs, vb));
+                    du.CopyTo(duOut.Slice(i, 4));
+                }
+                a += du;
+                b = Vector128.MultiplyAddEstimate(du, xv, b);
+            }
+            sa += Vector128.Sum(a);
+            sb += Vector128.Sum(b);
+        }
         for (; i < x.Length; i++)
         {
             float du = silu ? dy[i] * Silu.Derivative(x[i] * scale + shift) : dy[i];
@@ -325,7 +398,7 @@ public static class GroupNorm
     private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx, bool accumulate)
     {
         int i = 0;
-        if (Wide)
+        if (Isa.Avx512)
         {
             var wg = Vector512.Create(gamma);
             var wm = Vector512.Create(m);
@@ -339,18 +412,36 @@ public static class GroupNorm
                 (accumulate ? Vector512.FusedMultiplyAdd(wr, g, Vector512.Create(dx.Slice(i, 16))) : wr * g).CopyTo(dx.Slice(i, 16));
             }
         }
-        var vg = Vector256.Create(gamma);
-        var vm = Vector256.Create(m);
-        var vr = Vector256.Create(r);
-        var vmg = Vector256.Create(meanG);
-        var vmgx = Vector256.Create(meanGx);
-        int w = Vector256<float>.Count;
-        for (; i <= x.Length - w; i += w)
+        if (Isa.Avx2)
         {
-            var xv = Vector256.Create(x.Slice(i, w));
-            var xhat = (xv - vm) * vr;
-            var g = Vector256.Create(du.Slice(i, w)) * vg - vmg - xhat * vmgx;
-            (accumulate ? Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))) : vr * g).CopyTo(dx.Slice(i, w));
+            var vg = Vector256.Create(gamma);
+            var vm = Vector256.Create(m);
+            var vr = Vector256.Create(r);
+            var vmg = Vector256.Create(meanG);
+            var vmgx = Vector256.Create(meanGx);
+            int w = Vector256<float>.Count;
+            for (; i <= x.Length - w; i += w)
+            {
+                var xv = Vector256.Create(x.Slice(i, w));
+                var xhat = (xv - vm) * vr;
+                var g = Vector256.Create(du.Slice(i, w)) * vg - vmg - xhat * vmgx;
+                (accumulate ? Vector256.FusedMultiplyAdd(vr, g, Vector256.Create(dx.Slice(i, w))) : vr * g).CopyTo(dx.Slice(i, w));
+            }
+        }
+        else if (Isa.V128)
+        {
+            var vg = Vector128.Create(gamma);
+            var vm = Vector128.Create(m);
+            var vr = Vector128.Create(r);
+            var vmg = Vector128.Create(meanG);
+            var vmgx = Vector128.Create(meanGx);
+            for (; i <= x.Length - 4; i += 4)
+            {
+                var xv = Vector128.Create(x.Slice(i, 4));
+                var xhat = (xv - vm) * vr;
+                var g = Vector128.Create(du.Slice(i, 4)) * vg - vmg - xhat * vmgx;
+                (accumulate ? Vector128.MultiplyAddEstimate(vr, g, Vector128.Create(dx.Slice(i, 4))) : vr * g).CopyTo(dx.Slice(i, 4));
+            }
         }
         for (; i < x.Length; i++)
         {

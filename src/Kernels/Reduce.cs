@@ -65,7 +65,7 @@ public static class Reduce
         var span = x.Span;
         var acc = System.Numerics.Vector<float>.Zero;
         int i = 0;
-        for (; i <= span.Length - System.Numerics.Vector<float>.Count; i += System.Numerics.Vector<float>.Count)
+        for (; Simd.VectorT && i <= span.Length - System.Numerics.Vector<float>.Count; i += System.Numerics.Vector<float>.Count)
         {
             acc += new System.Numerics.Vector<float>(span[i..]) * System.Numerics.Vector<float>.Zero;
         }

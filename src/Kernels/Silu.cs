@@ -6,8 +6,8 @@ namespace Ddpm.Kernels;
 /// <summary>
 /// SiLU (swish), the U-Net's only activation: silu(x) = x·σ(x), σ(x) = 1 / (1 + e^-x);
 /// silu'(x) = σ(x)·(1 + x·(1 - σ(x))). Versions: ILGPU through the generic elementwise kernels
-/// (one thread per element); CPU with Vector256 exp (scalar loop where 256-bit SIMD is absent),
-/// over chunks on the cores.
+/// (one thread per element); CPU with the vector exp of FastMath at the level CpuSimd.Level sets (512, 256 or
+/// 128 bits; the generic scalar loop at the scalar level), over chunks on the cores.
 /// </summary>
 public struct Silu : IUnaryOp
 {
@@ -24,7 +24,7 @@ public struct Silu : IUnaryOp
     /// <summary>y = silu(x).</summary>
     public static void Forward(Tensor x, Tensor y)
     {
-        if (x.Device.IsIlgpu || !Vector256.IsHardwareAccelerated)
+        if (x.Device.IsIlgpu || !Isa.V128)
         {
             Elementwise.Map<Silu>(x, y);
             return;
@@ -35,10 +35,29 @@ public struct Silu : IUnaryOp
         {
             var (xs, ys) = state;
             int i = first;
-            for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
+            if (Isa.Avx512)
             {
-                var v = Vector256.Create(xs, i);
-                (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                for (; i <= last - 16; i += 16)
+                {
+                    var v = Vector512.Create(xs, i);
+                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                }
+            }
+            else if (Isa.Avx2)
+            {
+                for (; i <= last - 8; i += 8)
+                {
+                    var v = Vector256.Create(xs, i);
+                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                }
+            }
+            else
+            {
+                for (; i <= last - 4; i += 4)
+                {
+                    var v = Vector128.Create(xs, i);
+                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                }
             }
             for (; i < last; i++)
             {
@@ -50,7 +69,7 @@ public struct Silu : IUnaryOp
     /// <summary>dx += dy·silu'(x).</summary>
     public static void Backward(Tensor dy, Tensor x, Tensor dx)
     {
-        if (x.Device.IsIlgpu || !Vector256.IsHardwareAccelerated)
+        if (x.Device.IsIlgpu || !Isa.V128)
         {
             Elementwise.MapBackward<Silu>(dy, x, dx);
             return;
@@ -62,12 +81,35 @@ public struct Silu : IUnaryOp
         {
             var (dys, xs, dxs) = state;
             int i = first;
-            for (; i <= last - Vector256<float>.Count; i += Vector256<float>.Count)
+            if (Isa.Avx512)
             {
-                var v = Vector256.Create(xs, i);
-                var s = FastMath.Sigmoid(v);
-                var d = s * (Vector256<float>.One + v * (Vector256<float>.One - s));
-                Vector256.FusedMultiplyAdd(Vector256.Create(dys, i), d, Vector256.Create(dxs, i)).CopyTo(dxs, i);
+                for (; i <= last - 16; i += 16)
+                {
+                    var v = Vector512.Create(xs, i);
+                    var s = FastMath.Sigmoid(v);
+                    var d = s * (Vector512<float>.One + v * (Vector512<float>.One - s));
+                    Vector512.FusedMultiplyAdd(Vector512.Create(dys, i), d, Vector512.Create(dxs, i)).CopyTo(dxs, i);
+                }
+            }
+            else if (Isa.Avx2)
+            {
+                for (; i <= last - 8; i += 8)
+                {
+                    var v = Vector256.Create(xs, i);
+                    var s = FastMath.Sigmoid(v);
+                    var d = s * (Vector256<float>.One + v * (Vector256<float>.One - s));
+                    Vector256.FusedMultiplyAdd(Vector256.Create(dys, i), d, Vector256.Create(dxs, i)).CopyTo(dxs, i);
+                }
+            }
+            else
+            {
+                for (; i <= last - 4; i += 4)
+                {
+                    var v = Vector128.Create(xs, i);
+                    var s = FastMath.Sigmoid(v);
+                    var d = s * (Vector128<float>.One + v * (Vector128<float>.One - s));
+                    Vector128.MultiplyAddEstimate(Vector128.Create(dys, i), d, Vector128.Create(dxs, i)).CopyTo(dxs, i);
+                }
             }
             for (; i < last; i++)
             {

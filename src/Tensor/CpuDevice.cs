@@ -1,6 +1,3 @@
-using System.Runtime.Intrinsics;
-using System.Runtime.Intrinsics.X86;
-
 namespace Ddpm.Tensors;
 
 /// <summary>The managed CPU backend: tensors are pooled float arrays, ops are C# with SIMD and threads.</summary>
@@ -27,9 +24,8 @@ public sealed class CpuDevice : Device
     /// <inheritdoc/>
     public override string Name => $"cpu ({Environment.ProcessorCount} threads, {SimdName})";
 
-    /// <summary>The widest vector unit the JIT uses here.</summary>
-    public static string SimdName =>
-        Avx512F.IsSupported ? "AVX-512" : Avx2.IsSupported ? "AVX2" : Vector128.IsHardwareAccelerated ? "128-bit SIMD" : "scalar";
+    /// <summary>The instruction level the CPU kernels use now (<see cref="CpuSimd.Level"/>), not merely what the processor offers.</summary>
+    public static string SimdName => CpuSimd.Name(CpuSimd.Level);
 
     /// <inheritdoc/>
     protected override object AllocateStorage(int length) => GC.AllocateUninitializedArray<float>(length, pinned: true);

@@ -97,7 +97,7 @@ internal static unsafe partial class ConvGemm
             {
                 float* src = wide + ((long)k * p + y) * ldw;
                 float* dst = output + ((long)k * p + y) * q;
-                if (Avx512F.IsSupported)
+                if (Isa.Avx512)
                 {
                     int x = 0;
                     for (; x < qv; x += 16)
@@ -112,13 +112,9 @@ internal static unsafe partial class ConvGemm
                         Avx512F.MaskStore(dst + x, tail, v);
                     }
                 }
-                else if (accumulate)
-                {
-                    for (int x = 0; x < q; x++) dst[x] += src[x];
-                }
                 else
                 {
-                    for (int x = 0; x < q; x++) dst[x] = src[x] + bk;
+                    Simd.AddRow(src, dst, q, bk, accumulate);
                 }
             }
         }
@@ -128,7 +124,7 @@ internal static unsafe partial class ConvGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void CopyRow(float* src, float* dst, int n)
     {
-        if (!Avx512F.IsSupported)
+        if (!Isa.Avx512)
         {
             new ReadOnlySpan<float>(src, n).CopyTo(new Span<float>(dst, n));
             return;
@@ -227,7 +223,7 @@ internal static unsafe partial class ConvGemm
                     CopyRow(s, line + PadW, W);
                     new Span<float>(line + PadW + W, st * Wh + 32 - PadW - W).Clear();
                     float* row0 = planeC + a * st * PlaneSize + (long)i * Wh;
-                    if (st == 2 && Avx512F.IsSupported) Deinterleave(line, row0, row0 + PlaneSize, Wh);
+                    if (st == 2 && Isa.Avx512) Deinterleave(line, row0, row0 + PlaneSize, Wh);
                     else
                         for (int b = 0; b < st; b++)
                         {

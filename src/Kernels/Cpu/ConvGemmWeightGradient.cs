@@ -24,7 +24,7 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     internal static bool UsesDotWeightGradient(ConvShape g)
     {
-        if (!Avx512F.IsSupported) return false;
+        if (!Isa.Avx512) return false;
         if (t_dotWeightGradient is { } forced) return forced;
         long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
         return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);

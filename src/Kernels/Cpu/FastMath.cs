@@ -4,7 +4,7 @@ using System.Runtime.Intrinsics;
 namespace Ddpm.Kernels;
 
 /// <summary>
-/// Vector exp and sigmoid for the CPU backend's SiLU paths. Vector256.Exp of .NET 10 computes in double and cost more
+/// Vector exp and sigmoid for the CPU backend's SiLU paths, at 128, 256 and 512 bits (callers pick by Isa). Vector256.Exp of .NET 10 computes in double and cost more
 /// than the rest of a fused group norm + SiLU (docs/perf.md); this is the single-precision Cephes expf: n = round(x·log2 e),
 /// r = x - n·ln 2 in two parts (Cody-Waite), exp r by a degree-6 polynomial, times 2^n built in the exponent bits.
 /// Inputs are clamped to [ln FLT_MIN, 88.376] (-87.34: no subnormal results, exp(-1000) gives FLT_MIN; the top keeps
@@ -38,6 +38,31 @@ internal static class FastMath
     /// <summary>σ(u) = 1 / (1 + e^-u) per lane.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector256<float> Sigmoid(Vector256<float> u) => Vector256<float>.One / (Vector256<float>.One + Exp(-u));
+
+    /// <summary>e^x per lane, 4 lanes (the same algorithm): the portable 128-bit path (SSE, NEON). MultiplyAddEstimate
+    /// fuses where the processor can and is a multiply and an add where it cannot (Vector128.FusedMultiplyAdd would then
+    /// be a software FMA per lane); unfused, the Cody-Waite reduction loses a little, within 3 ulp.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Exp(Vector128<float> x)
+    {
+        x = Vector128.Min(Vector128.Max(x, Vector128.Create(Lo)), Vector128.Create(Hi));
+        Vector128<float> n = Vector128.Round(x * Vector128.Create(Log2E));
+        Vector128<float> r = Vector128.MultiplyAddEstimate(n, Vector128.Create(-Ln2Hi), x);
+        r = Vector128.MultiplyAddEstimate(n, Vector128.Create(-Ln2Lo), r);
+        Vector128<float> p = Vector128.Create(P0);
+        p = Vector128.MultiplyAddEstimate(p, r, Vector128.Create(P1));
+        p = Vector128.MultiplyAddEstimate(p, r, Vector128.Create(P2));
+        p = Vector128.MultiplyAddEstimate(p, r, Vector128.Create(P3));
+        p = Vector128.MultiplyAddEstimate(p, r, Vector128.Create(P4));
+        p = Vector128.MultiplyAddEstimate(p, r, Vector128.Create(P5));
+        p = Vector128.MultiplyAddEstimate(p, r * r, r + Vector128<float>.One);
+        Vector128<int> bits = (Vector128.ConvertToInt32(n) + Vector128.Create(127)) << 23;
+        return p * bits.AsSingle();
+    }
+
+    /// <summary>σ(u) = 1 / (1 + e^-u), 4 lanes.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> Sigmoid(Vector128<float> u) => Vector128<float>.One / (Vector128<float>.One + Exp(-u));
 
     /// <summary>e^x per lane, 16 lanes (the same algorithm as the 8-lane version).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

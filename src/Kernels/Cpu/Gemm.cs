@@ -28,7 +28,6 @@
 // threads of parallel=true).
 
 using System.Runtime.CompilerServices;
-using System.Runtime.Intrinsics.X86;
 
 namespace Ddpm.Kernels;
 
@@ -58,8 +57,9 @@ public static unsafe partial class Gemm
                 for (int i = 0; i < m; i++) new Span<float>(c + (long)i * ldc, n).Clear();
             return;
         }
-        if (Avx512F.IsSupported && Fma.IsSupported) Dispatch<Avx512Kernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
-        else if (Fma.IsSupported) Dispatch<Avx2Kernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
+        if (Isa.Avx512) Dispatch<Avx512Kernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
+        else if (Isa.Avx2) Dispatch<Avx2Kernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
+        else if (Isa.V128) Dispatch<Vector128Kernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
         else Dispatch<ScalarKernel>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate, parallel);
     }
 
@@ -78,9 +78,17 @@ public static unsafe partial class Gemm
         }
     }
 
+    /// <summary>
+    /// The micro-kernel of this thread's latest product ("Avx512Kernel", "Avx2Kernel", "Vector128Kernel" or
+    /// "ScalarKernel"), set by the entry points on the calling thread and by the driver on every thread that runs a
+    /// share, so a test can check that a level really ran its own kernel. Per thread: concurrent callers do not race.
+    /// </summary>
+    [ThreadStatic] internal static string? LastKernel;
+
     private static void Dispatch<TK>(int m, int n, int k, float* a, int aRow, int aCol, float* b, int bRow, int bCol, float* c, int ldc, bool accumulate, bool parallel)
         where TK : struct, IMicroKernel
     {
+        LastKernel = TK.Name;
         if (parallel && Environment.ProcessorCount > 1 && 2.0 * m * n * k >= MinParallelFlops
             && Workers.TryRun(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
             return;
@@ -99,15 +107,16 @@ public static unsafe partial class Gemm
     {
         if (Trivial(m, n, k, c, ldc, accumulate)) return;
         var src = new RowOffsetsB(b, rowOffsets);
-        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
-        else if (Fma.IsSupported) Serial<Avx2Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
+        if (Isa.Avx512) Serial<Avx512Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
+        else if (Isa.Avx2) Serial<Avx2Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
+        else if (Isa.V128) Serial<Vector128Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
         else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
     }
 
     /// <summary>Floats that <see cref="PackA"/> writes for an A of [m, k].</summary>
     internal static long PackedALength(int m, int k)
     {
-        int mr = Avx512F.IsSupported && Fma.IsSupported ? Avx512Kernel.MR : Fma.IsSupported ? Avx2Kernel.MR : ScalarKernel.MR;
+        int mr = Isa.Avx512 ? Avx512Kernel.MR : Isa.Avx2 ? Avx2Kernel.MR : Isa.V128 ? Vector128Kernel.MR : ScalarKernel.MR;
         return (long)RoundUp(m, mr) * k;
     }
 
@@ -119,8 +128,9 @@ public static unsafe partial class Gemm
     /// </summary>
     internal static void PackA(int m, int k, float* a, int aRow, int aCol, float* dst)
     {
-        if (Avx512F.IsSupported && Fma.IsSupported) PackAll<Avx512Kernel>(m, k, a, aRow, aCol, dst);
-        else if (Fma.IsSupported) PackAll<Avx2Kernel>(m, k, a, aRow, aCol, dst);
+        if (Isa.Avx512) PackAll<Avx512Kernel>(m, k, a, aRow, aCol, dst);
+        else if (Isa.Avx2) PackAll<Avx2Kernel>(m, k, a, aRow, aCol, dst);
+        else if (Isa.V128) PackAll<Vector128Kernel>(m, k, a, aRow, aCol, dst);
         else PackAll<ScalarKernel>(m, k, a, aRow, aCol, dst);
     }
 
@@ -164,8 +174,9 @@ public static unsafe partial class Gemm
         if (Trivial(m, n, k, c, ldc, accumulate)) return;
         // Ungrouped is one group of all k rows.
         var src = new GroupedColumnOffsetsB(b, columnOffsets, groupStride, kPerGroup > 0 ? kPerGroup : k);
-        if (Avx512F.IsSupported && Fma.IsSupported) Serial<Avx512Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
-        else if (Fma.IsSupported) Serial<Avx2Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        if (Isa.Avx512) Serial<Avx512Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else if (Isa.Avx2) Serial<Avx2Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
+        else if (Isa.V128) Serial<Vector128Kernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
         else Serial<ScalarKernel, GroupedColumnOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate);
     }
 
@@ -199,6 +210,7 @@ public static unsafe partial class Gemm
         where TB : struct, IBSource
     {
         int MR = TK.MR, NR = TK.NR;
+        LastKernel = TK.Name;
         var (mcMax, kcMax) = Blocks<TK>(m, k);
 
         PackBuffers buf = t_buffers ??= new PackBuffers();

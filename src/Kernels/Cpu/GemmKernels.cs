@@ -9,8 +9,14 @@
 //     edges are split over 8x32 / 8x16 / 8x4 / 8x1 kernels instead of computing a zero-padded 8x48 tile, which would
 //     waste most of a thin edge's work.
 //   * AVX2 fallback: 6 x 16 with ymm (12 accumulators + 2 B + 1 broadcast = 15 of 16 registers), the classic choice.
-//   * Otherwise a 4 x 4 scalar kernel, so the code is correct everywhere.
-//   The AVX-512 path is selected with Avx512F.IsSupported rather than Vector512.IsHardwareAccelerated: .NET reports
+//   * 128-bit (ARM64 NEON, x86 without AVX2): 6 x 8 on the cross-platform Vector128 API, 12 accumulators + 2 B + 1
+//     broadcast = 15 of the 16 registers SSE has (ARM64 has 32, so it fits there with room). MultiplyAddEstimate is
+//     a fused multiply-add where the processor has one (NEON fmla, FMA3) and a multiply and an add where it does not:
+//     Vector128.FusedMultiplyAdd would fall back to a per-lane software FMA on SSE-only processors.
+//   * Otherwise a 4 x 4 scalar kernel, the reference and the last fallback, so the code is correct everywhere.
+//   Which one runs follows CpuSimd.Level (Isa), so every kernel can be tested on one wide machine; Gemm.LastKernel
+//   records the choice.
+//   The AVX-512 path is gated on Avx512F.IsSupported (in Isa.Avx512, with the level) rather than Vector512.IsHardwareAccelerated: .NET reports
 //   the latter as false on Skylake-X/Cascade Lake (frequency-licence heuristic), yet there the 512-bit kernel is the
 //   faster one (docs/perf.md).
 
@@ -32,6 +38,9 @@ public static unsafe partial class Gemm
         static abstract int MR { get; }
         static abstract int NR { get; }
 
+        /// <summary>The kernel's type name, for <see cref="LastKernel"/>.</summary>
+        static abstract string Name { get; }
+
         /// <summary>
         /// C[0..MR, 0..NR) (=|+=) Apanel·Bpanel over kc steps. a: packed A panel (MR floats per step); b: B rows of NR
         /// floats, ldb apart.
@@ -49,6 +58,7 @@ public static unsafe partial class Gemm
     {
         public static int MR => 8;
         public static int NR => 48;
+        public static string Name => nameof(Avx512Kernel);
 
         /// <summary>The 8x48 kernel: 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -317,6 +327,7 @@ public static unsafe partial class Gemm
     {
         public static int MR => 6;
         public static int NR => 16;
+        public static string Name => nameof(Avx2Kernel);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
@@ -368,10 +379,68 @@ public static unsafe partial class Gemm
         }
     }
 
+    private struct Vector128Kernel : IMicroKernel
+    {
+        public static int MR => 6;
+        public static int NR => 8;
+        public static string Name => nameof(Vector128Kernel);
+
+        /// <summary>The 6x8 kernel: 12 accumulators + 2 B vectors + 1 broadcast = 15 registers.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        {
+            Vector128<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
+            Vector128<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector128<float> b0 = Vector128.Load(b), b1 = Vector128.Load(b + 4);
+                Vector128<float> a0 = Vector128.Create(a[0]);
+                c00 = Vector128.MultiplyAddEstimate(a0, b0, c00); c01 = Vector128.MultiplyAddEstimate(a0, b1, c01);
+                Vector128<float> a1 = Vector128.Create(a[1]);
+                c10 = Vector128.MultiplyAddEstimate(a1, b0, c10); c11 = Vector128.MultiplyAddEstimate(a1, b1, c11);
+                Vector128<float> a2 = Vector128.Create(a[2]);
+                c20 = Vector128.MultiplyAddEstimate(a2, b0, c20); c21 = Vector128.MultiplyAddEstimate(a2, b1, c21);
+                Vector128<float> a3 = Vector128.Create(a[3]);
+                c30 = Vector128.MultiplyAddEstimate(a3, b0, c30); c31 = Vector128.MultiplyAddEstimate(a3, b1, c31);
+                Vector128<float> a4 = Vector128.Create(a[4]);
+                c40 = Vector128.MultiplyAddEstimate(a4, b0, c40); c41 = Vector128.MultiplyAddEstimate(a4, b1, c41);
+                Vector128<float> a5 = Vector128.Create(a[5]);
+                c50 = Vector128.MultiplyAddEstimate(a5, b0, c50); c51 = Vector128.MultiplyAddEstimate(a5, b1, c51);
+                a += 6;
+                b += ldb;
+            }
+            StoreRow(c00, c01, c, accumulate); c += ldc;
+            StoreRow(c10, c11, c, accumulate); c += ldc;
+            StoreRow(c20, c21, c, accumulate); c += ldc;
+            StoreRow(c30, c31, c, accumulate); c += ldc;
+            StoreRow(c40, c41, c, accumulate); c += ldc;
+            StoreRow(c50, c51, c, accumulate);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow(Vector128<float> x0, Vector128<float> x1, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += Vector128.Load(c);
+                x1 += Vector128.Load(c + 4);
+            }
+            Vector128.Store(x0, c);
+            Vector128.Store(x1, c + 4);
+        }
+
+        public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
+        {
+            Run(kc, a, b, 8, tile, 8, false);
+            CopyTile(tile, 8, mr, nr, c, ldc, accumulate);
+        }
+    }
+
     private struct ScalarKernel : IMicroKernel
     {
         public static int MR => 4;
         public static int NR => 4;
+        public static string Name => nameof(ScalarKernel);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)

@@ -27,7 +27,7 @@ public static unsafe partial class Gemm
             int mr = Math.Min(MR, mc - i0);
             float* d = dst + (long)i0 * kc;
             float* s0 = a + (long)i0 * aRow;
-            if (MR == 8 && mr == 8 && aCol == 1 && Avx512F.IsSupported)
+            if (MR == 8 && mr == 8 && aCol == 1 && Isa.Avx512)
             {
                 // Row-major A (weights, dY): the panel is a transpose; do it 8x16 at a time in registers.
                 int p0 = 0;
@@ -38,7 +38,7 @@ public static unsafe partial class Gemm
                     for (int p = p0; p < kc; p++) d[p * 8 + r] = s[p];
                 }
             }
-            else if (MR == 8 && mr == 8 && aRow == 1 && Vector256.IsHardwareAccelerated)
+            else if (MR == 8 && mr == 8 && aRow == 1 && Isa.Avx2)
             {
                 // Column-major A (W^T): each panel column is already 8 contiguous floats.
                 for (int p = 0; p < kc; p++) Vector256.Store(Vector256.Load(s0 + (long)p * aCol), d + p * 8);
@@ -72,7 +72,7 @@ public static unsafe partial class Gemm
     private static void PackB<TK>(int kc, int nr, float* b, int bRow, int bCol, float* dst) where TK : struct, IMicroKernel
     {
         int NR = TK.NR;
-        if (bCol == 1 && nr == NR && NR % 16 == 0 && Avx512F.IsSupported)
+        if (bCol == 1 && nr == NR && NR % 16 == 0 && Isa.Avx512)
         {
             for (int p = 0; p < kc; p++)
             {
@@ -81,7 +81,7 @@ public static unsafe partial class Gemm
                 for (int j = 0; j < NR; j += 16) Vector512.Store(Vector512.Load(s + j), d + j);
             }
         }
-        else if (bCol == 1 && NR % 16 == 0 && Avx512F.IsSupported)
+        else if (bCol == 1 && NR % 16 == 0 && Isa.Avx512)
         {
             // Edge panel (n = 784 leaves 16 columns, 196 leaves 4).
             int nv = nr & ~15;
@@ -95,7 +95,7 @@ public static unsafe partial class Gemm
                 for (; j < NR; j++) d[j] = 0f;
             }
         }
-        else if (bCol == 1 && nr == NR && NR % 8 == 0 && Vector256.IsHardwareAccelerated)
+        else if (bCol == 1 && nr == NR && NR % 8 == 0 && Isa.Avx2)
         {
             for (int p = 0; p < kc; p++)
             {
@@ -104,7 +104,7 @@ public static unsafe partial class Gemm
                 for (int j = 0; j < NR; j += 8) Vector256.Store(Vector256.Load(s + j), d + j);
             }
         }
-        else if (bRow == 1 && NR % 16 == 0 && Avx512F.IsSupported)
+        else if (bRow == 1 && NR % 16 == 0 && Isa.Avx512)
         {
             // Transposed B (col^T, linear weights): 16x16 register transposes; each source column is read sequentially.
             int nFull = nr & ~15, kFull = kc & ~15;
@@ -124,6 +124,32 @@ public static unsafe partial class Gemm
                 for (; j < nr; j++) d[j] = b[p + (long)j * bCol];
                 for (; j < NR; j++) d[j] = 0f;
             }
+        }
+        else if (bCol == 1 && NR % 4 == 0 && Isa.V128)
+        {
+            // 128-bit rows (the 6x8 kernel, and edge panels of the 6x16 one).
+            int nv = nr & ~3;
+            for (int p = 0; p < kc; p++)
+            {
+                float* s = b + (long)p * bRow;
+                float* d = dst + p * NR;
+                int j = 0;
+                for (; j < nv; j += 4) Vector128.Store(Vector128.Load(s + j), d + j);
+                for (; j < nr; j++) d[j] = s[j];
+                for (; j < NR; j++) d[j] = 0f;
+            }
+        }
+        else if (bRow == 1)
+        {
+            // Transposed B without the 512-bit transposes: column by column, so the source is read in order and the
+            // strided writes stay inside the L1-sized panel.
+            for (int j = 0; j < nr; j++)
+            {
+                float* s = b + (long)j * bCol;
+                for (int p = 0; p < kc; p++) dst[p * NR + j] = s[p];
+            }
+            for (int p = 0; p < kc; p++)
+                for (int j = nr; j < NR; j++) dst[p * NR + j] = 0f;
         }
         else
         {
@@ -168,7 +194,7 @@ public static unsafe partial class Gemm
             int NR = TK.NR;
             int* off = _off + p0;
             float* b = _b + j0;
-            if (NR == 48 && Avx512F.IsSupported)
+            if (NR == 48 && Isa.Avx512)
             {
                 if (nr == 48)
                 {
@@ -197,6 +223,34 @@ public static unsafe partial class Gemm
                 }
                 return;
             }
+            if (NR % 8 == 0 && Isa.Avx2)
+            {
+                int nv = nr & ~7;
+                for (int p = 0; p < kc; p++)
+                {
+                    float* s = b + off[p];
+                    float* d = dst + p * NR;
+                    int j = 0;
+                    for (; j < nv; j += 8) Vector256.Store(Vector256.Load(s + j), d + j);
+                    for (; j < nr; j++) d[j] = s[j];
+                    for (; j < NR; j++) d[j] = 0f;
+                }
+                return;
+            }
+            if (NR % 4 == 0 && Isa.V128)
+            {
+                int nv = nr & ~3;
+                for (int p = 0; p < kc; p++)
+                {
+                    float* s = b + off[p];
+                    float* d = dst + p * NR;
+                    int j = 0;
+                    for (; j < nv; j += 4) Vector128.Store(Vector128.Load(s + j), d + j);
+                    for (; j < nr; j++) d[j] = s[j];
+                    for (; j < NR; j++) d[j] = 0f;
+                }
+                return;
+            }
             for (int p = 0; p < kc; p++)
             {
                 float* s = b + off[p];
@@ -221,7 +275,7 @@ public static unsafe partial class Gemm
             int* off = _off + j0;
             float* b = _b + p0;
             int jv = 0;
-            if (NR % 16 == 0 && Avx512F.IsSupported)
+            if (NR % 16 == 0 && Isa.Avx512)
             {
                 int kFull = kc & ~15;
                 for (; jv + 16 <= nr; jv += 16)
@@ -233,12 +287,22 @@ public static unsafe partial class Gemm
                     for (int j = 0; j < jv; j++) d[j] = b[off[j] + p];
                 }
             }
+            if (jv == 0)
+            {
+                // No transposes at this level: column by column, each source run read in order.
+                for (int j = 0; j < nr; j++)
+                {
+                    float* s = b + off[j];
+                    for (int p = 0; p < kc; p++) dst[p * NR + j] = s[p];
+                }
+                jv = nr;
+            }
             for (int p = 0; p < kc; p++)
             {
                 float* d = dst + p * NR;
                 int j = jv;
                 for (; j < nr; j++) d[j] = b[off[j] + p];
-                if (NR % 16 == 0 && Avx512F.IsSupported)
+                if (NR % 16 == 0 && Isa.Avx512)
                 {
                     // Narrow panels (C·R·S = 9 for a one-channel input) are mostly zero padding.
                     for (; (j & 15) != 0; j++) d[j] = 0f;
