@@ -260,8 +260,9 @@ public sealed class FaultInjectionTests : IDisposable
         // came inside one of the two (each lasts delayMs) unless both had ended, which only a stalled test would see.
         Assert.True(child.Lines().Count(l => l == SaveEnd) < 2, $"the second SIGTERM came after both saves; too slow to test: {child.Stderr()}");
         // Not absorbed, it would end the process by the runtime's default action: also exit 143, but without the line.
-        Assert.Equal(143, child.WaitForExit(Patience));
-        Assert.Single(child.Lines(), l => l.StartsWith("stopped by SIGTERM at step ", StringComparison.Ordinal));
+        int code = child.WaitForExit(Patience);
+        int stopped = child.Lines().Count(l => l.StartsWith("stopped by SIGTERM at step ", StringComparison.Ordinal));
+        Assert.True(code == 143 && stopped == 1, $"exit {code}, {stopped} \"stopped by SIGTERM\" lines: {child.Stderr()}");
         string checkpoint = Path.Combine(output, TrainCommand.CheckpointFile);
         Checkpoint.Inspect(checkpoint);
         Assert.Equal(MetricLines(Path.Combine(output, TrainCommand.MetricsFile))[^1].Step, StepOf(checkpoint));
