@@ -148,8 +148,14 @@ public sealed class FaultInjectionTests : IDisposable
                     inside += Array.FindLastIndex(lines, l => l.StartsWith(SaveBegin, StringComparison.Ordinal)) > Array.FindLastIndex(lines, l => l == SaveEnd) ? 1 : 0;
                 }
 
-                // What a kill may leave: no checkpoint (none was ever made), or a whole one no older than before.
+                // What a kill may leave: a whole lock (a stale one, taken over by the next run) or none; no checkpoint
+                // (none was ever made), or a whole one no older than before.
                 string where = $"kill {done} ({(aimAtSave ? $"in save {save} +{sleepMs} ms" : $"at {deadlineMs} ms")})";
+                string lockFile = Path.Combine(chain, RunLock.FileName);
+                if (File.Exists(lockFile) && File.ReadAllText(lockFile) is var text && !(text.StartsWith($"pid={child.Pid}\n", StringComparison.Ordinal) && text.Contains("\ncommand=") && text.EndsWith('\n')))
+                {
+                    failures.Add($"{where}: a partial or foreign lock file: \"{text}\"");
+                }
                 if (!File.Exists(checkpoint))
                 {
                     if (lastStep > 0)
