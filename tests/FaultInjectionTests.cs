@@ -18,9 +18,8 @@ namespace Ddpm.Tests;
 /// the lock over once it is SIGKILLed. Serial: the children need the cores, and their timing matters.
 /// </summary>
 /// <remarks>
-/// The final 64-digit sample grid of a finished run costs 40-80 s on two cores, whatever the run's size, so a
-/// run "finishes" here when its final checkpoint is saved and it prints "sampling 64 digits for the grid"; it is
-/// killed there. DDPM_FAULT_WAIT_SAMPLES=1 waits for exit 0 instead. DDPM_FAULT_KILLS sets the SIGKILLs of the
+/// Runs pass --grid 0 (no final sample grid, which would cost 40-80 s on two cores whatever the run's size), so
+/// a finished run exits 0 with its "done:" line right after its final save. DDPM_FAULT_KILLS sets the SIGKILLs of the
 /// chain (default <see cref="DefaultKills"/>, sized for about 30 s of the whole class in CI). Log lines start with
 /// "fault-injection:" so scripts/reliability-long.sh can pick them out.
 /// </remarks>
@@ -37,7 +36,7 @@ public sealed class FaultInjectionTests : IDisposable
     private const int SaveDelayMs = 60;
 
     private const int ImageCount = 32, Batch = 4;
-    private const string SaveBegin = "test-hook: save begin", SaveEnd = "test-hook: save end", Sampling = "sampling 64 digits for the grid";
+    private const string SaveBegin = "test-hook: save begin", SaveEnd = "test-hook: save end";
     private static readonly TimeSpan Patience = TimeSpan.FromSeconds(120);
 
     private readonly ITestOutputHelper _log;
@@ -53,7 +52,8 @@ public sealed class FaultInjectionTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static bool WaitForSamples => DdpmChild.StopAt is null;
+    /// <summary>True once a run said it is done (exit 0 follows).</summary>
+    private static bool Done(IEnumerable<string> lines) => lines.Any(l => l.StartsWith("done: ", StringComparison.Ordinal));
 
     private void Log(string line) => _log.WriteLine($"fault-injection: {line}");
 
@@ -64,7 +64,7 @@ public sealed class FaultInjectionTests : IDisposable
         {
             "train", "--preset", "tiny", "--device", "cpu", "--data", _data, "--out", output, "--batch", Batch.ToString(CultureInfo.InvariantCulture),
             "--epochs", "1000", "--max-steps", maxSteps.ToString(CultureInfo.InvariantCulture), "--save-every", saveEvery.ToString(CultureInfo.InvariantCulture),
-            "--seed", "5", "--ema", "0.9",
+            "--seed", "5", "--ema", "0.9", "--grid", "0",
         };
         if (resume)
         {
@@ -123,11 +123,11 @@ public sealed class FaultInjectionTests : IDisposable
                 bool aimAtSave = rng.Next(3) < 2;
                 int sleepMs = rng.Next(0, SaveDelayMs * 9 / 10);
                 long deadlineMs = aimAtSave ? long.MaxValue : rng.NextInt64(0, startupMs + (save - 1) * stepMs + SaveDelayMs);
-                if (child.WaitFor(lines => lines.Count(l => l.StartsWith(SaveBegin, StringComparison.Ordinal)) >= save || lines.Contains(Sampling), deadlineMs))
+                if (child.WaitFor(lines => lines.Count(l => l.StartsWith(SaveBegin, StringComparison.Ordinal)) >= save || Done(lines), deadlineMs))
                 {
                     Thread.Sleep(sleepMs);
                 }
-                if (child.HasExited && !child.Lines().Contains(Sampling))
+                if (child.HasExited && !Done(child.Lines()))
                 {
                     failures.Add($"run {done + late + 1} ended before its kill (exit {child.ExitCode}): {child.Stderr()}");
                     break;
@@ -139,9 +139,9 @@ public sealed class FaultInjectionTests : IDisposable
                 startupMs = begins.Length > 0 ? begins[0] : startupMs;
                 stepMs = begins.Length > 1 ? (begins[^1] - begins[0]) / (begins.Length - 1) : stepMs;
                 confirmed += CheckResumeLine(child, resume, from, failures) ? 1 : 0;
-                if (lines.Contains(Sampling))
+                if (Done(lines))
                 {
-                    late++; // slow to react: the run saved its last step and began the samples; harmless, not a kill to count
+                    late++; // slow to react: the run saved its last step and finished; harmless, not a kill to count
                 }
                 else
                 {
@@ -288,7 +288,7 @@ public sealed class FaultInjectionTests : IDisposable
         using (var second = new DdpmChild(TrainArgs(output, 1000, 1, resume: false), 0))
         {
             int code = second.WaitForExit(Patience);
-            Assert.NotEqual(0, code);
+            Assert.Equal(ExitCodes.Failure, code);
             var lines = second.Lines().Where(l => l.Length > 0).ToArray();
             Assert.True(lines.Length == 1, second.Stderr());
             Assert.Contains($"pid {first.Pid}", lines[0]);
@@ -308,22 +308,11 @@ public sealed class FaultInjectionTests : IDisposable
         Assert.Empty(failures);
     }
 
-    /// <summary>
-    /// Lets a child train to its end: its final checkpoint (of <paramref name="steps"/>) saved and the sample grid
-    /// begun, where it is killed (or, with DDPM_FAULT_WAIT_SAMPLES=1, until it exits 0).
-    /// </summary>
+    /// <summary>Lets a child train to its end: exit 0, "done: <paramref name="steps"/> steps", its final checkpoint saved.</summary>
     private static void FinishTraining(DdpmChild child, string output, long steps)
     {
-        if (WaitForSamples)
-        {
-            Assert.True(child.WaitForExit(TimeSpan.FromMinutes(10)) == 0, child.Stderr());
-            Assert.Contains(child.Lines(), l => l.StartsWith($"done: {steps} steps", StringComparison.Ordinal));
-        }
-        else
-        {
-            child.WaitForExit(Patience);
-            Assert.True(child.Lines().Contains(Sampling), $"no \"{Sampling}\" (exit {child.ExitCode}): {child.Stderr()}");
-        }
+        Assert.True(child.WaitForExit(Patience) == 0, child.Stderr());
+        Assert.Contains(child.Lines(), l => l.StartsWith($"done: {steps} steps", StringComparison.Ordinal));
         Assert.Equal(steps, StepOf(Path.Combine(output, TrainCommand.CheckpointFile)));
     }
 
@@ -467,12 +456,6 @@ internal sealed class DdpmChild : IDisposable
         : Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } named && File.Exists(named) ? named
         : "dotnet";
 
-    /// <summary>
-    /// The line at which a child is SIGKILLed as soon as it is read: "sampling 64 digits for the grid", said once
-    /// the final checkpoint is saved (the grid costs 40-80 s on two cores); none with DDPM_FAULT_WAIT_SAMPLES=1.
-    /// </summary>
-    public static string? StopAt { get; } = Environment.GetEnvironmentVariable("DDPM_FAULT_WAIT_SAMPLES") == "1" ? null : "sampling 64 digits for the grid";
-
     /// <summary>The child's process id (the dotnet muxer runs the app in its own process).</summary>
     public int Pid { get; }
 
@@ -582,10 +565,6 @@ internal sealed class DdpmChild : IDisposable
             {
                 _lines.Add((_clock.ElapsedMilliseconds, line));
                 Monitor.PulseAll(_lines);
-            }
-            if (line == StopAt)
-            {
-                Kill(); // at once, so the sample grid never takes the cores from the next child
             }
         }
         lock (_lines)
