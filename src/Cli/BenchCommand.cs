@@ -43,7 +43,7 @@ public static class BenchCommand
             var level = CpuSimd.Parse(simd)!.Value;
             if (!CpuSimd.Supports(level))
             {
-                throw new ArgumentException($"--simd {simd}: this processor offers up to {CpuSimd.Name(CpuSimd.Max)}");
+                throw new UsageException($"--simd {simd}: this processor offers up to {CpuSimd.Name(CpuSimd.Max)}");
             }
             CpuSimd.Level = level;
         }
