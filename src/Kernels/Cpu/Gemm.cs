@@ -23,8 +23,8 @@
 // 1 MiB L2. k is split into equal multiples of 16 (the transposing
 // packers work in 16-step slices) rather than KC-sized blocks plus a runt.
 //
-// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources, the per-thread
-// packing buffers), GemmKernels.cs (the micro-kernels and why they have their shapes), GemmWorkers.cs (the helper
+// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources; their packing
+// buffers are slots of the calling thread's Arena), GemmKernels.cs (the micro-kernels and why they have their shapes), GemmWorkers.cs (the helper
 // threads of parallel=true).
 
 using System.Runtime.CompilerServices;
@@ -201,9 +201,9 @@ public static unsafe partial class Gemm
         int MR = TK.MR, NR = TK.NR;
         var (mcMax, kcMax) = Blocks<TK>(m, k);
 
-        PackBuffers buf = t_buffers ??= new PackBuffers();
-        float* ap = packedA != null ? null : buf.EnsureA((nuint)mcMax * (nuint)kcMax);
-        float* bp = buf.EnsureB((nuint)NR * (nuint)kcMax);
+        Arena arena = Arena.Current;
+        float* ap = packedA != null ? null : arena.Floats(ArenaSlot.GemmA, (long)mcMax * kcMax);
+        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax);
         float* tile = stackalloc float[MR * NR];
 
         for (int ic = 0; ic < m; ic += mcMax)
