@@ -53,7 +53,8 @@ internal enum ArenaSlot
 /// packed row or a vector load never splits a cache line), grown on demand and kept, so a training step allocates
 /// nothing once the first step has sized it. Per thread, so concurrent callers never share a block; a block that the
 /// workers of one call share (offsets, packed weights, partial sums) is the calling thread's, and the call waits for
-/// its workers. A thread's arena is freed by the finalizer once the thread is gone, or by <see cref="FreeCurrent"/>.
+/// its workers. The pool's helpers free theirs when the pool stops (<see cref="Cpu.Shutdown"/>); any other thread's
+/// arena is freed by the finalizer once the thread is gone, or by <see cref="FreeCurrent"/>.
 /// </summary>
 internal sealed unsafe class Arena
 {

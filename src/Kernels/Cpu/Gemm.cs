@@ -23,9 +23,9 @@
 // 1 MiB L2. k is split into equal multiples of 16 (the transposing
 // packers work in 16-step slices) rather than KC-sized blocks plus a runt.
 //
-// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources; their packing
-// buffers are slots of the calling thread's Arena), GemmKernels.cs (the micro-kernels and why they have their shapes), GemmWorkers.cs (the helper
-// threads of parallel=true).
+// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources),
+// GemmKernels.cs (the micro-kernels and why they have their shapes), GemmSplit.cs (parallel=true: stripes on the
+// backend's helper threads). Packing buffers are slots of the calling thread's Arena.
 
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics.X86;
@@ -82,7 +82,7 @@ public static unsafe partial class Gemm
         where TK : struct, IMicroKernel
     {
         if (parallel && Environment.ProcessorCount > 1 && 2.0 * m * n * k >= MinParallelFlops
-            && Workers.TryRun(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
+            && TryRunSplit(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
             return;
         Serial<TK>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate);
     }
