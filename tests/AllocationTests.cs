@@ -6,7 +6,8 @@ using Ddpm.Tensors;
 namespace Ddpm.Tests;
 
 /// <summary>Tests that need the CPU backend's helper threads to themselves: while another test holds them, a parallel
-/// call falls back to the thread pool, which allocates.</summary>
+/// call runs inline (slower, though it allocates nothing), and a test that counts or stops the helpers would see
+/// another test's.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
 public sealed class QuietCollection
 {

@@ -280,7 +280,7 @@ public static unsafe class Conv2d
             int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
             for (int n = first; n < last; n++)
             {
-                float* col = g.IsPointwise ? x + n * xs : Scratch.Col(g.Crs * g.Pq);
+                float* col = g.IsPointwise ? x + n * xs : Arena.Current.Floats(ArenaSlot.Col, (long)g.Crs * g.Pq);
                 if (!g.IsPointwise)
                 {
                     Im2Col(g, x + n * xs, col);
@@ -322,7 +322,7 @@ public static unsafe class Conv2d
                 {
                     new Span<float>(dx + n * xs, (int)xs).Clear();
                 }
-                float* col = Scratch.Col(g.Crs * g.Pq);
+                float* col = Arena.Current.Floats(ArenaSlot.Col, (long)g.Crs * g.Pq);
                 Gemm.Multiply(g.Crs, g.Pq, g.K, w, 1, g.Crs, dy + n * ys, g.Pq, 1, col, g.Pq, accumulate: false, parallel: !imagesInParallel);
                 Col2ImAdd(g, col, dx + n * xs);
             }
@@ -340,7 +340,7 @@ public static unsafe class Conv2d
         }
         int workers = Math.Min(Cpu.Threads, g.N);
         int wlen = g.K * g.Crs;
-        var partials = Scratch.Partials(workers, wlen);
+        var partials = Arena.Current.Floats(ArenaSlot.Partials, (long)workers * wlen);
         Cpu.Items(workers, (g, (nint)dy, (nint)x, (nint)partials, wlen, workers), static (state, worker) =>
         {
             var (g, dyp, xp, partialsp, wlen, workers) = state;
@@ -350,7 +350,7 @@ public static unsafe class Conv2d
             int first = (int)((long)g.N * worker / workers), last = (int)((long)g.N * (worker + 1) / workers);
             for (int n = first; n < last; n++)
             {
-                float* col = g.IsPointwise ? x + n * xs : Scratch.Col(g.Crs * g.Pq);
+                float* col = g.IsPointwise ? x + n * xs : Arena.Current.Floats(ArenaSlot.Col, (long)g.Crs * g.Pq);
                 if (!g.IsPointwise)
                 {
                     Im2Col(g, x + n * xs, col);

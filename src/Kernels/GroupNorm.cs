@@ -103,7 +103,7 @@ public static class GroupNorm
             {
                 var ((dyv, xv, mv, rv, gv, bv, dxv, sumDu, sumDuX), s, groups, silu, accumulate) = state;
                 // With SiLU fused, du = dy·silu'(u) is computed once into this scratch and read back by the second pass.
-                var du = silu ? DuScratch(s.GroupSize) : null;
+                Span<float> du = silu ? Arena.Current.Span(ArenaSlot.GroupNormDu, s.GroupSize) : default;
                 for (int ng = first; ng < last; ng++)
                 {
                     float m = mv[ng], r = rv[ng];
@@ -113,7 +113,7 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu ? du.AsSpan(cg * s.Hw, s.Hw) : default, silu);
+                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu ? du.Slice(cg * s.Hw, s.Hw) : default, silu);
                         sumDu[n * s.C + c] = a;
                         sumDuX[n * s.C + c] = b;
                         // Σ g = γ·Σ du; Σ g·xhat = γ·r·(Σ du·x - m·Σ du).
@@ -125,7 +125,7 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        var duc = silu ? du.AsSpan(cg * s.Hw, s.Hw) : dyv.AsSpan(start, s.Hw);
+                        var duc = silu ? du.Slice(cg * s.Hw, s.Hw) : dyv.AsSpan(start, s.Hw);
                         InputGrad(duc, xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, meanG, meanGx, accumulate);
                     }
                 }
@@ -380,19 +380,6 @@ public static class GroupNorm
         }
         return (sa, sb);
     }
-
-    /// <summary>Per-thread scratch for the fused backward's du of one group.</summary>
-    private static float[] DuScratch(int length)
-    {
-        var buf = t_du;
-        if (buf is null || buf.Length < length)
-        {
-            t_du = buf = new float[length];
-        }
-        return buf;
-    }
-
-    [ThreadStatic] private static float[]? t_du;
 
     // dx (+)= r·(du·γ - meanG - xhat·meanGx), xhat = (x - m)·r
     private static void InputGrad(ReadOnlySpan<float> du, ReadOnlySpan<float> x, Span<float> dx, float gamma, float m, float r, float meanG, float meanGx, bool accumulate)

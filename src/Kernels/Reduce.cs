@@ -145,7 +145,8 @@ public static class Reduce
         }
         // Fixed chunks summed in order: the result does not depend on which thread ran which chunk.
         int chunks = Math.Max(1, Math.Min(Cpu.Threads * 4, a.Length / 4096));
-        var results = System.Buffers.ArrayPool<double>.Shared.Rent(chunks);
+        // The chunk sums go to the calling thread's arena: the workers write them while this thread waits.
+        nint results = Arena.Current.Doubles(ArenaSlot.ReduceChunks, chunks);
         Cpu.Items(chunks, (a.HostArray, b?.HostArray, a.Length, chunks, mode, results), static (state, c) =>
         {
             var (av, bh, length, chunks, mode, results) = state;
@@ -156,16 +157,17 @@ public static class Reduce
                 double v = mode == Mode.SquaredDifference ? av[i] - bh![i] : av[i];
                 s += mode == Mode.Identity ? v : v * v;
             }
-            results[c] = s;
+            Chunk(results, c) = s;
         });
         double total = 0;
         for (int c = 0; c < chunks; c++)
         {
-            total += results[c];
+            total += Chunk(results, c);
         }
-        System.Buffers.ArrayPool<double>.Shared.Return(results);
         output.HostArray[0] = (float)(total * scale);
     }
+
+    private static unsafe ref double Chunk(nint results, int c) => ref ((double*)results)[c];
 
     // slot over [Slots]: strided partial sums, so neighbouring threads read neighbouring elements.
     internal static void PartialKernel(Index1D slot, ArrayView<float> a, ArrayView<float> b, ArrayView<float> partial, int n, int mode)

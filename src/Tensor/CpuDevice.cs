@@ -18,6 +18,16 @@ public sealed class CpuDevice : Device
     /// <inheritdoc/>
     protected override bool IsShared => _shared;
 
+    /// <summary>Stops the CPU kernels' helper threads and frees their scratch. Set by the kernels layer when it starts its
+    /// threads (this layer cannot reference that one); null while none run.</summary>
+    internal static Action? StopRuntime;
+
+    /// <summary>Stops the helper threads the CPU kernels run on. They are process-wide, shared by every CPU device:
+    /// disposing one device stops them, and the next parallel kernel call (on any device) starts them again.
+    /// <see cref="Instance"/> is never disposed (its Dispose does nothing); its threads are background threads and end
+    /// with the process.</summary>
+    protected override void DisposeBackend() => StopRuntime?.Invoke();
+
     /// <inheritdoc/>
     public override DeviceKind Kind => DeviceKind.Cpu;
 

@@ -26,15 +26,14 @@
 // the input gradient needs no col2im scatter (9 adds per input element).
 // Every per-image loop here is marked AggressiveOptimization, like the GEMM's: helpers left to tiered compilation ran
 // as unoptimised tier-0 code (vector operations as calls) for seconds, and far slower while they did (docs/perf.md).
-// Per-image work runs on one core (images are spread over the cores); scratch is per thread and kept, so the steady
-// state allocates no memory beyond the parallel loop itself.
+// Per-image work runs on one core (images are spread over the cores); scratch is the thread's slots of its Arena
+// (Arena.cs), kept, so the steady state allocates nothing.
 //
-// The class is split over three files: this one holds the shared parts (the planes, the per-thread scratch, the
+// The class is split over three files: this one holds the shared parts (the planes, the names of its scratch slots, the
 // wide-column copies) and the forward pass; ConvGemmInputGradient.cs the input gradient, ConvGemmWeightGradient.cs
 // the weight gradient.
 
 using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -259,56 +258,28 @@ internal static unsafe partial class ConvGemm
         }
     }
 
-    /// <summary>Per-thread scratch: 64-byte aligned native memory, grown on demand, freed when the thread is gone.</summary>
-    private sealed class Workspace
+    /// <summary>The convolution's names for its slots of the calling thread's <see cref="Arena"/>.</summary>
+    private readonly struct Workspace(Arena arena)
     {
-        [ThreadStatic] private static Workspace? t_current;
-
-        private void* _planes, _wide, _offsets, _weights, _line, _packed;
-        private nuint _planesCap, _wideCap, _offsetsCap, _weightsCap, _lineCap, _packedCap;
-
-        public static Workspace Current => t_current ??= new Workspace();
+        public static Workspace Current => new(Arena.Current);
 
         /// <summary>The padded copy of the current image.</summary>
-        public float* Planes(long floats) => (float*)Ensure(ref _planes, ref _planesCap, (nuint)floats * sizeof(float));
+        public float* Planes(long floats) => arena.Floats(ArenaSlot.ConvPlanes, floats);
 
         /// <summary>The wide GEMM result (forward, input gradient) or the wide dy (weight gradient).</summary>
-        public float* Wide(long floats) => (float*)Ensure(ref _wide, ref _wideCap, (nuint)floats * sizeof(float));
+        public float* Wide(long floats) => arena.Floats(ArenaSlot.ConvWide, floats);
 
         /// <summary>The row offsets of the lowered matrix, shared read-only by the workers of one call.</summary>
-        public int* Offsets(int count) => (int*)Ensure(ref _offsets, ref _offsetsCap, (nuint)count * sizeof(int));
+        public int* Offsets(int count) => arena.Ints(ArenaSlot.ConvOffsets, count);
 
         /// <summary>The flipped, transposed kernel of the input gradient, shared read-only by the workers of one call.</summary>
-        public float* Weights(long floats) => (float*)Ensure(ref _weights, ref _weightsCap, (nuint)floats * sizeof(float));
+        public float* Weights(long floats) => arena.Floats(ArenaSlot.ConvWeights, floats);
 
         /// <summary>The weights packed for the GEMM (<see cref="Gemm.PackA(int, int, float*, int, int, float*)"/>), shared
         /// read-only by the workers of one call.</summary>
-        public float* PackedA(long floats) => (float*)Ensure(ref _packed, ref _packedCap, (nuint)floats * sizeof(float));
+        public float* PackedA(long floats) => arena.Floats(ArenaSlot.ConvPackedA, floats);
 
         /// <summary>One padded input row, for the stride-phase split.</summary>
-        public float* Line(int floats) => (float*)Ensure(ref _line, ref _lineCap, (nuint)floats * sizeof(float));
-
-        private static void* Ensure(ref void* p, ref nuint cap, nuint bytes)
-        {
-            if (bytes > cap)
-            {
-                NativeMemory.AlignedFree(p);
-                p = null;
-                cap = 0;
-                p = NativeMemory.AlignedAlloc(bytes, 64);
-                cap = bytes;
-            }
-            return p;
-        }
-
-        ~Workspace()
-        {
-            NativeMemory.AlignedFree(_planes);
-            NativeMemory.AlignedFree(_wide);
-            NativeMemory.AlignedFree(_offsets);
-            NativeMemory.AlignedFree(_weights);
-            NativeMemory.AlignedFree(_line);
-            NativeMemory.AlignedFree(_packed);
-        }
+        public float* Line(int floats) => arena.Floats(ArenaSlot.ConvLine, floats);
     }
 }

@@ -53,7 +53,7 @@ internal static unsafe partial class ConvGemm
         // block, so a 7x7 layer's dW is swept once per two images instead of once per image.
         int group = Math.Clamp(Gemm.KC / ((j + 15) & ~15), 1, Math.Max(1, g.N / workers));
         int ldk = group > 1 ? (j + 15) & ~15 : j;
-        float* partials = Scratch.Partials(workers, wlen);
+        float* partials = Arena.Current.Floats(ArenaSlot.Partials, (long)workers * wlen);
         Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers, group, ldk), static (state, worker) =>
         {
             var (g, pl, dyp, xp, offp, partialsp, workers, group, ldk) = state;
@@ -101,7 +101,7 @@ internal static unsafe partial class ConvGemm
         int workers = Math.Min(Cpu.Threads, g.N);
         // Small images go in groups, so that each tile's sums run over ~DotMinJ positions before their horizontal sum.
         int group = Math.Clamp((DotMinJ + ldd - 1) / ldd, 1, Math.Max(1, g.N / workers));
-        float* partials = Scratch.Partials(workers, wlen);
+        float* partials = Arena.Current.Floats(ArenaSlot.Partials, (long)workers * wlen);
         Cpu.Items(workers, (g, pl, (nint)dy, (nint)x, (nint)off, (nint)partials, workers, group, ldd), static (state, worker) =>
         {
             var (g, pl, dyp, xp, offp, partialsp, workers, group, ldd) = state;

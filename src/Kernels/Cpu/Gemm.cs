@@ -23,9 +23,9 @@
 // 1 MiB L2. k is split into equal multiples of 16 (the transposing
 // packers work in 16-step slices) rather than KC-sized blocks plus a runt.
 //
-// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources, the per-thread
-// packing buffers), GemmKernels.cs (the micro-kernels and why they have their shapes), GemmWorkers.cs (the helper
-// threads of parallel=true).
+// The rest of the class lives beside this file: GemmPacking.cs (the A and B packers, the B sources),
+// GemmKernels.cs (the micro-kernels and why they have their shapes), GemmSplit.cs (parallel=true: stripes on the
+// backend's helper threads). Packing buffers are slots of the calling thread's Arena.
 
 using System.Runtime.CompilerServices;
 
@@ -90,7 +90,7 @@ public static unsafe partial class Gemm
     {
         LastKernel = TK.Name;
         if (parallel && Environment.ProcessorCount > 1 && 2.0 * m * n * k >= MinParallelFlops
-            && Workers.TryRun(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
+            && TryRunSplit(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
             return;
         Serial<TK>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate);
     }
@@ -213,9 +213,9 @@ public static unsafe partial class Gemm
         LastKernel = TK.Name;
         var (mcMax, kcMax) = Blocks<TK>(m, k);
 
-        PackBuffers buf = t_buffers ??= new PackBuffers();
-        float* ap = packedA != null ? null : buf.EnsureA((nuint)mcMax * (nuint)kcMax);
-        float* bp = buf.EnsureB((nuint)NR * (nuint)kcMax);
+        Arena arena = Arena.Current;
+        float* ap = packedA != null ? null : arena.Floats(ArenaSlot.GemmA, (long)mcMax * kcMax);
+        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax);
         float* tile = stackalloc float[MR * NR];
 
         for (int ic = 0; ic < m; ic += mcMax)

@@ -1,9 +1,10 @@
 // Packing for the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): A blocks into MR-row panels,
 // B micro-panels from their sources (strided matrices, and the row- or column-offset views of a padded image that
-// the implicit-GEMM convolution multiplies), the AVX-512 transposes the packers use, and the per-thread buffers.
+// the implicit-GEMM convolution multiplies), the AVX-512 transposes the packers use.
 //
-// Packing buffers are per thread ([ThreadStatic], 64-byte aligned native memory, grown on demand and freed when the
-// thread dies), so concurrent calls from many threads with parallel=false are safe and allocation-free.
+// The packed panels live in the calling thread's Arena (slots GemmA, GemmB: 64-byte aligned, so packed B rows are whole
+// cache lines and the kernel's zmm loads never split lines), so concurrent calls from many threads with parallel=false
+// are safe and allocation-free.
 
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
@@ -445,36 +446,4 @@ public static unsafe partial class Gemm
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> Hi64(Vector512<float> x, Vector512<float> y) => Avx512F.UnpackHigh(x.AsDouble(), y.AsDouble()).AsSingle();
-
-    /// <summary>Per-thread packing buffers; the finalizer returns the native memory once the owning thread is gone.</summary>
-    private sealed class PackBuffers
-    {
-        private float* _a, _b;
-        private nuint _aCap, _bCap;
-
-        public float* EnsureA(nuint floats) => Ensure(ref _a, ref _aCap, floats);
-        public float* EnsureB(nuint floats) => Ensure(ref _b, ref _bCap, floats);
-
-        private static float* Ensure(ref float* p, ref nuint cap, nuint floats)
-        {
-            if (floats > cap)
-            {
-                NativeMemory.AlignedFree(p);
-                p = null;
-                cap = 0;
-                // 64-byte alignment: packed B rows are whole cache lines, so the kernel's zmm loads never split lines.
-                p = (float*)NativeMemory.AlignedAlloc(floats * sizeof(float), 64);
-                cap = floats;
-            }
-            return p;
-        }
-
-        ~PackBuffers()
-        {
-            NativeMemory.AlignedFree(_a);
-            NativeMemory.AlignedFree(_b);
-        }
-    }
-
-    [ThreadStatic] private static PackBuffers? t_buffers;
 }

@@ -23,60 +23,65 @@ internal static class Cpu
         }
         if (!Pool.TryRun(chunks, length, state, null, body))
         {
-            RangesOnThreadPool(length, chunks, state, body);
+            // The same chunks the helpers would have run, in order: a body sees the same ranges either way.
+            for (int i = 0; i < chunks; i++)
+            {
+                body(state, Pool.ChunkStart(length, i, chunks), Pool.ChunkStart(length, i + 1, chunks));
+            }
         }
     }
 
     /// <summary>Runs <paramref name="body"/>(state, i) for each item i in [0, count), items spread over the cores.</summary>
     public static void Items<TState>(int count, TState state, Action<TState, int> body)
     {
-        if (count <= 1 || Threads == 1)
+        if (count <= 1 || Threads == 1 || !Pool.TryRun(count, 0, state, body, null))
         {
             for (int i = 0; i < count; i++)
             {
                 body(state, i);
             }
-            return;
-        }
-        if (!Pool.TryRun(count, 0, state, body, null))
-        {
-            ItemsOnThreadPool(count, state, body);
         }
     }
 
-    // The fallbacks when the helpers are busy (another caller, or a call from inside a job). Their lambdas live in methods
-    // of their own: C# allocates a method's closure on entry, so in For or Items it would be paid on every call.
+    // When the helpers are busy (a call from inside a job, or a second caller while another call runs) the work runs
+    // inline on the calling thread rather than on Parallel.For: the helpers are already using the cores, so
+    // Parallel.For would buy little but would allocate (closures, its loop state) on every call, and inline runs the
+    // very same items or chunks, so results stay bit for bit those of a parallel run. A nested call therefore never
+    // waits for the helpers its own job occupies, and cannot deadlock.
 
-    private static void RangesOnThreadPool<TState>(int length, int chunks, TState state, Action<TState, int, int> body) =>
-        Parallel.For(0, chunks, i =>
-        {
-            long start = (long)length * i / chunks, end = (long)length * (i + 1) / chunks;
-            body(state, (int)start, (int)end);
-        });
+    /// <summary>Stops the helper threads and frees their scratch (<see cref="Arena"/>) and the calling thread's; the next
+    /// parallel call starts them again. Waits for a running parallel call to finish; calls made meanwhile run inline.
+    /// Called when a <see cref="Ddpm.Tensors.CpuDevice"/> is disposed: the pool is process-wide, so this stops the threads
+    /// every CPU device shares (a device in use elsewhere just restarts them on its next parallel call).</summary>
+    /// <exception cref="InvalidOperationException">Called from inside a parallel job (it would wait for itself).</exception>
+    public static void Shutdown() => Pool.Shutdown();
 
-    private static void ItemsOnThreadPool<TState>(int count, TState state, Action<TState, int> body) =>
-        Parallel.For(0, count, i => body(state, i));
+    /// <summary>Helper threads running now (tests: a shutdown leaves none).</summary>
+    internal static int RunningHelpers => Pool.RunningHelpers;
 
     /// <summary>
-    /// Dedicated helper threads for <see cref="For"/> and <see cref="Items"/>: a parallel call allocates nothing (a
-    /// Parallel.For allocated about 1.5 KB; the job's state waits in <see cref="Job{TState}"/>'s static fields) and the
-    /// caller works alongside the helpers, items claimed one at a time from a shared counter. One call at a time: a call made while another runs (tests in parallel) or from inside a
-    /// job falls back to Parallel.For. Each helper goes Signaled -> Running -> Finished; a caller that runs out of
-    /// items cancels any helper that has not woken yet (Signaled -> Finished), so a descheduled helper never stalls
-    /// the call, and that helper's late wake-up finds nothing to do.
+    /// The process's one set of helper threads, for <see cref="For"/> and <see cref="Items"/> and through them the
+    /// GEMM's parallel split: a parallel call allocates nothing (a Parallel.For allocated about 1.5 KB; the job's state
+    /// waits in <see cref="Job{TState}"/>'s static fields) and the caller works alongside the helpers, items claimed one
+    /// at a time from a shared counter. One call at a time: a call made while another runs (tests in parallel) or from
+    /// inside a job runs inline (above). Each helper goes Signaled -> Running -> Finished; a caller that runs out of
+    /// items cancels any helper that has not woken yet (Signaled -> Finished), so a descheduled helper never stalls the
+    /// call, and that helper's late wake-up finds nothing to do. <see cref="Shutdown"/> moves idle helpers to Stopping.
     /// </summary>
     private static class Pool
     {
-        private const int Signaled = 1, Running = 2, Finished = 3;
+        private const int Signaled = 1, Running = 2, Finished = 3, Stopping = 4;
 
         private sealed class Helper
         {
             public readonly SemaphoreSlim Wake = new(0);
             public int State = Finished;
+            public Thread? Thread;
         }
 
         private static int s_busy, s_next, s_count, s_length;
         private static Helper[]? s_helpers;
+
         /// <summary>The running job's state and body for one state type, and delegates made once per type that call it.</summary>
         private static class Job<TState>
         {
@@ -92,12 +97,19 @@ internal static class Cpu
         private static Exception? s_error;
         [ThreadStatic] private static bool t_inJob;
 
+        public static int RunningHelpers => Volatile.Read(ref s_helpers)?.Length ?? 0;
+
+        public static int ChunkStart(int length, int i, int chunks) => (int)((long)length * i / chunks);
+
         public static bool TryRun<TState>(int count, int length, TState state, Action<TState, int>? items, Action<TState, int, int>? range)
         {
-            if (t_inJob || Interlocked.CompareExchange(ref s_busy, 1, 0) != 0) return false;
+            if (t_inJob || Interlocked.CompareExchange(ref s_busy, 1, 0) != 0)
+            {
+                return false;
+            }
             try
             {
-                Helper[] helpers = EnsureHelpers(Threads - 1);
+                Helper[] helpers = s_helpers ?? Start(Threads - 1);
                 (Job<TState>.State, Job<TState>.Items, Job<TState>.Range) = (state, items, range);
                 (s_items, s_range) = (items is null ? null : Job<TState>.RunItem, range is null ? null : Job<TState>.RunRange);
                 (s_count, s_length, s_error) = (count, length, null);
@@ -105,6 +117,7 @@ internal static class Cpu
                 int used = Math.Min(helpers.Length, count - 1);
                 for (int t = 0; t < used; t++)
                 {
+                    // Interlocked/volatile accesses order the job fields above before the helper's claim.
                     Volatile.Write(ref helpers[t].State, Signaled);
                     helpers[t].Wake.Release();
                 }
@@ -112,17 +125,66 @@ internal static class Cpu
                 for (int t = 0; t < used; t++)
                 {
                     Helper h = helpers[t];
-                    if (Interlocked.CompareExchange(ref h.State, Finished, Signaled) == Signaled) continue; // never woke
+                    if (Interlocked.CompareExchange(ref h.State, Finished, Signaled) == Signaled)
+                    {
+                        continue; // never woke
+                    }
+                    // The helper is on its last item (a few hundred µs at most): spin rather than block, but let other
+                    // threads run if it takes longer.
                     var spin = new SpinWait();
-                    while (Volatile.Read(ref h.State) != Finished) spin.SpinOnce(sleep1Threshold: -1);
+                    while (Volatile.Read(ref h.State) != Finished)
+                    {
+                        spin.SpinOnce(sleep1Threshold: -1);
+                    }
                 }
-                if (s_error is { } error) System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(error);
+                // The first exception any item threw, once; the other items still ran.
+                if (s_error is { } error)
+                {
+                    System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(error);
+                }
                 return true;
             }
             finally
             {
                 (Job<TState>.State, Job<TState>.Items, Job<TState>.Range) = (default, null, null);
                 (s_items, s_range, s_error) = (null, null, null);
+                Volatile.Write(ref s_busy, 0);
+            }
+        }
+
+        public static void Shutdown()
+        {
+            if (t_inJob)
+            {
+                throw new InvalidOperationException("Cpu.Shutdown was called from inside a parallel job; it would wait for itself.");
+            }
+            // Take the pool as a caller would, so no job is running and every helper is Finished (or about to see a
+            // stale wake-up); parallel calls made meanwhile run inline.
+            var spin = new SpinWait();
+            while (Interlocked.CompareExchange(ref s_busy, 1, 0) != 0)
+            {
+                spin.SpinOnce();
+            }
+            try
+            {
+                if (s_helpers is { } helpers)
+                {
+                    foreach (Helper h in helpers)
+                    {
+                        Volatile.Write(ref h.State, Stopping);
+                        h.Wake.Release();
+                    }
+                    foreach (Helper h in helpers)
+                    {
+                        h.Thread!.Join();
+                        h.Wake.Dispose();
+                    }
+                    Volatile.Write(ref s_helpers, null);
+                }
+                Arena.FreeCurrent();
+            }
+            finally
+            {
                 Volatile.Write(ref s_busy, 0);
             }
         }
@@ -143,8 +205,7 @@ internal static class Cpu
                         }
                         else
                         {
-                            long start = (long)s_length * i / s_count, end = (long)s_length * (i + 1) / s_count;
-                            s_range!((int)start, (int)end);
+                            s_range!(ChunkStart(s_length, i, s_count), ChunkStart(s_length, i + 1, s_count));
                         }
                     }
                     catch (Exception e)
@@ -159,27 +220,44 @@ internal static class Cpu
             }
         }
 
-        /// <summary>Starts the helpers on first use; called under s_busy.</summary>
-        private static Helper[] EnsureHelpers(int count)
+        /// <summary>Starts the helpers (the only allocations of the parallel path, once per start); called under s_busy.</summary>
+        private static Helper[] Start(int count)
         {
-            if (s_helpers != null) return s_helpers;
             var helpers = new Helper[Math.Max(count, 0)];
             for (int i = 0; i < helpers.Length; i++)
             {
                 Helper h = helpers[i] = new Helper();
-                new Thread(() => HelperLoop(h)) { IsBackground = true, Name = $"CPU backend helper {i + 1}" }.Start();
+                h.Thread = new Thread(() => HelperLoop(h)) { IsBackground = true, Name = $"CPU backend helper {i + 1}" };
+                h.Thread.Start();
             }
-            return s_helpers = helpers;
+            Tensors.CpuDevice.StopRuntime = Shutdown;
+            Volatile.Write(ref s_helpers, helpers);
+            return helpers;
         }
 
         private static void HelperLoop(Helper h)
         {
-            while (true)
+            try
             {
-                h.Wake.Wait();
-                if (Interlocked.CompareExchange(ref h.State, Running, Signaled) != Signaled) continue; // cancelled
-                Work();
-                Volatile.Write(ref h.State, Finished);
+                while (true)
+                {
+                    h.Wake.Wait();
+                    int state = Interlocked.CompareExchange(ref h.State, Running, Signaled);
+                    if (state == Stopping)
+                    {
+                        return;
+                    }
+                    if (state != Signaled)
+                    {
+                        continue; // cancelled: the caller ran out of items before this helper woke
+                    }
+                    Work();
+                    Volatile.Write(ref h.State, Finished);
+                }
+            }
+            finally
+            {
+                Arena.FreeCurrent();
             }
         }
     }
