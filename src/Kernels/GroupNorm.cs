@@ -1,4 +1,3 @@
-using System.Buffers;
 using System.Runtime.Intrinsics;
 using Ddpm.Tensors;
 using ILGPU;
@@ -94,14 +93,15 @@ public static class GroupNorm
         var bv = beta.HostArray;
         var dxv = dx.HostArray;
         // Per (n, c): Σ_hw du and Σ_hw du·x. The group sums and dgamma/dbeta all follow from these.
-        var sumDu = ArrayPool<double>.Shared.Rent(s.N * s.C);
-        var sumDuX = ArrayPool<double>.Shared.Rent(s.N * s.C);
-        try
+        // Both [N, C] sum tables in the caller's arena: the workers write disjoint entries while the caller waits.
+        nint tables = Arena.Current.Doubles(ArenaSlot.GroupNormSums, 2 * s.N * s.C);
         {
-            var arrays = (dyv, xv, mv, rv, gv, bv, dxv, sumDu, sumDuX);
+            var arrays = (dyv, xv, mv, rv, gv, bv, dxv, tables);
             Cpu.For(s.N * groups, 1, (arrays, s, groups, silu, accumulate), static (state, first, last) =>
             {
-                var ((dyv, xv, mv, rv, gv, bv, dxv, sumDu, sumDuX), s, groups, silu, accumulate) = state;
+                var ((dyv, xv, mv, rv, gv, bv, dxv, sums), s, groups, silu, accumulate) = state;
+                var sumDu = SumTable(sums, s, 0);
+                var sumDuX = SumTable(sums, s, 1);
                 // With SiLU fused, du = dy·silu'(u) is computed once into this scratch and read back by the second pass.
                 Span<float> du = silu ? Arena.Current.Span(ArenaSlot.GroupNormDu, s.GroupSize) : default;
                 for (int ng = first; ng < last; ng++)
@@ -132,13 +132,15 @@ public static class GroupNorm
             });
             var dgv = dgamma.HostArray;
             var dbv = dbeta.HostArray;
+            var sumDuTable = SumTable(tables, s, 0);
+            var sumDuXTable = SumTable(tables, s, 1);
             for (int c = 0; c < s.C; c++)
             {
                 double sg = 0, sb = 0;
                 for (int n = 0; n < s.N; n++)
                 {
                     int ng = n * groups + c / s.ChannelsPerGroup;
-                    double a = sumDu[n * s.C + c], b = sumDuX[n * s.C + c];
+                    double a = sumDuTable[n * s.C + c], b = sumDuXTable[n * s.C + c];
                     sg += rv[ng] * (b - mv[ng] * a);
                     sb += a;
                 }
@@ -146,12 +148,10 @@ public static class GroupNorm
                 dbv[c] += (float)sb;
             }
         }
-        finally
-        {
-            ArrayPool<double>.Shared.Return(sumDu);
-            ArrayPool<double>.Shared.Return(sumDuX);
-        }
     }
+
+    /// <summary>Table <paramref name="which"/> (0: Σ du, 1: Σ du·x) of the two [N, C] tables at <paramref name="sums"/>.</summary>
+    private static unsafe Span<double> SumTable(nint sums, GroupShape s, int which) => new((double*)sums + which * s.N * s.C, s.N * s.C);
 
     private static GroupShape ShapeOf(string op, Tensor x, int groups, bool silu)
     {

@@ -46,6 +46,9 @@ internal enum ArenaSlot
 
     /// <summary>A CPU reduction's per-chunk sums (doubles), written by the workers while the caller waits.</summary>
     ReduceChunks,
+
+    /// <summary>Group norm's backward: per (n, c) Σ du and Σ du·x (doubles), written by the workers while the caller waits.</summary>
+    GroupNormSums,
 }
 
 /// <summary>
