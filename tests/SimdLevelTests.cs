@@ -11,6 +11,9 @@ public sealed unsafe class SimdLevelTests
 {
     public static IEnumerable<object[]> Levels => SimdLevelCollection.Cross(Array.Empty<object>());
 
+    /// <summary>The levels with a vector exp of their own (the scalar level calls MathF.Exp).</summary>
+    public static IEnumerable<object[]> VectorLevels => Levels.Where(l => (SimdLevel)l[0] != SimdLevel.Scalar);
+
     [Fact]
     public void LevelIsClampedToTheProcessorAndUseRestoresIt()
     {
@@ -119,11 +122,10 @@ public sealed unsafe class SimdLevelTests
     }
 
     [SkippableTheory]
-    [MemberData(nameof(Levels))]
+    [MemberData(nameof(VectorLevels))]
     public void FastExpIsWithinTwoUlpAndClampsAtTheEnds(SimdLevel level)
     {
         Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
-        Skip.If(level == SimdLevel.Scalar, "the scalar level uses MathF.Exp itself");
         // Each level's own lane count: 4 (Vector128), 8 (Vector256), 16 (Vector512).
         Func<float[], float[]> exp = level switch
         {
