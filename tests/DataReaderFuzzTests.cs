@@ -19,6 +19,9 @@ public sealed class DataReaderFuzzTests : IDisposable
     private const uint Stream = 1;
 
     private readonly string _dir = Directory.CreateTempSubdirectory("ddpm-fuzz").FullName;
+    private readonly Xunit.Abstractions.ITestOutputHelper _log;
+
+    public DataReaderFuzzTests(Xunit.Abstractions.ITestOutputHelper log) => _log = log;
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
@@ -153,6 +156,7 @@ public sealed class DataReaderFuzzTests : IDisposable
                 failures.Add($"case {i} (DDPM_FUZZ_SEED={seed}): {Describe(c)}: {e.GetType().Name}: {e.Message.ReplaceLineEndings(" ")}");
             }
         }
+        _log.WriteLine($"fuzz: idx {cases} files, failures {failures.Count}");
         Assert.True(failures.Count == 0, string.Join("\n", failures));
     }
 }

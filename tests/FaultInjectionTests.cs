@@ -372,7 +372,7 @@ public sealed class FaultInjectionTests : IDisposable
     /// A deterministic 28x28 IDX set of <paramref name="count"/> simple shapes (filled and hollow squares, discs,
     /// crosses of several sizes), labels 0..9: what <c>--data DIR</c> accepts without MNIST.
     /// </summary>
-    private static void WriteShapes(string folder, int count)
+    internal static void WriteShapes(string folder, int count)
     {
         Directory.CreateDirectory(folder);
         var images = new byte[16 + count * 784];

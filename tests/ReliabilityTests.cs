@@ -84,22 +84,11 @@ public sealed class ReliabilityTests : IDisposable
         return new MnistSet(pixels, new byte[count], count);
     }
 
-    /// <summary>Writes train-images/labels IDX files of <paramref name="count"/> random digits into a folder (what --data accepts).</summary>
+    /// <summary>Writes train-images/labels IDX files of <paramref name="count"/> simple shapes into a folder (what --data accepts).</summary>
     private string SyntheticDataFolder(int count = 8)
     {
         var folder = PathOf("data");
-        Directory.CreateDirectory(folder);
-        var images = new byte[16 + count * 784];
-        BinaryPrimitives.WriteInt32BigEndian(images, 0x803);
-        BinaryPrimitives.WriteInt32BigEndian(images.AsSpan(4), count);
-        BinaryPrimitives.WriteInt32BigEndian(images.AsSpan(8), 28);
-        BinaryPrimitives.WriteInt32BigEndian(images.AsSpan(12), 28);
-        new Random(3).NextBytes(images.AsSpan(16));
-        var labels = new byte[8 + count];
-        BinaryPrimitives.WriteInt32BigEndian(labels, 0x801);
-        BinaryPrimitives.WriteInt32BigEndian(labels.AsSpan(4), count);
-        File.WriteAllBytes(Path.Combine(folder, "train-images-idx3-ubyte"), images);
-        File.WriteAllBytes(Path.Combine(folder, "train-labels-idx1-ubyte"), labels);
+        FaultInjectionTests.WriteShapes(folder, count);
         return folder;
     }
 
