@@ -17,7 +17,7 @@ public interface IUnaryOp
 }
 
 /// <summary>
-/// Elementwise ops and their backward: generic unary map, add, scaled accumulate, scale, fill, and
+/// Elementwise ops and their backward: generic unary map, add, scaled accumulate, scale, clamp, fill, and
 /// the add of an [N, C] tensor broadcast over H×W (the time embedding added into a ResBlock).
 /// Shapes: any for the flat ops; x, y [N, C, H, W] and e [N, C] for <see cref="AddChannels"/>.
 /// Versions: one thread per element on ILGPU; SIMD loops over chunks on the CPU.
@@ -142,6 +142,37 @@ public static class Elementwise
             }
         });
     }
+
+    /// <summary>
+    /// y = min(max(x, lo), hi) (y may be x): the samplers' clip of the x0 estimate to the data range
+    /// [-1, 1]. No backward: it only ever acts on sampler state. NaN stays NaN on both versions, so a
+    /// diverged model is not hidden behind a clipped image.
+    /// </summary>
+    public static void Clamp(Tensor x, float lo, float hi, Tensor y)
+    {
+        SameShape("clamp", x, y);
+        if (!(lo <= hi))
+        {
+            throw new ArgumentException($"clamp: lo {lo} must not exceed hi {hi}");
+        }
+        if (x.Device.IsIlgpu)
+        {
+            var k = IlgpuKernels.For(x);
+            k.Elementwise.Clamp(k.Stream, x.Length, x.View, y.View, lo, hi);
+            return;
+        }
+        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, lo, hi), static (v, s, e) =>
+        {
+            var (xv, yv, lo, hi) = v;
+            for (int i = s; i < e; i++)
+            {
+                yv[i] = ClampOne(xv[i], lo, hi);
+            }
+        });
+    }
+
+    // Comparisons written so NaN fails both and passes through, the same on the CPU and in the kernel.
+    private static float ClampOne(float v, float lo, float hi) => v < lo ? lo : v > hi ? hi : v;
 
     /// <summary>Every element = value.</summary>
     public static void Fill(Tensor t, float value)
@@ -295,6 +326,12 @@ public static class Elementwise
 
     internal static void ScaleKernel(Index1D i, ArrayView<float> x, ArrayView<float> y, float s) => y[i] = s * x[i];
 
+    internal static void ClampKernel(Index1D i, ArrayView<float> x, ArrayView<float> y, float lo, float hi)
+    {
+        float v = x[i];
+        y[i] = v < lo ? lo : v > hi ? hi : v;
+    }
+
     internal static void FillKernel(Index1D i, ArrayView<float> t, float value) => t[i] = value;
 
     // x, y [N*C, HW], e [N*C]
@@ -330,6 +367,7 @@ public static class Elementwise
             Axpy = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float>>(AxpyKernel);
             Scale = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float>>(ScaleKernel);
             Fill = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, float>>(FillKernel);
+            Clamp = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float, float>>(ClampKernel);
             AddChannels = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>>(AddChannelsKernel);
             RowSums = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(RowSumsKernel);
             Combine = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>>(CombineKernel);
@@ -342,6 +380,7 @@ public static class Elementwise
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float> Axpy { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float> Scale { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, float> Fill { get; }
+        public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float, float> Clamp { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> AddChannels { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> RowSums { get; }
         public Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> Combine { get; }

@@ -112,6 +112,15 @@ public static class OpCatalog
         },
         new OpCase
         {
+            // Normal inputs put about a third of the elements outside [-0.8, 1.1], so both bounds clip.
+            Name = "clamp",
+            Inputs = [new("x", [3, 5, 7, 9])],
+            Forward = (s, x) => [Run(s.Output(x[0].Shape), y => Elementwise.Clamp(x[0], -0.8f, 1.1f, y))],
+            KernelAtol = 0,
+            KernelRtol = 0,
+        },
+        new OpCase
+        {
             Name = "mse loss",
             Inputs = [new("pred", [3, 1, 7, 9]), new("target", [3, 1, 7, 9], Differentiable: false)],
             Forward = (s, x) => [Run(s.Output(1), y => Reduce.Mse(x[0], x[1], y))],
