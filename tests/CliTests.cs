@@ -45,6 +45,12 @@ public sealed class CliTests : IDisposable
     [InlineData(new[] { "train", "--batch", "many" }, "many")]
     [InlineData(new[] { "train", "--epochs" }, "--epochs")]
     [InlineData(new[] { "sample", "--sampler", "euler" }, "euler")]
+    [InlineData(new[] { "sample", "--recipe", "wild" }, "wild")]
+    [InlineData(new[] { "train", "--recipe", "wild" }, "wild")]
+    [InlineData(new[] { "sample", "--steps", "5" }, "--steps applies to --sampler ddim or dpm++ only")]
+    [InlineData(new[] { "sample", "--sampler", "dpm++", "--eta", "0.5" }, "--eta applies to --sampler ddim only")]
+    [InlineData(new[] { "sample", "--sampler", "dpm++", "--variance", "small" }, "--variance applies to --sampler ddpm only")]
+    [InlineData(new[] { "sample", "--sampler", "ddim", "--variance", "small" }, "--variance applies to --sampler ddpm only")]
     [InlineData(new[] { "bench", "--device", "tpu" }, "tpu")]
     [InlineData(new[] { "frobnicate" }, "frobnicate")]
     public void WrongFlagsAreOneLineAndExitTwo(string[] args, string contains) => OneLineError(Run(args), ExitCodes.Usage, contains);
@@ -116,6 +122,10 @@ public sealed class CliTests : IDisposable
         var again = Path.Combine(_dir, "again");
         Assert.Equal(0, Run("sample", "--checkpoint", checkpoint, "--n", "3", "--sampler", "ddim", "--steps", "4", "--seed", "2", "--device", "cpu", "--out", again).Code);
         Assert.Equal(File.ReadAllBytes(Path.Combine(output, "samples-idx3-ubyte")), File.ReadAllBytes(Path.Combine(again, "samples-idx3-ubyte")));
+        // DPM-Solver++ with the seed's unclipped recipe runs end to end and says what it ran.
+        var dpm = Run("sample", "--checkpoint", checkpoint, "--n", "2", "--sampler", "dpm++", "--steps", "3", "--recipe", "seed", "--device", "cpu", "--out", Path.Combine(_dir, "dpm"));
+        Assert.True(dpm.Code == 0, dpm.Err);
+        Assert.Contains("dpm++ (2M) 3 steps, the seed's unclipped recipe", dpm.Err);
     }
 
     [Fact]

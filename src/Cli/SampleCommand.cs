@@ -14,32 +14,49 @@ public static class SampleCommand
     {
         var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
         var n = new Option<int>("--n") { Description = "how many digits (1..10000)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
-        var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps)", DefaultValueFactory = _ => "ddpm" };
-        sampler.AcceptOnlyFromAmong("ddpm", "ddim");
+        var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
+        sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
         var variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
         variance.AcceptOnlyFromAmong("large", "small");
-        var steps = new Option<int?>("--steps") { Description = "ddim steps S (default 50; ddpm always takes the run's T)" }.Within(1, NoiseScheduleLimits.MaxT);
+        var steps = new Option<int?>("--steps") { Description = "steps S of ddim (default 50) or dpm++ (default 20); ddpm always takes the run's T" }.Within(1, NoiseScheduleLimits.MaxT);
         var eta = new Option<double?>("--eta") { Description = "ddim's eta in [0, 1]: 0 deterministic (default), 1 as ddpm" }.Within(0.0, 1.0);
+        var recipe = RecipeOption("every sampler's step");
         var seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
         var noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
         var device = Program.DeviceOption();
         var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" };
-        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, sampler, variance, steps, eta, seed, noEma, device, output };
+        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, sampler, variance, steps, eta, recipe, seed, noEma, device, output };
         command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(variance), p.GetValue(steps),
-            p.GetValue(eta), p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
+            p.GetValue(eta), p.GetValue(recipe)!, p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
         return command;
     }
 
-    private static int Run(string checkpoint, int n, string samplerName, string? variance, int? steps, double? eta, ulong seed, bool noEma, string deviceName, string? outDir)
+    /// <summary>--recipe: clipped (the x0 estimate clipped to [-1, 1], the default) | seed (the seed's unclipped step).</summary>
+    internal static Option<string> RecipeOption(string what)
     {
-        bool ddim = samplerName == "ddim";
-        if (!ddim && (steps is not null || eta is not null))
+        var recipe = new Option<string>("--recipe")
         {
-            throw new UsageException($"{(steps is not null ? "--steps" : "--eta")} applies to --sampler ddim only (ddpm always takes the run's T steps)");
+            Description = $"{what}: clipped (x0 estimate clipped to [-1, 1], then the posterior mean; default) | seed (the seed's unclipped step)",
+            DefaultValueFactory = _ => "clipped",
+        };
+        recipe.AcceptOnlyFromAmong("clipped", "seed");
+        return recipe;
+    }
+
+    private static int Run(string checkpoint, int n, string samplerName, string? variance, int? steps, double? eta, string recipe, ulong seed, bool noEma, string deviceName, string? outDir)
+    {
+        bool ddpm = samplerName == "ddpm", ddim = samplerName == "ddim", dpm = samplerName == "dpm++";
+        if (ddpm && (steps is not null || eta is not null))
+        {
+            throw new UsageException($"{(steps is not null ? "--steps" : "--eta")} applies to --sampler ddim or dpm++ only (ddpm always takes the run's T steps)");
         }
-        if (ddim && variance is not null)
+        if (dpm && eta is not null)
         {
-            throw new UsageException("--variance applies to --sampler ddpm only (ddim's noise is set by --eta)");
+            throw new UsageException("--eta applies to --sampler ddim only (dpm++ is deterministic)");
+        }
+        if (!ddpm && variance is not null)
+        {
+            throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++ adds no noise")})");
         }
         if (Directory.Exists(checkpoint))
         {
@@ -58,9 +75,15 @@ public static class SampleCommand
         {
             throw new UsageException($"--steps {steps}: the run has T = {T} diffusion steps, so ddim takes at most {T}");
         }
+        // dpm++ moves between S + 1 distinct timesteps of 0..T-1.
+        if (dpm && (steps ?? Math.Min(20, T - 1)) > T - 1)
+        {
+            throw new UsageException($"--steps {steps}: the run has T = {T} diffusion steps, so dpm++ takes at most {T - 1}");
+        }
         var schedule = NoiseSchedule.ByName(scheduleName, T);
-        var kind = ddim ? SamplerKind.Ddim : variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
-        var plan = Sampler.Plan(schedule, kind, steps ?? 50, eta ?? 0);
+        var kind = ddim ? SamplerKind.Ddim : dpm ? SamplerKind.DpmSolver2M : variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
+        bool clip = recipe != "seed";
+        var plan = Sampler.Plan(schedule, kind, steps ?? (dpm ? Math.Min(20, T - 1) : 50), eta ?? 0, clip);
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
 
@@ -73,7 +96,8 @@ public static class SampleCommand
             ema?.CopyToModel();
         }
         Console.Error.WriteLine($"sampling {n} digits: {info.Preset} model, {(useEma ? "EMA" : "raw")} weights, " +
-            $"{(kind == SamplerKind.Ddim ? $"ddim {plan.Count} steps eta {eta ?? 0}" : $"ddpm ({variance ?? "large"} variance) {plan.Count} steps")}, {scheduleName} schedule, seed {seed}");
+            $"{kind switch { SamplerKind.Ddim => $"ddim {plan.Count} steps eta {eta ?? 0}", SamplerKind.DpmSolver2M => $"dpm++ (2M) {plan.Count} steps", _ => $"ddpm ({variance ?? "large"} variance) {plan.Count} steps" }}, " +
+            $"{(clip ? "clipped" : "the seed's unclipped")} recipe, {scheduleName} schedule, seed {seed}");
 
         var frames = new List<float[]>();
         int every = Math.Max(1, plan.Count / 30);

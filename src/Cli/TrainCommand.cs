@@ -36,24 +36,25 @@ public static class TrainCommand
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
+        var recipe = SampleCommand.RecipeOption("the final grid's DDPM step");
         var device = Program.DeviceOption();
         var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, grid, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, string? Schedule, float? Ema, float? Clip,
-        ulong? Seed, int SaveEvery, int Grid, string Device, string Data, string Out, bool Resume);
+        ulong? Seed, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
     {
@@ -147,7 +148,7 @@ public static class TrainCommand
         // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
         if (s.Grid > 0)
         {
-            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid);
+            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid, clip: s.Recipe != "seed");
         }
         Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
             $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(s.Out, SamplesFile)}" : "")}");
@@ -249,10 +250,11 @@ public static class TrainCommand
         Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping, // "lr 0.001 -> 0.0005", not "-\u003E"
     };
 
-    /// <summary>Writes the seed's sample grid: 64 digits by DDPM (fixed large variance), with EMA weights when the run keeps them.</summary>
-    private static void WriteSamples(Trainer trainer, string path, int count)
+    /// <summary>Writes the sample grid: 64 digits by DDPM (fixed large variance), clipped unless --recipe seed,
+    /// with EMA weights when the run keeps them.</summary>
+    private static void WriteSamples(Trainer trainer, string path, int count, bool clip)
     {
-        Console.Error.WriteLine($"sampling {count} digits for the grid");
+        Console.Error.WriteLine($"sampling {count} digits for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
         var model = trainer.Model;
         float[][]? saved = null;
         if (trainer.Ema is { } ema)
@@ -260,7 +262,7 @@ public static class TrainCommand
             saved = model.Parameters.Select(p => p.Value.ToArray()).ToArray();
             ema.CopyToModel();
         }
-        var digits = Sampler.Run(model, count, Sampler.Plan(trainer.Schedule, SamplerKind.DdpmLarge), trainer.Options.Seed);
+        var digits = Sampler.Run(model, count, Sampler.Plan(trainer.Schedule, SamplerKind.DdpmLarge, clip: clip), trainer.Options.Seed);
         if (saved is not null)
         {
             for (int i = 0; i < saved.Length; i++)
