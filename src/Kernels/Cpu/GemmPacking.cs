@@ -44,6 +44,25 @@ public static unsafe partial class Gemm
                 // Column-major A (W^T): each panel column is already 8 contiguous floats.
                 for (int p = 0; p < kc; p++) Vector256.Store(Vector256.Load(s0 + (long)p * aCol), d + p * 8);
             }
+            else if (MR == 6 && mr == 6 && aCol == 1 && Isa.Avx2)
+            {
+                // Row-major A at the 6x16 kernel: 8x8 transposes with two zero rows. Each 8-float column store spills
+                // two zeros into the next column, which the next store overwrites (the transpose stores in column
+                // order), so the vector loop stops while a column is still to come after its block.
+                int p0 = 0;
+                for (; p0 + 8 < kc; p0 += 8)
+                {
+                    float* s = s0 + p0;
+                    Transpose8x8(Vector256.Load(s), Vector256.Load(s + aRow), Vector256.Load(s + 2L * aRow),
+                        Vector256.Load(s + 3L * aRow), Vector256.Load(s + 4L * aRow), Vector256.Load(s + 5L * aRow),
+                        Vector256<float>.Zero, Vector256<float>.Zero, d + p0 * 6, 6);
+                }
+                for (int r = 0; r < 6; r++)
+                {
+                    float* s = s0 + (long)r * aRow;
+                    for (int p = p0; p < kc; p++) d[p * 6 + r] = s[p];
+                }
+            }
             else if (aCol == 1)
             {
                 for (int r = 0; r < mr; r++)
@@ -459,7 +478,8 @@ public static unsafe partial class Gemm
         Transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7, dst, ldd);
     }
 
-    /// <summary>Stores the transpose of the 8x8 block whose rows are r0..r7: dst[q*ldd + r] = r(r)[q].</summary>
+    /// <summary>Stores the transpose of the 8x8 block whose rows are r0..r7: dst[q*ldd + r] = r(r)[q], column 0 first
+    /// (PackA's 6-row panels rely on that order: there ldd = 6 and each store overlaps the previous one).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Transpose8x8(Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3,
         Vector256<float> r4, Vector256<float> r5, Vector256<float> r6, Vector256<float> r7, float* dst, int ldd)
