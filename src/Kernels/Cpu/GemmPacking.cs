@@ -1,6 +1,6 @@
 // Packing for the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): A blocks into MR-row panels,
 // B micro-panels from their sources (strided matrices, and the row- or column-offset views of a padded image that
-// the implicit-GEMM convolution multiplies), the AVX-512 transposes the packers use.
+// the implicit-GEMM convolution multiplies), the AVX-512 (16x16, 8x16) and AVX2 (8x8) register transposes the packers use.
 //
 // The packed panels live in the calling thread's Arena (slots GemmA, GemmB: 64-byte aligned, so packed B rows are whole
 // cache lines and the kernel's zmm loads never split lines), so concurrent calls from many threads with parallel=false
@@ -303,7 +303,7 @@ public static unsafe partial class Gemm
         }
     }
 
-    /// <summary>B(p,j) = b[columnOffsets[j] + p]: 16x16 register transposes of 16 contiguous column runs.</summary>
+    /// <summary>B(p,j) = b[columnOffsets[j] + p]: register transposes (16x16 at AVX-512, 8x8 at AVX2) of contiguous column runs.</summary>
     private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
     {
         private readonly float* _b = b;
