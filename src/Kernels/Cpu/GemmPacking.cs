@@ -1,6 +1,6 @@
 // Packing for the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): A blocks into MR-row panels,
 // B micro-panels from their sources (strided matrices, and the row- or column-offset views of a padded image that
-// the implicit-GEMM convolution multiplies), the AVX-512 transposes the packers use.
+// the implicit-GEMM convolution multiplies), the AVX-512 (16x16, 8x16) and AVX2 (8x8) register transposes the packers use.
 //
 // The packed panels live in the calling thread's Arena (slots GemmA, GemmB: 64-byte aligned, so packed B rows are whole
 // cache lines and the kernel's zmm loads never split lines), so concurrent calls from many threads with parallel=false
@@ -43,6 +43,25 @@ public static unsafe partial class Gemm
             {
                 // Column-major A (W^T): each panel column is already 8 contiguous floats.
                 for (int p = 0; p < kc; p++) Vector256.Store(Vector256.Load(s0 + (long)p * aCol), d + p * 8);
+            }
+            else if (MR == 6 && mr == 6 && aCol == 1 && Isa.Avx2)
+            {
+                // Row-major A at the 6x16 kernel: 8x8 transposes with two zero rows. Each 8-float column store spills
+                // two zeros into the next column, which the next store overwrites (the transpose stores in column
+                // order), so the vector loop stops while a column is still to come after its block.
+                int p0 = 0;
+                for (; p0 + 8 < kc; p0 += 8)
+                {
+                    float* s = s0 + p0;
+                    Transpose8x8(Vector256.Load(s), Vector256.Load(s + aRow), Vector256.Load(s + 2L * aRow),
+                        Vector256.Load(s + 3L * aRow), Vector256.Load(s + 4L * aRow), Vector256.Load(s + 5L * aRow),
+                        Vector256<float>.Zero, Vector256<float>.Zero, d + p0 * 6, 6);
+                }
+                for (int r = 0; r < 6; r++)
+                {
+                    float* s = s0 + (long)r * aRow;
+                    for (int p = p0; p < kc; p++) d[p * 6 + r] = s[p];
+                }
             }
             else if (aCol == 1)
             {
@@ -126,6 +145,27 @@ public static unsafe partial class Gemm
                 for (; j < NR; j++) d[j] = 0f;
             }
         }
+        else if (bRow == 1 && NR % 8 == 0 && Isa.Avx2)
+        {
+            // Transposed B at 256 bits: 8x8 register transposes, each source column read sequentially.
+            int nFull = nr & ~7, kFull = kc & ~7;
+            for (int j0 = 0; j0 < nFull; j0 += 8)
+                for (int p0 = 0; p0 < kFull; p0 += 8)
+                    Transpose8x8(new StridedRows(b + (long)j0 * bCol + p0, bCol), dst + p0 * NR + j0, NR);
+            for (int j = nFull; j < NR; j++)
+            {
+                float* s = b + (long)j * bCol;
+                if (j < nr) for (int p = 0; p < kFull; p++) dst[p * NR + j] = s[p];
+                else for (int p = 0; p < kFull; p++) dst[p * NR + j] = 0f;
+            }
+            for (int p = kFull; p < kc; p++)
+            {
+                float* d = dst + p * NR;
+                int j = 0;
+                for (; j < nr; j++) d[j] = b[p + (long)j * bCol];
+                for (; j < NR; j++) d[j] = 0f;
+            }
+        }
         else if (bCol == 1 && NR % 4 == 0 && Isa.V128)
         {
             // 128-bit rows (the 6x8 kernel, and edge panels of the 6x16 one).
@@ -142,7 +182,7 @@ public static unsafe partial class Gemm
         }
         else if (bRow == 1)
         {
-            // Transposed B without the 512-bit transposes: column by column, so the source is read in order and the
+            // Transposed B without register transposes (128-bit and scalar levels): column by column, so the source is read in order and the
             // strided writes stay inside the L1-sized panel.
             for (int j = 0; j < nr; j++)
             {
@@ -263,7 +303,7 @@ public static unsafe partial class Gemm
         }
     }
 
-    /// <summary>B(p,j) = b[columnOffsets[j] + p]: 16x16 register transposes of 16 contiguous column runs.</summary>
+    /// <summary>B(p,j) = b[columnOffsets[j] + p]: register transposes (16x16 at AVX-512, 8x8 at AVX2) of contiguous column runs.</summary>
     private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
     {
         private readonly float* _b = b;
@@ -282,6 +322,19 @@ public static unsafe partial class Gemm
                 for (; jv + 16 <= nr; jv += 16)
                     for (int p = 0; p < kFull; p += 16)
                         TransposeGather16x16(b + p, off + jv, dst + p * NR + jv, NR);
+                for (int p = kFull; p < kc; p++)
+                {
+                    float* d = dst + p * NR;
+                    for (int j = 0; j < jv; j++) d[j] = b[off[j] + p];
+                }
+            }
+            else if (NR % 8 == 0 && Isa.Avx2)
+            {
+                // The same at 256 bits: 8x8 register transposes of 8 column runs, each run read in order.
+                int kFull = kc & ~7;
+                for (; jv + 8 <= nr; jv += 8)
+                    for (int p = 0; p < kFull; p += 8)
+                        TransposeGather8x8(b + p, off + jv, dst + p * NR + jv, NR);
                 for (int p = kFull; p < kc; p++)
                 {
                     float* d = dst + p * NR;
@@ -409,6 +462,43 @@ public static unsafe partial class Gemm
         Vector512.Store(Avx512F.Shuffle4x128(v3, v11, 0xDD), dst + 13L * ldd);
         Vector512.Store(Avx512F.Shuffle4x128(v5, v13, 0xDD), dst + 14L * ldd);
         Vector512.Store(Avx512F.Shuffle4x128(v7, v15, 0xDD), dst + 15L * ldd);
+    }
+
+    /// <summary>dst[q*ldd + r] = src[offsets[r] + q] for r, q &lt; 8: the 256-bit transpose of 8 scattered rows.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void TransposeGather8x8(float* src, int* offsets, float* dst, int ldd) => Transpose8x8(new OffsetRows(src, offsets), dst, ldd);
+
+    /// <summary>dst[q*ldd + r] = rows.Row(r)[q] for r, q &lt; 8 (3 shuffle stages, 24 shuffles: AVX2's transposes, where
+    /// the scalar packing they replace costs a load and a store per float).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Transpose8x8<TRows>(TRows rows, float* dst, int ldd) where TRows : struct, IRows
+    {
+        Vector256<float> r0 = Vector256.Load(rows.Row(0)), r1 = Vector256.Load(rows.Row(1)), r2 = Vector256.Load(rows.Row(2)), r3 = Vector256.Load(rows.Row(3));
+        Vector256<float> r4 = Vector256.Load(rows.Row(4)), r5 = Vector256.Load(rows.Row(5)), r6 = Vector256.Load(rows.Row(6)), r7 = Vector256.Load(rows.Row(7));
+        Transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7, dst, ldd);
+    }
+
+    /// <summary>Stores the transpose of the 8x8 block whose rows are r0..r7: dst[q*ldd + r] = r(r)[q], column 0 first
+    /// (PackA's 6-row panels rely on that order: there ldd = 6 and each store overlaps the previous one).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose8x8(Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3,
+        Vector256<float> r4, Vector256<float> r5, Vector256<float> r6, Vector256<float> r7, float* dst, int ldd)
+    {
+        // Within each 128-bit half: t0 = [r0[0] r1[0] r0[1] r1[1] | r0[4] r1[4] r0[5] r1[5]], t1 the same for 2,3 | 6,7.
+        Vector256<float> t0 = Avx.UnpackLow(r0, r1), t1 = Avx.UnpackHigh(r0, r1), t2 = Avx.UnpackLow(r2, r3), t3 = Avx.UnpackHigh(r2, r3);
+        Vector256<float> t4 = Avx.UnpackLow(r4, r5), t5 = Avx.UnpackHigh(r4, r5), t6 = Avx.UnpackLow(r6, r7), t7 = Avx.UnpackHigh(r6, r7);
+        // Half h of u(q) holds rows 0..3 of column 4h+q; u(4+q) the same for rows 4..7.
+        Vector256<float> u0 = Avx.Shuffle(t0, t2, 0x44), u1 = Avx.Shuffle(t0, t2, 0xEE), u2 = Avx.Shuffle(t1, t3, 0x44), u3 = Avx.Shuffle(t1, t3, 0xEE);
+        Vector256<float> u4 = Avx.Shuffle(t4, t6, 0x44), u5 = Avx.Shuffle(t4, t6, 0xEE), u6 = Avx.Shuffle(t5, t7, 0x44), u7 = Avx.Shuffle(t5, t7, 0xEE);
+        // 0x20 joins the lower halves (columns 0..3), 0x31 the upper ones (columns 4..7).
+        Vector256.Store(Avx.Permute2x128(u0, u4, 0x20), dst);
+        Vector256.Store(Avx.Permute2x128(u1, u5, 0x20), dst + 1L * ldd);
+        Vector256.Store(Avx.Permute2x128(u2, u6, 0x20), dst + 2L * ldd);
+        Vector256.Store(Avx.Permute2x128(u3, u7, 0x20), dst + 3L * ldd);
+        Vector256.Store(Avx.Permute2x128(u0, u4, 0x31), dst + 4L * ldd);
+        Vector256.Store(Avx.Permute2x128(u1, u5, 0x31), dst + 5L * ldd);
+        Vector256.Store(Avx.Permute2x128(u2, u6, 0x31), dst + 6L * ldd);
+        Vector256.Store(Avx.Permute2x128(u3, u7, 0x31), dst + 7L * ldd);
     }
 
     /// <summary>dst[p*8 + r] = src[r*lds + p] for r &lt; 8, p &lt; 16: one 16-step slice of an 8-row A panel.</summary>
