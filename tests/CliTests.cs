@@ -15,7 +15,8 @@ public sealed class CliTests : IDisposable
 
     public void Dispose() => Directory.Delete(_dir, recursive: true);
 
-    private static (int Code, string Err, string Out) Run(params string[] args)
+    /// <summary>Runs <c>ddpm ARGS</c> in-process with the console captured.</summary>
+    internal static (int Code, string Err, string Out) Run(params string[] args)
     {
         var (err, output) = (new StringWriter(), new StringWriter());
         var (oldErr, oldOut) = (Console.Error, Console.Out);

@@ -28,19 +28,8 @@ public sealed class ReliabilityTests : IDisposable
 
     private static (int Code, string Err) Run(params string[] args)
     {
-        var (err, output) = (new StringWriter(), new StringWriter());
-        var (oldErr, oldOut) = (Console.Error, Console.Out);
-        Console.SetError(err);
-        Console.SetOut(output);
-        try
-        {
-            return (Program.Main(args), err.ToString());
-        }
-        finally
-        {
-            Console.SetError(oldErr);
-            Console.SetOut(oldOut);
-        }
+        var (code, err, _) = CliTests.Run(args);
+        return (code, err);
     }
 
     private static void OneLine((int Code, string Err) r, int code, params string[] contains)
