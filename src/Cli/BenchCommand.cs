@@ -23,7 +23,7 @@ public static class BenchCommand
         var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 }.Within(1, TrainOptions.MaxBatch);
         var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 }.Within(1, 100_000);
         var device = Program.DeviceOption();
-        var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train steps; tables on stderr" };
+        var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train and denoising steps; tables on stderr" };
         var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
         var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile, simd };
@@ -100,6 +100,21 @@ public static class BenchCommand
             Denoise();
         }
         double denoiseMs = clock.Elapsed.TotalMilliseconds / steps;
+        if (profile)
+        {
+            // The denoising step alone (a no-grad forward), after its timed figure, as for training.
+            Tape.Profile = new OpProfile { ByShape = true };
+            for (int i = 0; i < steps; i++)
+            {
+                Denoise();
+            }
+            Console.Error.WriteLine($"denoising step profile ({steps} steps, ms in all):");
+            foreach (var line in Tape.Profile.Report())
+            {
+                Console.Error.WriteLine($"  {line}");
+            }
+            Tape.Profile = null;
+        }
         Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
         {
             ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device.Kind == DeviceKind.Cpu ? CpuDevice.SimdName : "ILGPU")})",
