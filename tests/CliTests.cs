@@ -130,6 +130,37 @@ public sealed class CliTests : IDisposable
     }
 
     [Fact]
+    public void DigitNeedsAConditionalCheckpoint()
+    {
+        var checkpoint = Path.Combine(_dir, "plain.safetensors");
+        Checkpoint.Save(checkpoint, new UNet(16, CpuDevice.Instance, seed: 1));
+        OneLineError(Run("sample", "--checkpoint", checkpoint, "--digit", "7", "--device", "cpu", "--out", Path.Combine(_dir, "o")), ExitCodes.Usage, "unconditional");
+        OneLineError(Run("sample", "--checkpoint", checkpoint, "--guidance", "2", "--device", "cpu"), ExitCodes.Usage, "--guidance applies with --digit only");
+        OneLineError(Run("sample", "--checkpoint", checkpoint, "--digit", "11"), ExitCodes.Usage, "11");
+    }
+
+    [Fact]
+    public void DigitAllWritesOneRowPerDigit()
+    {
+        var checkpoint = Path.Combine(_dir, "cond.safetensors");
+        Checkpoint.Save(checkpoint, new UNet(16, CpuDevice.Instance, seed: 1, classes: 10));
+        var output = Path.Combine(_dir, "all");
+        var r = Run("sample", "--checkpoint", checkpoint, "--digit", "all", "--n", "2", "--sampler", "ddim", "--steps", "3", "--device", "cpu", "--out", output);
+        Assert.True(r.Code == 0, r.Err);
+        Assert.Contains("digit all with guidance 3", r.Err);
+        Assert.Equal(20, Mnist.ParseIdx("samples", File.ReadAllBytes(Path.Combine(output, "samples-idx3-ubyte"))).Count);
+        using (var grid = SixLabors.ImageSharp.Image.Load(Path.Combine(output, "samples.png")))
+        {
+            // 10 rows of 2 tiles: the grid is 5 times taller than wide (tiles and gaps alike).
+            Assert.Equal(5 * (grid.Width - 2 * 2) + 2 * 2, grid.Height);
+        }
+        // Unguided (label 10) works on the same checkpoint; one digit with a guidance weight too.
+        Assert.Equal(0, Run("sample", "--checkpoint", checkpoint, "--n", "2", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--out", Path.Combine(_dir, "u")).Code);
+        var seven = Run("sample", "--checkpoint", checkpoint, "--digit", "7", "--guidance", "1.5", "--n", "2", "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--out", Path.Combine(_dir, "s"));
+        Assert.True(seven.Code == 0, seven.Err);
+    }
+
+    [Fact]
     public void InfoSaysWhatAutoPicksAndWhy()
     {
         var r = Run("info");

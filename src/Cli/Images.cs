@@ -15,10 +15,11 @@ public static class Images
     /// <summary>Pixel value of a sample: clamp to [-1, 1], then round((x + 1)·127.5), as the spec.</summary>
     public static byte ToByte(float x) => (byte)Math.Round((Math.Clamp(float.IsNaN(x) ? -1f : x, -1f, 1f) + 1f) * 127.5f);
 
-    /// <summary>n digits [n·784] as a square-ish grid of 28×28 tiles on black, scaled ×<paramref name="scale"/>.</summary>
-    public static Image<L8> Grid(float[] digits, int n, int scale = 2)
+    /// <summary>n digits [n·784] as a grid of 28×28 tiles on black, scaled ×<paramref name="scale"/>: square-ish, or
+    /// <paramref name="columns"/> a row when given (one row per class for a conditional model).</summary>
+    public static Image<L8> Grid(float[] digits, int n, int scale = 2, int columns = 0)
     {
-        int cols = (int)Math.Ceiling(Math.Sqrt(n)), rows = (n + cols - 1) / cols;
+        int cols = columns > 0 ? columns : (int)Math.Ceiling(Math.Sqrt(n)), rows = (n + cols - 1) / cols;
         int w = (cols * (Side + Gap) + Gap) * scale, h = (rows * (Side + Gap) + Gap) * scale;
         var image = new Image<L8>(w, h, new L8(0));
         image.ProcessPixelRows(pixels =>
@@ -42,23 +43,23 @@ public static class Images
     }
 
     /// <summary>Writes the grid as a PNG.</summary>
-    public static void SaveGrid(string path, float[] digits, int n)
+    public static void SaveGrid(string path, float[] digits, int n, int columns = 0)
     {
-        using var image = Grid(digits, n);
+        using var image = Grid(digits, n, columns: columns);
         image.SaveAsPng(path);
     }
 
     /// <summary>Writes frames (each n digits) as a looping GIF; the last frame holds for two seconds.</summary>
-    public static void SaveAnimation(string path, IReadOnlyList<float[]> frames, int n)
+    public static void SaveAnimation(string path, IReadOnlyList<float[]> frames, int n, int columns = 0)
     {
-        using var first = Grid(frames[0], n);
+        using var first = Grid(frames[0], n, columns: columns);
         using var animation = first.CloneAs<Rgba32>();
         var meta = animation.Metadata.GetGifMetadata();
         meta.RepeatCount = 0;
         animation.Frames.RootFrame.Metadata.GetGifMetadata().FrameDelay = 8;
         for (int i = 1; i < frames.Count; i++)
         {
-            using var grid = Grid(frames[i], n);
+            using var grid = Grid(frames[i], n, columns: columns);
             using var frame = grid.CloneAs<Rgba32>();
             var added = animation.Frames.AddFrame(frame.Frames.RootFrame);
             added.Metadata.GetGifMetadata().FrameDelay = i == frames.Count - 1 ? 200 : 8;

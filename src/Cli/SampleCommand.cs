@@ -13,7 +13,10 @@ public static class SampleCommand
     public static Command Build()
     {
         var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
-        var n = new Option<int>("--n") { Description = "how many digits (1..10000)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
+        var n = new Option<int>("--n") { Description = "how many digits (1..10000); with --digit all, how many of each digit (one grid row per digit)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
+        var digit = new Option<string?>("--digit") { Description = "class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided" };
+        digit.AcceptOnlyFromAmong([.. Enumerable.Range(0, 10).Select(d => d.ToString(CultureInfo.InvariantCulture)), "all"]);
+        var guidance = new Option<double?>("--guidance") { Description = "classifier-free guidance weight w with --digit (default 3.0): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
         var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
         sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
         var variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
@@ -25,8 +28,8 @@ public static class SampleCommand
         var noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
         var device = Program.DeviceOption();
         var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" };
-        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, sampler, variance, steps, eta, recipe, seed, noEma, device, output };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(sampler)!, p.GetValue(variance), p.GetValue(steps),
+        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, digit, guidance, sampler, variance, steps, eta, recipe, seed, noEma, device, output };
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(digit), p.GetValue(guidance), p.GetValue(sampler)!, p.GetValue(variance), p.GetValue(steps),
             p.GetValue(eta), p.GetValue(recipe)!, p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
         return command;
     }
@@ -43,7 +46,7 @@ public static class SampleCommand
         return recipe;
     }
 
-    private static int Run(string checkpoint, int n, string samplerName, string? variance, int? steps, double? eta, string recipe, ulong seed, bool noEma, string deviceName, string? outDir)
+    private static int Run(string checkpoint, int n, string? digit, double? guidance, string samplerName, string? variance, int? steps, double? eta, string recipe, ulong seed, bool noEma, string deviceName, string? outDir)
     {
         bool ddpm = samplerName == "ddpm", ddim = samplerName == "ddim", dpm = samplerName == "dpm++";
         if (ddpm && (steps is not null || eta is not null))
@@ -58,6 +61,14 @@ public static class SampleCommand
         {
             throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++ adds no noise")})");
         }
+        if (guidance is not null && digit is null)
+        {
+            throw new UsageException("--guidance applies with --digit only (without it a conditional model samples unguided)");
+        }
+        if (digit == "all" && n > 1000)
+        {
+            throw new UsageException($"--n {n}: with --digit all it counts each digit, so at most 1000 (10000 digits in all)");
+        }
         if (Directory.Exists(checkpoint))
         {
             throw new UsageException($"--checkpoint {checkpoint}: is a folder; pass its {TrainCommand.CheckpointFile}");
@@ -68,6 +79,10 @@ public static class SampleCommand
         }
         // The whole file is validated (names, shapes against the preset it claims, finite values, metadata) before anything is built.
         var info = Checkpoint.Inspect(checkpoint);
+        if (digit is not null && info.Classes == 0)
+        {
+            throw new UsageException($"--digit {digit}: {checkpoint} holds an unconditional model (train one with --classes 10)");
+        }
         var meta = info.Metadata;
         string scheduleName = meta.GetValueOrDefault("schedule", "linear");
         int T = meta.TryGetValue("T", out var t) ? int.Parse(t, CultureInfo.InvariantCulture) : 300;
@@ -88,21 +103,31 @@ public static class SampleCommand
         Program.RequireWritableFolder("--out", outDir);
 
         using var device = Program.OpenDevice(deviceName);
-        var model = new UNet(info.Channels, device);
+        var model = new UNet(info.Channels, device, classes: info.Classes);
         bool useEma = !noEma && info.HasEma;
         using (var ema = useEma ? new Ema(model.Parameters, 0.5f) : null)
         {
             Checkpoint.Load(info, model, ema: ema);
             ema?.CopyToModel();
         }
-        Console.Error.WriteLine($"sampling {n} digits: {info.Preset} model, {(useEma ? "EMA" : "raw")} weights, " +
+        // --digit all: n of each digit, digit d in grid row d.
+        int total = digit == "all" ? 10 * n : n, columns = digit == "all" ? n : 0;
+        float w = (float)(guidance ?? 3.0);
+        float[]? labels = digit switch
+        {
+            null => null,
+            "all" => [.. Enumerable.Range(0, total).Select(i => (float)(i / n))],
+            _ => [.. Enumerable.Repeat(float.Parse(digit, CultureInfo.InvariantCulture), n)],
+        };
+        string conditioning = info.Classes == 0 ? "" : digit is null ? "unguided (no label), " : $"digit {digit} with guidance {w.ToString(CultureInfo.InvariantCulture)}, ";
+        Console.Error.WriteLine($"sampling {total} digits: {info.Preset} {(info.Classes > 0 ? "conditional " : "")}model, {conditioning} {(useEma ? "EMA" : "raw")} weights, " +
             $"{kind switch { SamplerKind.Ddim => $"ddim {plan.Count} steps eta {eta ?? 0}", SamplerKind.DpmSolver2M => $"dpm++ (2M) {plan.Count} steps", _ => $"ddpm ({variance ?? "large"} variance) {plan.Count} steps" }}, " +
             $"{(clip ? "clipped" : "the seed's unclipped")} recipe, {scheduleName} schedule, seed {seed}");
 
         var frames = new List<float[]>();
         int every = Math.Max(1, plan.Count / 30);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var digits = Sampler.Run(model, n, plan, seed, (i, x) =>
+        var digits = Sampler.Run(model, total, plan, seed, labels, w, (i, x) =>
         {
             if (i % every == 0 || i == plan.Count - 1)
             {
@@ -113,9 +138,9 @@ public static class SampleCommand
         var png = Path.Combine(outDir, "samples.png");
         var idx = Path.Combine(outDir, "samples-idx3-ubyte");
         var gif = Path.Combine(outDir, "reverse.gif");
-        Images.SaveGrid(png, digits, n);
-        Images.SaveIdx(idx, digits, n);
-        Images.SaveAnimation(gif, frames, n);
+        Images.SaveGrid(png, digits, total, columns);
+        Images.SaveIdx(idx, digits, total);
+        Images.SaveAnimation(gif, frames, total, columns);
         Console.Error.WriteLine($"wrote {png}, {idx}, {gif}");
         return 0;
     }

@@ -34,6 +34,7 @@ public static class TrainCommand
         var ema = new Option<float?>("--ema") { Description = "EMA decay of the weights, e.g. 0.999 (default 0: off); may change on --resume" }.Within(0f, 0.99999994f);
         var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
+        var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
         var recipe = SampleCommand.RecipeOption("the final grid's DDPM step");
@@ -43,18 +44,18 @@ public static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, saveEvery, grid, recipe, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, string? Schedule, float? Ema, float? Clip,
-        ulong? Seed, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
+        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
     {
@@ -95,6 +96,7 @@ public static class TrainCommand
                 EmaDecay = s.Ema ?? o.EmaDecay,
                 Clip = s.Clip ?? o.Clip,
                 Seed = s.Seed ?? o.Seed,
+                Classes = s.Classes ?? o.Classes,
             })
             : new Trainer(device, new TrainOptions
             {
@@ -107,12 +109,13 @@ public static class TrainCommand
                 EmaDecay = s.Ema ?? 0f,
                 Clip = s.Clip ?? 0f,
                 Seed = s.Seed ?? 0UL,
+                Classes = s.Classes ?? 0,
             }, mnist);
         var o = trainer.Options;
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {o.Lr}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}");
+            $"lr {o.Lr}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
@@ -251,7 +254,7 @@ public static class TrainCommand
     };
 
     /// <summary>Writes the sample grid: 64 digits by DDPM (fixed large variance), clipped unless --recipe seed,
-    /// with EMA weights when the run keeps them.</summary>
+    /// with EMA weights when the run keeps them (a conditional model samples unguided, with "no label").</summary>
     private static void WriteSamples(Trainer trainer, string path, int count, bool clip)
     {
         Console.Error.WriteLine($"sampling {count} digits for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");

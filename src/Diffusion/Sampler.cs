@@ -240,17 +240,60 @@ public static class Sampler
         return current.ToArray();
     }
 
-    /// <summary>Runs a sampler with a U-Net (no gradient tape: nothing is kept between steps).</summary>
-    public static float[] Run(UNet model, int n, IReadOnlyList<ReverseStep> steps, ulong seed, Action<int, Tensor>? onStep = null)
+    /// <summary>Runs a sampler with a U-Net (no gradient tape: nothing is kept between steps). A class-conditional
+    /// model samples unguided with "no label" for every digit.</summary>
+    public static float[] Run(UNet model, int n, IReadOnlyList<ReverseStep> steps, ulong seed, Action<int, Tensor>? onStep = null) =>
+        Run(model, n, steps, seed, labels: null, guidance: 0, onStep);
+
+    /// <summary>
+    /// Runs a sampler with classifier-free guidance (Ho &amp; Salimans 2022) on a class-conditional model:
+    /// eps = eps(x, t, none) + w·(eps(x, t, y) - eps(x, t, none)), two forwards a step, with
+    /// <paramref name="labels"/> [n] the digit asked for each sample and w = <paramref name="guidance"/>.
+    /// Without labels, a conditional model runs once a step with "no label"; an unconditional model takes no labels.
+    /// </summary>
+    public static float[] Run(UNet model, int n, IReadOnlyList<ReverseStep> steps, ulong seed, float[]? labels, float guidance,
+        Action<int, Tensor>? onStep = null)
     {
+        if (labels is not null && model.Classes == 0)
+        {
+            throw new ArgumentException("sampler: labels given to an unconditional model");
+        }
+        if (labels is not null && (labels.Length != n || labels.Any(l => l < 0 || l > model.NullLabel || l != MathF.Floor(l))))
+        {
+            throw new ArgumentException($"sampler: labels must be {n} integers in 0..{model.NullLabel}");
+        }
         var device = model.Device;
         using var t = Tensor.Empty(device, n);
+        using var none = model.Classes > 0 ? Tensor.Empty(device, n) : null;
+        using var cond = labels is not null ? Tensor.FromHost(device, labels, n) : null;
+        using var epsNone = cond is not null ? Tensor.Empty(device, n, 1, 28, 28) : null;
+        using var wCond = cond is not null ? Tensor.Empty(device, n) : null;
+        using var wNone = cond is not null ? Tensor.Empty(device, n) : null;
+        if (none is not null)
+        {
+            Elementwise.Fill(none, model.NullLabel);
+        }
+        if (cond is not null)
+        {
+            Elementwise.Fill(wCond!, guidance);
+            Elementwise.Fill(wNone!, 1f - guidance);
+        }
         using var tape = Tape.NoGrad(device);
         return Run(device, n, steps, seed, (x, step, eps) =>
         {
             Elementwise.Fill(t, step);
-            var y = model.Forward(tape, tape.Constant(x), tape.Constant(t));
-            eps.CopyFrom(y.Value);
+            var y = model.Forward(tape, tape.Constant(x), tape.Constant(t), none is null ? null : tape.Constant(none));
+            if (cond is null)
+            {
+                eps.CopyFrom(y.Value);
+                tape.Reset();
+                return;
+            }
+            epsNone!.CopyFrom(y.Value);
+            tape.Reset();
+            y = model.Forward(tape, tape.Constant(x), tape.Constant(t), tape.Constant(cond));
+            // eps_none + w·(eps_cond - eps_none) = w·eps_cond + (1 - w)·eps_none.
+            Elementwise.Combine(y.Value, wCond!, epsNone, wNone!, eps);
             tape.Reset();
         }, onStep);
     }

@@ -38,6 +38,10 @@ public sealed record TrainOptions
     /// <summary>Seed of the weights, the shuffling, the timesteps and the noise.</summary>
     public ulong Seed { get; init; }
 
+    /// <summary>0 for the unconditional model, 10 for the class-conditional one (trained on the digits' labels,
+    /// each dropped to "no label" with probability <see cref="Trainer.LabelDropProbability"/>).</summary>
+    public int Classes { get; init; }
+
     /// <summary>
     /// What is wrong with these options, as (metadata key, flag, problem) triples; empty when they
     /// make a valid run. The one place the ranges live: the command line reports a problem by its
@@ -77,6 +81,10 @@ public sealed record TrainOptions
         {
             yield return ("ema", "--ema", $"{EmaDecay.ToString(CultureInfo.InvariantCulture)} must be in [0, 1) (0: off)");
         }
+        if (Classes is not (0 or Checkpoint.ConditionalClasses))
+        {
+            yield return (Checkpoint.ClassesKey, "--classes", $"{Classes} must be 0 (unconditional) or {Checkpoint.ConditionalClasses}");
+        }
         if (!(Clip >= 0) || !float.IsFinite(Clip))
         {
             yield return ("clip", "--clip", $"{Clip.ToString(CultureInfo.InvariantCulture)} must be a finite number, 0 or more (0: off)");
@@ -99,6 +107,7 @@ public sealed record TrainOptions
         ["ema"] = EmaDecay.ToString("R", CultureInfo.InvariantCulture),
         ["clip"] = Clip.ToString("R", CultureInfo.InvariantCulture),
         ["seed"] = Seed.ToString(CultureInfo.InvariantCulture),
+        [Checkpoint.ClassesKey] = Classes.ToString(CultureInfo.InvariantCulture),
     };
 
     /// <summary>Options read back from checkpoint metadata; a missing or malformed key is an error naming it.</summary>
@@ -119,6 +128,8 @@ public sealed record TrainOptions
             EmaDecay = Parse<float>("ema"),
             Clip = Parse<float>("clip"),
             Seed = Parse<ulong>("seed"),
+            // Runs from before conditioning existed have no key: they are unconditional.
+            Classes = m.ContainsKey(Checkpoint.ClassesKey) ? Parse<int>(Checkpoint.ClassesKey) : 0,
         };
         foreach (var (key, _, problem) in options.Problems())
         {
@@ -144,10 +155,14 @@ public sealed class TrainingDivergedException(string message) : Exception(messag
 /// </summary>
 public sealed class Trainer : IDisposable
 {
-    private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3;
+    private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3, LabelDropStream = 4;
+
+    /// <summary>The chance that a conditional run trains a digit as "no label" (classifier-free guidance's dropout).</summary>
+    public const float LabelDropProbability = 0.1f;
+
     private readonly MnistSet _data;
-    private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t;
-    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLoss = new float[1], _hostFlag = new float[1];
+    private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t, _labels;
+    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLabels, _hostLoss = new float[1], _hostFlag = new float[1];
     private readonly Tensor _flag;
     private readonly List<string> _changes = [];
     private readonly Tape _tape;
@@ -165,11 +180,15 @@ public sealed class Trainer : IDisposable
         {
             throw new UsageException($"--batch {options.Batch} is more than the {data.Count} training images");
         }
+        if (options.Classes > 0 && data.Labels.Length < data.Count)
+        {
+            throw new UsageException($"--classes {options.Classes} needs a label for every training image; the data set has {data.Labels.Length} for {data.Count}");
+        }
         Options = options;
         _data = data;
         Device = device;
         Schedule = NoiseSchedule.ByName(options.Schedule, options.DiffusionSteps);
-        Model = new UNet(Presets.Channels(options.Preset), device, options.Seed);
+        Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes);
         Adam = new Adam(Model.Parameters, options.Lr);
         Ema = options.EmaDecay > 0 ? new Ema(Model.Parameters, options.EmaDecay) : null;
         int b = options.Batch;
@@ -179,10 +198,11 @@ public sealed class Trainer : IDisposable
         _ca = Tensor.Empty(device, b);
         _cb = Tensor.Empty(device, b);
         _t = Tensor.Empty(device, b);
+        _labels = Tensor.Empty(device, b);
         _flag = Tensor.Empty(device, 1);
         _tape = new Tape(device);
         _hostBatch = new float[b * MnistSet.Pixels];
-        (_hostCa, _hostCb, _hostT) = (new float[b], new float[b], new float[b]);
+        (_hostCa, _hostCb, _hostT, _hostLabels) = (new float[b], new float[b], new float[b], new float[b]);
     }
 
     /// <summary>The run's options.</summary>
@@ -254,9 +274,19 @@ public sealed class Trainer : IDisposable
             _hostT[n] = t;
             _hostCa[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
             _hostCb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+            if (Options.Classes > 0)
+            {
+                // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
+                bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)(Step * b + n)) < LabelDropProbability;
+                _hostLabels[n] = drop ? Model.NullLabel : _data.Labels[order[j * b + n]];
+            }
         }
         _x0.CopyFrom(_hostBatch);
         _t.CopyFrom(_hostT);
+        if (Options.Classes > 0)
+        {
+            _labels.CopyFrom(_hostLabels);
+        }
         _ca.CopyFrom(_hostCa);
         _cb.CopyFrom(_hostCb);
         RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), (ulong)Step * (ulong)_eps.Length);
@@ -269,7 +299,7 @@ public sealed class Trainer : IDisposable
         float loss;
         try
         {
-            var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t));
+            var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
             var l = _tape.MseLoss(pred, _tape.Constant(_eps));
             l.Value.CopyTo(_hostLoss);
             loss = _hostLoss[0];
@@ -369,7 +399,7 @@ public sealed class Trainer : IDisposable
     /// weights, Adam, EMA, step and skipped count. <paramref name="change"/> may change what can
     /// change mid-run (epochs, step cap, learning rate, clipping, EMA decay); each change is
     /// recorded in <see cref="Changes"/> and so in the next checkpoint's metadata. What would
-    /// break the run's exactness (preset, batch, seed, schedule, T) is refused, as is a data set
+    /// break the run's exactness (preset, batch, seed, classes, schedule, T) is refused, as is a data set
     /// that gives another number of steps an epoch.
     /// </summary>
     public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? change = null)
@@ -396,6 +426,7 @@ public sealed class Trainer : IDisposable
         foreach (var (name, was, now) in new[]
         {
             ("--preset", saved.Preset, options.Preset), ("--batch", Text(saved.Batch), Text(options.Batch)), ("--seed", Text(saved.Seed), Text(options.Seed)),
+            ("--classes", Text(saved.Classes), Text(options.Classes)),
             ("--schedule", saved.Schedule, options.Schedule), ("T", Text(saved.DiffusionSteps), Text(options.DiffusionSteps)),
         })
         {
@@ -455,7 +486,7 @@ public sealed class Trainer : IDisposable
     public void Dispose()
     {
         _tape.Dispose();
-        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _flag })
+        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _labels, _flag })
         {
             t.Dispose();
         }

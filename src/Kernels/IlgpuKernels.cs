@@ -26,6 +26,7 @@ public sealed class IlgpuKernels
         Concat = new Concat.Gpu(this);
         Reduce = new Reduce.Gpu(this);
         TimeEmbedding = new TimeEmbedding.Gpu(this);
+        Embedding = new Embedding.Gpu(this);
         Optim = new Optim.Gpu(this);
         Random = new RandomFill.Gpu(this);
     }
@@ -47,6 +48,7 @@ public sealed class IlgpuKernels
     internal Concat.Gpu Concat { get; }
     internal Reduce.Gpu Reduce { get; }
     internal TimeEmbedding.Gpu TimeEmbedding { get; }
+    internal Embedding.Gpu Embedding { get; }
     internal Optim.Gpu Optim { get; }
     internal RandomFill.Gpu Random { get; }
 

@@ -14,6 +14,12 @@ public static class Checkpoint
     /// <summary>Metadata key of the base width.</summary>
     public const string ChannelsKey = "channels";
 
+    /// <summary>Metadata key of the class count of a class-conditional model (absent or "0": unconditional).</summary>
+    public const string ClassesKey = "classes";
+
+    /// <summary>The class count of every conditional model the engine builds (MNIST's digits; label 10 = none).</summary>
+    public const int ConditionalClasses = 10;
+
     /// <summary>Metadata key of Adam's step count.</summary>
     public const string AdamStepKey = "adam.step";
 
@@ -32,6 +38,10 @@ public static class Checkpoint
             ["preset"] = Presets.NameOf(model.Channels) ?? "custom",
             ["format"] = "ddpm-unet-v1",
         };
+        if (model.Classes > 0)
+        {
+            meta[ClassesKey] = model.Classes.ToString(CultureInfo.InvariantCulture);
+        }
         if (adam is not null)
         {
             for (int i = 0; i < ps.Count; i++)
@@ -66,16 +76,17 @@ public static class Checkpoint
     /// <summary>Metadata key of the steps the optimizer skipped because the loss or a gradient was not finite.</summary>
     public const string SkippedKey = "skipped";
 
-    private static readonly System.Collections.Concurrent.ConcurrentDictionary<int, IReadOnlyList<(string Name, int[] Shape)>> Layouts = new();
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int, int), IReadOnlyList<(string Name, int[] Shape)>> Layouts = new();
 
     /// <summary>
     /// Every parameter's name and shape for a U-Net of width <paramref name="ch"/>, in parameter
-    /// order. Only the presets' widths are ever asked for, so a hostile file cannot make it build
-    /// a huge model.
+    /// order; with <paramref name="classes"/> &gt; 0 the class-conditional one. Only the presets' widths
+    /// (and 0 or <see cref="ConditionalClasses"/> classes) are ever asked for, so a hostile file cannot
+    /// make it build a huge model.
     /// </summary>
-    public static IReadOnlyList<(string Name, int[] Shape)> Layout(int ch) => Layouts.GetOrAdd(ch, static c =>
+    public static IReadOnlyList<(string Name, int[] Shape)> Layout(int ch, int classes = 0) => Layouts.GetOrAdd((ch, classes), static key =>
     {
-        var model = new UNet(c, CpuDevice.Instance);
+        var model = new UNet(key.Item1, CpuDevice.Instance, classes: key.Item2);
         var layout = model.Parameters.Select(p => (p.Name, p.Shape)).ToArray();
         foreach (var p in model.Parameters)
         {
@@ -124,7 +135,20 @@ public static class Checkpoint
             throw Bad($"metadata 'format' = '{format}' is not ddpm-unet-v1");
         }
 
-        var layout = Layout(ch);
+        // A label embedding makes it the conditional layout; its shape is then checked against that layout's
+        // [11, 4ch] like every other tensor, and the metadata's class count must agree.
+        int classes = file.Entries.ContainsKey("label_emb.weight") ? ConditionalClasses : 0;
+        if (meta.TryGetValue(ClassesKey, out var classesText) && classesText != classes.ToString(CultureInfo.InvariantCulture))
+        {
+            throw Bad(classes == 0
+                ? $"metadata '{ClassesKey}' = '{classesText}' but there is no label_emb.weight (an unconditional model)"
+                : $"metadata '{ClassesKey}' = '{classesText}' but label_emb.weight makes it a {classes}-class model");
+        }
+        if (classes > 0)
+        {
+            preset += $" conditional ({classes} classes)";
+        }
+        var layout = Layout(ch, classes);
         var shapes = layout.ToDictionary(p => p.Name, p => p.Shape);
         int adamM = 0, adamV = 0, emaCount = 0;
         foreach (var (name, entry) in file.Entries)
@@ -223,7 +247,7 @@ public static class Checkpoint
         {
             throw Bad($"metadata 'schedule' = '{schedule}' is not linear or cosine");
         }
-        return new CheckpointInfo(file, ch, preset, hasAdam, hasEma);
+        return new CheckpointInfo(file, ch, Presets.NameOf(ch)!, hasAdam, hasEma, classes);
     }
 
     /// <summary>
@@ -243,6 +267,12 @@ public static class Checkpoint
         {
             throw new CheckpointException(
                 $"{path}: holds a ch={info.Channels} model ({info.Preset}), not ch={model.Channels} ({Presets.NameOf(model.Channels) ?? "custom"})");
+        }
+        if (info.Classes != model.Classes)
+        {
+            throw new CheckpointException(info.Classes == 0
+                ? $"{path}: holds an unconditional model, not a {model.Classes}-class one"
+                : $"{path}: holds a {info.Classes}-class conditional model, not {(model.Classes == 0 ? "an unconditional one" : $"a {model.Classes}-class one")}");
         }
         if (adam is not null && !info.HasAdam)
         {
@@ -279,8 +309,9 @@ public static class Checkpoint
     public static bool HasEma(SafeTensorsFile file) => Inspect(file).HasEma;
 }
 
-/// <summary>A checkpoint that passed <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>: its file, width, preset and what it holds.</summary>
-public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma)
+/// <summary>A checkpoint that passed <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>: its file, width, preset, what it holds,
+/// and its class count (0: unconditional).</summary>
+public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma, int Classes = 0)
 {
     /// <summary>The file's name, as used in messages.</summary>
     public string Path => File.Label;

@@ -31,6 +31,19 @@ public sealed class ParameterFactory(Device device, ulong seed)
         return Add(name, host, shape);
     }
 
+    /// <summary>A parameter drawn from N(0, 1) (torch.nn.Embedding's initialisation), by Box-Muller on the same Philox stream.</summary>
+    public Parameter Normal(string name, params int[] shape)
+    {
+        int n = shape.Aggregate(1, (a, b) => a * b);
+        var host = new float[n];
+        ulong offset = (ulong)_parameters.Count << 32;
+        for (int i = 0; i < n; i++)
+        {
+            host[i] = Philox.Normal(seed, offset + (ulong)i);
+        }
+        return Add(name, host, shape);
+    }
+
     /// <summary>A parameter filled with <paramref name="value"/>.</summary>
     public Parameter Constant(string name, float value, params int[] shape)
     {

@@ -32,6 +32,7 @@ public sealed class Tape : IDisposable
     private readonly Records<ConcatRecord> _concat = new();
     private readonly Records<AddRecord> _add = new();
     private readonly Records<MseRecord> _mse = new();
+    private readonly Records<EmbeddingRecord> _embedding = new();
     private readonly RecordList[] _allRecords;
     private readonly List<Var> _owned = [];
     private readonly List<Var> _constants = [];
@@ -49,7 +50,7 @@ public sealed class Tape : IDisposable
     {
         Device = device;
         Recording = recording;
-        _allRecords = [_conv2d, _groupNorm, _silu, _upsample, _linear, _concat, _add, _mse];
+        _allRecords = [_conv2d, _groupNorm, _silu, _upsample, _linear, _concat, _add, _mse, _embedding];
     }
 
     /// <summary>A tape that records nothing (sampling, evaluation): no gradient, nothing kept for backward.</summary>
@@ -218,6 +219,25 @@ public sealed class Tape : IDisposable
         var y = Make([1], pred, target);
         Reduce.Mse(pred.Value, target.Value, y.Value);
         Record(_mse, new MseRecord(y, pred, target));
+        return y;
+    }
+
+    /// <summary>
+    /// Embedding lookup (torch.nn.Embedding): y[n] = table[labels[n]] for labels [N] (integers as
+    /// floats) and table [R, D] → [N, D], as a one-hot [N, R] times the table. dtable += one-hotᵀ·dy
+    /// (the GEMM sums each row's batch entries in a fixed order: deterministic); labels get no gradient.
+    /// </summary>
+    public Var Embedding(Var labels, Var table)
+    {
+        using var timer = Profile?.Time("embedding", Device) ?? default;
+        var oneHot = NewTensor([labels.Shape[0], table.Shape[0]]);
+        Kernels.Embedding.OneHot(labels.Value, oneHot);
+        var y = Make([labels.Shape[0], table.Shape[1]], table);
+        Kernels.Embedding.Forward(oneHot, table.Value, y.Value);
+        if (!Record(_embedding, new EmbeddingRecord(y, table, oneHot)))
+        {
+            oneHot.Dispose();
+        }
         return y;
     }
 
@@ -474,6 +494,28 @@ public sealed class Tape : IDisposable
         public void Discard()
         {
         }
+    }
+
+    /// <summary>embedding: y = OneHot·Table. The rule reads only the saved one-hot matrix.</summary>
+    private readonly record struct EmbeddingRecord(Var Output, Var Table, Tensor OneHot) : IRecord
+    {
+        public string Op => "embedding.backward";
+
+        public void Backward(Tape tape, Tensor dy)
+        {
+            if (Table.RequiresGrad)
+            {
+                Kernels.Embedding.Backward(OneHot, dy, tape.GradOf(Table, GradWrite.Add, out _));
+            }
+        }
+
+        public void Hold()
+        {
+        }
+
+        public void Unhold() => Discard();
+
+        public void Discard() => OneHot.Dispose();
     }
 
     /// <summary>mse: loss = mean((Pred - Target)²). The rule reads Pred and Target.</summary>

@@ -6,7 +6,9 @@ namespace Ddpm.Nn;
 /// The model spec's U-Net, UNet(ch): 28×28 → 14×14 → 7×7 and back, channels (ch, 2ch, 4ch), one
 /// ResBlock per level, GroupNorm with 8 groups, SiLU everywhere, time embedding ch → 4ch → 4ch.
 /// Input x [N, 1, 28, 28] and timesteps t [N] (integers as floats); output the predicted noise
-/// [N, 1, 28, 28]. Parameter names and shapes are the PyTorch peer's.
+/// [N, 1, 28, 28]. Parameter names and shapes are the PyTorch peer's. The class-conditional variant
+/// (classes = 10) adds label_emb.weight [classes + 1, 4ch] after time_lin2 and takes labels [N]
+/// (0..classes-1, and classes itself for "no label", as classifier-free guidance needs).
 /// </summary>
 public sealed class UNet
 {
@@ -17,10 +19,16 @@ public sealed class UNet
     private readonly Conv2dLayer _convIn, _down0, _down1, _up1, _up0, _convOut;
     private readonly ResBlock _enc0, _enc1, _mid0, _mid1, _dec1, _dec0;
     private readonly GroupNormLayer _normOut;
+    private readonly Parameter? _labelEmb;
 
-    /// <summary>Builds the network on <paramref name="device"/> with PyTorch's default initialisation drawn from <paramref name="seed"/>.</summary>
-    public UNet(int ch, Device device, ulong seed = 0)
+    /// <summary>Builds the network on <paramref name="device"/> with PyTorch's default initialisation drawn from
+    /// <paramref name="seed"/>; <paramref name="classes"/> &gt; 0 makes it class-conditional.</summary>
+    public UNet(int ch, Device device, ulong seed = 0, int classes = 0)
     {
+        if (classes < 0)
+        {
+            throw new ArgumentException($"unet: classes {classes} must be 0 (unconditional) or positive");
+        }
         if (ch < Groups || ch % Groups != 0)
         {
             throw new ArgumentException($"unet: ch {ch} must be a multiple of {Groups} (GroupNorm groups)");
@@ -30,6 +38,9 @@ public sealed class UNet
         int tdim = 4 * ch;
         _timeLin1 = new LinearLayer(f, "time_lin1", ch, tdim);
         _timeLin2 = new LinearLayer(f, "time_lin2", tdim, tdim);
+        // The peer's order: label_emb follows time_lin2 (it is made there in its __init__).
+        _labelEmb = classes > 0 ? f.Normal("label_emb.weight", classes + 1, tdim) : null;
+        Classes = classes;
         _convIn = new Conv2dLayer(f, "conv_in", 1, ch, 3);
         _enc0 = new ResBlock(f, "enc0", ch, ch, tdim, Groups);
         _down0 = new Conv2dLayer(f, "down0.conv", ch, ch, 3, stride: 2, pad: 1);
@@ -50,6 +61,12 @@ public sealed class UNet
     /// <summary>The base width ch.</summary>
     public int Channels { get; }
 
+    /// <summary>Number of classes of a class-conditional model (label <see cref="Classes"/> means none); 0 when unconditional.</summary>
+    public int Classes { get; }
+
+    /// <summary>The label that means "no label" (classifier-free guidance's unconditional branch).</summary>
+    public int NullLabel => Classes;
+
     /// <summary>The device the parameters live on.</summary>
     public Device Device { get; }
 
@@ -63,10 +80,20 @@ public sealed class UNet
     public Parameter this[string name] => Parameters.FirstOrDefault(p => p.Name == name)
         ?? throw new KeyNotFoundException($"unet has no parameter '{name}'");
 
-    /// <summary>eps_theta(x, t).</summary>
-    public Var Forward(Tape g, Var x, Var t)
+    /// <summary>eps_theta(x, t), or eps_theta(x, t, y) with <paramref name="labels"/> [N] on a class-conditional model.</summary>
+    public Var Forward(Tape g, Var x, Var t, Var? labels = null)
     {
+        if ((labels is null) != (_labelEmb is null))
+        {
+            throw new ArgumentException(_labelEmb is null
+                ? "unet: labels given to an unconditional model"
+                : $"unet: a class-conditional model needs labels (0..{Classes}; {Classes} = none)");
+        }
         var temb = _timeLin2.Forward(g, g.Silu(_timeLin1.Forward(g, g.TimeEmbedding(t, Channels))));
+        if (labels is not null)
+        {
+            temb = g.Add(temb, g.Embedding(labels, _labelEmb!));
+        }
         var st = g.Silu(temb);
         var h = _convIn.Forward(g, x);
         var s0 = _enc0.Forward(g, h, st);

@@ -44,6 +44,7 @@ public static class Checker
                 InputFill.Positive => 0.5f + (float)rng.NextDouble(),
                 InputFill.Timesteps => rng.Next(0, 300),
                 InputFill.Uniform => (float)rng.NextDouble(),
+                InputFill.Labels => rng.Next(0, 11),
                 _ => Gaussian(rng),
             };
         }

@@ -14,6 +14,8 @@ public enum InputFill
     Timesteps,
     /// <summary>Uniform in [0, 1).</summary>
     Uniform,
+    /// <summary>Class labels 0..10 held as floats (10: no label).</summary>
+    Labels,
 }
 
 /// <summary>One input of an op case: its name, shape, fill, and whether the gradient check differentiates it.</summary>

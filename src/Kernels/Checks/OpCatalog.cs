@@ -175,6 +175,18 @@ public static class OpCatalog
         },
         new OpCase
         {
+            Name = "label embedding (one-hot x table)",
+            // Seven labels over eleven rows: some rows are hit twice, some never (their gradient stays zero).
+            Inputs = [new("labels", [7], InputFill.Labels, Differentiable: false), new("table", [11, 6])],
+            Forward = (s, x) =>
+            {
+                var h = Run(s.Output(7, 11), h => Embedding.OneHot(x[0], h));
+                return [Run(s.Output(7, 6), y => Embedding.Forward(h, x[1], y)), h];
+            },
+            Backward = (s, x, y, dy, d) => Embedding.Backward(y[1], dy, d[1]!),
+        },
+        new OpCase
+        {
             Name = "adam step",
             Inputs = [new("p", [3, 5, 7]), new("g", [3, 5, 7]), new("m", [3, 5, 7]), new("v", [3, 5, 7], InputFill.Positive)],
             Forward = (s, x) =>
