@@ -44,6 +44,7 @@ public static class Checker
                 InputFill.Positive => 0.5f + (float)rng.NextDouble(),
                 InputFill.Timesteps => rng.Next(0, 300),
                 InputFill.Uniform => (float)rng.NextDouble(),
+                InputFill.Digits => rng.Next(0, 10),
                 _ => Gaussian(rng),
             };
         }
