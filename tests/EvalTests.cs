@@ -1,3 +1,4 @@
+using Ddpm.Cli;
 using Ddpm.Diffusion;
 using Ddpm.Nn;
 using Ddpm.Tensors;
@@ -128,5 +129,55 @@ public sealed class EvalTests
         {
             File.Delete(path);
         }
+    }
+}
+
+/// <summary><c>ddpm eval</c>'s refusals, all before any classifier is trained or MNIST is read (CI has neither).
+/// Serial with the other CLI tests: they swap the process's console writers.</summary>
+[Collection(CliCollection.Name)]
+public sealed class EvalCliTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("ddpm-eval").FullName;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private static void OneLine((int Code, string Err, string Out) r, int code, string contains)
+    {
+        Assert.Equal(code, r.Code);
+        Assert.Single(r.Err.Split('\n', StringSplitOptions.RemoveEmptyEntries), l => l.StartsWith("ddpm: ", StringComparison.Ordinal));
+        Assert.Contains(contains, r.Err);
+        Assert.Equal("", r.Out);
+    }
+
+    private string Idx(int count, int side)
+    {
+        var bytes = new byte[16 + count * side * side];
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes, 0x00000803);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(4), count);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(8), side);
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(12), side);
+        string path = Path.Combine(_dir, $"s{count}x{side}-idx3-ubyte");
+        File.WriteAllBytes(path, bytes);
+        return path;
+    }
+
+    [Fact]
+    public void MissingSamplesFileIsNamed()
+    {
+        string path = Path.Combine(_dir, "nothing-idx3-ubyte");
+        OneLine(CliTests.Run("eval", "--samples", path, "--classifier", Path.Combine(_dir, "c.safetensors")), ExitCodes.Failure, "nothing-idx3-ubyte");
+    }
+
+    [Fact]
+    public void SamplesOfAnotherSizeAreRefused() =>
+        OneLine(CliTests.Run("eval", "--samples", Idx(3, 7), "--classifier", Path.Combine(_dir, "c.safetensors")), ExitCodes.Failure, "expected at least 2 of 28x28");
+
+    [Fact]
+    public void ABrokenClassifierIsRefusedNotRetrained()
+    {
+        string classifier = Path.Combine(_dir, "classifier.safetensors");
+        File.WriteAllBytes(classifier, new byte[64]);
+        OneLine(CliTests.Run("eval", "--samples", Idx(4, 28), "--classifier", classifier, "--device", "cpu"), ExitCodes.Failure, "classifier.safetensors");
+        Assert.Equal(64, new FileInfo(classifier).Length);
     }
 }
