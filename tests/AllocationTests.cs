@@ -41,6 +41,31 @@ public sealed class AllocationTests
         Assert.Equal(systemAllocations, device.Stats.SystemAllocations);
     }
 
+    /// <summary>The classifier's training step (softmax cross-entropy on the tape, shifted images, Adam) allocates no
+    /// managed memory and rents no new device memory after its first steps, as the diffusion step.</summary>
+    [Fact]
+    public void ClassifierTrainingStepAllocatesNothingAfterTheFirst()
+    {
+        using var device = new CpuDevice();
+        var pixels = new byte[32 * 64];
+        new Random(4).NextBytes(pixels);
+        var data = new LabeledImages(pixels, [.. Enumerable.Range(0, 32).Select(i => (byte)(i % 3))], 32, 8);
+        using var model = new Classifier(device, seed: 1, width: 4, classes: 3, side: 8);
+        using var trainer = new ClassifierTrainer(model, batch: 8, seed: 2, maxShift: 1);
+        int[] order = [.. Enumerable.Range(0, 32)];
+        trainer.Step(data, order, 0);
+        trainer.Step(data, order, 8);
+        long systemAllocations = device.Stats.SystemAllocations;
+        long before = GC.GetAllocatedBytesForCurrentThread();
+        for (int i = 0; i < 5; i++)
+        {
+            trainer.Step(data, order, 8 * (i % 4));
+        }
+        long bytes = GC.GetAllocatedBytesForCurrentThread() - before;
+        Assert.Equal(0, bytes);
+        Assert.Equal(systemAllocations, device.Stats.SystemAllocations);
+    }
+
     /// <summary>A tape reset and used again computes what a new tape does, bit for bit (its recycled Var and Tensor
     /// objects carry nothing over).</summary>
     [Fact]

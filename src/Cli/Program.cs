@@ -5,7 +5,7 @@ using Ddpm.Tensors;
 
 namespace Ddpm.Cli;
 
-/// <summary>The <c>ddpm</c> command line: train, sample, bench, info, check.</summary>
+/// <summary>The <c>ddpm</c> command line: train, sample, eval, bench, info, check.</summary>
 public static class Program
 {
     /// <summary>Entry point: parses the command and runs it. Bad input is one line on stderr and a non-zero exit.</summary>
@@ -18,6 +18,7 @@ public static class Program
             BenchCommand.Build(),
             InfoCommand(),
             CheckCommand.Build(),
+            EvalCommand.Build(),
         };
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)

@@ -10,6 +10,9 @@ namespace Ddpm.Kernels;
 ///   mean: out = Σ x / n                  backward dx += dOut / n
 ///   sum of squares: out = Σ x²           (gradient-norm clipping; no backward needed)
 ///   mse:  out = Σ (pred - target)² / n   backward dpred += dOut·2(pred - target)/n
+///   softmax cross-entropy over rows of logits z [N, K] with integer labels y [N] (held as floats):
+///         out = (1/N) Σ_n (logsumexp_k z[n,k] - z[n,y_n])
+///         backward dz[n,k] += dOut·(softmax(z[n])_k - [k = y_n])/N
 /// Results are deterministic on every backend: a fixed split into partial sums, then one ordered
 /// sum. Versions: CPU partial sums in double over chunks on the cores; ILGPU v1, 256 strided
 /// partial sums (one thread each), then one thread adds them.
@@ -119,6 +122,109 @@ public static class Reduce
         });
     }
 
+    /// <summary>
+    /// out[0] = (1/N) Σ_n (log Σ_k exp z[n,k] - z[n, y_n]) for logits z [N, K] (any shape whose first dimension is
+    /// N: K = length/N, so a [N, K, 1, 1] convolution output works as is) and labels y [N] holding integers
+    /// 0..K-1 as floats. A label outside 0..K-1 makes its row's loss NaN (so the non-finite checks catch it)
+    /// rather than reading out of bounds. Per row max-shifted, so large logits do not overflow.
+    /// </summary>
+    public static void SoftmaxCrossEntropy(Tensor logits, Tensor labels, Tensor output)
+    {
+        int n = CrossEntropyRows("softmax cross-entropy", logits, labels);
+        Check.Shape("softmax cross-entropy", "output", output, 1);
+        Check.Devices("softmax cross-entropy", logits, labels, output);
+        int k = logits.Length / n;
+        if (logits.Device.IsIlgpu)
+        {
+            var kk = IlgpuKernels.For(logits);
+            using var rows = kk.Scratch(n);
+            kk.Reduce.CrossEntropyRows(kk.Stream, n, logits.View, labels.View, rows.View, k);
+            kk.Reduce.Finish(kk.Stream, 1, rows.View, output.View, 1f / n);
+            return;
+        }
+        var z = logits.HostArray;
+        var y = labels.HostArray;
+        // Rows in order in double: deterministic, and N·K is small next to the network that made the logits.
+        double total = 0;
+        for (int row = 0; row < n; row++)
+        {
+            total += RowLoss(z, row * k, k, y[row]);
+        }
+        output.HostArray[0] = (float)(total / n);
+    }
+
+    /// <summary>dz[n,k] += dOut[0]·(softmax(z[n])_k - [k = y_n])/N.</summary>
+    public static void SoftmaxCrossEntropyBackward(Tensor dOut, Tensor logits, Tensor labels, Tensor dLogits)
+    {
+        int n = CrossEntropyRows("softmax cross-entropy backward", logits, labels);
+        Check.Shape("softmax cross-entropy backward", "dOut", dOut, 1);
+        Check.Shape("softmax cross-entropy backward", "dLogits", dLogits, logits.Shape);
+        Check.Devices("softmax cross-entropy backward", dOut, logits, labels, dLogits);
+        int k = logits.Length / n;
+        if (logits.Device.IsIlgpu)
+        {
+            var kk = IlgpuKernels.For(logits);
+            kk.Reduce.CrossEntropyBackward(kk.Stream, n, dOut.View, logits.View, labels.View, dLogits.View, k, 1f / n);
+            return;
+        }
+        float scale = dOut.HostArray[0] / n;
+        var z = logits.HostArray;
+        var y = labels.HostArray;
+        var d = dLogits.HostArray;
+        for (int row = 0; row < n; row++)
+        {
+            int first = row * k;
+            float max = z[first];
+            for (int j = 1; j < k; j++)
+            {
+                max = MathF.Max(max, z[first + j]);
+            }
+            float sum = 0;
+            for (int j = 0; j < k; j++)
+            {
+                sum += MathF.Exp(z[first + j] - max);
+            }
+            int label = (int)y[row];
+            for (int j = 0; j < k; j++)
+            {
+                float p = MathF.Exp(z[first + j] - max) / sum;
+                d[first + j] += scale * (p - (j == label ? 1f : 0f));
+            }
+        }
+    }
+
+    private static int CrossEntropyRows(string op, Tensor logits, Tensor labels)
+    {
+        if (logits.Rank < 2)
+        {
+            throw new ArgumentException($"{op}: logits are {logits.ShapeText}, expected [N, K]");
+        }
+        int n = logits.Dim(0);
+        Check.Shape(op, "labels", labels, n);
+        return n;
+    }
+
+    // Row loss logsumexp(z) - z[label], max-shifted; NaN for a label outside 0..K-1. The CPU twin of the kernel below.
+    private static double RowLoss(float[] z, int first, int k, float labelValue)
+    {
+        int label = (int)labelValue;
+        if (!(labelValue >= 0 && labelValue < k) || label != labelValue)
+        {
+            return double.NaN;
+        }
+        float max = z[first];
+        for (int j = 1; j < k; j++)
+        {
+            max = MathF.Max(max, z[first + j]);
+        }
+        float sum = 0;
+        for (int j = 0; j < k; j++)
+        {
+            sum += MathF.Exp(z[first + j] - max);
+        }
+        return MathF.Log(sum) + max - z[first + label];
+    }
+
     private enum Mode
     {
         Identity = 0,
@@ -198,6 +304,54 @@ public static class Reduce
         ArrayView<float> dPred, float scale) =>
         dPred[i] += dOut[0] * scale * (pred[i] - target[i]);
 
+    // row over [N]: that row's loss logsumexp(z[row]) - z[row, label] into rows[row]; FinishKernel then averages them.
+    internal static void CrossEntropyRowsKernel(Index1D row, ArrayView<float> z, ArrayView<float> labels, ArrayView<float> rows, int k)
+    {
+        float labelValue = labels[row];
+        int label = (int)labelValue;
+        if (!(labelValue >= 0 && labelValue < k) || label != labelValue)
+        {
+            rows[row] = float.NaN;
+            return;
+        }
+        int first = row * k;
+        float max = z[first];
+        for (int j = 1; j < k; j++)
+        {
+            max = MathF.Max(max, z[first + j]);
+        }
+        float sum = 0;
+        for (int j = 0; j < k; j++)
+        {
+            sum += MathF.Exp(z[first + j] - max);
+        }
+        rows[row] = MathF.Log(sum) + max - z[first + label];
+    }
+
+    // row over [N]: dz[row, j] += dOut·(softmax_j - [j = label])·scale, scale = 1/N.
+    internal static void CrossEntropyBackwardKernel(Index1D row, ArrayView<float> dOut, ArrayView<float> z, ArrayView<float> labels,
+        ArrayView<float> dz, int k, float scale)
+    {
+        int first = row * k;
+        float max = z[first];
+        for (int j = 1; j < k; j++)
+        {
+            max = MathF.Max(max, z[first + j]);
+        }
+        float sum = 0;
+        for (int j = 0; j < k; j++)
+        {
+            sum += MathF.Exp(z[first + j] - max);
+        }
+        float s = dOut[0] * scale;
+        int label = (int)labels[row];
+        for (int j = 0; j < k; j++)
+        {
+            float p = MathF.Exp(z[first + j] - max) / sum;
+            dz[first + j] += s * (p - (j == label ? 1f : 0f));
+        }
+    }
+
     // i over x: every thread that sees a non-finite value lowers the flag to id. Launches for lower ids ran
     // earlier on the same stream, so the flag ends as the lowest id; writers within a launch write the same value.
     internal static void FlagNonFiniteKernel(Index1D i, ArrayView<float> x, ArrayView<float> flag, int id)
@@ -222,6 +376,13 @@ public static class Reduce
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float> Broadcast =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, float>>(BroadcastKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int> CrossEntropyRows =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, int>>(CrossEntropyRowsKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, float>
+            CrossEntropyBackward = k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+                ArrayView<float>, int, float>>(CrossEntropyBackwardKernel);
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float> MseBackward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float>>(MseBackwardKernel);

@@ -33,6 +33,7 @@ public sealed class Tape : IDisposable
     private readonly Records<AddRecord> _add = new();
     private readonly Records<MseRecord> _mse = new();
     private readonly Records<EmbeddingRecord> _embedding = new();
+    private readonly Records<CrossEntropyRecord> _crossEntropy = new();
     private readonly RecordList[] _allRecords;
     private readonly List<Var> _owned = [];
     private readonly List<Var> _constants = [];
@@ -50,7 +51,7 @@ public sealed class Tape : IDisposable
     {
         Device = device;
         Recording = recording;
-        _allRecords = [_conv2d, _groupNorm, _silu, _upsample, _linear, _concat, _add, _mse, _embedding];
+        _allRecords = [_conv2d, _groupNorm, _silu, _upsample, _linear, _concat, _add, _mse, _embedding, _crossEntropy];
     }
 
     /// <summary>A tape that records nothing (sampling, evaluation): no gradient, nothing kept for backward.</summary>
@@ -238,6 +239,18 @@ public sealed class Tape : IDisposable
         {
             oneHot.Dispose();
         }
+        return y;
+    }
+
+    /// <summary>loss = (1/N) Σ_n (logsumexp(logits[n]) - logits[n, labels[n]]), a [1] tensor, for logits [N, K] (or
+    /// [N, K, 1, 1]) and integer labels [N] held as floats. dlogits = dloss·(softmax(logits) - onehot(labels))/N; the
+    /// labels get no gradient.</summary>
+    public Var SoftmaxCrossEntropy(Var logits, Var labels)
+    {
+        using var timer = Profile?.Time("softmax_ce", Device) ?? default;
+        var y = Make([1], logits);
+        Reduce.SoftmaxCrossEntropy(logits.Value, labels.Value, y.Value);
+        Record(_crossEntropy, new CrossEntropyRecord(y, logits, labels));
         return y;
     }
 
@@ -548,6 +561,31 @@ public sealed class Tape : IDisposable
         {
             Give(Pred);
             Give(Target);
+        }
+
+        public void Discard()
+        {
+        }
+    }
+
+    /// <summary>softmax cross-entropy: loss = mean_n (logsumexp(Logits[n]) - Logits[n, Labels[n]]). The rule reads both.</summary>
+    private readonly record struct CrossEntropyRecord(Var Output, Var Logits, Var Labels) : IRecord
+    {
+        public string Op => "softmax_ce.backward";
+
+        public void Backward(Tape tape, Tensor dy) =>
+            Reduce.SoftmaxCrossEntropyBackward(dy, Logits.Value, Labels.Value, tape.GradOf(Logits, GradWrite.Add, out _));
+
+        public void Hold()
+        {
+            Logits.PendingUses++;
+            Labels.PendingUses++;
+        }
+
+        public void Unhold()
+        {
+            Give(Logits);
+            Give(Labels);
         }
 
         public void Discard()

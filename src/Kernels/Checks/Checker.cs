@@ -45,6 +45,7 @@ public static class Checker
                 InputFill.Timesteps => rng.Next(0, 300),
                 InputFill.Uniform => (float)rng.NextDouble(),
                 InputFill.Labels => rng.Next(0, 11),
+                InputFill.Digits => rng.Next(0, 10),
                 _ => Gaussian(rng),
             };
         }

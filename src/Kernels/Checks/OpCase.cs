@@ -3,7 +3,7 @@ using Ddpm.Tensors;
 namespace Ddpm.Kernels.Checks;
 
 /// <summary>How a case's input is filled: normal values, positive values (variances, scales),
-/// integer timesteps in 0..299, or uniform [0, 1).</summary>
+/// integer timesteps in 0..299, uniform [0, 1), or digit labels 0..9.</summary>
 public enum InputFill
 {
     /// <summary>Standard normal.</summary>
@@ -16,6 +16,8 @@ public enum InputFill
     Uniform,
     /// <summary>Class labels 0..10 held as floats (10: no label).</summary>
     Labels,
+    /// <summary>Integers 0..9 held as floats (class labels of a K ≥ 10 classifier).</summary>
+    Digits,
 }
 
 /// <summary>One input of an op case: its name, shape, fill, and whether the gradient check differentiates it.</summary>

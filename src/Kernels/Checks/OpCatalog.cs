@@ -130,6 +130,14 @@ public static class OpCatalog
         },
         new OpCase
         {
+            // K = 11 with labels 0..9: the last class is never a label, so a one-hot shifted by one class shows.
+            Name = "softmax cross-entropy",
+            Inputs = [new("logits", [7, 11]), new("labels", [7], InputFill.Digits, Differentiable: false)],
+            Forward = (s, x) => [Run(s.Output(1), y => Reduce.SoftmaxCrossEntropy(x[0], x[1], y))],
+            Backward = (s, x, y, dy, d) => Reduce.SoftmaxCrossEntropyBackward(dy, x[0], x[1], d[0]!),
+        },
+        new OpCase
+        {
             Name = "sum",
             Inputs = [new("x", [3, 5, 7, 9])],
             Forward = (s, x) => [Run(s.Output(1), y => Reduce.Sum(x[0], y))],
