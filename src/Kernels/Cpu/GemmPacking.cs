@@ -87,6 +87,27 @@ public static unsafe partial class Gemm
         }
     }
 
+    /// <summary>
+    /// What the register transposes of a transposed B leave: columns nFull..NR (past nr zeroed) over the first kFull
+    /// rows, then rows kFull..kc whole. Shared by the 16x16 (AVX-512) and 8x8 (AVX2) paths.
+    /// </summary>
+    private static void TransposedTails(float* b, int bCol, float* dst, int NR, int nr, int kc, int nFull, int kFull)
+    {
+        for (int j = nFull; j < NR; j++)
+        {
+            float* s = b + (long)j * bCol;
+            if (j < nr) for (int p = 0; p < kFull; p++) dst[p * NR + j] = s[p];
+            else for (int p = 0; p < kFull; p++) dst[p * NR + j] = 0f;
+        }
+        for (int p = kFull; p < kc; p++)
+        {
+            float* d = dst + p * NR;
+            int j = 0;
+            for (; j < nr; j++) d[j] = b[p + (long)j * bCol];
+            for (; j < NR; j++) d[j] = 0f;
+        }
+    }
+
     /// <summary>One B micro-panel [kc x nr] (nr &lt;= NR) into dst[p*NR + j], columns nr..NR zeroed.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void PackB<TK>(int kc, int nr, float* b, int bRow, int bCol, float* dst) where TK : struct, IMicroKernel
@@ -131,19 +152,7 @@ public static unsafe partial class Gemm
             for (int p0 = 0; p0 < kFull; p0 += 16)
                 for (int j0 = 0; j0 < nFull; j0 += 16)
                     Transpose16x16(b + (long)j0 * bCol + p0, bCol, dst + p0 * NR + j0, NR);
-            for (int j = nFull; j < NR; j++)
-            {
-                float* s = b + (long)j * bCol;
-                if (j < nr) for (int p = 0; p < kFull; p++) dst[p * NR + j] = s[p];
-                else for (int p = 0; p < kFull; p++) dst[p * NR + j] = 0f;
-            }
-            for (int p = kFull; p < kc; p++)
-            {
-                float* d = dst + p * NR;
-                int j = 0;
-                for (; j < nr; j++) d[j] = b[p + (long)j * bCol];
-                for (; j < NR; j++) d[j] = 0f;
-            }
+            TransposedTails(b, bCol, dst, NR, nr, kc, nFull, kFull);
         }
         else if (bRow == 1 && NR % 8 == 0 && Isa.Avx2)
         {
@@ -152,19 +161,7 @@ public static unsafe partial class Gemm
             for (int j0 = 0; j0 < nFull; j0 += 8)
                 for (int p0 = 0; p0 < kFull; p0 += 8)
                     Transpose8x8(new StridedRows(b + (long)j0 * bCol + p0, bCol), dst + p0 * NR + j0, NR);
-            for (int j = nFull; j < NR; j++)
-            {
-                float* s = b + (long)j * bCol;
-                if (j < nr) for (int p = 0; p < kFull; p++) dst[p * NR + j] = s[p];
-                else for (int p = 0; p < kFull; p++) dst[p * NR + j] = 0f;
-            }
-            for (int p = kFull; p < kc; p++)
-            {
-                float* d = dst + p * NR;
-                int j = 0;
-                for (; j < nr; j++) d[j] = b[p + (long)j * bCol];
-                for (; j < NR; j++) d[j] = 0f;
-            }
+            TransposedTails(b, bCol, dst, NR, nr, kc, nFull, kFull);
         }
         else if (bCol == 1 && NR % 4 == 0 && Isa.V128)
         {
