@@ -102,34 +102,26 @@ public static class Program
     /// <summary>Limits a numeric option to [min, max]; a value outside (NaN included) is a usage error naming the flag.</summary>
     public static Option<T> Within<T>(this Option<T> option, T min, T max) where T : struct, System.Numerics.INumber<T>
     {
-        option.Validators.Add(r =>
-        {
-            T v;
-            try
-            {
-                v = r.GetValueOrDefault<T>();
-            }
-            catch (InvalidOperationException)
-            {
-                return; // not a number at all: the parser reports that
-            }
-            if (!(v >= min && v <= max))
-            {
-                r.AddError($"{option.Name} {Text(v)}: must be {Range(min, max)}");
-            }
-        });
+        AddRange(option, r => r.GetValueOrDefault<T>(), min, max);
         return option;
     }
 
     /// <inheritdoc cref="Within{T}(Option{T}, T, T)"/>
     public static Option<T?> Within<T>(this Option<T?> option, T min, T max) where T : struct, System.Numerics.INumber<T>
     {
+        AddRange(option, r => r.GetValueOrDefault<T?>(), min, max);
+        return option;
+    }
+
+    private static void AddRange<T>(Option option, Func<System.CommandLine.Parsing.OptionResult, T?> read, T min, T max)
+        where T : struct, System.Numerics.INumber<T>
+    {
         option.Validators.Add(r =>
         {
             T? value;
             try
             {
-                value = r.GetValueOrDefault<T?>();
+                value = read(r);
             }
             catch (InvalidOperationException)
             {
@@ -140,7 +132,6 @@ public static class Program
                 r.AddError($"{option.Name} {Text(v)}: must be {Range(min, max)}");
             }
         });
-        return option;
     }
 
     private static string Text<T>(T v) where T : System.Numerics.INumber<T> => v.ToString(null, System.Globalization.CultureInfo.InvariantCulture);

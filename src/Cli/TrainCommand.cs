@@ -72,20 +72,21 @@ public static class TrainCommand
         {
             throw new ArgumentException($"--out {s.Out} already holds a run; pass --resume to continue it or --out DIR for a new one");
         }
+        CheckpointInfo? resumeFrom = null;
         if (s.Resume)
         {
             // Validate the whole checkpoint before the device, the data or the run folder is touched.
-            var info = Checkpoint.Inspect(checkpoint);
-            if (s.Preset is not null && s.Preset != info.Preset)
+            resumeFrom = Checkpoint.Inspect(checkpoint);
+            if (s.Preset is not null && s.Preset != resumeFrom.Preset)
             {
-                throw new UsageException($"--resume: {checkpoint} holds a {info.Preset} model, not {s.Preset}");
+                throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {s.Preset}");
             }
         }
         using var device = Program.OpenDevice(s.Device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
 
-        using var trainer = s.Resume
-            ? Trainer.Resume(device, checkpoint, mnist, o => o with
+        using var trainer = resumeFrom is not null
+            ? Trainer.Resume(device, resumeFrom, mnist, o => o with
             {
                 Preset = s.Preset ?? o.Preset,
                 Epochs = s.Epochs ?? o.Epochs,

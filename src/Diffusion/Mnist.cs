@@ -369,7 +369,7 @@ public static class Mnist
         {
             // "", NAME, PID, RANDOM, "part"; NAME has no dots.
             var parts = Path.GetFileName(path).Split('.');
-            if (parts.Length != 5 || !int.TryParse(parts[2], out int pid) || IsRunning(pid))
+            if (parts.Length != 5 || !int.TryParse(parts[2], out int pid) || Ddpm.Nn.Durable.IsProcessAlive(pid))
             {
                 continue;
             }
@@ -379,35 +379,6 @@ public static class Mnist
             }
         }
         return removed;
-    }
-
-    private static bool IsRunning(int pid)
-    {
-        if (pid == Environment.ProcessId)
-        {
-            return true;
-        }
-        Process process;
-        try
-        {
-            process = Process.GetProcessById(pid);
-        }
-        catch (Exception e) when (e is ArgumentException or InvalidOperationException)
-        {
-            return false;
-        }
-        using (process)
-        {
-            try
-            {
-                return !process.HasExited;
-            }
-            catch (Exception e) when (e is InvalidOperationException or NotSupportedException or System.ComponentModel.Win32Exception)
-            {
-                // Another user's process: it exists, so its files are not stale.
-                return true;
-            }
-        }
     }
 
     private static bool TryDelete(string path)

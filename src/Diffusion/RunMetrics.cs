@@ -167,26 +167,12 @@ public static class RunMetrics
     }
 
     /// <summary>Replaces <paramref name="path"/> with the kept lines, atomically (a crash leaves the old file or the new one).</summary>
-    public static void Rewrite(string path, RunMetricsFile metrics)
+    public static void Rewrite(string path, RunMetricsFile metrics) => Ddpm.Nn.Durable.WriteAtomically(path, stream =>
     {
-        var temp = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
-        try
+        foreach (var line in metrics.Lines)
         {
-            using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 16))
-            {
-                foreach (var line in metrics.Lines)
-                {
-                    stream.Write(line);
-                    stream.WriteByte((byte)'\n');
-                }
-                stream.Flush(flushToDisk: true);
-            }
-            Ddpm.Nn.Durable.ReplaceFile(temp, path);
+            stream.Write(line);
+            stream.WriteByte((byte)'\n');
         }
-        catch
-        {
-            File.Delete(temp);
-            throw;
-        }
-    }
+    });
 }

@@ -402,9 +402,14 @@ public sealed class Trainer : IDisposable
     /// break the run's exactness (preset, batch, seed, classes, schedule, T) is refused, as is a data set
     /// that gives another number of steps an epoch.
     /// </summary>
-    public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? change = null)
+    public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? change = null) =>
+        Resume(device, Checkpoint.Inspect(path), data, change);
+
+    /// <inheritdoc cref="Resume(Device, string, MnistSet, Func{TrainOptions, TrainOptions}?)"/>
+    /// <remarks>For a caller that validated the checkpoint already (<see cref="Checkpoint.Inspect(string)"/>): it is not read twice.</remarks>
+    public static Trainer Resume(Device device, CheckpointInfo info, MnistSet data, Func<TrainOptions, TrainOptions>? change = null)
     {
-        var info = Checkpoint.Inspect(path);
+        string path = info.Path;
         if (!info.HasAdam)
         {
             throw new CheckpointException($"{path}: holds weights only (no Adam state), so it can be sampled from but not resumed");
@@ -477,7 +482,7 @@ public sealed class Trainer : IDisposable
         }
     }
 
-    /// <summary>The changes the last <see cref="Resume"/> made (those recorded at its step).</summary>
+    /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, MnistSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>
     public IEnumerable<string> ChangesAtResume => _changes.Where(c => c.StartsWith($"step {Step}:", StringComparison.Ordinal));
 
     private static string Text<T>(T value) where T : IFormattable => value.ToString(value is float ? "R" : null, CultureInfo.InvariantCulture);

@@ -95,9 +95,6 @@ public static class Checkpoint
         return layout;
     });
 
-    /// <summary>The base width of the model in a checkpoint, from conv_in.weight [ch, 1, 3, 3], after the whole file is validated.</summary>
-    public static int ChannelsOf(SafeTensorsFile file) => Inspect(file).Channels;
-
     /// <summary>Reads and validates a whole checkpoint (see <see cref="Inspect(SafeTensorsFile)"/>).</summary>
     public static CheckpointInfo Inspect(string path) => Inspect(SafeTensors.Read(path));
 
@@ -304,9 +301,6 @@ public static class Checkpoint
         }
         return file.Metadata;
     }
-
-    /// <summary>True when the file holds EMA weights for every parameter (validates the whole file).</summary>
-    public static bool HasEma(SafeTensorsFile file) => Inspect(file).HasEma;
 }
 
 /// <summary>A checkpoint that passed <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>: its file, width, preset, what it holds,

@@ -13,6 +13,32 @@ namespace Ddpm.Nn;
 public static class Durable
 {
     /// <summary>
+    /// Writes <paramref name="path"/> so that a crash leaves the old file or the new one, never a mix:
+    /// <paramref name="write"/> fills ".NAME.PID.tmp" beside it, which is flushed to disk and renamed over the file
+    /// (<see cref="ReplaceFile"/>); on any failure the temporary file is deleted and the old file stands.
+    /// </summary>
+    public static void WriteAtomically(string path, Action<FileStream> write, int bufferSize = 1 << 16)
+    {
+        var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
+        Directory.CreateDirectory(dir);
+        var temp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
+        try
+        {
+            using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize))
+            {
+                write(stream);
+                stream.Flush(flushToDisk: true);
+            }
+            ReplaceFile(temp, path);
+        }
+        catch
+        {
+            File.Delete(temp);
+            throw;
+        }
+    }
+
+    /// <summary>
     /// Renames <paramref name="temp"/> over <paramref name="path"/> (atomic on one volume), then flushes the folder
     /// so the rename itself is on disk. The caller flushes the temp file's data first (<c>FileStream.Flush(true)</c>).
     /// </summary>

@@ -73,37 +73,24 @@ public static class SafeTensors
         var json = JsonSerializer.SerializeToUtf8Bytes(header);
         // Pad the header with spaces so the data section starts 8-byte aligned (as the reference writer does).
         int padded = (json.Length + 7) / 8 * 8;
-        var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
-        Directory.CreateDirectory(dir);
-        var temp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
-        try
+        Durable.WriteAtomically(path, stream =>
         {
-            using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20))
+            Span<byte> len = stackalloc byte[8];
+            BinaryPrimitives.WriteUInt64LittleEndian(len, (ulong)padded);
+            stream.Write(len);
+            stream.Write(json);
+            for (int i = json.Length; i < padded; i++)
             {
-                Span<byte> len = stackalloc byte[8];
-                BinaryPrimitives.WriteUInt64LittleEndian(len, (ulong)padded);
-                stream.Write(len);
-                stream.Write(json);
-                for (int i = json.Length; i < padded; i++)
-                {
-                    stream.WriteByte((byte)' ');
-                }
-                SaveDelay.Begin(path);
-                foreach (var (_, _, data) in list)
-                {
-                    WriteFloats(stream, data);
-                }
-                stream.Flush(flushToDisk: true);
+                stream.WriteByte((byte)' ');
+            }
+            SaveDelay.Begin(path);
+            foreach (var (_, _, data) in list)
+            {
+                WriteFloats(stream, data);
             }
             SaveDelay.Pause();
-            Durable.ReplaceFile(temp, path);
-            SaveDelay.End();
-        }
-        catch
-        {
-            File.Delete(temp);
-            throw;
-        }
+        }, 1 << 20);
+        SaveDelay.End();
     }
 
     /// <summary>
@@ -472,7 +459,7 @@ public sealed class SafeTensorsFile
 /// <summary>
 /// A test-only hook that widens the window of a checkpoint save so a fault-injection test can kill
 /// the process inside it: with DDPM_TEST_SAVE_DELAY_MS=N in the environment, each write marks its
-/// start and end on stderr and sleeps N/2 ms after the header and again before the rename.
+/// start and end on stderr and sleeps N/2 ms after the header and again before the flush and rename.
 /// Without the variable it does nothing.
 /// </summary>
 internal static class SaveDelay
