@@ -37,6 +37,13 @@ public sealed class IlgpuKernels
     /// <summary>The accelerator these kernels were compiled for.</summary>
     public Accelerator Accelerator { get; }
 
+    /// <summary>
+    /// True: every op runs its simple twin (one thread per output, a loop inside) instead of the
+    /// tiled, explicitly grouped kernel. For tests, and for a user who suspects a fast kernel:
+    /// <c>DDPM_GPU_KERNELS=simple</c> in the environment sets it for every device.
+    /// </summary>
+    public bool Simple { get; set; } = string.Equals(Environment.GetEnvironmentVariable("DDPM_GPU_KERNELS"), "simple", StringComparison.OrdinalIgnoreCase);
+
     /// <summary>The stream every op is queued on.</summary>
     public AcceleratorStream Stream => Accelerator.DefaultStream;
 
