@@ -25,3 +25,39 @@ public sealed class IlgpuCollection : ICollectionFixture<IlgpuFixture>
 {
     public const string Name = "ilgpu";
 }
+
+/// <summary>
+/// Two ILGPU simulators shaped like GPUs, for the explicitly grouped (tiled) kernels: a CUDA-like
+/// device (warp 32, groups up to 1,024 threads) and a small-warp one (warp 4, groups up to 64), where
+/// a barrier or shuffle that assumes 32 lanes goes wrong. Tests on them use tiny shapes and timeouts:
+/// a divergent barrier deadlocks the simulator.
+/// </summary>
+public sealed class GpuLikeFixture : IDisposable
+{
+    public GpuLikeFixture()
+    {
+        Warp32 = IlgpuDevice.OpenSimulator(warpSize: 32, warpsPerGroup: 32);
+        Warp4 = IlgpuDevice.OpenSimulator(warpSize: 4, warpsPerGroup: 16);
+    }
+
+    /// <summary>Warp 32, groups of up to 1,024 threads, as CUDA.</summary>
+    public IlgpuDevice Warp32 { get; }
+
+    /// <summary>Warp 4, groups of up to 64 threads.</summary>
+    public IlgpuDevice Warp4 { get; }
+
+    /// <summary>Both devices, for theories.</summary>
+    public IlgpuDevice this[int warp] => warp == 32 ? Warp32 : Warp4;
+
+    public void Dispose()
+    {
+        Warp32.Dispose();
+        Warp4.Dispose();
+    }
+}
+
+[CollectionDefinition(Name)]
+public sealed class GpuLikeCollection : ICollectionFixture<GpuLikeFixture>
+{
+    public const string Name = "gpu-like";
+}

@@ -49,6 +49,29 @@ public sealed class IlgpuDevice : Device
             .EnableAlgorithms());
     }
 
+    /// <summary>
+    /// ILGPU's CPU simulator shaped like a GPU: <paramref name="warpSize"/> threads a warp,
+    /// <paramref name="warpsPerGroup"/> warps a group (CUDA's 32 x 32 = 1,024 threads), on
+    /// <paramref name="multiprocessors"/> simulated multiprocessors. Explicitly grouped kernels are
+    /// tested on it, at a GPU's warp size and at a small one; every simulated thread is an OS thread,
+    /// so keep the shapes tiny.
+    /// </summary>
+    public static IlgpuDevice OpenSimulator(int warpSize = 32, int warpsPerGroup = 32, int multiprocessors = 1)
+    {
+        NativeResolver.Install();
+        var cpu = new CPUDevice(warpSize, warpsPerGroup, multiprocessors);
+        var context = Context.Create(b => b.CPU(cpu).EnableAlgorithms());
+        try
+        {
+            return new IlgpuDevice(context, context.GetCPUDevice(0).CreateAccelerator(context), DeviceKind.IlgpuCpu);
+        }
+        catch
+        {
+            context.Dispose();
+            throw;
+        }
+    }
+
     /// <summary>Opens the first device of <paramref name="kind"/>, or returns null when there is none.</summary>
     public static IlgpuDevice? TryOpen(DeviceKind kind)
     {
