@@ -23,6 +23,13 @@ public sealed record TrainOptions
     /// <summary>Adam's learning rate.</summary>
     public float Lr { get; init; } = 1e-3f;
 
+    /// <summary>Steps of linear learning-rate warm-up from 0 to <see cref="Lr"/> (0: none).</summary>
+    public int Warmup { get; init; }
+
+    /// <summary>After the warm-up: constant (the seed's) or cosine (half a cosine from <see cref="Lr"/> down to
+    /// <see cref="Trainer.CosineFloor"/> of it at the run's last step).</summary>
+    public string LrDecay { get; init; } = "constant";
+
     /// <summary>linear or cosine.</summary>
     public string Schedule { get; init; } = "linear";
 
@@ -69,6 +76,14 @@ public sealed record TrainOptions
         {
             yield return ("lr", "--lr", $"{Lr.ToString(CultureInfo.InvariantCulture)} must be a positive finite number");
         }
+        if (Warmup is < 0 or > 10_000_000)
+        {
+            yield return ("warmup", "--warmup", $"{Warmup} must be in 0..10000000 steps");
+        }
+        if (LrDecay is not ("constant" or "cosine"))
+        {
+            yield return ("lr_decay", "--lr-decay", $"'{LrDecay}' is not constant or cosine");
+        }
         if (Schedule is not ("linear" or "cosine"))
         {
             yield return ("schedule", "--schedule", $"'{Schedule}' is not linear or cosine");
@@ -102,6 +117,8 @@ public sealed record TrainOptions
         ["max_steps"] = MaxSteps.ToString(CultureInfo.InvariantCulture),
         ["batch"] = Batch.ToString(CultureInfo.InvariantCulture),
         ["lr"] = Lr.ToString("R", CultureInfo.InvariantCulture),
+        ["warmup"] = Warmup.ToString(CultureInfo.InvariantCulture),
+        ["lr_decay"] = LrDecay,
         ["schedule"] = Schedule,
         ["T"] = DiffusionSteps.ToString(CultureInfo.InvariantCulture),
         ["ema"] = EmaDecay.ToString("R", CultureInfo.InvariantCulture),
@@ -123,6 +140,9 @@ public sealed record TrainOptions
             MaxSteps = Parse<long>("max_steps"),
             Batch = Parse<int>("batch"),
             Lr = Parse<float>("lr"),
+            // Runs from before learning-rate schedules existed have neither key: constant, no warm-up.
+            Warmup = m.ContainsKey("warmup") ? Parse<int>("warmup") : 0,
+            LrDecay = m.TryGetValue("lr_decay", out var decay) ? decay : "constant",
             Schedule = Get("schedule"),
             DiffusionSteps = Parse<int>("T"),
             EmaDecay = Parse<float>("ema"),
@@ -331,10 +351,37 @@ public sealed class Trainer : IDisposable
         {
             LastGradNorm = Adam.ClipGradNorm(Options.Clip);
         }
+        Adam.LearningRate = LearningRateAt(Step);
         Adam.Update();
         Ema?.Update();
         Step++;
         return loss;
+    }
+
+    /// <summary>Where a cosine decay ends, as a share of the peak learning rate.</summary>
+    public const float CosineFloor = 0.1f;
+
+    /// <summary>
+    /// The learning rate of step <paramref name="step"/> (0-based): a linear warm-up over
+    /// <see cref="TrainOptions.Warmup"/> steps, then <see cref="TrainOptions.Lr"/>, constant or
+    /// decayed by half a cosine to <see cref="CosineFloor"/> of it at the run's last step. A pure
+    /// function of the step and the options, so a resumed run follows the same curve (a changed
+    /// <c>--epochs</c> or <c>--lr</c> reshapes it from there on).
+    /// </summary>
+    public float LearningRateAt(long step)
+    {
+        double lr = Options.Lr;
+        if (step < Options.Warmup)
+        {
+            return (float)(lr * (step + 1) / Options.Warmup);
+        }
+        if (Options.LrDecay == "cosine")
+        {
+            long span = Math.Max(1, TotalSteps - 1 - Options.Warmup);
+            double progress = Math.Clamp((double)(step - Options.Warmup) / span, 0, 1);
+            lr *= CosineFloor + (1 - CosineFloor) * 0.5 * (1 + Math.Cos(Math.PI * progress));
+        }
+        return (float)lr;
     }
 
     /// <summary>The index of the first parameter whose gradient holds NaN or infinity, or -1 (one flag on the device, one read).</summary>
@@ -465,7 +512,8 @@ public sealed class Trainer : IDisposable
             foreach (var (key, was, now) in new[]
             {
                 ("epochs", Text(saved.Epochs), Text(options.Epochs)), ("max_steps", Text(saved.MaxSteps), Text(options.MaxSteps)),
-                ("lr", Text(saved.Lr), Text(options.Lr)), ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
+                ("lr", Text(saved.Lr), Text(options.Lr)), ("warmup", Text(saved.Warmup), Text(options.Warmup)), ("lr_decay", saved.LrDecay, options.LrDecay),
+                ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
             })
             {
                 if (was != now)
