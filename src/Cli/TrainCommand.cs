@@ -129,7 +129,7 @@ public static class TrainCommand
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {o.Lr}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
+            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
