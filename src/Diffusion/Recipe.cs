@@ -22,7 +22,7 @@ public sealed record Recipe(string Name, string CpuPreset, int Epochs, float Lr,
     public static Recipe Seed { get; } = new("seed", "tiny", 3, 1e-3f, 0, "constant", "linear", 0f, false);
 
     /// <summary>The default recipe.</summary>
-    public static Recipe Default { get; } = new("default", "tiny", 3, 1e-3f, 0, "constant", "linear", 0.999f, true);
+    public static Recipe Default { get; } = new("default", "tiny", 12, 1e-3f, 500, "cosine", "cosine", 0.9995f, true);
 
     /// <summary>The recipe called <paramref name="name"/>.</summary>
     public static Recipe Named(string name) =>
