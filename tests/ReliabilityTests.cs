@@ -204,6 +204,8 @@ public sealed class ReliabilityTests : IDisposable
     [InlineData(new[] { "train", "--lr", "nan" }, "--lr")]
     [InlineData(new[] { "train", "--batch", "0" }, "--batch")]
     [InlineData(new[] { "train", "--epochs", "0" }, "--epochs")]
+    [InlineData(new[] { "train", "--warmup", "-1" }, "--warmup")]
+    [InlineData(new[] { "train", "--lr-decay", "linear" }, "--lr-decay")]
     [InlineData(new[] { "train", "--save-every", "-5" }, "--save-every")]
     public void OutOfRangeFlagValuesAreUsageErrorsNamingTheFlag(string[] args, string flag) => OneLine(Run(args), ExitCodes.Usage, flag);
 
@@ -327,6 +329,20 @@ public sealed class ReliabilityTests : IDisposable
             _ => o with { EmaDecay = 0 },
         }));
         Assert.Contains(what == "ema off" ? "--ema" : $"--{what}", e.Message);
+    }
+
+    /// <summary>--recipe names a set of defaults: the checkpoint records the recipe's values, and a flag given wins.</summary>
+    [Theory]
+    [InlineData("default", "cosine", "0.9995", "500", "cosine")]
+    [InlineData("seed", "linear", "0", "0", "constant")]
+    public void RecipeSetsTheDefaultsAndAFlagOverridesThem(string recipe, string schedule, string ema, string warmup, string decay)
+    {
+        var data = SyntheticDataFolder();
+        var run = PathOf($"recipe-{recipe}");
+        var result = Run("train", "--recipe", recipe, "--max-steps", "1", "--batch", "2", "--grid", "0", "--lr", "0.002", "--out", run, "--data", data, "--device", "cpu");
+        Assert.True(result.Code == 0, result.Err);
+        var meta = Checkpoint.Inspect(Path.Combine(run, TrainCommand.CheckpointFile)).Metadata;
+        Assert.Equal((schedule, ema, warmup, decay, "0.002"), (meta["schedule"], meta["ema"], meta["warmup"], meta["lr_decay"], meta["lr"]));
     }
 
     [Fact]
