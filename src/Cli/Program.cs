@@ -24,11 +24,25 @@ public static class Program
         if (parsed.Errors.Count > 0)
         {
             // One line, not a page of help: the problems and where to look.
-            var messages = parsed.Errors.Select(e => string.Join(' ', e.Message.Split(['\n', '\t', '\r'], StringSplitOptions.RemoveEmptyEntries)).TrimEnd('.'));
+            var messages = parsed.Errors.Select(Describe);
             Console.Error.WriteLine($"ddpm: {string.Join("; ", messages.Reverse())} (see 'ddpm --help')");
             return ExitCodes.Usage;
         }
         return parsed.Invoke();
+    }
+
+    /// <summary>A parse error on one line, naming its flag when the parser's message does not
+    /// ("--lr-decay: Argument 'linear' not recognized. Must be one of ...").</summary>
+    private static string Describe(System.CommandLine.Parsing.ParseError e)
+    {
+        var message = string.Join(' ', e.Message.Split(['\n', '\t', '\r'], StringSplitOptions.RemoveEmptyEntries)).TrimEnd('.');
+        var option = e.SymbolResult switch
+        {
+            System.CommandLine.Parsing.OptionResult o => o.Option,
+            System.CommandLine.Parsing.ArgumentResult { Parent: System.CommandLine.Parsing.OptionResult o } => o.Option,
+            _ => null,
+        };
+        return option is not null && !message.Contains(option.Name, StringComparison.Ordinal) ? $"{option.Name}: {message}" : message;
     }
 
     /// <summary>Runs a command body; the errors a user can cause become one line and an exit code.</summary>
