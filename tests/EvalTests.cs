@@ -297,8 +297,10 @@ public sealed class EvalCliTests : IDisposable
         Assert.True(File.Exists(Path.Combine(_dir, "again", EvalReport.MarkdownFile)));
 
         // One digit, another guidance: the asked share has that digit alone.
-        var seven = Json(CliTests.Run("eval", "--samples", run, "--n", "3", "--digit", "7", "--guidance", "1.5", "--sampler", "dpm++", "--steps", "2",
-            "--report", "none", "--classifier", classifier, "--data", data, "--device", "cpu"));
+        var sevenRun = CliTests.Run("eval", "--samples", run, "--n", "3", "--digit", "7", "--guidance", "1.5", "--sampler", "dpm++", "--steps", "2",
+            "--report", "none", "--classifier", classifier, "--data", data, "--device", "cpu");
+        var seven = Json(sevenRun);
+        Assert.Contains("\"sampler\":\"dpm++\"", sevenRun.Out);
         Assert.Equal(["7"], seven.GetProperty("asked_share").GetProperty("by_digit").EnumerateObject().Select(p => p.Name));
         Assert.Equal(1.5, seven.GetProperty("guidance").GetDouble());
         Assert.Equal(System.Text.Json.JsonValueKind.Null, seven.GetProperty("report").ValueKind);

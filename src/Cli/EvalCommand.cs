@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using Ddpm.Diffusion;
 
@@ -244,7 +245,8 @@ public static class EvalCommand
         result["real_floor"] = Json(floorScores);
         result["reference"] = $"MNIST test set ({test.Count} digits)";
         result["seconds"] = Math.Round(clock.Elapsed.TotalSeconds, 1);
-        Console.WriteLine(JsonSerializer.Serialize(result));
+        // Relaxed escaping: "dpm++" and paths stay readable (the default escapes + and every non-ASCII letter).
+        Console.WriteLine(JsonSerializer.Serialize(result, new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
         return 0;
     }
 

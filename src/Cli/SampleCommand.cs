@@ -94,7 +94,7 @@ internal sealed class SamplerFlags
     {
         _digit = new Option<string?>("--digit") { Description = digitDescription };
         _digit.AcceptOnlyFromAmong([.. Enumerable.Range(0, 10).Select(d => d.ToString(CultureInfo.InvariantCulture)), "all", .. withNone ? new[] { "none" } : []]);
-        _guidance = new Option<double?>("--guidance") { Description = $"classifier-free guidance weight w with --digit (default {SamplerSettings.DefaultGuidance.ToString(CultureInfo.InvariantCulture)}): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
+        _guidance = new Option<double?>("--guidance") { Description = $"classifier-free guidance weight w with --digit (default {SamplerSettings.DefaultGuidance.ToString("0.0##", CultureInfo.InvariantCulture)}): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
         _sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
         _sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
         _variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
@@ -228,7 +228,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
             SamplerKind.DpmSolver2M => $"dpm++ (2M) {Steps.Count} steps",
             _ => $"ddpm ({Variance} variance) {Steps.Count} steps",
         };
-        return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning} {(UseEma ? "EMA" : "raw")} weights, " +
+        return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +
             $"{sampler}, {(Clip ? "clipped" : "the seed's unclipped")} recipe, {ScheduleName} schedule, seed {Settings.Seed}";
     }
 
