@@ -291,10 +291,12 @@ public sealed class EvalCliTests : IDisposable
         }
 
         // The written digits scored as an IDX file give the same figures.
-        var again = Json(CliTests.Run("eval", "--samples", written, "--report", Path.Combine(_dir, "again"), "--classifier", classifier, "--data", data, "--device", "cpu"));
+        // Its report goes beside it by default, in eval-NAME (the file's name without -idx3-ubyte).
+        var again = Json(CliTests.Run("eval", "--samples", written, "--classifier", classifier, "--data", data, "--device", "cpu"));
         Assert.Equal(json.GetProperty("samples").GetRawText(), again.GetProperty("samples").GetRawText());
         Assert.False(again.TryGetProperty("sampler", out _));
-        Assert.True(File.Exists(Path.Combine(_dir, "again", EvalReport.MarkdownFile)));
+        Assert.Equal(Path.Combine(report, "eval-samples"), again.GetProperty("report").GetString());
+        Assert.True(File.Exists(Path.Combine(report, "eval-samples", EvalReport.MarkdownFile)));
 
         // One digit, another guidance: the asked share has that digit alone.
         var sevenRun = CliTests.Run("eval", "--samples", run, "--n", "3", "--digit", "7", "--guidance", "1.5", "--sampler", "dpm++", "--steps", "2",
