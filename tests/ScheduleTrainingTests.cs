@@ -11,7 +11,9 @@ namespace Ddpm.Tests;
 /// steps, x0 clipped) draws from it, and every sample is checked by number to be the square, not noise: its Pearson
 /// correlation with the square, the contrast between the square and the background, and its total variation. The
 /// same measures are taken of clipped Gaussian noise to show the thresholds can fail. This guards the issue's
-/// failure: with the cosine schedule every sampler turned a well-trained model into noise.
+/// failure: with the cosine schedule every sampler turned a well-trained model into noise. Tried once with the seed's
+/// unclipped step (clip: false): the cosine run's samples reached values in the hundreds (correlation 0.36..0.5, total
+/// variation about 500) and failed; the linear run's correlated 0.91..0.96 but left [-1, 1].
 /// </summary>
 public sealed class ScheduleTrainingTests(ITestOutputHelper output)
 {
