@@ -74,6 +74,37 @@ public sealed class EvalTests
         Assert.InRange(s.Frechet, 0, 1e-8);
     }
 
+    [Fact]
+    public void AskedShareCountsTheAskedClassOverallAndPerClass()
+    {
+        // Four samples, three classes: asked 0, 0, 2, 2; classified 0, 1, 2, 2.
+        float[] probs = [0.8f, 0.1f, 0.1f, 0.2f, 0.7f, 0.1f, 0.1f, 0.1f, 0.8f, 0.3f, 0.3f, 0.4f];
+        var (overall, byClass) = SampleScores.AskedShare(probs, [0, 0, 2, 2], 3);
+        Assert.Equal(0.75, overall, 12);
+        Assert.Equal([0, 2], byClass.Keys);
+        Assert.Equal(0.5, byClass[0], 12);
+        Assert.Equal(1.0, byClass[2], 12);
+        Assert.Throws<ArgumentException>(() => SampleScores.AskedShare(probs, [0, 0, 2], 3));
+    }
+
+    [Fact]
+    public void ByClassRowsHoldTheFirstOfEachClassConfidentFirst()
+    {
+        // Classes of samples 0..6: 1 (unsure), 1, 0, 1, 1 (unsure), 1, 2 (unsure); at most 3 a row.
+        float[] probs =
+        [
+            0.3f, 0.5f, 0.2f, 0f, 0.95f, 0.05f, 0.99f, 0f, 0.01f, 0f, 0.92f, 0.08f,
+            0.2f, 0.6f, 0.2f, 0f, 1f, 0f, 0.1f, 0.1f, 0.8f,
+        ];
+        var rows = EvalReport.ByClass(probs, 7, 3, perRow: 3);
+        Assert.Equal([2], rows[0]);
+        // The first three of class 1 are 0, 1, 3; sample 0 is unsure, so last.
+        Assert.Equal([1, 3, 0], rows[1]);
+        Assert.Equal([6], rows[2]);
+        Assert.True(EvalReport.Unsure(probs, 6, 3));
+        Assert.False(EvalReport.Unsure(probs, 2, 3));
+    }
+
     /// <summary>8×8 images: class 0 bright on the left half, class 1 on the right, with pixel noise.</summary>
     private static LabeledImages Halves(int count, int seed)
     {
@@ -161,6 +192,157 @@ public sealed class EvalCliTests : IDisposable
         string path = Path.Combine(_dir, $"s{count}x{side}-idx3-ubyte");
         File.WriteAllBytes(path, bytes);
         return path;
+    }
+
+    /// <summary>
+    /// A stand-in for MNIST (CI has none) and for the cached classifier: 30 random training and 30 random test
+    /// "digits", labelled 0..9 in turn, and an untrained 28×28 classifier of width 2 with 10 classes (the figures are
+    /// meaningless; the plumbing, the JSON and the report are what is checked).
+    /// </summary>
+    private (string Data, string Classifier) StandIns()
+    {
+        string data = Path.Combine(_dir, "mnist");
+        Directory.CreateDirectory(data);
+        var rng = new Random(4);
+        foreach (var (images, labels) in new[] { ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte") })
+        {
+            var pixels = new byte[30 * 784];
+            rng.NextBytes(pixels);
+            File.WriteAllBytes(Path.Combine(data, images), [.. Header(0x803, 30, 28, 28), .. pixels]);
+            File.WriteAllBytes(Path.Combine(data, labels), [.. Header(0x801, 30), .. Enumerable.Range(0, 30).Select(i => (byte)(i % 10))]);
+        }
+        string classifier = Path.Combine(_dir, "stand-in.safetensors");
+        using (var model = new Classifier(CpuDevice.Instance, seed: 1, width: 2, classes: 10, side: 28))
+        {
+            model.Save(classifier);
+        }
+        return (data, classifier);
+    }
+
+    private static byte[] Header(int magic, params int[] dims)
+    {
+        var bytes = new byte[4 + 4 * dims.Length];
+        System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes, magic);
+        for (int i = 0; i < dims.Length; i++)
+        {
+            System.Buffers.Binary.BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(4 + 4 * i), dims[i]);
+        }
+        return bytes;
+    }
+
+    private static System.Text.Json.JsonElement Json((int Code, string Err, string Out) r)
+    {
+        Assert.True(r.Code == 0, r.Err);
+        var lines = r.Out.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+        Assert.Single(lines);
+        return System.Text.Json.JsonDocument.Parse(lines[0]).RootElement;
+    }
+
+    [Fact]
+    public void EvalOfAConditionalCheckpointSamplesEveryDigitAndWritesTheReport()
+    {
+        var (data, classifier) = StandIns();
+        string run = Path.Combine(_dir, "run");
+        Directory.CreateDirectory(run);
+        string checkpoint = Path.Combine(run, "model.safetensors");
+        var unet = new UNet(16, CpuDevice.Instance, seed: 1, classes: 10);
+        using (var ema = new Ema(unet.Parameters, 0.9f))
+        {
+            Checkpoint.Save(checkpoint, unet, ema: ema);
+        }
+        var r = CliTests.Run("eval", "--samples", checkpoint, "--n", "20", "--sampler", "ddim", "--steps", "2", "--classifier", classifier, "--data", data, "--device", "cpu");
+        var json = Json(r);
+        Assert.Contains("digit all with guidance 3", r.Err);
+        Assert.Equal("ddim", json.GetProperty("sampler").GetString());
+        Assert.Equal(2, json.GetProperty("steps").GetInt32());
+        Assert.Equal(0, json.GetProperty("eta").GetDouble());
+        Assert.Equal(System.Text.Json.JsonValueKind.Null, json.GetProperty("variance").ValueKind);
+        Assert.Equal(0UL, json.GetProperty("seed").GetUInt64());
+        Assert.Equal(3.0, json.GetProperty("guidance").GetDouble());
+        Assert.Equal("all", json.GetProperty("digit").GetString());
+        Assert.Equal("ema", json.GetProperty("weights").GetString());
+        Assert.True(json.GetProperty("sampling_seconds").GetDouble() >= 0);
+        Assert.Equal(20, json.GetProperty("samples").GetProperty("n").GetInt32());
+        Assert.Equal(20, json.GetProperty("samples").GetProperty("histogram").EnumerateArray().Sum(h => h.GetInt32()));
+        Assert.Equal(30, json.GetProperty("real_floor").GetProperty("n").GetInt32());
+        var asked = json.GetProperty("asked_share");
+        Assert.InRange(asked.GetProperty("overall").GetDouble(), 0, 1);
+        Assert.Equal(Enumerable.Range(0, 10).Select(d => d.ToString()), asked.GetProperty("by_digit").EnumerateObject().Select(p => p.Name));
+        Assert.Equal(Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(File.ReadAllBytes(classifier))), json.GetProperty("classifier_sha256").GetString());
+
+        // The default report folder names the sampler, its steps and the settings away from their defaults.
+        string report = Path.Combine(run, "eval-ddim-2-n20");
+        Assert.Equal(report, json.GetProperty("report").GetString());
+        string written = Path.Combine(report, "samples-idx3-ubyte");
+        Assert.Equal(written, json.GetProperty("samples_file").GetString());
+        Assert.Equal(20, Mnist.ReadIdx(written).Count);
+        string md = File.ReadAllText(Path.Combine(report, EvalReport.MarkdownFile));
+        Assert.Contains("ddpm eval --samples", md);
+        Assert.Contains(json.GetProperty("classifier_sha256").GetString()!, md);
+        Assert.Contains("| Fréchet distance", md);
+        Assert.Contains("real floor", md);
+        Assert.Contains("| classified as asked |", md);
+        Assert.Contains("ddim, 2 steps, eta 0", md);
+        using (var grid = SixLabors.ImageSharp.Image.Load(Path.Combine(report, EvalReport.GridFile)))
+        {
+            // 10 rows (one per class) of 16 tiles of 28 pixels with 2-pixel gaps, scaled ×2.
+            Assert.Equal((16 * 30 + 2) * 2, grid.Width);
+            Assert.Equal((10 * 30 + 2) * 2, grid.Height);
+        }
+
+        // The written digits scored as an IDX file give the same figures.
+        // Its report goes beside it by default, in eval-NAME (the file's name without -idx3-ubyte).
+        var again = Json(CliTests.Run("eval", "--samples", written, "--classifier", classifier, "--data", data, "--device", "cpu"));
+        Assert.Equal(json.GetProperty("samples").GetRawText(), again.GetProperty("samples").GetRawText());
+        Assert.False(again.TryGetProperty("sampler", out _));
+        Assert.Equal(Path.Combine(report, "eval-samples"), again.GetProperty("report").GetString());
+        Assert.True(File.Exists(Path.Combine(report, "eval-samples", EvalReport.MarkdownFile)));
+
+        // One digit, another guidance: the asked share has that digit alone.
+        var sevenRun = CliTests.Run("eval", "--samples", run, "--n", "3", "--digit", "7", "--guidance", "1.5", "--sampler", "dpm++", "--steps", "2",
+            "--report", "none", "--classifier", classifier, "--data", data, "--device", "cpu");
+        var seven = Json(sevenRun);
+        Assert.Contains("\"sampler\":\"dpm++\"", sevenRun.Out);
+        Assert.Equal(["7"], seven.GetProperty("asked_share").GetProperty("by_digit").EnumerateObject().Select(p => p.Name));
+        Assert.Equal(1.5, seven.GetProperty("guidance").GetDouble());
+        Assert.Equal(System.Text.Json.JsonValueKind.Null, seven.GetProperty("report").ValueKind);
+        Assert.False(Directory.Exists(Path.Combine(run, "eval-dpm++-2-digit7-w1.5-n3")));
+    }
+
+    [Fact]
+    public void EvalOfARunFolderWithAnUnconditionalModel()
+    {
+        var (data, classifier) = StandIns();
+        string run = Path.Combine(_dir, "plain");
+        Directory.CreateDirectory(run);
+        Checkpoint.Save(Path.Combine(run, "model.safetensors"), new UNet(16, CpuDevice.Instance, seed: 2));
+        var json = Json(CliTests.Run("eval", "--samples", run, "--n", "4", "--sampler", "ddim", "--steps", "2", "--seed", "3",
+            "--classifier", classifier, "--data", data, "--device", "cpu"));
+        Assert.Equal(System.Text.Json.JsonValueKind.Null, json.GetProperty("asked_share").ValueKind);
+        Assert.Equal(System.Text.Json.JsonValueKind.Null, json.GetProperty("guidance").ValueKind);
+        Assert.Equal(3UL, json.GetProperty("seed").GetUInt64());
+        Assert.Equal("raw", json.GetProperty("weights").GetString());
+        Assert.True(File.Exists(Path.Combine(run, "eval-ddim-2-seed3-n4", EvalReport.GridFile)));
+        Assert.Equal(4, json.GetProperty("samples").GetProperty("n").GetInt32());
+    }
+
+    [Fact]
+    public void EvalRefusesSamplerFlagsThatDoNotApply()
+    {
+        string classifier = Path.Combine(_dir, "c.safetensors");
+        OneLine(CliTests.Run("eval", "--samples", Idx(4, 28), "--sampler", "ddim", "--classifier", classifier), ExitCodes.Usage, "--sampler applies when --samples is a checkpoint");
+        OneLine(CliTests.Run("eval", "--samples", Idx(4, 28), "--n", "10", "--classifier", classifier), ExitCodes.Usage, "--n applies when --samples is a checkpoint");
+        OneLine(CliTests.Run("eval", "--report", _dir, "--classifier", classifier), ExitCodes.Usage, "--report needs --samples");
+        OneLine(CliTests.Run("eval", "--samples", _dir, "--classifier", classifier), ExitCodes.Failure, "a folder without model.safetensors");
+        string plain = Path.Combine(_dir, "plain.safetensors");
+        Checkpoint.Save(plain, new UNet(16, CpuDevice.Instance, seed: 1));
+        OneLine(CliTests.Run("eval", "--samples", plain, "--digit", "3", "--classifier", classifier), ExitCodes.Usage, "unconditional");
+        OneLine(CliTests.Run("eval", "--samples", plain, "--guidance", "2", "--classifier", classifier), ExitCodes.Usage, "unconditional");
+        OneLine(CliTests.Run("eval", "--samples", plain, "--steps", "5", "--classifier", classifier), ExitCodes.Usage, "--steps applies to --sampler ddim or dpm++ only");
+        string conditional = Path.Combine(_dir, "cond.safetensors");
+        Checkpoint.Save(conditional, new UNet(16, CpuDevice.Instance, seed: 1, classes: 10));
+        OneLine(CliTests.Run("eval", "--samples", conditional, "--n", "15", "--classifier", classifier), ExitCodes.Usage, "multiple of 10");
+        OneLine(CliTests.Run("eval", "--samples", conditional, "--digit", "none", "--guidance", "2", "--classifier", classifier), ExitCodes.Usage, "--guidance applies with --digit only");
     }
 
     [Fact]

@@ -1,5 +1,8 @@
 using System.CommandLine;
 using System.Diagnostics;
+using System.Globalization;
+using System.Security.Cryptography;
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using Ddpm.Diffusion;
 
@@ -10,49 +13,154 @@ namespace Ddpm.Cli;
 /// <see cref="ClassifierCache"/>): the classifier's test accuracy, then for the samples and for the real-data floor
 /// (the first 1,000 MNIST training digits) the mean top-class confidence, the share above 0.9, the class histogram
 /// and its KL divergence to uniform, and the Fréchet distance of the penultimate features against the MNIST test set.
-/// One JSON line on stdout; progress on stderr.
+/// The samples are an IDX file, or a checkpoint (or run folder) that eval samples from itself with <c>sample</c>'s
+/// flags; for a class-conditional checkpoint also the share classified as the digit asked for. One JSON line on
+/// stdout, a report folder (report.md, by-class.png, and the sampled digits as an IDX file), progress on stderr.
 /// </summary>
 public static class EvalCommand
 {
     /// <summary>Real training digits scored as the floor.</summary>
     public const int FloorCount = 1000;
 
+    /// <summary>Digits sampled from a checkpoint unless --n says otherwise.</summary>
+    public const int DefaultCount = 1000;
+
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
-        var samples = new Option<string?>("--samples") { Description = "an IDX file of 28x28 generated digits (as sample writes samples-idx3-ubyte); without it only the classifier and the real-data floor are scored" };
+        var samples = new Option<string?>("--samples")
+        {
+            Description = "what to score: an IDX file of 28x28 digits (as sample writes samples-idx3-ubyte, raw or gzipped), or a checkpoint " +
+                $"(*.safetensors) or run folder (holding {TrainCommand.CheckpointFile}) to sample --n digits from with the sampler flags below; " +
+                "without it only the classifier and the real-data floor are scored",
+        };
+        var n = new Option<int>("--n") { Description = $"checkpoints: digits to sample (default {DefaultCount}; with --digit all, a multiple of 10, a tenth of them each digit)", DefaultValueFactory = _ => DefaultCount }.Within(2, 10_000);
+        var flags = new SamplerFlags("class-conditional checkpoints: all (default: n/10 of each digit), one digit 0..9, or none (unguided)", withNone: true);
+        var report = new Option<string?>("--report")
+        {
+            Description = "folder for report.md (scores beside the real-data floor, sampler, seed, classifier sha256), by-class.png (samples in rows by predicted class, " +
+                "unsure ones last and framed red) and, for a checkpoint, samples-idx3-ubyte; default: for a checkpoint eval-SAMPLER-STEPS[-settings] beside it, " +
+                "for an IDX file eval-NAME beside it; none: no report (a checkpoint's digits are then not kept)",
+        };
         var classifier = new Option<string>("--classifier") { Description = "the cached classifier (trained there on first use)", DefaultValueFactory = _ => ClassifierCache.DefaultPath };
         var train = new Option<bool>("--train-classifier") { Description = $"train the classifier anew ({ClassifierCache.Epochs} epochs on MNIST, minutes on a CPU) and overwrite the cached one" };
         var data = new Option<string>("--data") { Description = "MNIST folder (train and t10k IDX files; fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var device = Program.DeviceOption();
-        var command = new Command("eval", "Score generated digits with the engine's MNIST classifier: confidence, class balance, Fréchet distance.")
+        var command = new Command("eval", "Score generated digits (an IDX file, or sampled from a checkpoint) with the engine's MNIST classifier: confidence, class balance, Fréchet distance.")
         {
-            samples, classifier, train, data, device,
+            samples, n,
         };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(samples), p.GetValue(classifier)!, p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!)));
+        flags.AddTo(command);
+        foreach (var option in new Option[] { report, classifier, train, data, device })
+        {
+            command.Add(option);
+        }
+        command.SetAction(p => Program.Guard(() =>
+        {
+            var request = new Request(p.GetValue(samples), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
+                p.GetValue(classifier)!, p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!,
+                "ddpm " + string.Join(' ', p.Tokens.Select(t => Quote(t.Value))));
+            return Run(request);
+        }));
         return command;
     }
 
-    private static int Run(string? samplesPath, string classifierPath, bool retrain, string dataFolder, string deviceName)
+    private sealed record Request(string? Samples, int N, bool NGiven, SamplerSettings Settings, string? SamplerFlagGiven, string? Report,
+        string Classifier, bool Retrain, string Data, string Device, string CommandLine);
+
+    private static string Quote(string arg) => arg.Length > 0 && arg.All(c => char.IsLetterOrDigit(c) || "-_./+=:,@".Contains(c)) ? arg : $"'{arg.Replace("'", "'\\''")}'";
+
+    private static int Run(Request q)
     {
-        Program.RequireFolder("--data", dataFolder);
-        // Read and check the samples before minutes of training or loading could be wasted on a bad path.
-        LabeledImages? samples = null;
-        if (samplesPath is not null)
+        Program.RequireFolder("--data", q.Data);
+        // Everything a user can get wrong is checked before minutes of sampling or training could be wasted on it.
+        string? checkpoint = null;
+        if (q.Samples is not null && Directory.Exists(q.Samples))
         {
-            var idx = Mnist.ReadIdx(samplesPath);
+            checkpoint = Path.Combine(q.Samples, TrainCommand.CheckpointFile);
+            if (!File.Exists(checkpoint))
+            {
+                throw new ArgumentException($"--samples {q.Samples}: a folder without {TrainCommand.CheckpointFile} (pass a run folder, a checkpoint or an IDX file)");
+            }
+        }
+        else if (q.Samples is not null && q.Samples.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase))
+        {
+            checkpoint = q.Samples;
+        }
+        if (checkpoint is null && (q.SamplerFlagGiven is not null || q.NGiven))
+        {
+            throw new UsageException($"{q.SamplerFlagGiven ?? "--n"} applies when --samples is a checkpoint or a run folder (an IDX file is scored as it is)");
+        }
+        if (q.Samples is null && q.Report is not (null or "none"))
+        {
+            throw new UsageException("--report needs --samples (without samples only the classifier and the floor are scored, to stdout)");
+        }
+
+        LabeledImages? idxSamples = null;
+        SamplingPlan? plan = null;
+        bool noReport = q.Report == "none";
+        string? reportDir = noReport ? null : q.Report;
+        if (checkpoint is null && q.Samples is not null)
+        {
+            var idx = Mnist.ReadIdx(q.Samples);
             if (idx.ItemShape is not [Mnist.Side, Mnist.Side] || idx.Count < 2)
             {
-                throw new DataException($"{samplesPath}: holds {idx.Count} items of {string.Join("x", idx.ItemShape)}, expected at least 2 of 28x28");
+                throw new DataException($"{q.Samples}: holds {idx.Count} items of {string.Join("x", idx.ItemShape)}, expected at least 2 of 28x28");
             }
-            samples = new LabeledImages(idx.Values, new byte[idx.Count], idx.Count, Mnist.Side);
+            idxSamples = new LabeledImages(idx.Values, new byte[idx.Count], idx.Count, Mnist.Side);
+            reportDir ??= noReport ? null : Path.Combine(Path.GetDirectoryName(Path.GetFullPath(q.Samples))!, "eval-" + Stem(Path.GetFileName(q.Samples)));
         }
-        using var dev = Program.OpenDevice(deviceName);
+        else if (checkpoint is not null)
+        {
+            q.Settings.CheckFlags(guidanceNeedsDigit: false);
+            plan = q.Settings.Plan(checkpoint);
+            // A conditional model is asked for every digit in turn unless --digit says otherwise; "none" is unguided.
+            string? digit = plan.Info.Classes == 0 ? null : q.Settings.Digit ?? "all";
+            plan = plan with { Settings = q.Settings with { Digit = digit == "none" ? null : digit } };
+            if (plan.Settings.Digit == "all" && q.N % 10 != 0)
+            {
+                throw new UsageException($"--n {q.N}: with --digit all (the default for a conditional model) it must be a multiple of 10, a tenth of them each digit");
+            }
+            reportDir ??= noReport ? null : Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, FolderName(plan, q.N));
+        }
+        if (reportDir is not null)
+        {
+            // A default folder that cannot be written (samples in a read-only reference folder) is named with the way out.
+            try
+            {
+                Program.RequireWritableFolder("--report", reportDir);
+            }
+            catch (UsageException e) when (q.Report is null)
+            {
+                throw new UsageException($"{e.Message}; pass --report DIR, or --report none");
+            }
+        }
+
+        using var dev = Program.OpenDevice(q.Device);
         var clock = Stopwatch.StartNew();
         void Log(string message) => Console.Error.WriteLine(message);
-        using var model = ClassifierCache.LoadOrTrain(dev, classifierPath, dataFolder, retrain, log: Log);
-        var test = LabeledImages.From(Mnist.LoadTest(dataFolder, Log));
-        var floor = LabeledImages.From(Mnist.LoadTraining(dataFolder, Log)).Take(FloorCount);
+        using var model = ClassifierCache.LoadOrTrain(dev, q.Classifier, q.Data, q.Retrain, log: Log);
+        var test = LabeledImages.From(Mnist.LoadTest(q.Data, Log));
+        var training = LabeledImages.From(Mnist.LoadTraining(q.Data, Log));
+        var floor = training.Take(Math.Min(FloorCount, training.Count));
+
+        double samplingSeconds = 0;
+        string? written = null;
+        if (plan is not null)
+        {
+            Log(plan.Describe(q.N));
+            var sampling = Stopwatch.StartNew();
+            var digits = plan.Run(dev, q.N);
+            samplingSeconds = sampling.Elapsed.TotalSeconds;
+            Log($"{plan.Steps.Count} steps in {samplingSeconds:F1} s");
+            if (reportDir is not null)
+            {
+                written = Path.Combine(reportDir, "samples-idx3-ubyte");
+                Images.SaveIdx(written, digits, q.N);
+            }
+            // Scored as written (bytes), so `eval --samples` of the written file gives the same figures.
+            idxSamples = new LabeledImages([.. digits.Select(Images.ToByte)], new byte[q.N], q.N, Mnist.Side);
+        }
 
         var (testProbs, testFeatures) = model.Predict(test);
         int right = 0;
@@ -63,23 +171,149 @@ public static class EvalCommand
                 right++;
             }
         }
-        SampleScores Score(LabeledImages set)
-        {
-            var (probs, features) = model.Predict(set);
-            return SampleScores.Of(probs, features, set.Count, model.Classes, testFeatures, test.Count);
-        }
+        double accuracy = (double)right / test.Count;
+        SampleScores Score(float[] probs, float[] features, int count) => SampleScores.Of(probs, features, count, model.Classes, testFeatures, test.Count);
+        var (floorProbs, floorFeatures) = model.Predict(floor);
+        var floorScores = Score(floorProbs, floorFeatures, floor.Count);
+        string sha = Convert.ToHexStringLower(SHA256.HashData(File.ReadAllBytes(q.Classifier)));
+
         var result = new Dictionary<string, object?>
         {
-            ["classifier"] = Path.GetFullPath(classifierPath),
-            ["classifier_test_accuracy"] = Math.Round((double)right / test.Count, 6),
-            ["samples_file"] = samplesPath is null ? null : Path.GetFullPath(samplesPath),
-            ["samples"] = samples is null ? null : Json(Score(samples)),
-            ["real_floor"] = Json(Score(floor)),
-            ["reference"] = $"MNIST test set ({test.Count} digits)",
-            ["seconds"] = Math.Round(clock.Elapsed.TotalSeconds, 1),
+            ["classifier"] = Path.GetFullPath(q.Classifier),
+            ["classifier_sha256"] = sha,
+            ["classifier_test_accuracy"] = Math.Round(accuracy, 6),
         };
-        Console.WriteLine(JsonSerializer.Serialize(result));
+        if (idxSamples is { } set)
+        {
+            var (probs, features) = model.Predict(set);
+            var scores = Score(probs, features, set.Count);
+            (double Overall, SortedDictionary<int, double> ByClass)? asked = null;
+            if (plan?.Labels(q.N) is { } labels)
+            {
+                asked = SampleScores.AskedShare(probs, [.. labels.Select(l => (int)l)], model.Classes);
+            }
+            var sampling = plan is null ? [] : Sampling(plan, q.N, samplingSeconds);
+            result["samples_file"] = written is not null || plan is null ? Path.GetFullPath(written ?? q.Samples!) : null;
+            if (plan is not null)
+            {
+                result["checkpoint"] = Path.GetFullPath(checkpoint!);
+                result["sampler"] = plan.Settings.Sampler;
+                result["steps"] = plan.Steps.Count;
+                result["variance"] = plan.Variance;
+                result["eta"] = plan.Kind == SamplerKind.Ddim ? plan.Settings.Eta ?? 0 : null;
+                result["recipe"] = plan.Settings.Recipe;
+                result["seed"] = plan.Settings.Seed;
+                result["weights"] = plan.UseEma ? "ema" : "raw";
+                result["schedule"] = plan.ScheduleName;
+                result["T"] = plan.T;
+                result["digit"] = plan.Settings.Digit;
+                result["guidance"] = plan.Settings.Digit is null ? null : Math.Round((double)plan.Guidance, 4);
+                result["sampling_seconds"] = Math.Round(samplingSeconds, 1);
+                result["asked_share"] = asked is { } a ? new Dictionary<string, object>
+                {
+                    ["overall"] = Math.Round(a.Overall, 4),
+                    ["by_digit"] = a.ByClass.ToDictionary(e => e.Key.ToString(CultureInfo.InvariantCulture), e => (object)Math.Round(e.Value, 4)),
+                } : null;
+            }
+            result["samples"] = Json(scores);
+            result["report"] = reportDir is null ? null : Path.GetFullPath(reportDir);
+            var findings = new EvalFindings
+            {
+                Command = q.CommandLine,
+                Source = plan is null ? $"IDX file {q.Samples}" : $"checkpoint {checkpoint}",
+                Sampling = sampling,
+                ClassifierPath = Path.GetFullPath(q.Classifier),
+                ClassifierSha256 = sha,
+                ClassifierAccuracy = accuracy,
+                Samples = scores,
+                Floor = floorScores,
+                Asked = asked,
+                Digits = [.. set.Images.Select(p => p / 127.5f - 1f)],
+                Probabilities = probs,
+                Classes = model.Classes,
+            };
+            if (reportDir is not null)
+            {
+                EvalReport.Write(reportDir, findings);
+            }
+        }
+        else
+        {
+            result["samples_file"] = null;
+            result["samples"] = null;
+        }
+        result["real_floor"] = Json(floorScores);
+        result["reference"] = $"MNIST test set ({test.Count} digits)";
+        result["seconds"] = Math.Round(clock.Elapsed.TotalSeconds, 1);
+        // Relaxed escaping: "dpm++" and paths stay readable (the default escapes + and every non-ASCII letter).
+        Console.WriteLine(JsonSerializer.Serialize(result, new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
         return 0;
+    }
+
+    // The IDX file's name without .gz and -idx3-ubyte (or .idx): samples-idx3-ubyte.gz → samples.
+    private static string Stem(string name)
+    {
+        foreach (var suffix in new[] { ".gz", "-idx3-ubyte", ".idx3-ubyte", ".idx" })
+        {
+            if (name.EndsWith(suffix, StringComparison.OrdinalIgnoreCase) && name.Length > suffix.Length)
+            {
+                name = name[..^suffix.Length];
+            }
+        }
+        return name;
+    }
+
+    /// <summary>
+    /// The default report folder for a checkpoint: eval-SAMPLER-STEPS, then each setting away from its default
+    /// (-small, -eta E, -seedrecipe, -raw, -seed S, -digit D or -unguided, -w W, -n N), so runs of other settings do not
+    /// overwrite each other.
+    /// </summary>
+    private static string FolderName(SamplingPlan plan, int n)
+    {
+        var s = plan.Settings;
+        string I(double v) => v.ToString(CultureInfo.InvariantCulture);
+        var name = $"eval-{s.Sampler}-{plan.Steps.Count}";
+        name += plan.Kind == SamplerKind.DdpmSmall ? "-small" : "";
+        name += s.Eta is > 0 ? $"-eta{I(s.Eta.Value)}" : "";
+        name += plan.Clip ? "" : "-seedrecipe";
+        name += plan.Info.HasEma && !plan.UseEma ? "-raw" : "";
+        name += s.Seed != 0 ? $"-seed{s.Seed}" : "";
+        if (plan.Info.Classes > 0)
+        {
+            name += s.Digit switch { "all" => "", null => "-unguided", var d => $"-digit{d}" };
+            name += s.Digit is not null && plan.Guidance != SamplerSettings.DefaultGuidance ? $"-w{I(plan.Guidance)}" : "";
+        }
+        name += n != DefaultCount ? $"-n{n}" : "";
+        return name;
+    }
+
+    private static List<(string, string)> Sampling(SamplingPlan plan, int n, double seconds)
+    {
+        var s = plan.Settings;
+        var rows = new List<(string, string)>
+        {
+            ("model", $"{plan.Info.Preset}{(plan.Info.Classes > 0 ? " class-conditional" : "")}, {(plan.UseEma ? "EMA" : "raw")} weights, {plan.ScheduleName} schedule, T = {plan.T}"),
+            ("sampler", plan.Kind switch
+            {
+                SamplerKind.Ddim => $"ddim, {plan.Steps.Count} steps, eta {(s.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
+                SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps",
+                _ => $"ddpm, {plan.Steps.Count} steps, {plan.Variance} variance",
+            }),
+            ("recipe", plan.Clip ? "clipped (x0 estimate clipped to [-1, 1])" : "seed (unclipped)"),
+            ("seed", s.Seed.ToString(CultureInfo.InvariantCulture)),
+            ("digits", n.ToString(CultureInfo.InvariantCulture)),
+        };
+        if (plan.Info.Classes > 0)
+        {
+            rows.Add(("conditioning", s.Digit switch
+            {
+                null => "unguided (no label)",
+                "all" => $"every digit, {n / 10} each, guidance {plan.Guidance.ToString(CultureInfo.InvariantCulture)}",
+                var d => $"digit {d}, guidance {plan.Guidance.ToString(CultureInfo.InvariantCulture)}",
+            }));
+        }
+        rows.Add(("sampling time", $"{seconds:F1} s"));
+        return rows;
     }
 
     private static Dictionary<string, object> Json(SampleScores s) => new()

@@ -20,8 +20,35 @@ public static class Images
     public static Image<L8> Grid(float[] digits, int n, int scale = 2, int columns = 0)
     {
         int cols = columns > 0 ? columns : (int)Math.Ceiling(Math.Sqrt(n)), rows = (n + cols - 1) / cols;
+        return Tiles(digits, rows, cols, scale, (r, c) => r * cols + c < n ? r * cols + c : -1, (_, v, _) => new L8(v), new L8(0));
+    }
+
+    /// <summary>
+    /// Digits laid out by rows: row r holds the digits <paramref name="rows"/>[r] (indices into
+    /// <paramref name="digits"/> [·784], at most <paramref name="columns"/> of them; the rest of the row stays black);
+    /// tiles whose index <paramref name="marked"/> holds get a red frame over their outermost pixels.
+    /// </summary>
+    public static Image<Rgba32> RowGrid(float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked, int scale = 2)
+    {
+        var red = new Rgba32(230, 40, 40);
+        return Tiles(digits, rows.Count, columns, scale, (r, c) => c < rows[r].Count ? rows[r][c] : -1,
+            (k, v, edge) => edge && marked(k) ? red : new Rgba32(v, v, v), new Rgba32(0, 0, 0));
+    }
+
+    /// <summary>Writes <see cref="RowGrid"/> as a PNG.</summary>
+    public static void SaveRowGrid(string path, float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked)
+    {
+        using var image = RowGrid(digits, rows, columns, marked);
+        image.SaveAsPng(path);
+    }
+
+    // rows × cols tiles of 28×28 with Gap pixels around, scaled ×scale: tile (r, c) shows digit digitAt(r, c) (none
+    // when -1), each pixel coloured by pixel(digit, byte value, on the tile's outermost ring).
+    private static Image<TPixel> Tiles<TPixel>(float[] digits, int rows, int cols, int scale, Func<int, int, int> digitAt,
+        Func<int, byte, bool, TPixel> pixel, TPixel background) where TPixel : unmanaged, IPixel<TPixel>
+    {
         int w = (cols * (Side + Gap) + Gap) * scale, h = (rows * (Side + Gap) + Gap) * scale;
-        var image = new Image<L8>(w, h, new L8(0));
+        var image = new Image<TPixel>(w, h, background);
         image.ProcessPixelRows(pixels =>
         {
             for (int y = 0; y < h; y++)
@@ -31,10 +58,15 @@ public static class Images
                 for (int x = 0; x < w; x++)
                 {
                     int gx = x / scale, c = gx / (Side + Gap), px = gx % (Side + Gap) - Gap;
-                    int k = r * cols + c;
-                    if (py >= 0 && px >= 0 && k < n)
+                    if (py < 0 || px < 0 || r >= rows || c >= cols)
                     {
-                        row[x] = new L8(ToByte(digits[k * Side * Side + py * Side + px]));
+                        continue;
+                    }
+                    int k = digitAt(r, c);
+                    if (k >= 0)
+                    {
+                        bool edge = py == 0 || px == 0 || py == Side - 1 || px == Side - 1;
+                        row[x] = pixel(k, ToByte(digits[k * Side * Side + py * Side + px]), edge);
                     }
                 }
             }

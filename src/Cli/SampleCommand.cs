@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using Ddpm.Diffusion;
 using Ddpm.Nn;
+using Ddpm.Tensors;
 
 namespace Ddpm.Cli;
 
@@ -14,23 +15,14 @@ public static class SampleCommand
     {
         var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
         var n = new Option<int>("--n") { Description = "how many digits (1..10000); with --digit all, how many of each digit (one grid row per digit)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
-        var digit = new Option<string?>("--digit") { Description = "class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided" };
-        digit.AcceptOnlyFromAmong([.. Enumerable.Range(0, 10).Select(d => d.ToString(CultureInfo.InvariantCulture)), "all"]);
-        var guidance = new Option<double?>("--guidance") { Description = "classifier-free guidance weight w with --digit (default 3.0): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
-        var sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
-        sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
-        var variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
-        variance.AcceptOnlyFromAmong("large", "small");
-        var steps = new Option<int?>("--steps") { Description = "steps S of ddim (default 50) or dpm++ (default 20); ddpm always takes the run's T" }.Within(1, NoiseScheduleLimits.MaxT);
-        var eta = new Option<double?>("--eta") { Description = "ddim's eta in [0, 1]: 0 deterministic (default), 1 as ddpm" }.Within(0.0, 1.0);
-        var recipe = RecipeOption("every sampler's step");
-        var seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
-        var noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
+        var flags = new SamplerFlags("class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided", withNone: false);
         var device = Program.DeviceOption();
         var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" };
-        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n, digit, guidance, sampler, variance, steps, eta, recipe, seed, noEma, device, output };
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), p.GetValue(digit), p.GetValue(guidance), p.GetValue(sampler)!, p.GetValue(variance), p.GetValue(steps),
-            p.GetValue(eta), p.GetValue(recipe)!, p.GetValue(seed), p.GetValue(noEma), p.GetValue(device)!, p.GetValue(output))));
+        var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n };
+        flags.AddTo(command);
+        command.Add(device);
+        command.Add(output);
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), flags.Read(p), p.GetValue(device)!, p.GetValue(output))));
         return command;
     }
 
@@ -46,95 +38,32 @@ public static class SampleCommand
         return recipe;
     }
 
-    private static int Run(string checkpoint, int n, string? digit, double? guidance, string samplerName, string? variance, int? steps, double? eta, string recipe, ulong seed, bool noEma, string deviceName, string? outDir)
+    private static int Run(string checkpoint, int n, SamplerSettings settings, string deviceName, string? outDir)
     {
-        bool ddpm = samplerName == "ddpm", ddim = samplerName == "ddim", dpm = samplerName == "dpm++";
-        if (ddpm && (steps is not null || eta is not null))
-        {
-            throw new UsageException($"{(steps is not null ? "--steps" : "--eta")} applies to --sampler ddim or dpm++ only (ddpm always takes the run's T steps)");
-        }
-        if (dpm && eta is not null)
-        {
-            throw new UsageException("--eta applies to --sampler ddim only (dpm++ is deterministic)");
-        }
-        if (!ddpm && variance is not null)
-        {
-            throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++ adds no noise")})");
-        }
-        if (guidance is not null && digit is null)
-        {
-            throw new UsageException("--guidance applies with --digit only (without it a conditional model samples unguided)");
-        }
-        if (digit == "all" && n > 1000)
+        settings.CheckFlags(guidanceNeedsDigit: true);
+        if (settings.Digit == "all" && n > 1000)
         {
             throw new UsageException($"--n {n}: with --digit all it counts each digit, so at most 1000 (10000 digits in all)");
         }
-        if (Directory.Exists(checkpoint))
-        {
-            throw new UsageException($"--checkpoint {checkpoint}: is a folder; pass its {TrainCommand.CheckpointFile}");
-        }
-        if (!File.Exists(checkpoint))
-        {
-            throw new ArgumentException($"checkpoint {checkpoint} does not exist (train one with 'ddpm train')");
-        }
-        // The whole file is validated (names, shapes against the preset it claims, finite values, metadata) before anything is built.
-        var info = Checkpoint.Inspect(checkpoint);
-        if (digit is not null && info.Classes == 0)
-        {
-            throw new UsageException($"--digit {digit}: {checkpoint} holds an unconditional model (train one with --classes 10)");
-        }
-        var meta = info.Metadata;
-        string scheduleName = meta.GetValueOrDefault("schedule", "linear");
-        int T = meta.TryGetValue("T", out var t) ? int.Parse(t, CultureInfo.InvariantCulture) : 300;
-        if (ddim && steps > T)
-        {
-            throw new UsageException($"--steps {steps}: the run has T = {T} diffusion steps, so ddim takes at most {T}");
-        }
-        // dpm++ moves between S + 1 distinct timesteps of 0..T-1.
-        if (dpm && (steps ?? Math.Min(20, T - 1)) > T - 1)
-        {
-            throw new UsageException($"--steps {steps}: the run has T = {T} diffusion steps, so dpm++ takes at most {T - 1}");
-        }
-        var schedule = NoiseSchedule.ByName(scheduleName, T);
-        var kind = ddim ? SamplerKind.Ddim : dpm ? SamplerKind.DpmSolver2M : variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
-        bool clip = recipe != "seed";
-        var plan = Sampler.Plan(schedule, kind, steps ?? (dpm ? Math.Min(20, T - 1) : 50), eta ?? 0, clip);
+        var plan = settings.Plan(checkpoint);
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
 
         using var device = Program.OpenDevice(deviceName);
-        var model = new UNet(info.Channels, device, classes: info.Classes);
-        bool useEma = !noEma && info.HasEma;
-        using (var ema = useEma ? new Ema(model.Parameters, 0.5f) : null)
-        {
-            Checkpoint.Load(info, model, ema: ema);
-            ema?.CopyToModel();
-        }
         // --digit all: n of each digit, digit d in grid row d.
-        int total = digit == "all" ? 10 * n : n, columns = digit == "all" ? n : 0;
-        float w = (float)(guidance ?? 3.0);
-        float[]? labels = digit switch
-        {
-            null => null,
-            "all" => [.. Enumerable.Range(0, total).Select(i => (float)(i / n))],
-            _ => [.. Enumerable.Repeat(float.Parse(digit, CultureInfo.InvariantCulture), n)],
-        };
-        string conditioning = info.Classes == 0 ? "" : digit is null ? "unguided (no label), " : $"digit {digit} with guidance {w.ToString(CultureInfo.InvariantCulture)}, ";
-        Console.Error.WriteLine($"sampling {total} digits: {info.Preset} {(info.Classes > 0 ? "conditional " : "")}model, {conditioning} {(useEma ? "EMA" : "raw")} weights, " +
-            $"{kind switch { SamplerKind.Ddim => $"ddim {plan.Count} steps eta {eta ?? 0}", SamplerKind.DpmSolver2M => $"dpm++ (2M) {plan.Count} steps", _ => $"ddpm ({variance ?? "large"} variance) {plan.Count} steps" }}, " +
-            $"{(clip ? "clipped" : "the seed's unclipped")} recipe, {scheduleName} schedule, seed {seed}");
-
+        int total = settings.Digit == "all" ? 10 * n : n, columns = settings.Digit == "all" ? n : 0;
+        Console.Error.WriteLine(plan.Describe(total));
         var frames = new List<float[]>();
-        int every = Math.Max(1, plan.Count / 30);
+        int every = Math.Max(1, plan.Steps.Count / 30);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var digits = Sampler.Run(model, total, plan, seed, labels, w, (i, x) =>
+        var digits = plan.Run(device, total, (i, x) =>
         {
-            if (i % every == 0 || i == plan.Count - 1)
+            if (i % every == 0 || i == plan.Steps.Count - 1)
             {
                 frames.Add(x.ToArray());
             }
         });
-        Console.Error.WriteLine($"{plan.Count} steps in {clock.Elapsed.TotalSeconds:F1} s");
+        Console.Error.WriteLine($"{plan.Steps.Count} steps in {clock.Elapsed.TotalSeconds:F1} s");
         var png = Path.Combine(outDir, "samples.png");
         var idx = Path.Combine(outDir, "samples-idx3-ubyte");
         var gif = Path.Combine(outDir, "reverse.gif");
@@ -143,5 +72,187 @@ public static class SampleCommand
         Images.SaveAnimation(gif, frames, total, columns);
         Console.Error.WriteLine($"wrote {png}, {idx}, {gif}");
         return 0;
+    }
+}
+
+/// <summary>The sampler flags that <c>sample</c> and <c>eval</c> share: --digit, --guidance, --sampler, --variance,
+/// --steps, --eta, --recipe, --seed, --no-ema.</summary>
+internal sealed class SamplerFlags
+{
+    private readonly Option<string?> _digit;
+    private readonly Option<double?> _guidance;
+    private readonly Option<string> _sampler;
+    private readonly Option<string?> _variance;
+    private readonly Option<int?> _steps;
+    private readonly Option<double?> _eta;
+    private readonly Option<string> _recipe;
+    private readonly Option<ulong> _seed;
+    private readonly Option<bool> _noEma;
+
+    /// <summary>The flags, --digit described by <paramref name="digitDescription"/> and taking "none" too when <paramref name="withNone"/>.</summary>
+    public SamplerFlags(string digitDescription, bool withNone)
+    {
+        _digit = new Option<string?>("--digit") { Description = digitDescription };
+        _digit.AcceptOnlyFromAmong([.. Enumerable.Range(0, 10).Select(d => d.ToString(CultureInfo.InvariantCulture)), "all", .. withNone ? new[] { "none" } : []]);
+        _guidance = new Option<double?>("--guidance") { Description = $"classifier-free guidance weight w with --digit (default {SamplerSettings.DefaultGuidance.ToString("0.0##", CultureInfo.InvariantCulture)}): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
+        _sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
+        _sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
+        _variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
+        _variance.AcceptOnlyFromAmong("large", "small");
+        _steps = new Option<int?>("--steps") { Description = "steps S of ddim (default 50) or dpm++ (default 20); ddpm always takes the run's T" }.Within(1, NoiseScheduleLimits.MaxT);
+        _eta = new Option<double?>("--eta") { Description = "ddim's eta in [0, 1]: 0 deterministic (default), 1 as ddpm" }.Within(0.0, 1.0);
+        _recipe = SampleCommand.RecipeOption("every sampler's step");
+        _seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
+        _noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
+    }
+
+    private Option[] All => [_digit, _guidance, _sampler, _variance, _steps, _eta, _recipe, _seed, _noEma];
+
+    /// <summary>Adds every flag to <paramref name="command"/>.</summary>
+    public void AddTo(Command command)
+    {
+        foreach (var option in All)
+        {
+            command.Add(option);
+        }
+    }
+
+    /// <summary>The flags' values.</summary>
+    public SamplerSettings Read(ParseResult p) => new(p.GetValue(_sampler)!, p.GetValue(_variance), p.GetValue(_steps), p.GetValue(_eta),
+        p.GetValue(_recipe)!, p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance));
+
+    /// <summary>The first flag given on the command line (not left at its default), or null.</summary>
+    public string? FirstGiven(ParseResult p) => All.FirstOrDefault(o => p.GetResult(o) is { Implicit: false })?.Name;
+}
+
+/// <summary>What the sampler flags asked for; <see cref="Plan"/> checks them against a checkpoint.</summary>
+internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance)
+{
+    /// <summary>The guidance weight w when --digit is given without --guidance.</summary>
+    public const double DefaultGuidance = 3.0;
+
+    /// <summary>Refuses flags that do not go together, before any file is read.</summary>
+    public void CheckFlags(bool guidanceNeedsDigit)
+    {
+        bool ddpm = Sampler == "ddpm", ddim = Sampler == "ddim", dpm = Sampler == "dpm++";
+        if (ddpm && (Steps is not null || Eta is not null))
+        {
+            throw new UsageException($"{(Steps is not null ? "--steps" : "--eta")} applies to --sampler ddim or dpm++ only (ddpm always takes the run's T steps)");
+        }
+        if (dpm && Eta is not null)
+        {
+            throw new UsageException("--eta applies to --sampler ddim only (dpm++ is deterministic)");
+        }
+        if (!ddpm && Variance is not null)
+        {
+            throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++ adds no noise")})");
+        }
+        if (Guidance is not null && (Digit == "none" || (guidanceNeedsDigit && Digit is null)))
+        {
+            throw new UsageException("--guidance applies with --digit only (without it a conditional model samples unguided)");
+        }
+    }
+
+    /// <summary>
+    /// Validates <paramref name="checkpoint"/> whole (names, shapes against the preset it claims, finite values,
+    /// metadata) and these settings against it, and computes the sampler's steps from the run's schedule and T.
+    /// </summary>
+    public SamplingPlan Plan(string checkpoint)
+    {
+        if (Directory.Exists(checkpoint))
+        {
+            throw new UsageException($"--checkpoint {checkpoint}: is a folder; pass its {TrainCommand.CheckpointFile}");
+        }
+        if (!File.Exists(checkpoint))
+        {
+            throw new ArgumentException($"checkpoint {checkpoint} does not exist (train one with 'ddpm train')");
+        }
+        var info = Checkpoint.Inspect(checkpoint);
+        if ((Digit is not null || Guidance is not null) && info.Classes == 0)
+        {
+            throw new UsageException($"{(Digit is not null ? $"--digit {Digit}" : "--guidance")}: {checkpoint} holds an unconditional model (train one with --classes 10)");
+        }
+        var meta = info.Metadata;
+        string scheduleName = meta.GetValueOrDefault("schedule", "linear");
+        int T = meta.TryGetValue("T", out var t) ? int.Parse(t, CultureInfo.InvariantCulture) : 300;
+        bool ddim = Sampler == "ddim", dpm = Sampler == "dpm++";
+        if (ddim && Steps > T)
+        {
+            throw new UsageException($"--steps {Steps}: the run has T = {T} diffusion steps, so ddim takes at most {T}");
+        }
+        // dpm++ moves between S + 1 distinct timesteps of 0..T-1.
+        if (dpm && (Steps ?? Math.Min(20, T - 1)) > T - 1)
+        {
+            throw new UsageException($"--steps {Steps}: the run has T = {T} diffusion steps, so dpm++ takes at most {T - 1}");
+        }
+        var schedule = NoiseSchedule.ByName(scheduleName, T);
+        var kind = ddim ? SamplerKind.Ddim : dpm ? SamplerKind.DpmSolver2M : Variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
+        var steps = Diffusion.Sampler.Plan(schedule, kind, Steps ?? (dpm ? Math.Min(20, T - 1) : 50), Eta ?? 0, clip: Recipe != "seed");
+        return new SamplingPlan(info, this, scheduleName, T, kind, steps);
+    }
+}
+
+/// <summary>A checkpoint and the sampler to run on it, checked against each other.</summary>
+internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Settings, string ScheduleName, int T, SamplerKind Kind, IReadOnlyList<ReverseStep> Steps)
+{
+    /// <summary>True unless --recipe seed: the x0 estimate is clipped to [-1, 1].</summary>
+    public bool Clip => Settings.Recipe != "seed";
+
+    /// <summary>True when the EMA weights are sampled (the checkpoint has them and --no-ema is not given).</summary>
+    public bool UseEma => !Settings.NoEma && Info.HasEma;
+
+    /// <summary>The guidance weight w (used with a digit only).</summary>
+    public float Guidance => (float)(Settings.Guidance ?? SamplerSettings.DefaultGuidance);
+
+    /// <summary>ddpm's variance (large or small), null for the other samplers.</summary>
+    public string? Variance => Kind switch { SamplerKind.DdpmLarge => "large", SamplerKind.DdpmSmall => "small", _ => null };
+
+    /// <summary>
+    /// The digit asked for each of <paramref name="total"/> samples: null without --digit (an unconditional model, or a
+    /// conditional one unguided); with --digit all, total/10 of each digit in order (digit d in grid row d).
+    /// </summary>
+    public float[]? Labels(int total) => Settings.Digit switch
+    {
+        null or "none" => null,
+        "all" => [.. Enumerable.Range(0, total).Select(i => (float)(i / (total / 10)))],
+        var d => [.. Enumerable.Repeat(float.Parse(d, CultureInfo.InvariantCulture), total)],
+    };
+
+    /// <summary>One line: the model, the conditioning, the weights, the sampler, the recipe, the schedule and the seed.</summary>
+    public string Describe(int total)
+    {
+        string conditioning = Info.Classes == 0 ? "" : Labels(total) is null ? "unguided (no label), " : $"digit {Settings.Digit} with guidance {Guidance.ToString(CultureInfo.InvariantCulture)}, ";
+        string sampler = Kind switch
+        {
+            SamplerKind.Ddim => $"ddim {Steps.Count} steps eta {(Settings.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
+            SamplerKind.DpmSolver2M => $"dpm++ (2M) {Steps.Count} steps",
+            _ => $"ddpm ({Variance} variance) {Steps.Count} steps",
+        };
+        return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +
+            $"{sampler}, {(Clip ? "clipped" : "the seed's unclipped")} recipe, {ScheduleName} schedule, seed {Settings.Seed}";
+    }
+
+    /// <summary>Loads the weights onto <paramref name="device"/> and draws <paramref name="total"/> digits [total·784] in
+    /// [-1, 1] (unclamped); <paramref name="onStep"/> sees each step's x. The weights are released afterwards.</summary>
+    public float[] Run(Device device, int total, Action<int, Tensor>? onStep = null)
+    {
+        var model = new UNet(Info.Channels, device, classes: Info.Classes);
+        try
+        {
+            using (var ema = UseEma ? new Ema(model.Parameters, 0.5f) : null)
+            {
+                Checkpoint.Load(Info, model, ema: ema);
+                ema?.CopyToModel();
+            }
+            return Sampler.Run(model, total, Steps, Settings.Seed, Labels(total), Guidance, onStep);
+        }
+        finally
+        {
+            foreach (var p in model.Parameters)
+            {
+                p.Value.Dispose();
+                p.Grad?.Dispose();
+            }
+        }
     }
 }

@@ -41,6 +41,34 @@ public sealed record SampleScores(int Count, double MeanConfidence, double Confi
             FrechetDistance(features, count, referenceFeatures, referenceCount, d));
     }
 
+    /// <summary>
+    /// For samples drawn with a class asked of a conditional model: the share whose most probable class is the one asked,
+    /// |{i : argmax p_i = asked_i}| / N, overall and for each class asked (classes never asked are left out).
+    /// </summary>
+    public static (double Overall, SortedDictionary<int, double> ByClass) AskedShare(float[] probabilities, IReadOnlyList<int> asked, int classes)
+    {
+        if (asked.Count == 0 || probabilities.Length != asked.Count * classes)
+        {
+            throw new ArgumentException($"asked share: {probabilities.Length} probabilities are not {asked.Count} rows of {classes} (need at least one)");
+        }
+        var right = new SortedDictionary<int, int>();
+        var total = new SortedDictionary<int, int>();
+        int hits = 0;
+        for (int i = 0; i < asked.Count; i++)
+        {
+            bool hit = Classifier.ArgMax(probabilities.AsSpan(i * classes, classes)) == asked[i];
+            hits += hit ? 1 : 0;
+            right[asked[i]] = right.GetValueOrDefault(asked[i]) + (hit ? 1 : 0);
+            total[asked[i]] = total.GetValueOrDefault(asked[i]) + 1;
+        }
+        var byClass = new SortedDictionary<int, double>();
+        foreach (var (k, n) in total)
+        {
+            byClass[k] = (double)right[k] / n;
+        }
+        return ((double)hits / asked.Count, byClass);
+    }
+
     /// <summary>KL(q ‖ uniform) = Σ_k q_k log(K q_k) with q = h/Σh, in nats; 0·log 0 = 0, so 0 exactly for a uniform
     /// histogram and log K when every digit is one class.</summary>
     public static double KlToUniform(IReadOnlyList<int> histogram)
