@@ -28,7 +28,7 @@ internal static class TiledNorm
     public static void Forward(IlgpuKernels k, ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> y,
         ArrayView<float> mean, ArrayView<float> rstd, GroupNorm.GroupShape s, float eps)
     {
-        int threads = TiledReduce.Threads(k.Accelerator);
+        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize);
         k.GroupNorm.TiledForward(k.Stream, new KernelConfig(s.N * s.G, threads), x, gamma, beta, mean, rstd, y, s, eps);
     }
 
@@ -36,13 +36,13 @@ internal static class TiledNorm
     public static void Backward(IlgpuKernels k, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
         ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> dgamma, ArrayView<float> dbeta, GroupNorm.GroupShape s, bool accumulate)
     {
-        int threads = TiledReduce.Threads(k.Accelerator), lanes = Lanes(s.ChannelsPerGroup, threads);
+        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
         using var tables = k.Scratch(2 * s.N * s.C);
         var sumDu = tables.View.SubView(0, s.N * s.C);
         var sumDuXhat = tables.View.SubView(s.N * s.C, s.N * s.C);
         k.GroupNorm.TiledBackward(k.Stream, new KernelConfig(s.N * s.G, threads), dy, x, mean, rstd, gamma, beta, dx, sumDu, sumDuXhat, s, lanes,
             accumulate ? 1 : 0);
-        k.GroupNorm.TiledParamGrad(k.Stream, new KernelConfig(s.C, threads), sumDu, sumDuXhat, dgamma, dbeta, s.N, s.C);
+        k.GroupNorm.TiledParamGrad(k.Stream, new KernelConfig(s.C, TiledReduce.Threads(k.Accelerator, s.N)), sumDu, sumDuXhat, dgamma, dbeta, s.N, s.C);
     }
 
     /// <summary>Lanes per channel segment in backward's sums: the group's T threads split into as many segments as the
@@ -127,15 +127,7 @@ internal static class TiledNorm
             sh[T + t] = b;
             Group.Barrier();
             // Segmented tree: lane 0 of each segment ends with its channel's sums.
-            for (int half = lanes / 2; half > 0; half >>= 1)
-            {
-                if (lane < half)
-                {
-                    sh[t] += sh[t + half];
-                    sh[T + t] += sh[T + t + half];
-                }
-                Group.Barrier();
-            }
+            TiledReduce.SegmentTree(sh, t, lanes, two: true);
             if (lane == 0 && cg < s.ChannelsPerGroup)
             {
                 sumDu[n * s.C + c0 + cg] = sh[t];
@@ -172,7 +164,7 @@ internal static class TiledNorm
     // Group c over [C]: dgamma[c] += Σ_n sumDuXhat[n, c], dbeta[c] += Σ_n sumDu[n, c], n in a fixed order.
     internal static void ParamGradKernel(ArrayView<float> sumDu, ArrayView<float> sumDuXhat, ArrayView<float> dgamma, ArrayView<float> dbeta, int n, int channels)
     {
-        var sh = SharedMemory.Allocate<float>(T);
+        var sh = SharedMemory.Allocate<float>(2 * T);
         int c = Grid.IdxX;
         float a = 0, b = 0;
         for (int i = Group.IdxX; i < n; i += Group.DimX)
@@ -180,8 +172,7 @@ internal static class TiledNorm
             a += sumDu[i * channels + c];
             b += sumDuXhat[i * channels + c];
         }
-        float totalDu = TiledReduce.GroupSum(sh, a);
-        float totalDuXhat = TiledReduce.GroupSum(sh, b);
+        var (totalDu, totalDuXhat) = TiledReduce.GroupSum2(sh, a, b);
         if (Group.IdxX == 0)
         {
             dgamma[c] += totalDuXhat;

@@ -5,8 +5,8 @@ namespace Ddpm.Kernels;
 
 /// <summary>
 /// Explicitly grouped reductions for the ILGPU backend: each group of T threads adds its values in
-/// shared memory along a fixed tree (log2 T steps, one <see cref="Group.Barrier"/> each), and a
-/// second, equally fixed pass adds the groups' partials. No atomics: for one accelerator (one T)
+/// shared memory along a fixed radix-16 tree (<see cref="SegmentTree"/>: two levels for 256 values,
+/// one <see cref="Group.Barrier"/> each), and a second, equally fixed pass adds the groups' partials. No atomics: for one accelerator (one T)
 /// every rerun adds in the same order and is bit-identical.
 ///   full sums (sum, mean, Σx², MSE):  [n] → partial [B] (grid-stride, B groups) → out [1]
 ///   per-channel sums (conv bias):     dy [N, K, PQ] → partial [K, S] (S splits of the batch) → db [K] (+=)
@@ -38,6 +38,18 @@ internal static class TiledReduce
         return t;
     }
 
+    /// <summary>Threads per group for a reduction of <paramref name="count"/> values a group: <see cref="Threads(Accelerator)"/>,
+    /// or the smallest power of two ≥ count when that is fewer (the batch's 128 partials of a channel need no 256 threads).</summary>
+    public static int Threads(Accelerator accelerator, long count)
+    {
+        int t = Threads(accelerator);
+        while (t > 1 && t / 2 >= count)
+        {
+            t >>= 1;
+        }
+        return t;
+    }
+
     /// <summary>Groups of a grid-stride reduction over <paramref name="n"/> elements with <paramref name="threads"/> per group.</summary>
     public static int GroupsFor(long n, int threads) => (int)Math.Clamp((n + (long)threads * PerThread - 1) / ((long)threads * PerThread), 1, MaxGroups);
 
@@ -46,10 +58,10 @@ internal static class TiledReduce
     /// <summary>out[0] = scale·Σ f(a, b) with f by mode (0: a, 1: a², 2: (a - b)²), in two launches.</summary>
     public static void Full(IlgpuKernels k, ArrayView<float> a, ArrayView<float> b, ArrayView<float> output, int n, int mode, float scale)
     {
-        int threads = Threads(k.Accelerator), groups = GroupsFor(n, threads);
+        int threads = Threads(k.Accelerator, n), groups = GroupsFor(n, threads);
         using var partial = k.Scratch(groups);
         k.Reduce.TiledPartial(k.Stream, new KernelConfig(groups, threads), a, b, partial.View, n, mode);
-        k.Reduce.TiledSegments(k.Stream, new KernelConfig(1, threads), partial.View, output, groups, 0, 1, scale, 0);
+        k.Reduce.TiledSegments(k.Stream, new KernelConfig(1, Threads(k.Accelerator, groups)), partial.View, output, groups, 0, 1, scale, 0);
     }
 
     /// <summary>dst[g] (+)= scale·Σ_{i &lt; count} src[g·segStride + i·elemStride] for g &lt; segments: one group per segment.
@@ -57,7 +69,7 @@ internal static class TiledReduce
     public static void Segments(IlgpuKernels k, ArrayView<float> src, ArrayView<float> dst, int segments, int count, int segStride, int elemStride,
         float scale, bool accumulate)
     {
-        int threads = Threads(k.Accelerator);
+        int threads = Threads(k.Accelerator, count);
         k.Reduce.TiledSegments(k.Stream, new KernelConfig(segments, threads), src, dst, count, segStride, elemStride, scale, accumulate ? 1 : 0);
     }
 
@@ -67,8 +79,9 @@ internal static class TiledReduce
         int threads = Threads(k.Accelerator);
         var (rowsPerSplit, splits) = ChannelSplits(n, inner, threads);
         using var partial = k.Scratch(channels * splits);
-        k.Reduce.TiledChannelPartial(k.Stream, new KernelConfig(channels * splits, threads), dy, partial.View, n, channels, inner, rowsPerSplit, splits);
-        k.Reduce.TiledSegments(k.Stream, new KernelConfig(channels, threads), partial.View, db, splits, splits, 1, 1f, 1);
+        k.Reduce.TiledChannelPartial(k.Stream, new KernelConfig(channels * splits, Threads(k.Accelerator, (long)rowsPerSplit * inner)), dy, partial.View, n,
+            channels, inner, rowsPerSplit, splits);
+        k.Reduce.TiledSegments(k.Stream, new KernelConfig(channels, Threads(k.Accelerator, splits)), partial.View, db, splits, splits, 1, 1f, 1);
     }
 
     /// <summary>How <see cref="ChannelSums"/> splits the batch: each group about 8·T elements (whole images), so a
@@ -82,29 +95,74 @@ internal static class TiledReduce
     /// <summary>flag[0] = min(flag[0], id) when any of x [n] is NaN or ±inf.</summary>
     public static void FlagNonFinite(IlgpuKernels k, ArrayView<float> x, ArrayView<float> flag, int n, int id)
     {
-        int threads = Threads(k.Accelerator);
+        int threads = Threads(k.Accelerator, n);
         k.Reduce.TiledFlagNonFinite(k.Stream, new KernelConfig(GroupsFor(n, threads), threads), x, flag, n, id);
     }
 
     // ---------------- device side ----------------
 
-    /// <summary>The group's total of one value per thread, returned to every thread: a tree in shared memory
+    /// <summary>Values a thread adds per level of the shared-memory tree: 256 values take two levels (two barriers) instead of eight.</summary>
+    public const int Radix = 16;
+
+    /// <summary>
+    /// Reduces, in place, every segment of <paramref name="lanes"/> consecutive floats of sh (and, when
+    /// <paramref name="two"/>, of sh[MaxThreads..]) to its first element, in a fixed order: at each level the n
+    /// values of a segment become m = n/r (r = min(Radix, n)), lane l &lt; m adding sh[l + i·m] for i &lt; r, so
+    /// neighbouring lanes read neighbouring banks. lanes is a power of two dividing Group.DimX; t is Group.IdxX.
+    /// Every thread must call it (one barrier per level), after the values are written and a barrier.
+    /// </summary>
+    public static void SegmentTree(ArrayView<float> sh, int t, int lanes, bool two)
+    {
+        int lane = t & (lanes - 1);
+        int n = lanes;
+        while (n > 1)
+        {
+            int r = Math.Min(Radix, n), m = n / r;
+            if (lane < m)
+            {
+                float a = 0, b = 0;
+                for (int i = 0; i < r; i++)
+                {
+                    a += sh[t + i * m];
+                    if (two)
+                    {
+                        b += sh[MaxThreads + t + i * m];
+                    }
+                }
+                sh[t] = a;
+                if (two)
+                {
+                    sh[MaxThreads + t] = b;
+                }
+            }
+            Group.Barrier();
+            n = m;
+        }
+    }
+
+    /// <summary>The group's total of one value per thread, returned to every thread: a radix-16 tree in shared memory
     /// (sh holds at least Group.DimX floats; Group.DimX is a power of two). Every thread must call it.</summary>
     public static float GroupSum(ArrayView<float> sh, float value)
     {
         int t = Group.IdxX;
         sh[t] = value;
         Group.Barrier();
-        for (int half = Group.DimX / 2; half > 0; half >>= 1)
-        {
-            if (t < half)
-            {
-                sh[t] += sh[t + half];
-            }
-            Group.Barrier();
-        }
+        SegmentTree(sh, t, Group.DimX, two: false);
         float total = sh[0];
         // Nobody may overwrite sh[0] before every thread has read it.
+        Group.Barrier();
+        return total;
+    }
+
+    /// <summary>Two totals at once (one tree for both): sh holds at least 2·<see cref="MaxThreads"/> floats. Every thread must call it.</summary>
+    public static (float A, float B) GroupSum2(ArrayView<float> sh, float a, float b)
+    {
+        int t = Group.IdxX;
+        sh[t] = a;
+        sh[MaxThreads + t] = b;
+        Group.Barrier();
+        SegmentTree(sh, t, Group.DimX, two: true);
+        var total = (sh[0], sh[MaxThreads]);
         Group.Barrier();
         return total;
     }
