@@ -82,8 +82,8 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
                 first = Checker.RunOnDevice(c, device, inputs, 1234);
                 second = Checker.RunOnDevice(c, device, inputs, 1234);
             });
-            bool finished = await Task.WhenAny(run, Task.Delay(TimeSpan.FromSeconds(60))) == run;
-            Assert.True(finished, $"{name} at warp {warp} did not finish in 60 s (a divergent barrier?)");
+            bool finished = await Task.WhenAny(run, Task.Delay(TimeSpan.FromSeconds(180))) == run;
+            Assert.True(finished, $"{name} at warp {warp} did not finish in 180 s (a divergent barrier, or a starved machine)");
             await run;
             output.WriteLine($"{name}: {(simple ? "simple" : "tiled")}, warp {warp}, {clock.ElapsedMilliseconds} ms");
             for (int r = 0; r < expected!.Count; r++)
