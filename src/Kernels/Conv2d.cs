@@ -176,6 +176,12 @@ public static unsafe class Conv2d
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);
+            if (!k.Simple)
+            {
+                // Several groups per channel, then one per channel adds their partials (TiledReduce.ChannelSums).
+                TiledReduce.ChannelSums(k, dy.View, db.View, n, kk, pq);
+                return;
+            }
             k.Conv2d.BackwardBias(k.Stream, kk, dy.View, db.View, n, pq);
             return;
         }

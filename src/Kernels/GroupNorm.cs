@@ -16,8 +16,10 @@ namespace Ddpm.Kernels;
 ///             dx = rstd·(g - mean_grp(g) - xhat·mean_grp(g·xhat)), dgamma[c] += Σ du·xhat, dbeta[c] += Σ du.
 /// Forward saves mean and rstd by name for backward; the fused op never stores u.
 /// Versions: CPU, one task per (n, group), SIMD sums at the level CpuSimd.Level sets (Vector512, Vector256 or Vector128) with per-(n, c) partials in
-/// double, two passes over the data per direction; ILGPU v1, one thread per (n, group) for
-/// statistics, one per element for the pointwise parts, one per channel for dgamma/dbeta.
+/// double, two passes over the data per direction; ILGPU v1 (the simple twin), one thread per (n, group) for
+/// statistics, one per element for the pointwise parts, one per channel for dgamma/dbeta; ILGPU v2
+/// (<see cref="TiledNorm"/>, the default), one group of 256 threads per (n, group) with shared-memory
+/// reductions: forward in one launch, backward in two.
 /// </summary>
 public static class GroupNorm
 {
@@ -34,6 +36,11 @@ public static class GroupNorm
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
+            if (!k.Simple)
+            {
+                TiledNorm.Forward(k, x.View, gamma.View, beta.View, y.View, mean.View, rstd.View, s, eps);
+                return;
+            }
             k.GroupNorm.Stats(k.Stream, s.N * groups, x.View, mean.View, rstd.View, s.GroupSize, eps);
             k.GroupNorm.Normalize(k.Stream, x.Length, x.View, gamma.View, beta.View, mean.View, rstd.View, y.View, s);
             return;
@@ -74,11 +81,16 @@ public static class GroupNorm
         Check.Shape("groupnorm backward", "mean", mean, s.N, groups);
         if (x.Device.IsIlgpu)
         {
+            var k = IlgpuKernels.For(x);
+            if (!k.Simple)
+            {
+                TiledNorm.Backward(k, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, dx.View, dgamma.View, dbeta.View, s, accumulate);
+                return;
+            }
             if (!accumulate)
             {
                 dx.Zero();
             }
-            var k = IlgpuKernels.For(x);
             using var sums = k.Scratch(2 * s.N * groups);
             k.GroupNorm.GroupSums(k.Stream, s.N * groups, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, sums.View, s);
             k.GroupNorm.InputGrad(k.Stream, x.Length, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, sums.View, dx.View, s);
@@ -544,5 +556,16 @@ public static class GroupNorm
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape> ParamGrad =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape>>(ParamGradKernel);
+
+        // v2, explicitly grouped (TiledNorm): launched with KernelConfig(groups, threads).
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float> TiledForward =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float>>(TiledNorm.ForwardKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, int, int>
+            TiledBackward = k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+                ArrayView<float>, ArrayView<float>, GroupShape, int, int>>(TiledNorm.BackwardKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> TiledParamGrad =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>>(TiledNorm.ParamGradKernel);
     }
 }

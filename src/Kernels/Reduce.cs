@@ -14,8 +14,9 @@ namespace Ddpm.Kernels;
 ///         out = (1/N) Σ_n (logsumexp_k z[n,k] - z[n,y_n])
 ///         backward dz[n,k] += dOut·(softmax(z[n])_k - [k = y_n])/N
 /// Results are deterministic on every backend: a fixed split into partial sums, then one ordered
-/// sum. Versions: CPU partial sums in double over chunks on the cores; ILGPU v1, 256 strided
-/// partial sums (one thread each), then one thread adds them.
+/// sum. Versions: CPU partial sums in double over chunks on the cores; ILGPU v1 (the simple twin), 256 strided
+/// partial sums (one thread each), then one thread adds them; ILGPU v2 (<see cref="TiledReduce"/>, the
+/// default), groups of 256 threads reducing in shared memory, then one group adding their partials.
 /// </summary>
 public static class Reduce
 {
@@ -57,6 +58,11 @@ public static class Reduce
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
+            if (!k.Simple)
+            {
+                TiledReduce.FlagNonFinite(k, x.View, flag.View, x.Length, id);
+                return;
+            }
             k.Reduce.FlagNonFinite(k.Stream, x.Length, x.View, flag.View, id);
             return;
         }
@@ -139,6 +145,12 @@ public static class Reduce
             var kk = IlgpuKernels.For(logits);
             using var rows = kk.Scratch(n);
             kk.Reduce.CrossEntropyRows(kk.Stream, n, logits.View, labels.View, rows.View, k);
+            if (!kk.Simple)
+            {
+                // The rows' mean by one group (a row's K classes are few: one thread per row stays).
+                TiledReduce.Segments(kk, rows.View, output.View, 1, n, 0, 1, 1f / n, accumulate: false);
+                return;
+            }
             kk.Reduce.Finish(kk.Stream, 1, rows.View, output.View, 1f / n);
             return;
         }
@@ -243,8 +255,13 @@ public static class Reduce
         if (a.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(a);
-            using var partial = k.Scratch(Slots);
             var bv = (b ?? a).View;
+            if (!k.Simple)
+            {
+                TiledReduce.Full(k, a.View, bv, output.View, a.Length, (int)mode, scale);
+                return;
+            }
+            using var partial = k.Scratch(Slots);
             k.Reduce.Partial(k.Stream, Slots, a.View, bv, partial.View, a.Length, (int)mode);
             k.Reduce.Finish(k.Stream, 1, partial.View, output.View, scale);
             return;
@@ -386,5 +403,18 @@ public static class Reduce
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float> MseBackward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, float>>(MseBackwardKernel);
+
+        // v2, explicitly grouped (TiledReduce): launched with KernelConfig(groups, threads).
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> TiledPartial =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>>(TiledReduce.PartialKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, float, int> TiledSegments =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, float, int>>(TiledReduce.SegmentsKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int> TiledChannelPartial =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int>>(TiledReduce.ChannelPartialKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int> TiledFlagNonFinite =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int>>(TiledReduce.FlagNonFiniteKernel);
     }
 }

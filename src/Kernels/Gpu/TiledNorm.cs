@@ -1,0 +1,182 @@
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>
+/// GroupNorm (+SiLU) on the ILGPU backend as explicitly grouped kernels: one group of T threads
+/// (256 on CUDA) per (image, group), reductions in shared memory along a fixed tree, so reruns are
+/// bit-identical (no atomics). Shapes as <see cref="GroupNorm"/>: x, y, dy, dx [N, C, H, W]; gamma,
+/// beta [C]; mean, rstd [N, G]; each group holds M = (C/G)·H·W contiguous elements.
+///   forward (one launch):  sum → mean, Σ(x - mean)² → rstd, then y = (silu of) gamma·xhat + beta;
+///                          x is read three times, the second and third mostly from cache.
+///   backward (two launches):
+///     1. per (n, g): per-channel Σ du and Σ du·xhat (the group's channels in rounds, a segment of
+///        L lanes per channel, segmented tree), written to two [N, C] tables; the group's Σ g and
+///        Σ g·xhat (g = du·gamma) from them in channel order; then dx (+)= rstd·(g - mean(g) - xhat·mean(g·xhat)).
+///     2. per channel c: dgamma[c] += Σ_n table1[n, c], dbeta[c] += Σ_n table0[n, c] (a second, fixed-order pass).
+/// The simple twins (one thread per (n, g), per element, per channel) stay in GroupNorm.cs.
+/// </summary>
+internal static class TiledNorm
+{
+    private const int T = TiledReduce.MaxThreads;
+
+    /// <summary>Fewest lanes per channel segment in backward's sums: 8 consecutive floats are one 32-byte sector.</summary>
+    public const int MinLanes = 8;
+
+    /// <summary>y = groupnorm(x)·gamma + beta (silu of it when s.Silu), mean and rstd [N, G]: one group per (n, g).</summary>
+    public static void Forward(IlgpuKernels k, ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> y,
+        ArrayView<float> mean, ArrayView<float> rstd, GroupNorm.GroupShape s, float eps)
+    {
+        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize);
+        k.GroupNorm.TiledForward(k.Stream, new KernelConfig(s.N * s.G, threads), x, gamma, beta, mean, rstd, y, s, eps);
+    }
+
+    /// <summary>dx (+)= ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd: two launches.</summary>
+    public static void Backward(IlgpuKernels k, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
+        ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> dgamma, ArrayView<float> dbeta, GroupNorm.GroupShape s, bool accumulate)
+    {
+        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
+        using var tables = k.Scratch(2 * s.N * s.C);
+        var sumDu = tables.View.SubView(0, s.N * s.C);
+        var sumDuXhat = tables.View.SubView(s.N * s.C, s.N * s.C);
+        k.GroupNorm.TiledBackward(k.Stream, new KernelConfig(s.N * s.G, threads), dy, x, mean, rstd, gamma, beta, dx, sumDu, sumDuXhat, s, lanes,
+            accumulate ? 1 : 0);
+        k.GroupNorm.TiledParamGrad(k.Stream, new KernelConfig(s.C, TiledReduce.Threads(k.Accelerator, s.N)), sumDu, sumDuXhat, dgamma, dbeta, s.N, s.C);
+    }
+
+    /// <summary>Lanes per channel segment in backward's sums: the group's T threads split into as many segments as the
+    /// group has channels (a power of two, at most T / <see cref="MinLanes"/>), each segment's lanes striding over H·W.</summary>
+    public static int Lanes(int channelsPerGroup, int threads)
+    {
+        int segments = 1;
+        while (segments < channelsPerGroup && segments * 2 * MinLanes <= threads)
+        {
+            segments *= 2;
+        }
+        return Math.Max(1, threads / segments);
+    }
+
+    // Group ng over [N·G].
+    internal static void ForwardKernel(ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> mean, ArrayView<float> rstd,
+        ArrayView<float> y, GroupNorm.GroupShape s, float eps)
+    {
+        var sh = SharedMemory.Allocate<float>(T);
+        int ng = Grid.IdxX, t = Group.IdxX, threads = Group.DimX;
+        int start = ng * s.GroupSize, c0 = ng % s.G * s.ChannelsPerGroup;
+        float sum = 0;
+        for (int j = t; j < s.GroupSize; j += threads)
+        {
+            sum += x[start + j];
+        }
+        float m = TiledReduce.GroupSum(sh, sum) / s.GroupSize;
+        // Two passes (mean, then squared deviations) as the CPU and the simple twin: no cancellation when |mean| ≫ std.
+        float sq = 0;
+        for (int j = t; j < s.GroupSize; j += threads)
+        {
+            float d = x[start + j] - m;
+            sq += d * d;
+        }
+        float r = 1f / MathF.Sqrt(TiledReduce.GroupSum(sh, sq) / s.GroupSize + eps);
+        if (t == 0)
+        {
+            mean[ng] = m;
+            rstd[ng] = r;
+        }
+        // Each element is read and written by one thread after every read of the passes above: y may alias x.
+        for (int j = t; j < s.GroupSize; j += threads)
+        {
+            int c = c0 + j / s.Hw;
+            float u = (x[start + j] - m) * r * gamma[c] + beta[c];
+            y[start + j] = s.Silu != 0 ? Silu.Apply(u) : u;
+        }
+    }
+
+    // du: dy, or dy·silu'(u) with u = gamma·xhat + beta recomputed.
+    private static float Du(float dy, float xhat, float gamma, float beta, int silu) => silu != 0 ? dy * Silu.Derivative(xhat * gamma + beta) : dy;
+
+    // Group ng over [N·G]; sumDu, sumDuXhat [N, C] get this group's channels.
+    internal static void BackwardKernel(ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd, ArrayView<float> gamma,
+        ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> sumDu, ArrayView<float> sumDuXhat, GroupNorm.GroupShape s, int lanes, int accumulate)
+    {
+        // [0, T): Σ du per thread, then per segment; [T, 2T): Σ du·xhat; 2T, 2T+1: the group's mean(g), mean(g·xhat).
+        var sh = SharedMemory.Allocate<float>(2 * T + 2);
+        int ng = Grid.IdxX, t = Group.IdxX, threads = Group.DimX;
+        int n = ng / s.G, c0 = ng % s.G * s.ChannelsPerGroup, start = ng * s.GroupSize;
+        int segments = threads / lanes, segment = t / lanes, lane = t - segment * lanes;
+        float m = mean[ng], r = rstd[ng];
+        // Thread 0 keeps the group's Σ g and Σ g·xhat, adding the channels in order.
+        float sumG = 0, sumGx = 0;
+        for (int round = 0; round < s.ChannelsPerGroup; round += segments)
+        {
+            int cg = round + segment;
+            float a = 0, b = 0;
+            if (cg < s.ChannelsPerGroup)
+            {
+                int c = c0 + cg, row = start + cg * s.Hw;
+                float gm = gamma[c], bt = beta[c];
+                for (int j = lane; j < s.Hw; j += lanes)
+                {
+                    float xhat = (x[row + j] - m) * r;
+                    float du = Du(dy[row + j], xhat, gm, bt, s.Silu);
+                    a += du;
+                    b += du * xhat;
+                }
+            }
+            sh[t] = a;
+            sh[T + t] = b;
+            Group.Barrier();
+            // Segmented tree: lane 0 of each segment ends with its channel's sums.
+            TiledReduce.SegmentTree(sh, t, lanes, two: true);
+            if (lane == 0 && cg < s.ChannelsPerGroup)
+            {
+                sumDu[n * s.C + c0 + cg] = sh[t];
+                sumDuXhat[n * s.C + c0 + cg] = sh[T + t];
+            }
+            if (t == 0)
+            {
+                for (int q = 0; q < segments && round + q < s.ChannelsPerGroup; q++)
+                {
+                    float gm = gamma[c0 + round + q];
+                    sumG += gm * sh[q * lanes];
+                    sumGx += gm * sh[T + q * lanes];
+                }
+            }
+            // The next round overwrites sh.
+            Group.Barrier();
+        }
+        if (t == 0)
+        {
+            sh[2 * T] = sumG / s.GroupSize;
+            sh[2 * T + 1] = sumGx / s.GroupSize;
+        }
+        Group.Barrier();
+        float meanG = sh[2 * T], meanGx = sh[2 * T + 1];
+        for (int j = t; j < s.GroupSize; j += threads)
+        {
+            int c = c0 + j / s.Hw, i = start + j;
+            float xhat = (x[i] - m) * r;
+            float v = r * (Du(dy[i], xhat, gamma[c], beta[c], s.Silu) * gamma[c] - meanG - xhat * meanGx);
+            dx[i] = accumulate != 0 ? dx[i] + v : v;
+        }
+    }
+
+    // Group c over [C]: dgamma[c] += Σ_n sumDuXhat[n, c], dbeta[c] += Σ_n sumDu[n, c], n in a fixed order.
+    internal static void ParamGradKernel(ArrayView<float> sumDu, ArrayView<float> sumDuXhat, ArrayView<float> dgamma, ArrayView<float> dbeta, int n, int channels)
+    {
+        var sh = SharedMemory.Allocate<float>(2 * T);
+        int c = Grid.IdxX;
+        float a = 0, b = 0;
+        for (int i = Group.IdxX; i < n; i += Group.DimX)
+        {
+            a += sumDu[i * channels + c];
+            b += sumDuXhat[i * channels + c];
+        }
+        var (totalDu, totalDuXhat) = TiledReduce.GroupSum2(sh, a, b);
+        if (Group.IdxX == 0)
+        {
+            dgamma[c] += totalDuXhat;
+            dbeta[c] += totalDu;
+        }
+    }
+}
