@@ -1,6 +1,12 @@
 using System.Diagnostics;
+using System.Reflection;
 using Ddpm.Tensors;
 using ILGPU;
+using ILGPU.Backends.EntryPoints;
+using ILGPU.Backends.PTX;
+using ILGPU.Runtime;
+using ILGPU.Runtime.CPU;
+using ILGPU.Runtime.Cuda;
 
 namespace Ddpm.Tests;
 
@@ -122,6 +128,31 @@ public sealed class DeviceSelectionTests : IDisposable
         var info = CliTests.Run("info", "--gpu-kernels", "simple");
         Assert.Equal(0, info.Code);
         Assert.Equal(before, Environment.GetEnvironmentVariable(Ddpm.Cli.Program.GpuKernelsVariable));
+    }
+
+    /// <summary>`bench --peak`'s kernel, compiled for sm_90 as a GPU would: the FMA chains stay fused
+    /// multiply-adds in registers (no .local), so its FLOP count (2 per FMA) is what runs.</summary>
+    [Fact]
+    public void ThePeakKernelIsFusedMultiplyAddsInRegisters()
+    {
+        using var context = Context.Create(b => b.CPU().EnableAlgorithms());
+        var caps = new CudaCapabilityContext(CudaArchitecture.SM_90);
+        Assert.True(CudaAccelerator.TryGetInstructionSet(CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0), out _, out var isa));
+        using var backend = new PTXBackend(context, caps, CudaArchitecture.SM_90, isa, null);
+        var method = typeof(Ddpm.Cli.BenchCommand).GetMethod("PeakKernel", BindingFlags.Static | BindingFlags.NonPublic)!;
+        var ptx = ((PTXCompiledKernel)backend.Compile(EntryPointDescription.FromImplicitlyGroupedKernel(method), default)).PTXAssembly;
+        if (Environment.GetEnvironmentVariable("DDPM_PTX_DIR") is { Length: > 0 } dir)
+        {
+            Directory.CreateDirectory(dir);
+            File.WriteAllText(Path.Combine(dir, "BenchCommand.PeakKernel.ptx"), ptx);
+        }
+        Assert.DoesNotContain(".local", ptx);
+        Assert.DoesNotContain("call", ptx);
+        // 32 multiply-adds a trip, mul.f32 then add.f32 with no rounding mode: ptxas contracts each pair
+        // into one FFMA (its default), which only a GPU's SASS can show.
+        int muls = ptx.Split("mul.f32").Length - 1, adds = ptx.Split("add.f32").Length - 1;
+        Assert.True(muls >= 32 && adds >= 32, $"{muls} mul.f32 and {adds} add.f32 in the peak kernel's PTX");
+        Assert.DoesNotContain("mul.rn.f32", ptx);
     }
 
     /// <summary>Compiles a fake CUDA driver: cuInit returns <paramref name="initResult"/>, the driver is
