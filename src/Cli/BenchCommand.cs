@@ -187,7 +187,7 @@ public static class BenchCommand
         {
             ["device"] = DeviceCatalog.KindName(device.Kind),
             ["gpu"] = acc.Name,
-            ["peak_gflops"] = Math.Round(gflops, 1),
+            ["peak_gflops"] = Math.Round(gflops, gflops < 100 ? 4 : 1),
             ["threads"] = threads,
             ["iterations"] = trips,
             ["ms"] = Math.Round(ms, 2),
