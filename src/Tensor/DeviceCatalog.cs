@@ -35,11 +35,11 @@ public static class DeviceCatalog
                 return CpuDevice.Instance;
             case "cuda":
                 reason = "asked for cuda";
-                return OpenGpu(DeviceKind.Cuda, out var failure)
+                return OpenGpu(DeviceKind.Cuda, out var failure, out _)
                     ?? throw new DeviceNotFoundException($"--device cuda: {failure} (--device cpu runs on the processor)");
             case "opencl":
                 reason = "asked for opencl";
-                return OpenGpu(DeviceKind.OpenCL, out failure)
+                return OpenGpu(DeviceKind.OpenCL, out failure, out _)
                     ?? throw new DeviceNotFoundException($"--device opencl: {failure} (--device cpu runs on the processor)");
             case "ilgpu-cpu":
                 reason = "asked for ilgpu-cpu (a test vehicle: hundreds of times slower than cpu)";
@@ -50,14 +50,14 @@ public static class DeviceCatalog
                 var notes = new List<string>();
                 foreach (var kind in new[] { DeviceKind.Cuda, DeviceKind.OpenCL })
                 {
-                    if (OpenGpu(kind, out failure) is { } gpu)
+                    if (OpenGpu(kind, out failure, out bool broken) is { } gpu)
                     {
                         reason = string.Join("; ", [.. notes, $"auto: {KindName(kind)} GPU found"]);
                         return gpu;
                     }
-                    if (kind == DeviceKind.Cuda && CudaDriver.Status.Present)
+                    if (broken)
                     {
-                        notes.Add($"cuda: unavailable ({failure})");
+                        notes.Add($"{KindName(kind)}: unavailable ({failure})");
                     }
                 }
                 reason = notes.Count == 0
@@ -72,9 +72,10 @@ public static class DeviceCatalog
     /// <summary>
     /// Opens the GPU of <paramref name="kind"/>, or returns null with <paramref name="failure"/> saying
     /// why in a few words: the CUDA driver's own error (CUDA_ERROR_STUB_LIBRARY, no device, ...), a
-    /// device ILGPU cannot compile for, or the exception opening it threw.
+    /// device ILGPU cannot compile for, or the exception opening it threw. <paramref name="broken"/>:
+    /// the GPU's software is there but fails (a driver that loads, an exception), as opposed to absent.
     /// </summary>
-    public static IlgpuDevice? OpenGpu(DeviceKind kind, out string failure)
+    public static IlgpuDevice? OpenGpu(DeviceKind kind, out string failure, out bool broken)
     {
         IlgpuDevice? gpu;
         try
@@ -84,8 +85,10 @@ public static class DeviceCatalog
         catch (Exception e) when (e is not OutOfMemoryException)
         {
             failure = $"{e.GetType().Name}: {OneLine(e.Message)}";
+            broken = true;
             return null;
         }
+        broken = gpu is null && kind == DeviceKind.Cuda && CudaDriver.Status.Present;
         failure = gpu is not null ? "" : kind switch
         {
             DeviceKind.Cuda => CudaProblem(),
