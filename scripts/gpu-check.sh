@@ -1,40 +1,229 @@
 #!/usr/bin/env bash
-# Checks every ILGPU kernel on a CUDA GPU: each op against the managed CPU backend and each
-# backward against finite differences, printed as one table; exits non-zero if any check fails.
+# The GPU run: checks every ILGPU kernel on a CUDA GPU (each op against the managed CPU backend and
+# each backward against finite differences), then benchmarks the engine against the PyTorch peer on
+# the same GPU, and prints one table. Exits non-zero if a kernel check fails.
 #
-#   scripts/gpu-check.sh            publish (where dotnet exists) into device/, then run the check
-#   scripts/gpu-check.sh --build    publish only: device/ddpm is a self-contained single-file
-#                                   binary (~40 MB) for a Linux x64 box with an NVIDIA driver and no .NET
-#   scripts/gpu-check.sh --device opencl   check another ILGPU device (default cuda)
+#   scripts/gpu-check.sh --build    publish only (where dotnet exists): device/ then holds all a GPU box
+#                                   needs: ddpm (self-contained single file, ~40 MB, no .NET needed),
+#                                   torch_unet.py (the peer, from ../shared/reference or PEER=path) and
+#                                   a copy of this script. Copy device/ over and run device/gpu-check.sh.
+#   scripts/gpu-check.sh            publish (where dotnet exists) into device/, then check and benchmark
+#   --check-only | --bench-only     one phase (default: both)
+#   --device cuda|opencl|ilgpu-cpu  the ILGPU device (default cuda); the peer runs on PEER_DEVICE (default cuda)
+#   --preset P --batches "128 64"   what the benchmark runs (default base at 128 and 64; a smoke test
+#                                   without a GPU: --device ilgpu-cpu --preset tiny --batches 2 with PEER_DEVICE=cpu)
+#   --budget SECONDS                wall-clock budget for everything after the build (default 460, under 8 minutes)
 #
-# On a GPU box without .NET, copy the repository with device/ (or just device/ddpm and this
-# script) and run scripts/gpu-check.sh: it finds no dotnet and runs the binary already there.
+# Benchmark phase, each step under its own timeout and all of it inside the budget (a step that would
+# not fit is skipped and says so):
+#   nvidia-smi's GPU name and driver; `ddpm bench --peak` (an FMA loop: the measured fp32 peak);
+#   `ddpm bench` at each batch (the first with --profile: per-op times and per-convolution GFLOP/s, read
+#   against that peak); `torch_unet.py bench` with --tf32 off (strict fp32) and --tf32 default (PyTorch's
+#   default: TF32 convolutions) at each batch. Device memory: the peer's own peak_mem_mib (its caching
+#   allocator's peak) and, for both, the rise of nvidia-smi's memory.used over the run (sampled every
+#   100 ms: CUDA context included, the same measure for both).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
-build_only=0
-device=cuda
+here=$(cd "$(dirname "$0")" && pwd)
+if [ "$(basename "$here")" = scripts ] && [ -f "$here/../src/Cli/Ddpm.Cli.csproj" ]; then
+  repo=$(cd "$here/.." && pwd)
+  dev="$repo/device"
+else
+  repo=""          # running from the copied device/ folder
+  dev="$here"
+fi
+
+build_only=0 device=cuda check=1 bench=1 preset=base batches="128 64" budget=460
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build_only=1 ;;
     --device) device="$2"; shift ;;
+    --check-only) bench=0 ;;
+    --bench-only) check=0 ;;
+    --preset) preset="$2"; shift ;;
+    --batches) batches="$2"; shift ;;
+    --budget) budget="$2"; shift ;;
     *) echo "gpu-check.sh: unknown argument '$1'" >&2; exit 2 ;;
   esac
   shift
 done
+peer_device=${PEER_DEVICE:-cuda}
 
-if command -v dotnet >/dev/null 2>&1; then
+if [ -n "$repo" ] && command -v dotnet >/dev/null 2>&1; then
+  mkdir -p "$dev"
   # No trimming and no NativeAOT: both break ILGPU 1.5 (it reflects over its own intrinsics).
-  dotnet publish src/Cli/Ddpm.Cli.csproj -c Release -r linux-x64 --self-contained \
+  dotnet publish "$repo/src/Cli/Ddpm.Cli.csproj" -c Release -r linux-x64 --self-contained \
     -p:PublishSingleFile=true -p:EnableCompressionInSingleFile=true -p:PublishTrimmed=false \
-    -p:DebugType=none -o device >/dev/null
-  echo "published device/ddpm ($(du -h device/ddpm | cut -f1))"
+    -p:InvariantGlobalization=true -p:DebugType=none -o "$dev" >/dev/null
+  peer_src=${PEER:-$repo/../shared/reference/torch_unet.py}
+  if [ -f "$peer_src" ]; then
+    install -m 0644 "$peer_src" "$dev/torch_unet.py"
+  else
+    echo "gpu-check.sh: no peer script at $peer_src (set PEER=path): the benchmark will run the engine only" >&2
+  fi
+  cp "$here/gpu-check.sh" "$dev/gpu-check.sh"
+  echo "published $dev: ddpm ($(du -h "$dev/ddpm" | cut -f1))$([ -f "$dev/torch_unet.py" ] && echo ", torch_unet.py"), gpu-check.sh"
 fi
 [ "$build_only" = 1 ] && exit 0
 
-if [ ! -x device/ddpm ]; then
-  echo "gpu-check.sh: device/ddpm is missing and dotnet is not installed to build it" >&2
+ddpm="$dev/ddpm"
+if [ ! -x "$ddpm" ]; then
+  echo "gpu-check.sh: $ddpm is missing and dotnet is not installed to build it" >&2
   exit 2
 fi
-command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-exec timeout 300 device/ddpm check --device "$device"
+peer=${PEER:-$dev/torch_unet.py}
+[ -f "$peer" ] || peer=""
+python=""
+if [ -n "$peer" ]; then
+  for p in ${PYTHON:-} python3 /usr/bin/python3; do
+    if command -v "$p" >/dev/null 2>&1 && "$p" -c "import torch" >/dev/null 2>&1; then python=$p; break; fi
+  done
+fi
+
+work=$(mktemp -d)
+trap 'kill "${sampler:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+SECONDS=0
+
+# Seconds left for a step that wants $1, or 0 (skip) when fewer than 10 would remain.
+allot() {
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt 10 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+
+# The value of "key" in a one-line JSON object (both json.dumps' and System.Text.Json's spacing).
+jf() { printf '%s\n' "$1" | sed -n "s/.*\"$2\": *\"\{0,1\}\([^\",}]*\).*/\1/p" | head -1; }
+
+has_smi=0
+command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && has_smi=1
+gpu_line="no nvidia-smi"
+[ "$has_smi" = 1 ] && gpu_line=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader -i 0 | head -1)
+echo "gpu: $gpu_line"
+
+# Runs "$@" (stdout to $1.out, stderr to $1.err) under timeout $2, sampling nvidia-smi's memory.used;
+# sets rc and mem_delta (MiB above the level before the run, or n/a).
+measure() {
+  local name=$1 limit=$2; shift 2
+  local base="" log="$work/$name.mem"
+  mem_delta=n/a
+  : > "$log"
+  if [ "$has_smi" = 1 ]; then
+    base=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 | head -1)
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i 0 -lms 100 > "$log" 2>/dev/null &
+    sampler=$!
+  fi
+  set +e
+  timeout "$limit" "$@" > "$work/$name.out" 2> "$work/$name.err"
+  rc=$?
+  set -e
+  if [ -n "${sampler:-}" ]; then
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    sampler=""
+    local peak
+    peak=$(sort -n "$log" | tail -1)
+    [ -n "$peak" ] && [ -n "$base" ] && mem_delta=$((peak - base))
+  fi
+  return 0
+}
+
+# Why a step gave no figures: its timeout, or the last line it wrote on stderr.
+failure() {
+  if [ "$rc" = 124 ]; then echo "timed out after $2 s"; else echo "exit $rc: $(tail -1 "$1" | cut -c1-100)"; fi
+}
+
+check_verdict="not run"
+status=0
+if [ "$check" = 1 ]; then
+  limit=$(allot 150)
+  if [ "$limit" = 0 ]; then
+    check_verdict="skipped (budget)"
+  else
+    set +e
+    timeout "$limit" "$ddpm" check --device "$device" | tee "$work/check.txt"
+    check_rc=${PIPESTATUS[0]}
+    set -e
+    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$work/check.txt" | tail -1 || true)
+    case "$check_rc" in
+      0) check_verdict="pass ($summary)" ;;
+      124) check_verdict="TIMED OUT after ${limit} s"; status=1 ;;
+      *) check_verdict="FAIL (exit $check_rc${summary:+; $summary})"; status=1 ;;
+    esac
+  fi
+fi
+
+rows=()      # "label|batch|train|denoise|mem_delta|alloc_peak|note"
+peak="n/a"
+if [ "$bench" = 1 ]; then
+  limit=$(allot 40)
+  if [ "$limit" != 0 ]; then
+    measure peak "$limit" "$ddpm" bench --peak --device "$device"
+    [ "$rc" = 0 ] && peak=$(jf "$(tail -1 "$work/peak.out")" peak_gflops)
+  fi
+  first=1
+  for b in $batches; do
+    want=70; extra=()
+    if [ "$first" = 1 ]; then want=110; extra=(--profile); fi
+    limit=$(allot "$want")
+    if [ "$limit" = 0 ]; then rows+=("ddpm ($device)|$b|||||skipped (budget)"); continue; fi
+    measure "ddpm-$b" "$limit" "$ddpm" bench --preset "$preset" --batch "$b" --steps 5 --device "$device" "${extra[@]}"
+    if [ "$rc" = 0 ]; then
+      j=$(tail -1 "$work/ddpm-$b.out")
+      alloc=$(jf "$j" peak_mem_mib); note=""
+      [ "$first" = 1 ] && { cp "$work/ddpm-$b.err" "$work/profile.txt"; note="timed steps before the profiled ones"; }
+      rows+=("ddpm ($device)|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|${alloc:-n/a}|$note")
+    else
+      rows+=("ddpm ($device)|$b|||$mem_delta|n/a|$(failure "$work/ddpm-$b.err" "$limit")")
+    fi
+    first=0
+    for tf in off default; do
+      label="torch fp32 (--tf32 off)"; [ "$tf" = default ] && label="torch default (TF32 convs)"
+      if [ -z "$python" ]; then rows+=("$label|$b|||||no ${peer:+torch for }${peer:-peer script}"); continue; fi
+      limit=$(allot 50)
+      if [ "$limit" = 0 ]; then rows+=("$label|$b|||||skipped (budget)"); continue; fi
+      measure "torch-$tf-$b" "$limit" "$python" "$peer" bench --preset "$preset" --batch "$b" --steps 5 --device "$peer_device" --tf32 "$tf"
+      if [ "$rc" = 0 ]; then
+        j=$(tail -1 "$work/torch-$tf-$b.out")
+        rows+=("$label|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|torch $(jf "$j" torch) on $peer_device")
+      else
+        rows+=("$label|$b|||$mem_delta|n/a|$(failure "$work/torch-$tf-$b.err" "$limit")")
+      fi
+    done
+  done
+fi
+
+echo
+echo "== gpu-check: $gpu_line; ${SECONDS} s =="
+echo "kernel check ($device vs cpu): $check_verdict"
+if [ "$bench" = 1 ]; then
+  echo "fp32 FMA peak, measured (ddpm bench --peak): ${peak} GFLOP/s"
+  echo
+  # Ratios: the engine's time over the strict-fp32 peer's at the same batch (the target is <= 1.0x).
+  printf '%s\n' "${rows[@]}" | awk -F'|' '
+    { label[NR]=$1; batch[NR]=$2; train[NR]=$3; den[NR]=$4; mem[NR]=$5; alloc[NR]=$6; note[NR]=$7
+      if ($1 ~ /^torch fp32/ && $3 != "") { tref[$2]=$3; dref[$2]=$4 } }
+    function ratio(a, r) { return (a != "" && r != "" && r > 0) ? sprintf("%.2fx", a / r) : "" }
+    END {
+      printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %13s | %16s | %s\n", "run", "batch", "train ms", "denoise ms", "train/fp32", "den./fp32", "GPU mem rise", "allocator peak", "note"
+      printf "|%s|%s|%s|%s|%s|%s|%s|%s|-\n", "----------------------------", "-------", "------------", "------------", "-----------", "-----------", "---------------", "------------------"
+      for (i = 1; i <= NR; i++)
+        printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %9s MiB | %12s MiB | %s\n", label[i], batch[i], train[i], den[i],
+          ratio(train[i], tref[batch[i]]), ratio(den[i], dref[batch[i]]), mem[i], alloc[i], note[i]
+    }'
+  if [ -f "$work/profile.txt" ]; then
+    echo
+    echo "per-kernel (ddpm bench --profile at batch ${batches%% *}; each pass timed alone, synchronised): GFLOP/s and share of the measured peak"
+    awk -v peak="$peak" '
+      /train step profile/ { sec = "train"; shape = 0; next }
+      /denoising step profile/ { sec = "denoise"; shape = 0; next }
+      /GFLOP\/s/ { shape = 1; next }
+      shape && NF == 0 { shape = 0; next }
+      shape && $NF ~ /^[0-9.]+$/ {
+        key = $1; for (i = 2; i <= NF - 3; i++) key = key " " $i
+        share = (peak ~ /^[0-9.]+$/ && peak > 0) ? sprintf("%5.1f%%", 100 * $NF / peak) : "n/a"
+        printf "| %-7s | %-40s | %9s | %6s | %9s | %7s |\n", sec, key, $(NF-2), $(NF-1), $NF, share
+      }' "$work/profile.txt" | sort -t'|' -k2,2r -k4,4nr | awk -F'|' '{ n[$2]++ } n[$2] <= 12' \
+      | { printf "| %-7s | %-40s | %9s | %6s | %9s | %7s |\n" step pass "ms (all)" calls GFLOP/s "of peak"; cat; }
+    grep -Eiq 'launch|sync' "$work/profile.txt" && grep -Ei 'launch|sync' "$work/profile.txt" | sed 's/^ */  /' | head -6
+  fi
+fi
+exit "$status"

@@ -1,10 +1,13 @@
 using System.CommandLine;
+using System.CommandLine.Invocation;
 using System.Diagnostics;
 using System.Text.Json;
 using Ddpm.Diffusion;
 using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime;
 
 namespace Ddpm.Cli;
 
@@ -27,6 +30,7 @@ public static class BenchCommand
         var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
         var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile, simd };
+        command.Options.Add(PeakOption(device));
         command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile), p.GetValue(simd))));
         return command;
     }
@@ -127,5 +131,86 @@ public static class BenchCommand
             ["denoise_step_ms"] = Math.Round(denoiseMs, 2),
         }));
         return 0;
+    }
+
+    /// <summary>
+    /// <c>bench --peak</c>: the ILGPU device's own fp32 FMA rate, the ceiling the kernels' GFLOP/s are
+    /// read against (scripts/gpu-check.sh). An option with its own action, so the bench's steps do not run.
+    /// </summary>
+    private static Option<bool> PeakOption(Option<string> device) => new("--peak")
+    {
+        Description = "instead of the steps: measure the ILGPU device's fp32 peak with an FMA loop; print one JSON line (GFLOP/s)",
+        Action = new PeakAction(device),
+    };
+
+    private sealed class PeakAction(Option<string> device) : SynchronousCommandLineAction
+    {
+        public override int Invoke(ParseResult parseResult) => Program.Guard(() => RunPeak(parseResult.GetValue(device)!));
+    }
+
+    /// <summary>FMAs per thread per loop trip: 8 independent chains (enough to cover the FMA pipeline's
+    /// latency) unrolled 4 times, so the loop's own instructions are a few percent of the issue slots.</summary>
+    public const int PeakFmasPerIteration = 32;
+
+    private static int RunPeak(string deviceName)
+    {
+        using var device = DeviceCatalog.Open(deviceName, out _);
+        if (device is not IlgpuDevice gpu)
+        {
+            throw new UsageException("--peak measures an ILGPU device: pass --device cuda, opencl or ilgpu-cpu");
+        }
+        var acc = gpu.Accelerator;
+        var kernel = acc.LoadAutoGroupedStreamKernel<Index1D, ArrayView<float>, int>(PeakKernel);
+        // Every thread the device can hold at once, four times over, so no multiprocessor idles in a wave's tail.
+        int threads = (int)Math.Clamp(4L * acc.MaxNumThreads, 1024, 1 << 22);
+        using var output = acc.Allocate1D<float>(threads);
+        double Launch(int iterations)
+        {
+            var clock = Stopwatch.StartNew();
+            kernel(threads, output.View, iterations);
+            acc.Synchronize();
+            return clock.Elapsed.TotalMilliseconds;
+        }
+        Launch(1); // compile and first launch
+        // Grow the loop until one launch takes 100 ms (launch overhead under 0.1%), then keep the best of three.
+        int trips = 16;
+        double ms = Launch(trips);
+        while (ms < 100 && trips < 1 << 24)
+        {
+            trips = (int)Math.Min(1 << 24, trips * Math.Clamp(120 / Math.Max(ms, 0.01), 2, 64));
+            ms = Launch(trips);
+        }
+        ms = Math.Min(ms, Math.Min(Launch(trips), Launch(trips)));
+        // 2 FLOP per FMA.
+        double gflops = 2.0 * PeakFmasPerIteration * trips * threads / (ms * 1e6);
+        Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
+        {
+            ["device"] = DeviceCatalog.KindName(device.Kind),
+            ["gpu"] = acc.Name,
+            ["peak_gflops"] = Math.Round(gflops, gflops < 100 ? 4 : 1),
+            ["threads"] = threads,
+            ["iterations"] = trips,
+            ["ms"] = Math.Round(ms, 2),
+        }));
+        return 0;
+    }
+
+    /// <summary>Each thread runs 8 independent chains a = a·m + c, <paramref name="iterations"/> × 4 FMAs each;
+    /// m slightly below 1 keeps the values finite, and the sum is stored so nothing is optimised away.
+    /// ILGPU emits mul.f32 and add.f32 without a rounding mode, which ptxas contracts into one FFMA by
+    /// default (MathF.FusedMultiplyAdd would become a software call in ILGPU 1.5.3).</summary>
+    internal static void PeakKernel(Index1D i, ArrayView<float> output, int iterations)
+    {
+        float m = 0.9999f, c = 1e-4f;
+        float a0 = i * 1e-9f, a1 = a0 + 0.1f, a2 = a0 + 0.2f, a3 = a0 + 0.3f, a4 = a0 + 0.4f, a5 = a0 + 0.5f, a6 = a0 + 0.6f, a7 = a0 + 0.7f;
+        for (int k = 0; k < iterations; k++)
+        {
+            // Written out 4 times: ILGPU 1.5.3 does not unroll loops itself.
+            a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c; a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+            a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c; a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+            a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c; a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+            a0 = a0 * m + c; a1 = a1 * m + c; a2 = a2 * m + c; a3 = a3 * m + c; a4 = a4 * m + c; a5 = a5 * m + c; a6 = a6 * m + c; a7 = a7 * m + c;
+        }
+        output[i] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7;
     }
 }

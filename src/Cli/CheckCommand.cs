@@ -28,8 +28,8 @@ public static class CheckCommand
         using var device = DeviceCatalog.Open(deviceName, out _);
         Console.WriteLine($"checking {device.Name} against {CpuDevice.Instance.Name}");
         var started = DateTime.UtcNow;
-        _ = IlgpuKernels.For((IlgpuDevice)device);
-        Console.WriteLine($"kernels compiled in {(DateTime.UtcNow - started).TotalSeconds:F1} s");
+        var kernels = IlgpuKernels.For((IlgpuDevice)device);
+        Console.WriteLine($"kernels ({(kernels.Simple ? "simple twins" : "fast")}; --gpu-kernels or DDPM_GPU_KERNELS picks) compiled in {(DateTime.UtcNow - started).TotalSeconds:F1} s");
         var results = new List<CheckResult>();
         foreach (var c in OpCatalog.All)
         {

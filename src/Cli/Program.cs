@@ -11,6 +11,7 @@ public static class Program
     /// <summary>Entry point: parses the command and runs it. Bad input is one line on stderr and a non-zero exit.</summary>
     public static int Main(string[] args)
     {
+        var gpuKernels = GpuKernelsOption();
         var root = new RootCommand("ddpm: a denoising diffusion model (DDPM) engine in C#, trained on MNIST.")
         {
             TrainCommand.Build(),
@@ -19,6 +20,7 @@ public static class Program
             InfoCommand(),
             CheckCommand.Build(),
             EvalCommand.Build(),
+            gpuKernels,
         };
         var parsed = root.Parse(args);
         if (parsed.Errors.Count > 0)
@@ -28,7 +30,40 @@ public static class Program
             Console.Error.WriteLine($"ddpm: {string.Join("; ", messages.Reverse())} (see 'ddpm --help')");
             return ExitCodes.Usage;
         }
-        return parsed.Invoke();
+        // The switch is the DDPM_GPU_KERNELS variable the kernel sets read when a device opens,
+        // for this command only (tests run several commands in one process).
+        var kernels = parsed.GetValue(gpuKernels);
+        var before = Environment.GetEnvironmentVariable(GpuKernelsVariable);
+        if (kernels is not null)
+        {
+            Environment.SetEnvironmentVariable(GpuKernelsVariable, kernels);
+        }
+        try
+        {
+            return parsed.Invoke();
+        }
+        finally
+        {
+            if (kernels is not null)
+            {
+                Environment.SetEnvironmentVariable(GpuKernelsVariable, before);
+            }
+        }
+    }
+
+    /// <summary>The environment variable behind --gpu-kernels (IlgpuKernels.Simple reads it).</summary>
+    public const string GpuKernelsVariable = "DDPM_GPU_KERNELS";
+
+    /// <summary>--gpu-kernels fast|simple, accepted after any command.</summary>
+    private static Option<string?> GpuKernelsOption()
+    {
+        var option = new Option<string?>("--gpu-kernels")
+        {
+            Description = "GPU kernels: fast (tiled, the default) | simple (one thread per output: for a suspected kernel bug); same as DDPM_GPU_KERNELS",
+            Recursive = true,
+        };
+        option.AcceptOnlyFromAmong("fast", "simple");
+        return option;
     }
 
     /// <summary>A parse error on one line, naming its flag when the parser's message does not
@@ -53,7 +88,8 @@ public static class Program
             return body();
         }
         catch (Exception e) when (e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException or RunLockedException
-            or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException)
+            or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException
+            or SelfCheckFailedException)
         {
             Console.Error.WriteLine($"ddpm: {OneLine(e.Message)}");
             return e switch
@@ -184,11 +220,21 @@ public static class Program
         return device;
     }
 
-    /// <summary>Opens a device by name and says which and why on stderr.</summary>
+    /// <summary>Opens a device by name and says which and why on stderr; on a GPU, the self-check
+    /// runs first if this GPU, driver and build have not passed it yet (<see cref="SelfCheck"/>).</summary>
     public static Device OpenDevice(string name)
     {
         var device = DeviceCatalog.Open(name, out var reason);
         Console.Error.WriteLine($"device: {device.Name} ({reason})");
+        try
+        {
+            SelfCheck.Ensure(device, msg => Console.Error.WriteLine(msg));
+        }
+        catch
+        {
+            device.Dispose();
+            throw;
+        }
         return device;
     }
 

@@ -42,8 +42,7 @@ public sealed class IlgpuDevice : Device
     public static Context CreateContext()
     {
         NativeResolver.Install();
-        return Context.Create(b => b
-            .Cuda()
+        return Context.Create(b => NativeResolver.AddCuda(b)
             .OpenCL()
             .CPU(CPUDeviceKind.Default)
             .EnableAlgorithms());
@@ -160,41 +159,136 @@ public sealed class IlgpuDevice : Device
     }
 
     /// <summary>
-    /// ILGPU asks for the CUDA driver as "cuda" (libcuda.so) and OpenCL as "OpenCL"
-    /// (libOpenCL.so). Many machines ship only the versioned names; without this resolver CUDA
-    /// silently disappears from the device list.
+    /// How ILGPU finds the native drivers, and CUDA's devices added to a context without ILGPU's own
+    /// <c>Cuda()</c> builder step. ILGPU asks for the CUDA driver as "cuda" (libcuda.so) and OpenCL as
+    /// "OpenCL" (libOpenCL.so), and two things go wrong with that on real machines:
+    ///  - a CUDA toolkit puts a stub libcuda.so (cuInit fails with CUDA_ERROR_STUB_LIBRARY) on the
+    ///    library path, or a box ships only the versioned libcuda.so.1: so WSL2's driver folder (where
+    ///    it exists) and then the versioned name, which only the driver installs, are tried before the
+    ///    bare name;
+    ///  - under WSL2 ILGPU's <c>Cuda()</c> sets its own resolver on its assembly every time it runs
+    ///    (ILGPU 1.5.3, CudaContextExtensions.CudaInternal), and .NET allows one per assembly: the
+    ///    second context, or ours set first, throws InvalidOperationException. So <see cref="AddCuda"/>
+    ///    registers CUDA devices itself (CudaDevice.GetDevices, with the predicate ILGPU's Cuda()
+    ///    uses) and ILGPU never sets a resolver: ours is the only one, WSL2 included.
+    /// If the host already set a resolver on ILGPU's assembly, ours joins as the load context's
+    /// ResolvingUnmanagedDll handler, which .NET runs after that resolver and the default probing fail.
     /// </summary>
-    private static class NativeResolver
+    public static class NativeResolver
     {
+        /// <summary>Where WSL2 puts the Windows driver's libcuda (ILGPU looks there too).</summary>
+        public const string WslLibraryFolder = "/usr/lib/wsl/lib";
+
         private static int _installed;
 
+        /// <summary>The CUDA devices the driver shows that ILGPU cannot compile for (architecture or
+        /// PTX version unknown to ILGPU 1.5.3), as "name (sm_XY, driver A.B)": said when no device is usable.</summary>
+        public static IReadOnlyList<string> RejectedCudaDevices { get; private set; } = [];
+
+        /// <summary>True when the host set its own resolver on ILGPU's assembly before ours.</summary>
+        public static bool HostResolverFirst { get; private set; }
+
+        /// <summary>The CUDA driver's file names, in the order tried: WSL2's copy where it exists, the
+        /// driver's versioned name (a toolkit's stub is libcuda.so), then the bare name.</summary>
+        public static IReadOnlyList<string> CudaCandidates
+        {
+            get
+            {
+                if (OperatingSystem.IsWindows())
+                {
+                    return ["nvcuda.dll"];
+                }
+                var names = new List<string>();
+                if (Directory.Exists(WslLibraryFolder))
+                {
+                    // Only WSL2 has this folder, and there the Windows driver's copy is the one that works
+                    // (a Linux driver package installed inside WSL2 by mistake would shadow it).
+                    names.Add(Path.Combine(WslLibraryFolder, "libcuda.so.1"));
+                    names.Add(Path.Combine(WslLibraryFolder, "libcuda.so"));
+                }
+                names.Add("libcuda.so.1");
+                names.Add("libcuda.so");
+                return names;
+            }
+        }
+
+        /// <summary>The OpenCL loader's names, the versioned one (the ICD loader's) first.</summary>
+        public static IReadOnlyList<string> OpenCLCandidates =>
+            OperatingSystem.IsWindows() ? ["OpenCL.dll"] : ["libOpenCL.so.1", "libOpenCL.so"];
+
+        /// <summary>Sets the resolver on ILGPU's assembly once per process, before any context exists.</summary>
         public static void Install()
         {
             if (Interlocked.Exchange(ref _installed, 1) != 0)
             {
                 return;
             }
+            var ilgpu = typeof(Context).Assembly;
             try
             {
-                NativeLibrary.SetDllImportResolver(typeof(Context).Assembly, Resolve);
+                NativeLibrary.SetDllImportResolver(ilgpu, Resolve);
             }
             catch (InvalidOperationException)
             {
-                // A resolver is already set for ILGPU's assembly (by the host); keep it.
+                HostResolverFirst = true;
+                System.Runtime.Loader.AssemblyLoadContext.GetLoadContext(ilgpu)!.ResolvingUnmanagedDll +=
+                    (assembly, name) => assembly == ilgpu ? Resolve(name, assembly, null) : IntPtr.Zero;
             }
         }
 
+        /// <summary>
+        /// Adds every CUDA device ILGPU can compile for to <paramref name="builder"/>, as ILGPU's
+        /// <c>Cuda()</c> does but without its WSL2 resolver (see the class summary). The builder's
+        /// device registry is internal in ILGPU 1.5.3, hence the reflection; if a later ILGPU renames
+        /// it, <c>Cuda()</c> itself runs (a test pins the property).
+        /// </summary>
+        public static Context.Builder AddCuda(Context.Builder builder)
+        {
+            Install();
+            if (RegistryOf(builder) is not { } registry)
+            {
+                return builder.Cuda();
+            }
+            var rejected = new List<string>();
+            foreach (var d in CudaDevice.GetDevices(_ => true))
+            {
+                var cuda = (CudaDevice)d;
+                if (Compilable(cuda))
+                {
+                    registry.Register(cuda);
+                }
+                else
+                {
+                    rejected.Add($"{cuda.Name} ({cuda.Architecture?.ToString() ?? "unknown architecture"}, driver {cuda.DriverVersion})");
+                }
+            }
+            RejectedCudaDevices = rejected;
+            return builder;
+        }
+
+        /// <summary>ILGPU's own filter in Cuda(): an architecture and a PTX version it knows.</summary>
+        private static bool Compilable(CudaDevice d) =>
+            d.Architecture.HasValue && d.InstructionSet.HasValue &&
+            ILGPU.Backends.PTX.PTXCodeGenerator.SupportedInstructionSets.Contains(d.InstructionSet.Value);
+
+        /// <summary>The builder's internal device registry, or null where ILGPU no longer has it.</summary>
+        public static DeviceRegistry? RegistryOf(Context.Builder builder) =>
+            typeof(Context.Builder).GetProperty("DeviceRegistry", BindingFlags.Instance | BindingFlags.NonPublic)?.GetValue(builder) as DeviceRegistry;
+
         private static IntPtr Resolve(string name, Assembly assembly, DllImportSearchPath? path)
         {
-            string[] candidates = name switch
+            var candidates = name switch
             {
-                "cuda" or "nvcuda" => ["libcuda.so", "libcuda.so.1", "nvcuda.dll"],
-                "OpenCL" => ["libOpenCL.so", "libOpenCL.so.1", "OpenCL.dll"],
+                "cuda" or "nvcuda" => CudaCandidates,
+                "OpenCL" => OpenCLCandidates,
                 _ => [],
             };
             foreach (var candidate in candidates)
             {
-                if (NativeLibrary.TryLoad(candidate, assembly, path, out var handle))
+                // A full path (WSL2's) loads only from there; a bare name searches as dlopen does.
+                if (Path.IsPathRooted(candidate)
+                    ? NativeLibrary.TryLoad(candidate, out var handle)
+                    : NativeLibrary.TryLoad(candidate, assembly, path, out handle))
                 {
                     return handle;
                 }

@@ -1,0 +1,150 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Ddpm.Diffusion;
+using Ddpm.Kernels;
+using Ddpm.Kernels.Checks;
+using Ddpm.Nn;
+using Ddpm.Tensors;
+using ILGPU.Runtime.Cuda;
+using ILGPU.Runtime.OpenCL;
+
+namespace Ddpm.Cli;
+
+/// <summary>
+/// The self-check before training or sampling on a GPU: the first time a GPU, driver, build and
+/// kernel mode (fast or simple) meet, every op's kernel check (<see cref="Checker.CompareDevices"/>:
+/// the case's small, odd shapes on the GPU against the managed CPU backend, forward and backward) runs
+/// once, seconds in all, and the verdict is cached beside the MNIST cache. A mismatch stops the
+/// command with one line naming the kernel and suggesting <c>--device cpu</c>; a cached failure stops it
+/// again without rerunning (a new driver or build is a new key). The managed CPU backend is never
+/// checked (it is the reference), nor ILGPU's CPU simulator unless asked (<c>DDPM_SELF_CHECK=force</c>,
+/// or force in <see cref="Ensure"/>); <c>DDPM_SELF_CHECK=off</c> skips it.
+/// </summary>
+public static class SelfCheck
+{
+    /// <summary>The cache file's name, in the folder above the MNIST cache (~/.cache/ddpm).</summary>
+    public const string FileName = "gpu-self-check.json";
+
+    private static readonly JsonSerializerOptions Json = new() { WriteIndented = true };
+
+    /// <summary>$XDG_CACHE_HOME/ddpm/gpu-self-check.json, else ~/.cache/ddpm/gpu-self-check.json.</summary>
+    public static string DefaultCacheFile => Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, FileName);
+
+    /// <summary>One cached verdict: the key's parts, pass or the first failing kernel and its detail.</summary>
+    public sealed record Verdict(string Gpu, string Driver, string Build, string Kernels, bool Pass, string? Failed, string? Detail, int Checks, DateTime CheckedAt);
+
+    /// <summary>
+    /// Runs the self-check on <paramref name="device"/> unless a verdict for its key is cached in
+    /// <paramref name="cacheFile"/> (default <see cref="DefaultCacheFile"/>); throws
+    /// <see cref="SelfCheckFailedException"/> on a mismatch. <paramref name="cases"/> replaces the
+    /// catalogue (tests pass a few, one of them wrong on purpose).
+    /// </summary>
+    public static void Ensure(Device device, Action<string> log, string? cacheFile = null, IReadOnlyList<OpCase>? cases = null, bool force = false)
+    {
+        var mode = Environment.GetEnvironmentVariable("DDPM_SELF_CHECK")?.ToLowerInvariant();
+        if (device is not IlgpuDevice gpu || mode == "off")
+        {
+            return;
+        }
+        if (device.Kind == DeviceKind.IlgpuCpu && !force && mode != "force")
+        {
+            return;
+        }
+        cacheFile ??= DefaultCacheFile;
+        var kernels = IlgpuKernels.For(gpu);
+        var key = new Verdict(gpu.Accelerator.Name, DriverOf(gpu), Build, kernels.Simple ? "simple" : "fast", false, null, null, 0, default);
+        var cache = Load(cacheFile);
+        var verdict = cache.FirstOrDefault(v => SameKey(v, key));
+        if (verdict is null)
+        {
+            log($"self-check: {key.Gpu} (driver {key.Driver}, {key.Kernels} kernels) against the CPU backend, once for this GPU, driver and build...");
+            var clock = Stopwatch.StartNew();
+            verdict = Run(gpu, key, cases ?? OpCatalog.All);
+            log(verdict.Pass
+                ? $"self-check: {verdict.Checks} kernel checks pass ({clock.Elapsed.TotalSeconds:F1} s); cached in {cacheFile}"
+                : $"self-check: FAILED at {verdict.Failed} after {clock.Elapsed.TotalSeconds:F1} s; cached in {cacheFile}");
+            cache.RemoveAll(v => SameKey(v, key));
+            cache.Add(verdict);
+            Save(cacheFile, cache, log);
+        }
+        if (!verdict.Pass)
+        {
+            throw new SelfCheckFailedException(
+                $"GPU self-check failed on {verdict.Gpu} (driver {verdict.Driver}, {verdict.Kernels} kernels): kernel '{verdict.Failed}' " +
+                $"differs from the CPU backend ({verdict.Detail}); run with --device cpu" +
+                (verdict.Kernels == "fast" ? " or --gpu-kernels simple" : "") +
+                $" (verdict cached in {cacheFile}; delete it to check again)");
+        }
+    }
+
+    private static Verdict Run(IlgpuDevice gpu, Verdict key, IReadOnlyList<OpCase> cases)
+    {
+        int done = 0;
+        foreach (var c in cases)
+        {
+            CheckResult result;
+            try
+            {
+                result = Checker.CompareDevices(c, gpu);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                // A kernel that fails to compile or launch (an illegal address kills the context) is a failure too.
+                return key with { Failed = c.Name, Detail = $"{e.GetType().Name}: {OneLine(e.Message)}", Checks = done + 1, CheckedAt = DateTime.UtcNow };
+            }
+            done++;
+            if (!result.Pass)
+            {
+                var detail = result.Detail.TrimEnd(' ', ';');
+                return key with { Failed = c.Name, Detail = $"max err {result.MaxError:E2}{(detail.Length > 0 ? ": " + detail : "")}", Checks = done, CheckedAt = DateTime.UtcNow };
+            }
+        }
+        return key with { Pass = true, Checks = done, CheckedAt = DateTime.UtcNow };
+    }
+
+    private static bool SameKey(Verdict a, Verdict b) => a.Gpu == b.Gpu && a.Driver == b.Driver && a.Build == b.Build && a.Kernels == b.Kernels;
+
+    /// <summary>The build's identity: the module version ids of the assemblies whose code runs in the
+    /// kernels (Ddpm.Kernels and Ddpm.Tensor, whose Philox the random kernels call); any rebuild with
+    /// a change gives new ids (deterministic builds keep them when nothing changed).</summary>
+    public static string Build { get; } =
+        $"{typeof(IlgpuKernels).Assembly.ManifestModule.ModuleVersionId:N}".Substring(0, 12) + "-" +
+        $"{typeof(Tensor).Assembly.ManifestModule.ModuleVersionId:N}".Substring(0, 12);
+
+    private static string DriverOf(IlgpuDevice gpu) => gpu.Accelerator.Device switch
+    {
+        CudaDevice cuda => CudaDriver.Status.DriverVersion > 0 ? CudaDriver.Status.VersionText : cuda.DriverVersion.ToString(),
+        CLDevice cl => $"{cl.PlatformName} {cl.PlatformVersion}",
+        _ => "ILGPU simulator",
+    };
+
+    private static List<Verdict> Load(string file)
+    {
+        try
+        {
+            return File.Exists(file) ? JsonSerializer.Deserialize<List<Verdict>>(File.ReadAllText(file)) ?? [] : [];
+        }
+        catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException or NotSupportedException)
+        {
+            return []; // unreadable: check again and rewrite it
+        }
+    }
+
+    private static void Save(string file, List<Verdict> cache, Action<string> log)
+    {
+        try
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(file))!);
+            Durable.WriteAtomically(file, s => JsonSerializer.Serialize(s, cache, Json));
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            log($"self-check: could not cache the verdict in {file} ({OneLine(e.Message)}); it runs again next time");
+        }
+    }
+
+    private static string OneLine(string message) => string.Join(' ', message.Split(['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries));
+}
+
+/// <summary>A GPU kernel disagreed with the CPU backend in the self-check; the message names it.</summary>
+public sealed class SelfCheckFailedException(string message) : Exception(message);
