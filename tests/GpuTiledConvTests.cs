@@ -116,6 +116,29 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     });
 
     [Fact]
+    public void SplitKWeightGradientIsBitIdenticalOnRerunWithRealValuedInputs() => WithTimeout(() =>
+    {
+        // Integer inputs sum exactly in any order, so they cannot show an order that changes between runs. Random
+        // reals can: the split partials must be summed in the same fixed order every run. 98 = 2·7·7 rows of K in
+        // 3 splits of 48, 48 and 2.
+        var g = new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1);
+        var rng = new Random(7);
+        var dy = (Reals(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
+        var x = (Reals(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
+        int[] ws = [g.K, g.C, g.R, g.S];
+        float[] dw0 = Reals(rng, g.K * g.Crs);
+        float[] expected = Run(CpuDevice.Instance, [dy, x], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad));
+        var kernels = IlgpuKernels.For(fixture.Warp32);
+        float[] first = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
+        float[] second = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
+        Assert.True(first.AsSpan().SequenceEqual(second), "split-K weight gradient: a rerun differs");
+        // Sums of 98 products of values in [-1, 1]: float32 rounding in two summation orders differs by well under 1e-4.
+        var bad = Enumerable.Range(0, expected.Length).Where(i => !(Math.Abs(first[i] - expected[i]) <= 1e-4f + 1e-4f * Math.Abs(expected[i]))).Take(5)
+            .Select(i => $"[{i}] expected {expected[i]}, got {first[i]}").ToList();
+        Assert.True(bad.Count == 0, string.Join("; ", bad));
+    });
+
+    [Fact]
     public void WeightSplitsDependOnTheShapeAndFillTheChip()
     {
         // Base preset at batch 128: 64 -> 64 channels, 3x3, 28x28. Tiles 1 x 9, K = N·P·Q = 100,352: about 264 groups.
@@ -165,6 +188,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     }
 
     private static float[] Ints(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)rng.Next(-3, 4)).ToArray();
+
+    private static float[] Reals(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
 
     private static float[] NaNs(int count) => Enumerable.Repeat(float.NaN, count).ToArray();
 
