@@ -139,6 +139,31 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     });
 
     [Fact]
+    public void FastDivMatchesIntegerDivision()
+    {
+        // Every divisor a gather meets is small, but the proof covers 1 <= d < 2^31 and 0 <= x < 2^31: check the
+        // edges (multiples and their neighbours, the top of the range) for many divisors, and random pairs.
+        var rng = new Random(5);
+        var divisors = Enumerable.Range(1, 1100).Concat([4095, 4096, 4097, 100_352, 1 << 20, (1 << 30) + 1, int.MaxValue]).ToList();
+        foreach (int d in divisors)
+        {
+            var f = new FastDiv(d);
+            foreach (long baseX in new long[] { 0, d, 2L * d, 7L * d, 1000L * d, int.MaxValue - (long)d, int.MaxValue })
+            {
+                for (long x = Math.Max(0, baseX - 2); x <= Math.Min(int.MaxValue, baseX + 2); x++)
+                {
+                    Assert.True(f.Div((int)x) == (int)(x / d), $"{x} / {d}: got {f.Div((int)x)}");
+                }
+            }
+            for (int i = 0; i < 200; i++)
+            {
+                int x = rng.Next(int.MaxValue);
+                Assert.True(f.Div(x) == x / d, $"{x} / {d}: got {f.Div(x)}");
+            }
+        }
+    }
+
+    [Fact]
     public void WeightSplitsDependOnTheShapeAndFillTheChip()
     {
         // Base preset at batch 128: 64 -> 64 channels, 3x3, 28x28. Tiles 1 x 9, K = N·P·Q = 100,352: about 264 groups.

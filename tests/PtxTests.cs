@@ -37,7 +37,8 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
                 if (Environment.GetEnvironmentVariable("DDPM_PTX_DIR") is { Length: > 0 } dir)
                 {
                     Directory.CreateDirectory(dir);
-                    File.WriteAllText(Path.Combine(dir, $"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}.ptx"), compiled.PTXAssembly);
+                    string generic = kernel.Method.IsGenericMethod ? "." + string.Join(".", kernel.Method.GetGenericArguments().Select(t => t.Name)) : "";
+                    File.WriteAllText(Path.Combine(dir, $"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}{generic}.ptx"), compiled.PTXAssembly);
                 }
                 output.WriteLine($"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}: {compiled.PTXAssembly.Length} chars of PTX");
             }

@@ -10,7 +10,8 @@
 //                    M = K, Cols = C·RS, Kd = N·PQ: a long K and a small output, so K is split (grid depth) into
 //                    partials [splits, K, C·RS] that TiledGemm.ReduceSplitsKernel sums in a fixed order: reruns are
 //                    bit-identical, no atomics.
-// Gathers divide indices by runtime sizes (RS, S, PQ, Q): a pointwise convolution takes a branch without them.
+// Gathers divide indices by runtime sizes (RS, S, PQ, Q) through FastDiv (a wide multiply and a shift each); a
+// pointwise convolution takes a branch with one division.
 using ILGPU;
 using ILGPU.Runtime;
 
@@ -33,19 +34,19 @@ public struct ConvForwardTile : ITileOperands
     public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = col / pq, j = col - n * pq;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
         if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
         {
             return x[(n * g.C + kd) * pq + j];
         }
-        return ConvTaps.Input(g, x, n, kd, j);
+        return ConvTaps.Input(t, x, n, kd, j);
     }
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, int split, int m, int col, float acc)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = col / pq, j = col - n * pq;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
         float v = acc + b[m];
         if (t.HasChannelBias != 0)
         {
@@ -69,7 +70,7 @@ public struct ConvInputTile : ITileOperands
     public static float LoadA(TileArgs t, ArrayView<float> w, int m, int kd)
     {
         var g = t.Conv;
-        int rs = g.R * g.S, k = kd / rs;
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd);
         return w[(k * g.C + m) * rs + (kd - k * rs)];
     }
 
@@ -77,14 +78,14 @@ public struct ConvInputTile : ITileOperands
     public static float LoadB(TileArgs t, ArrayView<float> dy, int kd, int col)
     {
         var g = t.Conv;
-        int rs = g.R * g.S, k = kd / rs, tap = kd - k * rs, r = tap / g.S, s = tap - r * g.S;
-        int hw = g.H * g.W, n = col / hw, j = col - n * hw, h = j / g.W, w = j - h * g.W;
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j), w = j - h * g.W;
         int ph = h + g.Pad - r, pw = w + g.Pad - s;
         if (ph < 0 || pw < 0)
         {
             return 0f;
         }
-        int p = ph / g.Stride, q = pw / g.Stride;
+        int p = t.Div.Stride.Div(ph), q = t.Div.Stride.Div(pw);
         if (p * g.Stride != ph || q * g.Stride != pw || p >= g.P || q >= g.Q)
         {
             return 0f;
@@ -96,7 +97,7 @@ public struct ConvInputTile : ITileOperands
     public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
     {
         var g = t.Conv;
-        int hw = g.H * g.W, n = col / hw, i = (n * g.C + m) * hw + (col - n * hw);
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), i = (n * g.C + m) * hw + (col - n * hw);
         dx[i] = t.Accumulate != 0 ? dx[i] + acc : acc;
     }
 }
@@ -115,7 +116,7 @@ public struct ConvWeightTile : ITileOperands
     public static float LoadA(TileArgs t, ArrayView<float> dy, int m, int kd)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = kd / pq;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
         return dy[(n * g.K + m) * pq + (kd - n * pq)];
     }
 
@@ -123,12 +124,12 @@ public struct ConvWeightTile : ITileOperands
     public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = kd / pq, j = kd - n * pq;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd), j = kd - n * pq;
         if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
         {
             return x[(n * g.C + col) * pq + j];
         }
-        return ConvTaps.Input(g, x, n, col, j);
+        return ConvTaps.Input(t, x, n, col, j);
     }
 
     /// <inheritdoc/>
@@ -150,10 +151,11 @@ public struct ConvWeightTile : ITileOperands
 internal static class ConvTaps
 {
     /// <summary>col(x[n])[crs, j] = x[n, c, p·st - pad + r, q·st - pad + s] for crs = (c, r, s), j = (p, q); 0 in the padding.</summary>
-    public static float Input(ConvShape g, ArrayView<float> x, int n, int crs, int j)
+    public static float Input(TileArgs t, ArrayView<float> x, int n, int crs, int j)
     {
-        int rs = g.R * g.S, c = crs / rs, tap = crs - c * rs, r = tap / g.S, s = tap - r * g.S;
-        int p = j / g.Q, q = j - p * g.Q;
+        var g = t.Conv;
+        int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        int p = t.Div.Q.Div(j), q = j - p * g.Q;
         int h = p * g.Stride - g.Pad + r, w = q * g.Stride - g.Pad + s;
         return h >= 0 && h < g.H && w >= 0 && w < g.W ? x[((n * g.C + c) * g.H + h) * g.W + w] : 0f;
     }

@@ -26,6 +26,53 @@ using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.Kernel
 
 namespace Ddpm.Kernels;
 
+/// <summary>
+/// Division by a divisor fixed at launch, as a multiply and a shift (Granlund and Montgomery): with l = ⌈log₂ d⌉,
+/// s = 31 + l and m = ⌈2^s / d⌉ (which fits in 32 bits), ⌊x·m / 2^s⌋ = ⌊x / d⌋ for every 0 ≤ x &lt; 2^31, because
+/// x·(m - 2^s/d) / 2^s &lt; 2^-l ≤ 1/d never carries the fraction of x/d over an integer. On a GPU an integer division
+/// by a runtime value is a ~20-instruction sequence; this is a wide multiply and a shift. The gathers divide every
+/// loaded index by the image and kernel sizes, so this matters (docs/gpu-conv.md).
+/// </summary>
+public readonly struct FastDiv
+{
+    /// <summary>The divisor, the multiplier m, and the shift s.</summary>
+    public readonly int Divisor;
+
+    /// <summary>m = ⌈2^s / d⌉.</summary>
+    public readonly uint Mul;
+
+    /// <summary>s = 31 + ⌈log₂ d⌉.</summary>
+    public readonly int Shift;
+
+    /// <summary>Prepares division by <paramref name="divisor"/> (at least 1).</summary>
+    public FastDiv(int divisor)
+    {
+        if (divisor < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(divisor), divisor, "divisor must be positive");
+        }
+        int l = 0;
+        while ((1L << l) < divisor)
+        {
+            l++;
+        }
+        Divisor = divisor;
+        Shift = 31 + l;
+        Mul = (uint)(((1UL << Shift) + (ulong)divisor - 1) / (ulong)divisor);
+    }
+
+    /// <summary>⌊x / d⌋ for 0 ≤ x &lt; 2^31.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public int Div(int x) => (int)(((ulong)(uint)x * Mul) >> Shift);
+}
+
+/// <summary>The divisors a convolution's gathers use, prepared once per launch.</summary>
+public readonly struct ConvDivisors(ConvShape g)
+{
+    /// <summary>By P·Q, Q, R·S, S, H·W, W and the stride.</summary>
+    public readonly FastDiv Pq = new(g.P * g.Q), Q = new(g.Q), Rs = new(g.R * g.S), S = new(g.S), Hw = new(g.H * g.W), W = new(g.W), Stride = new(g.Stride);
+}
+
 /// <summary>Arguments of one tiled product: the GEMM sizes, the op's own geometry, and epilogue flags. Blittable.</summary>
 public readonly struct TileArgs
 {
@@ -41,6 +88,9 @@ public readonly struct TileArgs
     /// <summary>The convolution's geometry (convolution ops).</summary>
     public readonly ConvShape Conv;
 
+    /// <summary>The convolution's divisors (convolution ops).</summary>
+    public readonly ConvDivisors Div;
+
     /// <summary>The strided matrix geometry (matmul).</summary>
     public readonly MatmulShape Mat;
 
@@ -48,6 +98,7 @@ public readonly struct TileArgs
     public TileArgs(int m, int cols, int kd, int kChunk, bool accumulate, bool channelBias, ConvShape conv, MatmulShape mat)
     {
         (M, Cols, Kd, Conv, Mat) = (m, cols, kd, conv, mat);
+        Div = conv.Stride > 0 ? new ConvDivisors(conv) : default;
         KChunk = kChunk > 0 ? kChunk : RoundUp(Math.Max(kd, 1), TiledGemm.TK);
         Splits = (Math.Max(kd, 1) + KChunk - 1) / KChunk;
         Accumulate = accumulate ? 1 : 0;
