@@ -164,7 +164,8 @@ internal static class ConvTaps
 /// <summary>Host side of the tiled convolutions: argument set-up, split choice, launches.</summary>
 internal static class TiledConv
 {
-    /// <summary>Output groups the weight gradient aims for: about two per SM of an H100 (132 SMs) over the tiles and splits.</summary>
+    /// <summary>Output groups the weight gradient aims for: two per SM of an H100 (132 SMs), the residency assumed in
+    /// docs/gpu-conv.md, over the tiles and splits.</summary>
     private const int TargetGroups = 264;
 
     /// <summary>The K range one split covers at least: 32 K steps, so the partials' write and read stay small beside the product.</summary>
@@ -193,7 +194,8 @@ internal static class TiledConv
     {
         int kd = g.N * g.Pq;
         long tiles = (long)((g.K + TiledGemm.TM - 1) / TiledGemm.TM) * ((g.Crs + TiledGemm.TN - 1) / TiledGemm.TN);
-        long splits = Math.Min((TargetGroups + tiles - 1) / tiles, Math.Max(1, kd / MinChunk));
+        // At most one wave of TargetGroups: a 10% overshoot would cost a second, nearly empty wave.
+        long splits = Math.Min(TargetGroups / tiles, Math.Max(1, kd / MinChunk));
         splits = Math.Min(splits, Math.Max(1, MaxPartials / ((long)g.K * g.Crs)));
         return (int)Math.Max(1, splits);
     }

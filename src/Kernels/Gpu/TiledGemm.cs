@@ -15,8 +15,10 @@
 // Group size: 256 threads on a GPU (one register tile each). The kernel runs with any power-of-two group G ≤ 256:
 // the group then computes its 256 register tiles in 256 / G passes, reloading the shared tiles each pass. That is
 // how it runs on ILGPU's CPU simulators (groups of 16 or 64), and costs nothing at G = 256 (one pass).
+// At G = 256 a second code path prefetches the next K step into registers while computing the current one
+// (software pipelining: global latency hides behind the multiply-adds); G < 256 runs the plain loop.
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
-// the grid and the group size), so no barrier is divergent.
+// the grid and the group size, the prefetch condition only on the K range), so no barrier is divergent.
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
 using ILGPU;
@@ -169,51 +171,152 @@ public static class TiledGemm
     {
         var aS = SharedMemory.Allocate<float>(TK * TM); // [TK][TM]
         var bS = SharedMemory.Allocate<float>(TK * TN); // [TK][TN]
-        int tid = Group.IdxX, groupSize = Group.DimX;
-        int col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM, split = Grid.IdxZ;
+        int split = Grid.IdxZ;
         int kBegin = split * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
+        if (Group.DimX == Threads)
+        {
+            Pipelined<TOp>(a, b, c, e0, e1, t, aS, bS, kBegin, kEnd);
+        }
+        else
+        {
+            InPasses<TOp>(a, b, c, e0, e1, t, aS, bS, kBegin, kEnd);
+        }
+    }
+
+    /// <summary>
+    /// The GPU path (a group of 256, one register tile a thread): each thread owns 4 elements of each shared tile and
+    /// fetches the next K step's into registers (pa0..pa3, pb0..pb3) before computing on the current one, so the
+    /// global loads' latency hides behind the 256 multiply-adds of the step instead of stalling at the barrier.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, TileArgs t,
+        ArrayView<float> aS, ArrayView<float> bS, int kBegin, int kEnd) where TOp : struct, ITileOperands
+    {
+        int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
+        var acc = default(Tile4x4);
+        int k0 = kBegin;
+        float pa0 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid), pa1 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + Threads);
+        float pa2 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + 2 * Threads), pa3 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + 3 * Threads);
+        float pb0 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid), pb1 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + Threads);
+        float pb2 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + 2 * Threads), pb3 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + 3 * Threads);
+        for (; k0 < kEnd; k0 += TK)
+        {
+            aS[SlotA(aAlongK, tid)] = pa0;
+            aS[SlotA(aAlongK, tid + Threads)] = pa1;
+            aS[SlotA(aAlongK, tid + 2 * Threads)] = pa2;
+            aS[SlotA(aAlongK, tid + 3 * Threads)] = pa3;
+            bS[SlotB(bAlongK, tid)] = pb0;
+            bS[SlotB(bAlongK, tid + Threads)] = pb1;
+            bS[SlotB(bAlongK, tid + 2 * Threads)] = pb2;
+            bS[SlotB(bAlongK, tid + 3 * Threads)] = pb3;
+            Group.Barrier();
+            int next = k0 + TK;
+            if (next < kEnd)
+            {
+                pa0 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid);
+                pa1 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + Threads);
+                pa2 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + 2 * Threads);
+                pa3 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + 3 * Threads);
+                pb0 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid);
+                pb1 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + Threads);
+                pb2 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + 2 * Threads);
+                pb3 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + 3 * Threads);
+            }
+            acc.Step(aS, bS, tid / 16, tid % 16);
+            Group.Barrier();
+        }
+        acc.Emit<TOp>(t, c, e0, e1, Grid.IdxZ, m0 + tid / 16, col0 + tid % 16);
+    }
+
+    /// <summary>
+    /// Any power-of-two group G below 256 (the simulators): the group computes the tile's 256 register tiles in
+    /// 256 / G passes, each pass a full sweep over K with cooperative, strided tile loads.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, TileArgs t,
+        ArrayView<float> aS, ArrayView<float> bS, int kBegin, int kEnd) where TOp : struct, ITileOperands
+    {
+        int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
         int passes = Threads / groupSize;
         for (int pass = 0; pass < passes; pass++)
         {
             int sub = pass * groupSize + tid; // which register tile: rows rm + 16·i, cols cn + 16·j
-            int rm = sub / 16, cn = sub % 16;
-            float c00 = 0, c01 = 0, c02 = 0, c03 = 0;
-            float c10 = 0, c11 = 0, c12 = 0, c13 = 0;
-            float c20 = 0, c21 = 0, c22 = 0, c23 = 0;
-            float c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+            var acc = default(Tile4x4);
             for (int k0 = kBegin; k0 < kEnd; k0 += TK)
             {
                 for (int e = tid; e < TK * TM; e += groupSize)
                 {
-                    int mm = aAlongK ? e / TK : e % TM, kk = aAlongK ? e % TK : e / TM;
-                    int m = m0 + mm, kd = k0 + kk;
-                    aS[kk * TM + mm] = m < t.M && kd < kEnd ? TOp.LoadA(t, a, m, kd) : 0f;
+                    aS[SlotA(aAlongK, e)] = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, e);
                 }
                 for (int e = tid; e < TK * TN; e += groupSize)
                 {
-                    int nn = bAlongK ? e / TK : e % TN, kk = bAlongK ? e % TK : e / TN;
-                    int col = col0 + nn, kd = k0 + kk;
-                    bS[kk * TN + nn] = col < t.Cols && kd < kEnd ? TOp.LoadB(t, b, kd, col) : 0f;
+                    bS[SlotB(bAlongK, e)] = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, e);
                 }
                 Group.Barrier();
-                for (int kk = 0; kk < TK; kk++)
-                {
-                    int ao = kk * TM + rm, bo = kk * TN + cn;
-                    float a0 = aS[ao], a1 = aS[ao + 16], a2 = aS[ao + 32], a3 = aS[ao + 48];
-                    float b0 = bS[bo], b1 = bS[bo + 16], b2 = bS[bo + 32], b3 = bS[bo + 48];
-                    c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-                    c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-                    c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-                    c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
-                }
+                acc.Step(aS, bS, sub / 16, sub % 16);
                 Group.Barrier();
             }
-            int r0 = m0 + rm, q0 = col0 + cn;
-            Put<TOp>(t, c, e0, e1, split, r0, q0, c00, c01, c02, c03);
-            Put<TOp>(t, c, e0, e1, split, r0 + 16, q0, c10, c11, c12, c13);
-            Put<TOp>(t, c, e0, e1, split, r0 + 32, q0, c20, c21, c22, c23);
-            Put<TOp>(t, c, e0, e1, split, r0 + 48, q0, c30, c31, c32, c33);
+            acc.Emit<TOp>(t, c, e0, e1, Grid.IdxZ, m0 + sub / 16, col0 + sub % 16);
+        }
+    }
+
+    // Element e (0..1023) of a shared tile: along K, kk = e % 16 runs fastest (neighbouring threads read neighbouring
+    // kd); otherwise the row (A) or column (B) index runs fastest. Both tiles are stored [kk][row or column].
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int SlotA(bool alongK, int e) => alongK ? (e % TK) * TM + e / TK : e;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int SlotB(bool alongK, int e) => alongK ? (e % TK) * TN + e / TK : e;
+
+    /// <summary>A(m0 + row, k0 + kk) for element e of the A tile, 0 past M or past this split's K range.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float FetchA<TOp>(TileArgs t, ArrayView<float> a, int m0, int k0, int kEnd, bool alongK, int e) where TOp : struct, ITileOperands
+    {
+        int m = m0 + (alongK ? e / TK : e % TM), kd = k0 + (alongK ? e % TK : e / TM);
+        return m < t.M && kd < kEnd ? TOp.LoadA(t, a, m, kd) : 0f;
+    }
+
+    /// <summary>B(k0 + kk, col0 + column) for element e of the B tile, 0 past Cols or past this split's K range.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float FetchB<TOp>(TileArgs t, ArrayView<float> b, int col0, int k0, int kEnd, bool alongK, int e) where TOp : struct, ITileOperands
+    {
+        int col = col0 + (alongK ? e / TK : e % TN), kd = k0 + (alongK ? e % TK : e / TN);
+        return col < t.Cols && kd < kEnd ? TOp.LoadB(t, b, kd, col) : 0f;
+    }
+
+    /// <summary>A thread's 4 x 4 register tile: rows rm + 16·i, columns cn + 16·j, as 16 scalar fields (a struct
+    /// local, so ILGPU keeps each in a register; the PTX test checks that nothing lands in .local).</summary>
+    private struct Tile4x4
+    {
+        private float _c00, _c01, _c02, _c03, _c10, _c11, _c12, _c13, _c20, _c21, _c22, _c23, _c30, _c31, _c32, _c33;
+
+        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the TK rows of the shared tiles.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Step(ArrayView<float> aS, ArrayView<float> bS, int rm, int cn)
+        {
+            for (int kk = 0; kk < TK; kk++)
+            {
+                int ao = kk * TM + rm, bo = kk * TN + cn;
+                float a0 = aS[ao], a1 = aS[ao + 16], a2 = aS[ao + 32], a3 = aS[ao + 48];
+                float b0 = bS[bo], b1 = bS[bo + 16], b2 = bS[bo + 32], b3 = bS[bo + 48];
+                _c00 += a0 * b0; _c01 += a0 * b1; _c02 += a0 * b2; _c03 += a0 * b3;
+                _c10 += a1 * b0; _c11 += a1 * b1; _c12 += a1 * b2; _c13 += a1 * b3;
+                _c20 += a2 * b0; _c21 += a2 * b1; _c22 += a2 * b2; _c23 += a2 * b3;
+                _c30 += a3 * b0; _c31 += a3 * b1; _c32 += a3 * b2; _c33 += a3 * b3;
+            }
+        }
+
+        /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue, rows r0 + 16·i, columns q0 + 16·j.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int r0, int q0)
+            where TOp : struct, ITileOperands
+        {
+            Put<TOp>(t, c, e0, e1, split, r0, q0, _c00, _c01, _c02, _c03);
+            Put<TOp>(t, c, e0, e1, split, r0 + 16, q0, _c10, _c11, _c12, _c13);
+            Put<TOp>(t, c, e0, e1, split, r0 + 32, q0, _c20, _c21, _c22, _c23);
+            Put<TOp>(t, c, e0, e1, split, r0 + 48, q0, _c30, _c31, _c32, _c33);
         }
     }
 
