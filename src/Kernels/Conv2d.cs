@@ -697,15 +697,6 @@ public static unsafe class Conv2d
 
     internal sealed class Gpu(IlgpuKernels k)
     {
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
-
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardInput =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardInputKernel);
-
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardWeight =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardWeightKernel);
-
         // The tiled twins (src/Kernels/Gpu/TiledConv.cs) and the split-K reduction of the weight gradient.
         public readonly TileLauncher TiledForward = TiledGemm.Load<ConvForwardTile>(k);
 
@@ -715,6 +706,15 @@ public static unsafe class Conv2d
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int> ReduceSplits =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int>>(TiledGemm.ReduceSplitsKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardInput =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardInputKernel);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> BackwardWeight =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(BackwardWeightKernel);
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int> BackwardBias =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int>>(BackwardBiasKernel);

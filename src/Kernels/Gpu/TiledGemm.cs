@@ -340,8 +340,14 @@ public static class TiledGemm
 
     /// <summary>Queues one product on <paramref name="k"/>'s stream.</summary>
     internal static void Launch(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
-        ArrayView<float> e0, ArrayView<float> e1) =>
-        kernel(k.Stream, Config(t, GroupSize(k.Accelerator)), a, b, c, e0, e1, t);
+        ArrayView<float> e0, ArrayView<float> e1)
+    {
+        // An empty output is no work, and an empty grid is a launch error on CUDA.
+        if (t.M > 0 && t.Cols > 0)
+        {
+            kernel(k.Stream, Config(t, GroupSize(k.Accelerator)), a, b, c, e0, e1, t);
+        }
+    }
 
     /// <summary>dst[i] (+)= Σ_s partials[s·len + i] for s = 0, 1, …, splits - 1 in that order: the split-K reduction,
     /// deterministic because each output sums its splits in a fixed order (no atomics). i over dst [len].</summary>
