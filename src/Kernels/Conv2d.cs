@@ -4,6 +4,8 @@ using System.Runtime.Intrinsics;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
+using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
 
 namespace Ddpm.Kernels;
 
@@ -87,7 +89,11 @@ public enum ConvLowering
 ///    operand straight from a padded copy of the image, the bias added on the way out; the input
 ///    gradient as convolutions of dy with the flipped kernel, one per stride phase. Chosen per shape
 ///    and pass (<see cref="CpuLowering"/>): implicit except for pointwise convolutions.
-///  - ILGPU v1: one thread per output element (forward, input gradient, weight gradient, bias).
+///  - ILGPU v1 (the simple twins, <see cref="IlgpuKernels.Simple"/>): one thread per output element (forward, input
+///    gradient, weight gradient, bias).
+///  - ILGPU v2 (the default): tiled implicit GEMM, 64x64 output tiles, 256 threads with 4x4 register tiles, K step 16
+///    in shared memory; bias and channel bias in the epilogue, split-K weight gradient with a fixed-order reduction
+///    (<see cref="TiledConv"/>, <see cref="TiledGemm"/>).
 /// Backward ops add into their gradient buffers.
 /// </summary>
 public static unsafe class Conv2d
@@ -121,6 +127,11 @@ public static unsafe class Conv2d
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
+            if (!k.Simple)
+            {
+                TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View);
+                return;
+            }
             k.Conv2d.Forward(k.Stream, y.Length, x.View, w.View, b.View, y.View, g);
             if (channelBias is not null)
             {
@@ -140,11 +151,16 @@ public static unsafe class Conv2d
         Check.Shape("conv2d backward input", "dy", dy, g.N, g.K, g.P, g.Q);
         if (dx.Device.IsIlgpu)
         {
+            var k = IlgpuKernels.For(dx);
+            if (!k.Simple)
+            {
+                TiledConv.BackwardInput(k, g, dy.View, w.View, dx.View, accumulate);
+                return;
+            }
             if (!accumulate)
             {
                 dx.Zero();
             }
-            var k = IlgpuKernels.For(dx);
             k.Conv2d.BackwardInput(k.Stream, dx.Length, dy.View, w.View, dx.View, g);
             return;
         }
@@ -160,6 +176,11 @@ public static unsafe class Conv2d
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
+            if (!k.Simple)
+            {
+                TiledConv.BackwardWeight(k, g, dy.View, x.View, dw.View);
+                return;
+            }
             k.Conv2d.BackwardWeight(k.Stream, dw.Length, dy.View, x.View, dw.View, g);
             return;
         }
@@ -682,6 +703,16 @@ public static unsafe class Conv2d
 
     internal sealed class Gpu(IlgpuKernels k)
     {
+        // The tiled twins (src/Kernels/Gpu/TiledConv.cs) and the split-K reduction of the weight gradient.
+        public readonly TileLauncher TiledForward = TiledGemm.Load<ConvForwardTile>(k);
+
+        public readonly TileLauncher TiledInput = TiledGemm.Load<ConvInputTile>(k);
+
+        public readonly TileLauncher TiledWeight = TiledGemm.Load<ConvWeightTile>(k);
+
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int> ReduceSplits =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int>>(TiledGemm.ReduceSplitsKernel);
+
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
 

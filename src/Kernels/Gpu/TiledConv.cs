@@ -1,0 +1,223 @@
+// The three convolution passes as implicit GEMMs on the tiled core (TiledGemm.cs: 64 x 64 tiles, 256 threads,
+// 4 x 4 register tiles, K step 16, 8 KB of shared memory a group). Letters as in ConvShape: x [N, C, H, W],
+// w [K, C, R, S], y [N, K, P, Q]; RS = R·S, PQ = P·Q, HW = H·W.
+//   forward:         y[n, k, pq]  = Σ_{crs} w[k, crs] · col(x[n])[crs, pq] + b[k] (+ e[n, k])
+//                    M = K, Cols = N·PQ, Kd = C·RS; the bias and the time-embedding channel bias in the epilogue.
+//   input gradient:  dx[n, c, hw] (+)= Σ_{k, rs} w[k, c, rs] · dy[n, k, p, q] for the (p, q) tap (r, s) of (h, w) reads
+//                    M = C, Cols = N·HW, Kd = K·RS; at stride 2 three in four B entries are structural zeros (a
+//                    phase split as on the CPU path would skip them: a next step, see docs/gpu-conv.md).
+//   weight gradient: dw[k, crs] += Σ_{n, pq} dy[n, k, pq] · col(x[n])[crs, pq]
+//                    M = K, Cols = C·RS, Kd = N·PQ: a long K and a small output, so K is split (grid depth) into
+//                    partials [splits, K, C·RS] that TiledGemm.ReduceSplitsKernel sums in a fixed order: reruns are
+//                    bit-identical, no atomics.
+// Gathers divide indices by runtime sizes (RS, S, PQ, Q) through FastDiv (a wide multiply and a shift each); a
+// pointwise convolution takes a branch with one division.
+using ILGPU;
+using ILGPU.Runtime;
+
+namespace Ddpm.Kernels;
+
+/// <summary>Convolution forward as a tiled implicit GEMM: A = w [K, C·R·S], B = col(x) [C·R·S, N·P·Q];
+/// e0 = b [K], e1 = channel bias [N, K] (when <see cref="TileArgs.HasChannelBias"/>).</summary>
+public struct ConvForwardTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => false;
+
+    /// <inheritdoc/>
+    public static float LoadA(TileArgs t, ArrayView<float> w, int m, int kd) => w[m * t.Kd + kd];
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
+        if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
+        {
+            return x[(n * g.C + kd) * pq + j];
+        }
+        return ConvTaps.Input(t, x, n, kd, j);
+    }
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, int split, int m, int col, float acc)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
+        float v = acc + b[m];
+        if (t.HasChannelBias != 0)
+        {
+            v += e[n * g.K + m];
+        }
+        y[(n * g.K + m) * pq + j] = v;
+    }
+}
+
+/// <summary>Convolution input gradient as a tiled implicit GEMM: A(c, (k, rs)) = w[k, c, rs], B((k, rs), (n, hw)) =
+/// dy at the output position whose tap (r, s) reads (h, w), or 0.</summary>
+public struct ConvInputTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => false;
+
+    /// <inheritdoc/>
+    public static float LoadA(TileArgs t, ArrayView<float> w, int m, int kd)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd);
+        return w[(k * g.C + m) * rs + (kd - k * rs)];
+    }
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> dy, int kd, int col)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j), w = j - h * g.W;
+        int ph = h + g.Pad - r, pw = w + g.Pad - s;
+        if (ph < 0 || pw < 0)
+        {
+            return 0f;
+        }
+        int p = t.Div.Stride.Div(ph), q = t.Div.Stride.Div(pw);
+        if (p * g.Stride != ph || q * g.Stride != pw || p >= g.P || q >= g.Q)
+        {
+            return 0f;
+        }
+        return dy[((n * g.K + k) * g.P + p) * g.Q + q];
+    }
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
+    {
+        var g = t.Conv;
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), i = (n * g.C + m) * hw + (col - n * hw);
+        dx[i] = t.Accumulate != 0 ? dx[i] + acc : acc;
+    }
+}
+
+/// <summary>Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) =
+/// col(x[n])[crs, pq]. One split adds into dw [K, C·R·S]; several write partials [splits, K, C·R·S].</summary>
+public struct ConvWeightTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static float LoadA(TileArgs t, ArrayView<float> dy, int m, int kd)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
+        return dy[(n * g.K + m) * pq + (kd - n * pq)];
+    }
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd), j = kd - n * pq;
+        if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
+        {
+            return x[(n * g.C + col) * pq + j];
+        }
+        return ConvTaps.Input(t, x, n, col, j);
+    }
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
+    {
+        int i = m * t.Cols + col;
+        if (t.Splits == 1)
+        {
+            c[i] += acc;
+        }
+        else
+        {
+            c[split * t.M * t.Cols + i] = acc;
+        }
+    }
+}
+
+/// <summary>Index arithmetic the convolution gathers share.</summary>
+internal static class ConvTaps
+{
+    /// <summary>col(x[n])[crs, j] = x[n, c, p·st - pad + r, q·st - pad + s] for crs = (c, r, s), j = (p, q); 0 in the padding.</summary>
+    public static float Input(TileArgs t, ArrayView<float> x, int n, int crs, int j)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        int p = t.Div.Q.Div(j), q = j - p * g.Q;
+        int h = p * g.Stride - g.Pad + r, w = q * g.Stride - g.Pad + s;
+        return h >= 0 && h < g.H && w >= 0 && w < g.W ? x[((n * g.C + c) * g.H + h) * g.W + w] : 0f;
+    }
+}
+
+/// <summary>Host side of the tiled convolutions: argument set-up, split choice, launches.</summary>
+internal static class TiledConv
+{
+    /// <summary>Output groups the weight gradient aims for: two per SM of an H100 (132 SMs), the residency assumed in
+    /// docs/gpu-conv.md, over the tiles and splits.</summary>
+    private const int TargetGroups = 264;
+
+    /// <summary>The K range one split covers at least: 32 K steps, so the partials' write and read stay small beside the product.</summary>
+    private const int MinChunk = 32 * TiledGemm.TK;
+
+    /// <summary>Cap on the partials buffer (floats): 8 M = 32 MB.</summary>
+    private const long MaxPartials = 8L << 20;
+
+    /// <summary>y = conv(x, w) + b (+ e[n, k]).</summary>
+    public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
+        ArrayView<float>? channelBias)
+    {
+        var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default);
+        TiledGemm.Launch(k, k.Conv2d.TiledForward, t, w, x, y, b, channelBias ?? b);
+    }
+
+    /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
+    public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
+    {
+        var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
+        TiledGemm.Launch(k, k.Conv2d.TiledInput, t, w, dy, dx, dx, dx);
+    }
+
+    /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>
+    public static int WeightSplits(ConvShape g)
+    {
+        int kd = g.N * g.Pq;
+        long tiles = (long)((g.K + TiledGemm.TM - 1) / TiledGemm.TM) * ((g.Crs + TiledGemm.TN - 1) / TiledGemm.TN);
+        // At most one wave of TargetGroups: a 10% overshoot would cost a second, nearly empty wave.
+        long splits = Math.Min(TargetGroups / tiles, Math.Max(1, kd / MinChunk));
+        splits = Math.Min(splits, Math.Max(1, MaxPartials / ((long)g.K * g.Crs)));
+        return (int)Math.Max(1, splits);
+    }
+
+    /// <summary>dw += Σ_n dy[n] ⋆ x[n], K split <paramref name="splits"/> ways (0: <see cref="WeightSplits"/>).</summary>
+    public static void BackwardWeight(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw, int splits = 0)
+    {
+        int kd = g.N * g.Pq;
+        if (splits <= 0)
+        {
+            splits = WeightSplits(g);
+        }
+        int chunk = TileArgs.RoundUp((kd + splits - 1) / splits, TiledGemm.TK);
+        var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default);
+        if (t.Splits == 1)
+        {
+            TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, dw, dw, dw);
+            return;
+        }
+        int len = g.K * g.Crs;
+        using var partials = k.Scratch(t.Splits * len);
+        TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, partials.View, dw, dw);
+        k.Conv2d.ReduceSplits(k.Stream, len, partials.View, dw, len, t.Splits, 1);
+    }
+}

@@ -1,0 +1,235 @@
+using Ddpm.Kernels;
+using Ddpm.Tensors;
+using Xunit.Abstractions;
+
+namespace Ddpm.Tests;
+
+/// <summary>
+/// The tiled implicit-GEMM convolutions and matmul (src/Kernels/Gpu) and their simple twins against the managed CPU
+/// backend, on the warp-32 (groups of 256) and warp-4 (groups of 64, four passes a tile) simulators. Shapes are ragged
+/// (no dimension a multiple of a tile) and tiny: the simulator runs an OS thread per GPU thread. Inputs are small
+/// integers, so every sum is exact in float32 whatever the order: results must match the CPU bit for bit. Outputs
+/// start as NaN, so an element the kernel forgets shows; a rerun must reproduce the first run bit for bit.
+/// </summary>
+[Collection(GpuLikeCollection.Name)]
+public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper output)
+{
+    // A guard against a deadlocked barrier, not a speed test: generous, because other work on a loaded machine can
+    // slow the simulator's hundreds of OS threads many times over.
+    private static readonly TimeSpan Limit = TimeSpan.FromSeconds(180);
+
+    /// <summary>Conv geometries: n, c, k, h, w, r (= s), stride, pad. Ragged 7x7 and 5x6, stride 2, 1x1 (pointwise and strided).</summary>
+    public static TheoryData<int, int, int, int, int, int, int, int, int> Shapes()
+    {
+        var data = new TheoryData<int, int, int, int, int, int, int, int, int>();
+        foreach (int warp in new[] { 32, 4 })
+        {
+            data.Add(warp, 2, 3, 5, 7, 7, 3, 1, 1);
+            data.Add(warp, 2, 3, 5, 5, 6, 3, 2, 1);
+            data.Add(warp, 2, 3, 5, 7, 7, 1, 1, 0);
+            data.Add(warp, 1, 4, 3, 5, 6, 1, 2, 0);
+        }
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void ConvPassesMatchCpu(int warp, int n, int c, int k, int h, int w, int r, int stride, int pad) => WithTimeout(() =>
+    {
+        var device = fixture[warp];
+        var g = new ConvShape(n, c, h, w, k, r, r, stride, pad);
+        var rng = new Random(n * 1000 + c * 100 + h * 10 + stride);
+        int[] xs = [n, c, h, w], ws = [k, c, r, r], ys = [n, k, g.P, g.Q];
+        var x = (Ints(rng, n * c * h * w), xs);
+        var wt = (Ints(rng, k * c * r * r), ws);
+        var b = (Ints(rng, k), new[] { k });
+        var e = (Ints(rng, n * k), new[] { n, k });
+        var dy = (Ints(rng, n * k * g.P * g.Q), ys);
+        float[] dx0 = Ints(rng, x.Item1.Length), dw0 = Ints(rng, wt.Item1.Length);
+
+        Func<Device, float[]> forward = d => Run(d, [x, wt, b, e], NaNs(n * k * g.P * g.Q), ys, (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, stride, pad, t[3]));
+        Func<Device, float[]> inputAdd = d => Run(d, [dy, wt], dx0, xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, stride, pad, accumulate: true));
+        Func<Device, float[]> inputSet = d => Run(d, [dy, wt], NaNs(dx0.Length), xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, stride, pad, accumulate: false));
+        Func<Device, float[]> weight = d => Run(d, [dy, x], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, stride, pad));
+
+        var cpu = CpuDevice.Instance;
+        float[] yRef = forward(cpu), dxRef = inputAdd(cpu), dxSetRef = inputSet(cpu), dwRef = weight(cpu);
+        var kernels = IlgpuKernels.For(device);
+        foreach (bool simple in SimpleModes(warp))
+        {
+            kernels.Simple = simple;
+            try
+            {
+                // The rerun check is for the tiled kernels; the simple twins run once (they keep the simulator busy longest).
+                string tag = $"warp {warp}, {(simple ? "simple" : "tiled")}";
+                Check(tag + " forward", yRef, () => forward(device), rerun: !simple);
+                Check(tag + " input gradient +=", dxRef, () => inputAdd(device), rerun: !simple);
+                Check(tag + " input gradient =", dxSetRef, () => inputSet(device), rerun: !simple);
+                Check(tag + " weight gradient", dwRef, () => weight(device), rerun: !simple);
+            }
+            finally
+            {
+                kernels.Simple = false;
+            }
+        }
+
+        // Split-K: the tiny shapes get one split from the automatic rule, so force three (uneven: the last is short).
+        Check($"warp {warp}, weight gradient, 3 splits", dwRef, () => Run(device, [dy, x], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3)), rerun: false);
+    });
+
+    [Theory]
+    [InlineData(32, false, false)]
+    [InlineData(32, true, false)]
+    [InlineData(32, false, true)]
+    [InlineData(4, true, true)]
+    [InlineData(4, false, false)]
+    public void MatmulMatchesCpu(int warp, bool transA, bool transB) => WithTimeout(() =>
+    {
+        // c [m, n] (+)= op(a)·op(b), 67 columns: two column tiles, the second ragged.
+        const int m = 5, n = 67, kk = 9;
+        var device = fixture[warp];
+        var rng = new Random(warp + (transA ? 2 : 0) + (transB ? 1 : 0));
+        var a = (Ints(rng, m * kk), transA ? new[] { kk, m } : new[] { m, kk });
+        var b = (Ints(rng, kk * n), transB ? new[] { n, kk } : new[] { kk, n });
+        float[] c0 = Ints(rng, m * n);
+        var kernels = IlgpuKernels.For(device);
+        foreach (bool accumulate in new[] { true, false })
+        {
+            float[] start = accumulate ? c0 : NaNs(m * n);
+            Func<Device, float[]> matmul = d => Run(d, [a, b], start, [m, n], (t, cc) => Linear.Matmul(t[0], transA, t[1], transB, cc, accumulate));
+            float[] expected = matmul(CpuDevice.Instance);
+            foreach (bool simple in SimpleModes(warp))
+            {
+                kernels.Simple = simple;
+                try
+                {
+                    Check($"warp {warp}, {(simple ? "simple" : "tiled")} matmul{(transA ? " aT" : "")}{(transB ? " bT" : "")} {(accumulate ? "+=" : "=")}", expected,
+                        () => matmul(device), rerun: !simple);
+                }
+                finally
+                {
+                    kernels.Simple = false;
+                }
+            }
+        }
+    });
+
+    [Fact]
+    public void SplitKWeightGradientIsBitIdenticalOnRerunWithRealValuedInputs() => WithTimeout(() =>
+    {
+        // Integer inputs sum exactly in any order, so they cannot show an order that changes between runs. Random
+        // reals can: the split partials must be summed in the same fixed order every run. 98 = 2·7·7 rows of K in
+        // 3 splits of 48, 48 and 2.
+        var g = new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1);
+        var rng = new Random(7);
+        var dy = (Reals(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
+        var x = (Reals(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
+        int[] ws = [g.K, g.C, g.R, g.S];
+        float[] dw0 = Reals(rng, g.K * g.Crs);
+        float[] expected = Run(CpuDevice.Instance, [dy, x], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad));
+        var kernels = IlgpuKernels.For(fixture.Warp32);
+        float[] first = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
+        float[] second = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
+        Assert.True(first.AsSpan().SequenceEqual(second), "split-K weight gradient: a rerun differs");
+        // Sums of 98 products of values in [-1, 1]: float32 rounding in two summation orders differs by well under 1e-4.
+        var bad = Enumerable.Range(0, expected.Length).Where(i => !(Math.Abs(first[i] - expected[i]) <= 1e-4f + 1e-4f * Math.Abs(expected[i]))).Take(5)
+            .Select(i => $"[{i}] expected {expected[i]}, got {first[i]}").ToList();
+        Assert.True(bad.Count == 0, string.Join("; ", bad));
+    });
+
+    [Fact]
+    public void FastDivMatchesIntegerDivision()
+    {
+        // Every divisor a gather meets is small, but the proof covers 1 <= d < 2^31 and 0 <= x < 2^31: check the
+        // edges (multiples and their neighbours, the top of the range) for many divisors, and random pairs.
+        var rng = new Random(5);
+        var divisors = Enumerable.Range(1, 1100).Concat([4095, 4096, 4097, 100_352, 1 << 20, (1 << 30) + 1, int.MaxValue]).ToList();
+        foreach (int d in divisors)
+        {
+            var f = new FastDiv(d);
+            foreach (long baseX in new long[] { 0, d, 2L * d, 7L * d, 1000L * d, int.MaxValue - (long)d, int.MaxValue })
+            {
+                for (long x = Math.Max(0, baseX - 2); x <= Math.Min(int.MaxValue, baseX + 2); x++)
+                {
+                    Assert.True(f.Div((int)x) == (int)(x / d), $"{x} / {d}: got {f.Div((int)x)}");
+                }
+            }
+            for (int i = 0; i < 200; i++)
+            {
+                int x = rng.Next(int.MaxValue);
+                Assert.True(f.Div(x) == x / d, $"{x} / {d}: got {f.Div(x)}");
+            }
+        }
+    }
+
+    [Fact]
+    public void WeightSplitsDependOnTheShapeAndFillTheChip()
+    {
+        // Base preset at batch 128: 64 -> 64 channels, 3x3, 28x28. Tiles 1 x 9, K = N·P·Q = 100,352: one wave of at most 264 groups.
+        var g = new ConvShape(128, 64, 28, 28, 64, 3, 3, 1, 1);
+        int splits = TiledConv.WeightSplits(g);
+        Assert.InRange(splits * 9, 240, 264);
+        // A tiny shape: one split (K too short to cut).
+        Assert.Equal(1, TiledConv.WeightSplits(new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1)));
+    }
+
+    /// <summary>Tiled kernels on both simulators; the simple twins (implicitly grouped: ILGPU picks their group, they
+    /// use no warp or group primitive) on the warp-4 one only, where their launches cost the fewest simulator threads.</summary>
+    private static bool[] SimpleModes(int warp) => warp == 4 ? [false, true] : [false];
+
+    /// <summary>Runs <paramref name="run"/> (twice with <paramref name="rerun"/>); each result must equal
+    /// <paramref name="expected"/> bit for bit.</summary>
+    private void Check(string what, float[] expected, Func<float[]> run, bool rerun)
+    {
+        float[] first = run();
+        AssertSame(what, expected, first);
+        if (rerun)
+        {
+            Assert.True(first.AsSpan().SequenceEqual(run()), $"{what}: a rerun differs");
+        }
+        output.WriteLine($"{what}: {expected.Length} values match");
+    }
+
+    private static void AssertSame(string what, float[] expected, float[] actual)
+    {
+        Assert.Equal(expected.Length, actual.Length);
+        var bad = Enumerable.Range(0, expected.Length)
+            .Where(i => BitConverter.SingleToInt32Bits(expected[i]) != BitConverter.SingleToInt32Bits(actual[i]))
+            .Take(5).Select(i => $"[{i}] expected {expected[i]}, got {actual[i]}").ToList();
+        Assert.True(bad.Count == 0, $"{what}: {string.Join("; ", bad)}");
+    }
+
+    /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
+    /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output.</summary>
+    private static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op)
+    {
+        var tensors = inputs.Select(i => Tensor.FromHost(device, i.Data, i.Shape)).ToArray();
+        using var outTensor = Tensor.FromHost(device, start, outShape);
+        try
+        {
+            op(tensors, outTensor);
+            return outTensor.ToArray();
+        }
+        finally
+        {
+            foreach (var t in tensors)
+            {
+                t.Dispose();
+            }
+        }
+    }
+
+    private static float[] Ints(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)rng.Next(-3, 4)).ToArray();
+
+    private static float[] Reals(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+
+    private static float[] NaNs(int count) => Enumerable.Repeat(float.NaN, count).ToArray();
+
+    /// <summary>A grouped kernel with a divergent barrier deadlocks the simulator: fail instead of hanging.</summary>
+    private static void WithTimeout(Action body)
+    {
+        var task = Task.Run(body);
+        Assert.True(task.Wait(Limit), $"timed out after {Limit.TotalSeconds} s (a deadlocked barrier?)");
+    }
+}
