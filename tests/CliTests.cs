@@ -49,7 +49,6 @@ public sealed class CliTests : IDisposable
     [InlineData(new[] { "sample", "--recipe", "wild" }, "wild")]
     [InlineData(new[] { "train", "--recipe", "wild" }, "wild")]
     [InlineData(new[] { "sample", "--steps", "5" }, "--steps applies to --sampler ddim or dpm++ only")]
-    [InlineData(new[] { "sample", "--sampler", "dpm++", "--eta", "0.5" }, "--eta applies to --sampler ddim only")]
     [InlineData(new[] { "sample", "--sampler", "dpm++", "--variance", "small" }, "--variance applies to --sampler ddpm only")]
     [InlineData(new[] { "sample", "--sampler", "ddim", "--variance", "small" }, "--variance applies to --sampler ddpm only")]
     [InlineData(new[] { "bench", "--device", "tpu" }, "tpu")]

@@ -131,6 +131,34 @@ public sealed class SamplerTests
     }
 
     /// <summary>
+    /// dpm++'s eta: 0 is the deterministic solver to the bit; 1 is the SDE form, each step's coefficients
+    /// as diffusers' sde-dpmsolver++ (midpoint) writes them, its noise sigma_t·sqrt(1 - e^{-2h}).
+    /// </summary>
+    [Fact]
+    public void DpmSolverEtaGivesTheSdeFormAndZeroIsTheOde()
+    {
+        var s = NoiseSchedule.Cosine();
+        Assert.Equal(Sampler.DpmSolver2M(s, 20), Sampler.DpmSolver2M(s, 20, eta: 0));
+        var sde = Sampler.DpmSolver2M(s, 20, eta: 1);
+        var grid = sde.Select(p => p.T).Append(0).ToArray();
+        double Alpha(int t) => Math.Sqrt(s.AlphaBars[t]);
+        double Sig(int t) => Math.Sqrt(1 - s.AlphaBars[t]);
+        double Lambda(int t) => Math.Log(Alpha(t) / Sig(t));
+        for (int i = 0; i < sde.Count; i++)
+        {
+            int from = grid[i], to = grid[i + 1];
+            double h = Lambda(to) - Lambda(from), w = Alpha(to) * (1 - Math.Exp(-2 * h));
+            var x0 = sde[i].X0!.Value;
+            Assert.Equal(Sig(to) / Sig(from) * Math.Exp(-h), x0.Q, 12);
+            Assert.Equal(Sig(to) * Math.Sqrt(1 - Math.Exp(-2 * h)), sde[i].Sigma, 12);
+            // D0 + D1/2 with D1 = (m0 - m1)/r: P + PPrevious is the weight itself.
+            Assert.Equal(w, x0.P + x0.PPrevious, 12);
+            Assert.True(i == 0 ? x0.PPrevious == 0 : x0.PPrevious < 0);
+        }
+        Assert.Throws<ArgumentException>(() => Sampler.DpmSolver2M(s, 20, eta: 1.5));
+    }
+
+    /// <summary>
     /// Cosine schedule, with a denoiser that is off by 0.05 in eps and bounded like a network's output:
     /// near t = T, ābar ≈ 3e-8, so the unclipped x0 estimate multiplies the error by sqrt(1-ābar)/sqrt(ābar)
     /// ≈ 6000 (the "every sampler turns the model into noise"), while the clipped one stays in [-1, 1]

@@ -200,7 +200,7 @@ public static class EvalCommand
                 result["sampler"] = plan.Settings.Sampler;
                 result["steps"] = plan.Steps.Count;
                 result["variance"] = plan.Variance;
-                result["eta"] = plan.Kind == SamplerKind.Ddim ? plan.Settings.Eta ?? 0 : null;
+                result["eta"] = plan.Kind is SamplerKind.Ddim or SamplerKind.DpmSolver2M ? plan.Settings.Eta ?? 0 : null;
                 result["recipe"] = plan.Settings.Recipe;
                 result["seed"] = plan.Settings.Seed;
                 result["weights"] = plan.UseEma ? "ema" : "raw";
@@ -296,7 +296,7 @@ public static class EvalCommand
             ("sampler", plan.Kind switch
             {
                 SamplerKind.Ddim => $"ddim, {plan.Steps.Count} steps, eta {(s.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
-                SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps",
+                SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps, eta {(s.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
                 _ => $"ddpm, {plan.Steps.Count} steps, {plan.Variance} variance",
             }),
             ("recipe", plan.Clip ? "clipped (x0 estimate clipped to [-1, 1])" : "seed (unclipped)"),

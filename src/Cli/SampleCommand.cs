@@ -100,7 +100,7 @@ internal sealed class SamplerFlags
         _variance = new Option<string?>("--variance") { Description = "ddpm's sigma²: large (beta_t, the seed's, default) | small (posterior)" };
         _variance.AcceptOnlyFromAmong("large", "small");
         _steps = new Option<int?>("--steps") { Description = "steps S of ddim (default 50) or dpm++ (default 20); ddpm always takes the run's T" }.Within(1, NoiseScheduleLimits.MaxT);
-        _eta = new Option<double?>("--eta") { Description = "ddim's eta in [0, 1]: 0 deterministic (default), 1 as ddpm" }.Within(0.0, 1.0);
+        _eta = new Option<double?>("--eta") { Description = "ddim's or dpm++'s eta in [0, 1]: 0 deterministic (default), 1 as ddpm (ddim) or the SDE solver (dpm++)" }.Within(0.0, 1.0);
         _recipe = SampleCommand.RecipeOption("every sampler's step");
         _seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
         _noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
@@ -139,13 +139,9 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         {
             throw new UsageException($"{(Steps is not null ? "--steps" : "--eta")} applies to --sampler ddim or dpm++ only (ddpm always takes the run's T steps)");
         }
-        if (dpm && Eta is not null)
-        {
-            throw new UsageException("--eta applies to --sampler ddim only (dpm++ is deterministic)");
-        }
         if (!ddpm && Variance is not null)
         {
-            throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++ adds no noise")})");
+            throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++'s noise is set by --eta")})");
         }
         if (Guidance is not null && (Digit == "none" || (guidanceNeedsDigit && Digit is null)))
         {
@@ -225,7 +221,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
         string sampler = Kind switch
         {
             SamplerKind.Ddim => $"ddim {Steps.Count} steps eta {(Settings.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
-            SamplerKind.DpmSolver2M => $"dpm++ (2M) {Steps.Count} steps",
+            SamplerKind.DpmSolver2M => $"dpm++ (2M) {Steps.Count} steps{(Settings.Eta is > 0 ? $" eta {Settings.Eta.Value.ToString(CultureInfo.InvariantCulture)} (SDE)" : "")}",
             _ => $"ddpm ({Variance} variance) {Steps.Count} steps",
         };
         return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +

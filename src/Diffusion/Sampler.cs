@@ -13,7 +13,7 @@ public enum SamplerKind
     DdpmSmall,
     /// <summary>DDIM (Song et al. 2021) over a subsequence of S steps, with eta.</summary>
     Ddim,
-    /// <summary>DPM-Solver++(2M) (Lu et al. 2022): deterministic, second-order multistep, S steps.</summary>
+    /// <summary>DPM-Solver++(2M) (Lu et al. 2022): second-order multistep, S steps; deterministic at eta 0, its SDE form above.</summary>
     DpmSolver2M,
 }
 
@@ -125,12 +125,21 @@ public static class Sampler
     ///     x_t = (sigma_t/sigma_s)·x_s + alpha_t·(1 - e^{-h})·x0_i;
     ///   second order otherwise, with r = h_{i-1}/h and D = (1 + 1/(2r))·x0_i - 1/(2r)·x0_{i-1}:
     ///     x_t = (sigma_t/sigma_s)·x_s + alpha_t·(1 - e^{-h})·D.
+    /// <paramref name="eta"/> &gt; 0 takes the stochastic form of the same solver (SDE-DPM-Solver++(2M), Lu et al. 2022's
+    /// SDE variant; diffusers' sde-dpmsolver++ with the midpoint rule at eta 1, k-diffusion's dpmpp_2m_sde for any eta):
+    ///     x_t = (sigma_t/sigma_s)·e^{-eta·h}·x_s + alpha_t·(1 - e^{-(1+eta)·h})·D + sigma_t·sqrt(1 - e^{-2·eta·h})·z,
+    /// which is the deterministic step at eta 0. Part of the noise is re-drawn each step, as DDPM's ancestral steps do,
+    /// which corrects the model's errors instead of carrying them along the ODE.
     /// </summary>
-    public static IReadOnlyList<ReverseStep> DpmSolver2M(NoiseSchedule s, int count, bool clip = true)
+    public static IReadOnlyList<ReverseStep> DpmSolver2M(NoiseSchedule s, int count, bool clip = true, double eta = 0)
     {
         if (count < 1 || count > s.T - 1)
         {
             throw new ArgumentException($"dpm++: steps must be in 1..{s.T - 1}, not {count}");
+        }
+        if (!(eta >= 0 && eta <= 1))
+        {
+            throw new ArgumentException($"dpm++: eta must be in [0, 1], not {eta}");
         }
         // count + 1 grid points, descending; distinct since count + 1 <= T.
         var grid = Timesteps(s.T, count + 1).Reverse().ToArray();
@@ -142,7 +151,8 @@ public static class Sampler
         {
             int from = grid[i], to = grid[i + 1];
             double h = Lambda(to) - Lambda(from);
-            double q = Sigma(to) / Sigma(from), weight = Alpha(to) * (1 - Math.Exp(-h));
+            double q = Sigma(to) / Sigma(from) * Math.Exp(-eta * h), weight = Alpha(to) * (1 - Math.Exp(-(1 + eta) * h));
+            double noise = eta > 0 ? Sigma(to) * Math.Sqrt(1 - Math.Exp(-2 * eta * h)) : 0;
             bool firstOrder = i == 0 || (i == count - 1 && count < 15);
             double p = weight, pPrevious = 0;
             if (!firstOrder)
@@ -152,7 +162,7 @@ public static class Sampler
                 pPrevious = -weight / (2 * r);
             }
             double abar = s.AlphaBars[from];
-            steps.Add(ReverseStep.ThroughX0(from, new X0Step(X0A(abar), X0B(abar), clip, p, q, pPrevious), 0));
+            steps.Add(ReverseStep.ThroughX0(from, new X0Step(X0A(abar), X0B(abar), clip, p, q, pPrevious), noise));
         }
         return steps;
     }
@@ -163,7 +173,7 @@ public static class Sampler
         SamplerKind.DdpmLarge => Ddpm(s, fixedSmall: false, clip),
         SamplerKind.DdpmSmall => Ddpm(s, fixedSmall: true, clip),
         SamplerKind.Ddim => Ddim(s, steps, eta, clip),
-        SamplerKind.DpmSolver2M => DpmSolver2M(s, steps, clip),
+        SamplerKind.DpmSolver2M => DpmSolver2M(s, steps, clip, eta),
         _ => throw new ArgumentOutOfRangeException(nameof(kind)),
     };
 
