@@ -200,7 +200,7 @@ public static class EvalCommand
                 result["sampler"] = plan.Settings.Sampler;
                 result["steps"] = plan.Steps.Count;
                 result["variance"] = plan.Variance;
-                result["eta"] = plan.Kind is SamplerKind.Ddim or SamplerKind.DpmSolver2M ? plan.Settings.Eta ?? 0 : null;
+                result["eta"] = plan.Kind is SamplerKind.Ddim or SamplerKind.DpmSolver2M ? plan.Eta : null;
                 result["recipe"] = plan.Settings.Recipe;
                 result["seed"] = plan.Settings.Seed;
                 result["weights"] = plan.UseEma ? "ema" : "raw";
@@ -274,7 +274,7 @@ public static class EvalCommand
         string I(double v) => v.ToString(CultureInfo.InvariantCulture);
         var name = $"eval-{s.Sampler}-{plan.Steps.Count}";
         name += plan.Kind == SamplerKind.DdpmSmall ? "-small" : "";
-        name += s.Eta is > 0 ? $"-eta{I(s.Eta.Value)}" : "";
+        name += plan.Kind is SamplerKind.Ddim or SamplerKind.DpmSolver2M && plan.Eta != SamplerSettings.DefaultEta(s.Sampler) ? $"-eta{I(plan.Eta)}" : "";
         name += plan.Clip ? "" : "-seedrecipe";
         name += plan.Info.HasEma && !plan.UseEma ? "-raw" : "";
         name += s.Seed != 0 ? $"-seed{s.Seed}" : "";
@@ -295,8 +295,8 @@ public static class EvalCommand
             ("model", $"{plan.Info.Preset}{(plan.Info.Classes > 0 ? " class-conditional" : "")}, {(plan.UseEma ? "EMA" : "raw")} weights, {plan.ScheduleName} schedule, T = {plan.T}"),
             ("sampler", plan.Kind switch
             {
-                SamplerKind.Ddim => $"ddim, {plan.Steps.Count} steps, eta {(s.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
-                SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps, eta {(s.Eta ?? 0).ToString(CultureInfo.InvariantCulture)}",
+                SamplerKind.Ddim => $"ddim, {plan.Steps.Count} steps, eta {plan.Eta.ToString(CultureInfo.InvariantCulture)}",
+                SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps, eta {plan.Eta.ToString(CultureInfo.InvariantCulture)}",
                 _ => $"ddpm, {plan.Steps.Count} steps, {plan.Variance} variance",
             }),
             ("recipe", plan.Clip ? "clipped (x0 estimate clipped to [-1, 1])" : "seed (unclipped)"),
