@@ -1,3 +1,4 @@
+using System.Linq.Expressions;
 using System.Reflection;
 using Ddpm.Tensors;
 using ILGPU;
@@ -73,14 +74,29 @@ public sealed class IlgpuKernels
     internal TLauncher Auto<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false));
-        return Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method);
+        return Counted(Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method));
     }
 
     /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>.</summary>
     internal TLauncher Grouped<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true));
-        return Accelerator.LoadKernel<TLauncher>(kernel.Method);
+        return Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method));
+    }
+
+    /// <summary>
+    /// The launcher wrapped so that every launch adds one to the device's <see cref="DeviceCounters"/>: a delegate of the
+    /// same type whose body counts, then calls ILGPU's launcher with the same arguments (built once per kernel; a
+    /// launch pays one interlocked increment and one more delegate call, and allocates nothing).
+    /// </summary>
+    private TLauncher Counted<TLauncher>(TLauncher launcher) where TLauncher : Delegate
+    {
+        var invoke = typeof(TLauncher).GetMethod("Invoke")!;
+        var args = invoke.GetParameters().Select(p => Expression.Parameter(p.ParameterType, p.Name)).ToArray();
+        var body = Expression.Block(
+            Expression.Call(Expression.Constant(Device.Counters), typeof(DeviceCounters).GetMethod(nameof(DeviceCounters.CountLaunch))!),
+            Expression.Invoke(Expression.Constant(launcher), args));
+        return Expression.Lambda<TLauncher>(body, args).Compile();
     }
 
     /// <summary>A scratch tensor for reductions, from the device pool.</summary>
