@@ -37,7 +37,9 @@ public sealed unsafe class CpuFastPathTests
     public static IEnumerable<object[]> GemmCases => SimdLevelCollection.Cross(
         [1, 1, 1], [3, 7, 5], [17, 33, 65], [65, 129, 31], [64, 784, 576], [7, 1, 300], [5, 9, 0],
         // Edges of the 6x8, 6x16 and 4x4 tiles: rows 6k+1, columns 8k+3 / 16k+7.
-        [13, 23, 19], [7, 41, 130]);
+        [13, 23, 19], [7, 41, 130],
+        // The AVX2 kernel's narrow column edges: 4 columns (one 128-bit vector) and 8 (one 256-bit vector) past 16.
+        [11, 20, 9], [6, 24, 17]);
 
     [SkippableTheory]
     [MemberData(nameof(GemmCases))]

@@ -201,7 +201,7 @@ public sealed class DiffusionTests
     {
         var d = CpuDevice.Instance;
         var data = Synthetic(40);
-        var options = new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 2, EmaDecay = 0.9f, Clip = 1f, Seed = 3 };
+        var options = new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 2, EmaDecay = 0.9f, Clip = 1f, Seed = 3, Warmup = 2, LrDecay = "cosine" };
         using var straight = new Trainer(d, options, data);
         var want = Enumerable.Range(0, 6).Select(_ => straight.TrainStep()).ToArray();
 
@@ -224,6 +224,28 @@ public sealed class DiffusionTests
         Assert.Equal(want, got);
         Assert.Equal(straight.Model["conv_out.weight"].Value.ToArray(), resumed.Model["conv_out.weight"].Value.ToArray());
         Assert.Equal(straight.Ema!.Weights[0].ToArray(), resumed.Ema!.Weights[0].ToArray());
+    }
+
+    /// <summary>Warm-up rises linearly to the peak; the cosine then falls to a tenth of it at the last step, never below.</summary>
+    [Fact]
+    public void LearningRateWarmsUpThenFallsByACosine()
+    {
+        // 40 digits at batch 8: 5 steps an epoch, 22 epochs = 110 steps, 10 of them warm-up.
+        var options = new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 22, Lr = 2e-3f, Warmup = 10, LrDecay = "cosine" };
+        using var trainer = new Trainer(CpuDevice.Instance, options, Synthetic(40));
+        Assert.Equal(110, trainer.TotalSteps);
+        Assert.Equal(2e-4f, trainer.LearningRateAt(0), 1e-9f);
+        Assert.Equal(2e-3f, trainer.LearningRateAt(9), 1e-9f);
+        Assert.Equal(2e-3f, trainer.LearningRateAt(10), 1e-9f);
+        Assert.Equal(2e-3f * Trainer.CosineFloor, trainer.LearningRateAt(109), 1e-9f);
+        Assert.Equal(2e-3f * Trainer.CosineFloor, trainer.LearningRateAt(500), 1e-9f);
+        Assert.Equal(2e-3f * (Trainer.CosineFloor + 1) / 2, trainer.LearningRateAt(59), 2e-5f); // about halfway down
+        for (long step = 11; step < 110; step++)
+        {
+            Assert.True(trainer.LearningRateAt(step) < trainer.LearningRateAt(step - 1), $"not falling at step {step}");
+        }
+        using var constant = new Trainer(CpuDevice.Instance, options with { Warmup = 0, LrDecay = "constant" }, Synthetic(40));
+        Assert.All(new long[] { 0, 50, 109 }, s => Assert.Equal(2e-3f, constant.LearningRateAt(s)));
     }
 
     [Fact]

@@ -37,24 +37,32 @@ public static class TrainCommand
         var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
-        var recipe = SampleCommand.RecipeOption("the final grid's DDPM step");
+        var warmup = new Option<int?>("--warmup") { Description = "steps of linear learning-rate warm-up (default: the recipe's)" }.Within(0, 10_000_000);
+        var lrDecay = new Option<string?>("--lr-decay") { Description = "constant | cosine (to a tenth of --lr at the last step) (default: the recipe's)" };
+        lrDecay.AcceptOnlyFromAmong("constant", "cosine");
+        var recipe = new Option<string>("--recipe")
+        {
+            Description = $"the defaults of every flag above: default ({Recipe.Default.Summary}) | seed (the seed's: {Recipe.Seed.Summary}); a flag given overrides its recipe's value",
+            DefaultValueFactory = _ => Recipe.Default.Name,
+        };
+        recipe.AcceptOnlyFromAmong(Recipe.Default.Name, Recipe.Seed.Name);
         var device = Program.DeviceOption();
         var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, schedule, ema, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
-            p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(schedule),
+            p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
             p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
-    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, string? Schedule, float? Ema, float? Clip,
+    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? Clip,
         ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
@@ -82,6 +90,7 @@ public static class TrainCommand
                 throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {s.Preset}");
             }
         }
+        var recipe = Recipe.Named(s.Recipe);
         using var device = Program.OpenDevice(s.Device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
 
@@ -93,6 +102,8 @@ public static class TrainCommand
                 MaxSteps = s.MaxSteps ?? o.MaxSteps,
                 Batch = s.Batch ?? o.Batch,
                 Lr = s.Lr ?? o.Lr,
+                Warmup = s.Warmup ?? o.Warmup,
+                LrDecay = s.LrDecay ?? o.LrDecay,
                 Schedule = s.Schedule ?? o.Schedule,
                 EmaDecay = s.Ema ?? o.EmaDecay,
                 Clip = s.Clip ?? o.Clip,
@@ -101,13 +112,15 @@ public static class TrainCommand
             })
             : new Trainer(device, new TrainOptions
             {
-                Preset = s.Preset ?? DefaultPreset(device),
-                Epochs = s.Epochs ?? 3,
+                Preset = s.Preset ?? DefaultPreset(device, recipe),
+                Epochs = s.Epochs ?? recipe.Epochs,
                 MaxSteps = s.MaxSteps ?? 0,
                 Batch = s.Batch ?? 64,
-                Lr = s.Lr ?? 1e-3f,
-                Schedule = s.Schedule ?? "linear",
-                EmaDecay = s.Ema ?? 0f,
+                Lr = s.Lr ?? recipe.Lr,
+                Warmup = s.Warmup ?? recipe.Warmup,
+                LrDecay = s.LrDecay ?? recipe.LrDecay,
+                Schedule = s.Schedule ?? recipe.Schedule,
+                EmaDecay = s.Ema ?? recipe.Ema,
                 Clip = s.Clip ?? 0f,
                 Seed = s.Seed ?? 0UL,
                 Classes = s.Classes ?? 0,
@@ -124,7 +137,7 @@ public static class TrainCommand
         }
         if (s.Preset is null && !s.Resume && device.Kind == DeviceKind.Cpu)
         {
-            Console.Error.WriteLine("preset: tiny, chosen for the CPU backend (pass --preset small|base for a larger model)");
+            Console.Error.WriteLine($"preset: {o.Preset}, the {recipe.Name} recipe's choice for the CPU backend (pass --preset tiny|small|base for another)");
         }
 
         var metricsPath = Path.Combine(s.Out, MetricsFile);
@@ -152,7 +165,7 @@ public static class TrainCommand
         // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
         if (s.Grid > 0)
         {
-            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid, clip: s.Recipe != "seed");
+            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid, clip: recipe.ClippedSampling);
         }
         Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
             $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(s.Out, SamplesFile)}" : "")}");
@@ -163,7 +176,7 @@ public static class TrainCommand
     private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
 
     /// <summary>The preset when none is given: the seed's base on a GPU; tiny on the CPU backend, where base takes hours an epoch.</summary>
-    public static string DefaultPreset(Device device) => device.Kind is DeviceKind.Cuda or DeviceKind.OpenCL ? "base" : "tiny";
+    public static string DefaultPreset(Device device, Recipe recipe) => device.Kind is DeviceKind.Cuda or DeviceKind.OpenCL ? "base" : recipe.CpuPreset;
 
     private static void Loop(Trainer trainer, RunFiles run, StopSignals signals)
     {

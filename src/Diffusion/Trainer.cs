@@ -23,6 +23,13 @@ public sealed record TrainOptions
     /// <summary>Adam's learning rate.</summary>
     public float Lr { get; init; } = 1e-3f;
 
+    /// <summary>Steps of linear learning-rate warm-up from 0 to <see cref="Lr"/> (0: none).</summary>
+    public int Warmup { get; init; }
+
+    /// <summary>After the warm-up: constant (the seed's) or cosine (half a cosine from <see cref="Lr"/> down to
+    /// <see cref="Trainer.CosineFloor"/> of it at the run's last step).</summary>
+    public string LrDecay { get; init; } = "constant";
+
     /// <summary>linear or cosine.</summary>
     public string Schedule { get; init; } = "linear";
 
@@ -69,6 +76,14 @@ public sealed record TrainOptions
         {
             yield return ("lr", "--lr", $"{Lr.ToString(CultureInfo.InvariantCulture)} must be a positive finite number");
         }
+        if (Warmup is < 0 or > 10_000_000)
+        {
+            yield return ("warmup", "--warmup", $"{Warmup} must be in 0..10000000 steps");
+        }
+        if (LrDecay is not ("constant" or "cosine"))
+        {
+            yield return ("lr_decay", "--lr-decay", $"'{LrDecay}' is not constant or cosine");
+        }
         if (Schedule is not ("linear" or "cosine"))
         {
             yield return ("schedule", "--schedule", $"'{Schedule}' is not linear or cosine");
@@ -102,6 +117,8 @@ public sealed record TrainOptions
         ["max_steps"] = MaxSteps.ToString(CultureInfo.InvariantCulture),
         ["batch"] = Batch.ToString(CultureInfo.InvariantCulture),
         ["lr"] = Lr.ToString("R", CultureInfo.InvariantCulture),
+        ["warmup"] = Warmup.ToString(CultureInfo.InvariantCulture),
+        ["lr_decay"] = LrDecay,
         ["schedule"] = Schedule,
         ["T"] = DiffusionSteps.ToString(CultureInfo.InvariantCulture),
         ["ema"] = EmaDecay.ToString("R", CultureInfo.InvariantCulture),
@@ -123,6 +140,9 @@ public sealed record TrainOptions
             MaxSteps = Parse<long>("max_steps"),
             Batch = Parse<int>("batch"),
             Lr = Parse<float>("lr"),
+            // Runs from before learning-rate schedules existed have neither key: constant, no warm-up.
+            Warmup = m.ContainsKey("warmup") ? Parse<int>("warmup") : 0,
+            LrDecay = m.TryGetValue("lr_decay", out var decay) ? decay : "constant",
             Schedule = Get("schedule"),
             DiffusionSteps = Parse<int>("T"),
             EmaDecay = Parse<float>("ema"),
@@ -140,8 +160,9 @@ public sealed record TrainOptions
 }
 
 /// <summary>One training step as read back: its number (1-based, as <see cref="Trainer.Step"/> after it), its loss, why the
-/// optimizer skipped it (null when it did not), and the gradient norm before clipping as of that step (NaN without clipping).</summary>
-public readonly record struct StepResult(long Step, float Loss, string? Skip, float GradNorm);
+/// optimizer skipped it (null when it did not), the gradient norm before clipping and Adam's learning rate as of that step
+/// (a skipped step keeps the previous step's; the norm is NaN without clipping).</summary>
+public readonly record struct StepResult(long Step, float Loss, string? Skip, float GradNorm, float Lr);
 
 /// <summary>Settings that cannot be used: a flag's value out of its range, or a change that --resume cannot make. The message names the flag.</summary>
 public sealed class UsageException(string message) : ArgumentException(message);
@@ -174,6 +195,7 @@ public sealed class Trainer : IDisposable
     private readonly HostBuffer[][] _staged;
     private readonly List<StepResult> _results;
     private int _pending;
+    private float _appliedLr;
     private readonly List<string> _changes = [];
     private readonly Tape _tape;
     private int[] _order = [];
@@ -200,6 +222,7 @@ public sealed class Trainer : IDisposable
         Schedule = NoiseSchedule.ByName(options.Schedule, options.DiffusionSteps);
         Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes);
         Adam = new Adam(Model.Parameters, options.Lr);
+        _appliedLr = options.Lr;
         Ema = options.EmaDecay > 0 ? new Ema(Model.Parameters, options.EmaDecay) : null;
         int b = options.Batch;
         _x0 = Tensor.Empty(device, b, 1, 28, 28);
@@ -348,12 +371,40 @@ public sealed class Trainer : IDisposable
         }
         using (Tape.Profile?.Time("clip, adam, ema", Device) ?? default)
         {
+            Adam.LearningRate = LearningRateAt(Step);
             Adam.QueueStep(_recordOf[slot], _flagOf[slot], Options.Clip);
             Ema?.QueueUpdate(Adam.State);
         }
         _pending++;
         Step++;
     }
+
+    /// <summary>Where a cosine decay ends, as a share of the peak learning rate.</summary>
+    public const float CosineFloor = 0.1f;
+
+    /// <summary>
+    /// The learning rate of step <paramref name="step"/> (0-based): a linear warm-up over
+    /// <see cref="TrainOptions.Warmup"/> steps, then <see cref="TrainOptions.Lr"/>, constant or
+    /// decayed by half a cosine to <see cref="CosineFloor"/> of it at the run's last step. A pure
+    /// function of the step and the options, so a resumed run follows the same curve (a changed
+    /// <c>--epochs</c> or <c>--lr</c> reshapes it from there on).
+    /// </summary>
+    public float LearningRateAt(long step)
+    {
+        double lr = Options.Lr;
+        if (step < Options.Warmup)
+        {
+            return (float)(lr * (step + 1) / Options.Warmup);
+        }
+        if (Options.LrDecay == "cosine")
+        {
+            long span = Math.Max(1, TotalSteps - 1 - Options.Warmup);
+            double progress = Math.Clamp((double)(step - Options.Warmup) / span, 0, 1);
+            lr *= CosineFloor + (1 - CosineFloor) * 0.5 * (1 + Math.Cos(Math.PI * progress));
+        }
+        return (float)lr;
+    }
+
 
     /// <summary>
     /// Reads the queued steps' losses and skip flags in one device read and returns them in order (the list is reused by
@@ -386,7 +437,7 @@ public sealed class Trainer : IDisposable
                         (bad >= 0 ? $"the gradient of '{Model.Parameters[Model.Parameters.IndexOfElement(bad)].Name}' is not finite (loss {loss.ToString(CultureInfo.InvariantCulture)})" : $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}") +
                         "; the optimizer skipped the step";
                     Skipped++;
-                    _results.Add(new StepResult(step + 1, loss, LastSkip, LastGradNorm));
+                    _results.Add(new StepResult(step + 1, loss, LastSkip, LastGradNorm, _appliedLr));
                     if (++_consecutiveSkips >= MaxConsecutiveSkips)
                     {
                         throw new TrainingDivergedException(
@@ -397,16 +448,18 @@ public sealed class Trainer : IDisposable
                 _consecutiveSkips = 0;
                 LastSkip = null;
                 applied++;
+                _appliedLr = LearningRateAt(step);
                 if (Options.Clip > 0)
                 {
                     LastGradNorm = MathF.Sqrt(r[2]);
                 }
-                _results.Add(new StepResult(step + 1, loss, null, LastGradNorm));
+                _results.Add(new StepResult(step + 1, loss, null, LastGradNorm, _appliedLr));
             }
         }
         finally
         {
             Adam.Applied(applied);
+            Adam.LearningRate = _appliedLr; // as after the last step the optimizer took (a skipped step leaves it)
         }
         return _results;
     }
@@ -527,7 +580,8 @@ public sealed class Trainer : IDisposable
             foreach (var (key, was, now) in new[]
             {
                 ("epochs", Text(saved.Epochs), Text(options.Epochs)), ("max_steps", Text(saved.MaxSteps), Text(options.MaxSteps)),
-                ("lr", Text(saved.Lr), Text(options.Lr)), ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
+                ("lr", Text(saved.Lr), Text(options.Lr)), ("warmup", Text(saved.Warmup), Text(options.Warmup)), ("lr_decay", saved.LrDecay, options.LrDecay),
+                ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
             })
             {
                 if (was != now)

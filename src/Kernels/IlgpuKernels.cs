@@ -14,6 +14,7 @@ namespace Ddpm.Kernels;
 public sealed class IlgpuKernels
 {
     private readonly List<LoadedKernel> _loaded = [];
+    private readonly List<KernelLaunches> _launches = [];
 
     private IlgpuKernels(IlgpuDevice device)
     {
@@ -91,16 +92,43 @@ public sealed class IlgpuKernels
     /// </summary>
     private TLauncher Counted<TLauncher>(TLauncher launcher) where TLauncher : Delegate
     {
+        var count = new KernelLaunches(_loaded[^1].Method, Device.Counters);
+        _launches.Add(count);
         var invoke = typeof(TLauncher).GetMethod("Invoke")!;
         var args = invoke.GetParameters().Select(p => Expression.Parameter(p.ParameterType, p.Name)).ToArray();
         var body = Expression.Block(
-            Expression.Call(Expression.Constant(Device.Counters), typeof(DeviceCounters).GetMethod(nameof(DeviceCounters.CountLaunch))!),
+            Expression.Call(Expression.Constant(count), typeof(KernelLaunches).GetMethod(nameof(KernelLaunches.Count))!),
             Expression.Invoke(Expression.Constant(launcher), args));
         return Expression.Lambda<TLauncher>(body, args).Compile();
     }
 
+    /// <summary>Launches of each loaded kernel so far, in load order (the device's total is in <see cref="DeviceCounters"/>).</summary>
+    public IReadOnlyList<KernelLaunches> Launches => _launches;
+
     /// <summary>A scratch tensor for reductions, from the device pool.</summary>
     internal Tensor Scratch(int length) => Tensor.Empty(Device, length);
+}
+
+/// <summary>How many times one kernel was launched; each launch also counts in the device's <see cref="DeviceCounters"/>.</summary>
+public sealed class KernelLaunches(MethodInfo method, DeviceCounters device)
+{
+    private long _count;
+
+    /// <summary>The kernel, e.g. "Conv2d.ForwardKernel" (the declaring type is the op family).</summary>
+    public string Name { get; } = $"{method.DeclaringType?.Name}.{method.Name}";
+
+    /// <summary>The op family: the class that declares the kernel.</summary>
+    public string Family { get; } = method.DeclaringType?.Name ?? "?";
+
+    /// <summary>Launches so far.</summary>
+    public long Launches => Interlocked.Read(ref _count);
+
+    /// <summary>Counts one launch (called by the wrapped launcher).</summary>
+    public void Count()
+    {
+        Interlocked.Increment(ref _count);
+        device.CountLaunch();
+    }
 }
 
 /// <summary>A kernel entry point and whether it is explicitly grouped.</summary>

@@ -255,6 +255,10 @@ public readonly record struct CounterSnapshot(long Launches, long Memsets, long 
     /// <summary>The counts between <paramref name="b"/> and <paramref name="a"/>.</summary>
     public static CounterSnapshot operator -(CounterSnapshot a, CounterSnapshot b) =>
         new(a.Launches - b.Launches, a.Memsets - b.Memsets, a.Copies - b.Copies, a.AsyncUploads - b.AsyncUploads, a.Synchronizations - b.Synchronizations);
+
+    /// <summary>The sums of two intervals' counts.</summary>
+    public static CounterSnapshot operator +(CounterSnapshot a, CounterSnapshot b) =>
+        new(a.Launches + b.Launches, a.Memsets + b.Memsets, a.Copies + b.Copies, a.AsyncUploads + b.AsyncUploads, a.Synchronizations + b.Synchronizations);
 }
 
 /// <summary>A device ran out of memory; the message says how much was asked and how much is live.</summary>

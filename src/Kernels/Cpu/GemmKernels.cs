@@ -372,10 +372,69 @@ public static unsafe partial class Gemm
             Vector256.Store(x1, c + 8);
         }
 
+        /// <summary>
+        /// A column edge computes only the vectors it needs: up to 4 columns one 128-bit vector a row,
+        /// up to 8 one 256-bit vector, else the full 6x16 (the 7x7 maps' 49 positions leave a
+        /// 1-column edge, the 14x14 maps' 196 a 4-column one: a full tile there cost 16 columns' work).
+        /// </summary>
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
+            if (nr <= 4)
+            {
+                Run4(kc, a, b, tile);
+                CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
+                return;
+            }
+            if (nr <= 8)
+            {
+                Run8(kc, a, b, tile);
+                CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
+                return;
+            }
             Run(kc, a, b, 16, tile, 16, false);
             CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
+        }
+
+        /// <summary>6x8: the first 8 columns of a 16-wide packed panel into tile (ld 16).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run8(int kc, float* a, float* b, float* tile)
+        {
+            Vector256<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector256<float> b0 = Vector256.Load(b);
+                c0 = Fma.MultiplyAdd(Vector256.Create(a[0]), b0, c0);
+                c1 = Fma.MultiplyAdd(Vector256.Create(a[1]), b0, c1);
+                c2 = Fma.MultiplyAdd(Vector256.Create(a[2]), b0, c2);
+                c3 = Fma.MultiplyAdd(Vector256.Create(a[3]), b0, c3);
+                c4 = Fma.MultiplyAdd(Vector256.Create(a[4]), b0, c4);
+                c5 = Fma.MultiplyAdd(Vector256.Create(a[5]), b0, c5);
+                a += 6;
+                b += 16;
+            }
+            Vector256.Store(c0, tile); Vector256.Store(c1, tile + 16); Vector256.Store(c2, tile + 32);
+            Vector256.Store(c3, tile + 48); Vector256.Store(c4, tile + 64); Vector256.Store(c5, tile + 80);
+        }
+
+        /// <summary>6x4: the first 4 columns of a 16-wide packed panel into tile (ld 16).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run4(int kc, float* a, float* b, float* tile)
+        {
+            Vector128<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector128<float> b0 = Vector128.Load(b);
+                c0 = Fma.MultiplyAdd(Vector128.Create(a[0]), b0, c0);
+                c1 = Fma.MultiplyAdd(Vector128.Create(a[1]), b0, c1);
+                c2 = Fma.MultiplyAdd(Vector128.Create(a[2]), b0, c2);
+                c3 = Fma.MultiplyAdd(Vector128.Create(a[3]), b0, c3);
+                c4 = Fma.MultiplyAdd(Vector128.Create(a[4]), b0, c4);
+                c5 = Fma.MultiplyAdd(Vector128.Create(a[5]), b0, c5);
+                a += 6;
+                b += 16;
+            }
+            Vector128.Store(c0, tile); Vector128.Store(c1, tile + 16); Vector128.Store(c2, tile + 32);
+            Vector128.Store(c3, tile + 48); Vector128.Store(c4, tile + 64); Vector128.Store(c5, tile + 80);
         }
     }
 
