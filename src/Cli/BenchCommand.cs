@@ -35,6 +35,64 @@ public static class BenchCommand
         return command;
     }
 
+    /// <summary>Trains <paramref name="steps"/> steps as `train` does: queued, read back every <see cref="Trainer.ReadEvery"/> steps and at the end.</summary>
+    private static void Train(Trainer trainer, int steps)
+    {
+        for (int i = 0; i < steps; i++)
+        {
+            trainer.QueueStep();
+            if (trainer.Pending == Trainer.ReadEvery)
+            {
+                trainer.ReadBack();
+            }
+        }
+        trainer.ReadBack();
+    }
+
+    /// <summary>
+    /// Counts, over <paramref name="steps"/> train steps, the kernel launches (by op family), memsets, device copies and
+    /// asynchronous uploads per step, and the host synchronisations made while queueing steps (between read-backs: the
+    /// target is 0) and per read-back. Tables on stderr.
+    /// </summary>
+    private static void CountStep(IlgpuDevice device, Trainer trainer, int steps)
+    {
+        var kernels = IlgpuKernels.For(device);
+        var byKernel = kernels.Launches.Select(k => k.Launches).ToArray();
+        CounterSnapshot queueing = default, reading = default;
+        int readBacks = 0;
+        for (int i = 0; i < steps; i++)
+        {
+            var before = device.Counters.Snapshot();
+            trainer.QueueStep();
+            var queued = device.Counters.Snapshot();
+            queueing += queued - before;
+            if (trainer.Pending == Trainer.ReadEvery || i == steps - 1)
+            {
+                trainer.ReadBack();
+                reading += device.Counters.Snapshot() - queued;
+                readBacks++;
+            }
+        }
+        double per(long n) => (double)n / steps;
+        Console.Error.WriteLine($"train step counts on {device.Name} ({steps} steps, {readBacks} read-backs, one every {Trainer.ReadEvery} steps):");
+        Console.Error.WriteLine($"  per step: {per(queueing.Launches):F1} kernel launches, {per(queueing.Memsets):F1} memsets, {per(queueing.Copies):F1} device copies, " +
+            $"{per(queueing.AsyncUploads):F1} async uploads, {per(queueing.Synchronizations):F1} host synchronisations while queueing");
+        Console.Error.WriteLine($"  per read-back: {(double)reading.Synchronizations / readBacks:F1} host synchronisations, {(double)reading.Memsets / readBacks:F1} memsets, {(double)reading.Launches / readBacks:F1} launches");
+        Console.Error.WriteLine("  launches per step by op family:");
+        var launches = kernels.Launches;
+        foreach (var family in launches.Select((k, i) => (k.Family, Count: k.Launches - (i < byKernel.Length ? byKernel[i] : 0)))
+            .GroupBy(f => f.Family).Select(g => (Family: g.Key, Count: g.Sum(f => f.Count))).Where(f => f.Count > 0).OrderByDescending(f => f.Count))
+        {
+            Console.Error.WriteLine($"    {family.Family,-16} {per(family.Count),7:F1}");
+        }
+        Console.Error.WriteLine("  launches per step by kernel:");
+        foreach (var (name, count) in launches.Select((k, i) => (k.Name, Count: k.Launches - (i < byKernel.Length ? byKernel[i] : 0)))
+            .Where(k => k.Count > 0).OrderByDescending(k => k.Count))
+        {
+            Console.Error.WriteLine($"    {name,-40} {per(count),7:F1}");
+        }
+    }
+
     private static int Run(string preset, int batch, int steps, string deviceName, bool profile, string? simd)
     {
         if (batch < 1 || steps < 1)
@@ -64,12 +122,14 @@ public static class BenchCommand
         }
         device.Synchronize();
         var clock = Stopwatch.StartNew();
-        for (int i = 0; i < steps; i++)
-        {
-            trainer.TrainStep();
-        }
+        Train(trainer, steps);
         device.Synchronize();
         double trainMs = clock.Elapsed.TotalMilliseconds / steps;
+        if (profile && device is IlgpuDevice gpu)
+        {
+            // Without the op profile, which synchronises around every op: what a step queues and how often the host waits.
+            CountStep(gpu, trainer, steps);
+        }
         if (profile)
         {
             // A separate pass: profiling synchronises around every op, so it must not touch the timed figures.

@@ -159,6 +159,11 @@ public sealed record TrainOptions
     }
 }
 
+/// <summary>One training step as read back: its number (1-based, as <see cref="Trainer.Step"/> after it), its loss, why the
+/// optimizer skipped it (null when it did not), the gradient norm before clipping and Adam's learning rate as of that step
+/// (a skipped step keeps the previous step's; the norm is NaN without clipping).</summary>
+public readonly record struct StepResult(long Step, float Loss, string? Skip, float GradNorm, float Lr);
+
 /// <summary>Settings that cannot be used: a flag's value out of its range, or a change that --resume cannot make. The message names the flag.</summary>
 public sealed class UsageException(string message) : ArgumentException(message);
 
@@ -182,8 +187,15 @@ public sealed class Trainer : IDisposable
 
     private readonly MnistSet _data;
     private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t, _labels;
-    private readonly float[] _hostBatch, _hostCa, _hostCb, _hostT, _hostLabels, _hostLoss = new float[1], _hostFlag = new float[1];
-    private readonly Tensor _flag;
+    // The queued steps' records [ReadEvery, 4] (loss, non-finite flag, Σg², skipped; see Optim) with each slot's views,
+    // their host copy, and per slot the page-locked batch the device copies from (x0, t, labels, ca, cb).
+    private readonly Tensor _records;
+    private readonly Tensor[] _recordOf, _lossOf, _flagOf;
+    private readonly float[] _hostRecords;
+    private readonly HostBuffer[][] _staged;
+    private readonly List<StepResult> _results;
+    private int _pending;
+    private float _appliedLr;
     private readonly List<string> _changes = [];
     private readonly Tape _tape;
     private int[] _order = [];
@@ -210,6 +222,7 @@ public sealed class Trainer : IDisposable
         Schedule = NoiseSchedule.ByName(options.Schedule, options.DiffusionSteps);
         Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes);
         Adam = new Adam(Model.Parameters, options.Lr);
+        _appliedLr = options.Lr;
         Ema = options.EmaDecay > 0 ? new Ema(Model.Parameters, options.EmaDecay) : null;
         int b = options.Batch;
         _x0 = Tensor.Empty(device, b, 1, 28, 28);
@@ -219,11 +232,22 @@ public sealed class Trainer : IDisposable
         _cb = Tensor.Empty(device, b);
         _t = Tensor.Empty(device, b);
         _labels = Tensor.Empty(device, b);
-        _flag = Tensor.Empty(device, 1);
         _tape = new Tape(device);
-        _hostBatch = new float[b * MnistSet.Pixels];
-        (_hostCa, _hostCb, _hostT, _hostLabels) = (new float[b], new float[b], new float[b], new float[b]);
+        int w = ReadEvery;
+        _records = Tensor.Zeros(device, w, Optim.RecordLength);
+        _recordOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength, Optim.RecordLength))];
+        _lossOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength, 1))];
+        _flagOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength + 1, 1))];
+        _hostRecords = new float[w * Optim.RecordLength];
+        _staged = [.. Enumerable.Range(0, w).Select(_ => new[] { b * MnistSet.Pixels, b, b, b, b }.Select(device.AllocateHost).ToArray())];
+        _results = new List<StepResult>(w);
     }
+
+    /// <summary>Steps <see cref="QueueStep"/> may queue before <see cref="ReadBack"/> must read them (the device keeps one record each).</summary>
+    public const int ReadEvery = 10;
+
+    /// <summary>Steps queued and not read back yet.</summary>
+    public int Pending => _pending;
 
     /// <summary>The run's options.</summary>
     public TrainOptions Options { get; }
@@ -276,7 +300,7 @@ public sealed class Trainer : IDisposable
     public IReadOnlyList<string> Changes => _changes;
 
     /// <summary>
-    /// One training step; returns its loss. When the loss or any gradient is NaN or infinite the
+    /// One training step, read back at once; returns its loss. When the loss or any gradient is NaN or infinite the
     /// optimizer skips the step (weights, Adam and EMA unchanged, so no checkpoint ever holds such
     /// values), <see cref="LastSkip"/> says why, and the loss is returned as it was. After
     /// <see cref="MaxConsecutiveSkips"/> such steps in a row it throws
@@ -284,31 +308,49 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public float TrainStep()
     {
-        int b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
+        QueueStep();
+        return ReadBack()[0].Loss;
+    }
+
+    /// <summary>
+    /// Queues one training step on the device without waiting for it: the batch is uploaded from page-locked memory,
+    /// the loss is kept on the device, and the optimizer skips a non-finite step there (see <see cref="Adam.QueueStep"/>).
+    /// At most <see cref="ReadEvery"/> steps can be queued before <see cref="ReadBack"/>; <see cref="Step"/> counts them at once.
+    /// </summary>
+    public void QueueStep()
+    {
+        if (_pending == ReadEvery)
+        {
+            throw new InvalidOperationException($"{ReadEvery} steps are queued: read them back first");
+        }
+        int slot = _pending, b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
         var prepare = Tape.Profile?.Time("batch (data, noise, x_t)", Device) ?? default;
         var order = Order(epoch);
+        var staged = _staged[slot];
+        Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
         for (int n = 0; n < b; n++)
         {
-            _data.CopyImage(order[j * b + n], _hostBatch.AsSpan(n * MnistSet.Pixels, MnistSet.Pixels));
+            _data.CopyImage(order[j * b + n], pixels.Slice(n * MnistSet.Pixels, MnistSet.Pixels));
             int t = (int)Math.Min(Schedule.T - 1, (long)(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)) * Schedule.T));
-            _hostT[n] = t;
-            _hostCa[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
-            _hostCb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+            ts[n] = t;
+            ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
+            cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
             if (Options.Classes > 0)
             {
                 // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
                 bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)(Step * b + n)) < LabelDropProbability;
-                _hostLabels[n] = drop ? Model.NullLabel : _data.Labels[order[j * b + n]];
+                labels[n] = drop ? Model.NullLabel : _data.Labels[order[j * b + n]];
             }
         }
-        _x0.CopyFrom(_hostBatch);
-        _t.CopyFrom(_hostT);
+        // Asynchronous: the slot's page-locked memory is not written again before the read-back has synchronised.
+        _x0.CopyFromAsync(staged[0]);
+        _t.CopyFromAsync(staged[1]);
         if (Options.Classes > 0)
         {
-            _labels.CopyFrom(_hostLabels);
+            _labels.CopyFromAsync(staged[2]);
         }
-        _ca.CopyFrom(_hostCa);
-        _cb.CopyFrom(_hostCb);
+        _ca.CopyFromAsync(staged[3]);
+        _cb.CopyFromAsync(staged[4]);
         RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), (ulong)Step * (ulong)_eps.Length);
         Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
         Model.ZeroGrad();
@@ -316,46 +358,25 @@ public sealed class Trainer : IDisposable
 
         // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
         // reuses its bookkeeping objects, so a step allocates no managed memory.
-        float loss;
         try
         {
             var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
             var l = _tape.MseLoss(pred, _tape.Constant(_eps));
-            l.Value.CopyTo(_hostLoss);
-            loss = _hostLoss[0];
+            _lossOf[slot].CopyFrom(l.Value); // stays on the device until the read-back
             _tape.Backward(l);
         }
         finally
         {
             _tape.Reset();
         }
-        using var update = Tape.Profile?.Time("clip, adam, ema", Device) ?? default;
-        int bad = FirstNonFiniteGradient();
-        if (!float.IsFinite(loss) || bad >= 0)
+        using (Tape.Profile?.Time("clip, adam, ema", Device) ?? default)
         {
-            LastSkip = $"step {Step} (epoch {epoch + 1}): " +
-                (bad >= 0 ? $"the gradient of '{Model.Parameters[bad].Name}' is not finite (loss {loss.ToString(CultureInfo.InvariantCulture)})" : $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}") +
-                "; the optimizer skipped the step";
-            Skipped++;
-            Step++;
-            if (++_consecutiveSkips >= MaxConsecutiveSkips)
-            {
-                throw new TrainingDivergedException(
-                    $"training diverged: {_consecutiveSkips} steps in a row were not finite, the last at {LastSkip}; try --resume with a lower --lr, or --clip 1");
-            }
-            return loss;
+            Adam.LearningRate = LearningRateAt(Step);
+            Adam.QueueStep(_recordOf[slot], _flagOf[slot], Options.Clip);
+            Ema?.QueueUpdate(Adam.State);
         }
-        _consecutiveSkips = 0;
-        LastSkip = null;
-        if (Options.Clip > 0)
-        {
-            LastGradNorm = Adam.ClipGradNorm(Options.Clip);
-        }
-        Adam.LearningRate = LearningRateAt(Step);
-        Adam.Update();
-        Ema?.Update();
+        _pending++;
         Step++;
-        return loss;
     }
 
     /// <summary>Where a cosine decay ends, as a share of the peak learning rate.</summary>
@@ -384,20 +405,63 @@ public sealed class Trainer : IDisposable
         return (float)lr;
     }
 
-    /// <summary>The index of the first parameter whose gradient holds NaN or infinity, or -1 (one flag on the device, one read).</summary>
-    private int FirstNonFiniteGradient()
+
+    /// <summary>
+    /// Reads the queued steps' losses and skip flags in one device read and returns them in order (the list is reused by
+    /// the next call). A skipped step gets its reason, also in <see cref="LastSkip"/>, and counts in <see cref="Skipped"/>;
+    /// <see cref="MaxConsecutiveSkips"/> in a row throw <see cref="TrainingDivergedException"/>.
+    /// </summary>
+    public IReadOnlyList<StepResult> ReadBack()
     {
-        Elementwise.Fill(_flag, Reduce.NoneFlagged);
-        var ps = Model.Parameters;
-        for (int i = 0; i < ps.Count; i++)
+        _results.Clear();
+        if (_pending == 0)
         {
-            if (ps[i].Grad is { } g)
+            return _results;
+        }
+        int count = _pending, applied = 0;
+        _pending = 0;
+        _records.CopyTo(_hostRecords);
+        _records.Zero(); // the flags start at zero for the next steps (queued, no wait)
+        long first = Step - count;
+        try
+        {
+            for (int k = 0; k < count; k++)
             {
-                Reduce.FlagNonFinite(g, _flag, i);
+                var r = _hostRecords.AsSpan(k * Optim.RecordLength, Optim.RecordLength);
+                float loss = r[0];
+                long step = first + k;
+                if (r[3] != 0)
+                {
+                    int bad = Optim.FirstFlagged(r[1]);
+                    LastSkip = $"step {step} (epoch {step / StepsPerEpoch + 1}): " +
+                        (bad >= 0 ? $"the gradient of '{Model.Parameters[Model.Parameters.IndexOfElement(bad)].Name}' is not finite (loss {loss.ToString(CultureInfo.InvariantCulture)})" : $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}") +
+                        "; the optimizer skipped the step";
+                    Skipped++;
+                    _results.Add(new StepResult(step + 1, loss, LastSkip, LastGradNorm, _appliedLr));
+                    if (++_consecutiveSkips >= MaxConsecutiveSkips)
+                    {
+                        throw new TrainingDivergedException(
+                            $"training diverged: {_consecutiveSkips} steps in a row were not finite, the last at {LastSkip}; try --resume with a lower --lr, or --clip 1");
+                    }
+                    continue;
+                }
+                _consecutiveSkips = 0;
+                LastSkip = null;
+                applied++;
+                _appliedLr = LearningRateAt(step);
+                if (Options.Clip > 0)
+                {
+                    LastGradNorm = MathF.Sqrt(r[2]);
+                }
+                _results.Add(new StepResult(step + 1, loss, null, LastGradNorm, _appliedLr));
             }
         }
-        _flag.CopyTo(_hostFlag);
-        return _hostFlag[0] < Reduce.NoneFlagged ? (int)_hostFlag[0] : -1;
+        finally
+        {
+            Adam.Applied(applied);
+            Adam.LearningRate = _appliedLr; // as after the last step the optimizer took (a skipped step leaves it)
+        }
+        return _results;
     }
 
     /// <summary>The epoch's permutation of the training digits (Fisher-Yates on the shuffle stream).</summary>
@@ -429,6 +493,10 @@ public sealed class Trainer : IDisposable
     /// <summary>Writes model, Adam, EMA and the run's options and position, atomically.</summary>
     public void Save(string path)
     {
+        if (_pending > 0)
+        {
+            throw new InvalidOperationException($"{_pending} queued steps are not read back: read them before saving (their skips count in the checkpoint)");
+        }
         var meta = Options.ToMetadata();
         meta[Checkpoint.StepKey] = Step.ToString(CultureInfo.InvariantCulture);
         meta["epoch"] = Epoch.ToString(CultureInfo.InvariantCulture);
@@ -539,16 +607,16 @@ public sealed class Trainer : IDisposable
     public void Dispose()
     {
         _tape.Dispose();
-        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _labels, _flag })
+        foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _labels, _records })
         {
             t.Dispose();
         }
+        foreach (var h in _staged.SelectMany(s => s))
+        {
+            h.Dispose();
+        }
         Adam.Dispose();
         Ema?.Dispose();
-        foreach (var p in Model.Parameters)
-        {
-            p.Value.Dispose();
-            p.Grad?.Dispose();
-        }
+        Model.Parameters.Dispose();
     }
 }

@@ -1,3 +1,4 @@
+using System.Linq.Expressions;
 using System.Reflection;
 using Ddpm.Tensors;
 using ILGPU;
@@ -13,6 +14,7 @@ namespace Ddpm.Kernels;
 public sealed class IlgpuKernels
 {
     private readonly List<LoadedKernel> _loaded = [];
+    private readonly List<KernelLaunches> _launches = [];
 
     private IlgpuKernels(IlgpuDevice device)
     {
@@ -73,18 +75,60 @@ public sealed class IlgpuKernels
     internal TLauncher Auto<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false));
-        return Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method);
+        return Counted(Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method));
     }
 
     /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>.</summary>
     internal TLauncher Grouped<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true));
-        return Accelerator.LoadKernel<TLauncher>(kernel.Method);
+        return Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method));
     }
+
+    /// <summary>
+    /// The launcher wrapped so that every launch adds one to the device's <see cref="DeviceCounters"/>: a delegate of the
+    /// same type whose body counts, then calls ILGPU's launcher with the same arguments (built once per kernel; a
+    /// launch pays one interlocked increment and one more delegate call, and allocates nothing).
+    /// </summary>
+    private TLauncher Counted<TLauncher>(TLauncher launcher) where TLauncher : Delegate
+    {
+        var count = new KernelLaunches(_loaded[^1].Method, Device.Counters);
+        _launches.Add(count);
+        var invoke = typeof(TLauncher).GetMethod("Invoke")!;
+        var args = invoke.GetParameters().Select(p => Expression.Parameter(p.ParameterType, p.Name)).ToArray();
+        var body = Expression.Block(
+            Expression.Call(Expression.Constant(count), typeof(KernelLaunches).GetMethod(nameof(KernelLaunches.Count))!),
+            Expression.Invoke(Expression.Constant(launcher), args));
+        return Expression.Lambda<TLauncher>(body, args).Compile();
+    }
+
+    /// <summary>Launches of each loaded kernel so far, in load order (the device's total is in <see cref="DeviceCounters"/>).</summary>
+    public IReadOnlyList<KernelLaunches> Launches => _launches;
 
     /// <summary>A scratch tensor for reductions, from the device pool.</summary>
     internal Tensor Scratch(int length) => Tensor.Empty(Device, length);
+}
+
+/// <summary>How many times one kernel was launched; each launch also counts in the device's <see cref="DeviceCounters"/>.</summary>
+public sealed class KernelLaunches(MethodInfo method, DeviceCounters device)
+{
+    private long _count;
+
+    /// <summary>The kernel, e.g. "Conv2d.ForwardKernel" (the declaring type is the op family).</summary>
+    public string Name { get; } = $"{method.DeclaringType?.Name}.{method.Name}";
+
+    /// <summary>The op family: the class that declares the kernel.</summary>
+    public string Family { get; } = method.DeclaringType?.Name ?? "?";
+
+    /// <summary>Launches so far.</summary>
+    public long Launches => Interlocked.Read(ref _count);
+
+    /// <summary>Counts one launch (called by the wrapped launcher).</summary>
+    public void Count()
+    {
+        Interlocked.Increment(ref _count);
+        device.CountLaunch();
+    }
 }
 
 /// <summary>A kernel entry point and whether it is explicitly grouped.</summary>

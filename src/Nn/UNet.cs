@@ -54,7 +54,7 @@ public sealed class UNet
         _dec0 = new ResBlock(f, "dec0", 3 * ch, ch, tdim, Groups);
         _normOut = new GroupNormLayer(f, "norm_out", Groups, ch);
         _convOut = new Conv2dLayer(f, "conv_out", ch, 1, 3);
-        Parameters = f.Parameters;
+        Parameters = f.Gather();
         Device = device;
     }
 
@@ -70,8 +70,8 @@ public sealed class UNet
     /// <summary>The device the parameters live on.</summary>
     public Device Device { get; }
 
-    /// <summary>Every parameter, in creation order, named as in the spec.</summary>
-    public IReadOnlyList<Parameter> Parameters { get; }
+    /// <summary>Every parameter, in creation order, named as in the spec (on an ILGPU device, views of one flat buffer).</summary>
+    public ParameterSet Parameters { get; }
 
     /// <summary>Total number of learned values.</summary>
     public long ParameterCount => Parameters.Sum(p => (long)p.Length);
@@ -104,14 +104,8 @@ public sealed class UNet
         return _convOut.Forward(g, _normOut.ForwardSilu(g, h));
     }
 
-    /// <summary>Sets every parameter's gradient to zero.</summary>
-    public void ZeroGrad()
-    {
-        for (int i = 0; i < Parameters.Count; i++) // not foreach: an interface's enumerator is an allocation per step
-        {
-            Parameters[i].ZeroGrad();
-        }
-    }
+    /// <summary>Sets every parameter's gradient to zero (one memset when the gradients are one flat buffer).</summary>
+    public void ZeroGrad() => Parameters.ZeroGrad();
 }
 
 /// <summary>The spec's presets: tiny (16), small (32), base (64).</summary>

@@ -45,13 +45,18 @@ public sealed class CpuDevice : Device
     {
     }
 
-    internal override void Upload(object storage, ReadOnlySpan<float> source) => source.CopyTo((float[])storage);
+    internal override void Upload(object storage, int offset, ReadOnlySpan<float> source) => source.CopyTo(((float[])storage).AsSpan(offset));
 
-    internal override void Download(object storage, Span<float> destination) =>
-        ((float[])storage).AsSpan(0, destination.Length).CopyTo(destination);
+    internal override void UploadAsync(object storage, int offset, HostBuffer source) => Upload(storage, offset, source.Span);
 
-    internal override void Zero(object storage, int length) => Array.Clear((float[])storage, 0, length);
+    internal override void Download(object storage, int offset, Span<float> destination) =>
+        ((float[])storage).AsSpan(offset, destination.Length).CopyTo(destination);
 
-    internal override void Copy(object source, object destination, int length) =>
-        Array.Copy((float[])source, (float[])destination, length);
+    internal override void Zero(object storage, int offset, int length) => Array.Clear((float[])storage, offset, length);
+
+    internal override void Copy(object source, int sourceOffset, object destination, int destinationOffset, int length) =>
+        Array.Copy((float[])source, sourceOffset, (float[])destination, destinationOffset, length);
+
+    /// <inheritdoc/>
+    public override HostBuffer AllocateHost(int length) => new(this, GC.AllocateArray<float>(length, pinned: true), null);
 }

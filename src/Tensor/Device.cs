@@ -153,17 +153,26 @@ public abstract class Device : IDisposable
     /// <summary>Frees storage made by <see cref="AllocateStorage"/>.</summary>
     protected abstract void FreeStorage(object storage);
 
-    /// <summary>Copies host floats into a tensor's storage.</summary>
-    internal abstract void Upload(object storage, ReadOnlySpan<float> source);
+    /// <summary>Copies host floats into a tensor's storage from element <paramref name="offset"/> on.</summary>
+    internal abstract void Upload(object storage, int offset, ReadOnlySpan<float> source);
 
-    /// <summary>Copies a tensor's storage into host floats (synchronising first).</summary>
-    internal abstract void Download(object storage, Span<float> destination);
+    /// <summary>Queues a copy of host memory that the device can read without a synchronisation (see <see cref="AllocateHost"/>).</summary>
+    internal abstract void UploadAsync(object storage, int offset, HostBuffer source);
 
-    /// <summary>Sets every element of the storage to zero.</summary>
-    internal abstract void Zero(object storage, int length);
+    /// <summary>Copies a tensor's storage from element <paramref name="offset"/> on into host floats (synchronising first).</summary>
+    internal abstract void Download(object storage, int offset, Span<float> destination);
 
-    /// <summary>Copies one storage into another of the same length on this device.</summary>
-    internal abstract void Copy(object source, object destination, int length);
+    /// <summary>Sets <paramref name="length"/> elements of the storage to zero, from <paramref name="offset"/> on.</summary>
+    internal abstract void Zero(object storage, int offset, int length);
+
+    /// <summary>Copies <paramref name="length"/> elements between storages (or ranges of one) on this device.</summary>
+    internal abstract void Copy(object source, int sourceOffset, object destination, int destinationOffset, int length);
+
+    /// <summary>
+    /// Host memory of <paramref name="length"/> floats that <see cref="Tensor.CopyFromAsync"/> uploads without waiting:
+    /// page-locked on an ILGPU accelerator, a pinned array on the CPU backend.
+    /// </summary>
+    public abstract HostBuffer AllocateHost(int length);
 
     /// <summary>Frees the pool and whatever the backend holds (contexts, accelerators).</summary>
     public void Dispose()
@@ -192,6 +201,40 @@ public abstract class Device : IDisposable
 
     /// <inheritdoc/>
     public override string ToString() => Name;
+}
+
+/// <summary>
+/// Host memory a device copies from asynchronously (<see cref="Tensor.CopyFromAsync"/>): write it through
+/// <see cref="Span"/>, queue the copy, and do not write it again until the device has synchronised.
+/// </summary>
+public sealed class HostBuffer : IDisposable
+{
+    private readonly float[] _array;
+    private IDisposable? _owner;
+
+    internal HostBuffer(Device device, float[] array, IDisposable? owner)
+    {
+        Device = device;
+        _array = array;
+        _owner = owner;
+    }
+
+    /// <summary>The device that copies from this memory.</summary>
+    public Device Device { get; }
+
+    /// <summary>Number of floats.</summary>
+    public int Length => _array.Length;
+
+    /// <summary>The memory, for the host to fill.</summary>
+    public Span<float> Span => _array;
+
+    /// <summary>The backend's handle (an ILGPU page-locked array), or null on the CPU backend.</summary>
+    internal IDisposable? Owner => _owner;
+
+    internal float[] Array => _array;
+
+    /// <summary>Unlocks the memory.</summary>
+    public void Dispose() => Interlocked.Exchange(ref _owner, null)?.Dispose();
 }
 
 /// <summary>Pool counters: bytes held by live tensors, bytes waiting in the pool, the live peak,

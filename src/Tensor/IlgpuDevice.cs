@@ -107,8 +107,16 @@ public sealed class IlgpuDevice : Device
         }
     }
 
+    /// <summary>What this device has queued and waited for since it opened: kernel launches (counted by the kernel
+    /// loaders), memsets, device copies, asynchronous uploads and host synchronisations. <c>bench --profile</c> prints them per step.</summary>
+    public DeviceCounters Counters { get; } = new();
+
     /// <inheritdoc/>
-    public override void Synchronize() => Accelerator.Synchronize();
+    public override void Synchronize()
+    {
+        Counters.Count(ref Counters.SynchronizationsField);
+        Accelerator.Synchronize();
+    }
 
     /// <summary>The storage of a tensor on this device as a view kernels take.</summary>
     public static ArrayView<float> ViewOf(object storage) => ((MemoryBuffer1D<float, Stride1D.Dense>)storage).View;
@@ -130,26 +138,47 @@ public sealed class IlgpuDevice : Device
     /// <inheritdoc/>
     protected override void FreeStorage(object storage) => ((IDisposable)storage).Dispose();
 
-    internal override void Upload(object storage, ReadOnlySpan<float> source)
+    // A plain upload from pageable memory: ILGPU's CopyFromCPU synchronises the stream.
+    internal override void Upload(object storage, int offset, ReadOnlySpan<float> source)
     {
-        var buffer = (MemoryBuffer1D<float, Stride1D.Dense>)storage;
-        buffer.View.SubView(0, source.Length).CopyFromCPU(Accelerator.DefaultStream, source);
+        Counters.Count(ref Counters.SynchronizationsField);
+        ViewOf(storage).SubView(offset, source.Length).CopyFromCPU(Accelerator.DefaultStream, source);
     }
 
-    internal override void Download(object storage, Span<float> destination)
+    // From page-locked memory: queued on the stream, no synchronisation (ILGPU's CPU simulator has no page locking
+    // and copies at once, which is the same thing on a device that runs every launch synchronously).
+    internal override void UploadAsync(object storage, int offset, HostBuffer source)
     {
-        var buffer = (MemoryBuffer1D<float, Stride1D.Dense>)storage;
+        Counters.Count(ref Counters.AsyncUploadsField);
+        ViewOf(storage).SubView(offset, source.Length).CopyFromPageLockedAsync(Accelerator.DefaultStream, (PageLockedArray1D<float>)source.Owner!);
+    }
+
+    internal override void Download(object storage, int offset, Span<float> destination)
+    {
+        Counters.Count(ref Counters.SynchronizationsField);
         Accelerator.Synchronize();
-        buffer.View.SubView(0, destination.Length).CopyToCPU(Accelerator.DefaultStream, destination);
+        ViewOf(storage).SubView(offset, destination.Length).CopyToCPU(Accelerator.DefaultStream, destination);
         Accelerator.Synchronize();
     }
 
-    internal override void Zero(object storage, int length) =>
-        ((MemoryBuffer1D<float, Stride1D.Dense>)storage).View.SubView(0, length).MemSetToZero(Accelerator.DefaultStream);
+    internal override void Zero(object storage, int offset, int length)
+    {
+        Counters.Count(ref Counters.MemsetsField);
+        ViewOf(storage).SubView(offset, length).MemSetToZero(Accelerator.DefaultStream);
+    }
 
-    internal override void Copy(object source, object destination, int length) =>
-        ((MemoryBuffer1D<float, Stride1D.Dense>)source).View.SubView(0, length)
-            .CopyTo(Accelerator.DefaultStream, ((MemoryBuffer1D<float, Stride1D.Dense>)destination).View.SubView(0, length));
+    internal override void Copy(object source, int sourceOffset, object destination, int destinationOffset, int length)
+    {
+        Counters.Count(ref Counters.CopiesField);
+        ViewOf(source).SubView(sourceOffset, length).CopyTo(Accelerator.DefaultStream, ViewOf(destination).SubView(destinationOffset, length));
+    }
+
+    /// <inheritdoc/>
+    public override HostBuffer AllocateHost(int length)
+    {
+        var locked = Accelerator.AllocatePageLocked1D<float>(length, uninitialized: false);
+        return new HostBuffer(this, locked.GetArray(), locked);
+    }
 
     /// <inheritdoc/>
     protected override void DisposeBackend()
@@ -296,6 +325,34 @@ public sealed class IlgpuDevice : Device
             return IntPtr.Zero;
         }
     }
+}
+
+/// <summary>Counts of what an ILGPU device queued and waited for (see <see cref="IlgpuDevice.Counters"/>); thread-safe.</summary>
+public sealed class DeviceCounters
+{
+    internal long LaunchesField, MemsetsField, CopiesField, AsyncUploadsField, SynchronizationsField;
+
+    /// <summary>Adds one kernel launch (the kernel loaders call it for every launch).</summary>
+    public void CountLaunch() => Interlocked.Increment(ref LaunchesField);
+
+    internal void Count(ref long field) => Interlocked.Increment(ref field);
+
+    /// <summary>The counts now.</summary>
+    public CounterSnapshot Snapshot() => new(Interlocked.Read(ref LaunchesField), Interlocked.Read(ref MemsetsField),
+        Interlocked.Read(ref CopiesField), Interlocked.Read(ref AsyncUploadsField), Interlocked.Read(ref SynchronizationsField));
+}
+
+/// <summary>Kernel launches, memsets, device-to-device copies, asynchronous uploads and host synchronisations (a wait
+/// for the device: a synchronise, a read-back, a plain upload), counted since the device opened; subtract two for an interval.</summary>
+public readonly record struct CounterSnapshot(long Launches, long Memsets, long Copies, long AsyncUploads, long Synchronizations)
+{
+    /// <summary>The counts between <paramref name="b"/> and <paramref name="a"/>.</summary>
+    public static CounterSnapshot operator -(CounterSnapshot a, CounterSnapshot b) =>
+        new(a.Launches - b.Launches, a.Memsets - b.Memsets, a.Copies - b.Copies, a.AsyncUploads - b.AsyncUploads, a.Synchronizations - b.Synchronizations);
+
+    /// <summary>The sums of two intervals' counts.</summary>
+    public static CounterSnapshot operator +(CounterSnapshot a, CounterSnapshot b) =>
+        new(a.Launches + b.Launches, a.Memsets + b.Memsets, a.Copies + b.Copies, a.AsyncUploads + b.AsyncUploads, a.Synchronizations + b.Synchronizations);
 }
 
 /// <summary>A device ran out of memory; the message says how much was asked and how much is live.</summary>

@@ -6,17 +6,66 @@ namespace Ddpm.Tensors;
 /// A contiguous float32 tensor (row-major; NCHW for images) living on one device. Its storage
 /// comes from the device's pool and goes back there on <see cref="Dispose"/>. Host copies are
 /// explicit: <see cref="FromHost"/>, <see cref="CopyFrom(ReadOnlySpan{float})"/>, <see cref="ToArray"/>.
+/// A view (<see cref="Slice"/>) is a tensor over a contiguous range of another's storage, starting at
+/// <see cref="Offset"/>: on an ILGPU device its <see cref="View"/> is a SubView, on the CPU backend
+/// its <see cref="Span"/> starts at the offset. A view owns nothing; its parent frees the storage.
 /// </summary>
 public sealed class Tensor : IDisposable
 {
     private object? _storage;
+    private Tensor? _parent; // set for a view: the tensor that owns the storage
 
-    private Tensor(Device device, int[] shape, object storage, int length)
+    private Tensor(Device device, int[] shape, object storage, int length, int offset = 0, Tensor? parent = null)
     {
         Device = device;
         Shape = shape;
         Length = length;
         _storage = storage;
+        Offset = offset;
+        _parent = parent;
+    }
+
+    /// <summary>Where this tensor starts in its storage: 0 for a tensor that owns it, the element offset for a view.</summary>
+    public int Offset { get; private set; }
+
+    /// <summary>True for a view of another tensor's storage (see <see cref="Slice"/>).</summary>
+    public bool IsView => _parent is not null;
+
+    /// <summary>
+    /// A view of product(<paramref name="shape"/>) elements of this tensor's
+    /// storage starting at element <paramref name="offset"/> (relative to this tensor): writes through
+    /// it change this tensor. The view lives as long as this tensor's storage; disposing it frees nothing.
+    /// </summary>
+    public Tensor Slice(int offset, params ReadOnlySpan<int> shape)
+    {
+        int length = CheckedLength(shape);
+        if (offset < 0 || (long)offset + length > Length)
+        {
+            throw new ArgumentOutOfRangeException(nameof(offset), $"a {ShapeString(shape)} view at {offset} does not fit in a {ShapeText} tensor");
+        }
+        return new Tensor(Device, shape.ToArray(), Storage, length, Offset + offset, _parent ?? this);
+    }
+
+    /// <summary>
+    /// Moves this tensor's values into <paramref name="parent"/> at element <paramref name="offset"/> and makes
+    /// this tensor a view there: its own storage goes back to the pool, and every holder of this object now
+    /// reads and writes the parent's storage. For gathering a model's parameters into one flat buffer
+    /// after they were made one by one.
+    /// </summary>
+    public void MoveInto(Tensor parent, int offset)
+    {
+        if (IsView || parent.Device != Device)
+        {
+            throw new InvalidOperationException($"only a tensor that owns its storage can move into another on its device ({this}, into {parent})");
+        }
+        using (var target = parent.Slice(offset, Length))
+        {
+            target.CopyFrom(this);
+        }
+        var own = Interlocked.Exchange(ref _storage, parent.Storage) ?? throw new ObjectDisposedException(nameof(Tensor));
+        Device.Return(own, Length);
+        Offset = parent.Offset + offset;
+        _parent = parent._parent ?? parent;
     }
 
     /// <summary>The device holding the data.</summary>
@@ -53,9 +102,9 @@ public sealed class Tensor : IDisposable
     /// </summary>
     internal Tensor Reopen(ReadOnlySpan<int> shape)
     {
-        if (_storage is not null)
+        if (_storage is not null || IsView)
         {
-            throw new InvalidOperationException($"only a disposed tensor can be reopened; this {ShapeText} one is live");
+            throw new InvalidOperationException($"only a disposed tensor that owned its storage can be reopened; this {ShapeText} one is live or a view");
         }
         int length = CheckedLength(shape);
         if (Shape.Length == shape.Length)
@@ -105,7 +154,21 @@ public sealed class Tensor : IDisposable
         {
             throw new ArgumentException($"{data.Length} values for a {ShapeText} tensor");
         }
-        Device.Upload(Storage, data);
+        Device.Upload(Storage, Offset, data);
+    }
+
+    /// <summary>
+    /// Queues a copy of <paramref name="source"/> (exactly <see cref="Length"/> values) into this tensor without waiting:
+    /// on an ILGPU device from page-locked memory on the device's stream, so the host must not write
+    /// <paramref name="source"/> again until the device has synchronised; on the CPU backend a plain copy.
+    /// </summary>
+    public void CopyFromAsync(HostBuffer source)
+    {
+        if (source.Length != Length || source.Device != Device)
+        {
+            throw new ArgumentException($"a {source.Length}-value host buffer of {source.Device} for a {ShapeText} tensor on {Device}");
+        }
+        Device.UploadAsync(Storage, Offset, source);
     }
 
     /// <summary>Copies another tensor of the same length (on the same device) into this one.</summary>
@@ -115,14 +178,14 @@ public sealed class Tensor : IDisposable
         {
             throw new ArgumentException($"cannot copy {source.ShapeText} on {source.Device} into {ShapeText} on {Device}");
         }
-        Device.Copy(source.Storage, Storage, Length);
+        Device.Copy(source.Storage, source.Offset, Storage, Offset, Length);
     }
 
     /// <summary>Copies the values to a new host array (waits for queued work).</summary>
     public float[] ToArray()
     {
         var host = new float[Length];
-        Device.Download(Storage, host);
+        Device.Download(Storage, Offset, host);
         return host;
     }
 
@@ -133,32 +196,41 @@ public sealed class Tensor : IDisposable
         {
             throw new ArgumentException($"{destination.Length} slots for a {ShapeText} tensor");
         }
-        Device.Download(Storage, destination);
+        Device.Download(Storage, Offset, destination);
     }
 
     /// <summary>Sets every element to zero.</summary>
-    public void Zero() => Device.Zero(Storage, Length);
+    public void Zero() => Device.Zero(Storage, Offset, Length);
 
-    /// <summary>The managed array behind a CPU tensor (length may only be read up to <see cref="Length"/>).</summary>
-    public float[] HostArray => Device.Kind == DeviceKind.Cpu
+    /// <summary>
+    /// The managed array behind a CPU tensor, element 0 at index 0 (length may only be read up to <see cref="Length"/>).
+    /// The CPU kernels index it from 0, so a view that starts elsewhere has none: use <see cref="Span"/>, or
+    /// <see cref="StorageArray"/> with <see cref="Offset"/>.
+    /// </summary>
+    public float[] HostArray => Offset == 0
+        ? StorageArray
+        : throw new InvalidOperationException($"a {ShapeText} view at offset {Offset} has no host array of its own; use Span or StorageArray + Offset");
+
+    /// <summary>The managed array a CPU tensor's values live in, from <see cref="Offset"/> on (shared by every view of it).</summary>
+    public float[] StorageArray => Device.Kind == DeviceKind.Cpu
         ? (float[])Storage
         : throw new InvalidOperationException($"tensor lives on {Device}, not on the managed CPU backend");
 
     /// <summary>The elements of a CPU tensor as a span.</summary>
-    public Span<float> Span => HostArray.AsSpan(0, Length);
+    public Span<float> Span => StorageArray.AsSpan(Offset, Length);
 
-    /// <summary>The elements of an ILGPU tensor as a view for kernels.</summary>
+    /// <summary>The elements of an ILGPU tensor as a view for kernels (a SubView at <see cref="Offset"/> for a view).</summary>
     public ArrayView<float> View => Device.IsIlgpu
-        ? IlgpuDevice.ViewOf(Storage).SubView(0, Length)
+        ? IlgpuDevice.ViewOf(Storage).SubView(Offset, Length)
         : throw new InvalidOperationException($"tensor lives on {Device}, not on an ILGPU accelerator");
 
-    internal object Storage => _storage ?? throw new ObjectDisposedException(nameof(Tensor), $"{ShapeText} tensor used after Dispose");
+    internal object Storage => (_parent is { _storage: null } ? null : _storage) ?? throw new ObjectDisposedException(nameof(Tensor), $"{ShapeText} tensor used after Dispose");
 
-    /// <summary>Returns the storage to the device pool. Safe to call twice.</summary>
+    /// <summary>Returns the storage to the device pool (a view only lets go of it). Safe to call twice.</summary>
     public void Dispose()
     {
         var storage = Interlocked.Exchange(ref _storage, null);
-        if (storage is not null)
+        if (storage is not null && _parent is null)
         {
             Device.Return(storage, Length);
         }
