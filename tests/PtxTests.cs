@@ -71,7 +71,7 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
             string name = $"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}<{string.Join(",", kernel.Method.GetGenericArguments().Select(t => t.Name))}>";
             string ptx = ((PTXCompiledKernel)backend.Compile(EntryPointDescription.FromExplicitlyGroupedKernel(kernel.Method), default)).PTXAssembly;
             long sharedBytes = shared.Matches(ptx).Sum(m => long.Parse(m.Groups[1].Value));
-            // PTX registers are virtual (ptxas allocates the hardware ones): printed for docs/gpu-conv.md, not asserted.
+            // PTX registers are virtual (ptxas allocates the hardware ones): printed for docs/gpu.md, not asserted.
             string regs = string.Join(" ", Regex.Matches(ptx, @"\.reg\s+\.(\w+)\s+%\w+<(\d+)>").Select(m => $"{m.Groups[1].Value}:{m.Groups[2].Value}"));
             output.WriteLine($"{name}: {sharedBytes} shared bytes; virtual registers {regs}");
             if (ptx.Contains(".local", StringComparison.Ordinal)) failures.Add($"{name}: .local in PTX");

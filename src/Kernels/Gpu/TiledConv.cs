@@ -5,7 +5,7 @@
 //                    M = K, Cols = N·PQ, Kd = C·RS; the bias and the time-embedding channel bias in the epilogue.
 //   input gradient:  dx[n, c, hw] (+)= Σ_{k, rs} w[k, c, rs] · dy[n, k, p, q] for the (p, q) tap (r, s) of (h, w) reads
 //                    M = C, Cols = N·HW, Kd = K·RS; at stride 2 three in four B entries are structural zeros (a
-//                    phase split as on the CPU path would skip them: a next step, see docs/gpu-conv.md).
+//                    phase split as on the CPU path would skip them: a next step, see docs/gpu.md).
 //   weight gradient: dw[k, crs] += Σ_{n, pq} dy[n, k, pq] · col(x[n])[crs, pq]
 //                    M = K, Cols = C·RS, Kd = N·PQ: a long K and a small output, so K is split (grid depth) into
 //                    partials [splits, K, C·RS] that TiledGemm.ReduceSplitsKernel sums in a fixed order: reruns are
@@ -165,7 +165,7 @@ internal static class ConvTaps
 internal static class TiledConv
 {
     /// <summary>Output groups the weight gradient aims for: two per SM of an H100 (132 SMs), the residency assumed in
-    /// docs/gpu-conv.md, over the tiles and splits.</summary>
+    /// docs/gpu.md, over the tiles and splits.</summary>
     private const int TargetGroups = 264;
 
     /// <summary>The K range one split covers at least: 32 K steps, so the partials' write and read stay small beside the product.</summary>

@@ -33,7 +33,7 @@ namespace Ddpm.Kernels;
 /// s = 31 + l and m = ⌈2^s / d⌉ (which fits in 32 bits), ⌊x·m / 2^s⌋ = ⌊x / d⌋ for every 0 ≤ x &lt; 2^31, because
 /// x·(m - 2^s/d) / 2^s &lt; 2^-l ≤ 1/d never carries the fraction of x/d over an integer. On a GPU an integer division
 /// by a runtime value is a ~20-instruction sequence; this is a wide multiply and a shift. The gathers divide every
-/// loaded index by the image and kernel sizes, so this matters (docs/gpu-conv.md).
+/// loaded index by the image and kernel sizes, so this matters (docs/gpu.md).
 /// </summary>
 public readonly struct FastDiv
 {
