@@ -14,7 +14,7 @@ namespace Ddpm.Tests;
 public sealed class StepLaunchTests(IlgpuFixture gpu, ITestOutputHelper output)
 {
     /// <summary>The issue's target for a train step of any preset (every preset has the same layers).</summary>
-    private const int LaunchTarget = 150;
+    private const int LaunchCeiling = 232;
 
     private static MnistSet Synthetic(int count)
     {
@@ -55,6 +55,9 @@ public sealed class StepLaunchTests(IlgpuFixture gpu, ITestOutputHelper output)
             output.WriteLine($"step: {s.Launches} launches, {s.Memsets} memsets, {s.Copies} copies, {s.AsyncUploads} async uploads, {s.Synchronizations} synchronisations");
             Assert.Equal(0, s.Synchronizations);
             Assert.Equal(4, s.AsyncUploads); // x0, t, and the two noising coefficients (no labels)
+            // The issue's target is under 150 launches a step; today's 229 (+1 EMA, +2 clipping) is docs/gpu.md's figure,
+            // and this ceiling only keeps it from growing unnoticed until the layers' kernels are fused.
+            Assert.True(s.Launches <= LaunchCeiling, $"{s.Launches} launches a step, more than today's {LaunchCeiling}");
         }
         // The optimizer's share is a handful of launches whatever the parameter count (86 here): flag, prepare, Adam, EMA.
         Assert.Equal([4, 4], optim);
@@ -83,26 +86,6 @@ public sealed class StepLaunchTests(IlgpuFixture gpu, ITestOutputHelper output)
         Assert.True(moved > 0.1, $"the two steps moved the weights by only {moved}");
         Assert.True(Distance(gp, wp) < 0.01 * moved, $"ilgpu weights are {Distance(gp, wp)} from the cpu's, the steps moved them {moved}");
         Assert.True(Distance(ge, we) < 0.01 * Distance(we, w0), $"ilgpu ema is {Distance(ge, we)} from the cpu's");
-    }
-
-    [SkippableFact]
-    public void ATinyTrainStepStaysUnderTheLaunchTarget()
-    {
-        using var trainer = new Trainer(gpu.Device, new TrainOptions { Preset = "tiny", Batch = 2, Seed = 1 }, Synthetic(4));
-        var kernels = IlgpuKernels.For(gpu.Device);
-        var byKernel = kernels.Launches.Select(k => k.Launches).ToArray();
-        var before = gpu.Device.Counters.Snapshot();
-        trainer.QueueStep();
-        var step = gpu.Device.Counters.Snapshot() - before;
-        trainer.ReadBack();
-        var families = kernels.Launches.Select((k, i) => (k.Family, Count: k.Launches - byKernel[i]))
-            .GroupBy(f => f.Family).Select(g => $"{g.Key} {g.Sum(f => f.Count)}").ToArray();
-        string summary = $"{step.Launches} launches, {step.Memsets} memsets, {step.Synchronizations} synchronisations ({string.Join(", ", families)})";
-        output.WriteLine(summary);
-        Assert.Equal(0, step.Synchronizations);
-        Skip.If(step.Launches >= LaunchTarget,
-            $"{summary}: over the target of {LaunchTarget}; the step's own share (zeroing, flag, Adam) is constant, the rest is the layers' kernels");
-        Assert.True(step.Launches < LaunchTarget);
     }
 
     [Fact]
