@@ -4,8 +4,6 @@ using System.Runtime.Intrinsics;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
-using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
 
 namespace Ddpm.Kernels;
 

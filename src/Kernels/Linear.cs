@@ -1,8 +1,6 @@
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
-using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
 
 namespace Ddpm.Kernels;
 

@@ -19,12 +19,16 @@
 // (software pipelining: global latency hides behind the multiply-adds); G < 256 runs the plain loop.
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
 // the grid and the group size, the prefetch condition only on the K range), so no barrier is divergent.
+
+// The launcher of every tiled GEMM (stream, config, a, b, out, two epilogue views, args): one name for the
+// project, used by Conv2d and Linear as well.
+global using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
+
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
-using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
 
 namespace Ddpm.Kernels;
 
