@@ -45,12 +45,17 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         var b = (Ints(rng, k), new[] { k });
         var e = (Ints(rng, n * k), new[] { n, k });
         var dy = (Ints(rng, n * k * g.P * g.Q), ys);
+        var residual = (Ints(rng, n * k * g.P * g.Q), ys);
+        var db = (Ints(rng, k), new[] { k });
         float[] dx0 = Ints(rng, x.Item1.Length), dw0 = Ints(rng, wt.Item1.Length);
 
-        Func<Device, float[]> forward = d => Run(d, [x, wt, b, e], NaNs(n * k * g.P * g.Q), ys, (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, stride, pad, t[3]));
+        // The forward with every epilogue term (bias, channel bias, residual); the weight gradient with the bias gradient
+        // it carries (the row sums of dy: its output is dw's values, then db's).
+        Func<Device, float[]> forward = d => Run(d, [x, wt, b, e, residual], NaNs(n * k * g.P * g.Q), ys,
+            (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, stride, pad, t[3], t[4]));
         Func<Device, float[]> inputAdd = d => Run(d, [dy, wt], dx0, xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, stride, pad, accumulate: true));
         Func<Device, float[]> inputSet = d => Run(d, [dy, wt], NaNs(dx0.Length), xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, stride, pad, accumulate: false));
-        Func<Device, float[]> weight = d => Run(d, [dy, x], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, stride, pad));
+        Func<Device, float[]> weight = d => Run(d, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, stride, pad, t[2]), alsoInput: 2);
 
         var cpu = CpuDevice.Instance;
         float[] yRef = forward(cpu), dxRef = inputAdd(cpu), dxSetRef = inputSet(cpu), dwRef = weight(cpu);
@@ -74,8 +79,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
 
         // Split-K: the tiny shapes get one split from the automatic rule, so force three (uneven: the last is short).
-        Check($"warp {warp}, weight gradient, 3 splits", dwRef, () => Run(device, [dy, x], dw0, ws,
-            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3)), rerun: false);
+        // The last group of each tile adds the splits' partials (and the bias's row sums) in the same launch.
+        Check($"warp {warp}, weight and bias gradient, 3 splits", dwRef, () => Run(device, [dy, x, db], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: 3), alsoInput: 2), rerun: false);
     });
 
     [Theory]
@@ -115,6 +121,40 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
     });
 
+    [Theory]
+    [InlineData(32)]
+    [InlineData(4)]
+    public void LinearBiasRidesInTheProduct(int warp) => WithTimeout(() =>
+    {
+        // y = x·wᵀ + b with the bias in the epilogue; dw += dyᵀ·x with db += Σ_n dy as the row sums of dyᵀ. 67 outputs:
+        // two tiles, the second ragged; the row sums come from the first column tile's groups only.
+        const int batch = 5, inputs = 9, outputs = 67;
+        var device = fixture[warp];
+        var rng = new Random(11 + warp);
+        var x = (Ints(rng, batch * inputs), new[] { batch, inputs });
+        var w = (Ints(rng, outputs * inputs), new[] { outputs, inputs });
+        var b = (Ints(rng, outputs), new[] { outputs });
+        var dy = (Ints(rng, batch * outputs), new[] { batch, outputs });
+        float[] dw0 = Ints(rng, outputs * inputs);
+        Func<Device, float[]> forward = d => Run(d, [x, w, b], NaNs(batch * outputs), [batch, outputs], (t, y) => Linear.Forward(t[0], t[1], t[2], y));
+        Func<Device, float[]> weight = d => Run(d, [dy, x, b], dw0, [outputs, inputs], (t, dw) => Linear.BackwardWeight(t[0], t[1], dw, t[2]), alsoInput: 2);
+        var kernels = IlgpuKernels.For(device);
+        foreach (bool simple in SimpleModes(warp))
+        {
+            kernels.Simple = simple;
+            try
+            {
+                string tag = $"warp {warp}, {(simple ? "simple" : "tiled")}";
+                Check(tag + " linear forward", forward(CpuDevice.Instance), () => forward(device), rerun: !simple);
+                Check(tag + " linear weight and bias gradient", weight(CpuDevice.Instance), () => weight(device), rerun: !simple);
+            }
+            finally
+            {
+                kernels.Simple = false;
+            }
+        }
+    });
+
     [Fact]
     public void SplitKWeightGradientIsBitIdenticalOnRerunWithRealValuedInputs() => WithTimeout(() =>
     {
@@ -127,10 +167,13 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         var x = (Reals(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
         int[] ws = [g.K, g.C, g.R, g.S];
         float[] dw0 = Reals(rng, g.K * g.Crs);
-        float[] expected = Run(CpuDevice.Instance, [dy, x], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad));
+        var db = (Reals(rng, g.K), new[] { g.K });
+        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
         var kernels = IlgpuKernels.For(fixture.Warp32);
-        float[] first = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
-        float[] second = Run(fixture.Warp32, [dy, x], dw0, ws, (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, 3));
+        float[] first = Run(fixture.Warp32, [dy, x, db], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: 3), alsoInput: 2);
+        float[] second = Run(fixture.Warp32, [dy, x, db], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: 3), alsoInput: 2);
         Assert.True(first.AsSpan().SequenceEqual(second), "split-K weight gradient: a rerun differs");
         // Sums of 98 products of values in [-1, 1]: float32 rounding in two summation orders differs by well under 1e-4.
         var bad = Enumerable.Range(0, expected.Length).Where(i => !(Math.Abs(first[i] - expected[i]) <= 1e-4f + 1e-4f * Math.Abs(expected[i]))).Take(5)
@@ -201,15 +244,17 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     }
 
     /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
-    /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output.</summary>
-    private static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op)
+    /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output (followed by input
+    /// <paramref name="alsoInput"/>'s values when the op also adds into that one).</summary>
+    private static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op,
+        int alsoInput = -1)
     {
         var tensors = inputs.Select(i => Tensor.FromHost(device, i.Data, i.Shape)).ToArray();
         using var outTensor = Tensor.FromHost(device, start, outShape);
         try
         {
             op(tensors, outTensor);
-            return outTensor.ToArray();
+            return alsoInput < 0 ? outTensor.ToArray() : [.. outTensor.ToArray(), .. tensors[alsoInput].ToArray()];
         }
         finally
         {

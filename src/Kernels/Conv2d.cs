@@ -112,8 +112,9 @@ public static unsafe class Conv2d
 
     /// <summary>y = conv(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each output
     /// image: the time embedding a ResBlock adds after its first convolution, folded into the convolution's epilogue
-    /// (its gradient is <see cref="Elementwise.AddChannelsBackward"/> of dy).</summary>
-    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad, Tensor? channelBias = null)
+    /// (its gradient is <see cref="Elementwise.AddChannelsBackward"/> of dy). With <paramref name="residual"/> (shaped as
+    /// y, not y itself) also + residual: a ResBlock's skip path, in the tiled kernel's epilogue (its gradient is dy).</summary>
+    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad, Tensor? channelBias = null, Tensor? residual = null)
     {
         var g = ConvShape.Of(x, w, stride, pad);
         CheckOperands(g, x, w, b, y);
@@ -122,12 +123,21 @@ public static unsafe class Conv2d
             Check.Devices("conv2d", x, channelBias);
             Check.Shape("conv2d", "channel bias", channelBias, g.N, g.K);
         }
+        if (residual is not null)
+        {
+            Check.Devices("conv2d", x, residual);
+            Check.Shape("conv2d", "residual", residual, g.N, g.K, g.P, g.Q);
+            if (ReferenceEquals(residual, y))
+            {
+                throw new ArgumentException("conv2d: the residual cannot be the output itself");
+            }
+        }
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
             if (!k.Simple)
             {
-                TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View);
+                TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View, residual?.View);
                 return;
             }
             k.Conv2d.Forward(k.Stream, y.Length, x.View, w.View, b.View, y.View, g);
@@ -135,9 +145,16 @@ public static unsafe class Conv2d
             {
                 Elementwise.AddChannels(y, channelBias, y);
             }
-            return;
         }
-        ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias));
+        else
+        {
+            ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias));
+        }
+        if (residual is not null)
+        {
+            // The CPU backend and the simple twin add it in a second pass over y (the cost of the separate add it replaces).
+            Elementwise.Add(y, residual, y);
+        }
     }
 
     /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input; with
@@ -165,24 +182,36 @@ public static unsafe class Conv2d
         BackwardInputCpu(g, Ptr(dy), Ptr(w), Ptr(dx), accumulate);
     }
 
-    /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight.</summary>
-    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, int stride, int pad)
+    /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight; with <paramref name="db"/> also the bias's,
+    /// db[k] += Σ_{n,p,q} dy[n,k,p,q] (on the tiled ILGPU path in the same launch, as the row sums of the product's A = dy).</summary>
+    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, int stride, int pad, Tensor? db = null)
     {
         var g = ConvShape.Of(x, dw, stride, pad);
         Check.Devices("conv2d backward weight", dy, x, dw);
         Check.Shape("conv2d backward weight", "dy", dy, g.N, g.K, g.P, g.Q);
+        if (db is not null)
+        {
+            Check.Devices("conv2d backward weight", dy, db);
+            Check.Shape("conv2d backward bias", "db", db, g.K);
+        }
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
             if (!k.Simple)
             {
-                TiledConv.BackwardWeight(k, g, dy.View, x.View, dw.View);
+                TiledConv.BackwardWeight(k, g, dy.View, x.View, dw.View, db?.View);
                 return;
             }
             k.Conv2d.BackwardWeight(k.Stream, dw.Length, dy.View, x.View, dw.View, g);
-            return;
         }
-        BackwardWeightCpu(g, Ptr(dy), Ptr(x), Ptr(dw));
+        else
+        {
+            BackwardWeightCpu(g, Ptr(dy), Ptr(x), Ptr(dw));
+        }
+        if (db is not null)
+        {
+            BackwardBias(dy, db);
+        }
     }
 
     /// <summary>db[k] += Σ_{n,p,q} dy[n,k,p,q].</summary>
@@ -701,15 +730,12 @@ public static unsafe class Conv2d
 
     internal sealed class Gpu(IlgpuKernels k)
     {
-        // The tiled twins (src/Kernels/Gpu/TiledConv.cs) and the split-K reduction of the weight gradient.
+        // The tiled twins (src/Kernels/Gpu/TiledConv.cs).
         public readonly TileLauncher TiledForward = TiledGemm.Load<ConvForwardTile>(k);
 
         public readonly TileLauncher TiledInput = TiledGemm.Load<ConvInputTile>(k);
 
         public readonly TileLauncher TiledWeight = TiledGemm.Load<ConvWeightTile>(k);
-
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int> ReduceSplits =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int, int>>(TiledGemm.ReduceSplitsKernel);
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);

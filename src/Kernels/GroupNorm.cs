@@ -3,6 +3,12 @@ using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
 
+// The tiled GroupNorm backward's launcher: stream, config, dy, x, mean, rstd, gamma, beta, dx, tables, dgamma, dbeta,
+// the arrival counters, the shape, lanes, accumulate (TiledNorm.BackwardKernel).
+using NormBackwardLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.GroupNorm.GroupShape, int, int>;
+
 namespace Ddpm.Kernels;
 
 /// <summary>
@@ -561,11 +567,6 @@ public static class GroupNorm
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float> TiledForward =
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float>>(TiledNorm.ForwardKernel);
 
-        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, int, int>
-            TiledBackward = k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
-                ArrayView<float>, ArrayView<float>, GroupShape, int, int>>(TiledNorm.BackwardKernel);
-
-        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int> TiledParamGrad =
-            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, int, int>>(TiledNorm.ParamGradKernel);
+        public readonly NormBackwardLauncher TiledBackward = k.Grouped<NormBackwardLauncher>(TiledNorm.BackwardKernel);
     }
 }

@@ -31,7 +31,18 @@ public sealed class IlgpuKernels
         Embedding = new Embedding.Gpu(this);
         Optim = new Optim.Gpu(this);
         Random = new RandomFill.Gpu(this);
+        _gridCounters = Accelerator.Allocate1D<int>(CounterSlots);
+        _gridCounters.MemSetToZero(Stream);
     }
+
+    /// <summary>Arrival counters a kernel's groups count on to find the last of them (<see cref="TiledReduce.ArriveLast"/>):
+    /// one per output tile of a split product, at most this many.</summary>
+    public const int CounterSlots = 4096;
+
+    private readonly MemoryBuffer1D<int, Stride1D.Dense> _gridCounters;
+
+    /// <summary>The arrival counters, zero between launches (each kernel that counts puts them back).</summary>
+    internal ArrayView<int> GridCounters => _gridCounters.View;
 
     /// <summary>The device these kernels were compiled for.</summary>
     public IlgpuDevice Device { get; }

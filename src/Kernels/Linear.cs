@@ -28,7 +28,15 @@ public readonly struct MatmulShape(int m, int n, int k, int aRow, int aCol, int 
 public static unsafe class Linear
 {
     /// <summary>c (=|+=) op(a)·op(b), op = transpose when asked. a, b, c are 2-D.</summary>
-    public static void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, bool accumulate)
+    public static void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, bool accumulate) =>
+        Matmul(a, transA, b, transB, c, accumulate, bias: null, rowSums: null);
+
+    /// <summary>
+    /// c (=|+=) op(a)·op(b) (+ bias[j] on every row, when given) and rowSums[i] += Σ_p op(a)[i, p] (when given). On the
+    /// tiled ILGPU path both ride in the product's launch (the epilogue, and the row sums of A as it passes through shared
+    /// memory); elsewhere they are passes of their own.
+    /// </summary>
+    private static void Matmul(Tensor a, bool transA, Tensor b, bool transB, Tensor c, bool accumulate, Tensor? bias, Tensor? rowSums)
     {
         Check.Rank("matmul", "a", a, 2);
         Check.Rank("matmul", "b", b, 2);
@@ -48,50 +56,78 @@ public static unsafe class Linear
             var kk = IlgpuKernels.For(a);
             if (!kk.Simple)
             {
-                var t = new TileArgs(m, n, k, 0, accumulate, false, default, s);
-                TiledGemm.Launch(kk, kk.Linear.TiledMatmul, t, a.View, b.View, c.View, c.View, c.View);
+                var t = new TileArgs(m, n, k, 0, accumulate, false, default, s, rowSums: rowSums is not null, bias: bias is not null);
+                TiledGemm.Launch(kk, kk.Linear.TiledMatmul, t, a.View, b.View, c.View, (bias ?? c).View, (rowSums ?? c).View, c.View);
                 return;
             }
             kk.Linear.Matmul(kk.Stream, m * n, a.View, b.View, c.View, s);
-            return;
+            if (bias is not null)
+            {
+                kk.Linear.AddRows(kk.Stream, c.Length, bias.View, c.View, n);
+            }
         }
-        Gemm.Multiply(m, n, k, Conv2d.Ptr(a), s.ARow, s.ACol, Conv2d.Ptr(b), s.BRow, s.BCol, Conv2d.Ptr(c), n, accumulate, parallel: true);
+        else
+        {
+            Gemm.Multiply(m, n, k, Conv2d.Ptr(a), s.ARow, s.ACol, Conv2d.Ptr(b), s.BRow, s.BCol, Conv2d.Ptr(c), n, accumulate, parallel: true);
+            if (bias is not null)
+            {
+                var cv = c.HostArray;
+                var bv = bias.HostArray;
+                for (int i = 0; i < m; i++)
+                {
+                    Simd.AddInPlace(cv.AsSpan(i * n, n), bv.AsSpan(0, n));
+                }
+            }
+        }
+        if (rowSums is not null)
+        {
+            // Row i of op(a) is column i of a when transposed: as the linear layer's dyᵀ, the bias gradient Σ_n dy[n, i].
+            if (!transA)
+            {
+                throw new NotSupportedException("matmul: row sums are taken of a transposed a only (a bias gradient)");
+            }
+            ColumnSumsInto(a, rowSums);
+        }
     }
 
-    /// <summary>y = x·wᵀ + b.</summary>
+    /// <summary>y = x·wᵀ + b (the bias in the product's epilogue on the tiled ILGPU path).</summary>
     public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y)
     {
         Check.Rank("linear", "w", w, 2);
         Check.Shape("linear", "b", b, w.Dim(0));
-        Matmul(x, false, w, true, y, accumulate: false);
-        if (y.Device.IsIlgpu)
-        {
-            var k = IlgpuKernels.For(y);
-            k.Linear.AddRows(k.Stream, y.Length, b.View, y.View, w.Dim(0));
-            return;
-        }
-        int outs = w.Dim(0);
-        var yv = y.HostArray;
-        var bv = b.HostArray;
-        for (int i = 0; i < x.Dim(0); i++)
-        {
-            Simd.AddInPlace(yv.AsSpan(i * outs, outs), bv.AsSpan(0, outs));
-        }
+        Check.Devices("linear", x, b);
+        Matmul(x, false, w, true, y, accumulate: false, bias: b, rowSums: null);
     }
 
     /// <summary>dx += dy·w.</summary>
     public static void BackwardInput(Tensor dy, Tensor w, Tensor dx) => Matmul(dy, false, w, false, dx, accumulate: true);
 
-    /// <summary>dw += dyᵀ·x.</summary>
-    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw) => Matmul(dy, true, x, false, dw, accumulate: true);
+    /// <summary>dw += dyᵀ·x, and with <paramref name="db"/> also db[o] += Σ_n dy[n, o] (on the tiled ILGPU path in the
+    /// same launch: the row sums of dyᵀ).</summary>
+    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, Tensor? db = null)
+    {
+        if (db is not null)
+        {
+            Check.Rank("linear backward bias", "dy", dy, 2);
+            Check.Devices("linear backward bias", dy, db);
+            Check.Shape("linear backward bias", "db", db, dy.Dim(1));
+        }
+        Matmul(dy, true, x, false, dw, accumulate: true, bias: null, rowSums: db);
+    }
 
     /// <summary>db[o] += Σ_n dy[n, o].</summary>
     public static void BackwardBias(Tensor dy, Tensor db)
     {
         Check.Rank("linear backward bias", "dy", dy, 2);
         Check.Devices("linear backward bias", dy, db);
+        Check.Shape("linear backward bias", "db", db, dy.Dim(1));
+        ColumnSumsInto(dy, db);
+    }
+
+    /// <summary>db[o] += Σ_n dy[n, o] for dy [N, O], in its own pass.</summary>
+    private static void ColumnSumsInto(Tensor dy, Tensor db)
+    {
         int n = dy.Dim(0), outs = dy.Dim(1);
-        Check.Shape("linear backward bias", "db", db, outs);
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);

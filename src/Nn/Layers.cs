@@ -205,7 +205,7 @@ public sealed class Conv2dLayer
     public int Pad { get; }
 
     /// <summary>y = conv(x) + bias, and + e[n, k] per image when <paramref name="channelBias"/> e [N, out] is given.</summary>
-    public Var Forward(Tape g, Var x, Var? channelBias = null) => g.Conv2d(x, Weight, Bias, Stride, Pad, channelBias);
+    public Var Forward(Tape g, Var x, Var? channelBias = null, Var? residual = null) => g.Conv2d(x, Weight, Bias, Stride, Pad, channelBias, residual);
 }
 
 /// <summary>Fully connected layer (torch.nn.Linear): weight [out, in], bias [out].</summary>
@@ -264,9 +264,10 @@ public sealed class ResBlock
     /// (computed once by the U-Net for all blocks; its gradient adds up over them).</summary>
     public Var Forward(Tape g, Var x, Var siluTemb)
     {
-        // The time embedding is added in conv1's epilogue (one pass over h fewer than a separate add).
+        // The time embedding is added in conv1's epilogue, the skip path in conv2's (on the tiled ILGPU path: one pass
+        // over h and one launch fewer each than separate adds).
         var h = _conv1.Forward(g, _norm1.ForwardSilu(g, x), _temb.Forward(g, siluTemb));
-        h = _conv2.Forward(g, _norm2.ForwardSilu(g, h));
-        return g.Add(h, _skip is null ? x : _skip.Forward(g, x));
+        var skip = _skip is null ? x : _skip.Forward(g, x);
+        return _conv2.Forward(g, _norm2.ForwardSilu(g, h), residual: skip);
     }
 }

@@ -115,17 +115,19 @@ public sealed class Tape : IDisposable
     // Backward methods, further down.
 
     /// <summary>y = conv2d(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each image (in
-    /// the convolution's epilogue). dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy, de = Σ_hw dy.</summary>
-    public Var Conv2d(Var x, Var w, Var b, int stride, int pad, Var? channelBias = null)
+    /// the convolution's epilogue), and with <paramref name="residual"/> (shaped as y) also + residual (a ResBlock's skip
+    /// path, in the epilogue on the tiled ILGPU path). dx = convᵀ(dy, w), dw = Σ dy ⋆ x, db = Σ dy, de = Σ_hw dy,
+    /// dresidual = dy.</summary>
+    public Var Conv2d(Var x, Var w, Var b, int stride, int pad, Var? channelBias = null, Var? residual = null)
     {
         using var timer = Profile?.Time("conv2d", Device) ?? default;
         var g = ConvShape.Of(x.Value, w.Value, stride, pad);
-        var y = Make([g.N, g.K, g.P, g.Q], x, w, b, channelBias);
+        var y = Make([g.N, g.K, g.P, g.Q], x, w, b, channelBias, residual);
         using (ConvDetail("fwd", g))
         {
-            Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad, channelBias?.Value);
+            Kernels.Conv2d.Forward(x.Value, w.Value, b.Value, y.Value, stride, pad, channelBias?.Value, residual?.Value);
         }
-        Record(_conv2d, new Conv2dRecord(y, x, w, b, channelBias, stride, pad));
+        Record(_conv2d, new Conv2dRecord(y, x, w, b, channelBias, residual, stride, pad));
         return y;
     }
 
@@ -293,8 +295,8 @@ public sealed class Tape : IDisposable
         void Discard();
     }
 
-    /// <summary>conv2d: y = conv(X, W; Stride, Pad) + Bias (+ ChannelBias[n, k]). The rule reads X and W.</summary>
-    private readonly record struct Conv2dRecord(Var Output, Var X, Var W, Var Bias, Var? ChannelBias, int Stride, int Pad) : IRecord
+    /// <summary>conv2d: y = conv(X, W; Stride, Pad) + Bias (+ ChannelBias[n, k]) (+ Residual). The rule reads X and W.</summary>
+    private readonly record struct Conv2dRecord(Var Output, Var X, Var W, Var Bias, Var? ChannelBias, Var? Residual, int Stride, int Pad) : IRecord
     {
         public string Op => "conv2d.backward";
 
@@ -313,12 +315,19 @@ public sealed class Tape : IDisposable
             }
             if (W.RequiresGrad)
             {
+                // The bias gradient rides in the weight gradient's pass (one launch on the tiled ILGPU path).
                 using var detail = ConvDetail("dw ", g, tape.Device);
-                Kernels.Conv2d.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _), Stride, Pad);
+                var db = Bias.RequiresGrad ? tape.GradOf(Bias, GradWrite.Add, out _) : null;
+                Kernels.Conv2d.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _), Stride, Pad, db);
             }
-            if (Bias.RequiresGrad)
+            else if (Bias.RequiresGrad)
             {
                 Kernels.Conv2d.BackwardBias(dy, tape.GradOf(Bias, GradWrite.Add, out _));
+            }
+            // Last: the residual may take dy's buffer as its own gradient, after every read of dy above.
+            if (Residual is { RequiresGrad: true })
+            {
+                tape.PassGrad(Residual, Output, dy);
             }
         }
 
@@ -427,9 +436,11 @@ public sealed class Tape : IDisposable
             }
             if (W.RequiresGrad)
             {
-                Kernels.Linear.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _));
+                // The bias gradient rides in the weight gradient's product (one launch on the tiled ILGPU path).
+                var db = Bias.RequiresGrad ? tape.GradOf(Bias, GradWrite.Add, out _) : null;
+                Kernels.Linear.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _), db);
             }
-            if (Bias.RequiresGrad)
+            else if (Bias.RequiresGrad)
             {
                 Kernels.Linear.BackwardBias(dy, tape.GradOf(Bias, GradWrite.Add, out _));
             }
@@ -821,12 +832,12 @@ public sealed class Tape : IDisposable
         return new Var(value, requiresGrad);
     }
 
-    /// <summary>The output of an op on up to four inputs: it needs a gradient when recording and any input does.</summary>
-    private Var Make(ReadOnlySpan<int> shape, Var? a = null, Var? b = null, Var? c = null, Var? d = null)
+    /// <summary>The output of an op on up to five inputs: it needs a gradient when recording and any input does.</summary>
+    private Var Make(ReadOnlySpan<int> shape, Var? a = null, Var? b = null, Var? c = null, Var? d = null, Var? e = null)
     {
         ObjectDisposedException.ThrowIf(_backwardDone && Recording, this);
         bool requiresGrad = Recording && (a is { RequiresGrad: true } || b is { RequiresGrad: true } || c is { RequiresGrad: true }
-            || d is { RequiresGrad: true });
+            || d is { RequiresGrad: true } || e is { RequiresGrad: true });
         var v = NewVar(NewTensor(shape), requiresGrad);
         v.OwnedByTape = true;
         _owned.Add(v);

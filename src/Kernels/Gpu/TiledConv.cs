@@ -6,10 +6,11 @@
 //   input gradient:  dx[n, c, hw] (+)= Σ_{k, rs} w[k, c, rs] · dy[n, k, p, q] for the (p, q) tap (r, s) of (h, w) reads
 //                    M = C, Cols = N·HW, Kd = K·RS; at stride 2 three in four B entries are structural zeros (a
 //                    phase split as on the CPU path would skip them: a next step, see docs/gpu.md).
-//   weight gradient: dw[k, crs] += Σ_{n, pq} dy[n, k, pq] · col(x[n])[crs, pq]
+//   weight gradient: dw[k, crs] += Σ_{n, pq} dy[n, k, pq] · col(x[n])[crs, pq], and db[k] += Σ_{n, pq} dy[n, k, pq]
 //                    M = K, Cols = C·RS, Kd = N·PQ: a long K and a small output, so K is split (grid depth) into
-//                    partials [splits, K, C·RS] that TiledGemm.ReduceSplitsKernel sums in a fixed order: reruns are
-//                    bit-identical, no atomics.
+//                    partials [splits, K, C·RS]; the last group of each tile to finish sums them in split order in the
+//                    same launch (TiledGemm.FinishSplits): reruns are bit-identical. The bias gradient is the row sums
+//                    of A = dy, taken by the first column tile's groups on the way through shared memory.
 // Gathers divide indices by runtime sizes (RS, S, PQ, Q) through FastDiv (a wide multiply and a shift each); a
 // pointwise convolution takes a branch with one division.
 using ILGPU;
@@ -18,7 +19,8 @@ using ILGPU.Runtime;
 namespace Ddpm.Kernels;
 
 /// <summary>Convolution forward as a tiled implicit GEMM: A = w [K, C·R·S], B = col(x) [C·R·S, N·P·Q];
-/// e0 = b [K], e1 = channel bias [N, K] (when <see cref="TileArgs.HasChannelBias"/>).</summary>
+/// e0 = b [K], e1 = channel bias [N, K] (when <see cref="TileArgs.HasChannelBias"/>), e2 = a residual shaped as y (when
+/// <see cref="TileArgs.HasResidual"/>: a ResBlock's skip path, added on the way out).</summary>
 public struct ConvForwardTile : ITileOperands
 {
     /// <inheritdoc/>
@@ -43,16 +45,21 @@ public struct ConvForwardTile : ITileOperands
     }
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, int split, int m, int col, float acc)
+    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int split, int m, int col,
+        float acc)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq, i = (n * g.K + m) * pq + j;
         float v = acc + b[m];
         if (t.HasChannelBias != 0)
         {
             v += e[n * g.K + m];
         }
-        y[(n * g.K + m) * pq + j] = v;
+        if (t.HasResidual != 0)
+        {
+            v += residual[i];
+        }
+        y[i] = v;
     }
 }
 
@@ -94,7 +101,8 @@ public struct ConvInputTile : ITileOperands
     }
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
+    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+        float acc)
     {
         var g = t.Conv;
         int hw = g.H * g.W, n = t.Div.Hw.Div(col), i = (n * g.C + m) * hw + (col - n * hw);
@@ -103,7 +111,8 @@ public struct ConvInputTile : ITileOperands
 }
 
 /// <summary>Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) =
-/// col(x[n])[crs, pq]. One split adds into dw [K, C·R·S]; several write partials [splits, K, C·R·S].</summary>
+/// col(x[n])[crs, pq]. One split adds into dw [K, C·R·S]; several write partials [splits, K, C·R·S] that the last group
+/// of each tile adds into e0 = dw. With <see cref="TileArgs.RowSums"/> the bias gradient Σ dy goes to e1 = db.</summary>
 public struct ConvWeightTile : ITileOperands
 {
     /// <inheritdoc/>
@@ -133,7 +142,8 @@ public struct ConvWeightTile : ITileOperands
     }
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+        float acc)
     {
         int i = m * t.Cols + col;
         if (t.Splits == 1)
@@ -174,19 +184,19 @@ internal static class TiledConv
     /// <summary>Cap on the partials buffer (floats): 8 M = 32 MB.</summary>
     private const long MaxPartials = 8L << 20;
 
-    /// <summary>y = conv(x, w) + b (+ e[n, k]).</summary>
+    /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual).</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
-        ArrayView<float>? channelBias)
+        ArrayView<float>? channelBias, ArrayView<float>? residual = null)
     {
-        var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default);
-        TiledGemm.Launch(k, k.Conv2d.TiledForward, t, w, x, y, b, channelBias ?? b);
+        var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
+        TiledGemm.Launch(k, k.Conv2d.TiledForward, t, w, x, y, b, channelBias ?? b, residual ?? b);
     }
 
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
     public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
     {
         var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
-        TiledGemm.Launch(k, k.Conv2d.TiledInput, t, w, dy, dx, dx, dx);
+        TiledGemm.Launch(k, k.Conv2d.TiledInput, t, w, dy, dx, dx, dx, dx);
     }
 
     /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>
@@ -200,8 +210,10 @@ internal static class TiledConv
         return (int)Math.Max(1, splits);
     }
 
-    /// <summary>dw += Σ_n dy[n] ⋆ x[n], K split <paramref name="splits"/> ways (0: <see cref="WeightSplits"/>).</summary>
-    public static void BackwardWeight(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw, int splits = 0)
+    /// <summary>dw += Σ_n dy[n] ⋆ x[n] and, when <paramref name="db"/> is given, db += Σ dy over every axis but the
+    /// channel: one launch, K split <paramref name="splits"/> ways (0: <see cref="WeightSplits"/>).</summary>
+    public static void BackwardWeight(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw,
+        ArrayView<float>? db = null, int splits = 0)
     {
         int kd = g.N * g.Pq;
         if (splits <= 0)
@@ -209,15 +221,13 @@ internal static class TiledConv
             splits = WeightSplits(g);
         }
         int chunk = TileArgs.RoundUp((kd + splits - 1) / splits, TiledGemm.TK);
-        var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default);
+        var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default, rowSums: db is not null);
         if (t.Splits == 1)
         {
-            TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, dw, dw, dw);
+            TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, dw, dw, db ?? dw, dw);
             return;
         }
-        int len = g.K * g.Crs;
-        using var partials = k.Scratch(t.Splits * len);
-        TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, partials.View, dw, dw);
-        k.Conv2d.ReduceSplits(k.Stream, len, partials.View, dw, len, t.Splits, 1);
+        using var partials = k.Scratch(checked((int)t.PartialsLength));
+        TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, partials.View, dw, db ?? dw, dw);
     }
 }

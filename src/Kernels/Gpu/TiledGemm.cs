@@ -19,11 +19,20 @@
 // (software pipelining: global latency hides behind the multiply-adds); G < 256 runs the plain loop.
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
 // the grid and the group size, the prefetch condition only on the K range), so no barrier is divergent.
+//
+// Two fusions ride on the core, so a layer's backward needs no separate reduction launches:
+//   - row sums (TileArgs.RowSums): the groups of the first column tile also add up the rows of A as they pass through
+//     shared memory (Σ_kd A(m, kd), in K-step order) into e1[m]: the bias gradient of a convolution (A = dy) and of a
+//     linear layer (A = dyᵀ) from the weight gradient's own pass;
+//   - split-K finished in the same launch: each group writes its partial tile, then counts its arrival on the tile's
+//     counter (TiledReduce.ArriveLast: a device-wide fence and an atomic add); the group that arrives last adds the
+//     tile's partials over the splits in split order, 0, 1, …, into e0. The sum's order is fixed whichever group
+//     finishes last, so reruns stay bit-identical.
 
-// The launcher of every tiled GEMM (stream, config, a, b, out, two epilogue views, args): one name for the
-// project, used by Conv2d and Linear as well.
+// The launcher of every tiled GEMM (stream, config, a, b, out, three epilogue views, the grid's arrival counters,
+// args): one name for the project, used by Conv2d and Linear as well.
 global using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, Ddpm.Kernels.TileArgs>;
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.TileArgs>;
 
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
@@ -88,6 +97,12 @@ public readonly struct TileArgs
     /// <summary>1: C += result (or, with splits, the op's own accumulate rule); 0: C = result. 1: channel bias present.</summary>
     public readonly int Accumulate, HasChannelBias;
 
+    /// <summary>1: the epilogue adds e0[col] (a linear layer's bias); 1: it adds e2 at the output's own index (a residual).</summary>
+    public readonly int HasBias, HasResidual;
+
+    /// <summary>1: e1[m] += Σ_kd A(m, kd) (the row sums of A: a bias gradient), computed by the first column tile's groups.</summary>
+    public readonly int RowSums;
+
     /// <summary>Number of K splits (grid depth); above 1 the product goes to a partials buffer [splits, M, Cols].</summary>
     public readonly int Splits;
 
@@ -101,7 +116,8 @@ public readonly struct TileArgs
     public readonly MatmulShape Mat;
 
     /// <summary>Builds the arguments; <paramref name="kChunk"/> 0 means one split over all of <paramref name="kd"/>.</summary>
-    public TileArgs(int m, int cols, int kd, int kChunk, bool accumulate, bool channelBias, ConvShape conv, MatmulShape mat)
+    public TileArgs(int m, int cols, int kd, int kChunk, bool accumulate, bool channelBias, ConvShape conv, MatmulShape mat,
+        bool rowSums = false, bool bias = false, bool residual = false)
     {
         (M, Cols, Kd, Conv, Mat) = (m, cols, kd, conv, mat);
         Div = conv.Stride > 0 ? new ConvDivisors(conv) : default;
@@ -109,7 +125,13 @@ public readonly struct TileArgs
         Splits = (Math.Max(kd, 1) + KChunk - 1) / KChunk;
         Accumulate = accumulate ? 1 : 0;
         HasChannelBias = channelBias ? 1 : 0;
+        RowSums = rowSums ? 1 : 0;
+        HasBias = bias ? 1 : 0;
+        HasResidual = residual ? 1 : 0;
     }
+
+    /// <summary>Floats of the partials buffer a split product writes: the tiles, then (with row sums) [splits, M] row sums.</summary>
+    public long PartialsLength => (long)Splits * M * Cols + (RowSums != 0 ? (long)Splits * M : 0);
 
     internal static int RoundUp(int x, int multiple) => (x + multiple - 1) / multiple * multiple;
 }
@@ -134,8 +156,8 @@ public interface ITileOperands
     static abstract float LoadB(TileArgs t, ArrayView<float> b, int kd, int col);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
-    /// K split that computed it. e0 and e1 are the op's extra operands (bias, channel bias).</summary>
-    static abstract void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc);
+    /// K split that computed it. e0, e1 and e2 are the op's extra operands (bias, channel bias, residual).</summary>
+    static abstract void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col, float acc);
 }
 
 /// <summary>The tiled, explicitly grouped GEMM kernel and its launch geometry (see the file header for the tiling).</summary>
@@ -168,22 +190,118 @@ public static class TiledGemm
 
     /// <summary>
     /// C[M, Cols] = A[M, Kd] · B[Kd, Cols] over this group's K range, through <typeparamref name="TOp"/>'s gathers and
-    /// epilogue. a, b: the operands TOp reads; c: the output (or partials); e0, e1: epilogue extras.
+    /// epilogue. a, b: the operands TOp reads; c: the output (or partials); e0, e1, e2: epilogue extras; with splits, e0
+    /// receives the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero
+    /// between launches.
     /// </summary>
-    internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, TileArgs t)
-        where TOp : struct, ITileOperands
+    internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
+        ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
     {
         var aS = SharedMemory.Allocate<float>(TK * TM); // [TK][TM]
         var bS = SharedMemory.Allocate<float>(TK * TN); // [TK][TN]
-        int split = Grid.IdxZ;
+        var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
+        var last = SharedMemory.Allocate<int>(1);
+        int split = Grid.IdxZ, tid = Group.IdxX, groupSize = Group.DimX, m0 = Grid.IdxY * TM;
         int kBegin = split * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
-        if (Group.DimX == Threads)
+        // Row r of the tile's sums belongs to thread r mod G for the whole launch, so the sums need no barrier of their own.
+        bool rowSums = t.RowSums != 0 && Grid.IdxX == 0;
+        if (rowSums)
         {
-            Pipelined<TOp>(a, b, c, e0, e1, t, aS, bS, kBegin, kEnd);
+            for (int r = tid; r < TM; r += groupSize)
+            {
+                rowS[r] = 0;
+            }
+        }
+        if (groupSize == Threads)
+        {
+            Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS, bS, rowS, rowSums, kBegin, kEnd);
         }
         else
         {
-            InPasses<TOp>(a, b, c, e0, e1, t, aS, bS, kBegin, kEnd);
+            InPasses<TOp>(a, b, c, e0, e1, e2, t, aS, bS, rowS, rowSums, kBegin, kEnd);
+        }
+        if (rowSums)
+        {
+            for (int r = tid; r < TM; r += groupSize)
+            {
+                int m = m0 + r;
+                if (m < t.M)
+                {
+                    if (t.Splits == 1)
+                    {
+                        e1[m] += rowS[r];
+                    }
+                    else
+                    {
+                        c[(long)t.Splits * t.M * t.Cols + (long)split * t.M + m] = rowS[r];
+                    }
+                }
+            }
+        }
+        if (t.Splits > 1)
+        {
+            FinishSplits(c, e0, e1, counters, last, t);
+        }
+    }
+
+    /// <summary>
+    /// After a split group has written its partial tile (and row sums): the last of the tile's groups to arrive adds the
+    /// partials over the splits, in split order, into e0 (and the row sums into e1). Every thread of the group calls it.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void FinishSplits(ArrayView<float> partials, ArrayView<float> e0, ArrayView<float> e1, ArrayView<int> counters, ArrayView<int> last,
+        TileArgs t)
+    {
+        int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        if (!TiledReduce.ArriveLast(counters, Grid.IdxY * Grid.DimX + Grid.IdxX, t.Splits, last))
+        {
+            return;
+        }
+        long len = (long)t.M * t.Cols;
+        for (int e = tid; e < TM * TN; e += groupSize)
+        {
+            int m = m0 + e / TN, col = col0 + e % TN;
+            if (m < t.M && col < t.Cols)
+            {
+                long i = (long)m * t.Cols + col;
+                float sum = 0;
+                for (int s = 0; s < t.Splits; s++)
+                {
+                    sum += partials[s * len + i];
+                }
+                e0[i] = t.Accumulate != 0 ? e0[i] + sum : sum;
+            }
+        }
+        if (t.RowSums != 0 && Grid.IdxX == 0)
+        {
+            for (int r = tid; r < TM; r += groupSize)
+            {
+                int m = m0 + r;
+                if (m < t.M)
+                {
+                    float sum = 0;
+                    for (int s = 0; s < t.Splits; s++)
+                    {
+                        sum += partials[t.Splits * len + (long)s * t.M + m];
+                    }
+                    e1[m] += sum;
+                }
+            }
+        }
+    }
+
+    /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G): the row sums of A, a K step at a time.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AddRowSums(ArrayView<float> aS, ArrayView<float> rowS)
+    {
+        for (int r = Group.IdxX; r < TM; r += Group.DimX)
+        {
+            float sum = 0;
+            for (int kk = 0; kk < TK; kk++)
+            {
+                sum += aS[kk * TM + r];
+            }
+            rowS[r] += sum;
         }
     }
 
@@ -193,8 +311,9 @@ public static class TiledGemm
     /// global loads' latency hides behind the 256 multiply-adds of the step instead of stalling at the barrier.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, TileArgs t,
-        ArrayView<float> aS, ArrayView<float> bS, int kBegin, int kEnd) where TOp : struct, ITileOperands
+    private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
+        ArrayView<float> e2, TileArgs t, ArrayView<float> aS, ArrayView<float> bS, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
@@ -228,9 +347,13 @@ public static class TiledGemm
                 pb3 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + 3 * Threads);
             }
             acc.Step(aS, bS, tid / 16, tid % 16);
+            if (rowSums)
+            {
+                AddRowSums(aS, rowS);
+            }
             Group.Barrier();
         }
-        acc.Emit<TOp>(t, c, e0, e1, Grid.IdxZ, m0 + tid / 16, col0 + tid % 16);
+        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + tid / 16, col0 + tid % 16);
     }
 
     /// <summary>
@@ -238,8 +361,9 @@ public static class TiledGemm
     /// 256 / G passes, each pass a full sweep over K with cooperative, strided tile loads.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, TileArgs t,
-        ArrayView<float> aS, ArrayView<float> bS, int kBegin, int kEnd) where TOp : struct, ITileOperands
+    private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
+        ArrayView<float> e2, TileArgs t, ArrayView<float> aS, ArrayView<float> bS, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
@@ -260,9 +384,13 @@ public static class TiledGemm
                 }
                 Group.Barrier();
                 acc.Step(aS, bS, sub / 16, sub % 16);
+                if (rowSums && pass == 0)
+                {
+                    AddRowSums(aS, rowS);
+                }
                 Group.Barrier();
             }
-            acc.Emit<TOp>(t, c, e0, e1, Grid.IdxZ, m0 + sub / 16, col0 + sub % 16);
+            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + sub / 16, col0 + sub % 16);
         }
     }
 
@@ -314,60 +442,58 @@ public static class TiledGemm
 
         /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue, rows r0 + 16·i, columns q0 + 16·j.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int r0, int q0)
-            where TOp : struct, ITileOperands
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
+            int q0) where TOp : struct, ITileOperands
         {
-            Put<TOp>(t, c, e0, e1, split, r0, q0, _c00, _c01, _c02, _c03);
-            Put<TOp>(t, c, e0, e1, split, r0 + 16, q0, _c10, _c11, _c12, _c13);
-            Put<TOp>(t, c, e0, e1, split, r0 + 32, q0, _c20, _c21, _c22, _c23);
-            Put<TOp>(t, c, e0, e1, split, r0 + 48, q0, _c30, _c31, _c32, _c33);
+            Put<TOp>(t, c, e0, e1, e2, split, r0, q0, _c00, _c01, _c02, _c03);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 16, q0, _c10, _c11, _c12, _c13);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 32, q0, _c20, _c21, _c22, _c23);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 48, q0, _c30, _c31, _c32, _c33);
         }
     }
 
     /// <summary>One row of a register tile through the epilogue, bounds-checked (cols q0 + 16·j).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Put<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int q0,
+    private static void Put<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int q0,
         float v0, float v1, float v2, float v3) where TOp : struct, ITileOperands
     {
         if (m >= t.M)
         {
             return;
         }
-        if (q0 < t.Cols) TOp.Store(t, c, e0, e1, split, m, q0, v0);
-        if (q0 + 16 < t.Cols) TOp.Store(t, c, e0, e1, split, m, q0 + 16, v1);
-        if (q0 + 32 < t.Cols) TOp.Store(t, c, e0, e1, split, m, q0 + 32, v2);
-        if (q0 + 48 < t.Cols) TOp.Store(t, c, e0, e1, split, m, q0 + 48, v3);
+        if (q0 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0, v0);
+        if (q0 + 16 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 16, v1);
+        if (q0 + 32 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 32, v2);
+        if (q0 + 48 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 48, v3);
     }
 
     /// <summary>Loads <see cref="Kernel{TOp}"/> for one op as an explicitly grouped kernel (once per accelerator).</summary>
     internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands => k.Grouped<TileLauncher>(Kernel<TOp>);
 
-    /// <summary>Queues one product on <paramref name="k"/>'s stream.</summary>
+    /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
+    /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
+    /// read may be any view.</summary>
     internal static void Launch(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
-        ArrayView<float> e0, ArrayView<float> e1)
+        ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2)
     {
         // An empty output is no work, and an empty grid is a launch error on CUDA.
-        if (t.M > 0 && t.Cols > 0)
+        if (t.M <= 0 || t.Cols <= 0)
         {
-            kernel(k.Stream, Config(t, GroupSize(k.Accelerator)), a, b, c, e0, e1, t);
+            return;
         }
-    }
-
-    /// <summary>dst[i] (+)= Σ_s partials[s·len + i] for s = 0, 1, …, splits - 1 in that order: the split-K reduction,
-    /// deterministic because each output sums its splits in a fixed order (no atomics). i over dst [len].</summary>
-    internal static void ReduceSplitsKernel(Index1D i, ArrayView<float> partials, ArrayView<float> dst, int len, int splits, int accumulate)
-    {
-        float acc = 0;
-        for (int s = 0; s < splits; s++)
+        var config = Config(t, GroupSize(k.Accelerator));
+        if (t.Splits > 1 && config.GridDim.X * config.GridDim.Y > k.GridCounters.IntLength)
         {
-            acc += partials[s * len + i];
+            throw new InvalidOperationException(
+                $"tiled gemm: {config.GridDim.X * config.GridDim.Y} output tiles with {t.Splits} splits, more than the {k.GridCounters.IntLength} arrival counters");
         }
-        dst[i] = accumulate != 0 ? dst[i] + acc : acc;
+        kernel(k.Stream, config, a, b, c, e0, e1, e2, k.GridCounters, t);
     }
 }
 
-/// <summary>C (=|+=) op(A)·op(B) for <see cref="Linear.Matmul"/>: A(i, p) = a[i·ARow + p·ACol], B(p, j) = b[p·BRow + j·BCol],
-/// c [M, N] row-major.</summary>
+/// <summary>C (=|+=) op(A)·op(B) (+ bias[col], e0, when <see cref="TileArgs.HasBias"/>) for <see cref="Linear.Matmul(Tensor, bool, Tensor, bool, Tensor, bool)"/> and the linear layer:
+/// A(i, p) = a[i·ARow + p·ACol], B(p, j) = b[p·BRow + j·BCol], c [M, N] row-major; with <see cref="TileArgs.RowSums"/>,
+/// e1[i] += Σ_p A(i, p).</summary>
 public struct MatmulTile : ITileOperands
 {
     /// <inheritdoc/>
@@ -383,9 +509,11 @@ public struct MatmulTile : ITileOperands
     public static float LoadB(TileArgs t, ArrayView<float> b, int kd, int col) => b[kd * t.Mat.BRow + col * t.Mat.BCol];
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, int split, int m, int col, float acc)
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+        float acc)
     {
         int i = m * t.Cols + col;
-        c[i] = t.Accumulate != 0 ? c[i] + acc : acc;
+        float v = t.HasBias != 0 ? acc + bias[col] : acc;
+        c[i] = t.Accumulate != 0 ? c[i] + v : v;
     }
 }

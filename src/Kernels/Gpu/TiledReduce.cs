@@ -140,6 +140,39 @@ internal static class TiledReduce
         }
     }
 
+    /// <summary>
+    /// Counts this group's arrival on counters[slot] and answers, in every thread, whether it was the last of the
+    /// <paramref name="arrivals"/> groups counting there: the last group may then read what every other group wrote
+    /// before arriving, and finish the launch's work (a split-K sum, a batch sum) in the same launch instead of a second
+    /// one. The release: every thread fences its own writes (device level) before the group's barrier, then thread 0
+    /// adds 1 atomically; the acquire: the last group fences again before reading. The last group puts the counter back
+    /// to 0, so the counters are zero between launches (launches on the stream run one after another). Every thread of
+    /// the group must call it; <paramref name="last"/> is one shared int. What the last group then adds, it adds in a
+    /// fixed order, so the result does not depend on which group came last.
+    /// </summary>
+    public static bool ArriveLast(ArrayView<int> counters, int slot, int arrivals, ArrayView<int> last)
+    {
+        MemoryFence.DeviceLevel();
+        Group.Barrier();
+        if (Group.IdxX == 0)
+        {
+            int before = Atomic.Add(ref counters[slot], 1);
+            bool isLast = before == arrivals - 1;
+            if (isLast)
+            {
+                Atomic.Exchange(ref counters[slot], 0);
+            }
+            last[0] = isLast ? 1 : 0;
+        }
+        Group.Barrier();
+        bool result = last[0] != 0;
+        if (result)
+        {
+            MemoryFence.DeviceLevel();
+        }
+        return result;
+    }
+
     /// <summary>The group's total of one value per thread, returned to every thread: a radix-16 tree in shared memory
     /// (sh holds at least Group.DimX floats; Group.DimX is a power of two). Every thread must call it.</summary>
     public static float GroupSum(ArrayView<float> sh, float value)
