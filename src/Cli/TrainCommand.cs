@@ -185,33 +185,45 @@ public static class TrainCommand
         double smoothed = double.NaN;
         var stop = signals.Token;
 
-        void OneStep(Action<string> report)
+        bool SavePoint(long step) => step % trainer.StepsPerEpoch == 0 || (run.SaveEvery > 0 && step % run.SaveEvery == 0);
+
+        // Queues steps without waiting (up to Trainer.ReadEvery, or to the next save point, the end, or a stop), then reads
+        // their losses back in one synchronisation and writes a metrics line for each: on a GPU the host never waits
+        // between the steps of a round.
+        void OneRound(Action<string> report)
         {
-            float loss = trainer.TrainStep();
-            bool skipped = trainer.LastSkip is not null;
-            if (!skipped)
+            do
             {
-                smoothed = double.IsNaN(smoothed) ? loss : 0.98 * smoothed + 0.02 * loss;
-                run.History.Add((trainer.Step, loss));
+                trainer.QueueStep();
             }
-            else
-            {
-                report($"warning: {trainer.LastSkip}");
-            }
+            while (trainer.Pending < Trainer.ReadEvery && !trainer.Finished && !SavePoint(trainer.Step) && !stop.IsCancellationRequested);
             double rate = (trainer.Step - firstStep) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
-            run.Metrics.WriteLine(JsonSerializer.Serialize(new
+            foreach (var r in trainer.ReadBack())
             {
-                step = trainer.Step,
-                epoch = (trainer.Step - 1) / trainer.StepsPerEpoch + 1,
-                loss = skipped || !float.IsFinite(loss) ? (float?)null : loss,
-                skipped = skipped ? true : (bool?)null,
-                lr = trainer.Adam.LearningRate,
-                grad_norm = float.IsFinite(trainer.LastGradNorm) ? trainer.LastGradNorm : (float?)null,
-                steps_per_s = Math.Round(rate, 3),
-                elapsed_s = Math.Round(clock.Elapsed.TotalSeconds, 2),
-            }, MetricsJson));
+                bool skipped = r.Skip is not null;
+                if (!skipped)
+                {
+                    smoothed = double.IsNaN(smoothed) ? r.Loss : 0.98 * smoothed + 0.02 * r.Loss;
+                    run.History.Add((r.Step, r.Loss));
+                }
+                else
+                {
+                    report($"warning: {r.Skip}");
+                }
+                run.Metrics.WriteLine(JsonSerializer.Serialize(new
+                {
+                    step = r.Step,
+                    epoch = (r.Step - 1) / trainer.StepsPerEpoch + 1,
+                    loss = skipped || !float.IsFinite(r.Loss) ? (float?)null : r.Loss,
+                    skipped = skipped ? true : (bool?)null,
+                    lr = r.Lr,
+                    grad_norm = float.IsFinite(r.GradNorm) ? r.GradNorm : (float?)null,
+                    steps_per_s = Math.Round(rate, 3),
+                    elapsed_s = Math.Round(clock.Elapsed.TotalSeconds, 2),
+                }, MetricsJson));
+            }
             bool epochEnd = trainer.Step % trainer.StepsPerEpoch == 0;
-            if ((epochEnd || (run.SaveEvery > 0 && trainer.Step % run.SaveEvery == 0)) && !trainer.Finished)
+            if (SavePoint(trainer.Step) && !trainer.Finished)
             {
                 using (signals.Critical())
                 {
@@ -238,7 +250,7 @@ public static class TrainCommand
                     task.Value = trainer.Step;
                     while (!trainer.Finished && !stop.IsCancellationRequested)
                     {
-                        OneStep(msg => AnsiConsole.MarkupLine(Markup.Escape(msg)));
+                        OneRound(msg => AnsiConsole.MarkupLine(Markup.Escape(msg)));
                         double rate = (trainer.Step - firstStep) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
                         task.Description = Markup.Escape($"{Status()} {rate:F2} steps/s");
                         task.Value = trainer.Step;
@@ -250,7 +262,7 @@ public static class TrainCommand
         var lastLine = TimeSpan.Zero;
         while (!trainer.Finished && !stop.IsCancellationRequested)
         {
-            OneStep(Console.Error.WriteLine);
+            OneRound(Console.Error.WriteLine);
             if (clock.Elapsed - lastLine > TimeSpan.FromSeconds(30) || trainer.Finished)
             {
                 lastLine = clock.Elapsed;
