@@ -51,16 +51,7 @@ public sealed class AutogradTests(ITestOutputHelper output)
             return s;
         }
 
-        model.ZeroGrad();
-        float[] dx;
-        using (var tape = new Tape(device))
-        {
-            var xv = new ProbeVar(xt);
-            var y = model.Forward(tape, xv.Var, tape.Constant(tt));
-            tape.Backward(y, rt);
-            dx = xv.Var.Grad!.ToArray();
-            xv.Var.Grad!.Dispose();
-        }
+        float[] dx = Backward(model, xt, tt, rt);
 
         string[] sampled =
         [
@@ -150,16 +141,7 @@ public sealed class AutogradTests(ITestOutputHelper output)
             using var xt = Tensor.FromHost(device, x, n, 1, hw, hw);
             using var tt = Tensor.FromHost(device, t, n);
             using var rt = Tensor.FromHost(device, r, n, 1, hw, hw);
-            model.ZeroGrad();
-            float[] dx;
-            using (var tape = new Tape(device))
-            {
-                var xv = new ProbeVar(xt);
-                var y = model.Forward(tape, xv.Var, tape.Constant(tt));
-                tape.Backward(y, rt);
-                dx = xv.Var.Grad!.ToArray();
-                xv.Var.Grad!.Dispose();
-            }
+            float[] dx = Backward(model, xt, tt, rt);
             return (model.Parameters.ToDictionary(p => p.Name, p => p.Grad!.ToArray()), dx);
         }
 
@@ -188,6 +170,20 @@ public sealed class AutogradTests(ITestOutputHelper output)
         }
         Compare("x", cpuDx, gpuDx);
         Assert.True(failures.Count == 0, string.Join("\n", failures));
+    }
+
+    /// <summary>Zeroes the model's gradients and backpropagates dL/d(output) = <paramref name="r"/> through eps_theta(x, t):
+    /// the parameters' gradients are left in place; returns the input's.</summary>
+    private static float[] Backward(UNet model, Tensor x, Tensor t, Tensor r)
+    {
+        model.ZeroGrad();
+        using var tape = new Tape(x.Device);
+        var xv = new ProbeVar(x);
+        var y = model.Forward(tape, xv.Var, tape.Constant(t));
+        tape.Backward(y, r);
+        float[] dx = xv.Var.Grad!.ToArray();
+        xv.Var.Grad!.Dispose();
+        return dx;
     }
 
     /// <summary>A graph input that requires a gradient (the tape's constants do not).</summary>
