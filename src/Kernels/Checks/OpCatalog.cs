@@ -27,6 +27,7 @@ public static class OpCatalog
         Conv("conv2d 5x3 s2 p2", n: 1, c: 2, h: 8, w: 5, k: 3, r: 5, s: 3, stride: 2, pad: 2),
         ConvChannelBias("conv2d 3x3 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4),
         ConvChannelBias("conv2d 1x1 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1),
+        ConvResidual("conv2d 3x3 + residual", n: 2, c: 3, h: 6, w: 5, k: 4),
         GroupNormCase("groupnorm C6 G3", n: 3, c: 6, h: 7, w: 9, groups: 3),
         GroupNormCase("groupnorm C5 G5", n: 3, c: 5, h: 7, w: 9, groups: 5),
         GroupNormCase("groupnorm C5 G1 1x1", n: 3, c: 5, h: 1, w: 1, groups: 1),
@@ -53,6 +54,17 @@ public static class OpCatalog
         new OpCase
         {
             Name = "linear",
+            Inputs = [new("x", [3, 7]), new("w", [5, 7]), new("b", [5])],
+            Forward = (s, x) => [Run(s.Output(3, 5), y => Linear.Forward(x[0], x[1], x[2], y))],
+            Backward = (s, x, y, dy, d) =>
+            {
+                Linear.BackwardInput(dy, x[1], d[0]!);
+                Linear.BackwardWeight(dy, x[0], d[1]!, d[2]!); // the bias gradient rides in the weight gradient, as in the model
+            },
+        },
+        new OpCase
+        {
+            Name = "linear bias gradient alone",
             Inputs = [new("x", [3, 7]), new("w", [5, 7]), new("b", [5])],
             Forward = (s, x) => [Run(s.Output(3, 5), y => Linear.Forward(x[0], x[1], x[2], y))],
             Backward = (s, x, y, dy, d) =>
@@ -271,8 +283,28 @@ public static class OpCatalog
             Backward = (sc, x, y, dy, d) =>
             {
                 Conv2d.BackwardInput(dy, x[1], d[0]!, stride, pad);
-                Conv2d.BackwardWeight(dy, x[0], d[1]!, stride, pad);
+                // The bias gradient rides in the weight gradient's pass, as in the model; the standalone bias gradient
+                // (a frozen weight) has its own case.
+                Conv2d.BackwardWeight(dy, x[0], d[1]!, stride, pad, d[2]!);
+            },
+        };
+    }
+
+    /// <summary>y = conv(x, w) + b + residual (a ResBlock's skip path, folded into its second convolution): dresidual = dy.
+    /// The weight and bias gradients as separate calls (the path of a frozen weight).</summary>
+    private static OpCase ConvResidual(string name, int n, int c, int h, int w, int k)
+    {
+        return new OpCase
+        {
+            Name = name,
+            Inputs = [new("x", [n, c, h, w]), new("w", [k, c, 3, 3]), new("b", [k]), new("residual", [n, k, h, w])],
+            Forward = (sc, x) => [Run(sc.Output(n, k, h, w), y => Conv2d.Forward(x[0], x[1], x[2], y, 1, 1, residual: x[3]))],
+            Backward = (sc, x, y, dy, d) =>
+            {
+                Conv2d.BackwardInput(dy, x[1], d[0]!, 1, 1);
+                Conv2d.BackwardWeight(dy, x[0], d[1]!, 1, 1);
                 Conv2d.BackwardBias(dy, d[2]!);
+                Elementwise.Accumulate(d[3]!, dy);
             },
         };
     }
@@ -289,8 +321,7 @@ public static class OpCatalog
             Backward = (sc, x, y, dy, d) =>
             {
                 Conv2d.BackwardInput(dy, x[1], d[0]!, 1, pad);
-                Conv2d.BackwardWeight(dy, x[0], d[1]!, 1, pad);
-                Conv2d.BackwardBias(dy, d[2]!);
+                Conv2d.BackwardWeight(dy, x[0], d[1]!, 1, pad, d[2]!);
                 Elementwise.AddChannelsBackward(dy, d[3]!);
             },
         };
