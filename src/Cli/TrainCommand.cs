@@ -197,8 +197,38 @@ public static class TrainCommand
                 trainer.QueueStep();
             }
             while (trainer.Pending < Trainer.ReadEvery && !trainer.Finished && !SavePoint(trainer.Step) && !stop.IsCancellationRequested);
+            IReadOnlyList<StepResult> results;
+            try
+            {
+                results = trainer.ReadBack();
+            }
+            catch (TrainingDivergedException)
+            {
+                // The round's steps before the one that ended the run still get their lines.
+                Record(trainer.LastRead, report);
+                throw;
+            }
+            Record(results, report);
+            bool epochEnd = trainer.Step % trainer.StepsPerEpoch == 0;
+            if (SavePoint(trainer.Step) && !trainer.Finished)
+            {
+                using (signals.Critical())
+                {
+                    trainer.Save(run.Checkpoint);
+                    Images.SaveLossPlot(Path.Combine(run.Folder, LossFile), run.History);
+                }
+                if (epochEnd)
+                {
+                    report($"epoch {trainer.Step / trainer.StepsPerEpoch} done: loss {smoothed:F4}; saved {run.Checkpoint}");
+                }
+            }
+        }
+
+        // A metrics line for each step read back, and the loss history for the plot.
+        void Record(IReadOnlyList<StepResult> results, Action<string> report)
+        {
             double rate = (trainer.Step - firstStep) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
-            foreach (var r in trainer.ReadBack())
+            foreach (var r in results)
             {
                 bool skipped = r.Skip is not null;
                 if (!skipped)
@@ -221,19 +251,6 @@ public static class TrainCommand
                     steps_per_s = Math.Round(rate, 3),
                     elapsed_s = Math.Round(clock.Elapsed.TotalSeconds, 2),
                 }, MetricsJson));
-            }
-            bool epochEnd = trainer.Step % trainer.StepsPerEpoch == 0;
-            if (SavePoint(trainer.Step) && !trainer.Finished)
-            {
-                using (signals.Critical())
-                {
-                    trainer.Save(run.Checkpoint);
-                    Images.SaveLossPlot(Path.Combine(run.Folder, LossFile), run.History);
-                }
-                if (epochEnd)
-                {
-                    report($"epoch {trainer.Step / trainer.StepsPerEpoch} done: loss {smoothed:F4}; saved {run.Checkpoint}");
-                }
             }
         }
 

@@ -406,6 +406,10 @@ public sealed class Trainer : IDisposable
     }
 
 
+    /// <summary>The steps the last <see cref="ReadBack"/> read, in order: also when it threw <see cref="TrainingDivergedException"/>
+    /// (then up to and including the step that ended the run), so a caller can still record them.</summary>
+    public IReadOnlyList<StepResult> LastRead => _results;
+
     /// <summary>
     /// Reads the queued steps' losses and skip flags in one device read and returns them in order (the list is reused by
     /// the next call). A skipped step gets its reason, also in <see cref="LastSkip"/>, and counts in <see cref="Skipped"/>;
