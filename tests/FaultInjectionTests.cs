@@ -206,14 +206,14 @@ public sealed class FaultInjectionTests : IDisposable
     [PosixSignalsFact]
     public void SigtermAndSighupSaveAndExitWithTheirCodes()
     {
-        // The signalled runs may take far more steps than any child can before its signal, even when a loaded machine
-        // starts the three children unevenly (the test signals them one after another, each once its first metrics line
-        // is written); the resumed run then finishes at `steps`.
-        const long steps = 12, signalledSteps = 100_000;
+        // Far more steps than any child can take before its signal, even when a loaded machine starts the three children
+        // unevenly (the test signals them one after another, each once its first metrics line is written); the resumed
+        // run then goes on for a few more steps from where its signal stopped it.
+        const long steps = 100_000;
         var signals = new (string Name, int Code)[] { ("TERM", 143), ("HUP", 129), ("INT", 130) };
         var runs = signals.Select(s => (Signal: s, Out: Path.Combine(_dir, s.Name))).ToArray();
         // All three at once: each is stopped a few steps in, long before its last step.
-        var children = runs.Select(r => new DdpmChild(TrainArgs(r.Out, signalledSteps, 1, resume: false), 60)).ToArray();
+        var children = runs.Select(r => new DdpmChild(TrainArgs(r.Out, steps, 1, resume: false), 60)).ToArray();
         try
         {
             for (int i = 0; i < runs.Length; i++)
@@ -248,13 +248,13 @@ public sealed class FaultInjectionTests : IDisposable
 
         // The stopped run resumes where it stopped and finishes.
         string term = runs[0].Out;
-        long from = StepOf(Path.Combine(term, TrainCommand.CheckpointFile));
-        using var resumed = new DdpmChild(TrainArgs(term, steps, 1, resume: true), 0);
-        FinishTraining(resumed, term, steps);
+        long from = StepOf(Path.Combine(term, TrainCommand.CheckpointFile)), end = from + 6;
+        using var resumed = new DdpmChild(TrainArgs(term, end, 1, resume: true), 0);
+        FinishTraining(resumed, term, end);
         var failures = new List<string>();
         Assert.True(CheckResumeLine(resumed, resume: true, from, failures), resumed.Stderr());
         Assert.Empty(failures);
-        Assert.Equal(Enumerable.Range(1, (int)steps).Select(s => (long)s), MetricLines(Path.Combine(term, TrainCommand.MetricsFile)).Select(m => m.Step));
+        Assert.Equal(Enumerable.Range(1, (int)end).Select(s => (long)s), MetricLines(Path.Combine(term, TrainCommand.MetricsFile)).Select(m => m.Step));
     }
 
     [PosixSignalsFact]

@@ -126,9 +126,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     [InlineData(4)]
     public void LinearBiasRidesInTheProduct(int warp) => WithTimeout(() =>
     {
-        // y = x·wᵀ + b with the bias in the epilogue; dw += dyᵀ·x with db += Σ_n dy as the row sums of dyᵀ. 67 outputs:
-        // two tiles, the second ragged; the row sums come from the first column tile's groups only.
-        const int batch = 5, inputs = 9, outputs = 67;
+        // y = x·wᵀ + b with the bias in the epilogue; dw += dyᵀ·x with db += Σ_n dy as the row sums of dyᵀ. 67 outputs and
+        // 70 inputs: dw is 2 x 2 tiles, the second of each ragged; the row sums come from the first column tile's groups only.
+        const int batch = 5, inputs = 70, outputs = 67;
         var device = fixture[warp];
         var rng = new Random(11 + warp);
         var x = (Ints(rng, batch * inputs), new[] { batch, inputs });
@@ -153,6 +153,31 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
                 kernels.Simple = false;
             }
         }
+    });
+
+    [Theory]
+    [InlineData(32)]
+    [InlineData(4)]
+    public void SplitKOverManyTilesIsFinishedByEachTilesLastGroup(int warp) => WithTimeout(() =>
+    {
+        // dw [70, 8·3·3 = 72]: 2 x 2 output tiles, both ragged, each finished by the last of its 3 split groups (its own
+        // arrival counter), with the bias's row sums from the first column's tiles; then every counter is back at zero.
+        var g = new ConvShape(2, 8, 5, 5, 70, 3, 3, 1, 1);
+        var device = fixture[warp];
+        var rng = new Random(13 + warp);
+        var dy = (Ints(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
+        var db = (Ints(rng, g.K), new[] { g.K });
+        int[] ws = [g.K, g.C, g.R, g.S];
+        float[] dw0 = Ints(rng, g.K * g.Crs);
+        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
+        var kernels = IlgpuKernels.For(device);
+        Check($"warp {warp}, 2 x 2 tiles, 3 splits", expected, () => Run(device, [dy, x, db], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: 3), alsoInput: 2), rerun: true);
+        var counters = new int[IlgpuKernels.CounterSlots];
+        ILGPU.Runtime.ArrayViewExtensions.CopyToCPU(kernels.GridCounters, kernels.Stream, counters);
+        kernels.Stream.Synchronize();
+        Assert.True(counters.All(c => c == 0), $"arrival counters left non-zero: {string.Join(", ", counters.Select((c, i) => (c, i)).Where(p => p.c != 0).Take(5))}");
     });
 
     [Fact]

@@ -36,7 +36,10 @@ public sealed class IlgpuKernels
     }
 
     /// <summary>Arrival counters a kernel's groups count on to find the last of them (<see cref="TiledReduce.ArriveLast"/>):
-    /// one per output tile of a split product, at most this many.</summary>
+    /// one per output tile of a split product (slots 0, 1, …), slot 0 for the GroupNorm backward; at most this many.
+    /// Launches on the stream run one after another and each leaves its counters at zero, so they share the slots. A
+    /// launch that dies half-way would leave a count behind; on a GPU that is a sticky CUDA error, which ends the
+    /// context (and these counters) with it.</summary>
     public const int CounterSlots = 4096;
 
     private readonly MemoryBuffer1D<int, Stride1D.Dense> _gridCounters;

@@ -48,6 +48,11 @@ public static unsafe class Linear
             throw new ArgumentException($"matmul: inner sizes differ ({a.ShapeText}{(transA ? "ᵀ" : "")} · {b.ShapeText}{(transB ? "ᵀ" : "")})");
         }
         Check.Shape("matmul", "c", c, m, n);
+        if (rowSums is not null && !transA)
+        {
+            // Row i of op(a) is column i of a when transposed: as the linear layer's dyᵀ, the bias gradient Σ_n dy[n, i].
+            throw new NotSupportedException("matmul: row sums are taken of a transposed a only (a bias gradient)");
+        }
         var s = new MatmulShape(m, n, k,
             transA ? 1 : a.Dim(1), transA ? a.Dim(1) : 1,
             transB ? 1 : b.Dim(1), transB ? b.Dim(1) : 1, accumulate);
@@ -81,11 +86,6 @@ public static unsafe class Linear
         }
         if (rowSums is not null)
         {
-            // Row i of op(a) is column i of a when transposed: as the linear layer's dyᵀ, the bias gradient Σ_n dy[n, i].
-            if (!transA)
-            {
-                throw new NotSupportedException("matmul: row sums are taken of a transposed a only (a bias gradient)");
-            }
             ColumnSumsInto(a, rowSums);
         }
     }

@@ -169,8 +169,8 @@ public static class TiledGemm
     /// <summary>Register tiles per output tile (16 x 16 of 4 x 4 outputs): the group size on a GPU.</summary>
     public const int Threads = TM / 4 * (TN / 4);
 
-    /// <summary>Shared memory one group declares: aS and bS.</summary>
-    public const int SharedBytes = (TK * TM + TK * TN) * sizeof(float);
+    /// <summary>Shared memory one group declares: aS and bS, the row sums and the last-group flag.</summary>
+    public const int SharedBytes = (TK * TM + TK * TN + TM) * sizeof(float) + sizeof(int);
 
     /// <summary>The group size to launch with on <paramref name="accelerator"/>: 256, or the largest power of two
     /// the device allows (a simulator), which then runs the tile in 256 / G passes.</summary>
