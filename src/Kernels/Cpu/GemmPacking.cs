@@ -262,17 +262,33 @@ public static unsafe partial class Gemm
                 }
                 return;
             }
-            if (NR % 8 == 0 && Isa.Avx2)
+            if (NR == 24 && Isa.Avx2)
             {
-                int nv = nr & ~7;
+                if (nr == 24)
+                {
+                    for (int p = 0; p < kc; p++)
+                    {
+                        float* s = b + off[p];
+                        float* d = dst + p * 24;
+                        Vector256.Store(Vector256.Load(s), d);
+                        Vector256.Store(Vector256.Load(s + 8), d + 8);
+                        Vector256.Store(Vector256.Load(s + 16), d + 16);
+                    }
+                    return;
+                }
+                // Edge panel (the 7x7 maps leave 15 columns of 24): masked loads read nothing past column nr - 1 and
+                // fill the rest with zeros, where a scalar tail would cost a load and a store per float.
+                Vector256<int> lane = Vector256<int>.Indices, width = Vector256.Create(nr);
+                Vector256<float> m0 = Vector256.LessThan(lane, width).AsSingle();
+                Vector256<float> m1 = Vector256.LessThan(lane + Vector256.Create(8), width).AsSingle();
+                Vector256<float> m2 = Vector256.LessThan(lane + Vector256.Create(16), width).AsSingle();
                 for (int p = 0; p < kc; p++)
                 {
                     float* s = b + off[p];
-                    float* d = dst + p * NR;
-                    int j = 0;
-                    for (; j < nv; j += 8) Vector256.Store(Vector256.Load(s + j), d + j);
-                    for (; j < nr; j++) d[j] = s[j];
-                    for (; j < NR; j++) d[j] = 0f;
+                    float* d = dst + p * 24;
+                    Vector256.Store(Avx.MaskLoad(s, m0), d);
+                    Vector256.Store(Avx.MaskLoad(s + 8, m1), d + 8);
+                    Vector256.Store(Avx.MaskLoad(s + 16, m2), d + 16);
                 }
                 return;
             }
