@@ -12,7 +12,8 @@
 //     3 vector loads + 4 broadcasts for 12 FMAs. The classic 6 x 16 has the same 12 accumulators but 6 never divides
 //     the channel counts (16..256), so every product had a row edge: 12.5% wasted work at 16 and 32 channels, and a
 //     tile computed into scratch and copied. 4 divides them all, and 24 fits the wide image rows: 28x28's 840 is exact,
-//     14x14's 224 = 9x24 + 8, 7x7's 63 = 2x24 + 15 (edges in 16- and 8-wide pieces, see RunEdge).
+//     14x14's 224 = 9x24 + 8, 7x7's 63 rounded up to 64 = 2x24 + 16 by the convolutions (edges in 16- and 8-wide
+//     pieces, see RunEdge).
 //   * 128-bit (ARM64 NEON, x86 without AVX2): 6 x 8 on the cross-platform Vector128 API, 12 accumulators + 2 B + 1
 //     broadcast = 15 of the 16 registers SSE has (ARM64 has 32, so it fits there with room). MultiplyAddEstimate is
 //     a fused multiply-add where the processor has one (NEON fmla, FMA3) and a multiply and an add where it does not:
@@ -456,9 +457,9 @@ public static unsafe partial class Gemm
 
         /// <summary>
         /// Column edges with all 4 rows are split into 16- and 8-wide pieces written straight into C, and a last piece
-        /// of 1..7 columns computed 8 wide into the tile (the 7x7 maps' wide rows leave 63 = 2x24 + 15 columns, the
-        /// 14x14 maps' 224 = 9x24 + 8). Row edges (only where m is not a multiple of 4: a one-channel output) run
-        /// the full tile.
+        /// of 1..7 columns computed 8 wide into the tile (the convolutions round their column counts up to multiples
+        /// of 8 so that this last piece is rare: 7x7's 64 = 2x24 + 16, 14x14's 224 = 9x24 + 8). Row edges (only where
+        /// m is not a multiple of 4: a one-channel output) run the full tile.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
