@@ -111,8 +111,8 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
-        // The implicit weight gradient's two kernels, each forced (the dot-product tiles need AVX-512: below it the
-        // forced setting is ignored and the packed GEMM runs).
+        // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512- or 256-bit, need AVX2:
+        // below it the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
             Conv2d.CpuLowering = ConvLowering.Implicit;
