@@ -59,14 +59,6 @@ internal static unsafe partial class ConvGemm
             var (g, pl, xp, packedp, bp, yp, ep, offp) = state;
             float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
             int* off = (int*)offp;
-            // At AVX2, maps whose wide columns are an eighth or more of the work (14x14 and smaller at 3x3) skip them:
-            // packing runs of Q floats costs more than packing whole rows, less than the wide columns' products once
-            // each packed panel serves 64 or more output channels (docs/perf.md).
-            if (Isa.Avx2 && !Isa.Avx512 && (pl.Wh - g.Q) * 8 >= pl.Wh && g.K >= 64)
-            {
-                ForwardDense(g, pl, x, packed, b, y, e, off, n);
-                return;
-            }
             // The GEMM's columns are rounded up to a multiple of 8 (reading at most 7 floats into the zeroed slack): then
             // no 256-bit kernel ends a row on a partial vector, which would go through a scratch tile and a scalar copy
             // (the 7x7 maps' 63 wide columns become 64; 840, 224 and 216 stay or round up to whole vectors).
@@ -88,31 +80,6 @@ internal static unsafe partial class ConvGemm
             }
             DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide);
         });
-    }
-
-    /// <summary>
-    /// Image n of <see cref="Forward"/> at the AVX2 level without the wide columns: the GEMM packs only the real output
-    /// columns (runs of Q floats of each plane row) and adds onto y, which holds the bias, so neither the wide columns'
-    /// products nor the pass that drops them is paid.
-    /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ForwardDense(ConvShape g, Planes pl, float* x, float* packed, float* b, float* y, float* e, int* off, int n)
-    {
-        long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
-        float* planes = Workspace.Current.Planes(pl.Length);
-        pl.Fill(x + n * xs, planes);
-        float* yn = y + n * ys;
-        int pq = g.Pq;
-        for (int k = 0; k < g.K; k++)
-        {
-            Vector256<float> bk = Vector256.Create(e == null ? b[k] : b[k] + e[(long)n * g.K + k]);
-            float* row = yn + (long)k * pq;
-            int i = 0;
-            for (; i + 8 <= pq; i += 8) Vector256.Store(bk, row + i);
-            for (; i < pq; i++) row[i] = bk.ToScalar();
-        }
-        // y [K, P·Q] += W [K, CRS] · col [CRS, P·Q]
-        Gemm.MultiplyRowRuns(g.K, pq, g.Crs, null, g.Crs, 1, planes, off, g.Q, pl.Wh, yn, pq, accumulate: true, packedA: packed);
     }
 
     /// <summary>

@@ -113,22 +113,6 @@ public static unsafe partial class Gemm
         else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
     }
 
-    /// <summary>
-    /// C[i*ldc + j] (=|+=) sum_p A(i,p)·B(p,j) with B(p,j) = b[rowOffsets[p] + (j / q)·ldq + j % q]: each row of B is
-    /// runs of q contiguous floats, ldq apart. This is the lowered matrix of an implicit-GEMM convolution with the wide
-    /// columns left out (q = the output width, ldq = the padded plane's), so C is the dense output. Shapes as in
-    /// <see cref="MultiplyRowOffsets"/>; b[rowOffsets[p] + (j / q)·ldq + j % q .. + 8) must be readable for every
-    /// column j (the packer copies whole 8-float vectors). AVX2 level only; runs on the calling thread only;
-    /// allocation-free once warm.
-    /// </summary>
-    internal static void MultiplyRowRuns(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* rowOffsets, int q, int ldq,
-        float* c, int ldc, bool accumulate, float* packedA = null)
-    {
-        if (!Isa.Avx2 || Isa.Avx512) throw new InvalidOperationException("MultiplyRowRuns runs at the AVX2 level only");
-        if (Trivial(m, n, k, c, ldc, accumulate)) return;
-        Serial<Avx2Kernel, RowRunsB>(m, n, k, a, aRow, aCol, new RowRunsB(b, rowOffsets, q, ldq), c, ldc, accumulate, packedA);
-    }
-
     /// <summary>Floats that <see cref="PackA"/> writes for an A of [m, k].</summary>
     internal static long PackedALength(int m, int k)
     {
@@ -231,8 +215,7 @@ public static unsafe partial class Gemm
 
         Arena arena = Arena.Current;
         float* ap = packedA != null ? null : arena.Floats(ArenaSlot.GemmA, (long)mcMax * kcMax);
-        // 8 floats of slack: RowRunsB's last vector copy may run past the panel's last row.
-        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax + 8);
+        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax);
         float* tile = stackalloc float[MR * NR];
 
         for (int ic = 0; ic < m; ic += mcMax)

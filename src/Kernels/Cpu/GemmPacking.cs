@@ -317,56 +317,6 @@ public static unsafe partial class Gemm
         }
     }
 
-    /// <summary>
-    /// B(p,j) = b[rowOffsets[p] + (j / q)·ldq + j % q] at the 4x24 kernel: a packed row is the panel's runs of up to q
-    /// floats, each copied in whole 256-bit vectors left to right, so a run's last vector spills past its end into the
-    /// next run's place, which that run then overwrites (the last run's spill lands in the next row, or in the buffer's
-    /// 8-float slack). An edge panel's row is zeroed first with three vector stores.
-    /// </summary>
-    private readonly struct RowRunsB(float* b, int* rowOffsets, int q, int ldq) : IBSource
-    {
-        private readonly float* _b = b;
-        private readonly int* _off = rowOffsets;
-        private readonly int _q = q, _ldq = ldq;
-
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
-        {
-            // The runs of columns j0 .. j0 + nr: offset in a row of B, first column in the panel; at most 24 / q + 2.
-            int* src = stackalloc int[26];
-            int* col = stackalloc int[27];
-            int runs = 0, q = _q;
-            for (int j = 0, y = j0 / q, x = j0 % q; j < nr; y++, x = 0)
-            {
-                src[runs] = y * _ldq + x;
-                col[runs++] = j;
-                j += Math.Min(q - x, nr - j);
-            }
-            col[runs] = nr;
-            int* off = _off + p0;
-            bool edge = nr < 24;
-            for (int p = 0; p < kc; p++)
-            {
-                float* s = _b + off[p];
-                float* d = dst + p * 24;
-                if (edge)
-                {
-                    Vector256.Store(Vector256<float>.Zero, d);
-                    Vector256.Store(Vector256<float>.Zero, d + 8);
-                    Vector256.Store(Vector256<float>.Zero, d + 16);
-                }
-                for (int r = 0; r < runs; r++)
-                {
-                    float* from = s + src[r];
-                    float* to = d + col[r];
-                    int len = col[r + 1] - col[r];
-                    Vector256.Store(Vector256.Load(from), to);
-                    for (int u = 8; u < len; u += 8) Vector256.Store(Vector256.Load(from + u), to + u);
-                }
-            }
-        }
-    }
-
     /// <summary>B(p,j) = b[columnOffsets[j] + p]: register transposes (16x16 at AVX-512, 8x8 at AVX2) of contiguous column runs.</summary>
     private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
     {
