@@ -38,8 +38,11 @@ public sealed unsafe class CpuFastPathTests
         [1, 1, 1], [3, 7, 5], [17, 33, 65], [65, 129, 31], [64, 784, 576], [7, 1, 300], [5, 9, 0],
         // Edges of the 6x8, 6x16 and 4x4 tiles: rows 6k+1, columns 8k+3 / 16k+7.
         [13, 23, 19], [7, 41, 130],
-        // The AVX2 kernel's narrow column edges: 4 columns (one 128-bit vector) and 8 (one 256-bit vector) past 16.
-        [11, 20, 9], [6, 24, 17]);
+        // Narrow column edges: 4 columns (one 128-bit vector) and 8 (one 256-bit vector) past 16.
+        [11, 20, 9], [6, 24, 17],
+        // The 4x24 AVX2 kernel's edges: 16 + 7 columns (m = 9: a 1-row edge too), 2x24 + 15 (the 7x7 maps' wide rows:
+        // 8 straight into C, 7 through the tile), 24 + 16, 24 + 8; k = 20 and 33 leave the 4x8 A transposes a tail.
+        [9, 47, 33], [12, 63, 20], [8, 40, 9], [4, 32, 8], [16, 70, 144]);
 
     [SkippableTheory]
     [MemberData(nameof(GemmCases))]
@@ -108,8 +111,8 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
-        // The implicit weight gradient's two kernels, each forced (the dot-product tiles need AVX-512: below it the
-        // forced setting is ignored and the packed GEMM runs).
+        // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512- or 256-bit, need AVX2:
+        // below it the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
             Conv2d.CpuLowering = ConvLowering.Implicit;

@@ -59,7 +59,10 @@ internal static unsafe partial class ConvGemm
             var (g, pl, xp, packedp, bp, yp, ep, offp) = state;
             float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
             int* off = (int*)offp;
-            int crs = g.Crs, wide = g.P * pl.Wh;
+            // The GEMM's columns are rounded up to a multiple of 8 (reading at most 7 floats into the zeroed slack): then
+            // no 256-bit kernel ends a row on a partial vector, which would go through a scratch tile and a scalar copy
+            // (the 7x7 maps' 63 wide columns become 64; 840, 224 and 216 stay or round up to whole vectors).
+            int crs = g.Crs, wide = (g.P * pl.Wh + 7) & ~7;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             var ws = Workspace.Current;
             float* planes = ws.Planes(pl.Length);
@@ -75,17 +78,18 @@ internal static unsafe partial class ConvGemm
                 for (int k = 0; k < g.K; k++) bn[k] = b[k] + e[(long)n * g.K + k];
                 bias = bn;
             }
-            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false);
+            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide);
         });
     }
 
     /// <summary>
-    /// out[k, y, x] (=|+=) wide[k, y·ldw + x] (+ bias[k]) for x &lt; q: the wide GEMM result [rows, p·ldw] into the
-    /// dense tensor [rows, p, q], the forward's bias added on the way.
+    /// out[k, y, x] (=|+=) wide[k·channelStride + y·ldw + x] (+ bias[k]) for x &lt; q: the wide GEMM result [rows, p·ldw]
+    /// (rows channelStride apart; 0: p·ldw) into the dense tensor [rows, p, q], the forward's bias added on the way.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DropWideColumns(float* wide, int ldw, int rows, int p, int q, float* output, float* bias, bool accumulate)
+    private static void DropWideColumns(float* wide, int ldw, int rows, int p, int q, float* output, float* bias, bool accumulate, long channelStride = 0)
     {
+        if (channelStride == 0) channelStride = (long)p * ldw;
         Vector512<float> tail = TailMask(q & 15);
         int qv = q & ~15;
         for (int k = 0; k < rows; k++)
@@ -94,7 +98,7 @@ internal static unsafe partial class ConvGemm
             Vector512<float> bv = Vector512.Create(bk);
             for (int y = 0; y < p; y++)
             {
-                float* src = wide + ((long)k * p + y) * ldw;
+                float* src = wide + k * channelStride + (long)y * ldw;
                 float* dst = output + ((long)k * p + y) * q;
                 if (Isa.Avx512)
                 {
@@ -223,6 +227,7 @@ internal static unsafe partial class ConvGemm
                     new Span<float>(line + PadW + W, st * Wh + 32 - PadW - W).Clear();
                     float* row0 = planeC + a * st * PlaneSize + (long)i * Wh;
                     if (st == 2 && Isa.Avx512) Deinterleave(line, row0, row0 + PlaneSize, Wh);
+                    else if (st == 2 && Isa.Avx2) Deinterleave256(line, row0, row0 + PlaneSize, Wh);
                     else
                         for (int b = 0; b < st; b++)
                         {
@@ -232,6 +237,27 @@ internal static unsafe partial class ConvGemm
                 }
             }
             new Span<float>(dst + Length - Slack, Slack).Clear();
+        }
+
+        /// <summary>The same at 256 bits: 8 pairs an iteration, the last 0..7 one by one.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Deinterleave256(float* line, float* even, float* odd, int n)
+        {
+            // Within each 128-bit half, evens first: [e0 e1 e2 e3 | o0 o1 o2 o3] after the lane permute.
+            Vector256<int> split = Vector256.Create(0, 2, 4, 6, 1, 3, 5, 7);
+            int j = 0;
+            for (; j + 8 <= n; j += 8)
+            {
+                Vector256<float> lo = Avx2.PermuteVar8x32(Vector256.Load(line + 2 * j), split);
+                Vector256<float> hi = Avx2.PermuteVar8x32(Vector256.Load(line + 2 * j + 8), split);
+                Vector256.Store(Avx.Permute2x128(lo, hi, 0x20), even + j);
+                Vector256.Store(Avx.Permute2x128(lo, hi, 0x31), odd + j);
+            }
+            for (; j < n; j++)
+            {
+                even[j] = line[2 * j];
+                odd[j] = line[2 * j + 1];
+            }
         }
 
         /// <summary>even[j] = line[2j], odd[j] = line[2j + 1] for j &lt; n; line is readable up to 2·n rounded up to 32.</summary>

@@ -55,7 +55,7 @@ internal static unsafe partial class ConvGemm
                 Gemm.PackA(g.C, kk, wts + (long)g.C * used, kk, 1, packed + packedUsed);
                 packedUsed += Gemm.PackedALength(g.C, kk);
                 used += kk;
-                wideMax = Math.Max(wideMax, (long)ph.Rows * pl.Wh);
+                wideMax = Math.Max(wideMax, ((long)ph.Rows * pl.Wh + 7) & ~7L);
                 phases[count++] = ph;
             }
         }
@@ -82,10 +82,11 @@ internal static unsafe partial class ConvGemm
             for (int i = 0; i < count; i++)
             {
                 Phase ph = phases[i];
-                int kk = g.K * ph.Taps, wide = ph.Rows * pl.Wh;
+                // Columns rounded up to whole 8-float vectors, as in the forward pass (ConvGemm.Forward).
+                int kk = g.K * ph.Taps, wide = (ph.Rows * pl.Wh + 7) & ~7;
                 // dxwide [C, rows·Wh] = W_ab [C, K·taps] · col(dy) [K·taps, rows·Wh]
                 Gemm.MultiplyRowOffsets(g.C, wide, kk, null, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false, packedA: packed + ph.Packed);
-                ph.Scatter(g, dxw, pl.Wh, dx + n * xs, accumulate: !write);
+                ph.Scatter(g, dxw, pl.Wh, wide, dx + n * xs, accumulate: !write);
             }
         });
     }
@@ -175,15 +176,15 @@ internal static unsafe partial class ConvGemm
             }
         }
 
-        /// <summary>dx[c, st·u + A - pad, st·v + B - pad] += wide[c, (u - ULo)·ldw + v - VLo] over this phase's outputs
-        /// (= instead of += for the single phase of stride 1 when not accumulating).</summary>
+        /// <summary>dx[c, st·u + A - pad, st·v + B - pad] += wide[c·channelStride + (u - ULo)·ldw + v - VLo] over this
+        /// phase's outputs (= instead of += for the single phase of stride 1 when not accumulating).</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public readonly void Scatter(ConvShape g, float* wide, int ldw, float* dx, bool accumulate)
+        public readonly void Scatter(ConvShape g, float* wide, int ldw, int channelStride, float* dx, bool accumulate)
         {
             int st = g.Stride, h0 = st * ULo + A - g.Pad, w0 = st * VLo + B - g.Pad;
             if (st == 1)
             {
-                DropWideColumns(wide, ldw, g.C, g.H, g.W, dx, null, accumulate);
+                DropWideColumns(wide, ldw, g.C, g.H, g.W, dx, null, accumulate, channelStride);
                 return;
             }
             if (!accumulate) throw new InvalidOperationException("strided phases add onto a cleared image");
@@ -191,7 +192,7 @@ internal static unsafe partial class ConvGemm
             {
                 for (int i = 0; i < Rows; i++)
                 {
-                    float* src = wide + ((long)c * Rows + i) * ldw;
+                    float* src = wide + (long)c * channelStride + (long)i * ldw;
                     float* dst = dx + ((long)c * g.H + h0 + st * i) * g.W + w0;
                     for (int j = 0; j < Cols; j++) dst[st * j] += src[j];
                 }

@@ -12,7 +12,7 @@ internal static unsafe partial class ConvGemm
 {
     /// <summary>
     /// Which weight-gradient kernel runs: null picks by shape (<see cref="UsesDotWeightGradient"/>), true forces the
-    /// dot-product tiles (where AVX-512 is), false the packed GEMM. Per thread, for tests and benchmarks.
+    /// dot-product tiles (at the AVX2 and AVX-512 levels), false the packed GEMM. Per thread, for tests and benchmarks.
     /// </summary>
     [ThreadStatic] internal static bool? t_dotWeightGradient;
 
@@ -24,7 +24,7 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     internal static bool UsesDotWeightGradient(ConvShape g)
     {
-        if (!Isa.Avx512) return false;
+        if (!Isa.Avx2) return false;
         if (t_dotWeightGradient is { } forced) return forced;
         long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
         return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);
@@ -32,7 +32,8 @@ internal static unsafe partial class ConvGemm
 
     // Thresholds from measurement against the packed GEMM (docs/perf.md): with up to 32 output channels the dot tiles
     // win or tie at every size; with 64 they win on large images (28x28, J = 840) and lose below; from 128 the GEMM
-    // wins. Small images go through the tiles in groups of about DotMinJ positions.
+    // wins. Small images go through the tiles in groups of about DotMinJ positions. The 256-bit tiles were checked
+    // against the AVX2 GEMM on the K <= 64 shapes these pick, and win there too.
     private const int DotSmallK = 32, DotMaxK = 64, DotMinJ = 400;
 
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ, one private partial sum per worker, summed at the end.</summary>
@@ -121,7 +122,8 @@ internal static unsafe partial class ConvGemm
             {
                 int count = Math.Min(group, last - n0);
                 StageGroup(g, pl, x, dy, n0, count, planes, dyw, imageStride: dyLen, channelStride: ldd);
-                DotTiles(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
+                if (Isa.Avx512) DotTiles(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
+                else DotTiles256(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
             }
         });
         var dst = new Span<float>(dw, wlen);
@@ -182,14 +184,65 @@ internal static unsafe partial class ConvGemm
         }
     }
 
+    /// <summary>
+    /// <see cref="DotTiles"/> at 256 bits: tiles of 2 output channels x 6 lowered rows (12 ymm accumulators + 2 dy
+    /// vectors + 1 lowered-row vector = 15 of the 16 registers), 8 positions a step. Same contract; k runs in pairs
+    /// inside the caller's multiple of 4.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotTiles256(int kk, int crs, int ldd, float* dyw, long dyStride, float* planes, long planeStride, int images, int* off, float* acc)
+    {
+        for (int k0 = 0; k0 < kk; k0 += 2)
+        {
+            for (int p0 = 0; p0 < crs; p0 += 6)
+            {
+                Vector256<float> a00 = default, a01 = default, a02 = default, a03 = default, a04 = default, a05 = default;
+                Vector256<float> a10 = default, a11 = default, a12 = default, a13 = default, a14 = default, a15 = default;
+                for (int i = 0; i < images; i++)
+                {
+                    float* d0 = dyw + i * dyStride + (long)k0 * ldd, d1 = d0 + ldd;
+                    float* pi = planes + i * planeStride;
+                    float* c0 = pi + off[p0], c1 = pi + off[p0 + 1], c2 = pi + off[p0 + 2];
+                    float* c3 = pi + off[p0 + 3], c4 = pi + off[p0 + 4], c5 = pi + off[p0 + 5];
+                    for (int j = 0; j < ldd; j += 8)
+                    {
+                        Vector256<float> y0 = Vector256.Load(d0 + j), y1 = Vector256.Load(d1 + j);
+                        Vector256<float> v = Vector256.Load(c0 + j);
+                        a00 = Fma.MultiplyAdd(y0, v, a00); a10 = Fma.MultiplyAdd(y1, v, a10);
+                        v = Vector256.Load(c1 + j);
+                        a01 = Fma.MultiplyAdd(y0, v, a01); a11 = Fma.MultiplyAdd(y1, v, a11);
+                        v = Vector256.Load(c2 + j);
+                        a02 = Fma.MultiplyAdd(y0, v, a02); a12 = Fma.MultiplyAdd(y1, v, a12);
+                        v = Vector256.Load(c3 + j);
+                        a03 = Fma.MultiplyAdd(y0, v, a03); a13 = Fma.MultiplyAdd(y1, v, a13);
+                        v = Vector256.Load(c4 + j);
+                        a04 = Fma.MultiplyAdd(y0, v, a04); a14 = Fma.MultiplyAdd(y1, v, a14);
+                        v = Vector256.Load(c5 + j);
+                        a05 = Fma.MultiplyAdd(y0, v, a05); a15 = Fma.MultiplyAdd(y1, v, a15);
+                    }
+                }
+                int np = Math.Min(6, crs - p0);
+                StoreSums(acc + (long)k0 * crs + p0, np, a00, a01, a02, a03, a04, a05);
+                if (k0 + 1 < kk) StoreSums(acc + (long)(k0 + 1) * crs + p0, np, a10, a11, a12, a13, a14, a15);
+            }
+        }
+    }
+
     /// <summary>dst[i] += the lane sum of the i-th vector, for i &lt; count (≤ 6).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreSums(float* dst, int count, Vector512<float> v0, Vector512<float> v1, Vector512<float> v2,
         Vector512<float> v3, Vector512<float> v4, Vector512<float> v5)
     {
-        // Pairwise halving: 512 -> 256 -> 128 bits for all six at once, then the last four lanes each.
-        Vector256<float> h0 = v0.GetLower() + v0.GetUpper(), h1 = v1.GetLower() + v1.GetUpper(), h2 = v2.GetLower() + v2.GetUpper();
-        Vector256<float> h3 = v3.GetLower() + v3.GetUpper(), h4 = v4.GetLower() + v4.GetUpper(), h5 = v5.GetLower() + v5.GetUpper();
+        // Pairwise halving: 512 -> 256 bits for all six at once, then as at 256 bits.
+        StoreSums(dst, count, v0.GetLower() + v0.GetUpper(), v1.GetLower() + v1.GetUpper(), v2.GetLower() + v2.GetUpper(),
+            v3.GetLower() + v3.GetUpper(), v4.GetLower() + v4.GetUpper(), v5.GetLower() + v5.GetUpper());
+    }
+
+    /// <summary>dst[i] += the lane sum of the i-th vector, for i &lt; count (≤ 6).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreSums(float* dst, int count, Vector256<float> h0, Vector256<float> h1, Vector256<float> h2,
+        Vector256<float> h3, Vector256<float> h4, Vector256<float> h5)
+    {
         // hadd pairs: [h0, h1] -> lanes (h0 sums, h1 sums) per 128-bit half
         Vector256<float> s01 = Avx.HorizontalAdd(h0, h1), s23 = Avx.HorizontalAdd(h2, h3), s45 = Avx.HorizontalAdd(h4, h5);
         Vector256<float> s0123 = Avx.HorizontalAdd(s01, s23), s45x = Avx.HorizontalAdd(s45, s45);

@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace Ddpm.Kernels;
 
@@ -31,7 +32,9 @@ internal static class FastMath
         p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P4));
         p = Vector256.FusedMultiplyAdd(p, r, Vector256.Create(P5));
         p = Vector256.FusedMultiplyAdd(p, r * r, r + Vector256<float>.One);
-        Vector256<int> bits = (Vector256.ConvertToInt32(n) + Vector256.Create(127)) << 23;
+        // n is a whole number in [-126, 128] after the clamp: the plain truncating conversion is exact, where
+        // Vector256.ConvertToInt32 adds a compare and a blend per vector for its saturation of out-of-range lanes.
+        Vector256<int> bits = (Avx.ConvertToVector256Int32WithTruncation(n) + Vector256.Create(127)) << 23;
         return p * bits.AsSingle();
     }
 

@@ -8,7 +8,12 @@
 //     48 fits the image widths: n = 576, 1152, 2304 are exact, 784 = 16x48 + 16, 196 = 4x48 + 4, 49 = 48 + 1. Column
 //     edges are split over 8x32 / 8x16 / 8x4 / 8x1 kernels instead of computing a zero-padded 8x48 tile, which would
 //     waste most of a thin edge's work.
-//   * AVX2 fallback: 6 x 16 with ymm (12 accumulators + 2 B + 1 broadcast = 15 of 16 registers), the classic choice.
+//   * AVX2: MR x NR = 4 x 24 with ymm (12 accumulators + 3 B + 1 broadcast = all 16 registers); each k step issues
+//     3 vector loads + 4 broadcasts for 12 FMAs. The classic 6 x 16 has the same 12 accumulators but 6 never divides
+//     the channel counts (16..256), so every product had a row edge: 12.5% wasted work at 16 and 32 channels, and a
+//     tile computed into scratch and copied. 4 divides them all, and 24 fits the wide image rows: 28x28's 840 is exact,
+//     14x14's 224 = 9x24 + 8, 7x7's 63 rounded up to 64 = 2x24 + 16 by the convolutions (edges in 16- and 8-wide
+//     pieces, see RunEdge).
 //   * 128-bit (ARM64 NEON, x86 without AVX2): 6 x 8 on the cross-platform Vector128 API, 12 accumulators + 2 B + 1
 //     broadcast = 15 of the 16 registers SSE has (ARM64 has 32, so it fits there with room). MultiplyAddEstimate is
 //     a fused multiply-add where the processor has one (NEON fmla, FMA3) and a multiply and an add where it does not:
@@ -325,15 +330,43 @@ public static unsafe partial class Gemm
 
     private struct Avx2Kernel : IMicroKernel
     {
-        public static int MR => 6;
-        public static int NR => 16;
+        public static int MR => 4;
+        public static int NR => 24;
         public static string Name => nameof(Avx2Kernel);
 
+        /// <summary>The 4x24 kernel: 12 ymm accumulators + 3 B vectors + 1 broadcast = all 16 registers.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
         {
-            Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
-            Vector256<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
+            Vector256<float> c00 = default, c01 = default, c02 = default, c10 = default, c11 = default, c12 = default;
+            Vector256<float> c20 = default, c21 = default, c22 = default, c30 = default, c31 = default, c32 = default;
+            for (; kc > 0; kc--)
+            {
+                Vector256<float> b0 = Vector256.Load(b), b1 = Vector256.Load(b + 8), b2 = Vector256.Load(b + 16);
+                Vector256<float> a0 = Vector256.Create(a[0]);
+                c00 = Fma.MultiplyAdd(a0, b0, c00); c01 = Fma.MultiplyAdd(a0, b1, c01); c02 = Fma.MultiplyAdd(a0, b2, c02);
+                Vector256<float> a1 = Vector256.Create(a[1]);
+                c10 = Fma.MultiplyAdd(a1, b0, c10); c11 = Fma.MultiplyAdd(a1, b1, c11); c12 = Fma.MultiplyAdd(a1, b2, c12);
+                Vector256<float> a2 = Vector256.Create(a[2]);
+                c20 = Fma.MultiplyAdd(a2, b0, c20); c21 = Fma.MultiplyAdd(a2, b1, c21); c22 = Fma.MultiplyAdd(a2, b2, c22);
+                Vector256<float> a3 = Vector256.Create(a[3]);
+                c30 = Fma.MultiplyAdd(a3, b0, c30); c31 = Fma.MultiplyAdd(a3, b1, c31); c32 = Fma.MultiplyAdd(a3, b2, c32);
+                a += 4;
+                b += ldb;
+            }
+            StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
+            StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
+            StoreRow3(c20, c21, c22, c, accumulate); c += ldc;
+            StoreRow3(c30, c31, c32, c, accumulate);
+        }
+
+        /// <summary>4x16: the first 16 columns of a 24-wide packed panel, straight into C (8 accumulators: enough
+        /// independent FMA chains to cover the FMA latency on two pipes).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run16(int kc, float* a, float* b, float* c, int ldc, bool accumulate)
+        {
+            Vector256<float> c00 = default, c01 = default, c10 = default, c11 = default;
+            Vector256<float> c20 = default, c21 = default, c30 = default, c31 = default;
             for (; kc > 0; kc--)
             {
                 Vector256<float> b0 = Vector256.Load(b), b1 = Vector256.Load(b + 8);
@@ -345,23 +378,66 @@ public static unsafe partial class Gemm
                 c20 = Fma.MultiplyAdd(a2, b0, c20); c21 = Fma.MultiplyAdd(a2, b1, c21);
                 Vector256<float> a3 = Vector256.Create(a[3]);
                 c30 = Fma.MultiplyAdd(a3, b0, c30); c31 = Fma.MultiplyAdd(a3, b1, c31);
-                Vector256<float> a4 = Vector256.Create(a[4]);
-                c40 = Fma.MultiplyAdd(a4, b0, c40); c41 = Fma.MultiplyAdd(a4, b1, c41);
-                Vector256<float> a5 = Vector256.Create(a[5]);
-                c50 = Fma.MultiplyAdd(a5, b0, c50); c51 = Fma.MultiplyAdd(a5, b1, c51);
-                a += 6;
-                b += ldb;
+                a += 4;
+                b += 24;
             }
-            StoreRow(c00, c01, c, accumulate); c += ldc;
-            StoreRow(c10, c11, c, accumulate); c += ldc;
-            StoreRow(c20, c21, c, accumulate); c += ldc;
-            StoreRow(c30, c31, c, accumulate); c += ldc;
-            StoreRow(c40, c41, c, accumulate); c += ldc;
-            StoreRow(c50, c51, c, accumulate);
+            StoreRow2(c00, c01, c, accumulate); c += ldc;
+            StoreRow2(c10, c11, c, accumulate); c += ldc;
+            StoreRow2(c20, c21, c, accumulate); c += ldc;
+            StoreRow2(c30, c31, c, accumulate);
+        }
+
+        /// <summary>4x8: the first 8 columns of a 24-wide packed panel into c (ld ldc). Two k steps per iteration give
+        /// 8 independent FMA chains instead of 4.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void Run8(int kc, float* a, float* b, float* c, int ldc, bool accumulate)
+        {
+            Vector256<float> x0 = default, x1 = default, x2 = default, x3 = default;
+            Vector256<float> y0 = default, y1 = default, y2 = default, y3 = default;
+            for (; kc >= 2; kc -= 2)
+            {
+                Vector256<float> b0 = Vector256.Load(b), b1 = Vector256.Load(b + 24);
+                x0 = Fma.MultiplyAdd(Vector256.Create(a[0]), b0, x0);
+                x1 = Fma.MultiplyAdd(Vector256.Create(a[1]), b0, x1);
+                x2 = Fma.MultiplyAdd(Vector256.Create(a[2]), b0, x2);
+                x3 = Fma.MultiplyAdd(Vector256.Create(a[3]), b0, x3);
+                y0 = Fma.MultiplyAdd(Vector256.Create(a[4]), b1, y0);
+                y1 = Fma.MultiplyAdd(Vector256.Create(a[5]), b1, y1);
+                y2 = Fma.MultiplyAdd(Vector256.Create(a[6]), b1, y2);
+                y3 = Fma.MultiplyAdd(Vector256.Create(a[7]), b1, y3);
+                a += 8;
+                b += 48;
+            }
+            if (kc > 0)
+            {
+                Vector256<float> b0 = Vector256.Load(b);
+                x0 = Fma.MultiplyAdd(Vector256.Create(a[0]), b0, x0);
+                x1 = Fma.MultiplyAdd(Vector256.Create(a[1]), b0, x1);
+                x2 = Fma.MultiplyAdd(Vector256.Create(a[2]), b0, x2);
+                x3 = Fma.MultiplyAdd(Vector256.Create(a[3]), b0, x3);
+            }
+            StoreRow1(x0 + y0, c, accumulate); c += ldc;
+            StoreRow1(x1 + y1, c, accumulate); c += ldc;
+            StoreRow1(x2 + y2, c, accumulate); c += ldc;
+            StoreRow1(x3 + y3, c, accumulate);
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void StoreRow(Vector256<float> x0, Vector256<float> x1, float* c, bool accumulate)
+        private static void StoreRow3(Vector256<float> x0, Vector256<float> x1, Vector256<float> x2, float* c, bool accumulate)
+        {
+            if (accumulate)
+            {
+                x0 += Vector256.Load(c);
+                x1 += Vector256.Load(c + 8);
+                x2 += Vector256.Load(c + 16);
+            }
+            Vector256.Store(x0, c);
+            Vector256.Store(x1, c + 8);
+            Vector256.Store(x2, c + 16);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow2(Vector256<float> x0, Vector256<float> x1, float* c, bool accumulate)
         {
             if (accumulate)
             {
@@ -372,69 +448,44 @@ public static unsafe partial class Gemm
             Vector256.Store(x1, c + 8);
         }
 
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void StoreRow1(Vector256<float> x0, float* c, bool accumulate)
+        {
+            if (accumulate) x0 += Vector256.Load(c);
+            Vector256.Store(x0, c);
+        }
+
         /// <summary>
-        /// A column edge computes only the vectors it needs: up to 4 columns one 128-bit vector a row,
-        /// up to 8 one 256-bit vector, else the full 6x16 (the 7x7 maps' 49 positions leave a
-        /// 1-column edge, the 14x14 maps' 196 a 4-column one: a full tile there cost 16 columns' work).
+        /// Column edges with all 4 rows are split into 16- and 8-wide pieces written straight into C, and a last piece
+        /// of 1..7 columns computed 8 wide into the tile (the convolutions round their column counts up to multiples
+        /// of 8 so that this last piece is rare: 7x7's 64 = 2x24 + 16, 14x14's 224 = 9x24 + 8). Row edges (only where
+        /// m is not a multiple of 4: a one-channel output) run the full tile.
         /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
-            if (nr <= 4)
+            if (mr < 4)
             {
-                Run4(kc, a, b, tile);
-                CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
+                Run(kc, a, b, 24, tile, 24, false);
+                CopyTile(tile, 24, mr, nr, c, ldc, accumulate);
                 return;
             }
-            if (nr <= 8)
+            int j = 0;
+            if (nr >= 16)
             {
-                Run8(kc, a, b, tile);
-                CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
-                return;
+                Run16(kc, a, b, c, ldc, accumulate);
+                j = 16;
             }
-            Run(kc, a, b, 16, tile, 16, false);
-            CopyTile(tile, 16, mr, nr, c, ldc, accumulate);
-        }
-
-        /// <summary>6x8: the first 8 columns of a 16-wide packed panel into tile (ld 16).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void Run8(int kc, float* a, float* b, float* tile)
-        {
-            Vector256<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default;
-            for (; kc > 0; kc--)
+            if (nr - j >= 8)
             {
-                Vector256<float> b0 = Vector256.Load(b);
-                c0 = Fma.MultiplyAdd(Vector256.Create(a[0]), b0, c0);
-                c1 = Fma.MultiplyAdd(Vector256.Create(a[1]), b0, c1);
-                c2 = Fma.MultiplyAdd(Vector256.Create(a[2]), b0, c2);
-                c3 = Fma.MultiplyAdd(Vector256.Create(a[3]), b0, c3);
-                c4 = Fma.MultiplyAdd(Vector256.Create(a[4]), b0, c4);
-                c5 = Fma.MultiplyAdd(Vector256.Create(a[5]), b0, c5);
-                a += 6;
-                b += 16;
+                Run8(kc, a, b + j, c + j, ldc, accumulate);
+                j += 8;
             }
-            Vector256.Store(c0, tile); Vector256.Store(c1, tile + 16); Vector256.Store(c2, tile + 32);
-            Vector256.Store(c3, tile + 48); Vector256.Store(c4, tile + 64); Vector256.Store(c5, tile + 80);
-        }
-
-        /// <summary>6x4: the first 4 columns of a 16-wide packed panel into tile (ld 16).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void Run4(int kc, float* a, float* b, float* tile)
-        {
-            Vector128<float> c0 = default, c1 = default, c2 = default, c3 = default, c4 = default, c5 = default;
-            for (; kc > 0; kc--)
+            if (j < nr)
             {
-                Vector128<float> b0 = Vector128.Load(b);
-                c0 = Fma.MultiplyAdd(Vector128.Create(a[0]), b0, c0);
-                c1 = Fma.MultiplyAdd(Vector128.Create(a[1]), b0, c1);
-                c2 = Fma.MultiplyAdd(Vector128.Create(a[2]), b0, c2);
-                c3 = Fma.MultiplyAdd(Vector128.Create(a[3]), b0, c3);
-                c4 = Fma.MultiplyAdd(Vector128.Create(a[4]), b0, c4);
-                c5 = Fma.MultiplyAdd(Vector128.Create(a[5]), b0, c5);
-                a += 6;
-                b += 16;
+                Run8(kc, a, b + j, tile, 24, false);
+                CopyTile(tile, 24, 4, nr - j, c + j, ldc, accumulate);
             }
-            Vector128.Store(c0, tile); Vector128.Store(c1, tile + 16); Vector128.Store(c2, tile + 32);
-            Vector128.Store(c3, tile + 48); Vector128.Store(c4, tile + 64); Vector128.Store(c5, tile + 80);
         }
     }
 

@@ -1,6 +1,6 @@
 // Packing for the managed CPU backend's GEMM (the driver and its overview: Gemm.cs): A blocks into MR-row panels,
 // B micro-panels from their sources (strided matrices, and the row- or column-offset views of a padded image that
-// the implicit-GEMM convolution multiplies), the AVX-512 (16x16, 8x16) and AVX2 (8x8) register transposes the packers use.
+// the implicit-GEMM convolution multiplies), the AVX-512 (16x16, 8x16) and AVX2 (8x8, 4x8) register transposes the packers use.
 //
 // The packed panels live in the calling thread's Arena (slots GemmA, GemmB: 64-byte aligned, so packed B rows are whole
 // cache lines and the kernel's zmm loads never split lines), so concurrent calls from many threads with parallel=false
@@ -44,24 +44,25 @@ public static unsafe partial class Gemm
                 // Column-major A (W^T): each panel column is already 8 contiguous floats.
                 for (int p = 0; p < kc; p++) Vector256.Store(Vector256.Load(s0 + (long)p * aCol), d + p * 8);
             }
-            else if (MR == 6 && mr == 6 && aCol == 1 && Isa.Avx2)
+            else if (MR == 4 && mr == 4 && aCol == 1 && Isa.Avx2)
             {
-                // Row-major A at the 6x16 kernel: 8x8 transposes with two zero rows. Each 8-float column store spills
-                // two zeros into the next column, which the next store overwrites (the transpose stores in column
-                // order), so the vector loop stops while a column is still to come after its block.
+                // Row-major A at the 4x24 kernel: the panel is a transpose; do it 4x8 at a time in registers.
                 int p0 = 0;
-                for (; p0 + 8 < kc; p0 += 8)
+                for (; p0 + 8 <= kc; p0 += 8)
                 {
                     float* s = s0 + p0;
-                    Transpose8x8(Vector256.Load(s), Vector256.Load(s + aRow), Vector256.Load(s + 2L * aRow),
-                        Vector256.Load(s + 3L * aRow), Vector256.Load(s + 4L * aRow), Vector256.Load(s + 5L * aRow),
-                        Vector256<float>.Zero, Vector256<float>.Zero, d + p0 * 6, 6);
+                    Transpose4x8(Vector256.Load(s), Vector256.Load(s + aRow), Vector256.Load(s + 2L * aRow), Vector256.Load(s + 3L * aRow), d + p0 * 4);
                 }
-                for (int r = 0; r < 6; r++)
+                for (int r = 0; r < 4; r++)
                 {
                     float* s = s0 + (long)r * aRow;
-                    for (int p = p0; p < kc; p++) d[p * 6 + r] = s[p];
+                    for (int p = p0; p < kc; p++) d[p * 4 + r] = s[p];
                 }
+            }
+            else if (MR == 4 && mr == 4 && aRow == 1 && Isa.Avx2)
+            {
+                // Column-major A (W^T) at the 4x24 kernel: each panel column is already 4 contiguous floats.
+                for (int p = 0; p < kc; p++) Vector128.Store(Vector128.Load(s0 + (long)p * aCol), d + p * 4);
             }
             else if (aCol == 1)
             {
@@ -165,7 +166,7 @@ public static unsafe partial class Gemm
         }
         else if (bCol == 1 && NR % 4 == 0 && Isa.V128)
         {
-            // 128-bit rows (the 6x8 kernel, and edge panels of the 6x16 one).
+            // 128-bit rows (the 6x8 kernel).
             int nv = nr & ~3;
             for (int p = 0; p < kc; p++)
             {
@@ -261,17 +262,33 @@ public static unsafe partial class Gemm
                 }
                 return;
             }
-            if (NR % 8 == 0 && Isa.Avx2)
+            if (NR == 24 && Isa.Avx2)
             {
-                int nv = nr & ~7;
+                if (nr == 24)
+                {
+                    for (int p = 0; p < kc; p++)
+                    {
+                        float* s = b + off[p];
+                        float* d = dst + p * 24;
+                        Vector256.Store(Vector256.Load(s), d);
+                        Vector256.Store(Vector256.Load(s + 8), d + 8);
+                        Vector256.Store(Vector256.Load(s + 16), d + 16);
+                    }
+                    return;
+                }
+                // Edge panel (the 7x7 maps leave 15 columns of 24): masked loads read nothing past column nr - 1 and
+                // fill the rest with zeros, where a scalar tail would cost a load and a store per float.
+                Vector256<int> lane = Vector256<int>.Indices, width = Vector256.Create(nr);
+                Vector256<float> m0 = Vector256.LessThan(lane, width).AsSingle();
+                Vector256<float> m1 = Vector256.LessThan(lane + Vector256.Create(8), width).AsSingle();
+                Vector256<float> m2 = Vector256.LessThan(lane + Vector256.Create(16), width).AsSingle();
                 for (int p = 0; p < kc; p++)
                 {
                     float* s = b + off[p];
-                    float* d = dst + p * NR;
-                    int j = 0;
-                    for (; j < nv; j += 8) Vector256.Store(Vector256.Load(s + j), d + j);
-                    for (; j < nr; j++) d[j] = s[j];
-                    for (; j < NR; j++) d[j] = 0f;
+                    float* d = dst + p * 24;
+                    Vector256.Store(Avx.MaskLoad(s, m0), d);
+                    Vector256.Store(Avx.MaskLoad(s + 8, m1), d + 8);
+                    Vector256.Store(Avx.MaskLoad(s + 16, m2), d + 16);
                 }
                 return;
             }
@@ -475,8 +492,20 @@ public static unsafe partial class Gemm
         Transpose8x8(r0, r1, r2, r3, r4, r5, r6, r7, dst, ldd);
     }
 
-    /// <summary>Stores the transpose of the 8x8 block whose rows are r0..r7: dst[q*ldd + r] = r(r)[q], column 0 first
-    /// (PackA's 6-row panels rely on that order: there ldd = 6 and each store overlaps the previous one).</summary>
+    /// <summary>dst[q*4 + r] = r(r)[q] for r &lt; 4, q &lt; 8: one 8-step slice of a 4-row A panel (32 contiguous floats).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Transpose4x8(Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3, float* dst)
+    {
+        Vector256<float> t0 = Avx.UnpackLow(r0, r1), t1 = Avx.UnpackHigh(r0, r1), t2 = Avx.UnpackLow(r2, r3), t3 = Avx.UnpackHigh(r2, r3);
+        // Half h of u(q) is column 4h+q (rows 0..3).
+        Vector256<float> u0 = Avx.Shuffle(t0, t2, 0x44), u1 = Avx.Shuffle(t0, t2, 0xEE), u2 = Avx.Shuffle(t1, t3, 0x44), u3 = Avx.Shuffle(t1, t3, 0xEE);
+        Vector256.Store(Avx.Permute2x128(u0, u1, 0x20), dst);
+        Vector256.Store(Avx.Permute2x128(u2, u3, 0x20), dst + 8);
+        Vector256.Store(Avx.Permute2x128(u0, u1, 0x31), dst + 16);
+        Vector256.Store(Avx.Permute2x128(u2, u3, 0x31), dst + 24);
+    }
+
+    /// <summary>Stores the transpose of the 8x8 block whose rows are r0..r7: dst[q*ldd + r] = r(r)[q].</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Transpose8x8(Vector256<float> r0, Vector256<float> r1, Vector256<float> r2, Vector256<float> r3,
         Vector256<float> r4, Vector256<float> r5, Vector256<float> r6, Vector256<float> r7, float* dst, int ldd)

@@ -117,6 +117,13 @@ internal static class Simd
                 Vector256<float> v = Vector256.Load(src + x);
                 Vector256.Store(accumulate ? v + Vector256.Load(dst + x) : v + bv, dst + x);
             }
+            // Image rows are 7, 14 or 28 floats: a 4-float step leaves at most 3 to the scalar tail.
+            if (x <= n - 4)
+            {
+                Vector128<float> v = Vector128.Load(src + x);
+                Vector128.Store(accumulate ? v + Vector128.Load(dst + x) : v + bv.GetLower(), dst + x);
+                x += 4;
+            }
         }
         else if (Isa.V128)
         {
