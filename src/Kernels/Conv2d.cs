@@ -148,11 +148,12 @@ public static unsafe class Conv2d
         }
         else
         {
-            ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias));
+            ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias), residual is null ? null : Ptr(residual));
+            return;
         }
         if (residual is not null)
         {
-            // The CPU backend and the simple twin add it in a second pass over y (the cost of the separate add it replaces).
+            // The simple twin adds it in a second pass over y (the cost of the separate add it replaces).
             Elementwise.Add(y, residual, y);
         }
     }
@@ -316,20 +317,21 @@ public static unsafe class Conv2d
 
     // ---------------- CPU fast: im2col + packed GEMM ----------------
 
-    /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b (+ e[n] when e is not null), the lowering
-    /// col implicit or explicit (im2col) as <see cref="CpuLowering"/> chooses.</summary>
-    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y, float* e = null)
+    /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b (+ e[n] when e is not null) (+ r[n] when r is
+    /// not null: a residual shaped as y, added while the image's output is still in cache), the lowering col implicit
+    /// or explicit (im2col) as <see cref="CpuLowering"/> chooses.</summary>
+    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null)
     {
         if (UseImplicit(g, Pass.Forward))
         {
-            ConvGemm.Forward(g, x, w, b, y, e);
+            ConvGemm.Forward(g, x, w, b, y, e, r);
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
-        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)x, (nint)w, (nint)b, (nint)y, (nint)e, imagesInParallel), static (state, item) =>
+        Cpu.Items(imagesInParallel ? g.N : 1, (g, (nint)x, (nint)w, (nint)b, (nint)y, (nint)e, (nint)r, imagesInParallel), static (state, item) =>
         {
-            var (g, xp, wp, bp, yp, ep, imagesInParallel) = state;
-            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
+            var (g, xp, wp, bp, yp, ep, rp, imagesInParallel) = state;
+            float* x = (float*)xp, w = (float*)wp, b = (float*)bp, y = (float*)yp, e = (float*)ep, r = (float*)rp;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             int first = imagesInParallel ? item : 0, last = imagesInParallel ? item + 1 : g.N;
             for (int n = first; n < last; n++)
@@ -344,6 +346,10 @@ public static unsafe class Conv2d
                 for (int k = 0; k < g.K; k++)
                 {
                     Simd.AddScalar(new Span<float>(yn + (long)k * g.Pq, g.Pq), e == null ? b[k] : b[k] + e[(long)n * g.K + k]);
+                }
+                if (r != null)
+                {
+                    Simd.AddInPlace(new Span<float>(yn, (int)ys), new ReadOnlySpan<float>(r + n * ys, (int)ys));
                 }
             }
         });

@@ -42,9 +42,9 @@ namespace Ddpm.Kernels;
 /// <summary>Implicit-GEMM convolution: the GEMM packs its operands straight from a padded copy of each image.</summary>
 internal static unsafe partial class ConvGemm
 {
-    /// <summary>y[n] = W·col(x[n]) + b (+ e[n, k] per output channel when e is not null) for every image, images spread
-    /// over the cores.</summary>
-    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null)
+    /// <summary>y[n] = W·col(x[n]) + b (+ e[n, k] per output channel when e is not null) (+ r[n] when r is not null: a
+    /// residual shaped as y) for every image, images spread over the cores.</summary>
+    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null)
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
         int crs = g.Crs;
@@ -54,10 +54,10 @@ internal static unsafe partial class ConvGemm
         // The weights are every image's A: packed once here instead of once per image.
         float* packed = caller.PackedA(Gemm.PackedALength(g.K, crs));
         Gemm.PackA(g.K, crs, w, crs, 1, packed);
-        Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off), static (state, n) =>
+        Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off, (nint)r), static (state, n) =>
         {
-            var (g, pl, xp, packedp, bp, yp, ep, offp) = state;
-            float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep;
+            var (g, pl, xp, packedp, bp, yp, ep, offp, rp) = state;
+            float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep, r = (float*)rp;
             int* off = (int*)offp;
             // The GEMM's columns are rounded up to a multiple of 8 (reading at most 7 floats into the zeroed slack): then
             // no 256-bit kernel ends a row on a partial vector, which would go through a scratch tile and a scalar copy
@@ -78,16 +78,18 @@ internal static unsafe partial class ConvGemm
                 for (int k = 0; k < g.K; k++) bn[k] = b[k] + e[(long)n * g.K + k];
                 bias = bn;
             }
-            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide);
+            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide, residual: r == null ? null : r + n * ys);
         });
     }
 
     /// <summary>
     /// out[k, y, x] (=|+=) wide[k·channelStride + y·ldw + x] (+ bias[k]) for x &lt; q: the wide GEMM result [rows, p·ldw]
-    /// (rows channelStride apart; 0: p·ldw) into the dense tensor [rows, p, q], the forward's bias added on the way.
+    /// (rows channelStride apart; 0: p·ldw) into the dense tensor [rows, p, q], the forward's bias added on the way, and
+    /// a residual shaped as the output (when not null) added to each channel while it is in cache.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void DropWideColumns(float* wide, int ldw, int rows, int p, int q, float* output, float* bias, bool accumulate, long channelStride = 0)
+    private static void DropWideColumns(float* wide, int ldw, int rows, int p, int q, float* output, float* bias, bool accumulate, long channelStride = 0,
+        float* residual = null)
     {
         if (channelStride == 0) channelStride = (long)p * ldw;
         Vector512<float> tail = TailMask(q & 15);
@@ -119,6 +121,12 @@ internal static unsafe partial class ConvGemm
                 {
                     Simd.AddRow(src, dst, q, bk, accumulate);
                 }
+            }
+            if (residual != null)
+            {
+                // The channel's p·q outputs were just written (a few KB, still in L1).
+                long plane = (long)k * p * q;
+                Simd.AddInPlace(new Span<float>(output + plane, p * q), new ReadOnlySpan<float>(residual + plane, p * q));
             }
         }
     }
