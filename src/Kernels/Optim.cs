@@ -151,17 +151,28 @@ public static class Optim
         {
             return;
         }
-        float t = state[0] + 1f;
-        state[0] = t;
-        state[1] = (float)(1.0 / (1.0 - Math.Pow(beta1, t)));
-        state[2] = (float)(1.0 / Math.Sqrt(1.0 - Math.Pow(beta2, t)));
-        float scale = 1f;
-        if (clip != 0)
+        var next = StepState.After(state[0], clip != 0 ? normSquared[0] : 0f, clip, maxNorm, beta1, beta2);
+        (state[0], state[1], state[2], state[3]) = (next.T, next.Correction1, next.Correction2, next.ClipScale);
+    }
+
+    /// <summary>What a step that is taken writes into the state: t + 1, Adam's bias corrections 1/(1-β1^t) and
+    /// 1/sqrt(1-β2^t) for it, and the clip scale min(1, maxNorm / (sqrt(Σg²) + 1e-6)) (1 without clipping). One
+    /// formula for the host and the device's <see cref="PrepareKernel"/>.</summary>
+    private readonly struct StepState(float t, float correction1, float correction2, float clipScale)
+    {
+        public readonly float T = t, Correction1 = correction1, Correction2 = correction2, ClipScale = clipScale;
+
+        public static StepState After(float previousT, float normSquared, int clip, float maxNorm, float beta1, float beta2)
         {
-            float s = maxNorm / (MathF.Sqrt(normSquared[0]) + 1e-6f);
-            scale = s < 1f ? s : 1f;
+            float t = previousT + 1f;
+            float scale = 1f;
+            if (clip != 0)
+            {
+                float s = maxNorm / (MathF.Sqrt(normSquared) + 1e-6f);
+                scale = s < 1f ? s : 1f;
+            }
+            return new StepState(t, (float)(1.0 / (1.0 - Math.Pow(beta1, t))), (float)(1.0 / Math.Sqrt(1.0 - Math.Pow(beta2, t))), scale);
         }
-        state[3] = scale;
     }
 
     /// <summary>Adam's step-independent settings.</summary>
@@ -297,17 +308,11 @@ public static class Optim
         state[4] = skip ? 1f : 0f;
         if (!skip)
         {
-            float t = state[0] + 1f;
-            state[0] = t;
-            state[1] = (float)(1.0 / (1.0 - Math.Pow(beta1, t)));
-            state[2] = (float)(1.0 / Math.Sqrt(1.0 - Math.Pow(beta2, t)));
-            float scale = 1f;
-            if (clip != 0)
-            {
-                float s = maxNorm / (MathF.Sqrt(normSquared[0]) + 1e-6f);
-                scale = s < 1f ? s : 1f;
-            }
-            state[3] = scale;
+            var next = StepState.After(state[0], clip != 0 ? normSquared[0] : 0f, clip, maxNorm, beta1, beta2);
+            state[0] = next.T;
+            state[1] = next.Correction1;
+            state[2] = next.Correction2;
+            state[3] = next.ClipScale;
         }
     }
 
