@@ -73,8 +73,9 @@ public sealed unsafe class CpuFastPathTests
 
     // Rows 7-12, implicit-GEMM edges: padded rows of 33 and 13 floats (panels of 48 end mid-row), C·R·S = 135 and 1170
     // (k blocks that are not multiples of 16), K = 1 and 9 (partial 8-row tiles), stride 3, 5x5 stride 2 on a wide
-    // image. The last three, the dot-product weight gradient over groups of small images (5 a group, a partial last
-    // group per worker), stride 2, K > 64.
+    // image. The next three, the dot-product weight gradient over groups of small images (5 a group, a partial last
+    // group per worker), stride 2, K > 64. The last four, the stride-1 planes that share a row's right padding with the
+    // next row's left one: 1x1 pad 1 (its outputs overrun the row, so it keeps the frame), 5x5 pad 2 and pad 1, 3x3 pad 2.
     public static IEnumerable<object[]> ConvolutionCases => SimdLevelCollection.Cross(
         [3, 5, 7, 9, 4, 3, 1, 1],
         [3, 17, 13, 11, 33, 3, 1, 1],
@@ -90,7 +91,11 @@ public sealed unsafe class CpuFastPathTests
         [2, 5, 6, 6, 3, 3, 1, 0],
         [11, 5, 7, 7, 9, 3, 1, 1],
         [11, 6, 14, 14, 10, 3, 2, 1],
-        [9, 3, 7, 7, 70, 3, 1, 1]);
+        [9, 3, 7, 7, 70, 3, 1, 1],
+        [2, 4, 9, 6, 3, 1, 1, 1],
+        [2, 3, 8, 9, 4, 5, 1, 2],
+        [2, 3, 8, 9, 4, 5, 1, 1],
+        [2, 3, 6, 5, 4, 3, 1, 2]);
 
     [SkippableTheory]
     [MemberData(nameof(ConvolutionCases))]

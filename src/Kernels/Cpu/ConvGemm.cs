@@ -13,7 +13,8 @@
 //   col(p = (c, r, s), j' = y·Wh + x) = planes[off(p) + j'],   off(c, r, s) = plane(c, r % st, s % st) + (r / st)·Wh + s / st
 // which equals x[c, y·st - padH + r, x·st - padW + s] (or the padding zero) for x < Q. The wide columns x in [Q, Wh)
 // read neighbouring values: they are computed and dropped (forward, input gradient) or meet zeros in dy (weight
-// gradient). Wh = Q + (S - 1) / st, so 3x3 pad 1 wastes 2/28 of the work at 28x28, 2/14 at 14x14, 2/7 at 7x7.
+// gradient). Wh = Q + (S - 1) / st, so 3x3 pad 1 would waste 2/28 of the work at 28x28, 2/14 at 14x14, 2/7 at 7x7; at stride 1
+// the right padding is shared with the next row's left padding (Planes), so Wh = Q + 1 and the waste is 1/28 .. 1/7.
 //   forward:          ywide[K, P·Wh] = W[K, C·R·S] · col                  y = ywide (wide columns dropped) + b
 //   weight gradient:  dW[K, C·R·S] += dywide[K, P·Wh] · colᵀ              dywide = dy with zeros in the wide columns
 //   input gradient:   the transposed convolution, split by output phase. The inputs (st·u + a - pad, st·v + b - pad)
@@ -46,7 +47,7 @@ internal static unsafe partial class ConvGemm
     /// residual shaped as y) for every image, images spread over the cores.</summary>
     public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null)
     {
-        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
+        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad, g.Q);
         int crs = g.Crs;
         var caller = Workspace.Current;
         int* off = caller.Offsets(crs);
@@ -162,18 +163,25 @@ internal static unsafe partial class ConvGemm
         /// <summary>Image size, stride, zeros before the first row and column; Hh x Wh: one phase plane.</summary>
         public readonly int Channels, H, W, Stride, PadH, PadW, Hh, Wh;
 
-        /// <summary>The image padded by (padH, padW) on every side.</summary>
-        public Planes(int channels, int h, int w, int stride, int padH, int padW)
-            : this(channels, h, w, stride, padH, padW, h + 2 * padH, w + 2 * padW)
+        /// <summary>The image padded by (padH, padW) on every side, for a product with outCols output columns per row.</summary>
+        public Planes(int channels, int h, int w, int stride, int padH, int padW, int outCols)
+            : this(channels, h, w, stride, padH, padW, h + 2 * padH, w + 2 * padW, outCols)
         {
         }
 
-        /// <summary>The image placed at (padH, padW) in a zero frame of paddedH x paddedW (cropping what lies past it).</summary>
-        public Planes(int channels, int h, int w, int stride, int padH, int padW, int paddedH, int paddedW)
+        /// <summary>The image placed at (padH, padW) in a zero frame of paddedH x paddedW (cropping what lies past it), for
+        /// a product with outCols output columns per row (int.MaxValue: unknown, keep the whole frame).</summary>
+        public Planes(int channels, int h, int w, int stride, int padH, int padW, int paddedH, int paddedW, int outCols)
         {
             (Channels, H, W, Stride, PadH, PadW) = (channels, h, w, stride, padH, padW);
             Hh = (paddedH + stride - 1) / stride;
             Wh = (paddedW + stride - 1) / stride;
+            // At stride 1 the right padding need not be stored: a read past the end of a row lands in the next row's
+            // left padding (or the next plane's, or the zeroed slack), zeros as well, as long as it is no wider than the
+            // left one, and the output's columns still fit in a row. A 3x3 pad-1 layer's wide grid then has W + 1 columns per row instead of W + 2: 7x7 maps compute
+            // 56 columns instead of 64, 14x14 maps 210 (216) instead of 224, 28x28 maps 812 (816) instead of 840.
+            int right = paddedW - padW - w;
+            if (stride == 1 && right > 0 && right <= padW && outCols <= padW + w) Wh = padW + w;
         }
 
         private long PlaneSize => (long)Hh * Wh;

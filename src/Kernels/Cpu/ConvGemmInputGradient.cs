@@ -34,7 +34,8 @@ internal static unsafe partial class ConvGemm
         InputFrame(g.R, st, g.Pad, g.H, g.P, out int top, out int frameH);
         InputFrame(g.S, st, g.Pad, g.W, g.Q, out int left, out int frameW);
         // dy [K, P, Q] at (top, left) in a zero frame [K, frameH, frameW]; every phase reads windows of it.
-        var pl = new Planes(g.K, g.P, g.Q, 1, top, left, frameH, frameW);
+        // At stride 1 its one phase writes g.W columns a row; the strided phases' windows keep the whole frame.
+        var pl = new Planes(g.K, g.P, g.Q, 1, top, left, frameH, frameW, g.Stride == 1 ? g.W : int.MaxValue);
         var caller = Workspace.Current;
         int* off = caller.Offsets(g.K * g.R * g.S);
         float* wts = caller.Weights((long)g.C * g.K * g.R * g.S);

@@ -44,7 +44,7 @@ internal static unsafe partial class ConvGemm
             BackwardWeightDot(g, dy, x, dw);
             return;
         }
-        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
+        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad, g.Q);
         int crs = g.Crs, wlen = g.K * crs, j = g.P * pl.Wh;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
@@ -93,7 +93,7 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     private static void BackwardWeightDot(ConvShape g, float* dy, float* x, float* dw)
     {
-        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad);
+        var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad, g.Q);
         int crs = g.Crs, crs6 = (crs + 5) / 6 * 6, wlen = g.K * crs;
         int j = g.P * pl.Wh, ldd = (j + 15) & ~15;
         int* off = Workspace.Current.Offsets(crs6);
