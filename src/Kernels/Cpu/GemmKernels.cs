@@ -11,9 +11,11 @@
 //   * AVX2: MR x NR = 4 x 24 with ymm (12 accumulators + 3 B + 1 broadcast = all 16 registers); each k step issues
 //     3 vector loads + 4 broadcasts for 12 FMAs. The classic 6 x 16 has the same 12 accumulators but 6 never divides
 //     the channel counts (16..256), so every product had a row edge: 12.5% wasted work at 16 and 32 channels, and a
-//     tile computed into scratch and copied. 4 divides them all, and 24 fits the wide image rows: 28x28's 840 is exact,
-//     14x14's 224 = 9x24 + 8, 7x7's 63 rounded up to 64 = 2x24 + 16 by the convolutions (edges in 16- and 8-wide
+//     tile computed into scratch and copied. 4 divides them all, and 24 fits the wide image rows: 28x28's 812 rounded
+//     up to 816 = 34x24 by the convolutions, 14x14's 210 to 216 = 9x24, 7x7's 56 = 2x24 + 8 (edges in 16- and 8-wide
 //     pieces, see RunEdge).
+//   * Row edges (a one-channel output: the U-Net's last convolution) run a one-row kernel per row on every wide level,
+//     instead of the full tile with all but one row thrown away.
 //   * 128-bit (ARM64 NEON, x86 without AVX2): 6 x 8 on the cross-platform Vector128 API, 12 accumulators + 2 B + 1
 //     broadcast = 15 of the 16 registers SSE has (ARM64 has 32, so it fits there with room). MultiplyAddEstimate is
 //     a fused multiply-add where the processor has one (NEON fmla, FMA3) and a multiply and an add where it does not:
@@ -107,6 +109,36 @@ public static unsafe partial class Gemm
             StoreRow3(c50, c51, c52, c, accumulate); c += ldc;
             StoreRow3(c60, c61, c62, c, accumulate); c += ldc;
             StoreRow3(c70, c71, c72, c, accumulate);
+        }
+
+        /// <summary>One row of the 48-wide packed panel (row r of the 8-row A panel: pass a + r) into dst[0..48); two k
+        /// steps per iteration give 6 independent FMA chains.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void RunRow(int kc, float* a, float* b, float* dst)
+        {
+            Vector512<float> x0 = default, x1 = default, x2 = default, y0 = default, y1 = default, y2 = default;
+            for (; kc >= 2; kc -= 2)
+            {
+                Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[8]);
+                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b), x0);
+                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 16), x1);
+                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 32), x2);
+                y0 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 48), y0);
+                y1 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 64), y1);
+                y2 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 80), y2);
+                a += 16;
+                b += 96;
+            }
+            if (kc > 0)
+            {
+                Vector512<float> a0 = Vector512.Create(a[0]);
+                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b), x0);
+                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 16), x1);
+                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 32), x2);
+            }
+            Vector512.Store(x0 + y0, dst);
+            Vector512.Store(x1 + y1, dst + 16);
+            Vector512.Store(x2 + y2, dst + 32);
         }
 
         /// <summary>8x32 tile of a 48-wide packed panel (edge panels of 33..36 columns).</summary>
@@ -231,6 +263,16 @@ public static unsafe partial class Gemm
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
+            if (mr < 8)
+            {
+                // Row edges (only a one-channel output here): a row at a time, each an eighth of the full tile's work.
+                for (int r = 0; r < mr; r++)
+                {
+                    RunRow(kc, a + r, b, tile);
+                    CopyTile(tile, 48, 1, nr, c + (long)r * ldc, ldc, accumulate);
+                }
+                return;
+            }
             if (nr > 36)
             {
                 Run(kc, a, b, 48, tile, 48, false);
@@ -422,6 +464,37 @@ public static unsafe partial class Gemm
             StoreRow1(x3 + y3, c, accumulate);
         }
 
+        /// <summary>
+        /// One row of the 24-wide packed panel (row r of the 4-row A panel: pass a + r) into dst[0..24): a row edge
+        /// (one output channel) costs a quarter of the full tile instead of all of it. Two k steps per iteration give
+        /// 6 independent FMA chains.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void RunRow(int kc, float* a, float* b, float* dst)
+        {
+            Vector256<float> x0 = default, x1 = default, x2 = default, y0 = default, y1 = default, y2 = default;
+            for (; kc >= 2; kc -= 2)
+            {
+                Vector256<float> a0 = Vector256.Create(a[0]), a1 = Vector256.Create(a[4]);
+                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b + 8), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b + 16), x2);
+                y0 = Fma.MultiplyAdd(a1, Vector256.Load(b + 24), y0);
+                y1 = Fma.MultiplyAdd(a1, Vector256.Load(b + 32), y1);
+                y2 = Fma.MultiplyAdd(a1, Vector256.Load(b + 40), y2);
+                a += 8;
+                b += 48;
+            }
+            if (kc > 0)
+            {
+                Vector256<float> a0 = Vector256.Create(a[0]);
+                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b + 8), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b + 16), x2);
+            }
+            StoreRow3(x0 + y0, x1 + y1, x2 + y2, dst, false);
+        }
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static void StoreRow3(Vector256<float> x0, Vector256<float> x1, Vector256<float> x2, float* c, bool accumulate)
         {
@@ -458,16 +531,19 @@ public static unsafe partial class Gemm
         /// <summary>
         /// Column edges with all 4 rows are split into 16- and 8-wide pieces written straight into C, and a last piece
         /// of 1..7 columns computed 8 wide into the tile (the convolutions round their column counts up to multiples
-        /// of 8 so that this last piece is rare: 7x7's 64 = 2x24 + 16, 14x14's 224 = 9x24 + 8). Row edges (only where
-        /// m is not a multiple of 4: a one-channel output) run the full tile.
+        /// of 8 so that this last piece is rare: 7x7's 56 = 2x24 + 8, 14x14's 216 = 9x24). Row edges (only where m is
+        /// not a multiple of 4: a one-channel output) run one row at a time.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
             if (mr < 4)
             {
-                Run(kc, a, b, 24, tile, 24, false);
-                CopyTile(tile, 24, mr, nr, c, ldc, accumulate);
+                for (int r = 0; r < mr; r++)
+                {
+                    RunRow(kc, a + r, b, tile);
+                    CopyTile(tile, 24, 1, nr, c + (long)r * ldc, ldc, accumulate);
+                }
                 return;
             }
             int j = 0;
@@ -539,10 +615,55 @@ public static unsafe partial class Gemm
             Vector128.Store(x1, c + 4);
         }
 
+        /// <summary>Edges go through the full tile, except row edges of up to 4 rows (6 divides no channel count, so every
+        /// product ends in one: 32 = 5x6 + 2), which run a row at a time, each a sixth of the tile's work.</summary>
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
+            if (mr <= 4)
+            {
+                for (int r = 0; r < mr; r++)
+                {
+                    RunRow(kc, a + r, b, tile);
+                    CopyTile(tile, 8, 1, nr, c + (long)r * ldc, ldc, accumulate);
+                }
+                return;
+            }
             Run(kc, a, b, 8, tile, 8, false);
             CopyTile(tile, 8, mr, nr, c, ldc, accumulate);
+        }
+
+        /// <summary>One row of the 8-wide packed panel (row r of the 6-row A panel: pass a + r) into dst[0..8); four k
+        /// steps per iteration give 8 independent FMA chains.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private static void RunRow(int kc, float* a, float* b, float* dst)
+        {
+            Vector128<float> x0 = default, x1 = default, y0 = default, y1 = default;
+            Vector128<float> z0 = default, z1 = default, w0 = default, w1 = default;
+            for (; kc >= 4; kc -= 4)
+            {
+                Vector128<float> a0 = Vector128.Create(a[0]), a1 = Vector128.Create(a[6]);
+                Vector128<float> a2 = Vector128.Create(a[12]), a3 = Vector128.Create(a[18]);
+                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b), x0);
+                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b + 4), x1);
+                y0 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b + 8), y0);
+                y1 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b + 12), y1);
+                z0 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b + 16), z0);
+                z1 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b + 20), z1);
+                w0 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b + 24), w0);
+                w1 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b + 28), w1);
+                a += 24;
+                b += 32;
+            }
+            for (; kc > 0; kc--)
+            {
+                Vector128<float> a0 = Vector128.Create(a[0]);
+                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b), x0);
+                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b + 4), x1);
+                a += 6;
+                b += 8;
+            }
+            Vector128.Store((x0 + y0) + (z0 + w0), dst);
+            Vector128.Store((x1 + y1) + (z1 + w1), dst + 4);
         }
     }
 
