@@ -116,6 +116,16 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
+        // The packed path for the B panels the GEMM otherwise reads in place.
+        Gemm.t_inPlaceB = false;
+        try
+        {
+            CheckConvolution(n, c, h, w, k, r, stride, pad, ConvLowering.Auto);
+        }
+        finally
+        {
+            Gemm.t_inPlaceB = null;
+        }
         // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512- or 256-bit, need AVX2:
         // below it the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })

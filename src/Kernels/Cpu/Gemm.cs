@@ -18,6 +18,12 @@
 // starting anywhere (MultiplyRowOffsets) or columns that are (MultiplyColumnOffsets). Packing from those costs the same
 // as packing a strided matrix, and saves writing and re-reading the 9x larger im2col matrix.
 //
+// B in place: whole panels of a source whose rows are contiguous (a row-major B, or the rows of a convolution's lowered
+// matrix in its padded image) are multiplied where they lie (IMicroKernel.RunOffsets) instead of being packed first. The
+// micro-kernel's loads are then unaligned, but the packing pass costs more: it is a copy of all of B for every block of
+// A, and a pointwise convolution's B rows (image planes hundreds of floats apart) are slow to gather (docs/perf.md).
+// Edge panels are still packed, zero-padded, for the edge kernels.
+//
 // Block sizes: KC = 128 keeps the B micro-panel (128 x 48 x 4 B = 24 KiB) resident in the 32 KiB L1 while the A
 // panels stream past it (the KC values tried: docs/perf.md). MC = 1024 bounds the packed A block at 512 KiB, half the
 // 1 MiB L2. k is split into equal multiples of 16 (the transposing
@@ -217,6 +223,7 @@ public static unsafe partial class Gemm
         float* ap = packedA != null ? null : arena.Floats(ArenaSlot.GemmA, (long)mcMax * kcMax);
         float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax);
         float* tile = stackalloc float[MR * NR];
+        bool inPlace = b.InPlace && InPlaceB;
 
         for (int ic = 0; ic < m; ic += mcMax)
         {
@@ -238,7 +245,10 @@ public static unsafe partial class Gemm
                 for (int jr = 0; jr < n; jr += NR)
                 {
                     int nr = Math.Min(NR, n - jr);
-                    b.Pack<TK>(pc, kc, jr, nr, bp);
+                    // Whole panels of a source with contiguous rows are read where they lie; the rest is packed (an
+                    // edge panel zero-padded for the edge kernels), at most once per panel.
+                    bool packed = !(inPlace && nr == NR);
+                    if (packed) b.Pack<TK>(pc, kc, jr, nr, bp);
                     float* cPanel = c + (long)ic * ldc + jr;
                     for (int ir = 0; ir < mc; ir += MR)
                     {
@@ -247,8 +257,14 @@ public static unsafe partial class Gemm
                         float* cTile = cPanel + (long)ir * ldc;
                         if (mr == MR && nr == NR)
                         {
-                            TK.Run(kc, aPanel, bp, NR, cTile, ldc, acc);
+                            if (packed) TK.Run(kc, aPanel, bp, NR, cTile, ldc, acc);
+                            else b.RunInPlace<TK>(pc, kc, jr, aPanel, cTile, ldc, acc);
                             continue;
+                        }
+                        if (!packed)
+                        {
+                            b.Pack<TK>(pc, kc, jr, nr, bp);
+                            packed = true;
                         }
                         TK.RunEdge(kc, aPanel, bp, mr, nr, cTile, ldc, acc, tile);
                     }
@@ -258,6 +274,12 @@ public static unsafe partial class Gemm
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
+
+    /// <summary>Set to false to pack every B panel, so that tests cover the packed path of sources that are otherwise
+    /// read in place (per thread).</summary>
+    [ThreadStatic] internal static bool? t_inPlaceB;
+
+    private static bool InPlaceB => t_inPlaceB ?? true;
 
     /// <summary>C[0..mr, 0..nr) (=|+=) tile[0..mr, 0..nr).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

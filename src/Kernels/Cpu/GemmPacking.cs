@@ -208,6 +208,13 @@ public static unsafe partial class Gemm
     {
         /// <summary>dst[p*NR + j] = B(p0 + p, j0 + j) for p &lt; kc, j &lt; nr (nr &lt;= NR); columns nr..NR zeroed.</summary>
         void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel;
+
+        /// <summary>Whether a whole NR-wide panel (rows p0.., columns j0..j0 + NR) can be multiplied where it lies,
+        /// without packing (<see cref="RunInPlace"/>): true for sources whose rows are contiguous runs.</summary>
+        bool InPlace { get; }
+
+        /// <summary>C[0..MR, 0..NR) (=|+=) the packed A panel times B(p0.., j0..j0 + NR) read where it lies.</summary>
+        void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel;
     }
 
     /// <summary>B(p,j) = b[p*bRow + j*bCol].</summary>
@@ -219,6 +226,12 @@ public static unsafe partial class Gemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
             => PackB<TK>(kc, nr, _b + (long)p0 * _bRow + (long)j0 * _bCol, _bRow, _bCol, dst);
+
+        public bool InPlace => _bCol == 1;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => TK.Run(kc, a, _b + (long)p0 * _bRow + j0, _bRow, c, ldc, accumulate);
     }
 
     /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
@@ -226,6 +239,12 @@ public static unsafe partial class Gemm
     {
         private readonly float* _b = b;
         private readonly int* _off = rowOffsets;
+
+        public bool InPlace => true;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => TK.RunOffsets(kc, a, _b + j0, _off + p0, c, ldc, accumulate);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
@@ -320,6 +339,11 @@ public static unsafe partial class Gemm
     /// <summary>B(p,j) = b[columnOffsets[j] + p]: register transposes (16x16 at AVX-512, 8x8 at AVX2) of contiguous column runs.</summary>
     private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
     {
+        public bool InPlace => false;
+
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("columns are not contiguous: pack them");
+
         private readonly float* _b = b;
         private readonly int* _off = columnOffsets;
 
@@ -388,6 +412,11 @@ public static unsafe partial class Gemm
     /// </summary>
     private readonly struct GroupedColumnOffsetsB(float* b, int* columnOffsets, long groupStride, int kPerGroup) : IBSource
     {
+        public bool InPlace => false;
+
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("columns are not contiguous: pack them");
+
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
         {
