@@ -76,6 +76,8 @@ public sealed unsafe class CpuFastPathTests
     // image. The next three, the dot-product weight gradient over groups of small images (5 a group, a partial last
     // group per worker), stride 2, K > 64. The last four, the stride-1 planes that share a row's right padding with the
     // next row's left one: 1x1 pad 1 (its outputs overrun the row, so it keeps the frame), 5x5 pad 2 and pad 1, 3x3 pad 2.
+    // The last two, the forward pass with dense columns over groups of images (7x7: groups of 8 and a partial last one;
+    // 5x5 in pairs, K not a multiple of 8).
     public static IEnumerable<object[]> ConvolutionCases => SimdLevelCollection.Cross(
         [3, 5, 7, 9, 4, 3, 1, 1],
         [3, 17, 13, 11, 33, 3, 1, 1],
@@ -95,7 +97,9 @@ public sealed unsafe class CpuFastPathTests
         [2, 4, 9, 6, 3, 1, 1, 1],
         [2, 3, 8, 9, 4, 5, 1, 2],
         [2, 3, 8, 9, 4, 5, 1, 1],
-        [2, 3, 6, 5, 4, 3, 1, 2]);
+        [2, 3, 6, 5, 4, 3, 1, 2],
+        [19, 5, 7, 7, 64, 3, 1, 1],
+        [5, 4, 5, 5, 72, 3, 1, 1]);
 
     [SkippableTheory]
     [MemberData(nameof(ConvolutionCases))]
@@ -116,8 +120,10 @@ public sealed unsafe class CpuFastPathTests
                 Conv2d.CpuLowering = ConvLowering.Auto;
             }
         }
-        // The packed path for the B panels the GEMM otherwise reads in place.
+        // The packed path for the B panels the GEMM otherwise reads in place, and the wide grid where the forward pass
+        // would take dense columns.
         Gemm.t_inPlaceB = false;
+        ConvGemm.t_denseForward = false;
         try
         {
             CheckConvolution(n, c, h, w, k, r, stride, pad, ConvLowering.Auto);
@@ -125,6 +131,7 @@ public sealed unsafe class CpuFastPathTests
         finally
         {
             Gemm.t_inPlaceB = null;
+            ConvGemm.t_denseForward = null;
         }
         // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512- or 256-bit, need AVX2:
         // below it the forced setting is ignored and the packed GEMM runs).
@@ -174,6 +181,16 @@ public sealed unsafe class CpuFastPathTests
         var dw = (float[])dw0.Clone();
         Conv2d.BackwardWeightNaive(g, dy, x, dw);
         Assert.True(y.AsSpan().SequenceEqual(ty.ToArray()), $"forward, {lowering}");
+
+        // The forward's epilogue terms: a bias per (image, channel) and a residual shaped as y.
+        var e = Ints(rng, n * k);
+        var res = Ints(rng, y.Length);
+        using var te = Tensor.FromHost(dev, e, n, k);
+        using var tr = Tensor.FromHost(dev, res, n, k, g.P, g.Q);
+        Conv2d.Forward(tx, tw, tb, ty, stride, pad, te, tr);
+        var yer = (float[])y.Clone();
+        for (int i = 0; i < yer.Length; i++) yer[i] += e[i / (g.P * g.Q)] + res[i];
+        Assert.True(yer.AsSpan().SequenceEqual(ty.ToArray()), $"forward with channel bias and residual, {lowering}");
         Assert.True(dx.AsSpan().SequenceEqual(tdx.ToArray()), $"input gradient, {lowering}");
         Assert.True(dw.AsSpan().SequenceEqual(tdw.ToArray()), $"weight gradient, {lowering}");
 

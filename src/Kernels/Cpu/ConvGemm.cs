@@ -55,6 +55,12 @@ internal static unsafe partial class ConvGemm
         // The weights are every image's A: packed once here instead of once per image.
         float* packed = caller.PackedA(Gemm.PackedALength(g.K, crs));
         Gemm.PackA(g.K, crs, w, crs, 1, packed);
+        int group = DenseGroup(g, pl);
+        if (group > 0)
+        {
+            ForwardDense(g, pl, x, packed, off, b, y, e, r, group);
+            return;
+        }
         Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off, (nint)r), static (state, n) =>
         {
             var (g, pl, xp, packedp, bp, yp, ep, offp, rp) = state;
@@ -80,6 +86,61 @@ internal static unsafe partial class ConvGemm
                 bias = bn;
             }
             DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide, residual: r == null ? null : r + n * ys);
+        });
+    }
+
+    /// <summary>Set to false to keep every forward pass on the wide grid, so that tests cover both (per thread).</summary>
+    [ThreadStatic] internal static bool? t_denseForward;
+
+    /// <summary>
+    /// How many images the forward pass multiplies together with dense columns (<see cref="ForwardDense"/>), or 0 for
+    /// the wide grid. Dense columns pay where the wide grid throws away much (a 7x7 map computes 56 columns for 49
+    /// outputs) and there are enough output channels to carry the packing they need (the wide grid's panels are read
+    /// in place); at 14x14 (216 for 196) they lose (docs/perf.md). The images go in groups whose columns fill whole
+    /// 8-float vectors (7x7: 8 images, 392 columns), with enough groups left to keep every core busy.
+    /// </summary>
+    private static int DenseGroup(ConvShape g, Planes pl)
+    {
+        if (!(t_denseForward ?? true) || g.Stride != 1 || g.K < 64) return 0;
+        int wide = (g.P * pl.Wh + 7) & ~7;
+        if (wide * 100 < g.Pq * 112) return 0; // under 12% thrown away (14x14: 10%) the wide grid's in-place panels win
+        int group = 1;
+        while ((group * g.Pq) % 8 != 0 && group < 8) group *= 2;
+        return Math.Max(1, Math.Min(group, g.N / Cpu.Threads));
+    }
+
+    /// <summary>
+    /// The forward pass over groups of images with dense columns: y[n0..n0 + count) = W·col + b (+ e, + r) with one GEMM
+    /// per group over count·P·Q columns gathered from the images' planes (<see cref="Gemm.MultiplyDenseColumns"/>).
+    /// </summary>
+    private static void ForwardDense(ConvShape g, Planes pl, float* x, float* packed, int* off, float* b, float* y, float* e, float* r, int group)
+    {
+        int items = (g.N + group - 1) / group;
+        Cpu.Items(items, (g, pl, (nint)x, (nint)packed, (nint)off, (nint)b, (nint)y, (nint)e, (nint)r, group), static (state, item) =>
+        {
+            var (g, pl, xp, packedp, offp, bp, yp, ep, rp, group) = state;
+            float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep, r = (float*)rp;
+            int* off = (int*)offp;
+            int n0 = item * group, count = Math.Min(group, g.N - n0);
+            long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq, planeLen = pl.Length;
+            var ws = Workspace.Current;
+            float* planes = ws.Planes(count * planeLen);
+            for (int i = 0; i < count; i++) pl.Fill(x + (n0 + i) * xs, planes + i * planeLen);
+            int cols = count * g.Pq, ldc = (cols + 15) & ~15;
+            float* yd = ws.Wide((long)g.K * ldc);
+            // yd [K, count·P·Q] = W [K, CRS] · col [CRS, count·P·Q]
+            Gemm.MultiplyDenseColumns(g.K, cols, g.Crs, packed, planes, off, planeLen, pl.Wh, g.P, g.Q, yd, ldc);
+            for (int i = 0; i < count; i++)
+            {
+                int n = n0 + i;
+                for (int k = 0; k < g.K; k++)
+                {
+                    float bias = e == null ? b[k] : b[k] + e[(long)n * g.K + k];
+                    float* dst = y + n * ys + (long)k * g.Pq;
+                    Simd.AddRow(yd + (long)k * ldc + (long)i * g.Pq, dst, g.Pq, bias, accumulate: false);
+                    if (r != null) Simd.AddInPlace(new Span<float>(dst, g.Pq), new ReadOnlySpan<float>(r + n * ys + (long)k * g.Pq, g.Pq));
+                }
+            }
         });
     }
 

@@ -119,6 +119,24 @@ public static unsafe partial class Gemm
         else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
     }
 
+    /// <summary>
+    /// C[i*ldc + j] (=) sum_p A(i,p)·B(p,j) with the columns of B dense output positions of several images: column
+    /// j = (image t, row y, column x), t = j / (p·q), and B(p, j) = b[t·imageStride + rowOffsets[p] + y·ldRow + x]. This
+    /// is the lowered matrix of a convolution over small maps taken straight from each image's padded planes (rows ldRow
+    /// apart) without the wide grid's thrown-away columns. Packed panel by panel, in runs of at most q floats. Shapes: A
+    /// [m, k] packed by <see cref="PackA"/>, C [m, n]. Runs on the calling thread only; allocation-free once warm.
+    /// </summary>
+    internal static void MultiplyDenseColumns(int m, int n, int k, float* packedA, float* b, int* rowOffsets, long imageStride, int ldRow, int p, int q,
+        float* c, int ldc)
+    {
+        if (Trivial(m, n, k, c, ldc, accumulate: false)) return;
+        var src = new DenseColumnsB(b, rowOffsets, imageStride, ldRow, p, q);
+        if (Isa.Avx512) Serial<Avx512Kernel, DenseColumnsB>(m, n, k, null, k, 1, src, c, ldc, false, packedA);
+        else if (Isa.Avx2) Serial<Avx2Kernel, DenseColumnsB>(m, n, k, null, k, 1, src, c, ldc, false, packedA);
+        else if (Isa.V128) Serial<Vector128Kernel, DenseColumnsB>(m, n, k, null, k, 1, src, c, ldc, false, packedA);
+        else Serial<ScalarKernel, DenseColumnsB>(m, n, k, null, k, 1, src, c, ldc, false, packedA);
+    }
+
     /// <summary>Floats that <see cref="PackA"/> writes for an A of [m, k].</summary>
     internal static long PackedALength(int m, int k)
     {
@@ -221,7 +239,8 @@ public static unsafe partial class Gemm
 
         Arena arena = Arena.Current;
         float* ap = packedA != null ? null : arena.Floats(ArenaSlot.GemmA, (long)mcMax * kcMax);
-        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax);
+        // 64 floats of slack: the dense-column packer's vector copies may run past the panel's last row.
+        float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax + 64);
         float* tile = stackalloc float[MR * NR];
         bool inPlace = b.InPlace && InPlaceB;
 

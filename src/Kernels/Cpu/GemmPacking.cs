@@ -336,6 +336,76 @@ public static unsafe partial class Gemm
         }
     }
 
+    /// <summary>
+    /// B(p, j) = b[t·imageStride + rowOffsets[p] + y·ldRow + x] for j = t·pq + y·q + x (<see cref="Gemm.MultiplyDenseColumns"/>):
+    /// a panel's columns are runs of at most q floats, found once per panel and copied for every row with whole vectors
+    /// (a run's overhang is overwritten by the next run, or by the next row: the panel buffer has slack after its last
+    /// row, and the planes after their last).
+    /// </summary>
+    private readonly struct DenseColumnsB(float* b, int* rowOffsets, long imageStride, int ldRow, int p, int q) : IBSource
+    {
+        private readonly float* _b = b;
+        private readonly int* _off = rowOffsets;
+        private readonly long _imageStride = imageStride;
+        private readonly int _ldRow = ldRow, _q = q, _pq = p * q;
+
+        public bool InPlace => false;
+
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("dense columns are gathered: pack them");
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
+        {
+            int NR = TK.NR;
+            // The panel's runs: where each starts in the panel and in the planes, and its length.
+            int maxRuns = nr / _q + 2;
+            int* at = stackalloc int[maxRuns];
+            int* len = stackalloc int[maxRuns];
+            long* from = stackalloc long[maxRuns];
+            int runs = 0;
+            for (int j = j0; j < j0 + nr; runs++)
+            {
+                int t = j / _pq, rest = j - t * _pq, y = rest / _q, x = rest - y * _q;
+                int l = Math.Min(_q - x, j0 + nr - j);
+                at[runs] = j - j0;
+                from[runs] = t * _imageStride + (long)y * _ldRow + x;
+                len[runs] = l;
+                j += l;
+            }
+            int* off = _off + p0;
+            for (int pp = 0; pp < kc; pp++)
+            {
+                float* s = _b + off[pp];
+                float* d = dst + pp * NR;
+                for (int r = 0; r < runs; r++) CopyRun(s + from[r], d + at[r], len[r]);
+                for (int j = nr; j < NR; j++) d[j] = 0f;
+            }
+        }
+
+        /// <summary>dst[0..n) = src[0..n) in whole vectors (up to a vector's width - 1 floats more are read and written).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void CopyRun(float* src, float* dst, int n)
+        {
+            if (Isa.Avx512)
+            {
+                for (int i = 0; i < n; i += 16) Vector512.Store(Vector512.Load(src + i), dst + i);
+            }
+            else if (Isa.Avx2)
+            {
+                for (int i = 0; i < n; i += 8) Vector256.Store(Vector256.Load(src + i), dst + i);
+            }
+            else if (Isa.V128)
+            {
+                for (int i = 0; i < n; i += 4) Vector128.Store(Vector128.Load(src + i), dst + i);
+            }
+            else
+            {
+                for (int i = 0; i < n; i++) dst[i] = src[i];
+            }
+        }
+    }
+
     /// <summary>B(p,j) = b[columnOffsets[j] + p]: register transposes (16x16 at AVX-512, 8x8 at AVX2) of contiguous column runs.</summary>
     private readonly struct ColumnOffsetsB(float* b, int* columnOffsets) : IBSource
     {
