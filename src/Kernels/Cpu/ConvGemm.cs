@@ -13,8 +13,9 @@
 //   col(p = (c, r, s), j' = y·Wh + x) = planes[off(p) + j'],   off(c, r, s) = plane(c, r % st, s % st) + (r / st)·Wh + s / st
 // which equals x[c, y·st - padH + r, x·st - padW + s] (or the padding zero) for x < Q. The wide columns x in [Q, Wh)
 // read neighbouring values: they are computed and dropped (forward, input gradient) or meet zeros in dy (weight
-// gradient). Wh = Q + (S - 1) / st, so 3x3 pad 1 would waste 2/28 of the work at 28x28, 2/14 at 14x14, 2/7 at 7x7; at stride 1
-// the right padding is shared with the next row's left padding (Planes), so Wh = Q + 1 and the waste is 1/28 .. 1/7.
+// gradient). Wh = Q + (S - 1) / st would waste 2/28 of a 3x3 pad-1 layer's work at 28x28, 2/14 at 14x14, 2/7 at
+// 7x7; at stride 1 the right padding is shared with the next row's left padding (Planes), so Wh = Q + 1 and the waste
+// is 1/29 .. 1/8. The forward pass over 7x7 maps gathers dense columns instead (ForwardDense).
 //   forward:          ywide[K, P·Wh] = W[K, C·R·S] · col                  y = ywide (wide columns dropped) + b
 //   weight gradient:  dW[K, C·R·S] += dywide[K, P·Wh] · colᵀ              dywide = dy with zeros in the wide columns
 //   input gradient:   the transposed convolution, split by output phase. The inputs (st·u + a - pad, st·v + b - pad)
@@ -238,9 +239,10 @@ internal static unsafe partial class ConvGemm
             Hh = (paddedH + stride - 1) / stride;
             Wh = (paddedW + stride - 1) / stride;
             // At stride 1 the right padding need not be stored: a read past the end of a row lands in the next row's
-            // left padding (or the next plane's, or the zeroed slack), zeros as well, as long as it is no wider than the
-            // left one, and the output's columns still fit in a row. A 3x3 pad-1 layer's wide grid then has W + 1 columns per row instead of W + 2: 7x7 maps compute
-            // 56 columns instead of 64, 14x14 maps 210 (216) instead of 224, 28x28 maps 812 (816) instead of 840.
+            // left padding (or the next plane's, or the zeroed slack), zeros as well, as long as it is no wider than
+            // the left one and the output's columns still fit in a row. A 3x3 pad-1 layer's wide grid then has W + 1
+            // columns a row instead of W + 2: 7x7 maps compute 56 columns instead of 64, 14x14 maps 210 (216) instead
+            // of 224, 28x28 maps 812 (816) instead of 840.
             int right = paddedW - padW - w;
             if (stride == 1 && right > 0 && right <= padW && outCols <= padW + w) Wh = padW + w;
         }
