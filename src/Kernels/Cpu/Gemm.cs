@@ -19,7 +19,7 @@
 // as packing a strided matrix, and saves writing and re-reading the 9x larger im2col matrix.
 //
 // B in place: whole panels of a source whose rows are contiguous (a row-major B, or the rows of a convolution's lowered
-// matrix in its padded image) are multiplied where they lie (IMicroKernel.RunOffsets) instead of being packed first. The
+// matrix in its padded image) are multiplied where they lie (OffsetWalk, StridedWalk) instead of being packed first. The
 // micro-kernel's loads are then unaligned, but the packing pass costs more: it is a copy of all of B for every block of
 // A, and a pointwise convolution's B rows (image planes hundreds of floats apart) are slow to gather (docs/perf.md).
 // Edge panels are still packed, zero-padded, for the edge kernels.
@@ -276,7 +276,7 @@ public static unsafe partial class Gemm
                         float* cTile = cPanel + (long)ir * ldc;
                         if (mr == MR && nr == NR)
                         {
-                            if (packed) TK.Run(kc, aPanel, bp, NR, cTile, ldc, acc);
+                            if (packed) TK.Run(kc, aPanel, new StridedWalk(bp, NR), cTile, ldc, acc);
                             else b.RunInPlace<TK>(pc, kc, jr, aPanel, cTile, ldc, acc);
                             continue;
                         }

@@ -40,6 +40,47 @@ public static unsafe partial class Gemm
     // copy with MR/NR as JIT-time constants and direct (inlinable) kernel calls.
     // ---------------------------------------------------------------------------------------------------------------
 
+    /// <summary>A micro-kernel's walk over the rows of B: where the current step's NR floats start, and the move to the
+    /// next step. A struct type argument, so each kind of B gets its own compiled kernel and the walk stays in registers.</summary>
+    private interface IBWalk
+    {
+        float* Row { get; }
+
+        void Next();
+    }
+
+    /// <summary>B rows ld floats apart: a packed panel (ld = NR) or a row-major matrix read in place.</summary>
+    private struct StridedWalk(float* b, int ld) : IBWalk
+    {
+        private float* _row = b;
+        private readonly long _ld = ld;
+
+        public readonly float* Row
+        {
+            [MethodImpl(MethodImplOptions.AggressiveInlining)]
+            get => _row;
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Next() => _row += _ld;
+    }
+
+    /// <summary>B rows at b + off[p]: the lowered rows of an implicit convolution in its padded image, read in place.</summary>
+    private struct OffsetWalk(float* b, int* off) : IBWalk
+    {
+        private readonly float* _b = b;
+        private int* _off = off;
+
+        public readonly float* Row
+        {
+            [MethodImpl(MethodImplOptions.AggressiveInlining)]
+            get => _b + *_off;
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Next() => _off++;
+    }
+
     private interface IMicroKernel
     {
         static abstract int MR { get; }
@@ -49,16 +90,11 @@ public static unsafe partial class Gemm
         static abstract string Name { get; }
 
         /// <summary>
-        /// C[0..MR, 0..NR) (=|+=) Apanel·Bpanel over kc steps. a: packed A panel (MR floats per step); b: B rows of NR
-        /// floats, ldb apart.
+        /// C[0..MR, 0..NR) (=|+=) Apanel·Bpanel over kc steps. a: packed A panel (MR floats per step); b: the walk over
+        /// B's rows of NR floats (<see cref="StridedWalk"/>: a packed panel or a row-major B; <see cref="OffsetWalk"/>:
+        /// the rows of an implicit convolution's lowered matrix in its padded image, read where they lie).
         /// </summary>
-        static abstract void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate);
-
-        /// <summary>
-        /// The same with B read where it lies: step p's NR floats start at b + off[p] (the rows of an implicit
-        /// convolution's lowered matrix in its padded image), so the B panel is never packed.
-        /// </summary>
-        static abstract void RunOffsets(int kc, float* a, float* b, int* off, float* c, int ldc, bool accumulate);
+        static abstract void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk;
 
         /// <summary>
         /// Edge tile: C[0..mr, 0..nr) (=|+=) the product of a packed A panel and a packed (zero-padded, ld NR) B panel,
@@ -75,7 +111,7 @@ public static unsafe partial class Gemm
 
         /// <summary>The 8x48 kernel: 24 zmm accumulators + 3 B vectors + 1 broadcast = 28 of the 32 registers.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        public static void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk
         {
             Vector512<float> c00 = default, c01 = default, c02 = default;
             Vector512<float> c10 = default, c11 = default, c12 = default;
@@ -87,51 +123,7 @@ public static unsafe partial class Gemm
             Vector512<float> c70 = default, c71 = default, c72 = default;
             for (; kc > 0; kc--)
             {
-                Vector512<float> b0 = Vector512.Load(b), b1 = Vector512.Load(b + 16), b2 = Vector512.Load(b + 32);
-                Vector512<float> a0 = Vector512.Create(a[0]);
-                c00 = Avx512F.FusedMultiplyAdd(a0, b0, c00); c01 = Avx512F.FusedMultiplyAdd(a0, b1, c01); c02 = Avx512F.FusedMultiplyAdd(a0, b2, c02);
-                Vector512<float> a1 = Vector512.Create(a[1]);
-                c10 = Avx512F.FusedMultiplyAdd(a1, b0, c10); c11 = Avx512F.FusedMultiplyAdd(a1, b1, c11); c12 = Avx512F.FusedMultiplyAdd(a1, b2, c12);
-                Vector512<float> a2 = Vector512.Create(a[2]);
-                c20 = Avx512F.FusedMultiplyAdd(a2, b0, c20); c21 = Avx512F.FusedMultiplyAdd(a2, b1, c21); c22 = Avx512F.FusedMultiplyAdd(a2, b2, c22);
-                Vector512<float> a3 = Vector512.Create(a[3]);
-                c30 = Avx512F.FusedMultiplyAdd(a3, b0, c30); c31 = Avx512F.FusedMultiplyAdd(a3, b1, c31); c32 = Avx512F.FusedMultiplyAdd(a3, b2, c32);
-                Vector512<float> a4 = Vector512.Create(a[4]);
-                c40 = Avx512F.FusedMultiplyAdd(a4, b0, c40); c41 = Avx512F.FusedMultiplyAdd(a4, b1, c41); c42 = Avx512F.FusedMultiplyAdd(a4, b2, c42);
-                Vector512<float> a5 = Vector512.Create(a[5]);
-                c50 = Avx512F.FusedMultiplyAdd(a5, b0, c50); c51 = Avx512F.FusedMultiplyAdd(a5, b1, c51); c52 = Avx512F.FusedMultiplyAdd(a5, b2, c52);
-                Vector512<float> a6 = Vector512.Create(a[6]);
-                c60 = Avx512F.FusedMultiplyAdd(a6, b0, c60); c61 = Avx512F.FusedMultiplyAdd(a6, b1, c61); c62 = Avx512F.FusedMultiplyAdd(a6, b2, c62);
-                Vector512<float> a7 = Vector512.Create(a[7]);
-                c70 = Avx512F.FusedMultiplyAdd(a7, b0, c70); c71 = Avx512F.FusedMultiplyAdd(a7, b1, c71); c72 = Avx512F.FusedMultiplyAdd(a7, b2, c72);
-                a += 8;
-                b += ldb;
-            }
-            StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
-            StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
-            StoreRow3(c20, c21, c22, c, accumulate); c += ldc;
-            StoreRow3(c30, c31, c32, c, accumulate); c += ldc;
-            StoreRow3(c40, c41, c42, c, accumulate); c += ldc;
-            StoreRow3(c50, c51, c52, c, accumulate); c += ldc;
-            StoreRow3(c60, c61, c62, c, accumulate); c += ldc;
-            StoreRow3(c70, c71, c72, c, accumulate);
-        }
-
-        /// <summary><see cref="Run"/> with B read in place (<see cref="IMicroKernel.RunOffsets"/>).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void RunOffsets(int kc, float* a, float* b, int* off, float* c, int ldc, bool accumulate)
-        {
-            Vector512<float> c00 = default, c01 = default, c02 = default;
-            Vector512<float> c10 = default, c11 = default, c12 = default;
-            Vector512<float> c20 = default, c21 = default, c22 = default;
-            Vector512<float> c30 = default, c31 = default, c32 = default;
-            Vector512<float> c40 = default, c41 = default, c42 = default;
-            Vector512<float> c50 = default, c51 = default, c52 = default;
-            Vector512<float> c60 = default, c61 = default, c62 = default;
-            Vector512<float> c70 = default, c71 = default, c72 = default;
-            for (; kc > 0; kc--)
-            {
-                float* bp = b + *off++;
+                float* bp = b.Row;
                 Vector512<float> b0 = Vector512.Load(bp), b1 = Vector512.Load(bp + 16), b2 = Vector512.Load(bp + 32);
                 Vector512<float> a0 = Vector512.Create(a[0]);
                 c00 = Avx512F.FusedMultiplyAdd(a0, b0, c00); c01 = Avx512F.FusedMultiplyAdd(a0, b1, c01); c02 = Avx512F.FusedMultiplyAdd(a0, b2, c02);
@@ -150,6 +142,7 @@ public static unsafe partial class Gemm
                 Vector512<float> a7 = Vector512.Create(a[7]);
                 c70 = Avx512F.FusedMultiplyAdd(a7, b0, c70); c71 = Avx512F.FusedMultiplyAdd(a7, b1, c71); c72 = Avx512F.FusedMultiplyAdd(a7, b2, c72);
                 a += 8;
+                b.Next();
             }
             StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
             StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
@@ -160,6 +153,7 @@ public static unsafe partial class Gemm
             StoreRow3(c60, c61, c62, c, accumulate); c += ldc;
             StoreRow3(c70, c71, c72, c, accumulate);
         }
+
 
         /// <summary>One row of the 48-wide packed panel (row r of the 8-row A panel: pass a + r) into dst[0..48); two k
         /// steps per iteration give 6 independent FMA chains.</summary>
@@ -325,7 +319,7 @@ public static unsafe partial class Gemm
             }
             if (nr > 36)
             {
-                Run(kc, a, b, 48, tile, 48, false);
+                Run(kc, a, new StridedWalk(b, 48), tile, 48, false);
                 CopyTile(tile, 48, mr, nr, c, ldc, accumulate);
                 return;
             }
@@ -428,39 +422,13 @@ public static unsafe partial class Gemm
 
         /// <summary>The 4x24 kernel: 12 ymm accumulators + 3 B vectors + 1 broadcast = all 16 registers.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        public static void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk
         {
             Vector256<float> c00 = default, c01 = default, c02 = default, c10 = default, c11 = default, c12 = default;
             Vector256<float> c20 = default, c21 = default, c22 = default, c30 = default, c31 = default, c32 = default;
             for (; kc > 0; kc--)
             {
-                Vector256<float> b0 = Vector256.Load(b), b1 = Vector256.Load(b + 8), b2 = Vector256.Load(b + 16);
-                Vector256<float> a0 = Vector256.Create(a[0]);
-                c00 = Fma.MultiplyAdd(a0, b0, c00); c01 = Fma.MultiplyAdd(a0, b1, c01); c02 = Fma.MultiplyAdd(a0, b2, c02);
-                Vector256<float> a1 = Vector256.Create(a[1]);
-                c10 = Fma.MultiplyAdd(a1, b0, c10); c11 = Fma.MultiplyAdd(a1, b1, c11); c12 = Fma.MultiplyAdd(a1, b2, c12);
-                Vector256<float> a2 = Vector256.Create(a[2]);
-                c20 = Fma.MultiplyAdd(a2, b0, c20); c21 = Fma.MultiplyAdd(a2, b1, c21); c22 = Fma.MultiplyAdd(a2, b2, c22);
-                Vector256<float> a3 = Vector256.Create(a[3]);
-                c30 = Fma.MultiplyAdd(a3, b0, c30); c31 = Fma.MultiplyAdd(a3, b1, c31); c32 = Fma.MultiplyAdd(a3, b2, c32);
-                a += 4;
-                b += ldb;
-            }
-            StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
-            StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
-            StoreRow3(c20, c21, c22, c, accumulate); c += ldc;
-            StoreRow3(c30, c31, c32, c, accumulate);
-        }
-
-        /// <summary><see cref="Run"/> with B read in place (<see cref="IMicroKernel.RunOffsets"/>).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void RunOffsets(int kc, float* a, float* b, int* off, float* c, int ldc, bool accumulate)
-        {
-            Vector256<float> c00 = default, c01 = default, c02 = default, c10 = default, c11 = default, c12 = default;
-            Vector256<float> c20 = default, c21 = default, c22 = default, c30 = default, c31 = default, c32 = default;
-            for (; kc > 0; kc--)
-            {
-                float* bp = b + *off++;
+                float* bp = b.Row;
                 Vector256<float> b0 = Vector256.Load(bp), b1 = Vector256.Load(bp + 8), b2 = Vector256.Load(bp + 16);
                 Vector256<float> a0 = Vector256.Create(a[0]);
                 c00 = Fma.MultiplyAdd(a0, b0, c00); c01 = Fma.MultiplyAdd(a0, b1, c01); c02 = Fma.MultiplyAdd(a0, b2, c02);
@@ -471,12 +439,14 @@ public static unsafe partial class Gemm
                 Vector256<float> a3 = Vector256.Create(a[3]);
                 c30 = Fma.MultiplyAdd(a3, b0, c30); c31 = Fma.MultiplyAdd(a3, b1, c31); c32 = Fma.MultiplyAdd(a3, b2, c32);
                 a += 4;
+                b.Next();
             }
             StoreRow3(c00, c01, c02, c, accumulate); c += ldc;
             StoreRow3(c10, c11, c12, c, accumulate); c += ldc;
             StoreRow3(c20, c21, c22, c, accumulate); c += ldc;
             StoreRow3(c30, c31, c32, c, accumulate);
         }
+
 
         /// <summary>4x16: the first 16 columns of a 24-wide packed panel, straight into C (8 accumulators: enough
         /// independent FMA chains to cover the FMA latency on two pipes).</summary>
@@ -649,45 +619,13 @@ public static unsafe partial class Gemm
 
         /// <summary>The 6x8 kernel: 12 accumulators + 2 B vectors + 1 broadcast = 15 registers.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        public static void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk
         {
             Vector128<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
             Vector128<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
             for (; kc > 0; kc--)
             {
-                Vector128<float> b0 = Vector128.Load(b), b1 = Vector128.Load(b + 4);
-                Vector128<float> a0 = Vector128.Create(a[0]);
-                c00 = Vector128.MultiplyAddEstimate(a0, b0, c00); c01 = Vector128.MultiplyAddEstimate(a0, b1, c01);
-                Vector128<float> a1 = Vector128.Create(a[1]);
-                c10 = Vector128.MultiplyAddEstimate(a1, b0, c10); c11 = Vector128.MultiplyAddEstimate(a1, b1, c11);
-                Vector128<float> a2 = Vector128.Create(a[2]);
-                c20 = Vector128.MultiplyAddEstimate(a2, b0, c20); c21 = Vector128.MultiplyAddEstimate(a2, b1, c21);
-                Vector128<float> a3 = Vector128.Create(a[3]);
-                c30 = Vector128.MultiplyAddEstimate(a3, b0, c30); c31 = Vector128.MultiplyAddEstimate(a3, b1, c31);
-                Vector128<float> a4 = Vector128.Create(a[4]);
-                c40 = Vector128.MultiplyAddEstimate(a4, b0, c40); c41 = Vector128.MultiplyAddEstimate(a4, b1, c41);
-                Vector128<float> a5 = Vector128.Create(a[5]);
-                c50 = Vector128.MultiplyAddEstimate(a5, b0, c50); c51 = Vector128.MultiplyAddEstimate(a5, b1, c51);
-                a += 6;
-                b += ldb;
-            }
-            StoreRow(c00, c01, c, accumulate); c += ldc;
-            StoreRow(c10, c11, c, accumulate); c += ldc;
-            StoreRow(c20, c21, c, accumulate); c += ldc;
-            StoreRow(c30, c31, c, accumulate); c += ldc;
-            StoreRow(c40, c41, c, accumulate); c += ldc;
-            StoreRow(c50, c51, c, accumulate);
-        }
-
-        /// <summary><see cref="Run"/> with B read in place (<see cref="IMicroKernel.RunOffsets"/>).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void RunOffsets(int kc, float* a, float* b, int* off, float* c, int ldc, bool accumulate)
-        {
-            Vector128<float> c00 = default, c01 = default, c10 = default, c11 = default, c20 = default, c21 = default;
-            Vector128<float> c30 = default, c31 = default, c40 = default, c41 = default, c50 = default, c51 = default;
-            for (; kc > 0; kc--)
-            {
-                float* bp = b + *off++;
+                float* bp = b.Row;
                 Vector128<float> b0 = Vector128.Load(bp), b1 = Vector128.Load(bp + 4);
                 Vector128<float> a0 = Vector128.Create(a[0]);
                 c00 = Vector128.MultiplyAddEstimate(a0, b0, c00); c01 = Vector128.MultiplyAddEstimate(a0, b1, c01);
@@ -702,6 +640,7 @@ public static unsafe partial class Gemm
                 Vector128<float> a5 = Vector128.Create(a[5]);
                 c50 = Vector128.MultiplyAddEstimate(a5, b0, c50); c51 = Vector128.MultiplyAddEstimate(a5, b1, c51);
                 a += 6;
+                b.Next();
             }
             StoreRow(c00, c01, c, accumulate); c += ldc;
             StoreRow(c10, c11, c, accumulate); c += ldc;
@@ -710,6 +649,7 @@ public static unsafe partial class Gemm
             StoreRow(c40, c41, c, accumulate); c += ldc;
             StoreRow(c50, c51, c, accumulate);
         }
+
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static void StoreRow(Vector128<float> x0, Vector128<float> x1, float* c, bool accumulate)
@@ -736,7 +676,7 @@ public static unsafe partial class Gemm
                 }
                 return;
             }
-            Run(kc, a, b, 8, tile, 8, false);
+            Run(kc, a, new StridedWalk(b, 8), tile, 8, false);
             CopyTile(tile, 8, mr, nr, c, ldc, accumulate);
         }
 
@@ -782,36 +722,13 @@ public static unsafe partial class Gemm
         public static string Name => nameof(ScalarKernel);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void Run(int kc, float* a, float* b, int ldb, float* c, int ldc, bool accumulate)
+        public static void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk
         {
             float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
             float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
             for (; kc > 0; kc--)
             {
-                float b0 = b[0], b1 = b[1], b2 = b[2], b3 = b[3];
-                float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-                c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-                c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
-                a += 4;
-                b += ldb;
-            }
-            StoreRow(c00, c01, c02, c03, c, accumulate); c += ldc;
-            StoreRow(c10, c11, c12, c13, c, accumulate); c += ldc;
-            StoreRow(c20, c21, c22, c23, c, accumulate); c += ldc;
-            StoreRow(c30, c31, c32, c33, c, accumulate);
-        }
-
-        /// <summary><see cref="Run"/> with B read in place (<see cref="IMicroKernel.RunOffsets"/>).</summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public static void RunOffsets(int kc, float* a, float* b, int* off, float* c, int ldc, bool accumulate)
-        {
-            float c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
-            float c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
-            for (; kc > 0; kc--)
-            {
-                float* bp = b + *off++;
+                float* bp = b.Row;
                 float b0 = bp[0], b1 = bp[1], b2 = bp[2], b3 = bp[3];
                 float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
                 c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
@@ -819,12 +736,14 @@ public static unsafe partial class Gemm
                 c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
                 c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
                 a += 4;
+                b.Next();
             }
             StoreRow(c00, c01, c02, c03, c, accumulate); c += ldc;
             StoreRow(c10, c11, c12, c13, c, accumulate); c += ldc;
             StoreRow(c20, c21, c22, c23, c, accumulate); c += ldc;
             StoreRow(c30, c31, c32, c33, c, accumulate);
         }
+
 
         private static void StoreRow(float x0, float x1, float x2, float x3, float* c, bool accumulate)
         {
@@ -837,7 +756,7 @@ public static unsafe partial class Gemm
 
         public static void RunEdge(int kc, float* a, float* b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         {
-            Run(kc, a, b, 4, tile, 4, false);
+            Run(kc, a, new StridedWalk(b, 4), tile, 4, false);
             CopyTile(tile, 4, mr, nr, c, ldc, accumulate);
         }
     }

@@ -231,7 +231,7 @@ public static unsafe partial class Gemm
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => TK.Run(kc, a, _b + (long)p0 * _bRow + j0, _bRow, c, ldc, accumulate);
+            => TK.Run(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), c, ldc, accumulate);
     }
 
     /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
@@ -244,7 +244,7 @@ public static unsafe partial class Gemm
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => TK.RunOffsets(kc, a, _b + j0, _off + p0, c, ldc, accumulate);
+            => TK.Run(kc, a, new OffsetWalk(_b + j0, _off + p0), c, ldc, accumulate);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
