@@ -55,6 +55,23 @@ public sealed class CliTests : IDisposable
     [InlineData(new[] { "frobnicate" }, "frobnicate")]
     public void WrongFlagsAreOneLineAndExitTwo(string[] args, string contains) => OneLineError(Run(args), ExitCodes.Usage, contains);
 
+    /// <summary>bench's one JSON line carries the keys scripts/gpu-check.sh and scripts/bench-vs-torch.sh read, the pool's
+    /// peak among them: at least the four copies of the parameters that are live for the whole run (values, gradients, Adam's
+    /// M and V; 4 bytes each).</summary>
+    [Fact]
+    public void BenchPrintsStepTimesAndThePoolPeak()
+    {
+        var r = Run("bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--device", "cpu");
+        Assert.Equal(0, r.Code);
+        using var json = System.Text.Json.JsonDocument.Parse(r.Out.Trim().Split('\n')[^1]);
+        var root = json.RootElement;
+        Assert.True(root.GetProperty("train_step_ms").GetDouble() > 0);
+        Assert.True(root.GetProperty("denoise_step_ms").GetDouble() > 0);
+        double parametersMib = 4 * 4.0 * root.GetProperty("params").GetInt64() / (1024 * 1024);
+        double peak = root.GetProperty("peak_mem_mib").GetDouble();
+        Assert.True(peak >= parametersMib, $"peak {peak} MiB below the parameters' four copies, {parametersMib:F1} MiB");
+    }
+
     [Fact]
     public void MissingCheckpoint()
     {
