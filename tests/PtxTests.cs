@@ -61,6 +61,13 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
     {
         var grouped = fixture.Kernels.Loaded.Where(k => k.Grouped).ToList();
         Assert.True(grouped.Count >= 4, $"only {grouped.Count} explicitly grouped kernels were loaded");
+        // The reductions by name, so a tiled kernel that stops being loaded (and so checked here) fails instead of vanishing.
+        var names = grouped.Select(k => $"{k.Method.DeclaringType?.Name}.{k.Method.Name}").ToHashSet();
+        foreach (var expected in new[] { "TiledReduce.PartialKernel", "TiledReduce.SegmentsKernel", "TiledReduce.ChannelPartialKernel",
+            "TiledReduce.RowSumsKernel", "TiledReduce.FlagNonFiniteKernel", "TiledNorm.ForwardKernel", "TiledNorm.BackwardKernel" })
+        {
+            Assert.Contains(expected, names);
+        }
         var caps = new CudaCapabilityContext(CudaArchitecture.SM_90);
         Assert.True(CudaAccelerator.TryGetInstructionSet(CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0), out _, out var isa));
         using var backend = new PTXBackend(fixture.Device.Context, caps, CudaArchitecture.SM_90, isa, null);

@@ -20,7 +20,9 @@ public interface IUnaryOp
 /// Elementwise ops and their backward: generic unary map, add, scaled accumulate, scale, clamp, fill, and
 /// the add of an [N, C] tensor broadcast over H×W (the time embedding added into a ResBlock).
 /// Shapes: any for the flat ops; x, y [N, C, H, W] and e [N, C] for <see cref="AddChannels"/>.
-/// Versions: one thread per element on ILGPU; SIMD loops over chunks on the CPU.
+/// Versions: one thread per element on ILGPU; SIMD loops over chunks on the CPU. The time-embedding bias gradient
+/// (<see cref="AddChannelsBackward"/>, row sums over H×W) is a group reduction on ILGPU (<see cref="TiledReduce.RowSums"/>),
+/// with its simple twin, one thread a row, behind <see cref="IlgpuKernels.Simple"/>.
 /// </summary>
 public static class Elementwise
 {
@@ -231,6 +233,11 @@ public static class Elementwise
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);
+            if (!k.Simple)
+            {
+                TiledReduce.RowSums(k, dy.View, de.View, n * c, hw);
+                return;
+            }
             k.Elementwise.RowSums(k.Stream, n * c, dy.View, de.View, hw);
             return;
         }
@@ -338,7 +345,8 @@ public static class Elementwise
     internal static void AddChannelsKernel(Index1D i, ArrayView<float> x, ArrayView<float> e, ArrayView<float> y, int hw) =>
         y[i] = x[i] + e[i / hw];
 
-    // one thread per row: sums [rows, cols] along cols into out[rows] (+=)
+    // The simple twin of TiledReduce.RowSumsKernel: one thread per row, sums [rows, cols] along cols into out[rows] (+=).
+    // Neighbouring threads read cols apart, so a warp's loads do not coalesce.
     internal static void RowSumsKernel(Index1D row, ArrayView<float> x, ArrayView<float> sums, int cols)
     {
         float s = 0;

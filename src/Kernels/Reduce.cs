@@ -414,6 +414,9 @@ public static class Reduce
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int> TiledChannelPartial =
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int>>(TiledReduce.ChannelPartialKernel);
 
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int> TiledRowSums =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int>>(TiledReduce.RowSumsKernel);
+
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int> TiledFlagNonFinite =
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int>>(TiledReduce.FlagNonFiniteKernel);
     }
