@@ -72,6 +72,24 @@ public sealed class CliTests : IDisposable
         Assert.True(peak >= parametersMib, $"peak {peak} MiB below the parameters' four copies, {parametersMib:F1} MiB");
     }
 
+    /// <summary>`check --ptx` writes a PTX file a loaded kernel, the tiled ones apart, for the sm asked for; a CUDA version
+    /// that is not major.minor is a usage error.</summary>
+    [Fact]
+    public void CheckPtxWritesEveryKernelForPtxas()
+    {
+        var folder = Path.Combine(_dir, "ptx");
+        var r = Run("check", "--ptx", folder, "--sm", "90", "--cuda", "12.4");
+        Assert.True(r.Code == 0, r.Err);
+        var rows = File.ReadAllText(Path.Combine(folder, "tiled", "TiledReduce.RowSumsKernel.ptx"));
+        Assert.Contains(".entry", rows);
+        Assert.Contains("bar.sync", rows);
+        Assert.Contains(".version 8.4", rows);
+        Assert.True(File.Exists(Path.Combine(folder, "tiled", "TiledGemm.Kernel.ConvForwardTile.ptx")));
+        Assert.True(File.Exists(Path.Combine(folder, "implicit", "Elementwise.RowSumsKernel.ptx")));
+        Assert.Contains("for sm_90", r.Out);
+        OneLineError(Run("check", "--ptx", folder, "--cuda", "twelve"), ExitCodes.Usage, "--cuda twelve");
+    }
+
     [Fact]
     public void MissingCheckpoint()
     {
