@@ -36,7 +36,7 @@ public static class Elementwise
             k.Elementwise.MapLauncher<TOp>()(k.Stream, x.Length, x.View, y.View);
             return;
         }
-        Cpu.For(x.Length, 1 << 15, (x.HostArray, y.HostArray), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 15, (x.Host(), y.Host()), static (v, s, e) =>
         {
             var (xs, ys) = v;
             for (int i = s; i < e; i++)
@@ -57,7 +57,7 @@ public static class Elementwise
             k.Elementwise.MapBackwardLauncher<TOp>()(k.Stream, x.Length, dy.View, x.View, dx.View);
             return;
         }
-        Cpu.For(x.Length, 1 << 15, (dy.HostArray, x.HostArray, dx.HostArray), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 15, (dy.Host(), x.Host(), dx.Host()), static (v, s, e) =>
         {
             var (dys, xs, dxs) = v;
             for (int i = s; i < e; i++)
@@ -78,13 +78,13 @@ public static class Elementwise
             k.Elementwise.Add(k.Stream, a.Length, a.View, b.View, y.View);
             return;
         }
-        Cpu.For(a.Length, 1 << 16, (a.HostArray, b.HostArray, y.HostArray), static (v, s, e) =>
+        Cpu.For(a.Length, 1 << 16, (a.Host(), b.Host(), y.Host()), static (v, s, e) =>
         {
             var (av, bv, yv) = v;
             int i = s;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                (new Vector<float>(av, i) + new Vector<float>(bv, i)).CopyTo(yv, i);
+                yv.Store(i, av.Load(i) + bv.Load(i));
             }
             for (; i < e; i++)
             {
@@ -103,14 +103,14 @@ public static class Elementwise
             k.Elementwise.Axpy(k.Stream, dst.Length, src.View, dst.View, alpha);
             return;
         }
-        Cpu.For(dst.Length, 1 << 16, (src.HostArray, dst.HostArray, alpha), static (v, s, e) =>
+        Cpu.For(dst.Length, 1 << 16, (src.Host(), dst.Host(), alpha), static (v, s, e) =>
         {
             var (sv, dv, alpha) = v;
             var va = new Vector<float>(alpha);
             int i = s;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                Vector.FusedMultiplyAdd(new Vector<float>(sv, i), va, new Vector<float>(dv, i)).CopyTo(dv, i);
+                dv.Store(i, Vector.FusedMultiplyAdd(sv.Load(i), va, dv.Load(i)));
             }
             for (; i < e; i++)
             {
@@ -129,14 +129,14 @@ public static class Elementwise
             k.Elementwise.Scale(k.Stream, x.Length, x.View, y.View, s);
             return;
         }
-        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, s), static (v, st, e) =>
+        Cpu.For(x.Length, 1 << 16, (x.Host(), y.Host(), s), static (v, st, e) =>
         {
             var (xv, yv, s) = v;
             var vs = new Vector<float>(s);
             int i = st;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                (new Vector<float>(xv, i) * vs).CopyTo(yv, i);
+                yv.Store(i, xv.Load(i) * vs);
             }
             for (; i < e; i++)
             {
@@ -163,7 +163,7 @@ public static class Elementwise
             k.Elementwise.Clamp(k.Stream, x.Length, x.View, y.View, lo, hi);
             return;
         }
-        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, lo, hi), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 16, (x.Host(), y.Host(), lo, hi), static (v, s, e) =>
         {
             var (xv, yv, lo, hi) = v;
             for (int i = s; i < e; i++)
@@ -203,7 +203,7 @@ public static class Elementwise
             k.Elementwise.AddChannels(k.Stream, x.Length, x.View, e.View, y.View, hw);
             return;
         }
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (x.HostArray, e.HostArray, y.HostArray, hw), static (v, s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (x.Host(), e.Host(), y.Host(), hw), static (v, s, end) =>
         {
             var (xv, ev, yv, hw) = v;
             for (int nc = s; nc < end; nc++)
@@ -212,7 +212,7 @@ public static class Elementwise
                 int i = nc * hw, stop = i + hw;
                 for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
-                    (new Vector<float>(xv, i) + vb).CopyTo(yv, i);
+                    yv.Store(i, xv.Load(i) + vb);
                 }
                 for (; i < stop; i++)
                 {
@@ -241,12 +241,12 @@ public static class Elementwise
             k.Elementwise.RowSums(k.Stream, n * c, dy.View, de.View, hw);
             return;
         }
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (dy.HostArray, de.HostArray, hw), static (v, s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (dy.Host(), de.Host(), hw), static (v, s, end) =>
         {
             var (dyv, dev, hw) = v;
             for (int nc = s; nc < end; nc++)
             {
-                dev[nc] += SumSpan(dyv.AsSpan(nc * hw, hw));
+                dev[nc] += SumSpan(dyv.Slice(nc * hw, hw));
             }
         });
     }
@@ -271,7 +271,7 @@ public static class Elementwise
             k.Elementwise.Combine(k.Stream, a.Length, a.View, ca.View, b.View, cb.View, y.View, per);
             return;
         }
-        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (a.HostArray, ca.HostArray, b.HostArray, cb.HostArray, y.HostArray, per),
+        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (a.Host(), ca.Host(), b.Host(), cb.Host(), y.Host(), per),
             static (v, first, last) =>
         {
             var (av, cav, bv, cbv, yv, per) = v;
@@ -282,7 +282,7 @@ public static class Elementwise
                 int i = s * per, stop = i + per;
                 for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
-                    (va * new Vector<float>(av, i) + vb * new Vector<float>(bv, i)).CopyTo(yv, i);
+                    yv.Store(i, va * av.Load(i) + vb * bv.Load(i));
                 }
                 for (; i < stop; i++)
                 {
