@@ -115,6 +115,26 @@ public sealed class FlatParameterTests(IlgpuFixture gpu)
         }
     }
 
+    /// <summary>A U-Net gathers its parameters into one flat buffer on both backends: every value and gradient is a view,
+    /// in creation order, and the buffers hold exactly the model's parameters.</summary>
+    [Theory]
+    [MemberData(nameof(Backends))]
+    public void AUNetsParametersAreViewsOfOneBufferOnEveryBackend(string backend)
+    {
+        var model = new UNet(16, DeviceOf(backend), seed: 7);
+        var set = model.Parameters;
+        Assert.True(set.IsFlat);
+        Assert.Equal(model.ParameterCount, (long)set.Values.Length);
+        Assert.Equal(model.ParameterCount, (long)set.Grads.Length);
+        for (int i = 0; i < set.Count; i++)
+        {
+            Assert.True(set[i].Value.IsView && set[i].Grad!.IsView, set[i].Name);
+            Assert.Equal(set.OffsetOf(i), set[i].Value.Offset);
+            Assert.Equal(set.OffsetOf(i), set[i].Grad!.Offset);
+        }
+        set.Dispose();
+    }
+
     [Fact]
     public unsafe void ACpuViewPointsIntoItsParent()
     {
