@@ -14,14 +14,25 @@
 #                                   without a GPU: --device ilgpu-cpu --preset tiny --batches 2 with PEER_DEVICE=cpu)
 #   --budget SECONDS                wall-clock budget for everything after the build (default 460, under 8 minutes)
 #
-# Benchmark phase, each step under its own timeout and all of it inside the budget (a step that would
-# not fit is skipped and says so):
-#   nvidia-smi's GPU name and driver; `ddpm bench --peak` (an FMA loop: the measured fp32 peak);
-#   `ddpm bench` at each batch (the first with --profile: per-op times and per-convolution GFLOP/s, read
-#   against that peak); `torch_unet.py bench` with --tf32 off (strict fp32) and --tf32 default (PyTorch's
-#   default: TF32 convolutions) at each batch. Device memory: the peer's own peak_mem_mib (its caching
-#   allocator's peak) and, for both, the rise of nvidia-smi's memory.used over the run (sampled every
-#   100 ms: CUDA context included, the same measure for both).
+# Every step runs under its own timeout; the timeouts add up to 450 s, inside the default budget, so a
+# run where every step times out still ends in time and runs them all. With a smaller --budget a step
+# that would not fit is skipped and says so, in this order (the most important first):
+#   1. `ddpm bench --peak`: an FMA loop, the measured fp32 peak (30 s)
+#   2. `ddpm bench` at the first batch with --profile: step times, per-op times and per-convolution
+#      GFLOP/s read against that peak, launches and host synchronisations per step (90 s)
+#   3. `torch_unet.py bench --tf32 off` (strict fp32, the target's reference) at the first batch (40 s)
+#   4. `ddpm check`: every kernel against the CPU backend and finite differences (100 s)
+#   5. `torch_unet.py bench --tf32 default` (PyTorch's default: TF32 convolutions) at the first batch (40 s)
+#   6. the same three benchmarks at the other batches (50 + 35 + 35 s each)
+#   7. `ddpm check --ptx` and `ptxas -v` on every tiled kernel: hardware registers and spills (25 s;
+#      reported only where ptxas, from a CUDA toolkit, is on PATH)
+# Device memory: each program's allocator peak (the engine's pool peak of live tensors, bench's
+# peak_mem_mib; the peer's torch.cuda.max_memory_allocated) and, for both, the rise of nvidia-smi's
+# memory.used over the run (sampled every 100 ms: CUDA context included, the same measure for both).
+#
+# Outputs are kept: every step's stdout and stderr, the full profile, the kernel check, the PTX and the
+# ptxas reports, and the printed table go to $OUT/gpu-check when OUT is set (a machine that returns
+# $OUT), else to results/<UTC time>/ beside this script (device/results/... when run from scripts/).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -80,8 +91,13 @@ if [ -n "$peer" ]; then
   done
 fi
 
-work=$(mktemp -d)
-trap 'kill "${sampler:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
+if [ -n "${OUT:-}" ]; then
+  work="$OUT/gpu-check"
+else
+  work="$dev/results/$(date -u +%Y%m%dT%H%M%SZ)"
+fi
+mkdir -p "$work"
+trap 'kill "${sampler:-}" 2>/dev/null || true' EXIT
 SECONDS=0
 
 # Seconds left for a step that wants $1, or 0 (skip) when fewer than 10 would remain.
@@ -133,64 +149,123 @@ failure() {
 
 check_verdict="not run"
 status=0
-if [ "$check" = 1 ]; then
-  limit=$(allot 150)
-  if [ "$limit" = 0 ]; then
-    check_verdict="skipped (budget)"
-  else
-    set +e
-    timeout "$limit" "$ddpm" check --device "$device" | tee "$work/check.txt"
-    check_rc=${PIPESTATUS[0]}
-    set -e
-    summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$work/check.txt" | tail -1 || true)
-    case "$check_rc" in
-      0) check_verdict="pass ($summary)" ;;
-      124) check_verdict="TIMED OUT after ${limit} s"; status=1 ;;
-      *) check_verdict="FAIL (exit $check_rc${summary:+; $summary})"; status=1 ;;
-    esac
-  fi
-fi
+# The kernel check: its verdict and whether the script fails.
+run_check() {
+  local limit
+  limit=$(allot 100)
+  if [ "$limit" = 0 ]; then check_verdict="skipped (budget)"; return; fi
+  set +e
+  timeout "$limit" "$ddpm" check --device "$device" 2>&1 | tee "$work/check.txt"
+  local check_rc=${PIPESTATUS[0]}
+  set -e
+  local summary
+  summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$work/check.txt" | tail -1 || true)
+  case "$check_rc" in
+    0) check_verdict="pass ($summary)" ;;
+    124) check_verdict="TIMED OUT after ${limit} s"; status=1 ;;
+    *) check_verdict="FAIL (exit $check_rc; ${summary:-$(tail -1 "$work/check.txt" | cut -c1-100)})"; status=1 ;;
+  esac
+}
 
 rows=()      # "label|batch|train|denoise|mem_delta|alloc_peak|note"
 peak="n/a"
+first_batch=${batches%% *}
+
+# The engine's bench at batch $1 with $2 seconds wanted (the first batch adds --profile).
+bench_engine() {
+  local b=$1 want=$2 extra=() limit j note=""
+  [ "$b" = "$first_batch" ] && extra=(--profile)
+  limit=$(allot "$want")
+  if [ "$limit" = 0 ]; then rows+=("ddpm ($device)|$b|||||skipped (budget)"); return; fi
+  measure "ddpm-$b" "$limit" "$ddpm" bench --preset "$preset" --batch "$b" --steps 5 --device "$device" "${extra[@]}"
+  if [ "$rc" = 0 ]; then
+    j=$(tail -1 "$work/ddpm-$b.out")
+    [ "$b" = "$first_batch" ] && { cp "$work/ddpm-$b.err" "$work/profile.txt"; note="timed steps before the profiled ones"; }
+    rows+=("ddpm ($device)|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|$note")
+  else
+    rows+=("ddpm ($device)|$b|||$mem_delta|n/a|$(failure "$work/ddpm-$b.err" "$limit")")
+  fi
+}
+
+# The peer's bench at batch $1, --tf32 $2, with $3 seconds wanted.
+bench_torch() {
+  local b=$1 tf=$2 want=$3 label limit j
+  label="torch fp32 (--tf32 off)"; [ "$tf" = default ] && label="torch default (TF32 convs)"
+  if [ -z "$python" ]; then rows+=("$label|$b|||||no ${peer:+torch for }${peer:-peer script}"); return; fi
+  limit=$(allot "$want")
+  if [ "$limit" = 0 ]; then rows+=("$label|$b|||||skipped (budget)"); return; fi
+  measure "torch-$tf-$b" "$limit" "$python" "$peer" bench --preset "$preset" --batch "$b" --steps 5 --device "$peer_device" --tf32 "$tf"
+  if [ "$rc" = 0 ]; then
+    j=$(tail -1 "$work/torch-$tf-$b.out")
+    rows+=("$label|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|torch $(jf "$j" torch) on $peer_device")
+  else
+    rows+=("$label|$b|||$mem_delta|n/a|$(failure "$work/torch-$tf-$b.err" "$limit")")
+  fi
+}
+
+# Hardware registers and spills of every tiled kernel: the engine writes its PTX (compiled without a GPU) for this
+# GPU's architecture at the PTX ISA of the installed ptxas, and ptxas -v reports what it allocated.
+ptxas_line="" ptxas_rows=()
+run_ptxas() {
+  local ptxas sm cuda limit f name report regs spill_st spill_ld smem
+  ptxas=$(command -v ptxas || true)
+  [ -z "$ptxas" ] && [ -x /usr/local/cuda/bin/ptxas ] && ptxas=/usr/local/cuda/bin/ptxas
+  if [ -z "$ptxas" ]; then ptxas_line="ptxas: not on PATH (no CUDA toolkit here): registers and spills per tiled kernel not reported"; return; fi
+  sm=90
+  if [ "$has_smi" = 1 ]; then
+    local cap
+    cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader -i 0 2>/dev/null | head -1 | tr -d ' .' || true)
+    [[ "$cap" =~ ^[0-9]+$ ]] && sm=$cap
+  fi
+  cuda=$("$ptxas" --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p' | head -1)
+  limit=$(allot 25)
+  if [ "$limit" = 0 ]; then ptxas_line="ptxas: skipped (budget)"; return; fi
+  set +e
+  timeout "$limit" "$ddpm" check --ptx "$work/ptx" --sm "$sm" --cuda "${cuda:-12.0}" > "$work/ptx.out" 2>&1
+  rc=$?
+  set -e
+  if [ "$rc" != 0 ]; then ptxas_line="ptxas: ddpm check --ptx failed ($(failure "$work/ptx.out" "$limit"))"; return; fi
+  ptxas_line="ptxas -v --gpu-name sm_$sm ($("$ptxas" --version | tail -1 | cut -c1-60)) on $(tail -1 "$work/ptx.out" | sed 's/^wrote the PTX of //')"
+  for f in "$work"/ptx/tiled/*.ptx; do
+    name=$(basename "$f" .ptx)
+    report="${f%.ptx}.ptxas.txt"
+    if ! "$ptxas" -v --gpu-name "sm_$sm" "$f" -o /dev/null > "$report" 2>&1; then
+      ptxas_rows+=("$name|failed (${report##*/})|||")
+      continue
+    fi
+    regs=$(sed -n 's/.*Used \([0-9]*\) registers.*/\1/p' "$report" | head -1)
+    spill_st=$(sed -n 's/.* \([0-9]*\) bytes spill stores.*/\1/p' "$report" | head -1)
+    spill_ld=$(sed -n 's/.* \([0-9]*\) bytes spill loads.*/\1/p' "$report" | head -1)
+    smem=$(sed -n 's/.* \([0-9]*\) bytes smem.*/\1/p' "$report" | head -1)
+    ptxas_rows+=("$name|${regs:-?}|${spill_st:-0}|${spill_ld:-0}|${smem:-0}")
+  done
+}
+
+# The plan, the most important first (see the header); each step's allowance is its timeout.
+bench_first=0
 if [ "$bench" = 1 ]; then
-  limit=$(allot 40)
+  limit=$(allot 30)
   if [ "$limit" != 0 ]; then
     measure peak "$limit" "$ddpm" bench --peak --device "$device"
     [ "$rc" = 0 ] && peak=$(jf "$(tail -1 "$work/peak.out")" peak_gflops)
   fi
-  first=1
+  bench_engine "$first_batch" 90
+  bench_torch "$first_batch" off 40
+  bench_first=1
+fi
+[ "$check" = 1 ] && run_check
+if [ "$bench" = 1 ]; then
+  bench_torch "$first_batch" default 40
   for b in $batches; do
-    want=70; extra=()
-    if [ "$first" = 1 ]; then want=110; extra=(--profile); fi
-    limit=$(allot "$want")
-    if [ "$limit" = 0 ]; then rows+=("ddpm ($device)|$b|||||skipped (budget)"); continue; fi
-    measure "ddpm-$b" "$limit" "$ddpm" bench --preset "$preset" --batch "$b" --steps 5 --device "$device" "${extra[@]}"
-    if [ "$rc" = 0 ]; then
-      j=$(tail -1 "$work/ddpm-$b.out")
-      alloc=$(jf "$j" peak_mem_mib); note=""
-      [ "$first" = 1 ] && { cp "$work/ddpm-$b.err" "$work/profile.txt"; note="timed steps before the profiled ones"; }
-      rows+=("ddpm ($device)|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|${alloc:-n/a}|$note")
-    else
-      rows+=("ddpm ($device)|$b|||$mem_delta|n/a|$(failure "$work/ddpm-$b.err" "$limit")")
-    fi
-    first=0
-    for tf in off default; do
-      label="torch fp32 (--tf32 off)"; [ "$tf" = default ] && label="torch default (TF32 convs)"
-      if [ -z "$python" ]; then rows+=("$label|$b|||||no ${peer:+torch for }${peer:-peer script}"); continue; fi
-      limit=$(allot 50)
-      if [ "$limit" = 0 ]; then rows+=("$label|$b|||||skipped (budget)"); continue; fi
-      measure "torch-$tf-$b" "$limit" "$python" "$peer" bench --preset "$preset" --batch "$b" --steps 5 --device "$peer_device" --tf32 "$tf"
-      if [ "$rc" = 0 ]; then
-        j=$(tail -1 "$work/torch-$tf-$b.out")
-        rows+=("$label|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|torch $(jf "$j" torch) on $peer_device")
-      else
-        rows+=("$label|$b|||$mem_delta|n/a|$(failure "$work/torch-$tf-$b.err" "$limit")")
-      fi
-    done
+    [ "$b" = "$first_batch" ] && continue
+    bench_engine "$b" 50
+    bench_torch "$b" off 35
+    bench_torch "$b" default 35
   done
 fi
+run_ptxas
 
+report() {
 echo
 echo "== gpu-check: $gpu_line; ${SECONDS} s =="
 echo "kernel check ($device vs cpu): $check_verdict"
@@ -226,4 +301,19 @@ if [ "$bench" = 1 ]; then
     grep -Eiq 'launch|sync' "$work/profile.txt" && grep -Ei 'launch|sync' "$work/profile.txt" | sed 's/^ */  /' | head -6
   fi
 fi
+echo
+echo "$ptxas_line"
+if [ "${#ptxas_rows[@]}" -gt 0 ]; then
+  # Spills are the register tile not fitting: the PTX test already proves no .local arrays; spills would be ptxas's own.
+  printf '| %-34s | %9s | %18s | %17s | %10s |\n' "tiled kernel" registers "spill stores (B)" "spill loads (B)" "smem (B)"
+  printf '|%s|%s|%s|%s|%s|\n' "------------------------------------" "-----------" "--------------------" "-------------------" "------------"
+  for r in "${ptxas_rows[@]}"; do
+    IFS='|' read -r name regs st ld smem <<< "$r"
+    printf '| %-34s | %9s | %18s | %17s | %10s |\n' "$name" "$regs" "$st" "$ld" "$smem"
+  done
+fi
+echo
+echo "outputs kept in $work: each step's .out and .err, profile.txt, check.txt, ptx/ (where ptxas ran), this table in table.txt"
+}
+report | tee "$work/table.txt"
 exit "$status"

@@ -55,6 +55,41 @@ public sealed class CliTests : IDisposable
     [InlineData(new[] { "frobnicate" }, "frobnicate")]
     public void WrongFlagsAreOneLineAndExitTwo(string[] args, string contains) => OneLineError(Run(args), ExitCodes.Usage, contains);
 
+    /// <summary>bench's one JSON line carries the keys scripts/gpu-check.sh and scripts/bench-vs-torch.sh read, the pool's
+    /// peak among them: at least the four copies of the parameters that are live for the whole run (values, gradients, Adam's
+    /// M and V; 4 bytes each).</summary>
+    [Fact]
+    public void BenchPrintsStepTimesAndThePoolPeak()
+    {
+        var r = Run("bench", "--preset", "tiny", "--batch", "1", "--steps", "1", "--device", "cpu");
+        Assert.Equal(0, r.Code);
+        using var json = System.Text.Json.JsonDocument.Parse(r.Out.Trim().Split('\n')[^1]);
+        var root = json.RootElement;
+        Assert.True(root.GetProperty("train_step_ms").GetDouble() > 0);
+        Assert.True(root.GetProperty("denoise_step_ms").GetDouble() > 0);
+        double parametersMib = 4 * 4.0 * root.GetProperty("params").GetInt64() / (1024 * 1024);
+        double peak = root.GetProperty("peak_mem_mib").GetDouble();
+        Assert.True(peak >= parametersMib, $"peak {peak} MiB below the parameters' four copies, {parametersMib:F1} MiB");
+    }
+
+    /// <summary>`check --ptx` writes a PTX file a loaded kernel, the tiled ones apart, for the sm asked for; a CUDA version
+    /// that is not major.minor is a usage error.</summary>
+    [Fact]
+    public void CheckPtxWritesEveryKernelForPtxas()
+    {
+        var folder = Path.Combine(_dir, "ptx");
+        var r = Run("check", "--ptx", folder, "--sm", "90", "--cuda", "12.4");
+        Assert.True(r.Code == 0, r.Err);
+        var rows = File.ReadAllText(Path.Combine(folder, "tiled", "TiledReduce.RowSumsKernel.ptx"));
+        Assert.Contains(".entry", rows);
+        Assert.Contains("bar.sync", rows);
+        Assert.Contains(".version 8.4", rows);
+        Assert.True(File.Exists(Path.Combine(folder, "tiled", "TiledGemm.Kernel.ConvForwardTile.ptx")));
+        Assert.True(File.Exists(Path.Combine(folder, "implicit", "Elementwise.RowSumsKernel.ptx")));
+        Assert.Contains("for sm_90", r.Out);
+        OneLineError(Run("check", "--ptx", folder, "--cuda", "twelve"), ExitCodes.Usage, "--cuda twelve");
+    }
+
     [Fact]
     public void MissingCheckpoint()
     {

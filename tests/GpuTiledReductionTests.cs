@@ -27,6 +27,13 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // 40 images of 3×5: at warp 4 (64 threads, 512 elements a group) the batch splits in two, the second split short.
         ConvBias("conv bias N40 K3 3x5", n: 40, k: 3, h: 3, w: 5),
         ConvBias("conv bias N3 K5 7x7", n: 3, k: 5, h: 7, w: 7),
+        // Time-embedding bias gradient (row sums over H×W): 63 columns get 16 lanes, 15 rows fill one group of 16 short at
+        // warp 32 and four of 4 (the last short) at warp 4; 784 columns, a row a group, 3 or 12 elements a lane with a
+        // ragged tail; 196 columns, 64 lanes; 3 columns, one lane a row and 35 rows in one group.
+        RowSums("time bias rows N3 C5 7x9", n: 3, c: 5, h: 7, w: 9),
+        RowSums("time bias rows N2 C3 28x28", n: 2, c: 3, h: 28, w: 28),
+        RowSums("time bias rows N3 C5 14x14", n: 3, c: 5, h: 14, w: 14),
+        RowSums("time bias rows N5 C7 1x3", n: 5, c: 7, h: 1, w: 3),
         // 5,003 elements: 3 groups at warp 32, 10 at warp 4, the last one ragged.
         Reductions("sum, mean, sum of squares, mse over 5003", 5003),
         Reductions("sum, mean, sum of squares, mse over 7", 7),
@@ -131,6 +138,18 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         Assert.Equal((rows, splits), TiledReduce.ChannelSplits(n, inner, threads));
     }
 
+    [Theory]
+    [InlineData(784, 256, 256)] // 28×28: a group a row
+    [InlineData(196, 256, 64)] // 14×14: four rows a group
+    [InlineData(49, 256, 16)] // 7×7: sixteen rows a group
+    [InlineData(784, 64, 64)] // the warp-4 simulator's groups of 64
+    [InlineData(4, 256, 1)]
+    [InlineData(5, 256, 2)]
+    public void TimeBiasRowsGetAboutFourElementsALane(int cols, int threads, int lanes)
+    {
+        Assert.Equal(lanes, TiledReduce.RowLanes(cols, threads));
+    }
+
     [Fact]
     public void GroupSizeIsAPowerOfTwoTheDeviceAllows()
     {
@@ -179,6 +198,20 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
             db.CopyFrom(x[1]);
             Conv2d.BackwardBias(x[0], db);
             return [db];
+        },
+    };
+
+    // de (random start) += Σ_hw dy: the time embedding's gradient through a ResBlock's channel bias.
+    private static OpCase RowSums(string name, int n, int c, int h, int w) => new()
+    {
+        Name = name,
+        Inputs = [new("dy", [n, c, h, w]), new("de0", [n, c])],
+        Forward = (s, x) =>
+        {
+            var de = s.Output(n, c);
+            de.CopyFrom(x[1]);
+            Elementwise.AddChannelsBackward(x[0], de);
+            return [de];
         },
     };
 

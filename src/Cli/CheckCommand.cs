@@ -1,12 +1,15 @@
 using System.CommandLine;
+using Ddpm.Diffusion;
 using Ddpm.Kernels;
 using Ddpm.Kernels.Checks;
 using Ddpm.Tensors;
+using ILGPU.Runtime.Cuda;
 
 namespace Ddpm.Cli;
 
 /// <summary><c>ddpm check</c>: every op on an ILGPU device against the managed CPU backend and
-/// against finite differences, as one table (what scripts/gpu-check.sh runs on a GPU box).</summary>
+/// against finite differences, as one table (what scripts/gpu-check.sh runs on a GPU box). With <c>--ptx DIR</c>
+/// instead: the PTX of every kernel the engine loads, for <c>ptxas -v</c>.</summary>
 public static class CheckCommand
 {
     /// <summary>The command and its options.</summary>
@@ -18,9 +21,50 @@ public static class CheckCommand
             DefaultValueFactory = _ => "cuda",
         };
         device.AcceptOnlyFromAmong("cuda", "opencl", "ilgpu-cpu");
-        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device };
-        check.SetAction(parse => Program.Guard(() => Run(parse.GetValue(device)!)));
+        var ptx = new Option<string?>("--ptx")
+        {
+            Description = "instead of the checks: write the PTX of every kernel the engine loads into this folder (tiled/ for the " +
+                "explicitly grouped kernels, implicit/ for the rest), compiled on ILGPU's CPU accelerator: no GPU needed; for ptxas -v",
+        };
+        var sm = new Option<int>("--sm") { Description = "the CUDA architecture --ptx compiles for, as major·10 + minor (90: sm_90, H100 and H200)", DefaultValueFactory = _ => 90 }
+            .Within(30, 200);
+        var cuda = new Option<string>("--cuda")
+        {
+            Description = "the CUDA version (toolkit or driver, major.minor) whose newest PTX ISA --ptx writes, so that version's ptxas reads it",
+            DefaultValueFactory = _ => "12.0",
+        };
+        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda };
+        check.SetAction(parse => Program.Guard(() => parse.GetValue(ptx) is { } folder
+            ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!)
+            : Run(parse.GetValue(device)!)));
         return check;
+    }
+
+    /// <summary>Compiles every loaded kernel to PTX for sm_<paramref name="sm"/> and writes one file a kernel.</summary>
+    private static int WritePtx(string folder, int sm, string cudaVersion)
+    {
+        Program.RequireFolder("--ptx", folder);
+        var parts = cudaVersion.Split('.');
+        if (parts.Length != 2 || !int.TryParse(parts[0], out int major) || !int.TryParse(parts[1], out int minor))
+        {
+            throw new UsageException($"--cuda {cudaVersion}: expected major.minor, e.g. 12.4");
+        }
+        using var device = DeviceCatalog.Open("ilgpu-cpu", out _);
+        var ilgpu = (IlgpuDevice)device;
+        var kernels = IlgpuKernels.For(ilgpu);
+        using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
+        int tiled = 0;
+        foreach (var kernel in kernels.Loaded)
+        {
+            string sub = Path.Combine(folder, kernel.Grouped ? "tiled" : "implicit");
+            Directory.CreateDirectory(sub);
+            File.WriteAllText(Path.Combine(sub, KernelPtx.Name(kernel) + ".ptx"), compiler.Compile(kernel));
+            tiled += kernel.Grouped ? 1 : 0;
+        }
+        var isa = compiler.InstructionSet;
+        Console.WriteLine($"wrote the PTX of {kernels.Loaded.Count} kernels for sm_{sm} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
+            $"{tiled} tiled in tiled/, {kernels.Loaded.Count - tiled} in implicit/");
+        return 0;
     }
 
     private static int Run(string deviceName)

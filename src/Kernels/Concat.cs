@@ -22,13 +22,13 @@ public static class Concat
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (a.HostArray, b.HostArray, y.HostArray, sa, sb), static (v, first, last) =>
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (a.Host(), b.Host(), y.Host(), sa, sb), static (v, first, last) =>
         {
             var (av, bv, yv, sa, sb) = v;
             for (int i = first; i < last; i++)
             {
-                Array.Copy(av, i * sa, yv, i * (sa + sb), sa);
-                Array.Copy(bv, i * sb, yv, i * (sa + sb) + sa, sb);
+                av.Slice(i * sa, sa).CopyTo(yv.Slice(i * (sa + sb), sa));
+                bv.Slice(i * sb, sb).CopyTo(yv.Slice(i * (sa + sb) + sa, sb));
             }
         });
     }
@@ -47,14 +47,14 @@ public static class Concat
             return;
         }
         int sa = ca * hw, sb = cb * hw;
-        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (dy.HostArray, da.HostArray, db.HostArray, sa, sb, accumulateA, accumulateB),
+        Cpu.For(n, Math.Max(1, (1 << 15) / (sa + sb)), (dy.Host(), da.Host(), db.Host(), sa, sb, accumulateA, accumulateB),
             static (v, first, last) =>
         {
             var (dyv, dav, dbv, sa, sb, accumulateA, accumulateB) = v;
             for (int i = first; i < last; i++)
             {
-                Part(dyv.AsSpan(i * (sa + sb), sa), dav.AsSpan(i * sa, sa), accumulateA);
-                Part(dyv.AsSpan(i * (sa + sb) + sa, sb), dbv.AsSpan(i * sb, sb), accumulateB);
+                Part(dyv.Slice(i * (sa + sb), sa), dav.Slice(i * sa, sa), accumulateA);
+                Part(dyv.Slice(i * (sa + sb) + sa, sb), dbv.Slice(i * sb, sb), accumulateB);
             }
         });
 

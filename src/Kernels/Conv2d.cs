@@ -313,7 +313,7 @@ public static unsafe class Conv2d
         Check.Shape("conv2d", "y", y, g.N, g.K, g.P, g.Q);
     }
 
-    internal static float* Ptr(Tensor t) => (float*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(t.HostArray));
+    internal static float* Ptr(Tensor t) => t.Pointer;
 
     // ---------------- CPU fast: im2col + packed GEMM ----------------
 

@@ -20,7 +20,9 @@ public interface IUnaryOp
 /// Elementwise ops and their backward: generic unary map, add, scaled accumulate, scale, clamp, fill, and
 /// the add of an [N, C] tensor broadcast over H×W (the time embedding added into a ResBlock).
 /// Shapes: any for the flat ops; x, y [N, C, H, W] and e [N, C] for <see cref="AddChannels"/>.
-/// Versions: one thread per element on ILGPU; SIMD loops over chunks on the CPU.
+/// Versions: one thread per element on ILGPU; SIMD loops over chunks on the CPU. The time-embedding bias gradient
+/// (<see cref="AddChannelsBackward"/>, row sums over H×W) is a group reduction on ILGPU (<see cref="TiledReduce.RowSums"/>),
+/// with its simple twin, one thread a row, behind <see cref="IlgpuKernels.Simple"/>.
 /// </summary>
 public static class Elementwise
 {
@@ -34,7 +36,7 @@ public static class Elementwise
             k.Elementwise.MapLauncher<TOp>()(k.Stream, x.Length, x.View, y.View);
             return;
         }
-        Cpu.For(x.Length, 1 << 15, (x.HostArray, y.HostArray), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 15, (x.Host(), y.Host()), static (v, s, e) =>
         {
             var (xs, ys) = v;
             for (int i = s; i < e; i++)
@@ -55,7 +57,7 @@ public static class Elementwise
             k.Elementwise.MapBackwardLauncher<TOp>()(k.Stream, x.Length, dy.View, x.View, dx.View);
             return;
         }
-        Cpu.For(x.Length, 1 << 15, (dy.HostArray, x.HostArray, dx.HostArray), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 15, (dy.Host(), x.Host(), dx.Host()), static (v, s, e) =>
         {
             var (dys, xs, dxs) = v;
             for (int i = s; i < e; i++)
@@ -76,13 +78,13 @@ public static class Elementwise
             k.Elementwise.Add(k.Stream, a.Length, a.View, b.View, y.View);
             return;
         }
-        Cpu.For(a.Length, 1 << 16, (a.HostArray, b.HostArray, y.HostArray), static (v, s, e) =>
+        Cpu.For(a.Length, 1 << 16, (a.Host(), b.Host(), y.Host()), static (v, s, e) =>
         {
             var (av, bv, yv) = v;
             int i = s;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                (new Vector<float>(av, i) + new Vector<float>(bv, i)).CopyTo(yv, i);
+                yv.Store(i, av.Load(i) + bv.Load(i));
             }
             for (; i < e; i++)
             {
@@ -101,14 +103,14 @@ public static class Elementwise
             k.Elementwise.Axpy(k.Stream, dst.Length, src.View, dst.View, alpha);
             return;
         }
-        Cpu.For(dst.Length, 1 << 16, (src.HostArray, dst.HostArray, alpha), static (v, s, e) =>
+        Cpu.For(dst.Length, 1 << 16, (src.Host(), dst.Host(), alpha), static (v, s, e) =>
         {
             var (sv, dv, alpha) = v;
             var va = new Vector<float>(alpha);
             int i = s;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                Vector.FusedMultiplyAdd(new Vector<float>(sv, i), va, new Vector<float>(dv, i)).CopyTo(dv, i);
+                dv.Store(i, Vector.FusedMultiplyAdd(sv.Load(i), va, dv.Load(i)));
             }
             for (; i < e; i++)
             {
@@ -127,14 +129,14 @@ public static class Elementwise
             k.Elementwise.Scale(k.Stream, x.Length, x.View, y.View, s);
             return;
         }
-        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, s), static (v, st, e) =>
+        Cpu.For(x.Length, 1 << 16, (x.Host(), y.Host(), s), static (v, st, e) =>
         {
             var (xv, yv, s) = v;
             var vs = new Vector<float>(s);
             int i = st;
             for (; Simd.VectorT && i <= e - Vector<float>.Count; i += Vector<float>.Count)
             {
-                (new Vector<float>(xv, i) * vs).CopyTo(yv, i);
+                yv.Store(i, xv.Load(i) * vs);
             }
             for (; i < e; i++)
             {
@@ -161,7 +163,7 @@ public static class Elementwise
             k.Elementwise.Clamp(k.Stream, x.Length, x.View, y.View, lo, hi);
             return;
         }
-        Cpu.For(x.Length, 1 << 16, (x.HostArray, y.HostArray, lo, hi), static (v, s, e) =>
+        Cpu.For(x.Length, 1 << 16, (x.Host(), y.Host(), lo, hi), static (v, s, e) =>
         {
             var (xv, yv, lo, hi) = v;
             for (int i = s; i < e; i++)
@@ -201,7 +203,7 @@ public static class Elementwise
             k.Elementwise.AddChannels(k.Stream, x.Length, x.View, e.View, y.View, hw);
             return;
         }
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (x.HostArray, e.HostArray, y.HostArray, hw), static (v, s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (x.Host(), e.Host(), y.Host(), hw), static (v, s, end) =>
         {
             var (xv, ev, yv, hw) = v;
             for (int nc = s; nc < end; nc++)
@@ -210,7 +212,7 @@ public static class Elementwise
                 int i = nc * hw, stop = i + hw;
                 for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
-                    (new Vector<float>(xv, i) + vb).CopyTo(yv, i);
+                    yv.Store(i, xv.Load(i) + vb);
                 }
                 for (; i < stop; i++)
                 {
@@ -231,15 +233,20 @@ public static class Elementwise
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);
+            if (!k.Simple)
+            {
+                TiledReduce.RowSums(k, dy.View, de.View, n * c, hw);
+                return;
+            }
             k.Elementwise.RowSums(k.Stream, n * c, dy.View, de.View, hw);
             return;
         }
-        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (dy.HostArray, de.HostArray, hw), static (v, s, end) =>
+        Cpu.For(n * c, Math.Max(1, (1 << 15) / Math.Max(hw, 1)), (dy.Host(), de.Host(), hw), static (v, s, end) =>
         {
             var (dyv, dev, hw) = v;
             for (int nc = s; nc < end; nc++)
             {
-                dev[nc] += SumSpan(dyv.AsSpan(nc * hw, hw));
+                dev[nc] += SumSpan(dyv.Slice(nc * hw, hw));
             }
         });
     }
@@ -264,7 +271,7 @@ public static class Elementwise
             k.Elementwise.Combine(k.Stream, a.Length, a.View, ca.View, b.View, cb.View, y.View, per);
             return;
         }
-        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (a.HostArray, ca.HostArray, b.HostArray, cb.HostArray, y.HostArray, per),
+        Cpu.For(n, Math.Max(1, (1 << 15) / Math.Max(per, 1)), (a.Host(), ca.Host(), b.Host(), cb.Host(), y.Host(), per),
             static (v, first, last) =>
         {
             var (av, cav, bv, cbv, yv, per) = v;
@@ -275,7 +282,7 @@ public static class Elementwise
                 int i = s * per, stop = i + per;
                 for (; Simd.VectorT && i <= stop - Vector<float>.Count; i += Vector<float>.Count)
                 {
-                    (va * new Vector<float>(av, i) + vb * new Vector<float>(bv, i)).CopyTo(yv, i);
+                    yv.Store(i, va * av.Load(i) + vb * bv.Load(i));
                 }
                 for (; i < stop; i++)
                 {
@@ -338,7 +345,8 @@ public static class Elementwise
     internal static void AddChannelsKernel(Index1D i, ArrayView<float> x, ArrayView<float> e, ArrayView<float> y, int hw) =>
         y[i] = x[i] + e[i / hw];
 
-    // one thread per row: sums [rows, cols] along cols into out[rows] (+=)
+    // The simple twin of TiledReduce.RowSumsKernel: one thread per row, sums [rows, cols] along cols into out[rows] (+=).
+    // Neighbouring threads read cols apart, so a warp's loads do not coalesce.
     internal static void RowSumsKernel(Index1D row, ArrayView<float> x, ArrayView<float> sums, int cols)
     {
         float s = 0;

@@ -28,8 +28,8 @@ public static class Embedding
             k.Embedding.OneHot(k.Stream, h.Length, labels.View, h.View, rows);
             return;
         }
-        var lv = labels.HostArray;
-        var hv = h.HostArray;
+        var lv = labels.Host();
+        var hv = h.Host();
         for (int i = 0; i < n * rows; i++)
         {
             hv[i] = Value(lv[i / rows], i % rows);

@@ -51,13 +51,13 @@ public static class GroupNorm
             k.GroupNorm.Normalize(k.Stream, x.Length, x.View, gamma.View, beta.View, mean.View, rstd.View, y.View, s);
             return;
         }
-        var arrays = (x.HostArray, y.HostArray, gamma.HostArray, beta.HostArray, mean.HostArray, rstd.HostArray);
+        var arrays = (x.Host(), y.Host(), gamma.Host(), beta.Host(), mean.Host(), rstd.Host());
         Cpu.For(s.N * groups, 1, (arrays, s, groups, eps, silu), static (state, first, last) =>
         {
             var ((xv, yv, gv, bv, mv, rv), s, groups, eps, silu) = state;
             for (int ng = first; ng < last; ng++)
             {
-                var span = xv.AsSpan(ng * s.GroupSize, s.GroupSize);
+                var span = xv.Slice(ng * s.GroupSize, s.GroupSize);
                 double mu = Sum(span) / s.GroupSize;
                 float m = (float)mu, r = (float)(1.0 / Math.Sqrt(SumSquaredDeviations(span, m) / s.GroupSize + eps));
                 mv[ng] = m;
@@ -67,7 +67,7 @@ public static class GroupNorm
                 {
                     float scale = r * gv[c0 + cg], shift = bv[c0 + cg] - m * scale;
                     int start = ng * s.GroupSize + cg * s.Hw;
-                    AffineSilu(xv.AsSpan(start, s.Hw), yv.AsSpan(start, s.Hw), scale, shift, silu);
+                    AffineSilu(xv.Slice(start, s.Hw), yv.Slice(start, s.Hw), scale, shift, silu);
                 }
             }
         });
@@ -103,13 +103,13 @@ public static class GroupNorm
             k.GroupNorm.ParamGrad(k.Stream, s.C, dy.View, x.View, mean.View, rstd.View, gamma.View, beta.View, dgamma.View, dbeta.View, s);
             return;
         }
-        var dyv = dy.HostArray;
-        var xv = x.HostArray;
-        var mv = mean.HostArray;
-        var rv = rstd.HostArray;
-        var gv = gamma.HostArray;
-        var bv = beta.HostArray;
-        var dxv = dx.HostArray;
+        var dyv = dy.Host();
+        var xv = x.Host();
+        var mv = mean.Host();
+        var rv = rstd.Host();
+        var gv = gamma.Host();
+        var bv = beta.Host();
+        var dxv = dx.Host();
         // Per (n, c): Σ_hw du and Σ_hw du·x. The group sums and dgamma/dbeta all follow from these.
         // Both [N, C] sum tables in the caller's arena: the workers write disjoint entries while the caller waits.
         nint tables = Arena.Current.Doubles(ArenaSlot.GroupNormSums, 2 * s.N * s.C);
@@ -131,7 +131,7 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        var (a, b) = ChannelSums(dyv.AsSpan(start, s.Hw), xv.AsSpan(start, s.Hw), scale, shift, silu ? du.Slice(cg * s.Hw, s.Hw) : default, silu);
+                        var (a, b) = ChannelSums(dyv.Slice(start, s.Hw), xv.Slice(start, s.Hw), scale, shift, silu ? du.Slice(cg * s.Hw, s.Hw) : default, silu);
                         sumDu[n * s.C + c] = a;
                         sumDuX[n * s.C + c] = b;
                         // Σ g = γ·Σ du; Σ g·xhat = γ·r·(Σ du·x - m·Σ du).
@@ -143,13 +143,13 @@ public static class GroupNorm
                     {
                         int c = c0 + cg, start = ng * s.GroupSize + cg * s.Hw;
                         float scale = r * gv[c], shift = bv[c] - m * scale;
-                        var duc = silu ? du.Slice(cg * s.Hw, s.Hw) : dyv.AsSpan(start, s.Hw);
-                        InputGrad(duc, xv.AsSpan(start, s.Hw), dxv.AsSpan(start, s.Hw), gv[c], m, r, meanG, meanGx, accumulate);
+                        var duc = silu ? du.Slice(cg * s.Hw, s.Hw) : dyv.Slice(start, s.Hw);
+                        InputGrad(duc, xv.Slice(start, s.Hw), dxv.Slice(start, s.Hw), gv[c], m, r, meanG, meanGx, accumulate);
                     }
                 }
             });
-            var dgv = dgamma.HostArray;
-            var dbv = dbeta.HostArray;
+            var dgv = dgamma.Host();
+            var dbv = dbeta.Host();
             var sumDuTable = SumTable(tables, s, 0);
             var sumDuXTable = SumTable(tables, s, 1);
             for (int c = 0; c < s.C; c++)

@@ -76,11 +76,11 @@ public static unsafe class Linear
             Gemm.Multiply(m, n, k, Conv2d.Ptr(a), s.ARow, s.ACol, Conv2d.Ptr(b), s.BRow, s.BCol, Conv2d.Ptr(c), n, accumulate, parallel: true);
             if (bias is not null)
             {
-                var cv = c.HostArray;
-                var bv = bias.HostArray;
+                var cv = c.Host();
+                var bv = bias.Host();
                 for (int i = 0; i < m; i++)
                 {
-                    Simd.AddInPlace(cv.AsSpan(i * n, n), bv.AsSpan(0, n));
+                    Simd.AddInPlace(cv.Slice(i * n, n), bv.Slice(0, n));
                 }
             }
         }
@@ -134,11 +134,11 @@ public static unsafe class Linear
             k.Linear.ColumnSums(k.Stream, outs, dy.View, db.View, n);
             return;
         }
-        var dyv = dy.HostArray;
-        var dbv = db.HostArray;
+        var dyv = dy.Host();
+        var dbv = db.Host();
         for (int i = 0; i < n; i++)
         {
-            Simd.AddInPlace(dbv.AsSpan(0, outs), dyv.AsSpan(i * outs, outs));
+            Simd.AddInPlace(dbv.Slice(0, outs), dyv.Slice(i * outs, outs));
         }
     }
 

@@ -41,13 +41,13 @@ public static class Optim
             k.Optim.Adam(k.Stream, p.Length, p.View, g.View, m.View, v.View, h);
             return;
         }
-        Cpu.For(p.Length, 1 << 15, (p.StorageArray, p.Offset, g.StorageArray, g.Offset, m.StorageArray, m.Offset, v.StorageArray, v.Offset, h),
+        Cpu.For(p.Length, 1 << 15, (p.Host(), g.Host(), m.Host(), v.Host(), h),
             static (x, first, last) =>
             {
-                var (pv, po, gv, go, mv, mo, vv, vo, h) = x;
+                var (pv, gv, mv, vv, h) = x;
                 for (int i = first; i < last; i++)
                 {
-                    AdamElement(ref pv[po + i], gv[go + i], ref mv[mo + i], ref vv[vo + i], h);
+                    AdamElement(ref pv[i], gv[i], ref mv[i], ref vv[i], h);
                 }
             });
     }
@@ -203,13 +203,13 @@ public static class Optim
         }
         var h = new AdamHyper(s.Lr, s.Beta1, s.Beta2, s.Eps, st[1], st[2]);
         float scale = st[3];
-        Cpu.For(p.Length, 1 << 15, (p.StorageArray, p.Offset, g.StorageArray, g.Offset, m.StorageArray, m.Offset, v.StorageArray, v.Offset, h, scale),
+        Cpu.For(p.Length, 1 << 15, (p.Host(), g.Host(), m.Host(), v.Host(), h, scale),
             static (x, first, last) =>
             {
-                var (pv, po, gv, go, mv, mo, vv, vo, h, scale) = x;
+                var (pv, gv, mv, vv, h, scale) = x;
                 for (int i = first; i < last; i++)
                 {
-                    AdamElement(ref pv[po + i], gv[go + i] * scale, ref mv[mo + i], ref vv[vo + i], h);
+                    AdamElement(ref pv[i], gv[i] * scale, ref mv[i], ref vv[i], h);
                 }
             });
     }

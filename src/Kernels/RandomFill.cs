@@ -33,7 +33,7 @@ public static class RandomFill
             }
             return;
         }
-        Cpu.For(t.Length, 1 << 14, (t.HostArray, seed, offset, normal), static (state, first, last) =>
+        Cpu.For(t.Length, 1 << 14, (t.Host(), seed, offset, normal), static (state, first, last) =>
         {
             var (v, seed, offset, normal) = state;
             for (int i = first; i < last; i++)

@@ -66,7 +66,7 @@ public static class Reduce
             k.Reduce.FlagNonFinite(k.Stream, x.Length, x.View, flag.View, id);
             return;
         }
-        if (flag.HostArray[0] <= id)
+        if (flag.Host()[0] <= id)
         {
             return;
         }
@@ -85,7 +85,7 @@ public static class Reduce
         }
         if (float.IsNaN(System.Numerics.Vector.Sum(acc) + tail))
         {
-            flag.HostArray[0] = id;
+            flag.Host()[0] = id;
         }
     }
 
@@ -100,7 +100,7 @@ public static class Reduce
             k.Reduce.Broadcast(k.Stream, dx.Length, dOut.View, dx.View, scale);
             return;
         }
-        Simd.AddScalar(dx.Span, dOut.HostArray[0] * scale);
+        Simd.AddScalar(dx.Span, dOut.Host()[0] * scale);
     }
 
     /// <summary>dpred += dOut[0]·2·(pred - target)/n.</summary>
@@ -117,8 +117,8 @@ public static class Reduce
             k.Reduce.MseBackward(k.Stream, pred.Length, dOut.View, pred.View, target.View, dPred.View, scale);
             return;
         }
-        float s = dOut.HostArray[0] * scale;
-        Cpu.For(pred.Length, 1 << 16, (pred.HostArray, target.HostArray, dPred.HostArray, s), static (v, first, last) =>
+        float s = dOut.Host()[0] * scale;
+        Cpu.For(pred.Length, 1 << 16, (pred.Host(), target.Host(), dPred.Host(), s), static (v, first, last) =>
         {
             var (p, t, d, s) = v;
             for (int i = first; i < last; i++)
@@ -154,15 +154,15 @@ public static class Reduce
             kk.Reduce.Finish(kk.Stream, 1, rows.View, output.View, 1f / n);
             return;
         }
-        var z = logits.HostArray;
-        var y = labels.HostArray;
+        var z = logits.Host();
+        var y = labels.Host();
         // Rows in order in double: deterministic, and N·K is small next to the network that made the logits.
         double total = 0;
         for (int row = 0; row < n; row++)
         {
             total += RowLoss(z, row * k, k, y[row]);
         }
-        output.HostArray[0] = (float)(total / n);
+        output.Host()[0] = (float)(total / n);
     }
 
     /// <summary>dz[n,k] += dOut[0]·(softmax(z[n])_k - [k = y_n])/N.</summary>
@@ -179,10 +179,10 @@ public static class Reduce
             kk.Reduce.CrossEntropyBackward(kk.Stream, n, dOut.View, logits.View, labels.View, dLogits.View, k, 1f / n);
             return;
         }
-        float scale = dOut.HostArray[0] / n;
-        var z = logits.HostArray;
-        var y = labels.HostArray;
-        var d = dLogits.HostArray;
+        float scale = dOut.Host()[0] / n;
+        var z = logits.Host();
+        var y = labels.Host();
+        var d = dLogits.Host();
         for (int row = 0; row < n; row++)
         {
             int first = row * k;
@@ -217,7 +217,7 @@ public static class Reduce
     }
 
     // Row loss logsumexp(z) - z[label], max-shifted; NaN for a label outside 0..K-1. The CPU twin of the kernel below.
-    private static double RowLoss(float[] z, int first, int k, float labelValue)
+    private static double RowLoss(Floats z, int first, int k, float labelValue)
     {
         int label = (int)labelValue;
         if (!(labelValue >= 0 && labelValue < k) || label != labelValue)
@@ -270,14 +270,15 @@ public static class Reduce
         int chunks = Math.Max(1, Math.Min(Cpu.Threads * 4, a.Length / 4096));
         // The chunk sums go to the calling thread's arena: the workers write them while this thread waits.
         nint results = Arena.Current.Doubles(ArenaSlot.ReduceChunks, chunks);
-        Cpu.Items(chunks, (a.HostArray, b?.HostArray, a.Length, chunks, mode, results), static (state, c) =>
+        Cpu.Items(chunks, (a.Host(), b is null ? default : b.Host(), a.Length, chunks, mode, results), static (state, c) =>
         {
+            // bh is read only for the squared difference, which always has b.
             var (av, bh, length, chunks, mode, results) = state;
             long first = (long)length * c / chunks, last = (long)length * (c + 1) / chunks;
             double s = 0;
             for (long i = first; i < last; i++)
             {
-                double v = mode == Mode.SquaredDifference ? av[i] - bh![i] : av[i];
+                double v = mode == Mode.SquaredDifference ? av[i] - bh[i] : av[i];
                 s += mode == Mode.Identity ? v : v * v;
             }
             Chunk(results, c) = s;
@@ -287,7 +288,7 @@ public static class Reduce
         {
             total += Chunk(results, c);
         }
-        output.HostArray[0] = (float)(total * scale);
+        output.Host()[0] = (float)(total * scale);
     }
 
     private static unsafe ref double Chunk(nint results, int c) => ref ((double*)results)[c];
@@ -413,6 +414,9 @@ public static class Reduce
 
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int> TiledChannelPartial =
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int, int, int>>(TiledReduce.ChannelPartialKernel);
+
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int> TiledRowSums =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int, int>>(TiledReduce.RowSumsKernel);
 
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int> TiledFlagNonFinite =
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, int, int>>(TiledReduce.FlagNonFiniteKernel);

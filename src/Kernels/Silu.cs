@@ -31,7 +31,7 @@ public struct Silu : IUnaryOp
         }
         Check.Same("silu", x, y);
         Check.Shape("silu", "y", y, x.Shape);
-        Cpu.For(x.Length, 1 << 14, (x.HostArray, y.HostArray), static (state, first, last) =>
+        Cpu.For(x.Length, 1 << 14, (x.Host(), y.Host()), static (state, first, last) =>
         {
             var (xs, ys) = state;
             int i = first;
@@ -39,24 +39,24 @@ public struct Silu : IUnaryOp
             {
                 for (; i <= last - 16; i += 16)
                 {
-                    var v = Vector512.Create(xs, i);
-                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                    var v = xs.Load512(i);
+                    ys.Store(i, v * FastMath.Sigmoid(v));
                 }
             }
             else if (Isa.Avx2)
             {
                 for (; i <= last - 8; i += 8)
                 {
-                    var v = Vector256.Create(xs, i);
-                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                    var v = xs.Load256(i);
+                    ys.Store(i, v * FastMath.Sigmoid(v));
                 }
             }
             else
             {
                 for (; i <= last - 4; i += 4)
                 {
-                    var v = Vector128.Create(xs, i);
-                    (v * FastMath.Sigmoid(v)).CopyTo(ys, i);
+                    var v = xs.Load128(i);
+                    ys.Store(i, v * FastMath.Sigmoid(v));
                 }
             }
             for (; i < last; i++)
@@ -77,7 +77,7 @@ public struct Silu : IUnaryOp
         Check.Devices("silu backward", dy, x, dx);
         Check.Shape("silu backward", "dy", dy, x.Shape);
         Check.Shape("silu backward", "dx", dx, x.Shape);
-        Cpu.For(x.Length, 1 << 14, (dy.HostArray, x.HostArray, dx.HostArray), static (state, first, last) =>
+        Cpu.For(x.Length, 1 << 14, (dy.Host(), x.Host(), dx.Host()), static (state, first, last) =>
         {
             var (dys, xs, dxs) = state;
             int i = first;
@@ -85,30 +85,30 @@ public struct Silu : IUnaryOp
             {
                 for (; i <= last - 16; i += 16)
                 {
-                    var v = Vector512.Create(xs, i);
+                    var v = xs.Load512(i);
                     var s = FastMath.Sigmoid(v);
                     var d = s * (Vector512<float>.One + v * (Vector512<float>.One - s));
-                    Vector512.FusedMultiplyAdd(Vector512.Create(dys, i), d, Vector512.Create(dxs, i)).CopyTo(dxs, i);
+                    dxs.Store(i, Vector512.FusedMultiplyAdd(dys.Load512(i), d, dxs.Load512(i)));
                 }
             }
             else if (Isa.Avx2)
             {
                 for (; i <= last - 8; i += 8)
                 {
-                    var v = Vector256.Create(xs, i);
+                    var v = xs.Load256(i);
                     var s = FastMath.Sigmoid(v);
                     var d = s * (Vector256<float>.One + v * (Vector256<float>.One - s));
-                    Vector256.FusedMultiplyAdd(Vector256.Create(dys, i), d, Vector256.Create(dxs, i)).CopyTo(dxs, i);
+                    dxs.Store(i, Vector256.FusedMultiplyAdd(dys.Load256(i), d, dxs.Load256(i)));
                 }
             }
             else
             {
                 for (; i <= last - 4; i += 4)
                 {
-                    var v = Vector128.Create(xs, i);
+                    var v = xs.Load128(i);
                     var s = FastMath.Sigmoid(v);
                     var d = s * (Vector128<float>.One + v * (Vector128<float>.One - s));
-                    Vector128.MultiplyAddEstimate(Vector128.Create(dys, i), d, Vector128.Create(dxs, i)).CopyTo(dxs, i);
+                    dxs.Store(i, Vector128.MultiplyAddEstimate(dys.Load128(i), d, dxs.Load128(i)));
                 }
             }
             for (; i < last; i++)

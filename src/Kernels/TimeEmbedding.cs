@@ -30,8 +30,8 @@ public static class TimeEmbedding
             k.TimeEmbedding.Forward(k.Stream, y.Length, t.View, y.View, d / 2);
             return;
         }
-        var tv = t.HostArray;
-        var yv = y.HostArray;
+        var tv = t.Host();
+        var yv = y.Host();
         int half = d / 2;
         for (int i = 0; i < n * d; i++)
         {

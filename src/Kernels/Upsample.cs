@@ -25,7 +25,7 @@ public static class Upsample
             k.Upsample.Forward(k.Stream, y.Length, x.View, y.View, h, w);
             return;
         }
-        Cpu.For(n * c, 8, (x.HostArray, y.HostArray, h, w), static (state, first, last) =>
+        Cpu.For(n * c, 8, (x.Host(), y.Host(), h, w), static (state, first, last) =>
         {
             var (xv, yv, h, w) = state;
             for (int nc = first; nc < last; nc++)
@@ -39,7 +39,7 @@ public static class Upsample
                         yv[dst + 2 * j] = v;
                         yv[dst + 2 * j + 1] = v;
                     }
-                    Array.Copy(yv, dst, yv, dst + 2 * w, 2 * w);
+                    yv.Slice(dst, 2 * w).CopyTo(yv.Slice(dst + 2 * w, 2 * w));
                 }
             }
         });
@@ -58,7 +58,7 @@ public static class Upsample
             k.Upsample.Backward(k.Stream, dx.Length, dy.View, dx.View, h, w);
             return;
         }
-        Cpu.For(n * c, 8, (dy.HostArray, dx.HostArray, h, w), static (v, first, last) =>
+        Cpu.For(n * c, 8, (dy.Host(), dx.Host(), h, w), static (v, first, last) =>
         {
             var (dyv, dxv, h, w) = v;
             for (int nc = first; nc < last; nc++)

@@ -53,12 +53,12 @@ public sealed class ParameterFactory(Device device, ulong seed)
     }
 
     /// <summary>
-    /// Every parameter made, as one <see cref="ParameterSet"/>. On an ILGPU device the values are moved into one flat
+    /// Every parameter made, as one <see cref="ParameterSet"/>: on both backends the values are moved into one flat
     /// buffer (each parameter a view of it, in creation order) and the gradients are views of one flat buffer of zeros,
-    /// so zeroing, the non-finite check, clipping, Adam and EMA are one launch each over the whole model. The managed
-    /// CPU backend keeps a buffer per parameter: its kernels index their arrays from 0, and a loop costs no launch.
+    /// so zeroing, the non-finite check, clipping, Adam and EMA are one pass each over the whole model: one launch each
+    /// on an ILGPU device, one parallel loop each on the CPU (the CPU kernels index from a view's own first element).
     /// </summary>
-    public ParameterSet Gather() => new(_parameters, Device.IsIlgpu);
+    public ParameterSet Gather() => new(_parameters, flat: true);
 
     private Parameter Add(string name, float[] host, int[] shape)
     {

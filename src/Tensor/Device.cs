@@ -46,6 +46,16 @@ public abstract class Device : IDisposable
         }
     }
 
+    /// <summary>Starts a new peak: <see cref="PoolStats.PeakLiveBytes"/> becomes the bytes live now, so a command
+    /// (<c>ddpm bench</c>) reports its own peak on a device that earlier work in the process used (the shared CPU device).</summary>
+    public void ResetPeak()
+    {
+        lock (_lock)
+        {
+            _peakLiveBytes = _liveBytes;
+        }
+    }
+
     /// <summary>Waits until every queued op on this device has finished.</summary>
     public virtual void Synchronize()
     {

@@ -203,13 +203,12 @@ public sealed class Tensor : IDisposable
     public void Zero() => Device.Zero(Storage, Offset, Length);
 
     /// <summary>
-    /// The managed array behind a CPU tensor, element 0 at index 0 (length may only be read up to <see cref="Length"/>).
-    /// The CPU kernels index it from 0, so a view that starts elsewhere has none: use <see cref="Span"/>, or
-    /// <see cref="StorageArray"/> with <see cref="Offset"/>.
+    /// The first element of a CPU tensor (at <see cref="Offset"/> in its storage, so a view's element 0), for the CPU
+    /// kernels, which take it once per call and index from it: the pool allocates CPU storage pinned, so the address
+    /// holds while the tensor lives, and a loop pays no per-element offset or bounds check.
     /// </summary>
-    public float[] HostArray => Offset == 0
-        ? StorageArray
-        : throw new InvalidOperationException($"a {ShapeText} view at offset {Offset} has no host array of its own; use Span or StorageArray + Offset");
+    public unsafe float* Pointer => (float*)System.Runtime.CompilerServices.Unsafe.AsPointer(
+        ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(StorageArray)) + Offset;
 
     /// <summary>The managed array a CPU tensor's values live in, from <see cref="Offset"/> on (shared by every view of it).</summary>
     public float[] StorageArray => Device.Kind == DeviceKind.Cpu

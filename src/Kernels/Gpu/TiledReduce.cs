@@ -10,11 +10,12 @@ namespace Ddpm.Kernels;
 /// every rerun adds in the same order and is bit-identical.
 ///   full sums (sum, mean, Σx², MSE):  [n] → partial [B] (grid-stride, B groups) → out [1]
 ///   per-channel sums (conv bias):     dy [N, K, PQ] → partial [K, S] (S splits of the batch) → db [K] (+=)
+///   row sums (time-embedding bias):   dy [N·C, HW] → de [N·C] (+=), one launch: L lanes a row, T / L rows a group
 ///   strided segment sums:             dst[g] (+)= scale·Σ_i src[g·segStride + i·elemStride]
 ///   non-finite flag:                  flag[0] = min(flag[0], id) when x holds a NaN or ±inf
 /// T = min(256, the largest power of two the accelerator allows per group): 256 on CUDA, 16 on
-/// ILGPU's default CPU accelerator. The simple twins (one thread per output) stay in Reduce.cs and
-/// Conv2d.cs and run when <see cref="IlgpuKernels.Simple"/> is set.
+/// ILGPU's default CPU accelerator. The simple twins (one thread per output) stay in Reduce.cs,
+/// Conv2d.cs and Elementwise.cs and run when <see cref="IlgpuKernels.Simple"/> is set.
 /// </summary>
 internal static class TiledReduce
 {
@@ -90,6 +91,30 @@ internal static class TiledReduce
     {
         int rows = Math.Clamp((PerThread * threads + inner - 1) / Math.Max(1, inner), 1, Math.Max(1, n));
         return (rows, Math.Max(1, (n + rows - 1) / rows));
+    }
+
+    /// <summary>sums[r] += Σ_{j &lt; cols} x[r·cols + j] for x [rows, cols]: <see cref="RowLanes"/> threads a row striding it
+    /// (neighbouring threads on neighbouring elements, so a warp's loads coalesce), T / lanes rows a group, one launch.</summary>
+    public static void RowSums(IlgpuKernels k, ArrayView<float> x, ArrayView<float> sums, int rows, int cols)
+    {
+        int threads = Threads(k.Accelerator), lanes = RowLanes(cols, threads), perGroup = threads / lanes;
+        k.Reduce.TiledRowSums(k.Stream, new KernelConfig((rows + perGroup - 1) / perGroup, threads), x, sums, rows, cols, lanes);
+    }
+
+    /// <summary>Elements a lane of <see cref="RowSums"/> adds at most before a row gets more lanes.</summary>
+    public const int RowPerLane = 4;
+
+    /// <summary>Threads per row of <see cref="RowSums"/>: the smallest power of two that covers the row at
+    /// <see cref="RowPerLane"/> elements a lane, at most <paramref name="threads"/>. For the time-embedding bias gradient
+    /// at T = 256: 28×28 rows get 256 lanes (a group a row), 14×14 64 (four rows a group), 7×7 16 (sixteen rows).</summary>
+    public static int RowLanes(int cols, int threads)
+    {
+        int lanes = 1;
+        while (lanes < threads && (long)lanes * RowPerLane < cols)
+        {
+            lanes <<= 1;
+        }
+        return lanes;
     }
 
     /// <summary>flag[0] = min(flag[0], id) when any of x [n] is NaN or ±inf.</summary>
@@ -252,6 +277,32 @@ internal static class TiledReduce
         if (Group.IdxX == 0)
         {
             partial[Grid.IdxX] = total;
+        }
+    }
+
+    // Group g, lanes L: rows g·(T/L) + t/L; lane t mod L adds x[row, j] for j ≡ lane (mod L), then the row's L partials are
+    // added in a fixed tree (its segment of shared memory) and lane 0 adds the total into sums[row]. Rows past the end add
+    // nothing but still reach every barrier.
+    internal static void RowSumsKernel(ArrayView<float> x, ArrayView<float> sums, int rows, int cols, int lanes)
+    {
+        var sh = SharedMemory.Allocate<float>(MaxThreads);
+        int t = Group.IdxX, lane = t & (lanes - 1);
+        int row = Grid.IdxX * (Group.DimX / lanes) + t / lanes;
+        float s = 0;
+        if (row < rows)
+        {
+            int start = row * cols;
+            for (int j = lane; j < cols; j += lanes)
+            {
+                s += x[start + j];
+            }
+        }
+        sh[t] = s;
+        Group.Barrier();
+        SegmentTree(sh, t, lanes, two: false);
+        if (lane == 0 && row < rows)
+        {
+            sums[row] += sh[t];
         }
     }
 
