@@ -14,7 +14,7 @@
 #                                   without a GPU: --device ilgpu-cpu --preset tiny --batches 2 with PEER_DEVICE=cpu)
 #   --budget SECONDS                wall-clock budget for everything after the build (default 460, under 8 minutes)
 #
-# Every step runs under its own timeout; the timeouts add up to 450 s, inside the default budget, so a
+# Every step runs under its own timeout; at the default batches they add up to 445 s, inside the budget, so a
 # run where every step times out still ends in time and runs them all. With a smaller --budget a step
 # that would not fit is skipped and says so, in this order (the most important first):
 #   1. `ddpm bench --peak`: an FMA loop, the measured fp32 peak (30 s)
