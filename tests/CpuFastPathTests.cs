@@ -133,8 +133,8 @@ public sealed unsafe class CpuFastPathTests
             Gemm.t_inPlaceB = null;
             ConvGemm.t_denseForward = null;
         }
-        // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512- or 256-bit, need AVX2:
-        // below it the forced setting is ignored and the packed GEMM runs).
+        // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512-, 256- or 128-bit, need
+        // a vector level: at the scalar level the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
             Conv2d.CpuLowering = ConvLowering.Implicit;

@@ -12,7 +12,7 @@ internal static unsafe partial class ConvGemm
 {
     /// <summary>
     /// Which weight-gradient kernel runs: null picks by shape (<see cref="UsesDotWeightGradient"/>), true forces the
-    /// dot-product tiles (at the AVX2 and AVX-512 levels), false the packed GEMM. Per thread, for tests and benchmarks.
+    /// dot-product tiles (at every vector level), false the packed GEMM. Per thread, for tests and benchmarks.
     /// </summary>
     [ThreadStatic] internal static bool? t_dotWeightGradient;
 
@@ -24,7 +24,7 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     internal static bool UsesDotWeightGradient(ConvShape g)
     {
-        if (!Isa.Avx2) return false;
+        if (!Isa.V128) return false;
         if (t_dotWeightGradient is { } forced) return forced;
         long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
         return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);
@@ -123,7 +123,8 @@ internal static unsafe partial class ConvGemm
                 int count = Math.Min(group, last - n0);
                 StageGroup(g, pl, x, dy, n0, count, planes, dyw, imageStride: dyLen, channelStride: ldd);
                 if (Isa.Avx512) DotTiles(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
-                else DotTiles256(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
+                else if (Isa.Avx2) DotTiles256(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
+                else DotTiles128(g.K, crs, ldd, dyw, dyLen, planes, planeLen, count, off, acc);
             }
         });
         var dst = new Span<float>(dw, wlen);
@@ -225,6 +226,66 @@ internal static unsafe partial class ConvGemm
                 StoreSums(acc + (long)k0 * crs + p0, np, a00, a01, a02, a03, a04, a05);
                 if (k0 + 1 < kk) StoreSums(acc + (long)(k0 + 1) * crs + p0, np, a10, a11, a12, a13, a14, a15);
             }
+        }
+    }
+
+    /// <summary>The same tiles at 128 bits (the portable path: NEON on ARM64, SSE/AVX-128 on x86), 2 channels x 6 lowered
+    /// rows (12 accumulators), 4 positions a step; MultiplyAddEstimate fuses where the processor can.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void DotTiles128(int kk, int crs, int ldd, float* dyw, long dyStride, float* planes, long planeStride, int images, int* off, float* acc)
+    {
+        for (int k0 = 0; k0 < kk; k0 += 2)
+        {
+            for (int p0 = 0; p0 < crs; p0 += 6)
+            {
+                Vector128<float> a00 = default, a01 = default, a02 = default, a03 = default, a04 = default, a05 = default;
+                Vector128<float> a10 = default, a11 = default, a12 = default, a13 = default, a14 = default, a15 = default;
+                for (int i = 0; i < images; i++)
+                {
+                    float* d0 = dyw + i * dyStride + (long)k0 * ldd, d1 = d0 + ldd;
+                    float* pi = planes + i * planeStride;
+                    float* c0 = pi + off[p0], c1 = pi + off[p0 + 1], c2 = pi + off[p0 + 2];
+                    float* c3 = pi + off[p0 + 3], c4 = pi + off[p0 + 4], c5 = pi + off[p0 + 5];
+                    for (int j = 0; j < ldd; j += 4)
+                    {
+                        Vector128<float> y0 = Vector128.Load(d0 + j), y1 = Vector128.Load(d1 + j);
+                        Vector128<float> v = Vector128.Load(c0 + j);
+                        a00 = Vector128.MultiplyAddEstimate(y0, v, a00); a10 = Vector128.MultiplyAddEstimate(y1, v, a10);
+                        v = Vector128.Load(c1 + j);
+                        a01 = Vector128.MultiplyAddEstimate(y0, v, a01); a11 = Vector128.MultiplyAddEstimate(y1, v, a11);
+                        v = Vector128.Load(c2 + j);
+                        a02 = Vector128.MultiplyAddEstimate(y0, v, a02); a12 = Vector128.MultiplyAddEstimate(y1, v, a12);
+                        v = Vector128.Load(c3 + j);
+                        a03 = Vector128.MultiplyAddEstimate(y0, v, a03); a13 = Vector128.MultiplyAddEstimate(y1, v, a13);
+                        v = Vector128.Load(c4 + j);
+                        a04 = Vector128.MultiplyAddEstimate(y0, v, a04); a14 = Vector128.MultiplyAddEstimate(y1, v, a14);
+                        v = Vector128.Load(c5 + j);
+                        a05 = Vector128.MultiplyAddEstimate(y0, v, a05); a15 = Vector128.MultiplyAddEstimate(y1, v, a15);
+                    }
+                }
+                int np = Math.Min(6, crs - p0);
+                StoreSums(acc + (long)k0 * crs + p0, np, a00, a01, a02, a03, a04, a05);
+                if (k0 + 1 < kk) StoreSums(acc + (long)(k0 + 1) * crs + p0, np, a10, a11, a12, a13, a14, a15);
+            }
+        }
+    }
+
+    /// <summary>dst[i] += the lane sum of the i-th vector, for i &lt; count (≤ 6).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreSums(float* dst, int count, Vector128<float> v0, Vector128<float> v1, Vector128<float> v2,
+        Vector128<float> v3, Vector128<float> v4, Vector128<float> v5)
+    {
+        Vector128<float> sums = Vector128.Create(Vector128.Sum(v0), Vector128.Sum(v1), Vector128.Sum(v2), Vector128.Sum(v3));
+        if (count >= 4)
+        {
+            Vector128.Store(Vector128.Load(dst) + sums, dst);
+            if (count > 4) dst[4] += Vector128.Sum(v4);
+            if (count > 5) dst[5] += Vector128.Sum(v5);
+            return;
+        }
+        for (int i = 0; i < count; i++)
+        {
+            dst[i] += sums.GetElement(i);
         }
     }
 
