@@ -264,8 +264,8 @@ public static unsafe partial class Gemm
                 for (int jr = 0; jr < n; jr += NR)
                 {
                     int nr = Math.Min(NR, n - jr);
-                    // Whole panels of a source with contiguous rows are read where they lie; the rest is packed (an
-                    // edge panel zero-padded for the edge kernels), at most once per panel.
+                    // Whole panels of a source with contiguous rows are read where they lie; edge panels are packed,
+                    // zero-padded for the edge kernels.
                     bool packed = !(inPlace && nr == NR);
                     if (packed) b.Pack<TK>(pc, kc, jr, nr, bp);
                     float* cPanel = c + (long)ic * ldc + jr;
@@ -280,12 +280,9 @@ public static unsafe partial class Gemm
                             else b.RunInPlace<TK>(pc, kc, jr, aPanel, cTile, ldc, acc);
                             continue;
                         }
-                        if (!packed)
-                        {
-                            b.Pack<TK>(pc, kc, jr, nr, bp);
-                            packed = true;
-                        }
-                        TK.RunEdge(kc, aPanel, bp, mr, nr, cTile, ldc, acc, tile);
+                        // A row edge of a panel read in place stays in place, a row at a time.
+                        if (packed) TK.RunEdge(kc, aPanel, bp, mr, nr, cTile, ldc, acc, tile);
+                        else b.RunRowsInPlace<TK>(pc, kc, jr, aPanel, mr, cTile, ldc, acc, tile);
                     }
                 }
             }
@@ -293,6 +290,19 @@ public static unsafe partial class Gemm
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
+
+    /// <summary>C[0..mr, 0..NR) (=|+=) rows 0..mr of the packed A panel times B's rows, one micro-kernel row per row (a
+    /// row edge, mr &lt; MR, of a full panel read in place).</summary>
+    private static void RunRows<TK, TW>(int kc, float* a, TW b, int mr, float* c, int ldc, bool accumulate, float* tile)
+        where TK : struct, IMicroKernel
+        where TW : struct, IBWalk
+    {
+        for (int r = 0; r < mr; r++)
+        {
+            TK.RunRow(kc, a + r, b, tile);
+            CopyTile(tile, TK.NR, 1, TK.NR, c + (long)r * ldc, ldc, accumulate);
+        }
+    }
 
     /// <summary>Set to false to pack every B panel, so that tests cover the packed path of sources that are otherwise
     /// read in place (per thread).</summary>

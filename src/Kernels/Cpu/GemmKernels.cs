@@ -97,6 +97,12 @@ public static unsafe partial class Gemm
         static abstract void Run<TW>(int kc, float* a, TW b, float* c, int ldc, bool accumulate) where TW : struct, IBWalk;
 
         /// <summary>
+        /// One row of a full panel: dst[0..NR) = row r of the packed A panel (pass a + r; steps MR floats apart) times
+        /// B's rows. Row edges run it once per row.
+        /// </summary>
+        static abstract void RunRow<TW>(int kc, float* a, TW b, float* dst) where TW : struct, IBWalk;
+
+        /// <summary>
         /// Edge tile: C[0..mr, 0..nr) (=|+=) the product of a packed A panel and a packed (zero-padded, ld NR) B panel,
         /// touching nothing outside that window. tile: MR x NR floats of scratch.
         /// </summary>
@@ -158,27 +164,31 @@ public static unsafe partial class Gemm
         /// <summary>One row of the 48-wide packed panel (row r of the 8-row A panel: pass a + r) into dst[0..48); two k
         /// steps per iteration give 6 independent FMA chains.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void RunRow(int kc, float* a, float* b, float* dst)
+        public static void RunRow<TW>(int kc, float* a, TW b, float* dst) where TW : struct, IBWalk
         {
             Vector512<float> x0 = default, x1 = default, x2 = default, y0 = default, y1 = default, y2 = default;
             for (; kc >= 2; kc -= 2)
             {
                 Vector512<float> a0 = Vector512.Create(a[0]), a1 = Vector512.Create(a[8]);
-                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b), x0);
-                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 16), x1);
-                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 32), x2);
-                y0 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 48), y0);
-                y1 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 64), y1);
-                y2 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b + 80), y2);
+                float* b0 = b.Row;
+                b.Next();
+                float* b1 = b.Row;
+                b.Next();
+                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0), x0);
+                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0 + 16), x1);
+                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0 + 32), x2);
+                y0 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b1), y0);
+                y1 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b1 + 16), y1);
+                y2 = Avx512F.FusedMultiplyAdd(a1, Vector512.Load(b1 + 32), y2);
                 a += 16;
-                b += 96;
             }
             if (kc > 0)
             {
                 Vector512<float> a0 = Vector512.Create(a[0]);
-                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b), x0);
-                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 16), x1);
-                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b + 32), x2);
+                float* b0 = b.Row;
+                x0 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0), x0);
+                x1 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0 + 16), x1);
+                x2 = Avx512F.FusedMultiplyAdd(a0, Vector512.Load(b0 + 32), x2);
             }
             Vector512.Store(x0 + y0, dst);
             Vector512.Store(x1 + y1, dst + 16);
@@ -312,7 +322,7 @@ public static unsafe partial class Gemm
                 // Row edges (only a one-channel output here): a row at a time, each an eighth of the full tile's work.
                 for (int r = 0; r < mr; r++)
                 {
-                    RunRow(kc, a + r, b, tile);
+                    RunRow(kc, a + r, new StridedWalk(b, 48), tile);
                     CopyTile(tile, 48, 1, nr, c + (long)r * ldc, ldc, accumulate);
                 }
                 return;
@@ -516,27 +526,31 @@ public static unsafe partial class Gemm
         /// 6 independent FMA chains.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void RunRow(int kc, float* a, float* b, float* dst)
+        public static void RunRow<TW>(int kc, float* a, TW b, float* dst) where TW : struct, IBWalk
         {
             Vector256<float> x0 = default, x1 = default, x2 = default, y0 = default, y1 = default, y2 = default;
             for (; kc >= 2; kc -= 2)
             {
                 Vector256<float> a0 = Vector256.Create(a[0]), a1 = Vector256.Create(a[4]);
-                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b), x0);
-                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b + 8), x1);
-                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b + 16), x2);
-                y0 = Fma.MultiplyAdd(a1, Vector256.Load(b + 24), y0);
-                y1 = Fma.MultiplyAdd(a1, Vector256.Load(b + 32), y1);
-                y2 = Fma.MultiplyAdd(a1, Vector256.Load(b + 40), y2);
+                float* b0 = b.Row;
+                b.Next();
+                float* b1 = b.Row;
+                b.Next();
+                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b0), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b0 + 8), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b0 + 16), x2);
+                y0 = Fma.MultiplyAdd(a1, Vector256.Load(b1), y0);
+                y1 = Fma.MultiplyAdd(a1, Vector256.Load(b1 + 8), y1);
+                y2 = Fma.MultiplyAdd(a1, Vector256.Load(b1 + 16), y2);
                 a += 8;
-                b += 48;
             }
             if (kc > 0)
             {
                 Vector256<float> a0 = Vector256.Create(a[0]);
-                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b), x0);
-                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b + 8), x1);
-                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b + 16), x2);
+                float* b0 = b.Row;
+                x0 = Fma.MultiplyAdd(a0, Vector256.Load(b0), x0);
+                x1 = Fma.MultiplyAdd(a0, Vector256.Load(b0 + 8), x1);
+                x2 = Fma.MultiplyAdd(a0, Vector256.Load(b0 + 16), x2);
             }
             StoreRow3(x0 + y0, x1 + y1, x2 + y2, dst, false);
         }
@@ -587,7 +601,7 @@ public static unsafe partial class Gemm
             {
                 for (int r = 0; r < mr; r++)
                 {
-                    RunRow(kc, a + r, b, tile);
+                    RunRow(kc, a + r, new StridedWalk(b, 24), tile);
                     CopyTile(tile, 24, 1, nr, c + (long)r * ldc, ldc, accumulate);
                 }
                 return;
@@ -671,7 +685,7 @@ public static unsafe partial class Gemm
             {
                 for (int r = 0; r < mr; r++)
                 {
-                    RunRow(kc, a + r, b, tile);
+                    RunRow(kc, a + r, new StridedWalk(b, 8), tile);
                     CopyTile(tile, 8, 1, nr, c + (long)r * ldc, ldc, accumulate);
                 }
                 return;
@@ -683,7 +697,7 @@ public static unsafe partial class Gemm
         /// <summary>One row of the 8-wide packed panel (row r of the 6-row A panel: pass a + r) into dst[0..8); four k
         /// steps per iteration give 8 independent FMA chains.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private static void RunRow(int kc, float* a, float* b, float* dst)
+        public static void RunRow<TW>(int kc, float* a, TW b, float* dst) where TW : struct, IBWalk
         {
             Vector128<float> x0 = default, x1 = default, y0 = default, y1 = default;
             Vector128<float> z0 = default, z1 = default, w0 = default, w1 = default;
@@ -691,24 +705,32 @@ public static unsafe partial class Gemm
             {
                 Vector128<float> a0 = Vector128.Create(a[0]), a1 = Vector128.Create(a[6]);
                 Vector128<float> a2 = Vector128.Create(a[12]), a3 = Vector128.Create(a[18]);
-                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b), x0);
-                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b + 4), x1);
-                y0 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b + 8), y0);
-                y1 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b + 12), y1);
-                z0 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b + 16), z0);
-                z1 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b + 20), z1);
-                w0 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b + 24), w0);
-                w1 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b + 28), w1);
+                float* b0 = b.Row;
+                b.Next();
+                float* b1 = b.Row;
+                b.Next();
+                float* b2 = b.Row;
+                b.Next();
+                float* b3 = b.Row;
+                b.Next();
+                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b0), x0);
+                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b0 + 4), x1);
+                y0 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b1), y0);
+                y1 = Vector128.MultiplyAddEstimate(a1, Vector128.Load(b1 + 4), y1);
+                z0 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b2), z0);
+                z1 = Vector128.MultiplyAddEstimate(a2, Vector128.Load(b2 + 4), z1);
+                w0 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b3), w0);
+                w1 = Vector128.MultiplyAddEstimate(a3, Vector128.Load(b3 + 4), w1);
                 a += 24;
-                b += 32;
             }
             for (; kc > 0; kc--)
             {
                 Vector128<float> a0 = Vector128.Create(a[0]);
-                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b), x0);
-                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b + 4), x1);
+                float* b0 = b.Row;
+                b.Next();
+                x0 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b0), x0);
+                x1 = Vector128.MultiplyAddEstimate(a0, Vector128.Load(b0 + 4), x1);
                 a += 6;
-                b += 8;
             }
             Vector128.Store((x0 + y0) + (z0 + w0), dst);
             Vector128.Store((x1 + y1) + (z1 + w1), dst + 4);
@@ -758,6 +780,20 @@ public static unsafe partial class Gemm
         {
             Run(kc, a, new StridedWalk(b, 4), tile, 4, false);
             CopyTile(tile, 4, mr, nr, c, ldc, accumulate);
+        }
+
+        public static void RunRow<TW>(int kc, float* a, TW b, float* dst) where TW : struct, IBWalk
+        {
+            float x0 = 0, x1 = 0, x2 = 0, x3 = 0;
+            for (; kc > 0; kc--)
+            {
+                float* bp = b.Row;
+                float a0 = a[0];
+                x0 += a0 * bp[0]; x1 += a0 * bp[1]; x2 += a0 * bp[2]; x3 += a0 * bp[3];
+                a += 4;
+                b.Next();
+            }
+            dst[0] = x0; dst[1] = x1; dst[2] = x2; dst[3] = x3;
         }
     }
 }

@@ -215,6 +215,9 @@ public static unsafe partial class Gemm
 
         /// <summary>C[0..MR, 0..NR) (=|+=) the packed A panel times B(p0.., j0..j0 + NR) read where it lies.</summary>
         void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel;
+
+        /// <summary>The same for the first mr &lt; MR rows of the A panel (a row edge), a row at a time.</summary>
+        void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel;
     }
 
     /// <summary>B(p,j) = b[p*bRow + j*bCol].</summary>
@@ -232,6 +235,9 @@ public static unsafe partial class Gemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
             => TK.Run(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), c, ldc, accumulate);
+
+        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+            => RunRows<TK, StridedWalk>(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), mr, c, ldc, accumulate, tile);
     }
 
     /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
@@ -245,6 +251,9 @@ public static unsafe partial class Gemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
             => TK.Run(kc, a, new OffsetWalk(_b + j0, _off + p0), c, ldc, accumulate);
+
+        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+            => RunRows<TK, OffsetWalk>(kc, a, new OffsetWalk(_b + j0, _off + p0), mr, c, ldc, accumulate, tile);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
@@ -354,6 +363,9 @@ public static unsafe partial class Gemm
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
             => throw new NotSupportedException("dense columns are gathered: pack them");
 
+        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("dense columns are gathered: pack them");
+
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
         {
@@ -412,6 +424,9 @@ public static unsafe partial class Gemm
         public bool InPlace => false;
 
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("columns are not contiguous: pack them");
+
+        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
             => throw new NotSupportedException("columns are not contiguous: pack them");
 
         private readonly float* _b = b;
@@ -485,6 +500,9 @@ public static unsafe partial class Gemm
         public bool InPlace => false;
 
         public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
+            => throw new NotSupportedException("columns are not contiguous: pack them");
+
+        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
             => throw new NotSupportedException("columns are not contiguous: pack them");
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
