@@ -69,7 +69,7 @@ internal static unsafe partial class ConvGemm
             int* off = (int*)offp;
             // The GEMM's columns are rounded up to a multiple of 8 (reading at most 7 floats into the zeroed slack): then
             // no 256-bit kernel ends a row on a partial vector, which would go through a scratch tile and a scalar copy
-            // (the 7x7 maps' 63 wide columns become 64; 840, 224 and 216 stay or round up to whole vectors).
+            // (28x28's 812 wide columns become 816, 14x14's 210 become 216; 7x7's 56 stay).
             int crs = g.Crs, wide = (g.P * pl.Wh + 7) & ~7;
             long xs = (long)g.C * g.H * g.W, ys = (long)g.K * g.Pq;
             var ws = Workspace.Current;
@@ -78,15 +78,9 @@ internal static unsafe partial class ConvGemm
             float* yw = ws.Wide((long)g.K * wide);
             // ywide [K, P·Wh] = W [K, CRS] · col [CRS, P·Wh]
             Gemm.MultiplyRowOffsets(g.K, wide, crs, null, crs, 1, planes, off, yw, wide, accumulate: false, packedA: packed);
-            float* bias = b;
-            if (e != null)
-            {
-                // This image's bias: b[k] + e[n, k].
-                float* bn = stackalloc float[g.K];
-                for (int k = 0; k < g.K; k++) bn[k] = b[k] + e[(long)n * g.K + k];
-                bias = bn;
-            }
-            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, bias, accumulate: false, channelStride: wide, residual: r == null ? null : r + n * ys);
+            float* bn = stackalloc float[e == null ? 0 : g.K];
+            DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, ImageBias(g, b, e, n, bn), accumulate: false, channelStride: wide,
+                residual: r == null ? null : r + n * ys);
         });
     }
 
@@ -131,18 +125,24 @@ internal static unsafe partial class ConvGemm
             float* yd = ws.Wide((long)g.K * ldc);
             // yd [K, count·P·Q] = W [K, CRS] · col [CRS, count·P·Q]
             Gemm.MultiplyDenseColumns(g.K, cols, g.Crs, packed, planes, off, planeLen, pl.Wh, g.P, g.Q, yd, ldc);
+            float* bn = stackalloc float[e == null ? 0 : g.K];
             for (int i = 0; i < count; i++)
             {
+                // Image i's columns: each channel's P·Q outputs in one run (a single "row" of the wide copy).
                 int n = n0 + i;
-                for (int k = 0; k < g.K; k++)
-                {
-                    float bias = e == null ? b[k] : b[k] + e[(long)n * g.K + k];
-                    float* dst = y + n * ys + (long)k * g.Pq;
-                    Simd.AddRow(yd + (long)k * ldc + (long)i * g.Pq, dst, g.Pq, bias, accumulate: false);
-                    if (r != null) Simd.AddInPlace(new Span<float>(dst, g.Pq), new ReadOnlySpan<float>(r + n * ys + (long)k * g.Pq, g.Pq));
-                }
+                DropWideColumns(yd + (long)i * g.Pq, g.Pq, g.K, 1, g.Pq, y + n * ys, ImageBias(g, b, e, n, bn), accumulate: false,
+                    channelStride: ldc, residual: r == null ? null : r + n * ys);
             }
         });
+    }
+
+    /// <summary>Image n's bias per output channel: b itself, or b[k] + e[n, k] written into scratch (K floats) when there
+    /// is a channel bias.</summary>
+    private static float* ImageBias(ConvShape g, float* b, float* e, int n, float* scratch)
+    {
+        if (e == null) return b;
+        for (int k = 0; k < g.K; k++) scratch[k] = b[k] + e[(long)n * g.K + k];
+        return scratch;
     }
 
     /// <summary>

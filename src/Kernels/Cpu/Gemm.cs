@@ -291,16 +291,16 @@ public static unsafe partial class Gemm
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
 
-    /// <summary>C[0..mr, 0..NR) (=|+=) rows 0..mr of the packed A panel times B's rows, one micro-kernel row per row (a
-    /// row edge, mr &lt; MR, of a full panel read in place).</summary>
-    private static void RunRows<TK, TW>(int kc, float* a, TW b, int mr, float* c, int ldc, bool accumulate, float* tile)
+    /// <summary>C[0..mr, 0..nr) (=|+=) rows 0..mr of the packed A panel times B's rows, one micro-kernel row per row: a
+    /// row edge (mr &lt; MR), of a packed panel or of a full panel read in place.</summary>
+    private static void RunRows<TK, TW>(int kc, float* a, TW b, int mr, int nr, float* c, int ldc, bool accumulate, float* tile)
         where TK : struct, IMicroKernel
         where TW : struct, IBWalk
     {
         for (int r = 0; r < mr; r++)
         {
             TK.RunRow(kc, a + r, b, tile);
-            CopyTile(tile, TK.NR, 1, TK.NR, c + (long)r * ldc, ldc, accumulate);
+            CopyTile(tile, TK.NR, 1, nr, c + (long)r * ldc, ldc, accumulate);
         }
     }
 

@@ -320,11 +320,7 @@ public static unsafe partial class Gemm
             if (mr < 8)
             {
                 // Row edges (only a one-channel output here): a row at a time, each an eighth of the full tile's work.
-                for (int r = 0; r < mr; r++)
-                {
-                    RunRow(kc, a + r, new StridedWalk(b, 48), tile);
-                    CopyTile(tile, 48, 1, nr, c + (long)r * ldc, ldc, accumulate);
-                }
+                RunRows<Avx512Kernel, StridedWalk>(kc, a, new StridedWalk(b, 48), mr, nr, c, ldc, accumulate, tile);
                 return;
             }
             if (nr > 36)
@@ -599,11 +595,7 @@ public static unsafe partial class Gemm
         {
             if (mr < 4)
             {
-                for (int r = 0; r < mr; r++)
-                {
-                    RunRow(kc, a + r, new StridedWalk(b, 24), tile);
-                    CopyTile(tile, 24, 1, nr, c + (long)r * ldc, ldc, accumulate);
-                }
+                RunRows<Avx2Kernel, StridedWalk>(kc, a, new StridedWalk(b, 24), mr, nr, c, ldc, accumulate, tile);
                 return;
             }
             int j = 0;
@@ -683,11 +675,7 @@ public static unsafe partial class Gemm
         {
             if (mr <= 4)
             {
-                for (int r = 0; r < mr; r++)
-                {
-                    RunRow(kc, a + r, new StridedWalk(b, 8), tile);
-                    CopyTile(tile, 8, 1, nr, c + (long)r * ldc, ldc, accumulate);
-                }
+                RunRows<Vector128Kernel, StridedWalk>(kc, a, new StridedWalk(b, 8), mr, nr, c, ldc, accumulate, tile);
                 return;
             }
             Run(kc, a, new StridedWalk(b, 8), tile, 8, false);

@@ -237,7 +237,7 @@ public static unsafe partial class Gemm
             => TK.Run(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), c, ldc, accumulate);
 
         public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
-            => RunRows<TK, StridedWalk>(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), mr, c, ldc, accumulate, tile);
+            => RunRows<TK, StridedWalk>(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), mr, TK.NR, c, ldc, accumulate, tile);
     }
 
     /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
@@ -253,7 +253,7 @@ public static unsafe partial class Gemm
             => TK.Run(kc, a, new OffsetWalk(_b + j0, _off + p0), c, ldc, accumulate);
 
         public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
-            => RunRows<TK, OffsetWalk>(kc, a, new OffsetWalk(_b + j0, _off + p0), mr, c, ldc, accumulate, tile);
+            => RunRows<TK, OffsetWalk>(kc, a, new OffsetWalk(_b + j0, _off + p0), mr, TK.NR, c, ldc, accumulate, tile);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
