@@ -274,15 +274,9 @@ public static unsafe partial class Gemm
                         int mr = Math.Min(MR, mc - ir);
                         float* aPanel = ap + (long)ir * kc;
                         float* cTile = cPanel + (long)ir * ldc;
-                        if (mr == MR && nr == NR)
-                        {
-                            if (packed) TK.Run(kc, aPanel, new StridedWalk(bp, NR), cTile, ldc, acc);
-                            else b.RunInPlace<TK>(pc, kc, jr, aPanel, cTile, ldc, acc);
-                            continue;
-                        }
-                        // A row edge of a panel read in place stays in place, a row at a time.
-                        if (packed) TK.RunEdge(kc, aPanel, bp, mr, nr, cTile, ldc, acc, tile);
-                        else b.RunRowsInPlace<TK>(pc, kc, jr, aPanel, mr, cTile, ldc, acc, tile);
+                        if (!packed) b.RunInPlace<TK>(pc, kc, jr, aPanel, mr, cTile, ldc, acc, tile);
+                        else if (mr == MR && nr == NR) TK.Run(kc, aPanel, new StridedWalk(bp, NR), cTile, ldc, acc);
+                        else TK.RunEdge(kc, aPanel, bp, mr, nr, cTile, ldc, acc, tile);
                     }
                 }
             }
@@ -290,6 +284,16 @@ public static unsafe partial class Gemm
     }
 
     private static int RoundUp(int x, int r) => (x + r - 1) / r * r;
+
+    /// <summary>C[0..mr, 0..NR) (=|+=) rows 0..mr (mr &lt;= MR) of the packed A panel times a whole B panel read where it
+    /// lies: the full tile, or a row edge a row at a time.</summary>
+    private static void RunPanel<TK, TW>(int kc, float* a, TW b, int mr, float* c, int ldc, bool accumulate, float* tile)
+        where TK : struct, IMicroKernel
+        where TW : struct, IBWalk
+    {
+        if (mr == TK.MR) TK.Run(kc, a, b, c, ldc, accumulate);
+        else RunRows<TK, TW>(kc, a, b, mr, TK.NR, c, ldc, accumulate, tile);
+    }
 
     /// <summary>C[0..mr, 0..nr) (=|+=) rows 0..mr of the packed A panel times B's rows, one micro-kernel row per row: a
     /// row edge (mr &lt; MR), of a packed panel or of a full panel read in place.</summary>

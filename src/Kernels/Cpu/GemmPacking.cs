@@ -213,11 +213,9 @@ public static unsafe partial class Gemm
         /// without packing (<see cref="RunInPlace"/>): true for sources whose rows are contiguous runs.</summary>
         bool InPlace { get; }
 
-        /// <summary>C[0..MR, 0..NR) (=|+=) the packed A panel times B(p0.., j0..j0 + NR) read where it lies.</summary>
-        void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel;
-
-        /// <summary>The same for the first mr &lt; MR rows of the A panel (a row edge), a row at a time.</summary>
-        void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel;
+        /// <summary>C[0..mr, 0..NR) (=|+=) rows 0..mr (mr &lt;= MR) of the packed A panel times B(p0.., j0..j0 + NR) read
+        /// where it lies.</summary>
+        void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel;
     }
 
     /// <summary>B(p,j) = b[p*bRow + j*bCol].</summary>
@@ -233,11 +231,8 @@ public static unsafe partial class Gemm
         public bool InPlace => _bCol == 1;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => TK.Run(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), c, ldc, accumulate);
-
-        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
-            => RunRows<TK, StridedWalk>(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), mr, TK.NR, c, ldc, accumulate, tile);
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+            => RunPanel<TK, StridedWalk>(kc, a, new StridedWalk(_b + (long)p0 * _bRow + j0, _bRow), mr, c, ldc, accumulate, tile);
     }
 
     /// <summary>B(p,j) = b[rowOffsets[p] + j]: each packed row is one contiguous (masked at the edge) copy.</summary>
@@ -249,11 +244,8 @@ public static unsafe partial class Gemm
         public bool InPlace => true;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => TK.Run(kc, a, new OffsetWalk(_b + j0, _off + p0), c, ldc, accumulate);
-
-        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
-            => RunRows<TK, OffsetWalk>(kc, a, new OffsetWalk(_b + j0, _off + p0), mr, TK.NR, c, ldc, accumulate, tile);
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+            => RunPanel<TK, OffsetWalk>(kc, a, new OffsetWalk(_b + j0, _off + p0), mr, c, ldc, accumulate, tile);
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Pack<TK>(int p0, int kc, int j0, int nr, float* dst) where TK : struct, IMicroKernel
@@ -360,10 +352,7 @@ public static unsafe partial class Gemm
 
         public bool InPlace => false;
 
-        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => throw new NotSupportedException("dense columns are gathered: pack them");
-
-        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
             => throw new NotSupportedException("dense columns are gathered: pack them");
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -423,10 +412,7 @@ public static unsafe partial class Gemm
     {
         public bool InPlace => false;
 
-        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => throw new NotSupportedException("columns are not contiguous: pack them");
-
-        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
             => throw new NotSupportedException("columns are not contiguous: pack them");
 
         private readonly float* _b = b;
@@ -499,10 +485,7 @@ public static unsafe partial class Gemm
     {
         public bool InPlace => false;
 
-        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, float* c, int ldc, bool accumulate) where TK : struct, IMicroKernel
-            => throw new NotSupportedException("columns are not contiguous: pack them");
-
-        public void RunRowsInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
+        public void RunInPlace<TK>(int p0, int kc, int j0, float* a, int mr, float* c, int ldc, bool accumulate, float* tile) where TK : struct, IMicroKernel
             => throw new NotSupportedException("columns are not contiguous: pack them");
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
