@@ -148,7 +148,7 @@ public static unsafe class Conv2d
         }
         else
         {
-            ForwardCpu(g, Ptr(x), Ptr(w), Ptr(b), Ptr(y), channelBias is null ? null : Ptr(channelBias), residual is null ? null : Ptr(residual));
+            ForwardCpu(g, x.Pointer, w.Pointer, b.Pointer, y.Pointer, channelBias is null ? null : channelBias.Pointer, residual is null ? null : residual.Pointer);
             return;
         }
         if (residual is not null)
@@ -180,7 +180,7 @@ public static unsafe class Conv2d
             k.Conv2d.BackwardInput(k.Stream, dx.Length, dy.View, w.View, dx.View, g);
             return;
         }
-        BackwardInputCpu(g, Ptr(dy), Ptr(w), Ptr(dx), accumulate);
+        BackwardInputCpu(g, dy.Pointer, w.Pointer, dx.Pointer, accumulate);
     }
 
     /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight; with <paramref name="db"/> also the bias's,
@@ -207,7 +207,7 @@ public static unsafe class Conv2d
         }
         else
         {
-            BackwardWeightCpu(g, Ptr(dy), Ptr(x), Ptr(dw));
+            BackwardWeightCpu(g, dy.Pointer, x.Pointer, dw.Pointer);
         }
         if (db is not null)
         {
@@ -234,7 +234,7 @@ public static unsafe class Conv2d
             k.Conv2d.BackwardBias(k.Stream, kk, dy.View, db.View, n, pq);
             return;
         }
-        BackwardBiasCpu(Ptr(dy), Ptr(db), n, kk, pq);
+        BackwardBiasCpu(dy.Pointer, db.Pointer, n, kk, pq);
     }
 
     /// <summary>
@@ -312,8 +312,6 @@ public static unsafe class Conv2d
         Check.Shape("conv2d", "b", b, g.K);
         Check.Shape("conv2d", "y", y, g.N, g.K, g.P, g.Q);
     }
-
-    internal static float* Ptr(Tensor t) => t.Pointer;
 
     // ---------------- CPU fast: im2col + packed GEMM ----------------
 

@@ -73,7 +73,7 @@ public static unsafe class Linear
         }
         else
         {
-            Gemm.Multiply(m, n, k, Conv2d.Ptr(a), s.ARow, s.ACol, Conv2d.Ptr(b), s.BRow, s.BCol, Conv2d.Ptr(c), n, accumulate, parallel: true);
+            Gemm.Multiply(m, n, k, a.Pointer, s.ARow, s.ACol, b.Pointer, s.BRow, s.BCol, c.Pointer, n, accumulate, parallel: true);
             if (bias is not null)
             {
                 var cv = c.Host();
