@@ -174,7 +174,7 @@ public sealed class CheckpointFuzzTests(ITestOutputHelper output) : IDisposable
     ];
 
     private static readonly string[] MetadataKeys =
-        ["step", "epoch", "steps_per_epoch", "skipped", "adam.step", "ema.decay", "T", "schedule", "channels", "preset", "format", "lr", "batch", "seed", "changes"];
+        ["step", "epoch", "steps_per_epoch", "skipped", "adam.step", "ema.decay", "T", "schedule", "channels", "preset", "format", "lr", "batch", "seed", "changes", "ema", "ema_warmup", "ema_start"];
 
     private static T Pick<T>(Random r, IReadOnlyList<T> items) => items[r.Next(items.Count)];
 

@@ -326,6 +326,33 @@ public sealed class EvalCliTests : IDisposable
         Assert.Equal(4, json.GetProperty("samples").GetProperty("n").GetInt32());
     }
 
+    /// <summary>
+    /// A checkpoint whose EMA weights are still mostly the random initial ones (an average without warm-up, a few steps in)
+    /// is sampled from its raw weights, said in one line and reported as <c>weights: raw</c>; with the warm-up the same run's
+    /// average is used; <c>--no-ema</c> always takes the raw weights.
+    /// </summary>
+    [Theory]
+    [InlineData(0f, false, "raw", true)]
+    [InlineData(2f / 3, false, "ema", false)]
+    [InlineData(2f / 3, true, "raw", false)]
+    public void AnAverageStillMostlyInitialIsPassedOverForTheRawWeights(float warmup, bool noEma, string weights, bool note)
+    {
+        var (data, classifier) = StandIns();
+        string run = Path.Combine(_dir, $"run-{warmup}-{noEma}");
+        Directory.CreateDirectory(run);
+        using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9995f, EmaWarmup = warmup, Seed = 1 }, Mnist.LoadTraining(data)))
+        {
+            trainer.TrainStep();
+            trainer.TrainStep();
+            trainer.Save(Path.Combine(run, "model.safetensors"));
+        }
+        var r = CliTests.Run(["eval", "--samples", run, "--n", "2", "--sampler", "ddim", "--steps", "2", "--report", "none",
+            "--classifier", classifier, "--data", data, "--device", "cpu", .. noEma ? new[] { "--no-ema" } : []]);
+        Assert.Equal(weights, Json(r).GetProperty("weights").GetString());
+        Assert.Equal(note, r.Err.Contains("the EMA weights are still 100% the initial ones after 2 steps", StringComparison.Ordinal));
+        Assert.Contains($"{(weights == "ema" ? "EMA" : "raw")} weights", r.Err);
+    }
+
     [Fact]
     public void EvalRefusesSamplerFlagsThatDoNotApply()
     {

@@ -293,6 +293,85 @@ public sealed class ReliabilityTests : IDisposable
         Assert.Equal(1f, flag.ToArray()[0]);
     }
 
+    /// <summary>
+    /// The EMA's warm-up is a function of the step: 2 steps, a checkpoint and 2 more give the average of 4 straight steps bit
+    /// for bit, with the warm-up and without it. A checkpoint from before the warm-up existed (no <c>ema_warmup</c> key)
+    /// resumes without one, bit for bit as the run it came from would have gone on; the next checkpoint records 0.
+    /// </summary>
+    [Theory]
+    [InlineData(0f, false)]
+    [InlineData(0.75f, false)]
+    [InlineData(0f, true)]
+    public void ResumeKeepsTheEmaWarmupExact(float warmup, bool oldCheckpoint)
+    {
+        var options = new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9f, EmaWarmup = warmup, Seed = 4 };
+        using var straight = new Trainer(CpuDevice.Instance, options, Synthetic(8));
+        for (int i = 0; i < 4; i++)
+        {
+            straight.TrainStep();
+        }
+        var path = PathOf("warm.safetensors");
+        using (var first = new Trainer(CpuDevice.Instance, options, Synthetic(8)))
+        {
+            first.TrainStep();
+            first.TrainStep();
+            first.Save(path);
+        }
+        Assert.Equal(Text(warmup), Checkpoint.Inspect(path).Metadata[TrainOptions.EmaWarmupKey]);
+        if (oldCheckpoint)
+        {
+            EditMetadata(path, m => m.Remove(TrainOptions.EmaWarmupKey));
+        }
+        using var resumed = Trainer.Resume(CpuDevice.Instance, path, Synthetic(8));
+        Assert.Equal(warmup, resumed.Options.EmaWarmup);
+        Assert.Empty(resumed.Changes);
+        resumed.TrainStep();
+        resumed.TrainStep();
+        for (int i = 0; i < straight.Ema!.Weights.Count; i++)
+        {
+            Assert.Equal(straight.Ema.Weights[i].ToArray(), resumed.Ema!.Weights[i].ToArray());
+        }
+        resumed.Save(path);
+        Assert.Equal(Text(warmup), Checkpoint.Inspect(path).Metadata[TrainOptions.EmaWarmupKey]);
+
+        static string Text(float v) => v.ToString("R", CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>The warm-up's decays: the first update copies the weights, the decay then rises as 1 - (1 + k)^-p to its cap;
+    /// an average switched on by a resume warms up from that step, and the next checkpoint records where it started.</summary>
+    [Fact]
+    public void TheEmaWarmupRisesToItsCapFromTheAveragesStart()
+    {
+        var s = new EmaSchedule(0.999f, 0.75f);
+        Assert.Equal(0f, s.At(0));
+        Assert.Equal((float)(1 - Math.Pow(10, -0.75)), s.At(9), 6);
+        Assert.Equal(0.999f, s.At(10_000_000));
+        for (long k = 1; k < 20_000; k++)
+        {
+            Assert.True(s.At(k) >= s.At(k - 1), $"falls at {k}");
+        }
+        Assert.Equal(0.9f, new EmaSchedule(0.9f, 0).At(0));
+        Assert.Equal(0.0, s.InitialShare(1));
+        Assert.Equal(1.0, s.InitialShare(0));
+        Assert.Equal(Math.Pow(0.9995, 937), new EmaSchedule(0.9995f, 0).InitialShare(937), 4);
+        Assert.Equal(0f, new EmaSchedule(0.9f, 0.75f, Start: 5).At(5));
+
+        var path = TrainedCheckpoint("late.safetensors", steps: 2, ema: 0f);
+        using (var resumed = Trainer.Resume(CpuDevice.Instance, path, Synthetic(8), o => o with { EmaDecay = 0.99f, EmaWarmup = 0.75f }))
+        {
+            Assert.Equal(2, resumed.EmaStart);
+            Assert.Equal(0f, resumed.EmaSchedule.At(2));
+            resumed.TrainStep();
+            Assert.Equal(resumed.Model.Parameters[0].Value.ToArray(), resumed.Ema!.Weights[0].ToArray());
+            resumed.Save(path);
+        }
+        Assert.Equal("2", Checkpoint.Inspect(path).Metadata[TrainOptions.EmaStartKey]);
+        using var again = Trainer.Resume(CpuDevice.Instance, path, Synthetic(8));
+        Assert.Equal(2, again.EmaStart);
+        EditMetadata(path, m => m[TrainOptions.EmaStartKey] = "9");
+        Assert.Contains(TrainOptions.EmaStartKey, Assert.Throws<CheckpointException>(() => Trainer.Resume(CpuDevice.Instance, path, Synthetic(8))).Message);
+    }
+
     [Fact]
     public void ResumeAppliesTheFlagsThatMayChangeAndRecordsThem()
     {

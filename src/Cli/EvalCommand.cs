@@ -148,6 +148,10 @@ public static class EvalCommand
         string? written = null;
         if (plan is not null)
         {
+            if (plan.EmaNote is { } note)
+            {
+                Log(note);
+            }
             Log(plan.Describe(q.N));
             var sampling = Stopwatch.StartNew();
             var digits = plan.Run(dev, q.N);

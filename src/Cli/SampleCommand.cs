@@ -52,6 +52,10 @@ public static class SampleCommand
         using var device = Program.OpenDevice(deviceName);
         // --digit all: n of each digit, digit d in grid row d.
         int total = settings.Digit == "all" ? 10 * n : n, columns = settings.Digit == "all" ? n : 0;
+        if (plan.EmaNote is { } note)
+        {
+            Console.Error.WriteLine(note);
+        }
         Console.Error.WriteLine(plan.Describe(total));
         var frames = new List<float[]>();
         int every = Math.Max(1, plan.Steps.Count / 30);
@@ -198,8 +202,19 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
     /// <summary>True unless --recipe seed: the x0 estimate is clipped to [-1, 1].</summary>
     public bool Clip => Settings.Recipe != "seed";
 
-    /// <summary>True when the EMA weights are sampled (the checkpoint has them and --no-ema is not given).</summary>
-    public bool UseEma => !Settings.NoEma && Info.HasEma;
+    /// <summary>True when the EMA weights are sampled: the checkpoint has them, --no-ema is not given, and they are not still
+    /// mostly the weights the average started from (<see cref="EmaNote"/> says so then).</summary>
+    public bool UseEma => !Settings.NoEma && Info.HasEma && !(EmaInitialShare > EmaSchedule.MostlyInitial);
+
+    /// <summary>The share of the checkpoint's EMA weights that is still the average's starting weights (null when unknown).</summary>
+    public double? EmaInitialShare => Info.HasEma ? Trainer.EmaInitialShare(Info.Metadata) : null;
+
+    /// <summary>One line when the EMA weights are passed over for being mostly the initial ones; null otherwise.</summary>
+    public string? EmaNote => !Settings.NoEma && Info.HasEma && !UseEma ? EmaFallback(EmaInitialShare!.Value, Info.Metadata.GetValueOrDefault(Checkpoint.StepKey, "?")) : null;
+
+    /// <summary>The line said when an average is passed over: its share of starting weights and what to do.</summary>
+    public static string EmaFallback(double share, string step) => string.Create(CultureInfo.InvariantCulture,
+        $"note: the EMA weights are still {share * 100:F0}% the initial ones after {step} steps (an average without warm-up), so the raw weights are sampled; train with --ema-warmup for an average that is ready early");
 
     /// <summary>ddim's or dpm++'s eta, the flag's or the sampler's default.</summary>
     public double Eta => Settings.Eta ?? SamplerSettings.DefaultEta(Settings.Sampler);

@@ -32,6 +32,10 @@ public static class TrainCommand
         var schedule = new Option<string?>("--schedule") { Description = "noise schedule: linear (the seed's, default) | cosine" };
         schedule.AcceptOnlyFromAmong("linear", "cosine");
         var ema = new Option<float?>("--ema") { Description = "EMA decay of the weights, e.g. 0.999 (default 0: off); may change on --resume" }.Within(0f, 0.99999994f);
+        var emaWarmup = new Option<float?>("--ema-warmup")
+        {
+            Description = $"power P of the EMA's warm-up: update k (from 0) of the average takes decay min(--ema, 1 - (1 + k)^-P), so a short run averages trained weights (0: --ema from the first step; default: the recipe's, {Recipe.Default.EmaWarmup.ToString(System.Globalization.CultureInfo.InvariantCulture)} in the default); may change on --resume",
+        }.Within(0f, EmaSchedule.MaxPower);
         var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
         var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
@@ -52,17 +56,17 @@ public static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, emaWarmup, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
-    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? Clip,
+    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? Clip,
         ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
@@ -106,6 +110,7 @@ public static class TrainCommand
                 LrDecay = s.LrDecay ?? o.LrDecay,
                 Schedule = s.Schedule ?? o.Schedule,
                 EmaDecay = s.Ema ?? o.EmaDecay,
+                EmaWarmup = s.EmaWarmup ?? o.EmaWarmup,
                 Clip = s.Clip ?? o.Clip,
                 Seed = s.Seed ?? o.Seed,
                 Classes = s.Classes ?? o.Classes,
@@ -121,6 +126,7 @@ public static class TrainCommand
                 LrDecay = s.LrDecay ?? recipe.LrDecay,
                 Schedule = s.Schedule ?? recipe.Schedule,
                 EmaDecay = s.Ema ?? recipe.Ema,
+                EmaWarmup = s.EmaWarmup ?? recipe.EmaWarmup,
                 Clip = s.Clip ?? 0f,
                 Seed = s.Seed ?? 0UL,
                 Classes = s.Classes ?? 0,
@@ -129,7 +135,7 @@ public static class TrainCommand
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? o.EmaDecay : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
+            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? $"{o.EmaDecay}{(o.EmaWarmup > 0 ? $" (warm-up power {o.EmaWarmup})" : "")}" : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
@@ -297,13 +303,18 @@ public static class TrainCommand
     };
 
     /// <summary>Writes the sample grid: 64 digits by DDPM (fixed large variance), clipped unless --recipe seed,
-    /// with EMA weights when the run keeps them (a conditional model samples unguided, with "no label").</summary>
+    /// with EMA weights when the run keeps them, unless they are still mostly the initial ones (a conditional model samples unguided, with "no label").</summary>
     private static void WriteSamples(Trainer trainer, string path, int count, bool clip)
     {
         Console.Error.WriteLine($"sampling {count} digits for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
         var model = trainer.Model;
         float[][]? saved = null;
-        if (trainer.Ema is { } ema)
+        double share = trainer.Ema is null ? 0 : trainer.EmaSchedule.InitialShare(trainer.Step, trainer.Skipped);
+        if (trainer.Ema is not null && share > EmaSchedule.MostlyInitial)
+        {
+            Console.Error.WriteLine(SamplingPlan.EmaFallback(share, trainer.Step.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+        }
+        else if (trainer.Ema is { } ema)
         {
             saved = model.Parameters.Select(p => p.Value.ToArray()).ToArray();
             ema.CopyToModel();

@@ -36,8 +36,12 @@ public sealed record TrainOptions
     /// <summary>Diffusion steps T.</summary>
     public int DiffusionSteps { get; init; } = 300;
 
-    /// <summary>EMA decay of the weights (0: no EMA).</summary>
+    /// <summary>EMA decay of the weights (0: no EMA); with <see cref="EmaWarmup"/> the cap of a warm-up.</summary>
     public float EmaDecay { get; init; }
+
+    /// <summary>Power of the EMA's warm-up (0: none, <see cref="EmaDecay"/> from the first step): the k-th update of the
+    /// average takes min(EmaDecay, 1 - (1 + k)^-EmaWarmup) (see <see cref="EmaSchedule"/>).</summary>
+    public float EmaWarmup { get; init; }
 
     /// <summary>Gradient-norm clipping (0: none).</summary>
     public float Clip { get; init; }
@@ -96,6 +100,10 @@ public sealed record TrainOptions
         {
             yield return ("ema", "--ema", $"{EmaDecay.ToString(CultureInfo.InvariantCulture)} must be in [0, 1) (0: off)");
         }
+        if (!(EmaWarmup >= 0 && EmaWarmup <= EmaSchedule.MaxPower))
+        {
+            yield return (EmaWarmupKey, "--ema-warmup", $"{EmaWarmup.ToString(CultureInfo.InvariantCulture)} must be in [0, {EmaSchedule.MaxPower.ToString(CultureInfo.InvariantCulture)}] (0: off)");
+        }
         if (Classes is not (0 or Checkpoint.ConditionalClasses))
         {
             yield return (Checkpoint.ClassesKey, "--classes", $"{Classes} must be 0 (unconditional) or {Checkpoint.ConditionalClasses}");
@@ -105,6 +113,10 @@ public sealed record TrainOptions
             yield return ("clip", "--clip", $"{Clip.ToString(CultureInfo.InvariantCulture)} must be a finite number, 0 or more (0: off)");
         }
     }
+
+    /// <summary>The metadata keys of the EMA's warm-up power and of the step the average started at (both absent in runs from before
+    /// the warm-up: no warm-up, an average from step 0).</summary>
+    public const string EmaWarmupKey = "ema_warmup", EmaStartKey = "ema_start";
 
     /// <summary>The largest batch a run may take (a step's activations grow with it; 4096 is far past any recipe).</summary>
     public const int MaxBatch = 4096;
@@ -122,6 +134,7 @@ public sealed record TrainOptions
         ["schedule"] = Schedule,
         ["T"] = DiffusionSteps.ToString(CultureInfo.InvariantCulture),
         ["ema"] = EmaDecay.ToString("R", CultureInfo.InvariantCulture),
+        [EmaWarmupKey] = EmaWarmup.ToString("R", CultureInfo.InvariantCulture),
         ["clip"] = Clip.ToString("R", CultureInfo.InvariantCulture),
         ["seed"] = Seed.ToString(CultureInfo.InvariantCulture),
         [Checkpoint.ClassesKey] = Classes.ToString(CultureInfo.InvariantCulture),
@@ -146,6 +159,8 @@ public sealed record TrainOptions
             Schedule = Get("schedule"),
             DiffusionSteps = Parse<int>("T"),
             EmaDecay = Parse<float>("ema"),
+            // Runs from before the warm-up have no key: their average took the set decay from the first step.
+            EmaWarmup = m.ContainsKey(EmaWarmupKey) ? Parse<float>(EmaWarmupKey) : 0f,
             Clip = Parse<float>("clip"),
             Seed = Parse<ulong>("seed"),
             // Runs from before conditioning existed have no key: they are unconditional.
@@ -267,6 +282,12 @@ public sealed class Trainer : IDisposable
     /// <summary>The weight average, when the run keeps one.</summary>
     public Ema? Ema { get; }
 
+    /// <summary>The step at which the average started: 0, or the step of the resume that switched EMA on.</summary>
+    public long EmaStart { get; private set; }
+
+    /// <summary>The decay each step's EMA update takes (its warm-up counted from <see cref="EmaStart"/>).</summary>
+    public EmaSchedule EmaSchedule => new(Options.EmaDecay, Options.EmaWarmup, EmaStart);
+
     /// <summary>Steps done so far.</summary>
     public long Step { get; private set; }
 
@@ -373,7 +394,7 @@ public sealed class Trainer : IDisposable
         {
             Adam.LearningRate = LearningRateAt(Step);
             Adam.QueueStep(_recordOf[slot], _flagOf[slot], Options.Clip);
-            Ema?.QueueUpdate(Adam.State);
+            Ema?.QueueUpdate(Adam.State, EmaSchedule.At(Step));
         }
         _pending++;
         Step++;
@@ -506,6 +527,10 @@ public sealed class Trainer : IDisposable
         meta["epoch"] = Epoch.ToString(CultureInfo.InvariantCulture);
         meta["steps_per_epoch"] = StepsPerEpoch.ToString(CultureInfo.InvariantCulture);
         meta[Checkpoint.SkippedKey] = Skipped.ToString(CultureInfo.InvariantCulture);
+        if (EmaStart > 0)
+        {
+            meta[TrainOptions.EmaStartKey] = EmaStart.ToString(CultureInfo.InvariantCulture);
+        }
         if (_changes.Count > 0)
         {
             meta["changes"] = string.Join("; ", _changes);
@@ -541,6 +566,7 @@ public sealed class Trainer : IDisposable
         }
         long step = long.Parse(meta[Checkpoint.StepKey], CultureInfo.InvariantCulture);
         long skipped = meta.TryGetValue(Checkpoint.SkippedKey, out var sk) ? long.Parse(sk, CultureInfo.InvariantCulture) : 0;
+        long emaStart = EmaStartOf(meta, step, path);
         if (meta.TryGetValue("steps_per_epoch", out var pe) && long.Parse(pe, CultureInfo.InvariantCulture) != data.Count / saved.Batch)
         {
             throw new CheckpointException(
@@ -569,12 +595,14 @@ public sealed class Trainer : IDisposable
             Checkpoint.Load(info, trainer.Model, trainer.Adam, trainer.Ema);
             if (trainer.Ema is { } ema && !info.HasEma)
             {
-                // EMA switched on mid-run: it starts from the weights as they are now.
+                // EMA switched on mid-run: it starts from the weights as they are now, its warm-up from this step.
                 for (int i = 0; i < ema.Weights.Count; i++)
                 {
                     ema.Weights[i].CopyFrom(trainer.Model.Parameters[i].Value);
                 }
+                emaStart = step;
             }
+            trainer.EmaStart = trainer.Ema is null ? 0 : emaStart;
             trainer.Step = step;
             trainer.Skipped = skipped;
             if (meta.TryGetValue("changes", out var earlier) && earlier.Length > 0)
@@ -586,6 +614,7 @@ public sealed class Trainer : IDisposable
                 ("epochs", Text(saved.Epochs), Text(options.Epochs)), ("max_steps", Text(saved.MaxSteps), Text(options.MaxSteps)),
                 ("lr", Text(saved.Lr), Text(options.Lr)), ("warmup", Text(saved.Warmup), Text(options.Warmup)), ("lr_decay", saved.LrDecay, options.LrDecay),
                 ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
+                (TrainOptions.EmaWarmupKey, Text(saved.EmaWarmup), Text(options.EmaWarmup)),
             })
             {
                 if (was != now)
@@ -600,6 +629,42 @@ public sealed class Trainer : IDisposable
             trainer.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The step a checkpoint's average started at (<see cref="TrainOptions.EmaStartKey"/>; absent: 0), checked against its step.</summary>
+    public static long EmaStartOf(IReadOnlyDictionary<string, string> meta, long step, string label)
+    {
+        if (!meta.TryGetValue(TrainOptions.EmaStartKey, out var text))
+        {
+            return 0;
+        }
+        if (!long.TryParse(text, NumberStyles.None, CultureInfo.InvariantCulture, out long start) || start > step)
+        {
+            throw new CheckpointException($"{label}: metadata '{TrainOptions.EmaStartKey}' = '{text}' is not a step in 0..{step}");
+        }
+        return start;
+    }
+
+    /// <summary>
+    /// How much of a checkpoint's averaged weights is still the weights the average started from (the random initial ones
+    /// for a run that kept an EMA from its start), by its EMA schedule's own arithmetic (<see cref="EmaSchedule.InitialShare"/>);
+    /// null when the metadata does not say (a checkpoint without EMA weights, or not written by <see cref="Save"/>).
+    /// </summary>
+    public static double? EmaInitialShare(IReadOnlyDictionary<string, string> meta)
+    {
+        static bool Read<T>(IReadOnlyDictionary<string, string> m, string key, out T value) where T : IParsable<T>
+        {
+            value = default!;
+            return m.TryGetValue(key, out var text) && T.TryParse(text, CultureInfo.InvariantCulture, out value!);
+        }
+        if (!Read(meta, "ema", out float decay) || !(decay is > 0 and < 1) || !Read(meta, Checkpoint.StepKey, out long step) || step < 0)
+        {
+            return null;
+        }
+        float power = Read(meta, TrainOptions.EmaWarmupKey, out float p) && p is >= 0 and <= EmaSchedule.MaxPower ? p : 0f;
+        long skipped = Read(meta, Checkpoint.SkippedKey, out long sk) ? sk : 0;
+        long start = Read(meta, TrainOptions.EmaStartKey, out long st) && st >= 0 && st <= step ? st : 0;
+        return new EmaSchedule(decay, power, start).InitialShare(step, skipped);
     }
 
     /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, MnistSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>

@@ -257,7 +257,7 @@ public sealed class Ema : IDisposable
         }).ToArray();
     }
 
-    /// <summary>The decay per step.</summary>
+    /// <summary>The set decay per step (with a warm-up, its cap: see <see cref="EmaSchedule"/>).</summary>
     public float Decay { get; }
 
     /// <summary>The averaged weights, one per parameter, in parameter order.</summary>
@@ -278,16 +278,24 @@ public sealed class Ema : IDisposable
     }
 
     /// <summary>The update of a step queued by <see cref="Adam.QueueStep"/>: skipped on the device with it (<paramref name="state"/> is <see cref="Adam.State"/>).</summary>
-    public void QueueUpdate(Tensor state)
+    public void QueueUpdate(Tensor state) => QueueUpdate(state, Decay);
+
+    /// <summary>The update of a queued step at the decay <paramref name="decay"/> that this step takes (an <see cref="EmaSchedule"/>'s
+    /// warm-up: the decay is a function of the step, passed to the launch, so nothing waits for the device).</summary>
+    public void QueueUpdate(Tensor state, float decay)
     {
+        if (decay is < 0 or >= 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(decay), decay, "an ema decay is in [0, 1)");
+        }
         if (_flat is not null)
         {
-            Optim.Ema(_weightsFlat!, _flat.Values!, Decay, state);
+            Optim.Ema(_weightsFlat!, _flat.Values!, decay, state);
             return;
         }
         for (int i = 0; i < _parameters.Count; i++)
         {
-            Optim.Ema(Weights[i], _parameters[i].Value, Decay, state);
+            Optim.Ema(Weights[i], _parameters[i].Value, decay, state);
         }
     }
 
