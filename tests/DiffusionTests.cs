@@ -226,6 +226,42 @@ public sealed class DiffusionTests
         Assert.Equal(straight.Ema!.Weights[0].ToArray(), resumed.Ema!.Weights[0].ToArray());
     }
 
+    /// <summary>
+    /// Min-SNR-γ by importance: without γ the draw is the uniform one of every earlier run, bit for bit; with γ the
+    /// probability of t is min(SNR_t, γ)/SNR_t over its sum (the timesteps noisier than SNR γ all alike and the most
+    /// likely, the clean end rare), and a fine grid of uniforms lands on each t in that proportion.
+    /// </summary>
+    [Fact]
+    public void MinSnrDrawsTimestepsInProportionToTheirWeight()
+    {
+        var schedule = NoiseSchedule.ByName("cosine", 300);
+        var uniform = new TimestepSampler(schedule, 0);
+        for (int i = 0; i < 1 << 16; i++)
+        {
+            float u = i / 65536f;
+            Assert.Equal((int)Math.Min(299, (long)(u * 300)), uniform.At(u));
+        }
+        var minSnr = new TimestepSampler(schedule, 5);
+        Assert.Equal(1.0, Enumerable.Range(0, 300).Sum(minSnr.Probability), 9);
+        double total = Enumerable.Range(0, 300).Sum(t => TimestepSampler.Weight(schedule.AlphaBars[t], 5));
+        var counts = new int[300];
+        const int Grid = 1 << 22;
+        for (int i = 0; i < Grid; i++)
+        {
+            counts[minSnr.At((i + 0.5f) / Grid)]++;
+        }
+        for (int t = 0; t < 300; t++)
+        {
+            double want = TimestepSampler.Weight(schedule.AlphaBars[t], 5) / total;
+            Assert.Equal(want, minSnr.Probability(t), 9);
+            Assert.InRange((double)counts[t] / Grid, want - 2e-5, want + 2e-5);
+        }
+        int noisy = Enumerable.Range(0, 300).First(t => schedule.AlphaBars[t] / (1 - schedule.AlphaBars[t]) <= 5);
+        Assert.Equal(minSnr.Probability(299), minSnr.Probability(noisy), 12);
+        Assert.True(minSnr.Probability(0) < minSnr.Probability(299) / 100, "the clean end is not rare");
+        Assert.Equal(299, minSnr.At(0.99999994f));
+    }
+
     /// <summary>Warm-up rises linearly to the peak; the cosine then falls to a tenth of it at the last step, never below.</summary>
     [Fact]
     public void LearningRateWarmsUpThenFallsByACosine()

@@ -296,15 +296,17 @@ public sealed class ReliabilityTests : IDisposable
     /// <summary>
     /// The EMA's warm-up is a function of the step: 2 steps, a checkpoint and 2 more give the average of 4 straight steps bit
     /// for bit, with the warm-up and without it. A checkpoint from before the warm-up existed (no <c>ema_warmup</c> key)
-    /// resumes without one, bit for bit as the run it came from would have gone on; the next checkpoint records 0.
+    /// resumes without one (and with uniform timesteps: no <c>min_snr</c>), bit for bit as the run it came from would have gone on;
+    /// the next checkpoint records 0. A min-SNR run resumes exactly too (its timesteps are a function of the step).
     /// </summary>
     [Theory]
-    [InlineData(0f, false)]
-    [InlineData(0.75f, false)]
-    [InlineData(0f, true)]
-    public void ResumeKeepsTheEmaWarmupExact(float warmup, bool oldCheckpoint)
+    [InlineData(0f, 0f, false)]
+    [InlineData(0.75f, 0f, false)]
+    [InlineData(0.75f, 5f, false)]
+    [InlineData(0f, 0f, true)]
+    public void ResumeKeepsTheEmaWarmupExact(float warmup, float minSnr, bool oldCheckpoint)
     {
-        var options = new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9f, EmaWarmup = warmup, Seed = 4 };
+        var options = new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9f, EmaWarmup = warmup, MinSnr = minSnr, Seed = 4 };
         using var straight = new Trainer(CpuDevice.Instance, options, Synthetic(8));
         for (int i = 0; i < 4; i++)
         {
@@ -320,10 +322,15 @@ public sealed class ReliabilityTests : IDisposable
         Assert.Equal(Text(warmup), Checkpoint.Inspect(path).Metadata[TrainOptions.EmaWarmupKey]);
         if (oldCheckpoint)
         {
-            EditMetadata(path, m => m.Remove(TrainOptions.EmaWarmupKey));
+            EditMetadata(path, m =>
+            {
+                m.Remove(TrainOptions.EmaWarmupKey);
+                m.Remove(TrainOptions.MinSnrKey);
+            });
         }
         using var resumed = Trainer.Resume(CpuDevice.Instance, path, Synthetic(8));
         Assert.Equal(warmup, resumed.Options.EmaWarmup);
+        Assert.Equal(minSnr, resumed.Options.MinSnr);
         Assert.Empty(resumed.Changes);
         resumed.TrainStep();
         resumed.TrainStep();

@@ -36,6 +36,10 @@ public static class TrainCommand
         {
             Description = $"power P of the EMA's warm-up: update k (from 0) of the average takes decay min(--ema, 1 - (1 + k)^-P), so a short run averages trained weights (0: --ema from the first step; default: the recipe's, {Recipe.Default.EmaWarmup.ToString(System.Globalization.CultureInfo.InvariantCulture)} in the default); may change on --resume",
         }.Within(0f, EmaSchedule.MaxPower);
+        var minSnr = new Option<float?>("--min-snr")
+        {
+            Description = $"min-SNR-γ weighting (Hang et al. 2023) with this γ, e.g. 5: timestep t counts min(SNR_t, γ)/SNR_t, drawn by importance (0: every timestep alike; default: the recipe's, {Recipe.Default.MinSnr.ToString(System.Globalization.CultureInfo.InvariantCulture)} in the default); may change on --resume",
+        }.Within(0f, 1000f);
         var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
         var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
@@ -56,17 +60,17 @@ public static class TrainCommand
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
-            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, emaWarmup, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
+            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, emaWarmup, minSnr, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
             p.GetValue(resume)))));
         return command;
     }
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
-    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? Clip,
+    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? MinSnr, float? Clip,
         ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
 
     private static int Run(Settings s)
@@ -111,6 +115,7 @@ public static class TrainCommand
                 Schedule = s.Schedule ?? o.Schedule,
                 EmaDecay = s.Ema ?? o.EmaDecay,
                 EmaWarmup = s.EmaWarmup ?? o.EmaWarmup,
+                MinSnr = s.MinSnr ?? o.MinSnr,
                 Clip = s.Clip ?? o.Clip,
                 Seed = s.Seed ?? o.Seed,
                 Classes = s.Classes ?? o.Classes,
@@ -127,6 +132,7 @@ public static class TrainCommand
                 Schedule = s.Schedule ?? recipe.Schedule,
                 EmaDecay = s.Ema ?? recipe.Ema,
                 EmaWarmup = s.EmaWarmup ?? recipe.EmaWarmup,
+                MinSnr = s.MinSnr ?? recipe.MinSnr,
                 Clip = s.Clip ?? 0f,
                 Seed = s.Seed ?? 0UL,
                 Classes = s.Classes ?? 0,
@@ -135,7 +141,7 @@ public static class TrainCommand
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}, ema {(o.EmaDecay > 0 ? $"{o.EmaDecay}{(o.EmaWarmup > 0 ? $" (warm-up power {o.EmaWarmup})" : "")}" : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
+            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}{(o.MinSnr > 0 ? $", min-SNR-{o.MinSnr} timesteps" : "")}, ema {(o.EmaDecay > 0 ? $"{o.EmaDecay}{(o.EmaWarmup > 0 ? $" (warm-up power {o.EmaWarmup})" : "")}" : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {

@@ -46,6 +46,10 @@ public sealed record TrainOptions
     /// <summary>Gradient-norm clipping (0: none).</summary>
     public float Clip { get; init; }
 
+    /// <summary>Min-SNR-γ weighting (Hang et al. 2023; 0: none, every timestep alike): timestep t counts with weight
+    /// min(SNR_t, γ)/SNR_t, the eps-prediction form, drawn by importance (see <see cref="TimestepSampler"/>).</summary>
+    public float MinSnr { get; init; }
+
     /// <summary>Seed of the weights, the shuffling, the timesteps and the noise.</summary>
     public ulong Seed { get; init; }
 
@@ -108,6 +112,10 @@ public sealed record TrainOptions
         {
             yield return (Checkpoint.ClassesKey, "--classes", $"{Classes} must be 0 (unconditional) or {Checkpoint.ConditionalClasses}");
         }
+        if (!(MinSnr >= 0) || !(MinSnr <= 1000))
+        {
+            yield return (MinSnrKey, "--min-snr", $"{MinSnr.ToString(CultureInfo.InvariantCulture)} must be in [0, 1000] (0: off)");
+        }
         if (!(Clip >= 0) || !float.IsFinite(Clip))
         {
             yield return ("clip", "--clip", $"{Clip.ToString(CultureInfo.InvariantCulture)} must be a finite number, 0 or more (0: off)");
@@ -117,6 +125,9 @@ public sealed record TrainOptions
     /// <summary>The metadata keys of the EMA's warm-up power and of the step the average started at (both absent in runs from before
     /// the warm-up: no warm-up, an average from step 0).</summary>
     public const string EmaWarmupKey = "ema_warmup", EmaStartKey = "ema_start";
+
+    /// <summary>The metadata key of <see cref="MinSnr"/> (absent in runs from before it: 0, uniform timesteps).</summary>
+    public const string MinSnrKey = "min_snr";
 
     /// <summary>The largest batch a run may take (a step's activations grow with it; 4096 is far past any recipe).</summary>
     public const int MaxBatch = 4096;
@@ -135,6 +146,7 @@ public sealed record TrainOptions
         ["T"] = DiffusionSteps.ToString(CultureInfo.InvariantCulture),
         ["ema"] = EmaDecay.ToString("R", CultureInfo.InvariantCulture),
         [EmaWarmupKey] = EmaWarmup.ToString("R", CultureInfo.InvariantCulture),
+        [MinSnrKey] = MinSnr.ToString("R", CultureInfo.InvariantCulture),
         ["clip"] = Clip.ToString("R", CultureInfo.InvariantCulture),
         ["seed"] = Seed.ToString(CultureInfo.InvariantCulture),
         [Checkpoint.ClassesKey] = Classes.ToString(CultureInfo.InvariantCulture),
@@ -161,6 +173,7 @@ public sealed record TrainOptions
             EmaDecay = Parse<float>("ema"),
             // Runs from before the warm-up have no key: their average took the set decay from the first step.
             EmaWarmup = m.ContainsKey(EmaWarmupKey) ? Parse<float>(EmaWarmupKey) : 0f,
+            MinSnr = m.ContainsKey(MinSnrKey) ? Parse<float>(MinSnrKey) : 0f,
             Clip = Parse<float>("clip"),
             Seed = Parse<ulong>("seed"),
             // Runs from before conditioning existed have no key: they are unconditional.
@@ -235,6 +248,7 @@ public sealed class Trainer : IDisposable
         _data = data;
         Device = device;
         Schedule = NoiseSchedule.ByName(options.Schedule, options.DiffusionSteps);
+        Timesteps = new TimestepSampler(Schedule, options.MinSnr);
         Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes);
         Adam = new Adam(Model.Parameters, options.Lr);
         _appliedLr = options.Lr;
@@ -272,6 +286,9 @@ public sealed class Trainer : IDisposable
 
     /// <summary>The noise schedule.</summary>
     public NoiseSchedule Schedule { get; }
+
+    /// <summary>How a step's timesteps are drawn: uniform, or by min-SNR-γ importance.</summary>
+    public TimestepSampler Timesteps { get; }
 
     /// <summary>The network.</summary>
     public UNet Model { get; }
@@ -352,7 +369,7 @@ public sealed class Trainer : IDisposable
         for (int n = 0; n < b; n++)
         {
             _data.CopyImage(order[j * b + n], pixels.Slice(n * MnistSet.Pixels, MnistSet.Pixels));
-            int t = (int)Math.Min(Schedule.T - 1, (long)(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)) * Schedule.T));
+            int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)));
             ts[n] = t;
             ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
             cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
@@ -615,6 +632,7 @@ public sealed class Trainer : IDisposable
                 ("lr", Text(saved.Lr), Text(options.Lr)), ("warmup", Text(saved.Warmup), Text(options.Warmup)), ("lr_decay", saved.LrDecay, options.LrDecay),
                 ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
                 (TrainOptions.EmaWarmupKey, Text(saved.EmaWarmup), Text(options.EmaWarmup)),
+                (TrainOptions.MinSnrKey, Text(saved.MinSnr), Text(options.MinSnr)),
             })
             {
                 if (was != now)
