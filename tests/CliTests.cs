@@ -41,6 +41,45 @@ public sealed class CliTests : IDisposable
         Assert.Contains(contains, r.Err);
     }
 
+    /// <summary>The repository's README.md (found above the test binaries).</summary>
+    internal static string Readme()
+    {
+        for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
+        {
+            if (File.Exists(Path.Combine(dir.FullName, "Ddpm.sln")))
+            {
+                return File.ReadAllText(Path.Combine(dir.FullName, "README.md"));
+            }
+        }
+        throw new FileNotFoundException("README.md: no Ddpm.sln above " + AppContext.BaseDirectory);
+    }
+
+    /// <summary>The README's usage block of <c>train</c> names every flag that <c>train --help</c> lists, and its recipes are
+    /// the ones the command takes, each with the summary the help gives (a new flag or recipe fails here until documented).</summary>
+    [Fact]
+    public void TheReadmeNamesEveryTrainFlagAndRecipe()
+    {
+        var help = Run("train", "--help");
+        Assert.Equal(0, help.Code);
+        var flags = System.Text.RegularExpressions.Regex.Matches(help.Out, @"^\s+(--[a-z0-9-]+)", System.Text.RegularExpressions.RegexOptions.Multiline)
+            .Select(m => m.Groups[1].Value).ToList();
+        // The options every command takes (--help, --gpu-kernels) are the root's: the README gives them apart.
+        var global = System.Text.RegularExpressions.Regex.Matches(Run("--help").Out, @"^\s+(?:-\S+, )*(--[a-z0-9-]+)", System.Text.RegularExpressions.RegexOptions.Multiline)
+            .Select(m => m.Groups[1].Value).ToHashSet();
+        flags.RemoveAll(f => global.Contains(f) || f == "--help");
+        Assert.Contains("--ema-warmup", flags);
+        string readme = Readme();
+        int start = readme.IndexOf("ddpm train  [", StringComparison.Ordinal);
+        Assert.True(start >= 0, "README has no 'ddpm train  [' usage block");
+        string usage = readme[start..readme.IndexOf("ddpm sample", start, StringComparison.Ordinal)];
+        Assert.All(flags, f => Assert.Contains($"[{f}", usage));
+        Assert.Contains($"[--recipe {string.Join("|", Recipe.Names)}]", usage);
+        foreach (var recipe in Recipe.All)
+        {
+            Assert.Contains($"{recipe.Name} ({recipe.Summary})", help.Out.Replace("\n", " ", StringComparison.Ordinal).Replace("  ", " ", StringComparison.Ordinal));
+        }
+    }
+
     [Theory]
     [InlineData(new[] { "train", "--preset", "huge" }, "huge")]
     [InlineData(new[] { "train", "--batch", "many" }, "many")]

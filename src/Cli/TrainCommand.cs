@@ -50,10 +50,10 @@ public static class TrainCommand
         lrDecay.AcceptOnlyFromAmong("constant", "cosine");
         var recipe = new Option<string>("--recipe")
         {
-            Description = $"the defaults of every flag above: default ({Recipe.Default.Summary}) | seed (the seed's: {Recipe.Seed.Summary}); a flag given overrides its recipe's value",
+            Description = $"the defaults of every flag above: {string.Join(" | ", Recipe.All.Select(r => $"{r.Name} ({r.Summary})"))}; a flag given overrides its recipe's value",
             DefaultValueFactory = _ => Recipe.Default.Name,
         };
-        recipe.AcceptOnlyFromAmong(Recipe.Default.Name, Recipe.Seed.Name);
+        recipe.AcceptOnlyFromAmong(Recipe.Names);
         var device = Program.DeviceOption();
         var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
         var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
