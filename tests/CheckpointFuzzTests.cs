@@ -701,7 +701,7 @@ public sealed class CheckpointFuzzTests(ITestOutputHelper output) : IDisposable
     [Fact]
     public void MetadataFuzz()
     {
-        string[] keys = ["preset", "epochs", "max_steps", "batch", "lr", "schedule", "T", "ema", "clip", "seed", "classes"];
+        string[] keys = ["preset", "epochs", "max_steps", "batch", "lr", "schedule", "T", "ema", "clip", "seed", "classes", "ema_warmup", "min_snr"];
         int cases = CasesOr(10000);
         var failures = Run("metadata", 3, Cases(MetadataSeeds.Length, 4), cases, (c, label) =>
         {

@@ -272,13 +272,15 @@ public sealed class DataReaderTests : IDisposable
     public void StalePartFilesOfDeadProcessesAreRemoved()
     {
         // No process has pid 2^31-2 (Linux caps pids at 2^22); this process is alive.
-        var dead = Write($".train-images-idx3-ubyte.{int.MaxValue - 1}.0a1b2c.part", [1, 2, 3]);
-        var live = Write($".train-labels-idx1-ubyte.{Environment.ProcessId}.3d4e5f.part", [1]);
+        var dead = Write($".train-images-idx3-ubyte.ddpm-{int.MaxValue - 1}-0a1b2c.part", [1, 2, 3]);
+        var live = Write($".train-labels-idx1-ubyte.ddpm-{Environment.ProcessId}-3d4e5f.part", [1]);
         var other = Write("notes.part", [1]);
+        var unmarked = Write($".notes.{int.MaxValue - 1}.0a1b2c.part", [1]);
         Assert.Equal(1, Mnist.RemoveStaleParts(_dir));
         Assert.False(File.Exists(dead));
         Assert.True(File.Exists(live));
         Assert.True(File.Exists(other));
+        Assert.True(File.Exists(unmarked));
     }
 }
 

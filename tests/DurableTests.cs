@@ -110,9 +110,12 @@ public sealed class DurableTests : IDisposable
     }
 
     [Theory]
-    [InlineData(".model.safetensors.1234.tmp", 1234)]
-    [InlineData(".model.safetensors.1234.part", 1234)]
-    [InlineData("x.77-a.tmp", 77)]
+    [InlineData(".model.safetensors.ddpm-1234-9f3a0c1e.tmp", 1234)]
+    [InlineData(".model.safetensors.ddpm-1234-ab.part", 1234)]
+    [InlineData("x.ddpm-77.tmp", 77)]
+    [InlineData(".model.safetensors.1234.tmp", null)] // no mark: not the program's, whoever wrote it
+    [InlineData(".thesis.docx.tmp", null)]
+    [InlineData("x.ddpm-.tmp", null)]
     [InlineData(".model.safetensors.tmp", null)]
     [InlineData(".model.safetensors.abc.tmp", null)]
     [InlineData("noext", null)]
@@ -124,12 +127,13 @@ public sealed class DurableTests : IDisposable
     public void RemoveStaleTempsRemovesDeadPidsAndKeepsLiveOnes()
     {
         int dead = DeadPid();
-        var deadTemp = Path.Combine(_dir, $".model.safetensors.{dead}.tmp");
-        var liveTemp = Path.Combine(_dir, $".model.safetensors.{Environment.ProcessId}.tmp");
+        var deadTemp = Path.Combine(_dir, $".model.safetensors.ddpm-{dead}-00ff.tmp");
+        var liveTemp = Path.Combine(_dir, $".model.safetensors.ddpm-{Environment.ProcessId}-00ff.tmp");
         var noPid = Path.Combine(_dir, ".model.safetensors.x.tmp");
-        var other = Path.Combine(_dir, $".ema.safetensors.{dead}.tmp");
+        var unmarked = Path.Combine(_dir, $".model.safetensors.{dead}.tmp");
+        var other = Path.Combine(_dir, $".ema.safetensors.ddpm-{dead}-00ff.tmp");
         var model = Path.Combine(_dir, "model.safetensors");
-        foreach (var f in new[] { deadTemp, liveTemp, noPid, other, model })
+        foreach (var f in new[] { deadTemp, liveTemp, noPid, unmarked, other, model })
         {
             File.WriteAllText(f, "x");
         }
@@ -140,22 +144,30 @@ public sealed class DurableTests : IDisposable
         Assert.False(File.Exists(deadTemp));
         Assert.True(File.Exists(liveTemp));
         Assert.True(File.Exists(noPid));
+        Assert.True(File.Exists(unmarked));
         Assert.True(File.Exists(other));
         Assert.True(File.Exists(model));
+        Assert.Equal(Path.GetDirectoryName(Path.GetFullPath(model)), Path.GetDirectoryName(Durable.TempPath(model)));
+        Assert.Equal(Environment.ProcessId, Durable.PidOfTemp(Path.GetFileName(Durable.TempPath(model))));
+        Assert.NotEqual(Durable.TempPath(model), Durable.TempPath(model));
     }
 
     [Fact]
     public void RemoveStaleTempsWithAllPidsStaleRemovesEveryMatch()
     {
-        var liveTemp = Path.Combine(_dir, $".model.safetensors.{Environment.ProcessId}.tmp");
+        var liveTemp = Path.Combine(_dir, $".model.safetensors.ddpm-{Environment.ProcessId}-00ff.tmp");
         var noPid = Path.Combine(_dir, ".model.safetensors.x.tmp");
+        var users = Path.Combine(_dir, ".thesis.docx.tmp");
         var model = Path.Combine(_dir, "model.safetensors");
-        foreach (var f in new[] { liveTemp, noPid, model })
+        foreach (var f in new[] { liveTemp, noPid, users, model })
         {
             File.WriteAllText(f, "x");
         }
 
-        Assert.Equal(2, Durable.RemoveStaleTemps(_dir, ".model.safetensors.*.tmp", allPidsStale: true));
+        // Even with every pid taken as stale, only the program's own temps go: a user's ".NAME.tmp" stays.
+        Assert.Equal(1, Durable.RemoveStaleTemps(_dir, ".*.tmp", allPidsStale: true));
+        Assert.True(File.Exists(noPid));
+        Assert.True(File.Exists(users));
         Assert.True(File.Exists(model));
         Assert.Equal(0, Durable.RemoveStaleTemps(Path.Combine(_dir, "missing"), "*.tmp", allPidsStale: true));
     }

@@ -522,14 +522,24 @@ public sealed class ReliabilityTests : IDisposable
     {
         var run = PathOf("run");
         Directory.CreateDirectory(run);
-        var stale = Path.Combine(run, ".model.safetensors.99999999.tmp");
+        var stale = Path.Combine(run, ".model.safetensors.ddpm-99999999-00ff.tmp");
         File.WriteAllBytes(stale, new byte[1000]);
+        // A user's own temp files in the folder are not the program's: never removed.
+        var users = new[] { Path.Combine(run, ".thesis.docx.tmp"), Path.Combine(run, ".notes.1234.tmp") };
+        foreach (var f in users)
+        {
+            File.WriteAllText(f, "mine");
+        }
+        // A refused run removes nothing, not even its own kind of leftover.
+        OneLine(Run("train", "--out", run, "--resume", "--device", "cpu"), ExitCodes.Failure, "--resume");
+        Assert.True(File.Exists(stale));
         var data = PathOf("baddata");
         Directory.CreateDirectory(data);
         File.WriteAllBytes(Path.Combine(data, "train-images-idx3-ubyte"), [0, 0, 8, 3, 0, 0, 0, 0]);
         File.WriteAllBytes(Path.Combine(data, "train-labels-idx1-ubyte"), [0, 0, 8, 1, 0, 0, 0, 0]);
         OneLine(Run("train", "--out", run, "--data", data, "--device", "cpu"), ExitCodes.Failure, "train-images-idx3-ubyte");
         Assert.False(File.Exists(stale));
+        Assert.All(users, f => Assert.Equal("mine", File.ReadAllText(f)));
     }
 
     [Fact]

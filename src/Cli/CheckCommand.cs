@@ -25,7 +25,7 @@ public static class CheckCommand
         {
             Description = "instead of the checks: write the PTX of every kernel the engine loads into this folder (tiled/ for the " +
                 "explicitly grouped kernels, implicit/ for the rest), compiled on ILGPU's CPU accelerator: no GPU needed; for ptxas -v",
-        };
+        }.IsPath();
         var sm = new Option<int>("--sm") { Description = "the CUDA architecture --ptx compiles for, as major·10 + minor (90: sm_90, H100 and H200)", DefaultValueFactory = _ => 90 }
             .Within(30, 200);
         var cuda = new Option<string>("--cuda")
@@ -54,15 +54,21 @@ public static class CheckCommand
         var kernels = IlgpuKernels.For(ilgpu);
         using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
         int tiled = 0;
+        string? target = null;
         foreach (var kernel in kernels.Loaded)
         {
             string sub = Path.Combine(folder, kernel.Grouped ? "tiled" : "implicit");
             Directory.CreateDirectory(sub);
-            File.WriteAllText(Path.Combine(sub, KernelPtx.Name(kernel) + ".ptx"), compiler.Compile(kernel));
+            string code = compiler.Compile(kernel);
+            target ??= System.Text.RegularExpressions.Regex.Match(code, @"^\.target\s+(\S+)", System.Text.RegularExpressions.RegexOptions.Multiline).Groups[1].Value;
+            byte[] bytes = System.Text.Encoding.UTF8.GetBytes(code);
+            Ddpm.Nn.Durable.WriteAtomically(Path.Combine(sub, KernelPtx.Name(kernel) + ".ptx"), s => s.Write(bytes));
             tiled += kernel.Grouped ? 1 : 0;
         }
         var isa = compiler.InstructionSet;
-        Console.WriteLine($"wrote the PTX of {kernels.Loaded.Count} kernels for sm_{sm} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
+        // ILGPU 1.5 writes .target sm_80 at most: say what the files hold, and that ptxas -arch=sm_NN still compiles them for NN.
+        string written = target is { Length: > 0 } && target != $"sm_{sm}" ? $"asked for sm_{sm}, written as .target {target} (ILGPU writes at most sm_80; ptxas -arch=sm_{sm} compiles it for sm_{sm})" : $"for sm_{sm}";
+        Console.WriteLine($"wrote the PTX of {kernels.Loaded.Count} kernels {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
             $"{tiled} tiled in tiled/, {kernels.Loaded.Count - tiled} in implicit/");
         return 0;
     }

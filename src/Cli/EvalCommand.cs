@@ -33,7 +33,7 @@ public static class EvalCommand
             Description = "what to score: an IDX file of 28x28 digits (as sample writes samples-idx3-ubyte, raw or gzipped), or a checkpoint " +
                 $"(*.safetensors) or run folder (holding {TrainCommand.CheckpointFile}) to sample --n digits from with the sampler flags below; " +
                 "without it only the classifier and the real-data floor are scored",
-        };
+        }.IsPath();
         var n = new Option<int>("--n") { Description = $"checkpoints: digits to sample (default {DefaultCount}; with --digit all, a multiple of 10, a tenth of them each digit)", DefaultValueFactory = _ => DefaultCount }.Within(2, 10_000);
         var flags = new SamplerFlags("class-conditional checkpoints: all (default: n/10 of each digit), one digit 0..9, or none (unguided)", withNone: true);
         var report = new Option<string?>("--report")
@@ -41,10 +41,10 @@ public static class EvalCommand
             Description = "folder for report.md (scores beside the real-data floor, sampler, seed, classifier sha256), by-class.png (samples in rows by predicted class, " +
                 "unsure ones last and framed red) and, for a checkpoint, samples-idx3-ubyte; default: for a checkpoint eval-SAMPLER-STEPS[-settings] beside it, " +
                 "for an IDX file eval-NAME beside it; none: no report (a checkpoint's digits are then not kept)",
-        };
-        var classifier = new Option<string>("--classifier") { Description = "the cached classifier (trained there on first use)", DefaultValueFactory = _ => ClassifierCache.DefaultPath };
+        }.IsPath();
+        var classifier = new Option<string?>("--classifier") { Description = "the classifier file (default: the cache of --data's classifier, ~/.cache/ddpm/classifier-HASH.safetensors, trained there on first use)" }.IsPath();
         var train = new Option<bool>("--train-classifier") { Description = $"train the classifier anew ({ClassifierCache.Epochs} epochs on MNIST, minutes on a CPU) and overwrite the cached one" };
-        var data = new Option<string>("--data") { Description = "MNIST folder (train and t10k IDX files; fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
+        var data = new Option<string>("--data") { Description = "MNIST folder (train and t10k IDX files; fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
         var device = Program.DeviceOption();
         var command = new Command("eval", "Score generated digits (an IDX file, or sampled from a checkpoint) with the engine's MNIST classifier: confidence, class balance, Fréchet distance.")
         {
@@ -58,7 +58,7 @@ public static class EvalCommand
         command.SetAction(p => Program.Guard(() =>
         {
             var request = new Request(p.GetValue(samples), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
-                p.GetValue(classifier)!, p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!,
+                p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!,
                 "ddpm " + string.Join(' ', p.Tokens.Select(t => Quote(t.Value))));
             return Run(request);
         }));
@@ -66,7 +66,29 @@ public static class EvalCommand
     }
 
     private sealed record Request(string? Samples, int N, bool NGiven, SamplerSettings Settings, string? SamplerFlagGiven, string? Report,
-        string Classifier, bool Retrain, string Data, string Device, string CommandLine);
+        string? Classifier, bool Retrain, string Data, string Device, string CommandLine);
+
+    /// <summary>Refuses a --classifier that cannot be one before any work: an empty path, a folder, or (when it is to be trained
+    /// and saved) a file in a folder that cannot be written.</summary>
+    private static void CheckClassifierPath(string? path, bool retrain)
+    {
+        if (path is null)
+        {
+            return;
+        }
+        if (path.Length == 0)
+        {
+            throw new UsageException("--classifier: an empty path (leave it out for the cached classifier of --data)");
+        }
+        if (Directory.Exists(path))
+        {
+            throw new UsageException($"--classifier {path}: is a folder; pass a classifier file (.safetensors)");
+        }
+        if (retrain || !File.Exists(path))
+        {
+            Program.RequireWritableFolder("--classifier", Path.GetDirectoryName(Path.GetFullPath(path))!);
+        }
+    }
 
     private static string Quote(string arg) => arg.Length > 0 && arg.All(c => char.IsLetterOrDigit(c) || "-_./+=:,@".Contains(c)) ? arg : $"'{arg.Replace("'", "'\\''")}'";
 
@@ -103,6 +125,10 @@ public static class EvalCommand
         if (checkpoint is null && q.Samples is not null)
         {
             var idx = Mnist.ReadIdx(q.Samples);
+            if (idx.ItemShape.Length != 2)
+            {
+                throw new DataException($"--samples {q.Samples}: an IDX file of {(idx.ItemShape.Length == 0 ? "labels (one number an item)" : $"{idx.ItemShape.Length + 1}-dimensional items")}, not of images: pass the samples-idx3-ubyte that 'ddpm sample' writes");
+            }
             if (idx.ItemShape is not [Mnist.Side, Mnist.Side] || idx.Count < 2)
             {
                 throw new DataException($"{q.Samples}: holds {idx.Count} items of {string.Join("x", idx.ItemShape)}, expected at least 2 of 28x28");
@@ -125,6 +151,7 @@ public static class EvalCommand
         }
         if (reportDir is not null)
         {
+            Program.RequireFileSlots("--report", reportDir, EvalReport.MarkdownFile, EvalReport.GridFile, "samples-idx3-ubyte");
             // A default folder that cannot be written (samples in a read-only reference folder) is named with the way out.
             try
             {
@@ -136,12 +163,19 @@ public static class EvalCommand
             }
         }
 
+        // One writer a report folder: a second eval into it is refused before anything is written.
+        using var reportLock = reportDir is null ? null : Program.LockRun(reportDir, "--report");
+        CheckClassifierPath(q.Classifier, q.Retrain);
+
         using var dev = Program.OpenDevice(q.Device);
         var clock = Stopwatch.StartNew();
         void Log(string message) => Console.Error.WriteLine(message);
-        using var model = ClassifierCache.LoadOrTrain(dev, q.Classifier, q.Data, q.Retrain, log: Log);
-        var test = LabeledImages.From(Mnist.LoadTest(q.Data, Log));
-        var training = LabeledImages.From(Mnist.LoadTraining(q.Data, Log));
+        var trainSet = Mnist.LoadTraining(q.Data, Log);
+        var testSet = Mnist.LoadTest(q.Data, Log);
+        string classifierPath = q.Classifier ?? ClassifierCache.PathFor(trainSet.Hash);
+        using var model = ClassifierCache.LoadOrTrain(dev, classifierPath, trainSet, testSet, q.Retrain, log: Log);
+        var test = LabeledImages.From(testSet);
+        var training = LabeledImages.From(trainSet);
         var floor = training.Take(Math.Min(FloorCount, training.Count));
 
         double samplingSeconds = 0;
@@ -179,11 +213,11 @@ public static class EvalCommand
         SampleScores Score(float[] probs, float[] features, int count) => SampleScores.Of(probs, features, count, model.Classes, testFeatures, test.Count);
         var (floorProbs, floorFeatures) = model.Predict(floor);
         var floorScores = Score(floorProbs, floorFeatures, floor.Count);
-        string sha = Convert.ToHexStringLower(SHA256.HashData(File.ReadAllBytes(q.Classifier)));
+        string sha = Convert.ToHexStringLower(SHA256.HashData(File.ReadAllBytes(classifierPath)));
 
         var result = new Dictionary<string, object?>
         {
-            ["classifier"] = Path.GetFullPath(q.Classifier),
+            ["classifier"] = Path.GetFullPath(classifierPath),
             ["classifier_sha256"] = sha,
             ["classifier_test_accuracy"] = Math.Round(accuracy, 6),
         };
@@ -226,7 +260,7 @@ public static class EvalCommand
                 Command = q.CommandLine,
                 Source = plan is null ? $"IDX file {q.Samples}" : $"checkpoint {checkpoint}",
                 Sampling = sampling,
-                ClassifierPath = Path.GetFullPath(q.Classifier),
+                ClassifierPath = Path.GetFullPath(classifierPath),
                 ClassifierSha256 = sha,
                 ClassifierAccuracy = accuracy,
                 Samples = scores,

@@ -87,7 +87,8 @@ public static class EvalReport
     {
         var rows = ByClass(f.Probabilities, f.Samples.Count, f.Classes);
         Images.SaveRowGrid(Path.Combine(folder, GridFile), f.Digits, rows, PerRow, i => Unsure(f.Probabilities, i, f.Classes));
-        File.WriteAllText(Path.Combine(folder, MarkdownFile), Markdown(f));
+        byte[] markdown = System.Text.Encoding.UTF8.GetBytes(Markdown(f));
+        Ddpm.Nn.Durable.WriteAtomically(Path.Combine(folder, MarkdownFile), s => s.Write(markdown));
     }
 
     /// <summary>The report as markdown.</summary>

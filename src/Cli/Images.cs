@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using Ddpm.Nn;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.Formats.Gif;
 using SixLabors.ImageSharp.PixelFormats;
@@ -7,7 +8,8 @@ namespace Ddpm.Cli;
 
 /// <summary>What the CLI writes for people and other tools: digit grids (PNG), the reverse process
 /// as an animated GIF (ImageSharp: SkiaSharp has no GIF encoder), the loss curve (ScottPlot),
-/// and digits as an MNIST-format IDX file.</summary>
+/// and digits as an MNIST-format IDX file. Every file is written atomically (<see cref="Durable.WriteAtomically"/>): a signal
+/// or crash mid-write leaves the previous file whole, never a truncated one.</summary>
 public static class Images
 {
     private const int Side = 28, Gap = 2;
@@ -39,7 +41,7 @@ public static class Images
     public static void SaveRowGrid(string path, float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked)
     {
         using var image = RowGrid(digits, rows, columns, marked);
-        image.SaveAsPng(path);
+        Durable.WriteAtomically(path, s => image.SaveAsPng(s));
     }
 
     // rows × cols tiles of 28×28 with Gap pixels around, scaled ×scale: tile (r, c) shows digit digitAt(r, c) (none
@@ -78,7 +80,7 @@ public static class Images
     public static void SaveGrid(string path, float[] digits, int n, int columns = 0)
     {
         using var image = Grid(digits, n, columns: columns);
-        image.SaveAsPng(path);
+        Durable.WriteAtomically(path, s => image.SaveAsPng(s));
     }
 
     /// <summary>Writes frames (each n digits) as a looping GIF; the last frame holds for two seconds.</summary>
@@ -96,7 +98,7 @@ public static class Images
             var added = animation.Frames.AddFrame(frame.Frames.RootFrame);
             added.Metadata.GetGifMetadata().FrameDelay = i == frames.Count - 1 ? 200 : 8;
         }
-        animation.SaveAsGif(path);
+        Durable.WriteAtomically(path, s => animation.SaveAsGif(s));
     }
 
     /// <summary>Digits as an IDX3 file of unsigned bytes (magic 0x00000803, n × 28 × 28), as MNIST's own files.</summary>
@@ -111,7 +113,7 @@ public static class Images
         {
             bytes[16 + i] = ToByte(digits[i]);
         }
-        File.WriteAllBytes(path, bytes);
+        Durable.WriteAtomically(path, s => s.Write(bytes));
     }
 
     /// <summary>The loss curve: every step's loss, faint, and a moving average over <paramref name="window"/> steps.</summary>
@@ -142,6 +144,7 @@ public static class Images
         plot.Title("training loss");
         plot.XLabel("step");
         plot.YLabel("MSE of predicted noise");
-        plot.SavePng(path, 800, 450);
+        byte[] png = plot.GetImageBytes(800, 450, ScottPlot.ImageFormat.Png);
+        Durable.WriteAtomically(path, s => s.Write(png));
     }
 }

@@ -30,6 +30,15 @@ public static class Program
             Console.Error.WriteLine($"ddpm: {string.Join("; ", messages.Reverse())} (see 'ddpm --help')");
             return ExitCodes.Usage;
         }
+        try
+        {
+            EnvironmentSettings.Check();
+        }
+        catch (UsageException e)
+        {
+            Console.Error.WriteLine($"ddpm: {e.Message}");
+            return ExitCodes.Usage;
+        }
         // The switch is the DDPM_GPU_KERNELS variable the kernel sets read when a device opens,
         // for this command only (tests run several commands in one process).
         var kernels = parsed.GetValue(gpuKernels);
@@ -71,6 +80,18 @@ public static class Program
     private static string Describe(System.CommandLine.Parsing.ParseError e)
     {
         var message = string.Join(' ', e.Message.Split(['\n', '\t', '\r'], StringSplitOptions.RemoveEmptyEntries)).TrimEnd('.');
+        // "Cannot parse argument '-1' for option '--seed' as expected type 'System.Nullable`1[[System.UInt64, ...]]'": said
+        // as a person would, by what the flag takes.
+        var parse = System.Text.RegularExpressions.Regex.Match(message, @"^Cannot parse argument '(.*)' for option '(.*)' as expected type '(.*)'$");
+        if (parse.Success)
+        {
+            string type = parse.Groups[3].Value;
+            string wants = type.Contains("UInt", StringComparison.Ordinal) ? "a whole number, 0 or more"
+                : type.Contains("Int", StringComparison.Ordinal) ? "a whole number"
+                : type.Contains("Single", StringComparison.Ordinal) || type.Contains("Double", StringComparison.Ordinal) ? "a number"
+                : "a value of another kind";
+            return $"{parse.Groups[2].Value} {parse.Groups[1].Value}: must be {wants}";
+        }
         var option = e.SymbolResult switch
         {
             System.CommandLine.Parsing.OptionResult o => o.Option,
@@ -119,16 +140,17 @@ public static class Program
         }
     }
 
-    /// <summary>Takes the run folder's lock (creating the folder), or says which process holds it.</summary>
-    public static RunLock LockRun(string folder)
+    /// <summary>Takes the lock of the folder a command writes to (creating the folder), or says which process holds it: one
+    /// writer a folder, refused in one line before anything is written (<paramref name="flag"/> names the folder's flag).</summary>
+    public static RunLock LockRun(string folder, string flag = "--out")
     {
         try
         {
-            return RunLock.Acquire(folder, msg => Console.Error.WriteLine(msg));
+            return RunLock.Acquire(folder, msg => Console.Error.WriteLine(msg), flag);
         }
         catch (Exception e) when (e is (IOException or UnauthorizedAccessException) and not RunLockedException)
         {
-            throw new UsageException($"--out {folder}: cannot write there ({OneLine(e.Message)})");
+            throw new UsageException($"{flag} {folder}: cannot write there ({OneLine(e.Message)})");
         }
     }
 
@@ -146,6 +168,42 @@ public static class Program
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             throw new UsageException($"{flag} {folder}: cannot write there ({OneLine(e.Message)})");
+        }
+    }
+
+    /// <summary>Refuses an output folder where one of the files a command writes is a folder (or anything but a file), by the
+    /// flag's name, before any work.</summary>
+    public static void RequireFileSlots(string flag, string folder, params string[] files)
+    {
+        foreach (var name in files)
+        {
+            if (Directory.Exists(Path.Combine(folder, name)))
+            {
+                throw new UsageException($"{flag} {folder}: {name} there is a folder, where this command writes a file; move it away or pass another {flag}");
+            }
+        }
+    }
+
+    /// <summary>Marks a path option: an empty value (<c>--out ''</c>) is a usage error naming the flag, as is a value with a NUL
+    /// character; a missing value is the parser's.</summary>
+    public static TOption IsPath<TOption>(this TOption option) where TOption : Option
+    {
+        option.Validators.Add(r => CheckPath(option.Name, r));
+        return option;
+    }
+
+    private static void CheckPath(string name, System.CommandLine.Parsing.OptionResult r)
+    {
+        foreach (var token in r.Tokens)
+        {
+            if (token.Value.Length == 0 || token.Value.Trim().Length == 0)
+            {
+                r.AddError($"{name}: an empty path");
+            }
+            else if (token.Value.Contains('\0'))
+            {
+                r.AddError($"{name}: a path with a NUL character");
+            }
         }
     }
 

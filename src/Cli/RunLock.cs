@@ -8,8 +8,8 @@ namespace Ddpm.Cli;
 /// Another live process holds a run folder's lock. An <see cref="IOException"/>, so <see cref="Program.Guard"/>
 /// prints its one-line message and exits with <see cref="ExitCodes.Failure"/>.
 /// </summary>
-public sealed class RunLockedException(string folder, int pid, string host, string since, bool otherHost)
-    : IOException($"--out {folder}: another ddpm train (pid {pid}{(otherHost ? $" on {host}" : "")}, since {since}) is using this folder; wait for it to finish or pass another --out")
+public sealed class RunLockedException(string folder, int pid, string host, string since, bool otherHost, string flag = "--out", string command = "train")
+    : IOException($"{flag} {folder}: another ddpm {command} (pid {pid}{(otherHost ? $" on {host}" : "")}, since {since}) is using this folder; wait for it to finish or pass another {flag}")
 {
     /// <summary>The folder as the caller named it.</summary>
     public string Folder { get; } = folder;
@@ -45,6 +45,9 @@ public sealed class RunLock : IDisposable
     /// <summary>Rounds of create / inspect / take over before giving up on a folder that keeps changing.</summary>
     private const int MaxAttempts = 200;
 
+    /// <summary>A lock file is one line (pid, host, start time, command line): anything larger is not one of ours.</summary>
+    private const int MaxLockBytes = 64 * 1024;
+
     private readonly byte[] _content;
     private int _disposed;
 
@@ -62,7 +65,7 @@ public sealed class RunLock : IDisposable
     /// <see cref="RunLockedException"/> if a live process holds it. A stale lock is removed and reported through
     /// <paramref name="log"/> ("removed a stale lock of pid N").
     /// </summary>
-    public static RunLock Acquire(string folder, Action<string>? log = null)
+    public static RunLock Acquire(string folder, Action<string>? log = null, string flag = "--out")
     {
         Directory.CreateDirectory(folder);
         string path = System.IO.Path.Combine(System.IO.Path.GetFullPath(folder), FileName);
@@ -85,7 +88,7 @@ public sealed class RunLock : IDisposable
             var holder = Holder.Parse(seen);
             if (holder.IsLive)
             {
-                throw new RunLockedException(folder, holder.Pid, holder.Host ?? Environment.MachineName, holder.Since ?? "an unknown time", holder.IsOtherHost);
+                throw new RunLockedException(folder, holder.Pid, holder.Host ?? Environment.MachineName, holder.Since ?? "an unknown time", holder.IsOtherHost, flag, holder.Command);
             }
             switch (TryRemoveStale(path, seen))
             {
@@ -97,7 +100,7 @@ public sealed class RunLock : IDisposable
                     break;
             }
         }
-        throw new IOException($"--out {folder}: could not create the lock file {path} in {MaxAttempts} attempts");
+        throw new IOException($"{flag} {folder}: could not create the lock file {path} in {MaxAttempts} attempts");
     }
 
     /// <summary>Deletes the lock file if it is still ours (it holds exactly what we wrote: our pid, host and start time).</summary>
@@ -128,17 +131,17 @@ public sealed class RunLock : IDisposable
     private static string CommandLine()
     {
         var args = Environment.GetCommandLineArgs();
-        var text = string.Join(' ', args.Select(a => a.Contains(' ') ? $"\"{a}\"" : a));
-        return text.ReplaceLineEndings(" ");
+        var text = string.Join(' ', args.Select(a => a.Contains(' ') ? $"\"{a}\"" : a)).ReplaceLineEndings(" ");
+        return text.Length <= 1000 ? text : text[..1000] + " ..."; // a lock stays far below MaxLockBytes
     }
 
     /// <summary>
-    /// Creates the lock whole, or returns false if one exists. The temp file ends in our pid
-    /// (".ddpm.lock.GUID.PID.tmp"), so a crash's leftover is recognisable and removed by a later <see cref="Acquire"/>.
+    /// Creates the lock whole, or returns false if one exists. The temp file carries the program's mark and our pid
+    /// (".ddpm.lock.ddpm-PID-GUID.tmp"), so a crash's leftover is recognisable and removed by a later <see cref="Acquire"/>.
     /// </summary>
     private static bool TryCreate(string path, byte[] content)
     {
-        string temp = $"{path}.{Guid.NewGuid():N}.{Environment.ProcessId}.tmp";
+        string temp = $"{path}.{Durable.TempMark}{Environment.ProcessId}-{Guid.NewGuid():N}.tmp";
         try
         {
             using (var stream = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
@@ -197,7 +200,7 @@ public sealed class RunLock : IDisposable
             }
             // Renamed aside and checked again before deleting: should the file system ignore the takeover lock
             // (some network mounts do) and another taker have replaced the file meanwhile, it goes back.
-            string aside = $"{path}.{Guid.NewGuid():N}.{Environment.ProcessId}.stale";
+            string aside = $"{path}.{Durable.TempMark}{Environment.ProcessId}-{Guid.NewGuid():N}.stale";
             try
             {
                 File.Move(path, aside, overwrite: false);
@@ -223,25 +226,23 @@ public sealed class RunLock : IDisposable
     {
         try
         {
-            // ReadWrite|Delete sharing: never blocked by, and never blocking, a holder that keeps the file open.
-            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
-            var buffer = new MemoryStream();
-            stream.CopyTo(buffer);
-            return buffer.ToArray();
+            // Bounded: a FIFO or /dev/zero put in the lock's place reads as empty (unreadable, so stale) without being
+            // opened, and a lock is a line, never megabytes. ReadWrite|Delete sharing: never blocked by, and never
+            // blocking, a holder that keeps the file open.
+            return Durable.ReadBounded(path, MaxLockBytes);
         }
-        catch (FileNotFoundException)
+        catch (IOException) when (!Directory.Exists(path))
         {
-            return null;
-        }
-        catch (DirectoryNotFoundException)
-        {
-            return null;
+            return []; // oversized or shrinking: not a lock this program wrote; unreadable, so stale
         }
     }
 
     /// <summary>What a lock file says about its holder, and whether that holder may still be running.</summary>
-    private readonly record struct Holder(int Pid, string? Host, string? Since, DateTime? StartedUtc)
+    private readonly record struct Holder(int Pid, string? Host, string? Since, DateTime? StartedUtc, string? CommandLine = null)
     {
+        /// <summary>The holder's ddpm command (train, sample, eval) as its command line shows it; "process" when it does not.</summary>
+        public string Command => CommandLine?.Split(' ').FirstOrDefault(w => w is "train" or "sample" or "eval") ?? "process";
+
         /// <summary>Written on another machine: its pid means nothing here, so it is presumed live.</summary>
         public bool IsOtherHost => Host is not null && !string.Equals(Host, Environment.MachineName, StringComparison.OrdinalIgnoreCase);
 
@@ -272,7 +273,7 @@ public sealed class RunLock : IDisposable
         public static Holder Parse(byte[] bytes)
         {
             int pid = 0;
-            string? host = null, since = null;
+            string? host = null, since = null, command = null;
             DateTime? started = null;
             string text;
             try
@@ -299,6 +300,9 @@ public sealed class RunLock : IDisposable
                     case "host":
                         host = value;
                         break;
+                    case "command":
+                        command = value;
+                        break;
                     case "started":
                         since = value;
                         if (DateTime.TryParse(value, CultureInfo.InvariantCulture, DateTimeStyles.AdjustToUniversal | DateTimeStyles.AssumeUniversal, out var t))
@@ -308,7 +312,7 @@ public sealed class RunLock : IDisposable
                         break;
                 }
             }
-            return new Holder(pid, host, since, started);
+            return new Holder(pid, host, since, started, command);
         }
 
         private static DateTime? ProcessStartUtc(int pid)

@@ -13,17 +13,38 @@ public static class SampleCommand
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) };
+        var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) }.IsPath();
         var n = new Option<int>("--n") { Description = "how many digits (1..10000); with --digit all, how many of each digit (one grid row per digit)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
         var flags = new SamplerFlags("class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided", withNone: false);
         var device = Program.DeviceOption();
-        var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" };
+        var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" }.IsPath();
         var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n };
         flags.AddTo(command);
         command.Add(device);
         command.Add(output);
         command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), flags.Read(p), p.GetValue(device)!, p.GetValue(output))));
         return command;
+    }
+
+    private const int Pixels = 28 * 28;
+
+    /// <summary>The most digits samples.png shows (with --digit all, the most a row), and reverse.gif likewise.</summary>
+    public const int GridCap = 1024, GridRowCap = 100, GifCap = 100, GifRowCap = 10;
+
+    /// <summary>The samples a capped picture shows: the first <paramref name="cap"/>, or with rows of <paramref name="perRow"/>
+    /// (--digit all) the first <paramref name="rowCap"/> of each row.</summary>
+    internal static int[] Shown(int total, int perRow, int rowCap, int cap) => perRow == 0
+        ? [.. Enumerable.Range(0, Math.Min(total, cap))]
+        : [.. Enumerable.Range(0, total / perRow).SelectMany(r => Enumerable.Range(r * perRow, Math.Min(perRow, rowCap)))];
+
+    private static float[] Select(float[] digits, int[] samples)
+    {
+        var chosen = new float[samples.Length * Pixels];
+        for (int i = 0; i < samples.Length; i++)
+        {
+            Array.Copy(digits, samples[i] * Pixels, chosen, i * Pixels, Pixels);
+        }
+        return chosen;
     }
 
     /// <summary>--recipe: clipped (the x0 estimate clipped to [-1, 1], the default) | seed (the seed's unclipped step).</summary>
@@ -48,6 +69,8 @@ public static class SampleCommand
         var plan = settings.Plan(checkpoint);
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
+        using var outLock = Program.LockRun(outDir); // one writer: a second sample into the folder is refused, not mixed in
+        Program.RequireFileSlots("--out", outDir, "samples.png", "samples-idx3-ubyte", "reverse.gif");
 
         using var device = Program.OpenDevice(deviceName);
         // --digit all: n of each digit, digit d in grid row d.
@@ -56,25 +79,44 @@ public static class SampleCommand
         {
             Console.Error.WriteLine(note);
         }
-        Console.Error.WriteLine(plan.Describe(total));
+        Console.Error.WriteLine(plan.Describe(total) + (plan.Batch < total ? $", in batches of {plan.Batch} (--memory {plan.Settings.MemoryMiB} MiB)" : ""));
+        // The grid and the GIF show the first digits (with --digit all, the first of each row): their size is capped, the
+        // IDX file holds every digit.
+        int perRow = settings.Digit == "all" ? n : 0;
+        var inGrid = Shown(total, perRow, GridRowCap, GridCap);
+        var inGif = Shown(total, perRow, GifRowCap, GifCap);
+        var slotOf = new Dictionary<int, int>(inGif.Select((sample, slot) => KeyValuePair.Create(sample, slot)));
         var frames = new List<float[]>();
         int every = Math.Max(1, plan.Steps.Count / 30);
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var digits = plan.Run(device, total, (i, x) =>
+        var digits = plan.Run(device, total, (i, first, x) =>
         {
-            if (i % every == 0 || i == plan.Steps.Count - 1)
+            if (i % every != 0 && i != plan.Steps.Count - 1)
             {
-                frames.Add(x.ToArray());
+                return;
+            }
+            int frame = i / every + (i % every == 0 ? 0 : 1);
+            while (frames.Count <= frame)
+            {
+                frames.Add(new float[inGif.Length * Pixels]);
+            }
+            var batch = x.ToArray();
+            for (int k = 0; k < batch.Length / Pixels; k++)
+            {
+                if (slotOf.TryGetValue(first + k, out int slot))
+                {
+                    Array.Copy(batch, k * Pixels, frames[frame], slot * Pixels, Pixels);
+                }
             }
         });
         Console.Error.WriteLine($"{plan.Steps.Count} steps in {clock.Elapsed.TotalSeconds:F1} s");
         var png = Path.Combine(outDir, "samples.png");
         var idx = Path.Combine(outDir, "samples-idx3-ubyte");
         var gif = Path.Combine(outDir, "reverse.gif");
-        Images.SaveGrid(png, digits, total, columns);
+        Images.SaveGrid(png, Select(digits, inGrid), inGrid.Length, perRow == 0 ? 0 : Math.Min(perRow, GridRowCap));
         Images.SaveIdx(idx, digits, total);
-        Images.SaveAnimation(gif, frames, total, columns);
-        Console.Error.WriteLine($"wrote {png}, {idx}, {gif}");
+        Images.SaveAnimation(gif, frames, inGif.Length, perRow == 0 ? 0 : Math.Min(perRow, GifRowCap));
+        Console.Error.WriteLine($"wrote {png}{(inGrid.Length < total ? $" (the first {inGrid.Length})" : "")}, {idx}, {gif}{(inGif.Length < total ? $" (the first {inGif.Length})" : "")}");
         return 0;
     }
 }
@@ -92,6 +134,7 @@ internal sealed class SamplerFlags
     private readonly Option<string> _recipe;
     private readonly Option<ulong> _seed;
     private readonly Option<bool> _noEma;
+    private readonly Option<int> _memory;
 
     /// <summary>The flags, --digit described by <paramref name="digitDescription"/> and taking "none" too when <paramref name="withNone"/>.</summary>
     public SamplerFlags(string digitDescription, bool withNone)
@@ -108,9 +151,14 @@ internal sealed class SamplerFlags
         _recipe = SampleCommand.RecipeOption("every sampler's step");
         _seed = new Option<ulong>("--seed") { Description = "noise seed: the same seed gives the same digits", DefaultValueFactory = _ => 0UL };
         _noEma = new Option<bool>("--no-ema") { Description = "use the raw weights even when the checkpoint has EMA weights" };
+        _memory = new Option<int>("--memory")
+        {
+            Description = $"MiB of memory for one batch of samples (default {SamplingPlan.DefaultMemoryMiB}): the digits are drawn in batches that fit, each with its own noise, so --n costs time, not memory, and the digits do not depend on it",
+            DefaultValueFactory = _ => SamplingPlan.DefaultMemoryMiB,
+        }.Within(16, 1 << 20);
     }
 
-    private Option[] All => [_digit, _guidance, _sampler, _variance, _steps, _eta, _recipe, _seed, _noEma];
+    private Option[] All => [_digit, _guidance, _sampler, _variance, _steps, _eta, _recipe, _seed, _noEma, _memory];
 
     /// <summary>Adds every flag to <paramref name="command"/>.</summary>
     public void AddTo(Command command)
@@ -123,14 +171,15 @@ internal sealed class SamplerFlags
 
     /// <summary>The flags' values.</summary>
     public SamplerSettings Read(ParseResult p) => new(p.GetValue(_sampler)!, p.GetValue(_variance), p.GetValue(_steps), p.GetValue(_eta),
-        p.GetValue(_recipe)!, p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance));
+        p.GetValue(_recipe)!, p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance), p.GetValue(_memory));
 
     /// <summary>The first flag given on the command line (not left at its default), or null.</summary>
     public string? FirstGiven(ParseResult p) => All.FirstOrDefault(o => p.GetResult(o) is { Implicit: false })?.Name;
 }
 
 /// <summary>What the sampler flags asked for; <see cref="Plan"/> checks them against a checkpoint.</summary>
-internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance)
+internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance,
+    int MemoryMiB = SamplingPlan.DefaultMemoryMiB)
 {
     /// <summary>The guidance weight w when --digit is given without --guidance.</summary>
     public const double DefaultGuidance = 3.0;
@@ -250,9 +299,24 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
             $"{sampler}, {(Clip ? "clipped" : "the seed's unclipped")} recipe, {ScheduleName} schedule, seed {Settings.Seed}";
     }
 
+    /// <summary>The default of --memory: MiB for one batch of samples.</summary>
+    public const int DefaultMemoryMiB = 1024;
+
+    /// <summary>Float maps of 28×28 at the model's width that one sample's denoising step keeps live, by the U-Net's layout
+    /// (its skips, concatenations and norms at three resolutions) with room for the CPU convolutions' lowered rows; measured
+    /// as the process's growth per sample (docs/reliability.md).</summary>
+    public const int MapsPerSample = 48;
+
+    /// <summary>Bytes one sample takes in a batch: its activations in one step, the sampler's own buffers and the result.</summary>
+    public long BytesPerSample => ((long)MapsPerSample * Info.Channels + 12) * 28 * 28 * sizeof(float);
+
+    /// <summary>Samples a batch holds within --memory (at least one).</summary>
+    public int Batch => (int)Math.Clamp((long)Settings.MemoryMiB * (1 << 20) / BytesPerSample, 1, int.MaxValue);
+
     /// <summary>Loads the weights onto <paramref name="device"/> and draws <paramref name="total"/> digits [total·784] in
-    /// [-1, 1] (unclamped); <paramref name="onStep"/> sees each step's x. The weights are released afterwards.</summary>
-    public float[] Run(Device device, int total, Action<int, Tensor>? onStep = null)
+    /// [-1, 1] (unclamped), in batches of <see cref="Batch"/> (the digits do not depend on it); <paramref name="onStep"/> sees
+    /// each step's (step, first sample of the batch, x of the batch). The weights are released afterwards.</summary>
+    public float[] Run(Device device, int total, Action<int, int, Tensor>? onStep = null)
     {
         var model = new UNet(Info.Channels, device, classes: Info.Classes);
         try
@@ -262,7 +326,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
                 Checkpoint.Load(Info, model, ema: ema);
                 ema?.CopyToModel();
             }
-            return Sampler.Run(model, total, Steps, Settings.Seed, Labels(total), Guidance, onStep);
+            return Sampler.RunBatched(model, total, Batch, Steps, Settings.Seed, Labels(total), Guidance, onStep);
         }
         finally
         {

@@ -53,7 +53,7 @@ public static class SelfCheck
         cacheFile ??= DefaultCacheFile;
         var kernels = IlgpuKernels.For(gpu);
         var key = new Verdict(gpu.Accelerator.Name, DriverOf(gpu), Build, kernels.Simple ? "simple" : "fast", false, null, null, 0, default);
-        var cache = Load(cacheFile);
+        var cache = Load(cacheFile, log);
         var verdict = cache.FirstOrDefault(v => SameKey(v, key));
         if (verdict is null)
         {
@@ -118,16 +118,39 @@ public static class SelfCheck
         _ => "ILGPU simulator",
     };
 
-    private static List<Verdict> Load(string file)
+    /// <summary>A cache file holds a few verdicts: anything larger is not one of ours.</summary>
+    private const int MaxCacheBytes = 1 << 20;
+
+    /// <summary>
+    /// The cached verdicts, validated like any other file: read bounded (a FIFO or device in its place is not opened), every
+    /// entry whole (no null entry or field). A damaged cache is ignored with one line (<paramref name="log"/>), checked again
+    /// and rewritten.
+    /// </summary>
+    private static List<Verdict> Load(string file, Action<string> log)
     {
+        string? problem;
         try
         {
-            return File.Exists(file) ? JsonSerializer.Deserialize<List<Verdict>>(File.ReadAllText(file)) ?? [] : [];
+            var bytes = Durable.ReadBounded(file, MaxCacheBytes);
+            if (bytes is null)
+            {
+                return [];
+            }
+            var list = bytes.Length == 0 ? null : JsonSerializer.Deserialize<List<Verdict?>>(bytes);
+            problem = list is null ? "empty, or not a regular file"
+                : list.Any(v => v is null || v.Gpu is null || v.Driver is null || v.Build is null || v.Kernels is null) ? "an entry is null or lacks a field"
+                : null;
+            if (problem is null)
+            {
+                return [.. list!.OfType<Verdict>()];
+            }
         }
         catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException or NotSupportedException)
         {
-            return []; // unreadable: check again and rewrite it
+            problem = OneLine(e.Message);
         }
+        log($"self-check: ignored the damaged cache {file} ({problem}); checking again, and it is rewritten");
+        return [];
     }
 
     private static void Save(string file, List<Verdict> cache, Action<string> log)

@@ -55,8 +55,8 @@ public static class TrainCommand
         };
         recipe.AcceptOnlyFromAmong(Recipe.Names);
         var device = Program.DeviceOption();
-        var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder };
-        var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") };
+        var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
+        var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") }.IsPath();
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
@@ -79,7 +79,7 @@ public static class TrainCommand
         Program.RequireFolder("--data", s.Data);
         var checkpoint = Path.Combine(s.Out, CheckpointFile);
         using var runLock = Program.LockRun(s.Out);
-        Durable.RemoveStaleTemps(s.Out, ".*.tmp", allPidsStale: true);
+        Program.RequireFileSlots("--out", s.Out, CheckpointFile, MetricsFile, LossFile, SamplesFile);
         if (s.Resume && !File.Exists(checkpoint))
         {
             throw new ArgumentException($"--resume: {checkpoint} does not exist");
@@ -99,6 +99,9 @@ public static class TrainCommand
             }
         }
         var recipe = Recipe.Named(s.Recipe);
+        // The run is not refused: the leftovers of the program's own writers killed in this folder go (we hold its lock, so
+        // none of them is live); nothing else is touched.
+        Durable.RemoveStaleTemps(s.Out, Durable.TempPattern(), allPidsStale: true);
         using var device = Program.OpenDevice(s.Device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
 

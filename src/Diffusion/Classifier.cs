@@ -50,6 +50,21 @@ public sealed class Classifier : IDisposable
         Parameters = f.Parameters;
     }
 
+    /// <summary>The largest width and class count a classifier file may claim (a byte label has 256 values; the engine's
+    /// classifier is 32 wide): a file outside them is refused before anything is allocated.</summary>
+    public const int MaxWidth = 256, MaxClasses = 256, MaxSide = 256;
+
+    /// <summary>Every tensor's name and shape for these dimensions, in creation order, computed without building anything.</summary>
+    public static IEnumerable<(string Name, int[] Shape)> Layout(int width, int classes, int side)
+    {
+        int map = Halve(Halve(side));
+        foreach (var (name, cin, cout, k) in new[] { ("conv1", 1, width, 3), ("conv2", width, 2 * width, 3), ("conv3", 2 * width, 2 * width, 3), ("fc", 2 * width, 4 * width, map), ("head", 4 * width, classes, 1) })
+        {
+            yield return ($"{name}.weight", [cout, cin, k, k]);
+            yield return ($"{name}.bias", [cout]);
+        }
+    }
+
     /// <summary>The device the weights live on.</summary>
     public Device Device { get; }
 
@@ -193,10 +208,7 @@ public sealed class Classifier : IDisposable
             ["classes"] = Classes.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["side"] = Side.ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
-        Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(path))!);
-        string temp = path + ".tmp";
-        SafeTensors.Write(temp, Parameters.Select(p => (p.Name, p.Shape, p.Value.ToArray())), meta);
-        File.Move(temp, path, overwrite: true);
+        SafeTensors.Write(path, Parameters.Select(p => (p.Name, p.Shape, p.Value.ToArray())), meta); // atomic: the old file or the new one
     }
 
     /// <summary>
@@ -211,7 +223,26 @@ public sealed class Classifier : IDisposable
         {
             throw new CheckpointException($"{path}: not a digit classifier (metadata {FormatKey} is not {FormatValue})");
         }
-        int width = MetaInt(file, "width"), classes = MetaInt(file, "classes"), side = MetaInt(file, "side");
+        int width = MetaInt(file, "width", 1, MaxWidth), classes = MetaInt(file, "classes", 2, MaxClasses), side = MetaInt(file, "side", 4, MaxSide);
+        // The shapes come from the tensors, never from the metadata alone: every tensor is checked against the layout the
+        // metadata claims before a weight is allocated.
+        var layout = Layout(width, classes, side).ToList();
+        var unexpected = file.Entries.Keys.Except(layout.Select(l => l.Name)).Order().FirstOrDefault();
+        if (unexpected is not null)
+        {
+            throw new CheckpointException($"{path}: unexpected tensor {unexpected} in a classifier file");
+        }
+        foreach (var (name, shape) in layout)
+        {
+            if (!file.Entries.TryGetValue(name, out var entry))
+            {
+                throw new CheckpointException($"{path}: missing tensor {name}");
+            }
+            if (!entry.Shape.SequenceEqual(shape))
+            {
+                throw new CheckpointException($"{path}: tensor {name} has shape [{string.Join(", ", entry.Shape)}], but the metadata (width {width}, classes {classes}, side {side}) gives [{string.Join(", ", shape)}]");
+            }
+        }
         var model = new Classifier(device, 0, width, classes, side);
         try
         {
@@ -249,13 +280,13 @@ public sealed class Classifier : IDisposable
         }
     }
 
-    private static int MetaInt(SafeTensorsFile file, string key)
+    private static int MetaInt(SafeTensorsFile file, string key, int min, int max)
     {
         if (!file.Metadata.TryGetValue(key, out var text)
             || !int.TryParse(text, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int v)
-            || v < 1 || v > 4096)
+            || v < min || v > max)
         {
-            throw new CheckpointException($"{file.Label}: metadata {key} is missing or not an integer in 1..4096");
+            throw new CheckpointException($"{file.Label}: metadata {key} is missing or not an integer in {min}..{max}");
         }
         return v;
     }
@@ -432,24 +463,42 @@ public static class ClassifierCache
     /// <summary>Epochs of the one training run.</summary>
     public const int Epochs = 5;
 
-    /// <summary>The cache file: the parent of <see cref="Mnist.DefaultFolder"/>, classifier.safetensors.</summary>
-    public static string DefaultPath => Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, "classifier.safetensors");
+    /// <summary>The metadata key of the hash of the data set a classifier was trained on (<see cref="MnistSet.Hash"/>).</summary>
+    public const string DataHashKey = "data_sha256";
+
+    /// <summary>The cache file of the classifier of the data set whose hash is <paramref name="dataHash"/>: beside the MNIST
+    /// cache (the parent of <see cref="Mnist.DefaultFolder"/>), classifier-HASH16.safetensors, so each data set scores with
+    /// its own classifier.</summary>
+    public static string PathFor(string dataHash) =>
+        Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, $"classifier-{dataHash[..16]}.safetensors");
 
     /// <summary>
-    /// Loads the classifier at <paramref name="path"/>, or (when it is missing or <paramref name="retrain"/>) trains
-    /// one on MNIST's training set, measures its test accuracy and saves both there (the accuracy in the metadata).
+    /// Loads the classifier at <paramref name="path"/> (default: <see cref="PathFor"/> the training set's hash), or (when it is
+    /// missing or <paramref name="retrain"/>) trains one on <paramref name="train"/>, measures its accuracy on
+    /// <paramref name="test"/> and saves both there (the accuracy and the data set's hash in the metadata). A classifier
+    /// recorded as trained on another data set is refused, naming both hashes.
     /// </summary>
-    public static Classifier LoadOrTrain(Device device, string path, string mnistFolder, bool retrain, int epochs = Epochs,
+    public static Classifier LoadOrTrain(Device device, string? path, MnistSet train, MnistSet test, bool retrain, int epochs = Epochs,
         Action<string>? log = null)
     {
+        path ??= PathFor(train.Hash);
         if (!retrain && File.Exists(path))
         {
             var loaded = Classifier.Load(path, device);
+            if (SafeTensors.Read(path).Metadata.TryGetValue(DataHashKey, out var trainedOn) && trainedOn != train.Hash)
+            {
+                loaded.Dispose();
+                throw new CheckpointException(
+                    $"{path}: a classifier of another data set (sha256 {trainedOn[..Math.Min(12, trainedOn.Length)]}..., --data is {train.Hash[..12]}...); leave out --classifier, or pass --train-classifier to train one for this data");
+            }
             log?.Invoke($"classifier: loaded {path}");
             return loaded;
         }
-        var test = LabeledImages.From(Mnist.LoadTest(mnistFolder, log));
-        var train = LabeledImages.From(Mnist.LoadTraining(mnistFolder, log));
+        return Train(device, path, LabeledImages.From(train), LabeledImages.From(test), train.Hash, epochs, log);
+    }
+
+    private static Classifier Train(Device device, string path, LabeledImages train, LabeledImages test, string dataHash, int epochs, Action<string>? log)
+    {
         var model = new Classifier(device, seed: 0);
         try
         {
@@ -459,13 +508,14 @@ public static class ClassifierCache
                 trainer.Train(train, epochs, log, decayedEpochs: 2);
             }
             double accuracy = model.Accuracy(test);
-            log?.Invoke($"classifier: {epochs} epochs in {clock.Elapsed.TotalSeconds:F0} s, test accuracy {accuracy:P2}; saved to {path}");
             model.Save(path, new Dictionary<string, string>
             {
                 ["epochs"] = epochs.ToString(System.Globalization.CultureInfo.InvariantCulture),
                 ["test_accuracy"] = accuracy.ToString("R", System.Globalization.CultureInfo.InvariantCulture),
                 ["train_seconds"] = clock.Elapsed.TotalSeconds.ToString("F0", System.Globalization.CultureInfo.InvariantCulture),
+                [DataHashKey] = dataHash,
             });
+            log?.Invoke($"classifier: {epochs} epochs in {clock.Elapsed.TotalSeconds:F0} s, test accuracy {accuracy:P2}; saved to {path}");
             return model;
         }
         catch

@@ -18,6 +18,32 @@ public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
     /// <summary>Pixels per image.</summary>
     public const int Pixels = 28 * 28;
 
+    private string? _hash;
+
+    /// <summary>
+    /// The data set's identity: sha256 (lowercase hex) of "ddpm-data-v1", the count, the image shape (1 channel, 28, 28)
+    /// as 32-bit little-endian integers, the images' bytes and the labels' bytes. The same images and labels in the same
+    /// order give the same hash wherever they were read from; it keys the scoring classifier's cache and is recorded in a
+    /// run's checkpoint (<c>data_sha256</c>), so <c>--resume</c> on other data is refused.
+    /// </summary>
+    public string Hash => _hash ??= ComputeHash(Images, Labels, Count, 1, 28, 28);
+
+    /// <summary>The hash of <see cref="Hash"/> for any image set (other sizes and channel counts give other hashes).</summary>
+    public static string ComputeHash(ReadOnlySpan<byte> images, ReadOnlySpan<byte> labels, int count, int channels, int height, int width)
+    {
+        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        sha.AppendData("ddpm-data-v1"u8);
+        Span<byte> header = stackalloc byte[16];
+        BinaryPrimitives.WriteInt32LittleEndian(header, count);
+        BinaryPrimitives.WriteInt32LittleEndian(header[4..], channels);
+        BinaryPrimitives.WriteInt32LittleEndian(header[8..], height);
+        BinaryPrimitives.WriteInt32LittleEndian(header[12..], width);
+        sha.AppendData(header);
+        sha.AppendData(images);
+        sha.AppendData(labels);
+        return Convert.ToHexStringLower(sha.GetHashAndReset());
+    }
+
     /// <summary>Writes image <paramref name="index"/> into <paramref name="destination"/> as x = p/127.5 - 1 (range [-1, 1]).</summary>
     public void CopyImage(int index, Span<float> destination)
     {
@@ -355,42 +381,19 @@ public static class Mnist
     }
 
     /// <summary>
-    /// Deletes partial fetches (.NAME.PID.RANDOM.part) in <paramref name="folder"/> whose process is
-    /// no longer running; a live process's own are kept. Returns how many were deleted.
+    /// Deletes partial fetches (.NAME.ddpm-PID-RANDOM.part, <see cref="Ddpm.Nn.Durable.TempPath"/>) in <paramref name="folder"/>
+    /// whose process is no longer running; a live process's own, and any file not named so, are kept. Returns how many were deleted.
     /// </summary>
-    public static int RemoveStaleParts(string folder)
-    {
-        if (!Directory.Exists(folder))
-        {
-            return 0;
-        }
-        int removed = 0;
-        foreach (var path in Directory.EnumerateFiles(folder, ".*.part"))
-        {
-            // "", NAME, PID, RANDOM, "part"; NAME has no dots.
-            var parts = Path.GetFileName(path).Split('.');
-            if (parts.Length != 5 || !int.TryParse(parts[2], out int pid) || Ddpm.Nn.Durable.IsProcessAlive(pid))
-            {
-                continue;
-            }
-            if (TryDelete(path))
-            {
-                removed++;
-            }
-        }
-        return removed;
-    }
+    public static int RemoveStaleParts(string folder) => Ddpm.Nn.Durable.RemoveStaleTemps(folder, Ddpm.Nn.Durable.TempPattern("part"));
 
-    private static bool TryDelete(string path)
+    private static void TryDelete(string path)
     {
         try
         {
             File.Delete(path);
-            return true;
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            return false;
         }
     }
 
@@ -407,7 +410,7 @@ public static class Mnist
     internal static void Store(string folder, (string Name, string Md5) file, Stream raw)
     {
         var path = Path.Combine(folder, file.Name);
-        var temp = Path.Combine(folder, $".{file.Name}.{Environment.ProcessId}.{Convert.ToHexStringLower(RandomNumberGenerator.GetBytes(6))}.part");
+        var temp = Ddpm.Nn.Durable.TempPath(path, "part");
         try
         {
             using (var output = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))

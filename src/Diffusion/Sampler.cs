@@ -190,12 +190,21 @@ public static class Sampler
     /// <summary>
     /// Runs <paramref name="steps"/> from pure noise with <paramref name="predictNoise"/> (x, t, eps) and
     /// returns x_0 as host floats [N·784]. <paramref name="onStep"/> sees the step index and the device
-    /// tensor x after it (for progress and animation frames).
+    /// tensor x after it (for progress and animation frames). The n samples are samples
+    /// <paramref name="first"/>.. of a set of <paramref name="total"/> (default: n, the whole set): each sample's noise,
+    /// at the start and at every step, is drawn at its own place in the Philox stream, so a set sampled in batches gives
+    /// the digits of the set sampled at once, bit for bit.
     /// </summary>
     public static float[] Run(Device device, int n, IReadOnlyList<ReverseStep> steps, ulong seed,
-        Action<Tensor, int, Tensor> predictNoise, Action<int, Tensor>? onStep = null, int height = 28, int width = 28)
+        Action<Tensor, int, Tensor> predictNoise, Action<int, Tensor>? onStep = null, int height = 28, int width = 28, int first = 0, int total = 0)
     {
         int per = height * width;
+        total = total == 0 ? n : total;
+        if (first < 0 || n < 1 || first + n > total)
+        {
+            throw new ArgumentOutOfRangeException(nameof(first), $"samples {first}..{first + n - 1} are not in a set of {total}");
+        }
+        ulong start = (ulong)first * (ulong)per, stride = (ulong)total * (ulong)per;
         using var x = Tensor.Empty(device, n, 1, height, width);
         using var next = Tensor.Empty(device, n, 1, height, width);
         using var eps = Tensor.Empty(device, n, 1, height, width);
@@ -206,7 +215,7 @@ public static class Sampler
         bool throughX0 = steps.Any(st => st.X0 is not null);
         using var x0 = throughX0 ? Tensor.Empty(device, n, 1, height, width) : null;
         using var x0Previous = throughX0 ? Tensor.Empty(device, n, 1, height, width) : null;
-        RandomFill.Normal(x, seed, 0);
+        RandomFill.Normal(x, seed, start);
         var current = x;
         var other = next;
         var estimate = x0;
@@ -241,7 +250,7 @@ public static class Sampler
             }
             if (step.Sigma > 0)
             {
-                RandomFill.Normal(z, seed, (ulong)(i + 1) * (ulong)(n * per));
+                RandomFill.Normal(z, seed, (ulong)(i + 1) * stride + start);
                 Elementwise.Accumulate(other, z, (float)step.Sigma);
             }
             (current, other) = (other, current);
@@ -262,7 +271,35 @@ public static class Sampler
     /// Without labels, a conditional model runs once a step with "no label"; an unconditional model takes no labels.
     /// </summary>
     public static float[] Run(UNet model, int n, IReadOnlyList<ReverseStep> steps, ulong seed, float[]? labels, float guidance,
-        Action<int, Tensor>? onStep = null)
+        Action<int, Tensor>? onStep = null) => Run(model, n, steps, seed, labels, guidance, onStep, first: 0, total: n);
+
+    /// <summary>
+    /// Draws <paramref name="total"/> samples in batches of at most <paramref name="batch"/>, each sample's noise at its own
+    /// place in the stream, so the digits are those of one batch of <paramref name="total"/>, bit for bit, with the device
+    /// memory of one batch. <paramref name="onStep"/> sees (step, first sample of the batch, x of the batch).
+    /// <paramref name="labels"/> [total] as in the unbatched call.
+    /// </summary>
+    public static float[] RunBatched(UNet model, int total, int batch, IReadOnlyList<ReverseStep> steps, ulong seed, float[]? labels, float guidance,
+        Action<int, int, Tensor>? onStep = null)
+    {
+        if (batch < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(batch), batch, "a batch holds one sample at least");
+        }
+        var all = new float[(long)total * 28 * 28];
+        for (int first = 0; first < total; first += batch)
+        {
+            int n = Math.Min(batch, total - first);
+            int from = first;
+            var part = Run(model, n, steps, seed, labels?[first..(first + n)], guidance,
+                onStep is null ? null : (i, x) => onStep(i, from, x), first, total);
+            part.CopyTo(all, (long)first * 28 * 28);
+        }
+        return all;
+    }
+
+    private static float[] Run(UNet model, int n, IReadOnlyList<ReverseStep> steps, ulong seed, float[]? labels, float guidance,
+        Action<int, Tensor>? onStep, int first, int total)
     {
         if (labels is not null && model.Classes == 0)
         {
@@ -305,6 +342,6 @@ public static class Sampler
             // eps_none + w·(eps_cond - eps_none) = w·eps_cond + (1 - w)·eps_none.
             Elementwise.Combine(y.Value, wCond!, epsNone, wNone!, eps);
             tape.Reset();
-        }, onStep);
+        }, onStep, first: first, total: total);
     }
 }

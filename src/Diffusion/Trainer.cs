@@ -272,6 +272,10 @@ public sealed class Trainer : IDisposable
         _results = new List<StepResult>(w);
     }
 
+    /// <summary>The checkpoint's key of the training set's hash (<see cref="MnistSet.Hash"/>); absent in runs from before it,
+    /// which resume on any data of their size and record it from then on.</summary>
+    public const string DataHashKey = "data_sha256";
+
     /// <summary>Steps <see cref="QueueStep"/> may queue before <see cref="ReadBack"/> must read them (the device keeps one record each).</summary>
     public const int ReadEvery = 10;
 
@@ -544,6 +548,7 @@ public sealed class Trainer : IDisposable
         meta["epoch"] = Epoch.ToString(CultureInfo.InvariantCulture);
         meta["steps_per_epoch"] = StepsPerEpoch.ToString(CultureInfo.InvariantCulture);
         meta[Checkpoint.SkippedKey] = Skipped.ToString(CultureInfo.InvariantCulture);
+        meta[DataHashKey] = _data.Hash;
         if (EmaStart > 0)
         {
             meta[TrainOptions.EmaStartKey] = EmaStart.ToString(CultureInfo.InvariantCulture);
@@ -588,6 +593,11 @@ public sealed class Trainer : IDisposable
         {
             throw new CheckpointException(
                 $"{path}: the run took {pe} steps an epoch, but this training set gives {data.Count / saved.Batch} ({data.Count} images): --data holds another data set than the run's");
+        }
+        if (meta.TryGetValue(DataHashKey, out var dataHash) && dataHash != data.Hash)
+        {
+            throw new UsageException(
+                $"--resume: --data holds another data set than the run's (sha256 {data.Hash[..12]}..., the run trained on {dataHash[..Math.Min(12, dataHash.Length)]}...); pass the run's --data, or start a new run with another --out");
         }
         var options = change?.Invoke(saved) ?? saved;
         foreach (var (name, was, now) in new[]

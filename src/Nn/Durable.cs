@@ -7,21 +7,27 @@ namespace Ddpm.Nn;
 /// Files that survive a crash or a power cut. A rename is atomic but lives in the directory's
 /// metadata: until the directory itself is flushed (fsync of the folder, POSIX), a power cut can
 /// bring back the old name or lose the new one, even when the file's data was flushed. Temp files
-/// carry the writer's pid (".model.safetensors.1234.tmp") so a later run can tell a crash's leftover
-/// from a live writer's work in progress.
+/// carry the program's mark and the writer's pid (".model.safetensors.ddpm-1234-9f3a0c1e.tmp", see
+/// <see cref="TempPath"/>), so a later run can tell a crash's leftover from a live writer's work in progress,
+/// and never takes a user's own ".NAME.tmp" for one of its own.
 /// </summary>
 public static class Durable
 {
     /// <summary>
     /// Writes <paramref name="path"/> so that a crash leaves the old file or the new one, never a mix:
-    /// <paramref name="write"/> fills ".NAME.PID.tmp" beside it, which is flushed to disk and renamed over the file
-    /// (<see cref="ReplaceFile"/>); on any failure the temporary file is deleted and the old file stands.
+    /// <paramref name="write"/> fills a temp file beside it (<see cref="TempPath"/>), which is flushed to disk and renamed over the
+    /// file (<see cref="ReplaceFile"/>); on any failure the temporary file is deleted and the old file stands. A folder
+    /// where the file should be is an <see cref="IOException"/> naming it, before anything is written.
     /// </summary>
     public static void WriteAtomically(string path, Action<FileStream> write, int bufferSize = 1 << 16)
     {
         var dir = Path.GetDirectoryName(Path.GetFullPath(path))!;
+        if (Directory.Exists(path))
+        {
+            throw new IOException($"{path}: is a folder, where a file is to be written");
+        }
         Directory.CreateDirectory(dir);
-        var temp = Path.Combine(dir, $".{Path.GetFileName(path)}.{Environment.ProcessId}.tmp");
+        var temp = TempPath(path);
         try
         {
             using (var stream = new FileStream(temp, FileMode.Create, FileAccess.Write, FileShare.None, bufferSize))
@@ -37,6 +43,75 @@ public static class Durable
             throw;
         }
     }
+
+    /// <summary>
+    /// Reads a whole small file by its recorded size and never past it: null when there is no such file; empty, without
+    /// opening it, when its size is 0 (an empty file, or not a regular file at all: a FIFO or a device such as /dev/zero
+    /// reports 0, and opening or reading it would block or never end). A folder, or a size above
+    /// <paramref name="maxBytes"/>, is an <see cref="IOException"/> naming the file; so is a file that shrinks while read.
+    /// </summary>
+    public static byte[]? ReadBounded(string path, long maxBytes)
+    {
+        if (Directory.Exists(path))
+        {
+            throw new IOException($"{path}: is a folder, where a file was expected");
+        }
+        var info = new FileInfo(path);
+        if (!info.Exists)
+        {
+            return null;
+        }
+        long size = info.Length;
+        if (size == 0)
+        {
+            return [];
+        }
+        if (size > maxBytes)
+        {
+            throw new IOException($"{path}: {size} bytes, more than such a file ever holds ({maxBytes} at most)");
+        }
+        var bytes = new byte[size];
+        try
+        {
+            using var stream = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete, 1);
+            int read = 0;
+            while (read < bytes.Length)
+            {
+                int n = stream.Read(bytes, read, bytes.Length - read);
+                if (n == 0)
+                {
+                    throw new IOException($"{path}: ends at byte {read}, before its recorded size of {size} bytes");
+                }
+                read += n;
+            }
+        }
+        catch (FileNotFoundException)
+        {
+            return null; // removed between the look and the open
+        }
+        catch (DirectoryNotFoundException)
+        {
+            return null;
+        }
+        return bytes;
+    }
+
+    /// <summary>The mark of the program's temp files: the segment before their extension starts with it, then the pid.</summary>
+    public const string TempMark = "ddpm-";
+
+    /// <summary>
+    /// A temp name beside <paramref name="path"/> that only this process uses and that is recognisably the program's:
+    /// ".NAME.ddpm-PID-RANDOM.EXT" (EXT "tmp" unless given). <see cref="RemoveStaleTemps"/> and <see cref="PidOfTemp"/> know it.
+    /// </summary>
+    public static string TempPath(string path, string extension = "tmp")
+    {
+        var full = Path.GetFullPath(path);
+        string random = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4));
+        return Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.{TempMark}{Environment.ProcessId}-{random}.{extension}");
+    }
+
+    /// <summary>The glob of the program's temp files of one extension (".*.ddpm-*.tmp"), and only those.</summary>
+    public static string TempPattern(string extension = "tmp") => $".*.{TempMark}*.{extension}";
 
     /// <summary>
     /// Renames <paramref name="temp"/> over <paramref name="path"/> (atomic on one volume), then flushes the folder
@@ -122,10 +197,10 @@ public static class Durable
 
     /// <summary>
     /// Deletes the files in <paramref name="folder"/> matching <paramref name="pattern"/> (a glob of '*' and '?',
-    /// e.g. ".model.safetensors.*.tmp") that a dead process left behind: the pid is the dot-separated segment
-    /// just before the last extension (".tmp", ".part"), leading digits of it. A file whose pid is a live process,
-    /// or that carries no pid, is kept, unless <paramref name="allPidsStale"/> is set (the caller holds the folder's
-    /// run lock, so no other process can be writing there). Returns how many files it removed.
+    /// e.g. <see cref="TempPattern"/>) that a dead process left behind: the pid is read by <see cref="PidOfTemp"/>. A file
+    /// that does not carry the program's mark and a pid is never touched, whatever the pattern; one whose pid is a live
+    /// process is kept, unless <paramref name="allPidsStale"/> is set (the caller holds the folder's run lock, so no other
+    /// process can be writing there). Returns how many files it removed.
     /// </summary>
     public static int RemoveStaleTemps(string folder, string pattern, bool allPidsStale = false)
     {
@@ -143,13 +218,10 @@ public static class Durable
         int removed = 0;
         foreach (var file in Directory.EnumerateFiles(folder, pattern, options))
         {
-            if (!allPidsStale)
+            int? pid = PidOfTemp(Path.GetFileName(file));
+            if (pid is null || (!allPidsStale && IsProcessAlive(pid.Value)))
             {
-                int? pid = PidOfTemp(Path.GetFileName(file));
-                if (pid is null || IsProcessAlive(pid.Value))
-                {
-                    continue;
-                }
+                continue;
             }
             try
             {
@@ -168,8 +240,9 @@ public static class Durable
     }
 
     /// <summary>
-    /// The pid a temp file name carries: the dot-separated segment before the last extension,
-    /// ".x.safetensors.1234.tmp" gives 1234; leading digits only ("1234-a" gives 1234); null when there are none.
+    /// The pid a temp file name of the program carries: the dot-separated segment before the last extension starts with
+    /// <see cref="TempMark"/> and then the pid's digits (".x.safetensors.ddpm-1234-9f3a0c1e.tmp" gives 1234); null for any
+    /// other name (".thesis.docx.tmp", ".x.1234.tmp": not the program's).
     /// </summary>
     public static int? PidOfTemp(string fileName)
     {
@@ -180,6 +253,11 @@ public static class Durable
         }
         int prev = fileName.LastIndexOf('.', last - 1);
         var segment = fileName.AsSpan(prev + 1, last - prev - 1);
+        if (!segment.StartsWith(TempMark, StringComparison.Ordinal))
+        {
+            return null;
+        }
+        segment = segment[TempMark.Length..];
         int digits = 0;
         while (digits < segment.Length && char.IsAsciiDigit(segment[digits]))
         {
