@@ -260,6 +260,26 @@ public sealed class HardeningTests : IDisposable
         Assert.InRange(basePlan.Batch, 16, 1000); // 1,000 base digits on the CPU no longer in one batch of about 7 GB
     }
 
+    /// <summary>A request whose estimate is more than the machine has is refused up front, in one line with the figure, before
+    /// any data is read or memory taken (a base step at batch 4096 needs about 43 GiB).</summary>
+    [Theory]
+    [InlineData("train", "--preset", "base", "--batch", "4096", "--out")]
+    [InlineData("bench", "--preset", "base", "--batch", "4096", "--steps")]
+    [InlineData("sample", "--memory", "1000000", "--n", "1", "--out")]
+    public void ARequestLargerThanTheMachineIsRefusedWithItsFigure(params string[] args)
+    {
+        long need = args.Contains("--memory") ? MemoryEstimate.BaseBytes + (1_000_000L << 20) : MemoryEstimate.TrainBytes(64, 4096);
+        if (need <= MemoryEstimate.Available(CpuDevice.Instance))
+        {
+            return; // a machine this large takes the request
+        }
+        string last = args[^1] == "--steps" ? "1" : PathOf("out");
+        string[] extra = args[0] == "sample" ? ["--checkpoint", Checkpoint(PathOf("run"))] : [];
+        var clock = Stopwatch.StartNew();
+        OneLine(CliTests.Run([.. args, last, .. extra, "--device", "cpu"]), ExitCodes.Usage, "needs about", "GiB of memory, more than the");
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(30));
+    }
+
     // --- Runs and caches that know their data ----------------------------------------------------------------------
 
     /// <summary>--resume on another data set of the same size is refused naming --data; a checkpoint from before the hash

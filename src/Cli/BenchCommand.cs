@@ -113,6 +113,7 @@ public static class BenchCommand
             CpuSimd.Level = level;
         }
         using var device = DeviceCatalog.Open(deviceName, out _);
+        MemoryEstimate.Require($"--preset {preset} --batch {batch}", MemoryEstimate.TrainBytes(Presets.Channels(preset), batch), device);
         device.ResetPeak();
         // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.
         var rng = new Random(0);

@@ -168,6 +168,7 @@ public static class EvalCommand
         CheckClassifierPath(q.Classifier, q.Retrain);
 
         using var dev = Program.OpenDevice(q.Device);
+        MemoryEstimate.Require($"--memory {q.Settings.MemoryMiB}", MemoryEstimate.BaseBytes + ((long)q.Settings.MemoryMiB << 20), dev);
         var clock = Stopwatch.StartNew();
         void Log(string message) => Console.Error.WriteLine(message);
         var trainSet = Mnist.LoadTraining(q.Data, Log);

@@ -103,6 +103,11 @@ public static class TrainCommand
         // none of them is live); nothing else is touched.
         Durable.RemoveStaleTemps(s.Out, Durable.TempPattern(), allPidsStale: true);
         using var device = Program.OpenDevice(s.Device);
+        // The step's memory, from the preset and the batch the run will have, refused before any data is read.
+        var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
+        string plannedPreset = planned?.Preset ?? s.Preset ?? DefaultPreset(device, recipe);
+        int plannedBatch = planned?.Batch ?? s.Batch ?? 64;
+        MemoryEstimate.Require($"--batch {plannedBatch} (preset {plannedPreset})", MemoryEstimate.TrainBytes(Presets.Channels(plannedPreset), plannedBatch), device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
 
         using var trainer = resumeFrom is not null
