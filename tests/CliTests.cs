@@ -80,6 +80,20 @@ public sealed class CliTests : IDisposable
         }
     }
 
+    /// <summary>The README's table of environment variables is the program's list (<see cref="EnvironmentSettings.All"/>):
+    /// every variable it reads, what each takes and does, in one row each.</summary>
+    [Fact]
+    public void TheReadmeListsEveryEnvironmentVariableTheProgramReads()
+    {
+        string readme = Readme();
+        foreach (var v in EnvironmentSettings.All)
+        {
+            Assert.Contains($"| `{v.Name}` | {v.Takes} | {v.Does} |", readme);
+        }
+        var rows = System.Text.RegularExpressions.Regex.Matches(readme, @"^\| `([A-Z_]+)` \|", System.Text.RegularExpressions.RegexOptions.Multiline).Select(m => m.Groups[1].Value);
+        Assert.Equal(EnvironmentSettings.All.Select(v => v.Name).Order(), rows.Order());
+    }
+
     [Theory]
     [InlineData(new[] { "train", "--preset", "huge" }, "huge")]
     [InlineData(new[] { "train", "--batch", "many" }, "many")]

@@ -241,13 +241,14 @@ public sealed class HardeningTests : IDisposable
     }
 
     /// <summary>The batch follows from the model's width and --memory: a base model takes fewer samples a batch than tiny, and
-    /// 10,000 digits at the default budget are drawn in batches that fit in it.</summary>
+    /// eval's 1,000 tiny digits fit one batch at the default (so they are one call's digits, bit for bit).</summary>
     [Fact]
     public void TheSamplingBatchFollowsFromTheModelAndTheBudget()
     {
         string tiny = Checkpoint(PathOf("tiny"));
         var plan = new SamplerSettings("ddpm", null, null, null, "clipped", 0, false, null, null).Plan(tiny);
         Assert.InRange(plan.Batch * plan.BytesPerSample, (long)SamplingPlan.DefaultMemoryMiB << 19, (long)SamplingPlan.DefaultMemoryMiB << 20);
+        Assert.True(plan.Batch >= 1000, $"eval's 1,000 tiny digits take {plan.Batch} a batch");
         var small = plan with { Settings = plan.Settings with { MemoryMiB = 16 } };
         Assert.True(small.Batch < plan.Batch);
         string basePath = PathOf("base.safetensors");

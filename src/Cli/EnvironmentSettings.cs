@@ -15,11 +15,11 @@ public static class EnvironmentSettings
     /// <summary>The variables, in the README's order.</summary>
     public static IReadOnlyList<Variable> All { get; } =
     [
-        new(Program.GpuKernelsVariable, "fast | simple", "the GPU kernels, as --gpu-kernels",
+        new(Program.GpuKernelsVariable, "fast or simple", "the GPU kernels, as --gpu-kernels",
             v => v.Trim().ToLowerInvariant() is "fast" or "simple"),
-        new("DDPM_SIMD", "avx512 | avx2 | 128 | scalar", "caps the CPU backend's SIMD level (never above the machine's)",
+        new("DDPM_SIMD", "avx512, avx2, 128 or scalar", "caps the CPU backend's SIMD level (never above the machine's)",
             v => CpuSimd.Parse(v) is not null),
-        new("DDPM_SELF_CHECK", "on | off | force", "the GPU self-check: on (the default), off (skipped), force (also on ILGPU's CPU accelerator)",
+        new("DDPM_SELF_CHECK", "on, off or force", "the GPU self-check: on (the default), off (skipped), force (also on ILGPU's CPU accelerator)",
             v => v.Trim().ToLowerInvariant() is "on" or "off" or "force"),
         new("DDPM_DEBUG", "1", "an internal error prints its stack trace",
             v => v.Trim() is "1" or "0" or "true" or "false"),

@@ -101,12 +101,14 @@ public static class SampleCommand
             {
                 frames.Add(new float[inGif.Length * Pixels]);
             }
-            var batch = x.ToArray();
-            for (int k = 0; k < batch.Length / Pixels; k++)
+            // Only the shown digits are copied from the device, a digit at a time (a batch may hold none of them).
+            int count = x.Length / Pixels;
+            for (int k = 0; k < count; k++)
             {
                 if (slotOf.TryGetValue(first + k, out int slot))
                 {
-                    Array.Copy(batch, k * Pixels, frames[frame], slot * Pixels, Pixels);
+                    using var digit = x.Slice(k * Pixels, Pixels);
+                    digit.CopyTo(frames[frame].AsSpan(slot * Pixels, Pixels));
                 }
             }
         });
@@ -301,16 +303,16 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
     }
 
     /// <summary>The default of --memory: MiB for one batch of samples. 1,000 tiny digits (eval's default) fit one batch, so
-    /// they are the digits of one call bit for bit; the process stays near 1.7 GB for tiny and 2.1 GB for base at any --n.</summary>
-    public const int DefaultMemoryMiB = 1800;
+    /// they are the digits of one call bit for bit; a process stays under 2 GB at any --n (measured: docs/reliability.md).</summary>
+    public const int DefaultMemoryMiB = 1700;
 
-    /// <summary>Float maps of 28×28 at the model's width that one sample's denoising step keeps live (the U-Net's skips,
-    /// concatenations and norms at three resolutions, the CPU convolutions' lowered rows): the process's growth per sample
-    /// measured 32 maps at tiny and 35 at base (docs/reliability.md), rounded up.</summary>
-    public const int MapsPerSample = 36;
+    /// <summary>Float maps of 28×28 at the model's width <paramref name="channels"/> that one sample's denoising step keeps live
+    /// (the U-Net's skips, concatenations and norms at three resolutions, the CPU convolutions' lowered rows): the process's
+    /// growth per sample measured 32.3 maps at tiny (16) and 35.4 at base (64), so 33 + channels/16, a map above each.</summary>
+    public static int MapsPerSample(int channels) => 33 + channels / 16;
 
     /// <summary>Bytes one sample takes in a batch: its activations in one step, the sampler's own buffers and the result.</summary>
-    public long BytesPerSample => ((long)MapsPerSample * Info.Channels + 12) * 28 * 28 * sizeof(float);
+    public long BytesPerSample => ((long)MapsPerSample(Info.Channels) * Info.Channels + 12) * 28 * 28 * sizeof(float);
 
     /// <summary>Samples a batch holds within --memory (at least one).</summary>
     public int Batch => (int)Math.Clamp((long)Settings.MemoryMiB * (1 << 20) / BytesPerSample, 1, int.MaxValue);

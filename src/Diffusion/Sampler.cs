@@ -294,6 +294,17 @@ public static class Sampler
             var part = Run(model, n, steps, seed, labels?[first..(first + n)], guidance,
                 onStep is null ? null : (i, x) => onStep(i, from, x), first, total);
             part.CopyTo(all, (long)first * 28 * 28);
+            if (first + n < total)
+            {
+                if (Math.Min(batch, total - first - n) != n)
+                {
+                    // The last batch is smaller: free the pooled buffers of the full ones first, or the pool holds both sizes.
+                    model.Device.Trim();
+                }
+                // A batch's garbage (its result, the host copies of its frames) is large-object memory that the runtime would
+                // otherwise let grow over many batches: collected here, so memory stays that of one batch.
+                GC.Collect();
+            }
         }
         return all;
     }
