@@ -24,11 +24,11 @@ public sealed record Recipe(string Name, string CpuPreset, int Epochs, float Lr,
     public static Recipe Seed { get; } = new("seed", "tiny", 3, 1e-3f, 0, "constant", "linear", 0f, 0f, 0f, false);
 
     /// <summary>The default recipe.</summary>
-    public static Recipe Default { get; } = new("default", "tiny", 12, 1e-3f, 500, "cosine", "cosine", 0.9995f, 2f / 3, 0f, true);
+    public static Recipe Default { get; } = new("default", "tiny", 12, 1e-3f, 500, "cosine", "cosine", 0.9995f, 2f / 3, 5f, true);
 
     /// <summary>A first look in about two minutes on two cores: one epoch at twice the learning rate after a short warm-up,
-    /// an EMA with a quick warm-up (docs/quality.md has the screen that chose it).</summary>
-    public static Recipe Quick { get; } = new("quick", "tiny", 1, 2e-3f, 100, "cosine", "cosine", 0.999f, 0.5f, 0f, true);
+    /// min-SNR-5 timesteps, an EMA with a quick warm-up (docs/quality.md has the screen that chose it).</summary>
+    public static Recipe Quick { get; } = new("quick", "tiny", 1, 2e-3f, 100, "cosine", "cosine", 0.999f, 0.5f, 5f, true);
 
     /// <summary>Every recipe, the default first.</summary>
     public static IReadOnlyList<Recipe> All { get; } = [Default, Quick, Seed];

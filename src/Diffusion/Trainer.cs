@@ -594,11 +594,6 @@ public sealed class Trainer : IDisposable
             throw new CheckpointException(
                 $"{path}: the run took {pe} steps an epoch, but this training set gives {data.Count / saved.Batch} ({data.Count} images): --data holds another data set than the run's");
         }
-        if (meta.TryGetValue(DataHashKey, out var dataHash) && dataHash != data.Hash)
-        {
-            throw new UsageException(
-                $"--resume: --data holds another data set than the run's (sha256 {data.Hash[..12]}..., the run trained on {dataHash[..Math.Min(12, dataHash.Length)]}...); pass the run's --data, or start a new run with another --out");
-        }
         var options = change?.Invoke(saved) ?? saved;
         foreach (var (name, was, now) in new[]
         {
@@ -611,6 +606,12 @@ public sealed class Trainer : IDisposable
             {
                 throw new UsageException($"--resume: {name} cannot change mid-run (the run has {was}, asked for {now}); start a new run with another --out");
             }
+        }
+        // After the flags: a changed flag is named first, the data set then.
+        if (meta.TryGetValue(DataHashKey, out var dataHash) && dataHash != data.Hash)
+        {
+            throw new UsageException(
+                $"--resume: --data holds another data set than the run's (sha256 {data.Hash[..12]}..., the run trained on {dataHash[..Math.Min(12, dataHash.Length)]}...); pass the run's --data, or start a new run with another --out");
         }
         if (saved.EmaDecay > 0 && options.EmaDecay == 0)
         {
