@@ -91,8 +91,10 @@ public sealed class SelfCheckTests(IlgpuFixture fixture) : IDisposable
         Assert.Empty(_log);
     }
 
+    /// <summary>A kernel that cannot run (a driver error, a lost context, no memory) stops the command naming it, but is no
+    /// verdict on the kernels: nothing is cached, and the next run checks again.</summary>
     [Fact]
-    public void AKernelThatThrowsIsAFailureNamingIt()
+    public void AKernelThatThrowsStopsTheRunNamingItAndIsNotCached()
     {
         var throwing = new OpCase
         {
@@ -103,6 +105,11 @@ public sealed class SelfCheckTests(IlgpuFixture fixture) : IDisposable
         var e = Assert.Throws<SelfCheckFailedException>(() => SelfCheck.Ensure(fixture.Device, _log.Add, CacheFile, [throwing], force: true));
         Assert.Contains("kernel 'throwing op'", e.Message);
         Assert.Contains("InvalidOperationException: launch failed", e.Message);
+        Assert.Contains("not cached", e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+        Assert.False(File.Exists(CacheFile));
+        SelfCheck.Ensure(fixture.Device, _log.Add, CacheFile, Good, force: true);
+        Assert.True(Assert.Single(Cached()).Pass);
     }
 
     [SkippableFact]

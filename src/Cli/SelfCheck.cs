@@ -59,7 +59,7 @@ public static class SelfCheck
         {
             log($"self-check: {key.Gpu} (driver {key.Driver}, {key.Kernels} kernels) against the CPU backend, once for this GPU, driver and build...");
             var clock = Stopwatch.StartNew();
-            verdict = Run(gpu, key, cases ?? OpCatalog.All);
+            verdict = Run(gpu, key, cases ?? OpCatalog.All, log);
             log(verdict.Pass
                 ? $"self-check: {verdict.Checks} kernel checks pass ({clock.Elapsed.TotalSeconds:F1} s); cached in {cacheFile}"
                 : $"self-check: FAILED at {verdict.Failed} after {clock.Elapsed.TotalSeconds:F1} s; cached in {cacheFile}");
@@ -77,7 +77,10 @@ public static class SelfCheck
         }
     }
 
-    private static Verdict Run(IlgpuDevice gpu, Verdict key, IReadOnlyList<OpCase> cases)
+    /// <summary>Runs the cases; a mismatch is a verdict (cached by the caller). A kernel that cannot run at all (out of device
+    /// memory, a lost context, a driver or compiler error) is no verdict on the kernels: the command stops with one line
+    /// naming the kernel and the error, and nothing is cached, so the check runs again next time.</summary>
+    private static Verdict Run(IlgpuDevice gpu, Verdict key, IReadOnlyList<OpCase> cases, Action<string> log)
     {
         int done = 0;
         foreach (var c in cases)
@@ -87,10 +90,16 @@ public static class SelfCheck
             {
                 result = Checker.CompareDevices(c, gpu);
             }
+            catch (OutOfDeviceMemoryException e)
+            {
+                throw new OutOfDeviceMemoryException($"GPU self-check: kernel '{c.Name}' ran out of device memory ({OneLine(e.Message)}); nothing cached, it runs again next time", e);
+            }
             catch (Exception e) when (e is not OutOfMemoryException)
             {
-                // A kernel that fails to compile or launch (an illegal address kills the context) is a failure too.
-                return key with { Failed = c.Name, Detail = $"{e.GetType().Name}: {OneLine(e.Message)}", Checks = done + 1, CheckedAt = DateTime.UtcNow };
+                log($"self-check: kernel '{c.Name}' could not run; not cached, it runs again next time");
+                throw new SelfCheckFailedException(
+                    $"GPU self-check could not run kernel '{c.Name}' on {key.Gpu} (driver {key.Driver}): {e.GetType().Name}: {OneLine(e.Message)}; " +
+                    "run with --device cpu, or DDPM_SELF_CHECK=off to skip the check (not cached: it runs again next time)");
             }
             done++;
             if (!result.Pass)
