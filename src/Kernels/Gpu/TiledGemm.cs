@@ -169,8 +169,15 @@ public static class TiledGemm
     /// <summary>Register tiles per output tile (16 x 16 of 4 x 4 outputs): the group size on a GPU.</summary>
     public const int Threads = TM / 4 * (TN / 4);
 
+    /// <summary>
+    /// Row strides of the shared tiles aS [TK][AStride] and bS [TK][BStride]: two floats of padding a row, so a warp's
+    /// stores along K (lane → kk = lane % 16, row = r0 + lane / 16) fall in 32 different banks ((2·kk + row) mod 32), where
+    /// a stride of 64 put all 16 kk of a row in one bank (16-way conflicts). Reads along a row stay consecutive words.
+    /// </summary>
+    public const int AStride = TM + 2, BStride = TN + 2;
+
     /// <summary>Shared memory one group declares: aS and bS, the row sums and the last-group flag.</summary>
-    public const int SharedBytes = (TK * TM + TK * TN + TM) * sizeof(float) + sizeof(int);
+    public const int SharedBytes = (TK * AStride + TK * BStride + TM) * sizeof(float) + sizeof(int);
 
     /// <summary>The group size to launch with on <paramref name="accelerator"/>: 256, or the largest power of two
     /// the device allows (a simulator), which then runs the tile in 256 / G passes.</summary>
@@ -197,8 +204,8 @@ public static class TiledGemm
     internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
     {
-        var aS = SharedMemory.Allocate<float>(TK * TM); // [TK][TM]
-        var bS = SharedMemory.Allocate<float>(TK * TN); // [TK][TN]
+        var aS = SharedMemory.Allocate<float>(TK * AStride); // [TK][AStride]: TM used a row
+        var bS = SharedMemory.Allocate<float>(TK * BStride); // [TK][BStride]
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var last = SharedMemory.Allocate<int>(1);
         int split = Grid.IdxZ, tid = Group.IdxX, groupSize = Group.DimX, m0 = Grid.IdxY * TM;
@@ -299,7 +306,7 @@ public static class TiledGemm
             float sum = 0;
             for (int kk = 0; kk < TK; kk++)
             {
-                sum += aS[kk * TM + r];
+                sum += aS[ReadA(kk, r, 0)];
             }
             rowS[r] += sum;
         }
@@ -394,13 +401,26 @@ public static class TiledGemm
         }
     }
 
+    // The shared tiles' addressing, as plain functions the kernel calls and the bank-conflict test walks a warp through.
     // Element e (0..1023) of a shared tile: along K, kk = e % 16 runs fastest (neighbouring threads read neighbouring
-    // kd); otherwise the row (A) or column (B) index runs fastest. Both tiles are stored [kk][row or column].
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int SlotA(bool alongK, int e) => alongK ? (e % TK) * TM + e / TK : e;
+    // kd); otherwise the row (A) or column (B) index runs fastest. Both tiles are stored [kk][row or column], rows
+    // AStride and BStride apart.
 
+    /// <summary>Where element <paramref name="e"/> of the A tile is stored.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int SlotB(bool alongK, int e) => alongK ? (e % TK) * TN + e / TK : e;
+    internal static int SlotA(bool alongK, int e) => alongK ? (e % TK) * AStride + e / TK : (e / TM) * AStride + e % TM;
+
+    /// <summary>Where element <paramref name="e"/> of the B tile is stored.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int SlotB(bool alongK, int e) => alongK ? (e % TK) * BStride + e / TK : (e / TN) * BStride + e % TN;
+
+    /// <summary>Where aS[kk][rm + 16·i] is (a register tile's rows are rm + 16·i).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int ReadA(int kk, int rm, int i) => kk * AStride + rm + 16 * i;
+
+    /// <summary>Where bS[kk][cn + 16·j] is.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int ReadB(int kk, int cn, int j) => kk * BStride + cn + 16 * j;
 
     /// <summary>A(m0 + row, k0 + kk) for element e of the A tile, 0 past M or past this split's K range.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -430,7 +450,7 @@ public static class TiledGemm
         {
             for (int kk = 0; kk < TK; kk++)
             {
-                int ao = kk * TM + rm, bo = kk * TN + cn;
+                int ao = ReadA(kk, rm, 0), bo = ReadB(kk, cn, 0);
                 float a0 = aS[ao], a1 = aS[ao + 16], a2 = aS[ao + 32], a3 = aS[ao + 48];
                 float b0 = bS[bo], b1 = bS[bo + 16], b2 = bS[bo + 32], b3 = bS[bo + 48];
                 _c00 += a0 * b0; _c01 += a0 * b1; _c02 += a0 * b2; _c03 += a0 * b3;
