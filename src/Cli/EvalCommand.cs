@@ -68,17 +68,13 @@ public static class EvalCommand
     private sealed record Request(string? Samples, int N, bool NGiven, SamplerSettings Settings, string? SamplerFlagGiven, string? Report,
         string? Classifier, bool Retrain, string Data, string Device, string CommandLine);
 
-    /// <summary>Refuses a --classifier that cannot be one before any work: an empty path, a folder, or (when it is to be trained
-    /// and saved) a file in a folder that cannot be written.</summary>
+    /// <summary>Refuses a --classifier that cannot be one before any work: a folder, or (when it is to be trained and saved) a
+    /// file in a folder that cannot be written. (An empty path is the parser's: <see cref="Program.IsPath"/>.)</summary>
     private static void CheckClassifierPath(string? path, bool retrain)
     {
         if (path is null)
         {
-            return;
-        }
-        if (path.Length == 0)
-        {
-            throw new UsageException("--classifier: an empty path (leave it out for the cached classifier of --data)");
+            return; // the cache, or an empty path, which the parser refused
         }
         if (Directory.Exists(path))
         {
@@ -168,7 +164,7 @@ public static class EvalCommand
         CheckClassifierPath(q.Classifier, q.Retrain);
 
         using var dev = Program.OpenDevice(q.Device);
-        MemoryEstimate.Require($"--memory {q.Settings.MemoryMiB}", MemoryEstimate.BaseBytes + ((long)q.Settings.MemoryMiB << 20), dev);
+        MemoryEstimate.RequireSampling(q.Settings.MemoryMiB, dev);
         var clock = Stopwatch.StartNew();
         void Log(string message) => Console.Error.WriteLine(message);
         var trainSet = Mnist.LoadTraining(q.Data, Log);

@@ -21,6 +21,9 @@ public static class MemoryEstimate
     /// <summary>Bytes a training step at <paramref name="batch"/> takes with a model of width <paramref name="channels"/>.</summary>
     public static long TrainBytes(int channels, int batch) => BaseBytes + (long)batch * TrainMapsPerSample * channels * 28 * 28 * sizeof(float);
 
+    /// <summary>Refuses a --memory budget for sampling (plus the process's own) that is more than <paramref name="device"/> offers.</summary>
+    public static void RequireSampling(int memoryMiB, Device device) => Require($"--memory {memoryMiB}", BaseBytes + ((long)memoryMiB << 20), device);
+
     /// <summary>Bytes the device offers: the GPU's memory, or the host's for the CPU backend and ILGPU's simulator.</summary>
     public static long Available(Device device) => device is IlgpuDevice { Kind: DeviceKind.Cuda or DeviceKind.OpenCL } gpu
         ? gpu.Accelerator.MemorySize

@@ -73,9 +73,9 @@ public static class SampleCommand
         Program.RequireFileSlots("--out", outDir, "samples.png", "samples-idx3-ubyte", "reverse.gif");
 
         using var device = Program.OpenDevice(deviceName);
-        MemoryEstimate.Require($"--memory {settings.MemoryMiB}", MemoryEstimate.BaseBytes + ((long)settings.MemoryMiB << 20), device);
+        MemoryEstimate.RequireSampling(settings.MemoryMiB, device);
         // --digit all: n of each digit, digit d in grid row d.
-        int total = settings.Digit == "all" ? 10 * n : n, columns = settings.Digit == "all" ? n : 0;
+        int total = settings.Digit == "all" ? 10 * n : n;
         if (plan.EmaNote is { } note)
         {
             Console.Error.WriteLine(note);

@@ -216,9 +216,12 @@ public sealed class Classifier : IDisposable
     /// names with their shapes, and finite values are checked before any weight is used; anything else is a
     /// <see cref="CheckpointException"/> naming the file and the problem.
     /// </summary>
-    public static Classifier Load(string path, Device device)
+    public static Classifier Load(string path, Device device) => Load(SafeTensors.Read(path), device);
+
+    /// <inheritdoc cref="Load(string, Device)"/>
+    public static Classifier Load(SafeTensorsFile file, Device device)
     {
-        var file = SafeTensors.Read(path);
+        string path = file.Label;
         if (!file.Metadata.TryGetValue(FormatKey, out var format) || format != FormatValue)
         {
             throw new CheckpointException($"{path}: not a digit classifier (metadata {FormatKey} is not {FormatValue})");
@@ -464,7 +467,7 @@ public static class ClassifierCache
     public const int Epochs = 5;
 
     /// <summary>The metadata key of the hash of the data set a classifier was trained on (<see cref="MnistSet.Hash"/>).</summary>
-    public const string DataHashKey = "data_sha256";
+    public const string DataHashKey = MnistSet.HashKey;
 
     /// <summary>The cache file of the classifier of the data set whose hash is <paramref name="dataHash"/>: beside the MNIST
     /// cache (the parent of <see cref="Mnist.DefaultFolder"/>), classifier-HASH16.safetensors, so each data set scores with
@@ -473,24 +476,24 @@ public static class ClassifierCache
         Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, $"classifier-{dataHash[..16]}.safetensors");
 
     /// <summary>
-    /// Loads the classifier at <paramref name="path"/> (default: <see cref="PathFor"/> the training set's hash), or (when it is
+    /// Loads the classifier at <paramref name="path"/> (the cache is <see cref="PathFor"/> the training set's hash), or (when it is
     /// missing or <paramref name="retrain"/>) trains one on <paramref name="train"/>, measures its accuracy on
     /// <paramref name="test"/> and saves both there (the accuracy and the data set's hash in the metadata). A classifier
     /// recorded as trained on another data set is refused, naming both hashes.
     /// </summary>
-    public static Classifier LoadOrTrain(Device device, string? path, MnistSet train, MnistSet test, bool retrain, int epochs = Epochs,
+    public static Classifier LoadOrTrain(Device device, string path, MnistSet train, MnistSet test, bool retrain, int epochs = Epochs,
         Action<string>? log = null)
     {
-        path ??= PathFor(train.Hash);
         if (!retrain && File.Exists(path))
         {
-            var loaded = Classifier.Load(path, device);
-            if (SafeTensors.Read(path).Metadata.TryGetValue(DataHashKey, out var trainedOn) && trainedOn != train.Hash)
+            // One read: the data set is checked before anything is built.
+            var file = SafeTensors.Read(path);
+            if (file.Metadata.TryGetValue(DataHashKey, out var trainedOn) && trainedOn != train.Hash)
             {
-                loaded.Dispose();
                 throw new CheckpointException(
                     $"{path}: a classifier of another data set (sha256 {trainedOn[..Math.Min(12, trainedOn.Length)]}..., --data is {train.Hash[..12]}...); leave out --classifier, or pass --train-classifier to train one for this data");
             }
+            var loaded = Classifier.Load(file, device);
             log?.Invoke($"classifier: loaded {path}");
             return loaded;
         }

@@ -20,6 +20,10 @@ public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
 
     private string? _hash;
 
+    /// <summary>The metadata key under which files record the hash of the data set they came from (<see cref="Hash"/>):
+    /// a run's checkpoint and the scoring classifier.</summary>
+    public const string HashKey = "data_sha256";
+
     /// <summary>
     /// The data set's identity: sha256 (lowercase hex) of "ddpm-data-v1", the count, the image shape (1 channel, 28, 28)
     /// as 32-bit little-endian integers, the images' bytes and the labels' bytes. The same images and labels in the same

@@ -274,7 +274,7 @@ public sealed class Trainer : IDisposable
 
     /// <summary>The checkpoint's key of the training set's hash (<see cref="MnistSet.Hash"/>); absent in runs from before it,
     /// which resume on any data of their size and record it from then on.</summary>
-    public const string DataHashKey = "data_sha256";
+    public const string DataHashKey = MnistSet.HashKey;
 
     /// <summary>Steps <see cref="QueueStep"/> may queue before <see cref="ReadBack"/> must read them (the device keeps one record each).</summary>
     public const int ReadEvery = 10;
