@@ -80,6 +80,20 @@ public sealed class CliTests : IDisposable
         }
     }
 
+    /// <summary>train --help gives each recipe's value of the flags a recipe sets, from the recipes themselves.</summary>
+    [Fact]
+    public void TrainHelpShowsEachRecipesDefaults()
+    {
+        var help = Run("train", "--help").Out;
+        string Line(string flag) => help.Split('\n').Single(l => l.TrimStart().StartsWith(flag + " ", StringComparison.Ordinal));
+        foreach (var r in Recipe.All)
+        {
+            Assert.Contains($"{r.Name} {r.Epochs}", Line("--epochs"));
+            Assert.Contains($"{r.Name} {r.Schedule}", Line("--schedule"));
+            Assert.Contains($"{r.Name} {r.Ema.ToString(System.Globalization.CultureInfo.InvariantCulture)}", Line("--ema"));
+        }
+    }
+
     /// <summary>The README's table of environment variables is the program's list (<see cref="EnvironmentSettings.All"/>):
     /// every variable it reads, what each takes and does, in one row each.</summary>
     [Fact]

@@ -25,28 +25,28 @@ public static class TrainCommand
     {
         var preset = new Option<string?>("--preset") { Description = "tiny | small | base (default: base on a GPU, tiny on the CPU backend)" };
         preset.AcceptOnlyFromAmong(Presets.Names);
-        var epochs = new Option<int?>("--epochs") { Description = "passes over the training digits (default 3)" }.Within(1, 1_000_000);
+        var epochs = new Option<int?>("--epochs") { Description = $"passes over the training digits ({ByRecipe(r => r.Epochs)})" }.Within(1, 1_000_000);
         var maxSteps = new Option<long?>("--max-steps") { Description = "stop after this many steps in all (default: no limit)" }.Within(1, long.MaxValue / 2);
         var batch = new Option<int?>("--batch") { Description = "digits per step (default 64)" }.Within(1, TrainOptions.MaxBatch);
-        var lr = new Option<float?>("--lr") { Description = "Adam learning rate (default 1e-3); may change on --resume" }.Within(float.Epsilon, 1f);
-        var schedule = new Option<string?>("--schedule") { Description = "noise schedule: linear (the seed's, default) | cosine" };
+        var lr = new Option<float?>("--lr") { Description = $"Adam learning rate ({ByRecipe(r => r.Lr)}); may change on --resume" }.Within(float.Epsilon, 1f);
+        var schedule = new Option<string?>("--schedule") { Description = $"noise schedule: linear | cosine ({ByRecipe(r => r.Schedule)})" };
         schedule.AcceptOnlyFromAmong("linear", "cosine");
-        var ema = new Option<float?>("--ema") { Description = "EMA decay of the weights, e.g. 0.999 (default 0: off); may change on --resume" }.Within(0f, 0.99999994f);
+        var ema = new Option<float?>("--ema") { Description = $"EMA decay of the weights, e.g. 0.999, 0: off ({ByRecipe(r => r.Ema)}); may change on --resume" }.Within(0f, 0.99999994f);
         var emaWarmup = new Option<float?>("--ema-warmup")
         {
-            Description = $"power P of the EMA's warm-up: update k (from 0) of the average takes decay min(--ema, 1 - (1 + k)^-P), so a short run averages trained weights (0: --ema from the first step; default: the recipe's, {Recipe.Default.EmaWarmup.ToString(System.Globalization.CultureInfo.InvariantCulture)} in the default); may change on --resume",
+            Description = $"power P of the EMA's warm-up: update k (from 0) of the average takes decay min(--ema, 1 - (1 + k)^-P), so a short run averages trained weights (0: --ema from the first step; {ByRecipe(r => r.EmaWarmup)}); may change on --resume",
         }.Within(0f, EmaSchedule.MaxPower);
         var minSnr = new Option<float?>("--min-snr")
         {
-            Description = $"min-SNR-γ weighting (Hang et al. 2023) with this γ, e.g. 5: timestep t counts min(SNR_t, γ)/SNR_t, drawn by importance (0: every timestep alike; default: the recipe's, {Recipe.Default.MinSnr.ToString(System.Globalization.CultureInfo.InvariantCulture)} in the default); may change on --resume",
+            Description = $"min-SNR-γ weighting (Hang et al. 2023) with this γ, e.g. 5: timestep t counts min(SNR_t, γ)/SNR_t, drawn by importance (0: every timestep alike; {ByRecipe(r => r.MinSnr)}); may change on --resume",
         }.Within(0f, 1000f);
         var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
         var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
         var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
-        var warmup = new Option<int?>("--warmup") { Description = "steps of linear learning-rate warm-up (default: the recipe's)" }.Within(0, 10_000_000);
-        var lrDecay = new Option<string?>("--lr-decay") { Description = "constant | cosine (to a tenth of --lr at the last step) (default: the recipe's)" };
+        var warmup = new Option<int?>("--warmup") { Description = $"steps of linear learning-rate warm-up ({ByRecipe(r => r.Warmup)})" }.Within(0, 10_000_000);
+        var lrDecay = new Option<string?>("--lr-decay") { Description = $"constant | cosine (to a tenth of --lr at the last step) ({ByRecipe(r => r.LrDecay)})" };
         lrDecay.AcceptOnlyFromAmong("constant", "cosine");
         var recipe = new Option<string>("--recipe")
         {
@@ -68,6 +68,10 @@ public static class TrainCommand
             p.GetValue(resume)))));
         return command;
     }
+
+    /// <summary>A flag's default in each recipe, from the recipes themselves: "default: the recipe's (default 12, quick 1, seed 3)".</summary>
+    private static string ByRecipe<T>(Func<Recipe, T> value) =>
+        $"default: the recipe's ({string.Join(", ", Recipe.All.Select(r => $"{r.Name} {string.Format(System.Globalization.CultureInfo.InvariantCulture, "{0:0.####}", value(r))}"))})";
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? MinSnr, float? Clip,
