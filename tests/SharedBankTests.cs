@@ -3,11 +3,12 @@ using Ddpm.Kernels;
 namespace Ddpm.Tests;
 
 /// <summary>
-/// Shared-memory bank conflicts of the tiled GEMM, counted as the hardware does: a warp's 32 lanes each access one 32-bit
-/// word; words in the same bank (address mod 32) but at different addresses are served in separate wavefronts, one
-/// address read by many lanes is a broadcast. Every store and load the kernel makes (its addressing is
-/// <see cref="TiledGemm.SlotA"/>, <see cref="TiledGemm.SlotB"/>, <see cref="TiledGemm.ReadA"/>, <see cref="TiledGemm.ReadB"/>)
-/// is walked for every warp of the 256-thread group: each must be one wavefront.
+/// Shared-memory bank conflicts of every tiled kernel, counted as the hardware does: words in the same bank (word address
+/// mod 32) but at different addresses are served in separate wavefronts, one address read by many lanes is a broadcast.
+/// Every store and load the kernels make (their addressing is plain functions they call: <see cref="TiledGemm.SlotA"/>,
+/// <see cref="TiledGemm.SlotB"/>, <see cref="TiledGemm.ReadA"/>, <see cref="TiledGemm.ReadB"/>,
+/// <see cref="TiledGemm.RowSumSlot"/>, <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the 256-thread
+/// group: a 32-bit access must be one wavefront, a 128-bit one the fewest its bytes need (docs/gpu.md).
 /// </summary>
 public sealed class SharedBankTests
 {
@@ -45,30 +46,41 @@ public sealed class SharedBankTests
         }
     }
 
+    /// <summary>Words a 128-bit access to 16-byte group <paramref name="group"/> touches.</summary>
+    private static IEnumerable<int> Words4(int group) => Enumerable.Range(4 * group, 4);
+
+    /// <summary>The fewest wavefronts the words need: 32 distinct words a wavefront (a 128-bit load by 32 lanes that
+    /// read different groups: 4, one per eight lanes).</summary>
+    private static int Least(IEnumerable<int> words) => (words.Distinct().Count() + Banks - 1) / Banks;
+
     [Fact]
-    public void EveryLoadOfTheGemmTilesIsOneWavefront()
+    public void EveryLoadOfTheGemmTilesTakesTheFewestWavefronts()
     {
         foreach (var (w, lanes) in Warps())
         {
-            for (int kk = 0; kk < TiledGemm.TK; kk++)
+            for (int buffer = 0; buffer < 2; buffer++)
             {
-                for (int i = 0; i < 4; i++)
+                for (int kk = 0; kk < TiledGemm.TK; kk++)
                 {
-                    // Thread tid owns the register tile of rows tid / 16 + 16·i and columns tid % 16 + 16·j.
-                    Assert.True(Wavefronts(lanes.Select(tid => TiledGemm.ReadA(kk, tid / 16, i))) == 1, $"A load, warp {w}, kk {kk}, i {i}");
-                    Assert.True(Wavefronts(lanes.Select(tid => TiledGemm.ReadB(kk, tid % 16, i))) == 1, $"B load, warp {w}, kk {kk}, j {i}");
-                }
-                // The fused row sums: thread r reads aS[kk][r] for its rows r < 64.
-                var rowLanes = lanes.Where(r => r < TiledGemm.TM).ToArray();
-                if (rowLanes.Length > 0)
-                {
-                    Assert.True(Wavefronts(rowLanes.Select(r => TiledGemm.ReadA(kk, r, 0))) == 1, $"row sums, warp {w}, kk {kk}");
+                    // Thread tid owns the register tile of rows 4·(tid / 16) + i and columns 4·(tid % 16) + j: one 128-bit
+                    // load of each tile a kk.
+                    var a = lanes.SelectMany(tid => Words4(buffer * TiledGemm.ATile / 4 + TiledGemm.ReadA(kk, tid / 16))).ToArray();
+                    var b = lanes.SelectMany(tid => Words4(buffer * TiledGemm.BTile / 4 + TiledGemm.ReadB(kk, tid % 16))).ToArray();
+                    Assert.True(Wavefronts(a) == Least(a), $"A load, warp {w}, buffer {buffer}, kk {kk}: {Wavefronts(a)} wavefronts");
+                    Assert.True(Wavefronts(b) == Least(b), $"B load, warp {w}, buffer {buffer}, kk {kk}: {Wavefronts(b)} wavefronts");
+                    // The fused row sums: thread r reads aS[kk][r] for its rows r < 64.
+                    var rows = lanes.Where(r => r < TiledGemm.TM).Select(r => buffer * TiledGemm.ATile + TiledGemm.RowSumSlot(kk, r)).ToArray();
+                    if (rows.Length > 0)
+                    {
+                        Assert.True(Wavefronts(rows) == 1, $"row sums, warp {w}, kk {kk}");
+                    }
                 }
             }
         }
     }
 
-    /// <summary>Every element of a tile has a slot of its own, inside the allocation, whichever way it is fetched.</summary>
+    /// <summary>Every element of a tile has a slot of its own, inside one buffer, whichever way it is fetched, and the
+    /// loads read it where it was stored.</summary>
     [Theory]
     [InlineData(false)]
     [InlineData(true)]
@@ -79,14 +91,49 @@ public sealed class SharedBankTests
         var b = Enumerable.Range(0, elements).Select(e => TiledGemm.SlotB(alongK, e)).ToArray();
         Assert.Equal(elements, a.Distinct().Count());
         Assert.Equal(elements, b.Distinct().Count());
-        Assert.All(a, s => Assert.InRange(s, 0, TiledGemm.TK * TiledGemm.AStride - 1));
-        Assert.All(b, s => Assert.InRange(s, 0, TiledGemm.TK * TiledGemm.BStride - 1));
-        // Element (kk, row) is where the loads read it.
+        Assert.All(a, s => Assert.InRange(s, 0, TiledGemm.ATile - 1));
+        Assert.All(b, s => Assert.InRange(s, 0, TiledGemm.BTile - 1));
+        Assert.Equal(0, TiledGemm.AStride % 4);
+        Assert.Equal(0, TiledGemm.BStride % 4);
+        Assert.Equal(0, TiledGemm.ATile % Banks);
         for (int e = 0; e < elements; e++)
         {
-            int kk = alongK ? e % TiledGemm.TK : e / TiledGemm.TM, row = alongK ? e / TiledGemm.TK : e % TiledGemm.TM;
-            Assert.Equal(TiledGemm.ReadA(kk, row % 16, row / 16), a[e]);
-            Assert.Equal(TiledGemm.ReadB(kk, row % 16, row / 16), b[e]);
+            var (kk, line) = TiledGemm.Element(alongK, e);
+            Assert.Equal(4 * TiledGemm.ReadA(kk, line / 4) + line % 4, a[e]);
+            Assert.Equal(4 * TiledGemm.ReadB(kk, line / 4) + line % 4, b[e]);
+            Assert.Equal(TiledGemm.RowSumSlot(kk, line), a[e]);
+        }
+    }
+
+    /// <summary>
+    /// The group reductions of TiledReduce and TiledNorm (GroupSum, GroupSum2, the segmented tree): each thread stores
+    /// sh[t] (and sh[MaxThreads + t]), then each level of the radix-16 tree has lane &lt; m of every segment read
+    /// sh[t + i·m] (<see cref="TiledReduce.TreeSlot"/>). Walked for every segment width a launch uses (1 to 256 lanes),
+    /// every level, every i and every warp: one wavefront each. (Thread 0's reads of the segments' results, sh[q·lanes],
+    /// are one lane: one wavefront.)
+    /// </summary>
+    [Fact]
+    public void EveryAccessOfTheGroupReductionsIsOneWavefront()
+    {
+        const int group = 256;
+        foreach (var (w, lanes) in Warps())
+        {
+            Assert.Equal(1, Wavefronts(lanes));
+            Assert.Equal(1, Wavefronts(lanes.Select(t => TiledReduce.MaxThreads + t)));
+            for (int width = 1; width <= group; width *= 2)
+            {
+                for (int n = width; n > 1;)
+                {
+                    int r = Math.Min(TiledReduce.Radix, n), m = n / r;
+                    var active = lanes.Where(t => (t & (width - 1)) < m).ToArray();
+                    for (int i = 0; i < r && active.Length > 0; i++)
+                    {
+                        Assert.True(Wavefronts(active.Select(t => TiledReduce.TreeSlot(t, i, m))) == 1, $"tree, width {width}, n {n}, i {i}, warp {w}");
+                        Assert.True(Wavefronts(active.Select(t => TiledReduce.MaxThreads + TiledReduce.TreeSlot(t, i, m))) == 1, $"second tree, width {width}, n {n}, i {i}, warp {w}");
+                    }
+                    n = m;
+                }
+            }
         }
     }
 }

@@ -88,15 +88,19 @@ public sealed class IlgpuKernels
     /// as a launcher taking the stream first.</summary>
     internal TLauncher Auto<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
-        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false));
+        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false, KernelSpecialization.Empty));
         return Counted(Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method));
     }
 
-    /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>.</summary>
-    internal TLauncher Grouped<TLauncher>(Delegate kernel) where TLauncher : Delegate
+    /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>; with
+    /// <paramref name="bounds"/> (its launch bounds: at most so many threads a group, at least so many groups an SM, which
+    /// ptxas turns into a register budget), where the device runs groups that large (a simulator with smaller groups
+    /// runs the kernel's other path, and the bounds would not hold).</summary>
+    internal TLauncher Grouped<TLauncher>(Delegate kernel, KernelSpecialization? bounds = null) where TLauncher : Delegate
     {
-        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true));
-        return Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method));
+        var specialization = bounds is { MaxNumThreadsPerGroup: int threads } && threads <= Accelerator.MaxNumThreadsPerGroup ? bounds.Value : KernelSpecialization.Empty;
+        _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true, bounds ?? KernelSpecialization.Empty));
+        return Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method, specialization, out _));
     }
 
     /// <summary>
@@ -145,8 +149,8 @@ public sealed class KernelLaunches(MethodInfo method, DeviceCounters device)
     }
 }
 
-/// <summary>A kernel entry point and whether it is explicitly grouped.</summary>
-public readonly record struct LoadedKernel(MethodInfo Method, bool Grouped);
+/// <summary>A kernel entry point, whether it is explicitly grouped, and the launch bounds it has on a GPU.</summary>
+public readonly record struct LoadedKernel(MethodInfo Method, bool Grouped, KernelSpecialization Bounds = default);
 
 /// <summary>Shape checks shared by every op: one clear message naming the op and the shapes.</summary>
 internal static class Check

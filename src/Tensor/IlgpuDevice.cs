@@ -45,6 +45,7 @@ public sealed class IlgpuDevice : Device
         return Context.Create(b => NativeResolver.AddCuda(b)
             .OpenCL()
             .CPU(CPUDeviceKind.Default)
+            .Optimize(OptimizationLevel.O2)
             .EnableAlgorithms());
     }
 
@@ -59,7 +60,7 @@ public sealed class IlgpuDevice : Device
     {
         NativeResolver.Install();
         var cpu = new CPUDevice(warpSize, warpsPerGroup, multiprocessors);
-        var context = Context.Create(b => b.CPU(cpu).EnableAlgorithms());
+        var context = Context.Create(b => b.CPU(cpu).Optimize(OptimizationLevel.O2).EnableAlgorithms());
         try
         {
             return new IlgpuDevice(context, context.GetCPUDevice(0).CreateAccelerator(context), DeviceKind.IlgpuCpu);

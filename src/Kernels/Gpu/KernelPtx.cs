@@ -40,7 +40,7 @@ public sealed class KernelPtx : IDisposable
         var entry = kernel.Grouped
             ? EntryPointDescription.FromExplicitlyGroupedKernel(kernel.Method)
             : EntryPointDescription.FromImplicitlyGroupedKernel(kernel.Method);
-        return ((PTXCompiledKernel)_backend.Compile(entry, default)).PTXAssembly;
+        return ((PTXCompiledKernel)_backend.Compile(entry, kernel.Bounds)).PTXAssembly;
     }
 
     /// <summary>"Type.Method", with the generic arguments after dots ("Elementwise.MapKernel.Silu"): unique among the

@@ -30,19 +30,16 @@ public struct ConvForwardTile : ITileOperands
     public static bool BAlongK(TileArgs t) => false;
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> w, int m, int kd) => w[m * t.Kd + kd];
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Kd);
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
-    {
-        var g = t.Conv;
-        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq;
-        if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
-        {
-            return x[(n * g.C + kd) * pq + j];
-        }
-        return ConvTaps.Input(t, x, n, kd, j);
-    }
+    public static float LoadA(TileArgs t, ArrayView<float> w, Gather row, int kd) => w[row.Base + kd];
+
+    /// <inheritdoc/>
+    public static Gather ColumnOfB(TileArgs t, int col) => ConvTaps.OutputPixel(t, col);
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> x, Gather pixel, int kd) => ConvTaps.Input(t, x, pixel, kd);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int split, int m, int col,
@@ -74,20 +71,30 @@ public struct ConvInputTile : ITileOperands
     public static bool BAlongK(TileArgs t) => false;
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> w, int m, int kd)
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Conv.R * t.Conv.S);
+
+    /// <inheritdoc/>
+    public static float LoadA(TileArgs t, ArrayView<float> w, Gather channel, int kd)
     {
         var g = t.Conv;
         int rs = g.R * g.S, k = t.Div.Rs.Div(kd);
-        return w[(k * g.C + m) * rs + (kd - k * rs)];
+        return w[k * g.C * rs + channel.Base + (kd - k * rs)];
     }
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> dy, int kd, int col)
+    public static Gather ColumnOfB(TileArgs t, int col)
+    {
+        var g = t.Conv;
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j);
+        return new(n * g.K * g.P * g.Q, h + g.Pad, j - h * g.W + g.Pad);
+    }
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> dy, Gather pixel, int kd)
     {
         var g = t.Conv;
         int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
-        int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j), w = j - h * g.W;
-        int ph = h + g.Pad - r, pw = w + g.Pad - s;
+        int ph = pixel.Y - r, pw = pixel.X - s;
         if (ph < 0 || pw < 0)
         {
             return 0f;
@@ -97,7 +104,7 @@ public struct ConvInputTile : ITileOperands
         {
             return 0f;
         }
-        return dy[((n * g.K + k) * g.P + p) * g.Q + q];
+        return dy[pixel.Base + (k * g.P + p) * g.Q + q];
     }
 
     /// <inheritdoc/>
@@ -122,23 +129,31 @@ public struct ConvWeightTile : ITileOperands
     public static bool BAlongK(TileArgs t) => true;
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> dy, int m, int kd)
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Conv.P * t.Conv.Q);
+
+    /// <inheritdoc/>
+    public static float LoadA(TileArgs t, ArrayView<float> dy, Gather channel, int kd)
     {
         var g = t.Conv;
         int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
-        return dy[(n * g.K + m) * pq + (kd - n * pq)];
+        return dy[n * g.K * pq + channel.Base + (kd - n * pq)];
     }
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> x, int kd, int col)
+    public static Gather ColumnOfB(TileArgs t, int col)
     {
         var g = t.Conv;
-        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd), j = kd - n * pq;
-        if (g.R == 1 && g.S == 1 && g.Stride == 1 && g.Pad == 0)
-        {
-            return x[(n * g.C + col) * pq + j];
-        }
-        return ConvTaps.Input(t, x, n, col, j);
+        int rs = g.R * g.S, c = t.Div.Rs.Div(col), tap = col - c * rs, r = t.Div.S.Div(tap);
+        return new(c * g.H * g.W, r - g.Pad, tap - r * g.S - g.Pad);
+    }
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> x, Gather tap, int kd)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd), j = kd - n * pq, p = t.Div.Q.Div(j);
+        int h = p * g.Stride + tap.Y, w = (j - p * g.Q) * g.Stride + tap.X;
+        return (uint)h < (uint)g.H && (uint)w < (uint)g.W ? x[n * g.C * g.H * g.W + tap.Base + h * g.W + w] : 0f;
     }
 
     /// <inheritdoc/>
@@ -160,14 +175,23 @@ public struct ConvWeightTile : ITileOperands
 /// <summary>Index arithmetic the convolution gathers share.</summary>
 internal static class ConvTaps
 {
-    /// <summary>col(x[n])[crs, j] = x[n, c, p·st - pad + r, q·st - pad + s] for crs = (c, r, s), j = (p, q); 0 in the padding.</summary>
-    public static float Input(TileArgs t, ArrayView<float> x, int n, int crs, int j)
+    /// <summary>Output pixel col = (n, p, q) of a convolution: the image's offset in x, and the top-left input pixel of
+    /// its window, (p·stride - pad, q·stride - pad).</summary>
+    public static Gather OutputPixel(TileArgs t, int col)
     {
         var g = t.Conv;
-        int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
-        int p = t.Div.Q.Div(j), q = j - p * g.Q;
-        int h = p * g.Stride - g.Pad + r, w = q * g.Stride - g.Pad + s;
-        return h >= 0 && h < g.H && w >= 0 && w < g.W ? x[((n * g.C + c) * g.H + h) * g.W + w] : 0f;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(col), j = col - n * pq, p = t.Div.Q.Div(j);
+        return new(n * g.C * g.H * g.W, p * g.Stride - g.Pad, (j - p * g.Q) * g.Stride - g.Pad);
+    }
+
+    /// <summary>x[n, c, h, w] for tap crs = (c, r, s) of the window at <paramref name="pixel"/> (see <see cref="OutputPixel"/>),
+    /// 0 in the padding.</summary>
+    public static float Input(TileArgs t, ArrayView<float> x, Gather pixel, int crs)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap);
+        int h = pixel.Y + r, w = pixel.X + tap - r * g.S;
+        return (uint)h < (uint)g.H && (uint)w < (uint)g.W ? x[pixel.Base + (c * g.H + h) * g.W + w] : 0f;
     }
 }
 

@@ -137,8 +137,23 @@ public readonly struct TileArgs
 }
 
 /// <summary>
+/// The part of a gather that depends only on an operand's row (A) or column (B): computed once per thread before the
+/// K loop, so the loop's index arithmetic is only the part that depends on kd. Its meaning is the op's own (a base
+/// offset and two coordinates, e.g. an image's offset and the top-left input pixel of an output pixel's window).
+/// </summary>
+public readonly struct Gather(int @base, int y = 0, int x = 0)
+{
+    /// <summary>A base offset into the operand.</summary>
+    public readonly int Base = @base;
+
+    /// <summary>Two coordinates the op's load adds its kd-dependent taps to.</summary>
+    public readonly int Y = y, X = x;
+}
+
+/// <summary>
 /// How one product gathers its operands and writes its result. Static abstract members, so each op compiles into
-/// its own kernel with the gathers inlined (ILGPU's StaticAbstractInterfaceMembers pattern).
+/// its own kernel with the gathers inlined (ILGPU's StaticAbstractInterfaceMembers pattern). A load is split in two:
+/// the row's (or column's) part, hoisted out of the K loop, and the kd part.
 /// </summary>
 public interface ITileOperands
 {
@@ -149,15 +164,30 @@ public interface ITileOperands
     /// <summary>True when B(kd, col) and B(kd + 1, col) are neighbours in memory (else cols are).</summary>
     static abstract bool BAlongK(TileArgs t);
 
-    /// <summary>A(m, kd), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd.</summary>
-    static abstract float LoadA(TileArgs t, ArrayView<float> a, int m, int kd);
+    /// <summary>The part of A(m, ·)'s addressing that depends on m alone (any m, even past M: it is not loaded then).</summary>
+    static abstract Gather RowOfA(TileArgs t, int m);
 
-    /// <summary>B(kd, col), with 0 ≤ kd &lt; Kd and 0 ≤ col &lt; Cols (zero for a padding tap).</summary>
-    static abstract float LoadB(TileArgs t, ArrayView<float> b, int kd, int col);
+    /// <summary>A(m, kd) for the row <paramref name="row"/> = <see cref="RowOfA"/>(m), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd.</summary>
+    static abstract float LoadA(TileArgs t, ArrayView<float> a, Gather row, int kd);
+
+    /// <summary>The part of B(·, col)'s addressing that depends on col alone (any col, even past Cols).</summary>
+    static abstract Gather ColumnOfB(TileArgs t, int col);
+
+    /// <summary>B(kd, col) for <paramref name="column"/> = <see cref="ColumnOfB"/>(col), with 0 ≤ kd &lt; Kd and
+    /// 0 ≤ col &lt; Cols (zero for a padding tap).</summary>
+    static abstract float LoadB(TileArgs t, ArrayView<float> b, Gather column, int kd);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
     /// K split that computed it. e0, e1 and e2 are the op's extra operands (bias, channel bias, residual).</summary>
     static abstract void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col, float acc);
+}
+
+/// <summary>Four floats, 16 bytes: a 128-bit shared-memory load (ld.shared.v4.f32, LDS.128) when the address is known
+/// to be 16-byte aligned.</summary>
+public struct Float4
+{
+    /// <summary>The four values, in memory order.</summary>
+    public float X, Y, Z, W;
 }
 
 /// <summary>The tiled, explicitly grouped GEMM kernel and its launch geometry (see the file header for the tiling).</summary>
@@ -170,14 +200,24 @@ public static class TiledGemm
     public const int Threads = TM / 4 * (TN / 4);
 
     /// <summary>
-    /// Row strides of the shared tiles aS [TK][AStride] and bS [TK][BStride]: two floats of padding a row, so a warp's
-    /// stores along K (lane → kk = lane % 16, row = r0 + lane / 16) fall in 32 different banks ((2·kk + row) mod 32), where
-    /// a stride of 64 put all 16 kk of a row in one bank (16-way conflicts). Reads along a row stay consecutive words.
+    /// Row strides of the shared tiles aS [TK][AStride] and bS [TK][BStride]: four floats of padding a row. A row stays a
+    /// whole number of 16-byte groups (the register tile's 128-bit loads), and a warp's stores along K (8 kk by 4 rows,
+    /// <see cref="Element"/>) fall in banks (4·kk + row) mod 32: 32 different ones.
     /// </summary>
-    public const int AStride = TM + 2, BStride = TN + 2;
+    public const int AStride = TM + 4, BStride = TN + 4;
 
-    /// <summary>Shared memory one group declares: aS and bS, the row sums and the last-group flag.</summary>
-    public const int SharedBytes = (TK * AStride + TK * BStride + TM) * sizeof(float) + sizeof(int);
+    /// <summary>Floats of one shared A tile and one B tile; the GPU path keeps two of each (double buffering).</summary>
+    public const int ATile = TK * AStride, BTile = TK * BStride;
+
+    /// <summary>Shared memory one group declares: two A and two B tiles, the row sums and the last-group flag.</summary>
+    public const int SharedBytes = (2 * ATile + 2 * BTile + TM) * sizeof(float) + sizeof(int);
+
+    /// <summary>The register budget the launch bounds give ptxas: 256 threads and at least two groups an SM, so
+    /// 65,536 / 512 = 128 registers a thread.</summary>
+    public const int MinGroupsPerSm = 2;
+
+    /// <summary>The launch bounds of the kernel on a GPU (.maxntid 256, .minnctapersm 2 in the PTX).</summary>
+    public static KernelSpecialization Specialization => new(Threads, MinGroupsPerSm);
 
     /// <summary>The group size to launch with on <paramref name="accelerator"/>: 256, or the largest power of two
     /// the device allows (a simulator), which then runs the tile in 256 / G passes.</summary>
@@ -204,8 +244,9 @@ public static class TiledGemm
     internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
     {
-        var aS = SharedMemory.Allocate<float>(TK * AStride); // [TK][AStride]: TM used a row
-        var bS = SharedMemory.Allocate<float>(TK * BStride); // [TK][BStride]
+        // Allocated as 16-byte groups, so ILGPU knows the 128-bit loads are aligned; the stores see them as floats.
+        var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4); // two [TK][AStride] buffers
+        var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var last = SharedMemory.Allocate<int>(1);
         int split = Grid.IdxZ, tid = Group.IdxX, groupSize = Group.DimX, m0 = Grid.IdxY * TM;
@@ -221,11 +262,11 @@ public static class TiledGemm
         }
         if (groupSize == Threads)
         {
-            Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS, bS, rowS, rowSums, kBegin, kEnd);
+            Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums, kBegin, kEnd);
         }
         else
         {
-            InPasses<TOp>(a, b, c, e0, e1, e2, t, aS, bS, rowS, rowSums, kBegin, kEnd);
+            InPasses<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums, kBegin, kEnd);
         }
         if (rowSums)
         {
@@ -297,182 +338,245 @@ public static class TiledGemm
         }
     }
 
-    /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G): the row sums of A, a K step at a time.</summary>
+    /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G): the row sums of A, a K step at a
+    /// time, from the A buffer at float offset <paramref name="buffer"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void AddRowSums(ArrayView<float> aS, ArrayView<float> rowS)
+    private static void AddRowSums(ArrayView<float> aS, int buffer, ArrayView<float> rowS)
     {
         for (int r = Group.IdxX; r < TM; r += Group.DimX)
         {
             float sum = 0;
             for (int kk = 0; kk < TK; kk++)
             {
-                sum += aS[ReadA(kk, r, 0)];
+                sum += aS[buffer + RowSumSlot(kk, r)];
             }
             rowS[r] += sum;
         }
     }
 
     /// <summary>
-    /// The GPU path (a group of 256, one register tile a thread): each thread owns 4 elements of each shared tile and
-    /// fetches the next K step's into registers (pa0..pa3, pb0..pb3) before computing on the current one, so the
-    /// global loads' latency hides behind the 256 multiply-adds of the step instead of stalling at the barrier.
+    /// The GPU path (a group of 256, one register tile a thread). Each thread owns 4 elements of each shared tile, whose
+    /// (kk, row or column) are fixed for the launch, so their gathers' row and column parts are computed once, before
+    /// the loop. The shared tiles are double-buffered: step s computes on buffer s mod 2 while the next step's elements,
+    /// fetched into registers before the multiply-adds (their latency hides behind them), are stored into the other
+    /// buffer; one barrier a step. Safe: a buffer is written one step after the barrier that ended its last reads.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<float> aS, ArrayView<float> bS, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
         where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        var aS = aS4.Cast<float>();
+        var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
+        var fa = new Fetch4(aAlongK, tid);
+        var fb = new Fetch4(bAlongK, tid);
+        // The gathers' row (A) and column (B) parts, and whether that row or column exists.
+        Gather ga0 = TOp.RowOfA(t, m0 + fa.Line0), ga1 = TOp.RowOfA(t, m0 + fa.Line1), ga2 = TOp.RowOfA(t, m0 + fa.Line2), ga3 = TOp.RowOfA(t, m0 + fa.Line3);
+        Gather gb0 = TOp.ColumnOfB(t, col0 + fb.Line0), gb1 = TOp.ColumnOfB(t, col0 + fb.Line1);
+        Gather gb2 = TOp.ColumnOfB(t, col0 + fb.Line2), gb3 = TOp.ColumnOfB(t, col0 + fb.Line3);
+        bool ia0 = m0 + fa.Line0 < t.M, ia1 = m0 + fa.Line1 < t.M, ia2 = m0 + fa.Line2 < t.M, ia3 = m0 + fa.Line3 < t.M;
+        bool ib0 = col0 + fb.Line0 < t.Cols, ib1 = col0 + fb.Line1 < t.Cols, ib2 = col0 + fb.Line2 < t.Cols, ib3 = col0 + fb.Line3 < t.Cols;
+
         var acc = default(Tile4x4);
-        int k0 = kBegin;
-        float pa0 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid), pa1 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + Threads);
-        float pa2 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + 2 * Threads), pa3 = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, tid + 3 * Threads);
-        float pb0 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid), pb1 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + Threads);
-        float pb2 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + 2 * Threads), pb3 = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, tid + 3 * Threads);
+        int k0 = kBegin, buffer = 0;
+        float pa0 = ia0 && k0 + fa.Kk0 < kEnd ? TOp.LoadA(t, a, ga0, k0 + fa.Kk0) : 0f;
+        float pa1 = ia1 && k0 + fa.Kk1 < kEnd ? TOp.LoadA(t, a, ga1, k0 + fa.Kk1) : 0f;
+        float pa2 = ia2 && k0 + fa.Kk2 < kEnd ? TOp.LoadA(t, a, ga2, k0 + fa.Kk2) : 0f;
+        float pa3 = ia3 && k0 + fa.Kk3 < kEnd ? TOp.LoadA(t, a, ga3, k0 + fa.Kk3) : 0f;
+        float pb0 = ib0 && k0 + fb.Kk0 < kEnd ? TOp.LoadB(t, b, gb0, k0 + fb.Kk0) : 0f;
+        float pb1 = ib1 && k0 + fb.Kk1 < kEnd ? TOp.LoadB(t, b, gb1, k0 + fb.Kk1) : 0f;
+        float pb2 = ib2 && k0 + fb.Kk2 < kEnd ? TOp.LoadB(t, b, gb2, k0 + fb.Kk2) : 0f;
+        float pb3 = ib3 && k0 + fb.Kk3 < kEnd ? TOp.LoadB(t, b, gb3, k0 + fb.Kk3) : 0f;
+        fa.Store(aS, 0, AStride, pa0, pa1, pa2, pa3);
+        fb.Store(bS, 0, BStride, pb0, pb1, pb2, pb3);
+        Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
-            aS[SlotA(aAlongK, tid)] = pa0;
-            aS[SlotA(aAlongK, tid + Threads)] = pa1;
-            aS[SlotA(aAlongK, tid + 2 * Threads)] = pa2;
-            aS[SlotA(aAlongK, tid + 3 * Threads)] = pa3;
-            bS[SlotB(bAlongK, tid)] = pb0;
-            bS[SlotB(bAlongK, tid + Threads)] = pb1;
-            bS[SlotB(bAlongK, tid + 2 * Threads)] = pb2;
-            bS[SlotB(bAlongK, tid + 3 * Threads)] = pb3;
-            Group.Barrier();
             int next = k0 + TK;
-            if (next < kEnd)
+            bool more = next < kEnd;
+            if (more)
             {
-                pa0 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid);
-                pa1 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + Threads);
-                pa2 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + 2 * Threads);
-                pa3 = FetchA<TOp>(t, a, m0, next, kEnd, aAlongK, tid + 3 * Threads);
-                pb0 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid);
-                pb1 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + Threads);
-                pb2 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + 2 * Threads);
-                pb3 = FetchB<TOp>(t, b, col0, next, kEnd, bAlongK, tid + 3 * Threads);
+                pa0 = ia0 && next + fa.Kk0 < kEnd ? TOp.LoadA(t, a, ga0, next + fa.Kk0) : 0f;
+                pa1 = ia1 && next + fa.Kk1 < kEnd ? TOp.LoadA(t, a, ga1, next + fa.Kk1) : 0f;
+                pa2 = ia2 && next + fa.Kk2 < kEnd ? TOp.LoadA(t, a, ga2, next + fa.Kk2) : 0f;
+                pa3 = ia3 && next + fa.Kk3 < kEnd ? TOp.LoadA(t, a, ga3, next + fa.Kk3) : 0f;
+                pb0 = ib0 && next + fb.Kk0 < kEnd ? TOp.LoadB(t, b, gb0, next + fb.Kk0) : 0f;
+                pb1 = ib1 && next + fb.Kk1 < kEnd ? TOp.LoadB(t, b, gb1, next + fb.Kk1) : 0f;
+                pb2 = ib2 && next + fb.Kk2 < kEnd ? TOp.LoadB(t, b, gb2, next + fb.Kk2) : 0f;
+                pb3 = ib3 && next + fb.Kk3 < kEnd ? TOp.LoadB(t, b, gb3, next + fb.Kk3) : 0f;
             }
-            acc.Step(aS, bS, tid / 16, tid % 16);
+            acc.Step(aS4, bS4, buffer, tid / 16, tid % 16);
             if (rowSums)
             {
-                AddRowSums(aS, rowS);
+                AddRowSums(aS, buffer * ATile, rowS);
+            }
+            if (more)
+            {
+                fa.Store(aS, (1 - buffer) * ATile, AStride, pa0, pa1, pa2, pa3);
+                fb.Store(bS, (1 - buffer) * BTile, BStride, pb0, pb1, pb2, pb3);
             }
             Group.Barrier();
+            buffer = 1 - buffer;
         }
-        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + tid / 16, col0 + tid % 16);
+        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + 4 * (tid / 16), col0 + 4 * (tid % 16));
     }
 
     /// <summary>
     /// Any power-of-two group G below 256 (the simulators): the group computes the tile's 256 register tiles in
-    /// 256 / G passes, each pass a full sweep over K with cooperative, strided tile loads.
+    /// 256 / G passes, each pass a full sweep over K with cooperative, strided tile loads into buffer 0.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<float> aS, ArrayView<float> bS, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
         where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        var aS = aS4.Cast<float>();
+        var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
         int passes = Threads / groupSize;
         for (int pass = 0; pass < passes; pass++)
         {
-            int sub = pass * groupSize + tid; // which register tile: rows rm + 16·i, cols cn + 16·j
+            int sub = pass * groupSize + tid; // which register tile: rows 4·(sub / 16) + i, cols 4·(sub % 16) + j
             var acc = default(Tile4x4);
             for (int k0 = kBegin; k0 < kEnd; k0 += TK)
             {
                 for (int e = tid; e < TK * TM; e += groupSize)
                 {
-                    aS[SlotA(aAlongK, e)] = FetchA<TOp>(t, a, m0, k0, kEnd, aAlongK, e);
+                    var (kk, row) = Element(aAlongK, e);
+                    int m = m0 + row, kd = k0 + kk;
+                    aS[kk * AStride + row] = m < t.M && kd < kEnd ? TOp.LoadA(t, a, TOp.RowOfA(t, m), kd) : 0f;
                 }
                 for (int e = tid; e < TK * TN; e += groupSize)
                 {
-                    bS[SlotB(bAlongK, e)] = FetchB<TOp>(t, b, col0, k0, kEnd, bAlongK, e);
+                    var (kk, column) = Element(bAlongK, e);
+                    int col = col0 + column, kd = k0 + kk;
+                    bS[kk * BStride + column] = col < t.Cols && kd < kEnd ? TOp.LoadB(t, b, TOp.ColumnOfB(t, col), kd) : 0f;
                 }
                 Group.Barrier();
-                acc.Step(aS, bS, sub / 16, sub % 16);
+                acc.Step(aS4, bS4, 0, sub / 16, sub % 16);
                 if (rowSums && pass == 0)
                 {
-                    AddRowSums(aS, rowS);
+                    AddRowSums(aS, 0, rowS);
                 }
                 Group.Barrier();
             }
-            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + sub / 16, col0 + sub % 16);
+            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + 4 * (sub / 16), col0 + 4 * (sub % 16));
         }
     }
 
     // The shared tiles' addressing, as plain functions the kernel calls and the bank-conflict test walks a warp through.
-    // Element e (0..1023) of a shared tile: along K, kk = e % 16 runs fastest (neighbouring threads read neighbouring
-    // kd); otherwise the row (A) or column (B) index runs fastest. Both tiles are stored [kk][row or column], rows
-    // AStride and BStride apart.
+    // Both tiles are stored [kk][row or column], rows AStride and BStride floats apart; the GPU path's second buffer
+    // starts ATile (BTile) floats in, a multiple of 32 words, so it has the first one's banks.
 
-    /// <summary>Where element <paramref name="e"/> of the A tile is stored.</summary>
+    /// <summary>
+    /// Element e (0..1023) of a shared tile: its kk and its row (A) or column (B). Along K, neighbouring threads read
+    /// neighbouring kd (coalesced): a warp covers 8 kk of 4 rows (32-byte runs of each row, a sector apiece) and stores
+    /// them to banks (4·kk + row) mod 32, all different. Otherwise the row or column runs fastest, 32 in a row.
+    /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int SlotA(bool alongK, int e) => alongK ? (e % TK) * AStride + e / TK : (e / TM) * AStride + e % TM;
+    internal static (int Kk, int Line) Element(bool alongK, int e) =>
+        alongK ? (e % 8 + 8 * (e / 32 % 2), e / 8 % 4 + 4 * (e / 64)) : (e / TM, e % TM);
+
+    /// <summary>Where element <paramref name="e"/> of the A tile is stored (float index in a buffer).</summary>
+    internal static int SlotA(bool alongK, int e)
+    {
+        var (kk, row) = Element(alongK, e);
+        return kk * AStride + row;
+    }
 
     /// <summary>Where element <paramref name="e"/> of the B tile is stored.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int SlotB(bool alongK, int e) => alongK ? (e % TK) * BStride + e / TK : (e / TN) * BStride + e % TN;
-
-    /// <summary>Where aS[kk][rm + 16·i] is (a register tile's rows are rm + 16·i).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int ReadA(int kk, int rm, int i) => kk * AStride + rm + 16 * i;
-
-    /// <summary>Where bS[kk][cn + 16·j] is.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int ReadB(int kk, int cn, int j) => kk * BStride + cn + 16 * j;
-
-    /// <summary>A(m0 + row, k0 + kk) for element e of the A tile, 0 past M or past this split's K range.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float FetchA<TOp>(TileArgs t, ArrayView<float> a, int m0, int k0, int kEnd, bool alongK, int e) where TOp : struct, ITileOperands
+    internal static int SlotB(bool alongK, int e)
     {
-        int m = m0 + (alongK ? e / TK : e % TM), kd = k0 + (alongK ? e % TK : e / TM);
-        return m < t.M && kd < kEnd ? TOp.LoadA(t, a, m, kd) : 0f;
+        var (kk, column) = Element(alongK, e);
+        return kk * BStride + column;
     }
 
-    /// <summary>B(k0 + kk, col0 + column) for element e of the B tile, 0 past Cols or past this split's K range.</summary>
+    /// <summary>The 16-byte group (Float4 index in a buffer) holding aS[kk][4·ty .. 4·ty + 3]: a register tile's four rows.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float FetchB<TOp>(TileArgs t, ArrayView<float> b, int col0, int k0, int kEnd, bool alongK, int e) where TOp : struct, ITileOperands
+    internal static int ReadA(int kk, int ty) => kk * (AStride / 4) + ty;
+
+    /// <summary>The 16-byte group holding bS[kk][4·tx .. 4·tx + 3]: a register tile's four columns.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int ReadB(int kk, int tx) => kk * (BStride / 4) + tx;
+
+    /// <summary>Where aS[kk][r] is (the row sums' reads, one row a thread).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int RowSumSlot(int kk, int r) => kk * AStride + r;
+
+    /// <summary>A thread's four elements of one shared tile in the GPU path, e = tid + 256·j: their kk and row (or
+    /// column), fixed for the launch.</summary>
+    private readonly struct Fetch4
     {
-        int col = col0 + (alongK ? e / TK : e % TN), kd = k0 + (alongK ? e % TK : e / TN);
-        return col < t.Cols && kd < kEnd ? TOp.LoadB(t, b, kd, col) : 0f;
+        public readonly int Kk0, Kk1, Kk2, Kk3, Line0, Line1, Line2, Line3;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Fetch4(bool alongK, int tid)
+        {
+            (Kk0, Line0) = Element(alongK, tid);
+            (Kk1, Line1) = Element(alongK, tid + Threads);
+            (Kk2, Line2) = Element(alongK, tid + 2 * Threads);
+            (Kk3, Line3) = Element(alongK, tid + 3 * Threads);
+        }
+
+        /// <summary>Stores the four elements into the buffer at float offset <paramref name="buffer"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Store(ArrayView<float> s, int buffer, int stride, float v0, float v1, float v2, float v3)
+        {
+            s[buffer + Kk0 * stride + Line0] = v0;
+            s[buffer + Kk1 * stride + Line1] = v1;
+            s[buffer + Kk2 * stride + Line2] = v2;
+            s[buffer + Kk3 * stride + Line3] = v3;
+        }
     }
 
-    /// <summary>A thread's 4 x 4 register tile: rows rm + 16·i, columns cn + 16·j, as 16 scalar fields (a struct
+    /// <summary>A thread's 4 x 4 register tile: rows 4·ty + i, columns 4·tx + j, as 16 scalar fields (a struct
     /// local, so ILGPU keeps each in a register; the PTX test checks that nothing lands in .local).</summary>
     private struct Tile4x4
     {
         private float _c00, _c01, _c02, _c03, _c10, _c11, _c12, _c13, _c20, _c21, _c22, _c23, _c30, _c31, _c32, _c33;
 
-        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the TK rows of the shared tiles.</summary>
+        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the TK rows of the shared tiles in buffer <paramref name="buffer"/>:
+        /// two 128-bit loads and 16 multiply-adds a kk, written out four kk at a time (ILGPU does not unroll loops, and
+        /// the unrolled body lets ptxas fold the offsets into the loads).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Step(ArrayView<float> aS, ArrayView<float> bS, int rm, int cn)
+        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int ty, int tx)
         {
-            for (int kk = 0; kk < TK; kk++)
+            int aBase = buffer * (ATile / 4), bBase = buffer * (BTile / 4);
+            for (int kk = 0; kk < TK; kk += 4)
             {
-                int ao = ReadA(kk, rm, 0), bo = ReadB(kk, cn, 0);
-                float a0 = aS[ao], a1 = aS[ao + 16], a2 = aS[ao + 32], a3 = aS[ao + 48];
-                float b0 = bS[bo], b1 = bS[bo + 16], b2 = bS[bo + 32], b3 = bS[bo + 48];
-                _c00 += a0 * b0; _c01 += a0 * b1; _c02 += a0 * b2; _c03 += a0 * b3;
-                _c10 += a1 * b0; _c11 += a1 * b1; _c12 += a1 * b2; _c13 += a1 * b3;
-                _c20 += a2 * b0; _c21 += a2 * b1; _c22 += a2 * b2; _c23 += a2 * b3;
-                _c30 += a3 * b0; _c31 += a3 * b1; _c32 += a3 * b2; _c33 += a3 * b3;
+                Mac(aS4[aBase + ReadA(kk, ty)], bS4[bBase + ReadB(kk, tx)]);
+                Mac(aS4[aBase + ReadA(kk + 1, ty)], bS4[bBase + ReadB(kk + 1, tx)]);
+                Mac(aS4[aBase + ReadA(kk + 2, ty)], bS4[bBase + ReadB(kk + 2, tx)]);
+                Mac(aS4[aBase + ReadA(kk + 3, ty)], bS4[bBase + ReadB(kk + 3, tx)]);
             }
         }
 
-        /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue, rows r0 + 16·i, columns q0 + 16·j.</summary>
+        /// <summary>The outer product of a register tile's four rows of A and four columns of B, added in.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private void Mac(Float4 a, Float4 b)
+        {
+            _c00 += a.X * b.X; _c01 += a.X * b.Y; _c02 += a.X * b.Z; _c03 += a.X * b.W;
+            _c10 += a.Y * b.X; _c11 += a.Y * b.Y; _c12 += a.Y * b.Z; _c13 += a.Y * b.W;
+            _c20 += a.Z * b.X; _c21 += a.Z * b.Y; _c22 += a.Z * b.Z; _c23 += a.Z * b.W;
+            _c30 += a.W * b.X; _c31 += a.W * b.Y; _c32 += a.W * b.Z; _c33 += a.W * b.W;
+        }
+
+        /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue, rows r0 + i, columns q0 + j.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
             int q0) where TOp : struct, ITileOperands
         {
             Put<TOp>(t, c, e0, e1, e2, split, r0, q0, _c00, _c01, _c02, _c03);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 16, q0, _c10, _c11, _c12, _c13);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 32, q0, _c20, _c21, _c22, _c23);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 48, q0, _c30, _c31, _c32, _c33);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 1, q0, _c10, _c11, _c12, _c13);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 2, q0, _c20, _c21, _c22, _c23);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 3, q0, _c30, _c31, _c32, _c33);
         }
     }
 
-    /// <summary>One row of a register tile through the epilogue, bounds-checked (cols q0 + 16·j).</summary>
+    /// <summary>One row of a register tile through the epilogue, bounds-checked (cols q0 .. q0 + 3).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Put<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int q0,
         float v0, float v1, float v2, float v3) where TOp : struct, ITileOperands
@@ -482,13 +586,15 @@ public static class TiledGemm
             return;
         }
         if (q0 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0, v0);
-        if (q0 + 16 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 16, v1);
-        if (q0 + 32 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 32, v2);
-        if (q0 + 48 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 48, v3);
+        if (q0 + 1 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 1, v1);
+        if (q0 + 2 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 2, v2);
+        if (q0 + 3 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 3, v3);
     }
 
-    /// <summary>Loads <see cref="Kernel{TOp}"/> for one op as an explicitly grouped kernel (once per accelerator).</summary>
-    internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands => k.Grouped<TileLauncher>(Kernel<TOp>);
+    /// <summary>Loads <see cref="Kernel{TOp}"/> for one op as an explicitly grouped kernel (once per accelerator), with
+    /// the GPU launch bounds where the device runs groups of 256.</summary>
+    internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands =>
+        k.Grouped<TileLauncher>(Kernel<TOp>, Specialization);
 
     /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
     /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
@@ -523,10 +629,16 @@ public struct MatmulTile : ITileOperands
     public static bool BAlongK(TileArgs t) => t.Mat.BRow == 1;
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> a, int m, int kd) => a[m * t.Mat.ARow + kd * t.Mat.ACol];
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Mat.ARow);
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> b, int kd, int col) => b[kd * t.Mat.BRow + col * t.Mat.BCol];
+    public static float LoadA(TileArgs t, ArrayView<float> a, Gather row, int kd) => a[row.Base + kd * t.Mat.ACol];
+
+    /// <inheritdoc/>
+    public static Gather ColumnOfB(TileArgs t, int col) => new(col * t.Mat.BCol);
+
+    /// <inheritdoc/>
+    public static float LoadB(TileArgs t, ArrayView<float> b, Gather column, int kd) => b[column.Base + kd * t.Mat.BRow];
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,

@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using ILGPU;
 using ILGPU.Runtime;
 
@@ -148,10 +149,10 @@ internal static class TiledReduce
                 float a = 0, b = 0;
                 for (int i = 0; i < r; i++)
                 {
-                    a += sh[t + i * m];
+                    a += sh[TreeSlot(t, i, m)];
                     if (two)
                     {
-                        b += sh[MaxThreads + t + i * m];
+                        b += sh[MaxThreads + TreeSlot(t, i, m)];
                     }
                 }
                 sh[t] = a;
@@ -164,6 +165,11 @@ internal static class TiledReduce
             n = m;
         }
     }
+
+    /// <summary>Where thread t reads value i of its level of the tree (m values apart): the addressing the bank-conflict
+    /// test walks.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int TreeSlot(int t, int i, int m) => t + i * m;
 
     /// <summary>
     /// Counts this group's arrival on counters[slot] and answers, in every thread, whether it was the last of the
