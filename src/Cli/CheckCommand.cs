@@ -33,10 +33,18 @@ public static class CheckCommand
             Description = "the CUDA version (toolkit or driver, major.minor) whose newest PTX ISA --ptx writes, so that version's ptxas reads it",
             DefaultValueFactory = _ => "12.0",
         };
-        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda };
+        var sass = new Option<string?>("--sass")
+        {
+            Description = "instead of the checks: compile every kernel for sm_80 and sm_90 with the ptxas and cuobjdump in this folder " +
+                "(scripts/cuda-toolkit.sh fetches them; no GPU needed), print registers, spills, shared memory, groups per SM and each " +
+                "kernel's main-loop instruction mix, and fail when a tiled kernel breaks the rules (docs/gpu.md)",
+        }.IsPath();
+        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda, sass };
         check.SetAction(parse => Program.Guard(() => parse.GetValue(ptx) is { } folder
             ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!)
-            : Run(parse.GetValue(device)!)));
+            : parse.GetValue(sass) is { } tools
+                ? CompilerTable(tools)
+                : Run(parse.GetValue(device)!)));
         return check;
     }
 
@@ -49,8 +57,9 @@ public static class CheckCommand
         {
             throw new UsageException($"--cuda {cudaVersion}: expected major.minor, e.g. 12.4");
         }
-        using var device = DeviceCatalog.Open("ilgpu-cpu", out _);
-        var ilgpu = (IlgpuDevice)device;
+        // ILGPU's CPU accelerator shaped like a GPU (warp 32, groups up to 1,024), so every kernel is the one a GPU
+        // loads (the tiled GEMM's 256-thread kernel with its launch bounds, not the simulators' multi-pass one).
+        using var ilgpu = IlgpuDevice.OpenSimulator();
         var kernels = IlgpuKernels.For(ilgpu);
         using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
         int tiled = 0;
@@ -71,6 +80,95 @@ public static class CheckCommand
         Console.WriteLine($"wrote the PTX of {kernels.Loaded.Count} kernels {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
             $"{tiled} tiled in tiled/, {kernels.Loaded.Count - tiled} in implicit/");
         return 0;
+    }
+
+    /// <summary>The architectures <c>--sass</c> compiles for.</summary>
+    public static readonly SmLimits[] SassArchitectures = [SmLimits.Sm80, SmLimits.Sm90];
+
+    /// <summary>
+    /// Every loaded kernel compiled by NVIDIA's own compiler for each of <see cref="SassArchitectures"/> (the PTX as a GPU
+    /// would load it, at the newest ISA the toolkit's ptxas reads), read back from the machine code: one table an
+    /// architecture, tiled kernels first. Exit 1, with one line a problem, when a tiled kernel breaks a rule.
+    /// </summary>
+    private static int CompilerTable(string tools)
+    {
+        string ptxas = Path.Combine(tools, "ptxas"), cuobjdump = Path.Combine(tools, "cuobjdump");
+        if (!File.Exists(ptxas) || !File.Exists(cuobjdump))
+        {
+            throw new UsageException($"--sass {tools}: no ptxas and cuobjdump there (scripts/cuda-toolkit.sh fetches them and prints their folder)");
+        }
+        string version = Tool(ptxas, "--version");
+        var release = System.Text.RegularExpressions.Regex.Match(version, @"release (\d+)\.(\d+)");
+        if (!release.Success)
+        {
+            throw new UsageException($"--sass {tools}: ptxas --version names no CUDA release");
+        }
+        var cudaVersion = CudaDriverVersion.FromMajorMinor(int.Parse(release.Groups[1].Value), int.Parse(release.Groups[2].Value));
+        using var ilgpu = IlgpuDevice.OpenSimulator();
+        var kernels = IlgpuKernels.For(ilgpu);
+        string work = Directory.CreateTempSubdirectory(Ddpm.Nn.Durable.TempMark + "sass-").FullName;
+        var problems = new List<string>();
+        try
+        {
+            Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Loaded.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
+                "static SASS counts (cuobjdump -sass); the main loop is the loop with the most FFMA (docs/gpu.md)");
+            foreach (var arch in SassArchitectures)
+            {
+                int sm = int.Parse(arch.Name["sm_".Length..]);
+                using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
+                var reports = new List<KernelReport>();
+                foreach (var kernel in kernels.Loaded.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal))
+                {
+                    string name = KernelPtx.Name(kernel), file = Path.Combine(work, $"{name}.{arch.Name}");
+                    string code = compiler.Compile(kernel);
+                    File.WriteAllText(file + ".ptx", code);
+                    var info = PtxasInfo.Parse(Tool(ptxas, $"-arch={arch.Name} -v -o \"{file}.cubin\" \"{file}.ptx\""));
+                    var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
+                    var (threads, minGroups) = KernelReport.Bounds(code);
+                    reports.Add(new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
+                        SassMix.Of(Sass.MainLoop(sassCode))));
+                }
+                Console.WriteLine();
+                Console.WriteLine($"### {arch.Name} ({arch.Card}: {arch.SharedPerSm / 1024} KB shared, 64 K registers an SM)");
+                Console.WriteLine();
+                Console.WriteLine(KernelReport.Header);
+                foreach (var r in reports)
+                {
+                    Console.WriteLine(r.Row());
+                    problems.AddRange(r.Problems.Select(p => $"{r.Name} ({arch.Name}): {p}"));
+                }
+            }
+        }
+        finally
+        {
+            Directory.Delete(work, recursive: true);
+        }
+        Console.WriteLine();
+        foreach (var p in problems)
+        {
+            Console.Error.WriteLine($"ddpm: compiler check: {p}");
+        }
+        int tiled = kernels.Loaded.Count(k => k.Grouped);
+        Console.WriteLine(problems.Count == 0
+            ? $"compiler check: the {tiled} tiled kernels keep every rule on {string.Join(" and ", SassArchitectures.Select(a => a.Name))}"
+            : $"compiler check: {problems.Count} broken rules");
+        return problems.Count == 0 ? 0 : 1;
+    }
+
+    /// <summary>Runs one of the toolkit's programs and returns what it printed; a failure is one line naming it.</summary>
+    private static string Tool(string program, string arguments)
+    {
+        var start = new System.Diagnostics.ProcessStartInfo(program, arguments) { RedirectStandardOutput = true, RedirectStandardError = true };
+        using var process = System.Diagnostics.Process.Start(start) ?? throw new IOException($"{program}: cannot start");
+        var stderr = process.StandardError.ReadToEndAsync();
+        string output = process.StandardOutput.ReadToEnd();
+        process.WaitForExit();
+        string text = output + stderr.Result;
+        if (process.ExitCode != 0)
+        {
+            throw new IOException($"{Path.GetFileName(program)} {arguments}: exit {process.ExitCode}: {text.Trim().Split('\n').LastOrDefault()}");
+        }
+        return text;
     }
 
     private static int Run(string deviceName)

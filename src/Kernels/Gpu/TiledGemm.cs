@@ -237,9 +237,9 @@ public static class TiledGemm
 
     /// <summary>
     /// C[M, Cols] = A[M, Kd] · B[Kd, Cols] over this group's K range, through <typeparamref name="TOp"/>'s gathers and
-    /// epilogue. a, b: the operands TOp reads; c: the output (or partials); e0, e1, e2: epilogue extras; with splits, e0
-    /// receives the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero
-    /// between launches.
+    /// epilogue, on a GPU: groups of exactly <see cref="Threads"/>, one register tile a thread (<see cref="Pipelined{TOp}"/>).
+    /// a, b: the operands TOp reads; c: the output (or partials); e0, e1, e2: epilogue extras; with splits, e0 receives
+    /// the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero between launches.
     /// </summary>
     internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
@@ -249,28 +249,53 @@ public static class TiledGemm
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var last = SharedMemory.Allocate<int>(1);
-        int split = Grid.IdxZ, tid = Group.IdxX, groupSize = Group.DimX, m0 = Grid.IdxY * TM;
-        int kBegin = split * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
-        // Row r of the tile's sums belongs to thread r mod G for the whole launch, so the sums need no barrier of their own.
+        bool rowSums = BeginRowSums(t, rowS);
+        Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+    }
+
+    /// <summary>
+    /// The same product for a device whose groups are smaller than <see cref="Threads"/> (ILGPU's simulators: any power
+    /// of two G &lt; 256): the group computes the tile's 256 register tiles in 256 / G passes (<see cref="InPasses{TOp}"/>).
+    /// </summary>
+    internal static void KernelInPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
+        ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
+    {
+        var aS4 = SharedMemory.Allocate<Float4>(ATile / 4);
+        var bS4 = SharedMemory.Allocate<Float4>(BTile / 4);
+        var rowS = SharedMemory.Allocate<float>(TM);
+        var last = SharedMemory.Allocate<int>(1);
+        bool rowSums = BeginRowSums(t, rowS);
+        InPasses<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+    }
+
+    /// <summary>Zeroes this tile's row sums when it takes them (the first column tile's groups, with
+    /// <see cref="TileArgs.RowSums"/>). Row r belongs to thread r mod G for the whole launch, so the sums need no barrier
+    /// of their own.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool BeginRowSums(TileArgs t, ArrayView<float> rowS)
+    {
         bool rowSums = t.RowSums != 0 && Grid.IdxX == 0;
         if (rowSums)
         {
-            for (int r = tid; r < TM; r += groupSize)
+            for (int r = Group.IdxX; r < TM; r += Group.DimX)
             {
                 rowS[r] = 0;
             }
         }
-        if (groupSize == Threads)
-        {
-            Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums, kBegin, kEnd);
-        }
-        else
-        {
-            InPasses<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums, kBegin, kEnd);
-        }
+        return rowSums;
+    }
+
+    /// <summary>Adds the row sums out (into e1, or this split's slot of the partials) and, with splits, finishes the tile.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Finish(ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<int> counters, TileArgs t, ArrayView<float> rowS,
+        bool rowSums, ArrayView<int> last)
+    {
+        int split = Grid.IdxZ, m0 = Grid.IdxY * TM;
         if (rowSums)
         {
-            for (int r = tid; r < TM; r += groupSize)
+            for (int r = Group.IdxX; r < TM; r += Group.DimX)
             {
                 int m = m0 + r;
                 if (m < t.M)
@@ -363,10 +388,11 @@ public static class TiledGemm
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
         where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        int kBegin = Grid.IdxZ * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
@@ -429,10 +455,11 @@ public static class TiledGemm
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums, int kBegin, int kEnd)
+        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
         where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
+        int kBegin = Grid.IdxZ * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
@@ -591,10 +618,10 @@ public static class TiledGemm
         if (q0 + 3 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 3, v3);
     }
 
-    /// <summary>Loads <see cref="Kernel{TOp}"/> for one op as an explicitly grouped kernel (once per accelerator), with
-    /// the GPU launch bounds where the device runs groups of 256.</summary>
+    /// <summary>Loads one op's kernel as an explicitly grouped kernel (once per accelerator): <see cref="Kernel{TOp}"/> with
+    /// its launch bounds where the device runs groups of 256, else <see cref="KernelInPasses{TOp}"/>.</summary>
     internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands =>
-        k.Grouped<TileLauncher>(Kernel<TOp>, Specialization);
+        GroupSize(k.Accelerator) == Threads ? k.Grouped<TileLauncher>(Kernel<TOp>, Specialization) : k.Grouped<TileLauncher>(KernelInPasses<TOp>);
 
     /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
     /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
