@@ -231,13 +231,42 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
     }
 
+    /// <summary>The GPU kernel walks an across-K B's consecutive kd with NextKOfB: it must land where KOfB does, across every
+    /// wrap (s, r, channel; q, p, image), for every op and for ragged, strided and pointwise shapes.</summary>
+    [Fact]
+    public void NextKOfBStepsToTheNextKd()
+    {
+        foreach (var g in new[] { new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1), new ConvShape(2, 3, 5, 6, 5, 3, 3, 2, 1), new ConvShape(2, 3, 7, 7, 5, 1, 1, 1, 0),
+                     new ConvShape(1, 4, 5, 6, 3, 1, 1, 2, 0), new ConvShape(3, 2, 4, 4, 2, 5, 5, 1, 2) })
+        {
+            Steps<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), g.Crs);
+            Steps<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), g.K * g.R * g.S);
+            Steps<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), g.N * g.Pq);
+        }
+        var m = new MatmulShape(3, 7, 5, 5, 1, 7, 1, false);
+        Steps<MatmulTile>(new TileArgs(3, 7, 5, 0, false, false, default, m), 5);
+
+        static void Steps<TOp>(TileArgs t, int kd) where TOp : struct, ITileOperands
+        {
+            var k = TOp.KOfB(t, 0);
+            for (int i = 1; i < kd; i++)
+            {
+                k = TOp.NextKOfB(t, k);
+                var want = TOp.KOfB(t, i);
+                Assert.True((k.Base, k.Y, k.X) == (want.Base, want.Y, want.X), $"{typeof(TOp).Name} kd {i}: stepped to ({k.Base}, {k.Y}, {k.X}), KOfB says ({want.Base}, {want.Y}, {want.X})");
+            }
+        }
+    }
+
     [Fact]
     public void WeightSplitsDependOnTheShapeAndFillTheChip()
     {
-        // Base preset at batch 128: 64 -> 64 channels, 3x3, 28x28. Tiles 1 x 9, K = N·P·Q = 100,352: one wave of at most 264 groups.
+        // Base preset at batch 128: 64 -> 64 channels, 3x3, 28x28. Tiles 1 x 5 (64 x 128), K = N·P·Q = 100,352: one wave of
+        // at most 396 groups (132 SMs x 3).
         var g = new ConvShape(128, 64, 28, 28, 64, 3, 3, 1, 1);
         int splits = TiledConv.WeightSplits(g);
-        Assert.InRange(splits * 9, 240, 264);
+        Assert.Equal(396, TiledConv.TargetGroups);
+        Assert.InRange(splits * 5, 360, 396);
         // A tiny shape: one split (K too short to cut).
         Assert.Equal(1, TiledConv.WeightSplits(new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1)));
     }

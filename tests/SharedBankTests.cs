@@ -37,10 +37,13 @@ public sealed class SharedBankTests
     {
         foreach (var (w, lanes) in Warps())
         {
+            // Thread tid stores elements tid + q·128 of each tile (the GPU kernel): 8 of A, 16 of B.
             for (int q = 0; q < TiledGemm.TK * TiledGemm.TM / TiledGemm.Threads; q++)
             {
-                // Thread tid stores elements tid + q·256 of each tile (the pipelined GPU path).
                 Assert.True(Wavefronts(lanes.Select(tid => TiledGemm.SlotA(alongK, tid + q * TiledGemm.Threads))) == 1, $"A, along K {alongK}, warp {w}, store {q}");
+            }
+            for (int q = 0; q < TiledGemm.TK * TiledGemm.TN / TiledGemm.Threads; q++)
+            {
                 Assert.True(Wavefronts(lanes.Select(tid => TiledGemm.SlotB(alongK, tid + q * TiledGemm.Threads))) == 1, $"B, along K {alongK}, warp {w}, store {q}");
             }
         }
@@ -56,18 +59,22 @@ public sealed class SharedBankTests
     [Fact]
     public void EveryLoadOfTheGemmTilesTakesTheFewestWavefronts()
     {
+        int across = TiledGemm.TN / TiledGemm.ColsPerThread;
         foreach (var (w, lanes) in Warps())
         {
             for (int buffer = 0; buffer < 2; buffer++)
             {
                 for (int kk = 0; kk < TiledGemm.TK; kk++)
                 {
-                    // Thread tid owns the register tile of rows 4·(tid / 16) + i and columns 4·(tid % 16) + j: one 128-bit
-                    // load of each tile a kk.
-                    var a = lanes.SelectMany(tid => Words4(buffer * TiledGemm.ATile / 4 + TiledGemm.ReadA(kk, tid / 16))).ToArray();
-                    var b = lanes.SelectMany(tid => Words4(buffer * TiledGemm.BTile / 4 + TiledGemm.ReadB(kk, tid % 16))).ToArray();
-                    Assert.True(Wavefronts(a) == Least(a), $"A load, warp {w}, buffer {buffer}, kk {kk}: {Wavefronts(a)} wavefronts");
-                    Assert.True(Wavefronts(b) == Least(b), $"B load, warp {w}, buffer {buffer}, kk {kk}: {Wavefronts(b)} wavefronts");
+                    // Thread tid owns rows 8·(tid / 16) + i and columns 4·(tid % 16) + j, 64 + 4·(tid % 16) + j: two 128-bit
+                    // loads of each tile a kk.
+                    for (int half = 0; half < 2; half++)
+                    {
+                        var a = lanes.SelectMany(tid => Words4(buffer * TiledGemm.ATile / 4 + TiledGemm.ReadA(kk, tid / across) + half)).ToArray();
+                        var b = lanes.SelectMany(tid => Words4(buffer * TiledGemm.BTile / 4 + TiledGemm.ReadB(kk, tid % across) + half * TiledGemm.TN / 8)).ToArray();
+                        Assert.True(Wavefronts(a) == Least(a), $"A load, warp {w}, buffer {buffer}, kk {kk}, half {half}: {Wavefronts(a)} wavefronts");
+                        Assert.True(Wavefronts(b) == Least(b), $"B load, warp {w}, buffer {buffer}, kk {kk}, half {half}: {Wavefronts(b)} wavefronts");
+                    }
                     // The fused row sums: thread r reads aS[kk][r] for its rows r < 64.
                     var rows = lanes.Where(r => r < TiledGemm.TM).Select(r => buffer * TiledGemm.ATile + TiledGemm.RowSumSlot(kk, r)).ToArray();
                     if (rows.Length > 0)
@@ -80,28 +87,33 @@ public sealed class SharedBankTests
     }
 
     /// <summary>Every element of a tile has a slot of its own, inside one buffer, whichever way it is fetched, and the
-    /// loads read it where it was stored.</summary>
+    /// register tiles' loads read it where it was stored.</summary>
     [Theory]
     [InlineData(false)]
     [InlineData(true)]
     public void TheSlotsAreAOneToOneLayoutInsideTheTiles(bool alongK)
     {
-        int elements = TiledGemm.TK * TiledGemm.TM;
-        var a = Enumerable.Range(0, elements).Select(e => TiledGemm.SlotA(alongK, e)).ToArray();
-        var b = Enumerable.Range(0, elements).Select(e => TiledGemm.SlotB(alongK, e)).ToArray();
-        Assert.Equal(elements, a.Distinct().Count());
-        Assert.Equal(elements, b.Distinct().Count());
+        int aElements = TiledGemm.TK * TiledGemm.TM, bElements = TiledGemm.TK * TiledGemm.TN;
+        var a = Enumerable.Range(0, aElements).Select(e => TiledGemm.SlotA(alongK, e)).ToArray();
+        var b = Enumerable.Range(0, bElements).Select(e => TiledGemm.SlotB(alongK, e)).ToArray();
+        Assert.Equal(aElements, a.Distinct().Count());
+        Assert.Equal(bElements, b.Distinct().Count());
         Assert.All(a, s => Assert.InRange(s, 0, TiledGemm.ATile - 1));
         Assert.All(b, s => Assert.InRange(s, 0, TiledGemm.BTile - 1));
         Assert.Equal(0, TiledGemm.AStride % 4);
         Assert.Equal(0, TiledGemm.BStride % 4);
         Assert.Equal(0, TiledGemm.ATile % Banks);
-        for (int e = 0; e < elements; e++)
+        Assert.Equal(0, TiledGemm.BTile % Banks);
+        for (int e = 0; e < aElements; e++)
         {
-            var (kk, line) = TiledGemm.Element(alongK, e);
-            Assert.Equal(4 * TiledGemm.ReadA(kk, line / 4) + line % 4, a[e]);
-            Assert.Equal(4 * TiledGemm.ReadB(kk, line / 4) + line % 4, b[e]);
-            Assert.Equal(TiledGemm.RowSumSlot(kk, line), a[e]);
+            var (kk, row) = TiledGemm.Element(alongK, e, TiledGemm.TM);
+            Assert.Equal(4 * (TiledGemm.ReadA(kk, row / 8) + row % 8 / 4) + row % 4, a[e]);
+            Assert.Equal(TiledGemm.RowSumSlot(kk, row), a[e]);
+        }
+        for (int e = 0; e < bElements; e++)
+        {
+            var (kk, column) = TiledGemm.Element(alongK, e, TiledGemm.TN);
+            Assert.Equal(4 * (TiledGemm.ReadB(kk, column % 64 / 4) + column / 64 * TiledGemm.TN / 8) + column % 4, b[e]);
         }
     }
 

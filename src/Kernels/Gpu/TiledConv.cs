@@ -33,13 +33,22 @@ public struct ConvForwardTile : ITileOperands
     public static Gather RowOfA(TileArgs t, int m) => new(m * t.Kd);
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> w, Gather row, int kd) => w[row.Base + kd];
+    public static Gather KOfA(TileArgs t, int kd) => new(kd);
+
+    /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather row, Gather k) => row.Base + k.Base;
 
     /// <inheritdoc/>
     public static Gather ColumnOfB(TileArgs t, int col) => ConvTaps.OutputPixel(t, col);
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> x, Gather pixel, int kd) => ConvTaps.Input(t, x, pixel, kd);
+    public static Gather KOfB(TileArgs t, int kd) => ConvTaps.Tap(t, kd);
+
+    /// <inheritdoc/>
+    public static Gather NextKOfB(TileArgs t, Gather tap) => ConvTaps.NextTap(t, tap, t.Conv.H * t.Conv.W);
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvTaps.Input(t, pixel, tap);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int split, int m, int col,
@@ -74,14 +83,17 @@ public struct ConvInputTile : ITileOperands
     public static Gather RowOfA(TileArgs t, int m) => new(m * t.Conv.R * t.Conv.S);
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> w, Gather channel, int kd)
+    public static Gather KOfA(TileArgs t, int kd)
     {
         var g = t.Conv;
         int rs = g.R * g.S, k = t.Div.Rs.Div(kd);
-        return w[k * g.C * rs + channel.Base + (kd - k * rs)];
+        return new(k * g.C * rs + (kd - k * rs));
     }
 
     /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather channel, Gather k) => channel.Base + k.Base;
+
+    /// <summary>Input pixel col = (n, h, w): the image's offset in dy, and (h + pad, w + pad).</summary>
     public static Gather ColumnOfB(TileArgs t, int col)
     {
         var g = t.Conv;
@@ -89,22 +101,27 @@ public struct ConvInputTile : ITileOperands
         return new(n * g.K * g.P * g.Q, h + g.Pad, j - h * g.W + g.Pad);
     }
 
-    /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> dy, Gather pixel, int kd)
+    /// <summary>kd = (k, r, s): output channel k's offset in an image of dy, and the tap (r, s).</summary>
+    public static Gather KOfB(TileArgs t, int kd)
     {
         var g = t.Conv;
-        int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
-        int ph = pixel.Y - r, pw = pixel.X - s;
-        if (ph < 0 || pw < 0)
-        {
-            return 0f;
-        }
-        int p = t.Div.Stride.Div(ph), q = t.Div.Stride.Div(pw);
-        if (p * g.Stride != ph || q * g.Stride != pw || p >= g.P || q >= g.Q)
-        {
-            return 0f;
-        }
-        return dy[pixel.Base + (k * g.P + p) * g.Q + q];
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap);
+        return new(k * g.P * g.Q, r, tap - r * g.S);
+    }
+
+    /// <inheritdoc/>
+    public static Gather NextKOfB(TileArgs t, Gather tap) => ConvTaps.NextTap(t, tap, t.Conv.P * t.Conv.Q);
+
+    /// <summary>dy[n, k, p, q] where (p, q)·stride + (r, s) = (h, w) + pad, -1 where no output pixel reads (h, w) through
+    /// tap (r, s).</summary>
+    public static int IndexB(TileArgs t, Gather pixel, Gather tap)
+    {
+        var g = t.Conv;
+        // FastDiv takes no negative numbers: a negative ph or pw divides 0 and fails the test below.
+        int ph = pixel.Y - tap.Y, pw = pixel.X - tap.X;
+        int p = t.Div.Stride.Div(Math.Max(ph, 0)), q = t.Div.Stride.Div(Math.Max(pw, 0));
+        bool reads = (ph >= 0) & (pw >= 0) & (p * g.Stride == ph) & (q * g.Stride == pw) & (p < g.P) & (q < g.Q);
+        return reads ? pixel.Base + tap.Base + p * g.Q + q : -1;
     }
 
     /// <inheritdoc/>
@@ -132,29 +149,43 @@ public struct ConvWeightTile : ITileOperands
     public static Gather RowOfA(TileArgs t, int m) => new(m * t.Conv.P * t.Conv.Q);
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> dy, Gather channel, int kd)
+    public static Gather KOfA(TileArgs t, int kd)
     {
         var g = t.Conv;
         int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
-        return dy[n * g.K * pq + channel.Base + (kd - n * pq)];
+        return new(n * g.K * pq + (kd - n * pq));
     }
 
     /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather channel, Gather k) => channel.Base + k.Base;
+
+    /// <summary>Column crs = (c, r, s): channel c's offset in an image of x, and (r - pad, s - pad).</summary>
     public static Gather ColumnOfB(TileArgs t, int col)
     {
         var g = t.Conv;
-        int rs = g.R * g.S, c = t.Div.Rs.Div(col), tap = col - c * rs, r = t.Div.S.Div(tap);
-        return new(c * g.H * g.W, r - g.Pad, tap - r * g.S - g.Pad);
+        var tap = ConvTaps.Tap(t, col);
+        return new(tap.Base, tap.Y - g.Pad, tap.X - g.Pad);
     }
 
-    /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> x, Gather tap, int kd)
+    /// <summary>kd = (n, p, q): image n's offset in x, and (p·stride, q·stride).</summary>
+    public static Gather KOfB(TileArgs t, int kd)
     {
         var g = t.Conv;
         int pq = g.P * g.Q, n = t.Div.Pq.Div(kd), j = kd - n * pq, p = t.Div.Q.Div(j);
-        int h = p * g.Stride + tap.Y, w = (j - p * g.Q) * g.Stride + tap.X;
-        return (uint)h < (uint)g.H && (uint)w < (uint)g.W ? x[n * g.C * g.H * g.W + tap.Base + h * g.W + w] : 0f;
+        return new(n * g.C * g.H * g.W, p * g.Stride, (j - p * g.Q) * g.Stride);
     }
+
+    /// <summary>Not used: B is stored along K, so the GPU kernel computes each element's kd part once a step; this is KOfB
+    /// at kd + 1 all the same.</summary>
+    public static Gather NextKOfB(TileArgs t, Gather pixel)
+    {
+        var g = t.Conv;
+        int row = pixel.X + g.Stride == g.Q * g.Stride ? 1 : 0, image = row & (pixel.Y + g.Stride == g.P * g.Stride ? 1 : 0);
+        return new(pixel.Base + image * g.C * g.H * g.W, (pixel.Y + row * g.Stride) * (1 - image), (pixel.X + g.Stride) * (1 - row));
+    }
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather tap, Gather pixel) => ConvTaps.Input(t, pixel, tap);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
@@ -184,23 +215,43 @@ internal static class ConvTaps
         return new(n * g.C * g.H * g.W, p * g.Stride - g.Pad, (j - p * g.Q) * g.Stride - g.Pad);
     }
 
-    /// <summary>x[n, c, h, w] for tap crs = (c, r, s) of the window at <paramref name="pixel"/> (see <see cref="OutputPixel"/>),
-    /// 0 in the padding.</summary>
-    public static float Input(TileArgs t, ArrayView<float> x, Gather pixel, int crs)
+    /// <summary>Tap crs = (c, r, s): channel c's offset in an image of x, and (r, s).</summary>
+    public static Gather Tap(TileArgs t, int crs)
     {
         var g = t.Conv;
         int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap);
-        int h = pixel.Y + r, w = pixel.X + tap - r * g.S;
-        return (uint)h < (uint)g.H && (uint)w < (uint)g.W ? x[pixel.Base + (c * g.H + h) * g.W + w] : 0f;
+        return new(c * g.H * g.W, r, tap - r * g.S);
+    }
+
+    /// <summary>The tap after <paramref name="tap"/> (s + 1, else r + 1, else the next channel, <paramref name="plane"/>
+    /// floats on): a few adds and selects instead of Tap's two divisions.</summary>
+    public static Gather NextTap(TileArgs t, Gather tap, int plane)
+    {
+        // Arithmetic, not branches: row = 1 when s wraps, channel = 1 when r wraps too.
+        var g = t.Conv;
+        int row = tap.X + 1 == g.S ? 1 : 0, channel = row & (tap.Y + 1 == g.R ? 1 : 0);
+        return new(tap.Base + channel * plane, (tap.Y + row) * (1 - channel), (tap.X + 1) * (1 - row));
+    }
+
+    /// <summary>The index of x[n, c, h, w] at (h, w) = the window's corner + the tap: the sum of a pixel part (the image's
+    /// offset and the corner, <see cref="OutputPixel"/>) and a tap part (the channel's offset and (r, s), <see cref="Tap"/>);
+    /// -1 in the padding.</summary>
+    public static int Input(TileArgs t, Gather pixel, Gather tap)
+    {
+        var g = t.Conv;
+        int h = pixel.Y + tap.Y, w = pixel.X + tap.X;
+        return ((uint)h < (uint)g.H) & ((uint)w < (uint)g.W) ? pixel.Base + tap.Base + h * g.W + w : -1;
     }
 }
 
 /// <summary>Host side of the tiled convolutions: argument set-up, split choice, launches.</summary>
 internal static class TiledConv
 {
-    /// <summary>Output groups the weight gradient aims for: two per SM of an H100 (132 SMs), the residency assumed in
-    /// docs/gpu.md, over the tiles and splits.</summary>
-    private const int TargetGroups = 264;
+    /// <summary>Output groups the weight gradient aims for: one wave of an H100 SXM's 132 SMs at the GPU kernel's launch
+    /// bounds (<see cref="TiledGemm.MinGroupsPerSm"/> groups an SM), over the tiles and splits. A constant, not the
+    /// device's count: the split is a function of the shape alone, so every device sums in one order (docs/gpu.md: the
+    /// cost on a 114-SM H100 PCIe).</summary>
+    public const int TargetGroups = 132 * TiledGemm.MinGroupsPerSm;
 
     /// <summary>The K range one split covers at least: 32 K steps, so the partials' write and read stay small beside the product.</summary>
     private const int MinChunk = 32 * TiledGemm.TK;

@@ -167,15 +167,27 @@ public interface ITileOperands
     /// <summary>The part of A(m, ·)'s addressing that depends on m alone (any m, even past M: it is not loaded then).</summary>
     static abstract Gather RowOfA(TileArgs t, int m);
 
-    /// <summary>A(m, kd) for the row <paramref name="row"/> = <see cref="RowOfA"/>(m), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd.</summary>
-    static abstract float LoadA(TileArgs t, ArrayView<float> a, Gather row, int kd);
+    /// <summary>The part of A(·, kd)'s addressing that depends on kd alone (0 ≤ kd &lt; Kd).</summary>
+    static abstract Gather KOfA(TileArgs t, int kd);
+
+    /// <summary>Where A(m, kd) is in a, from <paramref name="row"/> = <see cref="RowOfA"/>(m) and <paramref name="k"/> =
+    /// <see cref="KOfA"/>(kd), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd: an index, not a load, so the kernel's one load an
+    /// element is a predicated LDG; -1 for a structural zero.</summary>
+    static abstract int IndexA(TileArgs t, Gather row, Gather k);
 
     /// <summary>The part of B(·, col)'s addressing that depends on col alone (any col, even past Cols).</summary>
     static abstract Gather ColumnOfB(TileArgs t, int col);
 
-    /// <summary>B(kd, col) for <paramref name="column"/> = <see cref="ColumnOfB"/>(col), with 0 ≤ kd &lt; Kd and
-    /// 0 ≤ col &lt; Cols (zero for a padding tap).</summary>
-    static abstract float LoadB(TileArgs t, ArrayView<float> b, Gather column, int kd);
+    /// <summary>The part of B(kd, ·)'s addressing that depends on kd alone.</summary>
+    static abstract Gather KOfB(TileArgs t, int kd);
+
+    /// <summary><see cref="KOfB"/>(kd + 1) from <paramref name="k"/> = <see cref="KOfB"/>(kd): a few adds and selects where
+    /// KOfB divides (the GPU kernel walks each thread's 16 consecutive kd of an across-K B this way).</summary>
+    static abstract Gather NextKOfB(TileArgs t, Gather k);
+
+    /// <summary>Where B(kd, col) is in b, from <see cref="ColumnOfB"/>(col) and <see cref="KOfB"/>(kd); -1 for a structural
+    /// zero (a padding tap).</summary>
+    static abstract int IndexB(TileArgs t, Gather column, Gather k);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
     /// K split that computed it. e0, e1 and e2 are the op's extra operands (bias, channel bias, residual).</summary>
@@ -190,37 +202,46 @@ public struct Float4
     public float X, Y, Z, W;
 }
 
+/// <summary>Eight floats in registers (a thread's staged tile elements): fields, never an array, so they stay in registers.</summary>
+internal struct Floats8
+{
+    public float V0, V1, V2, V3, V4, V5, V6, V7;
+}
+
 /// <summary>The tiled, explicitly grouped GEMM kernel and its launch geometry (see the file header for the tiling).</summary>
 public static class TiledGemm
 {
-    /// <summary>Output tile rows, columns, and K step (shared-memory depth).</summary>
-    public const int TM = 64, TN = 64, TK = 16;
+    /// <summary>Output tile rows and columns, and the K step (shared-memory depth).</summary>
+    public const int TM = 64, TN = 128, TK = 16;
 
-    /// <summary>Register tiles per output tile (16 x 16 of 4 x 4 outputs): the group size on a GPU.</summary>
-    public const int Threads = TM / 4 * (TN / 4);
+    /// <summary>A thread's register tile: 8 rows by 8 columns (two runs of four, half a tile apart).</summary>
+    public const int RowsPerThread = 8, ColsPerThread = 8;
+
+    /// <summary>Register tiles per output tile (8 x 16 of 8 x 8 outputs): the group size on a GPU.</summary>
+    public const int Threads = TM / RowsPerThread * (TN / ColsPerThread);
 
     /// <summary>
     /// Row strides of the shared tiles aS [TK][AStride] and bS [TK][BStride]: four floats of padding a row. A row stays a
     /// whole number of 16-byte groups (the register tile's 128-bit loads), and a warp's stores along K (8 kk by 4 rows,
-    /// <see cref="Element"/>) fall in banks (4·kk + row) mod 32: 32 different ones.
+    /// <see cref="Element"/>) fall in banks (4·kk + row) mod 32 (both strides are 4 mod 32): 32 different ones.
     /// </summary>
     public const int AStride = TM + 4, BStride = TN + 4;
 
-    /// <summary>Floats of one shared A tile and one B tile; the GPU path keeps two of each (double buffering).</summary>
+    /// <summary>Floats of one shared A tile and one B tile; the GPU kernel keeps two of each (double buffering).</summary>
     public const int ATile = TK * AStride, BTile = TK * BStride;
 
-    /// <summary>Shared memory one group declares: two A and two B tiles, the row sums and the last-group flag.</summary>
+    /// <summary>Shared memory the GPU kernel's group declares: two A and two B tiles, the row sums and the last-group flag.</summary>
     public const int SharedBytes = (2 * ATile + 2 * BTile + TM) * sizeof(float) + sizeof(int);
 
-    /// <summary>The register budget the launch bounds give ptxas: 256 threads and at least two groups an SM, so
-    /// 65,536 / 512 = 128 registers a thread.</summary>
-    public const int MinGroupsPerSm = 2;
+    /// <summary>The launch bounds' groups an SM: with 128 threads, 65,536 / (128 · 3) = 170, so ptxas keeps a thread
+    /// within 168 registers (64 accumulators, 24 staged elements, 16 operands and the addressing).</summary>
+    public const int MinGroupsPerSm = 3;
 
-    /// <summary>The launch bounds of the kernel on a GPU (.maxntid 256, .minnctapersm 2 in the PTX).</summary>
+    /// <summary>The launch bounds of the GPU kernel (.maxntid 128, .minnctapersm 3 in the PTX).</summary>
     public static KernelSpecialization Specialization => new(Threads, MinGroupsPerSm);
 
-    /// <summary>The group size to launch with on <paramref name="accelerator"/>: 256, or the largest power of two
-    /// the device allows (a simulator), which then runs the tile in 256 / G passes.</summary>
+    /// <summary>The group size to launch with on <paramref name="accelerator"/>: 128, or the largest power of two
+    /// the device allows (a simulator), which then runs the tile in 128 / G passes.</summary>
     public static int GroupSize(Accelerator accelerator)
     {
         int g = Threads;
@@ -231,7 +252,7 @@ public static class TiledGemm
         return g;
     }
 
-    /// <summary>The launch configuration of a product: one group per 64 x 64 output tile and K split.</summary>
+    /// <summary>The launch configuration of a product: one group per 64 x 128 output tile and K split.</summary>
     public static KernelConfig Config(TileArgs t, int groupSize) =>
         new(new Index3D((t.Cols + TN - 1) / TN, (t.M + TM - 1) / TM, t.Splits), new Index3D(groupSize, 1, 1));
 
@@ -380,11 +401,16 @@ public static class TiledGemm
     }
 
     /// <summary>
-    /// The GPU path (a group of 256, one register tile a thread). Each thread owns 4 elements of each shared tile, whose
-    /// (kk, row or column) are fixed for the launch, so their gathers' row and column parts are computed once, before
-    /// the loop. The shared tiles are double-buffered: step s computes on buffer s mod 2 while the next step's elements,
-    /// fetched into registers before the multiply-adds (their latency hides behind them), are stored into the other
-    /// buffer; one barrier a step. Safe: a buffer is written one step after the barrier that ended its last reads.
+    /// The GPU path (a group of 128, one 8 x 8 register tile a thread). Each thread stages 8 elements of the A tile and 16
+    /// of the B tile a K step, loaded as index = f(row or column part, kd part) (<see cref="ITileOperands"/>):
+    ///   - an operand stored across K (its row or column runs fastest) gives each thread one row (A: tid mod 64) or column
+    ///     (B: tid) for the whole launch: that part is computed once, before the loop; the kd part at each element;
+    ///   - one stored along K (kd runs fastest: coalesced) gives each thread one kk for all its elements (the 8 x 4 warp
+    ///     layout of <see cref="Element"/>): the kd part is computed once a step; the rows of A (8, line + 8·j) once,
+    ///     before the loop; the columns of B (16: too many registers to keep) at each element.
+    /// The shared tiles are double-buffered: step s computes on buffer s mod 2 while the next step's elements, fetched
+    /// into registers before the multiply-adds (their latency hides behind them), are stored into the other buffer; one
+    /// barrier a step. Safe: a buffer is written one step after the barrier that ended its last reads.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
@@ -396,27 +422,60 @@ public static class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        var fa = new Fetch4(aAlongK, tid);
-        var fb = new Fetch4(bAlongK, tid);
-        // The gathers' row (A) and column (B) parts, and whether that row or column exists.
-        Gather ga0 = TOp.RowOfA(t, m0 + fa.Line0), ga1 = TOp.RowOfA(t, m0 + fa.Line1), ga2 = TOp.RowOfA(t, m0 + fa.Line2), ga3 = TOp.RowOfA(t, m0 + fa.Line3);
-        Gather gb0 = TOp.ColumnOfB(t, col0 + fb.Line0), gb1 = TOp.ColumnOfB(t, col0 + fb.Line1);
-        Gather gb2 = TOp.ColumnOfB(t, col0 + fb.Line2), gb3 = TOp.ColumnOfB(t, col0 + fb.Line3);
-        bool ia0 = m0 + fa.Line0 < t.M, ia1 = m0 + fa.Line1 < t.M, ia2 = m0 + fa.Line2 < t.M, ia3 = m0 + fa.Line3 < t.M;
-        bool ib0 = col0 + fb.Line0 < t.Cols, ib1 = col0 + fb.Line1 < t.Cols, ib2 = col0 + fb.Line2 < t.Cols, ib3 = col0 + fb.Line3 < t.Cols;
+        // Across K: this thread's one row of A and column of B. Along K: its kk in each tile, and its rows of A.
+        Gather rowA = TOp.RowOfA(t, m0 + tid % TM), columnB = TOp.ColumnOfB(t, col0 + tid);
+        bool okB = col0 + tid < t.Cols;
+        int kkA = Element(true, tid, TM).Kk, kkB = Element(true, tid, TN).Kk;
+        var rowsA = aAlongK ? new Rows8<TOp>(t, m0, Element(true, tid, TM).Line) : default;
+        Gather kA, kB;
 
-        var acc = default(Tile4x4);
+        var acc = default(Tile8x8);
         int k0 = kBegin, buffer = 0;
-        float pa0 = ia0 && k0 + fa.Kk0 < kEnd ? TOp.LoadA(t, a, ga0, k0 + fa.Kk0) : 0f;
-        float pa1 = ia1 && k0 + fa.Kk1 < kEnd ? TOp.LoadA(t, a, ga1, k0 + fa.Kk1) : 0f;
-        float pa2 = ia2 && k0 + fa.Kk2 < kEnd ? TOp.LoadA(t, a, ga2, k0 + fa.Kk2) : 0f;
-        float pa3 = ia3 && k0 + fa.Kk3 < kEnd ? TOp.LoadA(t, a, ga3, k0 + fa.Kk3) : 0f;
-        float pb0 = ib0 && k0 + fb.Kk0 < kEnd ? TOp.LoadB(t, b, gb0, k0 + fb.Kk0) : 0f;
-        float pb1 = ib1 && k0 + fb.Kk1 < kEnd ? TOp.LoadB(t, b, gb1, k0 + fb.Kk1) : 0f;
-        float pb2 = ib2 && k0 + fb.Kk2 < kEnd ? TOp.LoadB(t, b, gb2, k0 + fb.Kk2) : 0f;
-        float pb3 = ib3 && k0 + fb.Kk3 < kEnd ? TOp.LoadB(t, b, gb3, k0 + fb.Kk3) : 0f;
-        fa.Store(aS, 0, AStride, pa0, pa1, pa2, pa3);
-        fb.Store(bS, 0, BStride, pb0, pb1, pb2, pb3);
+        Floats8 pa, pb0, pb1;
+        kA = TOp.KOfA(t, k0 + kkA);
+        kB = TOp.KOfB(t, k0 + (bAlongK ? kkB : 0));
+        pa.V0 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G0, (rowsA.Ok >> 0 & 1) != 0, kA, k0, kEnd, tid + 0 * Threads);
+        pa.V1 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G1, (rowsA.Ok >> 1 & 1) != 0, kA, k0, kEnd, tid + 1 * Threads);
+        pa.V2 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G2, (rowsA.Ok >> 2 & 1) != 0, kA, k0, kEnd, tid + 2 * Threads);
+        pa.V3 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G3, (rowsA.Ok >> 3 & 1) != 0, kA, k0, kEnd, tid + 3 * Threads);
+        pa.V4 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G4, (rowsA.Ok >> 4 & 1) != 0, kA, k0, kEnd, tid + 4 * Threads);
+        pa.V5 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G5, (rowsA.Ok >> 5 & 1) != 0, kA, k0, kEnd, tid + 5 * Threads);
+        pa.V6 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G6, (rowsA.Ok >> 6 & 1) != 0, kA, k0, kEnd, tid + 6 * Threads);
+        pa.V7 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G7, (rowsA.Ok >> 7 & 1) != 0, kA, k0, kEnd, tid + 7 * Threads);
+        pb0.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 0 * Threads, 0);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 1 * Threads, 1);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 2 * Threads, 2);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 3 * Threads, 3);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 4 * Threads, 4);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 5 * Threads, 5);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 6 * Threads, 6);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb0.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 7 * Threads, 7);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 8 * Threads, 8);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 9 * Threads, 9);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 10 * Threads, 10);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 11 * Threads, 11);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 12 * Threads, 12);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 13 * Threads, 13);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 14 * Threads, 14);
+        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+        pb1.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 15 * Threads, 15);
+        StoreA(aS, 0, aAlongK, tid, pa);
+        StoreB(bS, 0, bAlongK, tid, 0, pb0);
+        StoreB(bS, 0, bAlongK, tid, 8, pb1);
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -424,34 +483,151 @@ public static class TiledGemm
             bool more = next < kEnd;
             if (more)
             {
-                pa0 = ia0 && next + fa.Kk0 < kEnd ? TOp.LoadA(t, a, ga0, next + fa.Kk0) : 0f;
-                pa1 = ia1 && next + fa.Kk1 < kEnd ? TOp.LoadA(t, a, ga1, next + fa.Kk1) : 0f;
-                pa2 = ia2 && next + fa.Kk2 < kEnd ? TOp.LoadA(t, a, ga2, next + fa.Kk2) : 0f;
-                pa3 = ia3 && next + fa.Kk3 < kEnd ? TOp.LoadA(t, a, ga3, next + fa.Kk3) : 0f;
-                pb0 = ib0 && next + fb.Kk0 < kEnd ? TOp.LoadB(t, b, gb0, next + fb.Kk0) : 0f;
-                pb1 = ib1 && next + fb.Kk1 < kEnd ? TOp.LoadB(t, b, gb1, next + fb.Kk1) : 0f;
-                pb2 = ib2 && next + fb.Kk2 < kEnd ? TOp.LoadB(t, b, gb2, next + fb.Kk2) : 0f;
-                pb3 = ib3 && next + fb.Kk3 < kEnd ? TOp.LoadB(t, b, gb3, next + fb.Kk3) : 0f;
+                kA = TOp.KOfA(t, next + kkA);
+                kB = TOp.KOfB(t, next + (bAlongK ? kkB : 0));
+                pa.V0 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G0, (rowsA.Ok >> 0 & 1) != 0, kA, next, kEnd, tid + 0 * Threads);
+                pa.V1 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G1, (rowsA.Ok >> 1 & 1) != 0, kA, next, kEnd, tid + 1 * Threads);
+                pa.V2 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G2, (rowsA.Ok >> 2 & 1) != 0, kA, next, kEnd, tid + 2 * Threads);
+                pa.V3 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G3, (rowsA.Ok >> 3 & 1) != 0, kA, next, kEnd, tid + 3 * Threads);
+                pa.V4 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G4, (rowsA.Ok >> 4 & 1) != 0, kA, next, kEnd, tid + 4 * Threads);
+                pa.V5 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G5, (rowsA.Ok >> 5 & 1) != 0, kA, next, kEnd, tid + 5 * Threads);
+                pa.V6 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G6, (rowsA.Ok >> 6 & 1) != 0, kA, next, kEnd, tid + 6 * Threads);
+                pa.V7 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G7, (rowsA.Ok >> 7 & 1) != 0, kA, next, kEnd, tid + 7 * Threads);
+                pb0.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 0 * Threads, 0);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 1 * Threads, 1);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 2 * Threads, 2);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 3 * Threads, 3);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 4 * Threads, 4);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 5 * Threads, 5);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 6 * Threads, 6);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb0.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 7 * Threads, 7);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 8 * Threads, 8);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 9 * Threads, 9);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 10 * Threads, 10);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 11 * Threads, 11);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 12 * Threads, 12);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 13 * Threads, 13);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 14 * Threads, 14);
+                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
+                pb1.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 15 * Threads, 15);
             }
-            acc.Step(aS4, bS4, buffer, tid / 16, tid % 16);
+            acc.Step(aS4, bS4, buffer, tid / (TN / ColsPerThread), tid % (TN / ColsPerThread));
             if (rowSums)
             {
                 AddRowSums(aS, buffer * ATile, rowS);
             }
             if (more)
             {
-                fa.Store(aS, (1 - buffer) * ATile, AStride, pa0, pa1, pa2, pa3);
-                fb.Store(bS, (1 - buffer) * BTile, BStride, pb0, pb1, pb2, pb3);
+                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, pa);
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, pb0);
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, pb1);
             }
             Group.Barrier();
             buffer = 1 - buffer;
         }
-        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + 4 * (tid / 16), col0 + 4 * (tid % 16));
+        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + RowsPerThread * (tid / (TN / ColsPerThread)), col0 + 4 * (tid % (TN / ColsPerThread)));
+    }
+
+    /// <summary>A thread's eight rows of A along K (rows m0 + line + 8·j): their row parts, and which exist (bit j).</summary>
+    private readonly struct Rows8<TOp> where TOp : struct, ITileOperands
+    {
+        public readonly Gather G0, G1, G2, G3, G4, G5, G6, G7;
+        public readonly int Ok;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Rows8(TileArgs t, int m0, int line)
+        {
+            G0 = TOp.RowOfA(t, m0 + line + 0);
+            G1 = TOp.RowOfA(t, m0 + line + 8);
+            G2 = TOp.RowOfA(t, m0 + line + 16);
+            G3 = TOp.RowOfA(t, m0 + line + 24);
+            G4 = TOp.RowOfA(t, m0 + line + 32);
+            G5 = TOp.RowOfA(t, m0 + line + 40);
+            G6 = TOp.RowOfA(t, m0 + line + 48);
+            G7 = TOp.RowOfA(t, m0 + line + 56);
+            int left = t.M - (m0 + line); // rows line + 8·j exist while 8·j < left
+            Ok = (left > 0 ? 1 : 0) | (left > 8 ? 2 : 0) | (left > 16 ? 4 : 0) | (left > 24 ? 8 : 0) | (left > 32 ? 16 : 0) | (left > 40 ? 32 : 0)
+                | (left > 48 ? 64 : 0) | (left > 56 ? 128 : 0);
+        }
+    }
+
+    /// <summary>Element <paramref name="e"/> of the A tile, kd in [k0, k0 + 16): 0 past M, past this split's K range, or
+    /// where the op's index is -1. Across K the row is <paramref name="rowAcross"/> (this thread's, hoisted); along K it is
+    /// <paramref name="rowAlong"/> (<paramref name="rowOk"/>: it exists) and the kd part <paramref name="kAlong"/> (this
+    /// thread's kk, computed once a step).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float FetchA<TOp>(TileArgs t, ArrayView<float> a, bool alongK, Gather rowAcross, Gather rowAlong, bool rowOk, Gather kAlong, int k0,
+        int kEnd, int e) where TOp : struct, ITileOperands
+    {
+        var (kk, line) = Element(alongK, e, TM);
+        int kd = k0 + kk;
+        bool ok = (alongK ? rowOk : Grid.IdxY * TM + line < t.M) & kd < kEnd;
+        int i = ok ? TOp.IndexA(t, alongK ? rowAlong : rowAcross, alongK ? kAlong : TOp.KOfA(t, kd)) : -1;
+        return i >= 0 ? a[i] : 0f;
+    }
+
+    /// <summary>Element <paramref name="e"/> of the B tile, with the kd part <paramref name="k"/> (along K: this thread's kk,
+    /// computed once a step; across K: element j's kd = k0 + j, stepped from the previous element's by
+    /// <see cref="ITileOperands.NextKOfB"/>). Across K the column is this thread's (<paramref name="columnAcross"/>,
+    /// <paramref name="columnOk"/>: it exists); along K it is computed here.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static float FetchB<TOp>(TileArgs t, ArrayView<float> b, bool alongK, Gather columnAcross, bool columnOk, Gather k, int col0, int k0,
+        int kEnd, int e, int j) where TOp : struct, ITileOperands
+    {
+        // Across K, element e = tid + 128·j has kk = j (tid < 128): passed as j, so the compiler need not shift tid.
+        var (kk, line) = Element(alongK, e, TN);
+        int kd = k0 + (alongK ? kk : j), col = col0 + line;
+        bool ok = (alongK ? col < t.Cols : columnOk) & kd < kEnd;
+        int i = ok ? TOp.IndexB(t, alongK ? TOp.ColumnOfB(t, col) : columnAcross, k) : -1;
+        return i >= 0 ? b[i] : 0f;
+    }
+
+    /// <summary>Stores a thread's 8 staged A elements (tid + 128·j) into the buffer at float offset <paramref name="buffer"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreA(ArrayView<float> aS, int buffer, bool alongK, int tid, Floats8 v)
+    {
+        aS[buffer + SlotA(alongK, tid)] = v.V0;
+        aS[buffer + SlotA(alongK, tid + Threads)] = v.V1;
+        aS[buffer + SlotA(alongK, tid + 2 * Threads)] = v.V2;
+        aS[buffer + SlotA(alongK, tid + 3 * Threads)] = v.V3;
+        aS[buffer + SlotA(alongK, tid + 4 * Threads)] = v.V4;
+        aS[buffer + SlotA(alongK, tid + 5 * Threads)] = v.V5;
+        aS[buffer + SlotA(alongK, tid + 6 * Threads)] = v.V6;
+        aS[buffer + SlotA(alongK, tid + 7 * Threads)] = v.V7;
+    }
+
+    /// <summary>Stores 8 staged B elements, tid + 128·(first + j), into the buffer at float offset <paramref name="buffer"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreB(ArrayView<float> bS, int buffer, bool alongK, int tid, int first, Floats8 v)
+    {
+        int e = tid + first * Threads;
+        bS[buffer + SlotB(alongK, e)] = v.V0;
+        bS[buffer + SlotB(alongK, e + Threads)] = v.V1;
+        bS[buffer + SlotB(alongK, e + 2 * Threads)] = v.V2;
+        bS[buffer + SlotB(alongK, e + 3 * Threads)] = v.V3;
+        bS[buffer + SlotB(alongK, e + 4 * Threads)] = v.V4;
+        bS[buffer + SlotB(alongK, e + 5 * Threads)] = v.V5;
+        bS[buffer + SlotB(alongK, e + 6 * Threads)] = v.V6;
+        bS[buffer + SlotB(alongK, e + 7 * Threads)] = v.V7;
     }
 
     /// <summary>
-    /// Any power-of-two group G below 256 (the simulators): the group computes the tile's 256 register tiles in
-    /// 256 / G passes, each pass a full sweep over K with cooperative, strided tile loads into buffer 0.
+    /// Any power-of-two group G below 128 (the simulators): the group computes the tile's 128 register tiles in
+    /// 128 / G passes, each pass a full sweep over K with cooperative, strided tile loads into one buffer.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
@@ -463,69 +639,76 @@ public static class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        int passes = Threads / groupSize;
+        int passes = Threads / groupSize, across = TN / ColsPerThread;
         for (int pass = 0; pass < passes; pass++)
         {
-            int sub = pass * groupSize + tid; // which register tile: rows 4·(sub / 16) + i, cols 4·(sub % 16) + j
-            var acc = default(Tile4x4);
+            int sub = pass * groupSize + tid; // which register tile: rows 8·(sub / 16) + i, cols 4·(sub % 16) + j and 64 + …
+            var acc = default(Tile8x8);
             for (int k0 = kBegin; k0 < kEnd; k0 += TK)
             {
                 for (int e = tid; e < TK * TM; e += groupSize)
                 {
-                    var (kk, row) = Element(aAlongK, e);
+                    var (kk, row) = Element(aAlongK, e, TM);
                     int m = m0 + row, kd = k0 + kk;
-                    aS[kk * AStride + row] = m < t.M && kd < kEnd ? TOp.LoadA(t, a, TOp.RowOfA(t, m), kd) : 0f;
+                    int i = m < t.M && kd < kEnd ? TOp.IndexA(t, TOp.RowOfA(t, m), TOp.KOfA(t, kd)) : -1;
+                    aS[kk * AStride + row] = i >= 0 ? a[i] : 0f;
                 }
                 for (int e = tid; e < TK * TN; e += groupSize)
                 {
-                    var (kk, column) = Element(bAlongK, e);
+                    var (kk, column) = Element(bAlongK, e, TN);
                     int col = col0 + column, kd = k0 + kk;
-                    bS[kk * BStride + column] = col < t.Cols && kd < kEnd ? TOp.LoadB(t, b, TOp.ColumnOfB(t, col), kd) : 0f;
+                    int i = col < t.Cols && kd < kEnd ? TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd)) : -1;
+                    bS[kk * BStride + column] = i >= 0 ? b[i] : 0f;
                 }
                 Group.Barrier();
-                acc.Step(aS4, bS4, 0, sub / 16, sub % 16);
+                acc.Step(aS4, bS4, 0, sub / across, sub % across);
                 if (rowSums && pass == 0)
                 {
                     AddRowSums(aS, 0, rowS);
                 }
                 Group.Barrier();
             }
-            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + 4 * (sub / 16), col0 + 4 * (sub % 16));
+            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + RowsPerThread * (sub / across), col0 + 4 * (sub % across));
         }
     }
 
     // The shared tiles' addressing, as plain functions the kernel calls and the bank-conflict test walks a warp through.
-    // Both tiles are stored [kk][row or column], rows AStride and BStride floats apart; the GPU path's second buffer
+    // Both tiles are stored [kk][row or column], rows AStride and BStride floats apart; the GPU kernel's second buffer
     // starts ATile (BTile) floats in, a multiple of 32 words, so it has the first one's banks.
 
     /// <summary>
-    /// Element e (0..1023) of a shared tile: its kk and its row (A) or column (B). Along K, neighbouring threads read
-    /// neighbouring kd (coalesced): a warp covers 8 kk of 4 rows (32-byte runs of each row, a sector apiece) and stores
-    /// them to banks (4·kk + row) mod 32, all different. Otherwise the row or column runs fastest, 32 in a row.
+    /// Element e of a shared tile of <paramref name="lines"/> rows (A: 64) or columns (B: 128) by 16 kk: its kk and its
+    /// row or column. Along K, neighbouring threads read neighbouring kd (coalesced): a warp covers 8 kk of 4 lines
+    /// (32-byte runs of each line, a sector apiece) and stores them to banks (4·kk + line) mod 32, all different. Across
+    /// K the line runs fastest, 32 in a row.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static (int Kk, int Line) Element(bool alongK, int e) =>
-        alongK ? (e % 8 + 8 * (e / 32 % 2), e / 8 % 4 + 4 * (e / 64)) : (e / TM, e % TM);
+    internal static (int Kk, int Line) Element(bool alongK, int e, int lines) =>
+        alongK ? ((e & 7) | (e >> 2 & 8), (e >> 3 & 3) | (e >> 4 & ~3)) : ((int)((uint)e / (uint)lines), e & (lines - 1));
 
     /// <summary>Where element <paramref name="e"/> of the A tile is stored (float index in a buffer).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int SlotA(bool alongK, int e)
     {
-        var (kk, row) = Element(alongK, e);
+        var (kk, row) = Element(alongK, e, TM);
         return kk * AStride + row;
     }
 
     /// <summary>Where element <paramref name="e"/> of the B tile is stored.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int SlotB(bool alongK, int e)
     {
-        var (kk, column) = Element(alongK, e);
+        var (kk, column) = Element(alongK, e, TN);
         return kk * BStride + column;
     }
 
-    /// <summary>The 16-byte group (Float4 index in a buffer) holding aS[kk][4·ty .. 4·ty + 3]: a register tile's four rows.</summary>
+    /// <summary>The 16-byte group (Float4 index in a buffer) holding aS[kk][8·ty .. 8·ty + 3]; the register tile's rows
+    /// 4 .. 7 are the next group.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int ReadA(int kk, int ty) => kk * (AStride / 4) + ty;
+    internal static int ReadA(int kk, int ty) => kk * (AStride / 4) + 2 * ty;
 
-    /// <summary>The 16-byte group holding bS[kk][4·tx .. 4·tx + 3]: a register tile's four columns.</summary>
+    /// <summary>The 16-byte group holding bS[kk][4·tx .. 4·tx + 3]; the register tile's other four columns are
+    /// <c>TN / 8</c> groups (64 columns) on.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int ReadB(int kk, int tx) => kk * (BStride / 4) + tx;
 
@@ -533,73 +716,63 @@ public static class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int RowSumSlot(int kk, int r) => kk * AStride + r;
 
-    /// <summary>A thread's four elements of one shared tile in the GPU path, e = tid + 256·j: their kk and row (or
-    /// column), fixed for the launch.</summary>
-    private readonly struct Fetch4
+    /// <summary>A thread's 8 x 8 register tile: rows 8·ty + i, columns 4·tx + j and 64 + 4·tx + j, as 64 scalar fields (a
+    /// struct local, so ILGPU keeps each in a register; the compiler table checks that nothing lands in local memory).</summary>
+    private struct Tile8x8
     {
-        public readonly int Kk0, Kk1, Kk2, Kk3, Line0, Line1, Line2, Line3;
+        private float _c00, _c01, _c02, _c03, _c04, _c05, _c06, _c07, _c10, _c11, _c12, _c13, _c14, _c15, _c16, _c17, _c20, _c21, _c22, _c23, _c24, _c25, _c26, _c27, _c30, _c31, _c32, _c33, _c34, _c35, _c36, _c37, _c40, _c41, _c42, _c43, _c44, _c45, _c46, _c47, _c50, _c51, _c52, _c53, _c54, _c55, _c56, _c57, _c60, _c61, _c62, _c63, _c64, _c65, _c66, _c67, _c70, _c71, _c72, _c73, _c74, _c75, _c76, _c77;
 
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Fetch4(bool alongK, int tid)
-        {
-            (Kk0, Line0) = Element(alongK, tid);
-            (Kk1, Line1) = Element(alongK, tid + Threads);
-            (Kk2, Line2) = Element(alongK, tid + 2 * Threads);
-            (Kk3, Line3) = Element(alongK, tid + 3 * Threads);
-        }
-
-        /// <summary>Stores the four elements into the buffer at float offset <paramref name="buffer"/>.</summary>
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Store(ArrayView<float> s, int buffer, int stride, float v0, float v1, float v2, float v3)
-        {
-            s[buffer + Kk0 * stride + Line0] = v0;
-            s[buffer + Kk1 * stride + Line1] = v1;
-            s[buffer + Kk2 * stride + Line2] = v2;
-            s[buffer + Kk3 * stride + Line3] = v3;
-        }
-    }
-
-    /// <summary>A thread's 4 x 4 register tile: rows 4·ty + i, columns 4·tx + j, as 16 scalar fields (a struct
-    /// local, so ILGPU keeps each in a register; the PTX test checks that nothing lands in .local).</summary>
-    private struct Tile4x4
-    {
-        private float _c00, _c01, _c02, _c03, _c10, _c11, _c12, _c13, _c20, _c21, _c22, _c23, _c30, _c31, _c32, _c33;
-
-        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the TK rows of the shared tiles in buffer <paramref name="buffer"/>:
-        /// two 128-bit loads and 16 multiply-adds a kk, written out four kk at a time (ILGPU does not unroll loops, and
-        /// the unrolled body lets ptxas fold the offsets into the loads).</summary>
+        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the 16 kk of the shared tiles in buffer <paramref name="buffer"/>:
+        /// four 128-bit loads and 64 multiply-adds a kk, two kk a trip. A loop, not written out: ILGPU places the loads of a
+        /// straight line all before the first multiply-add (256 live floats for 16 kk), and ptxas then spills (measured: 1 KB
+        /// of stack).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int ty, int tx)
         {
-            int aBase = buffer * (ATile / 4), bBase = buffer * (BTile / 4);
-            for (int kk = 0; kk < TK; kk += 4)
+            int a = buffer * (ATile / 4) + ReadA(0, ty), b = buffer * (BTile / 4) + ReadB(0, tx);
+            for (int kk = 0; kk < TK; kk += 2)
             {
-                Mac(aS4[aBase + ReadA(kk, ty)], bS4[bBase + ReadB(kk, tx)]);
-                Mac(aS4[aBase + ReadA(kk + 1, ty)], bS4[bBase + ReadB(kk + 1, tx)]);
-                Mac(aS4[aBase + ReadA(kk + 2, ty)], bS4[bBase + ReadB(kk + 2, tx)]);
-                Mac(aS4[aBase + ReadA(kk + 3, ty)], bS4[bBase + ReadB(kk + 3, tx)]);
+                Mac(aS4[a + kk * (AStride / 4)], aS4[a + kk * (AStride / 4) + 1], bS4[b + kk * (BStride / 4)], bS4[b + kk * (BStride / 4) + TN / 8]);
+                Mac(aS4[a + (kk + 1) * (AStride / 4)], aS4[a + (kk + 1) * (AStride / 4) + 1], bS4[b + (kk + 1) * (BStride / 4)],
+                    bS4[b + (kk + 1) * (BStride / 4) + TN / 8]);
             }
         }
 
-        /// <summary>The outer product of a register tile's four rows of A and four columns of B, added in.</summary>
+        /// <summary>The outer product of the register tile's eight rows of A (a0, a1) and eight columns of B (b0, b1), added in.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private void Mac(Float4 a, Float4 b)
+        private void Mac(Float4 a0, Float4 a1, Float4 b0, Float4 b1)
         {
-            _c00 += a.X * b.X; _c01 += a.X * b.Y; _c02 += a.X * b.Z; _c03 += a.X * b.W;
-            _c10 += a.Y * b.X; _c11 += a.Y * b.Y; _c12 += a.Y * b.Z; _c13 += a.Y * b.W;
-            _c20 += a.Z * b.X; _c21 += a.Z * b.Y; _c22 += a.Z * b.Z; _c23 += a.Z * b.W;
-            _c30 += a.W * b.X; _c31 += a.W * b.Y; _c32 += a.W * b.Z; _c33 += a.W * b.W;
+            _c00 += a0.X * b0.X; _c01 += a0.X * b0.Y; _c02 += a0.X * b0.Z; _c03 += a0.X * b0.W; _c04 += a0.X * b1.X; _c05 += a0.X * b1.Y; _c06 += a0.X * b1.Z; _c07 += a0.X * b1.W;
+            _c10 += a0.Y * b0.X; _c11 += a0.Y * b0.Y; _c12 += a0.Y * b0.Z; _c13 += a0.Y * b0.W; _c14 += a0.Y * b1.X; _c15 += a0.Y * b1.Y; _c16 += a0.Y * b1.Z; _c17 += a0.Y * b1.W;
+            _c20 += a0.Z * b0.X; _c21 += a0.Z * b0.Y; _c22 += a0.Z * b0.Z; _c23 += a0.Z * b0.W; _c24 += a0.Z * b1.X; _c25 += a0.Z * b1.Y; _c26 += a0.Z * b1.Z; _c27 += a0.Z * b1.W;
+            _c30 += a0.W * b0.X; _c31 += a0.W * b0.Y; _c32 += a0.W * b0.Z; _c33 += a0.W * b0.W; _c34 += a0.W * b1.X; _c35 += a0.W * b1.Y; _c36 += a0.W * b1.Z; _c37 += a0.W * b1.W;
+            _c40 += a1.X * b0.X; _c41 += a1.X * b0.Y; _c42 += a1.X * b0.Z; _c43 += a1.X * b0.W; _c44 += a1.X * b1.X; _c45 += a1.X * b1.Y; _c46 += a1.X * b1.Z; _c47 += a1.X * b1.W;
+            _c50 += a1.Y * b0.X; _c51 += a1.Y * b0.Y; _c52 += a1.Y * b0.Z; _c53 += a1.Y * b0.W; _c54 += a1.Y * b1.X; _c55 += a1.Y * b1.Y; _c56 += a1.Y * b1.Z; _c57 += a1.Y * b1.W;
+            _c60 += a1.Z * b0.X; _c61 += a1.Z * b0.Y; _c62 += a1.Z * b0.Z; _c63 += a1.Z * b0.W; _c64 += a1.Z * b1.X; _c65 += a1.Z * b1.Y; _c66 += a1.Z * b1.Z; _c67 += a1.Z * b1.W;
+            _c70 += a1.W * b0.X; _c71 += a1.W * b0.Y; _c72 += a1.W * b0.Z; _c73 += a1.W * b0.W; _c74 += a1.W * b1.X; _c75 += a1.W * b1.Y; _c76 += a1.W * b1.Z; _c77 += a1.W * b1.W;
         }
 
-        /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue, rows r0 + i, columns q0 + j.</summary>
+        /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue: rows r0 + i, columns q0 + j and q0 + 64 + j.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
             int q0) where TOp : struct, ITileOperands
         {
-            Put<TOp>(t, c, e0, e1, e2, split, r0, q0, _c00, _c01, _c02, _c03);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 0, q0, _c00, _c01, _c02, _c03);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 0, q0 + TN / 2, _c04, _c05, _c06, _c07);
             Put<TOp>(t, c, e0, e1, e2, split, r0 + 1, q0, _c10, _c11, _c12, _c13);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 1, q0 + TN / 2, _c14, _c15, _c16, _c17);
             Put<TOp>(t, c, e0, e1, e2, split, r0 + 2, q0, _c20, _c21, _c22, _c23);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 2, q0 + TN / 2, _c24, _c25, _c26, _c27);
             Put<TOp>(t, c, e0, e1, e2, split, r0 + 3, q0, _c30, _c31, _c32, _c33);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 3, q0 + TN / 2, _c34, _c35, _c36, _c37);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 4, q0, _c40, _c41, _c42, _c43);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 4, q0 + TN / 2, _c44, _c45, _c46, _c47);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 5, q0, _c50, _c51, _c52, _c53);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 5, q0 + TN / 2, _c54, _c55, _c56, _c57);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 6, q0, _c60, _c61, _c62, _c63);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 6, q0 + TN / 2, _c64, _c65, _c66, _c67);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 7, q0, _c70, _c71, _c72, _c73);
+            Put<TOp>(t, c, e0, e1, e2, split, r0 + 7, q0 + TN / 2, _c74, _c75, _c76, _c77);
         }
     }
 
@@ -659,13 +832,22 @@ public struct MatmulTile : ITileOperands
     public static Gather RowOfA(TileArgs t, int m) => new(m * t.Mat.ARow);
 
     /// <inheritdoc/>
-    public static float LoadA(TileArgs t, ArrayView<float> a, Gather row, int kd) => a[row.Base + kd * t.Mat.ACol];
+    public static Gather KOfA(TileArgs t, int kd) => new(kd * t.Mat.ACol);
+
+    /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather row, Gather k) => row.Base + k.Base;
 
     /// <inheritdoc/>
     public static Gather ColumnOfB(TileArgs t, int col) => new(col * t.Mat.BCol);
 
     /// <inheritdoc/>
-    public static float LoadB(TileArgs t, ArrayView<float> b, Gather column, int kd) => b[column.Base + kd * t.Mat.BRow];
+    public static Gather KOfB(TileArgs t, int kd) => new(kd * t.Mat.BRow);
+
+    /// <inheritdoc/>
+    public static Gather NextKOfB(TileArgs t, Gather k) => new(k.Base + t.Mat.BRow);
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather column, Gather k) => column.Base + k.Base;
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
