@@ -267,6 +267,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         int splits = TiledConv.WeightSplits(g);
         Assert.Equal(396, TiledConv.TargetGroups);
         Assert.InRange(splits * 5, 360, 396);
+        // The check case "conv2d 3x3 split-K, 2 row tiles" (ddpm check, SelfCheck): three splits, two row tiles.
+        var split = new ConvShape(6, 2, 16, 16, 65, 3, 3, 1, 1);
+        Assert.True(TiledConv.WeightSplits(split) >= 3 && split.N * split.Pq >= 1024 && split.K > TiledGemm.TM);
         // A tiny shape: one split (K too short to cut).
         Assert.Equal(1, TiledConv.WeightSplits(new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1)));
     }

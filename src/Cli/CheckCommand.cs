@@ -126,7 +126,7 @@ public static class CheckCommand
                     var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
                     var (threads, minGroups) = KernelReport.Bounds(code);
                     reports.Add(new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
-                        SassMix.Of(Sass.MainLoop(sassCode))));
+                        SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(SassLoops.Inner(sassCode))));
                 }
                 Console.WriteLine();
                 Console.WriteLine($"### {arch.Name} ({arch.Card}: {arch.SharedPerSm / 1024} KB shared, 64 K registers an SM)");
@@ -136,6 +136,11 @@ public static class CheckCommand
                 {
                     Console.WriteLine(r.Row());
                     problems.AddRange(r.Problems.Select(p => $"{r.Name} ({arch.Name}): {p}"));
+                }
+                if (arch == SmLimits.Sm90)
+                {
+                    GpuForecast.Print(reports.Where(r => r.Name.StartsWith("TiledGemm.Kernel.Conv", StringComparison.Ordinal))
+                        .ToDictionary(r => r.Name["TiledGemm.Kernel.Conv".Length..^"Tile".Length], r => r.GemmCost));
                 }
             }
         }

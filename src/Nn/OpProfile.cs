@@ -17,6 +17,15 @@ public sealed class OpProfile
     /// GFLOP/s; those rows are inside the op's own row, not added to the total.</summary>
     public bool ByShape { get; init; }
 
+    private readonly List<(string Pass, Ddpm.Kernels.ConvShape Shape)> _convPasses = [];
+
+    /// <summary>Every convolution pass run while <see cref="ByShape"/> was on, in order: "fwd", "dx" or "dw" and its shape
+    /// (what the GPU prediction of <c>ddpm check --sass</c> sums over).</summary>
+    public IReadOnlyList<(string Pass, Ddpm.Kernels.ConvShape Shape)> ConvPasses => _convPasses;
+
+    /// <summary>Notes one convolution pass (see <see cref="ConvPasses"/>).</summary>
+    public void RecordConv(string pass, Ddpm.Kernels.ConvShape shape) => _convPasses.Add((pass, shape));
+
     /// <summary>Total milliseconds and calls by op name ("conv2d", "conv2d.backward", ...).</summary>
     public IReadOnlyDictionary<string, (double Ms, long Calls)> Totals => _totals;
 

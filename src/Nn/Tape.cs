@@ -134,10 +134,15 @@ public sealed class Tape : IDisposable
     /// <summary>A by-shape timer for one convolution pass when the profile asks for it, e.g. "conv fwd 16>32 3x3/1 14x14".</summary>
     private OpProfile.Timer ConvDetail(string pass, ConvShape g) => ConvDetail(pass, g, Device);
 
-    private static OpProfile.Timer ConvDetail(string pass, ConvShape g, Device device) =>
-        Profile is { ByShape: true } p
-            ? p.TimeDetail($"conv {pass} {g.C}>{g.K} {g.R}x{g.S}/{g.Stride} {g.H}x{g.W}", 2.0 * g.N * g.K * g.Crs * g.Pq, device)
-            : default;
+    private static OpProfile.Timer ConvDetail(string pass, ConvShape g, Device device)
+    {
+        if (Profile is not { ByShape: true } p)
+        {
+            return default;
+        }
+        p.RecordConv(pass.Trim(), g);
+        return p.TimeDetail($"conv {pass} {g.C}>{g.K} {g.R}x{g.S}/{g.Stride} {g.H}x{g.W}", 2.0 * g.N * g.K * g.Crs * g.Pq, device);
+    }
 
     /// <summary>y = groupnorm(x)·gamma + beta, saving mean and rstd for backward.</summary>
     public Var GroupNorm(Var x, Var gamma, Var beta, int groups, float eps) => GroupNorm(x, gamma, beta, groups, eps, silu: false);

@@ -116,7 +116,7 @@ public static class Sass
     {
         IReadOnlyList<SassInstruction> best = [];
         (int, int, int) bestKey = (-1, -1, -1);
-        foreach (var branch in code.Where(i => i.Target is { } t && t <= i.Address))
+        foreach (var branch in code.Where(i => i.Target is { } t && t < i.Address))
         {
             var body = code.Where(i => i.Address >= branch.Target && i.Address <= branch.Address).ToList();
             var mix = SassMix.Of(body);
@@ -124,6 +124,25 @@ public static class Sass
             if (key.CompareTo(bestKey) > 0)
             {
                 (best, bestKey) = (body, key);
+            }
+        }
+        return best;
+    }
+}
+
+/// <summary>Loops of a kernel's SASS.</summary>
+public static class SassLoops
+{
+    /// <summary>The innermost loop holding FFMA (the tiled GEMM's multiply-add loop inside its K loop); empty when none.</summary>
+    public static IReadOnlyList<SassInstruction> Inner(IReadOnlyList<SassInstruction> code)
+    {
+        IReadOnlyList<SassInstruction> best = [];
+        foreach (var branch in code.Where(i => i.Target is { } t && t < i.Address))
+        {
+            var body = code.Where(i => i.Address >= branch.Target && i.Address <= branch.Address).ToList();
+            if (body.Any(i => i.Opcode.StartsWith("FFMA", StringComparison.Ordinal)) && (best.Count == 0 || body.Count < best.Count))
+            {
+                best = body;
             }
         }
         return best;
@@ -166,8 +185,13 @@ public sealed record SmLimits(string Name, string Card, int SharedPerSm)
 /// <param name="MinGroups">The launch bounds' .minnctapersm, 0 when none.</param>
 /// <param name="Whole">The whole kernel's mix.</param>
 /// <param name="Loop">Its main loop's mix.</param>
-public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasInfo Info, int GroupThreads, int MinGroups, SassMix Whole, SassMix Loop)
+/// <param name="Inner">Its innermost multiply-add loop's mix (the GEMM's; empty otherwise).</param>
+public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasInfo Info, int GroupThreads, int MinGroups, SassMix Whole, SassMix Loop,
+    SassMix Inner)
 {
+    /// <summary>A tiled GEMM's cost a K step, for the prediction: the main loop with its inner loop counted once per trip.</summary>
+    public GemmCost GemmCost => GemmCost.FromLoops(Loop.Total, Inner.Total, GroupsPerSm);
+
     /// <summary>Generic global accesses the table accepts, by kernel, with the reason ILGPU cannot express them otherwise.
     /// Empty: at O2 ILGPU infers every kernel view as global, so every access is an LDG, STG or ATOMG.</summary>
     public static readonly IReadOnlyDictionary<string, string> JustifiedGeneric = new Dictionary<string, string>();

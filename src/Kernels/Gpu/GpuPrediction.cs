@@ -1,0 +1,99 @@
+namespace Ddpm.Kernels;
+
+/// <summary>A GPU the prediction is for: its SMs, the clock it sustains under an fp32 load, and its memory bandwidth.</summary>
+/// <param name="Name">"H100 SXM".</param>
+/// <param name="Sms">Streaming multiprocessors.</param>
+/// <param name="ClockGhz">The clock assumed under load (the boost clock is higher; fp32 peak = SMs · 128 · 2 · clock).</param>
+/// <param name="MemoryTBs">HBM bandwidth, TB/s.</param>
+public sealed record Chip(string Name, int Sms, double ClockGhz, double MemoryTBs)
+{
+    /// <summary>H100 SXM (132 SMs, 3.35 TB/s), H200 (the same die and clocks, 4.8 TB/s), H100 PCIe (114 SMs, 2.0 TB/s).</summary>
+    public static readonly Chip H100 = new("H100 SXM", 132, 1.755, 3.35), H200 = new("H200", 132, 1.755, 4.8), H100Pcie = new("H100 PCIe", 114, 1.755, 2.0);
+
+    /// <summary>fp32 FMA peak, TFLOP/s.</summary>
+    public double PeakTflops => Sms * 128 * 2 * ClockGhz / 1000;
+}
+
+/// <summary>What the compiler's table says about one tiled GEMM kernel: the instructions a thread issues a K step (the
+/// main loop's static count, its inner multiply-add loop counted once per trip), groups an SM holds, warps a group.</summary>
+public sealed record GemmCost(int StepInstructions, int GroupsPerSm, int Warps = TiledGemm.Threads / 32)
+{
+    /// <summary>Trips of the inner multiply-add loop a K step (two kk a trip).</summary>
+    public const int InnerTrips = TiledGemm.TK / 2;
+
+    /// <summary>From the main loop's static count and the inner loop's: static + (trips - 1) · inner.</summary>
+    public static GemmCost FromLoops(int mainLoop, int innerLoop, int groupsPerSm) => new(mainLoop + (InnerTrips - 1) * innerLoop, groupsPerSm);
+}
+
+/// <summary>One convolution pass of a step: "fwd" (y), "dx" (the input gradient) or "dw" (weight and bias gradients).</summary>
+public readonly record struct ConvPass(string Pass, ConvShape Shape);
+
+/// <summary>The predicted time of one pass, and how it was reached.</summary>
+public sealed record PassPrediction(ConvPass Pass, long M, long Cols, long Kd, int Groups, int Splits, int Steps, double Gflop, double Mbytes, double ComputeMs,
+    double MemoryMs, double Ms, double ShareOfPeak);
+
+/// <summary>
+/// The convolutions' time on a GPU, derived from the compiler's figures (docs/gpu.md, "The prediction"): each pass is the
+/// tiled GEMM of its shape; its groups run in waves of SMs x groups-an-SM; a wave takes the K steps times the
+/// instructions a thread issues a step (from the SASS) times the warps on an SM, at 4 warp instructions a clock
+/// (four schedulers) times an issue efficiency that grows with the warps a scheduler can choose from; a pass takes
+/// at least its compulsory bytes at 70% of HBM bandwidth, plus a launch gap. A prediction, not a measurement.
+/// </summary>
+public static class GpuPrediction
+{
+    /// <summary>Issue slots used when each scheduler has 1, 2, 3 or more warps of these kernels to choose from: one warp
+    /// stalls on every shared load and barrier; three hide them behind each other's multiply-adds (an assumption, the
+    /// figure a GPU run corrects).</summary>
+    public static double IssueEfficiency(int warpsPerScheduler) => warpsPerScheduler switch { <= 1 => 0.55, 2 => 0.75, _ => 0.85 };
+
+    /// <summary>The gap between two queued kernels, ms.</summary>
+    public const double LaunchGapMs = 0.002;
+
+    /// <summary>The share of HBM bandwidth a streaming kernel reaches.</summary>
+    public const double MemoryShare = 0.7;
+
+    /// <summary>The GEMM a pass runs: (M, Cols, Kd, splits).</summary>
+    public static (long M, long Cols, long Kd, int Splits) Gemm(ConvPass p)
+    {
+        var g = p.Shape;
+        return p.Pass switch
+        {
+            "fwd" => (g.K, (long)g.N * g.Pq, g.Crs, 1),
+            "dx" => (g.C, (long)g.N * g.H * g.W, (long)g.K * g.R * g.S, 1),
+            "dw" => (g.K, g.Crs, (long)g.N * g.Pq, TiledConv.WeightSplits(g)),
+            _ => throw new ArgumentException($"unknown convolution pass {p.Pass}"),
+        };
+    }
+
+    /// <summary>Predicts one pass on <paramref name="chip"/> with the kernel's <paramref name="cost"/>.</summary>
+    public static PassPrediction Predict(ConvPass pass, GemmCost cost, Chip chip)
+    {
+        var g = pass.Shape;
+        var (m, cols, kd, splits) = Gemm(pass);
+        long chunk = TileArgs.RoundUp((int)((kd + splits - 1) / splits), TiledGemm.TK);
+        int steps = (int)((chunk + TiledGemm.TK - 1) / TiledGemm.TK);
+        long tiles = (m + TiledGemm.TM - 1) / TiledGemm.TM * ((cols + TiledGemm.TN - 1) / TiledGemm.TN);
+        long groups = tiles * splits;
+        // Waves of Sms x GroupsPerSm; a wave with n groups an SM takes n·steps·instructions·warps / (4·efficiency(n)) clocks.
+        double clocks = 0;
+        for (long left = groups; left > 0; left -= (long)chip.Sms * cost.GroupsPerSm)
+        {
+            long inWave = Math.Min(left, (long)chip.Sms * cost.GroupsPerSm);
+            int perSm = (int)((inWave + chip.Sms - 1) / chip.Sms);
+            clocks += (double)perSm * steps * cost.StepInstructions * cost.Warps / (4 * IssueEfficiency(perSm * cost.Warps / 4));
+        }
+        double computeMs = clocks / (chip.ClockGhz * 1e6);
+        double flop = 2.0 * m * cols * kd;
+        long x = (long)g.N * g.C * g.H * g.W, w = (long)g.K * g.Crs, y = (long)g.N * g.K * g.Pq;
+        double bytes = 4.0 * pass.Pass switch
+        {
+            "fwd" => x + w + y,
+            "dx" => y + w + x,
+            _ => y + x + w + (splits > 1 ? 2L * splits * w : 0),
+        };
+        double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
+        double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
+        return new PassPrediction(pass, m, cols, kd, (int)groups, splits, steps, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
+            flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
+    }
+}

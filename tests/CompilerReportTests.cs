@@ -1,0 +1,95 @@
+using Ddpm.Kernels;
+
+namespace Ddpm.Tests;
+
+/// <summary>The reading of ptxas's and cuobjdump's output behind <c>ddpm check --sass</c>, on text in their formats (the
+/// tools themselves run in scripts/compiler-check.sh, which .ci/run calls).</summary>
+public sealed class CompilerReportTests
+{
+    private const string Ptxas = """
+        ptxas info    : 0 bytes gmem
+        ptxas info    : Compiling entry function 'Kernel_Kernel' for 'sm_90'
+        ptxas info    : Function properties for Kernel_Kernel
+            16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads
+        ptxas info    : Used 151 registers, 25860 bytes smem, 664 bytes cmem[0]
+        """;
+
+    // A straight stretch, an inner loop (0x40-0x70) inside an outer one (0x10-0xa0), and a generic load.
+    private const string Code = """
+                /*0000*/                   MOV R1, c[0x0][0x28] ;                  /* 0x00000a0000017a02 */
+                /*0010*/                   LDG.E R2, [R4.64] ;                     /* 0x0000000404027981 */
+                /*0020*/                   STS [R3], R2 ;                          /* 0x0000000203007388 */
+                /*0030*/                   BAR.SYNC 0x0 ;                          /* 0x0000000000007b1d */
+                /*0040*/                   LDS.128 R8, [R3] ;                      /* 0x0000000003087984 */
+                /*0050*/                   FFMA R9, R8, R8, R9 ;                   /* 0x0000000808097223 */
+                /*0060*/                   FFMA R10, R8, R9, R10 ;                 /* 0x00000009080a7223 */
+                /*0070*/               @P0 BRA 0x40 ;                              /* 0xfffffffc00008947 */
+                /*0080*/                   LD.E R5, [R6.64] ;                      /* 0x0000000406057980 */
+                /*0090*/                   IADD3 R0, R0, 0x1, RZ ;                 /* 0x0000000100007810 */
+                /*00a0*/              @!P1 BRA 0x10 ;                              /* 0xfffffff000009947 */
+                /*00b0*/                   EXIT ;                                  /* 0x000000000000794d */
+                /*00c0*/                   BRA 0xc0;                               /* 0xfffffff000007947 */
+                /*00d0*/                   NOP;                                    /* 0x0000000000007918 */
+        """;
+
+    [Fact]
+    public void PtxasReportIsRead()
+    {
+        var info = PtxasInfo.Parse(Ptxas);
+        Assert.Equal(new PtxasInfo(151, 16, 8, 4, 25860), info);
+        Assert.Throws<FormatException>(() => PtxasInfo.Parse("ptxas fatal   : Unresolved extern function"));
+    }
+
+    [Fact]
+    public void SassMixAndLoopsAreCounted()
+    {
+        var code = Sass.Parse(Code);
+        Assert.Equal(13, code.Count); // the NOP is padding
+        var whole = SassMix.Of(code);
+        Assert.Equal((2, 1, 1, 1, 1, 1), (whole.Ffma, whole.Lds128, whole.Ldg, whole.Sts, whole.Barriers, whole.Generic));
+        // The main loop is the outer one (most FFMA, then the most global loads: it also holds the LDG); the inner one is
+        // the smallest loop with FFMA; the EXIT's self-branch is no loop.
+        var main = Sass.MainLoop(code);
+        Assert.Equal((0x10, 0xa0), (main[0].Address, main[^1].Address));
+        var inner = SassLoops.Inner(code);
+        Assert.Equal((0x40, 0x70), (inner[0].Address, inner[^1].Address));
+        Assert.Equal(2.0, SassMix.Of(main).FfmaPerLds);
+    }
+
+    [Fact]
+    public void TheRulesNameWhatATiledKernelBreaks()
+    {
+        var code = Sass.Parse(Code);
+        var report = new KernelReport("TiledGemm.Kernel.ConvForwardTile", true, SmLimits.Sm90, PtxasInfo.Parse(Ptxas), 128, 3, SassMix.Of(code),
+            SassMix.Of(Sass.MainLoop(code)), SassMix.Of(SassLoops.Inner(code)));
+        Assert.Equal(168, report.RegisterBudget);
+        var problems = string.Join("; ", report.Problems);
+        Assert.Contains("spills", problems);
+        Assert.Contains("stack frame", problems);
+        Assert.Contains("generic global", problems);
+        Assert.Contains("FFMA a shared load", problems);
+        Assert.DoesNotContain("registers, over", problems);
+        // Not tiled: reported, no rules.
+        Assert.Empty((report with { Tiled = false }).Problems);
+        // The main loop, its inner loop counted once a trip: 10 + (8 - 1) · 4.
+        Assert.Equal(10 + (GemmCost.InnerTrips - 1) * 4, report.GemmCost.StepInstructions);
+    }
+
+    [Fact]
+    public void GroupsPerSmFollowRegistersSharedMemoryAndThreads()
+    {
+        // 128 threads at 151 registers: 4 warps of 152 · 32 = 4,864 registers, 13 warps fit, 3 groups; shared 25,860 B
+        // would allow 8 on an sm_90; threads 16.
+        Assert.Equal(3, SmLimits.Sm90.GroupsPerSm(128, 151, 25860));
+        Assert.Equal(8, SmLimits.Sm90.GroupsPerSm(256, 20, 1024));
+        // Shared memory binds: 164 KB / (48 KB + 1 KB) = 3 on an sm_80.
+        Assert.Equal(3, SmLimits.Sm80.GroupsPerSm(128, 32, 48 * 1024));
+    }
+
+    [Fact]
+    public void LaunchBoundsAreReadFromThePtx()
+    {
+        Assert.Equal((128, 3), KernelReport.Bounds(".entry Kernel_Kernel(\n.maxntid 128, 1, 1\n.minnctapersm 3\n{"));
+        Assert.Equal((256, 0), KernelReport.Bounds(".entry Kernel_Kernel(\n{"));
+    }
+}
