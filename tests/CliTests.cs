@@ -155,7 +155,18 @@ public sealed class CliTests : IDisposable
         Assert.True(File.Exists(Path.Combine(folder, "implicit", "Elementwise.RowSumsKernel.ptx")));
         Assert.Contains("for sm_90", r.Out);
         OneLineError(Run("check", "--ptx", folder, "--cuda", "twelve"), ExitCodes.Usage, "--cuda twelve");
+        // The GPU kernel of the tiled GEMM, with its launch bounds (check --ptx compiles what a GPU loads).
+        var forward = File.ReadAllText(Path.Combine(folder, "tiled", "TiledGemm.Kernel.ConvForwardTile.ptx"));
+        Assert.Contains(".maxntid 128", forward);
+        Assert.Contains(".minnctapersm 3", forward);
+        Assert.Contains("ld.global", forward);
+        Assert.Contains("ld.shared.v4.f32", forward);
     }
+
+    /// <summary>`check --sass` needs a folder holding ptxas and cuobjdump, and says so in one line otherwise.</summary>
+    [Fact]
+    public void CheckSassWithoutTheToolsIsAUsageError() =>
+        OneLineError(Run("check", "--sass", _dir), ExitCodes.Usage, "no ptxas and cuobjdump there");
 
     [Fact]
     public void MissingCheckpoint()

@@ -384,6 +384,7 @@ public sealed class HardeningTests : IDisposable
     [InlineData("eval", "--classifier")]
     [InlineData("eval", "--data")]
     [InlineData("check", "--ptx")]
+    [InlineData("check", "--sass")]
     public void AnEmptyPathIsAUsageErrorNamingTheFlag(string command, string flag) =>
         OneLine(CliTests.Run(command, flag, ""), ExitCodes.Usage, $"{flag}: an empty path");
 
