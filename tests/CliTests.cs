@@ -238,7 +238,7 @@ public sealed class CliTests : IDisposable
         // DPM-Solver++ with the seed's unclipped recipe runs end to end and says what it ran.
         var dpm = Run("sample", "--checkpoint", checkpoint, "--n", "2", "--sampler", "dpm++", "--steps", "3", "--recipe", "seed", "--device", "cpu", "--out", Path.Combine(_dir, "dpm"));
         Assert.True(dpm.Code == 0, dpm.Err);
-        Assert.Contains("dpm++ (2M) 3 steps eta 1 (SDE), the seed's unclipped recipe", dpm.Err);
+        Assert.Contains("dpm++ (2M) 3 steps eta 1 (SDE), the seed recipe's unclipped step", dpm.Err);
     }
 
     [Fact]

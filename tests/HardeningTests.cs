@@ -246,7 +246,7 @@ public sealed class HardeningTests : IDisposable
     public void TheSamplingBatchFollowsFromTheModelAndTheBudget()
     {
         string tiny = Checkpoint(PathOf("tiny"));
-        var plan = new SamplerSettings("ddpm", null, null, null, "clipped", 0, false, null, null).Plan(tiny);
+        var plan = new SamplerSettings("ddpm", null, null, null, null, 0, false, null, null).Plan(tiny);
         Assert.InRange(plan.Batch * plan.BytesPerSample, (long)SamplingPlan.DefaultMemoryMiB << 19, (long)SamplingPlan.DefaultMemoryMiB << 20);
         Assert.True(plan.Batch >= 1000, $"eval's 1,000 tiny digits take {plan.Batch} a batch");
         var small = plan with { Settings = plan.Settings with { MemoryMiB = 16 } };

@@ -32,7 +32,7 @@ public static class EvalCommand
         {
             Description = "what to score: an IDX file of 28x28 digits (as sample writes samples-idx3-ubyte, raw or gzipped), or a checkpoint " +
                 $"(*.safetensors) or run folder (holding {TrainCommand.CheckpointFile}) to sample --n digits from with the sampler flags below; " +
-                "without it only the classifier and the real-data floor are scored",
+                $"default: the newest run under {RunFolders.Root}/, and with none there only the classifier and the real-data floor are scored",
         }.IsPath();
         var n = new Option<int>("--n") { Description = $"checkpoints: digits to sample (default {DefaultCount}; with --digit all, a multiple of 10, a tenth of them each digit)", DefaultValueFactory = _ => DefaultCount }.Within(2, 10_000);
         var flags = new SamplerFlags("class-conditional checkpoints: all (default: n/10 of each digit), one digit 0..9, or none (unguided)", withNone: true);
@@ -57,7 +57,8 @@ public static class EvalCommand
         }
         command.SetAction(p => Program.Guard(() =>
         {
-            var request = new Request(p.GetValue(samples), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
+            // Without --samples: the newest run, when there is one.
+            var request = new Request(p.GetValue(samples) ?? RunFolders.Newest(TrainCommand.CheckpointFile), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
                 p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!,
                 "ddpm " + string.Join(' ', p.Tokens.Select(t => Quote(t.Value))));
             return Run(request);
@@ -236,7 +237,7 @@ public static class EvalCommand
                 result["steps"] = plan.Steps.Count;
                 result["variance"] = plan.Variance;
                 result["eta"] = plan.Kind is SamplerKind.Ddim or SamplerKind.DpmSolver2M ? plan.Eta : null;
-                result["recipe"] = plan.Settings.Recipe;
+                result["recipe"] = plan.Recipe.Name;
                 result["seed"] = plan.Settings.Seed;
                 result["weights"] = plan.UseEma ? "ema" : "raw";
                 result["schedule"] = plan.ScheduleName;
@@ -334,7 +335,7 @@ public static class EvalCommand
                 SamplerKind.DpmSolver2M => $"dpm++ (2M), {plan.Steps.Count} steps, eta {plan.Eta.ToString(CultureInfo.InvariantCulture)}",
                 _ => $"ddpm, {plan.Steps.Count} steps, {plan.Variance} variance",
             }),
-            ("recipe", plan.Clip ? "clipped (x0 estimate clipped to [-1, 1])" : "seed (unclipped)"),
+            ("recipe", $"{plan.Recipe.Name}: {(plan.Clip ? "x0 estimate clipped to [-1, 1]" : "unclipped")}"),
             ("seed", s.Seed.ToString(CultureInfo.InvariantCulture)),
             ("digits", n.ToString(CultureInfo.InvariantCulture)),
         };

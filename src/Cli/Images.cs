@@ -119,12 +119,15 @@ public static class Images
     /// <summary>The loss curve: every step's loss, faint, and a moving average over <paramref name="window"/> steps.</summary>
     public static void SaveLossPlot(string path, IReadOnlyList<(long Step, double Loss)> points, int window = 50)
     {
+        // A log-scale loss axis: the first hundred steps fall from ~1 to ~0.05 and a linear axis flattens everything after.
+        // ScottPlot draws log10 of the values, with ticks at the decades labelled as the values they stand for.
+        static double Log(double v) => Math.Log10(Math.Max(v, 1e-12));
         var plot = new ScottPlot.Plot();
         if (points.Count > 0)
         {
             double[] xs = points.Select(p => (double)p.Step).ToArray();
             double[] ys = points.Select(p => p.Loss).ToArray();
-            var raw = plot.Add.ScatterLine(xs, ys);
+            var raw = plot.Add.ScatterLine(xs, ys.Select(Log).ToArray());
             raw.LineWidth = 1;
             raw.Color = ScottPlot.Colors.SteelBlue.WithAlpha(0.35);
             raw.LegendText = "loss";
@@ -135,15 +138,24 @@ public static class Images
                 sum += ys[i] - (i >= window ? ys[i - window] : 0);
                 smooth[i] = sum / Math.Min(i + 1, window);
             }
-            var avg = plot.Add.ScatterLine(xs, smooth);
+            var avg = plot.Add.ScatterLine(xs, smooth.Select(Log).ToArray());
             avg.LineWidth = 2;
             avg.Color = ScottPlot.Colors.OrangeRed;
             avg.LegendText = $"mean of {window}";
             plot.ShowLegend(ScottPlot.Alignment.UpperRight);
         }
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic
+        {
+            MinorTickGenerator = new ScottPlot.TickGenerators.LogMinorTickGenerator(),
+            IntegerTicksOnly = true,
+            LabelFormatter = y => Numbers.Human(Math.Pow(10, y)),
+        };
+        plot.Grid.MajorLineColor = ScottPlot.Colors.Black.WithOpacity(0.15);
+        plot.Grid.MinorLineColor = ScottPlot.Colors.Black.WithOpacity(0.05);
+        plot.Grid.MinorLineWidth = 1;
         plot.Title("training loss");
         plot.XLabel("step");
-        plot.YLabel("MSE of predicted noise");
+        plot.YLabel("MSE of predicted noise (log scale)");
         byte[] png = plot.GetImageBytes(800, 450, ScottPlot.ImageFormat.Png);
         Durable.WriteAtomically(path, s => s.Write(png));
     }

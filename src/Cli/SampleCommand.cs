@@ -13,7 +13,10 @@ public static class SampleCommand
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
-        var checkpoint = new Option<string>("--checkpoint") { Description = "a model.safetensors written by train (or the PyTorch peer's weights)", DefaultValueFactory = _ => Path.Combine("runs", "latest", TrainCommand.CheckpointFile) }.IsPath();
+        var checkpoint = new Option<string?>("--checkpoint")
+        {
+            Description = $"a {TrainCommand.CheckpointFile} written by train (or the PyTorch peer's weights); default: the newest run's, under {RunFolders.Root}/",
+        }.IsPath();
         var n = new Option<int>("--n") { Description = "how many digits (1..10000); with --digit all, how many of each digit (one grid row per digit)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
         var flags = new SamplerFlags("class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided", withNone: false);
         var device = Program.DeviceOption();
@@ -22,11 +25,17 @@ public static class SampleCommand
         flags.AddTo(command);
         command.Add(device);
         command.Add(output);
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint)!, p.GetValue(n), flags.Read(p), p.GetValue(device)!, p.GetValue(output))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), p.GetValue(device)!, p.GetValue(output))));
         return command;
     }
 
     private const int Pixels = 28 * 28;
+
+    /// <summary>The newest run's checkpoint (<see cref="RunFolders.Newest"/>), or one line saying there is none.</summary>
+    internal static string NewestCheckpoint() =>
+        RunFolders.Newest(TrainCommand.CheckpointFile) is { } run
+            ? Path.Combine(run, TrainCommand.CheckpointFile)
+            : throw new ArgumentException($"no run under {RunFolders.Root}/ holds a {TrainCommand.CheckpointFile}: train one with 'ddpm train', or pass --checkpoint FILE");
 
     /// <summary>The most digits samples.png shows (with --digit all, the most a row), and reverse.gif likewise.</summary>
     public const int GridCap = 1024, GridRowCap = 100, GifCap = 100, GifRowCap = 10;
@@ -47,25 +56,27 @@ public static class SampleCommand
         return chosen;
     }
 
-    /// <summary>--recipe: clipped (the x0 estimate clipped to [-1, 1], the default) | seed (the seed's unclipped step).</summary>
-    internal static Option<string> RecipeOption(string what)
+    /// <summary>--recipe: the recipe whose sampling to use (the names train takes; default: the one the checkpoint records).</summary>
+    internal static Option<string?> RecipeOption(string what)
     {
-        var recipe = new Option<string>("--recipe")
+        var recipe = new Option<string?>("--recipe")
         {
-            Description = $"{what}: clipped (x0 estimate clipped to [-1, 1], then the posterior mean; default) | seed (the seed's unclipped step)",
-            DefaultValueFactory = _ => "clipped",
+            Description = $"{what}: the recipe's sampling, by the names train takes: " +
+                string.Join(" | ", Recipe.All.Select(r => $"{r.Name} ({(r.ClippedSampling ? "x0 estimate clipped to [-1, 1], then the posterior mean" : "the seed's unclipped step")})")) +
+                $" (default: the recipe the checkpoint records; {Recipe.Default.Name} for one that records none)",
         };
-        recipe.AcceptOnlyFromAmong("clipped", "seed");
+        recipe.AcceptOnlyFromAmong(Recipe.Names);
         return recipe;
     }
 
-    private static int Run(string checkpoint, int n, SamplerSettings settings, string deviceName, string? outDir)
+    private static int Run(string? checkpointGiven, int n, SamplerSettings settings, string deviceName, string? outDir)
     {
         settings.CheckFlags(guidanceNeedsDigit: true);
         if (settings.Digit == "all" && n > 1000)
         {
             throw new UsageException($"--n {n}: with --digit all it counts each digit, so at most 1000 (10000 digits in all)");
         }
+        string checkpoint = checkpointGiven ?? NewestCheckpoint();
         var plan = settings.Plan(checkpoint);
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
@@ -134,7 +145,7 @@ internal sealed class SamplerFlags
     private readonly Option<string?> _variance;
     private readonly Option<int?> _steps;
     private readonly Option<double?> _eta;
-    private readonly Option<string> _recipe;
+    private readonly Option<string?> _recipe;
     private readonly Option<ulong> _seed;
     private readonly Option<bool> _noEma;
     private readonly Option<int> _memory;
@@ -174,14 +185,14 @@ internal sealed class SamplerFlags
 
     /// <summary>The flags' values.</summary>
     public SamplerSettings Read(ParseResult p) => new(p.GetValue(_sampler)!, p.GetValue(_variance), p.GetValue(_steps), p.GetValue(_eta),
-        p.GetValue(_recipe)!, p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance), p.GetValue(_memory));
+        p.GetValue(_recipe), p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance), p.GetValue(_memory));
 
     /// <summary>The first flag given on the command line (not left at its default), or null.</summary>
     public string? FirstGiven(ParseResult p) => All.FirstOrDefault(o => p.GetResult(o) is { Implicit: false })?.Name;
 }
 
 /// <summary>What the sampler flags asked for; <see cref="Plan"/> checks them against a checkpoint.</summary>
-internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance,
+internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string? Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance,
     int MemoryMiB = SamplingPlan.DefaultMemoryMiB)
 {
     /// <summary>The guidance weight w when --digit is given without --guidance.</summary>
@@ -243,16 +254,19 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         }
         var schedule = NoiseSchedule.ByName(scheduleName, T);
         var kind = ddim ? SamplerKind.Ddim : dpm ? SamplerKind.DpmSolver2M : Variance == "small" ? SamplerKind.DdpmSmall : SamplerKind.DdpmLarge;
-        var steps = Diffusion.Sampler.Plan(schedule, kind, Steps ?? (dpm ? Math.Min(20, T - 1) : 50), Eta ?? DefaultEta(Sampler), clip: Recipe != "seed");
-        return new SamplingPlan(info, this, scheduleName, T, kind, steps);
+        // --recipe, else the recipe the run recorded, else the default's sampling (runs from before the key).
+        var recipe = Ddpm.Diffusion.Recipe.Named(Recipe ?? meta.GetValueOrDefault(TrainOptions.RecipeKey) ?? Ddpm.Diffusion.Recipe.Default.Name);
+        var steps = Diffusion.Sampler.Plan(schedule, kind, Steps ?? (dpm ? Math.Min(20, T - 1) : 50), Eta ?? DefaultEta(Sampler), clip: recipe.ClippedSampling);
+        return new SamplingPlan(info, this, scheduleName, T, kind, steps, recipe);
     }
 }
 
 /// <summary>A checkpoint and the sampler to run on it, checked against each other.</summary>
-internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Settings, string ScheduleName, int T, SamplerKind Kind, IReadOnlyList<ReverseStep> Steps)
+internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Settings, string ScheduleName, int T, SamplerKind Kind, IReadOnlyList<ReverseStep> Steps,
+    Recipe Recipe)
 {
-    /// <summary>True unless --recipe seed: the x0 estimate is clipped to [-1, 1].</summary>
-    public bool Clip => Settings.Recipe != "seed";
+    /// <summary>True when the recipe samples with the x0 estimate clipped to [-1, 1] (all but the seed's).</summary>
+    public bool Clip => Recipe.ClippedSampling;
 
     /// <summary>True when the EMA weights are sampled: the checkpoint has them, --no-ema is not given, and they are not still
     /// mostly the weights the average started from (<see cref="EmaNote"/> says so then).</summary>
@@ -299,7 +313,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
             _ => $"ddpm ({Variance} variance) {Steps.Count} steps",
         };
         return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +
-            $"{sampler}, {(Clip ? "clipped" : "the seed's unclipped")} recipe, {ScheduleName} schedule, seed {Settings.Seed}";
+            $"{sampler}, the {Recipe.Name} recipe's {(Clip ? "clipped" : "unclipped")} step, {ScheduleName} schedule, seed {Settings.Seed}";
     }
 
     /// <summary>The default of --memory: MiB for one batch of samples. 1,000 tiny digits (eval's default) fit one batch, so

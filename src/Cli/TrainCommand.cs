@@ -56,15 +56,19 @@ public static class TrainCommand
         recipe.AcceptOnlyFromAmong(Recipe.Names);
         var device = Program.DeviceOption();
         var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
-        var output = new Option<string>("--out") { Description = "run folder", DefaultValueFactory = _ => Path.Combine("runs", "latest") }.IsPath();
-        var resume = new Option<bool>("--resume") { Description = "continue the run in --out from its checkpoint, exactly" };
+        var output = new Option<string?>("--out")
+        {
+            Description = $"run folder (default: a new {RunFolders.Root}/{RunFolders.Prefix}N, one more than the highest there, with {RunFolders.Root}/{RunFolders.Latest} " +
+                "pointing at it; with --resume, the newest run)",
+        }.IsPath();
+        var resume = new Option<bool>("--resume") { Description = "continue the run in --out (default: the newest run) from its checkpoint, exactly" };
         var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
         {
             preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, emaWarmup, minSnr, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output)!,
+            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output),
             p.GetValue(resume)))));
         return command;
     }
@@ -75,22 +79,64 @@ public static class TrainCommand
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? MinSnr, float? Clip,
-        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string Out, bool Resume);
+        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string? Out, bool Resume);
 
-    private static int Run(Settings s)
+    private static int Run(Settings given)
     {
-        Program.RequireFolder("--out", s.Out);
+        // Without --out: the newest run to resume, or a new numbered one (removed again if the run stops before writing).
+        if (given.Out is null && given.Resume)
+        {
+            string newest = RunFolders.Newest(CheckpointFile)
+                ?? throw new ArgumentException($"--resume: no run under {RunFolders.Root}/ holds a {CheckpointFile}; pass --out DIR");
+            return Run(given with { Out = newest });
+        }
+        if (given.Out is null)
+        {
+            Program.RequireFolder("--data", given.Data);
+            string created = RunFolders.Create();
+            Console.Error.WriteLine($"run folder: {created}");
+            try
+            {
+                return Run(given with { Out = created });
+            }
+            finally
+            {
+                RemoveIfUnused(created);
+            }
+        }
+        return Run(given, given.Out);
+    }
+
+    /// <summary>Removes a run folder this command made when the run left nothing in it but its lock (it stopped before any
+    /// file was written), so a failed start does not leave an empty numbered run behind.</summary>
+    private static void RemoveIfUnused(string folder)
+    {
+        try
+        {
+            if (Directory.Exists(folder) && Directory.EnumerateFileSystemEntries(folder).All(f => Path.GetFileName(f).StartsWith('.')))
+            {
+                Directory.Delete(folder, recursive: true);
+            }
+        }
+        catch (IOException)
+        {
+        }
+    }
+
+    private static int Run(Settings s, string outDir)
+    {
+        Program.RequireFolder("--out", outDir);
         Program.RequireFolder("--data", s.Data);
-        var checkpoint = Path.Combine(s.Out, CheckpointFile);
-        using var runLock = Program.LockRun(s.Out);
-        Program.RequireFileSlots("--out", s.Out, CheckpointFile, MetricsFile, LossFile, SamplesFile);
+        var checkpoint = Path.Combine(outDir, CheckpointFile);
+        using var runLock = Program.LockRun(outDir);
+        Program.RequireFileSlots("--out", outDir, CheckpointFile, MetricsFile, LossFile, SamplesFile);
         if (s.Resume && !File.Exists(checkpoint))
         {
             throw new ArgumentException($"--resume: {checkpoint} does not exist");
         }
         if (!s.Resume && File.Exists(checkpoint))
         {
-            throw new ArgumentException($"--out {s.Out} already holds a run; pass --resume to continue it or --out DIR for a new one");
+            throw new ArgumentException($"--out {outDir} already holds a run; pass --resume to continue it or --out DIR for a new one");
         }
         CheckpointInfo? resumeFrom = null;
         if (s.Resume)
@@ -105,7 +151,7 @@ public static class TrainCommand
         var recipe = Recipe.Named(s.Recipe);
         // The run is not refused: the leftovers of the program's own writers killed in this folder go (we hold its lock, so
         // none of them is live); nothing else is touched.
-        Durable.RemoveStaleTemps(s.Out, Durable.TempPattern(), allPidsStale: true);
+        Durable.RemoveStaleTemps(outDir, Durable.TempPattern(), allPidsStale: true);
         using var device = Program.OpenDevice(s.Device);
         // The step's memory, from the preset and the batch the run will have, refused before any data is read.
         var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
@@ -148,12 +194,13 @@ public static class TrainCommand
                 Clip = s.Clip ?? 0f,
                 Seed = s.Seed ?? 0UL,
                 Classes = s.Classes ?? 0,
+                Recipe = recipe.Name,
             }, mnist);
         var o = trainer.Options;
         Console.Error.WriteLine(
             $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
             $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {o.Lr}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {o.Lr * Trainer.CosineFloor}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}{(o.MinSnr > 0 ? $", min-SNR-{o.MinSnr} timesteps" : "")}, ema {(o.EmaDecay > 0 ? $"{o.EmaDecay}{(o.EmaWarmup > 0 ? $" (warm-up power {o.EmaWarmup})" : "")}" : "off")}, clip {(o.Clip > 0 ? o.Clip : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Trainer.LabelDropProbability})" : "")}");
+            $"lr {Numbers.Human(o.Lr)}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {Numbers.Human((double)o.Lr * Trainer.CosineFloor)}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}{(o.MinSnr > 0 ? $", min-SNR-{Numbers.Human(o.MinSnr)} timesteps" : "")}, ema {(o.EmaDecay > 0 ? $"{Numbers.Human(o.EmaDecay)}{(o.EmaWarmup > 0 ? $" (warm-up power {Numbers.Human(o.EmaWarmup)})" : "")}" : "off")}, clip {(o.Clip > 0 ? Numbers.Human(o.Clip) : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Numbers.Human(Trainer.LabelDropProbability)})" : "")}, recipe {o.Recipe ?? "not recorded"}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
@@ -164,21 +211,21 @@ public static class TrainCommand
             Console.Error.WriteLine($"preset: {o.Preset}, the {recipe.Name} recipe's choice for the CPU backend (pass --preset tiny|small|base for another)");
         }
 
-        var metricsPath = Path.Combine(s.Out, MetricsFile);
+        var metricsPath = Path.Combine(outDir, MetricsFile);
         var history = s.Resume ? TrimMetrics(metricsPath, trainer.Step) : NewMetrics(metricsPath);
         using var metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
         if (changes.Count > 0)
         {
             metrics.WriteLine(JsonSerializer.Serialize(new { @event = "resume", step = trainer.Step, changes }, MetricsJson));
         }
-        var run = new RunFiles(s.Out, checkpoint, history, metrics, s.SaveEvery);
+        var run = new RunFiles(outDir, checkpoint, history, metrics, s.SaveEvery);
         using (var signals = new StopSignals())
         {
             Loop(trainer, run, signals);
             using (signals.Critical())
             {
                 trainer.Save(checkpoint);
-                Images.SaveLossPlot(Path.Combine(s.Out, LossFile), history);
+                Images.SaveLossPlot(Path.Combine(outDir, LossFile), history);
             }
             if (signals.Received is { } signal)
             {
@@ -189,10 +236,11 @@ public static class TrainCommand
         // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
         if (s.Grid > 0)
         {
-            WriteSamples(trainer, Path.Combine(s.Out, SamplesFile), s.Grid, clip: recipe.ClippedSampling);
+            // The recipe the run records (a resumed run keeps its own), else the one asked for.
+            WriteSamples(trainer, Path.Combine(outDir, SamplesFile), s.Grid, clip: Recipe.Named(o.Recipe ?? recipe.Name).ClippedSampling);
         }
         Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
-            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(s.Out, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(s.Out, SamplesFile)}" : "")}");
+            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(outDir, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(outDir, SamplesFile)}" : "")}");
         return 0;
     }
 

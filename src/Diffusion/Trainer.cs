@@ -129,11 +129,18 @@ public sealed record TrainOptions
     /// <summary>The metadata key of <see cref="MinSnr"/> (absent in runs from before it: 0, uniform timesteps).</summary>
     public const string MinSnrKey = "min_snr";
 
+    /// <summary>The metadata key of <see cref="Recipe"/> (absent in runs from before it).</summary>
+    public const string RecipeKey = "recipe";
+
+    /// <summary>The recipe the run's defaults came from (<see cref="Diffusion.Recipe"/>'s name); its sampling is what the run's
+    /// grid and, unless told otherwise, <c>sample</c> and <c>eval</c> use. Null when not recorded.</summary>
+    public string? Recipe { get; init; }
+
     /// <summary>The largest batch a run may take (a step's activations grow with it; 4096 is far past any recipe).</summary>
     public const int MaxBatch = 4096;
 
     /// <summary>The options as checkpoint metadata.</summary>
-    public Dictionary<string, string> ToMetadata() => new()
+    public Dictionary<string, string> ToMetadata() => new Dictionary<string, string>()
     {
         ["preset"] = Preset,
         ["epochs"] = Epochs.ToString(CultureInfo.InvariantCulture),
@@ -150,7 +157,7 @@ public sealed record TrainOptions
         ["clip"] = Clip.ToString("R", CultureInfo.InvariantCulture),
         ["seed"] = Seed.ToString(CultureInfo.InvariantCulture),
         [Checkpoint.ClassesKey] = Classes.ToString(CultureInfo.InvariantCulture),
-    };
+    }.With(RecipeKey, Recipe);
 
     /// <summary>Options read back from checkpoint metadata; a missing or malformed key is an error naming it.</summary>
     public static TrainOptions FromMetadata(IReadOnlyDictionary<string, string> m, string label)
@@ -178,7 +185,12 @@ public sealed record TrainOptions
             Seed = Parse<ulong>("seed"),
             // Runs from before conditioning existed have no key: they are unconditional.
             Classes = m.ContainsKey(Checkpoint.ClassesKey) ? Parse<int>(Checkpoint.ClassesKey) : 0,
+            Recipe = m.GetValueOrDefault(RecipeKey),
         };
+        if (options.Recipe is { } recipe && !Diffusion.Recipe.Names.Contains(recipe))
+        {
+            throw new CheckpointException($"{label}: metadata '{RecipeKey}' = '{recipe}' is not a recipe ({string.Join(", ", Diffusion.Recipe.Names)})");
+        }
         foreach (var (key, _, problem) in options.Problems())
         {
             throw new CheckpointException($"{label}: metadata '{key}' = '{Get(key)}': {problem}");
@@ -191,6 +203,20 @@ public sealed record TrainOptions
 /// optimizer skipped it (null when it did not), the gradient norm before clipping and Adam's learning rate as of that step
 /// (a skipped step keeps the previous step's; the norm is NaN without clipping).</summary>
 public readonly record struct StepResult(long Step, float Loss, string? Skip, float GradNorm, float Lr);
+
+/// <summary>Small helpers for metadata dictionaries.</summary>
+internal static class MetadataExtensions
+{
+    /// <summary>The dictionary with <paramref name="key"/> set to <paramref name="value"/> when it is not null.</summary>
+    public static Dictionary<string, string> With(this Dictionary<string, string> m, string key, string? value)
+    {
+        if (value is not null)
+        {
+            m[key] = value;
+        }
+        return m;
+    }
+}
 
 /// <summary>Settings that cannot be used: a flag's value out of its range, or a change that --resume cannot make. The message names the flag.</summary>
 public sealed class UsageException(string message) : ArgumentException(message);
