@@ -42,16 +42,19 @@ public sealed class CliTests : IDisposable
     }
 
     /// <summary>The repository's README.md (found above the test binaries).</summary>
-    internal static string Readme()
+    internal static string Readme() => File.ReadAllText(Path.Combine(RepoRoot(), "README.md"));
+
+    /// <summary>The repository's root: the folder above the test binaries that holds Ddpm.sln.</summary>
+    internal static string RepoRoot()
     {
         for (var dir = new DirectoryInfo(AppContext.BaseDirectory); dir is not null; dir = dir.Parent)
         {
             if (File.Exists(Path.Combine(dir.FullName, "Ddpm.sln")))
             {
-                return File.ReadAllText(Path.Combine(dir.FullName, "README.md"));
+                return dir.FullName;
             }
         }
-        throw new FileNotFoundException("README.md: no Ddpm.sln above " + AppContext.BaseDirectory);
+        throw new FileNotFoundException("no Ddpm.sln above " + AppContext.BaseDirectory);
     }
 
     /// <summary>The README's usage block of <c>train</c> names every flag that <c>train --help</c> lists, and its recipes are
