@@ -22,6 +22,8 @@ public sealed class ArchitectureTests
     [
         new("tensor-uses-nothing", "Ddpm.Tensors", ["Ddpm.Kernels", "Ddpm.Nn", "Ddpm.Diffusion", "Ddpm.Cli"], [], [],
             "Tensor is the bottom: tensors, devices, the pool, Philox"),
+        new("storage-uses-nothing", "Ddpm.Storage", ["Ddpm.Kernels", "Ddpm.Nn", "Ddpm.Diffusion", "Ddpm.Cli"], [], [],
+            "durable files sit in the bottom project, where every layer that writes reaches them"),
         new("kernels-use-only-tensor", "Ddpm.Kernels", ["Ddpm.Nn", "Ddpm.Diffusion", "Ddpm.Cli"], [], [],
             "an op knows tensors and devices, no layer, no model"),
         new("nn-uses-tensor-and-kernels", "Ddpm.Nn", ["Ddpm.Diffusion", "Ddpm.Cli"], [], [],

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using Ddpm.Nn;
+using Ddpm.Storage;
 
 namespace Ddpm.Tests;
 

@@ -3,6 +3,7 @@ using Ddpm.Cli;
 using Ddpm.Diffusion;
 using Ddpm.Nn;
 using Ddpm.Tensors;
+using Ddpm.Storage;
 
 namespace Ddpm.Tests;
 

@@ -4,6 +4,7 @@ using Ddpm.Kernels;
 using Ddpm.Kernels.Checks;
 using Ddpm.Tensors;
 using ILGPU.Runtime.Cuda;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 
@@ -71,7 +72,7 @@ public static class CheckCommand
             string code = compiler.Compile(kernel);
             target ??= System.Text.RegularExpressions.Regex.Match(code, @"^\.target\s+(\S+)", System.Text.RegularExpressions.RegexOptions.Multiline).Groups[1].Value;
             byte[] bytes = System.Text.Encoding.UTF8.GetBytes(code);
-            Ddpm.Nn.Durable.WriteAtomically(Path.Combine(sub, KernelPtx.Name(kernel) + ".ptx"), s => s.Write(bytes));
+            Durable.WriteAtomically(Path.Combine(sub, KernelPtx.Name(kernel) + ".ptx"), s => s.Write(bytes));
             tiled += kernel.Grouped ? 1 : 0;
         }
         var isa = compiler.InstructionSet;
@@ -106,7 +107,7 @@ public static class CheckCommand
         var cudaVersion = CudaDriverVersion.FromMajorMinor(int.Parse(release.Groups[1].Value), int.Parse(release.Groups[2].Value));
         using var ilgpu = IlgpuDevice.OpenSimulator();
         var kernels = IlgpuKernels.For(ilgpu);
-        string work = Directory.CreateTempSubdirectory(Ddpm.Nn.Durable.TempMark + "sass-").FullName;
+        string work = Directory.CreateTempSubdirectory(Durable.TempMark + "sass-").FullName;
         var problems = new List<string>();
         try
         {

@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text;
 using Ddpm.Diffusion;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 
@@ -88,7 +89,7 @@ public static class EvalReport
         var rows = ByClass(f.Probabilities, f.Samples.Count, f.Classes);
         Images.SaveRowGrid(Path.Combine(folder, GridFile), f.Digits, rows, PerRow, i => Unsure(f.Probabilities, i, f.Classes));
         byte[] markdown = System.Text.Encoding.UTF8.GetBytes(Markdown(f));
-        Ddpm.Nn.Durable.WriteAtomically(Path.Combine(folder, MarkdownFile), s => s.Write(markdown));
+        Durable.WriteAtomically(Path.Combine(folder, MarkdownFile), s => s.Write(markdown));
     }
 
     /// <summary>The report as markdown.</summary>

@@ -3,6 +3,7 @@ using Ddpm.Nn;
 using SixLabors.ImageSharp;
 using SixLabors.ImageSharp.Formats.Gif;
 using SixLabors.ImageSharp.PixelFormats;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 

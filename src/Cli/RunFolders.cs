@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Text.RegularExpressions;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 
@@ -49,7 +50,7 @@ public static partial class RunFolders
             {
                 continue;
             }
-            string claim = Path.Combine(root, $".{Prefix}{next}.{Ddpm.Nn.Durable.TempMark}{Environment.ProcessId}.claim");
+            string claim = Path.Combine(root, $".{Prefix}{next}.{Durable.TempMark}{Environment.ProcessId}.claim");
             Directory.CreateDirectory(claim);
             try
             {
@@ -87,7 +88,7 @@ public static partial class RunFolders
         {
             return;
         }
-        string temp = Path.Combine(root, $".{Latest}.{Ddpm.Nn.Durable.TempMark}{Environment.ProcessId}.link");
+        string temp = Path.Combine(root, $".{Latest}.{Durable.TempMark}{Environment.ProcessId}.link");
         try
         {
             File.Delete(temp);

@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text;
 using Ddpm.Nn;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 

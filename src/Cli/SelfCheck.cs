@@ -7,6 +7,7 @@ using Ddpm.Nn;
 using Ddpm.Tensors;
 using ILGPU.Runtime.Cuda;
 using ILGPU.Runtime.OpenCL;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 

@@ -5,6 +5,7 @@ using Ddpm.Diffusion;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 using Spectre.Console;
+using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 

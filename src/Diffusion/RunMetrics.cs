@@ -1,4 +1,5 @@
 using System.Text.Json;
+using Ddpm.Storage;
 
 namespace Ddpm.Diffusion;
 
@@ -167,7 +168,7 @@ public static class RunMetrics
     }
 
     /// <summary>Replaces <paramref name="path"/> with the kept lines, atomically (a crash leaves the old file or the new one).</summary>
-    public static void Rewrite(string path, RunMetricsFile metrics) => Ddpm.Nn.Durable.WriteAtomically(path, stream =>
+    public static void Rewrite(string path, RunMetricsFile metrics) => Durable.WriteAtomically(path, stream =>
     {
         foreach (var line in metrics.Lines)
         {

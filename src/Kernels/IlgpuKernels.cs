@@ -151,39 +151,3 @@ public sealed class KernelLaunches(MethodInfo method, DeviceCounters device)
 
 /// <summary>A kernel entry point, whether it is explicitly grouped, and the launch bounds it has on a GPU.</summary>
 public readonly record struct LoadedKernel(MethodInfo Method, bool Grouped, KernelSpecialization Bounds = default);
-
-/// <summary>Shape checks shared by every op: one clear message naming the op and the shapes.</summary>
-internal static class Check
-{
-    public static void Same(string op, Tensor a, Tensor b)
-    {
-        if (a.Device != b.Device)
-        {
-            throw new ArgumentException($"{op}: tensors on different devices ({a.Device.Name} and {b.Device.Name})");
-        }
-    }
-
-    public static void Shape(string op, string name, Tensor t, params ReadOnlySpan<int> expected)
-    {
-        if (!t.Shape.AsSpan().SequenceEqual(expected))
-        {
-            throw new ArgumentException($"{op}: {name} is {t.ShapeText}, expected {Tensor.ShapeString(expected)}");
-        }
-    }
-
-    public static void Rank(string op, string name, Tensor t, int rank)
-    {
-        if (t.Rank != rank)
-        {
-            throw new ArgumentException($"{op}: {name} is {t.ShapeText}, expected rank {rank}");
-        }
-    }
-
-    public static void Devices(string op, params ReadOnlySpan<Tensor> ts)
-    {
-        for (int i = 1; i < ts.Length; i++)
-        {
-            Same(op, ts[0], ts[i]);
-        }
-    }
-}

@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 
-namespace Ddpm.Nn;
+namespace Ddpm.Storage;
 
 /// <summary>
 /// Files that survive a crash or a power cut. A rename is atomic but lives in the directory's

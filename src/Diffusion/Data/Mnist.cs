@@ -3,6 +3,7 @@ using System.Diagnostics;
 using System.Formats.Tar;
 using System.IO.Compression;
 using System.Security.Cryptography;
+using Ddpm.Storage;
 
 namespace Ddpm.Diffusion;
 
@@ -385,10 +386,10 @@ public static class Mnist
     }
 
     /// <summary>
-    /// Deletes partial fetches (.NAME.ddpm-PID-RANDOM.part, <see cref="Ddpm.Nn.Durable.TempPath"/>) in <paramref name="folder"/>
+    /// Deletes partial fetches (.NAME.ddpm-PID-RANDOM.part, <see cref="Durable.TempPath"/>) in <paramref name="folder"/>
     /// whose process is no longer running; a live process's own, and any file not named so, are kept. Returns how many were deleted.
     /// </summary>
-    public static int RemoveStaleParts(string folder) => Ddpm.Nn.Durable.RemoveStaleTemps(folder, Ddpm.Nn.Durable.TempPattern("part"));
+    public static int RemoveStaleParts(string folder) => Durable.RemoveStaleTemps(folder, Durable.TempPattern("part"));
 
     private static void TryDelete(string path)
     {
@@ -414,7 +415,7 @@ public static class Mnist
     internal static void Store(string folder, (string Name, string Md5) file, Stream raw)
     {
         var path = Path.Combine(folder, file.Name);
-        var temp = Ddpm.Nn.Durable.TempPath(path, "part");
+        var temp = Durable.TempPath(path, "part");
         try
         {
             using (var output = new FileStream(temp, FileMode.CreateNew, FileAccess.Write, FileShare.None))
@@ -440,7 +441,7 @@ public static class Mnist
                 }
                 output.Flush(flushToDisk: true);
             }
-            Ddpm.Nn.Durable.ReplaceFile(temp, path);
+            Durable.ReplaceFile(temp, path);
         }
         finally
         {
