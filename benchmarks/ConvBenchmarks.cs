@@ -65,26 +65,22 @@ public class UNetConvolutionBenchmarks : ConvOperands
         Allocate(_g);
     }
 
-    // The lowering is per thread: set it on the thread that runs the iterations.
     [Benchmark]
     public void Forward()
     {
-        Conv2d.CpuLowering = Lowering;
-        Conv2d.Forward(_x, _w, _b, _y, _stride, _pad);
+        Conv2d.Forward(_x, _w, _b, _y, _stride, _pad, paths: new CpuConvPaths(Lowering));
     }
 
     [Benchmark]
     public void BackwardInput()
     {
-        Conv2d.CpuLowering = Lowering;
-        Conv2d.BackwardInput(_dy, _w, _dx, _stride, _pad);
+        Conv2d.BackwardInput(_dy, _w, _dx, _stride, _pad, paths: new CpuConvPaths(Lowering));
     }
 
     [Benchmark]
     public void BackwardWeight()
     {
-        Conv2d.CpuLowering = Lowering;
-        Conv2d.BackwardWeight(_dy, _x, _dw, _stride, _pad);
+        Conv2d.BackwardWeight(_dy, _x, _dw, _stride, _pad, paths: new CpuConvPaths(Lowering));
     }
 }
 
@@ -119,15 +115,13 @@ public class SmallConvBenchmarks : ConvOperands
     [Benchmark, Flops(Flops)]
     public void BackwardWeightFastDot()
     {
-        ConvGemm.t_dotWeightGradient = true;
-        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
+        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1, paths: new CpuConvPaths(DotWeightGradient: true));
     }
 
     [Benchmark, Flops(Flops)]
     public void BackwardWeightFastGemm()
     {
-        ConvGemm.t_dotWeightGradient = false;
-        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1);
+        Conv2d.BackwardWeight(_dy, _x, _dw, 1, 1, paths: new CpuConvPaths(DotWeightGradient: false));
     }
 }
 

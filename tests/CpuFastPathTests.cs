@@ -107,51 +107,23 @@ public sealed unsafe class CpuFastPathTests
     {
         Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
         using var _ = CpuSimd.Use(level);
-        // Every lowering: the per-shape choice and both forced ones (the setting is per thread).
+        // Every lowering: the per-shape choice and both forced ones, each asked for by argument.
         foreach (var lowering in Enum.GetValues<ConvLowering>())
         {
-            Conv2d.CpuLowering = lowering;
-            try
-            {
-                CheckConvolution(n, c, h, w, k, r, stride, pad, lowering);
-            }
-            finally
-            {
-                Conv2d.CpuLowering = ConvLowering.Auto;
-            }
+            CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(lowering));
         }
         // The packed path for the B panels the GEMM otherwise reads in place, and the wide grid where the forward pass
         // would take dense columns.
-        Gemm.t_inPlaceB = false;
-        ConvGemm.t_denseForward = false;
-        try
-        {
-            CheckConvolution(n, c, h, w, k, r, stride, pad, ConvLowering.Auto);
-        }
-        finally
-        {
-            Gemm.t_inPlaceB = null;
-            ConvGemm.t_denseForward = null;
-        }
+        CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(PackEveryPanel: true, WideForward: true));
         // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512-, 256- or 128-bit, need
         // a vector level: at the scalar level the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
-            Conv2d.CpuLowering = ConvLowering.Implicit;
-            ConvGemm.t_dotWeightGradient = dot;
-            try
-            {
-                CheckConvolution(n, c, h, w, k, r, stride, pad, ConvLowering.Implicit);
-            }
-            finally
-            {
-                Conv2d.CpuLowering = ConvLowering.Auto;
-                ConvGemm.t_dotWeightGradient = null;
-            }
+            CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(ConvLowering.Implicit, DotWeightGradient: dot));
         }
     }
 
-    private static void CheckConvolution(int n, int c, int h, int w, int k, int r, int stride, int pad, ConvLowering lowering)
+    private static void CheckConvolution(int n, int c, int h, int w, int k, int r, int stride, int pad, CpuConvPaths lowering)
     {
         var g = new ConvShape(n, c, h, w, k, r, r, stride, pad);
         var rng = new Random(n + c + h + w + k);
@@ -170,9 +142,9 @@ public sealed unsafe class CpuFastPathTests
         using var tdx = Tensor.FromHost(dev, dx0, n, c, h, w);
         using var tdw = Tensor.FromHost(dev, dw0, k, c, r, r);
 
-        Conv2d.Forward(tx, tw, tb, ty, stride, pad);
-        Conv2d.BackwardInput(tdy, tw, tdx, stride, pad);
-        Conv2d.BackwardWeight(tdy, tx, tdw, stride, pad);
+        Conv2d.Forward(tx, tw, tb, ty, stride, pad, paths: lowering);
+        Conv2d.BackwardInput(tdy, tw, tdx, stride, pad, paths: lowering);
+        Conv2d.BackwardWeight(tdy, tx, tdw, stride, pad, paths: lowering);
 
         var y = new float[ty.Length];
         Conv2d.ForwardNaive(g, x, wt, b, y);
@@ -187,7 +159,7 @@ public sealed unsafe class CpuFastPathTests
         var res = Ints(rng, y.Length);
         using var te = Tensor.FromHost(dev, e, n, k);
         using var tr = Tensor.FromHost(dev, res, n, k, g.P, g.Q);
-        Conv2d.Forward(tx, tw, tb, ty, stride, pad, te, tr);
+        Conv2d.Forward(tx, tw, tb, ty, stride, pad, te, tr, lowering);
         var yer = (float[])y.Clone();
         for (int i = 0; i < yer.Length; i++) yer[i] += e[i / (g.P * g.Q)] + res[i];
         Assert.True(yer.AsSpan().SequenceEqual(ty.ToArray()), $"forward with channel bias and residual, {lowering}");
@@ -196,7 +168,7 @@ public sealed unsafe class CpuFastPathTests
 
         // Overwriting (a fresh gradient buffer): the old contents, NaN here, are never read.
         using var fresh = Tensor.FromHost(dev, Enumerable.Repeat(float.NaN, x.Length).ToArray(), n, c, h, w);
-        Conv2d.BackwardInput(tdy, tw, fresh, stride, pad, accumulate: false);
+        Conv2d.BackwardInput(tdy, tw, fresh, stride, pad, accumulate: false, paths: lowering);
         var dxOnly = new float[x.Length];
         Conv2d.BackwardInputNaive(g, dy, wt, dxOnly);
         Assert.True(dxOnly.AsSpan().SequenceEqual(fresh.ToArray()), $"input gradient without accumulating, {lowering}");

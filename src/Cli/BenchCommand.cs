@@ -34,7 +34,7 @@ public static class BenchCommand
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
         var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile, simd };
         command.Options.Add(PeakOption(device));
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), p.GetValue(device)!, p.GetValue(profile), p.GetValue(simd))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device), p.GetValue(profile), p.GetValue(simd))));
         return command;
     }
 
@@ -96,7 +96,7 @@ public static class BenchCommand
         }
     }
 
-    private static int Run(string preset, int batch, int steps, string deviceName, bool profile, string? simd)
+    private static int Run(string preset, int batch, int steps, DeviceChoice deviceName, bool profile, string? simd)
     {
         if (batch < 1 || steps < 1)
         {
@@ -112,7 +112,7 @@ public static class BenchCommand
             }
             CpuSimd.Level = level;
         }
-        using var device = DeviceCatalog.Open(deviceName, out _);
+        using var device = Program.Open(deviceName, out _);
         MemoryEstimate.Require($"--preset {preset} --batch {batch}", MemoryEstimate.TrainBytes(Presets.Channels(preset), batch), device);
         device.ResetPeak();
         // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.
@@ -138,17 +138,18 @@ public static class BenchCommand
         if (profile)
         {
             // A separate pass: profiling synchronises around every op, so it must not touch the timed figures.
-            Tape.Profile = new OpProfile { ByShape = true };
+            var trainProfile = new OpProfile { ByShape = true };
+            trainer.Profile = trainProfile;
             for (int i = 0; i < steps; i++)
             {
                 trainer.TrainStep();
             }
             Console.Error.WriteLine($"train step profile ({steps} steps, ms in all):");
-            foreach (var line in Tape.Profile.Report())
+            foreach (var line in trainProfile.Report())
             {
                 Console.Error.WriteLine($"  {line}");
             }
-            Tape.Profile = null;
+            trainer.Profile = null;
         }
 
         using var x = Tensor.Empty(device, batch, 1, 28, 28);
@@ -172,17 +173,18 @@ public static class BenchCommand
         if (profile)
         {
             // The denoising step alone (a no-grad forward), after its timed figure, as for training.
-            Tape.Profile = new OpProfile { ByShape = true };
+            var denoiseProfile = new OpProfile { ByShape = true };
+            tape.Profile = denoiseProfile;
             for (int i = 0; i < steps; i++)
             {
                 Denoise();
             }
             Console.Error.WriteLine($"denoising step profile ({steps} steps, ms in all):");
-            foreach (var line in Tape.Profile.Report())
+            foreach (var line in denoiseProfile.Report())
             {
                 Console.Error.WriteLine($"  {line}");
             }
-            Tape.Profile = null;
+            tape.Profile = null;
         }
         Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
         {
@@ -211,16 +213,16 @@ public static class BenchCommand
 
     private sealed class PeakAction(Option<string> device) : SynchronousCommandLineAction
     {
-        public override int Invoke(ParseResult parseResult) => Program.Guard(() => RunPeak(parseResult.GetValue(device)!));
+        public override int Invoke(ParseResult parseResult) => Program.Guard(() => RunPeak(Program.ChosenDevice(parseResult, device)));
     }
 
     /// <summary>FMAs per thread per loop trip: 8 independent chains (enough to cover the FMA pipeline's
     /// latency) unrolled 4 times, so the loop's own instructions are a few percent of the issue slots.</summary>
     public const int PeakFmasPerIteration = 32;
 
-    private static int RunPeak(string deviceName)
+    private static int RunPeak(DeviceChoice deviceName)
     {
-        using var device = DeviceCatalog.Open(deviceName, out _);
+        using var device = Program.Open(deviceName, out _);
         if (device is not IlgpuDevice gpu)
         {
             throw new UsageException("--peak measures an ILGPU device: pass --device cuda, opencl or ilgpu-cpu");

@@ -45,7 +45,7 @@ public static class CheckCommand
             ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!)
             : parse.GetValue(sass) is { } tools
                 ? CompilerTable(tools)
-                : Run(parse.GetValue(device)!)));
+                : Run(Program.ChosenDevice(parse, device))));
         return check;
     }
 
@@ -177,9 +177,9 @@ public static class CheckCommand
         return text;
     }
 
-    private static int Run(string deviceName)
+    private static int Run(DeviceChoice deviceName)
     {
-        using var device = DeviceCatalog.Open(deviceName, out _);
+        using var device = Program.Open(deviceName, out _);
         Console.WriteLine($"checking {device.Name} against {CpuDevice.Instance.Name}");
         var started = DateTime.UtcNow;
         var kernels = IlgpuKernels.For((IlgpuDevice)device);

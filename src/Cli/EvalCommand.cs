@@ -59,7 +59,7 @@ public static class EvalCommand
         {
             // Without --samples: the newest run, when there is one.
             var request = new Request(p.GetValue(samples) ?? RunFolders.Newest(TrainCommand.CheckpointFile), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
-                p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, p.GetValue(device)!,
+                p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, Program.ChosenDevice(p, device),
                 "ddpm " + string.Join(' ', p.Tokens.Select(t => Quote(t.Value))));
             return Run(request);
         }));
@@ -67,7 +67,7 @@ public static class EvalCommand
     }
 
     private sealed record Request(string? Samples, int N, bool NGiven, SamplerSettings Settings, string? SamplerFlagGiven, string? Report,
-        string? Classifier, bool Retrain, string Data, string Device, string CommandLine);
+        string? Classifier, bool Retrain, string Data, DeviceChoice Device, string CommandLine);
 
     /// <summary>Refuses a --classifier that cannot be one before any work: a folder, or (when it is to be trained and saved) a
     /// file in a folder that cannot be written. (An empty path is the parser's: <see cref="Program.IsPath"/>.)</summary>

@@ -47,17 +47,10 @@ public static class GpuForecast
         var pixels = new byte[2 * MnistSet.Pixels];
         var data = new MnistSet(pixels, new byte[2], 2);
         using var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = preset, Batch = 1, Epochs = 1, Lr = 1e-4f }, data);
-        var saved = Tape.Profile;
-        try
-        {
-            Tape.Profile = new OpProfile { ByShape = true };
-            trainer.TrainStep();
-            return Tape.Profile.ConvPasses.Select(p => new ConvPass(p.Pass, WithBatch(p.Shape, batch))).ToList();
-        }
-        finally
-        {
-            Tape.Profile = saved;
-        }
+        var profile = new OpProfile { ByShape = true };
+        trainer.Profile = profile;
+        trainer.TrainStep();
+        return profile.ConvPasses.Select(p => new ConvPass(p.Pass, WithBatch(p.Shape, batch))).ToList();
     }
 
     private static ConvShape WithBatch(ConvShape g, int n) => new(n, g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);

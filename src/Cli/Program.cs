@@ -11,7 +11,7 @@ public static class Program
     /// <summary>Entry point: parses the command and runs it. Bad input is one line on stderr and a non-zero exit.</summary>
     public static int Main(string[] args)
     {
-        var gpuKernels = GpuKernelsOption();
+        var gpuKernels = GpuKernels;
         var root = new RootCommand("ddpm: a denoising diffusion model (DDPM) engine in C#, trained on MNIST.")
         {
             TrainCommand.Build(),
@@ -33,37 +33,41 @@ public static class Program
         try
         {
             EnvironmentSettings.Check();
+            EnvironmentSettings.Apply();
         }
         catch (UsageException e)
         {
             Console.Error.WriteLine($"ddpm: {e.Message}");
             return ExitCodes.Usage;
         }
-        // The switch is the DDPM_GPU_KERNELS variable the kernel sets read when a device opens,
-        // for this command only (tests run several commands in one process).
-        var kernels = parsed.GetValue(gpuKernels);
-        var before = Environment.GetEnvironmentVariable(GpuKernelsVariable);
-        if (kernels is not null)
-        {
-            Environment.SetEnvironmentVariable(GpuKernelsVariable, kernels);
-        }
-        try
-        {
-            return parsed.Invoke();
-        }
-        finally
-        {
-            if (kernels is not null)
-            {
-                Environment.SetEnvironmentVariable(GpuKernelsVariable, before);
-            }
-        }
+        return parsed.Invoke();
     }
 
-    /// <summary>The environment variable behind --gpu-kernels (IlgpuKernels.Simple reads it).</summary>
+    /// <summary>The environment variable behind --gpu-kernels (read here, set on the device as it opens).</summary>
     public const string GpuKernelsVariable = "DDPM_GPU_KERNELS";
 
-    /// <summary>--gpu-kernels fast|simple, accepted after any command.</summary>
+    /// <summary>--gpu-kernels fast|simple, accepted after any command (one definition, read from each command's parse).</summary>
+    public static Option<string?> GpuKernels { get; } = GpuKernelsOption();
+
+    /// <summary>The kernel mode a command asked for: --gpu-kernels, else DDPM_GPU_KERNELS (validated before any command
+    /// runs), else fast.</summary>
+    public static bool SimpleKernels(System.CommandLine.ParseResult p) =>
+        string.Equals((p.GetValue(GpuKernels) ?? Environment.GetEnvironmentVariable(GpuKernelsVariable))?.Trim(), "simple", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>The device a command asked for: --device (its option <paramref name="device"/>) and the kernel mode.</summary>
+    public static DeviceChoice ChosenDevice(System.CommandLine.ParseResult p, Option<string> device) => new(p.GetValue(device)!, SimpleKernels(p));
+
+    /// <summary>Opens the chosen device (no self-check, no message), its kernel mode set.</summary>
+    public static Device Open(DeviceChoice choice, out string reason)
+    {
+        var device = DeviceCatalog.Open(choice.Name, out reason);
+        if (device is IlgpuDevice gpu)
+        {
+            gpu.SimpleKernels = choice.SimpleKernels;
+        }
+        return device;
+    }
+
     private static Option<string?> GpuKernelsOption()
     {
         var option = new Option<string?>("--gpu-kernels")
@@ -280,9 +284,9 @@ public static class Program
 
     /// <summary>Opens a device by name and says which and why on stderr; on a GPU, the self-check
     /// runs first if this GPU, driver and build have not passed it yet (<see cref="SelfCheck"/>).</summary>
-    public static Device OpenDevice(string name)
+    public static Device OpenDevice(DeviceChoice choice)
     {
-        var device = DeviceCatalog.Open(name, out var reason);
+        var device = Open(choice, out var reason);
         Console.Error.WriteLine($"device: {device.Name} ({reason})");
         try
         {
@@ -336,3 +340,6 @@ public static class ExitCodes
     /// <summary>A bug in the engine (an exception no user input should cause): one line, and DDPM_DEBUG=1 shows the stack.</summary>
     public const int Internal = 70;
 }
+
+/// <summary>A device by name (--device) and the kernel mode to open it in (--gpu-kernels, DDPM_GPU_KERNELS).</summary>
+public readonly record struct DeviceChoice(string Name, bool SimpleKernels);

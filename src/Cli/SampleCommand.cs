@@ -25,7 +25,7 @@ public static class SampleCommand
         flags.AddTo(command);
         command.Add(device);
         command.Add(output);
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), p.GetValue(device)!, p.GetValue(output))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), Program.ChosenDevice(p, device), p.GetValue(output))));
         return command;
     }
 
@@ -69,7 +69,7 @@ public static class SampleCommand
         return recipe;
     }
 
-    private static int Run(string? checkpointGiven, int n, SamplerSettings settings, string deviceName, string? outDir)
+    private static int Run(string? checkpointGiven, int n, SamplerSettings settings, DeviceChoice deviceName, string? outDir)
     {
         settings.CheckFlags(guidanceNeedsDigit: true);
         if (settings.Digit == "all" && n > 1000)

@@ -69,7 +69,7 @@ public static class TrainCommand
         };
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, p.GetValue(device)!, p.GetValue(data)!, p.GetValue(output),
+            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, Program.ChosenDevice(p, device), p.GetValue(data)!, p.GetValue(output),
             p.GetValue(resume)))));
         return command;
     }
@@ -80,7 +80,7 @@ public static class TrainCommand
 
     /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
     private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? MinSnr, float? Clip,
-        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, string Device, string Data, string? Out, bool Resume);
+        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, DeviceChoice Device, string Data, string? Out, bool Resume);
 
     private static int Run(Settings given)
     {

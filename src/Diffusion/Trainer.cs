@@ -87,6 +87,13 @@ public sealed partial class Trainer : IDisposable
     /// <summary>Steps queued and not read back yet.</summary>
     public int Pending => _pending;
 
+    /// <summary>Where the training tape times its ops and passes (null: not profiled).</summary>
+    public OpProfile? Profile
+    {
+        get => _tape.Profile;
+        set => _tape.Profile = value;
+    }
+
     /// <summary>The run's options.</summary>
     public TrainOptions Options { get; }
 
@@ -171,7 +178,7 @@ public sealed partial class Trainer : IDisposable
             throw new InvalidOperationException($"{ReadEvery} steps are queued: read them back first");
         }
         int slot = _pending, b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
-        var prepare = Tape.Profile?.Time("batch (data, noise, x_t)", Device) ?? default;
+        var prepare = _tape.Profile?.Time("batch (data, noise, x_t)", Device) ?? default;
         var order = Order(epoch);
         var staged = _staged[slot];
         Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
@@ -216,7 +223,7 @@ public sealed partial class Trainer : IDisposable
         {
             _tape.Reset();
         }
-        using (Tape.Profile?.Time("clip, adam, ema", Device) ?? default)
+        using (_tape.Profile?.Time("clip, adam, ema", Device) ?? default)
         {
             Adam.LearningRate = LearningRateAt(Step);
             Adam.QueueStep(_recordOf[slot], _flagOf[slot], Options.Clip);

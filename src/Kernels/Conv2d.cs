@@ -86,7 +86,7 @@ public enum ConvLowering
 ///  - CPU fast, implicit (<see cref="ConvGemm"/>): the same products with the GEMM packing its
 ///    operand straight from a padded copy of the image, the bias added on the way out; the input
 ///    gradient as convolutions of dy with the flipped kernel, one per stride phase. Chosen per shape
-///    and pass (<see cref="CpuLowering"/>): implicit except for pointwise convolutions.
+///    and pass (<see cref="CpuConvPaths.Lowering"/>): implicit except for pointwise convolutions.
 ///  - ILGPU v1 (the simple twins, <see cref="IlgpuKernels.Simple"/>): one thread per output element (forward, input
 ///    gradient, weight gradient, bias).
 ///  - ILGPU v2 (the default): tiled implicit GEMM, 64x64 output tiles, 256 threads with 4x4 register tiles, K step 16
@@ -96,25 +96,13 @@ public enum ConvLowering
 /// </summary>
 public static unsafe class Conv2d
 {
-    [ThreadStatic] private static ConvLowering t_lowering;
-
-    /// <summary>
-    /// The lowering of the CPU fast path for calls made from the current thread: <see cref="ConvLowering.Auto"/> (the
-    /// default) picks per shape and pass; tests and benchmarks force one. Per thread, so a test that forces a lowering
-    /// cannot change the rounding of a concurrent test's convolutions. Every choice computes the same sums, in a
-    /// different order.
-    /// </summary>
-    public static ConvLowering CpuLowering
-    {
-        get => t_lowering;
-        set => t_lowering = value;
-    }
-
     /// <summary>y = conv(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each output
     /// image: the time embedding a ResBlock adds after its first convolution, folded into the convolution's epilogue
     /// (its gradient is <see cref="Elementwise.AddChannelsBackward"/> of dy). With <paramref name="residual"/> (shaped as
-    /// y, not y itself) also + residual: a ResBlock's skip path, in the tiled kernel's epilogue (its gradient is dy).</summary>
-    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad, Tensor? channelBias = null, Tensor? residual = null)
+    /// y, not y itself) also + residual: a ResBlock's skip path, in the tiled kernel's epilogue (its gradient is dy). On the
+    /// managed CPU backend, <c>paths</c> picks among its equivalent paths (default: per shape; see <see cref="CpuConvPaths"/>).</summary>
+    public static void Forward(Tensor x, Tensor w, Tensor b, Tensor y, int stride, int pad, Tensor? channelBias = null, Tensor? residual = null,
+        CpuConvPaths paths = default)
     {
         var g = ConvShape.Of(x, w, stride, pad);
         CheckOperands(g, x, w, b, y);
@@ -148,7 +136,7 @@ public static unsafe class Conv2d
         }
         else
         {
-            ForwardCpu(g, x.Pointer, w.Pointer, b.Pointer, y.Pointer, channelBias is null ? null : channelBias.Pointer, residual is null ? null : residual.Pointer);
+            ForwardCpu(g, x.Pointer, w.Pointer, b.Pointer, y.Pointer, channelBias is null ? null : channelBias.Pointer, residual is null ? null : residual.Pointer, paths);
             return;
         }
         if (residual is not null)
@@ -160,7 +148,7 @@ public static unsafe class Conv2d
 
     /// <summary>dx += conv_transpose(dy, w): the gradient of the loss with respect to the input; with
     /// <paramref name="accumulate"/> false, dx = conv_transpose(dy, w) and dx's old contents are never read.</summary>
-    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx, int stride, int pad, bool accumulate = true)
+    public static void BackwardInput(Tensor dy, Tensor w, Tensor dx, int stride, int pad, bool accumulate = true, CpuConvPaths paths = default)
     {
         var g = ConvShape.Of(dx, w, stride, pad);
         Check.Devices("conv2d backward input", dy, w, dx);
@@ -180,12 +168,12 @@ public static unsafe class Conv2d
             k.Conv2d.BackwardInput(k.Stream, dx.Length, dy.View, w.View, dx.View, g);
             return;
         }
-        BackwardInputCpu(g, dy.Pointer, w.Pointer, dx.Pointer, accumulate);
+        BackwardInputCpu(g, dy.Pointer, w.Pointer, dx.Pointer, accumulate, paths);
     }
 
     /// <summary>dw += Σ_n dy[n] ⋆ x[n]: the gradient with respect to the weight; with <paramref name="db"/> also the bias's,
     /// db[k] += Σ_{n,p,q} dy[n,k,p,q] (on the tiled ILGPU path in the same launch, as the row sums of the product's A = dy).</summary>
-    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, int stride, int pad, Tensor? db = null)
+    public static void BackwardWeight(Tensor dy, Tensor x, Tensor dw, int stride, int pad, Tensor? db = null, CpuConvPaths paths = default)
     {
         var g = ConvShape.Of(x, dw, stride, pad);
         Check.Devices("conv2d backward weight", dy, x, dw);
@@ -207,7 +195,7 @@ public static unsafe class Conv2d
         }
         else
         {
-            BackwardWeightCpu(g, dy.Pointer, x.Pointer, dw.Pointer);
+            BackwardWeightCpu(g, dy.Pointer, x.Pointer, dw.Pointer, paths);
         }
         if (db is not null)
         {
@@ -317,12 +305,12 @@ public static unsafe class Conv2d
 
     /// <summary>Forward on raw CPU buffers: per image, y[n] = W·col(x[n]) + b (+ e[n] when e is not null) (+ r[n] when r is
     /// not null: a residual shaped as y, added while the image's output is still in cache), the lowering col implicit
-    /// or explicit (im2col) as <see cref="CpuLowering"/> chooses.</summary>
-    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null)
+    /// or explicit (im2col) as <see cref="CpuConvPaths.Lowering"/> chooses.</summary>
+    public static void ForwardCpu(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null, CpuConvPaths paths = default)
     {
-        if (UseImplicit(g, Pass.Forward))
+        if (UseImplicit(g, Pass.Forward, paths.Lowering))
         {
-            ConvGemm.Forward(g, x, w, b, y, e, r);
+            ConvGemm.Forward(g, x, w, b, y, e, r, paths);
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
@@ -355,11 +343,11 @@ public static unsafe class Conv2d
 
     /// <summary>Input gradient on raw CPU buffers: dx[n] += col2im(Wᵀ·dy[n]), or the equivalent convolutions of dy
     /// with the flipped kernel (implicit).</summary>
-    public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true)
+    public static void BackwardInputCpu(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true, CpuConvPaths paths = default)
     {
-        if (UseImplicit(g, Pass.Input))
+        if (UseImplicit(g, Pass.Input, paths.Lowering))
         {
-            ConvGemm.BackwardInput(g, dy, w, dx, accumulate);
+            ConvGemm.BackwardInput(g, dy, w, dx, accumulate, paths);
             return;
         }
         bool imagesInParallel = g.N >= Cpu.Threads;
@@ -389,11 +377,11 @@ public static unsafe class Conv2d
 
     /// <summary>Weight gradient on raw CPU buffers: dW += Σ_n dy[n]·col(x[n])ᵀ, one private
     /// partial sum per worker so workers never write the same memory.</summary>
-    public static void BackwardWeightCpu(ConvShape g, float* dy, float* x, float* dw)
+    public static void BackwardWeightCpu(ConvShape g, float* dy, float* x, float* dw, CpuConvPaths paths = default)
     {
-        if (UseImplicit(g, Pass.Weight))
+        if (UseImplicit(g, Pass.Weight, paths.Lowering))
         {
-            ConvGemm.BackwardWeight(g, dy, x, dw);
+            ConvGemm.BackwardWeight(g, dy, x, dw, paths);
             return;
         }
         int workers = Math.Min(Cpu.Threads, g.N);
@@ -427,10 +415,10 @@ public static unsafe class Conv2d
     private enum Pass { Forward, Input, Weight }
 
     /// <summary>Whether <paramref name="pass"/> of <paramref name="g"/> runs through <see cref="ConvGemm"/>.</summary>
-    private static bool UseImplicit(ConvShape g, Pass pass)
+    private static bool UseImplicit(ConvShape g, Pass pass, ConvLowering lowering)
     {
         if (pass == Pass.Input && !ConvGemm.SupportsBackwardInput(g)) return false;
-        switch (CpuLowering)
+        switch (lowering)
         {
             case ConvLowering.Explicit: return false;
             case ConvLowering.Implicit: return true;
@@ -754,3 +742,15 @@ public static unsafe class Conv2d
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int>>(BackwardBiasKernel);
     }
 }
+
+/// <summary>
+/// Which of the managed CPU convolution's equivalent paths to take, as an argument of the op (tests and benchmarks cover
+/// each; every choice computes the same sums, in a different order). The default picks per shape and pass.
+/// </summary>
+/// <param name="Lowering">Implicit (ConvGemm), explicit (im2col + GEMM), or per shape.</param>
+/// <param name="PackEveryPanel">Pack the GEMM's B panels even from sources it would read in place.</param>
+/// <param name="WideForward">Keep the forward pass on the wide grid where it would take dense columns.</param>
+/// <param name="DotWeightGradient">The implicit weight gradient's kernel: the dot-product tiles (true), the packed GEMM
+/// (false), or by shape (null).</param>
+public readonly record struct CpuConvPaths(ConvLowering Lowering = ConvLowering.Auto, bool PackEveryPanel = false, bool WideForward = false,
+    bool? DotWeightGradient = null);

@@ -20,6 +20,7 @@ public sealed class IlgpuKernels
     {
         Device = device;
         Accelerator = device.Accelerator;
+        Simple = device.SimpleKernels;
         Elementwise = new Elementwise.Gpu(this);
         Conv2d = new Conv2d.Gpu(this);
         GroupNorm = new GroupNorm.Gpu(this);
@@ -55,10 +56,10 @@ public sealed class IlgpuKernels
 
     /// <summary>
     /// True: every op runs its simple twin (one thread per output, a loop inside) instead of the
-    /// tiled, explicitly grouped kernel. For tests, and for a user who suspects a fast kernel:
-    /// <c>DDPM_GPU_KERNELS=simple</c> in the environment sets it for every device.
+    /// tiled, explicitly grouped kernel. Starts as the device's <see cref="IlgpuDevice.SimpleKernels"/>
+    /// (the CLI's <c>--gpu-kernels</c> or <c>DDPM_GPU_KERNELS</c>); tests switch it on the kernel set.
     /// </summary>
-    public bool Simple { get; set; } = string.Equals(Environment.GetEnvironmentVariable("DDPM_GPU_KERNELS"), "simple", StringComparison.OrdinalIgnoreCase);
+    public bool Simple { get; set; }
 
     /// <summary>The stream every op is queued on.</summary>
     public AcceleratorStream Stream => Accelerator.DefaultStream;

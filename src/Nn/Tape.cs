@@ -63,8 +63,9 @@ public sealed class Tape : IDisposable
     /// <summary>False for a <see cref="NoGrad"/> tape.</summary>
     public bool Recording { get; }
 
-    /// <summary>When set, every op and backward step of every tape is timed into it (see <see cref="OpProfile"/>).</summary>
-    public static OpProfile? Profile { get; set; }
+    /// <summary>When set, every op and backward step of this tape is timed into it (see <see cref="OpProfile"/>): set on
+    /// the tape a profiled run uses (<c>ddpm bench --profile</c>), never process-wide.</summary>
+    public OpProfile? Profile { get; set; }
 
     /// <summary>Number of backward records kept (0 on a no-grad tape).</summary>
     public int RecordCount => _order.Count;
@@ -132,11 +133,11 @@ public sealed class Tape : IDisposable
     }
 
     /// <summary>A by-shape timer for one convolution pass when the profile asks for it, e.g. "conv fwd 16>32 3x3/1 14x14".</summary>
-    private OpProfile.Timer ConvDetail(string pass, ConvShape g) => ConvDetail(pass, g, Device);
+    private OpProfile.Timer ConvDetail(string pass, ConvShape g) => ConvDetail(Profile, pass, g, Device);
 
-    private static OpProfile.Timer ConvDetail(string pass, ConvShape g, Device device)
+    private static OpProfile.Timer ConvDetail(OpProfile? profile, string pass, ConvShape g, Device device)
     {
-        if (Profile is not { ByShape: true } p)
+        if (profile is not { ByShape: true } p)
         {
             return default;
         }
@@ -314,14 +315,14 @@ public sealed class Tape : IDisposable
             var g = ConvShape.Of(X.Value, W.Value, Stride, Pad);
             if (X.RequiresGrad)
             {
-                using var detail = ConvDetail("dx ", g, tape.Device);
+                using var detail = ConvDetail(tape.Profile, "dx ", g, tape.Device);
                 var dx = tape.GradOf(X, GradWrite.OverwriteOrAdd, out bool accumulate);
                 Kernels.Conv2d.BackwardInput(dy, W.Value, dx, Stride, Pad, accumulate);
             }
             if (W.RequiresGrad)
             {
                 // The bias gradient rides in the weight gradient's pass (one launch on the tiled ILGPU path).
-                using var detail = ConvDetail("dw ", g, tape.Device);
+                using var detail = ConvDetail(tape.Profile, "dw ", g, tape.Device);
                 var db = Bias.RequiresGrad ? tape.GradOf(Bias, GradWrite.Add, out _) : null;
                 Kernels.Conv2d.BackwardWeight(dy, X.Value, tape.GradOf(W, GradWrite.Add, out _), Stride, Pad, db);
             }
@@ -634,7 +635,7 @@ public sealed class Tape : IDisposable
             var r = _items[index];
             if (r.Output.Grad is { } dy)
             {
-                using var timer = Profile?.Time(r.Op, tape.Device) ?? default;
+                using var timer = tape.Profile?.Time(r.Op, tape.Device) ?? default;
                 r.Backward(tape, dy);
             }
             r.Unhold();

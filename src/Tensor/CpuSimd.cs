@@ -21,7 +21,7 @@ public enum SimdLevel
 
 /// <summary>
 /// The instruction level every CPU kernel dispatches on. <see cref="Max"/> is what this processor offers;
-/// <see cref="Level"/> (default: <see cref="Max"/>, or the DDPM_SIMD environment variable: avx512 | avx2 | 128 | scalar)
+/// <see cref="Level"/> (default: <see cref="Max"/>; the CLI sets it from its DDPM_SIMD setting or bench's --simd)
 /// may be lowered to run and test the narrower paths on one machine. Why a setting of our own rather than the
 /// runtime's switches (DOTNET_EnableAVX512=0 ...): those need a new process, so one test run could not cover every
 /// level, and they cannot be changed for a benchmark. Process-wide: a change is seen by every thread, so code that
@@ -40,7 +40,7 @@ public static class CpuSimd
         : SimdLevel.Scalar;
 
     // Declared after Max: static initializers run in text order, and this one reads Max.
-    private static volatile SimdLevel s_level = FromEnvironment();
+    private static volatile SimdLevel s_level = Max;
 
     /// <summary>The level the kernels use now; a value above <see cref="Max"/> is clamped to it.</summary>
     public static SimdLevel Level
@@ -85,22 +85,6 @@ public static class CpuSimd
         "scalar" => SimdLevel.Scalar,
         _ => null,
     };
-
-    private static SimdLevel FromEnvironment()
-    {
-        string? text = Environment.GetEnvironmentVariable("DDPM_SIMD");
-        if (string.IsNullOrWhiteSpace(text))
-        {
-            return Max;
-        }
-        if (Parse(text) is not { } level)
-        {
-            // A type initializer that throws would surface as an opaque TypeInitializationException in any kernel.
-            Console.Error.WriteLine($"DDPM_SIMD={text} ignored: expected avx512, avx2, 128 or scalar");
-            return Max;
-        }
-        return level > Max ? Max : level;
-    }
 
     private sealed class Scope(SimdLevel previous) : IDisposable
     {

@@ -27,6 +27,11 @@ public sealed class IlgpuDevice : Device
     /// <summary>The ILGPU accelerator that runs this device's kernels.</summary>
     public Accelerator Accelerator { get; }
 
+    /// <summary>The device's kernel mode: true runs every op's simple twin (one thread per output) instead of the tiled
+    /// kernels, for a suspected kernel bug (<c>--gpu-kernels simple</c>). Read when the device's kernels load, at its
+    /// first op; set it right after opening.</summary>
+    public bool SimpleKernels { get; set; }
+
     /// <summary>The ILGPU context the accelerator belongs to.</summary>
     public Context Context => _context;
 

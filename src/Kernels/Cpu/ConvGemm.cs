@@ -46,7 +46,7 @@ internal static unsafe partial class ConvGemm
 {
     /// <summary>y[n] = W·col(x[n]) + b (+ e[n, k] per output channel when e is not null) (+ r[n] when r is not null: a
     /// residual shaped as y) for every image, images spread over the cores.</summary>
-    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null)
+    public static void Forward(ConvShape g, float* x, float* w, float* b, float* y, float* e = null, float* r = null, CpuConvPaths paths = default)
     {
         var pl = new Planes(g.C, g.H, g.W, g.Stride, g.Pad, g.Pad, g.Q);
         int crs = g.Crs;
@@ -56,15 +56,15 @@ internal static unsafe partial class ConvGemm
         // The weights are every image's A: packed once here instead of once per image.
         float* packed = caller.PackedA(Gemm.PackedALength(g.K, crs));
         Gemm.PackA(g.K, crs, w, crs, 1, packed);
-        int group = DenseGroup(g, pl);
+        int group = paths.WideForward ? 0 : DenseGroup(g, pl);
         if (group > 0)
         {
             ForwardDense(g, pl, x, packed, off, b, y, e, r, group);
             return;
         }
-        Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off, (nint)r), static (state, n) =>
+        Cpu.Items(g.N, (g, pl, (nint)x, (nint)packed, (nint)b, (nint)y, (nint)e, (nint)off, (nint)r, paths.PackEveryPanel), static (state, n) =>
         {
-            var (g, pl, xp, packedp, bp, yp, ep, offp, rp) = state;
+            var (g, pl, xp, packedp, bp, yp, ep, offp, rp, packB) = state;
             float* x = (float*)xp, packed = (float*)packedp, b = (float*)bp, y = (float*)yp, e = (float*)ep, r = (float*)rp;
             int* off = (int*)offp;
             // The GEMM's columns are rounded up to a multiple of 8 (reading at most 7 floats into the zeroed slack): then
@@ -77,15 +77,12 @@ internal static unsafe partial class ConvGemm
             pl.Fill(x + n * xs, planes);
             float* yw = ws.Wide((long)g.K * wide);
             // ywide [K, P·Wh] = W [K, CRS] · col [CRS, P·Wh]
-            Gemm.MultiplyRowOffsets(g.K, wide, crs, null, crs, 1, planes, off, yw, wide, accumulate: false, packedA: packed);
+            Gemm.MultiplyRowOffsets(g.K, wide, crs, null, crs, 1, planes, off, yw, wide, accumulate: false, packedA: packed, packB: packB);
             float* bn = stackalloc float[e == null ? 0 : g.K];
             DropWideColumns(yw, pl.Wh, g.K, g.P, g.Q, y + n * ys, ImageBias(g, b, e, n, bn), accumulate: false, channelStride: wide,
                 residual: r == null ? null : r + n * ys);
         });
     }
-
-    /// <summary>Set to false to keep every forward pass on the wide grid, so that tests cover both (per thread).</summary>
-    [ThreadStatic] internal static bool? t_denseForward;
 
     /// <summary>
     /// How many images the forward pass multiplies together with dense columns (<see cref="ForwardDense"/>), or 0 for
@@ -96,7 +93,7 @@ internal static unsafe partial class ConvGemm
     /// </summary>
     private static int DenseGroup(ConvShape g, Planes pl)
     {
-        if (!(t_denseForward ?? true) || g.Stride != 1 || g.K < 64) return 0;
+        if (g.Stride != 1 || g.K < 64) return 0;
         int wide = (g.P * pl.Wh + 7) & ~7;
         if (wide * 100 < g.Pq * 112) return 0; // under 12% thrown away (14x14: 10%) the wide grid's in-place panels win
         int group = 1;

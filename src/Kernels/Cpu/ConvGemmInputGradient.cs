@@ -27,7 +27,7 @@ internal static unsafe partial class ConvGemm
     /// dx[n] += the transposed convolution of dy[n], as Stride² stride-1 convolutions (see the header comment and
     /// <see cref="SupportsBackwardInput"/>).
     /// </summary>
-    public static void BackwardInput(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true)
+    public static void BackwardInput(ConvShape g, float* dy, float* w, float* dx, bool accumulate = true, CpuConvPaths paths = default)
     {
         if (!SupportsBackwardInput(g)) throw new ArgumentException("conv2d: the implicit input gradient needs stride <= 4 and pad < kernel size");
         int st = g.Stride;
@@ -61,9 +61,9 @@ internal static unsafe partial class ConvGemm
             }
         }
         var pointers = ((nint)dy, (nint)dx, (nint)off, (nint)packed, (nint)phases);
-        Cpu.Items(g.N, (g, pl, pointers, count, wideMax, accumulate), static (state, n) =>
+        Cpu.Items(g.N, (g, pl, pointers, count, wideMax, accumulate, paths.PackEveryPanel), static (state, n) =>
         {
-            var (g, pl, (dyp, dxp, offp, packedp, phasesp), count, wideMax, accumulate) = state;
+            var (g, pl, (dyp, dxp, offp, packedp, phasesp), count, wideMax, accumulate, packB) = state;
             float* dy = (float*)dyp, dx = (float*)dxp, packed = (float*)packedp;
             int* off = (int*)offp;
             Phase* phases = (Phase*)phasesp;
@@ -86,7 +86,7 @@ internal static unsafe partial class ConvGemm
                 // Columns rounded up to whole 8-float vectors, as in the forward pass (ConvGemm.Forward).
                 int kk = g.K * ph.Taps, wide = (ph.Rows * pl.Wh + 7) & ~7;
                 // dxwide [C, rows·Wh] = W_ab [C, K·taps] · col(dy) [K·taps, rows·Wh]
-                Gemm.MultiplyRowOffsets(g.C, wide, kk, null, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false, packedA: packed + ph.Packed);
+                Gemm.MultiplyRowOffsets(g.C, wide, kk, null, kk, 1, planes, off + ph.First, dxw, wide, accumulate: false, packedA: packed + ph.Packed, packB: packB);
                 ph.Scatter(g, dxw, pl.Wh, wide, dx + n * xs, accumulate: !write);
             }
         });

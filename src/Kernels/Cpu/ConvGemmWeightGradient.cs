@@ -11,21 +11,15 @@ namespace Ddpm.Kernels;
 internal static unsafe partial class ConvGemm
 {
     /// <summary>
-    /// Which weight-gradient kernel runs: null picks by shape (<see cref="UsesDotWeightGradient"/>), true forces the
-    /// dot-product tiles (at every vector level), false the packed GEMM. Per thread, for tests and benchmarks.
-    /// </summary>
-    [ThreadStatic] internal static bool? t_dotWeightGradient;
-
-    /// <summary>
     /// The weight gradient's GEMM has the reduction along the image (J = P·Wh, up to 840) and transposes both operands
     /// into its panels; with few output channels (K) those transposes cost as much as the products. The dot-product
     /// tiles read dy and the lowered rows as they lie, at the price of a horizontal sum per result and tile: worth it
     /// for small K on large images.
     /// </summary>
-    internal static bool UsesDotWeightGradient(ConvShape g)
+    internal static bool UsesDotWeightGradient(ConvShape g, bool? forced = null)
     {
         if (!Isa.V128) return false;
-        if (t_dotWeightGradient is { } forced) return forced;
+        if (forced is { } choice) return choice;
         long j = (long)g.P * (g.Q + (g.S - 1) / g.Stride);
         return g.K <= DotSmallK || (g.K <= DotMaxK && j >= DotMinJ);
     }
@@ -37,9 +31,9 @@ internal static unsafe partial class ConvGemm
     private const int DotSmallK = 32, DotMaxK = 64, DotMinJ = 400;
 
     /// <summary>dW += Σ_n dy[n]·col(x[n])ᵀ, one private partial sum per worker, summed at the end.</summary>
-    public static void BackwardWeight(ConvShape g, float* dy, float* x, float* dw)
+    public static void BackwardWeight(ConvShape g, float* dy, float* x, float* dw, CpuConvPaths paths = default)
     {
-        if (UsesDotWeightGradient(g))
+        if (UsesDotWeightGradient(g, paths.DotWeightGradient))
         {
             BackwardWeightDot(g, dy, x, dw);
             return;

@@ -106,17 +106,18 @@ public static unsafe partial class Gemm
     /// that may start anywhere in b. This is the lowered matrix of an implicit-GEMM convolution, whose rows are
     /// shifted windows of one padded image, so B is packed straight from the image instead of from an im2col copy.
     /// Shapes: A [m,k] read as in <see cref="Multiply"/>, rowOffsets [k], C [m,n]; b[rowOffsets[p] .. + n) must be
-    /// readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm.
+    /// readable. Runs on the calling thread only (safe to call concurrently); allocation-free once warm. packB: pack
+    /// every B panel though this source is read in place (so the tests cover the packing path).
     /// </summary>
     internal static void MultiplyRowOffsets(int m, int n, int k, float* a, int aRow, int aCol, float* b, int* rowOffsets, float* c, int ldc, bool accumulate,
-        float* packedA = null)
+        float* packedA = null, bool packB = false)
     {
         if (Trivial(m, n, k, c, ldc, accumulate)) return;
         var src = new RowOffsetsB(b, rowOffsets);
-        if (Isa.Avx512) Serial<Avx512Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
-        else if (Isa.Avx2) Serial<Avx2Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
-        else if (Isa.V128) Serial<Vector128Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
-        else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA);
+        if (Isa.Avx512) Serial<Avx512Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA, packB);
+        else if (Isa.Avx2) Serial<Avx2Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA, packB);
+        else if (Isa.V128) Serial<Vector128Kernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA, packB);
+        else Serial<ScalarKernel, RowOffsetsB>(m, n, k, a, aRow, aCol, src, c, ldc, accumulate, packedA, packB);
     }
 
     /// <summary>
@@ -229,7 +230,8 @@ public static unsafe partial class Gemm
     /// <summary>The blocked product on the calling thread; <typeparamref name="TB"/> packs the B micro-panels. A comes
     /// packed by <see cref="PackA(int, int, float*, int, int, float*)"/> when <paramref name="packedA"/> is not null.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Serial<TK, TB>(int m, int n, int k, float* a, int aRow, int aCol, TB b, float* c, int ldc, bool accumulate, float* packedA = null)
+    private static void Serial<TK, TB>(int m, int n, int k, float* a, int aRow, int aCol, TB b, float* c, int ldc, bool accumulate, float* packedA = null,
+        bool packB = false)
         where TK : struct, IMicroKernel
         where TB : struct, IBSource
     {
@@ -242,7 +244,7 @@ public static unsafe partial class Gemm
         // 64 floats of slack: the dense-column packer's vector copies may run past the panel's last row.
         float* bp = arena.Floats(ArenaSlot.GemmB, (long)NR * kcMax + 64);
         float* tile = stackalloc float[MR * NR];
-        bool inPlace = b.InPlace && InPlaceB;
+        bool inPlace = b.InPlace && !packB;
 
         for (int ic = 0; ic < m; ic += mcMax)
         {
@@ -307,12 +309,6 @@ public static unsafe partial class Gemm
             CopyTile(tile, TK.NR, 1, nr, c + (long)r * ldc, ldc, accumulate);
         }
     }
-
-    /// <summary>Set to false to pack every B panel, so that tests cover the packed path of sources that are otherwise
-    /// read in place (per thread).</summary>
-    [ThreadStatic] internal static bool? t_inPlaceB;
-
-    private static bool InPlaceB => t_inPlaceB ?? true;
 
     /// <summary>C[0..mr, 0..nr) (=|+=) tile[0..mr, 0..nr).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
