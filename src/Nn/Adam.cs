@@ -183,9 +183,10 @@ public sealed class Adam : IDisposable
     /// <summary>
     /// Clips the global gradient norm as torch.nn.utils.clip_grad_norm_: with
     /// norm = sqrt(Σ_p Σ g²), gradients are scaled by maxNorm / (norm + 1e-6) when that is below 1.
-    /// Returns the norm before clipping (one device read).
+    /// Returns the norm before clipping (one device read). The reference of <see cref="QueueStep"/>'s clipping, which
+    /// training uses; internal: the tests compare the two.
     /// </summary>
-    public float ClipGradNorm(float maxNorm)
+    internal float ClipGradNorm(float maxNorm)
     {
         var parameters = _parameters;
         if (_normTotal is not { } total || _normPart is not { } part)

@@ -41,8 +41,9 @@ public sealed class Ema : IDisposable
     /// <summary>The averaged weights, one per parameter, in parameter order.</summary>
     public IReadOnlyList<Tensor> Weights { get; }
 
-    /// <summary>e = decay·e + (1 - decay)·p for every parameter.</summary>
-    public void Update()
+    /// <summary>e = decay·e + (1 - decay)·p for every parameter, now (the per-parameter reference of
+    /// <see cref="QueueUpdate(Tensor, float)"/>, which training uses; internal: the tests compare the two).</summary>
+    internal void Update()
     {
         if (_flat is not null)
         {
