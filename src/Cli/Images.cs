@@ -149,7 +149,7 @@ public static class Images
         {
             MinorTickGenerator = new ScottPlot.TickGenerators.LogMinorTickGenerator(),
             IntegerTicksOnly = true,
-            LabelFormatter = y => Numbers.Human(Math.Pow(10, y)),
+            LabelFormatter = y => Ddpm.Diffusion.Numbers.Human(Math.Pow(10, y)),
         };
         plot.Grid.MajorLineColor = ScottPlot.Colors.Black.WithOpacity(0.15);
         plot.Grid.MinorLineColor = ScottPlot.Colors.Black.WithOpacity(0.05);

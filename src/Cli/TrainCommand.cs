@@ -24,31 +24,10 @@ public static class TrainCommand
     /// <summary>The command and its options.</summary>
     public static Command Build()
     {
-        var preset = new Option<string?>("--preset") { Description = "tiny | small | base (default: base on a GPU, tiny on the CPU backend)" };
-        preset.AcceptOnlyFromAmong(Presets.Names);
-        var epochs = new Option<int?>("--epochs") { Description = $"passes over the training digits ({ByRecipe(r => r.Epochs)})" }.Within(1, 1_000_000);
-        var maxSteps = new Option<long?>("--max-steps") { Description = "stop after this many steps in all (default: no limit)" }.Within(1, long.MaxValue / 2);
-        var batch = new Option<int?>("--batch") { Description = "digits per step (default 64)" }.Within(1, TrainOptions.MaxBatch);
-        var lr = new Option<float?>("--lr") { Description = $"Adam learning rate ({ByRecipe(r => r.Lr)}); may change on --resume" }.Within(float.Epsilon, 1f);
-        var schedule = new Option<string?>("--schedule") { Description = $"noise schedule: linear | cosine ({ByRecipe(r => r.Schedule)})" };
-        schedule.AcceptOnlyFromAmong("linear", "cosine");
-        var ema = new Option<float?>("--ema") { Description = $"EMA decay of the weights, e.g. 0.999, 0: off ({ByRecipe(r => r.Ema)}); may change on --resume" }.Within(0f, 0.99999994f);
-        var emaWarmup = new Option<float?>("--ema-warmup")
-        {
-            Description = $"power P of the EMA's warm-up: update k (from 0) of the average takes decay min(--ema, 1 - (1 + k)^-P), so a short run averages trained weights (0: --ema from the first step; {ByRecipe(r => r.EmaWarmup)}); may change on --resume",
-        }.Within(0f, EmaSchedule.MaxPower);
-        var minSnr = new Option<float?>("--min-snr")
-        {
-            Description = $"min-SNR-γ weighting (Hang et al. 2023) with this γ, e.g. 5: timestep t counts min(SNR_t, γ)/SNR_t, drawn by importance (0: every timestep alike; {ByRecipe(r => r.MinSnr)}); may change on --resume",
-        }.Within(0f, 1000f);
-        var clip = new Option<float?>("--clip") { Description = "clip the gradient norm to this (default 0: off); may change on --resume" }.Within(0f, float.MaxValue);
-        var seed = new Option<ulong?>("--seed") { Description = "seed of the weights, shuffling, timesteps and noise (default 0)" };
-        var classes = new Option<int?>("--classes") { Description = "10: a class-conditional model (digit labels, each dropped with probability 0.1 for classifier-free guidance); default 0: unconditional; cannot change on --resume" }.Within(0, 10);
+        // One option a setting, from its declaration (TrainSettings): help with every recipe's value, range, choices.
+        var settings = TrainSettings.Flags.Select(setting => (Setting: setting, Flag: SettingOption(setting))).ToList();
         var saveEvery = new Option<int>("--save-every") { Description = $"checkpoint every N steps as well as at each epoch's end (0: epoch ends only)", DefaultValueFactory = _ => DefaultSaveEvery }.Within(0, int.MaxValue);
         var grid = new Option<int>("--grid") { Description = "digits in the final samples.png (0: no grid)", DefaultValueFactory = _ => 64 }.Within(0, 1024);
-        var warmup = new Option<int?>("--warmup") { Description = $"steps of linear learning-rate warm-up ({ByRecipe(r => r.Warmup)})" }.Within(0, 10_000_000);
-        var lrDecay = new Option<string?>("--lr-decay") { Description = $"constant | cosine (to a tenth of --lr at the last step) ({ByRecipe(r => r.LrDecay)})" };
-        lrDecay.AcceptOnlyFromAmong("constant", "cosine");
         var recipe = new Option<string>("--recipe")
         {
             Description = $"the defaults of every flag above: {string.Join(" | ", Recipe.All.Select(r => $"{r.Name} ({r.Summary})"))}; a flag given overrides its recipe's value",
@@ -63,24 +42,62 @@ public static class TrainCommand
                 "pointing at it; with --resume, the newest run)",
         }.IsPath();
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out (default: the newest run) from its checkpoint, exactly" };
-        var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.")
+        var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.");
+        foreach (var (_, flag) in settings)
         {
-            preset, epochs, maxSteps, batch, lr, warmup, lrDecay, schedule, ema, emaWarmup, minSnr, clip, seed, classes, saveEvery, grid, recipe, device, data, output, resume,
-        };
+            command.Add(flag.Option);
+        }
+        foreach (var option in new Option[] { saveEvery, grid, recipe, device, data, output, resume })
+        {
+            command.Add(option);
+        }
         command.SetAction(p => Program.Guard(() => Run(new Settings(
-            p.GetValue(preset), p.GetValue(epochs), p.GetValue(maxSteps), p.GetValue(batch), p.GetValue(lr), p.GetValue(warmup), p.GetValue(lrDecay), p.GetValue(schedule),
-            p.GetValue(ema), p.GetValue(emaWarmup), p.GetValue(minSnr), p.GetValue(clip), p.GetValue(seed), p.GetValue(classes), p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, Program.ChosenDevice(p, device), p.GetValue(data)!, p.GetValue(output),
-            p.GetValue(resume)))));
+            [.. settings.Where(s => p.GetResult(s.Flag.Option) is { Implicit: false }).Select(s => (s.Setting, s.Flag.Read(p) ?? throw new InvalidOperationException(s.Setting.Name)))],
+            p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, Program.ChosenDevice(p, device), p.GetValue(data)!, p.GetValue(output), p.GetValue(resume)))));
         return command;
     }
 
-    /// <summary>A flag's default in each recipe, from the recipes themselves: "default: the recipe's (default 12, quick 1, seed 3)".</summary>
-    private static string ByRecipe<T>(Func<Recipe, T> value) =>
-        $"default: the recipe's ({string.Join(", ", Recipe.All.Select(r => $"{r.Name} {string.Format(System.Globalization.CultureInfo.InvariantCulture, "{0:0.####}", value(r))}"))})";
+    /// <summary>The command-line option of a setting: its flag, type, help (what it does, every recipe's value, the resume
+    /// rule), range and choices, all from the declaration.</summary>
+    internal static (Option Option, Func<ParseResult, object?> Read) SettingOption(TrainSetting setting)
+    {
+        string flag = setting.Flag!, help = setting.HelpText(Recipe.All);
+        return setting switch
+        {
+            TrainSetting<int> t => Typed(Ranged(new Option<int?>(flag) { Description = help }, t.Range)),
+            TrainSetting<long> t => Typed(Ranged(new Option<long?>(flag) { Description = help }, t.Range)),
+            TrainSetting<float> t => Typed(Ranged(new Option<float?>(flag) { Description = help }, t.Range)),
+            TrainSetting<ulong> => Typed(new Option<ulong?>(flag) { Description = help }),
+            TrainSetting<string> t => Typed(Choose(new Option<string?>(flag) { Description = help }, t.Choices)),
+            _ => throw new NotSupportedException(setting.ValueType.Name),
+        };
 
-    /// <summary>The flags as given: null where the user left a flag out (so --resume can tell a change from a default).</summary>
-    private sealed record Settings(string? Preset, int? Epochs, long? MaxSteps, int? Batch, float? Lr, int? Warmup, string? LrDecay, string? Schedule, float? Ema, float? EmaWarmup, float? MinSnr, float? Clip,
-        ulong? Seed, int? Classes, int SaveEvery, int Grid, string Recipe, DeviceChoice Device, string Data, string? Out, bool Resume);
+        static (Option, Func<ParseResult, object?>) Typed<T>(Option<T> option) => (option, p => p.GetValue(option));
+
+        static Option<T?> Ranged<T>(Option<T?> option, (T Min, T Max)? range) where T : struct, System.Numerics.INumber<T> =>
+            range is var (min, max) ? option.Within(min, max) : option;
+
+        static Option<string?> Choose(Option<string?> option, string[]? choices)
+        {
+            if (choices is not null)
+            {
+                option.AcceptOnlyFromAmong(choices);
+            }
+            return option;
+        }
+    }
+
+    /// <summary>The command line as given: the settings a flag set (with their values; the others keep the recipe's, or on
+    /// --resume the run's), and the command's own options.</summary>
+    private sealed record Settings(IReadOnlyList<(TrainSetting Setting, object Value)> Given, int SaveEvery, int Grid, string Recipe, DeviceChoice Device,
+        string Data, string? Out, bool Resume)
+    {
+        /// <summary>The value a flag gave <paramref name="setting"/>, or null.</summary>
+        public T? Of<T>(TrainSetting<T> setting) where T : notnull => Given.Where(g => g.Setting == setting).Select(g => (T?)g.Value).FirstOrDefault();
+
+        /// <summary><paramref name="o"/> with every given flag applied.</summary>
+        public TrainOptions Apply(TrainOptions o) => Given.Aggregate(o, (acc, g) => g.Setting.With(acc, g.Value));
+    }
 
     private static int Run(Settings given)
     {
@@ -144,9 +161,9 @@ public static class TrainCommand
         {
             // Validate the whole checkpoint before the device, the data or the run folder is touched.
             resumeFrom = Checkpoint.Inspect(checkpoint);
-            if (s.Preset is not null && s.Preset != resumeFrom.Preset)
+            if (s.Of(TrainSettings.Preset) is { } preset && preset != resumeFrom.Preset)
             {
-                throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {s.Preset}");
+                throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {preset}");
             }
         }
         var recipe = Recipe.Named(s.Recipe);
@@ -156,58 +173,20 @@ public static class TrainCommand
         using var device = Program.OpenDevice(s.Device);
         // The step's memory, from the preset and the batch the run will have, refused before any data is read.
         var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
-        string plannedPreset = planned?.Preset ?? s.Preset ?? DefaultPreset(device, recipe);
-        int plannedBatch = planned?.Batch ?? s.Batch ?? 64;
-        MemoryEstimate.Require($"--batch {plannedBatch} (preset {plannedPreset})", MemoryEstimate.TrainBytes(Presets.Channels(plannedPreset), plannedBatch), device);
+        // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
+        var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
+        MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch), device);
         var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
 
-        using var trainer = resumeFrom is not null
-            ? Trainer.Resume(device, resumeFrom, mnist, o => o with
-            {
-                Preset = s.Preset ?? o.Preset,
-                Epochs = s.Epochs ?? o.Epochs,
-                MaxSteps = s.MaxSteps ?? o.MaxSteps,
-                Batch = s.Batch ?? o.Batch,
-                Lr = s.Lr ?? o.Lr,
-                Warmup = s.Warmup ?? o.Warmup,
-                LrDecay = s.LrDecay ?? o.LrDecay,
-                Schedule = s.Schedule ?? o.Schedule,
-                EmaDecay = s.Ema ?? o.EmaDecay,
-                EmaWarmup = s.EmaWarmup ?? o.EmaWarmup,
-                MinSnr = s.MinSnr ?? o.MinSnr,
-                Clip = s.Clip ?? o.Clip,
-                Seed = s.Seed ?? o.Seed,
-                Classes = s.Classes ?? o.Classes,
-            })
-            : new Trainer(device, new TrainOptions
-            {
-                Preset = s.Preset ?? DefaultPreset(device, recipe),
-                Epochs = s.Epochs ?? recipe.Epochs,
-                MaxSteps = s.MaxSteps ?? 0,
-                Batch = s.Batch ?? 64,
-                Lr = s.Lr ?? recipe.Lr,
-                Warmup = s.Warmup ?? recipe.Warmup,
-                LrDecay = s.LrDecay ?? recipe.LrDecay,
-                Schedule = s.Schedule ?? recipe.Schedule,
-                EmaDecay = s.Ema ?? recipe.Ema,
-                EmaWarmup = s.EmaWarmup ?? recipe.EmaWarmup,
-                MinSnr = s.MinSnr ?? recipe.MinSnr,
-                Clip = s.Clip ?? 0f,
-                Seed = s.Seed ?? 0UL,
-                Classes = s.Classes ?? 0,
-                Recipe = recipe.Name,
-            }, mnist);
+        using var trainer = resumeFrom is not null ? Trainer.Resume(device, resumeFrom, mnist, s.Apply) : new Trainer(device, asked, mnist);
         var o = trainer.Options;
-        Console.Error.WriteLine(
-            $"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters), " +
-            $"{o.Epochs} epochs of {trainer.StepsPerEpoch} steps (batch {o.Batch}){(o.MaxSteps > 0 ? $", at most {o.MaxSteps} steps" : "")}, " +
-            $"lr {Numbers.Human(o.Lr)}{(o.Warmup > 0 ? $" after {o.Warmup} warm-up steps" : "")}{(o.LrDecay == "cosine" ? $", cosine decay to {Numbers.Human((double)o.Lr * Trainer.CosineFloor)}" : "")}, {o.Schedule} schedule T={o.DiffusionSteps}{(o.MinSnr > 0 ? $", min-SNR-{Numbers.Human(o.MinSnr)} timesteps" : "")}, ema {(o.EmaDecay > 0 ? $"{Numbers.Human(o.EmaDecay)}{(o.EmaWarmup > 0 ? $" (warm-up power {Numbers.Human(o.EmaWarmup)})" : "")}" : "off")}, clip {(o.Clip > 0 ? Numbers.Human(o.Clip) : "off")}, seed {o.Seed}{(o.Classes > 0 ? $", {o.Classes} classes (label dropout {Numbers.Human(Trainer.LabelDropProbability)})" : "")}, recipe {o.Recipe ?? "not recorded"}");
+        Console.Error.WriteLine($"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: {Banner(trainer)}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
             Console.Error.WriteLine($"changed on resume: {string.Join("; ", changes)}");
         }
-        if (s.Preset is null && !s.Resume && device.Kind == DeviceKind.Cpu)
+        if (s.Of(TrainSettings.Preset) is null && !s.Resume && device.Kind == DeviceKind.Cpu)
         {
             Console.Error.WriteLine($"preset: {o.Preset}, the {recipe.Name} recipe's choice for the CPU backend (pass --preset tiny|small|base for another)");
         }
@@ -245,11 +224,30 @@ public static class TrainCommand
         return 0;
     }
 
+    /// <summary>
+    /// The run's settings in one line, each from its declaration (<see cref="TrainSettings"/>) as a person writes it, with
+    /// what they imply: "preset tiny (279,409 parameters), epochs 12 of 937 steps, ..., lr 0.001 (cosine decay to 1e-4), ...".
+    /// </summary>
+    internal static string Banner(Trainer trainer)
+    {
+        var o = trainer.Options;
+        string Part(TrainSetting setting) => setting switch
+        {
+            _ when setting == TrainSettings.Preset => $"preset {o.Preset} ({trainer.Model.ParameterCount:N0} parameters)",
+            _ when setting == TrainSettings.Epochs => $"epochs {o.Epochs} of {trainer.StepsPerEpoch} steps",
+            _ when setting == TrainSettings.LrDecay && o.LrDecay == TrainSettings.Cosine => $"lr-decay cosine (to {Numbers.Human((double)o.Lr * Trainer.CosineFloor)})",
+            _ when setting == TrainSettings.Classes && o.Classes > 0 => $"classes {o.Classes} (label dropout {Numbers.Human(Trainer.LabelDropProbability)})",
+            _ => $"{setting.Name} {setting.Display(o)}",
+        };
+        return string.Join(", ", TrainSettings.All.Select(Part)) + $", recipe {o.Recipe ?? "not recorded"}";
+    }
+
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
     private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
 
     /// <summary>The preset when none is given: the seed's base on a GPU; tiny on the CPU backend, where base takes hours an epoch.</summary>
-    public static string DefaultPreset(Device device, Recipe recipe) => device.Kind is DeviceKind.Cuda or DeviceKind.OpenCL ? "base" : recipe.CpuPreset;
+    public static string DefaultPreset(Device device, Recipe recipe) =>
+        device.Kind is DeviceKind.Cuda or DeviceKind.OpenCL ? TrainSettings.Preset.OnGpu! : TrainSettings.Preset.ByRecipe(recipe);
 
     private static void Loop(Trainer trainer, RunFiles run, StopSignals signals)
     {

@@ -9,6 +9,9 @@ namespace Ddpm.Diffusion;
 /// </summary>
 public sealed class NoiseSchedule
 {
+    /// <summary>The schedules' names (the --schedule values and the checkpoint's "schedule").</summary>
+    public const string LinearName = "linear", CosineName = "cosine";
+
     private NoiseSchedule(string name, double[] betas)
     {
         Name = name;
@@ -50,7 +53,7 @@ public sealed class NoiseSchedule
         {
             betas[t] = steps == 1 ? start : start + (end - start) * t / (steps - 1);
         }
-        return new NoiseSchedule("linear", betas);
+        return new NoiseSchedule(LinearName, betas);
     }
 
     /// <summary>The cosine schedule of improved DDPM, offset s = 0.008, betas capped at 0.999.</summary>
@@ -63,14 +66,14 @@ public sealed class NoiseSchedule
         {
             betas[t] = Math.Min(1 - F(t + 1) / F(t), 0.999);
         }
-        return new NoiseSchedule("cosine", betas);
+        return new NoiseSchedule(CosineName, betas);
     }
 
     /// <summary>The schedule called <paramref name="name"/> ("linear" or "cosine").</summary>
     public static NoiseSchedule ByName(string name, int steps = 300) => name switch
     {
-        "linear" => Linear(steps),
-        "cosine" => Cosine(steps),
+        LinearName => Linear(steps),
+        CosineName => Cosine(steps),
         _ => throw new ArgumentException($"unknown schedule '{name}': expected linear or cosine"),
     };
 

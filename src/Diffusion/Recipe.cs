@@ -21,14 +21,14 @@ namespace Ddpm.Diffusion;
 public sealed record Recipe(string Name, string CpuPreset, int Epochs, float Lr, int Warmup, string LrDecay, string Schedule, float Ema, float EmaWarmup, float MinSnr, bool ClippedSampling)
 {
     /// <summary>The seed's recipe: tiny on the CPU, 3 epochs, Adam 1e-3 constant, linear schedule, no EMA, unclipped sampling.</summary>
-    public static Recipe Seed { get; } = new("seed", "tiny", 3, 1e-3f, 0, "constant", "linear", 0f, 0f, 0f, false);
+    public static Recipe Seed { get; } = new("seed", "tiny", 3, 1e-3f, 0, TrainSettings.Constant, NoiseSchedule.LinearName, 0f, 0f, 0f, false);
 
     /// <summary>The default recipe.</summary>
-    public static Recipe Default { get; } = new("default", "tiny", 12, 1e-3f, 500, "cosine", "cosine", 0.9995f, 2f / 3, 5f, true);
+    public static Recipe Default { get; } = new("default", "tiny", 12, 1e-3f, 500, TrainSettings.Cosine, NoiseSchedule.CosineName, 0.9995f, 2f / 3, 5f, true);
 
     /// <summary>A first look in about two minutes on two cores: one epoch at twice the learning rate after a short warm-up,
     /// min-SNR-5 timesteps, an EMA with a quick warm-up (docs/quality.md has the screen that chose it).</summary>
-    public static Recipe Quick { get; } = new("quick", "tiny", 1, 2e-3f, 100, "cosine", "cosine", 0.999f, 0.5f, 5f, true);
+    public static Recipe Quick { get; } = new("quick", "tiny", 1, 2e-3f, 100, TrainSettings.Cosine, NoiseSchedule.CosineName, 0.999f, 0.5f, 5f, true);
 
     /// <summary>Every recipe, the default first.</summary>
     public static IReadOnlyList<Recipe> All { get; } = [Default, Quick, Seed];
@@ -42,5 +42,5 @@ public sealed record Recipe(string Name, string CpuPreset, int Epochs, float Lr,
 
     /// <summary>The recipe's values in a few words, for the help text.</summary>
     public string Summary => string.Create(CultureInfo.InvariantCulture,
-        $"{CpuPreset} on the CPU, {Epochs} epoch{(Epochs == 1 ? "" : "s")}, lr {Lr}{(Warmup > 0 ? $" after {Warmup} warm-up steps" : "")}{(LrDecay == "cosine" ? " decayed by a cosine" : "")}, {Schedule} schedule{(MinSnr > 0 ? $" with min-SNR-{MinSnr} timesteps" : "")}, {(Ema > 0 ? $"EMA {Ema}{(EmaWarmup > 0 ? $" after a warm-up (power {EmaWarmup:0.###})" : "")}" : "no EMA")}, {(ClippedSampling ? "clipped" : "unclipped")} sampling");
+        $"{CpuPreset} on the CPU, {Epochs} epoch{(Epochs == 1 ? "" : "s")}, lr {Lr}{(Warmup > 0 ? $" after {Warmup} warm-up steps" : "")}{(LrDecay == TrainSettings.Cosine ? " decayed by a cosine" : "")}, {Schedule} schedule{(MinSnr > 0 ? $" with min-SNR-{MinSnr} timesteps" : "")}, {(Ema > 0 ? $"EMA {Ema}{(EmaWarmup > 0 ? $" after a warm-up (power {EmaWarmup:0.###})" : "")}" : "no EMA")}, {(ClippedSampling ? "clipped" : "unclipped")} sampling");
 }

@@ -67,16 +67,12 @@ public sealed partial class Trainer
                 $"{path}: the run took {pe} steps an epoch, but this training set gives {data.Count / saved.Batch} ({data.Count} images): --data holds another data set than the run's");
         }
         var options = change?.Invoke(saved) ?? saved;
-        foreach (var (name, was, now) in new[]
+        foreach (var setting in TrainSettings.All.Where(s => s.Resume == OnResume.Fixed))
         {
-            ("--preset", saved.Preset, options.Preset), ("--batch", Text(saved.Batch), Text(options.Batch)), ("--seed", Text(saved.Seed), Text(options.Seed)),
-            ("--classes", Text(saved.Classes), Text(options.Classes)),
-            ("--schedule", saved.Schedule, options.Schedule), ("T", Text(saved.DiffusionSteps), Text(options.DiffusionSteps)),
-        })
-        {
+            string was = setting.Text(saved), now = setting.Text(options);
             if (was != now)
             {
-                throw new UsageException($"--resume: {name} cannot change mid-run (the run has {was}, asked for {now}); start a new run with another --out");
+                throw new UsageException($"--resume: {setting.Flag ?? setting.Key} cannot change mid-run (the run has {setting.Display(saved)}, asked for {setting.Display(options)}); start a new run with another --out");
             }
         }
         // After the flags: a changed flag is named first, the data set then.
@@ -109,18 +105,12 @@ public sealed partial class Trainer
             {
                 trainer._changes.AddRange(earlier.Split("; "));
             }
-            foreach (var (key, was, now) in new[]
+            foreach (var setting in TrainSettings.All.Where(s => s.Resume == OnResume.MayChange))
             {
-                ("epochs", Text(saved.Epochs), Text(options.Epochs)), ("max_steps", Text(saved.MaxSteps), Text(options.MaxSteps)),
-                ("lr", Text(saved.Lr), Text(options.Lr)), ("warmup", Text(saved.Warmup), Text(options.Warmup)), ("lr_decay", saved.LrDecay, options.LrDecay),
-                ("clip", Text(saved.Clip), Text(options.Clip)), ("ema", Text(saved.EmaDecay), Text(options.EmaDecay)),
-                (TrainOptions.EmaWarmupKey, Text(saved.EmaWarmup), Text(options.EmaWarmup)),
-                (TrainOptions.MinSnrKey, Text(saved.MinSnr), Text(options.MinSnr)),
-            })
-            {
+                string was = setting.Text(saved), now = setting.Text(options);
                 if (was != now)
                 {
-                    trainer._changes.Add($"step {step}: {key} {was} -> {now}");
+                    trainer._changes.Add($"step {step}: {setting.Key} {was} -> {now}");
                 }
             }
             return trainer;
@@ -171,5 +161,4 @@ public sealed partial class Trainer
     /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, MnistSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>
     public IEnumerable<string> ChangesAtResume => _changes.Where(c => c.StartsWith($"step {Step}:", StringComparison.Ordinal));
 
-    private static string Text<T>(T value) where T : IFormattable => value.ToString(value is float ? "R" : null, CultureInfo.InvariantCulture);
 }

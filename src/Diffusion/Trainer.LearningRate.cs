@@ -20,7 +20,7 @@ public sealed partial class Trainer
         {
             return (float)(lr * (step + 1) / Options.Warmup);
         }
-        if (Options.LrDecay == "cosine")
+        if (Options.LrDecay == TrainSettings.Cosine)
         {
             long span = Math.Max(1, TotalSteps - 1 - Options.Warmup);
             double progress = Math.Clamp((double)(step - Options.Warmup) / span, 0, 1);

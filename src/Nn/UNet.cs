@@ -108,24 +108,21 @@ public sealed class UNet
     public void ZeroGrad() => Parameters.ZeroGrad();
 }
 
-/// <summary>The spec's presets: tiny (16), small (32), base (64).</summary>
+/// <summary>The spec's presets: tiny (16), small (32), base (64), written once.</summary>
 public static class Presets
 {
+    private static readonly (string Name, int Channels)[] Table = [("tiny", 16), ("small", 32), ("base", 64)];
+
     /// <summary>Preset names, smallest first.</summary>
-    public static readonly string[] Names = ["tiny", "small", "base"];
+    public static readonly string[] Names = [.. Table.Select(p => p.Name)];
 
     /// <summary>The base width ch of a preset.</summary>
-    public static int Channels(string preset) => preset switch
-    {
-        "tiny" => 16,
-        "small" => 32,
-        "base" => 64,
-        _ => throw new ArgumentException($"unknown preset '{preset}': expected tiny, small or base"),
-    };
+    public static int Channels(string preset) =>
+        ChannelsOrZero(preset) is > 0 and var ch ? ch : throw new ArgumentException($"unknown preset '{preset}': expected {string.Join(", ", Names[..^1])} or {Names[^1]}");
 
     /// <summary>The base width of a preset, or 0 for a name that is none.</summary>
-    public static int ChannelsOrZero(string preset) => preset switch { "tiny" => 16, "small" => 32, "base" => 64, _ => 0 };
+    public static int ChannelsOrZero(string preset) => Table.FirstOrDefault(p => p.Name == preset).Channels;
 
     /// <summary>The preset whose width is <paramref name="ch"/>, or null.</summary>
-    public static string? NameOf(int ch) => ch switch { 16 => "tiny", 32 => "small", 64 => "base", _ => null };
+    public static string? NameOf(int ch) => Table.FirstOrDefault(p => p.Channels == ch).Name;
 }

@@ -1,6 +1,6 @@
 using System.Globalization;
 
-namespace Ddpm.Cli;
+namespace Ddpm.Diffusion;
 
 /// <summary>Numbers as a person writes them in the program's lines and plots: at most four significant digits, no
 /// float noise (1e-4, not 0.000100000005), plain decimals from 0.001 to 10,000, a power of ten outside them.</summary>
