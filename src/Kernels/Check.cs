@@ -1,8 +1,4 @@
-using System.Linq.Expressions;
-using System.Reflection;
 using Ddpm.Tensors;
-using ILGPU;
-using ILGPU.Runtime;
 
 namespace Ddpm.Kernels;
 

@@ -47,7 +47,9 @@ public sealed class Classifier : IDisposable
         _conv3 = new Conv2dLayer(f, "conv3", 2 * width, 2 * width, 3, stride: 2);
         _fc = new Conv2dLayer(f, "fc", 2 * width, 4 * width, map, pad: 0);
         _head = new Conv2dLayer(f, "head", 4 * width, classes, 1);
-        Parameters = f.Parameters;
+        // One flat buffer, as the U-Net's: Adam steps it in one pass (the same element arithmetic as one parameter at a
+        // time, so the trained bytes are the same).
+        Parameters = f.Gather();
     }
 
     /// <summary>The largest width and class count a classifier file may claim (a byte label has 256 values; the engine's
@@ -81,7 +83,7 @@ public sealed class Classifier : IDisposable
     public int Features => 4 * Width;
 
     /// <summary>Every weight, in creation order (the order of the saved file).</summary>
-    public IReadOnlyList<Parameter> Parameters { get; }
+    public ParameterSet Parameters { get; }
 
     /// <summary>The penultimate features f [N, 4w, 1, 1] and the logits [N, K, 1, 1] of images x [N, 1, Side, Side].</summary>
     public (Var Features, Var Logits) Forward(Tape g, Var x)

@@ -422,60 +422,13 @@ public static class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        // Across K: this thread's one row of A and column of B. Along K: its kk in each tile, and its rows of A.
-        Gather rowA = TOp.RowOfA(t, m0 + tid % TM), columnB = TOp.ColumnOfB(t, col0 + tid);
-        bool okB = col0 + tid < t.Cols;
-        int kkA = Element(true, tid, TM).Kk, kkB = Element(true, tid, TN).Kk;
-        var rowsA = aAlongK ? new Rows8<TOp>(t, m0, Element(true, tid, TM).Line) : default;
-        Gather kA, kB;
-
+        var fetch = new Fetcher<TOp>(t, a, b, tid, m0, col0, kEnd);
         var acc = default(Tile8x8);
         int k0 = kBegin, buffer = 0;
-        Floats8 pa, pb0, pb1;
-        kA = TOp.KOfA(t, k0 + kkA);
-        kB = TOp.KOfB(t, k0 + (bAlongK ? kkB : 0));
-        pa.V0 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G0, (rowsA.Ok >> 0 & 1) != 0, kA, k0, kEnd, tid + 0 * Threads);
-        pa.V1 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G1, (rowsA.Ok >> 1 & 1) != 0, kA, k0, kEnd, tid + 1 * Threads);
-        pa.V2 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G2, (rowsA.Ok >> 2 & 1) != 0, kA, k0, kEnd, tid + 2 * Threads);
-        pa.V3 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G3, (rowsA.Ok >> 3 & 1) != 0, kA, k0, kEnd, tid + 3 * Threads);
-        pa.V4 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G4, (rowsA.Ok >> 4 & 1) != 0, kA, k0, kEnd, tid + 4 * Threads);
-        pa.V5 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G5, (rowsA.Ok >> 5 & 1) != 0, kA, k0, kEnd, tid + 5 * Threads);
-        pa.V6 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G6, (rowsA.Ok >> 6 & 1) != 0, kA, k0, kEnd, tid + 6 * Threads);
-        pa.V7 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G7, (rowsA.Ok >> 7 & 1) != 0, kA, k0, kEnd, tid + 7 * Threads);
-        pb0.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 0 * Threads, 0);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 1 * Threads, 1);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 2 * Threads, 2);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 3 * Threads, 3);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 4 * Threads, 4);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 5 * Threads, 5);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 6 * Threads, 6);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb0.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 7 * Threads, 7);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 8 * Threads, 8);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 9 * Threads, 9);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 10 * Threads, 10);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 11 * Threads, 11);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 12 * Threads, 12);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 13 * Threads, 13);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 14 * Threads, 14);
-        kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-        pb1.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, k0, kEnd, tid + 15 * Threads, 15);
-        StoreA(aS, 0, aAlongK, tid, pa);
-        StoreB(bS, 0, bAlongK, tid, 0, pb0);
-        StoreB(bS, 0, bAlongK, tid, 8, pb1);
+        var staged = fetch.Step(k0);
+        StoreA(aS, 0, aAlongK, tid, staged.A);
+        StoreB(bS, 0, bAlongK, tid, 0, staged.B0);
+        StoreB(bS, 0, bAlongK, tid, 8, staged.B1);
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -483,47 +436,7 @@ public static class TiledGemm
             bool more = next < kEnd;
             if (more)
             {
-                kA = TOp.KOfA(t, next + kkA);
-                kB = TOp.KOfB(t, next + (bAlongK ? kkB : 0));
-                pa.V0 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G0, (rowsA.Ok >> 0 & 1) != 0, kA, next, kEnd, tid + 0 * Threads);
-                pa.V1 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G1, (rowsA.Ok >> 1 & 1) != 0, kA, next, kEnd, tid + 1 * Threads);
-                pa.V2 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G2, (rowsA.Ok >> 2 & 1) != 0, kA, next, kEnd, tid + 2 * Threads);
-                pa.V3 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G3, (rowsA.Ok >> 3 & 1) != 0, kA, next, kEnd, tid + 3 * Threads);
-                pa.V4 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G4, (rowsA.Ok >> 4 & 1) != 0, kA, next, kEnd, tid + 4 * Threads);
-                pa.V5 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G5, (rowsA.Ok >> 5 & 1) != 0, kA, next, kEnd, tid + 5 * Threads);
-                pa.V6 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G6, (rowsA.Ok >> 6 & 1) != 0, kA, next, kEnd, tid + 6 * Threads);
-                pa.V7 = FetchA<TOp>(t, a, aAlongK, rowA, rowsA.G7, (rowsA.Ok >> 7 & 1) != 0, kA, next, kEnd, tid + 7 * Threads);
-                pb0.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 0 * Threads, 0);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 1 * Threads, 1);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 2 * Threads, 2);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 3 * Threads, 3);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 4 * Threads, 4);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 5 * Threads, 5);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 6 * Threads, 6);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb0.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 7 * Threads, 7);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V0 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 8 * Threads, 8);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V1 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 9 * Threads, 9);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V2 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 10 * Threads, 10);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V3 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 11 * Threads, 11);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V4 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 12 * Threads, 12);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V5 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 13 * Threads, 13);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V6 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 14 * Threads, 14);
-                kB = bAlongK ? kB : TOp.NextKOfB(t, kB);
-                pb1.V7 = FetchB<TOp>(t, b, bAlongK, columnB, okB, kB, col0, next, kEnd, tid + 15 * Threads, 15);
+                staged = fetch.Step(next);
             }
             acc.Step(aS4, bS4, buffer, tid / (TN / ColsPerThread), tid % (TN / ColsPerThread));
             if (rowSums)
@@ -532,14 +445,100 @@ public static class TiledGemm
             }
             if (more)
             {
-                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, pa);
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, pb0);
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, pb1);
+                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, staged.A);
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, staged.B0);
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, staged.B1);
             }
             Group.Barrier();
             buffer = 1 - buffer;
         }
         acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + RowsPerThread * (tid / (TN / ColsPerThread)), col0 + 4 * (tid % (TN / ColsPerThread)));
+    }
+
+    /// <summary>A thread's 24 staged elements of one K step (8 of A, 16 of B), in registers.</summary>
+    private readonly struct Staged(Floats8 a, Floats8 b0, Floats8 b1)
+    {
+        public readonly Floats8 A = a, B0 = b0, B1 = b1;
+    }
+
+    /// <summary>Eight staged elements of B and the kd part after them (an across-K B steps it element by element).</summary>
+    private readonly struct StagedB(Floats8 values, Gather next)
+    {
+        public readonly Floats8 Values = values;
+        public readonly Gather Next = next;
+    }
+
+    /// <summary>
+    /// What a thread fetches a K step, with every part of the addressing that is fixed for the launch computed once:
+    /// across K its one row of A (tid mod 64) and column of B (tid); along K its kk in each tile and its 8 rows of A.
+    /// </summary>
+    private readonly struct Fetcher<TOp> where TOp : struct, ITileOperands
+    {
+        private readonly TileArgs T;
+        private readonly ArrayView<float> _a, _b;
+        private readonly bool _aAlongK, _bAlongK, _okB;
+        private readonly Gather _rowA, _columnB;
+        private readonly Rows8<TOp> _rowsA;
+        private readonly int _kkA, _kkB, _tid, _col0, _kEnd;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, int tid, int m0, int col0, int kEnd)
+        {
+            (T, _a, _b, _tid, _col0, _kEnd) = (t, a, b, tid, col0, kEnd);
+            _aAlongK = TOp.AAlongK(t);
+            _bAlongK = TOp.BAlongK(t);
+            _rowA = TOp.RowOfA(t, m0 + tid % TM);
+            _columnB = TOp.ColumnOfB(t, col0 + tid);
+            _okB = col0 + tid < t.Cols;
+            _kkA = Element(true, tid, TM).Kk;
+            _kkB = Element(true, tid, TN).Kk;
+            _rowsA = _aAlongK ? new Rows8<TOp>(t, m0, Element(true, tid, TM).Line) : default;
+        }
+
+        /// <summary>The elements of the K step at <paramref name="k0"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Staged Step(int k0)
+        {
+            var kA = TOp.KOfA(T, k0 + _kkA);
+            var a = new Floats8
+            {
+                V0 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G0, (_rowsA.Ok >> 0 & 1) != 0, kA, k0, _kEnd, _tid + 0 * Threads),
+                V1 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G1, (_rowsA.Ok >> 1 & 1) != 0, kA, k0, _kEnd, _tid + 1 * Threads),
+                V2 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G2, (_rowsA.Ok >> 2 & 1) != 0, kA, k0, _kEnd, _tid + 2 * Threads),
+                V3 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G3, (_rowsA.Ok >> 3 & 1) != 0, kA, k0, _kEnd, _tid + 3 * Threads),
+                V4 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G4, (_rowsA.Ok >> 4 & 1) != 0, kA, k0, _kEnd, _tid + 4 * Threads),
+                V5 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G5, (_rowsA.Ok >> 5 & 1) != 0, kA, k0, _kEnd, _tid + 5 * Threads),
+                V6 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G6, (_rowsA.Ok >> 6 & 1) != 0, kA, k0, _kEnd, _tid + 6 * Threads),
+                V7 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G7, (_rowsA.Ok >> 7 & 1) != 0, kA, k0, _kEnd, _tid + 7 * Threads),
+            };
+            var b0 = EightOfB(TOp.KOfB(T, k0 + (_bAlongK ? _kkB : 0)), k0, 0);
+            var b1 = EightOfB(b0.Next, k0, 8);
+            return new Staged(a, b0.Values, b1.Values);
+        }
+
+        /// <summary>B elements tid + 128·(first + j), j &lt; 8, from the kd part <paramref name="k"/> of the first.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private StagedB EightOfB(Gather k, int k0, int first)
+        {
+            var b = default(Floats8);
+            b.V0 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 0) * Threads, first + 0);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V1 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 1) * Threads, first + 1);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V2 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 2) * Threads, first + 2);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V3 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 3) * Threads, first + 3);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V4 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 4) * Threads, first + 4);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V5 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 5) * Threads, first + 5);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V6 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 6) * Threads, first + 6);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            b.V7 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 7) * Threads, first + 7);
+            k = _bAlongK ? k : TOp.NextKOfB(T, k);
+            return new StagedB(b, k);
+        }
     }
 
     /// <summary>A thread's eight rows of A along K (rows m0 + line + 8·j): their row parts, and which exist (bit j).</summary>
