@@ -3,8 +3,10 @@ using Ddpm.Tensors;
 
 namespace Ddpm.Tests;
 
-/// <summary>Tests that change <see cref="CpuSimd.Level"/>: the setting is process-wide, so they run alone (a test of
-/// one level must not run on the level another test just set).</summary>
+/// <summary>Tests of every instruction level: ops on a CPU device at the level (<see cref="CpuDevice.At"/>), raw kernels in
+/// a scope at it (<see cref="CpuSimd.Enter(SimdLevel)"/>). The level is the device's and the thread's, so these could run
+/// beside others; they run alone to keep their timings out of the parallel tests' way (they are the suite's heaviest
+/// CPU tests).</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]
 public sealed class SimdLevelCollection
 {
@@ -49,7 +51,8 @@ public sealed unsafe class CpuFastPathTests
     public void GemmMatchesNaiveForEveryTransposeAndMode(SimdLevel level, int m, int n, int k)
     {
         Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
-        using var _ = CpuSimd.Use(level);
+        // The raw GEMM takes no device: run at the level, as an op of a device at that level would.
+        using var _ = CpuSimd.Enter(level);
         var rng = new Random(m * 1000 + n * 10 + k);
         var a = Ints(rng, Math.Max(1, m * k));
         var b = Ints(rng, Math.Max(1, k * n));
@@ -106,24 +109,24 @@ public sealed unsafe class CpuFastPathTests
     public void ConvolutionMatchesNaive(SimdLevel level, int n, int c, int h, int w, int k, int r, int stride, int pad)
     {
         Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
-        using var _ = CpuSimd.Use(level);
+        var dev = CpuDevice.At(level);
         // Every lowering: the per-shape choice and both forced ones, each asked for by argument.
         foreach (var lowering in Enum.GetValues<ConvLowering>())
         {
-            CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(lowering));
+            CheckConvolution(dev, n, c, h, w, k, r, stride, pad, new CpuConvPaths(lowering));
         }
         // The packed path for the B panels the GEMM otherwise reads in place, and the wide grid where the forward pass
         // would take dense columns.
-        CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(PackEveryPanel: true, WideForward: true));
+        CheckConvolution(dev, n, c, h, w, k, r, stride, pad, new CpuConvPaths(PackEveryPanel: true, WideForward: true));
         // The implicit weight gradient's two kernels, each forced (the dot-product tiles, 512-, 256- or 128-bit, need
         // a vector level: at the scalar level the forced setting is ignored and the packed GEMM runs).
         foreach (bool dot in new[] { true, false })
         {
-            CheckConvolution(n, c, h, w, k, r, stride, pad, new CpuConvPaths(ConvLowering.Implicit, DotWeightGradient: dot));
+            CheckConvolution(dev, n, c, h, w, k, r, stride, pad, new CpuConvPaths(ConvLowering.Implicit, DotWeightGradient: dot));
         }
     }
 
-    private static void CheckConvolution(int n, int c, int h, int w, int k, int r, int stride, int pad, CpuConvPaths lowering)
+    private static void CheckConvolution(CpuDevice dev, int n, int c, int h, int w, int k, int r, int stride, int pad, CpuConvPaths lowering)
     {
         var g = new ConvShape(n, c, h, w, k, r, r, stride, pad);
         var rng = new Random(n + c + h + w + k);
@@ -131,7 +134,6 @@ public sealed unsafe class CpuFastPathTests
         var wt = Ints(rng, k * c * r * r);
         var b = Ints(rng, k);
         var dy = Ints(rng, n * k * g.P * g.Q);
-        var dev = CpuDevice.Instance;
         using var tx = Tensor.FromHost(dev, x, n, c, h, w);
         using var tw = Tensor.FromHost(dev, wt, k, c, r, r);
         using var tb = Tensor.FromHost(dev, b, k);

@@ -14,23 +14,45 @@ public sealed unsafe class SimdLevelTests
     /// <summary>The levels with a vector exp of their own (the scalar level calls MathF.Exp).</summary>
     public static IEnumerable<object[]> VectorLevels => Levels.Where(l => (SimdLevel)l[0] != SimdLevel.Scalar);
 
+    /// <summary>The level is a setting of the CPU device: an op runs at its tensors' device's level, its helpers with it,
+    /// and the thread goes back to the widest after it; a level the processor lacks is refused, not clamped.</summary>
     [Fact]
-    public void LevelIsClampedToTheProcessorAndUseRestoresIt()
+    public void TheLevelIsTheDevicesAndAScopeRestoresIt()
     {
-        SimdLevel before = CpuSimd.Level;
         Assert.True(CpuSimd.Supports(SimdLevel.Scalar));
-        CpuSimd.Level = SimdLevel.Avx512;
         Assert.Equal(CpuSimd.Max, CpuSimd.Level);
-        CpuSimd.Level = before;
-        using (CpuSimd.Use(SimdLevel.Scalar))
+        Assert.Equal(CpuSimd.Max, CpuDevice.Instance.Simd);
+        var scalar = CpuDevice.At(SimdLevel.Scalar);
+        Assert.Same(scalar, CpuDevice.At(SimdLevel.Scalar));
+        Assert.Equal("scalar", scalar.SimdName);
+        using (CpuSimd.Enter(scalar))
         {
             Assert.Equal(SimdLevel.Scalar, CpuSimd.Level);
-            Assert.Equal("scalar", CpuDevice.SimdName);
+            using (CpuSimd.Enter(CpuDevice.Instance))
+            {
+                Assert.Equal(CpuSimd.Max, CpuSimd.Level);
+            }
+            Assert.Equal(SimdLevel.Scalar, CpuSimd.Level);
         }
-        Assert.Equal(before, CpuSimd.Level);
+        Assert.Equal(CpuSimd.Max, CpuSimd.Level);
+        // A parallel GEMM inside an op of the scalar device runs the scalar micro-kernel on every thread.
+        var a = new float[64 * 64];
+        using (CpuSimd.Enter(scalar))
+        {
+            unsafe
+            {
+                fixed (float* pa = a)
+                {
+                    Gemm.LastKernel = null;
+                    Gemm.Multiply(64, 64, 64, pa, 64, 1, pa, 64, 1, pa, 64, accumulate: true, parallel: true);
+                }
+            }
+            Assert.Equal("ScalarKernel", Gemm.LastKernel);
+        }
         if (CpuSimd.Max < SimdLevel.Avx512)
         {
-            Assert.Throws<NotSupportedException>(() => CpuSimd.Use(SimdLevel.Avx512));
+            Assert.Throws<NotSupportedException>(() => CpuDevice.At(SimdLevel.Avx512));
+            Assert.Throws<NotSupportedException>(() => CpuSimd.Enter(SimdLevel.Avx512));
         }
         Assert.Equal(SimdLevel.Vector128, CpuSimd.Parse("128"));
         Assert.Null(CpuSimd.Parse("avx3"));
@@ -41,7 +63,8 @@ public sealed unsafe class SimdLevelTests
     public void EachLevelRunsItsOwnMicroKernel(SimdLevel level)
     {
         Skip.IfNot(CpuSimd.Supports(level), $"this processor has no {level}");
-        using var _ = CpuSimd.Use(level);
+        // The raw GEMM takes no device: the test runs it at the level, as an op of a device at that level would.
+        using var _ = CpuSimd.Enter(level);
         string want = level switch
         {
             SimdLevel.Avx512 => "Avx512Kernel",
@@ -72,14 +95,8 @@ public sealed unsafe class SimdLevelTests
         foreach (bool silu in new[] { false, true })
         {
             float[][] want, got;
-            using (CpuSimd.Use(SimdLevel.Scalar))
-            {
-                want = RunGroupNorm(silu);
-            }
-            using (CpuSimd.Use(level))
-            {
-                got = RunGroupNorm(silu);
-            }
+            want = RunGroupNorm(CpuDevice.At(SimdLevel.Scalar), silu);
+            got = RunGroupNorm(CpuDevice.At(level), silu);
             for (int o = 0; o < want.Length; o++)
             {
                 AssertClose(want[o], got[o], $"{level} silu={silu} output {o}");
@@ -87,9 +104,8 @@ public sealed unsafe class SimdLevelTests
         }
     }
 
-    private static float[][] RunGroupNorm(bool silu)
+    private static float[][] RunGroupNorm(CpuDevice d, bool silu)
     {
-        var d = CpuDevice.Instance;
         const int n = 3, c = 8, h = 5, w = 11, g = 4;
         var rng = new Random(5);
         float[] R(int count) => Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 4 - 2)).ToArray();

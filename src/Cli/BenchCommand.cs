@@ -110,7 +110,7 @@ public static class BenchCommand
             {
                 throw new UsageException($"--simd {simd}: this processor offers up to {CpuSimd.Name(CpuSimd.Max)}");
             }
-            CpuSimd.Level = level;
+            deviceName = deviceName with { Simd = level };
         }
         using var device = Program.Open(deviceName, out _);
         MemoryEstimate.Require($"--preset {preset} --batch {batch}", MemoryEstimate.TrainBytes(Presets.Channels(preset), batch), device);
@@ -188,7 +188,7 @@ public static class BenchCommand
         }
         Console.WriteLine(JsonSerializer.Serialize(new Dictionary<string, object>
         {
-            ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device.Kind == DeviceKind.Cpu ? CpuDevice.SimdName : "ILGPU")})",
+            ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device is CpuDevice cpu ? cpu.SimdName : "ILGPU")})",
             ["device"] = DeviceCatalog.KindName(device.Kind),
             ["threads"] = device.Kind == DeviceKind.Cpu ? Environment.ProcessorCount : 0,
             ["preset"] = preset,

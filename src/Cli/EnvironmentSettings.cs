@@ -29,15 +29,10 @@ public static class EnvironmentSettings
             v => int.TryParse(v, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int ms) && ms <= 60_000),
     ];
 
-    /// <summary>Applies the settings that are process-wide by nature once they are checked: DDPM_SIMD caps the CPU
-    /// kernels' SIMD level (read here, not by the Tensor layer; bench's --simd overrides it for its run).</summary>
-    public static void Apply()
-    {
-        if (CpuSimd.Parse(Environment.GetEnvironmentVariable("DDPM_SIMD")) is { } level)
-        {
-            CpuSimd.Level = level;
-        }
-    }
+    /// <summary>The CPU device's instruction level DDPM_SIMD asks for (checked before any command runs), or null.</summary>
+    public static SimdLevel? Simd => CpuSimd.Parse(Environment.GetEnvironmentVariable("DDPM_SIMD")) is { } level
+        ? (level > CpuSimd.Max ? CpuSimd.Max : level)
+        : null;
 
     /// <summary>Throws a <see cref="Ddpm.Diffusion.UsageException"/> naming the first variable set to a value it does not take
     /// (an empty value counts as unset).</summary>

@@ -33,7 +33,6 @@ public static class Program
         try
         {
             EnvironmentSettings.Check();
-            EnvironmentSettings.Apply();
         }
         catch (UsageException e)
         {
@@ -55,7 +54,8 @@ public static class Program
         string.Equals((p.GetValue(GpuKernels) ?? Environment.GetEnvironmentVariable(GpuKernelsVariable))?.Trim(), "simple", StringComparison.OrdinalIgnoreCase);
 
     /// <summary>The device a command asked for: --device (its option <paramref name="device"/>) and the kernel mode.</summary>
-    public static DeviceChoice ChosenDevice(System.CommandLine.ParseResult p, Option<string> device) => new(p.GetValue(device)!, SimpleKernels(p));
+    public static DeviceChoice ChosenDevice(System.CommandLine.ParseResult p, Option<string> device) =>
+        new(p.GetValue(device)!, SimpleKernels(p), EnvironmentSettings.Simd);
 
     /// <summary>Opens the chosen device (no self-check, no message), its kernel mode set.</summary>
     public static Device Open(DeviceChoice choice, out string reason)
@@ -65,7 +65,8 @@ public static class Program
         {
             gpu.SimpleKernels = choice.SimpleKernels;
         }
-        return device;
+        // The managed CPU backend at the instruction level asked for (DDPM_SIMD, bench's --simd): a setting of the device.
+        return device is CpuDevice && choice.Simd is { } level ? CpuDevice.At(level) : device;
     }
 
     private static Option<string?> GpuKernelsOption()
@@ -341,5 +342,6 @@ public static class ExitCodes
     public const int Internal = 70;
 }
 
-/// <summary>A device by name (--device) and the kernel mode to open it in (--gpu-kernels, DDPM_GPU_KERNELS).</summary>
-public readonly record struct DeviceChoice(string Name, bool SimpleKernels);
+/// <summary>A device by name (--device), the kernel mode to open a GPU in (--gpu-kernels, DDPM_GPU_KERNELS) and the
+/// instruction level of the managed CPU backend (DDPM_SIMD, bench's --simd; null: the widest).</summary>
+public readonly record struct DeviceChoice(string Name, bool SimpleKernels, SimdLevel? Simd = null);

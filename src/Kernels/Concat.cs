@@ -15,6 +15,7 @@ public static class Concat
     public static void Forward(Tensor a, Tensor b, Tensor y)
     {
         var (n, ca, cb, hw) = Shapes("concat", a, b, y);
+        using var simd = CpuSimd.Enter(a.Device);
         if (a.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(a);
@@ -38,6 +39,7 @@ public static class Concat
     public static void Backward(Tensor dy, Tensor da, Tensor db, bool accumulateA = true, bool accumulateB = true)
     {
         var (n, ca, cb, hw) = Shapes("concat backward", da, db, dy);
+        using var simd = CpuSimd.Enter(dy.Device);
         if (dy.Device.IsIlgpu)
         {
             if (!accumulateA) da.Zero();

@@ -120,6 +120,7 @@ public static unsafe class Conv2d
                 throw new ArgumentException("conv2d: the residual cannot be the output itself");
             }
         }
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -153,6 +154,7 @@ public static unsafe class Conv2d
         var g = ConvShape.Of(dx, w, stride, pad);
         Check.Devices("conv2d backward input", dy, w, dx);
         Check.Shape("conv2d backward input", "dy", dy, g.N, g.K, g.P, g.Q);
+        using var simd = CpuSimd.Enter(dx.Device);
         if (dx.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dx);
@@ -183,6 +185,7 @@ public static unsafe class Conv2d
             Check.Devices("conv2d backward weight", dy, db);
             Check.Shape("conv2d backward bias", "db", db, g.K);
         }
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -210,6 +213,7 @@ public static unsafe class Conv2d
         Check.Devices("conv2d backward bias", dy, db);
         int n = dy.Dim(0), kk = dy.Dim(1), pq = dy.Dim(2) * dy.Dim(3);
         Check.Shape("conv2d backward bias", "db", db, kk);
+        using var simd = CpuSimd.Enter(dy.Device);
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);

@@ -30,6 +30,7 @@ public static class Elementwise
     public static void Map<TOp>(Tensor x, Tensor y) where TOp : struct, IUnaryOp
     {
         SameShape("map", x, y);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -51,6 +52,7 @@ public static class Elementwise
     {
         SameShape("map backward", x, dy);
         SameShape("map backward", x, dx);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -72,6 +74,7 @@ public static class Elementwise
     {
         SameShape("add", a, b);
         SameShape("add", a, y);
+        using var simd = CpuSimd.Enter(a.Device);
         if (a.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(a);
@@ -97,6 +100,7 @@ public static class Elementwise
     public static void Accumulate(Tensor dst, Tensor src, float alpha = 1f)
     {
         SameShape("accumulate", dst, src);
+        using var simd = CpuSimd.Enter(dst.Device);
         if (dst.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dst);
@@ -123,6 +127,7 @@ public static class Elementwise
     public static void Scale(Tensor x, float s, Tensor y)
     {
         SameShape("scale", x, y);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -157,6 +162,7 @@ public static class Elementwise
         {
             throw new ArgumentException($"clamp: lo {lo} must not exceed hi {hi}");
         }
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -179,6 +185,7 @@ public static class Elementwise
     /// <summary>Every element = value.</summary>
     public static void Fill(Tensor t, float value)
     {
+        using var simd = CpuSimd.Enter(t.Device);
         if (t.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(t);
@@ -197,6 +204,7 @@ public static class Elementwise
         int n = x.Dim(0), c = x.Dim(1), hw = x.Dim(2) * x.Dim(3);
         Check.Shape(op, "e", e, n, c);
         Check.Shape(op, "y", y, x.Shape);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -230,6 +238,7 @@ public static class Elementwise
         Check.Devices(op, dy, de);
         int n = dy.Dim(0), c = dy.Dim(1), hw = dy.Dim(2) * dy.Dim(3);
         Check.Shape(op, "de", de, n, c);
+        using var simd = CpuSimd.Enter(dy.Device);
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);
@@ -265,6 +274,7 @@ public static class Elementwise
         int n = a.Dim(0), per = a.Length / Math.Max(n, 1);
         Check.Shape(op, "ca", ca, n);
         Check.Shape(op, "cb", cb, n);
+        using var simd = CpuSimd.Enter(a.Device);
         if (a.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(a);

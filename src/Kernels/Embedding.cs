@@ -22,6 +22,7 @@ public static class Embedding
         Check.Rank("one-hot", "h", h, 2);
         int n = labels.Dim(0), rows = h.Dim(1);
         Check.Shape("one-hot", "h", h, n, rows);
+        using var simd = CpuSimd.Enter(labels.Device);
         if (labels.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(labels);

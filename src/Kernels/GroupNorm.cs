@@ -39,6 +39,7 @@ public static class GroupNorm
         Check.Shape("groupnorm", "y", y, x.Shape);
         Check.Shape("groupnorm", "mean", mean, s.N, groups);
         Check.Shape("groupnorm", "rstd", rstd, s.N, groups);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -85,6 +86,7 @@ public static class GroupNorm
         Check.Shape("groupnorm backward", "dgamma", dgamma, s.C);
         Check.Shape("groupnorm backward", "dbeta", dbeta, s.C);
         Check.Shape("groupnorm backward", "mean", mean, s.N, groups);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);

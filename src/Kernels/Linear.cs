@@ -56,6 +56,7 @@ public static unsafe class Linear
         var s = new MatmulShape(m, n, k,
             transA ? 1 : a.Dim(1), transA ? a.Dim(1) : 1,
             transB ? 1 : b.Dim(1), transB ? b.Dim(1) : 1, accumulate);
+        using var simd = CpuSimd.Enter(a.Device);
         if (a.Device.IsIlgpu)
         {
             var kk = IlgpuKernels.For(a);
@@ -128,6 +129,7 @@ public static unsafe class Linear
     private static void ColumnSumsInto(Tensor dy, Tensor db)
     {
         int n = dy.Dim(0), outs = dy.Dim(1);
+        using var simd = CpuSimd.Enter(dy.Device);
         if (dy.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dy);

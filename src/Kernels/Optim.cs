@@ -35,6 +35,7 @@ public static class Optim
         Check.Shape("adam", "v", v, p.Shape);
         var h = new AdamHyper(lr, beta1, beta2, eps,
             (float)(1.0 / (1.0 - Math.Pow(beta1, step))), (float)(1.0 / Math.Sqrt(1.0 - Math.Pow(beta2, step))));
+        using var simd = CpuSimd.Enter(p.Device);
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
@@ -57,6 +58,7 @@ public static class Optim
     {
         Check.Same("ema", ema, p);
         Check.Shape("ema", "ema", ema, p.Shape);
+        using var simd = CpuSimd.Enter(p.Device);
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
@@ -87,6 +89,7 @@ public static class Optim
     {
         Check.Shape("flag non-finite", "flag", flag, 1);
         Check.Devices("flag non-finite", x, flag);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -128,6 +131,7 @@ public static class Optim
             Check.Shape("adam prepare", "normSquared", normSquared, 1);
             Check.Same("adam prepare", state, normSquared);
         }
+        using var simd = CpuSimd.Enter(state.Device);
         if (state.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(state);
@@ -190,6 +194,7 @@ public static class Optim
         Check.Shape("adam", "m", m, p.Shape);
         Check.Shape("adam", "v", v, p.Shape);
         Check.Shape("adam", "state", state, StateLength);
+        using var simd = CpuSimd.Enter(p.Device);
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
@@ -220,6 +225,7 @@ public static class Optim
         Check.Devices("ema", ema, p, state);
         Check.Shape("ema", "ema", ema, p.Shape);
         Check.Shape("ema", "state", state, StateLength);
+        using var simd = CpuSimd.Enter(p.Device);
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);

@@ -20,6 +20,7 @@ public static class RandomFill
 
     private static void Fill(Tensor t, ulong seed, ulong offset, bool normal)
     {
+        using var simd = CpuSimd.Enter(t.Device);
         if (t.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(t);

@@ -55,6 +55,7 @@ public static class Reduce
         {
             throw new ArgumentOutOfRangeException(nameof(id), $"flag non-finite: id {id} must be in 0..{NoneFlagged - 1}");
         }
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -94,6 +95,7 @@ public static class Reduce
     {
         Check.Shape("sum backward", "dOut", dOut, 1);
         Check.Devices("sum backward", dOut, dx);
+        using var simd = CpuSimd.Enter(dx.Device);
         if (dx.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dx);
@@ -111,6 +113,7 @@ public static class Reduce
         Check.Shape("mse backward", "dPred", dPred, pred.Shape);
         Check.Devices("mse backward", dOut, pred, target, dPred);
         float scale = 2f / pred.Length;
+        using var simd = CpuSimd.Enter(pred.Device);
         if (pred.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(pred);
@@ -140,6 +143,7 @@ public static class Reduce
         Check.Shape("softmax cross-entropy", "output", output, 1);
         Check.Devices("softmax cross-entropy", logits, labels, output);
         int k = logits.Length / n;
+        using var simd = CpuSimd.Enter(logits.Device);
         if (logits.Device.IsIlgpu)
         {
             var kk = IlgpuKernels.For(logits);
@@ -173,6 +177,7 @@ public static class Reduce
         Check.Shape("softmax cross-entropy backward", "dLogits", dLogits, logits.Shape);
         Check.Devices("softmax cross-entropy backward", dOut, logits, labels, dLogits);
         int k = logits.Length / n;
+        using var simd = CpuSimd.Enter(logits.Device);
         if (logits.Device.IsIlgpu)
         {
             var kk = IlgpuKernels.For(logits);
@@ -252,6 +257,7 @@ public static class Reduce
         {
             Check.Same(op, a, b);
         }
+        using var simd = CpuSimd.Enter(a.Device);
         if (a.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(a);

@@ -24,6 +24,7 @@ public struct Silu : IUnaryOp
     /// <summary>y = silu(x).</summary>
     public static void Forward(Tensor x, Tensor y)
     {
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu || !Isa.V128)
         {
             Elementwise.Map<Silu>(x, y);
@@ -69,6 +70,7 @@ public struct Silu : IUnaryOp
     /// <summary>dx += dy·silu'(x).</summary>
     public static void Backward(Tensor dy, Tensor x, Tensor dx)
     {
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu || !Isa.V128)
         {
             Elementwise.MapBackward<Silu>(dy, x, dx);

@@ -24,6 +24,7 @@ public static class TimeEmbedding
         {
             throw new ArgumentException($"time embedding: width {d} is not even");
         }
+        using var simd = CpuSimd.Enter(t.Device);
         if (t.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(t);

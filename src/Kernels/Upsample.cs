@@ -19,6 +19,7 @@ public static class Upsample
         Check.Devices("upsample", x, y);
         int n = x.Dim(0), c = x.Dim(1), h = x.Dim(2), w = x.Dim(3);
         Check.Shape("upsample", "y", y, n, c, 2 * h, 2 * w);
+        using var simd = CpuSimd.Enter(x.Device);
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
@@ -52,6 +53,7 @@ public static class Upsample
         Check.Devices("upsample backward", dy, dx);
         int n = dx.Dim(0), c = dx.Dim(1), h = dx.Dim(2), w = dx.Dim(3);
         Check.Shape("upsample backward", "dy", dy, n, c, 2 * h, 2 * w);
+        using var simd = CpuSimd.Enter(dx.Device);
         if (dx.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dx);

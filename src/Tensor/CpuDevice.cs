@@ -6,14 +6,36 @@ public sealed class CpuDevice : Device
     /// <summary>The process-wide managed CPU device.</summary>
     public static CpuDevice Instance { get; } = new(shared: true);
 
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<SimdLevel, CpuDevice> s_atLevel = new();
+
     private readonly bool _shared;
 
-    private CpuDevice(bool shared) => _shared = shared;
+    private CpuDevice(bool shared, SimdLevel simd)
+    {
+        _shared = shared;
+        Simd = simd;
+    }
 
-    /// <summary>A managed CPU device with its own pool (most code shares <see cref="Instance"/>).</summary>
-    public CpuDevice()
+    private CpuDevice(bool shared) : this(shared, CpuSimd.Max)
     {
     }
+
+    /// <summary>A managed CPU device with its own pool (most code shares <see cref="Instance"/>), its kernels at
+    /// <paramref name="simd"/> (default: the widest this processor has).</summary>
+    public CpuDevice(SimdLevel? simd = null) : this(false, Checked(simd ?? CpuSimd.Max))
+    {
+    }
+
+    /// <summary>The shared device whose kernels run at <paramref name="simd"/> (one a level, never disposed, as
+    /// <see cref="Instance"/>): what <c>--simd</c> and DDPM_SIMD open.</summary>
+    public static CpuDevice At(SimdLevel simd) => simd == CpuSimd.Max ? Instance : s_atLevel.GetOrAdd(Checked(simd), l => new CpuDevice(shared: true, l));
+
+    /// <summary>The instruction level this device's kernels use (a setting of the device: every op on its tensors runs
+    /// at it), at most what the processor offers.</summary>
+    public SimdLevel Simd { get; }
+
+    private static SimdLevel Checked(SimdLevel simd) =>
+        CpuSimd.Supports(simd) ? simd : throw new NotSupportedException($"this processor offers up to {CpuSimd.Name(CpuSimd.Max)}, not {CpuSimd.Name(simd)}");
 
     /// <inheritdoc/>
     protected override bool IsShared => _shared;
@@ -34,8 +56,8 @@ public sealed class CpuDevice : Device
     /// <inheritdoc/>
     public override string Name => $"cpu ({Environment.ProcessorCount} threads, {SimdName})";
 
-    /// <summary>The instruction level the CPU kernels use now (<see cref="CpuSimd.Level"/>), not merely what the processor offers.</summary>
-    public static string SimdName => CpuSimd.Name(CpuSimd.Level);
+    /// <summary>The instruction level this device's kernels use (<see cref="Simd"/>), not merely what the processor offers.</summary>
+    public string SimdName => CpuSimd.Name(Simd);
 
     /// <inheritdoc/>
     protected override object AllocateStorage(int length) => GC.AllocateUninitializedArray<float>(length, pinned: true);

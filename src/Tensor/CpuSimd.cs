@@ -20,12 +20,12 @@ public enum SimdLevel
 }
 
 /// <summary>
-/// The instruction level every CPU kernel dispatches on. <see cref="Max"/> is what this processor offers;
-/// <see cref="Level"/> (default: <see cref="Max"/>; the CLI sets it from its DDPM_SIMD setting or bench's --simd)
-/// may be lowered to run and test the narrower paths on one machine. Why a setting of our own rather than the
-/// runtime's switches (DOTNET_EnableAVX512=0 ...): those need a new process, so one test run could not cover every
-/// level, and they cannot be changed for a benchmark. Process-wide: a change is seen by every thread, so code that
-/// changes it must not race with kernels on other threads (the tests that do run in a collection of their own).
+/// The instruction level every CPU kernel dispatches on. <see cref="Max"/> is what this processor offers; the level is
+/// a setting of the CPU device (<see cref="CpuDevice.Simd"/>, <see cref="CpuDevice.At"/>: the CLI opens one from its
+/// DDPM_SIMD setting or bench's --simd), which each op enters for its length (<see cref="Enter(Device)"/>) and hands to
+/// the pool's helpers with each job, so the narrower paths run and are tested on one machine beside the wide ones. Why a
+/// setting of our own rather than the runtime's switches (DOTNET_EnableAVX512=0 ...): those need a new process, so one
+/// test run could not cover every level, and they cannot be changed for a benchmark.
 /// </summary>
 public static class CpuSimd
 {
@@ -39,33 +39,51 @@ public static class CpuSimd
         : Vector128.IsHardwareAccelerated ? SimdLevel.Vector128
         : SimdLevel.Scalar;
 
-    // Declared after Max: static initializers run in text order, and this one reads Max.
-    private static volatile SimdLevel s_level = Max;
+    // The level the calling thread's kernels run at: set for the length of an op from the device its tensors live on
+    // (Enter(Device)), and handed to the pool's helpers with each parallel job; the widest the processor has otherwise.
+    [ThreadStatic] private static SimdLevel? t_level;
 
-    /// <summary>The level the kernels use now; a value above <see cref="Max"/> is clamped to it.</summary>
+    // Whether any thread has ever entered a level below Max: until one has, every thread runs at Max and the level is
+    // read without the thread-local lookup (the kernels' dispatch reads it often; the lookup cost ~10% of a CPU step).
+    private static volatile bool s_lowered;
+
+    /// <summary>The level the kernels on this thread use now: the level of the CPU device whose op is running
+    /// (<see cref="CpuDevice.Simd"/>), else <see cref="Max"/>.</summary>
     public static SimdLevel Level
     {
-        get => s_level;
-        set => s_level = value > Max ? Max : value;
+        [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveInlining)]
+        get => s_lowered ? Lowered() : Max;
     }
+
+    // Out of line, so the common path (no lowered level anywhere) inlines into every dispatch site as one load and a test.
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.NoInlining)]
+    private static SimdLevel Lowered() => t_level ?? Max;
 
     /// <summary>Whether this processor can run <paramref name="level"/> (level &lt;= <see cref="Max"/>).</summary>
     public static bool Supports(SimdLevel level) => level <= Max;
 
-    /// <summary>
-    /// Sets <see cref="Level"/> until the returned scope is disposed, then restores the previous level. Throws when
-    /// the processor lacks the level: a silent clamp would let a test of that level pass on a narrower path.
-    /// </summary>
-    public static IDisposable Use(SimdLevel level)
+    /// <summary>Runs this thread's kernels at <paramref name="level"/> until the returned scope is disposed (the previous
+    /// level back then): what an op does with its device's level, and what the pool's helpers do with a job's; the raw
+    /// kernels' tests, which take no device, do the same. Throws when the processor lacks the level: a silent clamp would
+    /// let a test of that level pass on a narrower path.</summary>
+    public static Scope Enter(SimdLevel level)
     {
         if (!Supports(level))
         {
             throw new NotSupportedException($"this processor offers up to {Name(Max)}, not {Name(level)}");
         }
-        var scope = new Scope(s_level);
-        s_level = level;
+        if (level < Max)
+        {
+            s_lowered = true;
+        }
+        var scope = new Scope(t_level, active: true);
+        t_level = level;
         return scope;
     }
+
+    /// <summary>Runs this thread's kernels at the level of <paramref name="device"/> when it is a CPU device (an ILGPU
+    /// device: nothing changes) until the scope is disposed.</summary>
+    public static Scope Enter(Device device) => device is CpuDevice cpu ? Enter(cpu.Simd) : default;
 
     /// <summary>A level's display name: "AVX-512", "AVX2", "128-bit SIMD" or "scalar".</summary>
     public static string Name(SimdLevel level) => level switch
@@ -86,16 +104,15 @@ public static class CpuSimd
         _ => null,
     };
 
-    private sealed class Scope(SimdLevel previous) : IDisposable
+    /// <summary>Restores the thread's previous level on dispose (a struct: entering an op allocates nothing).</summary>
+    public readonly struct Scope(SimdLevel? previous, bool active) : IDisposable
     {
-        private bool _disposed;
-
+        /// <inheritdoc/>
         public void Dispose()
         {
-            if (!_disposed)
+            if (active)
             {
-                _disposed = true;
-                s_level = previous;
+                t_level = previous;
             }
         }
     }

@@ -95,6 +95,7 @@ internal static class Cpu
         private static Action<int>? s_items;
         private static Action<int, int>? s_range;
         private static Exception? s_error;
+        private static Ddpm.Tensors.SimdLevel s_level;
         [ThreadStatic] private static bool t_inJob;
 
         public static int RunningHelpers => Volatile.Read(ref s_helpers)?.Length ?? 0;
@@ -113,6 +114,8 @@ internal static class Cpu
                 (Job<TState>.State, Job<TState>.Items, Job<TState>.Range) = (state, items, range);
                 (s_items, s_range) = (items is null ? null : Job<TState>.RunItem, range is null ? null : Job<TState>.RunRange);
                 (s_count, s_length, s_error) = (count, length, null);
+                // The caller's instruction level (its device's, for the op that runs): the helpers run the job at it.
+                s_level = Ddpm.Tensors.CpuSimd.Level;
                 Volatile.Write(ref s_next, 0);
                 int used = Math.Min(helpers.Length, count - 1);
                 for (int t = 0; t < used; t++)
@@ -251,7 +254,10 @@ internal static class Cpu
                     {
                         continue; // cancelled: the caller ran out of items before this helper woke
                     }
-                    Work();
+                    using (Ddpm.Tensors.CpuSimd.Enter(s_level))
+                    {
+                        Work();
+                    }
                     Volatile.Write(ref h.State, Finished);
                 }
             }
