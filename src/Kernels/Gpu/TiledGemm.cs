@@ -597,31 +597,26 @@ public static class TiledGemm
 
     /// <summary>Stores a thread's 8 staged A elements (tid + 128·j) into the buffer at float offset <paramref name="buffer"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreA(ArrayView<float> aS, int buffer, bool alongK, int tid, Floats8 v)
-    {
-        aS[buffer + SlotA(alongK, tid)] = v.V0;
-        aS[buffer + SlotA(alongK, tid + Threads)] = v.V1;
-        aS[buffer + SlotA(alongK, tid + 2 * Threads)] = v.V2;
-        aS[buffer + SlotA(alongK, tid + 3 * Threads)] = v.V3;
-        aS[buffer + SlotA(alongK, tid + 4 * Threads)] = v.V4;
-        aS[buffer + SlotA(alongK, tid + 5 * Threads)] = v.V5;
-        aS[buffer + SlotA(alongK, tid + 6 * Threads)] = v.V6;
-        aS[buffer + SlotA(alongK, tid + 7 * Threads)] = v.V7;
-    }
+    private static void StoreA(ArrayView<float> aS, int buffer, bool alongK, int tid, Floats8 v) => Store8(aS, buffer, alongK, tid, TM, AStride, v);
 
     /// <summary>Stores 8 staged B elements, tid + 128·(first + j), into the buffer at float offset <paramref name="buffer"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreB(ArrayView<float> bS, int buffer, bool alongK, int tid, int first, Floats8 v)
+    private static void StoreB(ArrayView<float> bS, int buffer, bool alongK, int tid, int first, Floats8 v) =>
+        Store8(bS, buffer, alongK, tid + first * Threads, TN, BStride, v);
+
+    /// <summary>Elements e, e + 128, …, e + 7·128 of a tile of <paramref name="lines"/> lines (rows AStride or BStride =
+    /// <paramref name="stride"/> floats apart) stored where <see cref="Element"/> puts them.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Store8(ArrayView<float> s, int buffer, bool alongK, int e, int lines, int stride, Floats8 v)
     {
-        int e = tid + first * Threads;
-        bS[buffer + SlotB(alongK, e)] = v.V0;
-        bS[buffer + SlotB(alongK, e + Threads)] = v.V1;
-        bS[buffer + SlotB(alongK, e + 2 * Threads)] = v.V2;
-        bS[buffer + SlotB(alongK, e + 3 * Threads)] = v.V3;
-        bS[buffer + SlotB(alongK, e + 4 * Threads)] = v.V4;
-        bS[buffer + SlotB(alongK, e + 5 * Threads)] = v.V5;
-        bS[buffer + SlotB(alongK, e + 6 * Threads)] = v.V6;
-        bS[buffer + SlotB(alongK, e + 7 * Threads)] = v.V7;
+        s[buffer + Slot(alongK, e, lines, stride)] = v.V0;
+        s[buffer + Slot(alongK, e + Threads, lines, stride)] = v.V1;
+        s[buffer + Slot(alongK, e + 2 * Threads, lines, stride)] = v.V2;
+        s[buffer + Slot(alongK, e + 3 * Threads, lines, stride)] = v.V3;
+        s[buffer + Slot(alongK, e + 4 * Threads, lines, stride)] = v.V4;
+        s[buffer + Slot(alongK, e + 5 * Threads, lines, stride)] = v.V5;
+        s[buffer + Slot(alongK, e + 6 * Threads, lines, stride)] = v.V6;
+        s[buffer + Slot(alongK, e + 7 * Threads, lines, stride)] = v.V7;
     }
 
     /// <summary>
@@ -687,18 +682,19 @@ public static class TiledGemm
 
     /// <summary>Where element <paramref name="e"/> of the A tile is stored (float index in a buffer).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int SlotA(bool alongK, int e)
-    {
-        var (kk, row) = Element(alongK, e, TM);
-        return kk * AStride + row;
-    }
+    internal static int SlotA(bool alongK, int e) => Slot(alongK, e, TM, AStride);
 
     /// <summary>Where element <paramref name="e"/> of the B tile is stored.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int SlotB(bool alongK, int e)
+    internal static int SlotB(bool alongK, int e) => Slot(alongK, e, TN, BStride);
+
+    /// <summary>Where element <paramref name="e"/> of a tile of <paramref name="lines"/> lines, rows <paramref name="stride"/>
+    /// floats apart, is stored: kk·stride + line.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static int Slot(bool alongK, int e, int lines, int stride)
     {
-        var (kk, column) = Element(alongK, e, TN);
-        return kk * BStride + column;
+        var (kk, line) = Element(alongK, e, lines);
+        return kk * stride + line;
     }
 
     /// <summary>The 16-byte group (Float4 index in a buffer) holding aS[kk][8·ty .. 8·ty + 3]; the register tile's rows
