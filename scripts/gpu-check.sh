@@ -14,8 +14,9 @@
 #                                   without a GPU: --device ilgpu-cpu --preset tiny --batches 2 with PEER_DEVICE=cpu)
 #   --budget SECONDS                wall-clock budget for everything after the build (default 460, under 8 minutes)
 #
-# Every step runs under its own timeout; at the default batches they add up to 445 s, inside the budget, so a
-# run where every step times out still ends in time and runs them all. With a smaller --budget a step
+# Every step runs under its own timeout; at the default batches steps 1-7's ptxas part add up to 445 s, inside the
+# budget, so a run where every step times out still ends in time and runs them all (the compiler table, 40 s more,
+# runs when the budget has room left, as it has unless the others time out). With a smaller --budget a step
 # that would not fit is skipped and says so, in this order (the most important first):
 #   1. `ddpm bench --peak`: an FMA loop, the measured fp32 peak (30 s)
 #   2. `ddpm bench` at the first batch with --profile: step times, per-op times and per-convolution
@@ -25,7 +26,8 @@
 #   5. `torch_unet.py bench --tf32 default` (PyTorch's default: TF32 convolutions) at the first batch (40 s)
 #   6. the same three benchmarks at the other batches (50 + 35 + 35 s each)
 #   7. `ddpm check --ptx` and `ptxas -v` on every tiled kernel: hardware registers and spills (25 s;
-#      reported only where ptxas, from a CUDA toolkit, is on PATH)
+#      reported only where ptxas, from a CUDA toolkit, is on PATH), then `ddpm check --sass` with that toolkit (40 s,
+#      where cuobjdump sits beside ptxas): the compiler table and the prediction, kept in sass.txt
 # Device memory: each program's allocator peak (the engine's pool peak of live tensors, bench's
 # peak_mem_mib; the peer's torch.cuda.max_memory_allocated) and, for both, the rise of nvidia-smi's
 # memory.used over the run (sampled every 100 ms: CUDA context included, the same measure for both).
@@ -239,7 +241,19 @@ run_ptxas() {
     smem=$(sed -n 's/.* \([0-9]*\) bytes smem.*/\1/p' "$report" | head -1)
     ptxas_rows+=("$name|${regs:-?}|${spill_st:-0}|${spill_ld:-0}|${smem:-0}")
   done
+  # The whole compiler table and the prediction derived from it (ddpm check --sass), where cuobjdump sits beside ptxas:
+  # kept in sass.txt, so the measured step times above can be read against the predicted ones.
+  if [ -x "$(dirname "$ptxas")/cuobjdump" ]; then
+    limit=$(allot 40)
+    if [ "$limit" = 0 ]; then sass_line="compiler table: skipped (budget)"; return; fi
+    set +e
+    timeout "$limit" "$ddpm" check --sass "$(dirname "$ptxas")" > "$work/sass.txt" 2>&1
+    rc=$?
+    set -e
+    sass_line="compiler table (ddpm check --sass, with this machine's ptxas): $(tail -1 "$work/sass.txt" | cut -c1-100), exit $rc; in sass.txt"
+  fi
 }
+sass_line=
 
 # The plan, the most important first (see the header); each step's allowance is its timeout.
 bench_first=0
@@ -303,6 +317,7 @@ if [ "$bench" = 1 ]; then
 fi
 echo
 echo "$ptxas_line"
+[ -n "$sass_line" ] && echo "$sass_line"
 if [ "${#ptxas_rows[@]}" -gt 0 ]; then
   # Spills are the register tile not fitting: the PTX test already proves no .local arrays; spills would be ptxas's own.
   printf '| %-34s | %9s | %18s | %17s | %10s |\n' "tiled kernel" registers "spill stores (B)" "spill loads (B)" "smem (B)"
