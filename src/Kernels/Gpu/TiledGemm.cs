@@ -724,12 +724,17 @@ public static class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int ty, int tx)
         {
-            int a = buffer * (ATile / 4) + ReadA(0, ty), b = buffer * (BTile / 4) + ReadB(0, tx);
+            // A view a trip, at this thread's first group of the trip's kk: every load is then the view's base plus a
+            // constant, which ptxas folds into the LDS (indices recomputed from kk cost 26 instructions a trip). Each view
+            // starts inside the buffer (a view past its end is an error on ILGPU's CPU accelerator).
+            var aRow = aS4.SubView(buffer * (ATile / 4) + ReadA(0, ty));
+            var bRow = bS4.SubView(buffer * (BTile / 4) + ReadB(0, tx));
             for (int kk = 0; kk < TK; kk += 2)
             {
-                Mac(aS4[a + kk * (AStride / 4)], aS4[a + kk * (AStride / 4) + 1], bS4[b + kk * (BStride / 4)], bS4[b + kk * (BStride / 4) + TN / 8]);
-                Mac(aS4[a + (kk + 1) * (AStride / 4)], aS4[a + (kk + 1) * (AStride / 4) + 1], bS4[b + (kk + 1) * (BStride / 4)],
-                    bS4[b + (kk + 1) * (BStride / 4) + TN / 8]);
+                var ak = aRow.SubView(kk * (AStride / 4));
+                var bk = bRow.SubView(kk * (BStride / 4));
+                Mac(ak[0], ak[1], bk[0], bk[TN / 8]);
+                Mac(ak[AStride / 4], ak[AStride / 4 + 1], bk[BStride / 4], bk[BStride / 4 + TN / 8]);
             }
         }
 
