@@ -51,7 +51,7 @@ public sealed class CompilerReportTests
         // the smallest loop with FFMA; the EXIT's self-branch is no loop.
         var main = Sass.MainLoop(code);
         Assert.Equal((0x10, 0xa0), (main[0].Address, main[^1].Address));
-        var inner = SassLoops.Inner(code);
+        var inner = Sass.InnerLoop(code);
         Assert.Equal((0x40, 0x70), (inner[0].Address, inner[^1].Address));
         Assert.Equal(2.0, SassMix.Of(main).FfmaPerLds);
     }
@@ -61,7 +61,7 @@ public sealed class CompilerReportTests
     {
         var code = Sass.Parse(Code);
         var report = new KernelReport("TiledGemm.Kernel.ConvForwardTile", true, SmLimits.Sm90, PtxasInfo.Parse(Ptxas), 128, 3, SassMix.Of(code),
-            SassMix.Of(Sass.MainLoop(code)), SassMix.Of(SassLoops.Inner(code)));
+            SassMix.Of(Sass.MainLoop(code)), SassMix.Of(Sass.InnerLoop(code)));
         Assert.Equal(168, report.RegisterBudget);
         var problems = string.Join("; ", report.Problems);
         Assert.Contains("spills", problems);

@@ -127,7 +127,7 @@ public static class CheckCommand
                     var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
                     var (threads, minGroups) = KernelReport.Bounds(code);
                     reports.Add(new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
-                        SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(SassLoops.Inner(sassCode))));
+                        SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode))));
                 }
                 Console.WriteLine();
                 Console.WriteLine($"### {arch.Name} ({arch.Card}: {arch.SharedPerSm / 1024} KB shared, 64 K registers an SM)");

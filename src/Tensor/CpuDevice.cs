@@ -4,7 +4,7 @@ namespace Ddpm.Tensors;
 public sealed class CpuDevice : Device
 {
     /// <summary>The process-wide managed CPU device.</summary>
-    public static CpuDevice Instance { get; } = new(shared: true);
+    public static CpuDevice Instance { get; } = new(shared: true, CpuSimd.Max);
 
     private static readonly System.Collections.Concurrent.ConcurrentDictionary<SimdLevel, CpuDevice> s_atLevel = new();
 
@@ -14,10 +14,6 @@ public sealed class CpuDevice : Device
     {
         _shared = shared;
         Simd = simd;
-    }
-
-    private CpuDevice(bool shared) : this(shared, CpuSimd.Max)
-    {
     }
 
     /// <summary>A managed CPU device with its own pool (most code shares <see cref="Instance"/>), its kernels at

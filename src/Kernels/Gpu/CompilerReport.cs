@@ -116,9 +116,8 @@ public static class Sass
     {
         IReadOnlyList<SassInstruction> best = [];
         (int, int, int) bestKey = (-1, -1, -1);
-        foreach (var branch in code.Where(i => i.Target is { } t && t < i.Address))
+        foreach (var body in Loops(code))
         {
-            var body = code.Where(i => i.Address >= branch.Target && i.Address <= branch.Address).ToList();
             var mix = SassMix.Of(body);
             var key = (mix.Ffma, mix.Ldg + mix.Generic, body.Count);
             if (key.CompareTo(bestKey) > 0)
@@ -128,25 +127,15 @@ public static class Sass
         }
         return best;
     }
-}
 
-/// <summary>Loops of a kernel's SASS.</summary>
-public static class SassLoops
-{
     /// <summary>The innermost loop holding FFMA (the tiled GEMM's multiply-add loop inside its K loop); empty when none.</summary>
-    public static IReadOnlyList<SassInstruction> Inner(IReadOnlyList<SassInstruction> code)
-    {
-        IReadOnlyList<SassInstruction> best = [];
-        foreach (var branch in code.Where(i => i.Target is { } t && t < i.Address))
-        {
-            var body = code.Where(i => i.Address >= branch.Target && i.Address <= branch.Address).ToList();
-            if (body.Any(i => i.Opcode.StartsWith("FFMA", StringComparison.Ordinal)) && (best.Count == 0 || body.Count < best.Count))
-            {
-                best = body;
-            }
-        }
-        return best;
-    }
+    public static IReadOnlyList<SassInstruction> InnerLoop(IReadOnlyList<SassInstruction> code) =>
+        Loops(code).Where(body => body.Any(i => i.Opcode.StartsWith("FFMA", StringComparison.Ordinal))).MinBy(body => body.Count) ?? [];
+
+    /// <summary>Every loop: a backward branch and the code from its target to it, in the order of the branches.</summary>
+    private static IEnumerable<IReadOnlyList<SassInstruction>> Loops(IReadOnlyList<SassInstruction> code) =>
+        code.Where(i => i.Target is { } t && t < i.Address)
+            .Select(branch => (IReadOnlyList<SassInstruction>)code.Where(i => i.Address >= branch.Target && i.Address <= branch.Address).ToList());
 }
 
 /// <summary>Resident limits of one GPU generation, for groups per SM.</summary>
