@@ -65,7 +65,7 @@ public static class CheckCommand
         using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
         int tiled = 0;
         string? target = null;
-        foreach (var kernel in kernels.Loaded)
+        foreach (var kernel in kernels.Compilable)
         {
             string sub = Path.Combine(folder, kernel.Grouped ? "tiled" : "implicit");
             Directory.CreateDirectory(sub);
@@ -78,8 +78,8 @@ public static class CheckCommand
         var isa = compiler.InstructionSet;
         // ILGPU 1.5 writes .target sm_80 at most: say what the files hold, and that ptxas -arch=sm_NN still compiles them for NN.
         string written = target is { Length: > 0 } && target != $"sm_{sm}" ? $"asked for sm_{sm}, written as .target {target} (ILGPU writes at most sm_80; ptxas -arch=sm_{sm} compiles it for sm_{sm})" : $"for sm_{sm}";
-        Console.WriteLine($"wrote the PTX of {kernels.Loaded.Count} kernels {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
-            $"{tiled} tiled in tiled/, {kernels.Loaded.Count - tiled} in implicit/");
+        Console.WriteLine($"wrote the PTX of {kernels.Compilable.Count} kernels {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
+            $"{tiled} tiled in tiled/, {kernels.Compilable.Count - tiled} in implicit/");
         return 0;
     }
 
@@ -111,14 +111,14 @@ public static class CheckCommand
         var problems = new List<string>();
         try
         {
-            Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Loaded.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
+            Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Compilable.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
                 "static SASS counts (cuobjdump -sass); the main loop is the loop with the most FFMA (docs/gpu.md)");
             foreach (var arch in SassArchitectures)
             {
                 int sm = int.Parse(arch.Name["sm_".Length..]);
                 using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
                 var reports = new List<KernelReport>();
-                foreach (var kernel in kernels.Loaded.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal))
+                foreach (var kernel in kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal))
                 {
                     string name = KernelPtx.Name(kernel), file = Path.Combine(work, $"{name}.{arch.Name}");
                     string code = compiler.Compile(kernel);
@@ -154,7 +154,7 @@ public static class CheckCommand
         {
             Console.Error.WriteLine($"ddpm: compiler check: {p}");
         }
-        int tiled = kernels.Loaded.Count(k => k.Grouped);
+        int tiled = kernels.Compilable.Count(k => k.Grouped);
         Console.WriteLine(problems.Count == 0
             ? $"compiler check: the {tiled} tiled kernels keep every rule on {string.Join(" and ", SassArchitectures.Select(a => a.Name))}"
             : $"compiler check: {problems.Count} broken rules");

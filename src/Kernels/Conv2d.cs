@@ -727,11 +727,11 @@ public static unsafe class Conv2d
     internal sealed class Gpu(IlgpuKernels k)
     {
         // The tiled twins (src/Kernels/Gpu/TiledConv.cs).
-        public readonly TileLauncher TiledForward = TiledGemm.Load<ConvForwardTile>(k);
+        public readonly TiledKernels<ConvForwardTile> TiledForward = new(k, matmul: false);
 
-        public readonly TileLauncher TiledInput = TiledGemm.Load<ConvInputTile>(k);
+        public readonly TiledKernels<ConvInputTile> TiledInput = new(k, matmul: false);
 
-        public readonly TileLauncher TiledWeight = TiledGemm.Load<ConvWeightTile>(k);
+        public readonly TiledKernels<ConvWeightTile> TiledWeight = new(k, matmul: false);
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);

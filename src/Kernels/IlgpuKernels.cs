@@ -21,6 +21,7 @@ public sealed class IlgpuKernels
         Device = device;
         Accelerator = device.Accelerator;
         Simple = device.SimpleKernels;
+        Precision = device.Precision;
         Elementwise = new Elementwise.Gpu(this);
         Conv2d = new Conv2d.Gpu(this);
         GroupNorm = new GroupNorm.Gpu(this);
@@ -60,6 +61,30 @@ public sealed class IlgpuKernels
     /// (the CLI's <c>--gpu-kernels</c> or <c>DDPM_GPU_KERNELS</c>); tests switch it on the kernel set.
     /// </summary>
     public bool Simple { get; set; }
+
+    /// <summary>
+    /// How the tiled products compute (<see cref="MathPrecision"/>): strict fp32 on the FFMA core, or TF32 or 3xTF32 on
+    /// tensor cores, whose kernels load at their first use. Starts as the device's <see cref="IlgpuDevice.Precision"/>; the
+    /// self-check lowers it to fp32 when a mode disagrees with the CPU backend. A device that cannot run the tensor-core
+    /// kernels (<see cref="TensorCores"/> false) computes in fp32 whatever the mode.
+    /// </summary>
+    public MathPrecision Precision { get; set; }
+
+    /// <summary>True when this accelerator runs the tensor-core kernels: CUDA (mma.sync), or ILGPU's CPU simulator shaped
+    /// like a GPU (warps of 32, groups of 128), which runs their managed emulation.</summary>
+    public bool TensorCores => Accelerator.AcceleratorType is AcceleratorType.Cuda or AcceleratorType.CPU && TiledGemm.RunsTensorKernels(Accelerator);
+
+    /// <summary>The mode the products actually run in: <see cref="Precision"/> where <see cref="TensorCores"/>, else fp32.</summary>
+    public MathPrecision EffectivePrecision => TensorCores && !Simple ? Precision : MathPrecision.Fp32;
+
+    private readonly List<LoadedKernel> _declared = [];
+
+    /// <summary>Every kernel this set loads or may load at first use (the tensor-core modes'), once each: the list
+    /// <c>check --ptx</c>, <c>check --sass</c> and the PTX tests compile.</summary>
+    public IReadOnlyList<LoadedKernel> Compilable => [.. _loaded.Concat(_declared).DistinctBy(k => k.Method)];
+
+    /// <summary>Notes an explicitly grouped kernel loaded only at first use (<see cref="Compilable"/>).</summary>
+    internal void Declare(Delegate kernel, KernelSpecialization bounds) => _declared.Add(new LoadedKernel(kernel.Method, Grouped: true, bounds));
 
     /// <summary>The stream every op is queued on.</summary>
     public AcceleratorStream Stream => Accelerator.DefaultStream;

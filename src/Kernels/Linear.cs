@@ -63,7 +63,7 @@ public static unsafe class Linear
             if (!kk.Simple)
             {
                 var t = new TileArgs(m, n, k, 0, accumulate, false, default, s, rowSums: rowSums is not null, bias: bias is not null);
-                TiledGemm.Launch(kk, kk.Linear.TiledMatmul, t, a.View, b.View, c.View, (bias ?? c).View, (rowSums ?? c).View, c.View);
+                TiledGemm.Launch(kk, kk.Linear.TiledMatmul.For(), t, a.View, b.View, c.View, (bias ?? c).View, (rowSums ?? c).View, c.View);
                 return;
             }
             kk.Linear.Matmul(kk.Stream, m * n, a.View, b.View, c.View, s);
@@ -176,7 +176,7 @@ public static unsafe class Linear
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, MatmulShape> Matmul =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, MatmulShape>>(MatmulKernel);
 
-        public readonly TileLauncher TiledMatmul = TiledGemm.Load<MatmulTile>(k);
+        public readonly TiledKernels<MatmulTile> TiledMatmul = new(k, matmul: true);
 
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int> AddRows =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int>>(AddRowsKernel);

@@ -32,6 +32,12 @@ public sealed class IlgpuDevice : Device
     /// first op; set it right after opening.</summary>
     public bool SimpleKernels { get; set; }
 
+    /// <summary>How the convolutions and linear layers compute (<c>--math</c>): fp32, TF32 or 3xTF32 on tensor cores. Read
+    /// when the device's kernels load, at its first op; set it right after opening. A device opened by the library starts
+    /// at fp32 (results a library user can compare bit for bit); the command line sets <see cref="MathPrecisions.Default"/>
+    /// unless told otherwise.</summary>
+    public MathPrecision Precision { get; set; } = MathPrecision.Fp32;
+
     /// <summary>The ILGPU context the accelerator belongs to.</summary>
     public Context Context => _context;
 

@@ -264,14 +264,14 @@ internal static class TiledConv
         ArrayView<float>? channelBias, ArrayView<float>? residual = null)
     {
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
-        TiledGemm.Launch(k, k.Conv2d.TiledForward, t, w, x, y, b, channelBias ?? b, residual ?? b);
+        TiledGemm.Launch(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
     }
 
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
     public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
     {
         var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
-        TiledGemm.Launch(k, k.Conv2d.TiledInput, t, w, dy, dx, dx, dx, dx);
+        TiledGemm.Launch(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
     }
 
     /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>
@@ -299,10 +299,10 @@ internal static class TiledConv
         var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default, rowSums: db is not null);
         if (t.Splits == 1)
         {
-            TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, dw, dw, db ?? dw, dw);
+            TiledGemm.Launch(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
             return;
         }
         using var partials = k.Scratch(checked((int)t.PartialsLength));
-        TiledGemm.Launch(k, k.Conv2d.TiledWeight, t, dy, x, partials.View, dw, db ?? dw, dw);
+        TiledGemm.Launch(k, k.Conv2d.TiledWeight.For(), t, dy, x, partials.View, dw, db ?? dw, dw);
     }
 }

@@ -209,7 +209,7 @@ internal struct Floats8
 }
 
 /// <summary>The tiled, explicitly grouped GEMM kernel and its launch geometry (see the file header for the tiling).</summary>
-public static class TiledGemm
+public static partial class TiledGemm
 {
     /// <summary>Output tile rows and columns, and the K step (shared-memory depth).</summary>
     public const int TM = 64, TN = 128, TK = 16;
@@ -258,7 +258,7 @@ public static class TiledGemm
 
     /// <summary>
     /// C[M, Cols] = A[M, Kd] · B[Kd, Cols] over this group's K range, through <typeparamref name="TOp"/>'s gathers and
-    /// epilogue, on a GPU: groups of exactly <see cref="Threads"/>, one register tile a thread (<see cref="Pipelined{TOp}"/>).
+    /// epilogue, on a GPU: groups of exactly <see cref="Threads"/>, one register tile a thread (<see cref="Pipelined{TOp, TAcc}"/>).
     /// a, b: the operands TOp reads; c: the output (or partials); e0, e1, e2: epilogue extras; with splits, e0 receives
     /// the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero between launches.
     /// </summary>
@@ -271,7 +271,7 @@ public static class TiledGemm
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        Pipelined<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
         Finish(c, e0, e1, counters, t, rowS, rowSums, last);
     }
 
@@ -413,9 +413,9 @@ public static class TiledGemm
     /// barrier a step. Safe: a buffer is written one step after the barrier that ended its last reads.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Pipelined<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
+    private static void Pipelined<TOp, TAcc>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
-        where TOp : struct, ITileOperands
+        where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         int kBegin = Grid.IdxZ * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
@@ -423,12 +423,12 @@ public static class TiledGemm
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
         var fetch = new Fetcher<TOp>(t, a, b, tid, m0, col0, kEnd);
-        var acc = default(Tile8x8);
+        var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
         var staged = fetch.Step(k0);
-        StoreA(aS, 0, aAlongK, tid, staged.A);
-        StoreB(bS, 0, bAlongK, tid, 0, staged.B0);
-        StoreB(bS, 0, bAlongK, tid, 8, staged.B1);
+        StoreA(aS, 0, aAlongK, tid, Stage<TAcc>(staged.A));
+        StoreB(bS, 0, bAlongK, tid, 0, Stage<TAcc>(staged.B0));
+        StoreB(bS, 0, bAlongK, tid, 8, Stage<TAcc>(staged.B1));
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -438,21 +438,21 @@ public static class TiledGemm
             {
                 staged = fetch.Step(next);
             }
-            acc.Step(aS4, bS4, buffer, tid / (TN / ColsPerThread), tid % (TN / ColsPerThread));
+            acc.Step(aS4, bS4, buffer, tid);
             if (rowSums)
             {
                 AddRowSums(aS, buffer * ATile, rowS);
             }
             if (more)
             {
-                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, staged.A);
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, staged.B0);
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, staged.B1);
+                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, Stage<TAcc>(staged.A));
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, Stage<TAcc>(staged.B0));
+                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, Stage<TAcc>(staged.B1));
             }
             Group.Barrier();
             buffer = 1 - buffer;
         }
-        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + RowsPerThread * (tid / (TN / ColsPerThread)), col0 + 4 * (tid % (TN / ColsPerThread)));
+        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0, col0, tid);
     }
 
     /// <summary>A thread's 24 staged elements of one K step (8 of A, 16 of B), in registers.</summary>
@@ -599,6 +599,14 @@ public static class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreA(ArrayView<float> aS, int buffer, bool alongK, int tid, Floats8 v) => Store8(aS, buffer, alongK, tid, TM, AStride, v);
 
+    /// <summary>Eight staged elements as the accumulator stores them in shared memory (<see cref="ITileAccumulator.Stage"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Floats8 Stage<TAcc>(Floats8 v) where TAcc : struct, ITileAccumulator => new()
+    {
+        V0 = TAcc.Stage(v.V0), V1 = TAcc.Stage(v.V1), V2 = TAcc.Stage(v.V2), V3 = TAcc.Stage(v.V3),
+        V4 = TAcc.Stage(v.V4), V5 = TAcc.Stage(v.V5), V6 = TAcc.Stage(v.V6), V7 = TAcc.Stage(v.V7),
+    };
+
     /// <summary>Stores 8 staged B elements, tid + 128·(first + j), into the buffer at float offset <paramref name="buffer"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void StoreB(ArrayView<float> bS, int buffer, bool alongK, int tid, int first, Floats8 v) =>
@@ -713,7 +721,7 @@ public static class TiledGemm
 
     /// <summary>A thread's 8 x 8 register tile: rows 8·ty + i, columns 4·tx + j and 64 + 4·tx + j, as 64 scalar fields (a
     /// struct local, so ILGPU keeps each in a register; the compiler table checks that nothing lands in local memory).</summary>
-    private struct Tile8x8
+    private struct Tile8x8 : ITileAccumulator
     {
         private float _c00, _c01, _c02, _c03, _c04, _c05, _c06, _c07, _c10, _c11, _c12, _c13, _c14, _c15, _c16, _c17, _c20, _c21, _c22, _c23, _c24, _c25, _c26, _c27, _c30, _c31, _c32, _c33, _c34, _c35, _c36, _c37, _c40, _c41, _c42, _c43, _c44, _c45, _c46, _c47, _c50, _c51, _c52, _c53, _c54, _c55, _c56, _c57, _c60, _c61, _c62, _c63, _c64, _c65, _c66, _c67, _c70, _c71, _c72, _c73, _c74, _c75, _c76, _c77;
 
@@ -737,6 +745,20 @@ public static class TiledGemm
                 Mac(ak[AStride / 4], ak[AStride / 4 + 1], bk[BStride / 4], bk[BStride / 4 + TN / 8]);
             }
         }
+
+        /// <inheritdoc/>
+        public static float Stage(float x) => x;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid) =>
+            Step(aS4, bS4, buffer, tid / (TN / ColsPerThread), tid % (TN / ColsPerThread));
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0,
+            int col0, int tid) where TOp : struct, ITileOperands =>
+            Emit<TOp>(t, c, e0, e1, e2, split, m0 + RowsPerThread * (tid / (TN / ColsPerThread)), col0 + 4 * (tid % (TN / ColsPerThread)));
 
         /// <summary>The outer product of the register tile's eight rows of A (a0, a1) and eight columns of B (b0, b1), added in.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]

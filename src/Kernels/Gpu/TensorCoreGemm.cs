@@ -1,0 +1,400 @@
+// The tiled GEMM on tensor cores: the same kernel as the FFMA core (TiledGemm.cs: the gathers, the 64 x 128 output tile,
+// the double-buffered shared tiles and their stores, the row sums and the split-K finish), with the register tile's
+// multiply-adds done by mma.sync.aligned.m16n8k8 with TF32 operands and fp32 accumulators (inline PTX through
+// CudaAsm.EmitRef; ILGPU writes .target sm_80, which has it).
+//
+// Warps: the group's four warps each compute a 32 x 64 piece of the tile (warp w: rows 32·(w mod 2), columns
+// 64·(w / 2)), as 2 x 8 mma tiles of 16 x 8, 64 fp32 accumulators a thread: the FFMA core's register budget.
+//
+// Fragments (PTX ISA, "Matrix Fragments for mma.m16n8k8", .tf32): lane = 4·g + i (g = groupID, i = threadID_in_group)
+//   A (16 x 8, row): a0 (g, i), a1 (g + 8, i), a2 (g, i + 4), a3 (g + 8, i + 4)
+//   B (8 x 8, col):  b0 (i, g), b1 (i + 4, g)
+//   C (16 x 8):      c0 (g, 2i), c1 (g, 2i + 1), c2 (g + 8, 2i), c3 (g + 8, 2i + 1)
+// The shared tiles are the FFMA core's ([kk][row], rows 68 and 132 floats apart); the mma's k, rows and columns are
+// mapped onto them so that each thread's fragments are 128-bit loads without bank conflicts (SharedBankTests):
+//   k:       mma k = i is shared kk = 2i, mma k = i + 4 is kk = 2i + 1 (any bijection works if A and B agree);
+//   A rows:  row g of mma tile t is the warp's row 4g + 2t, row g + 8 is 4g + 2t + 1: a thread's four rows of both
+//            tiles at one kk are four neighbouring floats, one LDS.128 (two a k8 step);
+//   B cols:  column g of n-tile j is the warp's column 4g + j (j < 4), 32 + 4g + (j - 4) (j ≥ 4): two LDS.128 at each
+//            of the two kk (four a k8 step).
+// A quarter-warp's 128-bit loads then fall on groups (g + 2i·stride/4) mod 8 = g + 2i·17 or g + 2i·33 (mod 8) = g + 2i
+// for g ∈ {0, 1}: eight different 16-byte groups, one wavefront each.
+//
+// Modes (MathPrecision): TF32 rounds each operand with cvt.rna.tf32.f32 (to nearest, ties away from zero, 10 mantissa
+// bits) and multiplies once; 3xTF32 splits each operand x into hi = rna(x) and lo = rna(x - hi) and adds lo·hi, hi·lo,
+// then hi·hi (the small terms first), dropping lo·lo (below 2^-22 of the product): fp32 accuracy.
+//
+// On ILGPU's CPU simulator (CudaAsm.IsSupported is false) the same kernel runs a managed emulation: the rounding as
+// integer arithmetic on the bits, and the mma from the PTX ISA's fragment table above, each lane fetching the elements
+// it needs from the lanes that hold them by warp shuffles. So a warp-32 simulator runs the kernel's own fragment
+// mapping against the ISA's: a mapping or rounding bug fails the kernel tests without a GPU.
+using System.Runtime.CompilerServices;
+using Ddpm.Tensors;
+using ILGPU;
+using ILGPU.Runtime.Cuda;
+
+namespace Ddpm.Kernels;
+
+/// <summary>A thread's part of the output tile: the multiply-adds of a K step from the shared tiles, and the epilogue.</summary>
+internal interface ITileAccumulator
+{
+    /// <summary>An operand element as the staging stores it in shared memory (TF32 rounds it there, once per element a
+    /// group, instead of once per fragment that reads it).</summary>
+    static abstract float Stage(float x);
+
+    /// <summary>Adds the products of the 16 kk of the shared tiles in buffer <paramref name="buffer"/> (0 or 1).</summary>
+    void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid);
+
+    /// <summary>Writes this thread's outputs through <typeparamref name="TOp"/>'s epilogue; the tile's corner is (m0, col0).</summary>
+    void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0, int col0, int tid)
+        where TOp : struct, ITileOperands;
+}
+
+/// <summary>An operand on its way to a tensor core: its TF32 high part and (3xTF32) its TF32 low part.</summary>
+public readonly struct Tf32Pair(float hi, float lo)
+{
+    /// <summary>rna(x) and rna(x - rna(x)).</summary>
+    public readonly float Hi = hi, Lo = lo;
+}
+
+/// <summary>Four fp32 accumulators of an m16n8 tile (c0..c3 of the fragment table).</summary>
+public struct Frag4
+{
+    /// <summary>c0, c1, c2, c3.</summary>
+    public float C0, C1, C2, C3;
+}
+
+/// <summary>How a mode feeds the tensor cores: the operand split and the products it adds.</summary>
+public interface ITensorMath
+{
+    /// <summary>An operand element as stored in the shared tile (rounded there, or kept whole for a later split).</summary>
+    static abstract float Stage(float x);
+
+    /// <summary>The operand's TF32 part(s).</summary>
+    static abstract Tf32Pair Split(float x);
+
+    /// <summary>c += A·B for one m16n8k8 tile, from the fragments' parts.</summary>
+    static abstract void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1);
+}
+
+/// <summary>TF32: one product of rounded operands.</summary>
+public struct Tf32Math : ITensorMath
+{
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Stage(float x) => Tf32.Round(x);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Tf32Pair Split(float x) => new(x, 0f); // rounded when staged
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1) =>
+        Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Hi, b1.Hi);
+}
+
+/// <summary>3xTF32: lo·hi + hi·lo + hi·hi, fp32-accurate.</summary>
+public struct Tf32x3Math : ITensorMath
+{
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Stage(float x) => x;
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Tf32Pair Split(float x)
+    {
+        float hi = Tf32.Round(x);
+        return new(hi, Tf32.Round(x - hi));
+    }
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1)
+    {
+        Tf32.Mma(ref c, a0.Lo, a1.Lo, a2.Lo, a3.Lo, b0.Hi, b1.Hi);
+        Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Lo, b1.Lo);
+        Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Hi, b1.Hi);
+    }
+}
+
+/// <summary>
+/// Which of a thread's loaded A elements are its fragment registers a0..a3 of the warp's two m16 tiles. The kernel's
+/// mapping is <see cref="PtxLayout"/>; a test plants a wrong one to show the emulation catches it.
+/// </summary>
+public interface IFragmentLayout
+{
+    /// <summary>From the thread's four rows (4g .. 4g + 3 of the warp's 32) at mma k = i (<paramref name="k"/>) and k = i + 4
+    /// (<paramref name="k4"/>): tile 0's a0..a3 and tile 1's.</summary>
+    static abstract void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+        out float t1a2, out float t1a3);
+}
+
+/// <summary>The PTX ISA's layout under the kernel's row mapping (row g of tile t is 4g + 2t, row g + 8 is 4g + 2t + 1).</summary>
+public struct PtxLayout : IFragmentLayout
+{
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+        out float t1a2, out float t1a3)
+    {
+        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Y, k4.X, k4.Y);
+        (t1a0, t1a1, t1a2, t1a3) = (k.Z, k.W, k4.Z, k4.W);
+    }
+}
+
+/// <summary>TF32 rounding and the m16n8k8 product, on a GPU's tensor cores or emulated on a simulator.</summary>
+public static class Tf32
+{
+    /// <summary>Mantissa bits TF32 keeps (of fp32's 23).</summary>
+    public const int MantissaBits = 10;
+
+    /// <summary>cvt.rna.tf32.f32: <paramref name="x"/> to the nearest TF32 value, ties away from zero (the low 13 bits
+    /// zero); infinities and NaN unchanged. The managed twin is integer arithmetic on the bits.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Round(float x)
+    {
+        if (CudaAsm.IsSupported)
+        {
+            CudaAsm.Emit("cvt.rna.tf32.f32 %0, %1;", out uint r, x);
+            return Interop.IntAsFloat(r);
+        }
+        return RoundBits(x);
+    }
+
+    /// <summary>The rounding as integer arithmetic: add half of the dropped unit to the magnitude, then clear the dropped
+    /// bits (a carry into the exponent is the correct rounding up; the sign is untouched, so ties go away from zero).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float RoundBits(float x)
+    {
+        uint bits = Interop.FloatAsInt(x);
+        if ((bits & 0x7F80_0000u) == 0x7F80_0000u)
+        {
+            return x;
+        }
+        return Interop.IntAsFloat((bits + 0x1000u) & 0xFFFF_E000u);
+    }
+
+    /// <summary>c += A·B for the warp's m16n8k8 tile, this lane holding a0..a3, b0, b1 (already TF32) and c0..c3.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Mma(ref Frag4 c, float a0, float a1, float a2, float a3, float b0, float b1)
+    {
+        if (CudaAsm.IsSupported)
+        {
+            var d0 = new Ref<float> { Value = c.C0 };
+            var d1 = new Ref<float> { Value = c.C1 };
+            var d2 = new Ref<float> { Value = c.C2 };
+            var d3 = new Ref<float> { Value = c.C3 };
+            // The operands as .b32 registers (the bits of the TF32 values: mma's A and B are untyped 32-bit).
+            Input<uint> x0 = Interop.FloatAsInt(a0), x1 = Interop.FloatAsInt(a1), x2 = Interop.FloatAsInt(a2), x3 = Interop.FloatAsInt(a3);
+            Input<uint> y0 = Interop.FloatAsInt(b0), y1 = Interop.FloatAsInt(b1);
+            CudaAsm.EmitRef("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
+                ref d0, ref d1, ref d2, ref d3, ref x0, ref x1, ref x2, ref x3, ref y0, ref y1);
+            (c.C0, c.C1, c.C2, c.C3) = (d0.Value, d1.Value, d2.Value, d3.Value);
+        }
+        else
+        {
+            Emulate(ref c, a0, a1, a2, a3, b0, b1);
+        }
+    }
+
+    /// <summary>
+    /// The mma as the PTX ISA defines it, for a warp of 32 on a simulator: lane 4g + i holds A(g, i), A(g + 8, i),
+    /// A(g, i + 4), A(g + 8, i + 4), B(i, g), B(i + 4, g) and accumulates C(g, 2i), C(g, 2i + 1), C(g + 8, 2i),
+    /// C(g + 8, 2i + 1); each lane reads the A and B elements of its rows and columns from the lanes holding them.
+    /// The products of TF32 values are exact in fp32; the sum runs in k order.
+    /// </summary>
+    private static void Emulate(ref Frag4 c, float a0, float a1, float a2, float a3, float b0, float b1)
+    {
+        int lane = Warp.LaneIdx, g = lane >> 2, i = lane & 3;
+        for (int k = 0; k < 8; k++)
+        {
+            bool upper = k >= 4;
+            int holder = k & 3;
+            float ag = Warp.Shuffle(upper ? a2 : a0, 4 * g + holder);      // A(g, k): lane 4g + (k mod 4)
+            float ag8 = Warp.Shuffle(upper ? a3 : a1, 4 * g + holder);     // A(g + 8, k)
+            float bk = upper ? b1 : b0;
+            float bc = Warp.Shuffle(bk, 4 * (2 * i) + holder);             // B(k, 2i): lane 4·(2i) + (k mod 4)
+            float bc1 = Warp.Shuffle(bk, 4 * (2 * i + 1) + holder);        // B(k, 2i + 1)
+            c.C0 += ag * bc;
+            c.C1 += ag * bc1;
+            c.C2 += ag8 * bc;
+            c.C3 += ag8 * bc1;
+        }
+    }
+}
+
+public static partial class TiledGemm
+{
+    /// <summary>
+    /// The tiled product on tensor cores (the file header): <see cref="Kernel{TOp}"/> with its multiply-adds as
+    /// m16n8k8 TF32 mma in <typeparamref name="TMath"/>'s mode. Groups of exactly <see cref="Threads"/> in warps of 32.
+    /// </summary>
+    internal static void TensorKernel<TOp, TMath, TLayout>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0,
+        ArrayView<float> e1, ArrayView<float> e2, ArrayView<int> counters, TileArgs t)
+        where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
+    {
+        var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4);
+        var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
+        var rowS = SharedMemory.Allocate<float>(TM);
+        var last = SharedMemory.Allocate<int>(1);
+        bool rowSums = BeginRowSums(t, rowS);
+        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+    }
+
+    /// <summary>True when <paramref name="accelerator"/> runs the tensor-core kernels: groups of 128 in warps of 32 (a GPU, or
+    /// a simulator shaped like one, which runs the emulation).</summary>
+    public static bool RunsTensorKernels(ILGPU.Runtime.Accelerator accelerator) =>
+        GroupSize(accelerator) == Threads && accelerator.WarpSize == 32;
+
+    /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode).</summary>
+    internal static TileLauncher LoadTensor<TOp, TMath, TLayout>(IlgpuKernels k)
+        where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout =>
+        k.Grouped<TileLauncher>(TensorKernel<TOp, TMath, TLayout>, Specialization);
+
+    /// <summary>The warp's row (0 .. 31) of row g (h = 0) or g + 8 (h = 1) of mma tile t: 4g + 2t + h.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaRow(int g, int t, int h) => 4 * g + 2 * t + h;
+
+    /// <summary>The warp's column (0 .. 63) of column n (0 .. 7) of n-tile j: 4n + j, or 32 + 4n + j - 4.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaColumn(int n, int j) => j < 4 ? 4 * n + j : 32 + 4 * n + (j - 4);
+
+    /// <summary>The Float4 index, in a buffer, of a thread's A load at mma k = i (+ <paramref name="upper"/>·4) of the k8 step
+    /// at kk = <paramref name="kb"/>: aS[kb + 2i + upper][32·wm + 4g .. + 3].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaReadA(int kb, int upper, int warp, int lane) => (kb + 2 * (lane & 3) + upper) * (AStride / 4) + 8 * (warp & 1) + (lane >> 2);
+
+    /// <summary>The Float4 index of a thread's B load: bS[kb + 2i + upper][64·wn + 32·half + 4g .. + 3].</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaReadB(int kb, int upper, int half, int warp, int lane) =>
+        (kb + 2 * (lane & 3) + upper) * (BStride / 4) + 16 * (warp >> 1) + 8 * half + (lane >> 2);
+
+    /// <summary>A thread's 2 x 8 mma tiles of the warp's 32 x 64 piece: 64 fp32 accumulators, as fields (registers).</summary>
+    private struct TensorTile<TMath, TLayout> : ITileAccumulator where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
+    {
+        private Frag4 _00, _01, _02, _03, _04, _05, _06, _07, _10, _11, _12, _13, _14, _15, _16, _17;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static float Stage(float x) => TMath.Stage(x);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid)
+        {
+            int warp = tid >> 5, lane = tid & 31;
+            // A view at this thread's first load, so every load is its base plus a constant (as in the FFMA core).
+            var aRow = aS4.SubView(buffer * (ATile / 4) + MmaReadA(0, 0, warp, lane));
+            var bRow = bS4.SubView(buffer * (BTile / 4) + MmaReadB(0, 0, 0, warp, lane));
+            for (int kb = 0; kb < TK; kb += 8)
+            {
+                var ak = aRow.SubView(kb * (AStride / 4));
+                var bk = bRow.SubView(kb * (BStride / 4));
+                Float4 aK = ak[0], aK4 = ak[AStride / 4];
+                Float4 bK = bk[0], bK32 = bk[8], bK4 = bk[BStride / 4], bK4h = bk[BStride / 4 + 8];
+                TLayout.A(aK, aK4, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
+                Tf32Pair a00 = TMath.Split(p0), a01 = TMath.Split(p1), a02 = TMath.Split(p2), a03 = TMath.Split(p3);
+                Tf32Pair a10 = TMath.Split(q0), a11 = TMath.Split(q1), a12 = TMath.Split(q2), a13 = TMath.Split(q3);
+                Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.X), TMath.Split(bK4.X));
+                Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.Y), TMath.Split(bK4.Y));
+                Tile(ref _02, ref _12, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.Z), TMath.Split(bK4.Z));
+                Tile(ref _03, ref _13, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.W), TMath.Split(bK4.W));
+                Tile(ref _04, ref _14, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.X), TMath.Split(bK4h.X));
+                Tile(ref _05, ref _15, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.Y), TMath.Split(bK4h.Y));
+                Tile(ref _06, ref _16, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.Z), TMath.Split(bK4h.Z));
+                Tile(ref _07, ref _17, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.W), TMath.Split(bK4h.W));
+            }
+        }
+
+        /// <summary>Both m16 tiles of one n-tile: c0 += A0·B, c1 += A1·B.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Tile(ref Frag4 c0, ref Frag4 c1, Tf32Pair a00, Tf32Pair a01, Tf32Pair a02, Tf32Pair a03, Tf32Pair a10, Tf32Pair a11,
+            Tf32Pair a12, Tf32Pair a13, Tf32Pair b0, Tf32Pair b1)
+        {
+            TMath.Mma(ref c0, a00, a01, a02, a03, b0, b1);
+            TMath.Mma(ref c1, a10, a11, a12, a13, b0, b1);
+        }
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0,
+            int col0, int tid) where TOp : struct, ITileOperands
+        {
+            int warp = tid >> 5, lane = tid & 31, g = lane >> 2, i = lane & 3;
+            int r0 = m0 + 32 * (warp & 1), q0 = col0 + 64 * (warp >> 1);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 0, _00); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 0, _10);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 1, _01); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 1, _11);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 2, _02); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 2, _12);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 3, _03); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 3, _13);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 4, _04); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 4, _14);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 5, _05); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 5, _15);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 6, _06); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 6, _16);
+            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 7, _07); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 7, _17);
+        }
+
+        /// <summary>One mma tile's four accumulators (tile <paramref name="tm"/>, n-tile <paramref name="j"/>) through the epilogue.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Out<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
+            int q0, int g, int i, int tm, int j, Frag4 f) where TOp : struct, ITileOperands
+        {
+            int m = r0 + MmaRow(g, tm, 0), m8 = r0 + MmaRow(g, tm, 1);
+            int col = q0 + MmaColumn(2 * i, j), col1 = q0 + MmaColumn(2 * i + 1, j);
+            One<TOp>(t, c, e0, e1, e2, split, m, col, f.C0);
+            One<TOp>(t, c, e0, e1, e2, split, m, col1, f.C1);
+            One<TOp>(t, c, e0, e1, e2, split, m8, col, f.C2);
+            One<TOp>(t, c, e0, e1, e2, split, m8, col1, f.C3);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void One<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+            float v) where TOp : struct, ITileOperands
+        {
+            if (m < t.M && col < t.Cols)
+            {
+                TOp.Store(t, c, e0, e1, e2, split, m, col, v);
+            }
+        }
+    }
+}
+
+/// <summary>
+/// One op's tiled kernels: the FFMA core, loaded with the kernel set, and its tensor-core twins (TF32, 3xTF32), loaded at
+/// their first use so that a run in fp32 never compiles them. <see cref="For"/> picks by the set's math mode.
+/// </summary>
+internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
+{
+    private readonly IlgpuKernels _k;
+    private readonly bool _matmul;
+    private TileLauncher? _tf32, _tf32x3;
+
+    /// <summary>Loads the FFMA kernel and notes the tensor-core ones; <paramref name="matmul"/>: a linear layer's product
+    /// (tensor cores in 3xTF32 only, as PyTorch keeps matmuls in fp32 by default), else a convolution's.</summary>
+    public TiledKernels(IlgpuKernels k, bool matmul)
+    {
+        (_k, _matmul) = (k, matmul);
+        Fp32 = TiledGemm.Load<TOp>(k);
+        k.Declare(TiledGemm.TensorKernel<TOp, Tf32Math, PtxLayout>, TiledGemm.Specialization);
+        k.Declare(TiledGemm.TensorKernel<TOp, Tf32x3Math, PtxLayout>, TiledGemm.Specialization);
+    }
+
+    /// <summary>The FFMA core.</summary>
+    public TileLauncher Fp32 { get; }
+
+    /// <summary>The kernel the set's <see cref="IlgpuKernels.EffectivePrecision"/> asks for.</summary>
+    public TileLauncher For() => Mode switch
+    {
+        MathPrecision.Tf32 => _tf32 ??= TiledGemm.LoadTensor<TOp, Tf32Math, PtxLayout>(_k),
+        MathPrecision.Tf32x3 => _tf32x3 ??= TiledGemm.LoadTensor<TOp, Tf32x3Math, PtxLayout>(_k),
+        _ => Fp32,
+    };
+
+    /// <summary>The mode this op's product runs in now.</summary>
+    public MathPrecision Mode => _k.EffectivePrecision switch
+    {
+        MathPrecision.Tf32 when _matmul => MathPrecision.Fp32,
+        var mode => mode,
+    };
+}
