@@ -291,7 +291,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         output.WriteLine($"{what}: {expected.Length} values match");
     }
 
-    private static void AssertSame(string what, float[] expected, float[] actual)
+    internal static void AssertSame(string what, float[] expected, float[] actual)
     {
         Assert.Equal(expected.Length, actual.Length);
         var bad = Enumerable.Range(0, expected.Length)
@@ -303,7 +303,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
     /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output (followed by input
     /// <paramref name="alsoInput"/>'s values when the op also adds into that one).</summary>
-    private static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op,
+    internal static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op,
         int alsoInput = -1)
     {
         var tensors = inputs.Select(i => Tensor.FromHost(device, i.Data, i.Shape)).ToArray();
@@ -322,14 +322,14 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
     }
 
-    private static float[] Ints(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)rng.Next(-3, 4)).ToArray();
+    internal static float[] Ints(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)rng.Next(-3, 4)).ToArray();
 
-    private static float[] Reals(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
+    internal static float[] Reals(Random rng, int count) => Enumerable.Range(0, count).Select(_ => (float)(rng.NextDouble() * 2 - 1)).ToArray();
 
-    private static float[] NaNs(int count) => Enumerable.Repeat(float.NaN, count).ToArray();
+    internal static float[] NaNs(int count) => Enumerable.Repeat(float.NaN, count).ToArray();
 
     /// <summary>A grouped kernel with a divergent barrier deadlocks the simulator: fail instead of hanging.</summary>
-    private static void WithTimeout(Action body)
+    internal static void WithTimeout(Action body)
     {
         var task = Task.Run(body);
         Assert.True(task.Wait(Limit), $"timed out after {Limit.TotalSeconds} s (a deadlocked barrier?)");

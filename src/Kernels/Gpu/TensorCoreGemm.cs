@@ -199,29 +199,42 @@ public static class Tf32
         }
     }
 
+    /// <summary>Floats of dynamic shared memory a simulator's launch gives the emulation: each lane's six operands
+    /// (a0..a3, b0, b1), for every thread of the group. A GPU's launch asks for none (the emulation is not compiled there).</summary>
+    public const int EmulationFloats = TiledGemm.Threads * 6;
+
     /// <summary>
     /// The mma as the PTX ISA defines it, for a warp of 32 on a simulator: lane 4g + i holds A(g, i), A(g + 8, i),
     /// A(g, i + 4), A(g + 8, i + 4), B(i, g), B(i + 4, g) and accumulates C(g, 2i), C(g, 2i + 1), C(g + 8, 2i),
-    /// C(g + 8, 2i + 1); each lane reads the A and B elements of its rows and columns from the lanes holding them.
-    /// The products of TF32 values are exact in fp32; the sum runs in k order.
+    /// C(g + 8, 2i + 1). Each lane posts its six operands in the warp's slice of the dynamic shared memory; after a warp
+    /// barrier each reads the A and B elements of its rows and columns from the slots of the lanes holding them (what a
+    /// shuffle a value would do, at two barriers an mma instead of 64). The products of TF32 values are exact in fp32;
+    /// the sum runs in k order.
     /// </summary>
     private static void Emulate(ref Frag4 c, float a0, float a1, float a2, float a3, float b0, float b1)
     {
         int lane = Warp.LaneIdx, g = lane >> 2, i = lane & 3;
+        var posted = SharedMemory.GetDynamic<float>().SubView(Warp.WarpIdx * 32 * 6, 32 * 6);
+        posted[6 * lane + 0] = a0;
+        posted[6 * lane + 1] = a1;
+        posted[6 * lane + 2] = a2;
+        posted[6 * lane + 3] = a3;
+        posted[6 * lane + 4] = b0;
+        posted[6 * lane + 5] = b1;
+        Warp.Barrier();
         for (int k = 0; k < 8; k++)
         {
-            bool upper = k >= 4;
-            int holder = k & 3;
-            float ag = Warp.Shuffle(upper ? a2 : a0, 4 * g + holder);      // A(g, k): lane 4g + (k mod 4)
-            float ag8 = Warp.Shuffle(upper ? a3 : a1, 4 * g + holder);     // A(g + 8, k)
-            float bk = upper ? b1 : b0;
-            float bc = Warp.Shuffle(bk, 4 * (2 * i) + holder);             // B(k, 2i): lane 4·(2i) + (k mod 4)
-            float bc1 = Warp.Shuffle(bk, 4 * (2 * i + 1) + holder);        // B(k, 2i + 1)
+            int upper = k >> 2, holder = k & 3;
+            float ag = posted[6 * (4 * g + holder) + 2 * upper];                 // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
+            float ag8 = posted[6 * (4 * g + holder) + 2 * upper + 1];            // A(g + 8, k): a1 or a3
+            float bc = posted[6 * (4 * (2 * i) + holder) + 4 + upper];           // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
+            float bc1 = posted[6 * (4 * (2 * i + 1) + holder) + 4 + upper];      // B(k, 2i + 1)
             c.C0 += ag * bc;
             c.C1 += ag * bc1;
             c.C2 += ag8 * bc;
             c.C3 += ag8 * bc1;
         }
+        Warp.Barrier();
     }
 }
 
@@ -251,8 +264,18 @@ public static partial class TiledGemm
 
     /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode).</summary>
     internal static TileLauncher LoadTensor<TOp, TMath, TLayout>(IlgpuKernels k)
-        where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout =>
-        k.Grouped<TileLauncher>(TensorKernel<TOp, TMath, TLayout>, Specialization);
+        where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
+    {
+        var launcher = k.Grouped<TileLauncher>(TensorKernel<TOp, TMath, TLayout>, Specialization);
+        if (k.Accelerator.AcceleratorType == ILGPU.Runtime.AcceleratorType.Cuda)
+        {
+            return launcher;
+        }
+        // A simulator runs the mma emulation, which posts each lane's operands in dynamic shared memory.
+        var emulation = SharedMemoryConfig.RequestDynamic<float>(Tf32.EmulationFloats);
+        return (stream, config, a, b, c, e0, e1, e2, counters, t) =>
+            launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, counters, t);
+    }
 
     /// <summary>The warp's row (0 .. 31) of row g (h = 0) or g + 8 (h = 1) of mma tile t: 4g + 2t + h.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -1,0 +1,208 @@
+using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.TileArgs>;
+using Ddpm.Kernels;
+using Ddpm.Tensors;
+using ILGPU;
+using Xunit.Abstractions;
+using static Ddpm.Tests.GpuTiledConvTests;
+
+namespace Ddpm.Tests;
+
+/// <summary>
+/// The tensor-core kernels (src/Kernels/Gpu/TensorCoreGemm.cs) without a GPU: on the warp-32 simulator their mma runs as
+/// the managed emulation of the PTX ISA's fragment table, and their TF32 rounding as integer arithmetic, so the kernel's
+/// own fragment mapping is checked against the ISA's. Small integers are TF32 values and their sums are exact, so with
+/// them every mode must match the CPU bit for bit; real values show the rounding.
+/// </summary>
+[Collection(GpuLikeCollection.Name)]
+public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper output)
+{
+    [Fact]
+    public void Tf32RoundingIsToNearestWithTiesAwayFromZero()
+    {
+        float ulp = MathF.Pow(2, -10);
+        Assert.Equal(1f + ulp, Tf32.RoundBits(1f + 0.75f * ulp));        // above the half: up
+        Assert.Equal(1f, Tf32.RoundBits(1f + 0.25f * ulp));              // below: down
+        Assert.Equal(1f + ulp, Tf32.RoundBits(1f + 0.5f * ulp));         // a tie: away from zero (not to even: 1 is even)
+        Assert.Equal(-(1f + ulp), Tf32.RoundBits(-(1f + 0.5f * ulp)));
+        Assert.Equal(2f, Tf32.RoundBits(2f - 0.25f * ulp));              // the carry into the exponent
+        Assert.Equal(float.PositiveInfinity, Tf32.RoundBits(float.PositiveInfinity));
+        Assert.True(float.IsNaN(Tf32.RoundBits(float.NaN)));
+        Assert.True(float.IsNaN(Tf32.RoundBits(BitConverter.Int32BitsToSingle(0x7FFF_FFFF)))); // CUDA's NaN stays NaN
+        // Against the definition, in double: the nearest multiple of the value's TF32 unit, ties away from zero.
+        var rng = new Random(3);
+        for (int i = 0; i < 100_000; i++)
+        {
+            float x = (float)((rng.NextDouble() * 2 - 1) * Math.Pow(2, rng.Next(-60, 60)));
+            double unit = Math.Pow(2, Math.ILogB(x) - 10);
+            double want = Math.Round(x / unit, MidpointRounding.AwayFromZero) * unit;
+            Assert.True(Tf32.RoundBits(x) == (float)want, $"{x:R}: got {Tf32.RoundBits(x):R}, want {want:R}");
+        }
+    }
+
+    public static TheoryData<string> Modes() => [nameof(Tf32Math), nameof(Tf32x3Math)];
+
+    [Theory]
+    [MemberData(nameof(Modes))]
+    public void ConvolutionsOnTensorCoresMatchCpuExactlyOnIntegers(string mode) => WithTimeout(() =>
+    {
+        // Ragged: 5 x 7 images, 5 output channels, 3 input channels; the weight gradient in 3 splits with the bias's row sums.
+        var g = new ConvShape(2, 3, 5, 7, 5, 3, 3, 1, 1);
+        var device = fixture.Warp32;
+        var kernels = IlgpuKernels.For(device);
+        var rng = new Random(17);
+        int[] xs = [g.N, g.C, g.H, g.W], ws = [g.K, g.C, g.R, g.S], ys = [g.N, g.K, g.P, g.Q];
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), xs);
+        var w = (Ints(rng, g.K * g.Crs), ws);
+        var b = (Ints(rng, g.K), new[] { g.K });
+        var dy = (Ints(rng, g.N * g.K * g.Pq), ys);
+        float[] dx0 = Ints(rng, x.Item1.Length), dw0 = Ints(rng, w.Item1.Length);
+        var db = (Ints(rng, g.K), new[] { g.K });
+        Func<Device, float[]> forward = d => Run(d, [x, w, b], NaNs(g.N * g.K * g.Pq), ys, (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, 1, 1));
+        Func<Device, float[]> input = d => Run(d, [dy, w], dx0, xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, 1, 1, accumulate: true));
+        Func<Device, float[]> weight = d => Run(d, [dy, x, db], dw0, ws, (t, dwt) => Conv2d.BackwardWeight(t[0], t[1], dwt, 1, 1, t[2]), alsoInput: 2);
+        Func<Device, float[]> split = d => Run(d, [dy, x, db], dw0, ws, (t, dwt) =>
+        {
+            if (d is IlgpuDevice)
+            {
+                TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dwt.View, t[2].View, splits: 3);
+            }
+            else
+            {
+                Conv2d.BackwardWeight(t[0], t[1], dwt, 1, 1, t[2]);
+            }
+        }, alsoInput: 2);
+        var cpu = CpuDevice.Instance;
+        float[] yRef = forward(cpu), dxRef = input(cpu), dwRef = weight(cpu), splitRef = split(cpu);
+        kernels.Precision = Parse(mode);
+        try
+        {
+            Assert.Equal(Parse(mode), kernels.Conv2d.TiledForward.Mode);
+            AssertSame($"{mode} forward", yRef, forward(device));
+            AssertSame($"{mode} input gradient", dxRef, input(device));
+            AssertSame($"{mode} weight and bias gradient", dwRef, weight(device));
+            AssertSame($"{mode} weight gradient in 3 splits", splitRef, split(device));
+        }
+        finally
+        {
+            kernels.Precision = MathPrecision.Fp32;
+        }
+        output.WriteLine($"{mode}: forward, input, weight and split-K weight gradients match the CPU bit for bit");
+    });
+
+    [Theory]
+    [InlineData(false, false)]
+    [InlineData(true, true)]
+    public void MatmulsOnTensorCoresMatchCpuExactlyOnIntegers(bool transA, bool transB) => WithTimeout(() =>
+    {
+        // Two row tiles and two column tiles, the second of each ragged: every warp's rows and columns of the 64 x 128 tile.
+        const int m = 70, n = 131, kd = 19;
+        var rng = new Random(23);
+        var a = Ints(rng, m * kd);
+        var b = Ints(rng, kd * n);
+        foreach (var load in TensorLaunchers())
+        {
+            var expected = Matmul(CpuDevice.Instance, null, a, b, m, n, kd, transA, transB);
+            AssertSame($"{load.Name} matmul{(transA ? " aT" : "")}{(transB ? " bT" : "")}", expected, Matmul(fixture.Warp32, load.Load, a, b, m, n, kd, transA, transB));
+        }
+    });
+
+    [Fact]
+    public void ABrokenFragmentMappingFails() => WithTimeout(() =>
+    {
+        // The same kernel with a1 and a2 swapped (row g + 8 at k i taken for row g at k i + 4): the emulation, which reads the
+        // fragments as the ISA lays them out, must give other sums.
+        const int m = 40, n = 24, kd = 16;
+        var rng = new Random(29);
+        var a = Ints(rng, m * kd);
+        var b = Ints(rng, kd * n);
+        var expected = Matmul(CpuDevice.Instance, null, a, b, m, n, kd, false, false);
+        var broken = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, Tf32Math, SwappedLayout>, a, b, m, n, kd, false, false);
+        int wrong = Enumerable.Range(0, expected.Length).Count(i => expected[i] != broken[i]);
+        Assert.True(wrong > expected.Length / 4, $"a broken fragment mapping went unnoticed: {wrong} of {expected.Length} outputs differ");
+        var right = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, Tf32Math, PtxLayout>, a, b, m, n, kd, false, false);
+        AssertSame("the kernel's own mapping", expected, right);
+    });
+
+    [Fact]
+    public void Tf32RoundsTheOperandsAnd3xTf32KeepsFp32Accuracy() => WithTimeout(() =>
+    {
+        // Real values: TF32 mode equals the fp32 product of the TF32-rounded operands (up to the order of the fp32 sums), and
+        // is farther than that from the unrounded product; 3xTF32 equals the unrounded product to fp32's accuracy.
+        const int m = 33, n = 40, kd = 48;
+        var rng = new Random(31);
+        var a = Reals(rng, m * kd);
+        var b = Reals(rng, kd * n);
+        var exact = Matmul(CpuDevice.Instance, null, a, b, m, n, kd, false, false);
+        var ofRounded = Matmul(CpuDevice.Instance, null, [.. a.Select(Tf32.RoundBits)], [.. b.Select(Tf32.RoundBits)], m, n, kd, false, false);
+        var tf32 = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, Tf32Math, PtxLayout>, a, b, m, n, kd, false, false);
+        var tf32x3 = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, Tf32x3Math, PtxLayout>, a, b, m, n, kd, false, false);
+        double fp32 = 1e-5; // sums of 48 products in [-1, 1] in another order: a few ulps of values up to ~5
+        Assert.True(MaxDiff(tf32, ofRounded) <= fp32, $"TF32 vs the product of rounded operands: {MaxDiff(tf32, ofRounded):E2}");
+        Assert.True(MaxDiff(tf32, exact) > 10 * fp32, $"TF32 is as close to the unrounded product as fp32 ({MaxDiff(tf32, exact):E2}): the operands were not rounded");
+        Assert.True(MaxDiff(tf32x3, exact) <= fp32, $"3xTF32 vs fp32: {MaxDiff(tf32x3, exact):E2}");
+        output.WriteLine($"max |TF32 - fp32| {MaxDiff(tf32, exact):E2}, |3xTF32 - fp32| {MaxDiff(tf32x3, exact):E2}, |TF32 - fp32 of rounded| {MaxDiff(tf32, ofRounded):E2}");
+    });
+
+    [Fact]
+    public void TheModeFollowsTheDeviceAndTheOp()
+    {
+        var k32 = IlgpuKernels.For(fixture.Warp32);
+        var k4 = IlgpuKernels.For(fixture.Warp4);
+        Assert.True(k32.TensorCores);
+        Assert.False(k4.TensorCores); // warps of 4: the FFMA core whatever the mode
+        foreach (var mode in MathPrecisions.All)
+        {
+            k32.Precision = k4.Precision = mode;
+            try
+            {
+                Assert.Equal(mode, k32.Conv2d.TiledForward.Mode);
+                Assert.Equal(mode == MathPrecision.Tf32x3 ? mode : MathPrecision.Fp32, k32.Linear.TiledMatmul.Mode); // PyTorch keeps matmuls fp32 by default
+                Assert.Equal(MathPrecision.Fp32, k4.Conv2d.TiledForward.Mode);
+                k32.Simple = true;
+                Assert.Equal(MathPrecision.Fp32, k32.Conv2d.TiledForward.Mode);
+            }
+            finally
+            {
+                k32.Simple = false;
+                k32.Precision = k4.Precision = MathPrecision.Fp32;
+            }
+        }
+    }
+
+    private static MathPrecision Parse(string mode) => mode == nameof(Tf32Math) ? MathPrecision.Tf32 : MathPrecision.Tf32x3;
+
+    private static (string Name, Func<IlgpuKernels, TileLauncher> Load)[] TensorLaunchers() =>
+    [
+        ("TF32", TiledGemm.LoadTensor<MatmulTile, Tf32Math, PtxLayout>),
+        ("3xTF32", TiledGemm.LoadTensor<MatmulTile, Tf32x3Math, PtxLayout>),
+    ];
+
+    /// <summary>c [m, n] = op(a)·op(b) on <paramref name="device"/>: through <see cref="Linear.Matmul"/> on the CPU, through
+    /// the launcher <paramref name="load"/> gives on a simulator.</summary>
+    private static float[] Matmul(Device device, Func<IlgpuKernels, TileLauncher>? load, float[] a, float[] b, int m, int n, int kd, bool transA, bool transB)
+    {
+        int[] aShape = transA ? [kd, m] : [m, kd], bShape = transB ? [n, kd] : [kd, n];
+        if (load is null)
+        {
+            return Run(device, [(a, aShape), (b, bShape)], NaNs(m * n), [m, n], (t, c) => Linear.Matmul(t[0], transA, t[1], transB, c, false));
+        }
+        var kernels = IlgpuKernels.For((IlgpuDevice)device);
+        var launcher = load(kernels);
+        var s = new MatmulShape(m, n, kd, transA ? 1 : kd, transA ? m : 1, transB ? 1 : n, transB ? kd : 1, false);
+        return Run(device, [(a, aShape), (b, bShape)], NaNs(m * n), [m, n], (t, c) =>
+            TiledGemm.Launch(kernels, launcher, new TileArgs(m, n, kd, 0, false, false, default, s), t[0].View, t[1].View, c.View, c.View, c.View, c.View));
+    }
+
+    private static double MaxDiff(float[] x, float[] y) => x.Zip(y, (p, q) => Math.Abs((double)p - q)).Max();
+}
+
+/// <summary>A wrong fragment mapping, planted by the test: a1 and a2 swapped.</summary>
+public struct SwappedLayout : IFragmentLayout
+{
+    public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+        out float t1a2, out float t1a3)
+    {
+        (t0a0, t0a1, t0a2, t0a3) = (k.X, k4.X, k.Y, k4.Y);
+        (t1a0, t1a1, t1a2, t1a3) = (k.Z, k4.Z, k.W, k4.W);
+    }
+}
