@@ -1,5 +1,6 @@
 using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.TileArgs>;
 using Ddpm.Kernels;
+using Ddpm.Kernels.Checks;
 using Ddpm.Tensors;
 using ILGPU;
 using Xunit.Abstractions;
@@ -168,6 +169,72 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             }
         }
     }
+
+    /// <summary>The kernel check in each tensor-core mode, with the mode's derived tolerance (Checker.ProductTolerance), on
+    /// every case that runs a product: what <c>ddpm check</c> and the self-check run on a GPU.</summary>
+    [Theory]
+    [MemberData(nameof(Modes))]
+    public void TheProductCasesPassInEachModeWithItsTolerance(string mode) => WithTimeout(() =>
+    {
+        var kernels = IlgpuKernels.For(fixture.Warp32);
+        kernels.Precision = Parse(mode);
+        try
+        {
+            var results = OpCatalog.All.Where(c => c.ProductTerms > 0).Select(c => Checker.CompareDevices(c, fixture.Warp32)).ToList();
+            Assert.True(results.Count >= 9, $"only {results.Count} product cases");
+            foreach (var r in results)
+            {
+                output.WriteLine(r.ToString());
+            }
+            Assert.All(results, r => Assert.True(r.Pass, r.ToString()));
+        }
+        finally
+        {
+            kernels.Precision = MathPrecision.Fp32;
+        }
+    });
+
+    [Fact]
+    public void ASelfCheckFailureInATensorModeFallsBackToFp32() => WithTimeout(() =>
+    {
+        // A convolution of real values checked at fp32's tolerance (ProductTerms 0: no widening): TF32's rounding exceeds it,
+        // fp32 does not. The self-check must drop TF32 with one line naming the kernel, check fp32, and go on.
+        var sensitive = new OpCase
+        {
+            Name = "conv2d held to fp32",
+            Inputs = [new("x", [2, 8, 6, 6]), new("w", [4, 8, 3, 3]), new("b", [4])],
+            Forward = (sc, x) =>
+            {
+                var y = sc.Output(2, 4, 6, 6);
+                Conv2d.Forward(x[0], x[1], x[2], y, 1, 1);
+                return [y];
+            },
+        };
+        string dir = Directory.CreateTempSubdirectory("ddpm-selfcheck-tc").FullName;
+        var log = new List<string>();
+        var gpu = fixture.Warp32;
+        var kernels = IlgpuKernels.For(gpu);
+        kernels.Precision = gpu.Precision = MathPrecision.Tf32;
+        try
+        {
+            string cache = Path.Combine(dir, Cli.SelfCheck.FileName);
+            Cli.SelfCheck.Ensure(gpu, log.Add, cache, [sensitive], force: true);
+            Assert.Equal(MathPrecision.Fp32, kernels.Precision);
+            Assert.Equal(MathPrecision.Fp32, gpu.Precision);
+            Assert.Contains(log, l => l.Contains("fast tf32 kernel 'conv2d held to fp32' differs from the CPU backend") && l.Contains("computing in fp32 instead"));
+            var verdicts = System.Text.Json.JsonSerializer.Deserialize<List<Cli.SelfCheck.Verdict>>(File.ReadAllText(cache))!;
+            Assert.Equal([("fast", true), ("fast tf32", false)], verdicts.Select(v => (v.Kernels, v.Pass)).OrderBy(v => v.Kernels));
+            foreach (var line in log)
+            {
+                output.WriteLine(line);
+            }
+        }
+        finally
+        {
+            kernels.Precision = gpu.Precision = MathPrecision.Fp32;
+            Directory.Delete(dir, recursive: true);
+        }
+    });
 
     private static MathPrecision Parse(string mode) => mode == nameof(Tf32Math) ? MathPrecision.Tf32 : MathPrecision.Tf32x3;
 

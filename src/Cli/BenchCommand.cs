@@ -29,12 +29,13 @@ public static class BenchCommand
         var batch = new Option<int>("--batch") { Description = "images per step", DefaultValueFactory = _ => 64 }.Within(1, TrainOptions.MaxBatch);
         var steps = new Option<int>("--steps") { Description = "timed steps of each kind (after 2 warm-up steps)", DefaultValueFactory = _ => 5 }.Within(1, 100_000);
         var device = Program.DeviceOption();
+        var math = Program.MathOption();
         var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train and denoising steps; tables on stderr" };
         var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
-        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, profile, simd };
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, math, profile, simd };
         command.Options.Add(PeakOption(device));
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device), p.GetValue(profile), p.GetValue(simd))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device, math), p.GetValue(profile), p.GetValue(simd))));
         return command;
     }
 
@@ -191,6 +192,7 @@ public static class BenchCommand
             ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device is CpuDevice cpu ? cpu.SimdName : "ILGPU")})",
             ["device"] = DeviceCatalog.KindName(device.Kind),
             ["threads"] = device.Kind == DeviceKind.Cpu ? Environment.ProcessorCount : 0,
+            ["math"] = (device is IlgpuDevice ilgpu ? IlgpuKernels.For(ilgpu).EffectivePrecision : MathPrecision.Fp32).Name(),
             ["preset"] = preset,
             ["params"] = trainer.Model.ParameterCount,
             ["batch"] = batch,

@@ -46,12 +46,13 @@ public static class EvalCommand
         var train = new Option<bool>("--train-classifier") { Description = $"train the classifier anew ({ClassifierCache.Epochs} epochs on MNIST, minutes on a CPU) and overwrite the cached one" };
         var data = new Option<string>("--data") { Description = "MNIST folder (train and t10k IDX files; fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
         var device = Program.DeviceOption();
+        var math = Program.MathOption();
         var command = new Command("eval", "Score generated digits (an IDX file, or sampled from a checkpoint) with the engine's MNIST classifier: confidence, class balance, Fréchet distance.")
         {
             samples, n,
         };
         flags.AddTo(command);
-        foreach (var option in new Option[] { report, classifier, train, data, device })
+        foreach (var option in new Option[] { report, classifier, train, data, device, math })
         {
             command.Add(option);
         }
@@ -59,7 +60,7 @@ public static class EvalCommand
         {
             // Without --samples: the newest run, when there is one.
             var request = new Request(p.GetValue(samples) ?? RunFolders.Newest(TrainCommand.CheckpointFile), p.GetValue(n), p.GetResult(n) is { Implicit: false }, flags.Read(p), flags.FirstGiven(p), p.GetValue(report),
-                p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, Program.ChosenDevice(p, device),
+                p.GetValue(classifier), p.GetValue(train), p.GetValue(data)!, Program.ChosenDevice(p, device, math),
                 "ddpm " + string.Join(' ', p.Tokens.Select(t => Quote(t.Value))));
             return Run(request);
         }));

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Ddpm.Diffusion;
+using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 
@@ -54,8 +55,20 @@ public static class Program
         string.Equals((p.GetValue(GpuKernels) ?? Environment.GetEnvironmentVariable(GpuKernelsVariable))?.Trim(), "simple", StringComparison.OrdinalIgnoreCase);
 
     /// <summary>The device a command asked for: --device (its option <paramref name="device"/>) and the kernel mode.</summary>
-    public static DeviceChoice ChosenDevice(System.CommandLine.ParseResult p, Option<string> device) =>
-        new(p.GetValue(device)!, SimpleKernels(p), EnvironmentSettings.Simd);
+    public static DeviceChoice ChosenDevice(System.CommandLine.ParseResult p, Option<string> device, Option<string?>? math = null) =>
+        new(p.GetValue(device)!, SimpleKernels(p), EnvironmentSettings.Simd, MathPrecisions.Parse(math is null ? null : p.GetValue(math)) ?? MathPrecisions.Default);
+
+    /// <summary>--math for the commands that run a model without training it (sample, eval, bench); train's is its setting
+    /// (<see cref="TrainSettings.Math"/>), recorded in the checkpoint. The same choices and help.</summary>
+    public static Option<string?> MathOption()
+    {
+        var option = new Option<string?>("--math")
+        {
+            Description = $"{string.Join(" | ", MathPrecisions.Names)}: {TrainSettings.Math.Help} (default {MathPrecisions.Default.Name()})",
+        };
+        option.AcceptOnlyFromAmong(MathPrecisions.Names);
+        return option;
+    }
 
     /// <summary>Opens the chosen device (no self-check, no message), its kernel mode set.</summary>
     public static Device Open(DeviceChoice choice, out string reason)
@@ -64,6 +77,7 @@ public static class Program
         if (device is IlgpuDevice gpu)
         {
             gpu.SimpleKernels = choice.SimpleKernels;
+            gpu.Precision = choice.Math;
         }
         // The managed CPU backend at the instruction level asked for (DDPM_SIMD, bench's --simd): a setting of the device.
         return device is CpuDevice && choice.Simd is { } level ? CpuDevice.At(level) : device;
@@ -301,6 +315,16 @@ public static class Program
         return device;
     }
 
+    /// <summary>What --math does on <paramref name="device"/> by default: the mode, and whether this device runs it.</summary>
+    internal static string MathInfo(Device device)
+    {
+        var mode = MathPrecisions.Default;
+        string where = device is IlgpuDevice gpu
+            ? IlgpuKernels.RunsTensorCores(gpu.Accelerator) ? "this device runs it on tensor cores" : "this device has no tensor-core path, so it computes fp32"
+            : "the CPU backend computes fp32 whatever --math says";
+        return $"{mode.Name()} by default ({mode.Describe()}); {where}; --math {string.Join("|", MathPrecisions.Names)}";
+    }
+
     private static Command InfoCommand()
     {
         var info = new Command("info", "List the devices the engine sees, the one 'auto' picks, and why.");
@@ -314,6 +338,7 @@ public static class Program
             using var chosen = DeviceCatalog.Open("auto", out var reason);
             Console.WriteLine($"auto picks: {chosen.Name}");
             Console.WriteLine($"why: {reason}");
+            Console.WriteLine($"math: {MathInfo(chosen)}");
             return 0;
         }));
         return info;
@@ -344,4 +369,4 @@ public static class ExitCodes
 
 /// <summary>A device by name (--device), the kernel mode to open a GPU in (--gpu-kernels, DDPM_GPU_KERNELS) and the
 /// instruction level of the managed CPU backend (DDPM_SIMD, bench's --simd; null: the widest).</summary>
-public readonly record struct DeviceChoice(string Name, bool SimpleKernels, SimdLevel? Simd = null);
+public readonly record struct DeviceChoice(string Name, bool SimpleKernels, SimdLevel? Simd = null, MathPrecision Math = MathPrecisions.Default);

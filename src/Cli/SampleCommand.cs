@@ -20,12 +20,14 @@ public static class SampleCommand
         var n = new Option<int>("--n") { Description = "how many digits (1..10000); with --digit all, how many of each digit (one grid row per digit)", DefaultValueFactory = _ => 64 }.Within(1, 10_000);
         var flags = new SamplerFlags("class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided", withNone: false);
         var device = Program.DeviceOption();
+        var math = Program.MathOption();
         var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" }.IsPath();
         var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n };
         flags.AddTo(command);
         command.Add(device);
+        command.Add(math);
         command.Add(output);
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), Program.ChosenDevice(p, device), p.GetValue(output))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), Program.ChosenDevice(p, device, math), p.GetValue(output))));
         return command;
     }
 

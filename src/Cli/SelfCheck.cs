@@ -13,10 +13,11 @@ namespace Ddpm.Cli;
 
 /// <summary>
 /// The self-check before training or sampling on a GPU: the first time a GPU, driver, build and
-/// kernel mode (fast or simple) meet, every op's kernel check (<see cref="Checker.CompareDevices"/>:
+/// kernel mode (simple, or fast in a math mode: fp32, tf32, 3xtf32) meet, every op's kernel check (<see cref="Checker.CompareDevices"/>:
 /// the case's small, odd shapes on the GPU against the managed CPU backend, forward and backward) runs
 /// once, seconds in all, and the verdict is cached beside the MNIST cache. A mismatch stops the
-/// command with one line naming the kernel and suggesting <c>--device cpu</c>; a cached failure stops it
+/// command with one line naming the kernel and suggesting <c>--device cpu</c> (in a tensor-core mode, one line naming the
+/// kernel, and the run goes on in fp32, itself checked); a cached failure stops it
 /// again without rerunning (a new driver or build is a new key). The managed CPU backend is never
 /// checked (it is the reference), nor ILGPU's CPU simulator unless asked (<c>DDPM_SELF_CHECK=force</c>,
 /// or force in <see cref="Ensure"/>); <c>DDPM_SELF_CHECK=off</c> skips it.
@@ -53,12 +54,43 @@ public static class SelfCheck
         }
         cacheFile ??= DefaultCacheFile;
         var kernels = IlgpuKernels.For(gpu);
-        var key = new Verdict(gpu.Accelerator.Name, DriverOf(gpu), Build, kernels.Simple ? "simple" : "fast", false, null, null, 0, default);
+        while (true)
+        {
+            var verdict = Check(gpu, kernels, log, cacheFile, cases);
+            if (verdict.Pass)
+            {
+                return;
+            }
+            if (kernels.EffectivePrecision != MathPrecision.Fp32)
+            {
+                // A tensor-core mode that disagrees is not used: the run goes on in strict fp32, checked in its turn.
+                log($"self-check: {verdict.Kernels} kernel '{verdict.Failed}' differs from the CPU backend ({verdict.Detail}); " +
+                    $"computing in fp32 instead (verdict cached in {cacheFile})");
+                kernels.Precision = gpu.Precision = MathPrecision.Fp32;
+                continue;
+            }
+            throw new SelfCheckFailedException(
+                $"GPU self-check failed on {verdict.Gpu} (driver {verdict.Driver}, {verdict.Kernels} kernels): kernel '{verdict.Failed}' " +
+                $"differs from the CPU backend ({verdict.Detail}); run with --device cpu" +
+                (!kernels.Simple ? " or --gpu-kernels simple" : "") +
+                $" (verdict cached in {cacheFile}; delete it to check again)");
+        }
+    }
+
+    /// <summary>The kernels' mode as the cache keys it: "simple", or "fast" and the math ("fast tf32"); fp32 is plain
+    /// "fast", the key of the verdicts from before the tensor-core modes.</summary>
+    public static string ModeKey(IlgpuKernels kernels) =>
+        kernels.Simple ? "simple" : kernels.EffectivePrecision == MathPrecision.Fp32 ? "fast" : $"fast {kernels.EffectivePrecision.Name()}";
+
+    /// <summary>The verdict for the kernels' current mode: cached, or checked now and cached.</summary>
+    private static Verdict Check(IlgpuDevice gpu, IlgpuKernels kernels, Action<string> log, string cacheFile, IReadOnlyList<OpCase>? cases)
+    {
+        var key = new Verdict(gpu.Accelerator.Name, DriverOf(gpu), Build, ModeKey(kernels), false, null, null, 0, default);
         var cache = Load(cacheFile, log);
         var verdict = cache.FirstOrDefault(v => SameKey(v, key));
         if (verdict is null)
         {
-            log($"self-check: {key.Gpu} (driver {key.Driver}, {key.Kernels} kernels) against the CPU backend, once for this GPU, driver and build...");
+            log($"self-check: {key.Gpu} (driver {key.Driver}, {key.Kernels} kernels) against the CPU backend, once for this GPU, driver, build and mode...");
             var clock = Stopwatch.StartNew();
             verdict = Run(gpu, key, cases ?? OpCatalog.All, log);
             log(verdict.Pass
@@ -68,14 +100,7 @@ public static class SelfCheck
             cache.Add(verdict);
             Save(cacheFile, cache, log);
         }
-        if (!verdict.Pass)
-        {
-            throw new SelfCheckFailedException(
-                $"GPU self-check failed on {verdict.Gpu} (driver {verdict.Driver}, {verdict.Kernels} kernels): kernel '{verdict.Failed}' " +
-                $"differs from the CPU backend ({verdict.Detail}); run with --device cpu" +
-                (verdict.Kernels == "fast" ? " or --gpu-kernels simple" : "") +
-                $" (verdict cached in {cacheFile}; delete it to check again)");
-        }
+        return verdict;
     }
 
     /// <summary>Runs the cases; a mismatch is a verdict (cached by the caller). A kernel that cannot run at all (out of device

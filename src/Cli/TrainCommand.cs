@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using Ddpm.Diffusion;
+using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 using Spectre.Console;
@@ -170,9 +171,16 @@ public static class TrainCommand
         // The run is not refused: the leftovers of the program's own writers killed in this folder go (we hold its lock, so
         // none of them is live); nothing else is touched.
         Durable.RemoveStaleTemps(outDir, Durable.TempPattern(), allPidsStale: true);
-        using var device = Program.OpenDevice(s.Device);
-        // The step's memory, from the preset and the batch the run will have, refused before any data is read.
         var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
+        // The math mode the GPU opens in: the flag's, else the run's, else the default; the self-check may lower it to fp32
+        // (a tensor-core kernel that disagrees), and then the run records fp32, as if --math fp32 had been given.
+        var math = MathPrecisions.Parse(s.Of(TrainSettings.Math) ?? planned?.Math) ?? MathPrecisions.Default;
+        using var device = Program.OpenDevice(s.Device with { Math = math });
+        if (device is IlgpuDevice gpu && gpu.Precision != math)
+        {
+            s = s with { Given = [.. s.Given.Where(g => g.Setting != TrainSettings.Math), (TrainSettings.Math, gpu.Precision.Name())] };
+        }
+        // The step's memory, from the preset and the batch the run will have, refused before any data is read.
         // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
         var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
         MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch), device);
@@ -237,10 +245,18 @@ public static class TrainCommand
             _ when setting == TrainSettings.Epochs => $"epochs {o.Epochs} of {trainer.StepsPerEpoch} steps",
             _ when setting == TrainSettings.LrDecay && o.LrDecay == TrainSettings.Cosine => $"lr-decay cosine (to {Numbers.Human((double)o.Lr * Trainer.CosineFloor)})",
             _ when setting == TrainSettings.Classes && o.Classes > 0 => $"classes {o.Classes} (label dropout {Numbers.Human(Trainer.LabelDropProbability)})",
+            _ when setting == TrainSettings.Math => $"math {o.Math}{MathNote(trainer.Device, o.Math)}",
             _ => $"{setting.Name} {setting.Display(o)}",
         };
         return string.Join(", ", TrainSettings.All.Select(Part)) + $", recipe {o.Recipe ?? "not recorded"}";
     }
+
+    /// <summary>Where the math mode does not hold as written: " (the CPU backend computes fp32)", " (no tensor cores on this
+    /// device: fp32)"; else nothing.</summary>
+    internal static string MathNote(Device device, string math) => math == MathPrecision.Fp32.Name() ? ""
+        : device is not IlgpuDevice gpu ? " (GPU only: the CPU backend computes fp32)"
+        : IlgpuKernels.For(gpu).EffectivePrecision == MathPrecision.Fp32 ? " (no tensor-core path on this device: fp32)"
+        : "";
 
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
     private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);

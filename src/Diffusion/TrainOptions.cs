@@ -57,6 +57,10 @@ public sealed record TrainOptions
     /// each dropped to "no label" with probability <see cref="Trainer.LabelDropProbability"/>).</summary>
     public int Classes { get; init; }
 
+    /// <summary>How a GPU computes the convolutions and linear layers (<see cref="MathPrecision"/>'s name: fp32, tf32 or
+    /// 3xtf32); the CPU backend computes fp32 whatever it says.</summary>
+    public string Math { get; init; } = MathPrecisions.Default.Name();
+
     /// <summary>
     /// What is wrong with these options, as (metadata key, flag, problem) triples; empty when they
     /// make a valid run. The one place the ranges live: the command line reports a problem by its

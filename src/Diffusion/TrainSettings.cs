@@ -1,5 +1,6 @@
 using System.Globalization;
 using Ddpm.Nn;
+using Ddpm.Tensors;
 
 namespace Ddpm.Diffusion;
 
@@ -284,9 +285,18 @@ public static class TrainSettings
         Check = v => v is 0 or Checkpoint.ConditionalClasses ? null : $"{v} must be 0 (unconditional) or {Checkpoint.ConditionalClasses}",
     };
 
+    /// <summary>How a GPU computes the convolutions and linear layers (tensor cores or not).</summary>
+    public static readonly TrainSetting<string> Math = new()
+    {
+        Flag = "--math", Key = "math", Choices = MathPrecisions.Names, Resume = OnResume.MayChange, Legacy = MathPrecision.Fp32.Name(),
+        Help = "how a GPU computes convolutions and linear layers: " + string.Join("; ", MathPrecisions.All.Select(m => $"{m.Name()}: {m.Describe()}")) +
+            ". The CPU backend computes fp32 whatever this says",
+        Get = o => o.Math, Set = (o, v) => o with { Math = v }, ByRecipe = _ => MathPrecisions.Default.Name(),
+    };
+
     /// <summary>Every setting, in order.</summary>
     public static IReadOnlyList<TrainSetting> All { get; } =
-        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes];
+        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes, Math];
 
     /// <summary>The settings a flag sets.</summary>
     public static IEnumerable<TrainSetting> Flags => All.Where(s => s.Flag is not null);

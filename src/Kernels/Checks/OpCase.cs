@@ -56,6 +56,11 @@ public sealed class OpCase
     /// <summary>See <see cref="KernelAtol"/>.</summary>
     public double KernelRtol { get; init; } = 1e-4;
 
+    /// <summary>The longest sum of products any of the case's outputs takes through a tiled GEMM (a convolution's C·R·S,
+    /// K·R·S or N·P·Q, a linear layer's inputs or batch); 0 for an op with none. On tensor cores the kernel check widens
+    /// the tolerance by <see cref="Checker.ProductTolerance"/> of it.</summary>
+    public int ProductTerms { get; init; }
+
     /// <summary>Finite-difference step. Float32 needs 1e-2..1e-3: smaller steps drown in rounding.</summary>
     public double Step { get; init; } = 1e-2;
 

@@ -57,6 +57,7 @@ public static class OpCatalog
         new OpCase
         {
             Name = "linear",
+            ProductTerms = 7,
             Inputs = [new("x", [3, 7]), new("w", [5, 7]), new("b", [5])],
             Forward = (s, x) => [Run(s.Output(3, 5), y => Linear.Forward(x[0], x[1], x[2], y))],
             Backward = (s, x, y, dy, d) =>
@@ -68,6 +69,7 @@ public static class OpCatalog
         new OpCase
         {
             Name = "linear bias gradient alone",
+            ProductTerms = 7,
             Inputs = [new("x", [3, 7]), new("w", [5, 7]), new("b", [5])],
             Forward = (s, x) => [Run(s.Output(3, 5), y => Linear.Forward(x[0], x[1], x[2], y))],
             Backward = (s, x, y, dy, d) =>
@@ -80,6 +82,7 @@ public static class OpCatalog
         new OpCase
         {
             Name = "matmul AT.BT accumulate",
+            ProductTerms = 7,
             Inputs = [new("a", [7, 3]), new("b", [5, 7]), new("c", [3, 5])],
             Forward = (s, x) =>
             {
@@ -269,6 +272,9 @@ public static class OpCatalog
         },
     ];
 
+    /// <summary>The longest sum a convolution's three passes take: C·R·S (forward), K·R·S (input gradient), N·P·Q (weight).</summary>
+    private static int ConvTerms(ConvShape g) => Math.Max(g.Crs, Math.Max(g.K * g.R * g.S, g.N * g.Pq));
+
     private static Tensor Run(Tensor output, Action<Tensor> op)
     {
         op(output);
@@ -281,6 +287,7 @@ public static class OpCatalog
         return new OpCase
         {
             Name = name,
+            ProductTerms = ConvTerms(g),
             Inputs = [new("x", [n, c, h, w]), new("w", [k, c, r, s]), new("b", [k])],
             Forward = (sc, x) => [Run(sc.Output(n, k, g.P, g.Q), y => Conv2d.Forward(x[0], x[1], x[2], y, stride, pad))],
             Backward = (sc, x, y, dy, d) =>
@@ -300,6 +307,7 @@ public static class OpCatalog
         return new OpCase
         {
             Name = name,
+            ProductTerms = ConvTerms(new ConvShape(n, c, h, w, k, 3, 3, 1, 1)),
             Inputs = [new("x", [n, c, h, w]), new("w", [k, c, 3, 3]), new("b", [k]), new("residual", [n, k, h, w])],
             Forward = (sc, x) => [Run(sc.Output(n, k, h, w), y => Conv2d.Forward(x[0], x[1], x[2], y, 1, 1, residual: x[3]))],
             Backward = (sc, x, y, dy, d) =>
@@ -319,6 +327,7 @@ public static class OpCatalog
         return new OpCase
         {
             Name = name,
+            ProductTerms = ConvTerms(new ConvShape(n, c, h, w, k, r, r, 1, pad)),
             Inputs = [new("x", [n, c, h, w]), new("w", [k, c, r, r]), new("b", [k]), new("e", [n, k])],
             Forward = (sc, x) => [Run(sc.Output(n, k, h, w), y => Conv2d.Forward(x[0], x[1], x[2], y, 1, pad, channelBias: x[3]))],
             Backward = (sc, x, y, dy, d) =>

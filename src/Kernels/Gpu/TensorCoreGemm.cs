@@ -73,8 +73,12 @@ public interface ITensorMath
     /// <summary>The operand's TF32 part(s).</summary>
     static abstract Tf32Pair Split(float x);
 
-    /// <summary>c += A·B for one m16n8k8 tile, from the fragments' parts.</summary>
+    /// <summary>c += A·B for one m16n8k8 tile, from the fragments' parts, on tensor cores.</summary>
     static abstract void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1);
+
+    /// <summary>The same products emulated (<see cref="Tf32.Product"/>) from the fragments the warp posted: A's high part at
+    /// slot <paramref name="a"/> (low: + <see cref="Tf32.LowA"/>), B's at <paramref name="b"/> (low: + <see cref="Tf32.LowB"/>).</summary>
+    static abstract void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b);
 }
 
 /// <summary>TF32: one product of rounded operands.</summary>
@@ -92,6 +96,10 @@ public struct Tf32Math : ITensorMath
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1) =>
         Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Hi, b1.Hi);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b) => Tf32.Product(ref c, posted, a, b);
 }
 
 /// <summary>3xTF32: lo·hi + hi·lo + hi·hi, fp32-accurate.</summary>
@@ -116,6 +124,15 @@ public struct Tf32x3Math : ITensorMath
         Tf32.Mma(ref c, a0.Lo, a1.Lo, a2.Lo, a3.Lo, b0.Hi, b1.Hi);
         Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Lo, b1.Lo);
         Tf32.Mma(ref c, a0.Hi, a1.Hi, a2.Hi, a3.Hi, b0.Hi, b1.Hi);
+    }
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b)
+    {
+        Tf32.Product(ref c, posted, a + Tf32.LowA, b);
+        Tf32.Product(ref c, posted, a, b + Tf32.LowB);
+        Tf32.Product(ref c, posted, a, b);
     }
 }
 
@@ -176,65 +193,60 @@ public static class Tf32
         return Interop.IntAsFloat((bits + 0x1000u) & 0xFFFF_E000u);
     }
 
-    /// <summary>c += A·B for the warp's m16n8k8 tile, this lane holding a0..a3, b0, b1 (already TF32) and c0..c3.</summary>
+    /// <summary>c += A·B for the warp's m16n8k8 tile on tensor cores, this lane holding a0..a3, b0, b1 (already TF32) and
+    /// c0..c3: one mma.sync. Only under <see cref="CudaAsm.IsSupported"/>; a simulator emulates a whole k8 step instead
+    /// (<see cref="Product"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Mma(ref Frag4 c, float a0, float a1, float a2, float a3, float b0, float b1)
     {
-        if (CudaAsm.IsSupported)
-        {
-            var d0 = new Ref<float> { Value = c.C0 };
-            var d1 = new Ref<float> { Value = c.C1 };
-            var d2 = new Ref<float> { Value = c.C2 };
-            var d3 = new Ref<float> { Value = c.C3 };
-            // The operands as .b32 registers (the bits of the TF32 values: mma's A and B are untyped 32-bit).
-            Input<uint> x0 = Interop.FloatAsInt(a0), x1 = Interop.FloatAsInt(a1), x2 = Interop.FloatAsInt(a2), x3 = Interop.FloatAsInt(a3);
-            Input<uint> y0 = Interop.FloatAsInt(b0), y1 = Interop.FloatAsInt(b1);
-            CudaAsm.EmitRef("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
-                ref d0, ref d1, ref d2, ref d3, ref x0, ref x1, ref x2, ref x3, ref y0, ref y1);
-            (c.C0, c.C1, c.C2, c.C3) = (d0.Value, d1.Value, d2.Value, d3.Value);
-        }
-        else
-        {
-            Emulate(ref c, a0, a1, a2, a3, b0, b1);
-        }
+        var d0 = new Ref<float> { Value = c.C0 };
+        var d1 = new Ref<float> { Value = c.C1 };
+        var d2 = new Ref<float> { Value = c.C2 };
+        var d3 = new Ref<float> { Value = c.C3 };
+        // The operands as .b32 registers (the bits of the TF32 values: mma's A and B are untyped 32-bit).
+        Input<uint> x0 = Interop.FloatAsInt(a0), x1 = Interop.FloatAsInt(a1), x2 = Interop.FloatAsInt(a2), x3 = Interop.FloatAsInt(a3);
+        Input<uint> y0 = Interop.FloatAsInt(b0), y1 = Interop.FloatAsInt(b1);
+        CudaAsm.EmitRef("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
+            ref d0, ref d1, ref d2, ref d3, ref x0, ref x1, ref x2, ref x3, ref y0, ref y1);
+        (c.C0, c.C1, c.C2, c.C3) = (d0.Value, d1.Value, d2.Value, d3.Value);
     }
 
-    /// <summary>Floats of dynamic shared memory a simulator's launch gives the emulation: each lane's six operands
-    /// (a0..a3, b0, b1), for every thread of the group. A GPU's launch asks for none (the emulation is not compiled there).</summary>
-    public const int EmulationFloats = TiledGemm.Threads * 6;
+    /// <summary>Slots a lane posts in the emulation: tile t's a0..a3 at 4t (high parts) and <see cref="LowA"/> + 4t (low);
+    /// n-tile j's b0, b1 at <see cref="FirstB"/> + 2j (high) and + <see cref="LowB"/> (low).</summary>
+    public const int Slots = 48, LowA = 8, FirstB = 16, LowB = 16;
+
+    /// <summary>Floats of dynamic shared memory a simulator's launch gives the emulation: <see cref="Slots"/> for every
+    /// thread of the group. A GPU's launch asks for none (the emulation is not compiled there).</summary>
+    public const int EmulationFloats = TiledGemm.Threads * Slots;
+
+    /// <summary>This warp's slice of the dynamic shared memory. Taken once a k8 step (on ILGPU's CPU accelerator each
+    /// GetDynamic call site is a buffer of its own).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static ArrayView<float> Slice() => SharedMemory.GetDynamic<float>().SubView(Warp.WarpIdx * 32 * Slots, 32 * Slots);
 
     /// <summary>
-    /// The mma as the PTX ISA defines it, for a warp of 32 on a simulator: lane 4g + i holds A(g, i), A(g + 8, i),
+    /// One emulated mma as the PTX ISA defines it, for a warp of 32 on a simulator: lane 4g + i holds A(g, i), A(g + 8, i),
     /// A(g, i + 4), A(g + 8, i + 4), B(i, g), B(i + 4, g) and accumulates C(g, 2i), C(g, 2i + 1), C(g + 8, 2i),
-    /// C(g + 8, 2i + 1). Each lane posts its six operands in the warp's slice of the dynamic shared memory; after a warp
-    /// barrier each reads the A and B elements of its rows and columns from the slots of the lanes holding them (what a
-    /// shuffle a value would do, at two barriers an mma instead of 64). The products of TF32 values are exact in fp32;
-    /// the sum runs in k order.
+    /// C(g + 8, 2i + 1). The warp posted its fragments (A's at slot <paramref name="a"/>, B's at <paramref name="b"/>); each
+    /// lane reads the elements of its rows and columns from the slots of the lanes holding them (what a shuffle a value
+    /// would do, without a barrier each). The products of TF32 values are exact in fp32; the sum runs in k order.
     /// </summary>
-    private static void Emulate(ref Frag4 c, float a0, float a1, float a2, float a3, float b0, float b1)
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Product(ref Frag4 c, ArrayView<float> posted, int a, int b)
     {
         int lane = Warp.LaneIdx, g = lane >> 2, i = lane & 3;
-        var posted = SharedMemory.GetDynamic<float>().SubView(Warp.WarpIdx * 32 * 6, 32 * 6);
-        posted[6 * lane + 0] = a0;
-        posted[6 * lane + 1] = a1;
-        posted[6 * lane + 2] = a2;
-        posted[6 * lane + 3] = a3;
-        posted[6 * lane + 4] = b0;
-        posted[6 * lane + 5] = b1;
-        Warp.Barrier();
         for (int k = 0; k < 8; k++)
         {
             int upper = k >> 2, holder = k & 3;
-            float ag = posted[6 * (4 * g + holder) + 2 * upper];                 // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
-            float ag8 = posted[6 * (4 * g + holder) + 2 * upper + 1];            // A(g + 8, k): a1 or a3
-            float bc = posted[6 * (4 * (2 * i) + holder) + 4 + upper];           // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
-            float bc1 = posted[6 * (4 * (2 * i + 1) + holder) + 4 + upper];      // B(k, 2i + 1)
+            float ag = posted[Slots * (4 * g + holder) + a + 2 * upper];              // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
+            float ag8 = posted[Slots * (4 * g + holder) + a + 2 * upper + 1];         // A(g + 8, k): a1 or a3
+            float bc = posted[Slots * (4 * (2 * i) + holder) + b + upper];            // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
+            float bc1 = posted[Slots * (4 * (2 * i + 1) + holder) + b + upper];       // B(k, 2i + 1)
             c.C0 += ag * bc;
             c.C1 += ag * bc1;
             c.C2 += ag8 * bc;
             c.C3 += ag8 * bc1;
         }
-        Warp.Barrier();
     }
 }
 
@@ -321,15 +333,60 @@ public static partial class TiledGemm
                 TLayout.A(aK, aK4, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
                 Tf32Pair a00 = TMath.Split(p0), a01 = TMath.Split(p1), a02 = TMath.Split(p2), a03 = TMath.Split(p3);
                 Tf32Pair a10 = TMath.Split(q0), a11 = TMath.Split(q1), a12 = TMath.Split(q2), a13 = TMath.Split(q3);
-                Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.X), TMath.Split(bK4.X));
-                Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.Y), TMath.Split(bK4.Y));
-                Tile(ref _02, ref _12, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.Z), TMath.Split(bK4.Z));
-                Tile(ref _03, ref _13, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK.W), TMath.Split(bK4.W));
-                Tile(ref _04, ref _14, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.X), TMath.Split(bK4h.X));
-                Tile(ref _05, ref _15, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.Y), TMath.Split(bK4h.Y));
-                Tile(ref _06, ref _16, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.Z), TMath.Split(bK4h.Z));
-                Tile(ref _07, ref _17, a00, a01, a02, a03, a10, a11, a12, a13, TMath.Split(bK32.W), TMath.Split(bK4h.W));
+                Tf32Pair b00 = TMath.Split(bK.X), b10 = TMath.Split(bK4.X), b01 = TMath.Split(bK.Y), b11 = TMath.Split(bK4.Y);
+                Tf32Pair b02 = TMath.Split(bK.Z), b12 = TMath.Split(bK4.Z), b03 = TMath.Split(bK.W), b13 = TMath.Split(bK4.W);
+                Tf32Pair b04 = TMath.Split(bK32.X), b14 = TMath.Split(bK4h.X), b05 = TMath.Split(bK32.Y), b15 = TMath.Split(bK4h.Y);
+                Tf32Pair b06 = TMath.Split(bK32.Z), b16 = TMath.Split(bK4h.Z), b07 = TMath.Split(bK32.W), b17 = TMath.Split(bK4h.W);
+                if (CudaAsm.IsSupported)
+                {
+                    Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, b00, b10);
+                    Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, b01, b11);
+                    Tile(ref _02, ref _12, a00, a01, a02, a03, a10, a11, a12, a13, b02, b12);
+                    Tile(ref _03, ref _13, a00, a01, a02, a03, a10, a11, a12, a13, b03, b13);
+                    Tile(ref _04, ref _14, a00, a01, a02, a03, a10, a11, a12, a13, b04, b14);
+                    Tile(ref _05, ref _15, a00, a01, a02, a03, a10, a11, a12, a13, b05, b15);
+                    Tile(ref _06, ref _16, a00, a01, a02, a03, a10, a11, a12, a13, b06, b16);
+                    Tile(ref _07, ref _17, a00, a01, a02, a03, a10, a11, a12, a13, b07, b17);
+                }
+                else
+                {
+                    // The simulator: the warp posts every fragment of the k8 step once, then each mma is emulated from the
+                    // posted fragments by the ISA's table (Tf32.Product), in the GPU path's order.
+                    var posted = Tf32.Slice();
+                    int at = Tf32.Slots * (lane & 31);
+                    PostA(posted, at, 0, a00, a01, a02, a03);
+                    PostA(posted, at, 4, a10, a11, a12, a13);
+                    PostB(posted, at, 0, b00, b10); PostB(posted, at, 1, b01, b11); PostB(posted, at, 2, b02, b12); PostB(posted, at, 3, b03, b13);
+                    PostB(posted, at, 4, b04, b14); PostB(posted, at, 5, b05, b15); PostB(posted, at, 6, b06, b16); PostB(posted, at, 7, b07, b17);
+                    Warp.Barrier();
+                    TMath.Emulated(ref _00, posted, 0, Tf32.FirstB + 0); TMath.Emulated(ref _10, posted, 4, Tf32.FirstB + 0);
+                    TMath.Emulated(ref _01, posted, 0, Tf32.FirstB + 2); TMath.Emulated(ref _11, posted, 4, Tf32.FirstB + 2);
+                    TMath.Emulated(ref _02, posted, 0, Tf32.FirstB + 4); TMath.Emulated(ref _12, posted, 4, Tf32.FirstB + 4);
+                    TMath.Emulated(ref _03, posted, 0, Tf32.FirstB + 6); TMath.Emulated(ref _13, posted, 4, Tf32.FirstB + 6);
+                    TMath.Emulated(ref _04, posted, 0, Tf32.FirstB + 8); TMath.Emulated(ref _14, posted, 4, Tf32.FirstB + 8);
+                    TMath.Emulated(ref _05, posted, 0, Tf32.FirstB + 10); TMath.Emulated(ref _15, posted, 4, Tf32.FirstB + 10);
+                    TMath.Emulated(ref _06, posted, 0, Tf32.FirstB + 12); TMath.Emulated(ref _16, posted, 4, Tf32.FirstB + 12);
+                    TMath.Emulated(ref _07, posted, 0, Tf32.FirstB + 14); TMath.Emulated(ref _17, posted, 4, Tf32.FirstB + 14);
+                    Warp.Barrier();
+                }
             }
+        }
+
+        /// <summary>Posts an m16 tile's a0..a3 (high parts at <paramref name="slot"/>, low at + <see cref="Tf32.LowA"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void PostA(ArrayView<float> posted, int at, int slot, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3)
+        {
+            posted[at + slot + 0] = a0.Hi; posted[at + slot + 1] = a1.Hi; posted[at + slot + 2] = a2.Hi; posted[at + slot + 3] = a3.Hi;
+            posted[at + Tf32.LowA + slot + 0] = a0.Lo; posted[at + Tf32.LowA + slot + 1] = a1.Lo;
+            posted[at + Tf32.LowA + slot + 2] = a2.Lo; posted[at + Tf32.LowA + slot + 3] = a3.Lo;
+        }
+
+        /// <summary>Posts n-tile j's b0, b1 (high parts at FirstB + 2j, low at + <see cref="Tf32.LowB"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void PostB(ArrayView<float> posted, int at, int j, Tf32Pair b0, Tf32Pair b1)
+        {
+            posted[at + Tf32.FirstB + 2 * j] = b0.Hi; posted[at + Tf32.FirstB + 2 * j + 1] = b1.Hi;
+            posted[at + Tf32.FirstB + Tf32.LowB + 2 * j] = b0.Lo; posted[at + Tf32.FirstB + Tf32.LowB + 2 * j + 1] = b1.Lo;
         }
 
         /// <summary>Both m16 tiles of one n-tile: c0 += A0·B, c1 += A1·B.</summary>
