@@ -12,22 +12,24 @@
 #   --device cuda|opencl|ilgpu-cpu  the ILGPU device (default cuda); the peer runs on PEER_DEVICE (default cuda)
 #   --preset P --batches "128 64"   what the benchmark runs (default base at 128 and 64; a smoke test
 #                                   without a GPU: --device ilgpu-cpu --preset tiny --batches 2 with PEER_DEVICE=cpu)
-#   --budget SECONDS                wall-clock budget for everything after the build (default 460, under 8 minutes)
+#   --budget SECONDS                wall-clock budget for everything after the build (default 480: 8 minutes)
 #
-# Every step runs under its own timeout; at the default batches steps 1-7's ptxas part add up to 445 s, inside the
-# budget, so a run where every step times out still ends in time and runs them all (the compiler table, 40 s more,
-# runs when the budget has room left, as it has unless the others time out). With a smaller --budget a step
+# Every step runs under its own timeout; steps 1-7 (the first batch's benchmarks, the check, ptxas 25 s and the
+# compiler table 40 s) add up to 465 s, inside the default budget, so a run where every one of them times out still
+# ends in time; the other batches' benchmarks (step 8) run as far as the budget has room left. With a smaller --budget a step
 # that would not fit is skipped and says so, in this order (the most important first):
 #   1. `ddpm bench --peak`: an FMA loop, the measured fp32 peak (30 s)
-#   2. `ddpm bench` at the first batch with --profile: step times, per-op times and per-convolution
-#      GFLOP/s read against that peak, launches and host synchronisations per step (90 s)
-#   3. `torch_unet.py bench --tf32 off` (strict fp32, the target's reference) at the first batch (40 s)
-#   4. `ddpm check`: every kernel against the CPU backend and finite differences (100 s)
-#   5. `torch_unet.py bench --tf32 default` (PyTorch's default: TF32 convolutions) at the first batch (40 s)
-#   6. the same three benchmarks at the other batches (50 + 35 + 35 s each)
+#   2. `ddpm bench --math tf32` (the default) at the first batch with --profile: step times, per-op times and
+#      per-convolution GFLOP/s read against that peak, launches and host synchronisations per step (90 s)
+#   3. `torch_unet.py bench --tf32 off` (strict fp32, the reference of --math fp32 and 3xtf32) at the first batch (40 s)
+#   4. `torch_unet.py bench --tf32 default` (PyTorch's default: TF32 convolutions, --math tf32's reference) (40 s)
+#   5. `ddpm bench --math 3xtf32`, then `--math fp32`, at the first batch (50 s each)
+#   6. `ddpm check`: every kernel against the CPU backend and finite differences, the products again in each
+#      tensor-core mode at its tolerance (100 s)
 #   7. `ddpm check --ptx` and `ptxas -v` on every tiled kernel: hardware registers and spills (25 s;
 #      reported only where ptxas, from a CUDA toolkit, is on PATH), then `ddpm check --sass` with that toolkit (40 s,
 #      where cuobjdump sits beside ptxas): the compiler table and the prediction, kept in sass.txt
+#   8. the same five benchmarks at the other batches (50 + 35 + 35 + 40 + 40 s each)
 # Device memory: each program's allocator peak (the engine's pool peak of live tensors, bench's
 # peak_mem_mib; the peer's torch.cuda.max_memory_allocated) and, for both, the rise of nvidia-smi's
 # memory.used over the run (sampled every 100 ms: CUDA context included, the same measure for both).
@@ -46,7 +48,7 @@ else
   dev="$here"
 fi
 
-build_only=0 device=cuda check=1 bench=1 preset=base batches="128 64" budget=460
+build_only=0 device=cuda check=1 bench=1 preset=base batches="128 64" budget=480
 while [ $# -gt 0 ]; do
   case "$1" in
     --build) build_only=1 ;;
@@ -173,19 +175,21 @@ rows=()      # "label|batch|train|denoise|mem_delta|alloc_peak|note"
 peak="n/a"
 first_batch=${batches%% *}
 
-# The engine's bench at batch $1 with $2 seconds wanted (the first batch adds --profile).
+# The engine's bench at batch $1 in math mode $2 (fp32 | tf32 | 3xtf32) with $3 seconds wanted (the first batch in the
+# default mode adds --profile).
 bench_engine() {
-  local b=$1 want=$2 extra=() limit j note=""
-  [ "$b" = "$first_batch" ] && extra=(--profile)
+  local b=$1 math=$2 want=$3 extra=() limit j note="" label
+  label="ddpm ($device, $math)"
+  [ "$b" = "$first_batch" ] && [ "$math" = tf32 ] && extra=(--profile)
   limit=$(allot "$want")
-  if [ "$limit" = 0 ]; then rows+=("ddpm ($device)|$b|||||skipped (budget)"); return; fi
-  measure "ddpm-$b" "$limit" "$ddpm" bench --preset "$preset" --batch "$b" --steps 5 --device "$device" "${extra[@]}"
+  if [ "$limit" = 0 ]; then rows+=("$label|$b|||||skipped (budget)"); return; fi
+  measure "ddpm-$math-$b" "$limit" "$ddpm" bench --preset "$preset" --batch "$b" --steps 5 --device "$device" --math "$math" "${extra[@]}"
   if [ "$rc" = 0 ]; then
-    j=$(tail -1 "$work/ddpm-$b.out")
-    [ "$b" = "$first_batch" ] && { cp "$work/ddpm-$b.err" "$work/profile.txt"; note="timed steps before the profiled ones"; }
-    rows+=("ddpm ($device)|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|$note")
+    j=$(tail -1 "$work/ddpm-$math-$b.out")
+    [ "${#extra[@]}" -gt 0 ] && { cp "$work/ddpm-$math-$b.err" "$work/profile.txt"; note="timed steps before the profiled ones; "; }
+    rows+=("$label|$b|$(jf "$j" train_step_ms)|$(jf "$j" denoise_step_ms)|$mem_delta|$(jf "$j" peak_mem_mib)|${note}ran in $(jf "$j" math)")
   else
-    rows+=("ddpm ($device)|$b|||$mem_delta|n/a|$(failure "$work/ddpm-$b.err" "$limit")")
+    rows+=("$label|$b|||$mem_delta|n/a|$(failure "$work/ddpm-$math-$b.err" "$limit")")
   fi
 }
 
@@ -263,21 +267,25 @@ if [ "$bench" = 1 ]; then
     measure peak "$limit" "$ddpm" bench --peak --device "$device"
     [ "$rc" = 0 ] && peak=$(jf "$(tail -1 "$work/peak.out")" peak_gflops)
   fi
-  bench_engine "$first_batch" 90
+  bench_engine "$first_batch" tf32 90
   bench_torch "$first_batch" off 40
+  bench_torch "$first_batch" default 40
+  bench_engine "$first_batch" 3xtf32 50
+  bench_engine "$first_batch" fp32 50
   bench_first=1
 fi
 [ "$check" = 1 ] && run_check
+run_ptxas
 if [ "$bench" = 1 ]; then
-  bench_torch "$first_batch" default 40
   for b in $batches; do
     [ "$b" = "$first_batch" ] && continue
-    bench_engine "$b" 50
+    bench_engine "$b" tf32 50
     bench_torch "$b" off 35
     bench_torch "$b" default 35
+    bench_engine "$b" 3xtf32 40
+    bench_engine "$b" fp32 40
   done
 fi
-run_ptxas
 
 report() {
 echo
@@ -286,17 +294,19 @@ echo "kernel check ($device vs cpu): $check_verdict"
 if [ "$bench" = 1 ]; then
   echo "fp32 FMA peak, measured (ddpm bench --peak): ${peak} GFLOP/s"
   echo
-  # Ratios: the engine's time over the strict-fp32 peer's at the same batch (the target is <= 1.0x).
+  # Ratios: the engine's time over the strict-fp32 peer's and over PyTorch's default (TF32 convolutions) at the same
+  # batch (the targets: --math 3xtf32 and fp32 at most 1.0x the strict peer, --math tf32 at most 1.0x the default).
   printf '%s\n' "${rows[@]}" | awk -F'|' '
     { label[NR]=$1; batch[NR]=$2; train[NR]=$3; den[NR]=$4; mem[NR]=$5; alloc[NR]=$6; note[NR]=$7
-      if ($1 ~ /^torch fp32/ && $3 != "") { tref[$2]=$3; dref[$2]=$4 } }
+      if ($1 ~ /^torch fp32/ && $3 != "") { tref[$2]=$3; dref[$2]=$4 }
+      if ($1 ~ /^torch default/ && $3 != "") { tdef[$2]=$3; ddef[$2]=$4 } }
     function ratio(a, r) { return (a != "" && r != "" && r > 0) ? sprintf("%.2fx", a / r) : "" }
     END {
-      printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %13s | %16s | %s\n", "run", "batch", "train ms", "denoise ms", "train/fp32", "den./fp32", "GPU mem rise", "allocator peak", "note"
-      printf "|%s|%s|%s|%s|%s|%s|%s|%s|-\n", "----------------------------", "-------", "------------", "------------", "-----------", "-----------", "---------------", "------------------"
+      printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %12s | %12s | %13s | %16s | %s\n", "run", "batch", "train ms", "denoise ms", "train/fp32", "den./fp32", "train/default", "den./default", "GPU mem rise", "allocator peak", "note"
+      printf "|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|-\n", "----------------------------", "-------", "------------", "------------", "-----------", "-----------", "--------------", "--------------", "---------------", "------------------"
       for (i = 1; i <= NR; i++)
-        printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %9s MiB | %12s MiB | %s\n", label[i], batch[i], train[i], den[i],
-          ratio(train[i], tref[batch[i]]), ratio(den[i], dref[batch[i]]), mem[i], alloc[i], note[i]
+        printf "| %-26s | %5s | %10s | %10s | %9s | %9s | %12s | %12s | %9s MiB | %12s MiB | %s\n", label[i], batch[i], train[i], den[i],
+          ratio(train[i], tref[batch[i]]), ratio(den[i], dref[batch[i]]), ratio(train[i], tdef[batch[i]]), ratio(den[i], ddef[batch[i]]), mem[i], alloc[i], note[i]
     }'
   if [ -f "$work/profile.txt" ]; then
     echo

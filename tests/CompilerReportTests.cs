@@ -71,8 +71,39 @@ public sealed class CompilerReportTests
         Assert.DoesNotContain("registers, over", problems);
         // Not tiled: reported, no rules.
         Assert.Empty((report with { Tiled = false }).Problems);
-        // The main loop, its inner loop counted once a trip: 10 + (8 - 1) · 4.
-        Assert.Equal(10 + (GemmCost.InnerTrips - 1) * 4, report.GemmCost.StepInstructions);
+        // The main loop, its inner loop counted once a trip: 10 + (8 - 1) · 4 (two kk a trip of a 16-deep K step).
+        Assert.Equal(10 + (TiledGemm.TK / 2 - 1) * 4, report.GemmCost.StepInstructions);
+        Assert.Equal(0, report.GemmCost.StepHmma);
+    }
+
+    /// <summary>A tensor-core kernel: its main loop is found by its HMMA, the inner loop counts once per k8 step (two a K
+    /// step), and a loop without HMMA breaks its rule.</summary>
+    [Fact]
+    public void TensorCoreKernelsAreReadByTheirHmma()
+    {
+        const string code = """
+                /*0000*/                   MOV R1, c[0x0][0x28] ;
+                /*0010*/                   LDG.E R2, [R4.64] ;
+                /*0020*/                   STS [R3], R2 ;
+                /*0030*/                   BAR.SYNC 0x0 ;
+                /*0040*/                   LDS.128 R8, [R5] ;
+                /*0050*/                   HMMA.1688.F32.TF32 R20, R8, R12, R20 ;
+                /*0060*/                   HMMA.1688.F32.TF32 R24, R8, R14, R24 ;
+                /*0070*/               @!P0 BRA 0x40 ;
+                /*0080*/               @!P1 BRA 0x10 ;
+                /*0090*/                   EXIT ;
+            """;
+        var sass = Sass.Parse(code);
+        var main = SassMix.Of(Sass.MainLoop(sass));
+        var inner = SassMix.Of(Sass.InnerLoop(sass));
+        Assert.Equal((2, 8, 4), (main.Hmma, main.Total, inner.Total));
+        var report = new KernelReport("TiledGemm.TensorKernel.ConvForwardTile.Tf32Math.PtxLayout", true, SmLimits.Sm90,
+            PtxasInfo.Parse("ptxas info    : Function properties for x\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 150 registers, 25872 bytes smem"),
+            128, 3, SassMix.Of(sass), main, inner);
+        // 8 + (2 - 1) · 4 instructions and 2 + (2 - 1) · 2 HMMA a K step.
+        Assert.Equal((12, 4), (report.GemmCost.StepInstructions, report.GemmCost.StepHmma));
+        Assert.Contains("HMMA, under 16", string.Join("; ", report.Problems));
+        Assert.DoesNotContain("FFMA a shared load", string.Join("; ", report.Problems));
     }
 
     [Fact]

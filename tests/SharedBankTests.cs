@@ -7,7 +7,8 @@ namespace Ddpm.Tests;
 /// mod 32) but at different addresses are served in separate wavefronts, one address read by many lanes is a broadcast.
 /// Every store and load the kernels make (their addressing is plain functions they call: <see cref="TiledGemm.SlotA"/>,
 /// <see cref="TiledGemm.SlotB"/>, <see cref="TiledGemm.ReadA"/>, <see cref="TiledGemm.ReadB"/>,
-/// <see cref="TiledGemm.RowSumSlot"/>, <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the 256-thread
+/// <see cref="TiledGemm.RowSumSlot"/>, the tensor-core kernel's <see cref="TiledGemm.MmaReadA"/> and
+/// <see cref="TiledGemm.MmaReadB"/>, <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the 256-thread
 /// group: a 32-bit access must be one wavefront, a 128-bit one the fewest its bytes need (docs/gpu.md).
 /// </summary>
 public sealed class SharedBankTests
@@ -88,6 +89,44 @@ public sealed class SharedBankTests
 
     /// <summary>Every element of a tile has a slot of its own, inside one buffer, whichever way it is fetched, and the
     /// register tiles' loads read it where it was stored.</summary>
+    /// <summary>The tensor-core kernel's fragment loads (TiledGemm.MmaReadA, MmaReadB): per k8 step two 128-bit loads of A
+    /// (mma k = i and i + 4) and four of B (two column halves at each): the fewest wavefronts, and within each quarter-warp
+    /// (the eight lanes one 128-bit wavefront serves) eight different 16-byte groups across the 32 banks.</summary>
+    [Fact]
+    public void EveryFragmentLoadOfTheTensorCoreKernelTakesTheFewestWavefronts()
+    {
+        foreach (var (w, lanes) in Warps())
+        {
+            for (int buffer = 0; buffer < 2; buffer++)
+            {
+                for (int kb = 0; kb < TiledGemm.TK; kb += 8)
+                {
+                    for (int upper = 0; upper < 2; upper++)
+                    {
+                        var loads = new List<(string What, int[] Groups)>
+                        {
+                            ("A", lanes.Select(tid => buffer * TiledGemm.ATile / 4 + TiledGemm.MmaReadA(kb, upper, w, tid & 31)).ToArray()),
+                        };
+                        for (int half = 0; half < 2; half++)
+                        {
+                            loads.Add(($"B half {half}", lanes.Select(tid => buffer * TiledGemm.BTile / 4 + TiledGemm.MmaReadB(kb, upper, half, w, tid & 31)).ToArray()));
+                        }
+                        foreach (var (what, groups) in loads)
+                        {
+                            var words = groups.SelectMany(Words4).ToArray();
+                            Assert.True(Wavefronts(words) == Least(words), $"{what}, warp {w}, buffer {buffer}, kb {kb}, upper {upper}: {Wavefronts(words)} wavefronts");
+                            for (int quarter = 0; quarter < 4; quarter++)
+                            {
+                                var banks = groups.Skip(8 * quarter).Take(8).Select(g => g % (Banks / 4)).Distinct().Count();
+                                Assert.True(banks == 8, $"{what}, warp {w}, kb {kb}, upper {upper}, quarter {quarter}: {8 - banks} lanes share a bank group");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     [Theory]
     [InlineData(false)]
     [InlineData(true)]

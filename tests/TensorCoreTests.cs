@@ -149,6 +149,7 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
     {
         var k32 = IlgpuKernels.For(fixture.Warp32);
         var k4 = IlgpuKernels.For(fixture.Warp4);
+        Assert.Equal(TiledGemm.Threads, IlgpuDevice.TensorCoreGroup);
         Assert.True(k32.TensorCores);
         Assert.False(k4.TensorCores); // warps of 4: the FFMA core whatever the mode
         foreach (var mode in MathPrecisions.All)
@@ -235,6 +236,28 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             Directory.Delete(dir, recursive: true);
         }
     });
+
+    /// <summary>docs/gpu.md's tolerance table is <see cref="Checker.ProductTolerance"/>'s values (to its three digits).</summary>
+    [Fact]
+    public void TheDocumentedTolerancesAreTheChecksOwn()
+    {
+        string doc = File.ReadAllText(Path.Combine(CliTests.RepoRoot(), "docs", "gpu.md"));
+        var section = doc[doc.IndexOf("### Tolerances", StringComparison.Ordinal)..];
+        var rows = System.Text.RegularExpressions.Regex.Matches(section, @"^\| (\d+) \| [^|]+ \| ([0-9.e+-]+) \| ([0-9.e+-]+) \|$", System.Text.RegularExpressions.RegexOptions.Multiline);
+        Assert.True(rows.Count >= 4, $"docs/gpu.md: {rows.Count} tolerance rows");
+        foreach (System.Text.RegularExpressions.Match row in rows)
+        {
+            int terms = int.Parse(row.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
+            foreach (var (mode, text) in new[] { (MathPrecision.Tf32, row.Groups[2].Value), (MathPrecision.Tf32x3, row.Groups[3].Value) })
+            {
+                double documented = double.Parse(text, System.Globalization.CultureInfo.InvariantCulture), actual = Checker.ProductTolerance(mode, terms);
+                Assert.True(Math.Abs(documented - actual) <= 0.005 * actual, $"T = {terms}, {mode.Name()}: docs/gpu.md says {text}, the check uses {actual:E3}");
+            }
+        }
+        // And the cases' own longest sums are among the rows where the doc names them.
+        Assert.Contains(OpCatalog.All, c => c.ProductTerms == 1536);
+        Assert.Equal(0, Checker.ProductTolerance(MathPrecision.Fp32, 1536));
+    }
 
     private static MathPrecision Parse(string mode) => mode == nameof(Tf32Math) ? MathPrecision.Tf32 : MathPrecision.Tf32x3;
 

@@ -140,8 +140,17 @@ public static class CheckCommand
                 }
                 if (arch == SmLimits.Sm90)
                 {
-                    GpuForecast.Print(reports.Where(r => r.Name.StartsWith("TiledGemm.Kernel.Conv", StringComparison.Ordinal))
-                        .ToDictionary(r => r.Name["TiledGemm.Kernel.Conv".Length..^"Tile".Length], r => r.GemmCost));
+                    // Each mode's convolution kernels by pass kind ("Forward", "Input", "Weight"): the FFMA core's, then the
+                    // tensor-core kernels' (TiledGemm.TensorKernel.ConvForwardTile.Tf32Math.PtxLayout).
+                    IReadOnlyDictionary<string, GemmCost> Costs(string prefix, string suffix) =>
+                        reports.Where(r => r.Name.StartsWith(prefix, StringComparison.Ordinal) && r.Name.EndsWith(suffix, StringComparison.Ordinal))
+                            .ToDictionary(r => r.Name[prefix.Length..^suffix.Length], r => r.GemmCost);
+                    GpuForecast.Print(new Dictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>>
+                    {
+                        [MathPrecision.Fp32] = Costs("TiledGemm.Kernel.Conv", "Tile"),
+                        [MathPrecision.Tf32] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32Math)}.{nameof(PtxLayout)}"),
+                        [MathPrecision.Tf32x3] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32x3Math)}.{nameof(PtxLayout)}"),
+                    });
                 }
             }
         }

@@ -55,49 +55,85 @@ public static class GpuForecast
 
     private static ConvShape WithBatch(ConvShape g, int n) => new(n, g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
 
-    /// <summary>Prints the prediction for the kernels' costs by pass kind ("Forward", "Input", "Weight").</summary>
-    public static void Print(IReadOnlyDictionary<string, GemmCost> costs)
+    /// <summary>TF32 tensor cores' dense peak on <paramref name="chip"/> at its sustained clock, TFLOP/s: 1,024 multiply-adds a
+    /// clock an SM (Hopper; the spec sheet's 495 TFLOP/s is at the 1.83 GHz boost).</summary>
+    public static double Tf32PeakTflops(Chip chip) => chip.Sms * 1024 * 2 * chip.ClockGhz / 1000;
+
+    /// <summary>The share of the TF32 peak PyTorch's cuDNN convolutions are assumed to reach on these small images (28x28 and
+    /// less, 64 to 384 channels), (low, high): an assumption, like the strict-fp32 estimate, until a GPU runs the peer.</summary>
+    public static readonly (double Low, double High) PeerTf32Share = (0.30, 0.45);
+
+    /// <summary>PyTorch's default (TF32 convolutions) on <paramref name="chip"/>, ms (low, high): the step's convolution
+    /// GFLOP at <see cref="PeerTf32Share"/> of the TF32 peak, plus the rest of PyTorch's step, which TF32 does not change:
+    /// its normalisations, elementwise ops and optimizer, taken as the engine's memory-bound rest plus PyTorch eager's
+    /// launch overhead (about 1 ms a train step, 0.3 ms a forward). Derived, not measured.</summary>
+    public static (double Low, double High) PeerDefault(Chip chip, bool train, double convGflop)
+    {
+        var (restLow, restHigh) = Rest(chip, train);
+        double launches = train ? 1.0 : 0.3, peak = Tf32PeakTflops(chip);
+        return (convGflop / (PeerTf32Share.High * peak) + restLow + launches, convGflop / (PeerTf32Share.Low * peak) + restHigh + launches);
+    }
+
+    /// <summary>Prints the prediction for each math mode's kernel costs by pass kind ("Forward", "Input", "Weight"): the
+    /// per-pass table of each mode on an H100, then each mode's steps on the three chips against PyTorch in strict fp32 and
+    /// PyTorch's default.</summary>
+    public static void Print(IReadOnlyDictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>> byMode)
     {
         var passes = TrainPasses(Preset, Batch);
-        GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" }];
         string F(double v, string format = "0.000") => v.ToString(format, CultureInfo.InvariantCulture);
+        double trainGflop = passes.Sum(p => 2.0 * GpuPrediction.Gemm(p).M * GpuPrediction.Gemm(p).Cols * GpuPrediction.Gemm(p).Kd) / 1e9;
+        double forwardGflop = passes.Where(p => p.Pass == "fwd").Sum(p => 2.0 * GpuPrediction.Gemm(p).M * GpuPrediction.Gemm(p).Cols * GpuPrediction.Gemm(p).Kd) / 1e9;
         Console.WriteLine();
         Console.WriteLine($"### Prediction from the sm_90 figures: {Preset} preset, batch {Batch} (unmeasured)");
         Console.WriteLine();
         Console.WriteLine($"Each pass: groups in waves of SMs x groups an SM, a wave = K steps x the instructions a thread issues a step x warps / " +
-            $"(4 a clock x {F(GpuPrediction.IssueEfficiency(3), "0.00")} issue efficiency with 3 warps a scheduler, less with fewer), at least the " +
-            $"compulsory bytes at {GpuPrediction.MemoryShare:P0} of HBM, plus {GpuPrediction.LaunchGapMs * 1000:0} µs a launch. Instructions a K step: " +
-            string.Join(", ", costs.Select(c => $"{c.Key.ToLowerInvariant()} {c.Value.StepInstructions} for {TiledGemm.RowsPerThread * TiledGemm.ColsPerThread * TiledGemm.TK} FFMA")) + ".");
-        Console.WriteLine();
-        Console.WriteLine($"| pass | shape (C>K, kernel/stride, input) | GFLOP | groups (splits) | K steps | H100 ms | share of {F(Chip.H100.PeakTflops, "0.0")} TFLOP/s |");
-        Console.WriteLine("|---|---|---|---|---|---|---|");
-        foreach (var p in passes)
+            $"(4 a clock x {F(GpuPrediction.IssueEfficiency(3), "0.00")} issue efficiency with 3 warps a scheduler, less with fewer), or on tensor cores " +
+            $"the HMMA a step x {F(GpuPrediction.ClocksPerHmma, "0")} clocks each when that is longer, at least the compulsory bytes at " +
+            $"{GpuPrediction.MemoryShare:P0} of HBM, plus {GpuPrediction.LaunchGapMs * 1000:0} µs a launch. The step's convolutions: {F(trainGflop, "0")} GFLOP " +
+            $"a train step, {F(forwardGflop, "0")} a denoising step.");
+        foreach (var (mode, costs) in byMode)
         {
-            var r = GpuPrediction.Predict(p, Cost(p), Chip.H100);
-            var g = p.Shape;
-            Console.WriteLine($"| {p.Pass} | {g.C}>{g.K}, {g.R}x{g.S}/{g.Stride}, {g.H}x{g.W} | {F(r.Gflop, "0.00")} | {r.Groups} ({r.Splits}) | {r.Steps} | {F(r.Ms)} | {r.ShareOfPeak:P0} |");
-        }
-        Console.WriteLine();
-        Console.WriteLine("| chip | forward convs ms | input-gradient convs ms | weight-gradient convs ms | train step ms (+ the rest) | PyTorch strict fp32 (estimate) | ratio | denoising step ms | PyTorch | ratio |");
-        Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|");
-        foreach (var chip in new[] { Chip.H100, Chip.H200, Chip.H100Pcie })
-        {
-            double Sum(string pass) => passes.Where(p => p.Pass == pass).Sum(p => GpuPrediction.Predict(p, Cost(p), chip).Ms);
-            double fwd = Sum("fwd"), dx = Sum("dx"), dw = Sum("dw");
-            if (chip == Chip.H100Pcie)
+            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" }];
+            Console.WriteLine();
+            Console.WriteLine($"#### --math {mode.Name()}: {mode.Describe()}");
+            Console.WriteLine();
+            Console.WriteLine("Instructions (HMMA) a thread issues a K step: " +
+                string.Join(", ", costs.Select(c => $"{c.Key.ToLowerInvariant()} {c.Value.StepInstructions}" + (c.Value.StepHmma > 0 ? $" ({c.Value.StepHmma} HMMA)" : $" ({TiledGemm.RowsPerThread * TiledGemm.ColsPerThread * TiledGemm.TK} FFMA)"))) + ".");
+            Console.WriteLine();
+            Console.WriteLine($"| pass | shape (C>K, kernel/stride, input) | GFLOP | groups (splits) | K steps | H100 ms | share of {F(mode == MathPrecision.Fp32 ? Chip.H100.PeakTflops : Tf32PeakTflops(Chip.H100), "0.0")} TFLOP/s |");
+            Console.WriteLine("|---|---|---|---|---|---|---|");
+            double peak = mode == MathPrecision.Fp32 ? Chip.H100.PeakTflops : Tf32PeakTflops(Chip.H100);
+            foreach (var p in passes)
             {
-                Console.WriteLine($"| {chip.Name} ({chip.Sms} SMs; the split-K sized for 132) | {F(fwd, "0.0")} | {F(dx, "0.0")} | {F(dw, "0.0")} | - | - | - | - | - | - |");
-                continue;
+                var r = GpuPrediction.Predict(p, Cost(p), Chip.H100);
+                var g = p.Shape;
+                Console.WriteLine($"| {p.Pass} | {g.C}>{g.K}, {g.R}x{g.S}/{g.Stride}, {g.H}x{g.W} | {F(r.Gflop, "0.00")} | {r.Groups} ({r.Splits}) | {r.Steps} | {F(r.Ms)} | {r.Gflop / (r.Ms * 1e-3) / (peak * 1e3):P0} |");
             }
-            var (trainLow, trainHigh) = Rest(chip, train: true);
-            var (fwdLow, fwdHigh) = Rest(chip, train: false);
-            var (peerTrainLow, peerTrainHigh) = Peer(chip, train: true);
-            var (peerFwdLow, peerFwdHigh) = Peer(chip, train: false);
-            double train = fwd + dx + dw;
-            Console.WriteLine($"| {chip.Name} | {F(fwd, "0.0")} | {F(dx, "0.0")} | {F(dw, "0.0")} | {F(train + trainLow, "0.0")}-{F(train + trainHigh, "0.0")} | " +
-                $"{F(peerTrainLow, "0.#")}-{F(peerTrainHigh, "0.#")} | {F((train + trainLow) / peerTrainHigh, "0.00")}-{F((train + trainHigh) / peerTrainLow, "0.00")}x | " +
-                $"{F(fwd + fwdLow, "0.0")}-{F(fwd + fwdHigh, "0.0")} | {F(peerFwdLow, "0.#")}-{F(peerFwdHigh, "0.#")} | " +
-                $"{F((fwd + fwdLow) / peerFwdHigh, "0.00")}-{F((fwd + fwdHigh) / peerFwdLow, "0.00")}x |");
+            Console.WriteLine();
+            Console.WriteLine("| chip | forward convs ms | input-gradient convs ms | weight-gradient convs ms | train step ms (+ the rest) | PyTorch strict fp32 (estimate) | ratio | PyTorch default, TF32 (estimate) | ratio | denoising step ms | PyTorch strict | ratio | PyTorch default | ratio |");
+            Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+            foreach (var chip in new[] { Chip.H100, Chip.H200, Chip.H100Pcie })
+            {
+                double Sum(string pass) => passes.Where(p => p.Pass == pass).Sum(p => GpuPrediction.Predict(p, Cost(p), chip).Ms);
+                double fwd = Sum("fwd"), dx = Sum("dx"), dw = Sum("dw");
+                if (chip == Chip.H100Pcie)
+                {
+                    Console.WriteLine($"| {chip.Name} ({chip.Sms} SMs; the split-K sized for 132) | {F(fwd, "0.0")} | {F(dx, "0.0")} | {F(dw, "0.0")} | - | - | - | - | - | - | - | - | - | - |");
+                    continue;
+                }
+                var (trainLow, trainHigh) = Rest(chip, train: true);
+                var (fwdLow, fwdHigh) = Rest(chip, train: false);
+                double train = fwd + dx + dw;
+                (double Low, double High) ours = (train + trainLow, train + trainHigh), oursFwd = (fwd + fwdLow, fwd + fwdHigh);
+                string Range((double Low, double High) v) => $"{F(v.Low, "0.0")}-{F(v.High, "0.0")}";
+                string Ratio((double Low, double High) a, (double Low, double High) b) => $"{F(a.Low / b.High, "0.00")}-{F(a.High / b.Low, "0.00")}x";
+                var strict = Peer(chip, train: true);
+                var strictFwd = Peer(chip, train: false);
+                var tf32 = PeerDefault(chip, train: true, trainGflop);
+                var tf32Fwd = PeerDefault(chip, train: false, forwardGflop);
+                Console.WriteLine($"| {chip.Name} | {F(fwd, "0.0")} | {F(dx, "0.0")} | {F(dw, "0.0")} | {Range(ours)} | {Range(strict)} | {Ratio(ours, strict)} | " +
+                    $"{Range(tf32)} | {Ratio(ours, tf32)} | {Range(oursFwd)} | {Range(strictFwd)} | {Ratio(oursFwd, strictFwd)} | {Range(tf32Fwd)} | {Ratio(oursFwd, tf32Fwd)} |");
+            }
         }
     }
 }

@@ -1,6 +1,5 @@
 using System.CommandLine;
 using Ddpm.Diffusion;
-using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 
@@ -320,7 +319,7 @@ public static class Program
     {
         var mode = MathPrecisions.Default;
         string where = device is IlgpuDevice gpu
-            ? IlgpuKernels.RunsTensorCores(gpu.Accelerator) ? "this device runs it on tensor cores" : "this device has no tensor-core path, so it computes fp32"
+            ? gpu.TensorCores ? "this device runs it on tensor cores" : "this device has no tensor-core path, so it computes fp32"
             : "the CPU backend computes fp32 whatever --math says";
         return $"{mode.Name()} by default ({mode.Describe()}); {where}; --math {string.Join("|", MathPrecisions.Names)}";
     }

@@ -2,7 +2,6 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using Ddpm.Diffusion;
-using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 using Spectre.Console;
@@ -255,7 +254,7 @@ public static class TrainCommand
     /// device: fp32)"; else nothing.</summary>
     internal static string MathNote(Device device, string math) => math == MathPrecision.Fp32.Name() ? ""
         : device is not IlgpuDevice gpu ? " (GPU only: the CPU backend computes fp32)"
-        : IlgpuKernels.For(gpu).EffectivePrecision == MathPrecision.Fp32 ? " (no tensor-core path on this device: fp32)"
+        : gpu.EffectivePrecision == MathPrecision.Fp32 ? " (no tensor-core path on this device: fp32)"
         : "";
 
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>

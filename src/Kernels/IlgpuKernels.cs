@@ -72,11 +72,7 @@ public sealed class IlgpuKernels
 
     /// <summary>True when this accelerator runs the tensor-core kernels: CUDA (mma.sync), or ILGPU's CPU simulator shaped
     /// like a GPU (warps of 32, groups of 128), which runs their managed emulation.</summary>
-    public bool TensorCores => RunsTensorCores(Accelerator);
-
-    /// <summary>See <see cref="TensorCores"/>: without loading a kernel.</summary>
-    public static bool RunsTensorCores(Accelerator accelerator) =>
-        accelerator.AcceleratorType is AcceleratorType.Cuda or AcceleratorType.CPU && TiledGemm.RunsTensorKernels(accelerator);
+    public bool TensorCores => Device.TensorCores;
 
     /// <summary>The mode the products actually run in: <see cref="Precision"/> where <see cref="TensorCores"/>, else fp32.</summary>
     public MathPrecision EffectivePrecision => TensorCores && !Simple ? Precision : MathPrecision.Fp32;

@@ -38,6 +38,19 @@ public sealed class IlgpuDevice : Device
     /// unless told otherwise.</summary>
     public MathPrecision Precision { get; set; } = MathPrecision.Fp32;
 
+    /// <summary>The group the tensor-core kernels run in (TiledGemm.Threads: four warps of 32).</summary>
+    public const int TensorCoreGroup = 128;
+
+    /// <summary>True when this accelerator runs the tensor-core kernels: CUDA (mma.sync), or ILGPU's CPU simulator shaped
+    /// like a GPU (warps of 32, groups of at least 128), which runs their managed emulation. OpenCL and small-warp
+    /// simulators compute fp32 whatever <see cref="Precision"/> says.</summary>
+    public bool TensorCores =>
+        Accelerator.AcceleratorType is AcceleratorType.Cuda or AcceleratorType.CPU && Accelerator.WarpSize == 32 && Accelerator.MaxNumThreadsPerGroup >= TensorCoreGroup;
+
+    /// <summary>The mode the products run in: <see cref="Precision"/> where the device has the tensor-core path and runs the
+    /// fast kernels, else fp32.</summary>
+    public MathPrecision EffectivePrecision => TensorCores && !SimpleKernels ? Precision : MathPrecision.Fp32;
+
     /// <summary>The ILGPU context the accelerator belongs to.</summary>
     public Context Context => _context;
 

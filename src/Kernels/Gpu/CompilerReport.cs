@@ -31,7 +31,7 @@ public readonly record struct SassInstruction(int Address, string Opcode, int? T
 
 /// <summary>The static instruction mix of a stretch of SASS.</summary>
 public sealed record SassMix(int Total, int Ffma, int OtherFloat, int Lds32, int Lds64, int Lds128, int Sts, int Ldg, int Stg, int Generic, int Local,
-    int Integer, int Branches, int Barriers)
+    int Integer, int Branches, int Barriers, int Hmma = 0)
 {
     /// <summary>Shared loads of any width.</summary>
     public int Lds => Lds32 + Lds64 + Lds128;
@@ -42,13 +42,14 @@ public sealed record SassMix(int Total, int Ffma, int OtherFloat, int Lds32, int
     /// <summary>Counts the mix of <paramref name="code"/>.</summary>
     public static SassMix Of(IReadOnlyList<SassInstruction> code)
     {
-        int ffma = 0, fl = 0, l32 = 0, l64 = 0, l128 = 0, sts = 0, ldg = 0, stg = 0, generic = 0, local = 0, integer = 0, bra = 0, bar = 0;
+        int ffma = 0, hmma = 0, fl = 0, l32 = 0, l64 = 0, l128 = 0, sts = 0, ldg = 0, stg = 0, generic = 0, local = 0, integer = 0, bra = 0, bar = 0;
         foreach (var i in code)
         {
             string op = i.Opcode, root = op.Split('.')[0];
             switch (root)
             {
                 case "FFMA": ffma++; break;
+                case "HMMA": hmma++; break;
                 case "FADD" or "FMUL" or "FMNMX" or "FSETP" or "FSEL" or "MUFU" or "FCHK" or "FSET": fl++; break;
                 case "LDS":
                     if (op.Contains(".128")) l128++;
@@ -69,7 +70,7 @@ public sealed record SassMix(int Total, int Ffma, int OtherFloat, int Lds32, int
                 case "BAR": bar++; break;
             }
         }
-        return new SassMix(code.Count, ffma, fl, l32, l64, l128, sts, ldg, stg, generic, local, integer, bra, bar);
+        return new SassMix(code.Count, ffma, fl, l32, l64, l128, sts, ldg, stg, generic, local, integer, bra, bar, hmma);
     }
 }
 
@@ -108,7 +109,7 @@ public static class Sass
 
     /// <summary>
     /// The kernel's main loop: of the loops (a backward branch and the code from its target to it), the one holding the
-    /// most FFMA, then the most global loads, then the most instructions; of equals, the outermost. Its static mix is
+    /// most FFMA and HMMA (tensor-core mma), then the most global loads, then the most instructions; of equals, the outermost. Its static mix is
     /// what a trip of the loop issues when everything inside it is straight-line code (the tiled GEMM's K loop, whose
     /// multiply-adds are written out). Empty when the kernel has no loop.
     /// </summary>
@@ -119,7 +120,7 @@ public static class Sass
         foreach (var body in Loops(code))
         {
             var mix = SassMix.Of(body);
-            var key = (mix.Ffma, mix.Ldg + mix.Generic, body.Count);
+            var key = (mix.Ffma + mix.Hmma, mix.Ldg + mix.Generic, body.Count);
             if (key.CompareTo(bestKey) > 0)
             {
                 (best, bestKey) = (body, key);
@@ -128,9 +129,10 @@ public static class Sass
         return best;
     }
 
-    /// <summary>The innermost loop holding FFMA (the tiled GEMM's multiply-add loop inside its K loop); empty when none.</summary>
+    /// <summary>The innermost loop holding FFMA or HMMA (the tiled GEMM's multiply-add loop inside its K loop); empty when none.</summary>
     public static IReadOnlyList<SassInstruction> InnerLoop(IReadOnlyList<SassInstruction> code) =>
-        Loops(code).Where(body => body.Any(i => i.Opcode.StartsWith("FFMA", StringComparison.Ordinal))).MinBy(body => body.Count) ?? [];
+        Loops(code).Where(body => body.Any(i => i.Opcode.StartsWith("FFMA", StringComparison.Ordinal) || i.Opcode.StartsWith("HMMA", StringComparison.Ordinal)))
+            .MinBy(body => body.Count) ?? [];
 
     /// <summary>Every loop: a backward branch and the code from its target to it, in the order of the branches.</summary>
     private static IEnumerable<IReadOnlyList<SassInstruction>> Loops(IReadOnlyList<SassInstruction> code) =>
@@ -178,8 +180,15 @@ public sealed record SmLimits(string Name, string Card, int SharedPerSm)
 public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasInfo Info, int GroupThreads, int MinGroups, SassMix Whole, SassMix Loop,
     SassMix Inner)
 {
-    /// <summary>A tiled GEMM's cost a K step, for the prediction: the main loop with its inner loop counted once per trip.</summary>
-    public GemmCost GemmCost => GemmCost.FromLoops(Loop.Total, Inner.Total, GroupsPerSm);
+    /// <summary>A tiled GEMM's cost a K step, for the prediction: the main loop with its inner loop counted once per trip
+    /// (two kk a trip on the FFMA core, one k8 mma step on tensor cores).</summary>
+    public GemmCost GemmCost => GemmCost.FromLoops(Loop, Inner, GroupsPerSm, TensorCores ? TiledGemm.TK / 8 : TiledGemm.TK / 2);
+
+    /// <summary>A tensor-core kernel (TiledGemm.TensorKernel).</summary>
+    public bool TensorCores => Name.StartsWith("TiledGemm.TensorKernel.", StringComparison.Ordinal);
+
+    /// <summary>The fewest HMMA a tensor-core kernel's main loop holds: one k8 step of the warp's 2 x 8 mma tiles.</summary>
+    public const int MinTensorHmma = 16;
 
     /// <summary>Generic global accesses the table accepts, by kernel, with the reason ILGPU cannot express them otherwise.
     /// Empty: at O2 ILGPU infers every kernel view as global, so every access is an LDG, STG or ATOMG.</summary>
@@ -210,9 +219,13 @@ public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasI
             if (Whole.Local > 0) list.Add($"{Whole.Local} local-memory instructions (LDL/STL)");
             if (Info.Registers > RegisterBudget) list.Add($"{Info.Registers} registers, over the launch bounds' budget of {RegisterBudget}");
             if (Whole.Generic > 0 && !JustifiedGeneric.ContainsKey(Name)) list.Add($"{Whole.Generic} generic global accesses (LD/ST/ATOM without G)");
-            if (Name.StartsWith("TiledGemm.", StringComparison.Ordinal) && Loop.FfmaPerLds < MinGemmFfmaPerLds)
+            if (Name.StartsWith("TiledGemm.Kernel.", StringComparison.Ordinal) && Loop.FfmaPerLds < MinGemmFfmaPerLds)
             {
                 list.Add($"main loop {Loop.FfmaPerLds:0.0} FFMA a shared load, under {MinGemmFfmaPerLds}");
+            }
+            if (TensorCores && Loop.Hmma < MinTensorHmma)
+            {
+                list.Add($"main loop {Loop.Hmma} HMMA, under {MinTensorHmma} (the mma did not reach the tensor cores)");
             }
             return list;
         }
@@ -220,7 +233,7 @@ public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasI
 
     /// <summary>The table's header row and its separator (markdown).</summary>
     public static string Header =>
-        "| kernel | regs (budget) | spill, stack | smem B | groups/SM | loop: FFMA | LDS 32/64/128 | FFMA/LDS | STS | LDG | STG | int | branch | bar | loop / kernel instr. | rules |\n" +
+        "| kernel | regs (budget) | spill, stack | smem B | groups/SM | loop: FFMA, HMMA | LDS 32/64/128 | FFMA/LDS | STS | LDG | STG | int | branch | bar | loop / kernel instr. | rules |\n" +
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|";
 
     /// <summary>This kernel's row.</summary>
@@ -230,7 +243,7 @@ public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasI
         string budget = MinGroups > 0 ? $"{Info.Registers} ({RegisterBudget})" : $"{Info.Registers}";
         string rules = !Tiled ? "-" : Problems.Count == 0 ? "ok" : string.Join("; ", Problems);
         return string.Create(CultureInfo.InvariantCulture,
-            $"| {Name} | {budget} | {Info.SpillStores + Info.SpillLoads}, {Info.StackBytes} | {Info.SharedBytes:N0} | {GroupsPerSm} x {GroupThreads} | {l.Ffma} | {l.Lds32}/{l.Lds64}/{l.Lds128} | {l.FfmaPerLds:0.0} | {l.Sts} | {l.Ldg} | {l.Stg} | {l.Integer} | {l.Branches} | {l.Barriers} | {l.Total} / {Whole.Total} | {rules} |");
+            $"| {Name} | {budget} | {Info.SpillStores + Info.SpillLoads}, {Info.StackBytes} | {Info.SharedBytes:N0} | {GroupsPerSm} x {GroupThreads} | {l.Ffma}, {l.Hmma} | {l.Lds32}/{l.Lds64}/{l.Lds128} | {l.FfmaPerLds:0.0} | {l.Sts} | {l.Ldg} | {l.Stg} | {l.Integer} | {l.Branches} | {l.Barriers} | {l.Total} / {Whole.Total} | {rules} |");
     }
 
     /// <summary>The launch bounds a PTX entry declares: (.maxntid x, .minnctapersm n), (256, 0) when none.</summary>

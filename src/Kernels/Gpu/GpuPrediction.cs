@@ -15,14 +15,14 @@ public sealed record Chip(string Name, int Sms, double ClockGhz, double MemoryTB
 }
 
 /// <summary>What the compiler's table says about one tiled GEMM kernel: the instructions a thread issues a K step (the
-/// main loop's static count, its inner multiply-add loop counted once per trip), groups an SM holds, warps a group.</summary>
-public sealed record GemmCost(int StepInstructions, int GroupsPerSm, int Warps = TiledGemm.Threads / 32)
+/// main loop's static count, its inner multiply-add loop counted once per trip), groups an SM holds, warps a group, and the
+/// tensor-core mma (HMMA.1688) a warp issues a K step (0 on the FFMA core).</summary>
+public sealed record GemmCost(int StepInstructions, int GroupsPerSm, int Warps = TiledGemm.Threads / 32, int StepHmma = 0)
 {
-    /// <summary>Trips of the inner multiply-add loop a K step (two kk a trip).</summary>
-    public const int InnerTrips = TiledGemm.TK / 2;
-
-    /// <summary>From the main loop's static count and the inner loop's: static + (trips - 1) · inner.</summary>
-    public static GemmCost FromLoops(int mainLoop, int innerLoop, int groupsPerSm) => new(mainLoop + (InnerTrips - 1) * innerLoop, groupsPerSm);
+    /// <summary>From the main loop's and the inner loop's static mixes: static + (trips - 1) · inner, for the instructions
+    /// and the HMMA alike.</summary>
+    public static GemmCost FromLoops(SassMix mainLoop, SassMix innerLoop, int groupsPerSm, int innerTrips) =>
+        new(mainLoop.Total + (innerTrips - 1) * innerLoop.Total, groupsPerSm, StepHmma: mainLoop.Hmma + (innerTrips - 1) * innerLoop.Hmma);
 }
 
 /// <summary>One convolution pass of a step: "fwd" (y), "dx" (the input gradient) or "dw" (weight and bias gradients).</summary>
@@ -36,7 +36,8 @@ public sealed record PassPrediction(ConvPass Pass, long M, long Cols, long Kd, i
 /// The convolutions' time on a GPU, derived from the compiler's figures (docs/gpu.md, "The prediction"): each pass is the
 /// tiled GEMM of its shape; its groups run in waves of SMs x groups-an-SM; a wave takes the K steps times the
 /// instructions a thread issues a step (from the SASS) times the warps on an SM, at 4 warp instructions a clock
-/// (four schedulers) times an issue efficiency that grows with the warps a scheduler can choose from; a pass takes
+/// (four schedulers) times an issue efficiency that grows with the warps a scheduler can choose from, or, on tensor
+/// cores, the HMMA a step at <see cref="ClocksPerHmma"/> each when their pipe is the slower; a pass takes
 /// at least its compulsory bytes at 70% of HBM bandwidth, plus a launch gap. A prediction, not a measurement.
 /// </summary>
 public static class GpuPrediction
@@ -45,6 +46,12 @@ public static class GpuPrediction
     /// stalls on every shared load and barrier; three hide them behind each other's multiply-adds (an assumption, the
     /// figure a GPU run corrects).</summary>
     public static double IssueEfficiency(int warpsPerScheduler) => warpsPerScheduler switch { <= 1 => 0.55, 2 => 0.75, _ => 0.85 };
+
+    /// <summary>Clocks an SM sub-partition's tensor core takes for one HMMA.1688.F32.TF32 (1,024 multiply-adds) issued by
+    /// mma.sync on an H100: an assumption between the A100's 8 (156 TFLOP/s TF32 on 108 SMs at 1.41 GHz) and the 4 of
+    /// Hopper's wgmma peak (495 TFLOP/s on 132 SMs); mma.sync is reported to reach about two thirds of wgmma's rate.
+    /// The figure a GPU run corrects (docs/gpu.md, "Tensor cores").</summary>
+    public const double ClocksPerHmma = 6;
 
     /// <summary>The gap between two queued kernels, ms.</summary>
     public const double LaunchGapMs = 0.002;
@@ -80,7 +87,12 @@ public static class GpuPrediction
         {
             long inWave = Math.Min(left, (long)chip.Sms * cost.GroupsPerSm);
             int perSm = (int)((inWave + chip.Sms - 1) / chip.Sms);
-            clocks += (double)perSm * steps * cost.StepInstructions * cost.Warps / (4 * IssueEfficiency(perSm * cost.Warps / 4));
+            // Each of the 4 schedulers holds perSm·warps/4 warps: it issues their instructions at the efficiency those warps
+            // allow, and its tensor core works through their HMMA; the slower of the two sets the pace.
+            double warpsPerScheduler = perSm * cost.Warps / 4.0;
+            double issue = warpsPerScheduler * cost.StepInstructions / IssueEfficiency(perSm * cost.Warps / 4);
+            double tensor = warpsPerScheduler * cost.StepHmma * ClocksPerHmma;
+            clocks += steps * Math.Max(issue, tensor);
         }
         double computeMs = clocks / (chip.ClockGhz * 1e6);
         double flop = 2.0 * m * cols * kd;

@@ -269,11 +269,6 @@ public static partial class TiledGemm
         Finish(c, e0, e1, counters, t, rowS, rowSums, last);
     }
 
-    /// <summary>True when <paramref name="accelerator"/> runs the tensor-core kernels: groups of 128 in warps of 32 (a GPU, or
-    /// a simulator shaped like one, which runs the emulation).</summary>
-    public static bool RunsTensorKernels(ILGPU.Runtime.Accelerator accelerator) =>
-        GroupSize(accelerator) == Threads && accelerator.WarpSize == 32;
-
     /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode).</summary>
     internal static TileLauncher LoadTensor<TOp, TMath, TLayout>(IlgpuKernels k)
         where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
