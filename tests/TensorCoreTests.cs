@@ -181,8 +181,12 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
         kernels.Precision = Parse(mode);
         try
         {
-            var results = OpCatalog.All.Where(c => c.ProductTerms > 0).Select(c => Checker.CompareDevices(c, fixture.Warp32)).ToList();
-            Assert.True(results.Count >= 9, $"only {results.Count} product cases");
+            // 3xTF32 skips the split-K case, the largest (a third of the test's time, three products an mma): its error is
+            // fp32's, and the integer test above runs its split-K passes bit for bit. TF32, whose tolerance is the question,
+            // runs every case.
+            var cases = OpCatalog.All.Where(c => c.ProductTerms > 0 && (mode == nameof(Tf32Math) || c.ProductTerms < 1000)).ToList();
+            var results = cases.Select(c => Checker.CompareDevices(c, fixture.Warp32)).ToList();
+            Assert.True(results.Count >= 8, $"only {results.Count} product cases");
             foreach (var r in results)
             {
                 output.WriteLine(r.ToString());

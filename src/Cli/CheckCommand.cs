@@ -117,18 +117,21 @@ public static class CheckCommand
             {
                 int sm = int.Parse(arch.Name["sm_".Length..]);
                 using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
-                var reports = new List<KernelReport>();
-                foreach (var kernel in kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal))
+                // The PTX one kernel at a time (ILGPU's backend), then ptxas and cuobjdump on every core: separate processes.
+                var ptx = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal)
+                    .Select(kernel => (Kernel: kernel, Name: KernelPtx.Name(kernel), Code: compiler.Compile(kernel))).ToList();
+                var reports = new KernelReport[ptx.Count];
+                Parallel.For(0, ptx.Count, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, i =>
                 {
-                    string name = KernelPtx.Name(kernel), file = Path.Combine(work, $"{name}.{arch.Name}");
-                    string code = compiler.Compile(kernel);
+                    var (kernel, name, code) = ptx[i];
+                    string file = Path.Combine(work, $"{name}.{arch.Name}");
                     File.WriteAllText(file + ".ptx", code);
                     var info = PtxasInfo.Parse(Tool(ptxas, $"-arch={arch.Name} -v -o \"{file}.cubin\" \"{file}.ptx\""));
                     var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
                     var (threads, minGroups) = KernelReport.Bounds(code);
-                    reports.Add(new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
-                        SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode))));
-                }
+                    reports[i] = new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
+                        SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode)));
+                });
                 Console.WriteLine();
                 Console.WriteLine($"### {arch.Name} ({arch.Card}: {arch.SharedPerSm / 1024} KB shared, 64 K registers an SM)");
                 Console.WriteLine();

@@ -451,7 +451,11 @@ internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
     {
         (_k, _matmul) = (k, matmul);
         Fp32 = TiledGemm.Load<TOp>(k);
-        k.Declare(TiledGemm.TensorKernel<TOp, Tf32Math, PtxLayout>, TiledGemm.Specialization);
+        // The kernels For can return: a matmul's TF32 twin never runs (tf32 keeps linear layers in fp32), so it is not listed.
+        if (!matmul)
+        {
+            k.Declare(TiledGemm.TensorKernel<TOp, Tf32Math, PtxLayout>, TiledGemm.Specialization);
+        }
         k.Declare(TiledGemm.TensorKernel<TOp, Tf32x3Math, PtxLayout>, TiledGemm.Specialization);
     }
 
