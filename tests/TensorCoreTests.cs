@@ -281,11 +281,14 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             return Run(device, [(a, aShape), (b, bShape)], NaNs(m * n), [m, n], (t, c) => Linear.Matmul(t[0], transA, t[1], transB, c, false));
         }
         var kernels = IlgpuKernels.For((IlgpuDevice)device);
-        var launcher = load(kernels);
+        // Loaded once per kernel set and kernel (each load compiles: half a second on the simulator).
+        var launcher = Launchers.GetOrAdd((kernels, load.Method), _ => load(kernels));
         var s = new MatmulShape(m, n, kd, transA ? 1 : kd, transA ? m : 1, transB ? 1 : n, transB ? kd : 1, false);
         return Run(device, [(a, aShape), (b, bShape)], NaNs(m * n), [m, n], (t, c) =>
             TiledGemm.Launch(kernels, launcher, new TileArgs(m, n, kd, 0, false, false, default, s), t[0].View, t[1].View, c.View, c.View, c.View, c.View));
     }
+
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(IlgpuKernels, System.Reflection.MethodInfo), TileLauncher> Launchers = new();
 
     private static double MaxDiff(float[] x, float[] y) => x.Zip(y, (p, q) => Math.Abs((double)p - q)).Max();
 }
