@@ -24,10 +24,10 @@ public sealed class AllocationTests
     public void TrainingStepAllocatesNothingAfterTheFirst()
     {
         using var device = new CpuDevice();
-        var pixels = new byte[24 * MnistSet.Pixels];
+        var pixels = new byte[24 * ImageSet.MnistPixels];
         new Random(4).NextBytes(pixels);
         // 24 digits in batches of 8: the measured steps cross an epoch boundary (a new shuffle).
-        using var trainer = new Trainer(device, new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 100, Clip = 1f }, new MnistSet(pixels, new byte[24], 24));
+        using var trainer = new Trainer(device, new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 100, Clip = 1f }, new ImageSet(pixels, new byte[24], 24));
         trainer.TrainStep();
         trainer.TrainStep();
         long systemAllocations = device.Stats.SystemAllocations;

@@ -49,7 +49,7 @@ public sealed class CheckpointFuzzTests(ITestOutputHelper output) : IDisposable
         try
         {
             var full = Path.Combine(dir, "full.safetensors");
-            using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9f }, new MnistSet(new byte[4 * 784], new byte[4], 4)))
+            using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2, EmaDecay = 0.9f }, new ImageSet(new byte[4 * 784], new byte[4], 4)))
             {
                 trainer.TrainStep();
                 trainer.TrainStep();

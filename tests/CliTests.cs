@@ -189,7 +189,7 @@ public sealed class CliTests : IDisposable
     [Fact]
     public void CheckpointOfAnotherPresetOnResume()
     {
-        using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2 }, new MnistSet(new byte[4 * 784], new byte[4], 4)))
+        using (var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = "tiny", Batch = 2 }, new ImageSet(new byte[4 * 784], new byte[4], 4)))
         {
             trainer.Save(Path.Combine(_dir, TrainCommand.CheckpointFile));
         }

@@ -125,8 +125,11 @@ public sealed class ConditionalUNetTests
                 return Assert.Throws<CheckpointException>(() => Checkpoint.Inspect(bad)).Message;
             }
             // A wrong label_emb shape.
-            var wrong = tensors.Select(t => t.Name == "label_emb.weight" ? (t.Name, new[] { 10, 64 }, new float[640]) : t).ToList();
-            Assert.Contains("'label_emb.weight' is 10x64, expected 11x64", Refusal(wrong));
+            var wrong = tensors.Select(t => t.Name == "label_emb.weight" ? (t.Name, new[] { 11, 32 }, new float[352]) : t).ToList();
+            Assert.Contains("'label_emb.weight' is 11x32, expected 11x64", Refusal(wrong));
+            // One class (label_emb [2, 64]) is no conditional model: the class count comes from the shape, 2..1000.
+            var one = tensors.Select(t => t.Name == "label_emb.weight" ? (t.Name, new[] { 2, 64 }, new float[128]) : t).ToList();
+            Assert.Contains("not [classes + 1, 4ch] for 2..1000 classes", Refusal(one));
             // Metadata that claims another class count than the tensors.
             Assert.Contains("'classes'", Refusal(tensors, new() { [Checkpoint.ClassesKey] = "0" }));
             Assert.Contains("'classes'", Refusal(tensors.Where(t => t.Name != "label_emb.weight").ToList(), new() { [Checkpoint.ClassesKey] = "10" }));
@@ -144,9 +147,9 @@ public sealed class ConditionalUNetTests
     [Fact]
     public void ConditionalResumeContinuesExactly()
     {
-        var pixels = new byte[40 * MnistSet.Pixels];
+        var pixels = new byte[40 * ImageSet.MnistPixels];
         new Random(2).NextBytes(pixels);
-        var data = new MnistSet(pixels, [.. Enumerable.Range(0, 40).Select(i => (byte)(i % 10))], 40);
+        var data = new ImageSet(pixels, [.. Enumerable.Range(0, 40).Select(i => (byte)(i % 10))], 40);
         var options = new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 2, Seed = 3, Classes = 10 };
         using var straight = new Trainer(D, options, data);
         var want = Enumerable.Range(0, 6).Select(_ => straight.TrainStep()).ToArray();

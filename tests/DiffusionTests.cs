@@ -187,11 +187,11 @@ public sealed class DiffusionTests
         }
     }
 
-    private static MnistSet Synthetic(int count)
+    private static ImageSet Synthetic(int count)
     {
-        var pixels = new byte[count * MnistSet.Pixels];
+        var pixels = new byte[count * ImageSet.MnistPixels];
         new Random(2).NextBytes(pixels);
-        return new MnistSet(pixels, new byte[count], count);
+        return new ImageSet(pixels, new byte[count], count);
     }
 
     /// <summary>Training 6 steps straight equals 3 steps, a checkpoint, a resume and 3 more: same

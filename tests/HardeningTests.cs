@@ -58,11 +58,11 @@ public sealed class HardeningTests : IDisposable
         return path;
     }
 
-    private static MnistSet Shapes(int count, int seed = 7)
+    private static ImageSet Shapes(int count, int seed = 7)
     {
-        var pixels = new byte[count * MnistSet.Pixels];
+        var pixels = new byte[count * ImageSet.MnistPixels];
         new Random(seed).NextBytes(pixels);
-        return new MnistSet(pixels, new byte[count], count);
+        return new ImageSet(pixels, new byte[count], count);
     }
 
     // --- Files lost ----------------------------------------------------------------------------------------------

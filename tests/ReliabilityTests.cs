@@ -66,11 +66,11 @@ public sealed class ReliabilityTests : IDisposable
         return path;
     }
 
-    private static MnistSet Synthetic(int count)
+    private static ImageSet Synthetic(int count)
     {
-        var pixels = new byte[count * MnistSet.Pixels];
+        var pixels = new byte[count * ImageSet.MnistPixels];
         new Random(7).NextBytes(pixels);
-        return new MnistSet(pixels, new byte[count], count);
+        return new ImageSet(pixels, new byte[count], count);
     }
 
     /// <summary>Writes train-images/labels IDX files of <paramref name="count"/> simple shapes into a folder (what --data accepts).</summary>

@@ -31,14 +31,14 @@ public sealed class ScheduleTrainingTests(ITestOutputHelper output)
     private static bool Lit(int p) => p / Side is >= 8 and < 20 && p % Side is >= 8 and < 20;
 
     /// <summary>The square: 12×12 pixels at +1 (byte 255) in the middle of 28×28 at -1 (byte 0), <see cref="Images"/> copies.</summary>
-    private static MnistSet Squares()
+    private static ImageSet Squares()
     {
         var images = new byte[Images * Pixels];
         for (int i = 0; i < images.Length; i++)
         {
             images[i] = Lit(i % Pixels) ? (byte)255 : (byte)0;
         }
-        return new MnistSet(images, new byte[Images], Images);
+        return new ImageSet(images, new byte[Images], Images);
     }
 
     /// <summary>Pearson correlation of sample <paramref name="i"/> with the square.</summary>

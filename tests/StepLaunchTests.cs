@@ -16,12 +16,12 @@ public sealed class StepLaunchTests(IlgpuFixture gpu, ITestOutputHelper output)
     /// <summary>The target for a train step of any preset (every preset has the same layers): under 150.</summary>
     private const int LaunchTarget = 150;
 
-    private static MnistSet Synthetic(int count)
+    private static ImageSet Synthetic(int count)
     {
         var rng = new Random(5);
-        var pixels = new byte[count * MnistSet.Pixels];
+        var pixels = new byte[count * ImageSet.MnistPixels];
         rng.NextBytes(pixels);
-        return new MnistSet(pixels, new byte[count], count);
+        return new ImageSet(pixels, new byte[count], count);
     }
 
     private static float[] Poisoned(float[] values)

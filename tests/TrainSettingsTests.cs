@@ -89,7 +89,7 @@ public sealed class TrainSettingsTests
         foreach (var (bad, flag) in new (TrainOptions, string)[]
         {
             (o with { Epochs = 0 }, "--epochs"), (o with { Lr = -1 }, "--lr"), (o with { Schedule = "square" }, "--schedule"),
-            (o with { EmaDecay = 1 }, "--ema"), (o with { Classes = 3 }, "--classes"), (o with { DiffusionSteps = 1 }, "T"),
+            (o with { EmaDecay = 1 }, "--ema"), (o with { Classes = 1 }, "--classes"), (o with { DiffusionSteps = 1 }, "T"),
         })
         {
             Assert.Contains(bad.Problems(), p => p.Flag == flag);

@@ -118,9 +118,9 @@ public static class BenchCommand
         device.ResetPeak();
         // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.
         var rng = new Random(0);
-        var pixels = new byte[2 * batch * MnistSet.Pixels];
+        var pixels = new byte[2 * batch * ImageSet.MnistPixels];
         rng.NextBytes(pixels);
-        var data = new MnistSet(pixels, new byte[2 * batch], 2 * batch);
+        var data = new ImageSet(pixels, new byte[2 * batch], 2 * batch);
         using var trainer = new Trainer(device, new TrainOptions { Preset = preset, Batch = batch, Epochs = 1_000_000, Lr = 2e-4f }, data);
         for (int i = 0; i < 2; i++)
         {

@@ -138,6 +138,11 @@ public static class EvalCommand
         {
             q.Settings.CheckFlags(guidanceNeedsDigit: false);
             plan = q.Settings.Plan(checkpoint);
+            if (plan.Info.ImageChannels != 1 || plan.Info.ImageSize != Mnist.Side)
+            {
+                throw new UsageException(
+                    $"{checkpoint}: a model of {plan.Info.ImageChannels}-channel {plan.Info.ImageSize}x{plan.Info.ImageSize} images; eval's classifier scores 28x28 grayscale digits only (sample draws the images)");
+            }
             // A conditional model is asked for every digit in turn unless --digit says otherwise; "none" is unguided.
             string? digit = plan.Info.Classes == 0 ? null : q.Settings.Digit ?? "all";
             plan = plan with { Settings = q.Settings with { Digit = digit == "none" ? null : digit } };

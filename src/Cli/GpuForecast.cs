@@ -44,8 +44,8 @@ public static class GpuForecast
     /// the order the tape runs them.</summary>
     public static IReadOnlyList<ConvPass> TrainPasses(string preset, int batch)
     {
-        var pixels = new byte[2 * MnistSet.Pixels];
-        var data = new MnistSet(pixels, new byte[2], 2);
+        var pixels = new byte[2 * ImageSet.MnistPixels];
+        var data = new ImageSet(pixels, new byte[2], 2);
         using var trainer = new Trainer(CpuDevice.Instance, new TrainOptions { Preset = preset, Batch = 1, Epochs = 1, Lr = 1e-4f }, data);
         var profile = new OpProfile { ByShape = true };
         trainer.Profile = profile;

@@ -7,23 +7,35 @@ using Ddpm.Storage;
 
 namespace Ddpm.Cli;
 
-/// <summary>What the CLI writes for people and other tools: digit grids (PNG), the reverse process
+/// <summary>The shape of one image: channels (1 or 3) and side.</summary>
+public readonly record struct ImageShape(int Channels, int Side)
+{
+    /// <summary>MNIST's: 1 x 28 x 28.</summary>
+    public static readonly ImageShape Mnist = new(1, 28);
+
+    /// <summary>Floats (or bytes) of one image.</summary>
+    public int Length => Channels * Side * Side;
+}
+
+/// <summary>What the CLI writes for people and other tools: image grids (PNG, grey or colour), the reverse process
 /// as an animated GIF (ImageSharp: SkiaSharp has no GIF encoder), the loss curve (ScottPlot),
-/// and digits as an MNIST-format IDX file. Every file is written atomically (<see cref="Durable.WriteAtomically"/>): a signal
+/// and images as an IDX file (MNIST's format). Every file is written atomically (<see cref="Durable.WriteAtomically"/>): a signal
 /// or crash mid-write leaves the previous file whole, never a truncated one.</summary>
 public static class Images
 {
-    private const int Side = 28, Gap = 2;
+    private const int Gap = 2;
 
     /// <summary>Pixel value of a sample: clamp to [-1, 1], then round((x + 1)·127.5), as the spec.</summary>
     public static byte ToByte(float x) => (byte)Math.Round((Math.Clamp(float.IsNaN(x) ? -1f : x, -1f, 1f) + 1f) * 127.5f);
 
-    /// <summary>n digits [n·784] as a grid of 28×28 tiles on black, scaled ×<paramref name="scale"/>: square-ish, or
-    /// <paramref name="columns"/> a row when given (one row per class for a conditional model).</summary>
-    public static Image<L8> Grid(float[] digits, int n, int scale = 2, int columns = 0)
+    /// <summary>n images [n·C·S·S] (<paramref name="shape"/>, MNIST's 1 x 28 x 28 by default) as a grid of tiles on black,
+    /// scaled ×<paramref name="scale"/>: square-ish, or <paramref name="columns"/> a row when given (one row per class for a
+    /// conditional model). Grayscale images give a grayscale picture, RGB ones a colour one.</summary>
+    public static Image<Rgba32> Grid(float[] digits, int n, int scale = 2, int columns = 0, ImageShape? shape = null)
     {
         int cols = columns > 0 ? columns : (int)Math.Ceiling(Math.Sqrt(n)), rows = (n + cols - 1) / cols;
-        return Tiles(digits, rows, cols, scale, (r, c) => r * cols + c < n ? r * cols + c : -1, (_, v, _) => new L8(v), new L8(0));
+        return Tiles(digits, shape ?? ImageShape.Mnist, rows, cols, scale, (r, c) => r * cols + c < n ? r * cols + c : -1, (_, colour, _) => colour,
+            new Rgba32(0, 0, 0));
     }
 
     /// <summary>
@@ -34,8 +46,8 @@ public static class Images
     public static Image<Rgba32> RowGrid(float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked, int scale = 2)
     {
         var red = new Rgba32(230, 40, 40);
-        return Tiles(digits, rows.Count, columns, scale, (r, c) => c < rows[r].Count ? rows[r][c] : -1,
-            (k, v, edge) => edge && marked(k) ? red : new Rgba32(v, v, v), new Rgba32(0, 0, 0));
+        return Tiles(digits, ImageShape.Mnist, rows.Count, columns, scale, (r, c) => c < rows[r].Count ? rows[r][c] : -1,
+            (k, colour, edge) => edge && marked(k) ? red : colour, new Rgba32(0, 0, 0));
     }
 
     /// <summary>Writes <see cref="RowGrid"/> as a PNG.</summary>
@@ -45,22 +57,24 @@ public static class Images
         Durable.WriteAtomically(path, s => image.SaveAsPng(s));
     }
 
-    // rows × cols tiles of 28×28 with Gap pixels around, scaled ×scale: tile (r, c) shows digit digitAt(r, c) (none
-    // when -1), each pixel coloured by pixel(digit, byte value, on the tile's outermost ring).
-    private static Image<TPixel> Tiles<TPixel>(float[] digits, int rows, int cols, int scale, Func<int, int, int> digitAt,
-        Func<int, byte, bool, TPixel> pixel, TPixel background) where TPixel : unmanaged, IPixel<TPixel>
+    // rows × cols tiles of S×S with Gap pixels around, scaled ×scale: tile (r, c) shows image digitAt(r, c) (none when -1),
+    // each pixel its colour (grey for one channel; channel planes R, G, B for three), passed through pixel(image, colour,
+    // on the tile's outermost ring).
+    private static Image<Rgba32> Tiles(float[] images, ImageShape shape, int rows, int cols, int scale, Func<int, int, int> digitAt,
+        Func<int, Rgba32, bool, Rgba32> pixel, Rgba32 background)
     {
-        int w = (cols * (Side + Gap) + Gap) * scale, h = (rows * (Side + Gap) + Gap) * scale;
-        var image = new Image<TPixel>(w, h, background);
+        int side = shape.Side, plane = side * side, length = shape.Length;
+        int w = (cols * (side + Gap) + Gap) * scale, h = (rows * (side + Gap) + Gap) * scale;
+        var image = new Image<Rgba32>(w, h, background);
         image.ProcessPixelRows(pixels =>
         {
             for (int y = 0; y < h; y++)
             {
                 var row = pixels.GetRowSpan(y);
-                int gy = y / scale, r = gy / (Side + Gap), py = gy % (Side + Gap) - Gap;
+                int gy = y / scale, r = gy / (side + Gap), py = gy % (side + Gap) - Gap;
                 for (int x = 0; x < w; x++)
                 {
-                    int gx = x / scale, c = gx / (Side + Gap), px = gx % (Side + Gap) - Gap;
+                    int gx = x / scale, c = gx / (side + Gap), px = gx % (side + Gap) - Gap;
                     if (py < 0 || px < 0 || r >= rows || c >= cols)
                     {
                         continue;
@@ -68,8 +82,11 @@ public static class Images
                     int k = digitAt(r, c);
                     if (k >= 0)
                     {
-                        bool edge = py == 0 || px == 0 || py == Side - 1 || px == Side - 1;
-                        row[x] = pixel(k, ToByte(digits[k * Side * Side + py * Side + px]), edge);
+                        bool edge = py == 0 || px == 0 || py == side - 1 || px == side - 1;
+                        long at = (long)k * length + py * side + px;
+                        byte red = ToByte(images[at]);
+                        var colour = shape.Channels == 1 ? new Rgba32(red, red, red) : new Rgba32(red, ToByte(images[at + plane]), ToByte(images[at + 2 * plane]));
+                        row[x] = pixel(k, colour, edge);
                     }
                 }
             }
@@ -77,42 +94,60 @@ public static class Images
         return image;
     }
 
-    /// <summary>Writes the grid as a PNG.</summary>
-    public static void SaveGrid(string path, float[] digits, int n, int columns = 0)
+    /// <summary>Writes the grid as a PNG (grayscale for one-channel images).</summary>
+    public static void SaveGrid(string path, float[] digits, int n, int columns = 0, ImageShape? shape = null)
     {
-        using var image = Grid(digits, n, columns: columns);
+        using var image = Grid(digits, n, columns: columns, shape: shape);
+        if ((shape ?? ImageShape.Mnist).Channels == 1)
+        {
+            using var grey = image.CloneAs<L8>();
+            Durable.WriteAtomically(path, s => grey.SaveAsPng(s));
+            return;
+        }
         Durable.WriteAtomically(path, s => image.SaveAsPng(s));
     }
 
-    /// <summary>Writes frames (each n digits) as a looping GIF; the last frame holds for two seconds.</summary>
-    public static void SaveAnimation(string path, IReadOnlyList<float[]> frames, int n, int columns = 0)
+    /// <summary>Writes frames (each n images) as a looping GIF; the last frame holds for two seconds.</summary>
+    public static void SaveAnimation(string path, IReadOnlyList<float[]> frames, int n, int columns = 0, ImageShape? shape = null)
     {
-        using var first = Grid(frames[0], n, columns: columns);
-        using var animation = first.CloneAs<Rgba32>();
+        using var animation = Grid(frames[0], n, columns: columns, shape: shape);
         var meta = animation.Metadata.GetGifMetadata();
         meta.RepeatCount = 0;
         animation.Frames.RootFrame.Metadata.GetGifMetadata().FrameDelay = 8;
         for (int i = 1; i < frames.Count; i++)
         {
-            using var grid = Grid(frames[i], n, columns: columns);
-            using var frame = grid.CloneAs<Rgba32>();
+            using var frame = Grid(frames[i], n, columns: columns, shape: shape);
             var added = animation.Frames.AddFrame(frame.Frames.RootFrame);
             added.Metadata.GetGifMetadata().FrameDelay = i == frames.Count - 1 ? 200 : 8;
         }
         Durable.WriteAtomically(path, s => animation.SaveAsGif(s));
     }
 
-    /// <summary>Digits as an IDX3 file of unsigned bytes (magic 0x00000803, n × 28 × 28), as MNIST's own files.</summary>
-    public static void SaveIdx(string path, float[] digits, int n)
+    /// <summary>The IDX file's name for images of <paramref name="shape"/>: samples-idx3-ubyte (n × S × S, MNIST's own
+    /// layout) for one channel, samples-idx4-ubyte (n × C × S × S) for more.</summary>
+    public static string IdxName(ImageShape shape) => shape.Channels == 1 ? "samples-idx3-ubyte" : "samples-idx4-ubyte";
+
+    /// <summary>Images as an IDX file of unsigned bytes: magic 0x00000803 and n × S × S for one channel (as MNIST's own
+    /// files), 0x00000804 and n × C × S × S for more.</summary>
+    public static void SaveIdx(string path, float[] digits, int n, ImageShape? shape = null)
     {
-        var bytes = new byte[16 + n * Side * Side];
-        BinaryPrimitives.WriteInt32BigEndian(bytes, 0x00000803);
+        var sh = shape ?? ImageShape.Mnist;
+        int dims = sh.Channels == 1 ? 3 : 4, header = 4 + 4 * dims;
+        long length = (long)n * sh.Length;
+        var bytes = new byte[header + length];
+        BinaryPrimitives.WriteInt32BigEndian(bytes, 0x00000800 | dims);
         BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(4), n);
-        BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(8), Side);
-        BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(12), Side);
-        for (int i = 0; i < n * Side * Side; i++)
+        int at = 8;
+        if (dims == 4)
         {
-            bytes[16 + i] = ToByte(digits[i]);
+            BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(at), sh.Channels);
+            at += 4;
+        }
+        BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(at), sh.Side);
+        BinaryPrimitives.WriteInt32BigEndian(bytes.AsSpan(at + 4), sh.Side);
+        for (long i = 0; i < length; i++)
+        {
+            bytes[header + i] = ToByte(digits[i]);
         }
         Durable.WriteAtomically(path, s => s.Write(bytes));
     }

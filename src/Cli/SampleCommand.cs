@@ -31,7 +31,6 @@ public static class SampleCommand
         return command;
     }
 
-    private const int Pixels = 28 * 28;
 
     /// <summary>The newest run's checkpoint (<see cref="RunFolders.Newest"/>), or one line saying there is none.</summary>
     internal static string NewestCheckpoint() =>
@@ -48,12 +47,12 @@ public static class SampleCommand
         ? [.. Enumerable.Range(0, Math.Min(total, cap))]
         : [.. Enumerable.Range(0, total / perRow).SelectMany(r => Enumerable.Range(r * perRow, Math.Min(perRow, rowCap)))];
 
-    private static float[] Select(float[] digits, int[] samples)
+    private static float[] Select(float[] digits, int[] samples, int pixels)
     {
-        var chosen = new float[samples.Length * Pixels];
+        var chosen = new float[(long)samples.Length * pixels];
         for (int i = 0; i < samples.Length; i++)
         {
-            Array.Copy(digits, samples[i] * Pixels, chosen, i * Pixels, Pixels);
+            Array.Copy(digits, (long)samples[i] * pixels, chosen, (long)i * pixels, pixels);
         }
         return chosen;
     }
@@ -83,7 +82,13 @@ public static class SampleCommand
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
         using var outLock = Program.LockRun(outDir); // one writer: a second sample into the folder is refused, not mixed in
-        Program.RequireFileSlots("--out", outDir, "samples.png", "samples-idx3-ubyte", "reverse.gif");
+        if (plan.Info.Classes is not (0 or Checkpoint.ConditionalClasses) && settings.Digit is not null)
+        {
+            throw new UsageException($"--digit {settings.Digit}: {checkpoint} holds a {plan.Info.Classes}-class model ({string.Join(", ", plan.Info.ClassNames.Take(5))}…); --digit picks one of ten digits");
+        }
+        var shape = new ImageShape(plan.Info.ImageChannels, plan.Info.ImageSize);
+        int Pixels = shape.Length;
+        Program.RequireFileSlots("--out", outDir, "samples.png", Images.IdxName(shape), "reverse.gif");
 
         using var device = Program.OpenDevice(deviceName);
         MemoryEstimate.RequireSampling(settings.MemoryMiB, device);
@@ -127,11 +132,11 @@ public static class SampleCommand
         });
         Console.Error.WriteLine($"{plan.Steps.Count} steps in {clock.Elapsed.TotalSeconds:F1} s");
         var png = Path.Combine(outDir, "samples.png");
-        var idx = Path.Combine(outDir, "samples-idx3-ubyte");
+        var idx = Path.Combine(outDir, Images.IdxName(shape));
         var gif = Path.Combine(outDir, "reverse.gif");
-        Images.SaveGrid(png, Select(digits, inGrid), inGrid.Length, perRow == 0 ? 0 : Math.Min(perRow, GridRowCap));
-        Images.SaveIdx(idx, digits, total);
-        Images.SaveAnimation(gif, frames, inGif.Length, perRow == 0 ? 0 : Math.Min(perRow, GifRowCap));
+        Images.SaveGrid(png, Select(digits, inGrid, Pixels), inGrid.Length, perRow == 0 ? 0 : Math.Min(perRow, GridRowCap), shape);
+        Images.SaveIdx(idx, digits, total, shape);
+        Images.SaveAnimation(gif, frames, inGif.Length, perRow == 0 ? 0 : Math.Min(perRow, GifRowCap), shape);
         Console.Error.WriteLine($"wrote {png}{(inGrid.Length < total ? $" (the first {inGrid.Length})" : "")}, {idx}, {gif}{(inGif.Length < total ? $" (the first {inGif.Length})" : "")}");
         return 0;
     }
@@ -328,7 +333,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
     public static int MapsPerSample(int channels) => 33 + channels / 16;
 
     /// <summary>Bytes one sample takes in a batch: its activations in one step, the sampler's own buffers and the result.</summary>
-    public long BytesPerSample => ((long)MapsPerSample(Info.Channels) * Info.Channels + 12) * 28 * 28 * sizeof(float);
+    public long BytesPerSample => ((long)MapsPerSample(Info.Channels) * Info.Channels + 12 * Info.ImageChannels) * Info.ImageSize * Info.ImageSize * sizeof(float);
 
     /// <summary>Samples a batch holds within --memory (at least one).</summary>
     public int Batch => (int)Math.Clamp((long)Settings.MemoryMiB * (1 << 20) / BytesPerSample, 1, int.MaxValue);
@@ -338,7 +343,7 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
     /// each step's (step, first sample of the batch, x of the batch). The weights are released afterwards.</summary>
     public float[] Run(Device device, int total, Action<int, int, Tensor>? onStep = null)
     {
-        var model = new UNet(Info.Channels, device, classes: Info.Classes);
+        var model = new UNet(Info.Channels, device, classes: Info.Classes, imageChannels: Info.ImageChannels) { ImageSize = Info.ImageSize };
         try
         {
             using (var ema = UseEma ? new Ema(model.Parameters, 0.5f) : null)

@@ -407,7 +407,7 @@ public static class TrainCommand
                 model.Parameters[i].Value.CopyFrom(saved[i]);
             }
         }
-        Images.SaveGrid(path, digits, count);
+        Images.SaveGrid(path, digits, count, shape: new ImageShape(model.ImageChannels, model.ImageSize));
     }
 
     private static List<(long Step, double Loss)> NewMetrics(string path)

@@ -189,32 +189,33 @@ public static class Sampler
 
     /// <summary>
     /// Runs <paramref name="steps"/> from pure noise with <paramref name="predictNoise"/> (x, t, eps) and
-    /// returns x_0 as host floats [N·784]. <paramref name="onStep"/> sees the step index and the device
+    /// returns x_0 as host floats [N·C·H·W]. <paramref name="onStep"/> sees the step index and the device
     /// tensor x after it (for progress and animation frames). The n samples are samples
     /// <paramref name="first"/>.. of a set of <paramref name="total"/> (default: n, the whole set): each sample's noise,
     /// at the start and at every step, is drawn at its own place in the Philox stream, so a set sampled in batches gives
     /// the digits of the set sampled at once, bit for bit.
     /// </summary>
     public static float[] Run(Device device, int n, IReadOnlyList<ReverseStep> steps, ulong seed,
-        Action<Tensor, int, Tensor> predictNoise, Action<int, Tensor>? onStep = null, int height = 28, int width = 28, int first = 0, int total = 0)
+        Action<Tensor, int, Tensor> predictNoise, Action<int, Tensor>? onStep = null, int height = 28, int width = 28, int first = 0, int total = 0,
+        int channels = 1)
     {
-        int per = height * width;
+        int per = channels * height * width;
         total = total == 0 ? n : total;
         if (first < 0 || n < 1 || first + n > total)
         {
             throw new ArgumentOutOfRangeException(nameof(first), $"samples {first}..{first + n - 1} are not in a set of {total}");
         }
         ulong start = (ulong)first * (ulong)per, stride = (ulong)total * (ulong)per;
-        using var x = Tensor.Empty(device, n, 1, height, width);
-        using var next = Tensor.Empty(device, n, 1, height, width);
-        using var eps = Tensor.Empty(device, n, 1, height, width);
-        using var z = Tensor.Empty(device, n, 1, height, width);
+        using var x = Tensor.Empty(device, n, channels, height, width);
+        using var next = Tensor.Empty(device, n, channels, height, width);
+        using var eps = Tensor.Empty(device, n, channels, height, width);
+        using var z = Tensor.Empty(device, n, channels, height, width);
         using var c1 = Tensor.Empty(device, n);
         using var c2 = Tensor.Empty(device, n);
         // The x0 estimates of this step and the last one, allocated only for plans in the x0 form.
         bool throughX0 = steps.Any(st => st.X0 is not null);
-        using var x0 = throughX0 ? Tensor.Empty(device, n, 1, height, width) : null;
-        using var x0Previous = throughX0 ? Tensor.Empty(device, n, 1, height, width) : null;
+        using var x0 = throughX0 ? Tensor.Empty(device, n, channels, height, width) : null;
+        using var x0Previous = throughX0 ? Tensor.Empty(device, n, channels, height, width) : null;
         RandomFill.Normal(x, seed, start);
         var current = x;
         var other = next;
@@ -286,14 +287,15 @@ public static class Sampler
         {
             throw new ArgumentOutOfRangeException(nameof(batch), batch, "a batch holds one sample at least");
         }
-        var all = new float[(long)total * 28 * 28];
+        long per = (long)model.ImageChannels * model.ImageSize * model.ImageSize;
+        var all = new float[total * per];
         for (int first = 0; first < total; first += batch)
         {
             int n = Math.Min(batch, total - first);
             int from = first;
             var part = Run(model, n, steps, seed, labels?[first..(first + n)], guidance,
                 onStep is null ? null : (i, x) => onStep(i, from, x), first, total);
-            part.CopyTo(all, (long)first * 28 * 28);
+            part.CopyTo(all, first * per);
             if (first + n < total)
             {
                 if (Math.Min(batch, total - first - n) != n)
@@ -324,7 +326,8 @@ public static class Sampler
         using var t = Tensor.Empty(device, n);
         using var none = model.Classes > 0 ? Tensor.Empty(device, n) : null;
         using var cond = labels is not null ? Tensor.FromHost(device, labels, n) : null;
-        using var epsNone = cond is not null ? Tensor.Empty(device, n, 1, 28, 28) : null;
+        int c = model.ImageChannels, side = model.ImageSize;
+        using var epsNone = cond is not null ? Tensor.Empty(device, n, c, side, side) : null;
         using var wCond = cond is not null ? Tensor.Empty(device, n) : null;
         using var wNone = cond is not null ? Tensor.Empty(device, n) : null;
         if (none is not null)
@@ -353,6 +356,6 @@ public static class Sampler
             // eps_none + w·(eps_cond - eps_none) = w·eps_cond + (1 - w)·eps_none.
             Elementwise.Combine(y.Value, wCond!, epsNone, wNone!, eps);
             tape.Reset();
-        }, onStep, first: first, total: total);
+        }, onStep, height: side, width: side, first: first, total: total, channels: c);
     }
 }

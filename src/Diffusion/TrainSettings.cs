@@ -280,9 +280,9 @@ public static class TrainSettings
     public static readonly TrainSetting<int> Classes = new()
     {
         Flag = "--classes", Key = Checkpoint.ClassesKey, Legacy = "0",
-        Help = $"10: a class-conditional model (digit labels, each dropped with probability {Trainer.LabelDropProbability.ToString(CultureInfo.InvariantCulture)} for classifier-free guidance); 0: unconditional",
-        Get = o => o.Classes, Set = (o, v) => o with { Classes = v }, ByRecipe = _ => 0, Range = (0, Checkpoint.ConditionalClasses),
-        Check = v => v is 0 or Checkpoint.ConditionalClasses ? null : $"{v} must be 0 (unconditional) or {Checkpoint.ConditionalClasses}",
+        Help = $"the data's number of labels (MNIST: 10; a folder: its subfolders) for a class-conditional model, each label dropped with probability {Trainer.LabelDropProbability.ToString(CultureInfo.InvariantCulture)} for classifier-free guidance; 0: unconditional",
+        Get = o => o.Classes, Set = (o, v) => o with { Classes = v }, ByRecipe = _ => 0, Range = (0, Checkpoint.MaxClasses),
+        Check = v => v is 0 or (>= 2 and <= Checkpoint.MaxClasses) ? null : $"{v} must be 0 (unconditional) or the data's number of labels, 2..{Checkpoint.MaxClasses}",
     };
 
     /// <summary>How a GPU computes the convolutions and linear layers (tensor cores or not).</summary>

@@ -21,6 +21,11 @@ public sealed partial class Trainer
         meta["steps_per_epoch"] = StepsPerEpoch.ToString(CultureInfo.InvariantCulture);
         meta[Checkpoint.SkippedKey] = Skipped.ToString(CultureInfo.InvariantCulture);
         meta[DataHashKey] = _data.Hash;
+        meta[Checkpoint.ImageSizeKey] = _data.Size.ToString(CultureInfo.InvariantCulture);
+        if (Model.Classes > 0)
+        {
+            meta[Checkpoint.ClassNamesKey] = System.Text.Json.JsonSerializer.Serialize(_data.ClassNames);
+        }
         if (EmaStart > 0)
         {
             meta[TrainOptions.EmaStartKey] = EmaStart.ToString(CultureInfo.InvariantCulture);
@@ -40,12 +45,12 @@ public sealed partial class Trainer
     /// break the run's exactness (preset, batch, seed, classes, schedule, T) is refused, as is a data set
     /// that gives another number of steps an epoch.
     /// </summary>
-    public static Trainer Resume(Device device, string path, MnistSet data, Func<TrainOptions, TrainOptions>? change = null) =>
+    public static Trainer Resume(Device device, string path, ImageSet data, Func<TrainOptions, TrainOptions>? change = null) =>
         Resume(device, Checkpoint.Inspect(path), data, change);
 
-    /// <inheritdoc cref="Resume(Device, string, MnistSet, Func{TrainOptions, TrainOptions}?)"/>
+    /// <inheritdoc cref="Resume(Device, string, ImageSet, Func{TrainOptions, TrainOptions}?)"/>
     /// <remarks>For a caller that validated the checkpoint already (<see cref="Checkpoint.Inspect(string)"/>): it is not read twice.</remarks>
-    public static Trainer Resume(Device device, CheckpointInfo info, MnistSet data, Func<TrainOptions, TrainOptions>? change = null)
+    public static Trainer Resume(Device device, CheckpointInfo info, ImageSet data, Func<TrainOptions, TrainOptions>? change = null)
     {
         string path = info.Path;
         if (!info.HasAdam)
@@ -65,6 +70,11 @@ public sealed partial class Trainer
         {
             throw new CheckpointException(
                 $"{path}: the run took {pe} steps an epoch, but this training set gives {data.Count / saved.Batch} ({data.Count} images): --data holds another data set than the run's");
+        }
+        if (info.ImageChannels != data.Channels || info.ImageSize != data.Size)
+        {
+            throw new UsageException(
+                $"--resume: the run trained on {info.ImageChannels}-channel {info.ImageSize}x{info.ImageSize} images, --data gives {data.Channels}-channel {data.Size}x{data.Size} ones; pass the run's --data and sizes, or start a new run with another --out");
         }
         var options = change?.Invoke(saved) ?? saved;
         foreach (var setting in TrainSettings.All.Where(s => s.Resume == OnResume.Fixed))
@@ -158,7 +168,7 @@ public sealed partial class Trainer
         return new EmaSchedule(decay, power, start).InitialShare(step, skipped);
     }
 
-    /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, MnistSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>
+    /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, ImageSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>
     public IEnumerable<string> ChangesAtResume => _changes.Where(c => c.StartsWith($"step {Step}:", StringComparison.Ordinal));
 
 }

@@ -20,7 +20,7 @@ public sealed partial class Trainer : IDisposable
     /// <summary>The chance that a conditional run trains a digit as "no label" (classifier-free guidance's dropout).</summary>
     public const float LabelDropProbability = 0.1f;
 
-    private readonly MnistSet _data;
+    private readonly ImageSet _data;
     private readonly Tensor _x0, _eps, _xt, _ca, _cb, _t, _labels;
     // The queued steps' records [ReadEvery, 4] (loss, non-finite flag, Σg², skipped; see Optim) with each slot's views,
     // their host copy, and per slot the page-locked batch the device copies from (x0, t, labels, ca, cb).
@@ -35,7 +35,7 @@ public sealed partial class Trainer : IDisposable
     private readonly Tape _tape;
 
     /// <summary>A fresh run: weights from the seed, Adam and EMA at their start.</summary>
-    public Trainer(Device device, TrainOptions options, MnistSet data)
+    public Trainer(Device device, TrainOptions options, ImageSet data)
     {
         foreach (var (_, flag, problem) in options.Problems())
         {
@@ -49,19 +49,26 @@ public sealed partial class Trainer : IDisposable
         {
             throw new UsageException($"--classes {options.Classes} needs a label for every training image; the data set has {data.Labels.Length} for {data.Count}");
         }
+        if (options.Classes > 0 && options.Classes != data.ClassNames.Count)
+        {
+            throw new UsageException(data.ClassNames.Count < 2
+                ? $"--classes {options.Classes}: the data has no labels (a folder labels its images by subfolder: at least 2 of them)"
+                : $"--classes {options.Classes}: the data has {data.ClassNames.Count} classes ({Classes(data.ClassNames)}); pass --classes {data.ClassNames.Count}");
+        }
         Options = options;
         _data = data;
         Device = device;
         Schedule = NoiseSchedule.ByName(options.Schedule, options.DiffusionSteps);
         Timesteps = new TimestepSampler(Schedule, options.MinSnr);
-        Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes);
+        Model = new UNet(Presets.Channels(options.Preset), device, options.Seed, options.Classes, data.Channels) { ImageSize = data.Size };
         Adam = new Adam(Model.Parameters, options.Lr);
         _appliedLr = options.Lr;
         Ema = options.EmaDecay > 0 ? new Ema(Model.Parameters, options.EmaDecay) : null;
         int b = options.Batch;
-        _x0 = Tensor.Empty(device, b, 1, 28, 28);
-        _eps = Tensor.Empty(device, b, 1, 28, 28);
-        _xt = Tensor.Empty(device, b, 1, 28, 28);
+        int c = data.Channels, side = data.Size;
+        _x0 = Tensor.Empty(device, b, c, side, side);
+        _eps = Tensor.Empty(device, b, c, side, side);
+        _xt = Tensor.Empty(device, b, c, side, side);
         _ca = Tensor.Empty(device, b);
         _cb = Tensor.Empty(device, b);
         _t = Tensor.Empty(device, b);
@@ -73,13 +80,19 @@ public sealed partial class Trainer : IDisposable
         _lossOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength, 1))];
         _flagOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength + 1, 1))];
         _hostRecords = new float[w * Optim.RecordLength];
-        _staged = [.. Enumerable.Range(0, w).Select(_ => new[] { b * MnistSet.Pixels, b, b, b, b }.Select(device.AllocateHost).ToArray())];
+        _staged = [.. Enumerable.Range(0, w).Select(_ => new[] { b * data.ImageBytes, b, b, b, b }.Select(device.AllocateHost).ToArray())];
         _results = new List<StepResult>(w);
     }
 
-    /// <summary>The checkpoint's key of the training set's hash (<see cref="MnistSet.Hash"/>); absent in runs from before it,
+    /// <summary>The checkpoint's key of the training set's hash (<see cref="ImageSet.Hash"/>); absent in runs from before it,
     /// which resume on any data of their size and record it from then on.</summary>
-    public const string DataHashKey = MnistSet.HashKey;
+    public const string DataHashKey = ImageSet.HashKey;
+
+    /// <summary>The training images (their shape and class names: the model's and the checkpoint's).</summary>
+    public ImageSet Data => _data;
+
+    private static string Classes(IReadOnlyList<string> names) =>
+        string.Join(", ", names.Take(5)) + (names.Count > 5 ? $", … {names.Count - 5} more" : "");
 
     /// <summary>Steps <see cref="QueueStep"/> may queue before <see cref="ReadBack"/> must read them (the device keeps one record each).</summary>
     public const int ReadEvery = 10;
@@ -184,7 +197,7 @@ public sealed partial class Trainer : IDisposable
         Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
         for (int n = 0; n < b; n++)
         {
-            _data.CopyImage(order[j * b + n], pixels.Slice(n * MnistSet.Pixels, MnistSet.Pixels));
+            _data.CopyImage(order[j * b + n], pixels.Slice(n * _data.ImageBytes, _data.ImageBytes));
             int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)));
             ts[n] = t;
             ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);

@@ -17,8 +17,25 @@ public static class Checkpoint
     /// <summary>Metadata key of the class count of a class-conditional model (absent or "0": unconditional).</summary>
     public const string ClassesKey = "classes";
 
-    /// <summary>The class count of every conditional model the engine builds (MNIST's digits; label 10 = none).</summary>
+    /// <summary>The class count of MNIST's conditional model (the digits; label 10 = none).</summary>
     public const int ConditionalClasses = 10;
+
+    /// <summary>The most classes a conditional model may have (a folder of images labelled by subfolder): a bound on what a
+    /// file may claim.</summary>
+    public const int MaxClasses = 1000;
+
+    /// <summary>Metadata keys of the images' channel count and side (absent: 1 and 28, MNIST's). The <see cref="ChannelsKey"/>
+    /// key stays the U-Net's width.</summary>
+    public const string ImageChannelsKey = "image_channels", ImageSizeKey = "image_size";
+
+    /// <summary>Metadata key of a conditional model's class names (a JSON array of strings, in label order).</summary>
+    public const string ClassNamesKey = "class_names";
+
+    /// <summary>The image sides a checkpoint may claim: multiples of 4 (two downsamplings) from 4 to this.</summary>
+    public const int MaxImageSize = 512;
+
+    /// <summary>The image side when a checkpoint records none (MNIST's).</summary>
+    public const int DefaultImageSize = 28;
 
     /// <summary>Metadata key of Adam's step count.</summary>
     public const string AdamStepKey = "adam.step";
@@ -37,6 +54,7 @@ public static class Checkpoint
             [ChannelsKey] = model.Channels.ToString(CultureInfo.InvariantCulture),
             ["preset"] = Presets.NameOf(model.Channels) ?? "custom",
             ["format"] = "ddpm-unet-v1",
+            [ImageChannelsKey] = model.ImageChannels.ToString(CultureInfo.InvariantCulture),
         };
         if (model.Classes > 0)
         {
@@ -76,17 +94,17 @@ public static class Checkpoint
     /// <summary>Metadata key of the steps the optimizer skipped because the loss or a gradient was not finite.</summary>
     public const string SkippedKey = "skipped";
 
-    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int, int), IReadOnlyList<(string Name, int[] Shape)>> Layouts = new();
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int, int, int), IReadOnlyList<(string Name, int[] Shape)>> Layouts = new();
 
     /// <summary>
     /// Every parameter's name and shape for a U-Net of width <paramref name="ch"/>, in parameter
-    /// order; with <paramref name="classes"/> &gt; 0 the class-conditional one. Only the presets' widths
-    /// (and 0 or <see cref="ConditionalClasses"/> classes) are ever asked for, so a hostile file cannot
-    /// make it build a huge model.
+    /// order; with <paramref name="classes"/> &gt; 0 the class-conditional one, for images of
+    /// <paramref name="imageChannels"/> channels. Only the presets' widths, at most <see cref="MaxClasses"/>
+    /// classes and 1 or 3 channels are ever asked for, so a hostile file cannot make it build a huge model.
     /// </summary>
-    public static IReadOnlyList<(string Name, int[] Shape)> Layout(int ch, int classes = 0) => Layouts.GetOrAdd((ch, classes), static key =>
+    public static IReadOnlyList<(string Name, int[] Shape)> Layout(int ch, int classes = 0, int imageChannels = 1) => Layouts.GetOrAdd((ch, classes, imageChannels), static key =>
     {
-        var model = new UNet(key.Item1, CpuDevice.Instance, classes: key.Item2);
+        var model = new UNet(key.Item1, CpuDevice.Instance, classes: key.Item2, imageChannels: key.Item3);
         var layout = model.Parameters.Select(p => (p.Name, p.Shape)).ToArray();
         foreach (var p in model.Parameters)
         {
@@ -113,9 +131,13 @@ public static class Checkpoint
         CheckpointException Bad(string problem) => new($"{label}: {problem}");
         if (!file.Entries.TryGetValue("conv_in.weight", out var convIn) || convIn.Shape.Length != 4)
         {
-            throw Bad("no conv_in.weight [ch, 1, 3, 3], so not a checkpoint of this model");
+            throw Bad("no conv_in.weight [ch, C, 3, 3], so not a checkpoint of this model");
         }
-        int ch = convIn.Shape[0];
+        int ch = convIn.Shape[0], imageChannels = convIn.Shape[1];
+        if (imageChannels is not (1 or 3))
+        {
+            throw Bad($"conv_in.weight is {string.Join("x", convIn.Shape)}: images of {imageChannels} channels (1 or 3 expected)");
+        }
         string preset = Presets.NameOf(ch)
             ?? throw Bad($"conv_in.weight is {string.Join("x", convIn.Shape)}: its width {ch} matches no preset (tiny 16, small 32, base 64)");
         var meta = file.Metadata;
@@ -132,9 +154,26 @@ public static class Checkpoint
             throw Bad($"metadata 'format' = '{format}' is not ddpm-unet-v1");
         }
 
-        // A label embedding makes it the conditional layout; its shape is then checked against that layout's
-        // [11, 4ch] like every other tensor, and the metadata's class count must agree.
-        int classes = file.Entries.ContainsKey("label_emb.weight") ? ConditionalClasses : 0;
+        if (meta.TryGetValue(ImageChannelsKey, out var imageChannelsText) && imageChannelsText != imageChannels.ToString(CultureInfo.InvariantCulture))
+        {
+            throw Bad($"metadata '{ImageChannelsKey}' = '{imageChannelsText}' but conv_in.weight takes {imageChannels}-channel images");
+        }
+        int imageSize = DefaultImageSize;
+        if (meta.TryGetValue(ImageSizeKey, out var sizeText)
+            && !(int.TryParse(sizeText, NumberStyles.None, CultureInfo.InvariantCulture, out imageSize) && imageSize >= 4 && imageSize <= MaxImageSize && imageSize % 4 == 0))
+        {
+            throw Bad($"metadata '{ImageSizeKey}' = '{sizeText}' is not a multiple of 4 in 4..{MaxImageSize}");
+        }
+
+        // A label embedding [classes + 1, 4ch] makes it the conditional layout; its shape is then checked against that
+        // layout's like every other tensor, and the metadata's class count must agree.
+        int classes = 0;
+        if (file.Entries.TryGetValue("label_emb.weight", out var labelEmb))
+        {
+            classes = labelEmb.Shape.Length == 2 && labelEmb.Shape[0] >= 3 && labelEmb.Shape[0] <= MaxClasses + 1
+                ? labelEmb.Shape[0] - 1
+                : throw Bad($"label_emb.weight is {string.Join("x", labelEmb.Shape)}: not [classes + 1, 4ch] for 2..{MaxClasses} classes");
+        }
         if (meta.TryGetValue(ClassesKey, out var classesText) && classesText != classes.ToString(CultureInfo.InvariantCulture))
         {
             throw Bad(classes == 0
@@ -145,7 +184,26 @@ public static class Checkpoint
         {
             preset += $" conditional ({classes} classes)";
         }
-        var layout = Layout(ch, classes);
+        if (imageChannels != 1)
+        {
+            preset += $", {imageChannels}-channel images";
+        }
+        if (meta.TryGetValue(ClassNamesKey, out var namesJson))
+        {
+            string[]? names = null;
+            try
+            {
+                names = System.Text.Json.JsonSerializer.Deserialize<string[]>(namesJson);
+            }
+            catch (System.Text.Json.JsonException)
+            {
+            }
+            if (names is null || names.Length != classes || names.Any(n => n is null || n.Length == 0 || n.Length > 255))
+            {
+                throw Bad($"metadata '{ClassNamesKey}' is not {classes} class names (a JSON array of 1..255-character strings)");
+            }
+        }
+        var layout = Layout(ch, classes, imageChannels);
         var shapes = layout.ToDictionary(p => p.Name, p => p.Shape);
         int adamM = 0, adamV = 0, emaCount = 0;
         foreach (var (name, entry) in file.Entries)
@@ -244,7 +302,7 @@ public static class Checkpoint
         {
             throw Bad($"metadata 'schedule' = '{schedule}' is not linear or cosine");
         }
-        return new CheckpointInfo(file, ch, Presets.NameOf(ch)!, hasAdam, hasEma, classes);
+        return new CheckpointInfo(file, ch, Presets.NameOf(ch)!, hasAdam, hasEma, classes, imageChannels, imageSize);
     }
 
     /// <summary>
@@ -270,6 +328,10 @@ public static class Checkpoint
             throw new CheckpointException(info.Classes == 0
                 ? $"{path}: holds an unconditional model, not a {model.Classes}-class one"
                 : $"{path}: holds a {info.Classes}-class conditional model, not {(model.Classes == 0 ? "an unconditional one" : $"a {model.Classes}-class one")}");
+        }
+        if (info.ImageChannels != model.ImageChannels)
+        {
+            throw new CheckpointException($"{path}: holds a model of {info.ImageChannels}-channel images, not {model.ImageChannels}-channel ones");
         }
         if (adam is not null && !info.HasAdam)
         {
@@ -304,9 +366,33 @@ public static class Checkpoint
 }
 
 /// <summary>A checkpoint that passed <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>: its file, width, preset, what it holds,
-/// and its class count (0: unconditional).</summary>
-public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma, int Classes = 0)
+/// its class count (0: unconditional), and its images' channels and side.</summary>
+public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma, int Classes = 0, int ImageChannels = 1,
+    int ImageSize = Checkpoint.DefaultImageSize)
 {
+    /// <summary>The class names the run recorded (metadata <c>class_names</c>, a JSON array), else the digits for a 10-class
+    /// model, else "0", "1", ….</summary>
+    public IReadOnlyList<string> ClassNames
+    {
+        get
+        {
+            if (Metadata.TryGetValue(Checkpoint.ClassNamesKey, out var json))
+            {
+                try
+                {
+                    if (System.Text.Json.JsonSerializer.Deserialize<string[]>(json) is { } names && names.Length == Classes && names.All(n => n is not null))
+                    {
+                        return names;
+                    }
+                }
+                catch (System.Text.Json.JsonException)
+                {
+                }
+            }
+            return [.. Enumerable.Range(0, Classes).Select(i => i.ToString(CultureInfo.InvariantCulture))];
+        }
+    }
+
     /// <summary>The file's name, as used in messages.</summary>
     public string Path => File.Label;
 

@@ -3,10 +3,10 @@ using Ddpm.Tensors;
 namespace Ddpm.Nn;
 
 /// <summary>
-/// The model spec's U-Net, UNet(ch): 28×28 → 14×14 → 7×7 and back, channels (ch, 2ch, 4ch), one
+/// The model spec's U-Net, UNet(ch): S×S → S/2 → S/4 and back (MNIST: 28, 14, 7), channels (ch, 2ch, 4ch), one
 /// ResBlock per level, GroupNorm with 8 groups, SiLU everywhere, time embedding ch → 4ch → 4ch.
-/// Input x [N, 1, 28, 28] and timesteps t [N] (integers as floats); output the predicted noise
-/// [N, 1, 28, 28]. Parameter names and shapes are the PyTorch peer's. The class-conditional variant
+/// Input x [N, C, S, S] (C = <see cref="ImageChannels"/>: 1 or 3; S a multiple of 4) and timesteps t [N] (integers as
+/// floats); output the predicted noise [N, C, S, S]. Only conv_in and conv_out depend on C, nothing on S. Parameter names and shapes are the PyTorch peer's. The class-conditional variant
 /// (classes = 10) adds label_emb.weight [classes + 1, 4ch] after time_lin2 and takes labels [N]
 /// (0..classes-1, and classes itself for "no label", as classifier-free guidance needs).
 /// </summary>
@@ -22,9 +22,14 @@ public sealed class UNet
     private readonly Parameter? _labelEmb;
 
     /// <summary>Builds the network on <paramref name="device"/> with PyTorch's default initialisation drawn from
-    /// <paramref name="seed"/>; <paramref name="classes"/> &gt; 0 makes it class-conditional.</summary>
-    public UNet(int ch, Device device, ulong seed = 0, int classes = 0)
+    /// <paramref name="seed"/>; <paramref name="classes"/> &gt; 0 makes it class-conditional; <paramref name="imageChannels"/>
+    /// is the images' channel count (1: grayscale, 3: RGB).</summary>
+    public UNet(int ch, Device device, ulong seed = 0, int classes = 0, int imageChannels = 1)
     {
+        if (imageChannels is not (1 or 3))
+        {
+            throw new ArgumentException($"unet: image channels {imageChannels} must be 1 (grayscale) or 3 (RGB)");
+        }
         if (classes < 0)
         {
             throw new ArgumentException($"unet: classes {classes} must be 0 (unconditional) or positive");
@@ -41,7 +46,8 @@ public sealed class UNet
         // The peer's order: label_emb follows time_lin2 (it is made there in its __init__).
         _labelEmb = classes > 0 ? f.Normal("label_emb.weight", classes + 1, tdim) : null;
         Classes = classes;
-        _convIn = new Conv2dLayer(f, "conv_in", 1, ch, 3);
+        ImageChannels = imageChannels;
+        _convIn = new Conv2dLayer(f, "conv_in", imageChannels, ch, 3);
         _enc0 = new ResBlock(f, "enc0", ch, ch, tdim, Groups);
         _down0 = new Conv2dLayer(f, "down0.conv", ch, ch, 3, stride: 2, pad: 1);
         _enc1 = new ResBlock(f, "enc1", ch, 2 * ch, tdim, Groups);
@@ -53,13 +59,20 @@ public sealed class UNet
         _up0 = new Conv2dLayer(f, "up0.conv", 2 * ch, 2 * ch, 3);
         _dec0 = new ResBlock(f, "dec0", 3 * ch, ch, tdim, Groups);
         _normOut = new GroupNormLayer(f, "norm_out", Groups, ch);
-        _convOut = new Conv2dLayer(f, "conv_out", ch, 1, 3);
+        _convOut = new Conv2dLayer(f, "conv_out", ch, imageChannels, 3);
         Parameters = f.Gather();
         Device = device;
     }
 
     /// <summary>The base width ch.</summary>
     public int Channels { get; }
+
+    /// <summary>The images' channels C: conv_in takes them, conv_out gives them back.</summary>
+    public int ImageChannels { get; }
+
+    /// <summary>The side S of the images the model was trained on (28: MNIST): what a sampler draws. The network takes any
+    /// multiple of 4; this is the size it learned.</summary>
+    public int ImageSize { get; init; } = 28;
 
     /// <summary>Number of classes of a class-conditional model (label <see cref="Classes"/> means none); 0 when unconditional.</summary>
     public int Classes { get; }

@@ -13,11 +13,24 @@ public sealed record IdxData(int Count, int[] ItemShape, byte[] Values);
 /// <summary>A data set or file that cannot be used; the message names the file and the problem.</summary>
 public sealed class DataException(string message, Exception? inner = null) : Exception(message, inner);
 
-/// <summary>MNIST digits in memory: images [Count, 28, 28] as bytes, labels [Count].</summary>
-public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
+/// <summary>
+/// Images in memory: [Count, Channels, Size, Size] as bytes (channel planes, rows, columns: the model's layout), labels
+/// [Count] (0 .. ClassNames.Count - 1; all zero for an unlabelled set). MNIST is 1 x 28 x 28 with the ten digits.
+/// </summary>
+public sealed record ImageSet(byte[] Images, byte[] Labels, int Count, int Channels = 1, int Size = 28)
 {
-    /// <summary>Pixels per image.</summary>
-    public const int Pixels = 28 * 28;
+    /// <summary>Pixels of an MNIST image (1 x 28 x 28).</summary>
+    public const int MnistPixels = 28 * 28;
+
+    /// <summary>Bytes of one image: Channels · Size · Size.</summary>
+    public int ImageBytes => Channels * Size * Size;
+
+    /// <summary>The classes' names, in label order (MNIST's "0" .. "9"; a folder's subfolder names); empty when the set has
+    /// no labels.</summary>
+    public IReadOnlyList<string> ClassNames { get; init; } = MnistClassNames;
+
+    /// <summary>The digits' names.</summary>
+    public static readonly IReadOnlyList<string> MnistClassNames = [.. Enumerable.Range(0, 10).Select(d => d.ToString(System.Globalization.CultureInfo.InvariantCulture))];
 
     private string? _hash;
 
@@ -26,12 +39,12 @@ public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
     public const string HashKey = "data_sha256";
 
     /// <summary>
-    /// The data set's identity: sha256 (lowercase hex) of "ddpm-data-v1", the count, the image shape (1 channel, 28, 28)
+    /// The data set's identity: sha256 (lowercase hex) of "ddpm-data-v1", the count, the image shape (channels, size, size)
     /// as 32-bit little-endian integers, the images' bytes and the labels' bytes. The same images and labels in the same
     /// order give the same hash wherever they were read from; it keys the scoring classifier's cache and is recorded in a
     /// run's checkpoint (<c>data_sha256</c>), so <c>--resume</c> on other data is refused.
     /// </summary>
-    public string Hash => _hash ??= ComputeHash(Images, Labels, Count, 1, 28, 28);
+    public string Hash => _hash ??= ComputeHash(Images, Labels, Count, Channels, Size, Size);
 
     /// <summary>The hash of <see cref="Hash"/> for any image set (other sizes and channel counts give other hashes).</summary>
     public static string ComputeHash(ReadOnlySpan<byte> images, ReadOnlySpan<byte> labels, int count, int channels, int height, int width)
@@ -52,8 +65,9 @@ public sealed record MnistSet(byte[] Images, byte[] Labels, int Count)
     /// <summary>Writes image <paramref name="index"/> into <paramref name="destination"/> as x = p/127.5 - 1 (range [-1, 1]).</summary>
     public void CopyImage(int index, Span<float> destination)
     {
-        var src = Images.AsSpan(index * Pixels, Pixels);
-        for (int i = 0; i < Pixels; i++)
+        int n = ImageBytes;
+        var src = Images.AsSpan(index * n, n);
+        for (int i = 0; i < n; i++)
         {
             destination[i] = src[i] / 127.5f - 1f;
         }
@@ -279,12 +293,12 @@ public static class Mnist
     /// <paramref name="folder"/>, fetching MNIST's two training files only if one is missing.
     /// Any 28x28 IDX set passes: the checks are structural (<see cref="FromIdx"/>), not md5.
     /// </summary>
-    public static MnistSet LoadTraining(string folder, Action<string>? log = null) => Load(folder, TrainFiles, log);
+    public static ImageSet LoadTraining(string folder, Action<string>? log = null) => Load(folder, TrainFiles, log);
 
     /// <summary>Loads the test set (t10k-*) from <paramref name="folder"/> as <see cref="LoadTraining"/> does, fetching only the test files.</summary>
-    public static MnistSet LoadTest(string folder, Action<string>? log = null) => Load(folder, TestFiles, log);
+    public static ImageSet LoadTest(string folder, Action<string>? log = null) => Load(folder, TestFiles, log);
 
-    private static MnistSet Load(string folder, (string Name, string Md5)[] files, Action<string>? log)
+    private static ImageSet Load(string folder, (string Name, string Md5)[] files, Action<string>? log)
     {
         EnsureFiles(folder, files, log);
         var imagesPath = Locate(folder, files[0].Name) ?? throw new DataException($"{Path.Combine(folder, files[0].Name)}: missing");
@@ -296,7 +310,7 @@ public static class Mnist
     /// Checks an image/label pair and makes the set: images magic 0x00000803 [N, 28, 28], labels
     /// magic 0x00000801 [N], the same N >= 1, every label 0..9 (the first bad one is named by its byte offset).
     /// </summary>
-    public static MnistSet FromIdx(IdxData images, string imagesName, IdxData labels, string labelsName)
+    public static ImageSet FromIdx(IdxData images, string imagesName, IdxData labels, string labelsName)
     {
         if (images.ItemShape.Length != 2)
         {
@@ -326,7 +340,7 @@ public static class Mnist
         {
             throw new DataException($"{labelsName}: label {labels.Values[bad]} at byte offset {8 + bad} is not a digit 0..9");
         }
-        return new MnistSet(images.Values, labels.Values, images.Count);
+        return new ImageSet(images.Values, labels.Values, images.Count);
     }
 
     private static string? Locate(string folder, string name)

@@ -9,7 +9,7 @@ namespace Ddpm.Diffusion;
 public sealed record LabeledImages(byte[] Images, byte[] Labels, int Count, int Side)
 {
     /// <summary>An MNIST set as labelled 28×28 images (no copy).</summary>
-    public static LabeledImages From(MnistSet set) => new(set.Images, set.Labels, set.Count, Mnist.Side);
+    public static LabeledImages From(ImageSet set) => new(set.Images, set.Labels, set.Count, Mnist.Side);
 
     /// <summary>The first <paramref name="count"/> images (no copy of the pixels beyond the slice).</summary>
     public LabeledImages Take(int count) =>
@@ -468,8 +468,8 @@ public static class ClassifierCache
     /// <summary>Epochs of the one training run.</summary>
     public const int Epochs = 5;
 
-    /// <summary>The metadata key of the hash of the data set a classifier was trained on (<see cref="MnistSet.Hash"/>).</summary>
-    public const string DataHashKey = MnistSet.HashKey;
+    /// <summary>The metadata key of the hash of the data set a classifier was trained on (<see cref="ImageSet.Hash"/>).</summary>
+    public const string DataHashKey = ImageSet.HashKey;
 
     /// <summary>The cache file of the classifier of the data set whose hash is <paramref name="dataHash"/>: beside the MNIST
     /// cache (the parent of <see cref="Mnist.DefaultFolder"/>), classifier-HASH16.safetensors, so each data set scores with
@@ -483,7 +483,7 @@ public static class ClassifierCache
     /// <paramref name="test"/> and saves both there (the accuracy and the data set's hash in the metadata). A classifier
     /// recorded as trained on another data set is refused, naming both hashes.
     /// </summary>
-    public static Classifier LoadOrTrain(Device device, string path, MnistSet train, MnistSet test, bool retrain, int epochs = Epochs,
+    public static Classifier LoadOrTrain(Device device, string path, ImageSet train, ImageSet test, bool retrain, int epochs = Epochs,
         Action<string>? log = null)
     {
         if (!retrain && File.Exists(path))
