@@ -14,12 +14,13 @@ public static class MemoryEstimate
     /// <summary>What a process holds before any batch: the runtime, the kernels, the data set, the weights.</summary>
     public const long BaseBytes = 400L << 20;
 
-    /// <summary>28×28 float maps at the model's width one sample keeps live in a training step (forward activations kept
+    /// <summary>Image-sized (28×28 for MNIST) float maps at the model's width one sample keeps live in a training step (forward activations kept
     /// for backward, their gradients, the convolutions' lowered rows), rounded up from the measured step.</summary>
     public const int TrainMapsPerSample = 56;
 
-    /// <summary>Bytes a training step at <paramref name="batch"/> takes with a model of width <paramref name="channels"/>.</summary>
-    public static long TrainBytes(int channels, int batch) => BaseBytes + (long)batch * TrainMapsPerSample * channels * 28 * 28 * sizeof(float);
+    /// <summary>Bytes a training step at <paramref name="batch"/> takes with a model of width <paramref name="channels"/> on
+    /// images of side <paramref name="side"/> (the maps scale with its square).</summary>
+    public static long TrainBytes(int channels, int batch, int side = 28) => BaseBytes + (long)batch * TrainMapsPerSample * channels * side * side * sizeof(float);
 
     /// <summary>Refuses a --memory budget for sampling (plus the process's own) that is more than <paramref name="device"/> offers.</summary>
     public static void RequireSampling(int memoryMiB, Device device) => Require($"--memory {memoryMiB}", BaseBytes + ((long)memoryMiB << 20), device);

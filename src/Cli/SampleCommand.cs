@@ -319,7 +319,8 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
             SamplerKind.DpmSolver2M => $"dpm++ (2M) {Steps.Count} steps eta {Eta.ToString(CultureInfo.InvariantCulture)}{(Eta > 0 ? " (SDE)" : "")}",
             _ => $"ddpm ({Variance} variance) {Steps.Count} steps",
         };
-        return $"sampling {total} digits: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +
+        string what = Info.ImageChannels == 1 && Info.ImageSize == Checkpoint.DefaultImageSize ? "digits" : $"{Info.ImageChannels}x{Info.ImageSize}x{Info.ImageSize} images";
+        return $"sampling {total} {what}: {Info.Preset} {(Info.Classes > 0 ? "conditional " : "")}model, {conditioning}{(UseEma ? "EMA" : "raw")} weights, " +
             $"{sampler}, the {Recipe.Name} recipe's {(Clip ? "clipped" : "unclipped")} step, {ScheduleName} schedule, seed {Settings.Seed}";
     }
 

@@ -35,25 +35,39 @@ public static class TrainCommand
         };
         recipe.AcceptOnlyFromAmong(Recipe.Names);
         var device = Program.DeviceOption();
-        var data = new Option<string>("--data") { Description = "folder of the training IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; MNIST is fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
+        var data = new Option<string>("--data")
+        {
+            Description = "the training data: a folder of images (PNG, JPEG, BMP, GIF, WebP, TIFF, …, searched recursively; two or more subfolders are classes), " +
+                "CIFAR-10's binary batches, or MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, raw or .gz; Fashion-MNIST too). " +
+                "MNIST is fetched into an empty or missing folder",
+            DefaultValueFactory = _ => Mnist.DefaultFolder,
+        }.IsPath();
+        var imageSize = new Option<int?>("--image-size")
+        {
+            Description = $"a folder's images resized (shorter side to S, Lanczos) and centre-cropped to S x S; S a multiple of 4 up to {ImageFolder.MaxSize} " +
+                "(default: the images' own size when they are all one square size)",
+        };
+        var imageChannels = new Option<int?>("--channels") { Description = "a folder's images as 1 (grayscale) or 3 (RGB) channels (default: 1 when every image is grey, else 3)" };
+        imageChannels.AcceptOnlyFromAmong("1", "3");
         var output = new Option<string?>("--out")
         {
             Description = $"run folder (default: a new {RunFolders.Root}/{RunFolders.Prefix}N, one more than the highest there, with {RunFolders.Root}/{RunFolders.Latest} " +
                 "pointing at it; with --resume, the newest run)",
         }.IsPath();
         var resume = new Option<bool>("--resume") { Description = "continue the run in --out (default: the newest run) from its checkpoint, exactly" };
-        var command = new Command("train", "Train the U-Net on MNIST; checkpoint, log, plot and write a sample grid.");
+        var command = new Command("train", "Train the U-Net on MNIST or your images; checkpoint, log, plot and write a sample grid.");
         foreach (var (_, flag) in settings)
         {
             command.Add(flag.Option);
         }
-        foreach (var option in new Option[] { saveEvery, grid, recipe, device, data, output, resume })
+        foreach (var option in new Option[] { saveEvery, grid, recipe, device, data, imageSize, imageChannels, output, resume })
         {
             command.Add(option);
         }
         command.SetAction(p => Program.Guard(() => Run(new Settings(
             [.. settings.Where(s => p.GetResult(s.Flag.Option) is { Implicit: false }).Select(s => (s.Setting, s.Flag.Read(p) ?? throw new InvalidOperationException(s.Setting.Name)))],
-            p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, Program.ChosenDevice(p, device), p.GetValue(data)!, p.GetValue(output), p.GetValue(resume)))));
+            p.GetValue(saveEvery), p.GetValue(grid), p.GetValue(recipe)!, Program.ChosenDevice(p, device), p.GetValue(data)!, p.GetValue(output), p.GetValue(resume),
+            new FolderOptions(p.GetValue(imageSize), p.GetValue(imageChannels))))));
         return command;
     }
 
@@ -90,7 +104,7 @@ public static class TrainCommand
     /// <summary>The command line as given: the settings a flag set (with their values; the others keep the recipe's, or on
     /// --resume the run's), and the command's own options.</summary>
     private sealed record Settings(IReadOnlyList<(TrainSetting Setting, object Value)> Given, int SaveEvery, int Grid, string Recipe, DeviceChoice Device,
-        string Data, string? Out, bool Resume)
+        string Data, string? Out, bool Resume, FolderOptions Images)
     {
         /// <summary>The value a flag gave <paramref name="setting"/>, or null.</summary>
         public T? Of<T>(TrainSetting<T> setting) where T : notnull => Given.Where(g => g.Setting == setting).Select(g => (T?)g.Value).FirstOrDefault();
@@ -101,6 +115,11 @@ public static class TrainCommand
 
     private static int Run(Settings given)
     {
+        // Flags the data folder's reading checks too, checked before a run folder exists.
+        if (given.Images.Size is { } side && ImageFolder.SizeProblem(side) is { } sizeProblem)
+        {
+            throw new UsageException($"--image-size {sizeProblem}");
+        }
         // Without --out: the newest run to resume, or a new numbered one (removed again if the run stops before writing).
         if (given.Out is null && given.Resume)
         {
@@ -182,8 +201,12 @@ public static class TrainCommand
         // The step's memory, from the preset and the batch the run will have, refused before any data is read.
         // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
         var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
-        MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch), device);
-        var mnist = Mnist.LoadTraining(s.Data, msg => Console.Error.WriteLine(msg));
+        MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, s.Images.Size ?? 28), device);
+        var mnist = Datasets.LoadTraining(s.Data, s.Images, msg => Console.Error.WriteLine(msg));
+        if (mnist.Size != (s.Images.Size ?? 28))
+        {
+            MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset}, {mnist.Size}x{mnist.Size} images)", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, mnist.Size), device);
+        }
 
         using var trainer = resumeFrom is not null ? Trainer.Resume(device, resumeFrom, mnist, s.Apply) : new Trainer(device, asked, mnist);
         var o = trainer.Options;
@@ -386,7 +409,7 @@ public static class TrainCommand
     /// with EMA weights when the run keeps them, unless they are still mostly the initial ones (a conditional model samples unguided, with "no label").</summary>
     private static void WriteSamples(Trainer trainer, string path, int count, bool clip)
     {
-        Console.Error.WriteLine($"sampling {count} digits for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
+        Console.Error.WriteLine($"sampling {count} {(model.ImageChannels == 1 && model.ImageSize == 28 ? "digits" : "images")} for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
         var model = trainer.Model;
         float[][]? saved = null;
         double share = trainer.Ema is null ? 0 : trainer.EmaSchedule.InitialShare(trainer.Step, trainer.Skipped);
