@@ -409,7 +409,7 @@ public static class TrainCommand
     /// with EMA weights when the run keeps them, unless they are still mostly the initial ones (a conditional model samples unguided, with "no label").</summary>
     private static void WriteSamples(Trainer trainer, string path, int count, bool clip)
     {
-        Console.Error.WriteLine($"sampling {count} {(model.ImageChannels == 1 && model.ImageSize == 28 ? "digits" : "images")} for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
+        Console.Error.WriteLine($"sampling {count} {(trainer.Model.ImageChannels == 1 && trainer.Model.ImageSize == 28 ? "digits" : "images")} for the grid ({(clip ? "clipped" : "the seed's unclipped")} ddpm)");
         var model = trainer.Model;
         float[][]? saved = null;
         double share = trainer.Ema is null ? 0 : trainer.EmaSchedule.InitialShare(trainer.Step, trainer.Skipped);
