@@ -41,6 +41,64 @@ public sealed class CliTests : IDisposable
         Assert.Contains(contains, r.Err);
     }
 
+    /// <summary>A user's own images end to end: train on a folder of colour squares in class subfolders at --image-size 16,
+    /// resume, sample in colour; a side the U-Net cannot take and a folder without images are one line each.</summary>
+    [Fact]
+    public void TrainResumeAndSampleOnAFolderOfColourImages()
+    {
+        string images = Path.Combine(_dir, "shapes"), run = Path.Combine(_dir, "run"), samples = Path.Combine(_dir, "drawn");
+        ImageFolderTests.Draw(images, 8);
+        var cached = new List<string>();
+        try
+        {
+            var trained = Run("train", "--data", images, "--image-size", "16", "--classes", "3", "--preset", "tiny", "--max-steps", "4", "--batch", "6",
+                "--out", run, "--grid", "9", "--device", "cpu");
+            Assert.True(trained.Code == 0, trained.Err);
+            Assert.Contains("24 images from", trained.Err);
+            Assert.Contains("3 classes by subfolder (blue, green, red)", trained.Err);
+            cached.AddRange(System.Text.RegularExpressions.Regex.Matches(trained.Err, @"cached in (\S+\.bin)").Select(m => m.Groups[1].Value));
+            var info = Checkpoint.Inspect(Path.Combine(run, TrainCommand.CheckpointFile));
+            Assert.Equal((3, 16, 3), (info.ImageChannels, info.ImageSize, info.Classes));
+
+            var resumed = Run("train", "--resume", "--out", run, "--data", images, "--image-size", "16", "--max-steps", "6", "--device", "cpu");
+            Assert.True(resumed.Code == 0, resumed.Err);
+            Assert.Contains("from the cache", resumed.Err);
+            Assert.Contains("resuming at step 4", resumed.Err);
+
+            var drawn = Run("sample", "--checkpoint", Path.Combine(run, TrainCommand.CheckpointFile), "--n", "4", "--sampler", "ddim", "--steps", "5",
+                "--out", samples, "--device", "cpu");
+            Assert.True(drawn.Code == 0, drawn.Err);
+            Assert.Contains("3x16x16 images", drawn.Err);
+            Assert.True(File.Exists(Path.Combine(samples, "samples-idx4-ubyte")));
+            using var grid = SixLabors.ImageSharp.Image.Load<SixLabors.ImageSharp.PixelFormats.Rgba32>(Path.Combine(samples, "samples.png"));
+            bool colour = false;
+            grid.ProcessPixelRows(rows =>
+            {
+                for (int y = 0; y < rows.Height && !colour; y++)
+                {
+                    foreach (var p in rows.GetRowSpan(y))
+                    {
+                        colour |= p.R != p.G || p.G != p.B;
+                    }
+                }
+            });
+            Assert.True(colour, "samples.png of an RGB model is grey");
+
+            OneLineError(Run("train", "--data", images, "--image-size", "30", "--out", Path.Combine(_dir, "odd"), "--device", "cpu"), 2, "the nearest: 28 or 32");
+            string text = Path.Combine(_dir, "text");
+            Directory.CreateDirectory(text);
+            File.WriteAllText(Path.Combine(text, "readme.txt"), "no pictures");
+            OneLineError(Run("train", "--data", text, "--out", Path.Combine(_dir, "none"), "--device", "cpu"), 1, "no images");
+        }
+        finally
+        {
+            foreach (var file in cached)
+            {
+                File.Delete(file);
+            }
+        }
+    }
+
     /// <summary>The repository's README.md (found above the test binaries).</summary>
     internal static string Readme() => File.ReadAllText(Path.Combine(RepoRoot(), "README.md"));
 

@@ -40,6 +40,10 @@ public static class ImageFolder
 
     private const string CacheMagic = "ddpm-images-v1";
 
+    /// <summary>Called with each file's path just before it is decoded: a fault-injection point for the tests (a file that
+    /// changes while the images are read). Null in normal use.</summary>
+    internal static Action<string>? BeforeDecode { get; set; }
+
     /// <summary>The default cache folder: $XDG_CACHE_HOME/ddpm/images, else ~/.cache/ddpm/images (beside MNIST's).</summary>
     public static string DefaultCache => Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, "images");
 
@@ -270,6 +274,7 @@ public static class ImageFolder
             var f = files[i];
             try
             {
+                BeforeDecode?.Invoke(f.Path);
                 using var stream = File.OpenRead(f.Path);
                 using var image = Image.Load<Rgba32>(decoder, stream);
                 image.Mutate(x => x.Resize(new ResizeOptions { Size = new Size(size, size), Mode = ResizeMode.Crop, Sampler = KnownResamplers.Lanczos3 }));
@@ -323,7 +328,7 @@ public static class ImageFolder
         }
         if (bad.Count > MaxBadShare * files.Count)
         {
-            throw new DataException($"{folder}: {bad.Count} of {files.Count} image files cannot be used (first: {bad[0]}): more than {MaxBadShare:P0}, so the run is refused");
+            throw new DataException($"{folder}: {bad.Count} of {files.Count} image files cannot be used (first: {bad[0]}): more than {MaxBadShare * 100:0.#}%, so the run is refused");
         }
         if (kept == 0)
         {
