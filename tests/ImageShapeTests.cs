@@ -118,3 +118,51 @@ public sealed class ImageShapeTests
         Assert.Contains("--classes 10: the data has 3 classes (red, green, blue); pass --classes 3", e.Message);
     }
 }
+
+/// <summary>--flip: an image is mirrored when its (seed, step, image) bit says so, and a resumed run flips as the straight one.</summary>
+public sealed class FlipTests
+{
+    [Fact]
+    public void FlipsMirrorRowsAndResumeExactly()
+    {
+        var data = ImageShapeTests.Coloured(12);
+        var plain = new float[data.ImageBytes];
+        var flipped = new float[data.ImageBytes];
+        data.CopyImage(4, plain);
+        data.CopyImage(4, flipped, flip: true);
+        for (int c = 0; c < 3; c++)
+        {
+            for (int y = 0; y < 16; y++)
+            {
+                for (int x = 0; x < 16; x++)
+                {
+                    Assert.Equal(plain[(c * 16 + y) * 16 + x], flipped[(c * 16 + y) * 16 + 15 - x]);
+                }
+            }
+        }
+
+        var d = CpuDevice.Instance;
+        var options = new TrainOptions { Preset = "tiny", Batch = 4, Epochs = 3, Seed = 9, Flip = true };
+        using var straight = new Trainer(d, options, data);
+        int flips = Enumerable.Range(0, 6).Sum(step => Enumerable.Range(0, 12).Count(i => straight.Flips(step, i)));
+        Assert.InRange(flips, 18, 54); // about half of 72
+        var want = Enumerable.Range(0, 6).Select(_ => straight.TrainStep()).ToArray();
+        string path = Path.Combine(Directory.CreateTempSubdirectory("ddpm-flip").FullName, "model.safetensors");
+        var got = new List<float>();
+        using (var first = new Trainer(d, options, data))
+        {
+            got.AddRange(Enumerable.Range(0, 3).Select(_ => first.TrainStep()));
+            first.Save(path);
+        }
+        using (var resumed = Trainer.Resume(d, path, data))
+        {
+            Assert.True(resumed.Options.Flip);
+            got.AddRange(Enumerable.Range(0, 3).Select(_ => resumed.TrainStep()));
+        }
+        Assert.Equal(want, got);
+        // Without flips the losses differ: the flips reach the batch.
+        using var unflipped = new Trainer(d, options with { Flip = false }, data);
+        Assert.NotEqual(want, Enumerable.Range(0, 6).Select(_ => unflipped.TrainStep()).ToArray());
+        Directory.Delete(Path.GetDirectoryName(path)!, recursive: true);
+    }
+}

@@ -82,6 +82,7 @@ public static class TrainCommand
             TrainSetting<long> t => Typed(Ranged(new Option<long?>(flag) { Description = help }, t.Range)),
             TrainSetting<float> t => Typed(Ranged(new Option<float?>(flag) { Description = help }, t.Range)),
             TrainSetting<ulong> => Typed(new Option<ulong?>(flag) { Description = help }),
+            TrainSetting<bool> => Typed(new Option<bool?>(flag) { Description = help, Arity = ArgumentArity.ZeroOrOne }),
             TrainSetting<string> t => Typed(Choose(new Option<string?>(flag) { Description = help }, t.Choices)),
             _ => throw new NotSupportedException(setting.ValueType.Name),
         };

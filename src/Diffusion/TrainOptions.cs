@@ -57,6 +57,9 @@ public sealed record TrainOptions
     /// each dropped to "no label" with probability <see cref="Trainer.LabelDropProbability"/>).</summary>
     public int Classes { get; init; }
 
+    /// <summary>Random horizontal flips of the training images (each a function of the seed, the step and the image).</summary>
+    public bool Flip { get; init; }
+
     /// <summary>How a GPU computes the convolutions and linear layers (<see cref="MathPrecision"/>'s name: fp32, tf32 or
     /// 3xtf32); the CPU backend computes fp32 whatever it says.</summary>
     public string Math { get; init; } = MathPrecisions.Default.Name();

@@ -47,7 +47,7 @@ public abstract class TrainSetting
     /// <summary>The name the banner and the error messages use: the flag without its dashes, else the key.</summary>
     public string Name => Flag?.TrimStart('-') ?? Key;
 
-    /// <summary>The value's type (int, long, ulong, float or string).</summary>
+    /// <summary>The value's type (int, long, ulong, float, bool or string).</summary>
     public abstract Type ValueType { get; }
 
     /// <summary>The value in <paramref name="o"/> as the metadata writes it (round-trip, invariant culture).</summary>
@@ -132,6 +132,7 @@ public sealed class TrainSetting<T> : TrainSetting where T : notnull
             : typeof(T) == typeof(long) ? (long.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out long l) ? l : null)
             : typeof(T) == typeof(ulong) ? (ulong.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out ulong u) ? u : null)
             : typeof(T) == typeof(float) ? (float.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out float f) ? f : null)
+            : typeof(T) == typeof(bool) ? (bool.TryParse(text, out bool b) ? b : null)
             : throw new NotSupportedException(typeof(T).Name);
         return value is null ? null : Set(o, (T)value);
     }
@@ -161,6 +162,7 @@ public sealed class TrainSetting<T> : TrainSetting where T : notnull
 
     private static string Format(T value, bool roundTrip) => value switch
     {
+        bool b => roundTrip ? (b ? "true" : "false") : (b ? "on" : "off"),
         float f => roundTrip ? f.ToString("R", CultureInfo.InvariantCulture) : Numbers.Human(f),
         IFormattable n => n.ToString(null, CultureInfo.InvariantCulture),
         _ => value.ToString() ?? "",
@@ -285,6 +287,14 @@ public static class TrainSettings
         Check = v => v is 0 or (>= 2 and <= Checkpoint.MaxClasses) ? null : $"{v} must be 0 (unconditional) or the data's number of labels, 2..{Checkpoint.MaxClasses}",
     };
 
+    /// <summary>Random horizontal flips of the training images.</summary>
+    public static readonly TrainSetting<bool> Flip = new()
+    {
+        Flag = "--flip", Key = "flip", Resume = OnResume.MayChange, Legacy = "false",
+        Help = "flip each training image left to right with probability 1/2, drawn from the seed, the step and the image (for photos and sprites, not digits)",
+        Get = o => o.Flip, Set = (o, v) => o with { Flip = v }, ByRecipe = _ => false,
+    };
+
     /// <summary>How a GPU computes the convolutions and linear layers (tensor cores or not).</summary>
     public static readonly TrainSetting<string> Math = new()
     {
@@ -296,7 +306,7 @@ public static class TrainSettings
 
     /// <summary>Every setting, in order.</summary>
     public static IReadOnlyList<TrainSetting> All { get; } =
-        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes, Math];
+        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes, Flip, Math];
 
     /// <summary>The settings a flag sets.</summary>
     public static IEnumerable<TrainSetting> Flags => All.Where(s => s.Flag is not null);

@@ -15,7 +15,7 @@ namespace Ddpm.Diffusion;
 /// </summary>
 public sealed partial class Trainer : IDisposable
 {
-    private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3, LabelDropStream = 4;
+    private const ulong ShuffleStream = 1, TimestepStream = 2, NoiseStream = 3, LabelDropStream = 4, FlipStream = 5;
 
     /// <summary>The chance that a conditional run trains a digit as "no label" (classifier-free guidance's dropout).</summary>
     public const float LabelDropProbability = 0.1f;
@@ -87,6 +87,11 @@ public sealed partial class Trainer : IDisposable
     /// <summary>The checkpoint's key of the training set's hash (<see cref="ImageSet.Hash"/>); absent in runs from before it,
     /// which resume on any data of their size and record it from then on.</summary>
     public const string DataHashKey = ImageSet.HashKey;
+
+    /// <summary>Whether step <paramref name="step"/> flips image <paramref name="image"/> (with --flip): one bit of the
+    /// flip stream at (step, image), so a resumed run flips as the straight one does.</summary>
+    internal bool Flips(long step, int image) =>
+        (Philox.Bits(Philox.Key(Options.Seed, FlipStream), (ulong)step * (ulong)_data.Count + (ulong)image) & 1) != 0;
 
     /// <summary>The training images (their shape and class names: the model's and the checkpoint's).</summary>
     public ImageSet Data => _data;
@@ -197,7 +202,8 @@ public sealed partial class Trainer : IDisposable
         Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
         for (int n = 0; n < b; n++)
         {
-            _data.CopyImage(order[j * b + n], pixels.Slice(n * _data.ImageBytes, _data.ImageBytes));
+            int image = order[j * b + n];
+            _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
             int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)));
             ts[n] = t;
             ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);

@@ -62,14 +62,27 @@ public sealed record ImageSet(byte[] Images, byte[] Labels, int Count, int Chann
         return Convert.ToHexStringLower(sha.GetHashAndReset());
     }
 
-    /// <summary>Writes image <paramref name="index"/> into <paramref name="destination"/> as x = p/127.5 - 1 (range [-1, 1]).</summary>
-    public void CopyImage(int index, Span<float> destination)
+    /// <summary>Writes image <paramref name="index"/> into <paramref name="destination"/> as x = p/127.5 - 1 (range [-1, 1]),
+    /// mirrored left to right when <paramref name="flip"/>.</summary>
+    public void CopyImage(int index, Span<float> destination, bool flip = false)
     {
         int n = ImageBytes;
         var src = Images.AsSpan(index * n, n);
-        for (int i = 0; i < n; i++)
+        if (!flip)
         {
-            destination[i] = src[i] / 127.5f - 1f;
+            for (int i = 0; i < n; i++)
+            {
+                destination[i] = src[i] / 127.5f - 1f;
+            }
+            return;
+        }
+        // Mirrored left to right: each row of each channel read backwards.
+        for (int row = 0; row < n; row += Size)
+        {
+            for (int x = 0; x < Size; x++)
+            {
+                destination[row + x] = src[row + Size - 1 - x] / 127.5f - 1f;
+            }
         }
     }
 }
