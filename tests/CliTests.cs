@@ -84,6 +84,18 @@ public sealed class CliTests : IDisposable
             });
             Assert.True(colour, "samples.png of an RGB model is grey");
 
+            // A class by name (the checkpoint's), every class in rows, a name it does not have, and --digit on it.
+            string model = Path.Combine(run, TrainCommand.CheckpointFile);
+            var red = Run("sample", "--checkpoint", model, "--class", "red", "--n", "2", "--sampler", "ddim", "--steps", "3", "--out", Path.Combine(_dir, "red"), "--device", "cpu");
+            Assert.True(red.Code == 0, red.Err);
+            Assert.Contains("classes: blue, green, red", red.Err);
+            Assert.Contains("class red with guidance", red.Err);
+            var rows = Run("sample", "--checkpoint", model, "--class", "all", "--n", "2", "--sampler", "ddim", "--steps", "3", "--out", Path.Combine(_dir, "rows"), "--device", "cpu");
+            Assert.True(rows.Code == 0, rows.Err);
+            Assert.Contains("sampling 6 3x16x16 images", rows.Err);
+            OneLineError(Run("sample", "--checkpoint", model, "--class", "purple", "--out", Path.Combine(_dir, "purple"), "--device", "cpu"), 2, "classes are blue, green, red");
+            OneLineError(Run("sample", "--checkpoint", model, "--digit", "3", "--out", Path.Combine(_dir, "three"), "--device", "cpu"), 2, "pick one with --class NAME");
+
             OneLineError(Run("train", "--data", images, "--image-size", "30", "--out", Path.Combine(_dir, "odd"), "--device", "cpu"), 2, "the nearest: 28 or 32");
             string text = Path.Combine(_dir, "text");
             Directory.CreateDirectory(text);
@@ -308,7 +320,7 @@ public sealed class CliTests : IDisposable
         var checkpoint = Path.Combine(_dir, "plain.safetensors");
         Checkpoint.Save(checkpoint, new UNet(16, CpuDevice.Instance, seed: 1));
         OneLineError(Run("sample", "--checkpoint", checkpoint, "--digit", "7", "--device", "cpu", "--out", Path.Combine(_dir, "o")), ExitCodes.Usage, "unconditional");
-        OneLineError(Run("sample", "--checkpoint", checkpoint, "--guidance", "2", "--device", "cpu"), ExitCodes.Usage, "--guidance applies with --digit only");
+        OneLineError(Run("sample", "--checkpoint", checkpoint, "--guidance", "2", "--device", "cpu"), ExitCodes.Usage, "--guidance applies with --digit or --class only");
         OneLineError(Run("sample", "--checkpoint", checkpoint, "--digit", "11"), ExitCodes.Usage, "11");
     }
 

@@ -369,7 +369,7 @@ public sealed class EvalCliTests : IDisposable
         string conditional = Path.Combine(_dir, "cond.safetensors");
         Checkpoint.Save(conditional, new UNet(16, CpuDevice.Instance, seed: 1, classes: 10));
         OneLine(CliTests.Run("eval", "--samples", conditional, "--n", "15", "--classifier", classifier), ExitCodes.Usage, "multiple of 10");
-        OneLine(CliTests.Run("eval", "--samples", conditional, "--digit", "none", "--guidance", "2", "--classifier", classifier), ExitCodes.Usage, "--guidance applies with --digit only");
+        OneLine(CliTests.Run("eval", "--samples", conditional, "--digit", "none", "--guidance", "2", "--classifier", classifier), ExitCodes.Usage, "--guidance applies with --digit or --class only");
     }
 
     [Fact]

@@ -73,27 +73,29 @@ public static class SampleCommand
     private static int Run(string? checkpointGiven, int n, SamplerSettings settings, DeviceChoice deviceName, string? outDir)
     {
         settings.CheckFlags(guidanceNeedsDigit: true);
-        if (settings.Digit == "all" && n > 1000)
-        {
-            throw new UsageException($"--n {n}: with --digit all it counts each digit, so at most 1000 (10000 digits in all)");
-        }
         string checkpoint = checkpointGiven ?? NewestCheckpoint();
         var plan = settings.Plan(checkpoint);
+        settings = plan.Settings;
+        int classes = Math.Max(plan.Info.Classes, 1);
+        if (settings.Digit == "all" && (long)n * classes > 10_000)
+        {
+            throw new UsageException($"--n {n}: with --digit all or --class all it counts each of the {classes} classes, so at most {10_000 / classes} (10000 images in all)");
+        }
+        if (plan.Info.Classes > 0)
+        {
+            Console.Error.WriteLine($"classes: {SamplerSettings.Names(plan.Info.ClassNames)}");
+        }
         outDir ??= Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, "sample");
         Program.RequireWritableFolder("--out", outDir);
         using var outLock = Program.LockRun(outDir); // one writer: a second sample into the folder is refused, not mixed in
-        if (plan.Info.Classes is not (0 or Checkpoint.ConditionalClasses) && settings.Digit is not null)
-        {
-            throw new UsageException($"--digit {settings.Digit}: {checkpoint} holds a {plan.Info.Classes}-class model ({string.Join(", ", plan.Info.ClassNames.Take(5))}…); --digit picks one of ten digits");
-        }
         var shape = new ImageShape(plan.Info.ImageChannels, plan.Info.ImageSize);
         int Pixels = shape.Length;
         Program.RequireFileSlots("--out", outDir, "samples.png", Images.IdxName(shape), "reverse.gif");
 
         using var device = Program.OpenDevice(deviceName);
         MemoryEstimate.RequireSampling(settings.MemoryMiB, device);
-        // --digit all: n of each digit, digit d in grid row d.
-        int total = settings.Digit == "all" ? 10 * n : n;
+        // --digit all (--class all): n of each class, class c in grid row c.
+        int total = settings.Digit == "all" ? classes * n : n;
         if (plan.EmaNote is { } note)
         {
             Console.Error.WriteLine(note);
@@ -156,12 +158,17 @@ internal sealed class SamplerFlags
     private readonly Option<ulong> _seed;
     private readonly Option<bool> _noEma;
     private readonly Option<int> _memory;
+    private readonly Option<string?> _class;
 
     /// <summary>The flags, --digit described by <paramref name="digitDescription"/> and taking "none" too when <paramref name="withNone"/>.</summary>
     public SamplerFlags(string digitDescription, bool withNone)
     {
         _digit = new Option<string?>("--digit") { Description = digitDescription };
         _digit.AcceptOnlyFromAmong([.. Enumerable.Range(0, 10).Select(d => d.ToString(CultureInfo.InvariantCulture)), "all", .. withNone ? new[] { "none" } : []]);
+        _class = new Option<string?>("--class")
+        {
+            Description = "class-conditional checkpoints of a labelled folder (or CIFAR-10): the class to draw by name (the checkpoint's names; sample prints them), or all (a grid row per class)",
+        };
         _guidance = new Option<double?>("--guidance") { Description = $"classifier-free guidance weight w with --digit (default {SamplerSettings.DefaultGuidance.ToString("0.0##", CultureInfo.InvariantCulture)}): eps = eps(none) + w·(eps(digit) - eps(none))" }.Within(0.0, 100.0);
         _sampler = new Option<string>("--sampler") { Description = "ddpm (ancestral, T steps) | ddim (S steps) | dpm++ (DPM-Solver++(2M), S steps)", DefaultValueFactory = _ => "ddpm" };
         _sampler.AcceptOnlyFromAmong("ddpm", "ddim", "dpm++");
@@ -179,7 +186,7 @@ internal sealed class SamplerFlags
         }.Within(16, 1 << 20);
     }
 
-    private Option[] All => [_digit, _guidance, _sampler, _variance, _steps, _eta, _recipe, _seed, _noEma, _memory];
+    private Option[] All => [_digit, _class, _guidance, _sampler, _variance, _steps, _eta, _recipe, _seed, _noEma, _memory];
 
     /// <summary>Adds every flag to <paramref name="command"/>.</summary>
     public void AddTo(Command command)
@@ -192,7 +199,7 @@ internal sealed class SamplerFlags
 
     /// <summary>The flags' values.</summary>
     public SamplerSettings Read(ParseResult p) => new(p.GetValue(_sampler)!, p.GetValue(_variance), p.GetValue(_steps), p.GetValue(_eta),
-        p.GetValue(_recipe), p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance), p.GetValue(_memory));
+        p.GetValue(_recipe), p.GetValue(_seed), p.GetValue(_noEma), p.GetValue(_digit), p.GetValue(_guidance), p.GetValue(_memory), p.GetValue(_class));
 
     /// <summary>The first flag given on the command line (not left at its default), or null.</summary>
     public string? FirstGiven(ParseResult p) => All.FirstOrDefault(o => p.GetResult(o) is { Implicit: false })?.Name;
@@ -200,7 +207,7 @@ internal sealed class SamplerFlags
 
 /// <summary>What the sampler flags asked for; <see cref="Plan"/> checks them against a checkpoint.</summary>
 internal sealed record SamplerSettings(string Sampler, string? Variance, int? Steps, double? Eta, string? Recipe, ulong Seed, bool NoEma, string? Digit, double? Guidance,
-    int MemoryMiB = SamplingPlan.DefaultMemoryMiB)
+    int MemoryMiB = SamplingPlan.DefaultMemoryMiB, string? Class = null)
 {
     /// <summary>The guidance weight w when --digit is given without --guidance.</summary>
     public const double DefaultGuidance = 3.0;
@@ -221,11 +228,21 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         {
             throw new UsageException($"--variance applies to --sampler ddpm only ({(ddim ? "ddim's noise is set by --eta" : "dpm++'s noise is set by --eta")})");
         }
-        if (Guidance is not null && (Digit == "none" || (guidanceNeedsDigit && Digit is null)))
+        if (Digit is not null && Class is not null)
         {
-            throw new UsageException("--guidance applies with --digit only (without it a conditional model samples unguided)");
+            throw new UsageException("--digit and --class both pick the class to draw: pass one");
+        }
+        if (Guidance is not null && (Digit == "none" || (guidanceNeedsDigit && Digit is null && Class is null)))
+        {
+            throw new UsageException("--guidance applies with --digit or --class only (without it a conditional model samples unguided)");
         }
     }
+
+    /// <summary>True when <see cref="Digit"/> is the label --class named (any class count), not --digit's (ten digits).</summary>
+    public bool FromClass { get; init; }
+
+    /// <summary>Up to ten class names, then how many more.</summary>
+    internal static string Names(IReadOnlyList<string> names) => string.Join(", ", names.Take(10)) + (names.Count > 10 ? $", … ({names.Count} in all)" : "");
 
     /// <summary>
     /// Validates <paramref name="checkpoint"/> whole (names, shapes against the preset it claims, finite values,
@@ -242,9 +259,27 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
             throw new ArgumentException($"checkpoint {checkpoint} does not exist (train one with 'ddpm train')");
         }
         var info = Checkpoint.Inspect(checkpoint);
-        if ((Digit is not null || Guidance is not null) && info.Classes == 0)
+        if ((Digit is not null || Class is not null || Guidance is not null) && info.Classes == 0)
         {
-            throw new UsageException($"{(Digit is not null ? $"--digit {Digit}" : "--guidance")}: {checkpoint} holds an unconditional model (train one with --classes 10)");
+            throw new UsageException($"{(Digit is not null ? $"--digit {Digit}" : Class is not null ? $"--class {Class}" : "--guidance")}: {checkpoint} holds an unconditional model (train one with --classes N)");
+        }
+        if (Digit is not null && Digit != "none" && !FromClass && info.Classes != Checkpoint.ConditionalClasses)
+        {
+            throw new UsageException($"--digit {Digit}: {checkpoint} holds a {info.Classes}-class model ({Names(info.ClassNames)}); pick one with --class NAME or --class all");
+        }
+        if (Class is not null && Class != "all")
+        {
+            int index = info.ClassNames.ToList().IndexOf(Class);
+            if (index < 0)
+            {
+                throw new UsageException($"--class {Class}: {checkpoint}'s classes are {Names(info.ClassNames)} (or all)");
+            }
+            // From here the class is its label, as a digit's is.
+            return (this with { Class = null, Digit = index.ToString(CultureInfo.InvariantCulture), FromClass = true }).Plan(checkpoint);
+        }
+        if (Class == "all")
+        {
+            return (this with { Class = null, Digit = "all", FromClass = true }).Plan(checkpoint);
         }
         var meta = info.Metadata;
         string scheduleName = meta.GetValueOrDefault("schedule", "linear");
@@ -305,14 +340,16 @@ internal sealed record SamplingPlan(CheckpointInfo Info, SamplerSettings Setting
     public float[]? Labels(int total) => Settings.Digit switch
     {
         null or "none" => null,
-        "all" => [.. Enumerable.Range(0, total).Select(i => (float)(i / (total / 10)))],
+        "all" => [.. Enumerable.Range(0, total).Select(i => (float)(i / (total / Info.Classes)))],
         var d => [.. Enumerable.Repeat(float.Parse(d, CultureInfo.InvariantCulture), total)],
     };
 
     /// <summary>One line: the model, the conditioning, the weights, the sampler, the recipe, the schedule and the seed.</summary>
     public string Describe(int total)
     {
-        string conditioning = Info.Classes == 0 ? "" : Labels(total) is null ? "unguided (no label), " : $"digit {Settings.Digit} with guidance {Guidance.ToString(CultureInfo.InvariantCulture)}, ";
+        string Asked() => Settings.Digit == "all" ? (Info.ClassNames[0] == "0" ? "digit all" : "every class in turn")
+            : Info.ClassNames[0] == "0" ? $"digit {Settings.Digit}" : $"class {Info.ClassNames[int.Parse(Settings.Digit!, CultureInfo.InvariantCulture)]}";
+        string conditioning = Info.Classes == 0 ? "" : Labels(total) is null ? "unguided (no label), " : $"{Asked()} with guidance {Guidance.ToString(CultureInfo.InvariantCulture)}, ";
         string sampler = Kind switch
         {
             SamplerKind.Ddim => $"ddim {Steps.Count} steps eta {Eta.ToString(CultureInfo.InvariantCulture)}",
