@@ -86,8 +86,13 @@ public sealed class CliTests : IDisposable
 
             // A class by name (the checkpoint's), every class in rows, a name it does not have, and --digit on it.
             string model = Path.Combine(run, TrainCommand.CheckpointFile);
-            var red = Run("sample", "--checkpoint", model, "--class", "red", "--n", "2", "--sampler", "ddim", "--steps", "3", "--out", Path.Combine(_dir, "red"), "--device", "cpu");
+            var red = Run("sample", "--checkpoint", model, "--class", "red", "--n", "2", "--sampler", "ddim", "--steps", "3", "--out", Path.Combine(_dir, "red"), "--device", "cpu",
+                "--png-files");
             Assert.True(red.Code == 0, red.Err);
+            using (var one = SixLabors.ImageSharp.Image.Load<SixLabors.ImageSharp.PixelFormats.Rgb24>(Path.Combine(_dir, "red", SampleCommand.PngFolder, "000001.png")))
+            {
+                Assert.Equal((16, 16), (one.Width, one.Height));
+            }
             Assert.Contains("classes: blue, green, red", red.Err);
             Assert.Contains("class red with guidance", red.Err);
             var rows = Run("sample", "--checkpoint", model, "--class", "all", "--n", "2", "--sampler", "ddim", "--steps", "3", "--out", Path.Combine(_dir, "rows"), "--device", "cpu");

@@ -123,6 +123,36 @@ public static class Images
         Durable.WriteAtomically(path, s => animation.SaveAsGif(s));
     }
 
+    /// <summary>Image <paramref name="index"/> of <paramref name="images"/> [n·C·S·S] as a PNG of S x S pixels, grey or colour.</summary>
+    public static void SaveOne(string path, float[] images, int index, ImageShape shape)
+    {
+        int side = shape.Side, plane = side * side;
+        long at = (long)index * shape.Length;
+        if (shape.Channels == 1)
+        {
+            using var grey = new Image<L8>(side, side);
+            for (int y = 0; y < side; y++)
+            {
+                for (int x = 0; x < side; x++)
+                {
+                    grey[x, y] = new L8(ToByte(images[at + y * side + x]));
+                }
+            }
+            Durable.WriteAtomically(path, s => grey.SaveAsPng(s));
+            return;
+        }
+        using var colour = new Image<Rgb24>(side, side);
+        for (int y = 0; y < side; y++)
+        {
+            for (int x = 0; x < side; x++)
+            {
+                long p = at + y * side + x;
+                colour[x, y] = new Rgb24(ToByte(images[p]), ToByte(images[p + plane]), ToByte(images[p + 2 * plane]));
+            }
+        }
+        Durable.WriteAtomically(path, s => colour.SaveAsPng(s));
+    }
+
     /// <summary>The IDX file's name for images of <paramref name="shape"/>: samples-idx3-ubyte (n × S × S, MNIST's own
     /// layout) for one channel, samples-idx4-ubyte (n × C × S × S) for more.</summary>
     public static string IdxName(ImageShape shape) => shape.Channels == 1 ? "samples-idx3-ubyte" : "samples-idx4-ubyte";

@@ -21,13 +21,15 @@ public static class SampleCommand
         var flags = new SamplerFlags("class-conditional checkpoints: the digit to draw, 0..9, or all (a 10-row grid, one row per digit); without it a conditional model samples unguided", withNone: false);
         var device = Program.DeviceOption();
         var math = Program.MathOption();
-        var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte, reverse.gif (default: beside the checkpoint, in sample/)" }.IsPath();
+        var output = new Option<string?>("--out") { Description = "folder for samples.png, samples-idx3-ubyte (idx4 for RGB), reverse.gif (default: beside the checkpoint, in sample/)" }.IsPath();
+        var pngs = new Option<bool>("--png-files") { Description = $"also write every sample as a PNG of its own, {PngFolder}/000000.png, 000001.png, … (at the model's size)" };
         var command = new Command("sample", "Generate digits from a checkpoint.") { checkpoint, n };
         flags.AddTo(command);
         command.Add(device);
         command.Add(math);
         command.Add(output);
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), Program.ChosenDevice(p, device, math), p.GetValue(output))));
+        command.Add(pngs);
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(checkpoint), p.GetValue(n), flags.Read(p), Program.ChosenDevice(p, device, math), p.GetValue(output), p.GetValue(pngs))));
         return command;
     }
 
@@ -70,7 +72,10 @@ public static class SampleCommand
         return recipe;
     }
 
-    private static int Run(string? checkpointGiven, int n, SamplerSettings settings, DeviceChoice deviceName, string? outDir)
+    /// <summary>The folder (in --out) of --png-files' files.</summary>
+    public const string PngFolder = "samples";
+
+    private static int Run(string? checkpointGiven, int n, SamplerSettings settings, DeviceChoice deviceName, string? outDir, bool pngFiles = false)
     {
         settings.CheckFlags(guidanceNeedsDigit: true);
         string checkpoint = checkpointGiven ?? NewestCheckpoint();
@@ -140,6 +145,16 @@ public static class SampleCommand
         Images.SaveIdx(idx, digits, total, shape);
         Images.SaveAnimation(gif, frames, inGif.Length, perRow == 0 ? 0 : Math.Min(perRow, GifRowCap), shape);
         Console.Error.WriteLine($"wrote {png}{(inGrid.Length < total ? $" (the first {inGrid.Length})" : "")}, {idx}, {gif}{(inGif.Length < total ? $" (the first {inGif.Length})" : "")}");
+        if (pngFiles)
+        {
+            string folder = Path.Combine(outDir, PngFolder);
+            Directory.CreateDirectory(folder);
+            for (int i = 0; i < total; i++)
+            {
+                Images.SaveOne(Path.Combine(folder, $"{i:D6}.png"), digits, i, shape);
+            }
+            Console.Error.WriteLine($"wrote {total} PNG files into {folder}");
+        }
         return 0;
     }
 }
