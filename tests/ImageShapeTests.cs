@@ -110,6 +110,15 @@ public sealed class ImageShapeTests
         }
     }
 
+    /// <summary>The spec's "Other images": only conv_in and conv_out change; RGB tiny has 279,987 parameters.</summary>
+    [Fact]
+    public void AnRgbTinyModelHasTheSpecsParameterCount()
+    {
+        var model = new UNet(16, CpuDevice.Instance, imageChannels: 3);
+        Assert.Equal(279_987, model.ParameterCount);
+        Assert.Throws<ArgumentException>(() => new UNet(16, CpuDevice.Instance, imageChannels: 2));
+    }
+
     [Fact]
     public void ClassesMustBeTheDatasOwnCount()
     {

@@ -100,11 +100,41 @@ public sealed class UNetTests(ITestOutputHelper output)
         Assert.True(code == 0, text);
     }
 
-    private static void WriteInput(string path, float[] x, long[] t)
+    /// <summary>
+    /// The same for a model of other images: 3-channel 16x16, three classes (what a labelled folder of colour images trains).
+    /// The peer builds it with --channels 3 --size 16 --classes 3 and loads the engine's weights strictly.
+    /// </summary>
+    [TorchFact]
+    public void EngineRgbConditionalCheckpointLoadsIntoPeer()
     {
-        // x as F32 and t as I64, the peer's predict input; written by hand (the engine writes F32 only).
-        var header = $"{{\"x\":{{\"dtype\":\"F32\",\"shape\":[{t.Length},1,28,28],\"data_offsets\":[0,{4 * x.Length}]}},"
-            + $"\"t\":{{\"dtype\":\"I64\",\"shape\":[{t.Length}],\"data_offsets\":[{4 * x.Length},{4 * x.Length + 8 * t.Length}]}}}}";
+        var dir = Directory.CreateTempSubdirectory("ddpm-interop-rgb").FullName;
+        var model = new UNet(16, CpuDevice.Instance, seed: 12, classes: 3, imageChannels: 3) { ImageSize = 16 };
+        Checkpoint.Save(Path.Combine(dir, "weights.safetensors"), model);
+        var rng = new Random(4);
+        var x = Enumerable.Range(0, 2 * 3 * 16 * 16).Select(_ => (float)rng.NextDouble() * 2 - 1).ToArray();
+        float[] t = [7, 120], y = [2, 3];
+        var d = model.Device;
+        using var tape = Tape.NoGrad(d);
+        using var xt = Tensor.FromHost(d, x, 2, 3, 16, 16);
+        using var tt = Tensor.FromHost(d, t, 2);
+        using var yt = Tensor.FromHost(d, y, 2);
+        var eps = model.Forward(tape, tape.Constant(xt), tape.Constant(tt), tape.Constant(yt)).Value.ToArray();
+        WriteInput(Path.Combine(dir, "input.safetensors"), x, [7, 120], [2, 3, 16, 16], [2, 3]);
+        SafeTensors.Write(Path.Combine(dir, "engine-eps.safetensors"), [("eps", [2, 3, 16, 16], eps)]);
+        var (code, text) = TorchFactAttribute.RunPython(Path.Combine(AppContext.BaseDirectory, "Fixtures", "check_engine_checkpoint.py"), TorchFactAttribute.ReferenceDir!, dir,
+            "--channels", "3", "--size", "16", "--classes", "3");
+        output.WriteLine(text);
+        Assert.True(code == 0, text);
+    }
+
+    private static void WriteInput(string path, float[] x, long[] t, int[]? shape = null, long[]? y = null)
+    {
+        // x as F32, t (and y) as I64, the peer's predict input; written by hand (the engine writes F32 only).
+        shape ??= [t.Length, 1, 28, 28];
+        long afterT = 4 * x.Length + 8 * t.Length;
+        var header = $"{{\"x\":{{\"dtype\":\"F32\",\"shape\":[{string.Join(",", shape)}],\"data_offsets\":[0,{4 * x.Length}]}},"
+            + $"\"t\":{{\"dtype\":\"I64\",\"shape\":[{t.Length}],\"data_offsets\":[{4 * x.Length},{afterT}]}}"
+            + (y is null ? "" : $",\"y\":{{\"dtype\":\"I64\",\"shape\":[{y.Length}],\"data_offsets\":[{afterT},{afterT + 8 * y.Length}]}}") + "}";
         var json = System.Text.Encoding.UTF8.GetBytes(header.PadRight((header.Length + 7) / 8 * 8));
         using var f = File.Create(path);
         f.Write(BitConverter.GetBytes((ulong)json.Length));
@@ -114,6 +144,10 @@ public sealed class UNetTests(ITestOutputHelper output)
             f.Write(BitConverter.GetBytes(v));
         }
         foreach (var v in t)
+        {
+            f.Write(BitConverter.GetBytes(v));
+        }
+        foreach (var v in y ?? [])
         {
             f.Write(BitConverter.GetBytes(v));
         }
