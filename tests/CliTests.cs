@@ -102,6 +102,12 @@ public sealed class CliTests : IDisposable
             OneLineError(Run("sample", "--checkpoint", model, "--digit", "3", "--out", Path.Combine(_dir, "three"), "--device", "cpu"), 2, "pick one with --class NAME");
 
             OneLineError(Run("train", "--data", images, "--image-size", "30", "--out", Path.Combine(_dir, "odd"), "--device", "cpu"), 2, "the nearest: 28 or 32");
+            // A small set at the recipe's epochs: a note says what to ask for (24 images at batch 12: 2 steps an epoch, 24 in all).
+            var few = Run("train", "--data", images, "--image-size", "8", "--batch", "12", "--grid", "0", "--out", Path.Combine(_dir, "few"), "--device", "cpu");
+            Assert.True(few.Code == 0, few.Err);
+            Assert.Contains("note: 24 images at batch 12 are 2 steps an epoch, 24 in all", few.Err);
+            Assert.Contains("pass --epochs 1000", few.Err);
+            cached.AddRange(System.Text.RegularExpressions.Regex.Matches(few.Err, @"cached in (\S+\.bin)").Select(m => m.Groups[1].Value));
             string text = Path.Combine(_dir, "text");
             Directory.CreateDirectory(text);
             File.WriteAllText(Path.Combine(text, "readme.txt"), "no pictures");

@@ -221,6 +221,14 @@ public static class TrainCommand
         {
             Console.Error.WriteLine($"preset: {o.Preset}, the {recipe.Name} recipe's choice for the CPU backend (pass --preset tiny|small|base for another)");
         }
+        // A small data set at the recipe's epochs gives few steps: said once, with what to set.
+        long plannedSteps = o.MaxSteps > 0 ? Math.Min(o.MaxSteps, (long)o.Epochs * trainer.StepsPerEpoch) : (long)o.Epochs * trainer.StepsPerEpoch;
+        if (!s.Resume && plannedSteps < SmallRunSteps && !s.Given.Any(g => g.Setting == TrainSettings.Epochs || g.Setting == TrainSettings.MaxSteps))
+        {
+            long epochs = (SmallRunSteps + trainer.StepsPerEpoch - 1) / trainer.StepsPerEpoch;
+            Console.Error.WriteLine($"note: {mnist.Count:N0} images at batch {o.Batch} are {trainer.StepsPerEpoch} steps an epoch, {plannedSteps} in all; " +
+                $"a model learns little in so few: pass --epochs {epochs} (or --max-steps {SmallRunSteps})");
+        }
 
         var metricsPath = Path.Combine(outDir, MetricsFile);
         var history = s.Resume ? TrimMetrics(metricsPath, trainer.Step) : NewMetrics(metricsPath);
@@ -283,6 +291,9 @@ public static class TrainCommand
 
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
     private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
+
+    /// <summary>Fewer planned steps than this, with the recipe's epochs, get a note saying how many epochs to ask for.</summary>
+    public const int SmallRunSteps = 2000;
 
     /// <summary>The preset when none is given: the seed's base on a GPU; tiny on the CPU backend, where base takes hours an epoch.</summary>
     public static string DefaultPreset(Device device, Recipe recipe) =>
