@@ -44,7 +44,12 @@ public static class EvalCommand
         }.IsPath();
         var classifier = new Option<string?>("--classifier") { Description = "the classifier file (default: the cache of --data's classifier, ~/.cache/ddpm/classifier-HASH.safetensors, trained there on first use)" }.IsPath();
         var train = new Option<bool>("--train-classifier") { Description = $"train the classifier anew ({ClassifierCache.Epochs} epochs on MNIST, minutes on a CPU) and overwrite the cached one" };
-        var data = new Option<string>("--data") { Description = "MNIST folder (train and t10k IDX files; fetched there if missing)", DefaultValueFactory = _ => Mnist.DefaultFolder }.IsPath();
+        var data = new Option<string>("--data")
+        {
+            Description = "the data set the classifier learns and the real-data floor comes from: a folder of MNIST-format IDX files, train and t10k " +
+                "(MNIST, fetched there if missing; Fashion-MNIST); the classifier is cached by the training set's hash",
+            DefaultValueFactory = _ => Mnist.DefaultFolder,
+        }.IsPath();
         var device = Program.DeviceOption();
         var math = Program.MathOption();
         var command = new Command("eval", "Score generated digits (an IDX file, or sampled from a checkpoint) with the engine's MNIST classifier: confidence, class balance, Fréchet distance.")
@@ -285,7 +290,8 @@ public static class EvalCommand
             result["samples"] = null;
         }
         result["real_floor"] = Json(floorScores);
-        result["reference"] = $"MNIST test set ({test.Count} digits)";
+        bool mnist = Path.GetFullPath(q.Data).TrimEnd('/') == Path.GetFullPath(Mnist.DefaultFolder).TrimEnd('/');
+        result["reference"] = mnist ? $"MNIST test set ({test.Count} digits)" : $"the test set of {q.Data} ({test.Count} images)";
         result["seconds"] = Math.Round(clock.Elapsed.TotalSeconds, 1);
         // Relaxed escaping: "dpm++" and paths stay readable (the default escapes + and every non-ASCII letter).
         Console.WriteLine(JsonSerializer.Serialize(result, new JsonSerializerOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping }));
