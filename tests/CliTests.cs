@@ -99,6 +99,25 @@ public sealed class CliTests : IDisposable
             Assert.True(rows.Code == 0, rows.Err);
             Assert.Contains("sampling 6 3x16x16 images", rows.Err);
             OneLineError(Run("sample", "--checkpoint", model, "--class", "purple", "--out", Path.Combine(_dir, "purple"), "--device", "cpu"), 2, "classes are blue, green, red");
+
+            // Scored on the folder's own labels: a classifier of 3x16x16 images learns them (every tenth image held out), the
+            // samples are written as idx4, the report's grid in colour.
+            var scored = Run("eval", "--samples", run, "--data", images, "--n", "6", "--sampler", "ddim", "--steps", "3", "--report", Path.Combine(_dir, "report"), "--device", "cpu");
+            Assert.True(scored.Code == 0, scored.Err);
+            cached.AddRange(System.Text.RegularExpressions.Regex.Matches(scored.Err, @"saved to (\S+\.safetensors)").Select(m => m.Groups[1].Value));
+            Assert.Contains("\"reference\":\"the test set of", scored.Out);
+            Assert.True(File.Exists(Path.Combine(_dir, "report", "samples-idx4-ubyte")));
+            using (var byClass = SixLabors.ImageSharp.Image.Load<SixLabors.ImageSharp.PixelFormats.Rgba32>(Path.Combine(_dir, "report", EvalReport.GridFile)))
+            {
+                Assert.True(byClass.Width > 0);
+            }
+            // An unlabelled folder cannot be scored: one line.
+            string flat = Path.Combine(_dir, "flat");
+            ImageFolderTests.Square(Path.Combine(flat, "a.png"), new SixLabors.ImageSharp.PixelFormats.Rgb24(200, 0, 0), 16, 16);
+            ImageFolderTests.Square(Path.Combine(flat, "b.png"), new SixLabors.ImageSharp.PixelFormats.Rgb24(0, 200, 0), 16, 16);
+            var unlabelled = Run("eval", "--data", flat, "--device", "cpu");
+            cached.AddRange(System.Text.RegularExpressions.Regex.Matches(unlabelled.Err, @"cached in (\S+\.bin)").Select(m => m.Groups[1].Value));
+            OneLineError(unlabelled, 1, "unlabelled images");
             OneLineError(Run("sample", "--checkpoint", model, "--digit", "3", "--out", Path.Combine(_dir, "three"), "--device", "cpu"), 2, "pick one with --class NAME");
 
             OneLineError(Run("train", "--data", images, "--image-size", "30", "--out", Path.Combine(_dir, "odd"), "--device", "cpu"), 2, "the nearest: 28 or 32");

@@ -231,6 +231,25 @@ public sealed class ImageFolderTests : IDisposable
         Assert.Contains("not a whole number of CIFAR-10 records", Assert.Throws<DataException>(() => Datasets.LoadTraining(Root, new FolderOptions(), _log.Add, Cache)).Message);
     }
 
+    [Fact]
+    public void ScoringHoldsOutEveryTenthImageAndAColourClassifierRoundTrips()
+    {
+        Draw(Root, 10);
+        var (train, test) = Datasets.LoadForScoring(Root, new FolderOptions(16), _log.Add, Cache);
+        Assert.Equal((27, 3), (train.Count, test.Count));
+        Assert.Equal(new byte[] { 0, 1, 2 }, test.Labels); // images 9, 19 and 29: one of each class
+        Assert.Equal(train.ClassNames, test.ClassNames);
+
+        string file = Path.Combine(_dir, "classifier.safetensors");
+        using var classifier = new Ddpm.Diffusion.Classifier(Tensors.CpuDevice.Instance, seed: 1, width: 4, classes: 3, side: 16, channels: 3);
+        classifier.Save(file);
+        using var back = Ddpm.Diffusion.Classifier.Load(file, Tensors.CpuDevice.Instance);
+        Assert.Equal((3, 16, 3), (back.Channels, back.Side, back.Classes));
+        var images = LabeledImages.From(test);
+        Assert.Equal(classifier.Predict(images).Probabilities, back.Predict(images).Probabilities);
+        Assert.Throws<ArgumentException>(() => back.Predict(LabeledImages.From(train) with { Channels = 1, Images = new byte[27 * 16 * 16] }));
+    }
+
     /// <summary>CRC-32 (ISO 3309, PNG's chunk checksum).</summary>
     private static uint Crc32(byte[] bytes)
     {

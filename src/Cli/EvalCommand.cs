@@ -30,7 +30,7 @@ public static class EvalCommand
     {
         var samples = new Option<string?>("--samples")
         {
-            Description = "what to score: an IDX file of 28x28 digits (as sample writes samples-idx3-ubyte, raw or gzipped), or a checkpoint " +
+            Description = "what to score: an IDX file of images (as sample writes samples-idx3-ubyte or -idx4-ubyte, raw or gzipped), or a checkpoint " +
                 $"(*.safetensors) or run folder (holding {TrainCommand.CheckpointFile}) to sample --n digits from with the sampler flags below; " +
                 $"default: the newest run under {RunFolders.Root}/, and with none there only the classifier and the real-data floor are scored",
         }.IsPath();
@@ -46,8 +46,9 @@ public static class EvalCommand
         var train = new Option<bool>("--train-classifier") { Description = $"train the classifier anew ({ClassifierCache.Epochs} epochs on MNIST, minutes on a CPU) and overwrite the cached one" };
         var data = new Option<string>("--data")
         {
-            Description = "the data set the classifier learns and the real-data floor comes from: a folder of MNIST-format IDX files, train and t10k " +
-                "(MNIST, fetched there if missing; Fashion-MNIST); the classifier is cached by the training set's hash",
+            Description = "the data set the classifier learns and the real-data floor comes from: MNIST-format IDX files, train and t10k " +
+                "(MNIST, fetched there if missing; Fashion-MNIST), CIFAR-10's batches, or a folder of images in class subfolders (every tenth image held out " +
+                "for the test set; read at the model's size); the classifier is cached by the training set's hash",
             DefaultValueFactory = _ => Mnist.DefaultFolder,
         }.IsPath();
         var device = Program.DeviceOption();
@@ -123,43 +124,43 @@ public static class EvalCommand
 
         LabeledImages? idxSamples = null;
         SamplingPlan? plan = null;
+        // The images' shape: the samples file's, or the model's; null (without samples): the data's own.
+        ImageShape? shape = null;
         bool noReport = q.Report == "none";
         string? reportDir = noReport ? null : q.Report;
         if (checkpoint is null && q.Samples is not null)
         {
             var idx = Mnist.ReadIdx(q.Samples);
-            if (idx.ItemShape.Length != 2)
+            if (idx.ItemShape.Length is not (2 or 3))
             {
-                throw new DataException($"--samples {q.Samples}: an IDX file of {(idx.ItemShape.Length == 0 ? "labels (one number an item)" : $"{idx.ItemShape.Length + 1}-dimensional items")}, not of images: pass the samples-idx3-ubyte that 'ddpm sample' writes");
+                throw new DataException($"--samples {q.Samples}: an IDX file of {(idx.ItemShape.Length == 0 ? "labels (one number an item)" : $"{idx.ItemShape.Length + 1}-dimensional items")}, not of images: pass the samples-idx3-ubyte (or -idx4-ubyte) that 'ddpm sample' writes");
             }
-            if (idx.ItemShape is not [Mnist.Side, Mnist.Side] || idx.Count < 2)
+            var item = idx.ItemShape.Length == 2 ? new ImageShape(1, idx.ItemShape[0]) : new ImageShape(idx.ItemShape[0], idx.ItemShape[1]);
+            if (idx.ItemShape[^1] != idx.ItemShape[^2] || item.Channels is not (1 or 3) || ImageFolder.SizeProblem(item.Side) is not null || idx.Count < 2)
             {
-                throw new DataException($"{q.Samples}: holds {idx.Count} items of {string.Join("x", idx.ItemShape)}, expected at least 2 of 28x28");
+                throw new DataException($"{q.Samples}: holds {idx.Count} items of {string.Join("x", idx.ItemShape)}, expected at least 2 square images (1 or 3 channels, a side that is a multiple of 4)");
             }
-            idxSamples = new LabeledImages(idx.Values, new byte[idx.Count], idx.Count, Mnist.Side);
+            shape = item;
+            idxSamples = new LabeledImages(idx.Values, new byte[idx.Count], idx.Count, item.Side, item.Channels);
             reportDir ??= noReport ? null : Path.Combine(Path.GetDirectoryName(Path.GetFullPath(q.Samples))!, "eval-" + Stem(Path.GetFileName(q.Samples)));
         }
         else if (checkpoint is not null)
         {
             q.Settings.CheckFlags(guidanceNeedsDigit: false);
             plan = q.Settings.Plan(checkpoint);
-            if (plan.Info.ImageChannels != 1 || plan.Info.ImageSize != Mnist.Side)
-            {
-                throw new UsageException(
-                    $"{checkpoint}: a model of {plan.Info.ImageChannels}-channel {plan.Info.ImageSize}x{plan.Info.ImageSize} images; eval's classifier scores 28x28 grayscale digits only (sample draws the images)");
-            }
+            shape = new ImageShape(plan.Info.ImageChannels, plan.Info.ImageSize);
             // A conditional model is asked for every digit in turn unless --digit says otherwise; "none" is unguided.
             string? digit = plan.Info.Classes == 0 ? null : q.Settings.Digit ?? "all";
             plan = plan with { Settings = q.Settings with { Digit = digit == "none" ? null : digit } };
-            if (plan.Settings.Digit == "all" && q.N % 10 != 0)
+            if (plan.Settings.Digit == "all" && q.N % plan.Info.Classes != 0)
             {
-                throw new UsageException($"--n {q.N}: with --digit all (the default for a conditional model) it must be a multiple of 10, a tenth of them each digit");
+                throw new UsageException($"--n {q.N}: with --digit all (the default for a conditional model) it must be a multiple of the {plan.Info.Classes} classes, as many of each");
             }
             reportDir ??= noReport ? null : Path.Combine(Path.GetDirectoryName(Path.GetFullPath(checkpoint))!, FolderName(plan, q.N));
         }
         if (reportDir is not null)
         {
-            Program.RequireFileSlots("--report", reportDir, EvalReport.MarkdownFile, EvalReport.GridFile, "samples-idx3-ubyte");
+            Program.RequireFileSlots("--report", reportDir, EvalReport.MarkdownFile, EvalReport.GridFile, Images.IdxName(shape ?? ImageShape.Mnist));
             // A default folder that cannot be written (samples in a read-only reference folder) is named with the way out.
             try
             {
@@ -179,8 +180,16 @@ public static class EvalCommand
         MemoryEstimate.RequireSampling(q.Settings.MemoryMiB, dev);
         var clock = Stopwatch.StartNew();
         void Log(string message) => Console.Error.WriteLine(message);
-        var trainSet = Mnist.LoadTraining(q.Data, Log);
-        var testSet = Mnist.LoadTest(q.Data, Log);
+        var (trainSet, testSet) = Datasets.LoadForScoring(q.Data, new FolderOptions(shape?.Side, shape?.Channels), Log);
+        if (shape is { } s && (s.Channels != trainSet.Channels || s.Side != trainSet.Size))
+        {
+            throw new UsageException($"--data {q.Data}: {trainSet.Channels}x{trainSet.Size}x{trainSet.Size} images, the samples are {s.Channels}x{s.Side}x{s.Side}: score them against the data they came from");
+        }
+        if (plan is not null && plan.Info.Classes > 0 && plan.Info.Classes != trainSet.ClassNames.Count)
+        {
+            throw new UsageException($"--data {q.Data}: {trainSet.ClassNames.Count} classes, the model has {plan.Info.Classes}: score it against the data it learned");
+        }
+        shape ??= new ImageShape(trainSet.Channels, trainSet.Size);
         string classifierPath = q.Classifier ?? ClassifierCache.PathFor(trainSet.Hash);
         using var model = ClassifierCache.LoadOrTrain(dev, classifierPath, trainSet, testSet, q.Retrain, log: Log);
         var test = LabeledImages.From(testSet);
@@ -202,11 +211,11 @@ public static class EvalCommand
             Log($"{plan.Steps.Count} steps in {samplingSeconds:F1} s");
             if (reportDir is not null)
             {
-                written = Path.Combine(reportDir, "samples-idx3-ubyte");
-                Images.SaveIdx(written, digits, q.N);
+                written = Path.Combine(reportDir, Images.IdxName(shape.Value));
+                Images.SaveIdx(written, digits, q.N, shape);
             }
             // Scored as written (bytes), so `eval --samples` of the written file gives the same figures.
-            idxSamples = new LabeledImages([.. digits.Select(Images.ToByte)], new byte[q.N], q.N, Mnist.Side);
+            idxSamples = new LabeledImages([.. digits.Select(Images.ToByte)], new byte[q.N], q.N, shape.Value.Side, shape.Value.Channels);
         }
 
         var (testProbs, testFeatures) = model.Predict(test);
@@ -278,6 +287,7 @@ public static class EvalCommand
                 Digits = [.. set.Images.Select(p => p / 127.5f - 1f)],
                 Probabilities = probs,
                 Classes = model.Classes,
+                Shape = shape.Value,
             };
             if (reportDir is not null)
             {

@@ -43,6 +43,9 @@ public sealed record EvalFindings
 
     /// <summary>Number of classes K of the classifier.</summary>
     public required int Classes { get; init; }
+
+    /// <summary>The shape of one sample (MNIST's unless the data is other images).</summary>
+    public ImageShape Shape { get; init; } = ImageShape.Mnist;
 }
 
 /// <summary>
@@ -87,7 +90,7 @@ public static class EvalReport
     public static void Write(string folder, EvalFindings f)
     {
         var rows = ByClass(f.Probabilities, f.Samples.Count, f.Classes);
-        Images.SaveRowGrid(Path.Combine(folder, GridFile), f.Digits, rows, PerRow, i => Unsure(f.Probabilities, i, f.Classes));
+        Images.SaveRowGrid(Path.Combine(folder, GridFile), f.Digits, rows, PerRow, i => Unsure(f.Probabilities, i, f.Classes), f.Shape);
         byte[] markdown = System.Text.Encoding.UTF8.GetBytes(Markdown(f));
         Durable.WriteAtomically(Path.Combine(folder, MarkdownFile), s => s.Write(markdown));
     }

@@ -43,17 +43,19 @@ public static class Images
     /// <paramref name="digits"/> [·784], at most <paramref name="columns"/> of them; the rest of the row stays black);
     /// tiles whose index <paramref name="marked"/> holds get a red frame over their outermost pixels.
     /// </summary>
-    public static Image<Rgba32> RowGrid(float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked, int scale = 2)
+    public static Image<Rgba32> RowGrid(float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked, int scale = 2,
+        ImageShape? shape = null)
     {
         var red = new Rgba32(230, 40, 40);
-        return Tiles(digits, ImageShape.Mnist, rows.Count, columns, scale, (r, c) => c < rows[r].Count ? rows[r][c] : -1,
+        return Tiles(digits, shape ?? ImageShape.Mnist, rows.Count, columns, scale, (r, c) => c < rows[r].Count ? rows[r][c] : -1,
             (k, colour, edge) => edge && marked(k) ? red : colour, new Rgba32(0, 0, 0));
     }
 
     /// <summary>Writes <see cref="RowGrid"/> as a PNG.</summary>
-    public static void SaveRowGrid(string path, float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked)
+    public static void SaveRowGrid(string path, float[] digits, IReadOnlyList<IReadOnlyList<int>> rows, int columns, Func<int, bool> marked,
+        ImageShape? shape = null)
     {
-        using var image = RowGrid(digits, rows, columns, marked);
+        using var image = RowGrid(digits, rows, columns, marked, shape: shape);
         Durable.WriteAtomically(path, s => image.SaveAsPng(s));
     }
 

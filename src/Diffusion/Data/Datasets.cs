@@ -57,6 +57,56 @@ public static class Datasets
         }
         return set;
     }
+
+    /// <summary>One image in <see cref="HeldOut"/> is held out as the scoring test set: the one at index 9 mod 10.</summary>
+    public const int HeldOut = 10;
+
+    /// <summary>
+    /// The labelled training and test sets <c>eval</c> scores with: MNIST-format IDX files' train and t10k files; CIFAR-10's
+    /// training batches and its test_batch.bin (else every tenth image held out); a folder of images with every tenth
+    /// image (index 9 mod 10, in file order) held out. Images are read at <paramref name="options"/>' side and channels
+    /// (the model's). An unlabelled folder is refused in one line.
+    /// </summary>
+    public static (ImageSet Train, ImageSet Test) LoadForScoring(string folder, FolderOptions options, Action<string> log, string? cacheFolder = null)
+    {
+        var kind = Of(folder);
+        if (kind == Kind.Idx)
+        {
+            return (Mnist.LoadTraining(folder, log), Mnist.LoadTest(folder, log));
+        }
+        var all = kind == Kind.Cifar10 ? Cifar10.Load(folder, log) : ImageFolder.Load(folder, options, log, cacheFolder);
+        if (all.ClassNames.Count < 2)
+        {
+            throw new DataException($"{folder}: unlabelled images (no class subfolders): eval's classifier learns the data's classes, so it needs two or more");
+        }
+        if (kind == Kind.Cifar10 && Cifar10.TestBatch(folder) is { } test)
+        {
+            return (all, Cifar10.Read([test], log, all.ClassNames));
+        }
+        return Split(all);
+    }
+
+    /// <summary>The set without and with its held-out images (index 9 mod 10).</summary>
+    public static (ImageSet Train, ImageSet Test) Split(ImageSet all)
+    {
+        int n = all.ImageBytes;
+        var keep = Enumerable.Range(0, all.Count).Where(i => i % HeldOut != HeldOut - 1).ToArray();
+        var held = Enumerable.Range(0, all.Count).Where(i => i % HeldOut == HeldOut - 1).ToArray();
+        ImageSet Pick(int[] which)
+        {
+            var images = new byte[(long)which.Length * n];
+            for (int k = 0; k < which.Length; k++)
+            {
+                Array.Copy(all.Images, (long)which[k] * n, images, (long)k * n, n);
+            }
+            return new ImageSet(images, [.. which.Select(i => all.Labels[i])], which.Length, all.Channels, all.Size) { ClassNames = all.ClassNames };
+        }
+        if (held.Length == 0)
+        {
+            throw new DataException($"{all.Count} images: too few to hold every tenth out for scoring");
+        }
+        return (Pick(keep), Pick(held));
+    }
 }
 
 /// <summary>CIFAR-10's binary version: data_batch_N.bin files of 10,000 records, each a label byte and a 32x32 RGB image as
@@ -83,10 +133,21 @@ public static class Cifar10
         return [];
     }
 
-    /// <summary>Reads every training batch; a file whose length is not a whole number of records is refused, naming it.</summary>
-    public static ImageSet Load(string folder, Action<string> log)
+    /// <summary>The test batch beside the training batches, or null.</summary>
+    public static string? TestBatch(string folder)
     {
         var batches = Batches(folder);
+        string? test = batches.Length == 0 ? null : Path.Combine(Path.GetDirectoryName(batches[0])!, "test_batch.bin");
+        return test is not null && File.Exists(test) ? test : null;
+    }
+
+    /// <summary>Reads every training batch; a file whose length is not a whole number of records is refused, naming it.</summary>
+    public static ImageSet Load(string folder, Action<string> log) => Read(Batches(folder), log);
+
+    /// <summary>Reads the batches <paramref name="batches"/> (with <paramref name="names"/>, else batches.meta.txt's).</summary>
+    public static ImageSet Read(string[] batches, Action<string> log, IReadOnlyList<string>? names = null)
+    {
+        string folder = Path.GetDirectoryName(batches[0])!;
         long total = 0;
         foreach (var b in batches)
         {
@@ -118,13 +179,13 @@ public static class Cifar10
                 Array.Copy(bytes, r * RecordBytes + 1, pixels, n * (RecordBytes - 1), RecordBytes - 1);
             }
         }
-        string meta = Path.Combine(Path.GetDirectoryName(batches[0])!, "batches.meta.txt");
-        string[] names = File.Exists(meta) ? [.. File.ReadAllLines(meta).Select(l => l.Trim()).Where(l => l.Length > 0).Take(10)] : [];
-        if (names.Length != 10)
+        if (names is null)
         {
-            names = [.. Enumerable.Range(0, 10).Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture))];
+            string meta = Path.Combine(folder, "batches.meta.txt");
+            string[] read = File.Exists(meta) ? [.. File.ReadAllLines(meta).Select(l => l.Trim()).Where(l => l.Length > 0).Take(10)] : [];
+            names = read.Length == 10 ? read : [.. Enumerable.Range(0, 10).Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture))];
         }
-        log($"data: {total:N0} CIFAR-10 images (3x32x32) from {batches.Length} batches in {Path.GetDirectoryName(batches[0])}");
+        log($"data: {total:N0} CIFAR-10 images (3x32x32) from {batches.Length} batches in {folder}");
         return new ImageSet(pixels, labels, (int)total, 3, 32) { ClassNames = names };
     }
 }

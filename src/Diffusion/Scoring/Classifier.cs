@@ -5,15 +5,19 @@ using Ddpm.Tensors;
 
 namespace Ddpm.Diffusion;
 
-/// <summary>Square grayscale images as bytes [Count, Side, Side] with a class label each: MNIST, or a synthetic stand-in.</summary>
-public sealed record LabeledImages(byte[] Images, byte[] Labels, int Count, int Side)
+/// <summary>Square images as bytes [Count, Channels, Side, Side] with a class label each: MNIST, another data set, or a
+/// synthetic stand-in.</summary>
+public sealed record LabeledImages(byte[] Images, byte[] Labels, int Count, int Side, int Channels = 1)
 {
-    /// <summary>An MNIST set as labelled 28×28 images (no copy).</summary>
-    public static LabeledImages From(ImageSet set) => new(set.Images, set.Labels, set.Count, Mnist.Side);
+    /// <summary>Bytes of one image.</summary>
+    public int ImageBytes => Channels * Side * Side;
+
+    /// <summary>An image set as labelled images (no copy).</summary>
+    public static LabeledImages From(ImageSet set) => new(set.Images, set.Labels, set.Count, set.Size, set.Channels);
 
     /// <summary>The first <paramref name="count"/> images (no copy of the pixels beyond the slice).</summary>
     public LabeledImages Take(int count) =>
-        new(Images[..(count * Side * Side)], Labels[..count], Math.Min(count, Count), Side);
+        new(Images[..(count * ImageBytes)], Labels[..count], Math.Min(count, Count), Side, Channels);
 }
 
 /// <summary>
@@ -30,19 +34,20 @@ public sealed class Classifier : IDisposable
     private readonly Conv2dLayer _conv1, _conv2, _conv3, _fc, _head;
 
     /// <summary>A classifier with weights from <paramref name="seed"/> (PyTorch's default initialisation).</summary>
-    public Classifier(Device device, ulong seed, int width = 32, int classes = 10, int side = Mnist.Side)
+    public Classifier(Device device, ulong seed, int width = 32, int classes = 10, int side = Mnist.Side, int channels = 1)
     {
-        if (width < 1 || classes < 2 || side < 4)
+        if (width < 1 || classes < 2 || side < 4 || channels is not (1 or 3))
         {
-            throw new ArgumentException($"classifier: width {width}, classes {classes}, side {side} (need ≥ 1, ≥ 2, ≥ 4)");
+            throw new ArgumentException($"classifier: width {width}, classes {classes}, side {side}, channels {channels} (need ≥ 1, ≥ 2, ≥ 4, 1 or 3)");
         }
         Device = device;
         Width = width;
         Classes = classes;
         Side = side;
+        Channels = channels;
         int map = Halve(Halve(side));
         var f = new ParameterFactory(device, seed);
-        _conv1 = new Conv2dLayer(f, "conv1", 1, width, 3);
+        _conv1 = new Conv2dLayer(f, "conv1", channels, width, 3);
         _conv2 = new Conv2dLayer(f, "conv2", width, 2 * width, 3, stride: 2);
         _conv3 = new Conv2dLayer(f, "conv3", 2 * width, 2 * width, 3, stride: 2);
         _fc = new Conv2dLayer(f, "fc", 2 * width, 4 * width, map, pad: 0);
@@ -57,10 +62,10 @@ public sealed class Classifier : IDisposable
     public const int MaxWidth = 256, MaxClasses = 256, MaxSide = 256;
 
     /// <summary>Every tensor's name and shape for these dimensions, in creation order, computed without building anything.</summary>
-    public static IEnumerable<(string Name, int[] Shape)> Layout(int width, int classes, int side)
+    public static IEnumerable<(string Name, int[] Shape)> Layout(int width, int classes, int side, int channels = 1)
     {
         int map = Halve(Halve(side));
-        foreach (var (name, cin, cout, k) in new[] { ("conv1", 1, width, 3), ("conv2", width, 2 * width, 3), ("conv3", 2 * width, 2 * width, 3), ("fc", 2 * width, 4 * width, map), ("head", 4 * width, classes, 1) })
+        foreach (var (name, cin, cout, k) in new[] { ("conv1", channels, width, 3), ("conv2", width, 2 * width, 3), ("conv3", 2 * width, 2 * width, 3), ("fc", 2 * width, 4 * width, map), ("head", 4 * width, classes, 1) })
         {
             yield return ($"{name}.weight", [cout, cin, k, k]);
             yield return ($"{name}.bias", [cout]);
@@ -78,6 +83,9 @@ public sealed class Classifier : IDisposable
 
     /// <summary>Side of the square input images.</summary>
     public int Side { get; }
+
+    /// <summary>Channels of the input images (1 or 3).</summary>
+    public int Channels { get; }
 
     /// <summary>Length of the penultimate feature vector: 4w.</summary>
     public int Features => 4 * Width;
@@ -108,13 +116,14 @@ public sealed class Classifier : IDisposable
         var probs = new float[data.Count * Classes];
         var features = new float[data.Count * Features];
         using var tape = Tape.NoGrad(Device);
-        var host = new float[batch * Side * Side];
+        int per = Channels * Side * Side;
+        var host = new float[batch * per];
         var logits = new float[batch * Classes];
         for (int first = 0; first < data.Count; first += batch)
         {
             int n = Math.Min(batch, data.Count - first);
             FillPixels(data, first, n, host);
-            using var x = Tensor.FromHost(Device, host.AsSpan(0, n * Side * Side), n, 1, Side, Side);
+            using var x = Tensor.FromHost(Device, host.AsSpan(0, n * per), n, Channels, Side, Side);
             var (f, l) = Forward(tape, tape.Constant(x));
             f.Value.CopyTo(features.AsSpan(first * Features, n * Features));
             l.Value.CopyTo(logits.AsSpan(0, n * Classes));
@@ -178,7 +187,7 @@ public sealed class Classifier : IDisposable
     /// <summary>Writes images first..first+n-1 as x = p/127.5 - 1 into <paramref name="destination"/>.</summary>
     internal static void FillPixels(LabeledImages data, int first, int n, Span<float> destination)
     {
-        int pixels = data.Side * data.Side;
+        int pixels = data.ImageBytes;
         var src = data.Images.AsSpan(first * pixels, n * pixels);
         for (int i = 0; i < src.Length; i++)
         {
@@ -188,9 +197,9 @@ public sealed class Classifier : IDisposable
 
     internal void CheckSide(LabeledImages data)
     {
-        if (data.Side != Side)
+        if (data.Side != Side || data.Channels != Channels)
         {
-            throw new ArgumentException($"classifier: images are {data.Side}x{data.Side}, the classifier takes {Side}x{Side}");
+            throw new ArgumentException($"classifier: images are {data.Channels}x{data.Side}x{data.Side}, the classifier takes {Channels}x{Side}x{Side}");
         }
     }
 
@@ -209,6 +218,7 @@ public sealed class Classifier : IDisposable
             ["width"] = Width.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["classes"] = Classes.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["side"] = Side.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["channels"] = Channels.ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
         SafeTensors.Write(path, Parameters.Select(p => (p.Name, p.Shape, p.Value.ToArray())), meta); // atomic: the old file or the new one
     }
@@ -229,9 +239,15 @@ public sealed class Classifier : IDisposable
             throw new CheckpointException($"{path}: not a digit classifier (metadata {FormatKey} is not {FormatValue})");
         }
         int width = MetaInt(file, "width", 1, MaxWidth), classes = MetaInt(file, "classes", 2, MaxClasses), side = MetaInt(file, "side", 4, MaxSide);
+        // Files from before colour: one channel.
+        int channels = file.Metadata.ContainsKey("channels") ? MetaInt(file, "channels", 1, 3) : 1;
+        if (channels == 2)
+        {
+            throw new CheckpointException($"{path}: metadata channels = 2 (1 or 3 expected)");
+        }
         // The shapes come from the tensors, never from the metadata alone: every tensor is checked against the layout the
         // metadata claims before a weight is allocated.
-        var layout = Layout(width, classes, side).ToList();
+        var layout = Layout(width, classes, side, channels).ToList();
         var unexpected = file.Entries.Keys.Except(layout.Select(l => l.Name)).Order().FirstOrDefault();
         if (unexpected is not null)
         {
@@ -245,10 +261,10 @@ public sealed class Classifier : IDisposable
             }
             if (!entry.Shape.SequenceEqual(shape))
             {
-                throw new CheckpointException($"{path}: tensor {name} has shape [{string.Join(", ", entry.Shape)}], but the metadata (width {width}, classes {classes}, side {side}) gives [{string.Join(", ", shape)}]");
+                throw new CheckpointException($"{path}: tensor {name} has shape [{string.Join(", ", entry.Shape)}], but the metadata (width {width}, classes {classes}, side {side}, channels {channels}) gives [{string.Join(", ", shape)}]");
             }
         }
-        var model = new Classifier(device, 0, width, classes, side);
+        var model = new Classifier(device, 0, width, classes, side, channels);
         try
         {
             var expected = model.Parameters.Select(p => p.Name).ToHashSet();
@@ -329,7 +345,7 @@ public sealed class ClassifierTrainer : IDisposable
         _shifts = new Random(seed);
         Adam = new Adam(model.Parameters, lr);
         _tape = new Tape(model.Device);
-        _x = Tensor.Empty(model.Device, batch, 1, model.Side, model.Side);
+        _x = Tensor.Empty(model.Device, batch, model.Channels, model.Side, model.Side);
         _labels = Tensor.Empty(model.Device, batch);
         _hostX = new float[_x.Length];
         _hostLabels = new float[batch];
@@ -356,7 +372,7 @@ public sealed class ClassifierTrainer : IDisposable
     /// <summary>One step on images <paramref name="order"/>[first..first+Batch): forward, loss, backward, Adam. Returns the loss.</summary>
     public float Step(LabeledImages data, int[] order, int first)
     {
-        int pixels = data.Side * data.Side;
+        int pixels = data.ImageBytes;
         for (int i = 0; i < Batch; i++)
         {
             int idx = order[first + i];
@@ -400,14 +416,18 @@ public sealed class ClassifierTrainer : IDisposable
     // Image idx moved by (dx, dy) as x = p/127.5 - 1: destination (y, x) reads source (y - dy, x - dx), or background -1.
     private static void Shifted(LabeledImages data, int idx, int dx, int dy, Span<float> destination)
     {
-        int side = data.Side;
-        var src = data.Images.AsSpan(idx * side * side, side * side);
-        for (int y = 0; y < side; y++)
+        int side = data.Side, plane = side * side;
+        var image = data.Images.AsSpan(idx * data.ImageBytes, data.ImageBytes);
+        for (int c = 0; c < data.Channels; c++)
         {
-            for (int x = 0; x < side; x++)
+            var src = image.Slice(c * plane, plane);
+            for (int y = 0; y < side; y++)
             {
-                int sy = y - dy, sx = x - dx;
-                destination[y * side + x] = sy >= 0 && sy < side && sx >= 0 && sx < side ? src[sy * side + sx] / 127.5f - 1f : -1f;
+                for (int x = 0; x < side; x++)
+                {
+                    int sy = y - dy, sx = x - dx;
+                    destination[c * plane + y * side + x] = sy >= 0 && sy < side && sx >= 0 && sx < side ? src[sy * side + sx] / 127.5f - 1f : -1f;
+                }
             }
         }
     }
@@ -499,16 +519,20 @@ public static class ClassifierCache
             log?.Invoke($"classifier: loaded {path}");
             return loaded;
         }
-        return Train(device, path, LabeledImages.From(train), LabeledImages.From(test), train.Hash, epochs, log);
+        if (train.ClassNames.Count < 2)
+        {
+            throw new DataException($"the training images have no labels ({train.ClassNames.Count} classes): the scoring classifier needs two or more (a folder's class subfolders)");
+        }
+        return Train(device, path, LabeledImages.From(train), LabeledImages.From(test), train.Hash, epochs, log, train.ClassNames.Count);
     }
 
-    private static Classifier Train(Device device, string path, LabeledImages train, LabeledImages test, string dataHash, int epochs, Action<string>? log)
+    private static Classifier Train(Device device, string path, LabeledImages train, LabeledImages test, string dataHash, int epochs, Action<string>? log, int classes)
     {
-        var model = new Classifier(device, seed: 0);
+        var model = new Classifier(device, seed: 0, classes: classes, side: train.Side, channels: train.Channels);
         try
         {
             var clock = Stopwatch.StartNew();
-            using (var trainer = new ClassifierTrainer(model, batch: 128, lr: 1e-3f, seed: 0, maxShift: 2))
+            using (var trainer = new ClassifierTrainer(model, batch: Math.Min(128, train.Count), lr: 1e-3f, seed: 0, maxShift: 2))
             {
                 trainer.Train(train, epochs, log, decayedEpochs: 2);
             }
