@@ -31,11 +31,15 @@ public static class BenchCommand
         var device = Program.DeviceOption();
         var math = Program.MathOption();
         var profile = new Option<bool>("--profile") { Description = "also time every op kind (forward and backward) and each convolution pass by shape, over as many extra train and denoising steps; tables on stderr" };
+        var side = new Option<int>("--image-size") { Description = "side of the synthetic images (a multiple of 4; default 28, MNIST's)", DefaultValueFactory = _ => 28 }.Within(4, ImageFolder.MaxSize);
+        var channels = new Option<int>("--channels") { Description = "channels of the synthetic images: 1 or 3 (default 1)", DefaultValueFactory = _ => 1 };
+        channels.AcceptOnlyFromAmong("1", "3");
         var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
-        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, math, profile, simd };
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, math, side, channels, profile, simd };
         command.Options.Add(PeakOption(device));
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device, math), p.GetValue(profile), p.GetValue(simd))));
+        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device, math), p.GetValue(profile), p.GetValue(simd),
+            p.GetValue(side), p.GetValue(channels))));
         return command;
     }
 
@@ -97,8 +101,12 @@ public static class BenchCommand
         }
     }
 
-    private static int Run(string preset, int batch, int steps, DeviceChoice deviceName, bool profile, string? simd)
+    private static int Run(string preset, int batch, int steps, DeviceChoice deviceName, bool profile, string? simd, int side = 28, int channels = 1)
     {
+        if (ImageFolder.SizeProblem(side) is { } sizeProblem)
+        {
+            throw new UsageException($"--image-size {sizeProblem}");
+        }
         if (batch < 1 || steps < 1)
         {
             throw new ArgumentException("--batch and --steps must be at least 1");
@@ -114,13 +122,13 @@ public static class BenchCommand
             deviceName = deviceName with { Simd = level };
         }
         using var device = Program.Open(deviceName, out _);
-        MemoryEstimate.Require($"--preset {preset} --batch {batch}", MemoryEstimate.TrainBytes(Presets.Channels(preset), batch), device);
+        MemoryEstimate.Require($"--preset {preset} --batch {batch}", MemoryEstimate.TrainBytes(Presets.Channels(preset), batch, side), device);
         device.ResetPeak();
-        // Synthetic digits (uniform pixels), as the peer's bench uses uniform x0.
+        // Synthetic images (uniform pixels), as the peer's bench uses uniform x0.
         var rng = new Random(0);
-        var pixels = new byte[2 * batch * ImageSet.MnistPixels];
+        var pixels = new byte[2 * batch * channels * side * side];
         rng.NextBytes(pixels);
-        var data = new ImageSet(pixels, new byte[2 * batch], 2 * batch);
+        var data = new ImageSet(pixels, new byte[2 * batch], 2 * batch, channels, side);
         using var trainer = new Trainer(device, new TrainOptions { Preset = preset, Batch = batch, Epochs = 1_000_000, Lr = 2e-4f }, data);
         for (int i = 0; i < 2; i++)
         {
@@ -153,7 +161,7 @@ public static class BenchCommand
             trainer.Profile = null;
         }
 
-        using var x = Tensor.Empty(device, batch, 1, 28, 28);
+        using var x = Tensor.Empty(device, batch, channels, side, side);
         using var t = Tensor.Empty(device, batch);
         RandomFill.Normal(x, 1, 0);
         Elementwise.Fill(t, 10);
@@ -194,6 +202,7 @@ public static class BenchCommand
             ["threads"] = device.Kind == DeviceKind.Cpu ? Environment.ProcessorCount : 0,
             ["math"] = (device is IlgpuDevice ilgpu ? IlgpuKernels.For(ilgpu).EffectivePrecision : MathPrecision.Fp32).Name(),
             ["preset"] = preset,
+            ["image"] = $"{channels}x{side}x{side}",
             ["params"] = trainer.Model.ParameterCount,
             ["batch"] = batch,
             ["train_step_ms"] = Math.Round(trainMs, 2),

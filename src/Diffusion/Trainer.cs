@@ -196,7 +196,7 @@ public sealed partial class Trainer : IDisposable
             throw new InvalidOperationException($"{ReadEvery} steps are queued: read them back first");
         }
         int slot = _pending, b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
-        var prepare = _tape.Profile?.Time("batch (data, noise, x_t)", Device) ?? default;
+        var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
         var order = Order(epoch);
         var staged = _staged[slot];
         Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
@@ -224,6 +224,8 @@ public sealed partial class Trainer : IDisposable
         }
         _ca.CopyFromAsync(staged[3]);
         _cb.CopyFromAsync(staged[4]);
+        data.Dispose();
+        var prepare = _tape.Profile?.Time("batch noise, x_t", Device) ?? default;
         RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), (ulong)Step * (ulong)_eps.Length);
         Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
         Model.ZeroGrad();
