@@ -97,7 +97,7 @@ public static class Datasets
             var images = new byte[(long)which.Length * n];
             for (int k = 0; k < which.Length; k++)
             {
-                Array.Copy(all.Images, (long)which[k] * n, images, (long)k * n, n);
+                all.Pixels.Span.Slice(which[k] * n, n).CopyTo(images.AsSpan(k * n, n));
             }
             return new ImageSet(images, [.. which.Select(i => all.Labels[i])], which.Length, all.Channels, all.Size) { ClassNames = all.ClassNames };
         }

@@ -21,7 +21,7 @@ public sealed record FolderOptions(int? Size = null, int? Channels = null);
 /// a loop is cut), labelled by its first-level subfolder as torchvision's ImageFolder does when there are two or more of
 /// them. Each image is resized with a Lanczos filter so its shorter side is the size, then centre-cropped; images with
 /// alpha are composited on black. Decoded once into a cache of bytes (~/.cache/ddpm/images/KEY.bin, keyed by the files'
-/// names, sizes and times and the size and channels asked for), which later runs read in seconds.
+/// names, sizes and times and the size and channels asked for), which later runs map into memory (MappedBytes) in seconds.
 /// </summary>
 public static class ImageFolder
 {
@@ -380,7 +380,7 @@ public static class ImageFolder
         s.Write(length);
         s.Write(header);
         s.Write(set.Labels);
-        s.Write(set.Images);
+        s.Write(set.Pixels.Span);
     }
 
     private sealed record CacheHeader(int Count, int Channels, int Size, string[] Classes);
@@ -417,9 +417,9 @@ public static class ImageFolder
             }
             var labels = new byte[h.Count];
             s.ReadExactly(labels);
-            var pixels = new byte[expected];
-            s.ReadExactly(pixels);
-            return new ImageSet(pixels, labels, h.Count, h.Channels, h.Size) { ClassNames = h.Classes };
+            // The pixels stay in the file: mapped, paged in as the batches read them.
+            var mapped = new MappedBytes(file, s.Position, (int)expected);
+            return new ImageSet([], labels, h.Count, h.Channels, h.Size) { ClassNames = h.Classes, Pixels = mapped.Memory };
         }
         catch (Exception e) when (e is IOException or InvalidDataException or JsonException or UnauthorizedAccessException)
         {

@@ -25,6 +25,19 @@ public sealed record ImageSet(byte[] Images, byte[] Labels, int Count, int Chann
     /// <summary>Bytes of one image: Channels · Size · Size.</summary>
     public int ImageBytes => Channels * Size * Size;
 
+    private readonly ReadOnlyMemory<byte>? _pixels;
+
+    /// <summary>The images' bytes: <see cref="Images"/>, or (a set read from the image cache, whose <see cref="Images"/> is
+    /// empty) a memory-mapped region of the cache file.</summary>
+    public ReadOnlyMemory<byte> Pixels
+    {
+        get => _pixels ?? Images;
+        init => _pixels = value;
+    }
+
+    /// <summary>The images as an array: <see cref="Images"/>, or a copy of a mapped set's bytes.</summary>
+    public byte[] PixelArray() => _pixels is { } mapped ? mapped.ToArray() : Images;
+
     /// <summary>The classes' names, in label order (MNIST's "0" .. "9"; a folder's subfolder names); empty when the set has
     /// no labels.</summary>
     public IReadOnlyList<string> ClassNames { get; init; } = MnistClassNames;
@@ -44,7 +57,7 @@ public sealed record ImageSet(byte[] Images, byte[] Labels, int Count, int Chann
     /// order give the same hash wherever they were read from; it keys the scoring classifier's cache and is recorded in a
     /// run's checkpoint (<c>data_sha256</c>), so <c>--resume</c> on other data is refused.
     /// </summary>
-    public string Hash => _hash ??= ComputeHash(Images, Labels, Count, Channels, Size, Size);
+    public string Hash => _hash ??= ComputeHash(Pixels.Span, Labels, Count, Channels, Size, Size);
 
     /// <summary>The hash of <see cref="Hash"/> for any image set (other sizes and channel counts give other hashes).</summary>
     public static string ComputeHash(ReadOnlySpan<byte> images, ReadOnlySpan<byte> labels, int count, int channels, int height, int width)
@@ -67,7 +80,7 @@ public sealed record ImageSet(byte[] Images, byte[] Labels, int Count, int Chann
     public void CopyImage(int index, Span<float> destination, bool flip = false)
     {
         int n = ImageBytes;
-        var src = Images.AsSpan(index * n, n);
+        var src = Pixels.Span.Slice(index * n, n);
         if (!flip)
         {
             for (int i = 0; i < n; i++)

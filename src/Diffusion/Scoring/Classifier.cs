@@ -13,7 +13,7 @@ public sealed record LabeledImages(byte[] Images, byte[] Labels, int Count, int 
     public int ImageBytes => Channels * Side * Side;
 
     /// <summary>An image set as labelled images (no copy).</summary>
-    public static LabeledImages From(ImageSet set) => new(set.Images, set.Labels, set.Count, set.Size, set.Channels);
+    public static LabeledImages From(ImageSet set) => new(set.PixelArray(), set.Labels, set.Count, set.Size, set.Channels);
 
     /// <summary>The first <paramref name="count"/> images (no copy of the pixels beyond the slice).</summary>
     public LabeledImages Take(int count) =>
