@@ -203,7 +203,7 @@ public static class TrainCommand
         // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
         var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
         MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, s.Images.Size ?? 28), device);
-        var mnist = Datasets.LoadTraining(s.Data, s.Images, msg => Console.Error.WriteLine(msg));
+        var mnist = LoadData(s.Data, s.Images);
         if (mnist.Size != (s.Images.Size ?? 28))
         {
             MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset}, {mnist.Size}x{mnist.Size} images)", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, mnist.Size), device);
@@ -288,6 +288,47 @@ public static class TrainCommand
         : device is not IlgpuDevice gpu ? " (GPU only: the CPU backend computes fp32)"
         : gpu.EffectivePrecision == MathPrecision.Fp32 ? " (no tensor-core path on this device: fp32)"
         : "";
+
+    /// <summary>The training set; a folder of images decoded for the first time shows a progress bar on a terminal (progress
+    /// lines otherwise).</summary>
+    private static ImageSet LoadData(string folder, FolderOptions options)
+    {
+        if (!AnsiConsole.Profile.Capabilities.Interactive || Datasets.Of(folder) != Datasets.Kind.Images)
+        {
+            return Datasets.LoadTraining(folder, options, msg => Console.Error.WriteLine(msg));
+        }
+        ImageSet? set = null;
+        AnsiConsole.Progress()
+            .AutoClear(false)
+            .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new ElapsedTimeColumn(), new RemainingTimeColumn())
+            .Start(ctx =>
+            {
+                var task = ctx.AddTask(Markup.Escape($"decoding {folder}"), autoStart: false);
+                set = Datasets.LoadTraining(folder, options, msg => AnsiConsole.MarkupLine(Markup.Escape(msg)), progress: new BarProgress(task));
+                if (!task.IsStarted)
+                {
+                    task.Description = Markup.Escape($"{folder}: from the cache");
+                    task.StartTask();
+                }
+                task.Value = task.MaxValue;
+                task.StopTask();
+            });
+        return set!;
+    }
+
+    /// <summary>Decoding progress onto a progress bar's task, synchronously (System.Progress would post it elsewhere).</summary>
+    private sealed class BarProgress(ProgressTask task) : IProgress<(int Done, int Total)>
+    {
+        public void Report((int Done, int Total) value)
+        {
+            if (!task.IsStarted)
+            {
+                task.MaxValue = value.Total;
+                task.StartTask();
+            }
+            task.Value = value.Done;
+        }
+    }
 
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
     private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);

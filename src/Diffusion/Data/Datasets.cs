@@ -42,12 +42,13 @@ public static class Datasets
 
     /// <summary>The training set in <paramref name="folder"/>; <paramref name="options"/> (a side, a channel count) apply to a
     /// folder of images, and to the others only where they say what the data is anyway.</summary>
-    public static ImageSet LoadTraining(string folder, FolderOptions options, Action<string> log, string? cacheFolder = null)
+    public static ImageSet LoadTraining(string folder, FolderOptions options, Action<string> log, string? cacheFolder = null,
+        IProgress<(int Done, int Total)>? progress = null)
     {
         var kind = Of(folder);
         var set = kind switch
         {
-            Kind.Images => ImageFolder.Load(folder, options, log, cacheFolder),
+            Kind.Images => ImageFolder.Load(folder, options, log, cacheFolder, progress),
             Kind.Cifar10 => Cifar10.Load(folder, log),
             _ => Mnist.LoadTraining(folder, log),
         };

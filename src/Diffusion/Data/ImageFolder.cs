@@ -63,10 +63,10 @@ public static class ImageFolder
     }
 
     /// <summary>
-    /// The training set in <paramref name="folder"/>: read from the cache when its key matches, else decoded (with progress
-    /// lines on <paramref name="log"/>) and cached. Bad input is a <see cref="DataException"/> with one line saying what.
+    /// The training set in <paramref name="folder"/>: read from the cache when its key matches, else decoded (reporting to
+    /// <paramref name="progress"/>, a progress bar, or without one with progress lines on <paramref name="log"/>) and cached. Bad input is a <see cref="DataException"/> with one line saying what.
     /// </summary>
-    public static ImageSet Load(string folder, FolderOptions options, Action<string> log, string? cacheFolder = null)
+    public static ImageSet Load(string folder, FolderOptions options, Action<string> log, string? cacheFolder = null, IProgress<(int Done, int Total)>? progress = null)
     {
         if (options.Size is { } asked && SizeProblem(asked) is { } sizeProblem)
         {
@@ -91,7 +91,7 @@ public static class ImageFolder
             log($"data: {cached.Count:N0} images {cached.Channels}x{cached.Size}x{cached.Size} from the cache {cacheFile}");
             return cached;
         }
-        var set = Decode(folder, files, classes, labelOf, options, log);
+        var set = Decode(folder, files, classes, labelOf, options, log, progress);
         try
         {
             Directory.CreateDirectory(cacheFolder);
@@ -217,7 +217,8 @@ public static class ImageFolder
 
     /// <summary>Decodes every file: the header checked against <see cref="MaxPixels"/> first, then decoded, resized and
     /// cropped to the side, composited on black; unreadable, oversized and changed files skipped with a warning each.</summary>
-    private static ImageSet Decode(string folder, List<Found> files, string[] classes, int[] labelOf, FolderOptions options, Action<string> log)
+    private static ImageSet Decode(string folder, List<Found> files, string[] classes, int[] labelOf, FolderOptions options, Action<string> log,
+        IProgress<(int Done, int Total)>? progress)
     {
         // The first frame only of an animated GIF or a multi-page TIFF.
         var decoder = Configuration.Default.Clone();
@@ -312,7 +313,8 @@ public static class ImageFolder
             {
                 bad.Add($"{f.Path}: {e.Message.ReplaceLineEndings(" ")}");
             }
-            if (clock.Elapsed - lastReport > TimeSpan.FromSeconds(2))
+            progress?.Report((kept + bad.Count, files.Count));
+            if (progress is null && clock.Elapsed - lastReport > TimeSpan.FromSeconds(2))
             {
                 lastReport = clock.Elapsed;
                 log($"data: decoding {folder}: {kept + bad.Count:N0} of {files.Count:N0} images ({100.0 * (kept + bad.Count) / files.Count:0}%)");
