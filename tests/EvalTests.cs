@@ -368,7 +368,7 @@ public sealed class EvalCliTests : IDisposable
         OneLine(CliTests.Run("eval", "--samples", plain, "--steps", "5", "--classifier", classifier), ExitCodes.Usage, "--steps applies to --sampler ddim or dpm++ only");
         string conditional = Path.Combine(_dir, "cond.safetensors");
         Checkpoint.Save(conditional, new UNet(16, CpuDevice.Instance, seed: 1, classes: 10));
-        OneLine(CliTests.Run("eval", "--samples", conditional, "--n", "15", "--classifier", classifier), ExitCodes.Usage, "multiple of 10");
+        OneLine(CliTests.Run("eval", "--samples", conditional, "--n", "15", "--classifier", classifier), ExitCodes.Usage, "multiple of the 10 classes");
         OneLine(CliTests.Run("eval", "--samples", conditional, "--digit", "none", "--guidance", "2", "--classifier", classifier), ExitCodes.Usage, "--guidance applies with --digit or --class only");
     }
 
@@ -381,7 +381,7 @@ public sealed class EvalCliTests : IDisposable
 
     [Fact]
     public void SamplesOfAnotherSizeAreRefused() =>
-        OneLine(CliTests.Run("eval", "--samples", Idx(3, 7), "--classifier", Path.Combine(_dir, "c.safetensors")), ExitCodes.Failure, "expected at least 2 of 28x28");
+        OneLine(CliTests.Run("eval", "--samples", Idx(3, 7), "--classifier", Path.Combine(_dir, "c.safetensors")), ExitCodes.Failure, "expected at least 2 square images");
 
     [Fact]
     public void ABrokenClassifierIsRefusedNotRetrained()
