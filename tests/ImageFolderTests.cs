@@ -263,6 +263,29 @@ public sealed class ImageFolderTests : IDisposable
         Assert.Throws<ArgumentException>(() => back.Predict(LabeledImages.From(train) with { Channels = 1, Images = new byte[27 * 16 * 16] }));
     }
 
+    [Fact]
+    public async Task AClassWithoutAReadableImageIsDroppedAndOddFilesAreSkippedUnopened()
+    {
+        Draw(Root, 110, side: 8); // 330 good, so three bad are under 1%
+        Directory.CreateDirectory(Path.Combine(Root, "birds"));
+        File.WriteAllText(Path.Combine(Root, "birds", "0.png"), "<html>not found</html>");
+        // A 2,000 x 1 strip: resized to a side of 16 its long side would be 32,000 pixels; skipped on its header.
+        using (var strip = new Image<Rgb24>(2000, 1, new Rgb24(200, 0, 0)))
+        {
+            strip.SaveAsPng(Path.Combine(Root, "red", "strip.png"));
+        }
+        // A FIFO named like an image: never opened (opening it would wait for a writer for ever).
+        string fifo = Path.Combine(Root, "green", "pipe.png");
+        System.Diagnostics.Process.Start("mkfifo", fifo)!.WaitForExit();
+        var set = await Task.Run(() => Load()).WaitAsync(TimeSpan.FromSeconds(60)); // a hang fails as a timeout
+        Assert.Equal(330, set.Count);
+        Assert.Equal(new[] { "blue", "green", "red" }, set.ClassNames);
+        Assert.Equal(2, set.Labels.Max());
+        Assert.Contains(_log, l => l.Contains("birds: no readable image, so not a class"));
+        Assert.Contains(_log, l => l.Contains("strip.png") && l.Contains("too long and thin"));
+        Assert.Contains(_log, l => l.Contains("pipe.png") && l.Contains("empty"));
+    }
+
     /// <summary>CRC-32 (ISO 3309, PNG's chunk checksum).</summary>
     private static uint Crc32(byte[] bytes)
     {

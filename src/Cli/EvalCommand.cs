@@ -150,8 +150,9 @@ public static class EvalCommand
             plan = q.Settings.Plan(checkpoint);
             shape = new ImageShape(plan.Info.ImageChannels, plan.Info.ImageSize);
             // A conditional model is asked for every digit in turn unless --digit says otherwise; "none" is unguided.
-            string? digit = plan.Info.Classes == 0 ? null : q.Settings.Digit ?? "all";
-            plan = plan with { Settings = q.Settings with { Digit = digit == "none" ? null : digit } };
+            // plan.Settings: --class NAME is resolved into its label there.
+            string? digit = plan.Info.Classes == 0 ? null : plan.Settings.Digit ?? "all";
+            plan = plan with { Settings = plan.Settings with { Digit = digit == "none" ? null : digit } };
             if (plan.Settings.Digit == "all" && q.N % plan.Info.Classes != 0)
             {
                 throw new UsageException($"--n {q.N}: with --digit all (the default for a conditional model) it must be a multiple of the {plan.Info.Classes} classes, as many of each");

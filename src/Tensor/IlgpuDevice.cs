@@ -41,11 +41,15 @@ public sealed class IlgpuDevice : Device
     /// <summary>The group the tensor-core kernels run in (TiledGemm.Threads: four warps of 32).</summary>
     public const int TensorCoreGroup = 128;
 
-    /// <summary>True when this accelerator runs the tensor-core kernels: CUDA (mma.sync), or ILGPU's CPU simulator shaped
+    /// <summary>True when this accelerator runs the tensor-core kernels: CUDA on sm_80 or later (mma.sync), or ILGPU's CPU simulator shaped
     /// like a GPU (warps of 32, groups of at least 128), which runs their managed emulation. OpenCL and small-warp
     /// simulators compute fp32 whatever <see cref="Precision"/> says.</summary>
-    public bool TensorCores =>
-        Accelerator.AcceleratorType is AcceleratorType.Cuda or AcceleratorType.CPU && Accelerator.WarpSize == 32 && Accelerator.MaxNumThreadsPerGroup >= TensorCoreGroup;
+    public bool TensorCores => Accelerator switch
+    {
+        // mma.sync with TF32 operands and cvt.rna.tf32 need sm_80 (A100) or later: a T4 (sm_75) or V100 (sm_70) has none.
+        CudaAccelerator cuda => cuda.Architecture >= CudaArchitecture.SM_80 && cuda.WarpSize == 32 && cuda.MaxNumThreadsPerGroup >= TensorCoreGroup,
+        _ => Accelerator.AcceleratorType == AcceleratorType.CPU && Accelerator.WarpSize == 32 && Accelerator.MaxNumThreadsPerGroup >= TensorCoreGroup,
+    };
 
     /// <summary>The mode the products run in: <see cref="Precision"/> where the device has the tensor-core path and runs the
     /// fast kernels, else fp32.</summary>

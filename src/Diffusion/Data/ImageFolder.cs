@@ -224,6 +224,9 @@ public static class ImageFolder
         var decoder = Configuration.Default.Clone();
         decoder.ImageFormatsManager.SetDecoder(SixLabors.ImageSharp.Formats.Gif.GifFormat.Instance,
             new SixLabors.ImageSharp.Formats.Gif.GifDecoder { DecodingMode = SixLabors.ImageSharp.Metadata.FrameDecodingMode.First });
+        // A multi-page TIFF's pages past the first are never decoded (each could claim as many pixels as the first).
+        decoder.ImageFormatsManager.SetDecoder(SixLabors.ImageSharp.Formats.Tiff.TiffFormat.Instance,
+            new SixLabors.ImageSharp.Formats.Tiff.TiffDecoder { DecodingMode = SixLabors.ImageSharp.Metadata.FrameDecodingMode.First });
         // The side: asked for, or the images' own when they all share one square size that the U-Net takes.
         var sizes = new Dictionary<(int W, int H), int>();
         var bad = new List<string>();
@@ -232,28 +235,35 @@ public static class ImageFolder
         {
             try
             {
+                if (f.Length == 0)
+                {
+                    // Also what a FIFO or a device reports: never opened, so never waited on.
+                    bad.Add($"{f.Path}: empty (or not a regular file)");
+                    continue;
+                }
                 IImageInfo? info;
                 using (var stream = File.OpenRead(f.Path))
                 {
                     info = Image.Identify(decoder, stream);
                 }
-                if (info is null)
+                if (HeaderProblem(info, options.Size) is { } problem)
                 {
-                    bad.Add($"{f.Path}: not an image ImageSharp decodes");
+                    bad.Add($"{f.Path}: {problem}");
                     continue;
                 }
-                if ((long)info.Width * info.Height > MaxPixels)
-                {
-                    bad.Add($"{f.Path}: its header claims {info.Width}x{info.Height} pixels, over the limit of {MaxPixels:N0} (not decoded)");
-                    continue;
-                }
-                sizes[(info.Width, info.Height)] = sizes.GetValueOrDefault((info.Width, info.Height)) + 1;
+                sizes[(info!.Width, info.Height)] = sizes.GetValueOrDefault((info.Width, info.Height)) + 1;
                 readable.Add(i);
             }
-            catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or NotSupportedException or IOException or UnauthorizedAccessException or ImageFormatException)
+            catch (Exception e) when (Unreadable(e))
             {
                 bad.Add($"{f.Path}: {e.Message.ReplaceLineEndings(" ")}");
             }
+        }
+        // What can be refused from the headers is refused before minutes of decoding.
+        RefuseBad(folder, files.Count, readable.Count, bad);
+        if (classes.Length > 255)
+        {
+            throw new DataException($"{folder}: {classes.Length} subfolders (classes); at most 255 are supported");
         }
         int size = options.Size ?? OwnSize(folder, sizes);
         if (sizes.Count > 1)
@@ -261,6 +271,11 @@ public static class ImageFolder
             double least = sizes.Keys.Min(s => (double)s.W / s.H), most = sizes.Keys.Max(s => (double)s.W / s.H);
             log($"data: {sizes.Count} image sizes ({string.Join(", ", sizes.OrderByDescending(p => p.Value).Take(3).Select(p => $"{p.Key.W}x{p.Key.H}: {p.Value}"))}{(sizes.Count > 3 ? ", …" : "")}), " +
                 $"aspect ratios {least:0.##} to {most:0.##}: each resized so its shorter side is {size}, then centre-cropped");
+        }
+        long decodedBytes = (long)readable.Count * 3 * size * size;
+        if (decodedBytes > Array.MaxLength)
+        {
+            throw new DataException($"{folder}: {readable.Count:N0} images at 3x{size}x{size} are {decodedBytes / 1e9:F1} GB decoded, more than one array holds (2.1 GB); pass a smaller --image-size, or a part of the folder");
         }
         int plane = size * size;
         var rgb = new byte[(long)readable.Count * 3 * plane];
@@ -277,6 +292,13 @@ public static class ImageFolder
             {
                 BeforeDecode?.Invoke(f.Path);
                 using var stream = File.OpenRead(f.Path);
+                // The header again, from the stream about to be decoded: a file replaced since the first look is checked too.
+                if (HeaderProblem(Image.Identify(decoder, stream), size) is { } problem)
+                {
+                    bad.Add($"{f.Path}: {problem}");
+                    continue;
+                }
+                stream.Position = 0;
                 using var image = Image.Load<Rgba32>(decoder, stream);
                 image.Mutate(x => x.Resize(new ResizeOptions { Size = new Size(size, size), Mode = ResizeMode.Crop, Sampler = KnownResamplers.Lanczos3 }));
                 var now = new FileInfo(f.Path);
@@ -309,7 +331,7 @@ public static class ImageFolder
                 labels.Add((byte)Math.Min(labelOf[i], 255));
                 kept++;
             }
-            catch (Exception e) when (e is UnknownImageFormatException or InvalidImageContentException or NotSupportedException or IOException or UnauthorizedAccessException or ImageFormatException)
+            catch (Exception e) when (Unreadable(e))
             {
                 bad.Add($"{f.Path}: {e.Message.ReplaceLineEndings(" ")}");
             }
@@ -328,23 +350,66 @@ public static class ImageFolder
         {
             log($"data: skipped {bad.Count - 5} more unreadable files");
         }
-        if (bad.Count > MaxBadShare * files.Count)
+        RefuseBad(folder, files.Count, kept, bad);
+        // A class whose every image was skipped is dropped (its label would never be seen), the others renumbered.
+        var seen = labels.Distinct().Order().ToArray();
+        if (classes.Length > 0 && seen.Length < classes.Length)
         {
-            throw new DataException($"{folder}: {bad.Count} of {files.Count} image files cannot be used (first: {bad[0]}): more than {MaxBadShare * 100:0.#}%, so the run is refused");
-        }
-        if (kept == 0)
-        {
-            throw new DataException($"{folder}: none of its {files.Count} image files could be read");
-        }
-        if (classes.Length > 255)
-        {
-            throw new DataException($"{folder}: {classes.Length} subfolders (classes); at most 255 are supported");
+            var empty = classes.Where((_, c) => !seen.Contains((byte)c)).ToArray();
+            log($"data: {string.Join(", ", empty.Take(5))}{(empty.Length > 5 ? ", …" : "")}: no readable image, so not a class");
+            var renumber = seen.Select((old, now) => (old, now)).ToDictionary(p => p.old, p => (byte)p.now);
+            labels = [.. labels.Select(l => renumber[l])];
+            classes = [.. seen.Select(c => classes[c])];
+            if (classes.Length < 2)
+            {
+                classes = [];
+                labels = [.. labels.Select(_ => (byte)0)];
+            }
         }
         int channels = options.Channels ?? (allGrey ? 1 : 3);
         var pixels = channels == 3 ? rgb.AsSpan(0, (int)((long)kept * 3 * plane)).ToArray() : Grey(rgb, kept, plane);
         log($"data: {kept:N0} images from {folder}, {channels}x{size}x{size}{(classes.Length > 0 ? $", {classes.Length} classes by subfolder ({string.Join(", ", classes.Take(5))}{(classes.Length > 5 ? ", …" : "")})" : ", unlabelled")} " +
             $"({clock.Elapsed.TotalSeconds:F1} s)");
         return new ImageSet(pixels, [.. labels], kept, channels, size) { ClassNames = classes };
+    }
+
+    /// <summary>Why an image with header <paramref name="info"/> is not decoded (resized to <paramref name="size"/> when known), or null.</summary>
+    private static string? HeaderProblem(IImageInfo? info, int? size)
+    {
+        if (info is null)
+        {
+            return "not an image ImageSharp decodes";
+        }
+        if ((long)info.Width * info.Height > MaxPixels)
+        {
+            return $"its header claims {info.Width}x{info.Height} pixels, over the limit of {MaxPixels:N0} (not decoded)";
+        }
+        // Resizing so the shorter side is the size makes the longer one size·long/short wide before the crop: bounded.
+        if (size is { } s && (double)Math.Max(info.Width, info.Height) / Math.Max(1, Math.Min(info.Width, info.Height)) * s > MaxResizedSide)
+        {
+            return $"{info.Width}x{info.Height}: too long and thin to resize (its long side would be over {MaxResizedSide:N0} pixels; not decoded)";
+        }
+        return null;
+    }
+
+    /// <summary>The longest side an image may have after its shorter side is resized to the asked side (before the crop).</summary>
+    public const int MaxResizedSide = 16_384;
+
+    /// <summary>The exceptions that mean a file cannot be used as an image (skipped, counted), not a fault of the program.</summary>
+    private static bool Unreadable(Exception e) => e is UnknownImageFormatException or InvalidImageContentException or NotSupportedException or IOException
+        or UnauthorizedAccessException or ImageFormatException or ImageProcessingException or SixLabors.ImageSharp.Memory.InvalidMemoryOperationException;
+
+    /// <summary>Refuses a folder with no usable image, or more than <see cref="MaxBadShare"/> unusable ones, naming the first.</summary>
+    private static void RefuseBad(string folder, int files, int usable, List<string> bad)
+    {
+        if (usable == 0)
+        {
+            throw new DataException($"{folder}: none of its {files} image files can be used{(bad.Count > 0 ? $" (first: {bad[0]})" : "")}");
+        }
+        if (bad.Count > MaxBadShare * files)
+        {
+            throw new DataException($"{folder}: {bad.Count} of {files} image files cannot be used (first: {bad[0]}): more than {MaxBadShare * 100:0.#}%, so the run is refused");
+        }
     }
 
     /// <summary>The first channel of each image (all three are equal when every image is grey; else ITU-R 601 luma).</summary>
@@ -419,6 +484,10 @@ public static class ImageFolder
             }
             var labels = new byte[h.Count];
             s.ReadExactly(labels);
+            if (labels.Any(l => l >= Math.Max(1, h.Classes.Length)))
+            {
+                throw new InvalidDataException("a label past the classes");
+            }
             // The pixels stay in the file: mapped, paged in as the batches read them.
             var mapped = new MappedBytes(file, s.Position, (int)expected);
             return new ImageSet([], labels, h.Count, h.Channels, h.Size) { ClassNames = h.Classes, Pixels = mapped.Memory };
