@@ -388,7 +388,7 @@ public static unsafe class Conv2d
             ConvGemm.BackwardWeight(g, dy, x, dw, paths);
             return;
         }
-        int workers = Math.Min(Cpu.Threads, g.N);
+        int workers = Cpu.Parts(g.N); // parts of the batch: a function of N, not of the cores
         int wlen = g.K * g.Crs;
         var partials = Arena.Current.Floats(ArenaSlot.Partials, (long)workers * wlen);
         Cpu.Items(workers, (g, (nint)dy, (nint)x, (nint)partials, wlen, workers), static (state, worker) =>
@@ -431,9 +431,11 @@ public static unsafe class Conv2d
         // and ties the largest (256 channels at 7x7, where its wide columns waste 2/7 of the work) (docs/perf.md).
         // Pointwise convolutions need no lowering at all, so the explicit path (a plain GEMM on the tensor) wins there.
         if (g.IsPointwise) return false;
-        // The implicit path runs each image on one core, the explicit one splits a lone image's GEMM over the cores:
-        // with fewer images than cores that wins back the input gradient once the product is large (K >= 64).
-        if (g.N < Cpu.Threads && pass == Pass.Input && g.K >= 64) return false;
+        // The implicit path runs each image on one core, the explicit one splits a lone image's GEMM over the cores: for a
+        // lone image that wins back the input gradient once the product is large (K >= 64). Decided by the shape alone (the
+        // two paths sum in other orders), so the bits are the same on any number of cores; a machine with more cores than
+        // images leaves some idle here.
+        if (g.N < 2 && pass == Pass.Input && g.K >= 64) return false;
         return true;
     }
 

@@ -272,8 +272,9 @@ public static class Reduce
             k.Reduce.Finish(k.Stream, 1, partial.View, output.View, scale);
             return;
         }
-        // Fixed chunks summed in order: the result does not depend on which thread ran which chunk.
-        int chunks = Math.Max(1, Math.Min(Cpu.Threads * 4, a.Length / 4096));
+        // Fixed chunks summed in order, their number a function of the length alone: the result depends neither on which
+        // thread ran which chunk nor on how many threads there are.
+        int chunks = Math.Max(1, Math.Min(64, a.Length / 4096));
         // The chunk sums go to the calling thread's arena: the workers write them while this thread waits.
         nint results = Arena.Current.Doubles(ArenaSlot.ReduceChunks, chunks);
         Cpu.Items(chunks, (a.Host(), b is null ? default : b.Host(), a.Length, chunks, mode, results), static (state, c) =>

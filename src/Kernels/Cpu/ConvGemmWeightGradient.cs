@@ -42,7 +42,8 @@ internal static unsafe partial class ConvGemm
         int crs = g.Crs, wlen = g.K * crs, j = g.P * pl.Wh;
         int* off = Workspace.Current.Offsets(crs);
         pl.Offsets(g.R, g.S, off);
-        int workers = Math.Min(Cpu.Threads, g.N);
+        // Parts of the batch, each summed into its own dW, added in part order: a function of N, not of the cores.
+        int workers = Cpu.Parts(g.N);
         // The GEMM reads and writes all of its C (the worker's dW) once per block of its reduction. Small images go in
         // groups whose positions (each image's rounded up to whole 16-float slices, the rest zero) fill about one
         // block, so a 7x7 layer's dW is swept once per two images instead of once per image.
@@ -93,7 +94,7 @@ internal static unsafe partial class ConvGemm
         int* off = Workspace.Current.Offsets(crs6);
         pl.Offsets(g.R, g.S, off);
         for (int p = crs; p < crs6; p++) off[p] = off[crs - 1];
-        int workers = Math.Min(Cpu.Threads, g.N);
+        int workers = Cpu.Parts(g.N); // parts of the batch, as in the GEMM path
         // Small images go in groups, so that each tile's sums run over ~DotMinJ positions before their horizontal sum.
         int group = Math.Clamp((DotMinJ + ldd - 1) / ldd, 1, Math.Max(1, g.N / workers));
         float* partials = Arena.Current.Floats(ArenaSlot.Partials, (long)workers * wlen);

@@ -8,6 +8,16 @@ internal static class Cpu
     /// <summary>Worker count: every core the process may use.</summary>
     public static int Threads => Environment.ProcessorCount;
 
+    /// <summary>The most parts a sum over images is cut into (<see cref="Parts"/>).</summary>
+    public const int MaxParts = 16;
+
+    /// <summary>
+    /// How many partial sums a reduction over <paramref name="items"/> items (images of a batch) keeps: a function of the
+    /// item count alone, never of the thread count, so the parts, their contents and the order they are added in are the
+    /// same on any machine and a run gives the same bits on 1 core or 64. The threads take the parts as they come.
+    /// </summary>
+    public static int Parts(int items) => Math.Clamp(items, 1, MaxParts);
+
     // The bodies are static lambdas that get their arrays and sizes through a state value (a tuple or a small struct)
     // rather than captures: a capturing lambda allocates a closure and a delegate on every call, a static one nothing.
 
