@@ -214,7 +214,11 @@ public static class CheckCommand
                 foreach (var mode in MathPrecisions.All.Where(m => m != MathPrecision.Fp32))
                 {
                     kernels.Precision = mode;
-                    results.AddRange(OpCatalog.All.Where(c => c.ProductTerms > 0).Select(c => Checker.CompareDevices(c, device) is var r ? r with { Check = $"{r.Check} {mode.Name()}" } : null!));
+                    foreach (var c in OpCatalog.All.Where(c => c.ProductTerms > 0))
+                    {
+                        var r = Checker.CompareDevices(c, device);
+                        results.Add(r with { Check = $"{r.Check} {mode.Name()}" });
+                    }
                 }
             }
             finally

@@ -81,8 +81,8 @@ public static class GpuForecast
     {
         var passes = TrainPasses(Preset, Batch);
         string F(double v, string format = "0.000") => v.ToString(format, CultureInfo.InvariantCulture);
-        double trainGflop = passes.Sum(p => 2.0 * GpuPrediction.Gemm(p).M * GpuPrediction.Gemm(p).Cols * GpuPrediction.Gemm(p).Kd) / 1e9;
-        double forwardGflop = passes.Where(p => p.Pass == "fwd").Sum(p => 2.0 * GpuPrediction.Gemm(p).M * GpuPrediction.Gemm(p).Cols * GpuPrediction.Gemm(p).Kd) / 1e9;
+        static double Gflop(ConvPass p) => GpuPrediction.Gemm(p) is var (m, cols, kd, _) ? 2.0 * m * cols * kd / 1e9 : 0;
+        double trainGflop = passes.Sum(Gflop), forwardGflop = passes.Where(p => p.Pass == "fwd").Sum(Gflop);
         Console.WriteLine();
         Console.WriteLine($"### Prediction from the sm_90 figures: {Preset} preset, batch {Batch} (unmeasured)");
         Console.WriteLine();

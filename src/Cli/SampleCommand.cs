@@ -94,7 +94,7 @@ public static class SampleCommand
         Program.RequireWritableFolder("--out", outDir);
         using var outLock = Program.LockRun(outDir); // one writer: a second sample into the folder is refused, not mixed in
         var shape = new ImageShape(plan.Info.ImageChannels, plan.Info.ImageSize);
-        int Pixels = shape.Length;
+        int pixels = shape.Length;
         Program.RequireFileSlots("--out", outDir, "samples.png", Images.IdxName(shape), "reverse.gif");
 
         using var device = Program.OpenDevice(deviceName);
@@ -124,16 +124,16 @@ public static class SampleCommand
             int frame = i / every + (i % every == 0 ? 0 : 1);
             while (frames.Count <= frame)
             {
-                frames.Add(new float[inGif.Length * Pixels]);
+                frames.Add(new float[inGif.Length * pixels]);
             }
             // Only the shown digits are copied from the device, a digit at a time (a batch may hold none of them).
-            int count = x.Length / Pixels;
+            int count = x.Length / pixels;
             for (int k = 0; k < count; k++)
             {
                 if (slotOf.TryGetValue(first + k, out int slot))
                 {
-                    using var digit = x.Slice(k * Pixels, Pixels);
-                    digit.CopyTo(frames[frame].AsSpan(slot * Pixels, Pixels));
+                    using var digit = x.Slice(k * pixels, pixels);
+                    digit.CopyTo(frames[frame].AsSpan(slot * pixels, pixels));
                 }
             }
         });
@@ -141,7 +141,7 @@ public static class SampleCommand
         var png = Path.Combine(outDir, "samples.png");
         var idx = Path.Combine(outDir, Images.IdxName(shape));
         var gif = Path.Combine(outDir, "reverse.gif");
-        Images.SaveGrid(png, Select(digits, inGrid, Pixels), inGrid.Length, perRow == 0 ? 0 : Math.Min(perRow, GridRowCap), shape);
+        Images.SaveGrid(png, Select(digits, inGrid, pixels), inGrid.Length, perRow == 0 ? 0 : Math.Min(perRow, GridRowCap), shape);
         Images.SaveIdx(idx, digits, total, shape);
         Images.SaveAnimation(gif, frames, inGif.Length, perRow == 0 ? 0 : Math.Min(perRow, GifRowCap), shape);
         Console.Error.WriteLine($"wrote {png}{(inGrid.Length < total ? $" (the first {inGrid.Length})" : "")}, {idx}, {gif}{(inGif.Length < total ? $" (the first {inGif.Length})" : "")}");
@@ -253,9 +253,6 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         }
     }
 
-    /// <summary>True when <see cref="Digit"/> is the label --class named (any class count), not --digit's (ten digits).</summary>
-    public bool FromClass { get; init; }
-
     /// <summary>Up to ten class names, then how many more.</summary>
     internal static string Names(IReadOnlyList<string> names) => string.Join(", ", names.Take(10)) + (names.Count > 10 ? $", … ({names.Count} in all)" : "");
 
@@ -278,23 +275,20 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         {
             throw new UsageException($"{(Digit is not null ? $"--digit {Digit}" : Class is not null ? $"--class {Class}" : "--guidance")}: {checkpoint} holds an unconditional model (train one with --classes N)");
         }
-        if (Digit is not null && Digit != "none" && !FromClass && info.Classes != Checkpoint.ConditionalClasses)
+        if (Digit is not null && Digit != "none" && info.Classes != Checkpoint.ConditionalClasses)
         {
             throw new UsageException($"--digit {Digit}: {checkpoint} holds a {info.Classes}-class model ({Names(info.ClassNames)}); pick one with --class NAME or --class all");
         }
-        if (Class is not null && Class != "all")
+        // --class: from here the class is its label (or all of them), as a digit's is.
+        var settings = this;
+        if (Class is not null)
         {
-            int index = info.ClassNames.ToList().IndexOf(Class);
+            int index = Class == "all" ? 0 : info.ClassNames.ToList().IndexOf(Class);
             if (index < 0)
             {
                 throw new UsageException($"--class {Class}: {checkpoint}'s classes are {Names(info.ClassNames)} (or all)");
             }
-            // From here the class is its label, as a digit's is.
-            return (this with { Class = null, Digit = index.ToString(CultureInfo.InvariantCulture), FromClass = true }).Plan(checkpoint);
-        }
-        if (Class == "all")
-        {
-            return (this with { Class = null, Digit = "all", FromClass = true }).Plan(checkpoint);
+            settings = this with { Class = null, Digit = Class == "all" ? "all" : index.ToString(CultureInfo.InvariantCulture) };
         }
         var meta = info.Metadata;
         string scheduleName = meta.GetValueOrDefault("schedule", "linear");
@@ -314,7 +308,7 @@ internal sealed record SamplerSettings(string Sampler, string? Variance, int? St
         // --recipe, else the recipe the run recorded, else the default's sampling (runs from before the key).
         var recipe = Ddpm.Diffusion.Recipe.Named(Recipe ?? meta.GetValueOrDefault(TrainOptions.RecipeKey) ?? Ddpm.Diffusion.Recipe.Default.Name);
         var steps = Diffusion.Sampler.Plan(schedule, kind, Steps ?? (dpm ? Math.Min(20, T - 1) : 50), Eta ?? DefaultEta(Sampler), clip: recipe.ClippedSampling);
-        return new SamplingPlan(info, this, scheduleName, T, kind, steps, recipe);
+        return new SamplingPlan(info, settings, scheduleName, T, kind, steps, recipe);
     }
 }
 

@@ -188,6 +188,8 @@ public static class Checkpoint
         {
             preset += $", {imageChannels}-channel images";
         }
+        // The class names the run recorded, else "0", "1", … (MNIST's digits, and runs from before the key).
+        string[] classNames = [.. Enumerable.Range(0, classes).Select(i => i.ToString(CultureInfo.InvariantCulture))];
         if (meta.TryGetValue(ClassNamesKey, out var namesJson))
         {
             string[]? names = null;
@@ -202,6 +204,7 @@ public static class Checkpoint
             {
                 throw Bad($"metadata '{ClassNamesKey}' is not {classes} class names (a JSON array of 1..255-character strings)");
             }
+            classNames = names;
         }
         var layout = Layout(ch, classes, imageChannels);
         var shapes = layout.ToDictionary(p => p.Name, p => p.Shape);
@@ -302,7 +305,7 @@ public static class Checkpoint
         {
             throw Bad($"metadata 'schedule' = '{schedule}' is not linear or cosine");
         }
-        return new CheckpointInfo(file, ch, Presets.NameOf(ch)!, hasAdam, hasEma, classes, imageChannels, imageSize);
+        return new CheckpointInfo(file, ch, Presets.NameOf(ch)!, hasAdam, hasEma, classes, imageChannels, imageSize) { ClassNames = classNames };
     }
 
     /// <summary>
@@ -370,28 +373,9 @@ public static class Checkpoint
 public sealed record CheckpointInfo(SafeTensorsFile File, int Channels, string Preset, bool HasAdam, bool HasEma, int Classes = 0, int ImageChannels = 1,
     int ImageSize = Checkpoint.DefaultImageSize)
 {
-    /// <summary>The class names the run recorded (metadata <c>class_names</c>, a JSON array), else the digits for a 10-class
-    /// model, else "0", "1", ….</summary>
-    public IReadOnlyList<string> ClassNames
-    {
-        get
-        {
-            if (Metadata.TryGetValue(Checkpoint.ClassNamesKey, out var json))
-            {
-                try
-                {
-                    if (System.Text.Json.JsonSerializer.Deserialize<string[]>(json) is { } names && names.Length == Classes && names.All(n => n is not null))
-                    {
-                        return names;
-                    }
-                }
-                catch (System.Text.Json.JsonException)
-                {
-                }
-            }
-            return [.. Enumerable.Range(0, Classes).Select(i => i.ToString(CultureInfo.InvariantCulture))];
-        }
-    }
+    /// <summary>The class names the run recorded (metadata <c>class_names</c>, validated by
+    /// <see cref="Checkpoint.Inspect(SafeTensorsFile)"/>), else "0", "1", …; empty for an unconditional model.</summary>
+    public IReadOnlyList<string> ClassNames { get; init; } = [];
 
     /// <summary>The file's name, as used in messages.</summary>
     public string Path => File.Label;

@@ -47,8 +47,11 @@ public static class ImageFolder
     /// <summary>The default cache folder: $XDG_CACHE_HOME/ddpm/images, else ~/.cache/ddpm/images (beside MNIST's).</summary>
     public static string DefaultCache => Path.Combine(Path.GetDirectoryName(Path.GetFullPath(Mnist.DefaultFolder))!, "images");
 
-    /// <summary>True when <paramref name="folder"/> holds at least one file with an image extension (recursively).</summary>
-    public static bool HasImages(string folder) => Directory.Exists(folder) && Files(folder, _ => { }).Count > 0;
+    /// <summary>True when <paramref name="folder"/> holds at least one file with an image extension (recursively): stops at
+    /// the first (symbolic links to folders are not followed here; <see cref="Load"/> follows them).</summary>
+    public static bool HasImages(string folder) => Directory.Exists(folder) &&
+        Directory.EnumerateFiles(folder, "*", new EnumerationOptions { RecurseSubdirectories = true, IgnoreInaccessible = true })
+            .Any(f => Extensions.Contains(Path.GetExtension(f).ToLowerInvariant()));
 
     /// <summary>Why <paramref name="size"/> cannot be the side, naming the nearest that can, or null when it can.</summary>
     public static string? SizeProblem(int size)
