@@ -199,7 +199,7 @@ public static class BenchCommand
         {
             ["torch"] = $"ddpm-cs (.NET {Environment.Version}, {(device is CpuDevice cpu ? cpu.SimdName : "ILGPU")})",
             ["device"] = DeviceCatalog.KindName(device.Kind),
-            ["threads"] = device.Kind == DeviceKind.Cpu ? Environment.ProcessorCount : 0,
+            ["threads"] = device.Kind == DeviceKind.Cpu ? CpuThreads.Count : 0,
             ["math"] = (device is IlgpuDevice ilgpu ? IlgpuKernels.For(ilgpu).EffectivePrecision : MathPrecision.Fp32).Name(),
             ["preset"] = preset,
             ["image"] = $"{channels}x{side}x{side}",

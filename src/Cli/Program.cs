@@ -126,28 +126,46 @@ public static class Program
         {
             return body();
         }
-        catch (Exception e) when (e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException or RunLockedException
-            or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException
-            or SelfCheckFailedException)
+        catch (Exception e) when (Known(e) || Environment.GetEnvironmentVariable("DDPM_DEBUG") is null)
         {
-            Console.Error.WriteLine($"ddpm: {OneLine(e.Message)}");
-            return e switch
-            {
-                UsageException => ExitCodes.Usage,
-                TrainingDivergedException => ExitCodes.Diverged,
-                OutOfDeviceMemoryException or OutOfMemoryException => ExitCodes.OutOfMemory,
-                _ => ExitCodes.Failure,
-            };
-        }
-        catch (Exception e) when (Environment.GetEnvironmentVariable("DDPM_DEBUG") is null)
-        {
-            // A bug, not the user's doing: still one line, with the way to the stack trace.
-            Console.Error.WriteLine($"ddpm: internal error: {e.GetType().Name}: {OneLine(e.Message)} (set DDPM_DEBUG=1 for the stack trace)");
-            return ExitCodes.Internal;
+            return Report(e);
         }
     }
 
-    private static string OneLine(string message) => string.Join(' ', message.Split(['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries));
+    /// <summary>The engine's build: its assemblies' module ids (the same source and compiler give the same ids: builds are
+    /// deterministic), which MPI ranks compare.</summary>
+    public static string Version { get; } = string.Join("+", AppDomain.CurrentDomain.GetAssemblies()
+        .Where(a => a.GetName().Name?.StartsWith("Ddpm.", StringComparison.Ordinal) == true)
+        .OrderBy(a => a.GetName().Name, StringComparer.Ordinal)
+        .Select(a => a.ManifestModule.ModuleVersionId.ToString("N")[..8]));
+
+    /// <summary>Says an error in one line (after <paramref name="prefix"/>) and returns its exit code; an exception no user
+    /// input should cause is said as an internal error, with the way to its stack trace.</summary>
+    public static int Report(Exception e, string prefix = "")
+    {
+        Console.Error.WriteLine(Known(e)
+            ? $"ddpm: {prefix}{OneLine(e.Message)}"
+            : $"ddpm: {prefix}internal error: {e.GetType().Name}: {OneLine(e.Message)} (set DDPM_DEBUG=1 for the stack trace)");
+        return ExitCodeOf(e);
+    }
+
+    /// <summary>The exit code an error ends the process with (<see cref="ExitCodes"/>).</summary>
+    public static int ExitCodeOf(Exception e) => e switch
+    {
+        RankFailedException r => r.ExitCode,
+        UsageException => ExitCodes.Usage,
+        TrainingDivergedException => ExitCodes.Diverged,
+        OutOfDeviceMemoryException or OutOfMemoryException => ExitCodes.OutOfMemory,
+        _ when Known(e) => ExitCodes.Failure,
+        _ => ExitCodes.Internal,
+    };
+
+    // The errors a user can cause: said as they are.
+    private static bool Known(Exception e) => e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException or RunLockedException
+        or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException
+        or SelfCheckFailedException or RankFailedException;
+
+    internal static string OneLine(string message) => string.Join(' ', message.Split(['\n', '\r', '\t'], StringSplitOptions.RemoveEmptyEntries));
 
     /// <summary>Refuses a folder flag that names an existing file, by the flag's name.</summary>
     public static void RequireFolder(string flag, string path)
@@ -361,6 +379,9 @@ public static class ExitCodes
 
     /// <summary>Stopped by Ctrl-C after saving a checkpoint (128 + SIGINT); SIGTERM gives 143 and SIGHUP 129, likewise after saving.</summary>
     public const int Interrupted = 130;
+
+    /// <summary>Stopped at a step boundary because another MPI rank was asked to (SIGTERM's status, 128 + 15), after rank 0 saved.</summary>
+    public const int Terminated = 143;
 
     /// <summary>A bug in the engine (an exception no user input should cause): one line, and DDPM_DEBUG=1 shows the stack.</summary>
     public const int Internal = 70;

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using System.Text.Json;
 using Ddpm.Diffusion;
+using Ddpm.Diffusion.Parallel;
 using Ddpm.Nn;
 using Ddpm.Tensors;
 using Spectre.Console;
@@ -121,28 +122,73 @@ public static class TrainCommand
         {
             throw new UsageException($"--image-size {sizeProblem}");
         }
-        // Without --out: the newest run to resume, or a new numbered one (removed again if the run stops before writing).
-        if (given.Out is null && given.Resume)
+        // Started by mpiexec or mpirun: this process is one rank of the run. Otherwise MPI is never loaded.
+        if (Mpi.Launcher() is not { } launcher)
         {
-            string newest = RunFolders.Newest(CheckpointFile)
-                ?? throw new ArgumentException($"--resume: no run under {RunFolders.Root}/ holds a {CheckpointFile}; pass --out DIR");
-            return Run(given with { Out = newest });
+            return Run(given with { Given = [.. given.Given, (TrainSettings.Ranks, 1)] }, Ranks.Single);
         }
-        if (given.Out is null)
+        using var mpi = Mpi.Start(launcher);
+        // Ranks on one machine share its cores and its GPUs: each its share of the threads, its own device.
+        CpuThreads.Share(mpi.LocalSize);
+        IlgpuDevice.Ordinal = mpi.LocalRank;
+        var stderr = Console.Error;
+        if (mpi.Rank != 0)
         {
-            Program.RequireFolder("--data", given.Data);
-            string created = RunFolders.Create();
-            Console.Error.WriteLine($"run folder: {created}");
-            try
+            Console.SetError(TextWriter.Null);
+            Console.SetOut(TextWriter.Null);
+        }
+        else
+        {
+            Console.Error.WriteLine($"mpi: {mpi.Size} rank{(mpi.Size > 1 ? "s" : "")} ({mpi.Abi}, {mpi.Library}); {mpi.LocalSize} on this machine, {CpuThreads.Count} CPU thread{(CpuThreads.Count > 1 ? "s" : "")} each");
+        }
+        try
+        {
+            return Run(given with { Given = [.. given.Given, (TrainSettings.Ranks, mpi.Size)] }, new Ranks(mpi));
+        }
+        catch (Exception e) when (e is not RankFailedException and not TrainingDivergedException && mpi.Size > 1)
+        {
+            // One rank alone cannot go on (a write that failed, a lost peer): said in one line, then the whole job ends
+            // (MPI_Abort), so no rank waits for it in the next sum.
+            Console.SetError(stderr);
+            int code = Program.Report(e, $"rank {mpi.Rank} of {mpi.Size}: ");
+            Console.Error.Flush();
+            mpi.Abort(code);
+            return code;
+        }
+    }
+
+    private static int Run(Settings given, Ranks ranks)
+    {
+        // Without --out: the newest run to resume, or a new numbered one (removed again if the run stops before writing).
+        // Only rank 0 has a run folder.
+        string? outDir = given.Out, created = null;
+        try
+        {
+            ranks.Agree(() =>
             {
-                return Run(given with { Out = created });
-            }
-            finally
+                if (!ranks.Writer || outDir is not null)
+                {
+                    return;
+                }
+                if (given.Resume)
+                {
+                    outDir = RunFolders.Newest(CheckpointFile)
+                        ?? throw new ArgumentException($"--resume: no run under {RunFolders.Root}/ holds a {CheckpointFile}; pass --out DIR");
+                    return;
+                }
+                Program.RequireFolder("--data", given.Data);
+                outDir = created = RunFolders.Create();
+                Console.Error.WriteLine($"run folder: {created}");
+            });
+            return Run(given with { Out = outDir }, outDir, ranks);
+        }
+        finally
+        {
+            if (created is not null)
             {
                 RemoveIfUnused(created);
             }
         }
-        return Run(given, given.Out);
     }
 
     /// <summary>Removes a run folder this command made when the run left nothing in it but its lock (it stopped before any
@@ -161,63 +207,118 @@ public static class TrainCommand
         }
     }
 
-    private static int Run(Settings s, string outDir)
+    private static int Run(Settings s, string? outDir, Ranks ranks)
     {
-        Program.RequireFolder("--out", outDir);
-        Program.RequireFolder("--data", s.Data);
-        var checkpoint = Path.Combine(outDir, CheckpointFile);
-        using var runLock = Program.LockRun(outDir);
-        Program.RequireFileSlots("--out", outDir, CheckpointFile, MetricsFile, LossFile, SamplesFile);
-        if (s.Resume && !File.Exists(checkpoint))
+        string checkpoint = outDir is null ? CheckpointFile : Path.Combine(outDir, CheckpointFile);
+        RunLock? runLock = null;
+        Device? device = null;
+        Trainer? trainer = null;
+        try
         {
-            throw new ArgumentException($"--resume: {checkpoint} does not exist");
-        }
-        if (!s.Resume && File.Exists(checkpoint))
-        {
-            throw new ArgumentException($"--out {outDir} already holds a run; pass --resume to continue it or --out DIR for a new one");
-        }
-        CheckpointInfo? resumeFrom = null;
-        if (s.Resume)
-        {
-            // Validate the whole checkpoint before the device, the data or the run folder is touched.
-            resumeFrom = Checkpoint.Inspect(checkpoint);
-            if (s.Of(TrainSettings.Preset) is { } preset && preset != resumeFrom.Preset)
+            // Rank 0's run folder: locked, checked, and on --resume its checkpoint read (and validated whole) before the
+            // device, the data or the run folder is touched; the other ranks get the checkpoint's bytes from rank 0.
+            byte[]? saved = null;
+            ranks.Agree(() =>
             {
-                throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {preset}");
+                if (!ranks.Writer)
+                {
+                    return;
+                }
+                Program.RequireFolder("--out", outDir!);
+                Program.RequireFolder("--data", s.Data);
+                runLock = Program.LockRun(outDir!);
+                Program.RequireFileSlots("--out", outDir!, CheckpointFile, MetricsFile, LossFile, SamplesFile);
+                if (s.Resume && !File.Exists(checkpoint))
+                {
+                    throw new ArgumentException($"--resume: {checkpoint} does not exist");
+                }
+                if (!s.Resume && File.Exists(checkpoint))
+                {
+                    throw new ArgumentException($"--out {outDir} already holds a run; pass --resume to continue it or --out DIR for a new one");
+                }
+                if (s.Resume)
+                {
+                    saved = ranks.Size > 1 ? File.ReadAllBytes(checkpoint) : null;
+                }
+            });
+            CheckpointInfo? resumeFrom = null;
+            if (s.Resume)
+            {
+                var bytes = ranks.Size > 1 ? ranks.Broadcast(saved) : null;
+                ranks.Agree(() => resumeFrom = bytes is null ? Checkpoint.Inspect(checkpoint)
+                    : Checkpoint.Inspect(SafeTensors.Parse(ranks.Writer ? checkpoint : $"{checkpoint} (rank 0's)", bytes)));
             }
+            var recipe = Recipe.Named(s.Recipe);
+            ImageSet? mnist = null;
+            // Each rank's device and data (its own disk, the same path).
+            ranks.Agree(() =>
+            {
+                if (resumeFrom is not null && s.Of(TrainSettings.Preset) is { } preset && preset != resumeFrom.Preset)
+                {
+                    throw new UsageException($"--resume: {checkpoint} holds a {resumeFrom.Preset} model, not {preset}");
+                }
+                Program.RequireFolder("--data", s.Data);
+                if (ranks.Writer)
+                {
+                    // The run is not refused: the leftovers of the program's own writers killed in this folder go (we hold
+                    // its lock, so none of them is live); nothing else is touched.
+                    Durable.RemoveStaleTemps(outDir!, Durable.TempPattern(), allPidsStale: true);
+                }
+                var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
+                // The math mode the GPU opens in: the flag's, else the run's, else the default; the self-check may lower it to
+                // fp32 (a tensor-core kernel that disagrees), and then the run records fp32, as if --math fp32 had been given.
+                var math = MathPrecisions.Parse(s.Of(TrainSettings.Math) ?? planned?.Math) ?? MathPrecisions.Default;
+                device = Program.OpenDevice(s.Device with { Math = math });
+                if (device is IlgpuDevice gpu && gpu.Precision != math)
+                {
+                    s = s with { Given = [.. s.Given.Where(g => g.Setting != TrainSettings.Math), (TrainSettings.Math, gpu.Precision.Name())] };
+                }
+                // The step's memory, from the preset and the micro-batch the run will have, refused before any data is read.
+                // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
+                var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
+                if (asked.SplitProblem() is { } split)
+                {
+                    throw new UsageException(split);
+                }
+                string batch = asked.MicroBatch == asked.Batch ? $"--batch {asked.Batch}" : $"micro-batches of {asked.MicroBatch} (--batch {asked.Batch})";
+                MemoryEstimate.Require($"{batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.MicroBatch, s.Images.Size ?? 28), device);
+                mnist = LoadData(s.Data, s.Images);
+                if (mnist.Size != (s.Images.Size ?? 28))
+                {
+                    MemoryEstimate.Require($"{batch} (preset {asked.Preset}, {mnist.Size}x{mnist.Size} images)", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.MicroBatch, mnist.Size), device);
+                }
+                trainer = resumeFrom is not null ? Trainer.Resume(device, resumeFrom, mnist, s.Apply, ranks.Mpi) : new Trainer(device, asked, mnist, ranks.Mpi);
+            });
+            ranks.RequireSame([.. trainer!.Identity(), ("build", Program.Version), ("backend", Backend(trainer.Device))]);
+            return Train(s, outDir, checkpoint, trainer, recipe, ranks);
         }
-        var recipe = Recipe.Named(s.Recipe);
-        // The run is not refused: the leftovers of the program's own writers killed in this folder go (we hold its lock, so
-        // none of them is live); nothing else is touched.
-        Durable.RemoveStaleTemps(outDir, Durable.TempPattern(), allPidsStale: true);
-        var planned = resumeFrom is not null ? TrainOptions.FromMetadata(resumeFrom.Metadata, checkpoint) : null;
-        // The math mode the GPU opens in: the flag's, else the run's, else the default; the self-check may lower it to fp32
-        // (a tensor-core kernel that disagrees), and then the run records fp32, as if --math fp32 had been given.
-        var math = MathPrecisions.Parse(s.Of(TrainSettings.Math) ?? planned?.Math) ?? MathPrecisions.Default;
-        using var device = Program.OpenDevice(s.Device with { Math = math });
-        if (device is IlgpuDevice gpu && gpu.Precision != math)
+        finally
         {
-            s = s with { Given = [.. s.Given.Where(g => g.Setting != TrainSettings.Math), (TrainSettings.Math, gpu.Precision.Name())] };
+            trainer?.Dispose();
+            device?.Dispose();
+            runLock?.Dispose();
         }
-        // The step's memory, from the preset and the batch the run will have, refused before any data is read.
-        // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
-        var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
-        MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset})", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, s.Images.Size ?? 28), device);
-        var mnist = LoadData(s.Data, s.Images);
-        if (mnist.Size != (s.Images.Size ?? 28))
-        {
-            MemoryEstimate.Require($"--batch {asked.Batch} (preset {asked.Preset}, {mnist.Size}x{mnist.Size} images)", MemoryEstimate.TrainBytes(Presets.Channels(asked.Preset), asked.Batch, mnist.Size), device);
-        }
+    }
 
-        using var trainer = resumeFrom is not null ? Trainer.Resume(device, resumeFrom, mnist, s.Apply) : new Trainer(device, asked, mnist);
+    /// <summary>What computes a rank's step, as the ranks compare it: the backend, its instruction set or GPU math, its kernels.</summary>
+    private static string Backend(Device device) => device switch
+    {
+        CpuDevice cpu => $"cpu {cpu.SimdName}",
+        IlgpuDevice gpu => $"{DeviceCatalog.KindName(gpu.Kind)} {gpu.EffectivePrecision.Name()}{(gpu.SimpleKernels ? " simple kernels" : "")}",
+        _ => device.Kind.ToString(),
+    };
+
+    private static int Train(Settings s, string? outDir, string checkpoint, Trainer trainer, Recipe recipe, Ranks ranks)
+    {
         var o = trainer.Options;
+        var mnist = trainer.Data;
         Console.Error.WriteLine($"{(s.Resume ? $"resuming at step {trainer.Step}" : "training")}: {Banner(trainer)}");
         var changes = trainer.ChangesAtResume.ToList();
         if (changes.Count > 0)
         {
             Console.Error.WriteLine($"changed on resume: {string.Join("; ", changes)}");
         }
-        if (s.Of(TrainSettings.Preset) is null && !s.Resume && device.Kind == DeviceKind.Cpu)
+        if (s.Of(TrainSettings.Preset) is null && !s.Resume && trainer.Device.Kind == DeviceKind.Cpu)
         {
             Console.Error.WriteLine($"preset: {o.Preset}, the {recipe.Name} recipe's choice for the CPU backend (pass --preset tiny|small|base for another)");
         }
@@ -229,8 +330,16 @@ public static class TrainCommand
             Console.Error.WriteLine($"note: {mnist.Count:N0} images at batch {o.Batch} are {trainer.StepsPerEpoch} steps an epoch, {plannedSteps} in all; " +
                 $"a model learns little in so few: pass --epochs {epochs} (or --max-steps {SmallRunSteps})");
         }
+        if (!ranks.Writer)
+        {
+            // Another rank: the same steps, nothing written.
+            using var quiet = new StopSignals();
+            trainer.StopRequested = () => quiet.Token.IsCancellationRequested;
+            Loop(trainer, new RunFiles(null, checkpoint, [], StreamWriter.Null, 0), quiet);
+            return !trainer.StopAgreed ? 0 : quiet.Received is not null ? quiet.ExitCode : ExitCodes.Terminated;
+        }
 
-        var metricsPath = Path.Combine(outDir, MetricsFile);
+        var metricsPath = Path.Combine(outDir!, MetricsFile);
         var history = s.Resume ? TrimMetrics(metricsPath, trainer.Step) : NewMetrics(metricsPath);
         using var metrics = new StreamWriter(metricsPath, append: true) { AutoFlush = true };
         if (changes.Count > 0)
@@ -240,26 +349,32 @@ public static class TrainCommand
         var run = new RunFiles(outDir, checkpoint, history, metrics, s.SaveEvery);
         using (var signals = new StopSignals())
         {
+            trainer.StopRequested = () => signals.Token.IsCancellationRequested;
             Loop(trainer, run, signals);
             using (signals.Critical())
             {
                 trainer.Save(checkpoint);
-                Images.SaveLossPlot(Path.Combine(outDir, LossFile), history);
+                Images.SaveLossPlot(Path.Combine(outDir!, LossFile), history);
             }
             if (signals.Received is { } signal)
             {
                 Console.Error.WriteLine($"stopped by {signal} at step {trainer.Step}: saved {checkpoint}; continue with --resume");
                 return signals.ExitCode;
             }
+            if (trainer.StopAgreed)
+            {
+                Console.Error.WriteLine($"stopped at step {trainer.Step}, another rank was asked to: saved {checkpoint}; continue with --resume");
+                return ExitCodes.Terminated;
+            }
         }
         // The checkpoint is saved: from here a signal ends the process as usual, and nothing is lost.
         if (s.Grid > 0)
         {
             // The recipe the run records (a resumed run keeps its own), else the one asked for.
-            WriteSamples(trainer, Path.Combine(outDir, SamplesFile), s.Grid, clip: Recipe.Named(o.Recipe ?? recipe.Name).ClippedSampling);
+            WriteSamples(trainer, Path.Combine(outDir!, SamplesFile), s.Grid, clip: Recipe.Named(o.Recipe ?? recipe.Name).ClippedSampling);
         }
         Console.Error.WriteLine($"done: {trainer.Step} steps{(trainer.Skipped > 0 ? $" ({trainer.Skipped} skipped as not finite)" : "")}; " +
-            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(outDir, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(outDir, SamplesFile)}" : "")}");
+            $"wrote {checkpoint}, {metricsPath}, {Path.Combine(outDir!, LossFile)}{(s.Grid > 0 ? $", {Path.Combine(outDir!, SamplesFile)}" : "")}");
         return 0;
     }
 
@@ -331,7 +446,7 @@ public static class TrainCommand
     }
 
     /// <summary>What the training loop writes to: the run folder, its checkpoint, the loss history, the metrics stream, and how often to save.</summary>
-    private sealed record RunFiles(string Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
+    private sealed record RunFiles(string? Folder, string Checkpoint, List<(long Step, double Loss)> History, StreamWriter Metrics, int SaveEvery);
 
     /// <summary>Fewer planned steps than this, with the recipe's epochs, get a note saying how many epochs to ask for.</summary>
     public const int SmallRunSteps = 2000;
@@ -346,6 +461,8 @@ public static class TrainCommand
         long firstStep = trainer.Step;
         double smoothed = double.NaN;
         var stop = signals.Token;
+        // Under MPI every rank stops after the step whose sum says a rank was asked to: the same step on each.
+        bool Stopping() => trainer.Mpi is null ? stop.IsCancellationRequested : trainer.StopAgreed;
 
         bool SavePoint(long step) => step % trainer.StepsPerEpoch == 0 || (run.SaveEvery > 0 && step % run.SaveEvery == 0);
 
@@ -358,7 +475,7 @@ public static class TrainCommand
             {
                 trainer.QueueStep();
             }
-            while (trainer.Pending < Trainer.ReadEvery && !trainer.Finished && !SavePoint(trainer.Step) && !stop.IsCancellationRequested);
+            while (trainer.Pending < Trainer.ReadEvery && !trainer.Finished && !SavePoint(trainer.Step) && !Stopping());
             IReadOnlyList<StepResult> results;
             try
             {
@@ -372,7 +489,7 @@ public static class TrainCommand
             }
             Record(results, report);
             bool epochEnd = trainer.Step % trainer.StepsPerEpoch == 0;
-            if (SavePoint(trainer.Step) && !trainer.Finished)
+            if (SavePoint(trainer.Step) && !trainer.Finished && run.Folder is not null)
             {
                 using (signals.Critical())
                 {
@@ -427,7 +544,7 @@ public static class TrainCommand
                 {
                     var task = ctx.AddTask(Status(), maxValue: trainer.TotalSteps);
                     task.Value = trainer.Step;
-                    while (!trainer.Finished && !stop.IsCancellationRequested)
+                    while (!trainer.Finished && !Stopping())
                     {
                         OneRound(msg => AnsiConsole.MarkupLine(Markup.Escape(msg)));
                         double rate = (trainer.Step - firstStep) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9);
@@ -439,7 +556,7 @@ public static class TrainCommand
         }
         // Plain logs (redirected output, CI): a line every 30 seconds and at each epoch.
         var lastLine = TimeSpan.Zero;
-        while (!trainer.Finished && !stop.IsCancellationRequested)
+        while (!trainer.Finished && !Stopping())
         {
             OneRound(Console.Error.WriteLine);
             if (clock.Elapsed - lastLine > TimeSpan.FromSeconds(30) || trainer.Finished)

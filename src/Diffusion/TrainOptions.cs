@@ -64,6 +64,20 @@ public sealed record TrainOptions
     /// 3xtf32); the CPU backend computes fp32 whatever it says.</summary>
     public string Math { get; init; } = MathPrecisions.Default.Name();
 
+    /// <summary>Micro-batches a batch is cut into on each rank (see <see cref="MicroBatch"/>).</summary>
+    public int Accumulate { get; init; } = 1;
+
+    /// <summary>MPI ranks sharing each batch (1: one process).</summary>
+    public int Ranks { get; init; } = 1;
+
+    /// <summary>Images in one micro-batch: the batch over every rank's micro-batches (Batch / (Accumulate · Ranks)).</summary>
+    public int MicroBatch => Batch / (Accumulate * Ranks);
+
+    /// <summary>Why the batch does not cut into <see cref="Accumulate"/> · <see cref="Ranks"/> equal micro-batches, or null.</summary>
+    public string? SplitProblem() =>
+        Batch % (Accumulate * Ranks) == 0 ? null
+        : $"--batch {Batch} does not cut into {Accumulate * Ranks} equal micro-batches ({(Ranks > 1 ? $"{Ranks} ranks x " : "")}--accumulate {Accumulate}): pass a batch that is a multiple of {Accumulate * Ranks}";
+
     /// <summary>
     /// What is wrong with these options, as (metadata key, flag, problem) triples; empty when they
     /// make a valid run. The one place the ranges live: the command line reports a problem by its

@@ -304,9 +304,26 @@ public static class TrainSettings
         Get = o => o.Math, Set = (o, v) => o with { Math = v }, ByRecipe = _ => MathPrecisions.Default.Name(),
     };
 
+    /// <summary>Micro-batches a step's batch is cut into, run one after another, their gradients summed in a fixed order.</summary>
+    public static readonly TrainSetting<int> Accumulate = new()
+    {
+        Flag = "--accumulate", Key = "accumulate", Resume = OnResume.MayChange, Legacy = "1",
+        Help = "cut each batch into K micro-batches run one after another (the memory of batch/K), their gradients summed in one fixed order: " +
+            "the same weights as K MPI ranks of one micro-batch each; 1: the whole batch at once",
+        Get = o => o.Accumulate, Set = (o, v) => o with { Accumulate = v }, ByRecipe = _ => 1, Range = (1, TrainOptions.MaxBatch),
+    };
+
+    /// <summary>The MPI ranks the run trains on (set by the launcher, not a flag).</summary>
+    public static readonly TrainSetting<int> Ranks = new()
+    {
+        Key = "ranks", Resume = OnResume.MayChange, Legacy = "1",
+        Help = "MPI ranks, each training its share of every batch (mpiexec -n N ddpm train)",
+        Get = o => o.Ranks, Set = (o, v) => o with { Ranks = v }, ByRecipe = _ => 1, Range = (1, TrainOptions.MaxBatch),
+    };
+
     /// <summary>Every setting, in order.</summary>
     public static IReadOnlyList<TrainSetting> All { get; } =
-        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes, Flip, Math];
+        [Preset, Epochs, MaxSteps, Batch, Lr, Warmup, LrDecay, Schedule, DiffusionSteps, Ema, EmaWarmup, MinSnr, Clip, Seed, Classes, Flip, Math, Accumulate, Ranks];
 
     /// <summary>The settings a flag sets.</summary>
     public static IEnumerable<TrainSetting> Flags => All.Where(s => s.Flag is not null);

@@ -8,6 +8,36 @@ namespace Ddpm.Diffusion;
 /// <summary>Saving a run and resuming it exactly.</summary>
 public sealed partial class Trainer
 {
+    /// <summary>What MPI ranks compare before training together: the settings, the position, a hash of every weight, Adam and
+    /// EMA value, and the data's hash (see <see cref="ImageSet.Hash"/>).</summary>
+    public IReadOnlyList<(string Name, string Value)> Identity()
+    {
+        var settings = Options.ToMetadata();
+        using var sha = System.Security.Cryptography.IncrementalHash.CreateHash(System.Security.Cryptography.HashAlgorithmName.SHA256);
+        var tensors = new List<Tensor> { Model.Parameters.Values! };
+        tensors.AddRange(Adam.M);
+        tensors.AddRange(Adam.V);
+        if (Model.Parameters.Count > 0)
+        {
+            tensors.Add(Adam.State);
+        }
+        if (Ema is not null)
+        {
+            tensors.AddRange(Ema.Weights);
+        }
+        foreach (var t in tensors)
+        {
+            sha.AppendData(System.Runtime.InteropServices.MemoryMarshal.AsBytes(t.ToArray().AsSpan()));
+        }
+        return
+        [
+            ("settings", string.Join(" ", settings.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}:{kv.Value}"))),
+            ("position", $"step {Step}, {Skipped} skipped, EMA from {EmaStart}, Adam step {Adam.Step}"),
+            ("weights and optimiser state", Convert.ToHexString(sha.GetHashAndReset())[..16].ToLowerInvariant()),
+            ("training data", $"{_data.Count} images, sha256 {_data.Hash[..Math.Min(16, _data.Hash.Length)]}"),
+        ];
+    }
+
     /// <summary>Writes model, Adam, EMA and the run's options and position, atomically.</summary>
     public void Save(string path)
     {
@@ -50,7 +80,8 @@ public sealed partial class Trainer
 
     /// <inheritdoc cref="Resume(Device, string, ImageSet, Func{TrainOptions, TrainOptions}?)"/>
     /// <remarks>For a caller that validated the checkpoint already (<see cref="Checkpoint.Inspect(string)"/>): it is not read twice.</remarks>
-    public static Trainer Resume(Device device, CheckpointInfo info, ImageSet data, Func<TrainOptions, TrainOptions>? change = null)
+    /// <remarks>With <paramref name="mpi"/>, this rank's share of the run (every rank reads the same checkpoint).</remarks>
+    public static Trainer Resume(Device device, CheckpointInfo info, ImageSet data, Func<TrainOptions, TrainOptions>? change = null, Parallel.Mpi? mpi = null)
     {
         string path = info.Path;
         if (!info.HasAdam)
@@ -95,7 +126,7 @@ public sealed partial class Trainer
         {
             throw new UsageException($"--resume: --ema 0 would drop the run's EMA weights; keep them (sample --no-ema uses the raw weights)");
         }
-        var trainer = new Trainer(device, options, data);
+        var trainer = new Trainer(device, options, data, mpi);
         try
         {
             Checkpoint.Load(info, trainer.Model, trainer.Adam, trainer.Ema);
@@ -168,7 +199,7 @@ public sealed partial class Trainer
         return new EmaSchedule(decay, power, start).InitialShare(step, skipped);
     }
 
-    /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, ImageSet, Func{TrainOptions, TrainOptions}?)"/> made (those recorded at its step).</summary>
+    /// <summary>The changes the last <see cref="Resume(Device, CheckpointInfo, ImageSet, Func{TrainOptions, TrainOptions}?, Parallel.Mpi?)"/> made (those recorded at its step).</summary>
     public IEnumerable<string> ChangesAtResume => _changes.Where(c => c.StartsWith($"step {Step}:", StringComparison.Ordinal));
 
 }

@@ -1,4 +1,5 @@
 using System.Globalization;
+using Ddpm.Diffusion.Parallel;
 using Ddpm.Kernels;
 using Ddpm.Nn;
 using Ddpm.Tensors;
@@ -27,19 +28,34 @@ public sealed partial class Trainer : IDisposable
     private readonly Tensor _records;
     private readonly Tensor[] _recordOf, _lossOf, _flagOf;
     private readonly float[] _hostRecords;
-    private readonly HostBuffer[][] _staged;
+    private readonly HostBuffer[][][] _staged; // [slot][local micro-batch][x0, t, labels, ca, cb]
+    // Over several micro-batches: in one process their gradient and loss folded on the device (null for one); under MPI the
+    // host's copy of each micro-batch's gradient, loss and stop flag, and the ranks' sum.
+    private readonly Tensor? _gradFold, _lossFold;
+    private readonly HostBuffer? _hostVector;
+    private readonly GradientSum? _sum;
+    private readonly float[] _oneLoss = new float[1];
     private readonly List<StepResult> _results;
     private int _pending;
     private float _appliedLr;
     private readonly List<string> _changes = [];
     private readonly Tape _tape;
 
-    /// <summary>A fresh run: weights from the seed, Adam and EMA at their start.</summary>
-    public Trainer(Device device, TrainOptions options, ImageSet data)
+    /// <summary>A fresh run: weights from the seed, Adam and EMA at their start; with <paramref name="mpi"/>, this rank's share
+    /// of a run over <see cref="Mpi.Size"/> ranks (<see cref="TrainOptions.Ranks"/> must say as many).</summary>
+    public Trainer(Device device, TrainOptions options, ImageSet data, Mpi? mpi = null)
     {
         foreach (var (_, flag, problem) in options.Problems())
         {
             throw new UsageException($"{flag} {problem}");
+        }
+        if (options.Ranks != (mpi?.Size ?? 1))
+        {
+            throw new ArgumentException($"the options say {options.Ranks} ranks, the run has {mpi?.Size ?? 1}");
+        }
+        if (options.SplitProblem() is { } split)
+        {
+            throw new UsageException(split);
         }
         if (options.Batch > data.Count)
         {
@@ -64,7 +80,8 @@ public sealed partial class Trainer : IDisposable
         Adam = new Adam(Model.Parameters, options.Lr);
         _appliedLr = options.Lr;
         Ema = options.EmaDecay > 0 ? new Ema(Model.Parameters, options.EmaDecay) : null;
-        int b = options.Batch;
+        Mpi = mpi;
+        int b = options.MicroBatch;
         int c = data.Channels, side = data.Size;
         _x0 = Tensor.Empty(device, b, c, side, side);
         _eps = Tensor.Empty(device, b, c, side, side);
@@ -80,9 +97,34 @@ public sealed partial class Trainer : IDisposable
         _lossOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength, 1))];
         _flagOf = [.. Enumerable.Range(0, w).Select(k => _records.Slice(k * Optim.RecordLength + 1, 1))];
         _hostRecords = new float[w * Optim.RecordLength];
-        _staged = [.. Enumerable.Range(0, w).Select(_ => new[] { b * data.ImageBytes, b, b, b, b }.Select(device.AllocateHost).ToArray())];
+        _staged = [.. Enumerable.Range(0, w).Select(_ => Enumerable.Range(0, options.Accumulate)
+            .Select(_ => new[] { b * data.ImageBytes, b, b, b, b }.Select(device.AllocateHost).ToArray()).ToArray())];
         _results = new List<StepResult>(w);
+        int parameters = Model.Parameters.Grads!.Length;
+        if (mpi is not null)
+        {
+            _hostVector = device.AllocateHost(parameters + VectorTail);
+            _sum = new GradientSum(mpi, parameters + VectorTail, options.Accumulate);
+        }
+        else if (options.Accumulate > 1)
+        {
+            _gradFold = Tensor.Empty(device, parameters);
+            _lossFold = Tensor.Empty(device, 1);
+        }
     }
+
+    /// <summary>Floats after the gradient in the vector ranks sum: the micro-batch's loss, and 1 when its rank was asked to stop.</summary>
+    private const int VectorTail = 2;
+
+    /// <summary>The MPI ranks this run trains on with, or null for one process.</summary>
+    public Mpi? Mpi { get; }
+
+    /// <summary>Whether a rank was asked to stop (SIGTERM, Ctrl-C) before the last step's sum: every rank learns it from the
+    /// same sum, so all stop after the same step. Always false in one process (the caller's own signal is the stop there).</summary>
+    public bool StopAgreed { get; private set; }
+
+    /// <summary>Asked by each step under MPI: whether this rank was told to stop (the caller's signal handler).</summary>
+    public Func<bool>? StopRequested { get; set; }
 
     /// <summary>The checkpoint's key of the training set's hash (<see cref="ImageSet.Hash"/>); absent in runs from before it,
     /// which resume on any data of their size and record it from then on.</summary>
@@ -195,54 +237,69 @@ public sealed partial class Trainer : IDisposable
         {
             throw new InvalidOperationException($"{ReadEvery} steps are queued: read them back first");
         }
-        int slot = _pending, b = Options.Batch, epoch = Epoch, j = (int)(Step % StepsPerEpoch);
-        var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
-        var order = Order(epoch);
-        var staged = _staged[slot];
-        Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
-        for (int n = 0; n < b; n++)
+        int slot = _pending, batch = Options.Batch, b = Options.MicroBatch, local = Options.Accumulate, micros = local * Options.Ranks;
+        int j = (int)(Step % StepsPerEpoch), imageFloats = _eps.Length / b;
+        var order = Order(Epoch);
+        for (int k = 0; k < local; k++)
         {
-            int image = order[j * b + n];
-            _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
-            int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)(Step * b + n)));
-            ts[n] = t;
-            ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
-            cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+            // Micro-batch m of the step is images [m·b, (m+1)·b) of the step's batch, with their own draws: the timesteps,
+            // labels, flips and noise of those positions, so any cut of the batch draws what the whole batch does.
+            int first = ((Mpi?.Rank ?? 0) * local + k) * b;
+            var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
+            var staged = _staged[slot][k];
+            Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
+            for (int n = 0; n < b; n++)
+            {
+                int image = order[j * batch + first + n];
+                long position = Step * batch + first + n;
+                _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
+                int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)position));
+                ts[n] = t;
+                ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
+                cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+                if (Options.Classes > 0)
+                {
+                    // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
+                    bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)position) < LabelDropProbability;
+                    labels[n] = drop ? Model.NullLabel : _data.Labels[image];
+                }
+            }
+            // Asynchronous: the slot's page-locked memory is not written again before the read-back has synchronised.
+            _x0.CopyFromAsync(staged[0]);
+            _t.CopyFromAsync(staged[1]);
             if (Options.Classes > 0)
             {
-                // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
-                bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)(Step * b + n)) < LabelDropProbability;
-                labels[n] = drop ? Model.NullLabel : _data.Labels[order[j * b + n]];
+                _labels.CopyFromAsync(staged[2]);
+            }
+            _ca.CopyFromAsync(staged[3]);
+            _cb.CopyFromAsync(staged[4]);
+            data.Dispose();
+            var prepare = _tape.Profile?.Time("batch noise, x_t", Device) ?? default;
+            RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), ((ulong)Step * (ulong)batch + (ulong)first) * (ulong)imageFloats);
+            Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
+            Model.ZeroGrad();
+            prepare.Dispose();
+
+            // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
+            // reuses its bookkeeping objects, so a step allocates no managed memory.
+            try
+            {
+                var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
+                var l = _tape.MseLoss(pred, _tape.Constant(_eps));
+                _lossOf[slot].CopyFrom(l.Value); // stays on the device until the read-back (backward frees the loss)
+                _tape.Backward(l);
+                using var fold = _tape.Profile?.Time("gradient sum (micro-batches, ranks)", Device) ?? default;
+                Keep(k, _lossOf[slot]);
+            }
+            finally
+            {
+                _tape.Reset();
             }
         }
-        // Asynchronous: the slot's page-locked memory is not written again before the read-back has synchronised.
-        _x0.CopyFromAsync(staged[0]);
-        _t.CopyFromAsync(staged[1]);
-        if (Options.Classes > 0)
+        if (micros > 1 || Mpi is not null)
         {
-            _labels.CopyFromAsync(staged[2]);
-        }
-        _ca.CopyFromAsync(staged[3]);
-        _cb.CopyFromAsync(staged[4]);
-        data.Dispose();
-        var prepare = _tape.Profile?.Time("batch noise, x_t", Device) ?? default;
-        RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), (ulong)Step * (ulong)_eps.Length);
-        Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
-        Model.ZeroGrad();
-        prepare.Dispose();
-
-        // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
-        // reuses its bookkeeping objects, so a step allocates no managed memory.
-        try
-        {
-            var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
-            var l = _tape.MseLoss(pred, _tape.Constant(_eps));
-            _lossOf[slot].CopyFrom(l.Value); // stays on the device until the read-back
-            _tape.Backward(l);
-        }
-        finally
-        {
-            _tape.Reset();
+            using var sum = _tape.Profile?.Time("gradient sum (micro-batches, ranks)", Device) ?? default;
+            Finish(micros, slot);
         }
         using (_tape.Profile?.Time("clip, adam, ema", Device) ?? default)
         {
@@ -254,15 +311,66 @@ public sealed partial class Trainer : IDisposable
         Step++;
     }
 
+    // A micro-batch's gradient (in the model's gradients) and loss (in the step's record): as they are for a whole batch in
+    // one process; folded on the device over several; under MPI copied to the host for the ranks' sum with this rank's stop flag.
+    private void Keep(int k, Tensor loss)
+    {
+        var grads = Model.Parameters.Grads!;
+        if (_sum is not null)
+        {
+            var vector = _hostVector!.Span;
+            grads.CopyTo(vector[..grads.Length]);
+            loss.CopyTo(_oneLoss);
+            vector[grads.Length] = _oneLoss[0];
+            vector[grads.Length + 1] = StopRequested?.Invoke() == true ? 1 : 0;
+            _sum.Put(k, vector);
+        }
+        else if (_gradFold is null)
+        {
+            // One micro-batch: its gradient and loss are the step's.
+        }
+        else if (k == 0)
+        {
+            _gradFold.CopyFrom(grads);
+            _lossFold!.CopyFrom(loss);
+        }
+        else
+        {
+            Elementwise.Accumulate(_gradFold, grads);
+            Elementwise.Accumulate(_lossFold!, loss);
+        }
+    }
+
+    // The step's gradient and loss from its micro-batches': (g0 + g1 + ...) / M in micro-batch order (GradientSum.Fold's
+    // arithmetic, on the device in one process, on the host under MPI), into the model's gradients and the step's record.
+    private void Finish(int micros, int slot)
+    {
+        var grads = Model.Parameters.Grads!;
+        if (_sum is not null)
+        {
+            var vector = _hostVector!.Span;
+            _sum.Sum(vector);
+            grads.CopyFrom(vector[..grads.Length]);
+            _lossOf[slot].CopyFrom(vector.Slice(grads.Length, 1));
+            StopAgreed = vector[grads.Length + 1] > 0;
+            return;
+        }
+        Elementwise.Scale(_gradFold!, 1f / micros, grads);
+        Elementwise.Scale(_lossFold!, 1f / micros, _lossOf[slot]);
+    }
+
     /// <inheritdoc/>
     public void Dispose()
     {
+        _gradFold?.Dispose();
+        _lossFold?.Dispose();
+        _hostVector?.Dispose();
         _tape.Dispose();
         foreach (var t in new[] { _x0, _eps, _xt, _ca, _cb, _t, _labels, _records })
         {
             t.Dispose();
         }
-        foreach (var h in _staged.SelectMany(s => s))
+        foreach (var h in _staged.SelectMany(s => s).SelectMany(s => s))
         {
             h.Dispose();
         }

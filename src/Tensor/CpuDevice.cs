@@ -50,7 +50,7 @@ public sealed class CpuDevice : Device
     public override DeviceKind Kind => DeviceKind.Cpu;
 
     /// <inheritdoc/>
-    public override string Name => $"cpu ({Environment.ProcessorCount} threads, {SimdName})";
+    public override string Name => $"cpu ({CpuThreads.Count} thread{(CpuThreads.Count == 1 ? "" : "s")}, {SimdName})";
 
     /// <summary>The instruction level this device's kernels use (<see cref="Simd"/>), not merely what the processor offers.</summary>
     public string SimdName => CpuSimd.Name(Simd);

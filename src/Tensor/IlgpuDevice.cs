@@ -100,13 +100,18 @@ public sealed class IlgpuDevice : Device
         }
     }
 
-    /// <summary>Opens the first device of <paramref name="kind"/>, or returns null when there is none.</summary>
+    /// <summary>Which of several matching GPUs <see cref="TryOpen"/> takes: the n-th (modulo their count), as each MPI rank on a
+    /// machine takes the one of its local rank; null: the one with the most memory.</summary>
+    public static int? Ordinal { get; set; }
+
+    /// <summary>Opens a device of <paramref name="kind"/> (see <see cref="Ordinal"/>), or returns null when there is none.</summary>
     public static IlgpuDevice? TryOpen(DeviceKind kind)
     {
         var context = CreateContext();
         try
         {
             ILGPU.Runtime.Device? found = null;
+            var matches = new List<ILGPU.Runtime.Device>();
             foreach (var d in context)
             {
                 bool match = kind switch
@@ -121,6 +126,14 @@ public sealed class IlgpuDevice : Device
                 {
                     found = d;
                 }
+                if (match)
+                {
+                    matches.Add(d);
+                }
+            }
+            if (Ordinal is int ordinal && matches.Count > 0)
+            {
+                found = matches[ordinal % matches.Count];
             }
             if (found is null)
             {

@@ -89,7 +89,8 @@ internal static unsafe partial class ConvGemm
     /// the wide grid. Dense columns pay where the wide grid throws away much (a 7x7 map computes 56 columns for 49
     /// outputs) and there are enough output channels to carry the packing they need (the wide grid's panels are read
     /// in place); at 14x14 (216 for 196) they lose (docs/perf.md). The images go in groups whose columns fill whole
-    /// 8-float vectors (7x7: 8 images, 392 columns), with enough groups left to keep every core busy.
+    /// 8-float vectors (7x7: 8 images, 392 columns), at most a quarter of the batch each (at least four groups to share out).
+    /// A function of the shape alone, never of the core count: the group decides the GEMM's edge tiles, and so the bits.
     /// </summary>
     private static int DenseGroup(ConvShape g, Planes pl)
     {
@@ -98,7 +99,7 @@ internal static unsafe partial class ConvGemm
         if (wide * 100 < g.Pq * 112) return 0; // under 12% thrown away (14x14: 10%) the wide grid's in-place panels win
         int group = 1;
         while ((group * g.Pq) % 8 != 0 && group < 8) group *= 2;
-        return Math.Max(1, Math.Min(group, g.N / Cpu.Threads));
+        return Math.Max(1, Math.Min(group, g.N / 4));
     }
 
     /// <summary>

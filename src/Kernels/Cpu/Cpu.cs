@@ -5,8 +5,8 @@ namespace Ddpm.Kernels;
 /// <summary>Work splitting for the managed CPU backend.</summary>
 internal static class Cpu
 {
-    /// <summary>Worker count: every core the process may use.</summary>
-    public static int Threads => Environment.ProcessorCount;
+    /// <summary>Worker count: every core the process may use, or its share of them (<see cref="Tensors.CpuThreads.Share"/>).</summary>
+    public static int Threads => Tensors.CpuThreads.Count;
 
     /// <summary>The most parts a sum over images is cut into (<see cref="Parts"/>).</summary>
     public const int MaxParts = 16;
@@ -278,3 +278,4 @@ internal static class Cpu
         }
     }
 }
+

@@ -95,7 +95,7 @@ public static unsafe partial class Gemm
         where TK : struct, IMicroKernel
     {
         LastKernel = TK.Name;
-        if (parallel && Environment.ProcessorCount > 1 && 2.0 * m * n * k >= MinParallelFlops
+        if (parallel && Cpu.Threads > 1 && 2.0 * m * n * k >= MinParallelFlops
             && TryRunSplit(&Serial<TK>, TK.MR, TK.NR, m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate))
             return;
         Serial<TK>(m, n, k, a, aRow, aCol, b, bRow, bCol, c, ldc, accumulate);
