@@ -76,6 +76,24 @@ internal sealed class Ranks(Mpi? mpi)
         }
     }
 
+    /// <summary>Every rank's host and process id, "0 host:pid, 1 host:pid, ...": the line that maps a launcher's report of a
+    /// process ("PID 1171 ... Killed") to its rank.</summary>
+    public string Processes()
+    {
+        string mine = $"{Environment.MachineName}:{Environment.ProcessId}";
+        if (mpi is null)
+        {
+            return $"0 {mine}";
+        }
+        var bytes = new byte[256];
+        int length = Encoding.UTF8.GetBytes(mine.Length > 200 ? mine[..200] : mine, bytes.AsSpan(4));
+        BinaryPrimitives.WriteInt32LittleEndian(bytes, length);
+        var all = new byte[256 * mpi.Size];
+        mpi.AllGather(bytes, all);
+        return string.Join(", ", Enumerable.Range(0, mpi.Size).Select(r =>
+            $"{r} {Encoding.UTF8.GetString(all, r * 256 + 4, BinaryPrimitives.ReadInt32LittleEndian(all.AsSpan(r * 256)))}"));
+    }
+
     /// <summary>Rank 0's <paramref name="data"/> on every rank (the others pass null).</summary>
     public byte[] Broadcast(byte[]? data)
     {

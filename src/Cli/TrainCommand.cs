@@ -143,7 +143,10 @@ public static class TrainCommand
         }
         try
         {
-            return Run(given with { Given = [.. given.Given, (TrainSettings.Ranks, mpi.Size)] }, new Ranks(mpi));
+            var ranks = new Ranks(mpi);
+            string processes = ranks.Processes();
+            Console.Error.WriteLine($"mpi ranks (host:pid): {processes}");
+            return Run(given with { Given = [.. given.Given, (TrainSettings.Ranks, mpi.Size)] }, ranks);
         }
         catch (Exception e) when (e is not RankFailedException and not TrainingDivergedException && mpi.Size > 1)
         {

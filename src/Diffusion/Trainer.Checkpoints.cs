@@ -31,7 +31,7 @@ public sealed partial class Trainer
         }
         return
         [
-            ("settings", string.Join(" ", settings.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}:{kv.Value}"))),
+            .. settings.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => ($"setting {kv.Key}", kv.Value)),
             ("position", $"step {Step}, {Skipped} skipped, EMA from {EmaStart}, Adam step {Adam.Step}"),
             ("weights and optimiser state", Convert.ToHexString(sha.GetHashAndReset())[..16].ToLowerInvariant()),
             ("training data", $"{_data.Count} images, sha256 {_data.Hash[..Math.Min(16, _data.Hash.Length)]}"),
