@@ -36,9 +36,10 @@ public static class BenchCommand
         channels.AcceptOnlyFromAmong("1", "3");
         var simd = new Option<string?>("--simd") { Description = "instruction level of the CPU kernels: avx512 | avx2 | 128 | scalar (default: DDPM_SIMD, else the widest this processor has)" };
         simd.AcceptOnlyFromAmong("avx512", "avx2", "128", "scalar");
-        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, math, side, channels, profile, simd };
+        var allReduce = new Option<bool>("--allreduce") { Description = "instead, time the MPI ranks' gradient sum for each preset's gradient (--steps sums each; run under mpiexec -n N): a table on rank 0's stdout" };
+        var command = new Command("bench", "Time training and denoising steps; print one JSON line.") { preset, batch, steps, device, math, side, channels, profile, simd, allReduce };
         command.Options.Add(PeakOption(device));
-        command.SetAction(p => Program.Guard(() => Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device, math), p.GetValue(profile), p.GetValue(simd),
+        command.SetAction(p => Program.Guard(() => p.GetValue(allReduce) ? AllReduceBench.Run(p.GetValue(steps)) : Run(p.GetValue(preset)!, p.GetValue(batch), p.GetValue(steps), Program.ChosenDevice(p, device, math), p.GetValue(profile), p.GetValue(simd),
             p.GetValue(side), p.GetValue(channels))));
         return command;
     }
