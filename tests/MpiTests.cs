@@ -119,7 +119,8 @@ public sealed class MpiTests : IDisposable
     }
 
     /// <summary>A rank killed mid-run (SIGKILL) ends the whole job within seconds, non-zero; the checkpoint saved before it is
-    /// intact and resumes. Then SIGTERM to the launcher: every rank stops at one step boundary, rank 0 saves once, exit 143.</summary>
+    /// intact and resumes. Then SIGTERM to the launcher: every rank stops at one step boundary and rank 0 saves once; and
+    /// SIGTERM to rank 1 alone stops both through the sum, exit 143.</summary>
     [MpiFact]
     public async Task AKilledRankEndsTheJobAndAStopSignalSavesOnce()
     {
@@ -144,11 +145,22 @@ public sealed class MpiTests : IDisposable
         await Task.Delay(1500);
         Launch.Signal(stopped.Process.Id, 15);
         var result = await Launch.Finish(stopped, TimeSpan.FromSeconds(30));
-        Assert.True(result.Code == 143, result.Output);
-        Assert.Contains("stopped by SIGTERM at step", result.Output);
+        // The ranks exit 143 as one process does; the launcher's own status after a signal is its own (MPICH's is 143 or 0
+        // as its proxies race the ranks), so the test holds what the ranks do: one save, at a later step than the resume.
+        Assert.True(result.Output.Split('\n').Count(line => line.Contains("stopped by SIGTERM at step", StringComparison.Ordinal)) == 1, $"exit {result.Code}: {result.Output}");
         long end = long.Parse(Checkpoint.Inspect(checkpoint).Metadata[Checkpoint.StepKey], System.Globalization.CultureInfo.InvariantCulture);
         Assert.True(end > step, $"resumed at {step}, saved at {end}");
-        Assert.Single(result.Output.Split('\n'), line => line.Contains("stopped by", StringComparison.Ordinal));
+
+        // SIGTERM to rank 1 alone: the stop reaches rank 0 through the step's sum; both stop after that step, rank 0 saves.
+        var one = Launch.Start("mpich", 2, ["train", "--resume", "--out", run, "--data", _images, "--image-size", "16", "--max-steps", "100000",
+            "--save-every", "100000", "--grid", "0", "--device", "cpu"]);
+        await Launch.Until(() => one.Output.Contains("resuming at step"), one, "the resumed run's banner");
+        await Task.Delay(1500);
+        Launch.Signal(await Launch.RankPid(one, 1), 15);
+        var agreed = await Launch.Finish(one, TimeSpan.FromSeconds(30));
+        Assert.True(agreed.Code == 143, $"exit {agreed.Code}: {agreed.Output}");
+        Assert.Contains("another rank was asked to: saved", agreed.Output);
+        Assert.True(long.Parse(Checkpoint.Inspect(checkpoint).Metadata[Checkpoint.StepKey], System.Globalization.CultureInfo.InvariantCulture) > end);
     }
 
     /// <summary>A rank whose data folder is bad stops every rank before training, rank 0 naming it; a rank on another
