@@ -66,7 +66,7 @@ public sealed class ReliabilityTests : IDisposable
         return path;
     }
 
-    private static ImageSet Synthetic(int count)
+    internal static ImageSet Synthetic(int count)
     {
         var pixels = new byte[count * ImageSet.MnistPixels];
         new Random(7).NextBytes(pixels);
