@@ -163,6 +163,16 @@ public sealed class MpiTests : IDisposable
         Assert.True(long.Parse(Checkpoint.Inspect(checkpoint).Metadata[Checkpoint.StepKey], System.Globalization.CultureInfo.InvariantCulture) > end);
     }
 
+    /// <summary>A run that diverges stops every rank with exit 3 at the same step: the non-finite sum reaches all of them, and
+    /// every rank reads its steps back at rank 0's save points (here every 3 steps), so none waits in a sum the others left.</summary>
+    [MpiFact]
+    public async Task ADivergedRunStopsEveryRank()
+    {
+        var result = await Launch.Finish(Launch.Start("mpich", 2, Train("diverged", 60, "--lr", "1e30", "--warmup", "0", "--save-every", "3")), TimeSpan.FromSeconds(60));
+        Assert.True(result.Code == Ddpm.Cli.ExitCodes.Diverged, $"exit {result.Code}: {result.Output}");
+        Assert.Contains("training diverged: 5 steps in a row", result.Output);
+    }
+
     /// <summary>A rank whose data folder is bad stops every rank before training, rank 0 naming it; a rank on another
     /// instruction set is refused by the ranks' comparison.</summary>
     [MpiFact]

@@ -26,7 +26,7 @@ internal static class AllReduceBench
             var model = new UNet(Presets.Channels(preset), CpuDevice.Instance, seed: 0);
             int length = (int)model.ParameterCount + 2;
             model.Parameters.Dispose(); // the gradient, the loss and the stop flag, as a step sends them
-            var sum = new GradientSum(mpi, length, local: 1);
+            var sum = new GradientSum(mpi, length);
             var vector = new float[length];
             new Random(mpi.Rank).NextBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(vector.AsSpan()));
             for (int i = 0; i < length; i++)
@@ -38,8 +38,8 @@ internal static class AllReduceBench
             {
                 mpi.Max(0); // start together
                 var clock = Stopwatch.StartNew();
-                sum.Put(0, vector);
-                sum.Sum(vector);
+                sum.Add(vector);
+                sum.Finish(vector);
                 if (i >= 3)
                 {
                     times.Add(clock.Elapsed.TotalMilliseconds);

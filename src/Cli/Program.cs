@@ -132,17 +132,20 @@ public static class Program
         }
     }
 
-    /// <summary>The engine's build: its assemblies' module ids (the same source and compiler give the same ids: builds are
-    /// deterministic), which MPI ranks compare.</summary>
-    public static string Version { get; } = string.Join("+", AppDomain.CurrentDomain.GetAssemblies()
-        .Where(a => a.GetName().Name?.StartsWith("Ddpm.", StringComparison.Ordinal) == true)
-        .OrderBy(a => a.GetName().Name, StringComparer.Ordinal)
+    /// <summary>The engine's build: the module ids of its five assemblies (the same source and compiler give the same ids:
+    /// builds are deterministic), which MPI ranks compare.</summary>
+    public static string Version => string.Join("+", new[] { typeof(Program).Assembly }
+        .Concat(new[] { "Ddpm.Diffusion", "Ddpm.Nn", "Ddpm.Kernels", "Ddpm.Tensor" }.Select(name => System.Reflection.Assembly.Load(name)))
         .Select(a => a.ManifestModule.ModuleVersionId.ToString("N")[..8]));
 
     /// <summary>Says an error in one line (after <paramref name="prefix"/>) and returns its exit code; an exception no user
     /// input should cause is said as an internal error, with the way to its stack trace.</summary>
     public static int Report(Exception e, string prefix = "")
     {
+        if (e is RankFailedException { InnerException: { } original } && Environment.GetEnvironmentVariable("DDPM_DEBUG") is not null)
+        {
+            Console.Error.WriteLine(original);
+        }
         Console.Error.WriteLine(Known(e)
             ? $"ddpm: {prefix}{OneLine(e.Message)}"
             : $"ddpm: {prefix}internal error: {e.GetType().Name}: {OneLine(e.Message)} (set DDPM_DEBUG=1 for the stack trace)");

@@ -50,7 +50,7 @@ internal sealed class Ranks(Mpi? mpi)
         var mine = new byte[RecordBytes];
         if (failure is not null)
         {
-            var text = Encoding.UTF8.GetBytes(Program.OneLine(failure.Message));
+            var text = Encoding.UTF8.GetBytes(Said(failure));
             int length = Math.Min(text.Length, RecordBytes - HeaderBytes);
             BinaryPrimitives.WriteInt32LittleEndian(mine, Program.ExitCodeOf(failure));
             BinaryPrimitives.WriteInt32LittleEndian(mine.AsSpan(4), length);
@@ -69,7 +69,7 @@ internal sealed class Ranks(Mpi? mpi)
             if (r == mpi.Rank && failure is not null)
             {
                 // Said by rank 0 when it is rank 0's, else by rank 0 naming this rank: this rank's stderr is quiet.
-                throw new RankFailedException(Program.OneLine(failure.Message), code);
+                throw new RankFailedException(Said(failure), code, failure);
             }
             int length = BinaryPrimitives.ReadInt32LittleEndian(record[4..]);
             throw new RankFailedException($"rank {r} of {mpi.Size}: {Encoding.UTF8.GetString(record.Slice(HeaderBytes, length))}", code);
@@ -93,6 +93,10 @@ internal sealed class Ranks(Mpi? mpi)
         return string.Join(", ", Enumerable.Range(0, mpi.Size).Select(r =>
             $"{r} {Encoding.UTF8.GetString(all, r * 256 + 4, BinaryPrimitives.ReadInt32LittleEndian(all.AsSpan(r * 256)))}"));
     }
+
+    // An error as Program.Report says it: the message, or for a bug its type too.
+    private static string Said(Exception e) => Program.ExitCodeOf(e) == ExitCodes.Internal
+        ? $"internal error: {e.GetType().Name}: {Program.OneLine(e.Message)}" : Program.OneLine(e.Message);
 
     /// <summary>Rank 0's <paramref name="data"/> on every rank (the others pass null).</summary>
     public byte[] Broadcast(byte[]? data)
@@ -149,7 +153,7 @@ internal sealed class Ranks(Mpi? mpi)
 }
 
 /// <summary>A failure every rank agreed on (one rank's, said by rank 0), with the exit code each rank leaves with.</summary>
-public sealed class RankFailedException(string message, int exitCode) : Exception(message)
+public sealed class RankFailedException(string message, int exitCode, Exception? original = null) : Exception(message, original)
 {
     /// <summary>The exit code of the rank that failed.</summary>
     public int ExitCode { get; } = exitCode;

@@ -213,6 +213,8 @@ public static class TrainCommand
     private static int Run(Settings s, string? outDir, Ranks ranks)
     {
         string checkpoint = outDir is null ? CheckpointFile : Path.Combine(outDir, CheckpointFile);
+        // Whether to resume decides which collectives follow: every rank must agree on it before any of them.
+        ranks.RequireSame([("--resume flag", s.Resume ? "given" : "not given")]);
         RunLock? runLock = null;
         Device? device = null;
         Trainer? trainer = null;
@@ -272,6 +274,10 @@ public static class TrainCommand
                 // fp32 (a tensor-core kernel that disagrees), and then the run records fp32, as if --math fp32 had been given.
                 var math = MathPrecisions.Parse(s.Of(TrainSettings.Math) ?? planned?.Math) ?? MathPrecisions.Default;
                 device = Program.OpenDevice(s.Device with { Math = math });
+                if (device is IlgpuDevice shared && ranks.Mpi is { } mpi && mpi.LocalSize > shared.Siblings)
+                {
+                    Console.Error.WriteLine($"warning: {mpi.LocalSize} ranks on this machine share its {shared.Siblings} {DeviceCatalog.KindName(shared.Kind)} device{(shared.Siblings > 1 ? "s" : "")}: start one rank a GPU");
+                }
                 if (device is IlgpuDevice gpu && gpu.Precision != math)
                 {
                     s = s with { Given = [.. s.Given.Where(g => g.Setting != TrainSettings.Math), (TrainSettings.Math, gpu.Precision.Name())] };
@@ -279,7 +285,7 @@ public static class TrainCommand
                 // The step's memory, from the preset and the micro-batch the run will have, refused before any data is read.
                 // A new run: the recipe's values (the preset the device's), then every flag given; a resumed one: the run's, then the flags.
                 var asked = s.Apply(planned ?? TrainSettings.Defaults(recipe, DefaultPreset(device, recipe)));
-                if (asked.SplitProblem() is { } split)
+                if (asked.SplitProblem(resuming: resumeFrom is not null) is { } split)
                 {
                     throw new UsageException(split);
                 }
@@ -292,8 +298,11 @@ public static class TrainCommand
                 }
                 trainer = resumeFrom is not null ? Trainer.Resume(device, resumeFrom, mnist, s.Apply, ranks.Mpi) : new Trainer(device, asked, mnist, ranks.Mpi);
             });
-            ranks.RequireSame([.. trainer!.Identity(), ("build", Program.Version), ("backend", Backend(trainer.Device))]);
-            return Train(s, outDir, checkpoint, trainer, recipe, ranks);
+            if (ranks.Size > 1)
+            {
+                ranks.RequireSame([.. trainer!.Identity(), ("build", Program.Version), ("backend", Backend(trainer.Device))]);
+            }
+            return Train(s, outDir, checkpoint, trainer!, recipe, ranks);
         }
         finally
         {
@@ -338,7 +347,9 @@ public static class TrainCommand
             // Another rank: the same steps, nothing written.
             using var quiet = new StopSignals();
             trainer.StopRequested = () => quiet.Token.IsCancellationRequested;
-            Loop(trainer, new RunFiles(null, checkpoint, [], StreamWriter.Null, 0), quiet);
+            // The same save points as rank 0 (nothing saved here): they end a round of queued steps, so every rank reads its
+            // steps back, and meets a divergence, at the same step.
+            Loop(trainer, new RunFiles(null, checkpoint, [], StreamWriter.Null, s.SaveEvery), quiet);
             return !trainer.StopAgreed ? 0 : quiet.Received is not null ? quiet.ExitCode : ExitCodes.Terminated;
         }
 

@@ -74,9 +74,11 @@ public sealed record TrainOptions
     public int MicroBatch => Batch / (Accumulate * Ranks);
 
     /// <summary>Why the batch does not cut into <see cref="Accumulate"/> · <see cref="Ranks"/> equal micro-batches, or null.</summary>
-    public string? SplitProblem() =>
+    /// <param name="resuming">A resumed run keeps its batch: the advice is then a rank count and --accumulate that divide it.</param>
+    public string? SplitProblem(bool resuming = false) =>
         Batch % (Accumulate * Ranks) == 0 ? null
-        : $"--batch {Batch} does not cut into {Accumulate * Ranks} equal micro-batches ({(Ranks > 1 ? $"{Ranks} ranks x " : "")}--accumulate {Accumulate}): pass a batch that is a multiple of {Accumulate * Ranks}";
+        : $"--batch {Batch} does not cut into {Accumulate * Ranks} equal micro-batches ({(Ranks > 1 ? $"{Ranks} ranks x " : "")}--accumulate {Accumulate}): " +
+            (resuming ? $"the run's batch stays {Batch}; run a number of ranks and an --accumulate whose product divides it" : $"pass a batch that is a multiple of {Accumulate * Ranks}");
 
     /// <summary>
     /// What is wrong with these options, as (metadata key, flag, problem) triples; empty when they

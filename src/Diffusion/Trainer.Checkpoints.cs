@@ -107,7 +107,8 @@ public sealed partial class Trainer
             throw new UsageException(
                 $"--resume: the run trained on {info.ImageChannels}-channel {info.ImageSize}x{info.ImageSize} images, --data gives {data.Channels}-channel {data.Size}x{data.Size} ones; pass the run's --data and sizes, or start a new run with another --out");
         }
-        var options = change?.Invoke(saved) ?? saved;
+        // The ranks are the run's now (recorded below as a change when the count differs from the checkpoint's).
+        var options = (change?.Invoke(saved) ?? saved) with { Ranks = mpi?.Size ?? 1 };
         foreach (var setting in TrainSettings.All.Where(s => s.Resume == OnResume.Fixed))
         {
             string was = setting.Text(saved), now = setting.Text(options);

@@ -104,7 +104,7 @@ public sealed partial class Trainer : IDisposable
         if (mpi is not null)
         {
             _hostVector = device.AllocateHost(parameters + VectorTail);
-            _sum = new GradientSum(mpi, parameters + VectorTail, options.Accumulate);
+            _sum = new GradientSum(mpi, parameters + VectorTail);
         }
         else if (options.Accumulate > 1)
         {
@@ -242,9 +242,9 @@ public sealed partial class Trainer : IDisposable
         var order = Order(Epoch);
         for (int k = 0; k < local; k++)
         {
-            // Micro-batch m of the step is images [m·b, (m+1)·b) of the step's batch, with their own draws: the timesteps,
-            // labels, flips and noise of those positions, so any cut of the batch draws what the whole batch does.
-            int first = ((Mpi?.Rank ?? 0) * local + k) * b;
+            // Micro-batch j = k·ranks + rank of the step is images [j·b, (j+1)·b) of the step's batch, with their own draws:
+            // the timesteps, labels, flips and noise of those positions, so any cut of the batch draws what the whole batch does.
+            int first = (k * Options.Ranks + (Mpi?.Rank ?? 0)) * b;
             var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
             var staged = _staged[slot][k];
             Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
@@ -323,7 +323,7 @@ public sealed partial class Trainer : IDisposable
             loss.CopyTo(_oneLoss);
             vector[grads.Length] = _oneLoss[0];
             vector[grads.Length + 1] = StopRequested?.Invoke() == true ? 1 : 0;
-            _sum.Put(k, vector);
+            _sum.Add(vector);
         }
         else if (_gradFold is null)
         {
@@ -349,7 +349,7 @@ public sealed partial class Trainer : IDisposable
         if (_sum is not null)
         {
             var vector = _hostVector!.Span;
-            _sum.Sum(vector);
+            _sum.Finish(vector);
             grads.CopyFrom(vector[..grads.Length]);
             _lossOf[slot].CopyFrom(vector.Slice(grads.Length, 1));
             StopAgreed = vector[grads.Length + 1] > 0;

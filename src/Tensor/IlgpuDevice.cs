@@ -104,6 +104,9 @@ public sealed class IlgpuDevice : Device
     /// machine takes the one of its local rank; null: the one with the most memory.</summary>
     public static int? Ordinal { get; set; }
 
+    /// <summary>How many devices of this one's kind the machine shows (MPI ranks beyond that many share one).</summary>
+    public int Siblings { get; private init; } = 1;
+
     /// <summary>Opens a device of <paramref name="kind"/> (see <see cref="Ordinal"/>), or returns null when there is none.</summary>
     public static IlgpuDevice? TryOpen(DeviceKind kind)
     {
@@ -140,7 +143,7 @@ public sealed class IlgpuDevice : Device
                 context.Dispose();
                 return null;
             }
-            return new IlgpuDevice(context, found.CreateAccelerator(context), kind);
+            return new IlgpuDevice(context, found.CreateAccelerator(context), kind) { Siblings = Math.Max(1, matches.Count) };
         }
         catch
         {
