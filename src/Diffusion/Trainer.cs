@@ -238,7 +238,7 @@ public sealed partial class Trainer : IDisposable
             throw new InvalidOperationException($"{ReadEvery} steps are queued: read them back first");
         }
         int slot = _pending, batch = Options.Batch, b = Options.MicroBatch, local = Options.Accumulate, micros = local * Options.Ranks;
-        int j = (int)(Step % StepsPerEpoch), imageFloats = _eps.Length / b;
+        int inEpoch = (int)(Step % StepsPerEpoch), imageFloats = _eps.Length / b;
         var order = Order(Epoch);
         for (int k = 0; k < local; k++)
         {
@@ -250,7 +250,7 @@ public sealed partial class Trainer : IDisposable
             Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
             for (int n = 0; n < b; n++)
             {
-                int image = order[j * batch + first + n];
+                int image = order[inEpoch * batch + first + n];
                 long position = Step * batch + first + n;
                 _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
                 int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)position));
