@@ -27,12 +27,8 @@ internal static class AllReduceBench
             int length = (int)model.ParameterCount + 2;
             model.Parameters.Dispose(); // the gradient, the loss and the stop flag, as a step sends them
             var sum = new GradientSum(mpi, length);
-            var vector = new float[length];
-            new Random(mpi.Rank).NextBytes(System.Runtime.InteropServices.MemoryMarshal.AsBytes(vector.AsSpan()));
-            for (int i = 0; i < length; i++)
-            {
-                vector[i] = float.IsFinite(vector[i]) ? vector[i] : 0;
-            }
+            var random = new Random(mpi.Rank);
+            var vector = Enumerable.Range(0, length).Select(_ => random.NextSingle() - 0.5f).ToArray();
             var times = new List<double>();
             for (int i = 0; i < repeats + 3; i++)
             {

@@ -12,8 +12,8 @@ namespace Ddpm.Cli;
 /// </summary>
 internal sealed class Ranks(Mpi? mpi)
 {
-    // An agreement's record a rank: exit code, message length, the message (UTF-8, cut to fit).
-    private const int RecordBytes = 2048, HeaderBytes = 8;
+    // The bytes a rank's record takes in an agreement or a comparison.
+    private const int RecordBytes = 2048;
 
     /// <summary>One process: no MPI.</summary>
     public static Ranks Single { get; } = new(null);
@@ -47,32 +47,22 @@ internal sealed class Ranks(Mpi? mpi)
         {
             return;
         }
-        var mine = new byte[RecordBytes];
-        if (failure is not null)
-        {
-            var text = Encoding.UTF8.GetBytes(Said(failure));
-            int length = Math.Min(text.Length, RecordBytes - HeaderBytes);
-            BinaryPrimitives.WriteInt32LittleEndian(mine, Program.ExitCodeOf(failure));
-            BinaryPrimitives.WriteInt32LittleEndian(mine.AsSpan(4), length);
-            text.AsSpan(0, length).CopyTo(mine.AsSpan(HeaderBytes));
-        }
-        var all = new byte[RecordBytes * mpi.Size];
-        mpi.AllGather(mine, all);
+        // Each rank's record: "" when its phase went well, else "CODE MESSAGE".
+        var records = Gather(mpi, failure is null ? "" : $"{Program.ExitCodeOf(failure)} {Said(failure)}", RecordBytes);
         for (int r = 0; r < mpi.Size; r++)
         {
-            var record = all.AsSpan(r * RecordBytes, RecordBytes);
-            int code = BinaryPrimitives.ReadInt32LittleEndian(record);
-            if (code == 0)
+            if (records[r].Length == 0)
             {
                 continue;
             }
+            var parts = records[r].Split(' ', 2);
+            int code = int.Parse(parts[0], System.Globalization.CultureInfo.InvariantCulture);
             if (r == mpi.Rank && failure is not null)
             {
                 // Said by rank 0 when it is rank 0's, else by rank 0 naming this rank: this rank's stderr is quiet.
                 throw new RankFailedException(Said(failure), code, failure);
             }
-            int length = BinaryPrimitives.ReadInt32LittleEndian(record[4..]);
-            throw new RankFailedException($"rank {r} of {mpi.Size}: {Encoding.UTF8.GetString(record.Slice(HeaderBytes, length))}", code);
+            throw new RankFailedException($"rank {r} of {mpi.Size}: {parts[1]}", code);
         }
     }
 
@@ -85,13 +75,22 @@ internal sealed class Ranks(Mpi? mpi)
         {
             return $"0 {mine}";
         }
-        var bytes = new byte[256];
-        int length = Encoding.UTF8.GetBytes(mine.Length > 200 ? mine[..200] : mine, bytes.AsSpan(4));
-        BinaryPrimitives.WriteInt32LittleEndian(bytes, length);
-        var all = new byte[256 * mpi.Size];
-        mpi.AllGather(bytes, all);
-        return string.Join(", ", Enumerable.Range(0, mpi.Size).Select(r =>
-            $"{r} {Encoding.UTF8.GetString(all, r * 256 + 4, BinaryPrimitives.ReadInt32LittleEndian(all.AsSpan(r * 256)))}"));
+        var all = Gather(mpi, mine, 256);
+        return string.Join(", ", all.Select((text, r) => $"{r} {text}"));
+    }
+
+    // Every rank's text in rank order, by one MPI_Allgather of records of `bytes` bytes each: a length, then the text's UTF-8
+    // (cut to fit).
+    private static string[] Gather(Mpi mpi, string text, int bytes)
+    {
+        var mine = new byte[bytes];
+        var utf8 = Encoding.UTF8.GetBytes(text);
+        int length = Math.Min(utf8.Length, bytes - 4);
+        BinaryPrimitives.WriteInt32LittleEndian(mine, length);
+        utf8.AsSpan(0, length).CopyTo(mine.AsSpan(4));
+        var all = new byte[bytes * mpi.Size];
+        mpi.AllGather(mine, all);
+        return [.. Enumerable.Range(0, mpi.Size).Select(r => Encoding.UTF8.GetString(all, r * bytes + 4, BinaryPrimitives.ReadInt32LittleEndian(all.AsSpan(r * bytes))))];
     }
 
     // An error as Program.Report says it: the message, or for a bug its type too.
@@ -124,18 +123,8 @@ internal sealed class Ranks(Mpi? mpi)
         {
             return;
         }
-        var text = Encoding.UTF8.GetBytes(string.Join("\n", identity.Select(i => $"{i.Name}={i.Value}")));
-        var mine = new byte[RecordBytes];
-        BinaryPrimitives.WriteInt32LittleEndian(mine, Math.Min(text.Length, RecordBytes - 4));
-        text.AsSpan(0, Math.Min(text.Length, RecordBytes - 4)).CopyTo(mine.AsSpan(4));
-        var all = new byte[RecordBytes * mpi.Size];
-        mpi.AllGather(mine, all);
-        var ranks = Enumerable.Range(0, mpi.Size).Select(r =>
-        {
-            var record = all.AsSpan(r * RecordBytes, RecordBytes);
-            return Encoding.UTF8.GetString(record.Slice(4, BinaryPrimitives.ReadInt32LittleEndian(record)))
-                .Split('\n').Select(line => line.Split('=', 2)).ToDictionary(kv => kv[0], kv => kv.Length > 1 ? kv[1] : "");
-        }).ToList();
+        var ranks = Gather(mpi, string.Join("\n", identity.Select(i => $"{i.Name}={i.Value}")), RecordBytes)
+            .Select(text => text.Split('\n').Select(line => line.Split('=', 2)).ToDictionary(kv => kv[0], kv => kv.Length > 1 ? kv[1] : "")).ToList();
         for (int r = 1; r < ranks.Count; r++)
         {
             foreach (var (name, value) in ranks[0])

@@ -107,8 +107,7 @@ public sealed unsafe class Mpi : IDisposable
     internal static string? Launcher(Func<string, string?> env) =>
         env("OMPI_COMM_WORLD_SIZE") is not null ? "Open MPI"
         : env("PMIX_RANK") is not null ? "PMIx"
-        : env("PMI_SIZE") is not null || env("PMI_RANK") is not null ? "MPICH (Hydra)"
-        : env("MPI_LOCALNRANKS") is not null ? "MPICH (Hydra)"
+        : env("PMI_SIZE") is not null || env("PMI_RANK") is not null || env("MPI_LOCALNRANKS") is not null ? "MPICH (Hydra)"
         : null;
 
     /// <summary>The libraries tried for a launcher, in order: <see cref="LibraryVariable"/> alone when it is set.</summary>
