@@ -71,8 +71,8 @@ public sealed class CompilerReportTests
         Assert.DoesNotContain("registers, over", problems);
         // Not tiled: reported, no rules.
         Assert.Empty((report with { Tiled = false }).Problems);
-        // The main loop, its inner loop counted once a trip: 10 + (8 - 1) · 4 (two kk a trip of a 16-deep K step).
-        Assert.Equal(10 + (TiledGemm.TK / 2 - 1) * 4, report.GemmCost.StepInstructions);
+        // The main loop, its inner loop counted once a trip: 10 + (4 - 1) · 4 (four kk a trip of a 16-deep K step).
+        Assert.Equal(10 + (TiledGemm.TK / TiledGemm.KkPerTrip - 1) * 4, report.GemmCost.StepInstructions);
         Assert.Equal(0, report.GemmCost.StepHmma);
     }
 

@@ -231,29 +231,60 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
     }
 
-    /// <summary>The GPU kernel walks an across-K B's consecutive kd with NextKOfB: it must land where KOfB does, across every
-    /// wrap (s, r, channel; q, p, image), for every op and for ragged, strided and pointwise shapes.</summary>
+    /// <summary>The GPU kernel gathers a convolution's B through taps (a pixel's base and mask, a tap's delta and bits): for every
+    /// column and kd of every op, on ragged, strided, padded, pointwise and 5x5 shapes, that must read where IndexB does
+    /// and nothing where IndexB says -1 (padding, and at stride 2 the taps of the wrong phase).</summary>
     [Fact]
-    public void NextKOfBStepsToTheNextKd()
+    public void TapsReadWhereIndexBDoes()
     {
         foreach (var g in new[] { new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1), new ConvShape(2, 3, 5, 6, 5, 3, 3, 2, 1), new ConvShape(2, 3, 7, 7, 5, 1, 1, 1, 0),
-                     new ConvShape(1, 4, 5, 6, 3, 1, 1, 2, 0), new ConvShape(3, 2, 4, 4, 2, 5, 5, 1, 2) })
+                     new ConvShape(1, 4, 5, 6, 3, 1, 1, 2, 0), new ConvShape(3, 2, 4, 4, 2, 5, 5, 1, 2), new ConvShape(1, 2, 9, 8, 3, 3, 3, 2, 1),
+                     new ConvShape(1, 2, 6, 7, 2, 4, 2, 3, 2), new ConvShape(1, 1, 3, 3, 1, 3, 3, 1, 4) })
         {
-            Steps<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), g.Crs);
-            Steps<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), g.K * g.R * g.S);
-            Steps<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), g.N * g.Pq);
+            Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
+            Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
+            Agree<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), alongK: true);
         }
-        var m = new MatmulShape(3, 7, 5, 5, 1, 7, 1, false);
-        Steps<MatmulTile>(new TileArgs(3, 7, 5, 0, false, false, default, m), 5);
 
-        static void Steps<TOp>(TileArgs t, int kd) where TOp : struct, ITileOperands
+        static void Agree<TOp>(TileArgs t, bool alongK) where TOp : struct, ITileOperands
         {
-            var k = TOp.KOfB(t, 0);
-            for (int i = 1; i < kd; i++)
+            Assert.True(TOp.Tapped);
+            Assert.Equal(alongK, TOp.BAlongK(t));
+            int reads = 0;
+            for (int col = 0; col < t.Cols; col++)
             {
-                k = TOp.NextKOfB(t, k);
-                var want = TOp.KOfB(t, i);
-                Assert.True((k.Base, k.Y, k.X) == (want.Base, want.Y, want.X), $"{typeof(TOp).Name} kd {i}: stepped to ({k.Base}, {k.Y}, {k.X}), KOfB says ({want.Base}, {want.Y}, {want.X})");
+                for (int kd = 0; kd < t.Kd; kd++)
+                {
+                    var (pixel, tap) = alongK ? (TOp.PixelOfB(t, kd), TOp.TapOfB(t, col)) : (TOp.PixelOfB(t, col), TOp.TapOfB(t, kd));
+                    int want = TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd));
+                    int got = Taps.Reads(pixel, tap) ? pixel.Base + tap.Delta : -1;
+                    Assert.True(want == got, $"{typeof(TOp).Name} ({t.Conv.R}x{t.Conv.S}, stride {t.Conv.Stride}, pad {t.Conv.Pad}) col {col}, kd {kd}: taps read {got}, IndexB says {want}");
+                    reads += got >= 0 ? 1 : 0;
+                    Assert.False(Taps.Reads(pixel, new Tap(0, Taps.Nowhere)), "the tap past K read a pixel");
+                    Assert.False(Taps.Reads(default, tap), "a tap read the pixel past the last column");
+                }
+            }
+            Assert.True(reads > 0, $"{typeof(TOp).Name}: no tap read anything");
+        }
+    }
+
+    /// <summary>The GPU kernel stores a thread's staged elements e, e + 128, … from its first slot, SlotStep apart: that must be
+    /// where Slot puts each of them (the layout the bank-conflict test walks), for both tiles, along and across K.</summary>
+    [Fact]
+    public void StagedElementsStoreSlotStepApart()
+    {
+        foreach (bool alongK in new[] { false, true })
+        {
+            foreach (var (lines, stride) in new[] { (TiledGemm.TM, TiledGemm.AStride), (TiledGemm.TN, TiledGemm.BStride) })
+            {
+                int step = TiledGemm.SlotStep(alongK, lines, stride), elements = TiledGemm.TK * lines / TiledGemm.Threads;
+                for (int tid = 0; tid < TiledGemm.Threads; tid++)
+                {
+                    for (int j = 0; j < elements; j++)
+                    {
+                        Assert.Equal(TiledGemm.Slot(alongK, tid + j * TiledGemm.Threads, lines, stride), TiledGemm.Slot(alongK, tid, lines, stride) + j * step);
+                    }
+                }
             }
         }
     }

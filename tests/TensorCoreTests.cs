@@ -1,4 +1,4 @@
-using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.TileArgs>;
+using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
 using Ddpm.Kernels;
 using Ddpm.Kernels.Checks;
 using Ddpm.Tensors;
@@ -285,7 +285,7 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
         var launcher = Launchers.GetOrAdd((kernels, load.Method), _ => load(kernels));
         var s = new MatmulShape(m, n, kd, transA ? 1 : kd, transA ? m : 1, transB ? 1 : n, transB ? kd : 1, false);
         return Run(device, [(a, aShape), (b, bShape)], NaNs(m * n), [m, n], (t, c) =>
-            TiledGemm.Launch(kernels, launcher, new TileArgs(m, n, kd, 0, false, false, default, s), t[0].View, t[1].View, c.View, c.View, c.View, c.View));
+            TiledGemm.Launch<MatmulTile>(kernels, launcher, new TileArgs(m, n, kd, 0, false, false, default, s), t[0].View, t[1].View, c.View, c.View, c.View, c.View));
     }
 
     private static readonly System.Collections.Concurrent.ConcurrentDictionary<(IlgpuKernels, System.Reflection.MethodInfo), TileLauncher> Launchers = new();

@@ -124,7 +124,7 @@ public static unsafe class Conv2d
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
-            if (!k.Simple)
+            if (!k.Simple && TiledConv.Takes(g))
             {
                 TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View, residual?.View);
                 return;
@@ -158,7 +158,7 @@ public static unsafe class Conv2d
         if (dx.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(dx);
-            if (!k.Simple)
+            if (!k.Simple && TiledConv.Takes(g))
             {
                 TiledConv.BackwardInput(k, g, dy.View, w.View, dx.View, accumulate);
                 return;
@@ -189,7 +189,7 @@ public static unsafe class Conv2d
         if (x.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(x);
-            if (!k.Simple)
+            if (!k.Simple && TiledConv.Takes(g))
             {
                 TiledConv.BackwardWeight(k, g, dy.View, x.View, dw.View, db?.View);
                 return;

@@ -49,6 +49,44 @@ public sealed class IlgpuKernels
     /// <summary>The arrival counters, zero between launches (each kernel that counts puts them back).</summary>
     internal ArrayView<int> GridCounters => _gridCounters.View;
 
+    private readonly Dictionary<(Type Op, int C, int H, int W, int K, int R, int S, int Stride, int Pad), MemoryBuffer1D<Tap, Stride1D.Dense>> _tapTables = [];
+    private MemoryBuffer1D<Tap, Stride1D.Dense>? _noTaps;
+
+    /// <summary>
+    /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
+    /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd and a tap that reads nothing up to the next multiple of
+    /// the K step. Built on the host and uploaded once a geometry (it does not depend on the batch), then kept with the
+    /// kernels. Any other op gets a small table it never reads.
+    /// </summary>
+    internal ArrayView<Tap> TapTable<TOp>(TileArgs t) where TOp : struct, ITileOperands
+    {
+        lock (_tapTables)
+        {
+            if (!TOp.Tapped || TOp.BAlongK(t))
+            {
+                _noTaps ??= Accelerator.Allocate1D(Enumerable.Repeat(new Tap(0, Taps.Nowhere), TiledGemm.TK).ToArray());
+                return _noTaps.View;
+            }
+            if (t.Splits != 1)
+            {
+                throw new InvalidOperationException($"tiled gemm: a tap table reads the whole K range, and {typeof(TOp).Name} was split {t.Splits} ways");
+            }
+            var g = t.Conv;
+            var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
+            if (!_tapTables.TryGetValue(key, out var table))
+            {
+                var taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK)];
+                for (int kd = 0; kd < taps.Length; kd++)
+                {
+                    taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
+                }
+                table = Accelerator.Allocate1D(taps);
+                _tapTables[key] = table;
+            }
+            return table.View;
+        }
+    }
+
     /// <summary>The device these kernels were compiled for.</summary>
     public IlgpuDevice Device { get; }
 

@@ -63,7 +63,7 @@ public static unsafe class Linear
             if (!kk.Simple)
             {
                 var t = new TileArgs(m, n, k, 0, accumulate, false, default, s, rowSums: rowSums is not null, bias: bias is not null);
-                TiledGemm.Launch(kk, kk.Linear.TiledMatmul.For(), t, a.View, b.View, c.View, (bias ?? c).View, (rowSums ?? c).View, c.View);
+                TiledGemm.Launch<MatmulTile>(kk, kk.Linear.TiledMatmul.For(), t, a.View, b.View, c.View, (bias ?? c).View, (rowSums ?? c).View, c.View);
                 return;
             }
             kk.Linear.Matmul(kk.Stream, m * n, a.View, b.View, c.View, s);

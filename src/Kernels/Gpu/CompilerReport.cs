@@ -181,8 +181,8 @@ public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasI
     SassMix Inner)
 {
     /// <summary>A tiled GEMM's cost a K step, for the prediction: the main loop with its inner loop counted once per trip
-    /// (two kk a trip on the FFMA core, one k8 mma step on tensor cores).</summary>
-    public GemmCost GemmCost => GemmCost.FromLoops(Loop, Inner, GroupsPerSm, TensorCores ? TiledGemm.TK / 8 : TiledGemm.TK / 2);
+    /// (<see cref="TiledGemm.KkPerTrip"/> kk a trip on the FFMA core, one k8 mma step on tensor cores).</summary>
+    public GemmCost GemmCost => GemmCost.FromLoops(Loop, Inner, GroupsPerSm, TensorCores ? TiledGemm.TK / 8 : TiledGemm.TK / TiledGemm.KkPerTrip);
 
     /// <summary>A tensor-core kernel (TiledGemm.TensorKernel).</summary>
     public bool TensorCores => Name.StartsWith("TiledGemm.TensorKernel.", StringComparison.Ordinal);

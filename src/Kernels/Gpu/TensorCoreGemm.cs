@@ -257,15 +257,16 @@ public static partial class TiledGemm
     /// m16n8k8 TF32 mma in <typeparamref name="TMath"/>'s mode. Groups of exactly <see cref="Threads"/> in warps of 32.
     /// </summary>
     internal static void TensorKernel<TOp, TMath, TLayout>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0,
-        ArrayView<float> e1, ArrayView<float> e2, ArrayView<int> counters, TileArgs t)
+        ArrayView<float> e1, ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t)
         where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
     {
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4);
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
+        var columnTaps = SharedMemory.Allocate<Tap>(TN);
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
         Finish(c, e0, e1, counters, t, rowS, rowSums, last);
     }
 
@@ -280,8 +281,8 @@ public static partial class TiledGemm
         }
         // A simulator runs the mma emulation, which posts each lane's operands in dynamic shared memory.
         var emulation = SharedMemoryConfig.RequestDynamic<float>(Tf32.EmulationFloats);
-        return (stream, config, a, b, c, e0, e1, e2, counters, t) =>
-            launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, counters, t);
+        return (stream, config, a, b, c, e0, e1, e2, counters, taps, t) =>
+            launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, counters, taps, t);
     }
 
     /// <summary>The warp's row (0 .. 31) of row g (h = 0) or g + 8 (h = 1) of mma tile t: 4g + 2t + h.</summary>

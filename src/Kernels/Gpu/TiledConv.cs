@@ -45,10 +45,16 @@ public struct ConvForwardTile : ITileOperands
     public static Gather KOfB(TileArgs t, int kd) => ConvTaps.Tap(t, kd);
 
     /// <inheritdoc/>
-    public static Gather NextKOfB(TileArgs t, Gather tap) => ConvTaps.NextTap(t, tap, t.Conv.H * t.Conv.W);
+    public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvTaps.Input(t, pixel, tap);
 
     /// <inheritdoc/>
-    public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvTaps.Input(t, pixel, tap);
+    public static bool Tapped => true;
+
+    /// <summary>Output pixel col's window: <see cref="ConvTaps.Window"/>.</summary>
+    public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
+
+    /// <summary>kd = (c, r, s): <see cref="ConvTaps.InputTap"/>.</summary>
+    public static Tap TapOfB(TileArgs t, int kd) => ConvTaps.InputTap(t, kd);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int split, int m, int col,
@@ -109,9 +115,6 @@ public struct ConvInputTile : ITileOperands
         return new(k * g.P * g.Q, r, tap - r * g.S);
     }
 
-    /// <inheritdoc/>
-    public static Gather NextKOfB(TileArgs t, Gather tap) => ConvTaps.NextTap(t, tap, t.Conv.P * t.Conv.Q);
-
     /// <summary>dy[n, k, p, q] where (p, q)·stride + (r, s) = (h, w) + pad, -1 where no output pixel reads (h, w) through
     /// tap (r, s).</summary>
     public static int IndexB(TileArgs t, Gather pixel, Gather tap)
@@ -122,6 +125,41 @@ public struct ConvInputTile : ITileOperands
         int p = t.Div.Stride.Div(Math.Max(ph, 0)), q = t.Div.Stride.Div(Math.Max(pw, 0));
         bool reads = (ph >= 0) & (pw >= 0) & (p * g.Stride == ph) & (q * g.Stride == pw) & (p < g.P) & (q < g.Q);
         return reads ? pixel.Base + tap.Base + p * g.Q + q : -1;
+    }
+
+    /// <inheritdoc/>
+    public static bool Tapped => true;
+
+    /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋]; the taps (r, s) that
+    /// read it are those whose (h + pad - r, w + pad - s) is a multiple of the stride inside [0, P·stride) x [0, Q·stride).</summary>
+    public static TapPixel PixelOfB(TileArgs t, int col)
+    {
+        var g = t.Conv;
+        int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j), hp = h + g.Pad, wp = j - h * g.W + g.Pad;
+        return new(n * g.K * g.P * g.Q + t.Div.Stride.Div(hp) * g.Q + t.Div.Stride.Div(wp),
+            Taps.Mask(Reached(t, hp, g.R, g.P), Reached(t, wp, g.S, g.Q)));
+    }
+
+    /// <summary>kd = (k, r, s): dy's channel k, less (⌊r / stride⌋, ⌊s / stride⌋): for a tap whose stride phase matches the
+    /// pixel's, (h + pad - r) / stride = ⌊(h + pad) / stride⌋ - ⌊r / stride⌋.</summary>
+    public static Tap TapOfB(TileArgs t, int kd)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        return new(k * g.P * g.Q - t.Div.Stride.Div(r) * g.Q - t.Div.Stride.Div(s), Taps.Bits(r, s));
+    }
+
+    /// <summary>The taps 0 .. size - 1 that reach padded coordinate <paramref name="padded"/> from an output coordinate
+    /// in [0, outputs): padded - tap a non-negative multiple of the stride, below outputs·stride. A loop, once a launch.</summary>
+    private static int Reached(TileArgs t, int padded, int size, int outputs)
+    {
+        int bits = 0;
+        for (int tap = 0; tap < size; tap++)
+        {
+            int d = padded - tap, o = t.Div.Stride.Div(Math.Max(d, 0));
+            bits |= (d >= 0) & (o * t.Conv.Stride == d) & (o < outputs) ? 1 << tap : 0;
+        }
+        return bits;
     }
 
     /// <inheritdoc/>
@@ -175,17 +213,17 @@ public struct ConvWeightTile : ITileOperands
         return new(n * g.C * g.H * g.W, p * g.Stride, (j - p * g.Q) * g.Stride);
     }
 
-    /// <summary>Not used: B is stored along K, so the GPU kernel computes each element's kd part once a step; this is KOfB
-    /// at kd + 1 all the same.</summary>
-    public static Gather NextKOfB(TileArgs t, Gather pixel)
-    {
-        var g = t.Conv;
-        int row = pixel.X + g.Stride == g.Q * g.Stride ? 1 : 0, image = row & (pixel.Y + g.Stride == g.P * g.Stride ? 1 : 0);
-        return new(pixel.Base + image * g.C * g.H * g.W, (pixel.Y + row * g.Stride) * (1 - image), (pixel.X + g.Stride) * (1 - row));
-    }
-
     /// <inheritdoc/>
     public static int IndexB(TileArgs t, Gather tap, Gather pixel) => ConvTaps.Input(t, pixel, tap);
+
+    /// <inheritdoc/>
+    public static bool Tapped => true;
+
+    /// <summary>kd = (n, p, q), an output pixel: its window (<see cref="ConvTaps.Window"/>).</summary>
+    public static TapPixel PixelOfB(TileArgs t, int kd) => ConvTaps.Window(t, kd);
+
+    /// <summary>Column crs = (c, r, s): <see cref="ConvTaps.InputTap"/>.</summary>
+    public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, col);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
@@ -223,14 +261,22 @@ internal static class ConvTaps
         return new(c * g.H * g.W, r, tap - r * g.S);
     }
 
-    /// <summary>The tap after <paramref name="tap"/> (s + 1, else r + 1, else the next channel, <paramref name="plane"/>
-    /// floats on): a few adds and selects instead of Tap's two divisions.</summary>
-    public static Gather NextTap(TileArgs t, Gather tap, int plane)
+    /// <summary>Output pixel i = (n, p, q)'s window in x: base x[n, 0, p·stride - pad, q·stride - pad] (negative in the
+    /// padding: only a tap inside adds to it), and the taps (r, s) whose row and column fall inside the image.</summary>
+    public static TapPixel Window(TileArgs t, int i)
     {
-        // Arithmetic, not branches: row = 1 when s wraps, channel = 1 when r wraps too.
         var g = t.Conv;
-        int row = tap.X + 1 == g.S ? 1 : 0, channel = row & (tap.Y + 1 == g.R ? 1 : 0);
-        return new(tap.Base + channel * plane, (tap.Y + row) * (1 - channel), (tap.X + 1) * (1 - row));
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(i), j = i - n * pq, p = t.Div.Q.Div(j);
+        int y0 = p * g.Stride - g.Pad, x0 = (j - p * g.Q) * g.Stride - g.Pad;
+        return new(n * g.C * g.H * g.W + y0 * g.W + x0, Taps.Mask(Taps.Inside(y0, g.R, g.H), Taps.Inside(x0, g.S, g.W)));
+    }
+
+    /// <summary>Tap crs = (c, r, s) of a window in x: c·H·W + r·W + s.</summary>
+    public static Tap InputTap(TileArgs t, int crs)
+    {
+        var g = t.Conv;
+        int rs = g.R * g.S, c = t.Div.Rs.Div(crs), tap = crs - c * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
+        return new(c * g.H * g.W + r * g.W + s, Taps.Bits(r, s));
     }
 
     /// <summary>The index of x[n, c, h, w] at (h, w) = the window's corner + the tap: the sum of a pixel part (the image's
@@ -259,19 +305,23 @@ internal static class TiledConv
     /// <summary>Cap on the partials buffer (floats): 8 M = 32 MB.</summary>
     private const long MaxPartials = 8L << 20;
 
+    /// <summary>True when the tiled kernels take <paramref name="g"/>: kernels up to <see cref="Taps.MaxKernel"/> wide and high
+    /// (a tap's row and column are bits of a mask); larger ones run the simple twins.</summary>
+    public static bool Takes(ConvShape g) => g.R <= Taps.MaxKernel && g.S <= Taps.MaxKernel;
+
     /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual).</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
         ArrayView<float>? channelBias, ArrayView<float>? residual = null)
     {
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
-        TiledGemm.Launch(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
+        TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
     }
 
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
     public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
     {
         var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
-        TiledGemm.Launch(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
+        TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
     }
 
     /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>
@@ -299,10 +349,10 @@ internal static class TiledConv
         var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default, rowSums: db is not null);
         if (t.Splits == 1)
         {
-            TiledGemm.Launch(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
+            TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
             return;
         }
         using var partials = k.Scratch(checked((int)t.PartialsLength));
-        TiledGemm.Launch(k, k.Conv2d.TiledWeight.For(), t, dy, x, partials.View, dw, db ?? dw, dw);
+        TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, partials.View, dw, db ?? dw, dw);
     }
 }

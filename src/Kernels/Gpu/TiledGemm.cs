@@ -29,10 +29,10 @@
 //     tile's partials over the splits in split order, 0, 1, …, into e0. The sum's order is fixed whichever group
 //     finishes last, so reruns stay bit-identical.
 
-// The launcher of every tiled GEMM (stream, config, a, b, out, three epilogue views, the grid's arrival counters,
-// args): one name for the project, used by Conv2d and Linear as well.
+// The launcher of every tiled GEMM (stream, config, a, b, out, three epilogue views, the grid's arrival counters, the
+// tap table of a tapped across-K B, args): one name for the project, used by Conv2d and Linear as well.
 global using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, Ddpm.Kernels.TileArgs>;
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
 
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
@@ -151,6 +151,60 @@ public readonly struct Gather(int @base, int y = 0, int x = 0)
 }
 
 /// <summary>
+/// One tap of a convolution's gathered operand (<see cref="ITileOperands.Tapped"/>): the offset it adds to a pixel's base,
+/// and its bits, 1 &lt;&lt; r | 1 &lt;&lt; (16 + s) (<see cref="Taps.Bits"/>). A tap reads a pixel when its bits lie inside the pixel's
+/// mask: one LOP3 a gathered element, where the bounds test of (h, w) took a dozen instructions.
+/// </summary>
+public readonly struct Tap(int delta, int bits)
+{
+    /// <summary>The offset added to the pixel's base.</summary>
+    public readonly int Delta = delta;
+
+    /// <summary>1 &lt;&lt; r | 1 &lt;&lt; (16 + s); <see cref="Taps.Nowhere"/> for a tap that reads nothing (past the end of K).</summary>
+    public readonly int Bits = bits;
+}
+
+/// <summary>A pixel of a tapped operand: its base offset, and the taps that read it as a mask, rows r in bits 0 .. 14 and
+/// columns s in bits 16 .. 30 (<see cref="Taps.Mask"/>). Mask 0: no tap reads it (a column past the end).</summary>
+public readonly struct TapPixel(int @base, int mask)
+{
+    /// <summary>The offset a tap's delta is added to.</summary>
+    public readonly int Base = @base;
+
+    /// <summary>The rows and columns of taps that read inside the tensor.</summary>
+    public readonly int Mask = mask;
+}
+
+/// <summary>The bit arithmetic of taps and pixels (<see cref="Tap"/>, <see cref="TapPixel"/>).</summary>
+public static class Taps
+{
+    /// <summary>The largest kernel height and width the tapped gathers take (a row or column index fits in 4 bits, bit 15
+    /// stays free for <see cref="Nowhere"/>). Larger kernels run the simple twins.</summary>
+    public const int MaxKernel = 15;
+
+    /// <summary>The bits of a tap that reads nothing: bit 15 is never in a mask.</summary>
+    public const int Nowhere = 1 << 15;
+
+    /// <summary>The bits of tap (r, s).</summary>
+    public static int Bits(int r, int s) => 1 << r | 1 << (16 + s);
+
+    /// <summary>A pixel's mask from its rows' and columns' bit ranges.</summary>
+    public static int Mask(int rows, int columns) => rows | columns << 16;
+
+    /// <summary>Bits lo .. hi - 1 (0 &lt;= lo, hi &lt;= <see cref="MaxKernel"/>); none when hi &lt;= lo.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static int Range(int lo, int hi) => hi > lo ? (1 << hi) - (1 << lo) : 0;
+
+    /// <summary>The taps 0 .. size - 1 whose coordinate first + tap lies in [0, extent): a window's rows or columns inside the image.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static int Inside(int first, int size, int extent) => Range(Math.Min(Math.Max(-first, 0), size), Math.Max(Math.Min(size, extent - first), 0));
+
+    /// <summary>True when <paramref name="tap"/> reads <paramref name="pixel"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static bool Reads(TapPixel pixel, Tap tap) => (tap.Bits & ~pixel.Mask) == 0;
+}
+
+/// <summary>
 /// How one product gathers its operands and writes its result. Static abstract members, so each op compiles into
 /// its own kernel with the gathers inlined (ILGPU's StaticAbstractInterfaceMembers pattern). A load is split in two:
 /// the row's (or column's) part, hoisted out of the K loop, and the kd part.
@@ -172,7 +226,7 @@ public interface ITileOperands
 
     /// <summary>Where A(m, kd) is in a, from <paramref name="row"/> = <see cref="RowOfA"/>(m) and <paramref name="k"/> =
     /// <see cref="KOfA"/>(kd), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd: an index, not a load, so the kernel's one load an
-    /// element is a predicated LDG; -1 for a structural zero.</summary>
+    /// element is a predicated LDG. A has no structural zeros: never negative.</summary>
     static abstract int IndexA(TileArgs t, Gather row, Gather k);
 
     /// <summary>The part of B(·, col)'s addressing that depends on col alone (any col, even past Cols).</summary>
@@ -181,13 +235,24 @@ public interface ITileOperands
     /// <summary>The part of B(kd, ·)'s addressing that depends on kd alone.</summary>
     static abstract Gather KOfB(TileArgs t, int kd);
 
-    /// <summary><see cref="KOfB"/>(kd + 1) from <paramref name="k"/> = <see cref="KOfB"/>(kd): a few adds and selects where
-    /// KOfB divides (the GPU kernel walks each thread's 16 consecutive kd of an across-K B this way).</summary>
-    static abstract Gather NextKOfB(TileArgs t, Gather k);
-
     /// <summary>Where B(kd, col) is in b, from <see cref="ColumnOfB"/>(col) and <see cref="KOfB"/>(kd); -1 for a structural
     /// zero (a padding tap).</summary>
     static abstract int IndexB(TileArgs t, Gather column, Gather k);
+
+    /// <summary>
+    /// True for a convolution's B: B(kd, col) = b[pixel.Base + tap.Delta] where the tap reads the pixel (<see cref="Taps.Reads"/>),
+    /// else 0. Across K the pixel is the column's (<see cref="PixelOfB"/>(col), once a launch) and the tap kd's (a table
+    /// the host fills from <see cref="TapOfB"/>, read once a step); along K the pixel is kd's (once a step) and the tap the
+    /// column's (a table in shared memory, filled once a launch). The GPU kernel gathers B so; <see cref="IndexB"/> says the
+    /// same, and a test holds that they agree.
+    /// </summary>
+    static abstract bool Tapped { get; }
+
+    /// <summary>The pixel part of B's gather (a tapped op): across K for column <paramref name="i"/>, along K for kd.</summary>
+    static abstract TapPixel PixelOfB(TileArgs t, int i);
+
+    /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j.</summary>
+    static abstract Tap TapOfB(TileArgs t, int j);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
     /// K split that computed it. e0, e1 and e2 are the op's extra operands (bias, channel bias, residual).</summary>
@@ -217,6 +282,11 @@ public static partial class TiledGemm
     /// <summary>A thread's register tile: 8 rows by 8 columns (two runs of four, half a tile apart).</summary>
     public const int RowsPerThread = 8, ColsPerThread = 8;
 
+    /// <summary>kk the FFMA core's multiply-add loop does a trip (written out four times in its body): four 128-bit shared
+    /// loads and 64 FFMA each. Four, not two: the loop's addressing and branch are then 13 instructions in 285, not 19 in
+    /// 147; not sixteen: ILGPU places a straight line's loads before its first multiply-add, and 256 live operands spill.</summary>
+    public const int KkPerTrip = 4;
+
     /// <summary>Register tiles per output tile (8 x 16 of 8 x 8 outputs): the group size on a GPU.</summary>
     public const int Threads = TM / RowsPerThread * (TN / ColsPerThread);
 
@@ -230,8 +300,9 @@ public static partial class TiledGemm
     /// <summary>Floats of one shared A tile and one B tile; the GPU kernel keeps two of each (double buffering).</summary>
     public const int ATile = TK * AStride, BTile = TK * BStride;
 
-    /// <summary>Shared memory the GPU kernel's group declares: two A and two B tiles, the row sums and the last-group flag.</summary>
-    public const int SharedBytes = (2 * ATile + 2 * BTile + TM) * sizeof(float) + sizeof(int);
+    /// <summary>Shared memory the GPU kernel's group declares: two A and two B tiles, the row sums, the column taps and the
+    /// last-group flag.</summary>
+    public const int SharedBytes = (2 * ATile + 2 * BTile + TM) * sizeof(float) + TN * 2 * sizeof(int) + sizeof(int);
 
     /// <summary>The launch bounds' groups an SM: with 128 threads, 65,536 / (128 · 3) = 170, so ptxas keeps a thread
     /// within 168 registers (64 accumulators, 24 staged elements, 16 operands and the addressing).</summary>
@@ -263,15 +334,16 @@ public static partial class TiledGemm
     /// the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero between launches.
     /// </summary>
     internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
+        ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
     {
         // Allocated as 16-byte groups, so ILGPU knows the 128-bit loads are aligned; the stores see them as floats.
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4); // two [TK][AStride] buffers
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
+        var columnTaps = SharedMemory.Allocate<Tap>(TN); // a tapped along-K B's taps of this tile's columns
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
+        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
         Finish(c, e0, e1, counters, t, rowS, rowSums, last);
     }
 
@@ -280,7 +352,7 @@ public static partial class TiledGemm
     /// of two G &lt; 256): the group computes the tile's 256 register tiles in 256 / G passes (<see cref="InPasses{TOp}"/>).
     /// </summary>
     internal static void KernelInPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<int> counters, TileArgs t) where TOp : struct, ITileOperands
+        ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
     {
         var aS4 = SharedMemory.Allocate<Float4>(ATile / 4);
         var bS4 = SharedMemory.Allocate<Float4>(BTile / 4);
@@ -414,7 +486,8 @@ public static partial class TiledGemm
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp, TAcc>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
+        ArrayView<float> e2, ArrayView<Tap> taps, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS,
+        ArrayView<Tap> columnTaps, bool rowSums)
         where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
@@ -422,13 +495,23 @@ public static partial class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        var fetch = new Fetcher<TOp>(t, a, b, tid, m0, col0, kEnd);
+        if (TOp.Tapped && bAlongK)
+        {
+            // The taps of this tile's columns, once a launch (a uniform branch: every thread reaches the barrier).
+            int col = col0 + tid;
+            columnTaps[tid] = col < t.Cols ? TOp.TapOfB(t, col) : new Tap(0, Taps.Nowhere);
+            Group.Barrier();
+        }
+        var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd);
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
         var staged = fetch.Step(k0);
-        StoreA(aS, 0, aAlongK, tid, Stage<TAcc>(staged.A));
-        StoreB(bS, 0, bAlongK, tid, 0, Stage<TAcc>(staged.B0));
-        StoreB(bS, 0, bAlongK, tid, 8, Stage<TAcc>(staged.B1));
+        // Where this thread's elements go: its first element's slot, then a fixed step (SlotStep), computed once.
+        int slotA = SlotA(aAlongK, tid), stepA = SlotStep(aAlongK, TM, AStride);
+        int slotB = SlotB(bAlongK, tid), stepB = SlotStep(bAlongK, TN, BStride);
+        Store8(aS, slotA, stepA, Stage<TAcc>(staged.A));
+        Store8(bS, slotB, stepB, Stage<TAcc>(staged.B0));
+        Store8(bS, slotB + 8 * stepB, stepB, Stage<TAcc>(staged.B1));
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -445,9 +528,9 @@ public static partial class TiledGemm
             }
             if (more)
             {
-                StoreA(aS, (1 - buffer) * ATile, aAlongK, tid, Stage<TAcc>(staged.A));
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 0, Stage<TAcc>(staged.B0));
-                StoreB(bS, (1 - buffer) * BTile, bAlongK, tid, 8, Stage<TAcc>(staged.B1));
+                Store8(aS, (1 - buffer) * ATile + slotA, stepA, Stage<TAcc>(staged.A));
+                Store8(bS, (1 - buffer) * BTile + slotB, stepB, Stage<TAcc>(staged.B0));
+                Store8(bS, (1 - buffer) * BTile + slotB + 8 * stepB, stepB, Stage<TAcc>(staged.B1));
             }
             Group.Barrier();
             buffer = 1 - buffer;
@@ -461,37 +544,36 @@ public static partial class TiledGemm
         public readonly Floats8 A = a, B0 = b0, B1 = b1;
     }
 
-    /// <summary>Eight staged elements of B and the kd part after them (an across-K B steps it element by element).</summary>
-    private readonly struct StagedB(Floats8 values, Gather next)
-    {
-        public readonly Floats8 Values = values;
-        public readonly Gather Next = next;
-    }
-
     /// <summary>
     /// What a thread fetches a K step, with every part of the addressing that is fixed for the launch computed once:
-    /// across K its one row of A (tid mod 64) and column of B (tid); along K its kk in each tile and its 8 rows of A.
+    /// across K its one row of A (tid mod 64) and column of B (tid: for a tapped B, its pixel); along K its kk in each
+    /// tile, its 8 rows of A and the first of its 16 columns of B (line, line + 8, …).
     /// </summary>
     private readonly struct Fetcher<TOp> where TOp : struct, ITileOperands
     {
         private readonly TileArgs T;
         private readonly ArrayView<float> _a, _b;
+        private readonly ArrayView<Tap> _taps, _columnTaps;
         private readonly bool _aAlongK, _bAlongK, _okB;
         private readonly Gather _rowA, _columnB;
+        private readonly TapPixel _pixel;
         private readonly Rows8<TOp> _rowsA;
-        private readonly int _kkA, _kkB, _tid, _col0, _kEnd;
+        private readonly int _kkA, _kkB, _lineB, _tid, _col0, _kEnd;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, int tid, int m0, int col0, int kEnd)
+        public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<Tap> taps, ArrayView<Tap> columnTaps, int tid, int m0, int col0,
+            int kEnd)
         {
-            (T, _a, _b, _tid, _col0, _kEnd) = (t, a, b, tid, col0, kEnd);
+            (T, _a, _b, _taps, _columnTaps, _tid, _col0, _kEnd) = (t, a, b, taps, columnTaps, tid, col0, kEnd);
             _aAlongK = TOp.AAlongK(t);
             _bAlongK = TOp.BAlongK(t);
             _rowA = TOp.RowOfA(t, m0 + tid % TM);
-            _columnB = TOp.ColumnOfB(t, col0 + tid);
             _okB = col0 + tid < t.Cols;
+            _columnB = TOp.Tapped ? default : TOp.ColumnOfB(t, col0 + tid);
+            _pixel = TOp.Tapped && !_bAlongK && _okB ? TOp.PixelOfB(t, col0 + tid) : default;
             _kkA = Element(true, tid, TM).Kk;
             _kkB = Element(true, tid, TN).Kk;
+            _lineB = Element(true, tid, TN).Line;
             _rowsA = _aAlongK ? new Rows8<TOp>(t, m0, Element(true, tid, TM).Line) : default;
         }
 
@@ -499,46 +581,99 @@ public static partial class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Staged Step(int k0)
         {
-            var kA = TOp.KOfA(T, k0 + _kkA);
-            var a = new Floats8
+            var a = _aAlongK ? EightOfAAlongK(k0) : EightOfAAcrossK(k0);
+            if (TOp.Tapped)
             {
-                V0 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G0, (_rowsA.Ok >> 0 & 1) != 0, kA, k0, _kEnd, _tid + 0 * Threads),
-                V1 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G1, (_rowsA.Ok >> 1 & 1) != 0, kA, k0, _kEnd, _tid + 1 * Threads),
-                V2 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G2, (_rowsA.Ok >> 2 & 1) != 0, kA, k0, _kEnd, _tid + 2 * Threads),
-                V3 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G3, (_rowsA.Ok >> 3 & 1) != 0, kA, k0, _kEnd, _tid + 3 * Threads),
-                V4 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G4, (_rowsA.Ok >> 4 & 1) != 0, kA, k0, _kEnd, _tid + 4 * Threads),
-                V5 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G5, (_rowsA.Ok >> 5 & 1) != 0, kA, k0, _kEnd, _tid + 5 * Threads),
-                V6 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G6, (_rowsA.Ok >> 6 & 1) != 0, kA, k0, _kEnd, _tid + 6 * Threads),
-                V7 = FetchA<TOp>(T, _a, _aAlongK, _rowA, _rowsA.G7, (_rowsA.Ok >> 7 & 1) != 0, kA, k0, _kEnd, _tid + 7 * Threads),
-            };
-            var b0 = EightOfB(TOp.KOfB(T, k0 + (_bAlongK ? _kkB : 0)), k0, 0);
-            var b1 = EightOfB(b0.Next, k0, 8);
-            return new Staged(a, b0.Values, b1.Values);
+                return _bAlongK
+                    ? new Staged(a, EightTappedAlongK(k0, 0), EightTappedAlongK(k0, 8))
+                    : new Staged(a, EightTappedAcrossK(k0, 0), EightTappedAcrossK(k0, 8));
+            }
+            return new Staged(a, EightOfB(k0, 0), EightOfB(k0, 8));
         }
 
-        /// <summary>B elements tid + 128·(first + j), j &lt; 8, from the kd part <paramref name="k"/> of the first.</summary>
+        /// <summary>A along K: this thread's kk, rows line + 8·j (their parts hoisted); the kd part once a step.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private StagedB EightOfB(Gather k, int k0, int first)
+        private Floats8 EightOfAAlongK(int k0)
         {
-            var b = default(Floats8);
-            b.V0 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 0) * Threads, first + 0);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V1 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 1) * Threads, first + 1);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V2 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 2) * Threads, first + 2);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V3 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 3) * Threads, first + 3);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V4 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 4) * Threads, first + 4);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V5 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 5) * Threads, first + 5);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V6 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 6) * Threads, first + 6);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            b.V7 = FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, k, _col0, k0, _kEnd, _tid + (first + 7) * Threads, first + 7);
-            k = _bAlongK ? k : TOp.NextKOfB(T, k);
-            return new StagedB(b, k);
+            int kd = k0 + _kkA, ok = kd < _kEnd ? _rowsA.Ok : 0;
+            var k = TOp.KOfA(T, kd);
+            return new Floats8
+            {
+                V0 = (ok & 1) != 0 ? _a[TOp.IndexA(T, _rowsA.G0, k)] : 0f,
+                V1 = (ok & 2) != 0 ? _a[TOp.IndexA(T, _rowsA.G1, k)] : 0f,
+                V2 = (ok & 4) != 0 ? _a[TOp.IndexA(T, _rowsA.G2, k)] : 0f,
+                V3 = (ok & 8) != 0 ? _a[TOp.IndexA(T, _rowsA.G3, k)] : 0f,
+                V4 = (ok & 16) != 0 ? _a[TOp.IndexA(T, _rowsA.G4, k)] : 0f,
+                V5 = (ok & 32) != 0 ? _a[TOp.IndexA(T, _rowsA.G5, k)] : 0f,
+                V6 = (ok & 64) != 0 ? _a[TOp.IndexA(T, _rowsA.G6, k)] : 0f,
+                V7 = (ok & 128) != 0 ? _a[TOp.IndexA(T, _rowsA.G7, k)] : 0f,
+            };
         }
+
+        /// <summary>A across K: this thread's row (hoisted), kk = tid / 64 + 2·j.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightOfAAcrossK(int k0)
+        {
+            int kd = k0 + _tid / TM;
+            bool ok = Grid.IdxY * TM + _tid % TM < T.M;
+            return new Floats8
+            {
+                V0 = AcrossA(kd + 0, ok), V1 = AcrossA(kd + 2, ok), V2 = AcrossA(kd + 4, ok), V3 = AcrossA(kd + 6, ok),
+                V4 = AcrossA(kd + 8, ok), V5 = AcrossA(kd + 10, ok), V6 = AcrossA(kd + 12, ok), V7 = AcrossA(kd + 14, ok),
+            };
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private float AcrossA(int kd, bool rowOk) => rowOk & kd < _kEnd ? _a[TOp.IndexA(T, _rowA, TOp.KOfA(T, kd))] : 0f;
+
+        /// <summary>A tapped B across K: this thread's pixel (hoisted), the taps of kd = k0 + first + j from the host's
+        /// table (every lane of a warp reads the same entry: one broadcast load). The table reads nothing past Kd.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightTappedAcrossK(int k0, int first)
+        {
+            var taps = _taps.SubView(k0 + first, 8);
+            return new Floats8
+            {
+                V0 = Tapped(_pixel, taps[0]), V1 = Tapped(_pixel, taps[1]), V2 = Tapped(_pixel, taps[2]), V3 = Tapped(_pixel, taps[3]),
+                V4 = Tapped(_pixel, taps[4]), V5 = Tapped(_pixel, taps[5]), V6 = Tapped(_pixel, taps[6]), V7 = Tapped(_pixel, taps[7]),
+            };
+        }
+
+        /// <summary>A tapped B along K: kd = k0 + kk's pixel (once a step; no tap reads it past the K range), the taps of
+        /// columns line + 8·(first + j) from the group's shared table.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightTappedAlongK(int k0, int first)
+        {
+            int kd = k0 + _kkB;
+            var pixel = kd < _kEnd ? TOp.PixelOfB(T, kd) : default;
+            var taps = _columnTaps.SubView(_lineB + 8 * first);
+            return new Floats8
+            {
+                V0 = Tapped(pixel, taps[0]), V1 = Tapped(pixel, taps[8]), V2 = Tapped(pixel, taps[16]), V3 = Tapped(pixel, taps[24]),
+                V4 = Tapped(pixel, taps[32]), V5 = Tapped(pixel, taps[40]), V6 = Tapped(pixel, taps[48]), V7 = Tapped(pixel, taps[56]),
+            };
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private float Tapped(TapPixel pixel, Tap tap) => Taps.Reads(pixel, tap) ? _b[pixel.Base + tap.Delta] : 0f;
+
+        /// <summary>An untapped B (a matmul's): elements tid + 128·(first + j), j &lt; 8. Along K they share this thread's kd
+        /// part (once a step); across K element j's kd is k0 + first + j.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightOfB(int k0, int first)
+        {
+            var along = _bAlongK ? TOp.KOfB(T, k0 + _kkB) : default;
+            return new Floats8
+            {
+                V0 = UntappedB(along, k0, first + 0), V1 = UntappedB(along, k0, first + 1), V2 = UntappedB(along, k0, first + 2),
+                V3 = UntappedB(along, k0, first + 3), V4 = UntappedB(along, k0, first + 4), V5 = UntappedB(along, k0, first + 5),
+                V6 = UntappedB(along, k0, first + 6), V7 = UntappedB(along, k0, first + 7),
+            };
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private float UntappedB(Gather along, int k0, int j) =>
+            FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, _bAlongK ? along : TOp.KOfB(T, k0 + j), _col0, k0, _kEnd, _tid + j * Threads, j);
     }
 
     /// <summary>A thread's eight rows of A along K (rows m0 + line + 8·j): their row parts, and which exist (bit j).</summary>
@@ -564,24 +699,8 @@ public static partial class TiledGemm
         }
     }
 
-    /// <summary>Element <paramref name="e"/> of the A tile, kd in [k0, k0 + 16): 0 past M, past this split's K range, or
-    /// where the op's index is -1. Across K the row is <paramref name="rowAcross"/> (this thread's, hoisted); along K it is
-    /// <paramref name="rowAlong"/> (<paramref name="rowOk"/>: it exists) and the kd part <paramref name="kAlong"/> (this
-    /// thread's kk, computed once a step).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static float FetchA<TOp>(TileArgs t, ArrayView<float> a, bool alongK, Gather rowAcross, Gather rowAlong, bool rowOk, Gather kAlong, int k0,
-        int kEnd, int e) where TOp : struct, ITileOperands
-    {
-        var (kk, line) = Element(alongK, e, TM);
-        int kd = k0 + kk;
-        bool ok = (alongK ? rowOk : Grid.IdxY * TM + line < t.M) & kd < kEnd;
-        int i = ok ? TOp.IndexA(t, alongK ? rowAlong : rowAcross, alongK ? kAlong : TOp.KOfA(t, kd)) : -1;
-        return i >= 0 ? a[i] : 0f;
-    }
-
-    /// <summary>Element <paramref name="e"/> of the B tile, with the kd part <paramref name="k"/> (along K: this thread's kk,
-    /// computed once a step; across K: element j's kd = k0 + j, stepped from the previous element's by
-    /// <see cref="ITileOperands.NextKOfB"/>). Across K the column is this thread's (<paramref name="columnAcross"/>,
+    /// <summary>Element <paramref name="e"/> of an untapped B tile, with the kd part <paramref name="k"/> (along K: this thread's kk,
+    /// computed once a step; across K: element j's, kd = k0 + j). Across K the column is this thread's (<paramref name="columnAcross"/>,
     /// <paramref name="columnOk"/>: it exists); along K it is computed here.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static float FetchB<TOp>(TileArgs t, ArrayView<float> b, bool alongK, Gather columnAcross, bool columnOk, Gather k, int col0, int k0,
@@ -595,10 +714,6 @@ public static partial class TiledGemm
         return i >= 0 ? b[i] : 0f;
     }
 
-    /// <summary>Stores a thread's 8 staged A elements (tid + 128·j) into the buffer at float offset <paramref name="buffer"/>.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreA(ArrayView<float> aS, int buffer, bool alongK, int tid, Floats8 v) => Store8(aS, buffer, alongK, tid, TM, AStride, v);
-
     /// <summary>Eight staged elements as the accumulator stores them in shared memory (<see cref="ITileAccumulator.Stage"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Floats8 Stage<TAcc>(Floats8 v) where TAcc : struct, ITileAccumulator => new()
@@ -607,24 +722,20 @@ public static partial class TiledGemm
         V4 = TAcc.Stage(v.V4), V5 = TAcc.Stage(v.V5), V6 = TAcc.Stage(v.V6), V7 = TAcc.Stage(v.V7),
     };
 
-    /// <summary>Stores 8 staged B elements, tid + 128·(first + j), into the buffer at float offset <paramref name="buffer"/>.</summary>
+    /// <summary>A thread's 8 staged elements e, e + 128, …, e + 7·128 stored from <paramref name="slot"/> (float index: the
+    /// buffer's offset plus <see cref="Slot"/>(e)) on, <paramref name="step"/> = <see cref="SlotStep"/> apart.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreB(ArrayView<float> bS, int buffer, bool alongK, int tid, int first, Floats8 v) =>
-        Store8(bS, buffer, alongK, tid + first * Threads, TN, BStride, v);
-
-    /// <summary>Elements e, e + 128, …, e + 7·128 of a tile of <paramref name="lines"/> lines (rows AStride or BStride =
-    /// <paramref name="stride"/> floats apart) stored where <see cref="Element"/> puts them.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Store8(ArrayView<float> s, int buffer, bool alongK, int e, int lines, int stride, Floats8 v)
+    private static void Store8(ArrayView<float> s, int slot, int step, Floats8 v)
     {
-        s[buffer + Slot(alongK, e, lines, stride)] = v.V0;
-        s[buffer + Slot(alongK, e + Threads, lines, stride)] = v.V1;
-        s[buffer + Slot(alongK, e + 2 * Threads, lines, stride)] = v.V2;
-        s[buffer + Slot(alongK, e + 3 * Threads, lines, stride)] = v.V3;
-        s[buffer + Slot(alongK, e + 4 * Threads, lines, stride)] = v.V4;
-        s[buffer + Slot(alongK, e + 5 * Threads, lines, stride)] = v.V5;
-        s[buffer + Slot(alongK, e + 6 * Threads, lines, stride)] = v.V6;
-        s[buffer + Slot(alongK, e + 7 * Threads, lines, stride)] = v.V7;
+        var at = s.SubView(slot);
+        at[0] = v.V0;
+        at[step] = v.V1;
+        at[2 * step] = v.V2;
+        at[3 * step] = v.V3;
+        at[4 * step] = v.V4;
+        at[5 * step] = v.V5;
+        at[6 * step] = v.V6;
+        at[7 * step] = v.V7;
     }
 
     /// <summary>
@@ -696,10 +807,15 @@ public static partial class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int SlotB(bool alongK, int e) => Slot(alongK, e, TN, BStride);
 
+    /// <summary>Slot(e + 128) - Slot(e) for 0 ≤ e mod 128 (a thread's next element, <see cref="Threads"/> on), the same for
+    /// every e of the tile: along K the line moves 8 on (kk stays), across K kk moves 128 / lines on (the line stays).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int SlotStep(bool alongK, int lines, int stride) => alongK ? 8 : Threads / lines * stride;
+
     /// <summary>Where element <paramref name="e"/> of a tile of <paramref name="lines"/> lines, rows <paramref name="stride"/>
     /// floats apart, is stored: kk·stride + line.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static int Slot(bool alongK, int e, int lines, int stride)
+    internal static int Slot(bool alongK, int e, int lines, int stride)
     {
         var (kk, line) = Element(alongK, e, lines);
         return kk * stride + line;
@@ -726,7 +842,7 @@ public static partial class TiledGemm
         private float _c00, _c01, _c02, _c03, _c04, _c05, _c06, _c07, _c10, _c11, _c12, _c13, _c14, _c15, _c16, _c17, _c20, _c21, _c22, _c23, _c24, _c25, _c26, _c27, _c30, _c31, _c32, _c33, _c34, _c35, _c36, _c37, _c40, _c41, _c42, _c43, _c44, _c45, _c46, _c47, _c50, _c51, _c52, _c53, _c54, _c55, _c56, _c57, _c60, _c61, _c62, _c63, _c64, _c65, _c66, _c67, _c70, _c71, _c72, _c73, _c74, _c75, _c76, _c77;
 
         /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the 16 kk of the shared tiles in buffer <paramref name="buffer"/>:
-        /// four 128-bit loads and 64 multiply-adds a kk, two kk a trip. A loop, not written out: ILGPU places the loads of a
+        /// four 128-bit loads and 64 multiply-adds a kk, KkPerTrip kk a trip. A loop, not written out: ILGPU places the loads of a
         /// straight line all before the first multiply-add (256 live floats for 16 kk), and ptxas then spills (measured: 1 KB
         /// of stack).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -737,12 +853,14 @@ public static partial class TiledGemm
             // starts inside the buffer (a view past its end is an error on ILGPU's CPU accelerator).
             var aRow = aS4.SubView(buffer * (ATile / 4) + ReadA(0, ty));
             var bRow = bS4.SubView(buffer * (BTile / 4) + ReadB(0, tx));
-            for (int kk = 0; kk < TK; kk += 2)
+            for (int kk = 0; kk < TK; kk += KkPerTrip)
             {
                 var ak = aRow.SubView(kk * (AStride / 4));
                 var bk = bRow.SubView(kk * (BStride / 4));
                 Mac(ak[0], ak[1], bk[0], bk[TN / 8]);
                 Mac(ak[AStride / 4], ak[AStride / 4 + 1], bk[BStride / 4], bk[BStride / 4 + TN / 8]);
+                Mac(ak[2 * AStride / 4], ak[2 * AStride / 4 + 1], bk[2 * BStride / 4], bk[2 * BStride / 4 + TN / 8]);
+                Mac(ak[3 * AStride / 4], ak[3 * AStride / 4 + 1], bk[3 * BStride / 4], bk[3 * BStride / 4 + TN / 8]);
             }
         }
 
@@ -752,13 +870,13 @@ public static partial class TiledGemm
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid) =>
-            Step(aS4, bS4, buffer, tid / (TN / ColsPerThread), tid % (TN / ColsPerThread));
+            Step(aS4, bS4, buffer, tid >> 4, tid & 15); // tid / 16, tid mod 16 (TN / ColsPerThread = 16), as shifts
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0,
             int col0, int tid) where TOp : struct, ITileOperands =>
-            Emit<TOp>(t, c, e0, e1, e2, split, m0 + RowsPerThread * (tid / (TN / ColsPerThread)), col0 + 4 * (tid % (TN / ColsPerThread)));
+            Emit<TOp>(t, c, e0, e1, e2, split, m0 + RowsPerThread * (tid >> 4), col0 + 4 * (tid & 15));
 
         /// <summary>The outer product of the register tile's eight rows of A (a0, a1) and eight columns of B (b0, b1), added in.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -821,8 +939,8 @@ public static partial class TiledGemm
     /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
     /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
     /// read may be any view.</summary>
-    internal static void Launch(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
-        ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2)
+    internal static void Launch<TOp>(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
+        ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2) where TOp : struct, ITileOperands
     {
         // An empty output is no work, and an empty grid is a launch error on CUDA.
         if (t.M <= 0 || t.Cols <= 0)
@@ -835,7 +953,7 @@ public static partial class TiledGemm
             throw new InvalidOperationException(
                 $"tiled gemm: {config.GridDim.X * config.GridDim.Y} output tiles with {t.Splits} splits, more than the {k.GridCounters.IntLength} arrival counters");
         }
-        kernel(k.Stream, config, a, b, c, e0, e1, e2, k.GridCounters, t);
+        kernel(k.Stream, config, a, b, c, e0, e1, e2, k.GridCounters, k.TapTable<TOp>(t), t);
     }
 }
 
@@ -866,10 +984,16 @@ public struct MatmulTile : ITileOperands
     public static Gather KOfB(TileArgs t, int kd) => new(kd * t.Mat.BRow);
 
     /// <inheritdoc/>
-    public static Gather NextKOfB(TileArgs t, Gather k) => new(k.Base + t.Mat.BRow);
+    public static int IndexB(TileArgs t, Gather column, Gather k) => column.Base + k.Base;
 
     /// <inheritdoc/>
-    public static int IndexB(TileArgs t, Gather column, Gather k) => column.Base + k.Base;
+    public static bool Tapped => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfB(TileArgs t, int i) => default;
+
+    /// <inheritdoc/>
+    public static Tap TapOfB(TileArgs t, int j) => default;
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
