@@ -1,6 +1,6 @@
-// The three convolution passes as implicit GEMMs on the tiled core (TiledGemm.cs: 64 x 64 tiles, 256 threads,
-// 4 x 4 register tiles, K step 16, 8 KB of shared memory a group). Letters as in ConvShape: x [N, C, H, W],
-// w [K, C, R, S], y [N, K, P, Q]; RS = R·S, PQ = P·Q, HW = H·W.
+// The three convolution passes as implicit GEMMs on the tiled core (TiledGemm.cs: 64 x 128 tiles, 128 threads,
+// 8 x 8 register tiles, K step 16). Letters as in ConvShape: x [N, C, H, W], w [K, C, R, S], y [N, K, P, Q];
+// RS = R·S, PQ = P·Q, HW = H·W.
 //   forward:         y[n, k, pq]  = Σ_{crs} w[k, crs] · col(x[n])[crs, pq] + b[k] (+ e[n, k])
 //                    M = K, Cols = N·PQ, Kd = C·RS; the bias and the time-embedding channel bias in the epilogue.
 //   input gradient:  dx[n, c, hw] (+)= Σ_{k, rs} w[k, c, rs] · dy[n, k, p, q] for the (p, q) tap (r, s) of (h, w) reads
@@ -11,8 +11,9 @@
 //                    partials [splits, K, C·RS]; the last group of each tile to finish sums them in split order in the
 //                    same launch (TiledGemm.FinishSplits): reruns are bit-identical. The bias gradient is the row sums
 //                    of A = dy, taken by the first column tile's groups on the way through shared memory.
-// Gathers divide indices by runtime sizes (RS, S, PQ, Q) through FastDiv (a wide multiply and a shift each); a
-// pointwise convolution takes a branch with one division.
+// B (x or dy) is gathered through taps (ITileOperands.Tapped): a pixel's base and mask of in-bounds taps, a tap's
+// offset and bits, so an element is an add, a mask test and a load; IndexB says the same the plain way (the simulator's
+// small-group path, and the test that holds the two together). Decoding divides by runtime sizes through FastDiv.
 using ILGPU;
 using ILGPU.Runtime;
 

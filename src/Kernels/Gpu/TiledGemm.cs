@@ -4,19 +4,18 @@
 // (ITileOperands), and whose epilogue (bias, time-embedding bias, +=, split-K partials) is that struct's Store.
 //
 // Tiles (compile-time constants below, chosen for an sm_80/sm_90 SM at fp32):
-//   - one group computes a TM x TN = 64 x 64 tile of C;
-//   - 256 "register tiles" of 4 x 4 outputs each, held in 16 scalar locals c00..c33 (never an array: an array indexed
-//     in a loop lands in PTX .local memory); a thread's tile is strided: rows rm + 16·i, cols cn + 16·j, so a warp
-//     reads 16 consecutive shared floats per operand (no bank conflicts) and stores 16 consecutive outputs;
-//   - the K dimension advances TK = 16 at a time through two shared arrays, aS [TK][TM] and bS [TK][TN]
-//     (2 · 16 · 64 · 4 B = 8 KB a group), filled cooperatively with bounds-checked loads (zeros past M, Cols and the
+//   - one group computes a TM x TN = 64 x 128 tile of C, 128 threads, an 8 x 8 register tile each (64 scalar fields:
+//     an array indexed in a loop would land in PTX .local memory), read from shared memory as 128-bit loads;
+//   - the K dimension advances TK = 16 at a time through two pairs of shared tiles aS [TK][TM + 4] and bS [TK][TN + 4]
+//     (double buffering: one barrier a K step), filled cooperatively with predicated loads (zeros past M, Cols and the
 //     end of this group's K range), so ragged shapes need no padding;
+//   - a convolution's B is gathered through taps (a pixel's base and mask, a tap's offset and bits: the Tap structs
+//     below, docs/gpu.md "Taps"): across K the taps of a K step come from a table the host builds once a geometry,
+//     along K the tile's column taps sit in shared memory;
 //   - grid (ceil(Cols / TN), ceil(M / TM), splits): Grid.IdxZ picks a K range of KChunk (split-K).
-// Group size: 256 threads on a GPU (one register tile each). The kernel runs with any power-of-two group G ≤ 256:
-// the group then computes its 256 register tiles in 256 / G passes, reloading the shared tiles each pass. That is
-// how it runs on ILGPU's CPU simulators (groups of 16 or 64), and costs nothing at G = 256 (one pass).
-// At G = 256 a second code path prefetches the next K step into registers while computing the current one
-// (software pipelining: global latency hides behind the multiply-adds); G < 256 runs the plain loop.
+// Group size: 128 threads on a GPU (Kernel: launch bounds, software pipelining). A device with smaller groups (ILGPU's
+// simulators) runs KernelInPasses: the tile's 128 register tiles in 128 / G passes, one shared buffer, the plain
+// IndexA / IndexB gathers (the definitions the taps are tested against).
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
 // the grid and the group size, the prefetch condition only on the K range), so no barrier is divergent.
 //
