@@ -7,9 +7,10 @@ namespace Ddpm.Tests;
 /// mod 32) but at different addresses are served in separate wavefronts, one address read by many lanes is a broadcast.
 /// Every store and load the kernels make (their addressing is plain functions they call: <see cref="TiledGemm.SlotA"/>,
 /// <see cref="TiledGemm.SlotB"/>, <see cref="TiledGemm.ReadA"/>, <see cref="TiledGemm.ReadB"/>,
-/// <see cref="TiledGemm.RowSumSlot"/>, the tensor-core kernel's <see cref="TiledGemm.MmaReadA"/> and
-/// <see cref="TiledGemm.MmaReadB"/>, <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the 256-thread
-/// group: a 32-bit access must be one wavefront, a 128-bit one the fewest its bytes need (docs/gpu.md).
+/// <see cref="TiledGemm.RowSumSlot"/>, the tensor-core kernel's <see cref="TiledGemm.PairSlotA"/>,
+/// <see cref="TiledGemm.PairSlotB"/>, <see cref="TiledGemm.MmaReadA"/> and <see cref="TiledGemm.MmaReadB"/>,
+/// <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the group: a 32-bit access must be one wavefront, a
+/// 128-bit one the fewest its bytes need, except where docs/gpu.md names the exception and its reason.
 /// </summary>
 public sealed class SharedBankTests
 {
@@ -87,11 +88,9 @@ public sealed class SharedBankTests
         }
     }
 
-    /// <summary>Every element of a tile has a slot of its own, inside one buffer, whichever way it is fetched, and the
-    /// register tiles' loads read it where it was stored.</summary>
     /// <summary>The tensor-core kernel's fragment loads (TiledGemm.MmaReadA, MmaReadB): per k8 step two 128-bit loads of A
-    /// (mma k = i and i + 4) and four of B (two column halves at each): the fewest wavefronts, and within each quarter-warp
-    /// (the eight lanes one 128-bit wavefront serves) eight different 16-byte groups across the 32 banks.</summary>
+    /// (one a m16 tile) and four of B (two n-tiles each): the fewest wavefronts, and within each quarter-warp (the eight lanes
+    /// one 128-bit wavefront serves) eight different 16-byte groups across the 32 banks.</summary>
     [Fact]
     public void EveryFragmentLoadOfTheTensorCoreKernelTakesTheFewestWavefronts()
     {
@@ -101,25 +100,23 @@ public sealed class SharedBankTests
             {
                 for (int kb = 0; kb < TiledGemm.TK; kb += 8)
                 {
-                    for (int upper = 0; upper < 2; upper++)
+                    var loads = new List<(string What, int[] Groups)>();
+                    for (int t = 0; t < 2; t++)
                     {
-                        var loads = new List<(string What, int[] Groups)>
+                        loads.Add(($"A tile {t}", lanes.Select(tid => buffer * TiledGemm.ATile / 4 + TiledGemm.MmaReadA(kb, t, w, tid & 31)).ToArray()));
+                    }
+                    for (int q = 0; q < 4; q++)
+                    {
+                        loads.Add(($"B n-tiles {2 * q}, {2 * q + 1}", lanes.Select(tid => buffer * TiledGemm.BTile / 4 + TiledGemm.MmaReadB(kb, q, w, tid & 31)).ToArray()));
+                    }
+                    foreach (var (what, groups) in loads)
+                    {
+                        var words = groups.SelectMany(Words4).ToArray();
+                        Assert.True(Wavefronts(words) == Least(words), $"{what}, warp {w}, buffer {buffer}, kb {kb}: {Wavefronts(words)} wavefronts");
+                        for (int quarter = 0; quarter < 4; quarter++)
                         {
-                            ("A", lanes.Select(tid => buffer * TiledGemm.ATile / 4 + TiledGemm.MmaReadA(kb, upper, w, tid & 31)).ToArray()),
-                        };
-                        for (int half = 0; half < 2; half++)
-                        {
-                            loads.Add(($"B half {half}", lanes.Select(tid => buffer * TiledGemm.BTile / 4 + TiledGemm.MmaReadB(kb, upper, half, w, tid & 31)).ToArray()));
-                        }
-                        foreach (var (what, groups) in loads)
-                        {
-                            var words = groups.SelectMany(Words4).ToArray();
-                            Assert.True(Wavefronts(words) == Least(words), $"{what}, warp {w}, buffer {buffer}, kb {kb}, upper {upper}: {Wavefronts(words)} wavefronts");
-                            for (int quarter = 0; quarter < 4; quarter++)
-                            {
-                                var banks = groups.Skip(8 * quarter).Take(8).Select(g => g % (Banks / 4)).Distinct().Count();
-                                Assert.True(banks == 8, $"{what}, warp {w}, kb {kb}, upper {upper}, quarter {quarter}: {8 - banks} lanes share a bank group");
-                            }
+                            var banks = groups.Skip(8 * quarter).Take(8).Select(g => g % (Banks / 4)).Distinct().Count();
+                            Assert.True(banks == 8, $"{what}, warp {w}, kb {kb}, quarter {quarter}: {8 - banks} lanes share a bank group");
                         }
                     }
                 }
@@ -127,6 +124,110 @@ public sealed class SharedBankTests
         }
     }
 
+    /// <summary>The tensor-core kernel's stores into its kk-pair layout (TiledGemm.PairSlotA, PairSlotB): along K one
+    /// wavefront each. Across K two, the exception docs/gpu.md names: a warp stores 32 neighbouring rows (columns) at one kk,
+    /// and a pair's 16-byte group holds two rows by both kk, so the warp's words are every other one (B: the forward's and
+    /// the input gradient's 16 stores a K step; A: only a transposed matmul's). The fused row sums read 32 rows at one kk:
+    /// two as well. The loads, which the mma waits on, are the ones kept to one.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void TheTensorCoreStoresTakeTheWavefrontsDocsGpuNames(bool alongK)
+    {
+        int expected = alongK ? 1 : 2;
+        foreach (var (w, lanes) in Warps())
+        {
+            for (int q = 0; q < TiledGemm.TK * TiledGemm.TM / TiledGemm.Threads; q++)
+            {
+                int got = Wavefronts(lanes.Select(tid => PairA(alongK, tid + q * TiledGemm.Threads)));
+                Assert.True(got == expected, $"A, along K {alongK}, warp {w}, store {q}: {got} wavefronts");
+            }
+            for (int q = 0; q < TiledGemm.TK * TiledGemm.TN / TiledGemm.Threads; q++)
+            {
+                int got = Wavefronts(lanes.Select(tid => PairB(alongK, tid + q * TiledGemm.Threads)));
+                Assert.True(got == expected, $"B, along K {alongK}, warp {w}, store {q}: {got} wavefronts");
+            }
+            for (int kk = 0; kk < TiledGemm.TK; kk++)
+            {
+                var rows = lanes.Where(r => r < TiledGemm.TM).Select(r => TiledGemm.PairSlotA(kk, r)).ToArray();
+                if (rows.Length > 0)
+                {
+                    Assert.Equal(2, Wavefronts(rows));
+                }
+            }
+        }
+    }
+
+    /// <summary>The kk-pair layout holds every element once, inside a buffer of the FFMA core's size; a thread's staged
+    /// elements are its first one's slot plus PairOffsetA/B; and each fragment load reads, in register order, exactly the
+    /// elements the PTX ISA puts in a0..a3 (rows g, g + 8 of tile t at k = i, i + 4) and in b0, b1 of its two n-tiles.</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void TheTensorCoreLayoutHoldsEachElementOnceAndLoadsFragmentsInOrder(bool alongK)
+    {
+        int aElements = TiledGemm.TK * TiledGemm.TM, bElements = TiledGemm.TK * TiledGemm.TN;
+        var a = Enumerable.Range(0, aElements).Select(e => PairA(alongK, e)).ToArray();
+        var b = Enumerable.Range(0, bElements).Select(e => PairB(alongK, e)).ToArray();
+        Assert.Equal(aElements, a.Distinct().Count());
+        Assert.Equal(bElements, b.Distinct().Count());
+        Assert.All(a, s => Assert.InRange(s, 0, TiledGemm.ATile - 1));
+        Assert.All(b, s => Assert.InRange(s, 0, TiledGemm.BTile - 1));
+        for (int tid = 0; tid < TiledGemm.Threads; tid++)
+        {
+            for (int j = 0; j < 8; j++)
+            {
+                Assert.Equal(PairA(alongK, tid + j * TiledGemm.Threads), PairA(alongK, tid) + TiledGemm.PairOffsetA(alongK, j));
+                Assert.Equal(PairB(alongK, tid + j * TiledGemm.Threads), PairB(alongK, tid) + TiledGemm.PairOffsetB(alongK, j));
+                Assert.Equal(PairB(alongK, tid + (8 + j) * TiledGemm.Threads), PairB(alongK, tid + 8 * TiledGemm.Threads) + TiledGemm.PairOffsetB(alongK, j));
+            }
+        }
+        for (int w = 0; w < TiledGemm.Threads / Warp; w++)
+        {
+            for (int lane = 0; lane < Warp; lane++)
+            {
+                int g = lane >> 2, i = lane & 3;
+                for (int kb = 0; kb < TiledGemm.TK; kb += 8)
+                {
+                    for (int u = 0; u < 2; u++) // mma k = i (u = 0) is kk = kb + 2i, k = i + 4 is kk = kb + 2i + 1
+                    {
+                        int kk = kb + 2 * i + u;
+                        for (int t = 0; t < 2; t++)
+                        {
+                            for (int h = 0; h < 2; h++) // a0 (g, i), a1 (g + 8, i), a2 (g, i + 4), a3 (g + 8, i + 4): register h + 2u
+                            {
+                                int row = 32 * (w & 1) + TiledGemm.MmaRow(g, t, h);
+                                Assert.Equal(TiledGemm.PairSlotA(kk, row), 4 * TiledGemm.MmaReadA(kb, t, w, lane) + h + 2 * u);
+                            }
+                        }
+                        for (int j = 0; j < 8; j++) // b0 (i, g), b1 (i + 4, g) of n-tile j: register 2·(j mod 2) + u of load j / 2
+                        {
+                            int column = 64 * (w >> 1) + TiledGemm.MmaColumn(g, j);
+                            Assert.Equal(TiledGemm.PairSlotB(kk, column), 4 * TiledGemm.MmaReadB(kb, j >> 1, w, lane) + 2 * (j & 1) + u);
+                        }
+                    }
+                }
+            }
+        }
+        Assert.Equal(64, Enumerable.Range(0, 2).SelectMany(wm => Enumerable.Range(0, 16).Select(x => 32 * wm + TiledGemm.MmaRow(x % 8, x / 8 % 2, 0)))
+            .Concat(Enumerable.Range(0, 2).SelectMany(wm => Enumerable.Range(0, 16).Select(x => 32 * wm + TiledGemm.MmaRow(x % 8, x / 8 % 2, 1)))).Distinct().Count());
+        Assert.Equal(64, Enumerable.Range(0, 64).Select(x => TiledGemm.MmaColumn(x % 8, x / 8)).Distinct().Count());
+    }
+
+    private static int PairA(bool alongK, int e)
+    {
+        var (kk, row) = TiledGemm.Element(alongK, e, TiledGemm.TM);
+        return TiledGemm.PairSlotA(kk, row);
+    }
+
+    private static int PairB(bool alongK, int e)
+    {
+        var (kk, column) = TiledGemm.Element(alongK, e, TiledGemm.TN);
+        return TiledGemm.PairSlotB(kk, column);
+    }
+
+    /// <summary>Every element of a tile has a slot of its own, inside one buffer, whichever way it is fetched, and the
+    /// register tiles' loads read it where it was stored.</summary>
     [Theory]
     [InlineData(false)]
     [InlineData(true)]

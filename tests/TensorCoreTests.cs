@@ -299,7 +299,7 @@ public struct SwappedLayout : IFragmentLayout
     public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3)
     {
-        (t0a0, t0a1, t0a2, t0a3) = (k.X, k4.X, k.Y, k4.Y);
-        (t1a0, t1a1, t1a2, t1a3) = (k.Z, k4.Z, k.W, k4.W);
+        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Z, k.Y, k.W);
+        (t1a0, t1a1, t1a2, t1a3) = (k4.X, k4.Z, k4.Y, k4.W);
     }
 }

@@ -10,15 +10,15 @@
 //   A (16 x 8, row): a0 (g, i), a1 (g + 8, i), a2 (g, i + 4), a3 (g + 8, i + 4)
 //   B (8 x 8, col):  b0 (i, g), b1 (i + 4, g)
 //   C (16 x 8):      c0 (g, 2i), c1 (g, 2i + 1), c2 (g + 8, 2i), c3 (g + 8, 2i + 1)
-// The shared tiles are the FFMA core's ([kk][row], rows 68 and 132 floats apart); the mma's k, rows and columns are
-// mapped onto them so that each thread's fragments are 128-bit loads without bank conflicts (SharedBankTests):
-//   k:       mma k = i is shared kk = 2i, mma k = i + 4 is kk = 2i + 1 (any bijection works if A and B agree);
-//   A rows:  row g of mma tile t is the warp's row 4g + 2t, row g + 8 is 4g + 2t + 1: a thread's four rows of both
-//            tiles at one kk are four neighbouring floats, one LDS.128 (two a k8 step);
-//   B cols:  column g of n-tile j is the warp's column 4g + j (j < 4), 32 + 4g + (j - 4) (j ≥ 4): two LDS.128 at each
-//            of the two kk (four a k8 step).
-// A quarter-warp's 128-bit loads then fall on groups (g + 2i·stride/4) mod 8 = g + 2i·17 or g + 2i·33 (mod 8) = g + 2i
-// for g ∈ {0, 1}: eight different 16-byte groups, one wavefront each.
+// The shared tiles are as large as the FFMA core's but laid out for the fragments (TiledGemm.PairSlotA, PairSlotB; the
+// staging stores write them so): kk in pairs, then 16-byte groups of two rows (columns) by the pair's two kk, so that a
+// thread's fragments are whole 128-bit loads, in the mma's register order, without bank conflicts (SharedBankTests):
+//   k:       mma k = i is shared kk = kb + 2i, mma k = i + 4 is kk = kb + 2i + 1 (any bijection works if A and B agree);
+//   A rows:  row g of mma tile t is the warp's row 2g + 16t, row g + 8 is 2g + 16t + 1: one LDS.128 is a0, a1, a2, a3;
+//   B cols:  column g of n-tile j is the warp's column 2·(g + 8·⌊j/2⌋) + j mod 2: one LDS.128 is b0, b1 of two n-tiles.
+// Two LDS.128 of A and four of B a k8 step; a quarter-warp's loads fall on 16-byte groups 2i + g (mod 8): eight
+// different ones, one wavefront each. With the FFMA core's [kk][row] tiles a fragment came from two loads, and ptxas
+// spent ~144 moves a K step putting registers in order.
 //
 // Modes (MathPrecision): TF32 rounds each operand with cvt.rna.tf32.f32 (to nearest, ties away from zero, 10 mantissa
 // bits) and multiplies once; 3xTF32 splits each operand x into hi = rna(x) and lo = rna(x - hi) and adds lo·hi, hi·lo,
@@ -41,6 +41,23 @@ internal interface ITileAccumulator
     /// <summary>An operand element as the staging stores it in shared memory (TF32 rounds it there, once per element a
     /// group, instead of once per fragment that reads it).</summary>
     static abstract float Stage(float x);
+
+    /// <summary>Where element e of the A tile (<see cref="TiledGemm.Element"/>: its kk and row) sits in a buffer, in floats:
+    /// the layout this accumulator's loads read.</summary>
+    static abstract int SlotA(bool alongK, int e);
+
+    /// <summary>Where element e of the B tile (its kk and column) sits in a buffer.</summary>
+    static abstract int SlotB(bool alongK, int e);
+
+    /// <summary>SlotA(e + 128·j) - SlotA(e) for a thread's element e = tid (and for e = tid + 128·8 on B): a constant once j
+    /// and <paramref name="alongK"/> are, so the staged stores need no addressing of their own.</summary>
+    static abstract int OffsetA(bool alongK, int j);
+
+    /// <summary>SlotB(e + 128·j) - SlotB(e), as <see cref="OffsetA"/>.</summary>
+    static abstract int OffsetB(bool alongK, int j);
+
+    /// <summary>Where A's kk, row r sits (the fused row sums read a row along kk).</summary>
+    static abstract int RowSumSlot(int kk, int r);
 
     /// <summary>Adds the products of the 16 kk of the shared tiles in buffer <paramref name="buffer"/> (0 or 1).</summary>
     void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid);
@@ -142,13 +159,13 @@ public struct Tf32x3Math : ITensorMath
 /// </summary>
 public interface IFragmentLayout
 {
-    /// <summary>From the thread's four rows (4g .. 4g + 3 of the warp's 32) at mma k = i (<paramref name="k"/>) and k = i + 4
-    /// (<paramref name="k4"/>): tile 0's a0..a3 and tile 1's.</summary>
+    /// <summary>From the thread's two 128-bit loads of A (<see cref="TiledGemm.MmaReadA"/>: tile 0's rows g, g + 8 at
+    /// k = i and i + 4 in <paramref name="k"/>, tile 1's in <paramref name="k4"/>): tile 0's a0..a3 and tile 1's.</summary>
     static abstract void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3);
 }
 
-/// <summary>The PTX ISA's layout under the kernel's row mapping (row g of tile t is 4g + 2t, row g + 8 is 4g + 2t + 1).</summary>
+/// <summary>The PTX ISA's layout under the kernel's shared layout (<see cref="TiledGemm.PairSlotA"/>: a load is a0..a3 in order).</summary>
 public struct PtxLayout : IFragmentLayout
 {
     /// <inheritdoc/>
@@ -156,8 +173,8 @@ public struct PtxLayout : IFragmentLayout
     public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3)
     {
-        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Y, k4.X, k4.Y);
-        (t1a0, t1a1, t1a2, t1a3) = (k.Z, k.W, k4.Z, k4.W);
+        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Y, k.Z, k.W);
+        (t1a0, t1a1, t1a2, t1a3) = (k4.X, k4.Y, k4.Z, k4.W);
     }
 }
 
@@ -285,23 +302,62 @@ public static partial class TiledGemm
             launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, counters, taps, t);
     }
 
-    /// <summary>The warp's row (0 .. 31) of row g (h = 0) or g + 8 (h = 1) of mma tile t: 4g + 2t + h.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int MmaRow(int g, int t, int h) => 4 * g + 2 * t + h;
+    // The tensor-core kernel's shared tiles hold kk in pairs: row p of a tile is kk = 2p and 2p + 1, and A's rows (B's
+    // columns) go in pairs of 16-byte groups, so that one 128-bit load is a lane's whole fragment (A: a0..a3 of an m16
+    // tile; B: b0, b1 of two n-tiles), in the registers' order: the mma takes them where the load put them (with the FFMA
+    // core's [kk][row] tiles ptxas moved ~144 values a K step into place). The tiles are as large as the FFMA core's.
 
-    /// <summary>The warp's column (0 .. 63) of column n (0 .. 7) of n-tile j: 4n + j, or 32 + 4n + j - 4.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int MmaColumn(int n, int j) => j < 4 ? 4 * n + j : 32 + 4 * n + (j - 4);
+    /// <summary>Floats between two kk pairs of the A tile: 64 rows x 2, and 8 of padding (136 ≡ 8 mod 32 banks: a warp's
+    /// along-K stores, 4 pairs of kk by 4 rows, fall in 32 different banks).</summary>
+    public const int PairAStride = 2 * TM + 8;
 
-    /// <summary>The Float4 index, in a buffer, of a thread's A load at mma k = i (+ <paramref name="upper"/>·4) of the k8 step
-    /// at kk = <paramref name="kb"/>: aS[kb + 2i + upper][32·wm + 4g .. + 3].</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int MmaReadA(int kb, int upper, int warp, int lane) => (kb + 2 * (lane & 3) + upper) * (AStride / 4) + 8 * (warp & 1) + (lane >> 2);
+    /// <summary>Floats between two kk pairs of the B tile: 128 columns x 2, and 8 of padding (264 ≡ 8 mod 32).</summary>
+    public const int PairBStride = 2 * TN + 8;
 
-    /// <summary>The Float4 index of a thread's B load: bS[kb + 2i + upper][64·wn + 32·half + 4g .. + 3].</summary>
+    /// <summary>A(kk, r) in the tensor-core layout: pair kk / 2, the 16-byte group of rows r, r + 1 (r even), then
+    /// (r, even kk), (r + 1, even), (r, odd), (r + 1, odd): an m16 tile's a0, a1, a2, a3 when rows r, r + 1 are its
+    /// rows g, g + 8 (<see cref="MmaRow"/>) and the two kk its k = i, i + 4.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    internal static int MmaReadB(int kb, int upper, int half, int warp, int lane) =>
-        (kb + 2 * (lane & 3) + upper) * (BStride / 4) + 16 * (warp >> 1) + 8 * half + (lane >> 2);
+    internal static int PairSlotA(int kk, int r) => (kk >> 1) * PairAStride + 4 * (r >> 1) + 2 * (kk & 1) + (r & 1);
+
+    /// <summary>B(kk, c) in the tensor-core layout: pair kk / 2, the 16-byte group of columns c, c + 1 (c even), then
+    /// (c, even kk), (c, odd), (c + 1, even), (c + 1, odd): b0, b1 of the two n-tiles whose column g is c and c + 1
+    /// (<see cref="MmaColumn"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int PairSlotB(int kk, int c) => (kk >> 1) * PairBStride + 4 * (c >> 1) + 2 * (c & 1) + (kk & 1);
+
+    /// <summary>PairSlotA of a thread's element e + 128·j less that of e: along K 8 rows on (4 row pairs: 16 floats), across
+    /// K 2 kk on (one pair).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int PairOffsetA(bool alongK, int j) => alongK ? 16 * j : PairAStride * j;
+
+    /// <summary>PairSlotB of e + 128·j less that of e: along K 8 columns on (16 floats); across K j kk on from an even kk
+    /// (e = tid or tid + 128·8): pair ⌊j / 2⌋, the odd word when j is odd.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int PairOffsetB(bool alongK, int j) => alongK ? 16 * j : PairBStride * (j >> 1) + (j & 1);
+
+    /// <summary>The warp's row (0 .. 31) of row g (h = 0) or g + 8 (h = 1) of mma tile t: 2g + 16t + h (rows g, g + 8 of a
+    /// tile are a pair of the layout).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaRow(int g, int t, int h) => 2 * g + 16 * t + h;
+
+    /// <summary>The warp's column (0 .. 63) of column n (0 .. 7) of n-tile j: 2·(n + 8·⌊j / 2⌋) + j mod 2 (n-tiles 2q and
+    /// 2q + 1 share a column pair).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaColumn(int n, int j) => 2 * (n + 8 * (j >> 1)) + (j & 1);
+
+    /// <summary>The Float4 index, in a buffer, of lane (g, i)'s A fragment of mma tile <paramref name="t"/> in the k8 step at
+    /// kk = <paramref name="kb"/>: pair kb / 2 + i, rows 32·wm + 2g + 16t and + 1. A quarter-warp's eight loads fall on
+    /// 16-byte groups 34i + g ≡ 2i + g (mod 8): all different.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaReadA(int kb, int t, int warp, int lane) =>
+        ((kb >> 1) + (lane & 3)) * (PairAStride / 4) + 16 * (warp & 1) + (lane >> 2) + 8 * t;
+
+    /// <summary>The Float4 index of lane (g, i)'s B fragments of n-tiles 2q and 2q + 1 (<paramref name="q"/> = 0 .. 3): pair
+    /// kb / 2 + i, columns 64·wn + 2·(g + 8q) and + 1; groups 66i + g ≡ 2i + g (mod 8).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int MmaReadB(int kb, int q, int warp, int lane) =>
+        ((kb >> 1) + (lane & 3)) * (PairBStride / 4) + 32 * (warp >> 1) + (lane >> 2) + 8 * q;
 
     /// <summary>A thread's 2 x 8 mma tiles of the warp's 32 x 64 piece: 64 fp32 accumulators, as fields (registers).</summary>
     private struct TensorTile<TMath, TLayout> : ITileAccumulator where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
@@ -314,25 +370,54 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int SlotA(bool alongK, int e)
+        {
+            var (kk, r) = Element(alongK, e, TM);
+            return PairSlotA(kk, r);
+        }
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int SlotB(bool alongK, int e)
+        {
+            var (kk, c) = Element(alongK, e, TN);
+            return PairSlotB(kk, c);
+        }
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int OffsetA(bool alongK, int j) => PairOffsetA(alongK, j);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int OffsetB(bool alongK, int j) => PairOffsetB(alongK, j);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int RowSumSlot(int kk, int r) => PairSlotA(kk, r);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid)
         {
             int warp = tid >> 5, lane = tid & 31;
             // A view at this thread's first load, so every load is its base plus a constant (as in the FFMA core).
             var aRow = aS4.SubView(buffer * (ATile / 4) + MmaReadA(0, 0, warp, lane));
-            var bRow = bS4.SubView(buffer * (BTile / 4) + MmaReadB(0, 0, 0, warp, lane));
+            var bRow = bS4.SubView(buffer * (BTile / 4) + MmaReadB(0, 0, warp, lane));
             for (int kb = 0; kb < TK; kb += 8)
             {
-                var ak = aRow.SubView(kb * (AStride / 4));
-                var bk = bRow.SubView(kb * (BStride / 4));
-                Float4 aK = ak[0], aK4 = ak[AStride / 4];
-                Float4 bK = bk[0], bK32 = bk[8], bK4 = bk[BStride / 4], bK4h = bk[BStride / 4 + 8];
-                TLayout.A(aK, aK4, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
+                var ak = aRow.SubView(kb / 2 * (PairAStride / 4));
+                var bk = bRow.SubView(kb / 2 * (PairBStride / 4));
+                // Tile 0's and tile 1's A fragments; B's of n-tiles 0, 1 | 2, 3 | 4, 5 | 6, 7 (bQ0 .. bQ3): a 128-bit load each.
+                Float4 aT0 = ak[0], aT1 = ak[8];
+                Float4 bQ0 = bk[0], bQ1 = bk[8], bQ2 = bk[16], bQ3 = bk[24];
+                TLayout.A(aT0, aT1, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
                 Tf32Pair a00 = TMath.Split(p0), a01 = TMath.Split(p1), a02 = TMath.Split(p2), a03 = TMath.Split(p3);
                 Tf32Pair a10 = TMath.Split(q0), a11 = TMath.Split(q1), a12 = TMath.Split(q2), a13 = TMath.Split(q3);
-                Tf32Pair b00 = TMath.Split(bK.X), b10 = TMath.Split(bK4.X), b01 = TMath.Split(bK.Y), b11 = TMath.Split(bK4.Y);
-                Tf32Pair b02 = TMath.Split(bK.Z), b12 = TMath.Split(bK4.Z), b03 = TMath.Split(bK.W), b13 = TMath.Split(bK4.W);
-                Tf32Pair b04 = TMath.Split(bK32.X), b14 = TMath.Split(bK4h.X), b05 = TMath.Split(bK32.Y), b15 = TMath.Split(bK4h.Y);
-                Tf32Pair b06 = TMath.Split(bK32.Z), b16 = TMath.Split(bK4h.Z), b07 = TMath.Split(bK32.W), b17 = TMath.Split(bK4h.W);
+                Tf32Pair b00 = TMath.Split(bQ0.X), b10 = TMath.Split(bQ0.Y), b01 = TMath.Split(bQ0.Z), b11 = TMath.Split(bQ0.W);
+                Tf32Pair b02 = TMath.Split(bQ1.X), b12 = TMath.Split(bQ1.Y), b03 = TMath.Split(bQ1.Z), b13 = TMath.Split(bQ1.W);
+                Tf32Pair b04 = TMath.Split(bQ2.X), b14 = TMath.Split(bQ2.Y), b05 = TMath.Split(bQ2.Z), b15 = TMath.Split(bQ2.W);
+                Tf32Pair b06 = TMath.Split(bQ3.X), b16 = TMath.Split(bQ3.Y), b07 = TMath.Split(bQ3.Z), b17 = TMath.Split(bQ3.W);
                 if (CudaAsm.IsSupported)
                 {
                     Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, b00, b10);

@@ -458,14 +458,14 @@ public static partial class TiledGemm
     /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G): the row sums of A, a K step at a
     /// time, from the A buffer at float offset <paramref name="buffer"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void AddRowSums(ArrayView<float> aS, int buffer, ArrayView<float> rowS)
+    private static void AddRowSums<TAcc>(ArrayView<float> aS, int buffer, ArrayView<float> rowS) where TAcc : struct, ITileAccumulator
     {
         for (int r = Group.IdxX; r < TM; r += Group.DimX)
         {
             float sum = 0;
             for (int kk = 0; kk < TK; kk++)
             {
-                sum += aS[buffer + RowSumSlot(kk, r)];
+                sum += aS[buffer + TAcc.RowSumSlot(kk, r)];
             }
             rowS[r] += sum;
         }
@@ -505,12 +505,11 @@ public static partial class TiledGemm
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
         var staged = fetch.Step(k0);
-        // Where this thread's elements go: its first element's slot, then a fixed step (SlotStep), computed once.
-        int slotA = SlotA(aAlongK, tid), stepA = SlotStep(aAlongK, TM, AStride);
-        int slotB = SlotB(bAlongK, tid), stepB = SlotStep(bAlongK, TN, BStride);
-        Store8(aS, slotA, stepA, Stage<TAcc>(staged.A));
-        Store8(bS, slotB, stepB, Stage<TAcc>(staged.B0));
-        Store8(bS, slotB + 8 * stepB, stepB, Stage<TAcc>(staged.B1));
+        // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
+        int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
+        StoreA8<TAcc>(aS, slotA, aAlongK, Stage<TAcc>(staged.A));
+        StoreB8<TAcc>(bS, slotB, bAlongK, Stage<TAcc>(staged.B0));
+        StoreB8<TAcc>(bS, slotB8, bAlongK, Stage<TAcc>(staged.B1));
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -523,13 +522,13 @@ public static partial class TiledGemm
             acc.Step(aS4, bS4, buffer, tid);
             if (rowSums)
             {
-                AddRowSums(aS, buffer * ATile, rowS);
+                AddRowSums<TAcc>(aS, buffer * ATile, rowS);
             }
             if (more)
             {
-                Store8(aS, (1 - buffer) * ATile + slotA, stepA, Stage<TAcc>(staged.A));
-                Store8(bS, (1 - buffer) * BTile + slotB, stepB, Stage<TAcc>(staged.B0));
-                Store8(bS, (1 - buffer) * BTile + slotB + 8 * stepB, stepB, Stage<TAcc>(staged.B1));
+                StoreA8<TAcc>(aS, (1 - buffer) * ATile + slotA, aAlongK, Stage<TAcc>(staged.A));
+                StoreB8<TAcc>(bS, (1 - buffer) * BTile + slotB, bAlongK, Stage<TAcc>(staged.B0));
+                StoreB8<TAcc>(bS, (1 - buffer) * BTile + slotB8, bAlongK, Stage<TAcc>(staged.B1));
             }
             Group.Barrier();
             buffer = 1 - buffer;
@@ -721,20 +720,35 @@ public static partial class TiledGemm
         V4 = TAcc.Stage(v.V4), V5 = TAcc.Stage(v.V5), V6 = TAcc.Stage(v.V6), V7 = TAcc.Stage(v.V7),
     };
 
-    /// <summary>A thread's 8 staged elements e, e + 128, …, e + 7·128 stored from <paramref name="slot"/> (float index: the
-    /// buffer's offset plus <see cref="Slot"/>(e)) on, <paramref name="step"/> = <see cref="SlotStep"/> apart.</summary>
+    /// <summary>A thread's 8 staged A elements e, e + 128, …, e + 7·128 stored from <paramref name="slot"/> (the buffer's
+    /// offset plus <see cref="ITileAccumulator.SlotA"/>(e)) on, at the accumulator's constant offsets.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Store8(ArrayView<float> s, int slot, int step, Floats8 v)
+    private static void StoreA8<TAcc>(ArrayView<float> s, int slot, bool alongK, Floats8 v) where TAcc : struct, ITileAccumulator
     {
         var at = s.SubView(slot);
         at[0] = v.V0;
-        at[step] = v.V1;
-        at[2 * step] = v.V2;
-        at[3 * step] = v.V3;
-        at[4 * step] = v.V4;
-        at[5 * step] = v.V5;
-        at[6 * step] = v.V6;
-        at[7 * step] = v.V7;
+        at[TAcc.OffsetA(alongK, 1)] = v.V1;
+        at[TAcc.OffsetA(alongK, 2)] = v.V2;
+        at[TAcc.OffsetA(alongK, 3)] = v.V3;
+        at[TAcc.OffsetA(alongK, 4)] = v.V4;
+        at[TAcc.OffsetA(alongK, 5)] = v.V5;
+        at[TAcc.OffsetA(alongK, 6)] = v.V6;
+        at[TAcc.OffsetA(alongK, 7)] = v.V7;
+    }
+
+    /// <summary>Eight staged B elements, as <see cref="StoreA8{TAcc}"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreB8<TAcc>(ArrayView<float> s, int slot, bool alongK, Floats8 v) where TAcc : struct, ITileAccumulator
+    {
+        var at = s.SubView(slot);
+        at[0] = v.V0;
+        at[TAcc.OffsetB(alongK, 1)] = v.V1;
+        at[TAcc.OffsetB(alongK, 2)] = v.V2;
+        at[TAcc.OffsetB(alongK, 3)] = v.V3;
+        at[TAcc.OffsetB(alongK, 4)] = v.V4;
+        at[TAcc.OffsetB(alongK, 5)] = v.V5;
+        at[TAcc.OffsetB(alongK, 6)] = v.V6;
+        at[TAcc.OffsetB(alongK, 7)] = v.V7;
     }
 
     /// <summary>
@@ -776,7 +790,7 @@ public static partial class TiledGemm
                 acc.Step(aS4, bS4, 0, sub / across, sub % across);
                 if (rowSums && pass == 0)
                 {
-                    AddRowSums(aS, 0, rowS);
+                    AddRowSums<Tile8x8>(aS, 0, rowS);
                 }
                 Group.Barrier();
             }
@@ -865,6 +879,21 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         public static float Stage(float x) => x;
+
+        /// <inheritdoc/>
+        public static int SlotA(bool alongK, int e) => TiledGemm.SlotA(alongK, e);
+
+        /// <inheritdoc/>
+        public static int SlotB(bool alongK, int e) => TiledGemm.SlotB(alongK, e);
+
+        /// <inheritdoc/>
+        public static int OffsetA(bool alongK, int j) => j * SlotStep(alongK, TM, AStride);
+
+        /// <inheritdoc/>
+        public static int OffsetB(bool alongK, int j) => j * SlotStep(alongK, TN, BStride);
+
+        /// <inheritdoc/>
+        public static int RowSumSlot(int kk, int r) => TiledGemm.RowSumSlot(kk, r);
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
