@@ -106,6 +106,33 @@ public sealed class CompilerReportTests
         Assert.DoesNotContain("FFMA a shared load", string.Join("; ", report.Problems));
     }
 
+    /// <summary>A K loop whose mma steps are written out (TF32): the innermost loop holding HMMA is the main loop itself,
+    /// and a K step is its static count once, not once per k8 step.</summary>
+    [Fact]
+    public void AWrittenOutKStepCountsOnce()
+    {
+        const string code = """
+                /*0000*/                   MOV R1, c[0x0][0x28] ;
+                /*0010*/                   LDG.E R2, [R4.64] ;
+                /*0020*/                   STS [R3], R2 ;
+                /*0030*/                   BAR.SYNC 0x0 ;
+                /*0040*/                   LDS.128 R8, [R5] ;
+                /*0050*/                   HMMA.1688.F32.TF32 R20, R8, R12, R20 ;
+                /*0060*/                   LDS.128 R8, [R5+0x10] ;
+                /*0070*/                   HMMA.1688.F32.TF32 R20, R8, R12, R20 ;
+                /*0080*/               @!P1 BRA 0x10 ;
+                /*0090*/                   EXIT ;
+            """;
+        var sass = Sass.Parse(code);
+        var main = SassMix.Of(Sass.MainLoop(sass));
+        var inner = SassMix.Of(Sass.InnerLoop(sass));
+        Assert.Equal(main, inner);
+        var report = new KernelReport("TiledGemm.TensorKernel.ConvForwardTile.Tf32Math.PtxLayout", true, SmLimits.Sm90,
+            PtxasInfo.Parse("ptxas info    : Function properties for x\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Used 150 registers, 25872 bytes smem"),
+            128, 3, SassMix.Of(sass), main, inner);
+        Assert.Equal((8, 2), (report.GemmCost.StepInstructions, report.GemmCost.StepHmma));
+    }
+
     [Fact]
     public void GroupsPerSmFollowRegistersSharedMemoryAndThreads()
     {

@@ -181,8 +181,10 @@ public sealed record KernelReport(string Name, bool Tiled, SmLimits Arch, PtxasI
     SassMix Inner)
 {
     /// <summary>A tiled GEMM's cost a K step, for the prediction: the main loop with its inner loop counted once per trip
-    /// (<see cref="TiledGemm.KkPerTrip"/> kk a trip on the FFMA core, one k8 mma step on tensor cores).</summary>
-    public GemmCost GemmCost => GemmCost.FromLoops(Loop, Inner, GroupsPerSm, TensorCores ? TiledGemm.TK / 8 : TiledGemm.TK / TiledGemm.KkPerTrip);
+    /// (<see cref="TiledGemm.KkPerTrip"/> kk a trip on the FFMA core, one k8 mma step on tensor cores), or the main loop
+    /// alone when its multiply-adds are written out (the innermost loop holding them is the main loop itself: TF32).</summary>
+    public GemmCost GemmCost => GemmCost.FromLoops(Loop, Inner, GroupsPerSm,
+        Inner.Total == Loop.Total ? 1 : TensorCores ? TiledGemm.TK / 8 : TiledGemm.TK / TiledGemm.KkPerTrip);
 
     /// <summary>A tensor-core kernel (TiledGemm.TensorKernel).</summary>
     public bool TensorCores => Name.StartsWith("TiledGemm.TensorKernel.", StringComparison.Ordinal);

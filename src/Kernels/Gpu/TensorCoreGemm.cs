@@ -96,11 +96,19 @@ public interface ITensorMath
     /// <summary>The same products emulated (<see cref="Tf32.Product"/>) from the fragments the warp posted: A's high part at
     /// slot <paramref name="a"/> (low: + <see cref="Tf32.LowA"/>), B's at <paramref name="b"/> (low: + <see cref="Tf32.LowB"/>).</summary>
     static abstract void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b);
+
+    /// <summary>True: a K step's two k8 steps are written out (TF32: the loop cost ~80 moves of the accumulators a K step);
+    /// false: a loop of two trips (3xTF32: its split fragments take twice the registers, and written out the matmul
+    /// spilled).</summary>
+    static abstract bool WrittenOut { get; }
 }
 
 /// <summary>TF32: one product of rounded operands.</summary>
 public struct Tf32Math : ITensorMath
 {
+    /// <inheritdoc/>
+    public static bool WrittenOut => true;
+
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Stage(float x) => Tf32.Round(x);
@@ -122,6 +130,9 @@ public struct Tf32Math : ITensorMath
 /// <summary>3xTF32: lo·hi + hi·lo + hi·hi, fp32-accurate.</summary>
 public struct Tf32x3Math : ITensorMath
 {
+    /// <inheritdoc/>
+    public static bool WrittenOut => false;
+
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Stage(float x) => x;
@@ -404,10 +415,30 @@ public static partial class TiledGemm
             // A view at this thread's first load, so every load is its base plus a constant (as in the FFMA core).
             var aRow = aS4.SubView(buffer * (ATile / 4) + MmaReadA(0, 0, warp, lane));
             var bRow = bS4.SubView(buffer * (BTile / 4) + MmaReadB(0, 0, warp, lane));
-            for (int kb = 0; kb < TK; kb += 8)
+            if (TMath.WrittenOut)
             {
-                var ak = aRow.SubView(kb / 2 * (PairAStride / 4));
-                var bk = bRow.SubView(kb / 2 * (PairBStride / 4));
+                // The two k8 steps written out: as a loop, ptxas moved the 64 accumulators into the mma's register quads
+                // and back around it (~80 moves a K step) and recomputed the views each trip.
+                K8(aRow, bRow, lane);
+                K8(aRow.SubView(PairsPerK8 * (PairAStride / 4)), bRow.SubView(PairsPerK8 * (PairBStride / 4)), lane);
+            }
+            else
+            {
+                for (int kb = 0; kb < TK; kb += 8)
+                {
+                    K8(aRow.SubView(kb / 2 * (PairAStride / 4)), bRow.SubView(kb / 2 * (PairBStride / 4)), lane);
+                }
+            }
+        }
+
+        /// <summary>kk pairs a k8 step spans.</summary>
+        private const int PairsPerK8 = 4;
+
+        /// <summary>One k8 step from the views at its first loads (pair kb / 2): 2 + 4 128-bit loads, 16 mma.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private void K8(ArrayView<Float4> ak, ArrayView<Float4> bk, int lane)
+        {
+            {
                 // Tile 0's and tile 1's A fragments; B's of n-tiles 0, 1 | 2, 3 | 4, 5 | 6, 7 (bQ0 .. bQ3): a 128-bit load each.
                 Float4 aT0 = ak[0], aT1 = ak[8];
                 Float4 bQ0 = bk[0], bQ1 = bk[8], bQ2 = bk[16], bQ3 = bk[24];
