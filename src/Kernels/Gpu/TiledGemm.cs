@@ -174,6 +174,13 @@ public readonly struct TapPixel(int @base, int mask)
     public readonly int Mask = mask;
 }
 
+/// <summary>Two neighbouring taps of a table, 16 bytes: one 128-bit load.</summary>
+public struct TapPair
+{
+    /// <summary>Taps kd and kd + 1 (kd even).</summary>
+    public Tap First, Second;
+}
+
 /// <summary>The bit arithmetic of taps and pixels (<see cref="Tap"/>, <see cref="TapPixel"/>).</summary>
 public static class Taps
 {
@@ -629,11 +636,13 @@ public static partial class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private Floats8 EightTappedAcrossK(int k0, int first)
         {
-            var taps = _taps.SubView(k0 + first, 8);
+            // Two taps a 128-bit load (k0 + first is even, and the table's buffer starts 256-byte aligned).
+            var taps = _taps.Cast<TapPair>().SubView((k0 + first) / 2, 4);
+            TapPair t01 = taps[0], t23 = taps[1], t45 = taps[2], t67 = taps[3];
             return new Floats8
             {
-                V0 = Tapped(_pixel, taps[0]), V1 = Tapped(_pixel, taps[1]), V2 = Tapped(_pixel, taps[2]), V3 = Tapped(_pixel, taps[3]),
-                V4 = Tapped(_pixel, taps[4]), V5 = Tapped(_pixel, taps[5]), V6 = Tapped(_pixel, taps[6]), V7 = Tapped(_pixel, taps[7]),
+                V0 = Tapped(_pixel, t01.First), V1 = Tapped(_pixel, t01.Second), V2 = Tapped(_pixel, t23.First), V3 = Tapped(_pixel, t23.Second),
+                V4 = Tapped(_pixel, t45.First), V5 = Tapped(_pixel, t45.Second), V6 = Tapped(_pixel, t67.First), V7 = Tapped(_pixel, t67.Second),
             };
         }
 
