@@ -54,9 +54,10 @@ public sealed class IlgpuKernels
 
     /// <summary>
     /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
-    /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd and a tap that reads nothing up to the next multiple of
-    /// the K step. Built on the host and uploaded once a geometry (it does not depend on the batch), then kept with the
-    /// kernels. Any other op gets a small table it never reads.
+    /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd, then taps that read nothing up to the next multiple of
+    /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last). Built on the host and
+    /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. Any other op gets a small
+    /// table it never reads.
     /// </summary>
     internal ArrayView<Tap> TapTable<TOp>(TileArgs t) where TOp : struct, ITileOperands
     {
@@ -75,7 +76,8 @@ public sealed class IlgpuKernels
             var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
             if (!_tapTables.TryGetValue(key, out var table))
             {
-                var taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK)];
+                // A K step of padding past the last: the kernel fetches one step ahead, also after the last.
+                var taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK) + TiledGemm.TK];
                 for (int kd = 0; kd < taps.Length; kd++)
                 {
                     taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);

@@ -511,21 +511,21 @@ public static partial class TiledGemm
         var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd);
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
-        var staged = fetch.Step(k0);
+        var first = fetch.Step(k0);
         // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
         int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
-        StoreA8<TAcc>(aS, slotA, aAlongK, Stage<TAcc>(staged.A));
-        StoreB8<TAcc>(bS, slotB, bAlongK, Stage<TAcc>(staged.B0));
-        StoreB8<TAcc>(bS, slotB8, bAlongK, Stage<TAcc>(staged.B1));
+        StoreA8<TAcc>(aS, slotA, aAlongK, Stage<TAcc>(first.A));
+        StoreB8<TAcc>(bS, slotB, bAlongK, Stage<TAcc>(first.B0));
+        StoreB8<TAcc>(bS, slotB8, bAlongK, Stage<TAcc>(first.B1));
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
             int next = k0 + TK;
             bool more = next < kEnd;
-            if (more)
-            {
-                staged = fetch.Step(next);
-            }
+            // Fetched whatever `more` says (past the K range every load is predicated off, and a tap table has a K step of
+            // padding): values defined inside the loop, where a conditional fetch made them loop-carried and ptxas moved
+            // ~26 of them a K step.
+            var staged = fetch.Step(next);
             acc.Step(aS4, bS4, buffer, tid);
             if (rowSums)
             {
