@@ -233,13 +233,15 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
 
     /// <summary>The GPU kernel gathers a convolution's B through taps (a pixel's base and mask, a tap's delta and bits): for every
     /// column and kd of every op, on ragged, strided, padded, pointwise and 5x5 shapes, that must read where IndexB does
-    /// and nothing where IndexB says -1 (padding, and at stride 2 the taps of the wrong phase).</summary>
+    /// and nothing where IndexB says -1 (padding, and at stride 2 the taps of the wrong phase); 15 x 15, the widest the bits
+    /// hold, included.</summary>
     [Fact]
     public void TapsReadWhereIndexBDoes()
     {
         foreach (var g in new[] { new ConvShape(2, 3, 7, 7, 5, 3, 3, 1, 1), new ConvShape(2, 3, 5, 6, 5, 3, 3, 2, 1), new ConvShape(2, 3, 7, 7, 5, 1, 1, 1, 0),
                      new ConvShape(1, 4, 5, 6, 3, 1, 1, 2, 0), new ConvShape(3, 2, 4, 4, 2, 5, 5, 1, 2), new ConvShape(1, 2, 9, 8, 3, 3, 3, 2, 1),
-                     new ConvShape(1, 2, 6, 7, 2, 4, 2, 3, 2), new ConvShape(1, 1, 3, 3, 1, 3, 3, 1, 4) })
+                     new ConvShape(1, 2, 6, 7, 2, 4, 2, 3, 2), new ConvShape(1, 1, 3, 3, 1, 3, 3, 1, 4),
+                     new ConvShape(1, 1, 16, 16, 1, 15, 15, 1, 7), new ConvShape(1, 2, 15, 17, 2, 15, 3, 2, 7) })
         {
             Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
             Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
@@ -273,6 +275,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     [Fact]
     public void StagedElementsStoreSlotStepApart()
     {
+        // One thread a column of the tile: the column taps' fill (one a thread) and the across-K B's columns rely on it.
+        Assert.Equal(TiledGemm.TN, TiledGemm.Threads);
         foreach (bool alongK in new[] { false, true })
         {
             foreach (var (lines, stride) in new[] { (TiledGemm.TM, TiledGemm.AStride), (TiledGemm.TN, TiledGemm.BStride) })
@@ -288,6 +292,31 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             }
         }
     }
+
+    /// <summary>A kernel wider than the taps' bits (16 x 16) runs the simple twins, and gives the CPU's results; the tiled
+    /// entry points refuse it rather than read wrong.</summary>
+    [Fact]
+    public void KernelsOverFifteenRunTheSimpleTwins() => WithTimeout(() =>
+    {
+        var device = fixture[32];
+        var g = new ConvShape(1, 2, 17, 16, 2, 16, 15, 1, 0);
+        Assert.False(TiledConv.Takes(g));
+        Assert.True(TiledConv.Takes(new ConvShape(1, 1, 15, 15, 1, 15, 15, 1, 0)));
+        var rng = new Random(16);
+        int[] xs = [g.N, g.C, g.H, g.W], ws = [g.K, g.C, g.R, g.S], ys = [g.N, g.K, g.P, g.Q];
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), xs);
+        var wt = (Ints(rng, g.K * g.C * g.R * g.S), ws);
+        var b = (Ints(rng, g.K), new[] { g.K });
+        var dy = (Ints(rng, g.N * g.K * g.P * g.Q), ys);
+        Func<Device, float[]> forward = d => Run(d, [x, wt, b], NaNs(g.N * g.K * g.Pq), ys, (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, 1, 0));
+        Func<Device, float[]> input = d => Run(d, [dy, wt], NaNs(x.Item1.Length), xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, 1, 0, accumulate: false));
+        Func<Device, float[]> weight = d => Run(d, [dy, x], new float[wt.Item1.Length], ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, 1, 0));
+        Check("16x16 forward", forward(CpuDevice.Instance), () => forward(device), rerun: false);
+        Check("16x16 input gradient", input(CpuDevice.Instance), () => input(device), rerun: false);
+        Check("16x16 weight gradient", weight(CpuDevice.Instance), () => weight(device), rerun: false);
+        var kernels = IlgpuKernels.For(device);
+        Assert.Throws<ArgumentException>(() => TiledConv.Forward(kernels, g, default, default, default, default, null));
+    });
 
     [Fact]
     public void WeightSplitsDependOnTheShapeAndFillTheChip()

@@ -214,6 +214,24 @@ public sealed class SharedBankTests
         Assert.Equal(64, Enumerable.Range(0, 64).Select(x => TiledGemm.MmaColumn(x % 8, x / 8)).Distinct().Count());
     }
 
+    /// <summary>The weight gradient's column taps (a <see cref="Tap"/>, two words, a column of the tile): thread tid stores
+    /// entry tid once a launch (a warp's 64 words: the two wavefronts they need), and each K step reads entries line + 8·j
+    /// as 64-bit loads (a warp's lanes share 8 lines: one wavefront).</summary>
+    [Fact]
+    public void TheColumnTapsTakeTheFewestWavefronts()
+    {
+        foreach (var (w, lanes) in Warps())
+        {
+            var stores = lanes.SelectMany(tid => new[] { 2 * tid, 2 * tid + 1 }).ToArray();
+            Assert.Equal(Least(stores), Wavefronts(stores));
+            for (int j = 0; j < TiledGemm.TK; j++)
+            {
+                var reads = lanes.SelectMany(tid => new[] { 0, 1 }.Select(h => 2 * (TiledGemm.Element(true, tid, TiledGemm.TN).Line + 8 * j) + h)).ToArray();
+                Assert.Equal(1, Wavefronts(reads));
+            }
+        }
+    }
+
     private static int PairA(bool alongK, int e)
     {
         var (kk, row) = TiledGemm.Element(alongK, e, TiledGemm.TM);

@@ -296,10 +296,10 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
 /// <summary>A wrong fragment mapping, planted by the test: a1 and a2 swapped.</summary>
 public struct SwappedLayout : IFragmentLayout
 {
-    public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+    public static void A(Float4 tile0, Float4 tile1, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3)
     {
-        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Z, k.Y, k.W);
-        (t1a0, t1a1, t1a2, t1a3) = (k4.X, k4.Z, k4.Y, k4.W);
+        (t0a0, t0a1, t0a2, t0a3) = (tile0.X, tile0.Z, tile0.Y, tile0.W);
+        (t1a0, t1a1, t1a2, t1a3) = (tile1.X, tile1.Z, tile1.Y, tile1.W);
     }
 }

@@ -49,6 +49,7 @@ public sealed class IlgpuKernels
     /// <summary>The arrival counters, zero between launches (each kernel that counts puts them back).</summary>
     internal ArrayView<int> GridCounters => _gridCounters.View;
 
+    // One tap table a convolution geometry the model runs (a few KB each), kept as long as the kernels: never freed.
     private readonly Dictionary<(Type Op, int C, int H, int W, int K, int R, int S, int Stride, int Pad), MemoryBuffer1D<Tap, Stride1D.Dense>> _tapTables = [];
     private MemoryBuffer1D<Tap, Stride1D.Dense>? _noTaps;
 

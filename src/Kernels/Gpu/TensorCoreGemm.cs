@@ -171,8 +171,8 @@ public struct Tf32x3Math : ITensorMath
 public interface IFragmentLayout
 {
     /// <summary>From the thread's two 128-bit loads of A (<see cref="TiledGemm.MmaReadA"/>: tile 0's rows g, g + 8 at
-    /// k = i and i + 4 in <paramref name="k"/>, tile 1's in <paramref name="k4"/>): tile 0's a0..a3 and tile 1's.</summary>
-    static abstract void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+    /// k = i and i + 4 in <paramref name="tile0"/>, tile 1's in <paramref name="tile1"/>): tile 0's a0..a3 and tile 1's.</summary>
+    static abstract void A(Float4 tile0, Float4 tile1, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3);
 }
 
@@ -181,11 +181,11 @@ public struct PtxLayout : IFragmentLayout
 {
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void A(Float4 k, Float4 k4, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
+    public static void A(Float4 tile0, Float4 tile1, out float t0a0, out float t0a1, out float t0a2, out float t0a3, out float t1a0, out float t1a1,
         out float t1a2, out float t1a3)
     {
-        (t0a0, t0a1, t0a2, t0a3) = (k.X, k.Y, k.Z, k.W);
-        (t1a0, t1a1, t1a2, t1a3) = (k4.X, k4.Y, k4.Z, k4.W);
+        (t0a0, t0a1, t0a2, t0a3) = (tile0.X, tile0.Y, tile0.Z, tile0.W);
+        (t1a0, t1a1, t1a2, t1a3) = (tile1.X, tile1.Y, tile1.Z, tile1.W);
     }
 }
 

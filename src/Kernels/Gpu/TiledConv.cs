@@ -310,10 +310,20 @@ internal static class TiledConv
     /// (a tap's row and column are bits of a mask); larger ones run the simple twins.</summary>
     public static bool Takes(ConvShape g) => g.R <= Taps.MaxKernel && g.S <= Taps.MaxKernel;
 
+    /// <summary>Refuses a geometry the tiled kernels do not take: its taps' bits would collide and read wrong.</summary>
+    private static void Require(ConvShape g)
+    {
+        if (!Takes(g))
+        {
+            throw new ArgumentException($"tiled conv2d: a {g.R}x{g.S} kernel is over {Taps.MaxKernel}x{Taps.MaxKernel}; the simple kernels take it");
+        }
+    }
+
     /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual).</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
         ArrayView<float>? channelBias, ArrayView<float>? residual = null)
     {
+        Require(g);
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
         TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
     }
@@ -321,6 +331,7 @@ internal static class TiledConv
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
     public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
     {
+        Require(g);
         var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
         TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
     }
@@ -341,6 +352,7 @@ internal static class TiledConv
     public static void BackwardWeight(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw,
         ArrayView<float>? db = null, int splits = 0)
     {
+        Require(g);
         int kd = g.N * g.Pq;
         if (splits <= 0)
         {

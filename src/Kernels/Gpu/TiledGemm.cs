@@ -17,7 +17,8 @@
 // simulators) runs KernelInPasses: the tile's 128 register tiles in 128 / G passes, one shared buffer, the plain
 // IndexA / IndexB gathers (the definitions the taps are tested against).
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
-// the grid and the group size, the prefetch condition only on the K range), so no barrier is divergent.
+// the grid and the group size; the GPU path fetches the next K step every trip and stores it unless it was the last),
+// so no barrier is divergent.
 //
 // Two fusions ride on the core, so a layer's backward needs no separate reduction launches:
 //   - row sums (TileArgs.RowSums): the groups of the first column tile also add up the rows of A as they pass through
@@ -227,7 +228,8 @@ public interface ITileOperands
     /// <summary>The part of A(m, ·)'s addressing that depends on m alone (any m, even past M: it is not loaded then).</summary>
     static abstract Gather RowOfA(TileArgs t, int m);
 
-    /// <summary>The part of A(·, kd)'s addressing that depends on kd alone (0 ≤ kd &lt; Kd).</summary>
+    /// <summary>The part of A(·, kd)'s addressing that depends on kd alone (0 ≤ kd &lt; Kd). It must also take any kd below
+    /// Kd + 2·TK without reading memory: the GPU kernel fetches a K step ahead, also past the last, and drops those.</summary>
     static abstract Gather KOfA(TileArgs t, int kd);
 
     /// <summary>Where A(m, kd) is in a, from <paramref name="row"/> = <see cref="RowOfA"/>(m) and <paramref name="k"/> =
@@ -238,7 +240,7 @@ public interface ITileOperands
     /// <summary>The part of B(·, col)'s addressing that depends on col alone (any col, even past Cols).</summary>
     static abstract Gather ColumnOfB(TileArgs t, int col);
 
-    /// <summary>The part of B(kd, ·)'s addressing that depends on kd alone.</summary>
+    /// <summary>The part of B(kd, ·)'s addressing that depends on kd alone (as <see cref="KOfA"/>, any kd below Kd + 2·TK).</summary>
     static abstract Gather KOfB(TileArgs t, int kd);
 
     /// <summary>Where B(kd, col) is in b, from <see cref="ColumnOfB"/>(col) and <see cref="KOfB"/>(kd); -1 for a structural
@@ -355,7 +357,7 @@ public static partial class TiledGemm
 
     /// <summary>
     /// The same product for a device whose groups are smaller than <see cref="Threads"/> (ILGPU's simulators: any power
-    /// of two G &lt; 256): the group computes the tile's 256 register tiles in 256 / G passes (<see cref="InPasses{TOp}"/>).
+    /// of two G &lt; 128): the group computes the tile's 128 register tiles in 128 / G passes (<see cref="InPasses{TOp}"/>).
     /// </summary>
     internal static void KernelInPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
@@ -485,7 +487,9 @@ public static partial class TiledGemm
     ///     (B: tid) for the whole launch: that part is computed once, before the loop; the kd part at each element;
     ///   - one stored along K (kd runs fastest: coalesced) gives each thread one kk for all its elements (the 8 x 4 warp
     ///     layout of <see cref="Element"/>): the kd part is computed once a step; the rows of A (8, line + 8·j) once,
-    ///     before the loop; the columns of B (16: too many registers to keep) at each element.
+    ///     before the loop; the columns of B (16: too many registers to keep) at each element, or for a tapped B (the
+    ///     weight gradient) from the column taps the group put in shared memory once;
+    ///   - a tapped B across K (forward, input gradient) keeps its column's pixel and reads the step's taps from the table.
     /// The shared tiles are double-buffered: step s computes on buffer s mod 2 while the next step's elements, fetched
     /// into registers before the multiply-adds (their latency hides behind them), are stored into the other buffer; one
     /// barrier a step. Safe: a buffer is written one step after the barrier that ended its last reads.
@@ -829,7 +833,7 @@ public static partial class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int SlotB(bool alongK, int e) => Slot(alongK, e, TN, BStride);
 
-    /// <summary>Slot(e + 128) - Slot(e) for 0 ≤ e mod 128 (a thread's next element, <see cref="Threads"/> on), the same for
+    /// <summary>Slot(e + 128) - Slot(e) (a thread's next element, <see cref="Threads"/> on), the same for
     /// every e of the tile: along K the line moves 8 on (kk stays), across K kk moves 128 / lines on (the line stays).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int SlotStep(bool alongK, int lines, int stride) => alongK ? 8 : Threads / lines * stride;
@@ -969,13 +973,14 @@ public static partial class TiledGemm
     }
 
     /// <summary>Loads one op's kernel as an explicitly grouped kernel (once per accelerator): <see cref="Kernel{TOp}"/> with
-    /// its launch bounds where the device runs groups of 256, else <see cref="KernelInPasses{TOp}"/>.</summary>
+    /// its launch bounds where the device runs groups of 128, else <see cref="KernelInPasses{TOp}"/>.</summary>
     internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands =>
         GroupSize(k.Accelerator) == Threads ? k.Grouped<TileLauncher>(Kernel<TOp>, Specialization) : k.Grouped<TileLauncher>(KernelInPasses<TOp>);
 
     /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
     /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
-    /// read may be any view.</summary>
+    /// read may be any view. <paramref name="kernel"/> must be <typeparamref name="TOp"/>'s (its tap table is looked up by
+    /// <typeparamref name="TOp"/>).</summary>
     internal static void Launch<TOp>(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
         ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2) where TOp : struct, ITileOperands
     {
