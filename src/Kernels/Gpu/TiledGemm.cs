@@ -518,9 +518,9 @@ public static partial class TiledGemm
         var first = fetch.Step(k0);
         // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
         int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
-        StoreA8<TAcc>(aS, slotA, aAlongK, Stage<TAcc>(first.A));
-        StoreB8<TAcc>(bS, slotB, bAlongK, Stage<TAcc>(first.B0));
-        StoreB8<TAcc>(bS, slotB8, bAlongK, Stage<TAcc>(first.B1));
+        Store8<TAcc>(aS, slotA, true, aAlongK, Stage<TAcc>(first.A));
+        Store8<TAcc>(bS, slotB, false, bAlongK, Stage<TAcc>(first.B0));
+        Store8<TAcc>(bS, slotB8, false, bAlongK, Stage<TAcc>(first.B1));
         Group.Barrier();
         for (; k0 < kEnd; k0 += TK)
         {
@@ -537,9 +537,9 @@ public static partial class TiledGemm
             }
             if (more)
             {
-                StoreA8<TAcc>(aS, (1 - buffer) * ATile + slotA, aAlongK, Stage<TAcc>(staged.A));
-                StoreB8<TAcc>(bS, (1 - buffer) * BTile + slotB, bAlongK, Stage<TAcc>(staged.B0));
-                StoreB8<TAcc>(bS, (1 - buffer) * BTile + slotB8, bAlongK, Stage<TAcc>(staged.B1));
+                Store8<TAcc>(aS, (1 - buffer) * ATile + slotA, true, aAlongK, Stage<TAcc>(staged.A));
+                Store8<TAcc>(bS, (1 - buffer) * BTile + slotB, false, bAlongK, Stage<TAcc>(staged.B0));
+                Store8<TAcc>(bS, (1 - buffer) * BTile + slotB8, false, bAlongK, Stage<TAcc>(staged.B1));
             }
             Group.Barrier();
             buffer = 1 - buffer;
@@ -733,36 +733,26 @@ public static partial class TiledGemm
         V4 = TAcc.Stage(v.V4), V5 = TAcc.Stage(v.V5), V6 = TAcc.Stage(v.V6), V7 = TAcc.Stage(v.V7),
     };
 
-    /// <summary>A thread's 8 staged A elements e, e + 128, …, e + 7·128 stored from <paramref name="slot"/> (the buffer's
-    /// offset plus <see cref="ITileAccumulator.SlotA"/>(e)) on, at the accumulator's constant offsets.</summary>
+    /// <summary>A thread's 8 staged elements e, e + 128, …, e + 7·128 of the A tile (<paramref name="ofA"/>) or the B tile,
+    /// stored from <paramref name="slot"/> (the buffer's offset plus the accumulator's SlotA or SlotB of e) on, at its
+    /// constant offsets (<see cref="ITileAccumulator.OffsetA"/>, <see cref="ITileAccumulator.OffsetB"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreA8<TAcc>(ArrayView<float> s, int slot, bool alongK, Floats8 v) where TAcc : struct, ITileAccumulator
+    private static void Store8<TAcc>(ArrayView<float> s, int slot, bool ofA, bool alongK, Floats8 v) where TAcc : struct, ITileAccumulator
     {
         var at = s.SubView(slot);
         at[0] = v.V0;
-        at[TAcc.OffsetA(alongK, 1)] = v.V1;
-        at[TAcc.OffsetA(alongK, 2)] = v.V2;
-        at[TAcc.OffsetA(alongK, 3)] = v.V3;
-        at[TAcc.OffsetA(alongK, 4)] = v.V4;
-        at[TAcc.OffsetA(alongK, 5)] = v.V5;
-        at[TAcc.OffsetA(alongK, 6)] = v.V6;
-        at[TAcc.OffsetA(alongK, 7)] = v.V7;
+        at[Offset<TAcc>(ofA, alongK, 1)] = v.V1;
+        at[Offset<TAcc>(ofA, alongK, 2)] = v.V2;
+        at[Offset<TAcc>(ofA, alongK, 3)] = v.V3;
+        at[Offset<TAcc>(ofA, alongK, 4)] = v.V4;
+        at[Offset<TAcc>(ofA, alongK, 5)] = v.V5;
+        at[Offset<TAcc>(ofA, alongK, 6)] = v.V6;
+        at[Offset<TAcc>(ofA, alongK, 7)] = v.V7;
     }
 
-    /// <summary>Eight staged B elements, as <see cref="StoreA8{TAcc}"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void StoreB8<TAcc>(ArrayView<float> s, int slot, bool alongK, Floats8 v) where TAcc : struct, ITileAccumulator
-    {
-        var at = s.SubView(slot);
-        at[0] = v.V0;
-        at[TAcc.OffsetB(alongK, 1)] = v.V1;
-        at[TAcc.OffsetB(alongK, 2)] = v.V2;
-        at[TAcc.OffsetB(alongK, 3)] = v.V3;
-        at[TAcc.OffsetB(alongK, 4)] = v.V4;
-        at[TAcc.OffsetB(alongK, 5)] = v.V5;
-        at[TAcc.OffsetB(alongK, 6)] = v.V6;
-        at[TAcc.OffsetB(alongK, 7)] = v.V7;
-    }
+    private static int Offset<TAcc>(bool ofA, bool alongK, int j) where TAcc : struct, ITileAccumulator =>
+        ofA ? TAcc.OffsetA(alongK, j) : TAcc.OffsetB(alongK, j);
 
     /// <summary>
     /// Any power-of-two group G below 128 (the simulators): the group computes the tile's 128 register tiles in
