@@ -35,6 +35,7 @@ public sealed class IlgpuKernels
         Random = new RandomFill.Gpu(this);
         _gridCounters = Accelerator.Allocate1D<int>(CounterSlots);
         _gridCounters.MemSetToZero(Stream);
+        _noTaps = Accelerator.Allocate1D(Enumerable.Repeat(new Tap(0, Taps.Nowhere), TiledGemm.TK).ToArray());
     }
 
     /// <summary>Arrival counters a kernel's groups count on to find the last of them (<see cref="TiledReduce.ArriveLast"/>):
@@ -51,7 +52,7 @@ public sealed class IlgpuKernels
 
     // One tap table a convolution geometry the model runs (a few KB each), kept as long as the kernels: never freed.
     private readonly Dictionary<(Type Op, int C, int H, int W, int K, int R, int S, int Stride, int Pad), MemoryBuffer1D<Tap, Stride1D.Dense>> _tapTables = [];
-    private MemoryBuffer1D<Tap, Stride1D.Dense>? _noTaps;
+    private readonly MemoryBuffer1D<Tap, Stride1D.Dense> _noTaps;
 
     /// <summary>
     /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
@@ -62,17 +63,16 @@ public sealed class IlgpuKernels
     /// </summary>
     internal ArrayView<Tap> TapTable<TOp>(TileArgs t) where TOp : struct, ITileOperands
     {
+        if (!TOp.Tapped || TOp.BAlongK(t))
+        {
+            return _noTaps.View;
+        }
+        if (t.Splits != 1)
+        {
+            throw new InvalidOperationException($"tiled gemm: a tap table reads the whole K range, and {typeof(TOp).Name} was split {t.Splits} ways");
+        }
         lock (_tapTables)
         {
-            if (!TOp.Tapped || TOp.BAlongK(t))
-            {
-                _noTaps ??= Accelerator.Allocate1D(Enumerable.Repeat(new Tap(0, Taps.Nowhere), TiledGemm.TK).ToArray());
-                return _noTaps.View;
-            }
-            if (t.Splits != 1)
-            {
-                throw new InvalidOperationException($"tiled gemm: a tap table reads the whole K range, and {typeof(TOp).Name} was split {t.Splits} ways");
-            }
             var g = t.Conv;
             var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
             if (!_tapTables.TryGetValue(key, out var table))

@@ -424,9 +424,9 @@ public static partial class TiledGemm
             }
             else
             {
-                for (int kb = 0; kb < TK; kb += 8)
+                for (int pair = 0; pair < TK / 2; pair += PairsPerK8)
                 {
-                    K8(aRow.SubView(kb / 2 * (PairAStride / 4)), bRow.SubView(kb / 2 * (PairBStride / 4)), lane);
+                    K8(aRow.SubView(pair * (PairAStride / 4)), bRow.SubView(pair * (PairBStride / 4)), lane);
                 }
             }
         }
@@ -438,49 +438,47 @@ public static partial class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private void K8(ArrayView<Float4> ak, ArrayView<Float4> bk, int lane)
         {
+            // Tile 0's and tile 1's A fragments; B's of n-tiles 0, 1 | 2, 3 | 4, 5 | 6, 7 (bQ0 .. bQ3): a 128-bit load each.
+            Float4 aT0 = ak[0], aT1 = ak[8];
+            Float4 bQ0 = bk[0], bQ1 = bk[8], bQ2 = bk[16], bQ3 = bk[24];
+            TLayout.A(aT0, aT1, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
+            Tf32Pair a00 = TMath.Split(p0), a01 = TMath.Split(p1), a02 = TMath.Split(p2), a03 = TMath.Split(p3);
+            Tf32Pair a10 = TMath.Split(q0), a11 = TMath.Split(q1), a12 = TMath.Split(q2), a13 = TMath.Split(q3);
+            Tf32Pair b00 = TMath.Split(bQ0.X), b10 = TMath.Split(bQ0.Y), b01 = TMath.Split(bQ0.Z), b11 = TMath.Split(bQ0.W);
+            Tf32Pair b02 = TMath.Split(bQ1.X), b12 = TMath.Split(bQ1.Y), b03 = TMath.Split(bQ1.Z), b13 = TMath.Split(bQ1.W);
+            Tf32Pair b04 = TMath.Split(bQ2.X), b14 = TMath.Split(bQ2.Y), b05 = TMath.Split(bQ2.Z), b15 = TMath.Split(bQ2.W);
+            Tf32Pair b06 = TMath.Split(bQ3.X), b16 = TMath.Split(bQ3.Y), b07 = TMath.Split(bQ3.Z), b17 = TMath.Split(bQ3.W);
+            if (CudaAsm.IsSupported)
             {
-                // Tile 0's and tile 1's A fragments; B's of n-tiles 0, 1 | 2, 3 | 4, 5 | 6, 7 (bQ0 .. bQ3): a 128-bit load each.
-                Float4 aT0 = ak[0], aT1 = ak[8];
-                Float4 bQ0 = bk[0], bQ1 = bk[8], bQ2 = bk[16], bQ3 = bk[24];
-                TLayout.A(aT0, aT1, out float p0, out float p1, out float p2, out float p3, out float q0, out float q1, out float q2, out float q3);
-                Tf32Pair a00 = TMath.Split(p0), a01 = TMath.Split(p1), a02 = TMath.Split(p2), a03 = TMath.Split(p3);
-                Tf32Pair a10 = TMath.Split(q0), a11 = TMath.Split(q1), a12 = TMath.Split(q2), a13 = TMath.Split(q3);
-                Tf32Pair b00 = TMath.Split(bQ0.X), b10 = TMath.Split(bQ0.Y), b01 = TMath.Split(bQ0.Z), b11 = TMath.Split(bQ0.W);
-                Tf32Pair b02 = TMath.Split(bQ1.X), b12 = TMath.Split(bQ1.Y), b03 = TMath.Split(bQ1.Z), b13 = TMath.Split(bQ1.W);
-                Tf32Pair b04 = TMath.Split(bQ2.X), b14 = TMath.Split(bQ2.Y), b05 = TMath.Split(bQ2.Z), b15 = TMath.Split(bQ2.W);
-                Tf32Pair b06 = TMath.Split(bQ3.X), b16 = TMath.Split(bQ3.Y), b07 = TMath.Split(bQ3.Z), b17 = TMath.Split(bQ3.W);
-                if (CudaAsm.IsSupported)
-                {
-                    Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, b00, b10);
-                    Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, b01, b11);
-                    Tile(ref _02, ref _12, a00, a01, a02, a03, a10, a11, a12, a13, b02, b12);
-                    Tile(ref _03, ref _13, a00, a01, a02, a03, a10, a11, a12, a13, b03, b13);
-                    Tile(ref _04, ref _14, a00, a01, a02, a03, a10, a11, a12, a13, b04, b14);
-                    Tile(ref _05, ref _15, a00, a01, a02, a03, a10, a11, a12, a13, b05, b15);
-                    Tile(ref _06, ref _16, a00, a01, a02, a03, a10, a11, a12, a13, b06, b16);
-                    Tile(ref _07, ref _17, a00, a01, a02, a03, a10, a11, a12, a13, b07, b17);
-                }
-                else
-                {
-                    // The simulator: the warp posts every fragment of the k8 step once, then each mma is emulated from the
-                    // posted fragments by the ISA's table (Tf32.Product), in the GPU path's order.
-                    var posted = Tf32.Slice();
-                    int at = Tf32.Slots * (lane & 31);
-                    PostA(posted, at, 0, a00, a01, a02, a03);
-                    PostA(posted, at, 4, a10, a11, a12, a13);
-                    PostB(posted, at, 0, b00, b10); PostB(posted, at, 1, b01, b11); PostB(posted, at, 2, b02, b12); PostB(posted, at, 3, b03, b13);
-                    PostB(posted, at, 4, b04, b14); PostB(posted, at, 5, b05, b15); PostB(posted, at, 6, b06, b16); PostB(posted, at, 7, b07, b17);
-                    Warp.Barrier();
-                    TMath.Emulated(ref _00, posted, 0, Tf32.FirstB + 0); TMath.Emulated(ref _10, posted, 4, Tf32.FirstB + 0);
-                    TMath.Emulated(ref _01, posted, 0, Tf32.FirstB + 2); TMath.Emulated(ref _11, posted, 4, Tf32.FirstB + 2);
-                    TMath.Emulated(ref _02, posted, 0, Tf32.FirstB + 4); TMath.Emulated(ref _12, posted, 4, Tf32.FirstB + 4);
-                    TMath.Emulated(ref _03, posted, 0, Tf32.FirstB + 6); TMath.Emulated(ref _13, posted, 4, Tf32.FirstB + 6);
-                    TMath.Emulated(ref _04, posted, 0, Tf32.FirstB + 8); TMath.Emulated(ref _14, posted, 4, Tf32.FirstB + 8);
-                    TMath.Emulated(ref _05, posted, 0, Tf32.FirstB + 10); TMath.Emulated(ref _15, posted, 4, Tf32.FirstB + 10);
-                    TMath.Emulated(ref _06, posted, 0, Tf32.FirstB + 12); TMath.Emulated(ref _16, posted, 4, Tf32.FirstB + 12);
-                    TMath.Emulated(ref _07, posted, 0, Tf32.FirstB + 14); TMath.Emulated(ref _17, posted, 4, Tf32.FirstB + 14);
-                    Warp.Barrier();
-                }
+                Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, b00, b10);
+                Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, b01, b11);
+                Tile(ref _02, ref _12, a00, a01, a02, a03, a10, a11, a12, a13, b02, b12);
+                Tile(ref _03, ref _13, a00, a01, a02, a03, a10, a11, a12, a13, b03, b13);
+                Tile(ref _04, ref _14, a00, a01, a02, a03, a10, a11, a12, a13, b04, b14);
+                Tile(ref _05, ref _15, a00, a01, a02, a03, a10, a11, a12, a13, b05, b15);
+                Tile(ref _06, ref _16, a00, a01, a02, a03, a10, a11, a12, a13, b06, b16);
+                Tile(ref _07, ref _17, a00, a01, a02, a03, a10, a11, a12, a13, b07, b17);
+            }
+            else
+            {
+                // The simulator: the warp posts every fragment of the k8 step once, then each mma is emulated from the
+                // posted fragments by the ISA's table (Tf32.Product), in the GPU path's order.
+                var posted = Tf32.Slice();
+                int at = Tf32.Slots * (lane & 31);
+                PostA(posted, at, 0, a00, a01, a02, a03);
+                PostA(posted, at, 4, a10, a11, a12, a13);
+                PostB(posted, at, 0, b00, b10); PostB(posted, at, 1, b01, b11); PostB(posted, at, 2, b02, b12); PostB(posted, at, 3, b03, b13);
+                PostB(posted, at, 4, b04, b14); PostB(posted, at, 5, b05, b15); PostB(posted, at, 6, b06, b16); PostB(posted, at, 7, b07, b17);
+                Warp.Barrier();
+                TMath.Emulated(ref _00, posted, 0, Tf32.FirstB + 0); TMath.Emulated(ref _10, posted, 4, Tf32.FirstB + 0);
+                TMath.Emulated(ref _01, posted, 0, Tf32.FirstB + 2); TMath.Emulated(ref _11, posted, 4, Tf32.FirstB + 2);
+                TMath.Emulated(ref _02, posted, 0, Tf32.FirstB + 4); TMath.Emulated(ref _12, posted, 4, Tf32.FirstB + 4);
+                TMath.Emulated(ref _03, posted, 0, Tf32.FirstB + 6); TMath.Emulated(ref _13, posted, 4, Tf32.FirstB + 6);
+                TMath.Emulated(ref _04, posted, 0, Tf32.FirstB + 8); TMath.Emulated(ref _14, posted, 4, Tf32.FirstB + 8);
+                TMath.Emulated(ref _05, posted, 0, Tf32.FirstB + 10); TMath.Emulated(ref _15, posted, 4, Tf32.FirstB + 10);
+                TMath.Emulated(ref _06, posted, 0, Tf32.FirstB + 12); TMath.Emulated(ref _16, posted, 4, Tf32.FirstB + 12);
+                TMath.Emulated(ref _07, posted, 0, Tf32.FirstB + 14); TMath.Emulated(ref _17, posted, 4, Tf32.FirstB + 14);
+                Warp.Barrier();
             }
         }
 

@@ -291,8 +291,8 @@ public static partial class TiledGemm
     public const int RowsPerThread = 8, ColsPerThread = 8;
 
     /// <summary>kk the FFMA core's multiply-add loop does a trip (written out four times in its body): four 128-bit shared
-    /// loads and 64 FFMA each. Four, not two: the loop's addressing and branch are then 13 instructions in 285, not 19 in
-    /// 147; not sixteen: ILGPU places a straight line's loads before its first multiply-add, and 256 live operands spill.</summary>
+    /// loads and 64 FFMA each. Four, not two: the loop's addressing and branch are then 13-17 instructions in ~287, not 19
+    /// in 147; not sixteen: ILGPU places a straight line's loads before its first multiply-add, and 256 live operands spill.</summary>
     public const int KkPerTrip = 4;
 
     /// <summary>Register tiles per output tile (8 x 16 of 8 x 8 outputs): the group size on a GPU.</summary>
