@@ -40,6 +40,58 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
         }
     }
 
+    [Fact]
+    public void WhatTheTensorCoreReadsOfAStagedOperandIsItsRounding()
+    {
+        // The kernels stage x + its half unit (Tf32.HalfUlp, a LOP3 and an FFMA) and leave clearing the low 13 bits to the
+        // tensor core (Tf32.Read): that must be cvt.rna's rounding (RoundBits) of every normal value, zero and infinity.
+        static uint Bits(float x) => BitConverter.SingleToUInt32Bits(x);
+        static void Same(float x)
+        {
+            float got = Tf32.Read(Tf32.HalfUlp(x)), want = Tf32.RoundBits(x);
+            Assert.True(Bits(got) == Bits(want), $"{x:R} (0x{Bits(x):X8}): reads 0x{Bits(got):X8}, rna is 0x{Bits(want):X8}");
+        }
+        float ulp = MathF.Pow(2, -10);
+        foreach (float x in new[] { 0f, -0f, 1f, -1f, 1f + 0.5f * ulp, -(1f + 0.5f * ulp), 1f + 0.25f * ulp, 2f - 0.25f * ulp, 2f - float.Epsilon * 4,
+            BitConverter.UInt32BitsToSingle(0x3FFF_FFFF), BitConverter.UInt32BitsToSingle(0x3FFF_F001), float.MaxValue, -float.MaxValue,
+            BitConverter.UInt32BitsToSingle(0x7F7F_EFFF), float.PositiveInfinity, float.NegativeInfinity, BitConverter.UInt32BitsToSingle(0x0080_0000), 1e-30f })
+        {
+            Same(x);
+        }
+        // Every mantissa ending at the top of a binade (where the staged add rounds) and 200,000 values of all sizes.
+        for (uint low = 0; low < 0x2000; low++)
+        {
+            Same(BitConverter.UInt32BitsToSingle(0x3F7F_E000 | low));
+            Same(BitConverter.UInt32BitsToSingle(0xC07F_E000 | low));
+        }
+        var rng = new Random(5);
+        for (int i = 0; i < 200_000; i++)
+        {
+            uint bits = (uint)rng.NextInt64(0, 1L << 32);
+            float x = BitConverter.UInt32BitsToSingle(bits);
+            if (float.IsNormal(x) || float.IsInfinity(x))
+            {
+                Same(x);
+            }
+        }
+        // NaN stays NaN, CUDA's (0x7FFFFFFF) and .NET's (0xFFC00000) among them; a subnormal is truncated, not rounded.
+        foreach (uint nan in new[] { 0x7FFF_FFFFu, 0xFFFF_FFFFu, 0xFFC0_0000u, 0x7FC0_0000u, 0x7F80_1000u })
+        {
+            Assert.True(float.IsNaN(Tf32.Read(Tf32.HalfUlp(BitConverter.UInt32BitsToSingle(nan)))), $"NaN 0x{nan:X8}");
+        }
+        float sub = BitConverter.UInt32BitsToSingle(0x0000_1FFF);
+        Assert.Equal(0f, Tf32.Read(Tf32.HalfUlp(sub)));
+        // 3xTF32's parts: the tensor core reads rna(x) of hi and rna(x - rna(x)) of lo.
+        for (int i = 0; i < 20_000; i++)
+        {
+            float x = (float)((rng.NextDouble() * 2 - 1) * Math.Pow(2, rng.Next(-60, 60)));
+            var p = Tf32x3Math.Split(x);
+            float hi = Tf32.RoundBits(x);
+            Assert.Equal(Bits(hi), Bits(Tf32.Read(p.Hi)));
+            Assert.Equal(Bits(Tf32.RoundBits(x - hi)), Bits(Tf32.Read(p.Lo)));
+        }
+    }
+
     public static TheoryData<string> Modes() => [nameof(Tf32Math), nameof(Tf32x3Math)];
 
     [Theory]

@@ -20,14 +20,17 @@
 // different ones, one wavefront each. With the FFMA core's [kk][row] tiles a fragment came from two loads, and ptxas
 // spent ~144 moves a K step putting registers in order.
 //
-// Modes (MathPrecision): TF32 rounds each operand with cvt.rna.tf32.f32 (to nearest, ties away from zero, 10 mantissa
-// bits) and multiplies once; 3xTF32 splits each operand x into hi = rna(x) and lo = rna(x - hi) and adds lo·hi, hi·lo,
-// then hi·hi (the small terms first), dropping lo·lo (below 2^-22 of the product): fp32 accuracy.
+// Modes (MathPrecision): TF32 rounds each operand to TF32 (to nearest, ties away from zero, 10 mantissa bits: what
+// cvt.rna.tf32.f32 does) and multiplies once; 3xTF32 splits each operand x into hi = rna(x) and lo = rna(x - hi) and adds
+// lo·hi, hi·lo, then hi·hi (the small terms first), dropping lo·lo (below 2^-22 of the product): fp32 accuracy. The
+// rounding is half of the operand's TF32 unit added to its magnitude (Tf32.HalfUlp: a LOP3 and an FFMA, where cvt.rna is
+// four instructions on sm_90); the tensor core reads the top 19 bits of its operand registers and so finishes it, as
+// CUTLASS's conversions count on (Tf32.Read).
 //
-// On ILGPU's CPU simulator (CudaAsm.IsSupported is false) the same kernel runs a managed emulation: the rounding as
-// integer arithmetic on the bits, and the mma from the PTX ISA's fragment table above, each lane fetching the elements
-// it needs from the lanes that hold them by warp shuffles. So a warp-32 simulator runs the kernel's own fragment
-// mapping against the ISA's: a mapping or rounding bug fails the kernel tests without a GPU.
+// On ILGPU's CPU simulator (CudaAsm.IsSupported is false) the same kernel runs a managed emulation: the mma from the PTX
+// ISA's fragment table above, each operand read as the tensor core reads it, each lane fetching the elements it needs
+// from the lanes that hold them. So a warp-32 simulator runs the kernel's own fragment mapping and rounding against the
+// ISA's: a mapping or rounding bug fails the kernel tests without a GPU.
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
 using ILGPU;
@@ -38,9 +41,13 @@ namespace Ddpm.Kernels;
 /// <summary>A thread's part of the output tile: the multiply-adds of a K step from the shared tiles, and the epilogue.</summary>
 internal interface ITileAccumulator
 {
-    /// <summary>An operand element as the staging stores it in shared memory (TF32 rounds it there, once per element a
-    /// group, instead of once per fragment that reads it).</summary>
+    /// <summary>An operand element as the staging stores it in shared memory (TF32 readies its rounding there, once per
+    /// element a group, instead of once per fragment that reads it).</summary>
     static abstract float Stage(float x);
+
+    /// <summary>The value the products take of an element <see cref="Stage"/> stored (TF32: the rounded value the tensor core
+    /// reads): the fused row sums add A's tile through it, so the bias gradient sums what the weight gradient multiplies.</summary>
+    static abstract float AsRead(float staged);
 
     /// <summary>Where element e of the A tile (<see cref="TiledGemm.Element"/>: its kk and row) sits in a buffer, in floats:
     /// the layout this accumulator's loads read.</summary>
@@ -70,7 +77,7 @@ internal interface ITileAccumulator
 /// <summary>An operand on its way to a tensor core: its TF32 high part and (3xTF32) its TF32 low part.</summary>
 public readonly struct Tf32Pair(float hi, float lo)
 {
-    /// <summary>rna(x) and rna(x - rna(x)).</summary>
+    /// <summary>Registers from which the tensor core reads rna(x) and (3xTF32) rna(x - rna(x)) (<see cref="Tf32.Read"/>).</summary>
     public readonly float Hi = hi, Lo = lo;
 }
 
@@ -86,6 +93,9 @@ public interface ITensorMath
 {
     /// <summary>An operand element as stored in the shared tile (rounded there, or kept whole for a later split).</summary>
     static abstract float Stage(float x);
+
+    /// <summary>The value the products take of a stored element (<see cref="ITileAccumulator.AsRead"/>).</summary>
+    static abstract float AsRead(float staged);
 
     /// <summary>The operand's TF32 part(s).</summary>
     static abstract Tf32Pair Split(float x);
@@ -111,7 +121,11 @@ public struct Tf32Math : ITensorMath
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Stage(float x) => Tf32.Round(x);
+    public static float Stage(float x) => Tf32.HalfUlp(x);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float AsRead(float staged) => Tf32.Read(staged);
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -139,10 +153,16 @@ public struct Tf32x3Math : ITensorMath
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float AsRead(float staged) => staged;
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Tf32Pair Split(float x)
     {
-        float hi = Tf32.Round(x);
-        return new(hi, Tf32.Round(x - hi));
+        // Both parts as the tensor core takes them (Tf32.HalfUlp): it reads rna(x) of hi, and of lo the rounding of x less
+        // that (exact in fp32: the two are within 2^-11 of each other).
+        float hi = Tf32.HalfUlp(x);
+        return new(hi, Tf32.HalfUlp(x - Tf32.Read(hi)));
     }
 
     /// <inheritdoc/>
@@ -195,21 +215,31 @@ public static class Tf32
     /// <summary>Mantissa bits TF32 keeps (of fp32's 23).</summary>
     public const int MantissaBits = 10;
 
-    /// <summary>cvt.rna.tf32.f32: <paramref name="x"/> to the nearest TF32 value, ties away from zero (the low 13 bits
-    /// zero); infinities and NaN unchanged. The managed twin is integer arithmetic on the bits.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static float Round(float x)
-    {
-        if (CudaAsm.IsSupported)
-        {
-            CudaAsm.Emit("cvt.rna.tf32.f32 %0, %1;", out uint r, x);
-            return Interop.IntAsFloat(r);
-        }
-        return RoundBits(x);
-    }
+    /// <summary>The bits a tensor core keeps of a .tf32 operand: it ignores the low 13 (PTX leaves them undefined; CUTLASS's
+    /// conversions leave them set).</summary>
+    public const uint Kept = 0xFFFF_E000u;
 
-    /// <summary>The rounding as integer arithmetic: add half of the dropped unit to the magnitude, then clear the dropped
-    /// bits (a carry into the exponent is the correct rounding up; the sign is untouched, so ties go away from zero).</summary>
+    /// <summary>
+    /// <paramref name="x"/> made ready for a tensor core, which reads the top 19 bits: half of TF32's unit in x's binade
+    /// added to its magnitude, x + (x with its mantissa cleared)·2^-11, so that what the mma reads (<see cref="Read"/>) is
+    /// cvt.rna.tf32.f32 of x: to nearest, ties away from zero (<see cref="RoundBits"/>), for every normal x, zero and
+    /// infinity, and a NaN stays NaN (it adds an infinity). Two instructions, a LOP3 and an FFMA, with no predicate, where
+    /// cvt.rna is four on sm_90 (CUTLASS's round_half_ulp_truncate is the same add on the bits, with a test for
+    /// infinities). The add is exact in fp32 except at the top of a binade, where its rounding stays below the
+    /// bits the mma reads. Subnormals (whose cleared value is zero) are truncated, not rounded: an error below 2^-136.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float HalfUlp(float x) => x + Interop.IntAsFloat(Interop.FloatAsInt(x) & 0xFF80_0000u) * (1f / 2048f);
+
+    /// <summary>What a tensor core reads of an operand register: its bits with the low 13 cleared (a NaN whose payload lies
+    /// only there reads as infinity; arithmetic NaNs, CUDA's 0x7FFFFFFF and .NET's 0xFFC00000, stay NaN).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Read(float operand) => Interop.IntAsFloat(Interop.FloatAsInt(operand) & Kept);
+
+    /// <summary>The definition of cvt.rna.tf32.f32, as integer arithmetic on the bits: add half of the dropped unit to the
+    /// magnitude, then clear the dropped bits (a carry into the exponent is the correct rounding up; the sign is untouched,
+    /// so ties go away from zero); infinities and NaN unchanged. The kernels leave the clearing to the tensor core
+    /// (<see cref="HalfUlp"/>, <see cref="Read"/>); the tests hold the two to this.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float RoundBits(float x)
     {
@@ -218,7 +248,7 @@ public static class Tf32
         {
             return x;
         }
-        return Interop.IntAsFloat((bits + 0x1000u) & 0xFFFF_E000u);
+        return Interop.IntAsFloat((bits + 0x1000u) & Kept);
     }
 
     /// <summary>c += A·B for the warp's m16n8k8 tile on tensor cores, this lane holding a0..a3, b0, b1 (already TF32) and
@@ -266,10 +296,11 @@ public static class Tf32
         for (int k = 0; k < 8; k++)
         {
             int upper = k >> 2, holder = k & 3;
-            float ag = posted[Slots * (4 * g + holder) + a + 2 * upper];              // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
-            float ag8 = posted[Slots * (4 * g + holder) + a + 2 * upper + 1];         // A(g + 8, k): a1 or a3
-            float bc = posted[Slots * (4 * (2 * i) + holder) + b + upper];            // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
-            float bc1 = posted[Slots * (4 * (2 * i + 1) + holder) + b + upper];       // B(k, 2i + 1)
+            // Each operand as the tensor core reads it: the top 19 bits (Read).
+            float ag = Read(posted[Slots * (4 * g + holder) + a + 2 * upper]);        // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
+            float ag8 = Read(posted[Slots * (4 * g + holder) + a + 2 * upper + 1]);   // A(g + 8, k): a1 or a3
+            float bc = Read(posted[Slots * (4 * (2 * i) + holder) + b + upper]);      // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
+            float bc1 = Read(posted[Slots * (4 * (2 * i + 1) + holder) + b + upper]); // B(k, 2i + 1)
             c.C0 += ag * bc;
             c.C1 += ag * bc1;
             c.C2 += ag8 * bc;
@@ -378,6 +409,10 @@ public static partial class TiledGemm
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public static float Stage(float x) => TMath.Stage(x);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static float AsRead(float staged) => TMath.AsRead(staged);
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]

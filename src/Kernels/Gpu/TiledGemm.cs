@@ -474,7 +474,7 @@ public static partial class TiledGemm
             float sum = 0;
             for (int kk = 0; kk < TK; kk++)
             {
-                sum += aS[buffer + TAcc.RowSumSlot(kk, r)];
+                sum += TAcc.AsRead(aS[buffer + TAcc.RowSumSlot(kk, r)]);
             }
             rowS[r] += sum;
         }
@@ -882,6 +882,10 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         public static float Stage(float x) => x;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static float AsRead(float staged) => staged;
 
         /// <inheritdoc/>
         public static int SlotA(bool alongK, int e) => TiledGemm.SlotA(alongK, e);
