@@ -223,7 +223,8 @@ public static class Tf32
     /// <paramref name="x"/> made ready for a tensor core, which reads the top 19 bits: half of TF32's unit in x's binade
     /// added to its magnitude, x + (x with its mantissa cleared)·2^-11, so that what the mma reads (<see cref="Read"/>) is
     /// cvt.rna.tf32.f32 of x: to nearest, ties away from zero (<see cref="RoundBits"/>), for every normal x, zero and
-    /// infinity, and a NaN stays NaN (it adds an infinity). Two instructions, a LOP3 and an FFMA, with no predicate, where
+    /// infinity, and a NaN stays NaN (it adds an infinity, which also quiets a NaN whose payload lies only in the dropped
+    /// bits). Two instructions, a LOP3 and an FFMA, with no predicate, where
     /// cvt.rna is four on sm_90 (CUTLASS's round_half_ulp_truncate is the same add on the bits, with a test for
     /// infinities). The add is exact in fp32 except at the top of a binade, where its rounding stays below the
     /// bits the mma reads. Subnormals (whose cleared value is zero) are truncated, not rounded: an error below 2^-136.
