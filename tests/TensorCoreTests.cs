@@ -52,7 +52,7 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             Assert.True(Bits(got) == Bits(want), $"{x:R} (0x{Bits(x):X8}): reads 0x{Bits(got):X8}, rna is 0x{Bits(want):X8}");
         }
         float ulp = MathF.Pow(2, -10);
-        foreach (float x in new[] { 0f, -0f, 1f, -1f, 1f + 0.5f * ulp, -(1f + 0.5f * ulp), 1f + 0.25f * ulp, 2f - 0.25f * ulp, 2f - float.Epsilon * 4,
+        foreach (float x in new[] { 0f, -0f, 1f, -1f, 1f + 0.5f * ulp, -(1f + 0.5f * ulp), 1f + 0.25f * ulp, 2f - 0.25f * ulp, BitConverter.UInt32BitsToSingle(0x3FFF_F000),
             BitConverter.UInt32BitsToSingle(0x3FFF_FFFF), BitConverter.UInt32BitsToSingle(0x3FFF_F001), float.MaxValue, -float.MaxValue,
             BitConverter.UInt32BitsToSingle(0x7F7F_EFFF), float.PositiveInfinity, float.NegativeInfinity, BitConverter.UInt32BitsToSingle(0x0080_0000), 1e-30f })
         {
@@ -161,6 +161,36 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
     });
 
     [Fact]
+    public void TheCheckOnTf32ValuesCatchesATensorCoreThatRoundsWhatTheStagingAdds() => WithTimeout(() =>
+    {
+        // The self-check's "conv2d 3x3 on TF32 values" rests on this: on values TF32 holds exactly, with their last bit set,
+        // the staged operand is a tie that a truncating tensor core reads back exactly and a rounding one a unit up. The
+        // case's tolerance must pass every output of the first and fail most of the second's.
+        const int m = 40, n = 24, kd = 27;
+        var rng = new Random(37);
+        float[] Values(int count) => Checker.MakeInputs(new OpCase
+        {
+            Name = "values",
+            Inputs = [new("v", [count], InputFill.Tf32Exact)],
+            Forward = (_, _) => [],
+        }, rng.Next())[0];
+        var a = Values(m * kd);
+        var b = Values(kd * n);
+        Assert.All(a.Concat(b), v => Assert.Equal(v, Tf32.RoundBits(v)));
+        var expected = Matmul(CpuDevice.Instance, null, a, b, m, n, kd, false, false);
+        var truncating = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, Tf32Math, PtxLayout>, a, b, m, n, kd, false, false);
+        var rounding = Matmul(fixture.Warp32, TiledGemm.LoadTensor<MatmulTile, RoundingTf32Math, PtxLayout>, a, b, m, n, kd, false, false);
+        var check = OpCatalog.Get("conv2d 3x3 on TF32 values");
+        Assert.True(check.ProductTerms == 0, "the check must not widen its tolerance on tensor cores");
+        int Outside(float[] got) => Enumerable.Range(0, expected.Length)
+            .Count(i => !(Math.Abs(got[i] - expected[i]) <= check.KernelAtol + check.KernelRtol * Math.Abs(expected[i])));
+        output.WriteLine($"max |TF32 - fp32| {MaxDiff(truncating, expected):E2} (truncating), {MaxDiff(rounding, expected):E2} (rounding: " +
+            $"{Outside(rounding)} of {expected.Length} outside the tolerance)");
+        Assert.True(MaxDiff(truncating, expected) <= 1e-4, $"TF32 on TF32 values: {MaxDiff(truncating, expected):E2}");
+        Assert.True(Outside(rounding) > expected.Length / 2, $"a rounding tensor core passes {expected.Length - Outside(rounding)} of {expected.Length} outputs");
+    });
+
+    [Fact]
     public void ABrokenFragmentMappingFails() => WithTimeout(() =>
     {
         // The same kernel with a1 and a2 swapped (row g + 8 at k i taken for row g at k i + 4): the emulation, which reads the
@@ -237,7 +267,8 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             // 3xTF32 skips the split-K case, the largest (a third of the test's time, three products an mma): its error is
             // fp32's, and the integer test above runs its split-K passes bit for bit. TF32, whose tolerance is the question,
             // runs every case.
-            var cases = OpCatalog.All.Where(c => c.ProductTerms > 0 && (mode == nameof(Tf32Math) || c.ProductTerms < 1000)).ToList();
+            // With them the convolution on TF32 values, at fp32's tolerance in every mode.
+            var cases = OpCatalog.All.Where(c => c.ProductTerms > 0 && (mode == nameof(Tf32Math) || c.ProductTerms < 1000)).Append(OpCatalog.Get("conv2d 3x3 on TF32 values")).ToList();
             var results = cases.Select(c => Checker.CompareDevices(c, fixture.Warp32)).ToList();
             Assert.True(results.Count >= 8, $"only {results.Count} product cases");
             foreach (var r in results)
@@ -344,6 +375,24 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
     private static readonly System.Collections.Concurrent.ConcurrentDictionary<(IlgpuKernels, System.Reflection.MethodInfo), TileLauncher> Launchers = new();
 
     private static double MaxDiff(float[] x, float[] y) => x.Zip(y, (p, q) => Math.Abs((double)p - q)).Max();
+}
+
+/// <summary>A tensor core that rounds its operands' low 13 bits to nearest (ties away) instead of dropping them, planted by
+/// the test: what the staging (Tf32.HalfUlp) would meet if a GPU did not truncate.</summary>
+public struct RoundingRead : IOperandRead
+{
+    public static float Read(float operand) => Tf32.RoundBits(operand);
+}
+
+/// <summary>TF32 mode on the planted <see cref="RoundingRead"/> tensor core.</summary>
+public struct RoundingTf32Math : ITensorMath
+{
+    public static bool WrittenOut => Tf32Math.WrittenOut;
+    public static float Stage(float x) => Tf32Math.Stage(x);
+    public static float AsRead(float staged) => Tf32Math.AsRead(staged);
+    public static Tf32Pair Split(float x) => Tf32Math.Split(x);
+    public static void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1) => Tf32Math.Mma(ref c, a0, a1, a2, a3, b0, b1);
+    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b) => Tf32.Product<RoundingRead>(ref c, posted, a, b);
 }
 
 /// <summary>A wrong fragment mapping, planted by the test: a1 and a2 swapped.</summary>

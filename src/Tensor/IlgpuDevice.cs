@@ -46,7 +46,7 @@ public sealed class IlgpuDevice : Device
     /// simulators compute fp32 whatever <see cref="Precision"/> says.</summary>
     public bool TensorCores => Accelerator switch
     {
-        // mma.sync with TF32 operands and cvt.rna.tf32 need sm_80 (A100) or later: a T4 (sm_75) or V100 (sm_70) has none.
+        // mma.sync with TF32 operands needs sm_80 (A100) or later: a T4 (sm_75) or V100 (sm_70) has none.
         CudaAccelerator cuda => cuda.Architecture >= CudaArchitecture.SM_80 && cuda.WarpSize == 32 && cuda.MaxNumThreadsPerGroup >= TensorCoreGroup,
         _ => Accelerator.AcceleratorType == AcceleratorType.CPU && Accelerator.WarpSize == 32 && Accelerator.MaxNumThreadsPerGroup >= TensorCoreGroup,
     };

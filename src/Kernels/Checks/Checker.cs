@@ -46,6 +46,7 @@ public static class Checker
                 InputFill.Uniform => (float)rng.NextDouble(),
                 InputFill.Labels => rng.Next(0, 11),
                 InputFill.Digits => rng.Next(0, 10),
+                InputFill.Tf32Exact => (rng.Next(2) == 0 ? 1 : -1) * (1 + (2 * rng.Next(512) + 1) / 1024f) * MathF.ScaleB(1, -rng.Next(2)),
                 _ => Gaussian(rng),
             };
         }

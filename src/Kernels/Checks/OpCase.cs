@@ -18,6 +18,10 @@ public enum InputFill
     Labels,
     /// <summary>Integers 0..9 held as floats (class labels of a K ≥ 10 classifier).</summary>
     Digits,
+    /// <summary>TF32 values whose last mantissa bit is set: ±(1 + k·2^-10)·2^e, k odd in 1..1023, e = -1 or 0. Every math mode
+    /// multiplies them exactly; a tensor core that rounded its operands' low 13 bits instead of dropping them would take
+    /// each one a TF32 unit up (the staging adds half a unit: a tie) and miss by ~2^-10 a product.</summary>
+    Tf32Exact,
 }
 
 /// <summary>One input of an op case: its name, shape, fill, and whether the gradient check differentiates it.</summary>

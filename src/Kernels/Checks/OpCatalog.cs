@@ -28,6 +28,7 @@ public static class OpCatalog
         // What training runs and the small cases do not: the weight gradient split over K (N·P·Q = 1,536: three splits of
         // 512 by the automatic rule, finished by each tile's last group) and two row tiles (K = 65 > 64) in every pass.
         Conv("conv2d 3x3 split-K, 2 row tiles", n: 6, c: 2, h: 16, w: 16, k: 65, r: 3, s: 3, stride: 1, pad: 1),
+        ConvOnTf32Values(),
         ConvChannelBias("conv2d 3x3 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4),
         ConvChannelBias("conv2d 1x1 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1),
         ConvResidual("conv2d 3x3 + residual", n: 2, c: 3, h: 6, w: 5, k: 4),
@@ -297,6 +298,26 @@ public static class OpCatalog
                 // (a frozen weight) has its own case.
                 Conv2d.BackwardWeight(dy, x[0], d[1]!, stride, pad, d[2]!);
             },
+        };
+    }
+
+    /// <summary>
+    /// A convolution's forward on TF32 values (<see cref="InputFill.Tf32Exact"/>), checked at fp32's tolerance in every math
+    /// mode (no <see cref="OpCase.ProductTerms"/>): the tensor-core kernels stage an operand as x plus half its TF32 unit and
+    /// count on the tensor core to drop the low 13 bits (Tf32.HalfUlp, docs/gpu.md). If a GPU's tensor core rounded them
+    /// instead, every operand here would be a unit off and the self-check would drop the tensor-core mode, naming this case.
+    /// </summary>
+    private static OpCase ConvOnTf32Values()
+    {
+        const int n = 2, c = 3, h = 5, w = 6, k = 5;
+        return new OpCase
+        {
+            Name = "conv2d 3x3 on TF32 values",
+            // Sums of 27 products below 4 in another order, or truncated by a tensor core's accumulator, stay within 1e-4; a
+            // tensor core that rounded the staged operands would miss by ~1e-2 (TensorCoreTests).
+            KernelAtol = 1e-3,
+            Inputs = [new("x", [n, c, h, w], InputFill.Tf32Exact), new("w", [k, c, 3, 3], InputFill.Tf32Exact), new("b", [k], InputFill.Tf32Exact)],
+            Forward = (sc, x) => [Run(sc.Output(n, k, h, w), y => Conv2d.Forward(x[0], x[1], x[2], y, 1, 1))],
         };
     }
 

@@ -91,7 +91,8 @@ public struct Frag4
 /// <summary>How a mode feeds the tensor cores: the operand split and the products it adds.</summary>
 public interface ITensorMath
 {
-    /// <summary>An operand element as stored in the shared tile (rounded there, or kept whole for a later split).</summary>
+    /// <summary>An operand element as stored in the shared tile (readied there for the tensor core's rounding, or kept whole
+    /// for a later split).</summary>
     static abstract float Stage(float x);
 
     /// <summary>The value the products take of a stored element (<see cref="ITileAccumulator.AsRead"/>).</summary>
@@ -103,7 +104,7 @@ public interface ITensorMath
     /// <summary>c += A·B for one m16n8k8 tile, from the fragments' parts, on tensor cores.</summary>
     static abstract void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1);
 
-    /// <summary>The same products emulated (<see cref="Tf32.Product"/>) from the fragments the warp posted: A's high part at
+    /// <summary>The same products emulated (<see cref="Tf32.Product{TRead}"/>) from the fragments the warp posted: A's high part at
     /// slot <paramref name="a"/> (low: + <see cref="Tf32.LowA"/>), B's at <paramref name="b"/> (low: + <see cref="Tf32.LowB"/>).</summary>
     static abstract void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b);
 
@@ -129,7 +130,7 @@ public struct Tf32Math : ITensorMath
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Tf32Pair Split(float x) => new(x, 0f); // rounded when staged
+    public static Tf32Pair Split(float x) => new(x, 0f); // readied when staged (Tf32.HalfUlp)
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -138,7 +139,7 @@ public struct Tf32Math : ITensorMath
 
     /// <inheritdoc/>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b) => Tf32.Product(ref c, posted, a, b);
+    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b) => Tf32.Product<TruncatingRead>(ref c, posted, a, b);
 }
 
 /// <summary>3xTF32: lo·hi + hi·lo + hi·hi, fp32-accurate.</summary>
@@ -178,9 +179,9 @@ public struct Tf32x3Math : ITensorMath
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b)
     {
-        Tf32.Product(ref c, posted, a + Tf32.LowA, b);
-        Tf32.Product(ref c, posted, a, b + Tf32.LowB);
-        Tf32.Product(ref c, posted, a, b);
+        Tf32.Product<TruncatingRead>(ref c, posted, a + Tf32.LowA, b);
+        Tf32.Product<TruncatingRead>(ref c, posted, a, b + Tf32.LowB);
+        Tf32.Product<TruncatingRead>(ref c, posted, a, b);
     }
 }
 
@@ -207,6 +208,21 @@ public struct PtxLayout : IFragmentLayout
         (t0a0, t0a1, t0a2, t0a3) = (tile0.X, tile0.Y, tile0.Z, tile0.W);
         (t1a0, t1a1, t1a2, t1a3) = (tile1.X, tile1.Y, tile1.Z, tile1.W);
     }
+}
+
+/// <summary>How the emulation's tensor core reads a .tf32 operand register (a test plants one that rounds).</summary>
+public interface IOperandRead
+{
+    /// <summary>The value the product takes of the register's bits.</summary>
+    static abstract float Read(float operand);
+}
+
+/// <summary>What sm_80 and sm_90 tensor cores do, and CUTLASS counts on: the low 13 bits dropped (<see cref="Tf32.Read"/>).</summary>
+public struct TruncatingRead : IOperandRead
+{
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Read(float operand) => Tf32.Read(operand);
 }
 
 /// <summary>TF32 rounding and the m16n8k8 product, on a GPU's tensor cores or emulated on a simulator.</summary>
@@ -252,7 +268,7 @@ public static class Tf32
         return Interop.IntAsFloat((bits + 0x1000u) & Kept);
     }
 
-    /// <summary>c += A·B for the warp's m16n8k8 tile on tensor cores, this lane holding a0..a3, b0, b1 (already TF32) and
+    /// <summary>c += A·B for the warp's m16n8k8 tile on tensor cores, this lane holding a0..a3, b0, b1 (staged: the tensor core reads their top 19 bits) and
     /// c0..c3: one mma.sync. Only under <see cref="CudaAsm.IsSupported"/>; a simulator emulates a whole k8 step instead
     /// (<see cref="Product"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -262,7 +278,7 @@ public static class Tf32
         var d1 = new Ref<float> { Value = c.C1 };
         var d2 = new Ref<float> { Value = c.C2 };
         var d3 = new Ref<float> { Value = c.C3 };
-        // The operands as .b32 registers (the bits of the TF32 values: mma's A and B are untyped 32-bit).
+        // The operands as .b32 registers (their bits: mma's A and B are untyped 32-bit; the low 13 are not read).
         Input<uint> x0 = Interop.FloatAsInt(a0), x1 = Interop.FloatAsInt(a1), x2 = Interop.FloatAsInt(a2), x3 = Interop.FloatAsInt(a3);
         Input<uint> y0 = Interop.FloatAsInt(b0), y1 = Interop.FloatAsInt(b1);
         CudaAsm.EmitRef("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};",
@@ -288,20 +304,21 @@ public static class Tf32
     /// A(g, i + 4), A(g + 8, i + 4), B(i, g), B(i + 4, g) and accumulates C(g, 2i), C(g, 2i + 1), C(g + 8, 2i),
     /// C(g + 8, 2i + 1). The warp posted its fragments (A's at slot <paramref name="a"/>, B's at <paramref name="b"/>); each
     /// lane reads the elements of its rows and columns from the slots of the lanes holding them (what a shuffle a value
-    /// would do, without a barrier each). The products of TF32 values are exact in fp32; the sum runs in k order.
+    /// would do, without a barrier each), as <typeparamref name="TRead"/> says a tensor core reads an operand register. The
+    /// products of TF32 values are exact in fp32; the sum runs in k order.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Product(ref Frag4 c, ArrayView<float> posted, int a, int b)
+    public static void Product<TRead>(ref Frag4 c, ArrayView<float> posted, int a, int b) where TRead : struct, IOperandRead
     {
         int lane = Warp.LaneIdx, g = lane >> 2, i = lane & 3;
         for (int k = 0; k < 8; k++)
         {
             int upper = k >> 2, holder = k & 3;
-            // Each operand as the tensor core reads it: the top 19 bits (Read).
-            float ag = Read(posted[Slots * (4 * g + holder) + a + 2 * upper]);        // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
-            float ag8 = Read(posted[Slots * (4 * g + holder) + a + 2 * upper + 1]);   // A(g + 8, k): a1 or a3
-            float bc = Read(posted[Slots * (4 * (2 * i) + holder) + b + upper]);      // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
-            float bc1 = Read(posted[Slots * (4 * (2 * i + 1) + holder) + b + upper]); // B(k, 2i + 1)
+            // Each operand as the tensor core reads it (TruncatingRead: the top 19 bits).
+            float ag = TRead.Read(posted[Slots * (4 * g + holder) + a + 2 * upper]);        // A(g, k): a0 (k < 4) or a2 of lane 4g + (k mod 4)
+            float ag8 = TRead.Read(posted[Slots * (4 * g + holder) + a + 2 * upper + 1]);   // A(g + 8, k): a1 or a3
+            float bc = TRead.Read(posted[Slots * (4 * (2 * i) + holder) + b + upper]);      // B(k, 2i): b0 or b1 of lane 4·(2i) + (k mod 4)
+            float bc1 = TRead.Read(posted[Slots * (4 * (2 * i + 1) + holder) + b + upper]); // B(k, 2i + 1)
             c.C0 += ag * bc;
             c.C1 += ag * bc1;
             c.C2 += ag8 * bc;
