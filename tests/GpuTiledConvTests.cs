@@ -261,12 +261,44 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
                     int want = TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd));
                     int got = Taps.Reads(pixel, tap) ? pixel.Base + tap.Delta : -1;
                     Assert.True(want == got, $"{typeof(TOp).Name} ({t.Conv.R}x{t.Conv.S}, stride {t.Conv.Stride}, pad {t.Conv.Pad}) col {col}, kd {kd}: taps read {got}, IndexB says {want}");
+                    // A GPU indexes from the pixel by the delta as an unsigned 32-bit offset (TiledGemm's PixelView).
+                    Assert.True(tap.Delta >= 0, $"{typeof(TOp).Name} ({t.Conv.R}x{t.Conv.S}, stride {t.Conv.Stride}, pad {t.Conv.Pad}): a tap's delta is {tap.Delta}");
                     reads += got >= 0 ? 1 : 0;
                     Assert.False(Taps.Reads(pixel, new Tap(0, Taps.Nowhere)), "the tap past K read a pixel");
                     Assert.False(Taps.Reads(default, tap), "a tap read the pixel past the last column");
                 }
             }
             Assert.True(reads > 0, $"{typeof(TOp).Name}: no tap read anything");
+        }
+    }
+
+    /// <summary>The GPU kernel indexes a thread's eight rows of A from the first by one stride (TiledGemm's Rows8): every op's
+    /// row base must be affine in the row, and IndexA must add it.</summary>
+    [Fact]
+    public void RowsOfAAreOneStrideApart()
+    {
+        var g = new ConvShape(2, 3, 7, 9, 5, 3, 3, 2, 1);
+        Check<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default));
+        Check<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default));
+        Check<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default));
+        foreach (var (aRow, aCol) in new[] { (11, 1), (1, 13) })
+        {
+            var mat = new MatmulShape(13, 7, 11, aRow, aCol, 7, 1, false);
+            Check<MatmulTile>(new TileArgs(13, 7, 11, 0, false, false, default, mat));
+        }
+
+        static void Check<TOp>(TileArgs t) where TOp : struct, ITileOperands
+        {
+            int first = TOp.RowOfA(t, 0).Base, stride = TOp.RowOfA(t, 1).Base - first;
+            for (int m = 0; m < t.M + 64; m++)
+            {
+                Assert.Equal(first + m * stride, TOp.RowOfA(t, m).Base);
+                for (int kd = 0; kd < t.Kd; kd += 3)
+                {
+                    var k = TOp.KOfA(t, kd);
+                    Assert.Equal(TOp.IndexA(t, TOp.RowOfA(t, m), k) - TOp.IndexA(t, default, k), TOp.RowOfA(t, m).Base);
+                }
+            }
         }
     }
 

@@ -131,23 +131,32 @@ public struct ConvInputTile : ITileOperands
     /// <inheritdoc/>
     public static bool Tapped => true;
 
-    /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋]; the taps (r, s) that
-    /// read it are those whose (h + pad - r, w + pad - s) is a multiple of the stride inside [0, P·stride) x [0, Q·stride).</summary>
+    /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋] less
+    /// <see cref="Reach"/>; the taps (r, s) that read it are those whose (h + pad - r, w + pad - s) is a multiple of the
+    /// stride inside [0, P·stride) x [0, Q·stride).</summary>
     public static TapPixel PixelOfB(TileArgs t, int col)
     {
         var g = t.Conv;
         int hw = g.H * g.W, n = t.Div.Hw.Div(col), j = col - n * hw, h = t.Div.W.Div(j), hp = h + g.Pad, wp = j - h * g.W + g.Pad;
-        return new(n * g.K * g.P * g.Q + t.Div.Stride.Div(hp) * g.Q + t.Div.Stride.Div(wp),
+        return new(n * g.K * g.P * g.Q + t.Div.Stride.Div(hp) * g.Q + t.Div.Stride.Div(wp) - Reach(t),
             Taps.Mask(Reached(t, hp, g.R, g.P), Reached(t, wp, g.S, g.Q)));
     }
 
-    /// <summary>kd = (k, r, s): dy's channel k, less (⌊r / stride⌋, ⌊s / stride⌋): for a tap whose stride phase matches the
-    /// pixel's, (h + pad - r) / stride = ⌊(h + pad) / stride⌋ - ⌊r / stride⌋.</summary>
+    /// <summary>kd = (k, r, s): dy's channel k, less (⌊r / stride⌋, ⌊s / stride⌋), plus <see cref="Reach"/>: for a tap
+    /// whose stride phase matches the pixel's, (h + pad - r) / stride = ⌊(h + pad) / stride⌋ - ⌊r / stride⌋.</summary>
     public static Tap TapOfB(TileArgs t, int kd)
     {
         var g = t.Conv;
         int rs = g.R * g.S, k = t.Div.Rs.Div(kd), tap = kd - k * rs, r = t.Div.S.Div(tap), s = tap - r * g.S;
-        return new(k * g.P * g.Q - t.Div.Stride.Div(r) * g.Q - t.Div.Stride.Div(s), Taps.Bits(r, s));
+        return new(k * g.P * g.Q - t.Div.Stride.Div(r) * g.Q - t.Div.Stride.Div(s) + Reach(t), Taps.Bits(r, s));
+    }
+
+    /// <summary>⌊(R - 1) / stride⌋·Q + ⌊(S - 1) / stride⌋, the most a tap reaches back from its pixel: taken from every pixel's
+    /// base and added to every tap's delta, so that no delta is negative (<see cref="ITileOperands.TapOfB"/>).</summary>
+    private static int Reach(TileArgs t)
+    {
+        var g = t.Conv;
+        return t.Div.Stride.Div(g.R - 1) * g.Q + t.Div.Stride.Div(g.S - 1);
     }
 
     /// <summary>The taps 0 .. size - 1 that reach padded coordinate <paramref name="padded"/> from an output coordinate

@@ -38,6 +38,7 @@ using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
+using ILGPU.Runtime.Cuda;
 
 namespace Ddpm.Kernels;
 
@@ -225,7 +226,8 @@ public interface ITileOperands
     /// <summary>True when B(kd, col) and B(kd + 1, col) are neighbours in memory (else cols are).</summary>
     static abstract bool BAlongK(TileArgs t);
 
-    /// <summary>The part of A(m, ·)'s addressing that depends on m alone (any m, even past M: it is not loaded then).</summary>
+    /// <summary>The part of A(m, ·)'s addressing that depends on m alone (any m, even past M: it is not loaded then). Its
+    /// Base is affine in m (a row stride): the GPU kernel indexes a thread's rows from the first by the stride.</summary>
     static abstract Gather RowOfA(TileArgs t, int m);
 
     /// <summary>The part of A(·, kd)'s addressing that depends on kd alone (0 ≤ kd &lt; Kd). It must also take any kd below
@@ -234,7 +236,7 @@ public interface ITileOperands
 
     /// <summary>Where A(m, kd) is in a, from <paramref name="row"/> = <see cref="RowOfA"/>(m) and <paramref name="k"/> =
     /// <see cref="KOfA"/>(kd), with 0 ≤ m &lt; M and 0 ≤ kd &lt; Kd: an index, not a load, so the kernel's one load an
-    /// element is a predicated LDG. A has no structural zeros: never negative.</summary>
+    /// element is a predicated LDG. A has no structural zeros: never negative. The row's Base plus a part of kd alone.</summary>
     static abstract int IndexA(TileArgs t, Gather row, Gather k);
 
     /// <summary>The part of B(·, col)'s addressing that depends on col alone (any col, even past Cols).</summary>
@@ -259,7 +261,8 @@ public interface ITileOperands
     /// <summary>The pixel part of B's gather (a tapped op): across K for column <paramref name="i"/>, along K for kd.</summary>
     static abstract TapPixel PixelOfB(TileArgs t, int i);
 
-    /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j.</summary>
+    /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j. Its
+    /// Delta is never negative (a GPU offsets the pixel's view by it as an unsigned 32-bit index); a pixel's Base may be.</summary>
     static abstract Tap TapOfB(TileArgs t, int j);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
@@ -566,6 +569,7 @@ public static partial class TiledGemm
         private readonly bool _aAlongK, _bAlongK, _okB;
         private readonly Gather _rowA, _columnB;
         private readonly TapPixel _pixel;
+        private readonly PixelView _bAt;
         private readonly Rows8<TOp> _rowsA;
         private readonly int _kkA, _kkB, _lineB, _tid, _col0, _kEnd;
 
@@ -580,10 +584,11 @@ public static partial class TiledGemm
             _okB = col0 + tid < t.Cols;
             _columnB = TOp.Tapped ? default : TOp.ColumnOfB(t, col0 + tid);
             _pixel = TOp.Tapped && !_bAlongK && _okB ? TOp.PixelOfB(t, col0 + tid) : default;
+            _bAt = new PixelView(b, _pixel);
             _kkA = Element(true, tid, TM).Kk;
             _kkB = Element(true, tid, TN).Kk;
             _lineB = Element(true, tid, TN).Line;
-            _rowsA = _aAlongK ? new Rows8<TOp>(t, m0, Element(true, tid, TM).Line) : default;
+            _rowsA = _aAlongK ? new Rows8<TOp>(t, a, m0, Element(true, tid, TM).Line) : default;
         }
 
         /// <summary>The elements of the K step at <paramref name="k0"/>.</summary>
@@ -608,14 +613,14 @@ public static partial class TiledGemm
             var k = TOp.KOfA(T, kd);
             return new Floats8
             {
-                V0 = (ok & 1) != 0 ? _a[TOp.IndexA(T, _rowsA.G0, k)] : 0f,
-                V1 = (ok & 2) != 0 ? _a[TOp.IndexA(T, _rowsA.G1, k)] : 0f,
-                V2 = (ok & 4) != 0 ? _a[TOp.IndexA(T, _rowsA.G2, k)] : 0f,
-                V3 = (ok & 8) != 0 ? _a[TOp.IndexA(T, _rowsA.G3, k)] : 0f,
-                V4 = (ok & 16) != 0 ? _a[TOp.IndexA(T, _rowsA.G4, k)] : 0f,
-                V5 = (ok & 32) != 0 ? _a[TOp.IndexA(T, _rowsA.G5, k)] : 0f,
-                V6 = (ok & 64) != 0 ? _a[TOp.IndexA(T, _rowsA.G6, k)] : 0f,
-                V7 = (ok & 128) != 0 ? _a[TOp.IndexA(T, _rowsA.G7, k)] : 0f,
+                V0 = (ok & 1) != 0 ? _rowsA.At[TOp.IndexA(T, default, k)] : 0f,
+                V1 = (ok & 2) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(1 * _rowsA.Stride), k)] : 0f,
+                V2 = (ok & 4) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(2 * _rowsA.Stride), k)] : 0f,
+                V3 = (ok & 8) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(3 * _rowsA.Stride), k)] : 0f,
+                V4 = (ok & 16) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(4 * _rowsA.Stride), k)] : 0f,
+                V5 = (ok & 32) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(5 * _rowsA.Stride), k)] : 0f,
+                V6 = (ok & 64) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(6 * _rowsA.Stride), k)] : 0f,
+                V7 = (ok & 128) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(7 * _rowsA.Stride), k)] : 0f,
             };
         }
 
@@ -645,8 +650,8 @@ public static partial class TiledGemm
             TapPair t01 = taps[0], t23 = taps[1], t45 = taps[2], t67 = taps[3];
             return new Floats8
             {
-                V0 = Tapped(_pixel, t01.First), V1 = Tapped(_pixel, t01.Second), V2 = Tapped(_pixel, t23.First), V3 = Tapped(_pixel, t23.Second),
-                V4 = Tapped(_pixel, t45.First), V5 = Tapped(_pixel, t45.Second), V6 = Tapped(_pixel, t67.First), V7 = Tapped(_pixel, t67.Second),
+                V0 = _bAt.Tapped(t01.First), V1 = _bAt.Tapped(t01.Second), V2 = _bAt.Tapped(t23.First), V3 = _bAt.Tapped(t23.Second),
+                V4 = _bAt.Tapped(t45.First), V5 = _bAt.Tapped(t45.Second), V6 = _bAt.Tapped(t67.First), V7 = _bAt.Tapped(t67.Second),
             };
         }
 
@@ -658,15 +663,13 @@ public static partial class TiledGemm
             int kd = k0 + _kkB;
             var pixel = kd < _kEnd ? TOp.PixelOfB(T, kd) : default;
             var taps = _columnTaps.SubView(_lineB + 8 * first);
+            var at = new PixelView(_b, pixel);
             return new Floats8
             {
-                V0 = Tapped(pixel, taps[0]), V1 = Tapped(pixel, taps[8]), V2 = Tapped(pixel, taps[16]), V3 = Tapped(pixel, taps[24]),
-                V4 = Tapped(pixel, taps[32]), V5 = Tapped(pixel, taps[40]), V6 = Tapped(pixel, taps[48]), V7 = Tapped(pixel, taps[56]),
+                V0 = at.Tapped(taps[0]), V1 = at.Tapped(taps[8]), V2 = at.Tapped(taps[16]), V3 = at.Tapped(taps[24]),
+                V4 = at.Tapped(taps[32]), V5 = at.Tapped(taps[40]), V6 = at.Tapped(taps[48]), V7 = at.Tapped(taps[56]),
             };
         }
-
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private float Tapped(TapPixel pixel, Tap tap) => Taps.Reads(pixel, tap) ? _b[pixel.Base + tap.Delta] : 0f;
 
         /// <summary>An untapped B (a matmul's): elements tid + 128·(first + j), j &lt; 8. Along K they share this thread's kd
         /// part (once a step); across K element j's kd is k0 + first + j.</summary>
@@ -687,26 +690,52 @@ public static partial class TiledGemm
             FetchB<TOp>(T, _b, _bAlongK, _columnB, _okB, _bAlongK ? along : TOp.KOfB(T, k0 + j), _col0, k0, _kEnd, _tid + j * Threads, j);
     }
 
-    /// <summary>A thread's eight rows of A along K (rows m0 + line + 8·j): their row parts, and which exist (bit j).</summary>
-    private readonly struct Rows8<TOp> where TOp : struct, ITileOperands
+    /// <summary>
+    /// A tapped operand seen from one pixel: <see cref="Tapped"/> is b[pixel.Base + tap.Delta] where the tap reads the pixel,
+    /// else 0. On a GPU the view starts at the pixel, so an element is one wide multiply-add of the delta onto a pointer
+    /// ptxas keeps in two registers; b[base + delta] reloaded b's base from the constant bank and added, two instructions
+    /// more an element (docs/gpu.md). ILGPU offsets a view by an int as unsigned (mul.wide.u32): a delta is never negative
+    /// (<see cref="ITileOperands.TapOfB"/>), and the pixel's base, which may be (a window over the first image's top
+    /// padding), goes in as a long that is no plain conversion of an int (<see cref="Signed"/>), once a launch or a step.
+    /// A simulator's views assert against a negative offset: there the same address is taken as b[base + delta].
+    /// </summary>
+    private readonly struct PixelView
     {
-        public readonly Gather G0, G1, G2, G3, G4, G5, G6, G7;
-        public readonly int Ok;
+        private readonly ArrayView<float> _at;
+        private readonly TapPixel _pixel;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Rows8(TileArgs t, int m0, int line)
+        public PixelView(ArrayView<float> b, TapPixel pixel) => (_at, _pixel) = (CudaAsm.IsSupported ? b.SubView(Signed(pixel.Base)) : b, pixel);
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public float Tapped(Tap tap) => Taps.Reads(_pixel, tap) ? _at[CudaAsm.IsSupported ? tap.Delta : _pixel.Base + tap.Delta] : 0f;
+
+        /// <summary><paramref name="x"/> sign-extended by shifts: ILGPU folds a plain (long) conversion of an int offset into an
+        /// unsigned 32-bit one, which a negative base would turn into an address 16 GiB on.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static long Signed(int x) => (long)x << 32 >> 32;
+    }
+
+    /// <summary>
+    /// A thread's eight rows of A along K (rows m0 + line + 8·j, j &lt; 8): A from the first row on, the rows' stride, and
+    /// which rows exist (bit j). Row j's element at kd part k is At[IndexA(Gather(j·Stride), k)]: a row's base is affine in
+    /// m and IndexA adds it (<see cref="ITileOperands.RowOfA"/>), so one view and one stride stand for eight row bases (8
+    /// registers) that ptxas recomputed an element from each row's index and a stride it reloaded from the constant bank.
+    /// </summary>
+    private readonly struct Rows8<TOp> where TOp : struct, ITileOperands
+    {
+        public readonly ArrayView<float> At;
+        public readonly int Stride, Ok;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Rows8(TileArgs t, ArrayView<float> a, int m0, int line)
         {
-            G0 = TOp.RowOfA(t, m0 + line + 0);
-            G1 = TOp.RowOfA(t, m0 + line + 8);
-            G2 = TOp.RowOfA(t, m0 + line + 16);
-            G3 = TOp.RowOfA(t, m0 + line + 24);
-            G4 = TOp.RowOfA(t, m0 + line + 32);
-            G5 = TOp.RowOfA(t, m0 + line + 40);
-            G6 = TOp.RowOfA(t, m0 + line + 48);
-            G7 = TOp.RowOfA(t, m0 + line + 56);
+            int first = TOp.RowOfA(t, m0 + line).Base;
+            Stride = TOp.RowOfA(t, m0 + line + 8).Base - first;
             int left = t.M - (m0 + line); // rows line + 8·j exist while 8·j < left
             Ok = (left > 0 ? 1 : 0) | (left > 8 ? 2 : 0) | (left > 16 ? 4 : 0) | (left > 24 ? 8 : 0) | (left > 32 ? 16 : 0) | (left > 40 ? 32 : 0)
                 | (left > 48 ? 64 : 0) | (left > 56 ? 128 : 0);
+            At = left > 0 ? a.SubView(first) : a; // a row past M has no element in a: nothing is loaded from it
         }
     }
 
