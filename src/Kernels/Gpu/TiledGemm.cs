@@ -598,9 +598,14 @@ public static partial class TiledGemm
             var a = _aAlongK ? EightOfAAlongK(k0) : EightOfAAcrossK(k0);
             if (TOp.Tapped)
             {
-                return _bAlongK
-                    ? new Staged(a, EightTappedAlongK(k0, 0), EightTappedAlongK(k0, 8))
-                    : new Staged(a, EightTappedAcrossK(k0, 0), EightTappedAcrossK(k0, 8));
+                if (_bAlongK)
+                {
+                    // kd = k0 + kk's pixel, once a step for both halves (no tap reads it past the K range).
+                    int kd = k0 + _kkB;
+                    var at = new PixelView(_b, kd < _kEnd ? TOp.PixelOfB(T, kd) : default);
+                    return new Staged(a, EightTappedAlongK(at, 0), EightTappedAlongK(at, 8));
+                }
+                return new Staged(a, EightTappedAcrossK(k0, 0), EightTappedAcrossK(k0, 8));
             }
             return new Staged(a, EightOfB(k0, 0), EightOfB(k0, 8));
         }
@@ -655,15 +660,12 @@ public static partial class TiledGemm
             };
         }
 
-        /// <summary>A tapped B along K: kd = k0 + kk's pixel (once a step; no tap reads it past the K range), the taps of
-        /// columns line + 8·(first + j) from the group's shared table.</summary>
+        /// <summary>A tapped B along K: the step's pixel (<paramref name="at"/>), the taps of columns line + 8·(first + j) from the
+        /// group's shared table.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private Floats8 EightTappedAlongK(int k0, int first)
+        private Floats8 EightTappedAlongK(PixelView at, int first)
         {
-            int kd = k0 + _kkB;
-            var pixel = kd < _kEnd ? TOp.PixelOfB(T, kd) : default;
             var taps = _columnTaps.SubView(_lineB + 8 * first);
-            var at = new PixelView(_b, pixel);
             return new Floats8
             {
                 V0 = at.Tapped(taps[0]), V1 = at.Tapped(taps[8]), V2 = at.Tapped(taps[16]), V3 = at.Tapped(taps[24]),
@@ -695,8 +697,9 @@ public static partial class TiledGemm
     /// else 0. On a GPU the view starts at the pixel, so an element is one wide multiply-add of the delta onto a pointer
     /// ptxas keeps in two registers; b[base + delta] reloaded b's base from the constant bank and added, two instructions
     /// more an element (docs/gpu.md). ILGPU offsets a view by an int as unsigned (mul.wide.u32): a delta is never negative
-    /// (<see cref="ITileOperands.TapOfB"/>), and the pixel's base, which may be (a window over the first image's top
-    /// padding), goes in as a long that is no plain conversion of an int (<see cref="Signed"/>), once a launch or a step.
+    /// (<see cref="ITileOperands.TapOfB"/>), and the pixel's base, which may be (forward and weight gradient: a window over
+    /// the first image's top or left padding; input gradient: the first image's first rows, shifted back by the taps'
+    /// reach), goes in as a long that is no plain conversion of an int (<see cref="Signed"/>), once a launch or a step.
     /// A simulator's views assert against a negative offset: there the same address is taken as b[base + delta].
     /// </summary>
     private readonly struct PixelView
