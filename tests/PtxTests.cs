@@ -88,4 +88,25 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
         }
         Assert.True(failures.Count == 0, string.Join("\n", failures));
     }
+
+    /// <summary>
+    /// A convolution's B is gathered on a GPU from a view at the thread's pixel, whose base may be negative (a window over
+    /// the first image's padding). ILGPU offsets a view by an int as unsigned (mul.wide.u32), which would put such a view
+    /// 16 GiB on; TiledGemm's PixelView sign-extends the base by shifts, so its PTX must do so (shr.s64 by 32, then the
+    /// 64-bit multiply-add onto b's pointer). No simulator takes this path: this is its check.
+    /// </summary>
+    [Fact]
+    public void TheGpuViewsAtAPixelSignExtendItsBase()
+    {
+        var tapped = fixture.Kernels.Compilable.Where(k => k.Grouped && k.Method.Name is nameof(TiledGemm.Kernel) or nameof(TiledGemm.TensorKernel)
+            && k.Method.GetGenericArguments()[0].Name.StartsWith("Conv", StringComparison.Ordinal)).ToList();
+        Assert.True(tapped.Count >= 3, $"only {tapped.Count} tiled convolution kernels were loaded");
+        using var compiler = new KernelPtx(fixture.Device.Context, CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0));
+        var signExtended = new Regex(@"shr\.s64\s+(%rd\d+),\s*%rd\d+,\s*32;\s*mad\.lo\.u64\s+%rd\d+,\s*\1,\s*4,");
+        foreach (var kernel in tapped)
+        {
+            string ptx = compiler.Compile(kernel);
+            Assert.True(signExtended.IsMatch(ptx), $"{KernelPtx.Name(kernel)}: the pixel view's base is not sign-extended in its PTX");
+        }
+    }
 }
