@@ -568,7 +568,6 @@ public static partial class TiledGemm
         private readonly ArrayView<Tap> _taps, _columnTaps;
         private readonly bool _aAlongK, _bAlongK, _okB;
         private readonly Gather _rowA, _columnB;
-        private readonly TapPixel _pixel;
         private readonly PixelView _bAt;
         private readonly Rows8<TOp> _rowsA;
         private readonly int _kkA, _kkB, _lineB, _tid, _col0, _kEnd;
@@ -583,8 +582,7 @@ public static partial class TiledGemm
             _rowA = TOp.RowOfA(t, m0 + tid % TM);
             _okB = col0 + tid < t.Cols;
             _columnB = TOp.Tapped ? default : TOp.ColumnOfB(t, col0 + tid);
-            _pixel = TOp.Tapped && !_bAlongK && _okB ? TOp.PixelOfB(t, col0 + tid) : default;
-            _bAt = new PixelView(b, _pixel);
+            _bAt = new PixelView(b, TOp.Tapped && !_bAlongK && _okB ? TOp.PixelOfB(t, col0 + tid) : default);
             _kkA = Element(true, tid, TM).Kk;
             _kkB = Element(true, tid, TN).Kk;
             _lineB = Element(true, tid, TN).Line;
