@@ -180,6 +180,68 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         Assert.True(counters.All(c => c == 0), $"arrival counters left non-zero: {string.Join(", ", counters.Select((c, i) => (c, i)).Where(p => p.c != 0).Take(5))}");
     });
 
+    [Theory]
+    [InlineData(32)]
+    [InlineData(4)]
+    public void SplitKForwardAndInputGradientAreFinishedThroughTheirEpilogues(int warp) => WithTimeout(() =>
+    {
+        // The forward (bias, channel bias and residual in the epilogue) over 2 row tiles of K = 70, C·R·S = 72 cut in
+        // 3 splits (32, 32, 8); the input gradient, written and added, K·R·S = 630 cut in 3 (224, 224, 182). The last
+        // group of each tile adds the partials in split order and writes the sum through the op's own Store.
+        var g = new ConvShape(2, 8, 5, 5, 70, 3, 3, 1, 1);
+        var device = fixture[warp];
+        var rng = new Random(31 + warp);
+        int[] xs = [g.N, g.C, g.H, g.W], ws = [g.K, g.C, g.R, g.S], ys = [g.N, g.K, g.P, g.Q];
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), xs);
+        var wt = (Ints(rng, g.K * g.Crs), ws);
+        var b = (Ints(rng, g.K), new[] { g.K });
+        var e = (Ints(rng, g.N * g.K), new[] { g.N, g.K });
+        var residual = (Ints(rng, g.N * g.K * g.Pq), ys);
+        var dy = (Ints(rng, g.N * g.K * g.Pq), ys);
+        float[] dx0 = Ints(rng, x.Item1.Length);
+        var cpu = CpuDevice.Instance;
+        float[] yRef = Run(cpu, [x, wt, b, e, residual], NaNs(g.N * g.K * g.Pq), ys, (t, y) => Conv2d.Forward(t[0], t[1], t[2], y, 1, 1, t[3], t[4]));
+        float[] dxAddRef = Run(cpu, [dy, wt], dx0, xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, 1, 1, accumulate: true));
+        float[] dxSetRef = Run(cpu, [dy, wt], NaNs(dx0.Length), xs, (t, dx) => Conv2d.BackwardInput(t[0], t[1], dx, 1, 1, accumulate: false));
+        var kernels = IlgpuKernels.For(device);
+        Check($"warp {warp}, forward, 3 splits", yRef, () => Run(device, [x, wt, b, e, residual], NaNs(yRef.Length), ys,
+            (t, y) => TiledConv.Forward(kernels, g, t[0].View, t[1].View, t[2].View, y.View, t[3].View, t[4].View, splits: 3)), rerun: true);
+        Check($"warp {warp}, input gradient +=, 3 splits", dxAddRef, () => Run(device, [dy, wt], dx0, xs,
+            (t, dx) => TiledConv.BackwardInput(kernels, g, t[0].View, t[1].View, dx.View, accumulate: true, splits: 3)), rerun: true);
+        Check($"warp {warp}, input gradient =, 3 splits", dxSetRef, () => Run(device, [dy, wt], NaNs(dx0.Length), xs,
+            (t, dx) => TiledConv.BackwardInput(kernels, g, t[0].View, t[1].View, dx.View, accumulate: false, splits: 3)), rerun: false);
+        var counters = new int[IlgpuKernels.CounterSlots];
+        ILGPU.Runtime.ArrayViewExtensions.CopyToCPU(kernels.GridCounters, kernels.Stream, counters);
+        kernels.Stream.Synchronize();
+        Assert.True(counters.All(c => c == 0), "arrival counters left non-zero");
+    });
+
+    [Fact]
+    public void AcrossSplitsFillAWaveWhereTheTilesAloneDoNot()
+    {
+        // Base preset at batch 128. 7x7, 256 -> 256: 4 x 49 = 196 tiles, two splits of C·R·S = 2,304 make 392 groups.
+        var deep = new ConvShape(128, 256, 7, 7, 256, 3, 3, 1, 1);
+        Assert.Equal(2, TiledConv.ForwardSplits(deep));
+        Assert.Equal(2, TiledConv.InputSplits(deep));
+        // 7x7, 128 -> 256: the input gradient's 2 x 49 = 98 tiles, four splits of K·R·S = 2,304.
+        Assert.Equal(4, TiledConv.InputSplits(new ConvShape(128, 128, 7, 7, 256, 3, 3, 1, 1)));
+        // 28x28, 64 -> 64: 784 tiles fill two waves by themselves.
+        Assert.Equal(1, TiledConv.ForwardSplits(new ConvShape(128, 64, 28, 28, 64, 3, 3, 1, 1)));
+        // 7x7 1x1, 128 -> 256: 196 tiles, but 128 of K is under a split's 256.
+        Assert.Equal(1, TiledConv.ForwardSplits(new ConvShape(128, 128, 7, 7, 256, 1, 1, 1, 0)));
+        // The check case "conv2d 3x3 split-K forward and input gradient" (ddpm check, SelfCheck): three splits in both.
+        var checkCase = new ConvShape(1, 96, 4, 5, 90, 3, 3, 1, 1);
+        Assert.Equal(3, TiledConv.ForwardSplits(checkCase));
+        Assert.Equal(3, TiledConv.InputSplits(checkCase));
+        // Never more groups than one wave of TargetGroups, never a split under 16 K steps.
+        foreach (var (m, cols, kd) in new (long, long, long)[] { (1, 1, 1 << 20), (64, 128, 4096), (300, 5000, 100_000), (7, 9, 255) })
+        {
+            int splits = TiledConv.AcrossSplits(m, cols, kd);
+            long tiles = (m + TiledGemm.TM - 1) / TiledGemm.TM * ((cols + TiledGemm.TN - 1) / TiledGemm.TN);
+            Assert.True(splits == 1 || (tiles * splits <= TiledConv.TargetGroups && kd / splits >= 16 * TiledGemm.TK), $"{(m, cols, kd)}: {splits} splits");
+        }
+    }
+
     [Fact]
     public void SplitKWeightGradientIsBitIdenticalOnRerunWithRealValuedInputs() => WithTimeout(() =>
     {

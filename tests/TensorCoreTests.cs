@@ -1,4 +1,4 @@
-using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
+using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
 using Ddpm.Kernels;
 using Ddpm.Kernels.Checks;
 using Ddpm.Tensors;
@@ -99,7 +99,8 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
     [MemberData(nameof(Modes))]
     public void ConvolutionsOnTensorCoresMatchCpuExactlyOnIntegers(string mode) => WithTimeout(() =>
     {
-        // Ragged: 5 x 7 images, 5 output channels, 3 input channels; the weight gradient in 3 splits with the bias's row sums.
+        // Ragged: 5 x 7 images, 5 output channels, 3 input channels; the weight gradient in 3 splits with the bias's row sums,
+        // the forward in 2 (C·R·S = 27: two K steps) and the input gradient in 3 (K·R·S = 45).
         var g = new ConvShape(2, 3, 5, 7, 5, 3, 3, 1, 1);
         var device = fixture.Warp32;
         var kernels = IlgpuKernels.For(device);
@@ -125,6 +126,28 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
                 Conv2d.BackwardWeight(t[0], t[1], dwt, 1, 1, t[2]);
             }
         }, alsoInput: 2);
+        Func<Device, float[]> forwardSplit = d => Run(d, [x, w, b], NaNs(g.N * g.K * g.Pq), ys, (t, y) =>
+        {
+            if (d is IlgpuDevice)
+            {
+                TiledConv.Forward(kernels, g, t[0].View, t[1].View, t[2].View, y.View, null, splits: 3);
+            }
+            else
+            {
+                Conv2d.Forward(t[0], t[1], t[2], y, 1, 1);
+            }
+        });
+        Func<Device, float[]> inputSplit = d => Run(d, [dy, w], dx0, xs, (t, dx) =>
+        {
+            if (d is IlgpuDevice)
+            {
+                TiledConv.BackwardInput(kernels, g, t[0].View, t[1].View, dx.View, accumulate: true, splits: 3);
+            }
+            else
+            {
+                Conv2d.BackwardInput(t[0], t[1], dx, 1, 1, accumulate: true);
+            }
+        });
         var cpu = CpuDevice.Instance;
         float[] yRef = forward(cpu), dxRef = input(cpu), dwRef = weight(cpu), splitRef = split(cpu);
         kernels.Precision = Parse(mode);
@@ -135,12 +158,14 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
             AssertSame($"{mode} input gradient", dxRef, input(device));
             AssertSame($"{mode} weight and bias gradient", dwRef, weight(device));
             AssertSame($"{mode} weight gradient in 3 splits", splitRef, split(device));
+            AssertSame($"{mode} forward in 2 splits", yRef, forwardSplit(device));
+            AssertSame($"{mode} input gradient in 3 splits", dxRef, inputSplit(device));
         }
         finally
         {
             kernels.Precision = MathPrecision.Fp32;
         }
-        output.WriteLine($"{mode}: forward, input, weight and split-K weight gradients match the CPU bit for bit");
+        output.WriteLine($"{mode}: forward, input and weight gradients, whole and split, match the CPU bit for bit");
     });
 
     [Theory]

@@ -57,7 +57,8 @@ public sealed class IlgpuKernels
     /// <summary>
     /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
     /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd, then taps that read nothing up to the next multiple of
-    /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last). Built on the host and
+    /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last: a split's last group past
+    /// the end of K, any other into the next split's range, whose taps read inside the tensor and are dropped). Built on the host and
     /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. Any other op gets a small
     /// table it never reads.
     /// </summary>
@@ -66,10 +67,6 @@ public sealed class IlgpuKernels
         if (!TOp.Tapped || TOp.BAlongK(t))
         {
             return _noTaps.View;
-        }
-        if (t.Splits != 1)
-        {
-            throw new InvalidOperationException($"tiled gemm: a tap table reads the whole K range, and {typeof(TOp).Name} was split {t.Splits} ways");
         }
         lock (_tapTables)
         {

@@ -28,6 +28,10 @@ public static class OpCatalog
         // What training runs and the small cases do not: the weight gradient split over K (N·P·Q = 1,536: three splits of
         // 512 by the automatic rule, finished by each tile's last group) and two row tiles (K = 65 > 64) in every pass.
         Conv("conv2d 3x3 split-K, 2 row tiles", n: 6, c: 2, h: 16, w: 16, k: 65, r: 3, s: 3, stride: 1, pad: 1),
+        // The forward and the input gradient split over K where their tiles alone would not fill the chip (the base preset's
+        // 7x7 layers): two tiles each, C·R·S = 864 and K·R·S = 810, three splits each by the automatic rule, finished through
+        // the op's epilogue by each tile's last group.
+        Conv("conv2d 3x3 split-K forward and input gradient", n: 1, c: 96, h: 4, w: 5, k: 90, r: 3, s: 3, stride: 1, pad: 1),
         ConvOnTf32Values(),
         ConvChannelBias("conv2d 3x3 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4),
         ConvChannelBias("conv2d 1x1 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1),

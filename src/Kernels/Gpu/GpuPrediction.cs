@@ -38,7 +38,8 @@ public sealed record PassPrediction(ConvPass Pass, long M, long Cols, long Kd, i
 /// instructions a thread issues a step (from the SASS) times the warps on an SM, at 4 warp instructions a clock
 /// (four schedulers) times an issue efficiency that grows with the warps a scheduler can choose from, or, on tensor
 /// cores, the HMMA a step at <see cref="ClocksPerHmma"/> each when their pipe is the slower; a pass takes
-/// at least its compulsory bytes at 70% of HBM bandwidth, plus a launch gap. A prediction, not a measurement.
+/// at least its compulsory bytes at 70% of HBM bandwidth, plus a split's partials (written and read once more at that
+/// bandwidth) and a launch gap. A prediction, not a measurement.
 /// </summary>
 public static class GpuPrediction
 {
@@ -65,8 +66,8 @@ public static class GpuPrediction
         var g = p.Shape;
         return p.Pass switch
         {
-            "fwd" => (g.K, (long)g.N * g.Pq, g.Crs, 1),
-            "dx" => (g.C, (long)g.N * g.H * g.W, (long)g.K * g.R * g.S, 1),
+            "fwd" => (g.K, (long)g.N * g.Pq, g.Crs, TiledConv.ForwardSplits(g)),
+            "dx" => (g.C, (long)g.N * g.H * g.W, (long)g.K * g.R * g.S, TiledConv.InputSplits(g)),
             "dw" => (g.K, g.Crs, (long)g.N * g.Pq, TiledConv.WeightSplits(g)),
             _ => throw new ArgumentException($"unknown convolution pass {p.Pass}"),
         };
@@ -97,15 +98,12 @@ public static class GpuPrediction
         double computeMs = clocks / (chip.ClockGhz * 1e6);
         double flop = 2.0 * m * cols * kd;
         long x = (long)g.N * g.C * g.H * g.W, w = (long)g.K * g.Crs, y = (long)g.N * g.K * g.Pq;
-        double bytes = 4.0 * pass.Pass switch
-        {
-            "fwd" => x + w + y,
-            "dx" => y + w + x,
-            _ => y + x + w + (splits > 1 ? 2L * splits * w : 0),
-        };
+        // The compulsory bytes overlap the product; a split's partials, written as its groups end and read by the last
+        // group of each tile, mostly do not (the split sizing puts the groups in one wave, which ends together).
+        double bytes = 4.0 * (x + w + y), partialBytes = splits > 1 ? 4.0 * 2 * splits * m * cols : 0;
         double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
-        double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
-        return new PassPrediction(pass, m, cols, kd, (int)groups, splits, steps, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
+        double ms = Math.Max(computeMs, memoryMs) + partialBytes / (MemoryShare * chip.MemoryTBs * 1e9) + LaunchGapMs;
+        return new PassPrediction(pass, m, cols, kd, (int)groups, splits, steps, flop / 1e9, (bytes + partialBytes) / 1e6, computeMs, memoryMs, ms,
             flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
     }
 }

@@ -70,8 +70,8 @@ internal interface ITileAccumulator
     void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid);
 
     /// <summary>Writes this thread's outputs through <typeparamref name="TOp"/>'s epilogue; the tile's corner is (m0, col0).</summary>
-    void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0, int col0, int tid)
-        where TOp : struct, ITileOperands;
+    void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials, int split,
+        int m0, int col0, int tid) where TOp : struct, ITileOperands;
 }
 
 /// <summary>An operand on its way to a tensor core: its TF32 high part and (3xTF32) its TF32 low part.</summary>
@@ -334,7 +334,7 @@ public static partial class TiledGemm
     /// m16n8k8 TF32 mma in <typeparamref name="TMath"/>'s mode. Groups of exactly <see cref="Threads"/> in warps of 32.
     /// </summary>
     internal static void TensorKernel<TOp, TMath, TLayout>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0,
-        ArrayView<float> e1, ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t)
+        ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t)
         where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
     {
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4);
@@ -343,8 +343,8 @@ public static partial class TiledGemm
         var columnTaps = SharedMemory.Allocate<Tap>(TN);
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
-        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
+        Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
     /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode).</summary>
@@ -358,8 +358,8 @@ public static partial class TiledGemm
         }
         // A simulator runs the mma emulation, which posts each lane's operands in dynamic shared memory.
         var emulation = SharedMemoryConfig.RequestDynamic<float>(Tf32.EmulationFloats);
-        return (stream, config, a, b, c, e0, e1, e2, counters, taps, t) =>
-            launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, counters, taps, t);
+        return (stream, config, a, b, c, e0, e1, e2, partials, counters, taps, t) =>
+            launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, partials, counters, taps, t);
     }
 
     // The tensor-core kernel's shared tiles hold kk in pairs: row p of a tile is kk = 2p and 2p + 1, and A's rows (B's
@@ -563,41 +563,41 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0,
-            int col0, int tid) where TOp : struct, ITileOperands
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2,
+            ArrayView<float> partials, int split, int m0, int col0, int tid) where TOp : struct, ITileOperands
         {
             int warp = tid >> 5, lane = tid & 31, g = lane >> 2, i = lane & 3;
             int r0 = m0 + 32 * (warp & 1), q0 = col0 + 64 * (warp >> 1);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 0, _00); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 0, _10);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 1, _01); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 1, _11);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 2, _02); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 2, _12);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 3, _03); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 3, _13);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 4, _04); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 4, _14);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 5, _05); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 5, _15);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 6, _06); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 6, _16);
-            Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 0, 7, _07); Out<TOp>(t, c, e0, e1, e2, split, r0, q0, g, i, 1, 7, _17);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 0, _00); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 0, _10);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 1, _01); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 1, _11);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 2, _02); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 2, _12);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 3, _03); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 3, _13);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 4, _04); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 4, _14);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 5, _05); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 5, _15);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 6, _06); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 6, _16);
+            Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 0, 7, _07); Out<TOp>(t, c, e0, e1, e2, partials, split, r0, q0, g, i, 1, 7, _17);
         }
 
         /// <summary>One mma tile's four accumulators (tile <paramref name="tm"/>, n-tile <paramref name="j"/>) through the epilogue.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void Out<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
-            int q0, int g, int i, int tm, int j, Frag4 f) where TOp : struct, ITileOperands
+        private static void Out<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2,
+            ArrayView<float> partials, int split, int r0, int q0, int g, int i, int tm, int j, Frag4 f) where TOp : struct, ITileOperands
         {
             int m = r0 + MmaRow(g, tm, 0), m8 = r0 + MmaRow(g, tm, 1);
             int col = q0 + MmaColumn(2 * i, j), col1 = q0 + MmaColumn(2 * i + 1, j);
-            One<TOp>(t, c, e0, e1, e2, split, m, col, f.C0);
-            One<TOp>(t, c, e0, e1, e2, split, m, col1, f.C1);
-            One<TOp>(t, c, e0, e1, e2, split, m8, col, f.C2);
-            One<TOp>(t, c, e0, e1, e2, split, m8, col1, f.C3);
+            One<TOp>(t, c, e0, e1, e2, partials, split, m, col, f.C0);
+            One<TOp>(t, c, e0, e1, e2, partials, split, m, col1, f.C1);
+            One<TOp>(t, c, e0, e1, e2, partials, split, m8, col, f.C2);
+            One<TOp>(t, c, e0, e1, e2, partials, split, m8, col1, f.C3);
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void One<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
-            float v) where TOp : struct, ITileOperands
+        private static void One<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2,
+            ArrayView<float> partials, int split, int m, int col, float v) where TOp : struct, ITileOperands
         {
             if (m < t.M && col < t.Cols)
             {
-                TOp.Store(t, c, e0, e1, e2, split, m, col, v);
+                TiledGemm.Out<TOp>(t, c, e0, e1, e2, partials, split, m, col, v);
             }
         }
     }

@@ -1,15 +1,17 @@
 // The three convolution passes as implicit GEMMs on the tiled core (TiledGemm.cs: 64 x 128 tiles, 128 threads,
 // 8 x 8 register tiles, K step 16). Letters as in ConvShape: x [N, C, H, W], w [K, C, R, S], y [N, K, P, Q];
 // RS = R·S, PQ = P·Q, HW = H·W.
-//   forward:         y[n, k, pq]  = Σ_{crs} w[k, crs] · col(x[n])[crs, pq] + b[k] (+ e[n, k])
-//                    M = K, Cols = N·PQ, Kd = C·RS; the bias and the time-embedding channel bias in the epilogue.
+//   forward:         y[n, k, pq]  = Σ_{crs} w[k, crs] · col(x[n])[crs, pq] + b[k] (+ e[n, k]) (+ residual)
+//                    M = K, Cols = N·PQ, Kd = C·RS; the bias, the time-embedding channel bias and the residual in the
+//                    epilogue. K is split (AcrossSplits) where the output tiles alone would leave the chip short of a
+//                    wave (the 7x7 layers at the base preset), finished as the weight gradient's is.
 //   input gradient:  dx[n, c, hw] (+)= Σ_{k, rs} w[k, c, rs] · dy[n, k, p, q] for the (p, q) tap (r, s) of (h, w) reads
 //                    M = C, Cols = N·HW, Kd = K·RS; at stride 2 three in four B entries are structural zeros (a
 //                    phase split as on the CPU path would skip them: a next step, see docs/gpu.md).
 //   weight gradient: dw[k, crs] += Σ_{n, pq} dy[n, k, pq] · col(x[n])[crs, pq], and db[k] += Σ_{n, pq} dy[n, k, pq]
 //                    M = K, Cols = C·RS, Kd = N·PQ: a long K and a small output, so K is split (grid depth) into
 //                    partials [splits, K, C·RS]; the last group of each tile to finish sums them in split order in the
-//                    same launch (TiledGemm.FinishSplits): reruns are bit-identical. The bias gradient is the row sums
+//                    same launch and adds them to dw (TiledGemm.FinishSplits): reruns are bit-identical. The bias gradient is the row sums
 //                    of A = dy, taken by the first column tile's groups on the way through shared memory.
 // B (x or dy) is gathered through taps (ITileOperands.Tapped): a pixel's base and mask of in-bounds taps, a tap's
 // offset and bits, so an element is an add, a mask test and a load; IndexB says the same the plain way (the simulator's
@@ -58,7 +60,7 @@ public struct ConvForwardTile : ITileOperands
     public static Tap TapOfB(TileArgs t, int kd) => ConvTaps.InputTap(t, kd);
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int split, int m, int col,
+    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int m, int col,
         float acc)
     {
         var g = t.Conv;
@@ -173,7 +175,7 @@ public struct ConvInputTile : ITileOperands
     }
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
         float acc)
     {
         var g = t.Conv;
@@ -183,8 +185,8 @@ public struct ConvInputTile : ITileOperands
 }
 
 /// <summary>Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) =
-/// col(x[n])[crs, pq]. One split adds into dw [K, C·R·S]; several write partials [splits, K, C·R·S] that the last group
-/// of each tile adds into e0 = dw. With <see cref="TileArgs.RowSums"/> the bias gradient Σ dy goes to e1 = db.</summary>
+/// col(x[n])[crs, pq], added into dw [K, C·R·S] (with splits, by the last group of each tile, in split order). With
+/// <see cref="TileArgs.RowSums"/> the bias gradient Σ dy goes to e1 = db.</summary>
 public struct ConvWeightTile : ITileOperands
 {
     /// <inheritdoc/>
@@ -236,18 +238,11 @@ public struct ConvWeightTile : ITileOperands
     public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, col);
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
         float acc)
     {
         int i = m * t.Cols + col;
-        if (t.Splits == 1)
-        {
-            c[i] += acc;
-        }
-        else
-        {
-            c[split * t.M * t.Cols + i] = acc;
-        }
+        c[i] = t.Accumulate != 0 ? c[i] + acc : acc;
     }
 }
 
@@ -309,8 +304,14 @@ internal static class TiledConv
     /// cost on a 114-SM H100 PCIe).</summary>
     public const int TargetGroups = 132 * TiledGemm.MinGroupsPerSm;
 
-    /// <summary>The K range one split covers at least: 32 K steps, so the partials' write and read stay small beside the product.</summary>
+    /// <summary>The K range one split of the weight gradient covers at least: 32 K steps, so the partials' write and read
+    /// stay small beside the product.</summary>
     private const int MinChunk = 32 * TiledGemm.TK;
+
+    /// <summary>The K range one split of the forward or the input gradient covers at least: 16 K steps, 512 FLOP an output
+    /// for the 8 bytes its partial is written and read in, so a split stays compute-bound on an H100 (25 FLOP a byte of
+    /// HBM at fp32's peak, 74 at TF32's).</summary>
+    private const int MinAcrossChunk = 16 * TiledGemm.TK;
 
     /// <summary>Cap on the partials buffer (floats): 8 M = 32 MB.</summary>
     private const long MaxPartials = 8L << 20;
@@ -328,20 +329,47 @@ internal static class TiledConv
         }
     }
 
-    /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual).</summary>
+    /// <summary>
+    /// The split count of a forward or input-gradient product (M x Cols output, Kd long): 1 where its output tiles fill a
+    /// wave of <see cref="TargetGroups"/> by themselves; else as many as fill the wave, each at least
+    /// <see cref="MinAcrossChunk"/> long, the partials at most <see cref="MaxPartials"/>. A function of the shape only, so
+    /// every device sums in the same order.
+    /// </summary>
+    public static int AcrossSplits(long m, long cols, long kd)
+    {
+        long tiles = (m + TiledGemm.TM - 1) / TiledGemm.TM * ((cols + TiledGemm.TN - 1) / TiledGemm.TN);
+        long splits = Math.Min(TargetGroups / Math.Max(tiles, 1), Math.Max(1, kd / MinAcrossChunk));
+        splits = Math.Min(splits, Math.Max(1, MaxPartials / Math.Max(m * cols, 1)));
+        return (int)Math.Max(1, splits);
+    }
+
+    /// <summary>The forward's split count (<see cref="AcrossSplits"/>).</summary>
+    public static int ForwardSplits(ConvShape g) => AcrossSplits(g.K, (long)g.N * g.Pq, g.Crs);
+
+    /// <summary>The input gradient's split count (<see cref="AcrossSplits"/>).</summary>
+    public static int InputSplits(ConvShape g) => AcrossSplits(g.C, (long)g.N * g.H * g.W, (long)g.K * g.R * g.S);
+
+    /// <summary>The K range of each of <paramref name="splits"/> splits of <paramref name="kd"/>: a whole number of K steps.</summary>
+    private static int Chunk(int kd, int splits) => TileArgs.RoundUp((Math.Max(kd, 1) + splits - 1) / splits, TiledGemm.TK);
+
+    /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual), K split <paramref name="splits"/> ways (0: <see cref="ForwardSplits"/>).</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
-        ArrayView<float>? channelBias, ArrayView<float>? residual = null)
+        ArrayView<float>? channelBias, ArrayView<float>? residual = null, int splits = 0)
     {
         Require(g);
-        var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
+        int chunk = Chunk(g.Crs, splits > 0 ? splits : ForwardSplits(g));
+        var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, chunk, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
         TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
     }
 
-    /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written.</summary>
-    public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate)
+    /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written. K split
+    /// <paramref name="splits"/> ways (0: <see cref="InputSplits"/>).</summary>
+    public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate,
+        int splits = 0)
     {
         Require(g);
-        var t = new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, accumulate, false, g, default);
+        int kd = g.K * g.R * g.S, chunk = Chunk(kd, splits > 0 ? splits : InputSplits(g));
+        var t = new TileArgs(g.C, g.N * g.H * g.W, kd, chunk, accumulate, false, g, default);
         TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
     }
 
@@ -367,14 +395,7 @@ internal static class TiledConv
         {
             splits = WeightSplits(g);
         }
-        int chunk = TileArgs.RoundUp((kd + splits - 1) / splits, TiledGemm.TK);
-        var t = new TileArgs(g.K, g.Crs, kd, chunk, accumulate: true, false, g, default, rowSums: db is not null);
-        if (t.Splits == 1)
-        {
-            TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
-            return;
-        }
-        using var partials = k.Scratch(checked((int)t.PartialsLength));
-        TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, partials.View, dw, db ?? dw, dw);
+        var t = new TileArgs(g.K, g.Crs, kd, Chunk(kd, splits), accumulate: true, false, g, default, rowSums: db is not null);
+        TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
     }
 }

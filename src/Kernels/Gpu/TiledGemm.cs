@@ -1,7 +1,7 @@
 // Tiled GEMM core for the ILGPU backend: every convolution pass and the linear layer are one product
 //   C[M, Cols] = A[M, Kd] · B[Kd, Cols]
 // whose operands are gathered on the fly (implicit GEMM: the im2col matrix never exists) by a small op struct
-// (ITileOperands), and whose epilogue (bias, time-embedding bias, +=, split-K partials) is that struct's Store.
+// (ITileOperands), and whose epilogue (bias, time-embedding bias, residual, +=) is that struct's Store.
 //
 // Tiles (compile-time constants below, chosen for an sm_80/sm_90 SM at fp32):
 //   - one group computes a TM x TN = 64 x 128 tile of C, 128 threads, an 8 x 8 register tile each (64 scalar fields:
@@ -24,15 +24,18 @@
 //   - row sums (TileArgs.RowSums): the groups of the first column tile also add up the rows of A as they pass through
 //     shared memory (Σ_kd A(m, kd), in K-step order) into e1[m]: the bias gradient of a convolution (A = dy) and of a
 //     linear layer (A = dyᵀ) from the weight gradient's own pass;
-//   - split-K finished in the same launch: each group writes its partial tile, then counts its arrival on the tile's
-//     counter (TiledReduce.ArriveLast: a device-wide fence and an atomic add); the group that arrives last adds the
-//     tile's partials over the splits in split order, 0, 1, …, into e0. The sum's order is fixed whichever group
-//     finishes last, so reruns stay bit-identical.
+//   - split-K finished in the same launch: each group writes its partial tile to the partials buffer, then counts its
+//     arrival on the tile's counter (TiledReduce.ArriveLast: a device-wide fence and an atomic add); the group that
+//     arrives last adds the tile's partials over the splits in split order, 0, 1, …, and writes the sums through the
+//     op's own epilogue (Store). The sum's order is fixed whichever group finishes last, so reruns stay bit-identical.
+//     The weight gradient splits its long K; the forward and input gradient split theirs where the tiles alone would
+//     leave the chip short of a wave (TiledConv.AcrossSplits).
 
-// The launcher of every tiled GEMM (stream, config, a, b, out, three epilogue views, the grid's arrival counters, the
+// The launcher of every tiled GEMM (stream, config, a, b, out, three epilogue views, the split-K partials, the grid's arrival counters, the
 // tap table of a tapped across-K B, args): one name for the project, used by Conv2d and Linear as well.
 global using TileLauncher = System.Action<ILGPU.Runtime.AcceleratorStream, ILGPU.KernelConfig, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>,
-    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>, ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
+    ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<float>, ILGPU.ArrayView<int>,
+    ILGPU.ArrayView<Ddpm.Kernels.Tap>, Ddpm.Kernels.TileArgs>;
 
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
@@ -265,9 +268,10 @@ public interface ITileOperands
     /// Delta is never negative (a GPU offsets the pixel's view by it as an unsigned 32-bit index); a pixel's Base may be.</summary>
     static abstract Tap TapOfB(TileArgs t, int j);
 
-    /// <summary>Writes C(m, col) = <paramref name="acc"/> through the op's epilogue; <paramref name="split"/> is the
-    /// K split that computed it. e0, e1 and e2 are the op's extra operands (bias, channel bias, residual).</summary>
-    static abstract void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col, float acc);
+    /// <summary>Writes C(m, col) = <paramref name="acc"/>, the whole sum over K, through the op's epilogue. e0, e1 and e2 are
+    /// the op's extra operands (bias, channel bias, residual). With splits the kernel writes each split's partial sum to
+    /// the partials buffer itself and calls this once with the finished sum.</summary>
+    static abstract void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col, float acc);
 }
 
 /// <summary>Four floats, 16 bytes: a 128-bit shared-memory load (ld.shared.v4.f32, LDS.128) when the address is known
@@ -341,11 +345,11 @@ public static partial class TiledGemm
     /// <summary>
     /// C[M, Cols] = A[M, Kd] · B[Kd, Cols] over this group's K range, through <typeparamref name="TOp"/>'s gathers and
     /// epilogue, on a GPU: groups of exactly <see cref="Threads"/>, one register tile a thread (<see cref="Pipelined{TOp, TAcc}"/>).
-    /// a, b: the operands TOp reads; c: the output (or partials); e0, e1, e2: epilogue extras; with splits, e0 receives
-    /// the finished sum and e1 the finished row sums; counters: one arrival counter per output tile, zero between launches.
+    /// a, b: the operands TOp reads; c: the output; e0, e1, e2: epilogue extras (with row sums, e1 receives them); partials: the split products, [splits, M, Cols] then [splits, M] row sums (unread with one
+    /// split); counters: one arrival counter per output tile, zero between launches.
     /// </summary>
     internal static void Kernel<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
+        ArrayView<float> e2, ArrayView<float> partials, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
     {
         // Allocated as 16-byte groups, so ILGPU knows the 128-bit loads are aligned; the stores see them as floats.
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4); // two [TK][AStride] buffers
@@ -354,8 +358,8 @@ public static partial class TiledGemm
         var columnTaps = SharedMemory.Allocate<Tap>(TN); // a tapped along-K B's taps of this tile's columns
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
-        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
+        Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
     /// <summary>
@@ -363,15 +367,15 @@ public static partial class TiledGemm
     /// of two G &lt; 128): the group computes the tile's 128 register tiles in 128 / G passes (<see cref="InPasses{TOp}"/>).
     /// </summary>
     internal static void KernelInPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
+        ArrayView<float> e2, ArrayView<float> partials, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
     {
         var aS4 = SharedMemory.Allocate<Float4>(ATile / 4);
         var bS4 = SharedMemory.Allocate<Float4>(BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums(t, rowS);
-        InPasses<TOp>(a, b, c, e0, e1, e2, t, aS4, bS4, rowS, rowSums);
-        Finish(c, e0, e1, counters, t, rowS, rowSums, last);
+        InPasses<TOp>(a, b, c, e0, e1, e2, partials, t, aS4, bS4, rowS, rowSums);
+        Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
     /// <summary>Zeroes this tile's row sums when it takes them (the first column tile's groups, with
@@ -393,8 +397,8 @@ public static partial class TiledGemm
 
     /// <summary>Adds the row sums out (into e1, or this split's slot of the partials) and, with splits, finishes the tile.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Finish(ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<int> counters, TileArgs t, ArrayView<float> rowS,
-        bool rowSums, ArrayView<int> last)
+    internal static void Finish<TOp>(ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials,
+        ArrayView<int> counters, TileArgs t, ArrayView<float> rowS, bool rowSums, ArrayView<int> last) where TOp : struct, ITileOperands
     {
         int split = Grid.IdxZ, m0 = Grid.IdxY * TM;
         if (rowSums)
@@ -410,24 +414,25 @@ public static partial class TiledGemm
                     }
                     else
                     {
-                        c[(long)t.Splits * t.M * t.Cols + (long)split * t.M + m] = rowS[r];
+                        partials[(long)t.Splits * t.M * t.Cols + (long)split * t.M + m] = rowS[r];
                     }
                 }
             }
         }
         if (t.Splits > 1)
         {
-            FinishSplits(c, e0, e1, counters, last, t);
+            FinishSplits<TOp>(c, e0, e1, e2, partials, counters, last, t);
         }
     }
 
     /// <summary>
     /// After a split group has written its partial tile (and row sums): the last of the tile's groups to arrive adds the
-    /// partials over the splits, in split order, into e0 (and the row sums into e1). Every thread of the group calls it.
+    /// partials over the splits, in split order, and writes each sum through the op's epilogue (and adds the row sums into
+    /// e1). Every thread of the group calls it.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void FinishSplits(ArrayView<float> partials, ArrayView<float> e0, ArrayView<float> e1, ArrayView<int> counters, ArrayView<int> last,
-        TileArgs t)
+    private static void FinishSplits<TOp>(ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials,
+        ArrayView<int> counters, ArrayView<int> last, TileArgs t) where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         if (!TiledReduce.ArriveLast(counters, Grid.IdxY * Grid.DimX + Grid.IdxX, t.Splits, last))
@@ -446,7 +451,7 @@ public static partial class TiledGemm
                 {
                     sum += partials[s * len + i];
                 }
-                e0[i] = t.Accumulate != 0 ? e0[i] + sum : sum;
+                TOp.Store(t, c, e0, e1, e2, m, col, sum);
             }
         }
         if (t.RowSums != 0 && Grid.IdxX == 0)
@@ -499,7 +504,7 @@ public static partial class TiledGemm
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp, TAcc>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<Tap> taps, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS,
+        ArrayView<float> e2, ArrayView<float> partials, ArrayView<Tap> taps, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS,
         ArrayView<Tap> columnTaps, bool rowSums)
         where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
     {
@@ -547,7 +552,7 @@ public static partial class TiledGemm
             Group.Barrier();
             buffer = 1 - buffer;
         }
-        acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0, col0, tid);
+        acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0, col0, tid);
     }
 
     /// <summary>A thread's 24 staged elements of one K step (8 of A, 16 of B), in registers.</summary>
@@ -790,7 +795,7 @@ public static partial class TiledGemm
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
+        ArrayView<float> e2, ArrayView<float> partials, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
         where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
@@ -827,7 +832,7 @@ public static partial class TiledGemm
                 }
                 Group.Barrier();
             }
-            acc.Emit<TOp>(t, c, e0, e1, e2, Grid.IdxZ, m0 + RowsPerThread * (sub / across), col0 + 4 * (sub % across));
+            acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0 + RowsPerThread * (sub / across), col0 + 4 * (sub % across));
         }
     }
 
@@ -939,9 +944,9 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m0,
-            int col0, int tid) where TOp : struct, ITileOperands =>
-            Emit<TOp>(t, c, e0, e1, e2, split, m0 + RowsPerThread * (tid >> 4), col0 + 4 * (tid & 15));
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2,
+            ArrayView<float> partials, int split, int m0, int col0, int tid) where TOp : struct, ITileOperands =>
+            Emit<TOp>(t, c, e0, e1, e2, partials, split, m0 + RowsPerThread * (tid >> 4), col0 + 4 * (tid & 15));
 
         /// <summary>The outer product of the register tile's eight rows of A (a0, a1) and eight columns of B (b0, b1), added in.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -959,41 +964,57 @@ public static partial class TiledGemm
 
         /// <summary>Writes the tile through <typeparamref name="TOp"/>'s epilogue: rows r0 + i, columns q0 + j and q0 + 64 + j.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int r0,
-            int q0) where TOp : struct, ITileOperands
+        public readonly void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2,
+            ArrayView<float> partials, int split, int r0, int q0) where TOp : struct, ITileOperands
         {
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 0, q0, _c00, _c01, _c02, _c03);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 0, q0 + TN / 2, _c04, _c05, _c06, _c07);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 1, q0, _c10, _c11, _c12, _c13);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 1, q0 + TN / 2, _c14, _c15, _c16, _c17);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 2, q0, _c20, _c21, _c22, _c23);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 2, q0 + TN / 2, _c24, _c25, _c26, _c27);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 3, q0, _c30, _c31, _c32, _c33);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 3, q0 + TN / 2, _c34, _c35, _c36, _c37);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 4, q0, _c40, _c41, _c42, _c43);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 4, q0 + TN / 2, _c44, _c45, _c46, _c47);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 5, q0, _c50, _c51, _c52, _c53);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 5, q0 + TN / 2, _c54, _c55, _c56, _c57);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 6, q0, _c60, _c61, _c62, _c63);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 6, q0 + TN / 2, _c64, _c65, _c66, _c67);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 7, q0, _c70, _c71, _c72, _c73);
-            Put<TOp>(t, c, e0, e1, e2, split, r0 + 7, q0 + TN / 2, _c74, _c75, _c76, _c77);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 0, q0, _c00, _c01, _c02, _c03);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 0, q0 + TN / 2, _c04, _c05, _c06, _c07);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 1, q0, _c10, _c11, _c12, _c13);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 1, q0 + TN / 2, _c14, _c15, _c16, _c17);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 2, q0, _c20, _c21, _c22, _c23);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 2, q0 + TN / 2, _c24, _c25, _c26, _c27);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 3, q0, _c30, _c31, _c32, _c33);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 3, q0 + TN / 2, _c34, _c35, _c36, _c37);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 4, q0, _c40, _c41, _c42, _c43);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 4, q0 + TN / 2, _c44, _c45, _c46, _c47);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 5, q0, _c50, _c51, _c52, _c53);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 5, q0 + TN / 2, _c54, _c55, _c56, _c57);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 6, q0, _c60, _c61, _c62, _c63);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 6, q0 + TN / 2, _c64, _c65, _c66, _c67);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 7, q0, _c70, _c71, _c72, _c73);
+            Put<TOp>(t, c, e0, e1, e2, partials, split, r0 + 7, q0 + TN / 2, _c74, _c75, _c76, _c77);
         }
     }
 
     /// <summary>One row of a register tile through the epilogue, bounds-checked (cols q0 .. q0 + 3).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Put<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int q0,
-        float v0, float v1, float v2, float v3) where TOp : struct, ITileOperands
+    private static void Put<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials,
+        int split, int m, int q0, float v0, float v1, float v2, float v3) where TOp : struct, ITileOperands
     {
         if (m >= t.M)
         {
             return;
         }
-        if (q0 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0, v0);
-        if (q0 + 1 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 1, v1);
-        if (q0 + 2 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 2, v2);
-        if (q0 + 3 < t.Cols) TOp.Store(t, c, e0, e1, e2, split, m, q0 + 3, v3);
+        if (q0 < t.Cols) Out<TOp>(t, c, e0, e1, e2, partials, split, m, q0, v0);
+        if (q0 + 1 < t.Cols) Out<TOp>(t, c, e0, e1, e2, partials, split, m, q0 + 1, v1);
+        if (q0 + 2 < t.Cols) Out<TOp>(t, c, e0, e1, e2, partials, split, m, q0 + 2, v2);
+        if (q0 + 3 < t.Cols) Out<TOp>(t, c, e0, e1, e2, partials, split, m, q0 + 3, v3);
+    }
+
+    /// <summary>One output: through the op's epilogue with one split; with several, this split's partial sum to its slot of
+    /// the partials, [splits, M, Cols], which the last group of the tile adds up (<see cref="FinishSplits{TOp}"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static void Out<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials,
+        int split, int m, int col, float acc) where TOp : struct, ITileOperands
+    {
+        if (t.Splits == 1)
+        {
+            TOp.Store(t, c, e0, e1, e2, m, col, acc);
+        }
+        else
+        {
+            partials[((long)split * t.M + m) * t.Cols + col] = acc;
+        }
     }
 
     /// <summary>Loads one op's kernel as an explicitly grouped kernel (once per accelerator): <see cref="Kernel{TOp}"/> with
@@ -1001,9 +1022,9 @@ public static partial class TiledGemm
     internal static TileLauncher Load<TOp>(IlgpuKernels k) where TOp : struct, ITileOperands =>
         GroupSize(k.Accelerator) == Threads ? k.Grouped<TileLauncher>(Kernel<TOp>, Specialization) : k.Grouped<TileLauncher>(KernelInPasses<TOp>);
 
-    /// <summary>Queues one product on <paramref name="k"/>'s stream. e0, e1, e2: the epilogue's views (with splits, c is
-    /// the partials buffer of <see cref="TileArgs.PartialsLength"/> floats and e0 the output); a view the op does not
-    /// read may be any view. <paramref name="kernel"/> must be <typeparamref name="TOp"/>'s (its tap table is looked up by
+    /// <summary>Queues one product on <paramref name="k"/>'s stream. c: the output; e0, e1, e2: the epilogue's views (a view the op
+    /// does not read may be any view); with splits, a scratch buffer of <see cref="TileArgs.PartialsLength"/> floats takes
+    /// the partial sums for the launch. <paramref name="kernel"/> must be <typeparamref name="TOp"/>'s (its tap table is looked up by
     /// <typeparamref name="TOp"/>).</summary>
     internal static void Launch<TOp>(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
         ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2) where TOp : struct, ITileOperands
@@ -1019,7 +1040,14 @@ public static partial class TiledGemm
             throw new InvalidOperationException(
                 $"tiled gemm: {config.GridDim.X * config.GridDim.Y} output tiles with {t.Splits} splits, more than the {k.GridCounters.IntLength} arrival counters");
         }
-        kernel(k.Stream, config, a, b, c, e0, e1, e2, k.GridCounters, k.TapTable<TOp>(t), t);
+        if (t.Splits == 1)
+        {
+            kernel(k.Stream, config, a, b, c, e0, e1, e2, c, k.GridCounters, k.TapTable<TOp>(t), t);
+            return;
+        }
+        // Freed once queued: the stream runs the next user of the memory after this launch.
+        using var partials = k.Scratch(checked((int)t.PartialsLength));
+        kernel(k.Stream, config, a, b, c, e0, e1, e2, partials.View, k.GridCounters, k.TapTable<TOp>(t), t);
     }
 }
 
@@ -1062,7 +1090,7 @@ public struct MatmulTile : ITileOperands
     public static Tap TapOfB(TileArgs t, int j) => default;
 
     /// <inheritdoc/>
-    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int split, int m, int col,
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
         float acc)
     {
         int i = m * t.Cols + col;
