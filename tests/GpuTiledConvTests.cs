@@ -18,7 +18,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     // slow the simulator's hundreds of OS threads many times over.
     private static readonly TimeSpan Limit = TimeSpan.FromSeconds(180);
 
-    /// <summary>Conv geometries: n, c, k, h, w, r (= s), stride, pad. Ragged 7x7 and 5x6, stride 2, 1x1 (pointwise and strided).</summary>
+    /// <summary>Conv geometries: n, c, k, h, w, r (= s), stride, pad. Ragged 7x7 and 5x6, stride 2, 1x1 (pointwise and strided), one
+    /// output channel.</summary>
     public static TheoryData<int, int, int, int, int, int, int, int, int> Shapes()
     {
         var data = new TheoryData<int, int, int, int, int, int, int, int, int>();
@@ -28,6 +29,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             data.Add(warp, 2, 3, 5, 5, 6, 3, 2, 1);
             data.Add(warp, 2, 3, 5, 7, 7, 1, 1, 0);
             data.Add(warp, 1, 4, 3, 5, 6, 1, 2, 0);
+            data.Add(warp, 2, 5, 1, 5, 7, 3, 1, 1); // one output channel: conv_out's forward (TiledConv.SingleChannel)
         }
         return data;
     }

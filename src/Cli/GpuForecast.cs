@@ -74,10 +74,11 @@ public static class GpuForecast
         return (convGflop / (PeerTf32Share.High * peak) + restLow + launches, convGflop / (PeerTf32Share.Low * peak) + restHigh + launches);
     }
 
-    /// <summary>Prints the prediction for each math mode's kernel costs by pass kind ("Forward", "Input", "Weight"): the
-    /// per-pass table of each mode on an H100, then each mode's steps on the three chips against PyTorch in strict fp32 and
-    /// PyTorch's default.</summary>
-    public static void Print(IReadOnlyDictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>> byMode)
+    /// <summary>Prints the prediction for each math mode's kernel costs by pass kind ("Forward", "Input", "Weight"), with the
+    /// one-output-channel forward's instructions a tap (<paramref name="singleChannelTap"/>, every mode's): the per-pass table
+    /// of each mode on an H100, then each mode's steps on the three chips against PyTorch in strict fp32 and PyTorch's
+    /// default.</summary>
+    public static void Print(IReadOnlyDictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>> byMode, int singleChannelTap)
     {
         var passes = TrainPasses(Preset, Batch);
         string F(double v, string format = "0.000") => v.ToString(format, CultureInfo.InvariantCulture);
@@ -94,27 +95,33 @@ public static class GpuForecast
         foreach (var (mode, costs) in byMode)
         {
             GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" }];
+            PassPrediction Predict(ConvPass p, Chip chip) => GpuPrediction.SingleChannel(p)
+                ? GpuPrediction.PredictSingleChannel(p, singleChannelTap, chip)
+                : GpuPrediction.Predict(p, Cost(p), chip);
             Console.WriteLine();
             Console.WriteLine($"#### --math {mode.Name()}: {mode.Describe()}");
             Console.WriteLine();
             Console.WriteLine("Instructions (HMMA) a thread issues a K step: " +
-                string.Join(", ", costs.Select(c => $"{c.Key.ToLowerInvariant()} {c.Value.StepInstructions}" + (c.Value.StepHmma > 0 ? $" ({c.Value.StepHmma} HMMA)" : $" ({TiledGemm.RowsPerThread * TiledGemm.ColsPerThread * TiledGemm.TK} FFMA)"))) + ".");
+                string.Join(", ", costs.Select(c => $"{c.Key.ToLowerInvariant()} {c.Value.StepInstructions}" + (c.Value.StepHmma > 0 ? $" ({c.Value.StepHmma} HMMA)" : $" ({TiledGemm.RowsPerThread * TiledGemm.ColsPerThread * TiledGemm.TK} FFMA)"))) +
+                $"; the one-output-channel forward (a thread an output pixel, strict fp32 in every mode) {singleChannelTap} a tap.");
             Console.WriteLine();
             Console.WriteLine($"| pass | shape (C>K, kernel/stride, input) | GFLOP | groups (splits) | K steps | H100 ms | share of {F(mode == MathPrecision.Fp32 ? Chip.H100.PeakTflops : Tf32PeakTflops(Chip.H100), "0.0")} TFLOP/s |");
             Console.WriteLine("|---|---|---|---|---|---|---|");
             double peak = mode == MathPrecision.Fp32 ? Chip.H100.PeakTflops : Tf32PeakTflops(Chip.H100);
             foreach (var p in passes)
             {
-                var r = GpuPrediction.Predict(p, Cost(p), Chip.H100);
+                var r = Predict(p, Chip.H100);
                 var g = p.Shape;
-                Console.WriteLine($"| {p.Pass} | {g.C}>{g.K}, {g.R}x{g.S}/{g.Stride}, {g.H}x{g.W} | {F(r.Gflop, "0.00")} | {r.Groups} ({r.Splits}) | {r.Steps} | {F(r.Ms)} | {r.Gflop / (r.Ms * 1e-3) / (peak * 1e3):P0} |");
+                string groups = GpuPrediction.SingleChannel(p) ? $"{r.Groups} x 256 threads" : $"{r.Groups} ({r.Splits})";
+                string steps = GpuPrediction.SingleChannel(p) ? $"{r.Steps} taps" : $"{r.Steps}";
+                Console.WriteLine($"| {p.Pass} | {g.C}>{g.K}, {g.R}x{g.S}/{g.Stride}, {g.H}x{g.W} | {F(r.Gflop, "0.00")} | {groups} | {steps} | {F(r.Ms)} | {r.Gflop / (r.Ms * 1e-3) / (peak * 1e3):P0} |");
             }
             Console.WriteLine();
             Console.WriteLine("| chip | forward convs ms | input-gradient convs ms | weight-gradient convs ms | train step ms (+ the rest) | PyTorch strict fp32 (estimate) | ratio | PyTorch default, TF32 (estimate) | ratio | denoising step ms | PyTorch strict | ratio | PyTorch default | ratio |");
             Console.WriteLine("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
             foreach (var chip in new[] { Chip.H100, Chip.H200, Chip.H100Pcie })
             {
-                double Sum(string pass) => passes.Where(p => p.Pass == pass).Sum(p => GpuPrediction.Predict(p, Cost(p), chip).Ms);
+                double Sum(string pass) => passes.Where(p => p.Pass == pass).Sum(p => Predict(p, chip).Ms);
                 double fwd = Sum("fwd"), dx = Sum("dx"), dw = Sum("dw");
                 if (chip == Chip.H100Pcie)
                 {

@@ -735,6 +735,12 @@ public static unsafe class Conv2d
 
         public readonly TiledKernels<ConvWeightTile> TiledWeight = new(k, matmul: false);
 
+        /// <summary>The forward of a one-output-channel convolution (<see cref="TiledConv.SingleChannelForwardKernel"/>).</summary>
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+            ArrayView<float>, ArrayView<Tap>, TileArgs> SingleChannelForward =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+                ArrayView<float>, ArrayView<Tap>, TileArgs>>(TiledConv.SingleChannelForwardKernel);
+
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
 

@@ -73,6 +73,29 @@ public static class GpuPrediction
         };
     }
 
+    /// <summary>True for a pass the one-output-channel forward kernel runs (<see cref="PredictSingleChannel"/>).</summary>
+    public static bool SingleChannel(ConvPass p) => p.Pass == "fwd" && TiledConv.SingleChannel(p.Shape);
+
+    /// <summary>
+    /// Predicts a one-output-channel forward (<see cref="TiledConv.SingleChannelForwardKernel"/>: a thread an output pixel,
+    /// <paramref name="tapInstructions"/> instructions a thread issues a tap, from its SASS loop) on <paramref name="chip"/>:
+    /// its warps' instructions at 4 a clock an SM and the issue efficiency of many warps, at least its compulsory bytes,
+    /// plus a launch gap. Groups are of 256 threads; "steps" are the taps a thread walks (C·R·S).
+    /// </summary>
+    public static PassPrediction PredictSingleChannel(ConvPass pass, int tapInstructions, Chip chip)
+    {
+        var g = pass.Shape;
+        long pixels = (long)g.N * g.Pq, warps = (pixels + 31) / 32;
+        double clocks = (double)warps * g.Crs * tapInstructions / (chip.Sms * 4 * IssueEfficiency(3));
+        double computeMs = clocks / (chip.ClockGhz * 1e6);
+        double flop = 2.0 * pixels * g.Crs;
+        double bytes = 4.0 * ((long)g.N * g.C * g.H * g.W + g.Crs + pixels);
+        double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
+        double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
+        return new PassPrediction(pass, 1, pixels, g.Crs, (int)((pixels + 255) / 256), 1, g.Crs, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
+            flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
+    }
+
     /// <summary>Predicts one pass on <paramref name="chip"/> with the kernel's <paramref name="cost"/>.</summary>
     public static PassPrediction Predict(ConvPass pass, GemmCost cost, Chip chip)
     {

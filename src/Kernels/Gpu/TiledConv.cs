@@ -352,14 +352,47 @@ internal static class TiledConv
     /// <summary>The K range of each of <paramref name="splits"/> splits of <paramref name="kd"/>: a whole number of K steps.</summary>
     private static int Chunk(int kd, int splits) => TileArgs.RoundUp((Math.Max(kd, 1) + splits - 1) / splits, TiledGemm.TK);
 
-    /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual), K split <paramref name="splits"/> ways (0: <see cref="ForwardSplits"/>).</summary>
+    /// <summary>y = conv(x, w) + b (+ e[n, k]) (+ residual), K split <paramref name="splits"/> ways (0: <see cref="ForwardSplits"/>).
+    /// One output channel (<see cref="SingleChannel"/>, the model's last convolution) runs <see cref="SingleChannelForwardKernel"/>
+    /// unless <paramref name="tiled"/>.</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
-        ArrayView<float>? channelBias, ArrayView<float>? residual = null, int splits = 0)
+        ArrayView<float>? channelBias, ArrayView<float>? residual = null, int splits = 0, bool tiled = false)
     {
         Require(g);
+        if (SingleChannel(g) && !tiled)
+        {
+            var whole = new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
+            if (whole.Cols > 0)
+            {
+                k.Conv2d.SingleChannelForward(k.Stream, whole.Cols, x, w, b, channelBias ?? b, residual ?? b, y, k.TapTable<ConvForwardTile>(whole), whole);
+            }
+            return;
+        }
         int chunk = Chunk(g.Crs, splits > 0 ? splits : ForwardSplits(g));
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, chunk, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
         TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
+    }
+
+    /// <summary>True for a forward with one output channel: a 64-row tile would compute 63 rows of nothing (docs/gpu.md,
+    /// "conv_out"), so it runs one thread an output pixel instead.</summary>
+    public static bool SingleChannel(ConvShape g) => g.K == 1;
+
+    /// <summary>
+    /// The forward of a convolution with one output channel (conv_out: 64 channels to the predicted noise), in strict fp32
+    /// whatever the math mode: thread i computes output pixel i = (n, p, q) through the forward's own gathers, its window's
+    /// view (<see cref="TiledGemm.PixelView"/>) and the host's tap table (one broadcast load a tap, shared by the warp, as is
+    /// the weight), and writes it through <see cref="ConvForwardTile.Store"/>'s epilogue. Summed in kd order.
+    /// </summary>
+    internal static void SingleChannelForwardKernel(Index1D i, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> e,
+        ArrayView<float> residual, ArrayView<float> y, ArrayView<Tap> taps, TileArgs t)
+    {
+        var at = new TiledGemm.PixelView(x, ConvTaps.Window(t, i));
+        float acc = 0;
+        for (int kd = 0; kd < t.Kd; kd++)
+        {
+            acc += w[kd] * at.Tapped(taps[kd]);
+        }
+        ConvForwardTile.Store(t, y, b, e, residual, 0, i, acc);
     }
 
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written. K split

@@ -705,7 +705,7 @@ public static partial class TiledGemm
     /// reach), goes in as a long that is no plain conversion of an int (<see cref="Signed"/>), once a launch or a step.
     /// A simulator's views assert against a negative offset: there the same address is taken as b[base + delta].
     /// </summary>
-    private readonly struct PixelView
+    internal readonly struct PixelView
     {
         private readonly ArrayView<float> _at;
         private readonly TapPixel _pixel;
