@@ -19,7 +19,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     private static readonly TimeSpan Limit = TimeSpan.FromSeconds(180);
 
     /// <summary>Conv geometries: n, c, k, h, w, r (= s), stride, pad. Ragged 7x7 and 5x6, stride 2, 1x1 (pointwise and strided), one
-    /// output channel.</summary>
+    /// output channel, one input channel.</summary>
     public static TheoryData<int, int, int, int, int, int, int, int, int> Shapes()
     {
         var data = new TheoryData<int, int, int, int, int, int, int, int, int>();
@@ -29,7 +29,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             data.Add(warp, 2, 3, 5, 5, 6, 3, 2, 1);
             data.Add(warp, 2, 3, 5, 7, 7, 1, 1, 0);
             data.Add(warp, 1, 4, 3, 5, 6, 1, 2, 0);
-            data.Add(warp, 2, 5, 1, 5, 7, 3, 1, 1); // one output channel: conv_out's forward (TiledConv.SingleChannel)
+            data.Add(warp, 2, 5, 1, 5, 7, 3, 1, 1); // one output channel: conv_out's forward and weight gradient (TiledConv.SingleChannel, NarrowWeight)
+            data.Add(warp, 1, 1, 4, 5, 6, 3, 2, 1); // one input channel, stride 2: a narrow weight gradient (TiledConv.NarrowWeight)
         }
         return data;
     }
@@ -242,6 +243,25 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             long tiles = (m + TiledGemm.TM - 1) / TiledGemm.TM * ((cols + TiledGemm.TN - 1) / TiledGemm.TN);
             Assert.True(splits == 1 || (tiles * splits <= TiledConv.TargetGroups && kd / splits >= 16 * TiledGemm.TK), $"{(m, cols, kd)}: {splits} splits");
         }
+    }
+
+    [Fact]
+    public void NarrowWeightGradientsSplitTheirPixelsOverAWave()
+    {
+        // Base preset at batch 128: conv_out (64 -> 1) and conv_in (1 -> 64), 64 pairs of 100,352 pixels: 16 splits each,
+        // 1,024 groups of 256 threads.
+        var convOut = new ConvShape(128, 64, 28, 28, 1, 3, 3, 1, 1);
+        var convIn = new ConvShape(128, 1, 28, 28, 64, 3, 3, 1, 1);
+        Assert.True(TiledConv.NarrowWeight(convOut) && TiledConv.NarrowWeight(convIn));
+        Assert.Equal(16, TiledConv.NarrowSplits(convOut));
+        Assert.Equal(16, TiledConv.NarrowSplits(convIn));
+        // Two channels each way, or a kernel over 3 x 3, take the tiled kernel.
+        Assert.False(TiledConv.NarrowWeight(new ConvShape(128, 2, 28, 28, 64, 3, 3, 1, 1)));
+        Assert.False(TiledConv.NarrowWeight(new ConvShape(1, 1, 28, 28, 4, 5, 5, 1, 2)));
+        // The check case "conv2d 3x3 k=1, pixels split": 4,800 pixels, two splits.
+        Assert.Equal(2, TiledConv.NarrowSplits(new ConvShape(3, 2, 40, 40, 1, 3, 3, 1, 1)));
+        // Small images: one split.
+        Assert.Equal(1, TiledConv.NarrowSplits(new ConvShape(2, 5, 7, 9, 1, 3, 3, 1, 1)));
     }
 
     [Fact]

@@ -153,7 +153,8 @@ public static class CheckCommand
                         [MathPrecision.Fp32] = Costs("TiledGemm.Kernel.Conv", "Tile"),
                         [MathPrecision.Tf32] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32Math)}.{nameof(PtxLayout)}"),
                         [MathPrecision.Tf32x3] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32x3Math)}.{nameof(PtxLayout)}"),
-                    }, reports.Single(r => r.Name == "TiledConv.SingleChannelForwardKernel").Loop.Total);
+                    }, reports.Single(r => r.Name == "TiledConv.SingleChannelForwardKernel").Loop.Total,
+                        reports.Single(r => r.Name == "TiledConv.NarrowWeightKernel").Loop.Total);
                 }
             }
         }

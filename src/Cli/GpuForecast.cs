@@ -75,10 +75,10 @@ public static class GpuForecast
     }
 
     /// <summary>Prints the prediction for each math mode's kernel costs by pass kind ("Forward", "Input", "Weight"), with the
-    /// one-output-channel forward's instructions a tap (<paramref name="singleChannelTap"/>, every mode's): the per-pass table
-    /// of each mode on an H100, then each mode's steps on the three chips against PyTorch in strict fp32 and PyTorch's
-    /// default.</summary>
-    public static void Print(IReadOnlyDictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>> byMode, int singleChannelTap)
+    /// one-output-channel forward's instructions a tap (<paramref name="singleChannelTap"/>) and the narrow weight
+    /// gradient's a pixel (<paramref name="narrowPixel"/>), every mode's: the per-pass table of each mode on an H100, then
+    /// each mode's steps on the three chips against PyTorch in strict fp32 and PyTorch's default.</summary>
+    public static void Print(IReadOnlyDictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>> byMode, int singleChannelTap, int narrowPixel)
     {
         var passes = TrainPasses(Preset, Batch);
         string F(double v, string format = "0.000") => v.ToString(format, CultureInfo.InvariantCulture);
@@ -97,13 +97,15 @@ public static class GpuForecast
             GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" }];
             PassPrediction Predict(ConvPass p, Chip chip) => GpuPrediction.SingleChannel(p)
                 ? GpuPrediction.PredictSingleChannel(p, singleChannelTap, chip)
+                : GpuPrediction.NarrowWeight(p) ? GpuPrediction.PredictNarrowWeight(p, narrowPixel, chip)
                 : GpuPrediction.Predict(p, Cost(p), chip);
             Console.WriteLine();
             Console.WriteLine($"#### --math {mode.Name()}: {mode.Describe()}");
             Console.WriteLine();
             Console.WriteLine("Instructions (HMMA) a thread issues a K step: " +
                 string.Join(", ", costs.Select(c => $"{c.Key.ToLowerInvariant()} {c.Value.StepInstructions}" + (c.Value.StepHmma > 0 ? $" ({c.Value.StepHmma} HMMA)" : $" ({TiledGemm.RowsPerThread * TiledGemm.ColsPerThread * TiledGemm.TK} FFMA)"))) +
-                $"; the one-output-channel forward (a thread an output pixel, strict fp32 in every mode) {singleChannelTap} a tap.");
+                $"; the one-output-channel forward (a thread an output pixel, strict fp32 in every mode) {singleChannelTap} a tap; " +
+                $"the narrow weight gradient (one input or output channel: groups of 256 a channel pair and pixel split, strict fp32 in every mode) {narrowPixel} a pixel.");
             Console.WriteLine();
             Console.WriteLine($"| pass | shape (C>K, kernel/stride, input) | GFLOP | groups (splits) | K steps | H100 ms | share of {F(mode == MathPrecision.Fp32 ? Chip.H100.PeakTflops : Tf32PeakTflops(Chip.H100), "0.0")} TFLOP/s |");
             Console.WriteLine("|---|---|---|---|---|---|---|");
@@ -112,8 +114,9 @@ public static class GpuForecast
             {
                 var r = Predict(p, Chip.H100);
                 var g = p.Shape;
-                string groups = GpuPrediction.SingleChannel(p) ? $"{r.Groups} x 256 threads" : $"{r.Groups} ({r.Splits})";
-                string steps = GpuPrediction.SingleChannel(p) ? $"{r.Steps} taps" : $"{r.Steps}";
+                string groups = GpuPrediction.SingleChannel(p) ? $"{r.Groups} x 256 threads"
+                    : GpuPrediction.NarrowWeight(p) ? $"{r.Groups} x 256 threads ({r.Splits})" : $"{r.Groups} ({r.Splits})";
+                string steps = GpuPrediction.SingleChannel(p) ? $"{r.Steps} taps" : GpuPrediction.NarrowWeight(p) ? $"{r.Steps} pixels" : $"{r.Steps}";
                 Console.WriteLine($"| {p.Pass} | {g.C}>{g.K}, {g.R}x{g.S}/{g.Stride}, {g.H}x{g.W} | {F(r.Gflop, "0.00")} | {groups} | {steps} | {F(r.Ms)} | {r.Gflop / (r.Ms * 1e-3) / (peak * 1e3):P0} |");
             }
             Console.WriteLine();

@@ -741,6 +741,12 @@ public static unsafe class Conv2d
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
                 ArrayView<float>, ArrayView<Tap>, TileArgs>>(TiledConv.SingleChannelForwardKernel);
 
+        /// <summary>The weight gradient of a convolution with one input or one output channel (<see cref="TiledConv.NarrowWeightKernel"/>).</summary>
+        public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+            ArrayView<int>, TileArgs> NarrowWeight =
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,
+                ArrayView<int>, TileArgs>>(TiledConv.NarrowWeightKernel);
+
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape> Forward =
             k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ConvShape>>(ForwardKernel);
 

@@ -23,8 +23,11 @@ public static class OpCatalog
         Conv("conv2d 3x3 s1 p1", n: 3, c: 5, h: 7, w: 9, k: 4, r: 3, s: 3, stride: 1, pad: 1),
         Conv("conv2d 3x3 s2 p1", n: 3, c: 5, h: 7, w: 9, k: 6, r: 3, s: 3, stride: 2, pad: 1),
         Conv("conv2d 1x1", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1, s: 1, stride: 1, pad: 0),
-        Conv("conv2d 3x3 c=1", n: 2, c: 1, h: 7, w: 9, k: 5, r: 3, s: 3, stride: 1, pad: 1),
-        Conv("conv2d 3x3 k=1", n: 2, c: 5, h: 7, w: 9, k: 1, r: 3, s: 3, stride: 1, pad: 1), // conv_out's one-channel forward kernel
+        Conv("conv2d 3x3 c=1", n: 2, c: 1, h: 7, w: 9, k: 5, r: 3, s: 3, stride: 1, pad: 1), // conv_in's narrow weight gradient
+        Conv("conv2d 3x3 k=1", n: 2, c: 5, h: 7, w: 9, k: 1, r: 3, s: 3, stride: 1, pad: 1), // conv_out's one-channel forward and narrow weight gradient
+        // The narrow weight gradient over more pixels than one split takes (N·P·Q = 4,800: two splits by the automatic
+        // rule, added in order by each pair's last group).
+        Conv("conv2d 3x3 k=1, pixels split", n: 3, c: 2, h: 40, w: 40, k: 1, r: 3, s: 3, stride: 1, pad: 1),
         Conv("conv2d 5x3 s2 p2", n: 1, c: 2, h: 8, w: 5, k: 3, r: 5, s: 3, stride: 2, pad: 2),
         // What training runs and the small cases do not: the weight gradient split over K (N·P·Q = 1,536: three splits of
         // 512 by the automatic rule, finished by each tile's last group) and two row tiles (K = 65 > 64) in every pass.

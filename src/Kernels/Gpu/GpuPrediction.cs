@@ -96,6 +96,32 @@ public static class GpuPrediction
             flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
     }
 
+    /// <summary>True for a pass the narrow weight-gradient kernel runs (<see cref="PredictNarrowWeight"/>).</summary>
+    public static bool NarrowWeight(ConvPass p) => p.Pass == "dw" && TiledConv.NarrowWeight(p.Shape);
+
+    /// <summary>
+    /// Predicts a narrow weight gradient (<see cref="TiledConv.NarrowWeightKernel"/>: groups of 256 threads a (k, c) pair and
+    /// pixel split, a thread a pixel at a time, <paramref name="pixelInstructions"/> instructions a pixel, from its SASS loop)
+    /// on <paramref name="chip"/>: its warps' instructions at 4 a clock an SM and the issue efficiency of many warps, at
+    /// least its compulsory bytes (x and dy once; the other, one channel, from L2), plus a launch gap. "Steps" are the
+    /// pixels a thread walks.
+    /// </summary>
+    public static PassPrediction PredictNarrowWeight(ConvPass pass, int pixelInstructions, Chip chip)
+    {
+        var g = pass.Shape;
+        long pairs = (long)g.K * g.C, pixels = (long)g.N * g.Pq;
+        int splits = TiledConv.NarrowSplits(g), threads = TiledReduce.MaxThreads;
+        double clocks = pairs * ((pixels + 31) / 32.0) * pixelInstructions / (chip.Sms * 4 * IssueEfficiency(3));
+        double computeMs = clocks / (chip.ClockGhz * 1e6);
+        double flop = 2.0 * pairs * pixels * g.R * g.S;
+        double bytes = 4.0 * ((long)g.N * g.C * g.H * g.W + (long)g.N * g.K * g.Pq + pairs * g.R * g.S);
+        double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
+        double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
+        int steps = (int)((pixels / splits + threads - 1) / threads);
+        return new PassPrediction(pass, g.K, g.Crs, pixels, (int)(pairs * splits), splits, steps, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
+            flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
+    }
+
     /// <summary>Predicts one pass on <paramref name="chip"/> with the kernel's <paramref name="cost"/>.</summary>
     public static PassPrediction Predict(ConvPass pass, GemmCost cost, Chip chip)
     {

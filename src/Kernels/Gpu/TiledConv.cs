@@ -418,17 +418,156 @@ internal static class TiledConv
     }
 
     /// <summary>dw += Σ_n dy[n] ⋆ x[n] and, when <paramref name="db"/> is given, db += Σ dy over every axis but the
-    /// channel: one launch, K split <paramref name="splits"/> ways (0: <see cref="WeightSplits"/>).</summary>
+    /// channel: one launch, K split <paramref name="splits"/> ways (0: <see cref="WeightSplits"/>). A narrow one
+    /// (<see cref="NarrowWeight"/>: one input or one output channel) runs <see cref="NarrowWeightKernel"/> unless
+    /// <paramref name="tiled"/>, its pixels split <paramref name="splits"/> ways (0: <see cref="NarrowSplits"/>).</summary>
     public static void BackwardWeight(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw,
-        ArrayView<float>? db = null, int splits = 0)
+        ArrayView<float>? db = null, int splits = 0, bool tiled = false)
     {
         Require(g);
         int kd = g.N * g.Pq;
+        if (NarrowWeight(g) && !tiled && TiledReduce.Threads(k.Accelerator) >= NarrowSums)
+        {
+            var narrow = new TileArgs(g.K * g.C, g.Crs, kd, Chunk(kd, splits > 0 ? splits : NarrowSplits(g)), accumulate: true, false, g, default,
+                rowSums: db is not null);
+            if (kd == 0)
+            {
+                return;
+            }
+            int threads = TiledReduce.Threads(k.Accelerator);
+            using var partials = k.Scratch(narrow.Splits > 1 ? narrow.Splits * narrow.M * NarrowSums : 1);
+            k.Conv2d.NarrowWeight(k.Stream, new KernelConfig(new Index3D(narrow.M, narrow.Splits, 1), new Index3D(threads, 1, 1)), dy, x, dw, db ?? dw,
+                partials.View, k.GridCounters, narrow);
+            return;
+        }
         if (splits <= 0)
         {
             splits = WeightSplits(g);
         }
         var t = new TileArgs(g.K, g.Crs, kd, Chunk(kd, splits), accumulate: true, false, g, default, rowSums: db is not null);
         TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
+    }
+    /// <summary>Taps a thread of <see cref="NarrowWeightKernel"/> sums: a kernel of at most 3 x 3 (R·S ≤ 9).</summary>
+    public const int NarrowTaps = 9;
+
+    /// <summary>The values a group of <see cref="NarrowWeightKernel"/> adds: its taps' products and Σ dy.</summary>
+    public const int NarrowSums = NarrowTaps + 1;
+
+    /// <summary>Groups the narrow weight gradient aims for: one wave of an H100 SXM's 132 SMs at 8 groups of 256 threads an
+    /// SM. A constant, so the split is a function of the shape alone.</summary>
+    public const int NarrowTargetGroups = 132 * 8;
+
+    /// <summary>The pixels one split of the narrow weight gradient covers at least: 8 a thread of a 256-thread group.</summary>
+    private const int MinNarrowChunk = 8 * TiledReduce.MaxThreads;
+
+    /// <summary>True for a weight gradient with one input or one output channel and a kernel of at most
+    /// <see cref="NarrowTaps"/> taps (conv_in's 1 → 64, conv_out's 64 → 1): a 64 x 128 tile would hold 9 useful columns of
+    /// 128 or 1 useful row of 64 (docs/gpu.md, "conv_out"), so each (k, c) pair gets groups of its own instead.</summary>
+    public static bool NarrowWeight(ConvShape g) => (g.K == 1 || g.C == 1) && g.R * g.S <= NarrowTaps && (long)g.K * g.C <= IlgpuKernels.CounterSlots;
+
+    /// <summary>The narrow weight gradient's pixel splits: as many as fill <see cref="NarrowTargetGroups"/> over its K·C
+    /// pairs, each at least <see cref="MinNarrowChunk"/> pixels. A function of the shape only.</summary>
+    public static int NarrowSplits(ConvShape g)
+    {
+        long pairs = (long)g.K * g.C, pixels = (long)g.N * g.Pq;
+        return (int)Math.Max(1, Math.Min(NarrowTargetGroups / Math.Max(pairs, 1), pixels / MinNarrowChunk));
+    }
+
+    /// <summary>Tap j of channel c in the forward's window (<see cref="ConvTaps.InputTap"/>); one that reads nothing past R·S.</summary>
+    private static Tap NarrowTap(TileArgs t, int c, int j)
+    {
+        int rs = t.Conv.R * t.Conv.S;
+        return j < rs ? ConvTaps.InputTap(t, c * rs + j) : new Tap(0, Taps.Nowhere);
+    }
+
+    /// <summary>Where a group of <see cref="NarrowWeightKernel"/> keeps value v of its sums: pairs of them share one
+    /// <see cref="TiledReduce.SegmentTree"/> (its second value <see cref="TiledReduce.MaxThreads"/> on).</summary>
+    private static int NarrowSlot(int v) => v / 2 * 2 * TiledReduce.MaxThreads + v % 2 * TiledReduce.MaxThreads;
+
+    /// <summary>
+    /// The weight gradient of a narrow convolution (<see cref="NarrowWeight"/>): group (pair, split) adds, for the pair
+    /// (k, c) = (pair / C, pair mod C), dw[k, c, r, s] over the split's output pixels (t.KChunk of them, t.Kd in all), and Σ dy
+    /// for db[k] where c = 0 and t.RowSums. Thread i walks pixels begin + i, + T, … through the forward's window of each (its
+    /// view and mask, <see cref="ConvTaps.Window"/>) and its R·S taps, held in registers; the group adds its threads' sums in a
+    /// shared-memory tree, and with one split it adds them into dw (and db); with more, each writes its sums to partials and
+    /// the pair's last group (<see cref="TiledReduce.ArriveLast"/>) adds them in split order. Deterministic on a device.
+    /// </summary>
+    internal static void NarrowWeightKernel(ArrayView<float> dy, ArrayView<float> x, ArrayView<float> dw, ArrayView<float> db, ArrayView<float> partials,
+        ArrayView<int> counters, TileArgs t)
+    {
+        var sh = SharedMemory.Allocate<float>(NarrowSums * TiledReduce.MaxThreads);
+        var last = SharedMemory.Allocate<int>(1);
+        var g = t.Conv;
+        int pair = Grid.IdxX, split = Grid.IdxY, tid = Group.IdxX;
+        int k = pair / g.C, c = pair - k * g.C, pq = g.P * g.Q;
+        Tap t0 = NarrowTap(t, c, 0), t1 = NarrowTap(t, c, 1), t2 = NarrowTap(t, c, 2), t3 = NarrowTap(t, c, 3), t4 = NarrowTap(t, c, 4),
+            t5 = NarrowTap(t, c, 5), t6 = NarrowTap(t, c, 6), t7 = NarrowTap(t, c, 7), t8 = NarrowTap(t, c, 8);
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0, sb = 0;
+        int end = Math.Min(t.Kd, (split + 1) * t.KChunk);
+        for (int i = split * t.KChunk + tid; i < end; i += Group.DimX)
+        {
+            var at = new TiledGemm.PixelView(x, ConvTaps.Window(t, i));
+            int n = t.Div.Pq.Div(i);
+            float d = dy[(n * g.K + k) * pq + (i - n * pq)];
+            s0 += d * at.Tapped(t0);
+            s1 += d * at.Tapped(t1);
+            s2 += d * at.Tapped(t2);
+            s3 += d * at.Tapped(t3);
+            s4 += d * at.Tapped(t4);
+            s5 += d * at.Tapped(t5);
+            s6 += d * at.Tapped(t6);
+            s7 += d * at.Tapped(t7);
+            s8 += d * at.Tapped(t8);
+            sb += d;
+        }
+        sh[NarrowSlot(0) + tid] = s0;
+        sh[NarrowSlot(1) + tid] = s1;
+        sh[NarrowSlot(2) + tid] = s2;
+        sh[NarrowSlot(3) + tid] = s3;
+        sh[NarrowSlot(4) + tid] = s4;
+        sh[NarrowSlot(5) + tid] = s5;
+        sh[NarrowSlot(6) + tid] = s6;
+        sh[NarrowSlot(7) + tid] = s7;
+        sh[NarrowSlot(8) + tid] = s8;
+        sh[NarrowSlot(9) + tid] = sb;
+        Group.Barrier();
+        for (int v = 0; v < NarrowSums; v += 2)
+        {
+            TiledReduce.SegmentTree(sh.SubView(NarrowSlot(v)), tid, Group.DimX, two: true);
+        }
+        int rs = g.R * g.S;
+        bool bias = t.RowSums != 0 && c == 0;
+        if (t.Splits == 1)
+        {
+            if (tid < rs)
+            {
+                ConvWeightTile.Store(t, dw, dw, dw, dw, k, c * rs + tid, sh[NarrowSlot(tid)]);
+            }
+            else if (tid == NarrowTaps && bias)
+            {
+                db[k] += sh[NarrowSlot(NarrowTaps)];
+            }
+            return;
+        }
+        if (tid < NarrowSums)
+        {
+            partials[(split * t.M + pair) * NarrowSums + tid] = sh[NarrowSlot(tid)];
+        }
+        if (TiledReduce.ArriveLast(counters, pair, t.Splits, last) && tid < NarrowSums)
+        {
+            float sum = 0;
+            for (int s = 0; s < t.Splits; s++)
+            {
+                sum += partials[(s * t.M + pair) * NarrowSums + tid];
+            }
+            if (tid < rs)
+            {
+                ConvWeightTile.Store(t, dw, dw, dw, dw, k, c * rs + tid, sum);
+            }
+            else if (tid == NarrowTaps && bias)
+            {
+                db[k] += sum;
+            }
+        }
     }
 }
