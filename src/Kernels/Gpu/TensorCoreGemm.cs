@@ -342,7 +342,7 @@ public static partial class TiledGemm
         var rowS = SharedMemory.Allocate<float>(TM);
         var columnTaps = SharedMemory.Allocate<Tap>(TN);
         var last = SharedMemory.Allocate<int>(1);
-        bool rowSums = BeginRowSums(t, rowS);
+        bool rowSums = BeginRowSums<TOp>(t, rowS);
         Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }

@@ -53,6 +53,9 @@ public struct ConvForwardTile : ITileOperands
     /// <inheritdoc/>
     public static bool Tapped => true;
 
+    /// <inheritdoc/>
+    public static bool RowSummed => false;
+
     /// <summary>Output pixel col's window: <see cref="ConvTaps.Window"/>.</summary>
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
 
@@ -132,6 +135,9 @@ public struct ConvInputTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => false;
 
     /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋] less
     /// <see cref="Reach"/>; the taps (r, s) that read it are those whose (h + pad - r, w + pad - s) is a multiple of the
@@ -230,6 +236,9 @@ public struct ConvWeightTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => true;
 
     /// <summary>kd = (n, p, q), an output pixel: its window (<see cref="ConvTaps.Window"/>).</summary>
     public static TapPixel PixelOfB(TileArgs t, int kd) => ConvTaps.Window(t, kd);

@@ -261,6 +261,10 @@ public interface ITileOperands
     /// </summary>
     static abstract bool Tapped { get; }
 
+    /// <summary>True for an op whose launches may ask for the row sums of A (<see cref="TileArgs.RowSums"/>: the weight
+    /// gradients' bias gradients); the others compile without them (their registers and their loop's adds).</summary>
+    static abstract bool RowSummed { get; }
+
     /// <summary>The pixel part of B's gather (a tapped op): across K for column <paramref name="i"/>, along K for kd.</summary>
     static abstract TapPixel PixelOfB(TileArgs t, int i);
 
@@ -357,7 +361,7 @@ public static partial class TiledGemm
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var columnTaps = SharedMemory.Allocate<Tap>(TN); // a tapped along-K B's taps of this tile's columns
         var last = SharedMemory.Allocate<int>(1);
-        bool rowSums = BeginRowSums(t, rowS);
+        bool rowSums = BeginRowSums<TOp>(t, rowS);
         Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
@@ -373,7 +377,7 @@ public static partial class TiledGemm
         var bS4 = SharedMemory.Allocate<Float4>(BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
         var last = SharedMemory.Allocate<int>(1);
-        bool rowSums = BeginRowSums(t, rowS);
+        bool rowSums = BeginRowSums<TOp>(t, rowS);
         InPasses<TOp>(a, b, c, e0, e1, e2, partials, t, aS4, bS4, rowS, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
@@ -382,9 +386,9 @@ public static partial class TiledGemm
     /// <see cref="TileArgs.RowSums"/>). Row r belongs to thread r mod G for the whole launch, so the sums need no barrier
     /// of their own.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static bool BeginRowSums(TileArgs t, ArrayView<float> rowS)
+    private static bool BeginRowSums<TOp>(TileArgs t, ArrayView<float> rowS) where TOp : struct, ITileOperands
     {
-        bool rowSums = t.RowSums != 0 && Grid.IdxX == 0;
+        bool rowSums = TOp.RowSummed && t.RowSums != 0 && Grid.IdxX == 0;
         if (rowSums)
         {
             for (int r = Group.IdxX; r < TM; r += Group.DimX)
@@ -472,17 +476,19 @@ public static partial class TiledGemm
         }
     }
 
-    /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G): the row sums of A, a K step at a
-    /// time, from the A buffer at float offset <paramref name="buffer"/>.</summary>
+    /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G), from the A buffer at float offset
+    /// <paramref name="buffer"/>: on a GPU once, over the sums of each kk the threads kept in registers; in passes (a small
+    /// group) a K step at a time, through <see cref="ITileAccumulator.AsRead"/> (<paramref name="asRead"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void AddRowSums<TAcc>(ArrayView<float> aS, int buffer, ArrayView<float> rowS) where TAcc : struct, ITileAccumulator
+    private static void AddRowSums<TAcc>(ArrayView<float> aS, int buffer, ArrayView<float> rowS, bool asRead = true) where TAcc : struct, ITileAccumulator
     {
         for (int r = Group.IdxX; r < TM; r += Group.DimX)
         {
             float sum = 0;
             for (int kk = 0; kk < TK; kk++)
             {
-                sum += TAcc.AsRead(aS[buffer + TAcc.RowSumSlot(kk, r)]);
+                float v = aS[buffer + TAcc.RowSumSlot(kk, r)];
+                sum += asRead ? TAcc.AsRead(v) : v;
             }
             rowS[r] += sum;
         }
@@ -526,7 +532,11 @@ public static partial class TiledGemm
         var first = fetch.Step(k0);
         // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
         int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
-        Store8<TAcc>(aS, slotA, true, aAlongK, Stage<TAcc>(first.A));
+        var firstA = Stage<TAcc>(first.A);
+        // The row sums, in registers: each of this thread's 8 A elements has one (kk, row) of the tile in every K step, so
+        // sums[j] adds A(row, k0 + kk) over the steps as the thread stages it; the tile's kk are added after the loop.
+        var sums = TOp.RowSummed ? AsRead<TAcc>(firstA) : default;
+        Store8<TAcc>(aS, slotA, true, aAlongK, firstA);
         Store8<TAcc>(bS, slotB, false, bAlongK, Stage<TAcc>(first.B0));
         Store8<TAcc>(bS, slotB8, false, bAlongK, Stage<TAcc>(first.B1));
         Group.Barrier();
@@ -539,21 +549,46 @@ public static partial class TiledGemm
             // ~26 of them a K step.
             var staged = fetch.Step(next);
             acc.Step(aS4, bS4, buffer, tid);
-            if (rowSums)
-            {
-                AddRowSums<TAcc>(aS, buffer * ATile, rowS);
-            }
             if (more)
             {
-                Store8<TAcc>(aS, (1 - buffer) * ATile + slotA, true, aAlongK, Stage<TAcc>(staged.A));
+                var stagedA = Stage<TAcc>(staged.A);
+                if (TOp.RowSummed)
+                {
+                    // Every group of a row-summed op adds (8 adds, no branch); only the first column tile's use them.
+                    sums = Add(sums, AsRead<TAcc>(stagedA));
+                }
+                Store8<TAcc>(aS, (1 - buffer) * ATile + slotA, true, aAlongK, stagedA);
                 Store8<TAcc>(bS, (1 - buffer) * BTile + slotB, false, bAlongK, Stage<TAcc>(staged.B0));
                 Store8<TAcc>(bS, (1 - buffer) * BTile + slotB8, false, bAlongK, Stage<TAcc>(staged.B1));
             }
             Group.Barrier();
             buffer = 1 - buffer;
         }
+        if (rowSums)
+        {
+            // Every read of the tiles ended at the loop's last barrier: the sums take A's slots in buffer 0, and row r's
+            // thread adds its 16 kk in order (a uniform branch: the whole group takes it).
+            Store8<TAcc>(aS, slotA, true, aAlongK, sums);
+            Group.Barrier();
+            AddRowSums<TAcc>(aS, 0, rowS, asRead: false);
+        }
         acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0, col0, tid);
     }
+
+    /// <summary>The values the products take of 8 staged elements (<see cref="ITileAccumulator.AsRead"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Floats8 AsRead<TAcc>(Floats8 v) where TAcc : struct, ITileAccumulator => new()
+    {
+        V0 = TAcc.AsRead(v.V0), V1 = TAcc.AsRead(v.V1), V2 = TAcc.AsRead(v.V2), V3 = TAcc.AsRead(v.V3),
+        V4 = TAcc.AsRead(v.V4), V5 = TAcc.AsRead(v.V5), V6 = TAcc.AsRead(v.V6), V7 = TAcc.AsRead(v.V7),
+    };
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Floats8 Add(Floats8 x, Floats8 y) => new()
+    {
+        V0 = x.V0 + y.V0, V1 = x.V1 + y.V1, V2 = x.V2 + y.V2, V3 = x.V3 + y.V3,
+        V4 = x.V4 + y.V4, V5 = x.V5 + y.V5, V6 = x.V6 + y.V6, V7 = x.V7 + y.V7,
+    };
 
     /// <summary>A thread's 24 staged elements of one K step (8 of A, 16 of B), in registers.</summary>
     private readonly struct Staged(Floats8 a, Floats8 b0, Floats8 b1)
@@ -1029,6 +1064,10 @@ public static partial class TiledGemm
     internal static void Launch<TOp>(IlgpuKernels k, TileLauncher kernel, TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<float> c,
         ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2) where TOp : struct, ITileOperands
     {
+        if (t.RowSums != 0 && !TOp.RowSummed)
+        {
+            throw new ArgumentException($"tiled gemm: {typeof(TOp).Name} computes no row sums");
+        }
         // An empty output is no work, and an empty grid is a launch error on CUDA.
         if (t.M <= 0 || t.Cols <= 0)
         {
@@ -1082,6 +1121,9 @@ public struct MatmulTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool Tapped => false;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => true;
 
     /// <inheritdoc/>
     public static TapPixel PixelOfB(TileArgs t, int i) => default;
