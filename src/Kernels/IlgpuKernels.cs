@@ -59,12 +59,13 @@ public sealed class IlgpuKernels
     /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd, then taps that read nothing up to the next multiple of
     /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last: a split's last group past
     /// the end of K, any other into the next split's range, whose taps read inside the tensor and are dropped). Built on the host and
-    /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. Any other op gets a small
-    /// table it never reads.
+    /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. A tapped along-K B (the
+    /// weight gradient) gets the table of its first image's pixels instead (<see cref="ITileOperands.PixelOfBFromTable"/>:
+    /// base and mask, as taps). Any other op gets a small table it never reads.
     /// </summary>
     internal ArrayView<Tap> TapTable<TOp>(TileArgs t) where TOp : struct, ITileOperands
     {
-        if (!TOp.Tapped || TOp.BAlongK(t))
+        if (!TOp.Tapped)
         {
             return _noTaps.View;
         }
@@ -74,11 +75,25 @@ public sealed class IlgpuKernels
             var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
             if (!_tapTables.TryGetValue(key, out var table))
             {
-                // A K step of padding past the last: the kernel fetches one step ahead, also after the last.
-                var taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK) + TiledGemm.TK];
-                for (int kd = 0; kd < taps.Length; kd++)
+                Tap[] taps;
+                if (TOp.BAlongK(t))
                 {
-                    taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
+                    // Along K: the first image's pixels (the kernel adds an image's offset), a pixel's base and mask as a tap.
+                    taps = new Tap[Math.Max(TOp.PixelsPerImage(t), 1)];
+                    for (int i = 0; i < TOp.PixelsPerImage(t); i++)
+                    {
+                        var pixel = TOp.PixelOfB(t, i);
+                        taps[i] = new Tap(pixel.Base, pixel.Mask);
+                    }
+                }
+                else
+                {
+                    // A K step of padding past the last: the kernel fetches one step ahead, also after the last.
+                    taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK) + TiledGemm.TK];
+                    for (int kd = 0; kd < taps.Length; kd++)
+                    {
+                        taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
+                    }
                 }
                 table = Accelerator.Allocate1D(taps);
                 _tapTables[key] = table;

@@ -56,6 +56,12 @@ public struct ConvForwardTile : ITileOperands
     /// <inheritdoc/>
     public static bool RowSummed => false;
 
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
+
     /// <summary>Output pixel col's window: <see cref="ConvTaps.Window"/>.</summary>
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
 
@@ -138,6 +144,12 @@ public struct ConvInputTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
 
     /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋] less
     /// <see cref="Reach"/>; the taps (r, s) that read it are those whose (h + pad - r, w + pad - s) is a multiple of the
@@ -239,6 +251,19 @@ public struct ConvWeightTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => true;
+
+    /// <summary>kd = (n, p, q): (p, q)'s window from the table of the first image's (<see cref="ConvTaps.Window"/>), moved to
+    /// image n.</summary>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels)
+    {
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
+        var window = pixels[kd - n * pq];
+        return new(n * g.C * g.H * g.W + window.Delta, window.Bits);
+    }
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => t.Conv.P * t.Conv.Q;
 
     /// <summary>kd = (n, p, q), an output pixel: its window (<see cref="ConvTaps.Window"/>).</summary>
     public static TapPixel PixelOfB(TileArgs t, int kd) => ConvTaps.Window(t, kd);

@@ -268,6 +268,16 @@ public interface ITileOperands
     /// <summary>The pixel part of B's gather (a tapped op): across K for column <paramref name="i"/>, along K for kd.</summary>
     static abstract TapPixel PixelOfB(TileArgs t, int i);
 
+    /// <summary>A tapped B along K: kd's pixel (<see cref="PixelOfB"/>) from <paramref name="pixels"/>, the host's table of one
+    /// image's pixels (<see cref="IlgpuKernels.TapTable{TOp}"/>: PixelOfB of kd = 0 .. <see cref="PixelsPerImage"/> - 1, its
+    /// base and mask held as a tap's delta and bits), with the image's offset added: a load and a multiply-add a K step,
+    /// where decoding the pixel took ~50 instructions. Ops without a tapped B along K return PixelOfB.</summary>
+    static abstract TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels);
+
+    /// <summary>The pixels of one image along K, the length of <see cref="PixelOfBFromTable"/>'s table; 0 for an op without a
+    /// tapped B along K.</summary>
+    static abstract int PixelsPerImage(TileArgs t);
+
     /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j. Its
     /// Delta is never negative (a GPU offsets the pixel's view by it as an unsigned 32-bit index); a pixel's Base may be.</summary>
     static abstract Tap TapOfB(TileArgs t, int j);
@@ -640,7 +650,7 @@ public static partial class TiledGemm
                 {
                     // kd = k0 + kk's pixel, once a step for both halves (no tap reads it past the K range).
                     int kd = k0 + _kkB;
-                    var at = new PixelView(_b, kd < _kEnd ? TOp.PixelOfB(T, kd) : default);
+                    var at = new PixelView(_b, kd < _kEnd ? TOp.PixelOfBFromTable(T, kd, _taps) : default);
                     return new Staged(a, EightTappedAlongK(at, 0), EightTappedAlongK(at, 8));
                 }
                 return new Staged(a, EightTappedAcrossK(k0, 0), EightTappedAcrossK(k0, 8));
@@ -1124,6 +1134,12 @@ public struct MatmulTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => true;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static TapPixel PixelOfB(TileArgs t, int i) => default;
