@@ -9,7 +9,7 @@ namespace Ddpm.Tests;
 /// <see cref="TiledGemm.SlotB"/>, <see cref="TiledGemm.ReadA"/>, <see cref="TiledGemm.ReadB"/>,
 /// <see cref="TiledGemm.RowSumSlot"/>, the tensor-core kernel's <see cref="TiledGemm.PairSlotA"/>,
 /// <see cref="TiledGemm.PairSlotB"/>, <see cref="TiledGemm.MmaReadA"/> and <see cref="TiledGemm.MmaReadB"/>,
-/// <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the group: a 32-bit access must be one wavefront, a
+/// <see cref="TiledGemm.FirstReadSlot"/>, <see cref="TiledReduce.TreeSlot"/>) is walked for every warp of the group: a 32-bit access must be one wavefront, a
 /// 128-bit one the fewest its bytes need, except where docs/gpu.md names the exception and its reason.
 /// </summary>
 public sealed class SharedBankTests
@@ -30,6 +30,18 @@ public sealed class SharedBankTests
         Assert.Equal(1, Wavefronts(Enumerable.Repeat(5, 32)));
         Assert.Equal(16, Wavefronts(Enumerable.Range(0, 32).Select(l => (l % 16) * 64 + l / 16))); // the old layout's store along K
         Assert.Equal(2, Wavefronts(Enumerable.Range(0, 32).Select(l => 2 * l)));
+    }
+
+    [Fact]
+    public void TheKeptFirstLoadsAreOneWavefront()
+    {
+        foreach (var (w, lanes) in Warps())
+        {
+            foreach (int operand in new[] { 0, 1 })
+            {
+                Assert.True(Wavefronts(lanes.Select(tid => TiledGemm.FirstReadSlot(operand, tid))) == 1, $"first loads of operand {operand}, warp {w}");
+            }
+        }
     }
 
     [Theory]

@@ -66,8 +66,16 @@ internal interface ITileAccumulator
     /// <summary>Where A's kk, row r sits (the fused row sums read a row along kk).</summary>
     static abstract int RowSumSlot(int kk, int r);
 
-    /// <summary>Adds the products of the 16 kk of the shared tiles in buffer <paramref name="buffer"/> (0 or 1).</summary>
-    void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid);
+    /// <summary>Thread <paramref name="tid"/>'s first 128-bit load of a buffer of the A tile, in Float4s from the buffer's start:
+    /// computed once a launch (ptxas recomputed it from tid every K step, ~15 instructions, when Step did).</summary>
+    static abstract int FirstReadA(int tid);
+
+    /// <summary>Thread <paramref name="tid"/>'s first 128-bit load of a buffer of the B tile, as <see cref="FirstReadA"/>.</summary>
+    static abstract int FirstReadB(int tid);
+
+    /// <summary>Adds the products of the 16 kk of a buffer of the shared tiles, from views at this thread's first loads in it
+    /// (<see cref="FirstReadA"/>, <see cref="FirstReadB"/>): every load is then a view's base plus a constant.</summary>
+    void Step(ArrayView<Float4> aRow, ArrayView<Float4> bRow);
 
     /// <summary>Writes this thread's outputs through <typeparamref name="TOp"/>'s epilogue; the tile's corner is (m0, col0).</summary>
     void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials, int split,
@@ -341,9 +349,10 @@ public static partial class TiledGemm
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
         var columnTaps = SharedMemory.Allocate<Tap>(TN);
+        var firstReads = SharedMemory.Allocate<int>(2 * Threads);
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums<TOp>(t, rowS);
-        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
+        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, firstReads, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
@@ -462,24 +471,28 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid)
+        public static int FirstReadA(int tid) => MmaReadA(0, 0, tid >> 5, tid & 31);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FirstReadB(int tid) => MmaReadB(0, 0, tid >> 5, tid & 31);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Step(ArrayView<Float4> aRow, ArrayView<Float4> bRow)
         {
-            int warp = tid >> 5, lane = tid & 31;
-            // A view at this thread's first load, so every load is its base plus a constant (as in the FFMA core).
-            var aRow = aS4.SubView(buffer * (ATile / 4) + MmaReadA(0, 0, warp, lane));
-            var bRow = bS4.SubView(buffer * (BTile / 4) + MmaReadB(0, 0, warp, lane));
             if (TMath.WrittenOut)
             {
                 // The two k8 steps written out: as a loop, ptxas moved the 64 accumulators into the mma's register quads
                 // and back around it (~80 moves a K step) and recomputed the views each trip.
-                K8(aRow, bRow, lane);
-                K8(aRow.SubView(PairsPerK8 * (PairAStride / 4)), bRow.SubView(PairsPerK8 * (PairBStride / 4)), lane);
+                K8(aRow, bRow);
+                K8(aRow.SubView(PairsPerK8 * (PairAStride / 4)), bRow.SubView(PairsPerK8 * (PairBStride / 4)));
             }
             else
             {
                 for (int pair = 0; pair < TK / 2; pair += PairsPerK8)
                 {
-                    K8(aRow.SubView(pair * (PairAStride / 4)), bRow.SubView(pair * (PairBStride / 4)), lane);
+                    K8(aRow.SubView(pair * (PairAStride / 4)), bRow.SubView(pair * (PairBStride / 4)));
                 }
             }
         }
@@ -489,7 +502,7 @@ public static partial class TiledGemm
 
         /// <summary>One k8 step from the views at its first loads (pair kb / 2): 2 + 4 128-bit loads, 16 mma.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private void K8(ArrayView<Float4> ak, ArrayView<Float4> bk, int lane)
+        private void K8(ArrayView<Float4> ak, ArrayView<Float4> bk)
         {
             // Tile 0's and tile 1's A fragments; B's of n-tiles 0, 1 | 2, 3 | 4, 5 | 6, 7 (bQ0 .. bQ3): a 128-bit load each.
             Float4 aT0 = ak[0], aT1 = ak[8];
@@ -517,7 +530,7 @@ public static partial class TiledGemm
                 // The simulator: the warp posts every fragment of the k8 step once, then each mma is emulated from the
                 // posted fragments by the ISA's table (Tf32.Product), in the GPU path's order.
                 var posted = Tf32.Slice();
-                int at = Tf32.Slots * (lane & 31);
+                int at = Tf32.Slots * (Group.IdxX & 31);
                 PostA(posted, at, 0, a00, a01, a02, a03);
                 PostA(posted, at, 4, a10, a11, a12, a13);
                 PostB(posted, at, 0, b00, b10); PostB(posted, at, 1, b01, b11); PostB(posted, at, 2, b02, b12); PostB(posted, at, 3, b03, b13);

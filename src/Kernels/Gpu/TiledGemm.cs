@@ -370,9 +370,10 @@ public static partial class TiledGemm
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
         var columnTaps = SharedMemory.Allocate<Tap>(TN); // a tapped along-K B's taps of this tile's columns
+        var firstReads = SharedMemory.Allocate<int>(2 * Threads); // each thread's first loads of the tiles (FirstReadSlot)
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums<TOp>(t, rowS);
-        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, rowSums);
+        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, firstReads, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
@@ -521,7 +522,7 @@ public static partial class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp, TAcc>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<float> partials, ArrayView<Tap> taps, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS,
-        ArrayView<Tap> columnTaps, bool rowSums)
+        ArrayView<Tap> columnTaps, ArrayView<int> firstReads, bool rowSums)
         where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
@@ -539,6 +540,10 @@ public static partial class TiledGemm
         var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd);
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
+        // This thread's first fragment or register-tile loads, kept in shared memory: held in registers, ptxas recomputed
+        // them from tid every K step (~15 instructions of the tensor-core kernels' step); a shared load is one.
+        firstReads[FirstReadSlot(0, tid)] = TAcc.FirstReadA(tid);
+        firstReads[FirstReadSlot(1, tid)] = TAcc.FirstReadB(tid);
         var first = fetch.Step(k0);
         // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
         int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
@@ -558,7 +563,8 @@ public static partial class TiledGemm
             // padding): values defined inside the loop, where a conditional fetch made them loop-carried and ptxas moved
             // ~26 of them a K step.
             var staged = fetch.Step(next);
-            acc.Step(aS4, bS4, buffer, tid);
+            acc.Step(aS4.SubView(buffer * (ATile / 4) + firstReads[FirstReadSlot(0, tid)]),
+                bS4.SubView(buffer * (BTile / 4) + firstReads[FirstReadSlot(1, tid)]));
             if (more)
             {
                 var stagedA = Stage<TAcc>(staged.A);
@@ -584,6 +590,11 @@ public static partial class TiledGemm
         }
         acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0, col0, tid);
     }
+
+    /// <summary>Where thread <paramref name="tid"/> keeps its first load of the A tile (<paramref name="operand"/> 0) or of the
+    /// B tile (1): the addressing the bank-conflict test walks.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int FirstReadSlot(int operand, int tid) => operand * Threads + tid;
 
     /// <summary>The values the products take of 8 staged elements (<see cref="ITileAccumulator.AsRead"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -870,7 +881,7 @@ public static partial class TiledGemm
                     bS[kk * BStride + column] = i >= 0 ? b[i] : 0f;
                 }
                 Group.Barrier();
-                acc.Step(aS4, bS4, 0, sub / across, sub % across);
+                acc.Step(aS4.SubView(ReadA(0, sub / across)), bS4.SubView(ReadB(0, sub % across)));
                 if (rowSums && pass == 0)
                 {
                     AddRowSums<Tile8x8>(aS, 0, rowS);
@@ -937,18 +948,16 @@ public static partial class TiledGemm
     {
         private float _c00, _c01, _c02, _c03, _c04, _c05, _c06, _c07, _c10, _c11, _c12, _c13, _c14, _c15, _c16, _c17, _c20, _c21, _c22, _c23, _c24, _c25, _c26, _c27, _c30, _c31, _c32, _c33, _c34, _c35, _c36, _c37, _c40, _c41, _c42, _c43, _c44, _c45, _c46, _c47, _c50, _c51, _c52, _c53, _c54, _c55, _c56, _c57, _c60, _c61, _c62, _c63, _c64, _c65, _c66, _c67, _c70, _c71, _c72, _c73, _c74, _c75, _c76, _c77;
 
-        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the 16 kk of the shared tiles in buffer <paramref name="buffer"/>:
+        /// <summary>C += aS[:, rows]ᵀ · bS[:, cols] over the 16 kk of a buffer of the shared tiles, from views at this thread's first loads:
         /// four 128-bit loads and 64 multiply-adds a kk, KkPerTrip kk a trip. A loop, not written out: ILGPU places the loads of a
         /// straight line all before the first multiply-add (256 live floats for 16 kk), and ptxas then spills (measured: 1 KB
         /// of stack).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int ty, int tx)
+        public void Step(ArrayView<Float4> aRow, ArrayView<Float4> bRow)
         {
             // A view a trip, at this thread's first group of the trip's kk: every load is then the view's base plus a
             // constant, which ptxas folds into the LDS (indices recomputed from kk cost 26 instructions a trip). Each view
             // starts inside the buffer (a view past its end is an error on ILGPU's CPU accelerator).
-            var aRow = aS4.SubView(buffer * (ATile / 4) + ReadA(0, ty));
-            var bRow = bS4.SubView(buffer * (BTile / 4) + ReadB(0, tx));
             for (int kk = 0; kk < TK; kk += KkPerTrip)
             {
                 var ak = aRow.SubView(kk * (AStride / 4));
@@ -984,8 +993,11 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public void Step(ArrayView<Float4> aS4, ArrayView<Float4> bS4, int buffer, int tid) =>
-            Step(aS4, bS4, buffer, tid >> 4, tid & 15); // tid / 16, tid mod 16 (TN / ColsPerThread = 16), as shifts
+        public static int FirstReadA(int tid) => ReadA(0, tid >> 4); // tid / 16 (TN / ColsPerThread = 16), as a shift
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FirstReadB(int tid) => ReadB(0, tid & 15);
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
