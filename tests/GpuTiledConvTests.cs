@@ -31,6 +31,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             data.Add(warp, 1, 4, 3, 5, 6, 1, 2, 0);
             data.Add(warp, 2, 5, 1, 5, 7, 3, 1, 1); // one output channel: conv_out's forward and weight gradient (TiledConv.SingleChannel, NarrowWeight)
             data.Add(warp, 1, 1, 4, 5, 6, 3, 2, 1); // one input channel, stride 2: a narrow weight gradient (TiledConv.NarrowWeight)
+            data.Add(warp, 2, 3, 1, 5, 7, 1, 1, 0); // one output channel, 1x1: the narrow kernel with one tap of its nine
         }
         return data;
     }

@@ -464,7 +464,7 @@ internal static class TiledConv
         {
             var narrow = new TileArgs(g.K * g.C, g.Crs, kd, Chunk(kd, splits > 0 ? splits : NarrowSplits(g)), accumulate: true, false, g, default,
                 rowSums: db is not null);
-            if (kd == 0)
+            if (kd == 0 || g.Crs == 0)
             {
                 return;
             }
@@ -481,7 +481,7 @@ internal static class TiledConv
         var t = new TileArgs(g.K, g.Crs, kd, Chunk(kd, splits), accumulate: true, false, g, default, rowSums: db is not null);
         TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
     }
-    /// <summary>Taps a thread of <see cref="NarrowWeightKernel"/> sums: a kernel of at most 3 x 3 (R·S ≤ 9).</summary>
+    /// <summary>Taps a thread of <see cref="NarrowWeightKernel"/> sums: a kernel of at most 9 taps (R·S ≤ 9: 3 x 3, 1 x 9, …).</summary>
     public const int NarrowTaps = 9;
 
     /// <summary>The values a group of <see cref="NarrowWeightKernel"/> adds: its taps' products and Σ dy.</summary>
@@ -494,10 +494,11 @@ internal static class TiledConv
     /// <summary>The pixels one split of the narrow weight gradient covers at least: 8 a thread of a 256-thread group.</summary>
     private const int MinNarrowChunk = 8 * TiledReduce.MaxThreads;
 
-    /// <summary>True for a weight gradient with one input or one output channel and a kernel of at most
-    /// <see cref="NarrowTaps"/> taps (conv_in's 1 → 64, conv_out's 64 → 1): a 64 x 128 tile would hold 9 useful columns of
+    /// <summary>True for a weight gradient with one input or one output channel (and at least one of each) and a kernel of at
+    /// most <see cref="NarrowTaps"/> taps (conv_in's 1 → 64, conv_out's 64 → 1): a 64 x 128 tile would hold 9 useful columns of
     /// 128 or 1 useful row of 64 (docs/gpu.md, "conv_out"), so each (k, c) pair gets groups of its own instead.</summary>
-    public static bool NarrowWeight(ConvShape g) => (g.K == 1 || g.C == 1) && g.R * g.S <= NarrowTaps && (long)g.K * g.C <= IlgpuKernels.CounterSlots;
+    public static bool NarrowWeight(ConvShape g) =>
+        (g.K == 1 || g.C == 1) && g.K > 0 && g.C > 0 && g.R * g.S <= NarrowTaps && (long)g.K * g.C <= IlgpuKernels.CounterSlots;
 
     /// <summary>The narrow weight gradient's pixel splits: as many as fill <see cref="NarrowTargetGroups"/> over its K·C
     /// pairs, each at least <see cref="MinNarrowChunk"/> pixels. A function of the shape only.</summary>
