@@ -85,14 +85,21 @@ public static class GpuPrediction
     public static PassPrediction PredictSingleChannel(ConvPass pass, int tapInstructions, Chip chip)
     {
         var g = pass.Shape;
-        long pixels = (long)g.N * g.Pq, warps = (pixels + 31) / 32;
-        double clocks = (double)warps * g.Crs * tapInstructions / (chip.Sms * 4 * IssueEfficiency(3));
-        double computeMs = clocks / (chip.ClockGhz * 1e6);
-        double flop = 2.0 * pixels * g.Crs;
-        double bytes = 4.0 * ((long)g.N * g.C * g.H * g.W + g.Crs + pixels);
+        long pixels = (long)g.N * g.Pq;
+        return Direct(pass, chip, (double)((pixels + 31) / 32) * g.Crs * tapInstructions, 2.0 * pixels * g.Crs,
+            4.0 * ((long)g.N * g.C * g.H * g.W + g.Crs + pixels), 1, pixels, g.Crs, (int)((pixels + 255) / 256), 1, g.Crs);
+    }
+
+    /// <summary>A kernel of many small groups, not a tile (<see cref="PredictSingleChannel"/>, <see cref="PredictNarrowWeight"/>):
+    /// its <paramref name="warpInstructions"/> at 4 a clock an SM and the issue efficiency of many warps, at least its
+    /// compulsory <paramref name="bytes"/>, plus a launch gap; the rest of the row as given.</summary>
+    private static PassPrediction Direct(ConvPass pass, Chip chip, double warpInstructions, double flop, double bytes, long m, long cols, long kd,
+        int groups, int splits, int steps)
+    {
+        double computeMs = warpInstructions / (chip.Sms * 4 * IssueEfficiency(3)) / (chip.ClockGhz * 1e6);
         double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
         double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
-        return new PassPrediction(pass, 1, pixels, g.Crs, (int)((pixels + 255) / 256), 1, g.Crs, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
+        return new PassPrediction(pass, m, cols, kd, groups, splits, steps, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
             flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
     }
 
@@ -111,15 +118,9 @@ public static class GpuPrediction
         var g = pass.Shape;
         long pairs = (long)g.K * g.C, pixels = (long)g.N * g.Pq;
         int splits = TiledConv.NarrowSplits(g), threads = TiledReduce.MaxThreads;
-        double clocks = pairs * ((pixels + 31) / 32.0) * pixelInstructions / (chip.Sms * 4 * IssueEfficiency(3));
-        double computeMs = clocks / (chip.ClockGhz * 1e6);
-        double flop = 2.0 * pairs * pixels * g.R * g.S;
-        double bytes = 4.0 * ((long)g.N * g.C * g.H * g.W + (long)g.N * g.K * g.Pq + pairs * g.R * g.S);
-        double memoryMs = bytes / (MemoryShare * chip.MemoryTBs * 1e9);
-        double ms = Math.Max(computeMs, memoryMs) + LaunchGapMs;
-        int steps = (int)((pixels / splits + threads - 1) / threads);
-        return new PassPrediction(pass, g.K, g.Crs, pixels, (int)(pairs * splits), splits, steps, flop / 1e9, bytes / 1e6, computeMs, memoryMs, ms,
-            flop / (ms * 1e-3) / (chip.PeakTflops * 1e12));
+        return Direct(pass, chip, pairs * ((pixels + 31) / 32.0) * pixelInstructions, 2.0 * pairs * pixels * g.R * g.S,
+            4.0 * ((long)g.N * g.C * g.H * g.W + (long)g.N * g.K * g.Pq + pairs * g.R * g.S), g.K, g.Crs, pixels, (int)(pairs * splits), splits,
+            (int)((pixels / splits + threads - 1) / threads));
     }
 
     /// <summary>Predicts one pass on <paramref name="chip"/> with the kernel's <paramref name="cost"/>.</summary>

@@ -460,15 +460,15 @@ internal static class TiledConv
     {
         Require(g);
         int kd = g.N * g.Pq;
-        if (NarrowWeight(g) && !tiled && TiledReduce.Threads(k.Accelerator) >= NarrowSums)
+        int threads = TiledReduce.Threads(k.Accelerator);
+        if (NarrowWeight(g) && !tiled && threads >= NarrowSums)
         {
-            var narrow = new TileArgs(g.K * g.C, g.Crs, kd, Chunk(kd, splits > 0 ? splits : NarrowSplits(g)), accumulate: true, false, g, default,
-                rowSums: db is not null);
             if (kd == 0 || g.Crs == 0)
             {
                 return;
             }
-            int threads = TiledReduce.Threads(k.Accelerator);
+            var narrow = new TileArgs(g.K * g.C, g.Crs, kd, Chunk(kd, splits > 0 ? splits : NarrowSplits(g)), accumulate: true, false, g, default,
+                rowSums: db is not null);
             using var partials = k.Scratch(narrow.Splits > 1 ? narrow.Splits * narrow.M * NarrowSums : 1);
             k.Conv2d.NarrowWeight(k.Stream, new KernelConfig(new Index3D(narrow.M, narrow.Splits, 1), new Index3D(threads, 1, 1)), dy, x, dw, db ?? dw,
                 partials.View, k.GridCounters, narrow);
@@ -481,6 +481,7 @@ internal static class TiledConv
         var t = new TileArgs(g.K, g.Crs, kd, Chunk(kd, splits), accumulate: true, false, g, default, rowSums: db is not null);
         TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
     }
+
     /// <summary>Taps a thread of <see cref="NarrowWeightKernel"/> sums: a kernel of at most 9 taps (R·S ≤ 9: 3 x 3, 1 x 9, …).</summary>
     public const int NarrowTaps = 9;
 
@@ -515,9 +516,10 @@ internal static class TiledConv
         return j < rs ? ConvTaps.InputTap(t, c * rs + j) : new Tap(0, Taps.Nowhere);
     }
 
-    /// <summary>Where a group of <see cref="NarrowWeightKernel"/> keeps value v of its sums: pairs of them share one
-    /// <see cref="TiledReduce.SegmentTree"/> (its second value <see cref="TiledReduce.MaxThreads"/> on).</summary>
-    private static int NarrowSlot(int v) => v / 2 * 2 * TiledReduce.MaxThreads + v % 2 * TiledReduce.MaxThreads;
+    /// <summary>Where a group of <see cref="NarrowWeightKernel"/> keeps value v of its sums: a row of
+    /// <see cref="TiledReduce.MaxThreads"/> each, so values v and v + 1 (v even) are one <see cref="TiledReduce.SegmentTree"/>
+    /// with its second value a row on.</summary>
+    private static int NarrowSlot(int v) => v * TiledReduce.MaxThreads;
 
     /// <summary>
     /// The weight gradient of a narrow convolution (<see cref="NarrowWeight"/>): group (pair, split) adds, for the pair
@@ -570,39 +572,31 @@ internal static class TiledConv
         {
             TiledReduce.SegmentTree(sh.SubView(NarrowSlot(v)), tid, Group.DimX, two: true);
         }
+        // Thread v < NarrowSums holds value v's total: the group's own with one split; with more, the pair's last group
+        // adds the splits' partials in split order (Splits is uniform: the whole group takes one branch).
+        bool holds = tid < NarrowSums;
+        float total = holds ? sh[NarrowSlot(Math.Min(tid, NarrowSums - 1))] : 0;
+        if (t.Splits > 1)
+        {
+            if (holds)
+            {
+                partials[(split * t.M + pair) * NarrowSums + tid] = total;
+            }
+            holds &= TiledReduce.ArriveLast(counters, pair, t.Splits, last);
+            total = 0;
+            for (int s = 0; holds && s < t.Splits; s++)
+            {
+                total += partials[(s * t.M + pair) * NarrowSums + tid];
+            }
+        }
         int rs = g.R * g.S;
-        bool bias = t.RowSums != 0 && c == 0;
-        if (t.Splits == 1)
+        if (holds && tid < rs)
         {
-            if (tid < rs)
-            {
-                ConvWeightTile.Store(t, dw, dw, dw, dw, k, c * rs + tid, sh[NarrowSlot(tid)]);
-            }
-            else if (tid == NarrowTaps && bias)
-            {
-                db[k] += sh[NarrowSlot(NarrowTaps)];
-            }
-            return;
+            ConvWeightTile.Store(t, dw, dw, dw, dw, k, c * rs + tid, total);
         }
-        if (tid < NarrowSums)
+        else if (holds && tid == NarrowTaps && t.RowSums != 0 && c == 0)
         {
-            partials[(split * t.M + pair) * NarrowSums + tid] = sh[NarrowSlot(tid)];
-        }
-        if (TiledReduce.ArriveLast(counters, pair, t.Splits, last) && tid < NarrowSums)
-        {
-            float sum = 0;
-            for (int s = 0; s < t.Splits; s++)
-            {
-                sum += partials[(s * t.M + pair) * NarrowSums + tid];
-            }
-            if (tid < rs)
-            {
-                ConvWeightTile.Store(t, dw, dw, dw, dw, k, c * rs + tid, sum);
-            }
-            else if (tid == NarrowTaps && bias)
-            {
-                db[k] += sum;
-            }
+            db[k] += total;
         }
     }
 }
