@@ -11,7 +11,16 @@ public sealed class KernelTests(IlgpuFixture fixture, ITestOutputHelper output)
 {
     public static TheoryData<string> Cases => new(OpCatalog.All.Select(c => c.Name));
 
-    public static TheoryData<string> GradCases => new(OpCatalog.Differentiable.Select(c => c.Name));
+    /// <summary>
+    /// The finite-difference check on the simulator, for every differentiable case but the two split-K convolutions: on
+    /// ILGPU's CPU accelerator their 96 probing forwards took 49 s and 16 s of the suite. Their ILGPU backward is held to
+    /// the CPU backend's by <see cref="IlgpuKernelMatchesCpu"/> (a tighter tolerance than a finite difference's), and the
+    /// CPU backend's backward to finite differences by GradCheckTests, so the pair is checked without them.
+    /// </summary>
+    public static TheoryData<string> GradCases => new(OpCatalog.Differentiable.Where(c => !SplitK.Contains(c.Name)).Select(c => c.Name));
+
+    /// <summary>The cases <see cref="GradCases"/> leaves to the device comparison.</summary>
+    public static readonly string[] SplitK = ["conv2d 3x3 split-K, 2 row tiles", "conv2d 3x3 split-K forward and input gradient"];
 
     [Theory]
     [MemberData(nameof(Cases))]
@@ -29,6 +38,13 @@ public sealed class KernelTests(IlgpuFixture fixture, ITestOutputHelper output)
         var result = Checker.GradCheck(OpCatalog.Get(name), fixture.Device);
         output.WriteLine(result.ToString());
         Assert.True(result.Pass, result.ToString());
+    }
+
+    [Fact]
+    public void TheCasesLeftToTheDeviceComparisonAreDifferentiableCatalogCases()
+    {
+        // A renamed case would otherwise fall back into the slow check silently.
+        Assert.All(SplitK, name => Assert.Contains(OpCatalog.Differentiable, c => c.Name == name));
     }
 
     [Fact]
