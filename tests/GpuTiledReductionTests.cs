@@ -24,6 +24,12 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         Norm("groupnorm+silu N3 C12 G4 5x3", n: 3, c: 12, h: 5, w: 3, groups: 4, silu: true, accumulate: true),
         // 40 channels in one group: two rounds of 32 segments at warp 32, five of 8 at warp 4; dx overwritten (poisoned first).
         Norm("groupnorm+silu N2 C40 G1 2x3 dx overwritten", n: 2, c: 40, h: 2, w: 3, groups: 1, silu: true, accumulate: false),
+        // The forward's slice in registers: 2,400 elements a group, 512 threads at warp 32 (one held run of eight, ragged),
+        // 64 at warp 4 (all five runs, 37 or 38 elements a thread: the last run ragged).
+        Norm("groupnorm+silu N2 C6 G3 30x40", n: 2, c: 6, h: 30, w: 40, groups: 3, silu: true, accumulate: true),
+        // 2,738 elements a group: held by 512 threads at warp 32; over the 64 x 40 = 2,560 that warp 4's groups hold, so
+        // there the forward reads x three times (TiledNorm.ReadsOnce).
+        Norm("groupnorm N1 C4 G2 37x37", n: 1, c: 4, h: 37, w: 37, groups: 2, silu: false, accumulate: true),
         // 40 images of 3×5: at warp 4 (64 threads, 512 elements a group) the batch splits in two, the second split short.
         ConvBias("conv bias N40 K3 3x5", n: 40, k: 3, h: 3, w: 5),
         ConvBias("conv bias N3 K5 7x7", n: 3, k: 5, h: 7, w: 7),
@@ -112,6 +118,23 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         {
             kernels.Simple = before;
         }
+    }
+
+    [Fact]
+    public void TheForwardReadsTheBasePresetsSlicesOnce()
+    {
+        // Base preset, GroupNorm G = 8: the largest (image, group) slice is dec0.norm1's, 192 channels of 28x28 (24 x 784);
+        // on a CUDA device (groups of 1,024) 512 threads hold it, 37 elements a thread. docs/gpu.md prices the forward at
+        // one read of x on that.
+        foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (192, 784), (128, 196), (256, 196), (384, 196), (256, 49) })
+        {
+            int size = channels / 8 * hw, threads = TiledNorm.ForwardThreadsFor(1024, size);
+            Assert.True(TiledNorm.ReadsOnce(size, threads), $"{channels} channels of {hw}: {size} elements, {threads} threads");
+        }
+        Assert.Equal(512, TiledNorm.ForwardThreadsFor(1024, 24 * 784));
+        // Small slices take the smallest power of two that covers them; warp 4's groups hold 2,560 at most.
+        Assert.Equal(64, TiledNorm.ForwardThreadsFor(1024, 45));
+        Assert.False(TiledNorm.ReadsOnce(2738, TiledNorm.ForwardThreadsFor(64, 2738)));
     }
 
     [Theory]

@@ -567,7 +567,8 @@ public static class GroupNorm
 
         // v2, explicitly grouped (TiledNorm): launched with KernelConfig(groups, threads).
         public readonly Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float> TiledForward =
-            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float>>(TiledNorm.ForwardKernel);
+            k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float>>(TiledNorm.ForwardKernel,
+                TiledNorm.ForwardSpecialization);
 
         public readonly NormBackwardLauncher TiledBackward = k.Grouped<NormBackwardLauncher>(TiledNorm.BackwardKernel);
     }

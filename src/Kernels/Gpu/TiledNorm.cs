@@ -8,8 +8,10 @@ namespace Ddpm.Kernels;
 /// (256 on CUDA) per (image, group), reductions in shared memory along a fixed tree, so reruns are
 /// bit-identical (no atomics). Shapes as <see cref="GroupNorm"/>: x, y, dy, dx [N, C, H, W]; gamma,
 /// beta [C]; mean, rstd [N, G]; each group holds M = (C/G)·H·W contiguous elements.
-///   forward (one launch):  sum → mean, Σ(x - mean)² → rstd, then y = (silu of) gamma·xhat + beta;
-///                          x is read three times, the second and third mostly from cache.
+///   forward (one launch):  sum → mean, Σ(x - mean)² → rstd, then y = (silu of) gamma·xhat + beta. A group of up to
+///                          512 threads holds its (image, group)'s elements in registers, 40 a thread (<see cref="Held"/>),
+///                          so x is read from memory once; a larger group's slice is read three times, the second and
+///                          third mostly from cache.
 ///   backward (one launch), per (n, g): per-channel Σ du and Σ du·xhat (the group's channels in rounds, a segment of
 ///     L lanes per channel, segmented tree), written to two [N, C] tables; the group's Σ g and Σ g·xhat (g = du·gamma)
 ///     from them in channel order; then dx (+)= rstd·(g - mean(g) - xhat·mean(g·xhat)). The last group to finish
@@ -24,13 +26,45 @@ internal static class TiledNorm
     /// <summary>Fewest lanes per channel segment in backward's sums: 8 consecutive floats are one 32-byte sector.</summary>
     public const int MinLanes = 8;
 
+    /// <summary>Most threads a forward group takes (a power of two): with <see cref="Held"/> elements a thread, 20,480 elements
+    /// of an (image, group) are read once, the base preset's largest (192 channels of 28x28 in 8 groups) 18,816.</summary>
+    public const int ForwardThreads = 512;
+
+    /// <summary>Elements of its (image, group) a forward thread holds in registers (five runs of eight, as fields): the group
+    /// reads x once where its slice has at most Held x threads elements.</summary>
+    public const int Held = 40;
+
+    /// <summary>The forward's launch bounds (.maxntid 512, .minnctapersm 2: ptxas keeps a thread within 64 registers, the
+    /// 40 held elements included, so two groups of 512 fit an SM).</summary>
+    public static KernelSpecialization ForwardSpecialization => new(ForwardThreads, 2);
+
     /// <summary>y = groupnorm(x)·gamma + beta (silu of it when s.Silu), mean and rstd [N, G]: one group per (n, g).</summary>
     public static void Forward(IlgpuKernels k, ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> y,
         ArrayView<float> mean, ArrayView<float> rstd, GroupNorm.GroupShape s, float eps)
     {
-        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize);
+        int threads = ForwardThreadsFor(k.Accelerator, s.GroupSize);
         k.GroupNorm.TiledForward(k.Stream, new KernelConfig(s.N * s.G, threads), x, gamma, beta, mean, rstd, y, s, eps);
     }
+
+    /// <summary>Threads a forward group takes for <paramref name="groupSize"/> elements: a power of two, at most
+    /// <see cref="ForwardThreads"/> and the device's group size, and no more than the smallest one ≥ groupSize.</summary>
+    public static int ForwardThreadsFor(Accelerator accelerator, long groupSize) => ForwardThreadsFor(accelerator.MaxNumThreadsPerGroup, groupSize);
+
+    /// <summary><see cref="ForwardThreadsFor(Accelerator, long)"/> on a device whose groups take at most
+    /// <paramref name="maxGroup"/> threads.</summary>
+    public static int ForwardThreadsFor(int maxGroup, long groupSize)
+    {
+        int t = ForwardThreads;
+        while (t > 1 && (t > maxGroup || t / 2 >= groupSize))
+        {
+            t >>= 1;
+        }
+        return t;
+    }
+
+    /// <summary>True when a forward group of <paramref name="threads"/> holds all <paramref name="groupSize"/> elements of its
+    /// (image, group) in registers and reads x once.</summary>
+    public static bool ReadsOnce(long groupSize, int threads) => groupSize <= (long)threads * Held;
 
     /// <summary>dx (+)= ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd: one launch.</summary>
     public static void Backward(IlgpuKernels k, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
@@ -58,9 +92,14 @@ internal static class TiledNorm
     internal static void ForwardKernel(ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> mean, ArrayView<float> rstd,
         ArrayView<float> y, GroupNorm.GroupShape s, float eps)
     {
-        var sh = SharedMemory.Allocate<float>(T);
+        var sh = SharedMemory.Allocate<float>(ForwardThreads);
         int ng = Grid.IdxX, t = Group.IdxX, threads = Group.DimX;
         int start = ng * s.GroupSize, c0 = ng % s.G * s.ChannelsPerGroup;
+        if (ReadsOnce(s.GroupSize, threads))
+        {
+            HeldForward(x, gamma, beta, mean, rstd, y, s, eps, sh, ng, t, threads, start, c0);
+            return;
+        }
         float sum = 0;
         for (int j = t; j < s.GroupSize; j += threads)
         {
@@ -83,9 +122,99 @@ internal static class TiledNorm
         // Each element is read and written by one thread after every read of the passes above: y may alias x.
         for (int j = t; j < s.GroupSize; j += threads)
         {
-            int c = c0 + j / s.Hw;
-            float u = (x[start + j] - m) * r * gamma[c] + beta[c];
-            y[start + j] = s.Silu != 0 ? Silu.Apply(u) : u;
+            y[start + j] = Normalized(x[start + j], m, r, c0 + j / s.Hw, gamma, beta, s.Silu);
+        }
+    }
+
+    /// <summary>The forward of a group that holds its slice in registers: element j = t + threads·i of the slice in run i / 8,
+    /// field i mod 8; the same passes, the same sums in the same order (each thread adds its elements in j order), x read
+    /// once.</summary>
+    private static void HeldForward(ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> mean, ArrayView<float> rstd,
+        ArrayView<float> y, GroupNorm.GroupShape s, float eps, ArrayView<float> sh, int ng, int t, int threads, int start, int c0)
+    {
+        int run = 8 * threads, size = s.GroupSize;
+        var slice = x.SubView(start, size);
+        Floats8 v0 = Load8(slice, t, threads), v1 = Load8(slice, t + run, threads), v2 = Load8(slice, t + 2 * run, threads),
+            v3 = Load8(slice, t + 3 * run, threads), v4 = Load8(slice, t + 4 * run, threads);
+        float sum = Sum8(Sum8(Sum8(Sum8(Sum8(0f, v0), v1), v2), v3), v4);
+        float m = TiledReduce.GroupSum(sh, sum) / size;
+        float sq = Deviations8(0f, v0, m, t, threads, size);
+        sq = Deviations8(sq, v1, m, t + run, threads, size);
+        sq = Deviations8(sq, v2, m, t + 2 * run, threads, size);
+        sq = Deviations8(sq, v3, m, t + 3 * run, threads, size);
+        sq = Deviations8(sq, v4, m, t + 4 * run, threads, size);
+        float r = 1f / MathF.Sqrt(TiledReduce.GroupSum(sh, sq) / size + eps);
+        if (t == 0)
+        {
+            mean[ng] = m;
+            rstd[ng] = r;
+        }
+        var outSlice = y.SubView(start, size);
+        Write8(outSlice, v0, m, r, t, threads, s, c0, gamma, beta);
+        Write8(outSlice, v1, m, r, t + run, threads, s, c0, gamma, beta);
+        Write8(outSlice, v2, m, r, t + 2 * run, threads, s, c0, gamma, beta);
+        Write8(outSlice, v3, m, r, t + 3 * run, threads, s, c0, gamma, beta);
+        Write8(outSlice, v4, m, r, t + 4 * run, threads, s, c0, gamma, beta);
+    }
+
+    /// <summary>y of one element: (silu of) (x - mean)·rstd·gamma[c] + beta[c].</summary>
+    private static float Normalized(float x, float m, float r, int c, ArrayView<float> gamma, ArrayView<float> beta, int silu)
+    {
+        float u = (x - m) * r * gamma[c] + beta[c];
+        return silu != 0 ? Silu.Apply(u) : u;
+    }
+
+    /// <summary>Elements j, j + step, …, j + 7·step of the slice (0 past its end).</summary>
+    private static Floats8 Load8(ArrayView<float> slice, int j, int step) => new()
+    {
+        V0 = ElementOrZero(slice, j), V1 = ElementOrZero(slice, j + step), V2 = ElementOrZero(slice, j + 2 * step), V3 = ElementOrZero(slice, j + 3 * step),
+        V4 = ElementOrZero(slice, j + 4 * step), V5 = ElementOrZero(slice, j + 5 * step), V6 = ElementOrZero(slice, j + 6 * step), V7 = ElementOrZero(slice, j + 7 * step),
+    };
+
+    private static float ElementOrZero(ArrayView<float> slice, int j) => j < slice.IntLength ? slice[j] : 0f;
+
+    /// <summary>acc plus the eight values, in order (a zero past the slice's end adds nothing).</summary>
+    private static float Sum8(float acc, Floats8 v) => acc + v.V0 + v.V1 + v.V2 + v.V3 + v.V4 + v.V5 + v.V6 + v.V7;
+
+    /// <summary>acc plus the squared deviations from m of the values of elements j, j + step, … inside the slice, in order.</summary>
+    private static float Deviations8(float acc, Floats8 v, float m, int j, int step, int size)
+    {
+        acc += Deviation(v.V0, m, j < size);
+        acc += Deviation(v.V1, m, j + step < size);
+        acc += Deviation(v.V2, m, j + 2 * step < size);
+        acc += Deviation(v.V3, m, j + 3 * step < size);
+        acc += Deviation(v.V4, m, j + 4 * step < size);
+        acc += Deviation(v.V5, m, j + 5 * step < size);
+        acc += Deviation(v.V6, m, j + 6 * step < size);
+        return acc + Deviation(v.V7, m, j + 7 * step < size);
+    }
+
+    private static float Deviation(float x, float m, bool inside)
+    {
+        float d = x - m;
+        return inside ? d * d : 0f;
+    }
+
+    /// <summary>Writes y of the held elements j, j + step, … that are inside the slice.</summary>
+    private static void Write8(ArrayView<float> y, Floats8 v, float m, float r, int j, int step, GroupNorm.GroupShape s, int c0, ArrayView<float> gamma,
+        ArrayView<float> beta)
+    {
+        Write1(y, v.V0, m, r, j, s, c0, gamma, beta);
+        Write1(y, v.V1, m, r, j + step, s, c0, gamma, beta);
+        Write1(y, v.V2, m, r, j + 2 * step, s, c0, gamma, beta);
+        Write1(y, v.V3, m, r, j + 3 * step, s, c0, gamma, beta);
+        Write1(y, v.V4, m, r, j + 4 * step, s, c0, gamma, beta);
+        Write1(y, v.V5, m, r, j + 5 * step, s, c0, gamma, beta);
+        Write1(y, v.V6, m, r, j + 6 * step, s, c0, gamma, beta);
+        Write1(y, v.V7, m, r, j + 7 * step, s, c0, gamma, beta);
+    }
+
+    private static void Write1(ArrayView<float> y, float x, float m, float r, int j, GroupNorm.GroupShape s, int c0, ArrayView<float> gamma,
+        ArrayView<float> beta)
+    {
+        if (j < y.IntLength)
+        {
+            y[j] = Normalized(x, m, r, c0 + j / s.Hw, gamma, beta, s.Silu);
         }
     }
 
