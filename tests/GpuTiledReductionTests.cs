@@ -9,7 +9,7 @@ namespace Ddpm.Tests;
 /// <summary>
 /// The explicitly grouped GroupNorm and reduction kernels (TiledNorm, TiledReduce) and their simple
 /// twins against the managed CPU backend, on ILGPU's simulator shaped as a warp-32 GPU (groups of
-/// 256) and a warp-4 one (groups of 64): ragged shapes (C/G not a power of two, 7×7 and 5×3 maps,
+/// 256; the GroupNorm forward's up to 512) and a warp-4 one (groups of 64): ragged shapes (C/G not a power of two, 7×7 and 5×3 maps,
 /// lengths that are multiples of no group size, channel counts that need several rounds), outputs
 /// poisoned with NaN, and a rerun that must be bit-identical.
 /// </summary>
@@ -27,6 +27,8 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // The forward's slice in registers: 2,400 elements a group, 512 threads at warp 32 (one held run of eight, ragged),
         // 64 at warp 4 (all five runs, 37 or 38 elements a thread: the last run ragged).
         Norm("groupnorm+silu N2 C6 G3 30x40", n: 2, c: 6, h: 30, w: 40, groups: 3, silu: true, accumulate: true),
+        // 2,560 elements: at warp 4 every one of a thread's 40 fields holds an element (the held path's capacity).
+        Norm("groupnorm N1 C2 G1 32x40", n: 1, c: 2, h: 32, w: 40, groups: 1, silu: false, accumulate: true),
         // 2,738 elements a group: held by 512 threads at warp 32; over the 64 x 40 = 2,560 that warp 4's groups hold, so
         // there the forward reads x three times (TiledNorm.ReadsOnce).
         Norm("groupnorm N1 C4 G2 37x37", n: 1, c: 4, h: 37, w: 37, groups: 2, silu: false, accumulate: true),

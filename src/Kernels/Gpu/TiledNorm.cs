@@ -5,7 +5,7 @@ namespace Ddpm.Kernels;
 
 /// <summary>
 /// GroupNorm (+SiLU) on the ILGPU backend as explicitly grouped kernels: one group of T threads
-/// (256 on CUDA) per (image, group), reductions in shared memory along a fixed tree, so reruns are
+/// (256 on CUDA; the forward up to 512) per (image, group), reductions in shared memory along a fixed tree, so reruns are
 /// bit-identical (no atomics). Shapes as <see cref="GroupNorm"/>: x, y, dy, dx [N, C, H, W]; gamma,
 /// beta [C]; mean, rstd [N, G]; each group holds M = (C/G)·H·W contiguous elements.
 ///   forward (one launch):  sum → mean, Σ(x - mean)² → rstd, then y = (silu of) gamma·xhat + beta. A group of up to
@@ -179,20 +179,22 @@ internal static class TiledNorm
     /// <summary>acc plus the squared deviations from m of the values of elements j, j + step, … inside the slice, in order.</summary>
     private static float Deviations8(float acc, Floats8 v, float m, int j, int step, int size)
     {
-        acc += Deviation(v.V0, m, j < size);
-        acc += Deviation(v.V1, m, j + step < size);
-        acc += Deviation(v.V2, m, j + 2 * step < size);
-        acc += Deviation(v.V3, m, j + 3 * step < size);
-        acc += Deviation(v.V4, m, j + 4 * step < size);
-        acc += Deviation(v.V5, m, j + 5 * step < size);
-        acc += Deviation(v.V6, m, j + 6 * step < size);
-        return acc + Deviation(v.V7, m, j + 7 * step < size);
+        acc = Deviation(acc, v.V0, m, j < size);
+        acc = Deviation(acc, v.V1, m, j + step < size);
+        acc = Deviation(acc, v.V2, m, j + 2 * step < size);
+        acc = Deviation(acc, v.V3, m, j + 3 * step < size);
+        acc = Deviation(acc, v.V4, m, j + 4 * step < size);
+        acc = Deviation(acc, v.V5, m, j + 5 * step < size);
+        acc = Deviation(acc, v.V6, m, j + 6 * step < size);
+        return Deviation(acc, v.V7, m, j + 7 * step < size);
     }
 
-    private static float Deviation(float x, float m, bool inside)
+    /// <summary>The squared deviation of x from m, added as the fallback path adds it (acc + d·d, which ptxas may contract to
+    /// one FMA in both), with d = 0 for an element past the slice's end.</summary>
+    private static float Deviation(float acc, float x, float m, bool inside)
     {
-        float d = x - m;
-        return inside ? d * d : 0f;
+        float d = inside ? x - m : 0f;
+        return acc + d * d;
     }
 
     /// <summary>Writes y of the held elements j, j + step, … that are inside the slice.</summary>
