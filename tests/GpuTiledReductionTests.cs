@@ -29,6 +29,10 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         Norm("groupnorm+silu N2 C6 G3 30x40", n: 2, c: 6, h: 30, w: 40, groups: 3, silu: true, accumulate: true),
         // 2,560 elements: at warp 4 every one of a thread's 40 fields holds an element (the held path's capacity).
         Norm("groupnorm N1 C2 G1 32x40", n: 1, c: 2, h: 32, w: 40, groups: 1, silu: false, accumulate: true),
+        // The backward's held path at warp 4: 2 channels of 900 in two segments of 32 lanes, 29 elements a lane (four
+        // runs, the last ragged), dx overwritten; the cases above with over 32 a lane (30x40, 37x37, 32x40 at warp 4) and
+        // the 40 channels in several rounds take its two-read path.
+        Norm("groupnorm+silu N2 C4 G2 30x30 dx overwritten", n: 2, c: 4, h: 30, w: 30, groups: 2, silu: true, accumulate: false),
         // 2,738 elements a group: held by 512 threads at warp 32; over the 64 x 40 = 2,560 that warp 4's groups hold, so
         // there the forward reads x three times (TiledNorm.ReadsOnce).
         Norm("groupnorm N1 C4 G2 37x37", n: 1, c: 4, h: 37, w: 37, groups: 2, silu: false, accumulate: true),
@@ -125,10 +129,11 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
     [Fact]
     public void TheForwardReadsTheBasePresetsSlicesOnce()
     {
-        // Base preset, GroupNorm G = 8: the largest (image, group) slice is dec0.norm1's, 192 channels of 28x28 (24 x 784);
+        // Base preset, GroupNorm G = 8 (the inputs of its 3x3 stride-1 convolutions but conv_in's, and conv_out's norm):
+        // the largest (image, group) slice is dec0.norm1's, 192 channels of 28x28 (24 x 784);
         // on a CUDA device (groups of 1,024) 512 threads hold it, 37 elements a thread. docs/gpu.md prices the forward at
         // one read of x on that.
-        foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (192, 784), (128, 196), (256, 196), (384, 196), (256, 49) })
+        foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (192, 784), (64, 196), (128, 196), (256, 196), (384, 196), (128, 49), (256, 49) })
         {
             int size = channels / 8 * hw, threads = TiledNorm.ForwardThreadsFor(1024, size);
             Assert.True(TiledNorm.ReadsOnce(size, threads), $"{channels} channels of {hw}: {size} elements, {threads} threads");
@@ -137,6 +142,24 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // Small slices take the smallest power of two that covers them; warp 4's groups hold 2,560 at most.
         Assert.Equal(64, TiledNorm.ForwardThreadsFor(1024, 45));
         Assert.False(TiledNorm.ReadsOnce(2738, TiledNorm.ForwardThreadsFor(64, 2738)));
+    }
+
+    [Fact]
+    public void TheBackwardReadsEveryBaseSliceButTheLargestOnce()
+    {
+        // Base preset, G = 8, a CUDA device (groups of 1,024): every GroupNorm's backward holds its elements between the sums
+        // and dx (one round of channel segments, at most 32 elements a lane) but dec0.norm1's, 24 channels of 28x28 (32
+        // segments of 16 lanes, 49 a lane), 28% of the step's GroupNorm elements, which reads dy and x twice.
+        foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (64, 196), (128, 196), (256, 196), (384, 196), (128, 49), (256, 49) })
+        {
+            int perGroup = channels / 8, threads = TiledNorm.BackwardThreadsFor(1024, perGroup * hw);
+            Assert.True(TiledNorm.BackwardReadsOnce(perGroup, hw, threads), $"{channels} channels of {hw}: {threads} threads");
+        }
+        Assert.False(TiledNorm.BackwardReadsOnce(24, 784, TiledNorm.BackwardThreadsFor(1024, 24 * 784)));
+        // The simulator cases: held at warp 4 with 900 a channel, not with 1,200 or 40 channels.
+        Assert.True(TiledNorm.BackwardReadsOnce(2, 900, TiledNorm.BackwardThreadsFor(64, 1800)));
+        Assert.False(TiledNorm.BackwardReadsOnce(2, 1200, TiledNorm.BackwardThreadsFor(64, 2400)));
+        Assert.False(TiledNorm.BackwardReadsOnce(40, 6, TiledNorm.BackwardThreadsFor(64, 240)));
     }
 
     [Theory]

@@ -570,6 +570,6 @@ public static class GroupNorm
             k.Grouped<Action<AcceleratorStream, KernelConfig, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, GroupShape, float>>(TiledNorm.ForwardKernel,
                 TiledNorm.ForwardSpecialization);
 
-        public readonly NormBackwardLauncher TiledBackward = k.Grouped<NormBackwardLauncher>(TiledNorm.BackwardKernel);
+        public readonly NormBackwardLauncher TiledBackward = k.Grouped<NormBackwardLauncher>(TiledNorm.BackwardKernel, TiledNorm.BackwardSpecialization);
     }
 }

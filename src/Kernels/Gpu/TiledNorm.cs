@@ -14,7 +14,9 @@ namespace Ddpm.Kernels;
 ///                          third mostly from cache.
 ///   backward (one launch), per (n, g): per-channel Σ du and Σ du·xhat (the group's channels in rounds, a segment of
 ///     L lanes per channel, segmented tree), written to two [N, C] tables; the group's Σ g and Σ g·xhat (g = du·gamma)
-///     from them in channel order; then dx (+)= rstd·(g - mean(g) - xhat·mean(g·xhat)). The last group to finish
+///     from them in channel order; then dx (+)= rstd·(g - mean(g) - xhat·mean(g·xhat)), from the xhat and du each thread
+///     kept where its group's channels fit one round at ≤ <see cref="HeldBackward"/> elements a lane (dy and x read once),
+///     else from dy and x read again. Groups of up to 512 threads (<see cref="BackwardThreads"/>). The last group to finish
 ///     (TiledReduce.ArriveLast) adds the tables down the batch, n = 0, 1, … in order: dgamma[c] += Σ_n table1[n, c],
 ///     dbeta[c] += Σ_n table0[n, c], so the parameter gradients need no second launch and stay bit-identical on rerun.
 /// The simple twins (one thread per (n, g), per element, per channel) stay in GroupNorm.cs.
@@ -66,11 +68,35 @@ internal static class TiledNorm
     /// (image, group) in registers and reads x once.</summary>
     public static bool ReadsOnce(long groupSize, int threads) => groupSize <= (long)threads * Held;
 
+    /// <summary>Most threads a backward group takes (a power of two, as the forward's).</summary>
+    public const int BackwardThreads = 512;
+
+    /// <summary>Elements a backward thread holds (their xhat and du, four runs of eight each) between its sums and its dx: the
+    /// group reads dy and x once where each channel segment's lanes cover their channel in at most HeldBackward elements a
+    /// lane, in one round.</summary>
+    public const int HeldBackward = 32;
+
+    /// <summary>The backward's launch bounds (.maxntid 512, one group an SM at least: up to 128 registers a thread, the 64
+    /// held values included).</summary>
+    public static KernelSpecialization BackwardSpecialization => new(BackwardThreads, 1);
+
+    /// <summary>Threads a backward group takes for <paramref name="groupSize"/> elements on a device whose groups take at most
+    /// <paramref name="maxGroup"/>: as <see cref="ForwardThreadsFor(int, long)"/>.</summary>
+    public static int BackwardThreadsFor(int maxGroup, long groupSize) => ForwardThreadsFor(maxGroup, groupSize);
+
+    /// <summary>True when a backward group of <paramref name="threads"/> holds its slice between the sums and dx: every channel
+    /// of the group in one round of segments, at most <see cref="HeldBackward"/> elements a lane.</summary>
+    public static bool BackwardReadsOnce(int channelsPerGroup, int hw, int threads)
+    {
+        int lanes = Lanes(channelsPerGroup, threads);
+        return channelsPerGroup <= threads / lanes && (hw + lanes - 1) / lanes <= HeldBackward;
+    }
+
     /// <summary>dx (+)= ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd: one launch.</summary>
     public static void Backward(IlgpuKernels k, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
         ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> dgamma, ArrayView<float> dbeta, GroupNorm.GroupShape s, bool accumulate)
     {
-        int threads = TiledReduce.Threads(k.Accelerator, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
+        int threads = BackwardThreadsFor(k.Accelerator.MaxNumThreadsPerGroup, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
         using var tables = k.Scratch(2 * s.N * s.C);
         k.GroupNorm.TiledBackward(k.Stream, new KernelConfig(s.N * s.G, threads), dy, x, mean, rstd, gamma, beta, dx, tables.View, dgamma, dbeta,
             k.GridCounters, s, lanes, accumulate ? 1 : 0);
@@ -223,14 +249,72 @@ internal static class TiledNorm
     // du: dy, or dy·silu'(u) with u = gamma·xhat + beta recomputed.
     private static float Du(float dy, float xhat, float gamma, float beta, int silu) => silu != 0 ? dy * Silu.Derivative(xhat * gamma + beta) : dy;
 
+    /// <summary>dx of one element: rstd·(du·gamma - mean(g) - xhat·mean(g·xhat)), added to <paramref name="old"/> when
+    /// accumulating.</summary>
+    private static float Dx(float old, float xhat, float du, float r, float gamma, float meanG, float meanGx, int accumulate)
+    {
+        float v = r * (du * gamma - meanG - xhat * meanGx);
+        return accumulate != 0 ? old + v : v;
+    }
+
+    /// <summary>xhat and du of eight held elements (x and dy zero past the channel's end: du is then zero), their Σ du and
+    /// Σ du·xhat added to a and b in order.</summary>
+    private static void Grad8(Floats8 x, Floats8 dy, float m, float r, float gamma, float beta, int silu, ref float a, ref float b, out Floats8 xhat,
+        out Floats8 du)
+    {
+        xhat = default;
+        du = default;
+        du.V0 = Grad1(x.V0, dy.V0, m, r, gamma, beta, silu, ref a, ref b, out xhat.V0);
+        du.V1 = Grad1(x.V1, dy.V1, m, r, gamma, beta, silu, ref a, ref b, out xhat.V1);
+        du.V2 = Grad1(x.V2, dy.V2, m, r, gamma, beta, silu, ref a, ref b, out xhat.V2);
+        du.V3 = Grad1(x.V3, dy.V3, m, r, gamma, beta, silu, ref a, ref b, out xhat.V3);
+        du.V4 = Grad1(x.V4, dy.V4, m, r, gamma, beta, silu, ref a, ref b, out xhat.V4);
+        du.V5 = Grad1(x.V5, dy.V5, m, r, gamma, beta, silu, ref a, ref b, out xhat.V5);
+        du.V6 = Grad1(x.V6, dy.V6, m, r, gamma, beta, silu, ref a, ref b, out xhat.V6);
+        du.V7 = Grad1(x.V7, dy.V7, m, r, gamma, beta, silu, ref a, ref b, out xhat.V7);
+    }
+
+    /// <summary>du of one element (its xhat out), with du and du·xhat added to a and b.</summary>
+    private static float Grad1(float x, float dy, float m, float r, float gamma, float beta, int silu, ref float a, ref float b, out float xhat)
+    {
+        xhat = (x - m) * r;
+        float du = Du(dy, xhat, gamma, beta, silu);
+        a += du;
+        b += du * xhat;
+        return du;
+    }
+
+    /// <summary>Writes dx of the held elements j, j + step, … that are inside the channel (<paramref name="dx"/> its view).</summary>
+    private static void Dx8(ArrayView<float> dx, Floats8 xhat, Floats8 du, int j, int step, float r, float gamma, float meanG, float meanGx, int accumulate)
+    {
+        Dx1(dx, xhat.V0, du.V0, j + 0 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V1, du.V1, j + 1 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V2, du.V2, j + 2 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V3, du.V3, j + 3 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V4, du.V4, j + 4 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V5, du.V5, j + 5 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V6, du.V6, j + 6 * step, r, gamma, meanG, meanGx, accumulate);
+        Dx1(dx, xhat.V7, du.V7, j + 7 * step, r, gamma, meanG, meanGx, accumulate);
+    }
+
+    private static void Dx1(ArrayView<float> dx, float xhat, float du, int j, float r, float gamma, float meanG, float meanGx, int accumulate)
+    {
+        if (j < dx.IntLength)
+        {
+            dx[j] = Dx(accumulate != 0 ? dx[j] : 0f, xhat, du, r, gamma, meanG, meanGx, accumulate);
+        }
+    }
+
     // Group ng over [N·G]; tables [2, N, C] (Σ du, then Σ du·xhat) get this group's channels; the last group adds them
     // into dgamma and dbeta. counters[0] counts the groups' arrivals.
     internal static void BackwardKernel(ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd, ArrayView<float> gamma,
         ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> tables, ArrayView<float> dgamma, ArrayView<float> dbeta, ArrayView<int> counters,
         GroupNorm.GroupShape s, int lanes, int accumulate)
     {
-        // [0, T): Σ du per thread, then per segment; [T, 2T): Σ du·xhat; 2T, 2T+1: the group's mean(g), mean(g·xhat).
-        var sh = SharedMemory.Allocate<float>(2 * T + 2);
+        // [0, B): Σ du per thread, then per segment; [B, 2B): Σ du·xhat; 2B, 2B+1: the group's mean(g), mean(g·xhat)
+        // (B = BackwardThreads).
+        const int B = BackwardThreads;
+        var sh = SharedMemory.Allocate<float>(2 * B + 2);
         var last = SharedMemory.Allocate<int>(1);
         long tableLength = (long)s.N * s.C;
         var sumDu = tables.SubView(0, tableLength);
@@ -239,6 +323,9 @@ internal static class TiledNorm
         int n = ng / s.G, c0 = ng % s.G * s.ChannelsPerGroup, start = ng * s.GroupSize;
         int segments = threads / lanes, segment = t / lanes, lane = t - segment * lanes;
         float m = mean[ng], r = rstd[ng];
+        // Held: one round, this thread's elements of its channel (lane, lane + lanes, …) kept as xhat and du for dx.
+        bool held = s.ChannelsPerGroup <= segments && (s.Hw + lanes - 1) / lanes <= HeldBackward;
+        Floats8 xh0 = default, xh1 = default, xh2 = default, xh3 = default, du0 = default, du1 = default, du2 = default, du3 = default;
         // Thread 0 keeps the group's Σ g and Σ g·xhat, adding the channels in order.
         float sumG = 0, sumGx = 0;
         for (int round = 0; round < s.ChannelsPerGroup; round += segments)
@@ -249,23 +336,37 @@ internal static class TiledNorm
             {
                 int c = c0 + cg, row = start + cg * s.Hw;
                 float gm = gamma[c], bt = beta[c];
-                for (int j = lane; j < s.Hw; j += lanes)
+                if (held)
                 {
-                    float xhat = (x[row + j] - m) * r;
-                    float du = Du(dy[row + j], xhat, gm, bt, s.Silu);
-                    a += du;
-                    b += du * xhat;
+                    // x and dy read once; the elements past the channel's end are zeros and add nothing.
+                    var xs = x.SubView(row, s.Hw);
+                    var dys = dy.SubView(row, s.Hw);
+                    int run = 8 * lanes;
+                    Grad8(Load8(xs, lane, lanes), Load8(dys, lane, lanes), m, r, gm, bt, s.Silu, ref a, ref b, out xh0, out du0);
+                    Grad8(Load8(xs, lane + run, lanes), Load8(dys, lane + run, lanes), m, r, gm, bt, s.Silu, ref a, ref b, out xh1, out du1);
+                    Grad8(Load8(xs, lane + 2 * run, lanes), Load8(dys, lane + 2 * run, lanes), m, r, gm, bt, s.Silu, ref a, ref b, out xh2, out du2);
+                    Grad8(Load8(xs, lane + 3 * run, lanes), Load8(dys, lane + 3 * run, lanes), m, r, gm, bt, s.Silu, ref a, ref b, out xh3, out du3);
+                }
+                else
+                {
+                    for (int j = lane; j < s.Hw; j += lanes)
+                    {
+                        float xhat = (x[row + j] - m) * r;
+                        float du = Du(dy[row + j], xhat, gm, bt, s.Silu);
+                        a += du;
+                        b += du * xhat;
+                    }
                 }
             }
             sh[t] = a;
-            sh[T + t] = b;
+            sh[B + t] = b;
             Group.Barrier();
             // Segmented tree: lane 0 of each segment ends with its channel's sums.
-            TiledReduce.SegmentTree(sh, t, lanes, two: true);
+            TiledReduce.SegmentTree(sh, t, lanes, two: true, second: B);
             if (lane == 0 && cg < s.ChannelsPerGroup)
             {
                 sumDu[n * s.C + c0 + cg] = sh[t];
-                sumDuXhat[n * s.C + c0 + cg] = sh[T + t];
+                sumDuXhat[n * s.C + c0 + cg] = sh[B + t];
             }
             if (t == 0)
             {
@@ -273,7 +374,7 @@ internal static class TiledNorm
                 {
                     float gm = gamma[c0 + round + q];
                     sumG += gm * sh[q * lanes];
-                    sumGx += gm * sh[T + q * lanes];
+                    sumGx += gm * sh[B + q * lanes];
                 }
             }
             // The next round overwrites sh.
@@ -281,17 +382,33 @@ internal static class TiledNorm
         }
         if (t == 0)
         {
-            sh[2 * T] = sumG / s.GroupSize;
-            sh[2 * T + 1] = sumGx / s.GroupSize;
+            sh[2 * B] = sumG / s.GroupSize;
+            sh[2 * B + 1] = sumGx / s.GroupSize;
         }
         Group.Barrier();
-        float meanG = sh[2 * T], meanGx = sh[2 * T + 1];
-        for (int j = t; j < s.GroupSize; j += threads)
+        float meanG = sh[2 * B], meanGx = sh[2 * B + 1];
+        if (held)
         {
-            int c = c0 + j / s.Hw, i = start + j;
-            float xhat = (x[i] - m) * r;
-            float v = r * (Du(dy[i], xhat, gamma[c], beta[c], s.Silu) * gamma[c] - meanG - xhat * meanGx);
-            dx[i] = accumulate != 0 ? dx[i] + v : v;
+            if (segment < s.ChannelsPerGroup)
+            {
+                int c = c0 + segment;
+                var dxs = dx.SubView(start + segment * s.Hw, s.Hw);
+                float gm = gamma[c];
+                int run = 8 * lanes;
+                Dx8(dxs, xh0, du0, lane, lanes, r, gm, meanG, meanGx, accumulate);
+                Dx8(dxs, xh1, du1, lane + run, lanes, r, gm, meanG, meanGx, accumulate);
+                Dx8(dxs, xh2, du2, lane + 2 * run, lanes, r, gm, meanG, meanGx, accumulate);
+                Dx8(dxs, xh3, du3, lane + 3 * run, lanes, r, gm, meanG, meanGx, accumulate);
+            }
+        }
+        else
+        {
+            for (int j = t; j < s.GroupSize; j += threads)
+            {
+                int c = c0 + j / s.Hw, i = start + j;
+                float xhat = (x[i] - m) * r;
+                dx[i] = Dx(accumulate != 0 ? dx[i] : 0f, xhat, Du(dy[i], xhat, gamma[c], beta[c], s.Silu), r, gamma[c], meanG, meanGx, accumulate);
+            }
         }
         // The parameter gradients: the last group adds every channel's column of the tables (a thread a channel,
         // neighbouring threads on neighbouring channels). Four partial sums per column, rows n ≡ 0, 1, 2, 3 (mod 4), keep

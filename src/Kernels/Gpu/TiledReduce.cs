@@ -132,12 +132,13 @@ internal static class TiledReduce
 
     /// <summary>
     /// Reduces, in place, every segment of <paramref name="lanes"/> consecutive floats of sh (and, when
-    /// <paramref name="two"/>, of sh[MaxThreads..]) to its first element, in a fixed order: at each level the n
+    /// <paramref name="two"/>, of sh[second..], second being MaxThreads unless a larger group, the GroupNorm backward's,
+    /// puts them further on: a multiple of 32, so both trees fall on the same banks) to its first element, in a fixed order: at each level the n
     /// values of a segment become m = n/r (r = min(Radix, n)), lane l &lt; m adding sh[l + i·m] for i &lt; r, so
     /// neighbouring lanes read neighbouring banks. lanes is a power of two dividing Group.DimX; t is Group.IdxX.
     /// Every thread must call it (one barrier per level), after the values are written and a barrier.
     /// </summary>
-    public static void SegmentTree(ArrayView<float> sh, int t, int lanes, bool two)
+    public static void SegmentTree(ArrayView<float> sh, int t, int lanes, bool two, int second = MaxThreads)
     {
         int lane = t & (lanes - 1);
         int n = lanes;
@@ -152,13 +153,13 @@ internal static class TiledReduce
                     a += sh[TreeSlot(t, i, m)];
                     if (two)
                     {
-                        b += sh[MaxThreads + TreeSlot(t, i, m)];
+                        b += sh[second + TreeSlot(t, i, m)];
                     }
                 }
                 sh[t] = a;
                 if (two)
                 {
-                    sh[MaxThreads + t] = b;
+                    sh[second + t] = b;
                 }
             }
             Group.Barrier();
