@@ -9,7 +9,7 @@ namespace Ddpm.Tests;
 /// <summary>
 /// The explicitly grouped GroupNorm and reduction kernels (TiledNorm, TiledReduce) and their simple
 /// twins against the managed CPU backend, on ILGPU's simulator shaped as a warp-32 GPU (groups of
-/// 256; the GroupNorm forward's up to 512) and a warp-4 one (groups of 64): ragged shapes (C/G not a power of two, 7×7 and 5×3 maps,
+/// 256; the GroupNorm forward's and backward's up to 512) and a warp-4 one (groups of 64): ragged shapes (C/G not a power of two, 7×7 and 5×3 maps,
 /// lengths that are multiples of no group size, channel counts that need several rounds), outputs
 /// poisoned with NaN, and a rerun that must be bit-identical.
 /// </summary>
@@ -33,6 +33,11 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // runs, the last ragged), dx overwritten; the cases above with over 32 a lane (30x40, 37x37, 32x40 at warp 4) and
         // the 40 channels in several rounds take its two-read path.
         Norm("groupnorm+silu N2 C4 G2 30x30 dx overwritten", n: 2, c: 4, h: 30, w: 30, groups: 2, silu: true, accumulate: false),
+        // Held at warp 4 without SiLU, dx accumulated: 2 channels of 784, 25 elements a lane (four runs, the last one short).
+        Norm("groupnorm N1 C2 G1 28x28", n: 1, c: 2, h: 28, w: 28, groups: 1, silu: false, accumulate: true),
+        // dec0.norm1's case in small: 24 channels of 23x23 in one group take 512 threads at warp 32 (32 segments of 16
+        // lanes, 34 elements a lane: over the 32 held), so the backward reads dy and x twice there; three rounds at warp 4.
+        Norm("groupnorm+silu N1 C24 G1 23x23", n: 1, c: 24, h: 23, w: 23, groups: 1, silu: true, accumulate: true),
         // 2,738 elements a group: held by 512 threads at warp 32; over the 64 x 40 = 2,560 that warp 4's groups hold, so
         // there the forward reads x three times (TiledNorm.ReadsOnce).
         Norm("groupnorm N1 C4 G2 37x37", n: 1, c: 4, h: 37, w: 37, groups: 2, silu: false, accumulate: true),
@@ -165,7 +170,7 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
     [Theory]
     [InlineData(3, 256, 64)] // 3 channels: 4 segments of 64 lanes, one idle
     [InlineData(8, 256, 32)] // base 28×28 (C=64, G=8)
-    [InlineData(48, 256, 8)] // base 14×14 decoder input (C=384): 32 segments of 8 lanes, two rounds
+    [InlineData(48, 256, 8)] // base 14×14 decoder input (C=384) in a group of 256: 32 segments of 8 lanes, two rounds
     [InlineData(3, 64, 16)]
     [InlineData(40, 64, 8)]
     [InlineData(3, 16, 8)]

@@ -5,7 +5,7 @@ namespace Ddpm.Kernels;
 
 /// <summary>
 /// GroupNorm (+SiLU) on the ILGPU backend as explicitly grouped kernels: one group of T threads
-/// (256 on CUDA; the forward up to 512) per (image, group), reductions in shared memory along a fixed tree, so reruns are
+/// (up to 512 on CUDA) per (image, group), reductions in shared memory along a fixed tree, so reruns are
 /// bit-identical (no atomics). Shapes as <see cref="GroupNorm"/>: x, y, dy, dx [N, C, H, W]; gamma,
 /// beta [C]; mean, rstd [N, G]; each group holds M = (C/G)·H·W contiguous elements.
 ///   forward (one launch):  sum → mean, Σ(x - mean)² → rstd, then y = (silu of) gamma·xhat + beta. A group of up to
