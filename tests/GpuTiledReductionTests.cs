@@ -140,13 +140,13 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // one read of x on that.
         foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (192, 784), (64, 196), (128, 196), (256, 196), (384, 196), (128, 49), (256, 49) })
         {
-            int size = channels / 8 * hw, threads = TiledNorm.ForwardThreadsFor(1024, size);
+            int size = channels / 8 * hw, threads = TiledNorm.ThreadsFor(1024, size);
             Assert.True(TiledNorm.ReadsOnce(size, threads), $"{channels} channels of {hw}: {size} elements, {threads} threads");
         }
-        Assert.Equal(512, TiledNorm.ForwardThreadsFor(1024, 24 * 784));
+        Assert.Equal(512, TiledNorm.ThreadsFor(1024, 24 * 784));
         // Small slices take the smallest power of two that covers them; warp 4's groups hold 2,560 at most.
-        Assert.Equal(64, TiledNorm.ForwardThreadsFor(1024, 45));
-        Assert.False(TiledNorm.ReadsOnce(2738, TiledNorm.ForwardThreadsFor(64, 2738)));
+        Assert.Equal(64, TiledNorm.ThreadsFor(1024, 45));
+        Assert.False(TiledNorm.ReadsOnce(2738, TiledNorm.ThreadsFor(64, 2738)));
     }
 
     [Fact]
@@ -157,14 +157,14 @@ public sealed class GpuTiledReductionTests(GpuLikeFixture fixture, ITestOutputHe
         // segments of 16 lanes, 49 a lane), 28% of the step's GroupNorm elements, which reads dy and x twice.
         foreach (var (channels, hw) in new[] { (64, 784), (128, 784), (64, 196), (128, 196), (256, 196), (384, 196), (128, 49), (256, 49) })
         {
-            int perGroup = channels / 8, threads = TiledNorm.BackwardThreadsFor(1024, perGroup * hw);
+            int perGroup = channels / 8, threads = TiledNorm.ThreadsFor(1024, perGroup * hw);
             Assert.True(TiledNorm.BackwardReadsOnce(perGroup, hw, threads), $"{channels} channels of {hw}: {threads} threads");
         }
-        Assert.False(TiledNorm.BackwardReadsOnce(24, 784, TiledNorm.BackwardThreadsFor(1024, 24 * 784)));
+        Assert.False(TiledNorm.BackwardReadsOnce(24, 784, TiledNorm.ThreadsFor(1024, 24 * 784)));
         // The simulator cases: held at warp 4 with 900 a channel, not with 1,200 or 40 channels.
-        Assert.True(TiledNorm.BackwardReadsOnce(2, 900, TiledNorm.BackwardThreadsFor(64, 1800)));
-        Assert.False(TiledNorm.BackwardReadsOnce(2, 1200, TiledNorm.BackwardThreadsFor(64, 2400)));
-        Assert.False(TiledNorm.BackwardReadsOnce(40, 6, TiledNorm.BackwardThreadsFor(64, 240)));
+        Assert.True(TiledNorm.BackwardReadsOnce(2, 900, TiledNorm.ThreadsFor(64, 1800)));
+        Assert.False(TiledNorm.BackwardReadsOnce(2, 1200, TiledNorm.ThreadsFor(64, 2400)));
+        Assert.False(TiledNorm.BackwardReadsOnce(40, 6, TiledNorm.ThreadsFor(64, 240)));
     }
 
     [Theory]

@@ -16,7 +16,7 @@ namespace Ddpm.Kernels;
 ///     L lanes per channel, segmented tree), written to two [N, C] tables; the group's Σ g and Σ g·xhat (g = du·gamma)
 ///     from them in channel order; then dx (+)= rstd·(g - mean(g) - xhat·mean(g·xhat)), from the xhat and du each thread
 ///     kept where its group's channels fit one round at ≤ <see cref="HeldBackward"/> elements a lane (dy and x read once),
-///     else from dy and x read again. Groups of up to 512 threads (<see cref="BackwardThreads"/>). The last group to finish
+///     else from dy and x read again. Groups of up to 512 threads (<see cref="GroupThreads"/>). The last group to finish
 ///     (TiledReduce.ArriveLast) adds the tables down the batch, n = 0, 1, … in order: dgamma[c] += Σ_n table1[n, c],
 ///     dbeta[c] += Σ_n table0[n, c], so the parameter gradients need no second launch and stay bit-identical on rerun.
 /// The simple twins (one thread per (n, g), per element, per channel) stay in GroupNorm.cs.
@@ -28,9 +28,10 @@ internal static class TiledNorm
     /// <summary>Fewest lanes per channel segment in backward's sums: 8 consecutive floats are one 32-byte sector.</summary>
     public const int MinLanes = 8;
 
-    /// <summary>Most threads a forward group takes (a power of two): with <see cref="Held"/> elements a thread, 20,480 elements
-    /// of an (image, group) are read once, the base preset's largest (192 channels of 28x28 in 8 groups) 18,816.</summary>
-    public const int ForwardThreads = 512;
+    /// <summary>Most threads a forward or backward group takes (a power of two): with <see cref="Held"/> elements a thread,
+    /// the forward reads 20,480 elements of an (image, group) once, the base preset's largest (192 channels of 28x28 in 8
+    /// groups) 18,816.</summary>
+    public const int GroupThreads = 512;
 
     /// <summary>Elements of its (image, group) a forward thread holds in registers (five runs of eight, as fields): the group
     /// reads x once where its slice has at most Held x threads elements.</summary>
@@ -38,38 +39,24 @@ internal static class TiledNorm
 
     /// <summary>The forward's launch bounds (.maxntid 512, .minnctapersm 2: ptxas keeps a thread within 64 registers, the
     /// 40 held elements included, so two groups of 512 fit an SM).</summary>
-    public static KernelSpecialization ForwardSpecialization => new(ForwardThreads, 2);
+    public static KernelSpecialization ForwardSpecialization => new(GroupThreads, 2);
 
     /// <summary>y = groupnorm(x)·gamma + beta (silu of it when s.Silu), mean and rstd [N, G]: one group per (n, g).</summary>
     public static void Forward(IlgpuKernels k, ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> y,
         ArrayView<float> mean, ArrayView<float> rstd, GroupNorm.GroupShape s, float eps)
     {
-        int threads = ForwardThreadsFor(k.Accelerator, s.GroupSize);
+        int threads = ThreadsFor(k.Accelerator.MaxNumThreadsPerGroup, s.GroupSize);
         k.GroupNorm.TiledForward(k.Stream, new KernelConfig(s.N * s.G, threads), x, gamma, beta, mean, rstd, y, s, eps);
     }
 
-    /// <summary>Threads a forward group takes for <paramref name="groupSize"/> elements: a power of two, at most
-    /// <see cref="ForwardThreads"/> and the device's group size, and no more than the smallest one ≥ groupSize.</summary>
-    public static int ForwardThreadsFor(Accelerator accelerator, long groupSize) => ForwardThreadsFor(accelerator.MaxNumThreadsPerGroup, groupSize);
-
-    /// <summary><see cref="ForwardThreadsFor(Accelerator, long)"/> on a device whose groups take at most
-    /// <paramref name="maxGroup"/> threads.</summary>
-    public static int ForwardThreadsFor(int maxGroup, long groupSize)
-    {
-        int t = ForwardThreads;
-        while (t > 1 && (t > maxGroup || t / 2 >= groupSize))
-        {
-            t >>= 1;
-        }
-        return t;
-    }
+    /// <summary>Threads a forward or backward group takes for <paramref name="groupSize"/> elements on a device whose groups
+    /// take at most <paramref name="maxGroup"/>: a power of two, at most <see cref="GroupThreads"/> and maxGroup, and no
+    /// more than the smallest one ≥ groupSize (<see cref="TiledReduce.Threads(int, long, int)"/>).</summary>
+    public static int ThreadsFor(int maxGroup, long groupSize) => TiledReduce.Threads(maxGroup, groupSize, GroupThreads);
 
     /// <summary>True when a forward group of <paramref name="threads"/> holds all <paramref name="groupSize"/> elements of its
     /// (image, group) in registers and reads x once.</summary>
     public static bool ReadsOnce(long groupSize, int threads) => groupSize <= (long)threads * Held;
-
-    /// <summary>Most threads a backward group takes (a power of two, as the forward's).</summary>
-    public const int BackwardThreads = 512;
 
     /// <summary>Elements a backward thread holds (their xhat and du, four runs of eight each) between its sums and its dx: the
     /// group reads dy and x once where each channel segment's lanes cover their channel in at most HeldBackward elements a
@@ -78,25 +65,22 @@ internal static class TiledNorm
 
     /// <summary>The backward's launch bounds (.maxntid 512, one group an SM at least: up to 128 registers a thread, the 64
     /// held values included).</summary>
-    public static KernelSpecialization BackwardSpecialization => new(BackwardThreads, 1);
-
-    /// <summary>Threads a backward group takes for <paramref name="groupSize"/> elements on a device whose groups take at most
-    /// <paramref name="maxGroup"/>: as <see cref="ForwardThreadsFor(int, long)"/>.</summary>
-    public static int BackwardThreadsFor(int maxGroup, long groupSize) => ForwardThreadsFor(maxGroup, groupSize);
+    public static KernelSpecialization BackwardSpecialization => new(GroupThreads, 1);
 
     /// <summary>True when a backward group of <paramref name="threads"/> holds its slice between the sums and dx: every channel
     /// of the group in one round of segments, at most <see cref="HeldBackward"/> elements a lane.</summary>
-    public static bool BackwardReadsOnce(int channelsPerGroup, int hw, int threads)
-    {
-        int lanes = Lanes(channelsPerGroup, threads);
-        return channelsPerGroup <= threads / lanes && (hw + lanes - 1) / lanes <= HeldBackward;
-    }
+    public static bool BackwardReadsOnce(int channelsPerGroup, int hw, int threads) =>
+        HoldsBackward(channelsPerGroup, hw, threads, Lanes(channelsPerGroup, threads));
+
+    /// <summary><see cref="BackwardReadsOnce"/> with the group's <paramref name="lanes"/> a segment known (the kernel's rule).</summary>
+    private static bool HoldsBackward(int channelsPerGroup, int hw, int threads, int lanes) =>
+        channelsPerGroup <= threads / lanes && (hw + lanes - 1) / lanes <= HeldBackward;
 
     /// <summary>dx (+)= ∂L/∂x, dgamma += Σ du·xhat, dbeta += Σ du, from the saved mean and rstd: one launch.</summary>
     public static void Backward(IlgpuKernels k, ArrayView<float> dy, ArrayView<float> x, ArrayView<float> mean, ArrayView<float> rstd,
         ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> dx, ArrayView<float> dgamma, ArrayView<float> dbeta, GroupNorm.GroupShape s, bool accumulate)
     {
-        int threads = BackwardThreadsFor(k.Accelerator.MaxNumThreadsPerGroup, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
+        int threads = ThreadsFor(k.Accelerator.MaxNumThreadsPerGroup, s.GroupSize), lanes = Lanes(s.ChannelsPerGroup, threads);
         using var tables = k.Scratch(2 * s.N * s.C);
         k.GroupNorm.TiledBackward(k.Stream, new KernelConfig(s.N * s.G, threads), dy, x, mean, rstd, gamma, beta, dx, tables.View, dgamma, dbeta,
             k.GridCounters, s, lanes, accumulate ? 1 : 0);
@@ -118,7 +102,7 @@ internal static class TiledNorm
     internal static void ForwardKernel(ArrayView<float> x, ArrayView<float> gamma, ArrayView<float> beta, ArrayView<float> mean, ArrayView<float> rstd,
         ArrayView<float> y, GroupNorm.GroupShape s, float eps)
     {
-        var sh = SharedMemory.Allocate<float>(ForwardThreads);
+        var sh = SharedMemory.Allocate<float>(GroupThreads);
         int ng = Grid.IdxX, t = Group.IdxX, threads = Group.DimX;
         int start = ng * s.GroupSize, c0 = ng % s.G * s.ChannelsPerGroup;
         if (ReadsOnce(s.GroupSize, threads))
@@ -312,8 +296,8 @@ internal static class TiledNorm
         GroupNorm.GroupShape s, int lanes, int accumulate)
     {
         // [0, B): Σ du per thread, then per segment; [B, 2B): Σ du·xhat; 2B, 2B+1: the group's mean(g), mean(g·xhat)
-        // (B = BackwardThreads).
-        const int B = BackwardThreads;
+        // (B = GroupThreads).
+        const int B = GroupThreads;
         var sh = SharedMemory.Allocate<float>(2 * B + 2);
         var last = SharedMemory.Allocate<int>(1);
         long tableLength = (long)s.N * s.C;
@@ -324,7 +308,7 @@ internal static class TiledNorm
         int segments = threads / lanes, segment = t / lanes, lane = t - segment * lanes;
         float m = mean[ng], r = rstd[ng];
         // Held: one round, this thread's elements of its channel (lane, lane + lanes, …) kept as xhat and du for dx.
-        bool held = s.ChannelsPerGroup <= segments && (s.Hw + lanes - 1) / lanes <= HeldBackward;
+        bool held = HoldsBackward(s.ChannelsPerGroup, s.Hw, threads, lanes);
         Floats8 xh0 = default, xh1 = default, xh2 = default, xh3 = default, du0 = default, du1 = default, du2 = default, du3 = default;
         // Thread 0 keeps the group's Σ g and Σ g·xhat, adding the channels in order.
         float sumG = 0, sumGx = 0;

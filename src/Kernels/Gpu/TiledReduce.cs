@@ -42,10 +42,14 @@ internal static class TiledReduce
 
     /// <summary>Threads per group for a reduction of <paramref name="count"/> values a group: <see cref="Threads(Accelerator)"/>,
     /// or the smallest power of two ≥ count when that is fewer (the batch's 128 partials of a channel need no 256 threads).</summary>
-    public static int Threads(Accelerator accelerator, long count)
+    public static int Threads(Accelerator accelerator, long count) => Threads(accelerator.MaxNumThreadsPerGroup, count, MaxThreads);
+
+    /// <summary>Threads per group, a power of two: at most <paramref name="most"/> and <paramref name="deviceMax"/> (the
+    /// device's largest group), and no more than the smallest power of two ≥ <paramref name="count"/>.</summary>
+    public static int Threads(int deviceMax, long count, int most)
     {
-        int t = Threads(accelerator);
-        while (t > 1 && t / 2 >= count)
+        int t = most;
+        while (t > 1 && (t > deviceMax || t / 2 >= count))
         {
             t >>= 1;
         }
