@@ -335,10 +335,7 @@ internal static class TiledNorm
                 {
                     for (int j = lane; j < s.Hw; j += lanes)
                     {
-                        float xhat = (x[row + j] - m) * r;
-                        float du = Du(dy[row + j], xhat, gm, bt, s.Silu);
-                        a += du;
-                        b += du * xhat;
+                        Grad1(x[row + j], dy[row + j], m, r, gm, bt, s.Silu, ref a, ref b, out _);
                     }
                 }
             }

@@ -30,15 +30,7 @@ internal static class TiledReduce
     public const int MaxGroups = 1024;
 
     /// <summary>Threads per group on <paramref name="accelerator"/>: a power of two, at most <see cref="MaxThreads"/>.</summary>
-    public static int Threads(Accelerator accelerator)
-    {
-        int t = MaxThreads;
-        while (t > 1 && t > accelerator.MaxNumThreadsPerGroup)
-        {
-            t >>= 1;
-        }
-        return t;
-    }
+    public static int Threads(Accelerator accelerator) => Threads(accelerator.MaxNumThreadsPerGroup, long.MaxValue, MaxThreads);
 
     /// <summary>Threads per group for a reduction of <paramref name="count"/> values a group: <see cref="Threads(Accelerator)"/>,
     /// or the smallest power of two ≥ count when that is fewer (the batch's 128 partials of a channel need no 256 threads).</summary>
