@@ -32,6 +32,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             data.Add(warp, 2, 5, 1, 5, 7, 3, 1, 1); // one output channel: conv_out's forward and weight gradient (TiledConv.SingleChannel, NarrowWeight)
             data.Add(warp, 1, 1, 4, 5, 6, 3, 2, 1); // one input channel, stride 2: a narrow weight gradient (TiledConv.NarrowWeight)
             data.Add(warp, 2, 3, 1, 5, 7, 1, 1, 0); // one output channel, 1x1: the narrow kernel with one tap of its nine
+            data.Add(warp, 2, 16, 32, 5, 6, 3, 1, 1); // 16 input, 32 output channels: the forward and the input gradient in K steps of one tap (TiledConv.ByTaps)
+            data.Add(warp, 1, 32, 16, 5, 7, 3, 2, 1); // the same at stride 2
         }
         return data;
     }
@@ -185,16 +187,20 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     });
 
     [Theory]
-    [InlineData(32)]
-    [InlineData(4)]
-    public void SplitKForwardAndInputGradientAreFinishedThroughTheirEpilogues(int warp) => WithTimeout(() =>
+    [InlineData(32, 8, 70)]
+    [InlineData(4, 8, 70)]
+    [InlineData(32, 16, 80)]
+    [InlineData(4, 16, 80)]
+    public void SplitKForwardAndInputGradientAreFinishedThroughTheirEpilogues(int warp, int c, int k) => WithTimeout(() =>
     {
         // The forward (bias, channel bias and residual in the epilogue) over 2 row tiles of K = 70, C·R·S = 72 cut in
         // 3 splits (32, 32, 8); the input gradient, written and added, K·R·S = 630 cut in 3 (224, 224, 182). The last
-        // group of each tile adds the partials in split order and writes the sum through the op's own Store.
-        var g = new ConvShape(2, 8, 5, 5, 70, 3, 3, 1, 1);
+        // group of each tile adds the partials in split order and writes the sum through the op's own Store. With C = 16
+        // and K = 80 both passes take K steps of one tap (TiledConv.ByTaps): C·R·S = 144 in 3 splits of 48, K·R·S = 720 in
+        // 3 of 240.
+        var g = new ConvShape(2, c, 5, 5, k, 3, 3, 1, 1);
         var device = fixture[warp];
-        var rng = new Random(31 + warp);
+        var rng = new Random(31 + warp + c);
         int[] xs = [g.N, g.C, g.H, g.W], ws = [g.K, g.C, g.R, g.S], ys = [g.N, g.K, g.P, g.Q];
         var x = (Ints(rng, g.N * g.C * g.H * g.W), xs);
         var wt = (Ints(rng, g.K * g.Crs), ws);
@@ -331,6 +337,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
             Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
             Agree<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), alongK: true);
+            // The K steps of one tap decode kd as tap·channels + channel: the same gathers in another order.
+            Agree<ConvForwardTapTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
+            Agree<ConvInputTapTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
         }
 
         static void Agree<TOp>(TileArgs t, bool alongK) where TOp : struct, ITileOperands
@@ -354,6 +363,41 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
                 }
             }
             Assert.True(reads > 0, $"{typeof(TOp).Name}: no tap read anything");
+        }
+    }
+
+    /// <summary>What the GPU kernel's K steps of one tap take for granted (TiledGemm's PixelView.Channels): where the pass's
+    /// channels are a multiple of 16, every K step's 16 kd are one tap, kd j of the step reads the step's first tap moved by
+    /// j·ChannelStride with the same bits, and a kd is (tap, channel) in w's own order where KOfB says; and the host takes
+    /// that path exactly there (TiledConv.ByTaps).</summary>
+    [Fact]
+    public void EachKStepOfOneTapIsOneTapOfSixteenChannelsAStrideApart()
+    {
+        foreach (var g in new[] { new ConvShape(1, 16, 5, 6, 32, 3, 3, 1, 1), new ConvShape(2, 32, 7, 7, 16, 3, 3, 2, 1), new ConvShape(1, 16, 4, 5, 48, 1, 1, 1, 0),
+                     new ConvShape(1, 16, 9, 8, 16, 5, 5, 1, 2), new ConvShape(1, 32, 6, 7, 32, 4, 2, 3, 2) })
+        {
+            Assert.True(TiledConv.ByTaps(g.C) && TiledConv.ByTaps(g.K));
+            Steps<ConvForwardTapTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), g.H * g.W, g.C);
+            Steps<ConvInputTapTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), g.P * g.Q, g.K);
+        }
+        Assert.False(TiledConv.ByTaps(3));
+        Assert.False(TiledConv.ByTaps(24));
+
+        static void Steps<TOp>(TileArgs t, int stride, int channels) where TOp : struct, ITileOperands
+        {
+            Assert.True(TOp.TapSteps);
+            Assert.Equal(stride, TOp.ChannelStride(t));
+            Assert.Equal(0, t.Kd % TiledGemm.TK);
+            for (int k0 = 0; k0 < t.Kd; k0 += TiledGemm.TK)
+            {
+                var first = TOp.TapOfB(t, k0);
+                for (int j = 0; j < TiledGemm.TK; j++)
+                {
+                    var tap = TOp.TapOfB(t, k0 + j);
+                    Assert.True(tap.Bits == first.Bits && tap.Delta == first.Delta + j * stride,
+                        $"{typeof(TOp).Name} ({t.Conv.R}x{t.Conv.S}): kd {k0 + j} is not the step's tap at channel {j}");
+                }
+            }
         }
     }
 

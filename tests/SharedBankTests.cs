@@ -226,6 +226,68 @@ public sealed class SharedBankTests
         Assert.Equal(64, Enumerable.Range(0, 64).Select(x => TiledGemm.MmaColumn(x % 8, x / 8)).Distinct().Count());
     }
 
+    /// <summary>A loaded in fours (the K steps of one tap, <see cref="ITileOperands.TapSteps"/>): each thread's two rows by four
+    /// kd go once each to the slot the layout's loads read (the FFMA core's aS[kk][row], the tensor-core kernels'
+    /// <see cref="TiledGemm.PairSlotA"/>), in the register order the stores write; the FFMA core's eight 32-bit stores are one
+    /// wavefront each, the tensor-core kernels' two 128-bit stores the fewest, eight different 16-byte groups a quarter-warp.</summary>
+    [Fact]
+    public void TheStoresOfAInFoursAreOneToOneAndTakeTheFewestWavefronts()
+    {
+        var ffma = new HashSet<int>();
+        var tensor = new HashSet<int>();
+        for (int tid = 0; tid < TiledGemm.Threads; tid++)
+        {
+            int row = TiledGemm.Tile8x8.FoursRow(tid), quad = TiledGemm.Tile8x8.FoursQuad(tid);
+            int pair = TiledGemm.FoursPair(tid), tensorQuad = TiledGemm.FoursQuadOf(tid);
+            for (int h = 0; h < 2; h++)
+            {
+                for (int i = 0; i < 4; i++)
+                {
+                    // Element V(4h + i): row h of the thread's two, kd 4·quad + i.
+                    int slot = FfmaFours(tid, h, i);
+                    Assert.Equal((4 * quad + i) * TiledGemm.AStride + row + h * TiledGemm.Tile8x8.FoursRowStep, slot);
+                    Assert.True(ffma.Add(slot), $"FFMA core: thread {tid}'s element {4 * h + i} lands on another's");
+                    int pairSlot = TensorFours(tid, h, i);
+                    Assert.Equal(TiledGemm.PairSlotA(4 * tensorQuad + i, 2 * pair + h), pairSlot);
+                    Assert.True(tensor.Add(pairSlot), $"tensor cores: thread {tid}'s element {4 * h + i} lands on another's");
+                }
+            }
+        }
+        Assert.Equal(TiledGemm.TK * TiledGemm.TM, ffma.Count);
+        Assert.Equal(TiledGemm.TK * TiledGemm.TM, tensor.Count);
+        Assert.All(ffma, s => Assert.InRange(s, 0, TiledGemm.ATile - 1));
+        Assert.All(tensor, s => Assert.InRange(s, 0, TiledGemm.ATile - 1));
+        foreach (var (w, lanes) in Warps())
+        {
+            for (int h = 0; h < 2; h++)
+            {
+                for (int i = 0; i < 4; i++)
+                {
+                    Assert.True(Wavefronts(lanes.Select(tid => FfmaFours(tid, h, i))) == 1, $"FFMA core's store of element {4 * h + i}, warp {w}");
+                }
+            }
+            for (int store = 0; store < 2; store++)
+            {
+                var groups = lanes.Select(tid => TiledGemm.FoursGroup(tid) + store * (TiledGemm.PairAStride / 4)).ToArray();
+                var words = groups.SelectMany(Words4).ToArray();
+                Assert.True(Wavefronts(words) == Least(words), $"tensor cores' store {store}, warp {w}: {Wavefronts(words)} wavefronts");
+                for (int quarter = 0; quarter < 4; quarter++)
+                {
+                    var banks = groups.Skip(8 * quarter).Take(8).Select(g => g % (Banks / 4)).Distinct().Count();
+                    Assert.True(banks == 8, $"tensor cores' store {store}, warp {w}, quarter {quarter}: {8 - banks} lanes share a bank group");
+                }
+            }
+        }
+    }
+
+    /// <summary>Where the FFMA core's <see cref="TiledGemm.Tile8x8.StoreFours"/> puts element V(4h + i) of thread tid.</summary>
+    private static int FfmaFours(int tid, int h, int i) => TiledGemm.FoursSlot(tid) + i * TiledGemm.AStride + h * 32;
+
+    /// <summary>Where the tensor-core kernels' StoreFours puts element V(4h + i): the first 16-byte group holds (V0, V4, V1, V5),
+    /// the second, a kk pair on, (V2, V6, V3, V7).</summary>
+    private static int TensorFours(int tid, int h, int i) =>
+        4 * TiledGemm.FoursGroup(tid) + (i >= 2 ? TiledGemm.PairAStride : 0) + 2 * (i & 1) + h;
+
     /// <summary>The weight gradient's column taps (a <see cref="Tap"/>, two words, a column of the tile): thread tid stores
     /// entry tid once a launch (a warp's 64 words: the two wavefronts they need), and each K step reads entries line + 8·j
     /// as 64-bit loads (a warp's lanes share 8 lines: one wavefront).</summary>

@@ -95,13 +95,21 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
 
     public static TheoryData<string> Modes() => [nameof(Tf32Math), nameof(Tf32x3Math)];
 
+    /// <summary>Each mode with the ragged shape (3 input, 5 output channels) and with one whose forward and input gradient take
+    /// K steps of one tap (16 input, 32 output channels: TiledConv.ByTaps, A loaded in fours).</summary>
+    public static TheoryData<string, int, int> ModesAndChannels() => new()
+    {
+        { nameof(Tf32Math), 3, 5 }, { nameof(Tf32x3Math), 3, 5 }, { nameof(Tf32Math), 16, 32 }, { nameof(Tf32x3Math), 16, 32 },
+    };
+
     [Theory]
-    [MemberData(nameof(Modes))]
-    public void ConvolutionsOnTensorCoresMatchCpuExactlyOnIntegers(string mode) => WithTimeout(() =>
+    [MemberData(nameof(ModesAndChannels))]
+    public void ConvolutionsOnTensorCoresMatchCpuExactlyOnIntegers(string mode, int c, int k) => WithTimeout(() =>
     {
         // Ragged: 5 x 7 images, 5 output channels, 3 input channels; the weight gradient in 3 splits with the bias's row sums,
-        // the forward in 2 (C·R·S = 27: two K steps) and the input gradient in 3 (K·R·S = 45).
-        var g = new ConvShape(2, 3, 5, 7, 5, 3, 3, 1, 1);
+        // the forward in 2 (C·R·S = 27: two K steps) and the input gradient in 3 (K·R·S = 45). With 16 and 32 channels the
+        // forward (C·R·S = 144) and the input gradient (K·R·S = 288) run in K steps of one tap, in 3 splits too.
+        var g = new ConvShape(2, c, 5, 7, k, 3, 3, 1, 1);
         var device = fixture.Warp32;
         var kernels = IlgpuKernels.For(device);
         var rng = new Random(17);
@@ -165,7 +173,7 @@ public sealed class TensorCoreTests(GpuLikeFixture fixture, ITestOutputHelper ou
         {
             kernels.Precision = MathPrecision.Fp32;
         }
-        output.WriteLine($"{mode}: forward, input and weight gradients, whole and split, match the CPU bit for bit");
+        output.WriteLine($"{mode}, {c} > {k} channels: forward, input and weight gradients, whole and split, match the CPU bit for bit");
     });
 
     [Theory]

@@ -94,10 +94,12 @@ public static class GpuForecast
             $"(4 a clock x {F(GpuPrediction.IssueEfficiency(3), "0.00")} issue efficiency with 3 warps a scheduler, less with fewer), or on tensor cores " +
             $"the HMMA a step x {F(GpuPrediction.ClocksPerHmma, "0")} clocks each when that is longer, at least the compulsory bytes at " +
             $"{GpuPrediction.MemoryShare:P0} of HBM, plus {GpuPrediction.LaunchGapMs * 1000:0} µs a launch. The step's convolutions: {F(trainGflop, "0")} GFLOP " +
-            $"a train step, {F(forwardGflop, "0")} a denoising step.");
+            $"a train step, {F(forwardGflop, "0")} a denoising step; a train step adds the permutation of the weights its passes in K steps of one tap " +
+            $"read ({F(GpuPrediction.HeldPermutationMs(passes, Chip.H100))} ms on an H100, one launch), a denoising step nothing (once a sampling run).");
         foreach (var (mode, costs) in byMode)
         {
-            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" }];
+            // A pass in K steps of one tap runs its own kernel ("ForwardTap", "InputTap") after its weights' permutation.
+            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" } + (GpuPrediction.ByTaps(p) ? "Tap" : "")];
             PassPrediction Predict(ConvPass p, Chip chip) => GpuPrediction.SingleChannel(p)
                 ? GpuPrediction.PredictSingleChannel(p, singleChannelTap, chip)
                 : GpuPrediction.NarrowWeight(p) ? GpuPrediction.PredictNarrowWeight(p, narrowPixel, chip)
@@ -136,7 +138,8 @@ public static class GpuForecast
                 }
                 var (trainLow, trainHigh) = Rest(chip, train: true);
                 var (fwdLow, fwdHigh) = Rest(chip, train: false);
-                double train = fwd + dx + dw;
+                // The held weights' permutation (one launch a train step; once a sampling run, so nothing a denoising step).
+                double train = fwd + dx + dw + GpuPrediction.HeldPermutationMs(passes, chip);
                 (double Low, double High) ours = (train + trainLow, train + trainHigh), oursFwd = (fwd + fwdLow, fwd + fwdHigh);
                 string Range((double Low, double High) v) => F(v.Low, "0.0") == F(v.High, "0.0") ? F(v.Low, "0.0") : $"{F(v.Low, "0.0")}-{F(v.High, "0.0")}";
                 string Ratio((double Low, double High) a, (double Low, double High) b) => $"{F(a.Low / b.High, "0.00")}-{F(a.High / b.Low, "0.00")}x";

@@ -340,6 +340,8 @@ public static class Sampler
             Elementwise.Fill(wNone!, 1f - guidance);
         }
         using var tape = Tape.NoGrad(device);
+        // The weights do not change while sampling: the GPU's convolutions read them permuted once (UNet.HoldConvWeights).
+        using var held = model.HoldConvWeights();
         return Run(device, n, steps, seed, (x, step, eps) =>
         {
             Elementwise.Fill(t, step);

@@ -240,61 +240,70 @@ public sealed partial class Trainer : IDisposable
         int slot = _pending, batch = Options.Batch, b = Options.MicroBatch, local = Options.Accumulate, micros = local * Options.Ranks;
         int inEpoch = (int)(Step % StepsPerEpoch), imageFloats = _eps.Length / b;
         var order = Order(Epoch);
-        for (int k = 0; k < local; k++)
+        // The weights do not change until the optimizer: the GPU's convolutions read them permuted once (UNet.HoldConvWeights).
+        var held = Model.HoldConvWeights();
+        try
         {
-            // Micro-batch j = k·ranks + rank of the step is images [j·b, (j+1)·b) of the step's batch, with their own draws:
-            // the timesteps, labels, flips and noise of those positions, so any cut of the batch draws what the whole batch does.
-            int first = (k * Options.Ranks + (Mpi?.Rank ?? 0)) * b;
-            var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
-            var staged = _staged[slot][k];
-            Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
-            for (int n = 0; n < b; n++)
+            for (int k = 0; k < local; k++)
             {
-                int image = order[inEpoch * batch + first + n];
-                long position = Step * batch + first + n;
-                _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
-                int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)position));
-                ts[n] = t;
-                ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
-                cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+                // Micro-batch j = k·ranks + rank of the step is images [j·b, (j+1)·b) of the step's batch, with their own draws:
+                // the timesteps, labels, flips and noise of those positions, so any cut of the batch draws what the whole batch does.
+                int first = (k * Options.Ranks + (Mpi?.Rank ?? 0)) * b;
+                var data = _tape.Profile?.Time("batch data (images, timesteps, labels)", Device) ?? default;
+                var staged = _staged[slot][k];
+                Span<float> pixels = staged[0].Span, ts = staged[1].Span, labels = staged[2].Span, ca = staged[3].Span, cb = staged[4].Span;
+                for (int n = 0; n < b; n++)
+                {
+                    int image = order[inEpoch * batch + first + n];
+                    long position = Step * batch + first + n;
+                    _data.CopyImage(image, pixels.Slice(n * _data.ImageBytes, _data.ImageBytes), Options.Flip && Flips(Step, image));
+                    int t = Timesteps.At(Philox.Uniform(Philox.Key(Options.Seed, TimestepStream), (ulong)position));
+                    ts[n] = t;
+                    ca[n] = (float)Math.Sqrt(Schedule.AlphaBars[t]);
+                    cb[n] = (float)Math.Sqrt(1 - Schedule.AlphaBars[t]);
+                    if (Options.Classes > 0)
+                    {
+                        // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
+                        bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)position) < LabelDropProbability;
+                        labels[n] = drop ? Model.NullLabel : _data.Labels[image];
+                    }
+                }
+                // Asynchronous: the slot's page-locked memory is not written again before the read-back has synchronised.
+                _x0.CopyFromAsync(staged[0]);
+                _t.CopyFromAsync(staged[1]);
                 if (Options.Classes > 0)
                 {
-                    // The drop is a pure function of (seed, step, n), like the timesteps: a resumed run drops the same labels.
-                    bool drop = Philox.Uniform(Philox.Key(Options.Seed, LabelDropStream), (ulong)position) < LabelDropProbability;
-                    labels[n] = drop ? Model.NullLabel : _data.Labels[image];
+                    _labels.CopyFromAsync(staged[2]);
+                }
+                _ca.CopyFromAsync(staged[3]);
+                _cb.CopyFromAsync(staged[4]);
+                data.Dispose();
+                var prepare = _tape.Profile?.Time("batch noise, x_t", Device) ?? default;
+                RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), ((ulong)Step * (ulong)batch + (ulong)first) * (ulong)imageFloats);
+                Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
+                Model.ZeroGrad();
+                prepare.Dispose();
+
+                // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
+                // reuses its bookkeeping objects, so a step allocates no managed memory.
+                try
+                {
+                    var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
+                    var l = _tape.MseLoss(pred, _tape.Constant(_eps));
+                    _lossOf[slot].CopyFrom(l.Value); // stays on the device until the read-back (backward frees the loss)
+                    _tape.Backward(l);
+                    using var fold = _tape.Profile?.Time("gradient sum (micro-batches, ranks)", Device) ?? default;
+                    Keep(k, _lossOf[slot]);
+                }
+                finally
+                {
+                    _tape.Reset();
                 }
             }
-            // Asynchronous: the slot's page-locked memory is not written again before the read-back has synchronised.
-            _x0.CopyFromAsync(staged[0]);
-            _t.CopyFromAsync(staged[1]);
-            if (Options.Classes > 0)
-            {
-                _labels.CopyFromAsync(staged[2]);
-            }
-            _ca.CopyFromAsync(staged[3]);
-            _cb.CopyFromAsync(staged[4]);
-            data.Dispose();
-            var prepare = _tape.Profile?.Time("batch noise, x_t", Device) ?? default;
-            RandomFill.Normal(_eps, Philox.Key(Options.Seed, NoiseStream), ((ulong)Step * (ulong)batch + (ulong)first) * (ulong)imageFloats);
-            Elementwise.Combine(_x0, _ca, _eps, _cb, _xt);
-            Model.ZeroGrad();
-            prepare.Dispose();
-
-            // One tape for the whole run, reset after each step: its intermediates go back to the pool, and the next step
-            // reuses its bookkeeping objects, so a step allocates no managed memory.
-            try
-            {
-                var pred = Model.Forward(_tape, _tape.Constant(_xt), _tape.Constant(_t), Options.Classes > 0 ? _tape.Constant(_labels) : null);
-                var l = _tape.MseLoss(pred, _tape.Constant(_eps));
-                _lossOf[slot].CopyFrom(l.Value); // stays on the device until the read-back (backward frees the loss)
-                _tape.Backward(l);
-                using var fold = _tape.Profile?.Time("gradient sum (micro-batches, ranks)", Device) ?? default;
-                Keep(k, _lossOf[slot]);
-            }
-            finally
-            {
-                _tape.Reset();
-            }
+        }
+        finally
+        {
+            held.Dispose();
         }
         if (micros > 1 || Mpi is not null)
         {

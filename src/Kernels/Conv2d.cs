@@ -96,6 +96,31 @@ public enum ConvLowering
 /// </summary>
 public static unsafe class Conv2d
 {
+    /// <summary>
+    /// Holds <paramref name="weights"/> (a model's parameters; the convolution weights among them count) permuted for the
+    /// GPU passes in K steps of one tap until the result is disposed: one launch now instead of one a pass
+    /// (docs/gpu.md, "K steps of one tap"). For a span in which the weights do not change: a training step's forwards and
+    /// backwards, a sampling run. Nothing on the CPU backend, with the simple kernels, or while another hold is open.
+    /// </summary>
+    public static IDisposable HoldWeights(IReadOnlyList<Tensor> weights)
+    {
+        if (weights.Count == 0 || !weights[0].Device.IsIlgpu)
+        {
+            return NoHold.Instance;
+        }
+        var k = IlgpuKernels.For(weights[0]);
+        return k.Simple || k.Held is not null ? NoHold.Instance : k.HeldLayout(weights).Hold();
+    }
+
+    private sealed class NoHold : IDisposable
+    {
+        public static readonly NoHold Instance = new();
+
+        public void Dispose()
+        {
+        }
+    }
+
     /// <summary>y = conv(x, w) + b, and with <paramref name="channelBias"/> e [N, K] also + e[n, k] over each output
     /// image: the time embedding a ResBlock adds after its first convolution, folded into the convolution's epilogue
     /// (its gradient is <see cref="Elementwise.AddChannelsBackward"/> of dy). With <paramref name="residual"/> (shaped as
@@ -126,7 +151,7 @@ public static unsafe class Conv2d
             var k = IlgpuKernels.For(x);
             if (!k.Simple && TiledConv.Takes(g))
             {
-                TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View, residual?.View);
+                TiledConv.Forward(k, g, x.View, w.View, b.View, y.View, channelBias?.View, residual?.View, held: k.Held?.Forward(w));
                 return;
             }
             k.Conv2d.Forward(k.Stream, y.Length, x.View, w.View, b.View, y.View, g);
@@ -160,7 +185,7 @@ public static unsafe class Conv2d
             var k = IlgpuKernels.For(dx);
             if (!k.Simple && TiledConv.Takes(g))
             {
-                TiledConv.BackwardInput(k, g, dy.View, w.View, dx.View, accumulate);
+                TiledConv.BackwardInput(k, g, dy.View, w.View, dx.View, accumulate, held: k.Held?.Input(w));
                 return;
             }
             if (!accumulate)
@@ -734,6 +759,19 @@ public static unsafe class Conv2d
         public readonly TiledKernels<ConvInputTile> TiledInput = new(k, matmul: false);
 
         public readonly TiledKernels<ConvWeightTile> TiledWeight = new(k, matmul: false);
+
+        /// <summary>The forward and the input gradient with K steps of one tap (<see cref="TiledConv.ByTaps"/>).</summary>
+        public readonly TiledKernels<ConvForwardTapTile> TiledForwardByTap = new(k, matmul: false);
+
+        public readonly TiledKernels<ConvInputTapTile> TiledInputByTap = new(k, matmul: false);
+
+        /// <summary>The held weights' permutation, all in one launch (<see cref="TiledConv.PermuteHeldKernel"/>).</summary>
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>> PermuteHeld =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>>>(TiledConv.PermuteHeldKernel);
+
+        /// <summary>The weights' permutation for those (<see cref="TiledConv.SwapLastAxesKernel"/>).</summary>
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int> SwapLastAxes =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int>>(TiledConv.SwapLastAxesKernel);
 
         /// <summary>The forward of a one-output-channel convolution (<see cref="TiledConv.SingleChannelForwardKernel"/>).</summary>
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,

@@ -58,7 +58,8 @@ public sealed class IlgpuKernels
     /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
     /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd, then taps that read nothing up to the next multiple of
     /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last: a split's last group past
-    /// the end of K, any other into the next split's range, whose taps read inside the tensor and are dropped). Built on the host and
+    /// the end of K, any other into the next split's range, whose taps read inside the tensor and are dropped), and one entry of
+    /// zero bits (<see cref="TiledGemm.ZeroTap"/>). Built on the host and
     /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. A tapped along-K B (the
     /// weight gradient) gets the table of its first image's pixels instead (<see cref="ITileOperands.PixelOfBFromTable"/>:
     /// base and mask, as taps). Any other op gets a small table it never reads.
@@ -88,17 +89,54 @@ public sealed class IlgpuKernels
                 }
                 else
                 {
-                    // A K step of padding past the last: the kernel fetches one step ahead, also after the last.
-                    taps = new Tap[TileArgs.RoundUp(Math.Max(t.Kd, 1), TiledGemm.TK) + TiledGemm.TK];
-                    for (int kd = 0; kd < taps.Length; kd++)
+                    // A K step of padding past the last: the kernel fetches one step ahead, also after the last. Then one entry
+                    // of zero bits, a float 0 that a K step of one tap reads where its tap misses the pixel (TiledGemm.ZeroOfTable).
+                    taps = new Tap[TiledGemm.ZeroTap(t) + 1];
+                    for (int kd = 0; kd < taps.Length - 1; kd++)
                     {
                         taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
                     }
+                    taps[^1] = new Tap(0, 0);
                 }
                 table = Accelerator.Allocate1D(taps);
                 _tapTables[key] = table;
             }
             return table.View;
+        }
+    }
+
+    /// <summary>The convolution weights held permuted (<see cref="Conv2d.HoldWeights"/>), or null.</summary>
+    internal HeldConvWeights? Held { get; set; }
+
+    private HeldConvWeights? _heldLayout;
+
+    /// <summary>The layout of <paramref name="weights"/>' held copies: the last one when it was made for this very list (a
+    /// training run's every step), else a new one (the last one's memory given back).</summary>
+    internal HeldConvWeights HeldLayout(IReadOnlyList<Tensor> weights)
+    {
+        if (_heldLayout is not null && ReferenceEquals(_heldLayout.Weights, weights))
+        {
+            return _heldLayout;
+        }
+        _heldLayout?.Free();
+        return _heldLayout = new HeldConvWeights(this, weights);
+    }
+
+    private readonly Dictionary<string, MemoryBuffer1D<int, Stride1D.Dense>> _segmentTables = [];
+
+    /// <summary>A held permutation's segment table on the device (<see cref="HeldConvWeights"/>): uploaded once a table (a model's
+    /// tables are the same every step), then kept with the kernels.</summary>
+    internal ArrayView<int> SegmentTable(int[] table)
+    {
+        lock (_segmentTables)
+        {
+            string key = string.Join(",", table);
+            if (!_segmentTables.TryGetValue(key, out var buffer))
+            {
+                buffer = Accelerator.Allocate1D(table);
+                _segmentTables[key] = buffer;
+            }
+            return buffer.View;
         }
     }
 

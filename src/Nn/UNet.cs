@@ -119,6 +119,14 @@ public sealed class UNet
 
     /// <summary>Sets every parameter's gradient to zero (one memset when the gradients are one flat buffer).</summary>
     public void ZeroGrad() => Parameters.ZeroGrad();
+
+    private Tensor[]? _convWeights;
+
+    /// <summary>Holds the convolution weights permuted for the GPU's K steps of one tap until disposed (Conv2d.HoldWeights):
+    /// for a span in which they do not change, a training step's forwards and backwards or a sampling run. Nothing on the
+    /// CPU backend; allocates nothing after the first call.</summary>
+    public IDisposable HoldConvWeights() =>
+        Ddpm.Kernels.Conv2d.HoldWeights(_convWeights ??= [.. Parameters.Where(p => p.Shape.Length == 4).Select(p => p.Value)]);
 }
 
 /// <summary>The spec's presets: tiny (16), small (32), base (64), written once.</summary>

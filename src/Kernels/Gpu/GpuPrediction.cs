@@ -73,6 +73,30 @@ public static class GpuPrediction
         };
     }
 
+    /// <summary>True for a pass that runs in K steps of one tap (<see cref="TiledConv.ByTaps"/>: the forward over C, the input
+    /// gradient over K, a multiple of 16), its weights permuted first (<see cref="HeldPermutationMs"/>).</summary>
+    public static bool ByTaps(ConvPass p) => p.Pass switch
+    {
+        "fwd" => TiledConv.ByTaps(p.Shape.C) && !SingleChannel(p),
+        "dx" => TiledConv.ByTaps(p.Shape.K),
+        _ => false,
+    };
+
+    /// <summary>The held weights' permutation a train step (<see cref="HeldConvWeights"/>: one launch before the forwards, every
+    /// convolution weight of <paramref name="passes"/> read once and written once for each of its passes in K steps of one
+    /// tap, at <see cref="MemoryShare"/> of HBM) plus its launch gap. A sampling run permutes once for all its denoising
+    /// steps: nothing a step.</summary>
+    public static double HeldPermutationMs(IEnumerable<ConvPass> passes, Chip chip)
+    {
+        double bytes = 0;
+        foreach (var p in passes)
+        {
+            long weights = (long)p.Shape.K * p.Shape.Crs;
+            bytes += (p.Pass == "fwd" ? 4.0 * weights : 0) + (ByTaps(p) ? 4.0 * weights : 0);
+        }
+        return bytes / (MemoryShare * chip.MemoryTBs * 1e9) + LaunchGapMs;
+    }
+
     /// <summary>True for a pass the one-output-channel forward kernel runs (<see cref="PredictSingleChannel"/>).</summary>
     public static bool SingleChannel(ConvPass p) => p.Pass == "fwd" && TiledConv.SingleChannel(p.Shape);
 

@@ -77,6 +77,24 @@ internal interface ITileAccumulator
     /// (<see cref="FirstReadA"/>, <see cref="FirstReadB"/>): every load is then a view's base plus a constant.</summary>
     void Step(ArrayView<Float4> aRow, ArrayView<Float4> bRow);
 
+    /// <summary>A loaded in fours (<see cref="ITileOperands.TapSteps"/>): thread <paramref name="tid"/>'s first row of the A tile;
+    /// its two rows are that and <see cref="FoursRowStep"/> on, each at kd 4·<see cref="FoursQuad"/> .. + 3 of the K step.</summary>
+    static abstract int FoursRow(int tid);
+
+    /// <summary>The second of a thread's two rows of A loaded in fours, less its first.</summary>
+    static abstract int FoursRowStep { get; }
+
+    /// <summary>Which four kd of a K step thread <paramref name="tid"/> loads of its two rows of A (0 .. 3).</summary>
+    static abstract int FoursQuad(int tid);
+
+    /// <summary>Where thread <paramref name="tid"/>'s first element of A loaded in fours goes in a buffer (floats), computed once a
+    /// launch; <see cref="StoreFours"/> takes it plus the buffer's offset.</summary>
+    static abstract int FoursSlot(int tid);
+
+    /// <summary>Stores a thread's 8 elements of A loaded in fours (V0 .. V3: its first row's four kd, V4 .. V7: its second's)
+    /// from float <paramref name="slot"/> on (<see cref="FoursSlot"/> plus the buffer's offset), in this accumulator's layout.</summary>
+    static abstract void StoreFours(ArrayView<float> aS, ArrayView<Float4> aS4, int slot, Floats8 v);
+
     /// <summary>Writes this thread's outputs through <typeparamref name="TOp"/>'s epilogue; the tile's corner is (m0, col0).</summary>
     void Emit<TOp>(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, ArrayView<float> partials, int split,
         int m0, int col0, int tid) where TOp : struct, ITileOperands;
@@ -428,6 +446,21 @@ public static partial class TiledGemm
     internal static int MmaReadB(int kb, int q, int warp, int lane) =>
         ((kb >> 1) + (lane & 3)) * (PairBStride / 4) + 32 * (warp >> 1) + (lane >> 2) + 8 * q;
 
+    /// <summary>The row pair p (rows 2p, 2p + 1) of thread <paramref name="tid"/>'s A elements loaded in fours, in the
+    /// tensor-core layout: lane bits 1, 2 and 4, then the warp.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int FoursPair(int tid) => (tid >> 1 & 3) | (tid >> 2 & 4) | (tid >> 5) << 3;
+
+    /// <summary>The four kd q (kd 4q .. 4q + 3) of thread <paramref name="tid"/>'s A elements loaded in fours, in the tensor-core
+    /// layout: lane bits 0 and 3.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int FoursQuadOf(int tid) => (tid & 1) | (tid >> 2 & 2);
+
+    /// <summary>The Float4 index, in a buffer, of thread <paramref name="tid"/>'s first 16-byte group of A loaded in fours
+    /// (pair 2q, rows 2p and 2p + 1); its second is <see cref="PairAStride"/> / 4 on.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int FoursGroup(int tid) => 2 * FoursQuadOf(tid) * (PairAStride / 4) + FoursPair(tid);
+
     /// <summary>A thread's 2 x 8 mma tiles of the warp's 32 x 64 piece: 64 fp32 accumulators, as fields (registers).</summary>
     private struct TensorTile<TMath, TLayout> : ITileAccumulator where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
     {
@@ -476,6 +509,33 @@ public static partial class TiledGemm
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public static int FirstReadB(int tid) => MmaReadB(0, 0, tid >> 5, tid & 31);
+
+        /// <summary>Rows 2p and 2p + 1, kd 4q .. 4q + 3: the two 16-byte groups of pairs 2q and 2q + 1 at rows 2p, 2p + 1
+        /// (<see cref="PairSlotA"/>), so a thread's elements are two 128-bit stores. Lane bits 0 and 3 are q, bits 1, 2 and 4
+        /// and the warp are p: a quarter-warp's eight stores fall on groups 68q + p ≡ 4q + p (mod 8), all different
+        /// (<see cref="FoursPair"/>, <see cref="FoursQuadOf"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursRow(int tid) => 2 * FoursPair(tid);
+
+        /// <inheritdoc/>
+        public static int FoursRowStep => 1;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursQuad(int tid) => FoursQuadOf(tid);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursSlot(int tid) => 4 * FoursGroup(tid);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static void StoreFours(ArrayView<float> aS, ArrayView<Float4> aS4, int slot, Floats8 v)
+        {
+            var at = aS4.SubView(slot >> 2);
+            at[0] = new Float4 { X = v.V0, Y = v.V4, Z = v.V1, W = v.V5 };
+            at[PairAStride / 4] = new Float4 { X = v.V2, Y = v.V6, Z = v.V3, W = v.V7 };
+        }
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -54,6 +54,12 @@ public struct ConvForwardTile : ITileOperands
     public static bool Tapped => true;
 
     /// <inheritdoc/>
+    public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static int ChannelStride(TileArgs t) => 0;
+
+    /// <inheritdoc/>
     public static bool RowSummed => false;
 
     /// <inheritdoc/>
@@ -84,6 +90,73 @@ public struct ConvForwardTile : ITileOperands
             v += residual[i];
         }
         y[i] = v;
+    }
+}
+
+/// <summary>
+/// The forward with K steps of one tap (<see cref="ITileOperands.TapSteps"/>; C a multiple of 16): kd = tap·C + c, A = w
+/// permuted to [K][R·S][C] (<see cref="TiledConv.SwapLastAxesKernel"/>), B = col(x) in the same order; the rest is
+/// <see cref="ConvForwardTile"/>'s.
+/// </summary>
+public struct ConvForwardTapTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => false;
+
+    /// <inheritdoc/>
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Kd);
+
+    /// <inheritdoc/>
+    public static Gather KOfA(TileArgs t, int kd) => new(kd);
+
+    /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather row, Gather k) => row.Base + k.Base;
+
+    /// <inheritdoc/>
+    public static Gather ColumnOfB(TileArgs t, int col) => ConvTaps.OutputPixel(t, col);
+
+    /// <inheritdoc/>
+    public static Gather KOfB(TileArgs t, int kd) => ConvTaps.Tap(t, ChannelMajor(t, kd));
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvTaps.Input(t, pixel, tap);
+
+    /// <inheritdoc/>
+    public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => true;
+
+    /// <summary>x's channels are H·W apart.</summary>
+    public static int ChannelStride(TileArgs t) => t.Conv.H * t.Conv.W;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
+
+    /// <inheritdoc/>
+    public static Tap TapOfB(TileArgs t, int kd) => ConvTaps.InputTap(t, ChannelMajor(t, kd));
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int m, int col,
+        float acc) => ConvForwardTile.Store(t, y, b, e, residual, m, col, acc);
+
+    /// <summary>kd = tap·C + c as w's own order, c·R·S + tap.</summary>
+    private static int ChannelMajor(TileArgs t, int kd)
+    {
+        int tap = t.Div.C.Div(kd);
+        return (kd - tap * t.Conv.C) * t.Conv.R * t.Conv.S + tap;
     }
 }
 
@@ -141,6 +214,12 @@ public struct ConvInputTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static int ChannelStride(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static bool RowSummed => false;
@@ -202,6 +281,73 @@ public struct ConvInputTile : ITileOperands
     }
 }
 
+/// <summary>
+/// The input gradient with K steps of one tap (<see cref="ITileOperands.TapSteps"/>; K a multiple of 16): kd = tap·K + k,
+/// A = w permuted to [C][R·S][K] (<see cref="TiledConv.SwapLastAxesKernel"/> of w as [K][C·R·S]), B = dy gathered in the
+/// same order; the rest is <see cref="ConvInputTile"/>'s.
+/// </summary>
+public struct ConvInputTapTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => false;
+
+    /// <inheritdoc/>
+    public static Gather RowOfA(TileArgs t, int m) => new(m * t.Kd);
+
+    /// <inheritdoc/>
+    public static Gather KOfA(TileArgs t, int kd) => new(kd);
+
+    /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather row, Gather k) => row.Base + k.Base;
+
+    /// <inheritdoc/>
+    public static Gather ColumnOfB(TileArgs t, int col) => ConvInputTile.ColumnOfB(t, col);
+
+    /// <inheritdoc/>
+    public static Gather KOfB(TileArgs t, int kd) => ConvInputTile.KOfB(t, ChannelMajor(t, kd));
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvInputTile.IndexB(t, pixel, tap);
+
+    /// <inheritdoc/>
+    public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => true;
+
+    /// <summary>dy's channels are P·Q apart.</summary>
+    public static int ChannelStride(TileArgs t) => t.Conv.P * t.Conv.Q;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfB(TileArgs t, int col) => ConvInputTile.PixelOfB(t, col);
+
+    /// <inheritdoc/>
+    public static Tap TapOfB(TileArgs t, int kd) => ConvInputTile.TapOfB(t, ChannelMajor(t, kd));
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> dx, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
+        float acc) => ConvInputTile.Store(t, dx, e0, e1, e2, m, col, acc);
+
+    /// <summary>kd = tap·K + k as <see cref="ConvInputTile"/>'s order, k·R·S + tap.</summary>
+    private static int ChannelMajor(TileArgs t, int kd)
+    {
+        int tap = t.Div.K.Div(kd);
+        return (kd - tap * t.Conv.K) * t.Conv.R * t.Conv.S + tap;
+    }
+}
+
 /// <summary>Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) =
 /// col(x[n])[crs, pq], added into dw [K, C·R·S] (with splits, by the last group of each tile, in split order). With
 /// <see cref="TileArgs.RowSums"/> the bias gradient Σ dy goes to e1 = db.</summary>
@@ -248,6 +394,12 @@ public struct ConvWeightTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static int ChannelStride(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static bool RowSummed => true;
@@ -390,7 +542,7 @@ internal static class TiledConv
     /// One output channel (<see cref="SingleChannel"/>, the model's last convolution) runs <see cref="SingleChannelForwardKernel"/>
     /// unless <paramref name="tiled"/>.</summary>
     public static void Forward(IlgpuKernels k, ConvShape g, ArrayView<float> x, ArrayView<float> w, ArrayView<float> b, ArrayView<float> y,
-        ArrayView<float>? channelBias, ArrayView<float>? residual = null, int splits = 0, bool tiled = false)
+        ArrayView<float>? channelBias, ArrayView<float>? residual = null, int splits = 0, bool tiled = false, ArrayView<float>? held = null)
     {
         Require(g);
         if (SingleChannel(g) && !tiled)
@@ -404,7 +556,69 @@ internal static class TiledConv
         }
         int chunk = Chunk(g.Crs, splits > 0 ? splits : ForwardSplits(g));
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, chunk, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
-        TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
+        if (!ByTaps(g.C))
+        {
+            TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
+            return;
+        }
+        // w [K][C][R·S] as [K][R·S][C]: kd = tap·C + c; held (HeldConvWeights) or permuted here (freed once queued, as the
+        // partials are).
+        using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
+        if (permuted is not null)
+        {
+            SwapLastAxes(k, w, permuted.View, g.K, g.C, g.R * g.S);
+        }
+        TiledGemm.Launch<ConvForwardTapTile>(k, k.Conv2d.TiledForwardByTap.For(), t, held ?? permuted!.View, x, y, b, channelBias ?? b, residual ?? b);
+    }
+
+    /// <summary>True when a convolution pass whose K runs over <paramref name="channels"/> (the forward's C, the input
+    /// gradient's K) and the taps takes K steps of one tap (<see cref="ConvForwardTapTile"/>, <see cref="ConvInputTapTile"/>):
+    /// a whole number of K steps of channels.</summary>
+    public static bool ByTaps(int channels) => channels % TiledGemm.TK == 0;
+
+    /// <summary>Queues dst[x][z][y] = src[x][y][z] for x &lt; <paramref name="x"/>, y &lt; <paramref name="y"/>, z &lt; <paramref name="z"/>.</summary>
+    private static void SwapLastAxes(IlgpuKernels k, ArrayView<float> src, ArrayView<float> dst, int x, int y, int z)
+    {
+        if ((long)x * y * z > 0)
+        {
+            k.Conv2d.SwapLastAxes(k.Stream, x * y * z, src, dst, y, z);
+        }
+    }
+
+    /// <summary>
+    /// The held weights' permutation (<see cref="HeldConvWeights"/>), every weight in one launch: element i of the launch is in
+    /// the segment whose first element is the last at or below i (a table of <see cref="HeldConvWeights.SegmentInts"/> ints a
+    /// weight: first, offset in src, K, C, R·S, forward copy, input-gradient copy), w[k][c][tap] there, written to the
+    /// forward's copy at (k·R·S + tap)·C + c and the input gradient's at (c·R·S + tap)·K + k (where each is held).
+    /// </summary>
+    internal static void PermuteHeldKernel(Index1D i, ArrayView<float> src, ArrayView<int> table, int segments, ArrayView<float> forward,
+        ArrayView<float> input)
+    {
+        int s = 0;
+        while (s + 1 < segments && table[(s + 1) * HeldConvWeights.SegmentInts] <= i)
+        {
+            s++;
+        }
+        int at = s * HeldConvWeights.SegmentInts, local = i - table[at];
+        int k = table[at + 2], c = table[at + 3], rs = table[at + 4], toForward = table[at + 5], toInput = table[at + 6];
+        int crs = c * rs, kk = local / crs, rest = local - kk * crs, ci = rest / rs, tap = rest - ci * rs;
+        float v = src[table[at + 1] + local];
+        if (toForward >= 0)
+        {
+            forward[toForward + (kk * rs + tap) * c + ci] = v;
+        }
+        if (toInput >= 0)
+        {
+            input[toInput + (ci * rs + tap) * k + kk] = v;
+        }
+    }
+
+    /// <summary>dst[i] for i = (x·Z + z)·Y + y is src[(x·Y + y)·Z + z]: the last two axes of [X][Y][Z] swapped (the weights'
+    /// permutation for the K steps of one tap). One thread an element, dst written in order.</summary>
+    internal static void SwapLastAxesKernel(Index1D i, ArrayView<float> src, ArrayView<float> dst, int y, int z)
+    {
+        int yz = y * z, x = i / yz, rest = i - x * yz, zi = rest / y, yi = rest - zi * y;
+        dst[i] = src[x * yz + yi * z + zi];
     }
 
     /// <summary>True for a forward with one output channel: a 64-row tile would compute 63 rows of nothing (docs/gpu.md,
@@ -432,12 +646,23 @@ internal static class TiledConv
     /// <summary>dx (+)= conv_transpose(dy, w); with <paramref name="accumulate"/> false dx is only written. K split
     /// <paramref name="splits"/> ways (0: <see cref="InputSplits"/>).</summary>
     public static void BackwardInput(IlgpuKernels k, ConvShape g, ArrayView<float> dy, ArrayView<float> w, ArrayView<float> dx, bool accumulate,
-        int splits = 0)
+        int splits = 0, ArrayView<float>? held = null)
     {
         Require(g);
         int kd = g.K * g.R * g.S, chunk = Chunk(kd, splits > 0 ? splits : InputSplits(g));
         var t = new TileArgs(g.C, g.N * g.H * g.W, kd, chunk, accumulate, false, g, default);
-        TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
+        if (!ByTaps(g.K))
+        {
+            TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
+            return;
+        }
+        // w [K][C·R·S] as [C·R·S][K] = [C][R·S][K]: kd = tap·K + k; held or permuted here.
+        using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
+        if (permuted is not null)
+        {
+            SwapLastAxes(k, w, permuted.View, 1, g.K, g.Crs);
+        }
+        TiledGemm.Launch<ConvInputTapTile>(k, k.Conv2d.TiledInputByTap.For(), t, held ?? permuted!.View, dy, dx, dx, dx, dx);
     }
 
     /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>

@@ -88,8 +88,9 @@ public readonly struct FastDiv
 /// <summary>The divisors a convolution's gathers use, prepared once per launch.</summary>
 public readonly struct ConvDivisors(ConvShape g)
 {
-    /// <summary>By P·Q, Q, R·S, S, H·W, W and the stride.</summary>
-    public readonly FastDiv Pq = new(g.P * g.Q), Q = new(g.Q), Rs = new(g.R * g.S), S = new(g.S), Hw = new(g.H * g.W), W = new(g.W), Stride = new(g.Stride);
+    /// <summary>By P·Q, Q, R·S, S, H·W, W, the stride, and the input and output channels.</summary>
+    public readonly FastDiv Pq = new(g.P * g.Q), Q = new(g.Q), Rs = new(g.R * g.S), S = new(g.S), Hw = new(g.H * g.W), W = new(g.W), Stride = new(g.Stride),
+        C = new(g.C), K = new(g.K);
 }
 
 /// <summary>Arguments of one tiled product: the GEMM sizes, the op's own geometry, and epilogue flags. Blittable.</summary>
@@ -281,6 +282,18 @@ public interface ITileOperands
     /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j. Its
     /// Delta is never negative (a GPU offsets the pixel's view by it as an unsigned 32-bit index); a pixel's Base may be.</summary>
     static abstract Tap TapOfB(TileArgs t, int j);
+
+    /// <summary>
+    /// True for a tapped B across K whose K steps are each one tap (kd = tap·channels + channel, the channels a multiple of
+    /// <see cref="TiledGemm.TK"/>): a step's 16 elements of a column are its pixel shifted by the tap of the step's first kd,
+    /// channel j at j·<see cref="ChannelStride"/> on, so the GPU kernel reads one table entry and tests one tap a step
+    /// (docs/gpu.md, "A K step of one tap"). Such an op's A is row-major with rows a multiple of 4 long and 16-byte
+    /// aligned: a thread loads its 8 A elements as two 128-bit loads.
+    /// </summary>
+    static abstract bool TapSteps { get; }
+
+    /// <summary>With <see cref="TapSteps"/>: the offset between two channels of a pixel in b (0 for other ops).</summary>
+    static abstract int ChannelStride(TileArgs t);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/>, the whole sum over K, through the op's epilogue. e0, e1 and e2 are
     /// the op's extra operands (bias, channel bias, residual). With splits the kernel writes each split's partial sum to
@@ -537,7 +550,7 @@ public static partial class TiledGemm
             columnTaps[tid] = col < t.Cols ? TOp.TapOfB(t, col) : new Tap(0, Taps.Nowhere);
             Group.Barrier();
         }
-        var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd);
+        var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd, TAcc.FoursRow(tid), TAcc.FoursRowStep, TAcc.FoursQuad(tid));
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
         // This thread's first fragment or register-tile loads, kept in shared memory: held in registers, ptxas recomputed
@@ -546,12 +559,12 @@ public static partial class TiledGemm
         firstReads[FirstReadSlot(1, tid)] = TAcc.FirstReadB(tid);
         var first = fetch.Step(k0);
         // Where this thread's elements go: its first element's slot, computed once, then constant offsets (TAcc.OffsetA/B).
-        int slotA = TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
+        int slotA = TOp.TapSteps ? TAcc.FoursSlot(tid) : TAcc.SlotA(aAlongK, tid), slotB = TAcc.SlotB(bAlongK, tid), slotB8 = slotB + TAcc.OffsetB(bAlongK, 8);
         var firstA = Stage<TAcc>(first.A);
         // The row sums, in registers: each of this thread's 8 A elements has one (kk, row) of the tile in every K step, so
         // sums[j] adds A(row, k0 + kk) over the steps as the thread stages it; the tile's kk are added after the loop.
         var sums = TOp.RowSummed ? AsRead<TAcc>(firstA) : default;
-        Store8<TAcc>(aS, slotA, true, aAlongK, firstA);
+        StoreA<TOp, TAcc>(aS, aS4, 0, slotA, aAlongK, firstA);
         Store8<TAcc>(bS, slotB, false, bAlongK, Stage<TAcc>(first.B0));
         Store8<TAcc>(bS, slotB8, false, bAlongK, Stage<TAcc>(first.B1));
         Group.Barrier();
@@ -573,7 +586,7 @@ public static partial class TiledGemm
                     // Every group of a row-summed op adds (8 adds, no branch); only the first column tile's use them.
                     sums = Add(sums, AsRead<TAcc>(stagedA));
                 }
-                Store8<TAcc>(aS, (1 - buffer) * ATile + slotA, true, aAlongK, stagedA);
+                StoreA<TOp, TAcc>(aS, aS4, (1 - buffer) * ATile, slotA, aAlongK, stagedA);
                 Store8<TAcc>(bS, (1 - buffer) * BTile + slotB, false, bAlongK, Stage<TAcc>(staged.B0));
                 Store8<TAcc>(bS, (1 - buffer) * BTile + slotB8, false, bAlongK, Stage<TAcc>(staged.B1));
             }
@@ -590,6 +603,11 @@ public static partial class TiledGemm
         }
         acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0, col0, tid);
     }
+
+    /// <summary>The entry of an across-K tap table (<see cref="IlgpuKernels.TapTable{TOp}"/>) whose bits are all zero, after the
+    /// K step of padding: its first float is a 0 a K step of one tap loads, stride 0, where its tap misses the pixel
+    /// (<see cref="PixelView.Channels"/>), so that its 16 loads need no predicate and no zeroing moves.</summary>
+    internal static int ZeroTap(TileArgs t) => TileArgs.RoundUp(Math.Max(t.Kd, 1), TK) + TK;
 
     /// <summary>Where thread <paramref name="tid"/> keeps its first load of the A tile (<paramref name="operand"/> 0) or of the
     /// B tile (1): the addressing the bank-conflict test walks.</summary>
@@ -633,9 +651,16 @@ public static partial class TiledGemm
         private readonly Rows8<TOp> _rowsA;
         private readonly int _kkA, _kkB, _lineB, _tid, _col0, _kEnd;
 
+        // A loaded in fours (TOp.TapSteps): the thread's first row as 16-byte groups, its second row's offset in groups,
+        // its four kd, and which of its rows exist.
+        private readonly ArrayView<Float4> _a4;
+        private readonly int _a4Step, _quad, _channelStride;
+        private readonly bool _row0, _row1;
+        private readonly ArrayView<float> _zero;
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<Tap> taps, ArrayView<Tap> columnTaps, int tid, int m0, int col0,
-            int kEnd)
+            int kEnd, int foursRow, int foursRowStep, int foursQuad)
         {
             (T, _a, _b, _taps, _columnTaps, _tid, _col0, _kEnd) = (t, a, b, taps, columnTaps, tid, col0, kEnd);
             _aAlongK = TOp.AAlongK(t);
@@ -647,14 +672,32 @@ public static partial class TiledGemm
             _kkA = Element(true, tid, TM).Kk;
             _kkB = Element(true, tid, TN).Kk;
             _lineB = Element(true, tid, TN).Line;
-            _rowsA = _aAlongK ? new Rows8<TOp>(t, a, m0, Element(true, tid, TM).Line) : default;
+            _rowsA = _aAlongK && !TOp.TapSteps ? new Rows8<TOp>(t, a, m0, Element(true, tid, TM).Line) : default;
+            if (TOp.TapSteps)
+            {
+                // Rows of Kd floats, Kd a multiple of 16, from a 16-byte aligned start (TiledConv's permuted weights).
+                int row = m0 + foursRow, groups = t.Kd >> 2;
+                _row0 = row < t.M;
+                _row1 = row + foursRowStep < t.M;
+                _a4 = _row0 ? a.Cast<Float4>().SubView(row * groups) : a.Cast<Float4>();
+                _a4Step = foursRowStep * groups;
+                _quad = foursQuad;
+                _channelStride = TOp.ChannelStride(t);
+                _zero = taps.Cast<float>().SubView(2 * ZeroTap(t), 1);
+            }
         }
 
         /// <summary>The elements of the K step at <paramref name="k0"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Staged Step(int k0)
         {
-            var a = _aAlongK ? EightOfAAlongK(k0) : EightOfAAcrossK(k0);
+            var a = TOp.TapSteps ? EightOfAInFours(k0) : _aAlongK ? EightOfAAlongK(k0) : EightOfAAcrossK(k0);
+            if (TOp.TapSteps)
+            {
+                // The step's one tap (the table's entry at its first kd), its 16 channels ChannelStride apart.
+                _bAt.Channels(_taps[k0], _channelStride, _zero, out var b0, out var b1);
+                return new Staged(a, b0, b1);
+            }
             if (TOp.Tapped)
             {
                 if (_bAlongK)
@@ -686,6 +729,18 @@ public static partial class TiledGemm
                 V6 = (ok & 64) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(6 * _rowsA.Stride), k)] : 0f,
                 V7 = (ok & 128) != 0 ? _rowsA.At[TOp.IndexA(T, new Gather(7 * _rowsA.Stride), k)] : 0f,
             };
+        }
+
+        /// <summary>A in fours (<see cref="ITileOperands.TapSteps"/>): this thread's two rows at kd k0 + 4·quad .. + 3, a 128-bit
+        /// load each (V0 .. V3 the first row's, V4 .. V7 the second's), zero past M or the K range (whole groups: Kd and the
+        /// split chunks are multiples of 16).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightOfAInFours(int k0)
+        {
+            int group = (k0 >> 2) + _quad;
+            bool inK = k0 < _kEnd;
+            Float4 r0 = inK & _row0 ? _a4[group] : default, r1 = inK & _row1 ? _a4[group + _a4Step] : default;
+            return new Floats8 { V0 = r0.X, V1 = r0.Y, V2 = r0.Z, V3 = r0.W, V4 = r1.X, V5 = r1.Y, V6 = r1.Z, V7 = r1.W };
         }
 
         /// <summary>A across K: this thread's row (hoisted), kk = tid / 64 + 2·j.</summary>
@@ -772,6 +827,44 @@ public static partial class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public float Tapped(Tap tap) => Taps.Reads(_pixel, tap) ? _at[CudaAsm.IsSupported ? tap.Delta : _pixel.Base + tap.Delta] : 0f;
 
+        /// <summary>The 16 elements of a K step of one tap (<see cref="ITileOperands.TapSteps"/>): channels 0 .. 15 of the step at
+        /// the pixel shifted by <paramref name="tap"/>, <paramref name="stride"/> apart; all zero where the tap misses the pixel.
+        /// On a GPU each element's address is the last one's plus the stride (the views chained: one wide add and a load an
+        /// element, where j·stride was recomputed in 32 bits a step).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Channels(Tap tap, int stride, ArrayView<float> zero, out Floats8 first, out Floats8 second)
+        {
+            bool reads = Taps.Reads(_pixel, tap);
+            if (CudaAsm.IsSupported)
+            {
+                // Where the tap misses, all 16 loads read the table's zero (stride 0): no predicates, no zeroing moves.
+                long s = reads ? stride : 0;
+                var v0 = reads ? _at.SubView(tap.Delta) : zero;
+                var v1 = v0.SubView(s); var v2 = v1.SubView(s); var v3 = v2.SubView(s); var v4 = v3.SubView(s);
+                var v5 = v4.SubView(s); var v6 = v5.SubView(s); var v7 = v6.SubView(s); var v8 = v7.SubView(s);
+                var v9 = v8.SubView(s); var v10 = v9.SubView(s); var v11 = v10.SubView(s); var v12 = v11.SubView(s);
+                var v13 = v12.SubView(s); var v14 = v13.SubView(s); var v15 = v14.SubView(s);
+                first = new Floats8 { V0 = v0[0], V1 = v1[0], V2 = v2[0], V3 = v3[0], V4 = v4[0], V5 = v5[0], V6 = v6[0], V7 = v7[0] };
+                second = new Floats8 { V0 = v8[0], V1 = v9[0], V2 = v10[0], V3 = v11[0], V4 = v12[0], V5 = v13[0], V6 = v14[0], V7 = v15[0] };
+                return;
+            }
+            int at = _pixel.Base + tap.Delta;
+            first = new Floats8
+            {
+                V0 = Channel(reads, at, 0, stride), V1 = Channel(reads, at, 1, stride), V2 = Channel(reads, at, 2, stride), V3 = Channel(reads, at, 3, stride),
+                V4 = Channel(reads, at, 4, stride), V5 = Channel(reads, at, 5, stride), V6 = Channel(reads, at, 6, stride), V7 = Channel(reads, at, 7, stride),
+            };
+            second = new Floats8
+            {
+                V0 = Channel(reads, at, 8, stride), V1 = Channel(reads, at, 9, stride), V2 = Channel(reads, at, 10, stride), V3 = Channel(reads, at, 11, stride),
+                V4 = Channel(reads, at, 12, stride), V5 = Channel(reads, at, 13, stride), V6 = Channel(reads, at, 14, stride), V7 = Channel(reads, at, 15, stride),
+            };
+        }
+
+        /// <summary>A simulator's element j of <see cref="Channels"/>: b[at + j·stride], bounds-checked by its view.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private float Channel(bool reads, int at, int j, int stride) => reads ? _at[at + j * stride] : 0f;
+
         /// <summary><paramref name="x"/> sign-extended by shifts: ILGPU folds a plain (long) conversion of an int offset into an
         /// unsigned 32-bit one, which a negative base would turn into an address 16 GiB on.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -839,6 +932,23 @@ public static partial class TiledGemm
         at[Offset<TAcc>(ofA, alongK, 5)] = v.V5;
         at[Offset<TAcc>(ofA, alongK, 6)] = v.V6;
         at[Offset<TAcc>(ofA, alongK, 7)] = v.V7;
+    }
+
+    /// <summary>A thread's 8 staged elements of A into the buffer at float offset <paramref name="buffer"/>: in fours
+    /// (<see cref="ITileOperands.TapSteps"/>) by the accumulator's <see cref="ITileAccumulator.StoreFours"/>, else at its
+    /// first element's slot and the constant offsets.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StoreA<TOp, TAcc>(ArrayView<float> aS, ArrayView<Float4> aS4, int buffer, int slotA, bool alongK, Floats8 v)
+        where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
+    {
+        if (TOp.TapSteps)
+        {
+            TAcc.StoreFours(aS, aS4, buffer + slotA, v);
+        }
+        else
+        {
+            Store8<TAcc>(aS, buffer + slotA, true, alongK, v);
+        }
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -938,13 +1048,18 @@ public static partial class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int ReadB(int kk, int tx) => kk * (BStride / 4) + tx;
 
+    /// <summary>Where the FFMA core's thread <paramref name="tid"/> stores its first element of A loaded in fours: aS[4q][p]
+    /// (<see cref="Tile8x8.FoursRow"/>, <see cref="Tile8x8.FoursQuad"/>); the others are kk and 32 rows on.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    internal static int FoursSlot(int tid) => 4 * Tile8x8.FoursQuad(tid) * AStride + Tile8x8.FoursRow(tid);
+
     /// <summary>Where aS[kk][r] is (the row sums' reads, one row a thread).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     internal static int RowSumSlot(int kk, int r) => kk * AStride + r;
 
     /// <summary>A thread's 8 x 8 register tile: rows 8·ty + i, columns 4·tx + j and 64 + 4·tx + j, as 64 scalar fields (a
     /// struct local, so ILGPU keeps each in a register; the compiler table checks that nothing lands in local memory).</summary>
-    private struct Tile8x8 : ITileAccumulator
+    internal struct Tile8x8 : ITileAccumulator
     {
         private float _c00, _c01, _c02, _c03, _c04, _c05, _c06, _c07, _c10, _c11, _c12, _c13, _c14, _c15, _c16, _c17, _c20, _c21, _c22, _c23, _c24, _c25, _c26, _c27, _c30, _c31, _c32, _c33, _c34, _c35, _c36, _c37, _c40, _c41, _c42, _c43, _c44, _c45, _c46, _c47, _c50, _c51, _c52, _c53, _c54, _c55, _c56, _c57, _c60, _c61, _c62, _c63, _c64, _c65, _c66, _c67, _c70, _c71, _c72, _c73, _c74, _c75, _c76, _c77;
 
@@ -990,6 +1105,38 @@ public static partial class TiledGemm
 
         /// <inheritdoc/>
         public static int RowSumSlot(int kk, int r) => TiledGemm.RowSumSlot(kk, r);
+
+        /// <summary>Rows p and p + 32, kd 4q .. 4q + 3, with p = lane bits 0 .. 3 and warp bit 0, q = lane bit 4 and warp
+        /// bit 1: a warp's 32 stores of one element fall in banks (4·4q + p) mod 32 = (16q + p) mod 32, all different
+        /// (<see cref="FoursSlot"/>), and its 128-bit loads are 16 rows of 32 bytes.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursRow(int tid) => (tid & 15) | (tid >> 1 & 16);
+
+        /// <inheritdoc/>
+        public static int FoursRowStep => 32;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursQuad(int tid) => tid >> 4 & 1 | tid >> 5 & 2;
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static int FoursSlot(int tid) => TiledGemm.FoursSlot(tid);
+
+        /// <inheritdoc/>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static void StoreFours(ArrayView<float> aS, ArrayView<Float4> aS4, int slot, Floats8 v)
+        {
+            var at = aS.SubView(slot);
+            at[0] = v.V0;
+            at[AStride] = v.V1;
+            at[2 * AStride] = v.V2;
+            at[3 * AStride] = v.V3;
+            at[32] = v.V4;
+            at[AStride + 32] = v.V5;
+            at[2 * AStride + 32] = v.V6;
+            at[3 * AStride + 32] = v.V7;
+        }
 
         /// <inheritdoc/>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -1158,6 +1305,12 @@ public struct MatmulTile : ITileOperands
 
     /// <inheritdoc/>
     public static Tap TapOfB(TileArgs t, int j) => default;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static int ChannelStride(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> bias, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
