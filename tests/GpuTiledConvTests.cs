@@ -366,6 +366,65 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         }
     }
 
+    /// <summary>A held model's weights (Conv2d.HoldWeights, as UNet.HoldConvWeights does a training step: one launch for all,
+    /// TiledConv.PermuteHeldKernel) are each weight's two permutations where its passes take K steps of one tap ([K][R·S][C]
+    /// for the forward, [C][R·S][K] for the input gradient) and nothing elsewhere (one output channel: the forward's own
+    /// kernel; channels not a multiple of 16); the hold ends when disposed.</summary>
+    [Theory]
+    [InlineData(32)]
+    [InlineData(4)]
+    public void HeldWeightsAreEachWeightsPermutations(int warp) => WithTimeout(() =>
+    {
+        var device = fixture[warp];
+        int[][] shapes = [[32, 16, 3, 3], [16, 32, 3, 3], [1, 16, 3, 3], [16, 1, 3, 3], [24, 16, 1, 1], [16, 16, 5, 3], [5, 3, 3, 3]];
+        int total = 3 + shapes.Sum(s => s[0] * s[1] * s[2] * s[3]);
+        using var flat = Tensor.FromHost(device, [.. Enumerable.Range(0, total).Select(i => (float)i)], total);
+        var weights = new List<Tensor>();
+        int at = 3; // the weights start anywhere in the parameters' storage
+        foreach (var s in shapes)
+        {
+            weights.Add(flat.Slice(at, s));
+            at += s[0] * s[1] * s[2] * s[3];
+        }
+        var k = IlgpuKernels.For(device);
+        using (Conv2d.HoldWeights(weights))
+        {
+            Assert.NotNull(k.Held);
+            foreach (var w in weights)
+            {
+                int kk = w.Shape[0], c = w.Shape[1], rs = w.Shape[2] * w.Shape[3];
+                float[] src = w.ToArray();
+                var forward = k.Held!.Forward(w);
+                var input = k.Held.Input(w);
+                Assert.Equal(kk > 1 && TiledConv.ByTaps(c), forward.HasValue);
+                Assert.Equal(TiledConv.ByTaps(kk), input.HasValue);
+                float[] f = new float[w.Length], d = new float[w.Length];
+                if (forward is { } fv)
+                {
+                    ILGPU.Runtime.ArrayViewExtensions.CopyToCPU(fv, k.Stream, f);
+                }
+                if (input is { } iv)
+                {
+                    ILGPU.Runtime.ArrayViewExtensions.CopyToCPU(iv, k.Stream, d);
+                }
+                k.Stream.Synchronize();
+                for (int o = 0; o < kk; o++)
+                {
+                    for (int ci = 0; ci < c; ci++)
+                    {
+                        for (int tap = 0; tap < rs; tap++)
+                        {
+                            float v = src[(o * c + ci) * rs + tap];
+                            Assert.True(forward is null || f[(o * rs + tap) * c + ci] == v, $"[{kk}, {c}, {rs}] forward copy at ({o}, {ci}, {tap})");
+                            Assert.True(input is null || d[(ci * rs + tap) * kk + o] == v, $"[{kk}, {c}, {rs}] input-gradient copy at ({o}, {ci}, {tap})");
+                        }
+                    }
+                }
+            }
+        }
+        Assert.Null(k.Held);
+    });
+
     /// <summary>What the GPU kernel's K steps of one tap take for granted (TiledGemm's PixelView.Channels): where the pass's
     /// channels are a multiple of 16, every K step's 16 kd are one tap, kd j of the step reads the step's first tap moved by
     /// j·ChannelStride with the same bits, and a kd is (tap, channel) in w's own order where KOfB says; and the host takes

@@ -17,7 +17,28 @@ public sealed class IlgpuFixture : IDisposable
 
     public IlgpuKernels Kernels { get; }
 
-    public void Dispose() => Device.Dispose();
+    private KernelPtx? _sm90;
+    private readonly Dictionary<LoadedKernel, string> _sm90Ptx = [];
+
+    /// <summary>The PTX of <paramref name="kernel"/> for sm_90 (driver 13.0), compiled once for every test that reads it.</summary>
+    public string Sm90Ptx(LoadedKernel kernel)
+    {
+        lock (_sm90Ptx)
+        {
+            _sm90 ??= new KernelPtx(Device.Context, ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, ILGPU.Runtime.Cuda.CudaDriverVersion.FromMajorMinor(13, 0));
+            if (!_sm90Ptx.TryGetValue(kernel, out var ptx))
+            {
+                _sm90Ptx[kernel] = ptx = _sm90.Compile(kernel);
+            }
+            return ptx;
+        }
+    }
+
+    public void Dispose()
+    {
+        _sm90?.Dispose();
+        Device.Dispose();
+    }
 }
 
 [CollectionDefinition(Name)]

@@ -18,13 +18,12 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
     {
         var loaded = fixture.Kernels.Compilable;
         Assert.True(loaded.Count >= 30, $"only {loaded.Count} kernels were loaded");
-        using var compiler = new KernelPtx(fixture.Device.Context, CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0));
         var failures = new List<string>();
         foreach (var kernel in loaded)
         {
             try
             {
-                string ptx = compiler.Compile(kernel);
+                string ptx = fixture.Sm90Ptx(kernel);
                 Assert.Contains(".entry", ptx);
                 // DDPM_PTX_DIR=folder keeps each kernel's PTX for reading (`ddpm check --ptx DIR` writes the same files).
                 if (Environment.GetEnvironmentVariable("DDPM_PTX_DIR") is { Length: > 0 } dir)
@@ -61,13 +60,12 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
         {
             Assert.Contains(expected, names);
         }
-        using var compiler = new KernelPtx(fixture.Device.Context, CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0));
         var shared = new Regex(@"\.shared\s+(?:\.align\s+\d+\s+)?\.b8\s+\w+\[(\d+)\]");
         var failures = new List<string>();
         foreach (var kernel in grouped)
         {
             string name = $"{kernel.Method.DeclaringType?.Name}.{kernel.Method.Name}<{string.Join(",", kernel.Method.GetGenericArguments().Select(t => t.Name))}>";
-            string ptx = compiler.Compile(kernel);
+            string ptx = fixture.Sm90Ptx(kernel);
             long sharedBytes = shared.Matches(ptx).Sum(m => long.Parse(m.Groups[1].Value));
             // PTX registers are virtual (ptxas allocates the hardware ones): printed for docs/gpu.md, not asserted.
             string regs = string.Join(" ", Regex.Matches(ptx, @"\.reg\s+\.(\w+)\s+%\w+<(\d+)>").Select(m => $"{m.Groups[1].Value}:{m.Groups[2].Value}"));
@@ -101,11 +99,10 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
         var tapped = fixture.Kernels.Compilable.Where(k => k.Grouped && k.Method.Name is nameof(TiledGemm.Kernel) or nameof(TiledGemm.TensorKernel)
             && k.Method.GetGenericArguments()[0].Name.StartsWith("Conv", StringComparison.Ordinal)).ToList();
         Assert.True(tapped.Count >= 3, $"only {tapped.Count} tiled convolution kernels were loaded");
-        using var compiler = new KernelPtx(fixture.Device.Context, CudaArchitecture.SM_90, CudaDriverVersion.FromMajorMinor(13, 0));
         var signExtended = new Regex(@"shr\.s64\s+(%rd\d+),\s*%rd\d+,\s*32;\s*mad\.lo\.u64\s+%rd\d+,\s*\1,\s*4,");
         foreach (var kernel in tapped)
         {
-            string ptx = compiler.Compile(kernel);
+            string ptx = fixture.Sm90Ptx(kernel);
             Assert.True(signExtended.IsMatch(ptx), $"{KernelPtx.Name(kernel)}: the pixel view's base is not sign-extended in its PTX");
         }
     }

@@ -98,8 +98,9 @@ public static class GpuForecast
             $"read ({F(GpuPrediction.HeldPermutationMs(passes, Chip.H100))} ms on an H100, one launch), a denoising step nothing (once a sampling run).");
         foreach (var (mode, costs) in byMode)
         {
-            // A pass in K steps of one tap runs its own kernel ("ForwardTap", "InputTap") after its weights' permutation.
-            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" } + (GpuPrediction.ByTaps(p) ? "Tap" : "")];
+            // A pass in K steps of one tap runs its own kernel ("ForwardTap", "InputTap") where the mode has one (not 3xTF32).
+            bool byTaps = costs.ContainsKey("ForwardTap");
+            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" } + (byTaps && GpuPrediction.ByTaps(p) ? "Tap" : "")];
             PassPrediction Predict(ConvPass p, Chip chip) => GpuPrediction.SingleChannel(p)
                 ? GpuPrediction.PredictSingleChannel(p, singleChannelTap, chip)
                 : GpuPrediction.NarrowWeight(p) ? GpuPrediction.PredictNarrowWeight(p, narrowPixel, chip)
@@ -139,7 +140,7 @@ public static class GpuForecast
                 var (trainLow, trainHigh) = Rest(chip, train: true);
                 var (fwdLow, fwdHigh) = Rest(chip, train: false);
                 // The held weights' permutation (one launch a train step; once a sampling run, so nothing a denoising step).
-                double train = fwd + dx + dw + GpuPrediction.HeldPermutationMs(passes, chip);
+                double train = fwd + dx + dw + (byTaps ? GpuPrediction.HeldPermutationMs(passes, chip) : 0);
                 (double Low, double High) ours = (train + trainLow, train + trainHigh), oursFwd = (fwd + fwdLow, fwd + fwdHigh);
                 string Range((double Low, double High) v) => F(v.Low, "0.0") == F(v.High, "0.0") ? F(v.Low, "0.0") : $"{F(v.Low, "0.0")}-{F(v.High, "0.0")}";
                 string Ratio((double Low, double High) a, (double Low, double High) b) => $"{F(a.Low / b.High, "0.00")}-{F(a.High / b.Low, "0.00")}x";

@@ -109,7 +109,7 @@ public static unsafe class Conv2d
             return NoHold.Instance;
         }
         var k = IlgpuKernels.For(weights[0]);
-        return k.Simple || k.Held is not null ? NoHold.Instance : k.HeldLayout(weights).Hold();
+        return k.Simple || k.Held is not null || !k.Conv2d.TiledForwardByTap.Runs ? NoHold.Instance : k.HeldLayout(weights).Hold();
     }
 
     private sealed class NoHold : IDisposable
@@ -760,10 +760,12 @@ public static unsafe class Conv2d
 
         public readonly TiledKernels<ConvWeightTile> TiledWeight = new(k, matmul: false);
 
-        /// <summary>The forward and the input gradient with K steps of one tap (<see cref="TiledConv.ByTaps"/>).</summary>
-        public readonly TiledKernels<ConvForwardTapTile> TiledForwardByTap = new(k, matmul: false);
+        /// <summary>The forward and the input gradient with K steps of one tap (<see cref="TiledConv.ByTaps"/>), in strict fp32
+        /// and TF32 (FFMA and TF32: 3xTF32 meets its target with the channel-major ops, and two more tensor-core kernels would cost
+        /// every compile of the kernel set).</summary>
+        public readonly TiledKernels<ConvForwardTapTile> TiledForwardByTap = new(k, matmul: false, lazy: true, tf32x3: false);
 
-        public readonly TiledKernels<ConvInputTapTile> TiledInputByTap = new(k, matmul: false);
+        public readonly TiledKernels<ConvInputTapTile> TiledInputByTap = new(k, matmul: false, lazy: true, tf32x3: false);
 
         /// <summary>The held weights' permutation, all in one launch (<see cref="TiledConv.PermuteHeldKernel"/>).</summary>
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>> PermuteHeld =

@@ -556,7 +556,7 @@ internal static class TiledConv
         }
         int chunk = Chunk(g.Crs, splits > 0 ? splits : ForwardSplits(g));
         var t = new TileArgs(g.K, g.N * g.Pq, g.Crs, chunk, accumulate: false, channelBias is not null, g, default, residual: residual is not null);
-        if (!ByTaps(g.C))
+        if (!ByTaps(g.C) || !k.Conv2d.TiledForwardByTap.Runs)
         {
             TiledGemm.Launch<ConvForwardTile>(k, k.Conv2d.TiledForward.For(), t, w, x, y, b, channelBias ?? b, residual ?? b);
             return;
@@ -573,7 +573,7 @@ internal static class TiledConv
 
     /// <summary>True when a convolution pass whose K runs over <paramref name="channels"/> (the forward's C, the input
     /// gradient's K) and the taps takes K steps of one tap (<see cref="ConvForwardTapTile"/>, <see cref="ConvInputTapTile"/>):
-    /// a whole number of K steps of channels.</summary>
+    /// a whole number of K steps of channels (in strict fp32 and TF32; 3xTF32 keeps the channel-major ops).</summary>
     public static bool ByTaps(int channels) => channels % TiledGemm.TK == 0;
 
     /// <summary>Queues dst[x][z][y] = src[x][y][z] for x &lt; <paramref name="x"/>, y &lt; <paramref name="y"/>, z &lt; <paramref name="z"/>.</summary>
@@ -651,7 +651,7 @@ internal static class TiledConv
         Require(g);
         int kd = g.K * g.R * g.S, chunk = Chunk(kd, splits > 0 ? splits : InputSplits(g));
         var t = new TileArgs(g.C, g.N * g.H * g.W, kd, chunk, accumulate, false, g, default);
-        if (!ByTaps(g.K))
+        if (!ByTaps(g.K) || !k.Conv2d.TiledInputByTap.Runs)
         {
             TiledGemm.Launch<ConvInputTile>(k, k.Conv2d.TiledInput.For(), t, w, dy, dx, dx, dx, dx);
             return;
