@@ -113,13 +113,19 @@ public static class CheckCommand
         {
             Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Compilable.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
                 "static SASS counts (cuobjdump -sass); the main loop is the loop with the most FFMA (docs/gpu.md)");
+            List<(LoadedKernel Kernel, string Name, string Code)>? previous = null;
             foreach (var arch in SassArchitectures)
             {
                 int sm = int.Parse(arch.Name["sm_".Length..]);
                 using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
                 // The PTX one kernel at a time (ILGPU's backend), then ptxas and cuobjdump on every core: separate processes.
-                var ptx = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal)
-                    .Select(kernel => (Kernel: kernel, Name: KernelPtx.Name(kernel), Code: compiler.Compile(kernel))).ToList();
+                // ILGPU 1.5.3 writes `.target sm_80` at most, so sm_90's PTX is sm_80's, every kernel the same text: when the
+                // first kernel compiles to the same text for this architecture, the others are not compiled again.
+                var order = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal).ToList();
+                var ptx = previous is not null && previous.Count > 0 && compiler.Compile(previous[0].Kernel) == previous[0].Code
+                    ? previous
+                    : order.Select(kernel => (Kernel: kernel, Name: KernelPtx.Name(kernel), Code: compiler.Compile(kernel))).ToList();
+                previous = ptx;
                 var reports = new KernelReport[ptx.Count];
                 Parallel.For(0, ptx.Count, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, i =>
                 {
