@@ -287,7 +287,7 @@ public interface ITileOperands
     /// True for a tapped B across K whose K steps are each one tap (kd = tap·channels + channel, the channels a multiple of
     /// <see cref="TiledGemm.TK"/>): a step's 16 elements of a column are its pixel shifted by the tap of the step's first kd,
     /// channel j at j·<see cref="ChannelStride"/> on, so the GPU kernel reads one table entry and tests one tap a step
-    /// (docs/gpu.md, "A K step of one tap"). Such an op's A is row-major with rows a multiple of 4 long and 16-byte
+    /// (docs/gpu.md, "K steps of one tap"). Such an op's A is row-major with rows a multiple of 4 long and 16-byte
     /// aligned: a thread loads its 8 A elements as two 128-bit loads.
     /// </summary>
     static abstract bool TapSteps { get; }
