@@ -90,7 +90,7 @@ public sealed class IlgpuKernels
                 else
                 {
                     // A K step of padding past the last: the kernel fetches one step ahead, also after the last. Then one entry
-                    // of zero bits, a float 0 that a K step of one tap reads where its tap misses the pixel (TiledGemm.ZeroOfTable).
+                    // of zero bits, a float 0 that a K step of one tap reads where its tap misses the pixel (TiledGemm.ZeroTap).
                     taps = new Tap[TiledGemm.ZeroTap(t) + 1];
                     for (int kd = 0; kd < taps.Length - 1; kd++)
                     {
@@ -118,7 +118,10 @@ public sealed class IlgpuKernels
         {
             return _heldLayout;
         }
-        _heldLayout?.Free();
+        // Forgotten before the new one is made: if making it fails, no later hold finds a freed layout.
+        var old = _heldLayout;
+        _heldLayout = null;
+        old?.Free();
         return _heldLayout = new HeldConvWeights(this, weights);
     }
 
