@@ -369,7 +369,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     /// <summary>A held model's weights (Conv2d.HoldWeights, as UNet.HoldConvWeights does a training step: one launch for all,
     /// TiledConv.PermuteHeldKernel) are each weight's two permutations where its passes take K steps of one tap ([K][R·S][C]
     /// for the forward, [C][R·S][K] for the input gradient) and nothing elsewhere (one output channel: the forward's own
-    /// kernel; channels not a multiple of 16); the hold ends when disposed.</summary>
+    /// kernel; channels not a multiple of 16); the hold ends when disposed, or at the optimizer's next write.</summary>
     [Theory]
     [InlineData(32)]
     [InlineData(4)]
@@ -422,6 +422,18 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
                 }
             }
         }
+        Assert.Null(k.Held);
+        // A hold left open ends at the optimizer's next write of parameters, so no later convolution reads old copies.
+        var open = Conv2d.HoldWeights(weights);
+        Assert.NotNull(k.Held);
+        using (var g = Tensor.FromHost(device, new float[16], 16))
+        using (var m = Tensor.FromHost(device, new float[16], 16))
+        using (var v = Tensor.FromHost(device, new float[16], 16))
+        {
+            Optim.Adam(flat.Slice(0, 16), g, m, v, lr: 0.1f, beta1: 0.9f, beta2: 0.999f, eps: 1e-8f, step: 1);
+        }
+        Assert.Null(k.Held);
+        open.Dispose();
         Assert.Null(k.Held);
     });
 

@@ -108,6 +108,11 @@ public sealed class IlgpuKernels
     /// <summary>The convolution weights held permuted (<see cref="Conv2d.HoldWeights"/>), or null.</summary>
     internal HeldConvWeights? Held { get; set; }
 
+    /// <summary>Ends any hold of weights: the optimizer and the EMA call it before they write parameters, so a hold its holder
+    /// forgot to dispose cannot serve copies of the old values to the next step's convolutions (they permute at the call,
+    /// and the next hold starts afresh).</summary>
+    internal void WeightsWritten() => Held = null;
+
     private HeldConvWeights? _heldLayout;
 
     /// <summary>The layout of <paramref name="weights"/>' held copies: the last one when it was made for this very list (a

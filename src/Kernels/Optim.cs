@@ -39,6 +39,7 @@ public static class Optim
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
+            k.WeightsWritten();
             k.Optim.Adam(k.Stream, p.Length, p.View, g.View, m.View, v.View, h);
             return;
         }
@@ -62,6 +63,7 @@ public static class Optim
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
+            k.WeightsWritten();
             k.Optim.Ema(k.Stream, p.Length, ema.View, p.View, decay);
             return;
         }
@@ -198,6 +200,7 @@ public static class Optim
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
+            k.WeightsWritten();
             k.Optim.AdamGuarded(k.Stream, p.Length, p.View, g.View, m.View, v.View, new AdamHyper(s.Lr, s.Beta1, s.Beta2, s.Eps, 0, 0), state.View);
             return;
         }
@@ -229,6 +232,7 @@ public static class Optim
         if (p.Device.IsIlgpu)
         {
             var k = IlgpuKernels.For(p);
+            k.WeightsWritten();
             k.Optim.EmaGuarded(k.Stream, p.Length, ema.View, p.View, decay, state.View);
             return;
         }
