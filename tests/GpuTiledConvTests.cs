@@ -367,7 +367,7 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     }
 
     /// <summary>A held model's weights (Conv2d.HoldWeights, as UNet.HoldConvWeights does a training step: one launch for all,
-    /// TiledConv.PermuteHeldKernel) are each weight's two permutations where its passes take K steps of one tap ([K][R·S][C]
+    /// TiledConv.PermuteWeightsKernel) are each weight's two permutations where its passes take K steps of one tap ([K][R·S][C]
     /// for the forward, [C][R·S][K] for the input gradient) and nothing elsewhere (one output channel: the forward's own
     /// kernel; channels not a multiple of 16); the hold ends when disposed, or at the optimizer's next write.</summary>
     [Theory]

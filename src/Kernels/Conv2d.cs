@@ -767,13 +767,10 @@ public static unsafe class Conv2d
 
         public readonly TiledKernels<ConvInputTapTile> TiledInputByTap = new(k, matmul: false, lazy: true, tf32x3: false);
 
-        /// <summary>The held weights' permutation, all in one launch (<see cref="TiledConv.PermuteHeldKernel"/>).</summary>
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>> PermuteHeld =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>>>(TiledConv.PermuteHeldKernel);
-
-        /// <summary>The weights' permutation for those (<see cref="TiledConv.SwapLastAxesKernel"/>).</summary>
-        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int> SwapLastAxes =
-            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, int, int>>(TiledConv.SwapLastAxesKernel);
+        /// <summary>The weights' permutation for those, every held weight in one launch or one weight at its call
+        /// (<see cref="TiledConv.PermuteWeightsKernel"/>).</summary>
+        public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>> PermuteWeights =
+            k.Auto<Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>>>(TiledConv.PermuteWeightsKernel);
 
         /// <summary>The forward of a one-output-channel convolution (<see cref="TiledConv.SingleChannelForwardKernel"/>).</summary>
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>, ArrayView<float>,

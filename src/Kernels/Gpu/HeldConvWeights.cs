@@ -7,7 +7,7 @@ namespace Ddpm.Kernels;
 /// A model's convolution weights permuted once for the passes in K steps of one tap (<see cref="TiledConv.ByTaps"/>:
 /// <see cref="ConvForwardTapTile"/>'s [K][R·S][C], <see cref="ConvInputTapTile"/>'s [C][R·S][K]) while the weights do not
 /// change: a training step's forwards and backwards, a sampling run's denoising steps (<see cref="Conv2d.HoldWeights"/>).
-/// One launch permutes them all (<see cref="TiledConv.PermuteHeldKernel"/>), where each pass would take one of its own;
+/// One launch permutes them all (<see cref="TiledConv.PermuteWeightsKernel"/>), where each pass would take one of its own;
 /// a convolution whose weight is held reads the copy, any other permutes its weight at the call. The holder must not
 /// write the weights while it holds them; disposing lets go. The layout and the copies' memory stay for the next hold of
 /// the same list (a training step allocates nothing), until another list replaces them.
@@ -67,15 +67,12 @@ internal sealed class HeldConvWeights : IDisposable
     /// <summary>The weights this layout is for (the list itself: a caller that holds the same list again reuses it).</summary>
     public IReadOnlyList<Tensor> Weights { get; }
 
-    /// <summary>The weights held.</summary>
-    public int Count => _at.Count;
-
     /// <summary>Queues the permutation of every weight (one launch) and makes this the kernels' hold until disposed.</summary>
     public HeldConvWeights Hold()
     {
         if (_total > 0)
         {
-            _k.Conv2d.PermuteHeld(_k.Stream, _total, IlgpuDevice.ViewOf(_storage!), _table, _segments, _forward!.View, _input!.View);
+            _k.Conv2d.PermuteWeights(_k.Stream, _total, IlgpuDevice.ViewOf(_storage!), _table, _segments, _forward!.View, _input!.View);
         }
         _k.Held = this;
         return this;

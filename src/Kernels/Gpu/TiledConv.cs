@@ -95,7 +95,7 @@ public struct ConvForwardTile : ITileOperands
 
 /// <summary>
 /// The forward with K steps of one tap (<see cref="ITileOperands.TapSteps"/>; C a multiple of 16): kd = tap·C + c, A = w
-/// permuted to [K][R·S][C] (<see cref="TiledConv.SwapLastAxesKernel"/>), B = col(x) in the same order; the rest is
+/// permuted to [K][R·S][C] (<see cref="TiledConv.PermuteWeightsKernel"/>), B = col(x) in the same order; the rest is
 /// <see cref="ConvForwardTile"/>'s.
 /// </summary>
 public struct ConvForwardTapTile : ITileOperands
@@ -283,7 +283,7 @@ public struct ConvInputTile : ITileOperands
 
 /// <summary>
 /// The input gradient with K steps of one tap (<see cref="ITileOperands.TapSteps"/>; K a multiple of 16): kd = tap·K + k,
-/// A = w permuted to [C][R·S][K] (<see cref="TiledConv.SwapLastAxesKernel"/> of w as [K][C·R·S]), B = dy gathered in the
+/// A = w permuted to [C][R·S][K] (<see cref="TiledConv.PermuteWeightsKernel"/>), B = dy gathered in the
 /// same order; the rest is <see cref="ConvInputTile"/>'s.
 /// </summary>
 public struct ConvInputTapTile : ITileOperands
@@ -566,7 +566,7 @@ internal static class TiledConv
         using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
         if (permuted is not null)
         {
-            SwapLastAxes(k, w, permuted.View, g.K, g.C, g.R * g.S);
+            Permute(k, g, w, permuted.View, input: false);
         }
         TiledGemm.Launch<ConvForwardTapTile>(k, k.Conv2d.TiledForwardByTap.For(), t, held ?? permuted!.View, x, y, b, channelBias ?? b, residual ?? b);
     }
@@ -576,22 +576,26 @@ internal static class TiledConv
     /// a whole number of K steps of channels (in strict fp32 and TF32; 3xTF32 keeps the channel-major ops).</summary>
     public static bool ByTaps(int channels) => channels % TiledGemm.TK == 0;
 
-    /// <summary>Queues dst[x][z][y] = src[x][y][z] for x &lt; <paramref name="x"/>, y &lt; <paramref name="y"/>, z &lt; <paramref name="z"/>.</summary>
-    private static void SwapLastAxes(IlgpuKernels k, ArrayView<float> src, ArrayView<float> dst, int x, int y, int z)
+    /// <summary>Queues one weight's copy for a pass in K steps of one tap into <paramref name="dst"/> (the forward's
+    /// [K][R·S][C], or with <paramref name="input"/> the input gradient's [C][R·S][K]): <see cref="PermuteWeightsKernel"/>
+    /// with a table of one segment, the same permutation a hold makes of every weight at once.</summary>
+    private static void Permute(IlgpuKernels k, ConvShape g, ArrayView<float> w, ArrayView<float> dst, bool input)
     {
-        if ((long)x * y * z > 0)
+        if ((long)g.K * g.Crs > 0)
         {
-            k.Conv2d.SwapLastAxes(k.Stream, x * y * z, src, dst, y, z);
+            var segment = k.SegmentTable([0, 0, g.K, g.C, g.R * g.S, input ? -1 : 0, input ? 0 : -1]);
+            k.Conv2d.PermuteWeights(k.Stream, g.K * g.Crs, w, segment, 1, dst, dst);
         }
     }
 
     /// <summary>
-    /// The held weights' permutation (<see cref="HeldConvWeights"/>), every weight in one launch: element i of the launch is in
+    /// The weights' permutation for the K steps of one tap: every held weight in one launch (<see cref="HeldConvWeights"/>),
+    /// or one weight at its call (<see cref="Permute"/>). Element i of the launch is in
     /// the segment whose first element is the last at or below i (a table of <see cref="HeldConvWeights.SegmentInts"/> ints a
     /// weight: first, offset in src, K, C, R·S, forward copy, input-gradient copy), w[k][c][tap] there, written to the
     /// forward's copy at (k·R·S + tap)·C + c and the input gradient's at (c·R·S + tap)·K + k (where each is held).
     /// </summary>
-    internal static void PermuteHeldKernel(Index1D i, ArrayView<float> src, ArrayView<int> table, int segments, ArrayView<float> forward,
+    internal static void PermuteWeightsKernel(Index1D i, ArrayView<float> src, ArrayView<int> table, int segments, ArrayView<float> forward,
         ArrayView<float> input)
     {
         int s = 0;
@@ -611,14 +615,6 @@ internal static class TiledConv
         {
             input[toInput + (ci * rs + tap) * k + kk] = v;
         }
-    }
-
-    /// <summary>dst[i] for i = (x·Z + z)·Y + y is src[(x·Y + y)·Z + z]: the last two axes of [X][Y][Z] swapped (the weights'
-    /// permutation for the K steps of one tap). One thread an element, dst written in order.</summary>
-    internal static void SwapLastAxesKernel(Index1D i, ArrayView<float> src, ArrayView<float> dst, int y, int z)
-    {
-        int yz = y * z, x = i / yz, rest = i - x * yz, zi = rest / y, yi = rest - zi * y;
-        dst[i] = src[x * yz + yi * z + zi];
     }
 
     /// <summary>True for a forward with one output channel: a 64-row tile would compute 63 rows of nothing (docs/gpu.md,
@@ -660,7 +656,7 @@ internal static class TiledConv
         using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
         if (permuted is not null)
         {
-            SwapLastAxes(k, w, permuted.View, 1, g.K, g.Crs);
+            Permute(k, g, w, permuted.View, input: true);
         }
         TiledGemm.Launch<ConvInputTapTile>(k, k.Conv2d.TiledInputByTap.For(), t, held ?? permuted!.View, dy, dx, dx, dx, dx);
     }
