@@ -14,8 +14,8 @@
 //     along K the tile's column taps sit in shared memory;
 //   - grid (ceil(Cols / TN), ceil(M / TM), splits): Grid.IdxZ picks a K range of KChunk (split-K).
 // Group size: 128 threads on a GPU (Kernel: launch bounds, software pipelining). A device with smaller groups (ILGPU's
-// simulators) runs KernelInPasses: the tile's 128 register tiles in 128 / G passes, one shared buffer, the plain
-// IndexA / IndexB gathers (the definitions the taps are tested against).
+// simulators) runs KernelInPasses: the tile's 128 register tiles kept in shared memory, 128 / G a thread, one shared
+// buffer loaded once a K step, the plain IndexA / IndexB gathers (the definitions the taps are tested against).
 // Every barrier is reached by every thread of the group the same number of times (the loop bounds depend only on
 // the grid and the group size; the GPU path fetches the next K step every trip and stores it unless it was the last),
 // so no barrier is divergent.
@@ -401,8 +401,9 @@ public static partial class TiledGemm
         var bS4 = SharedMemory.Allocate<Float4>(BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
         var last = SharedMemory.Allocate<int>(1);
+        var accs = SharedMemory.Allocate<Tile8x8>(Threads);
         bool rowSums = BeginRowSums<TOp>(t, rowS);
-        InPasses<TOp>(a, b, c, e0, e1, e2, partials, t, aS4, bS4, rowS, rowSums);
+        InPasses<TOp>(a, b, c, e0, e1, e2, partials, t, aS4, bS4, rowS, rowSums, accs);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
@@ -956,49 +957,59 @@ public static partial class TiledGemm
         ofA ? TAcc.OffsetA(alongK, j) : TAcc.OffsetB(alongK, j);
 
     /// <summary>
-    /// Any power-of-two group G below 128 (the simulators): the group computes the tile's 128 register tiles in
-    /// 128 / G passes, each pass a full sweep over K with cooperative, strided tile loads into one buffer.
+    /// Any power-of-two group G below 128 (the simulators): the tile's 128 register tiles sit in shared memory
+    /// (<paramref name="accs"/>; tile sub has rows 8·(sub / 16) + i, cols 4·(sub % 16) + j and 64 + …), thread tid
+    /// owning tiles tid, tid + G, …, so each K step loads the shared operand tiles once, with the plain, strided
+    /// IndexA / IndexB gathers into one buffer, and every thread adds into its 128 / G tiles between the step's two
+    /// barriers. (A sweep over K a tile, as before, loaded each operand tile and waited at each barrier 128 / G times:
+    /// on ILGPU's CPU accelerator, whose group threads are OS threads, most of a simulated train step went there.) Each
+    /// output still sums its products in kd order, as on the GPU path.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void InPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
-        ArrayView<float> e2, ArrayView<float> partials, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums)
-        where TOp : struct, ITileOperands
+        ArrayView<float> e2, ArrayView<float> partials, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS, bool rowSums,
+        ArrayView<Tile8x8> accs) where TOp : struct, ITileOperands
     {
         int tid = Group.IdxX, groupSize = Group.DimX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
         int kBegin = Grid.IdxZ * t.KChunk, kEnd = Math.Min(t.Kd, kBegin + t.KChunk);
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        int passes = Threads / groupSize, across = TN / ColsPerThread;
-        for (int pass = 0; pass < passes; pass++)
+        int across = TN / ColsPerThread;
+        for (int sub = tid; sub < Threads; sub += groupSize)
         {
-            int sub = pass * groupSize + tid; // which register tile: rows 8·(sub / 16) + i, cols 4·(sub % 16) + j and 64 + …
-            var acc = default(Tile8x8);
-            for (int k0 = kBegin; k0 < kEnd; k0 += TK)
+            accs[sub] = default;
+        }
+        for (int k0 = kBegin; k0 < kEnd; k0 += TK)
+        {
+            for (int e = tid; e < TK * TM; e += groupSize)
             {
-                for (int e = tid; e < TK * TM; e += groupSize)
-                {
-                    var (kk, row) = Element(aAlongK, e, TM);
-                    int m = m0 + row, kd = k0 + kk;
-                    int i = m < t.M && kd < kEnd ? TOp.IndexA(t, TOp.RowOfA(t, m), TOp.KOfA(t, kd)) : -1;
-                    aS[kk * AStride + row] = i >= 0 ? a[i] : 0f;
-                }
-                for (int e = tid; e < TK * TN; e += groupSize)
-                {
-                    var (kk, column) = Element(bAlongK, e, TN);
-                    int col = col0 + column, kd = k0 + kk;
-                    int i = col < t.Cols && kd < kEnd ? TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd)) : -1;
-                    bS[kk * BStride + column] = i >= 0 ? b[i] : 0f;
-                }
-                Group.Barrier();
-                acc.Step(aS4.SubView(ReadA(0, sub / across)), bS4.SubView(ReadB(0, sub % across)));
-                if (rowSums && pass == 0)
-                {
-                    AddRowSums<Tile8x8>(aS, 0, rowS);
-                }
-                Group.Barrier();
+                var (kk, row) = Element(aAlongK, e, TM);
+                int m = m0 + row, kd = k0 + kk;
+                int i = m < t.M && kd < kEnd ? TOp.IndexA(t, TOp.RowOfA(t, m), TOp.KOfA(t, kd)) : -1;
+                aS[kk * AStride + row] = i >= 0 ? a[i] : 0f;
             }
-            acc.Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0 + RowsPerThread * (sub / across), col0 + 4 * (sub % across));
+            for (int e = tid; e < TK * TN; e += groupSize)
+            {
+                var (kk, column) = Element(bAlongK, e, TN);
+                int col = col0 + column, kd = k0 + kk;
+                int i = col < t.Cols && kd < kEnd ? TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd)) : -1;
+                bS[kk * BStride + column] = i >= 0 ? b[i] : 0f;
+            }
+            Group.Barrier();
+            for (int sub = tid; sub < Threads; sub += groupSize)
+            {
+                accs[sub].Step(aS4.SubView(ReadA(0, sub / across)), bS4.SubView(ReadB(0, sub % across)));
+            }
+            if (rowSums)
+            {
+                AddRowSums<Tile8x8>(aS, 0, rowS);
+            }
+            Group.Barrier();
+        }
+        for (int sub = tid; sub < Threads; sub += groupSize)
+        {
+            accs[sub].Emit<TOp>(t, c, e0, e1, e2, partials, Grid.IdxZ, m0 + RowsPerThread * (sub / across), col0 + 4 * (sub % across));
         }
     }
 
