@@ -591,17 +591,25 @@ internal static class TiledConv
     /// <summary>
     /// The weights' permutation for the K steps of one tap: every held weight in one launch (<see cref="HeldConvWeights"/>),
     /// or one weight at its call (<see cref="Permute"/>). Element i of the launch is in
-    /// the segment whose first element is the last at or below i (a table of <see cref="HeldConvWeights.SegmentInts"/> ints a
+    /// the segment whose first element is the last at or below i (found by bisection: 6 table loads at base, not 40) (a table of <see cref="HeldConvWeights.SegmentInts"/> ints a
     /// weight: first, offset in src, K, C, R·S, forward copy, input-gradient copy), w[k][c][tap] there, written to the
     /// forward's copy at (k·R·S + tap)·C + c and the input gradient's at (c·R·S + tap)·K + k (where each is held).
     /// </summary>
     internal static void PermuteWeightsKernel(Index1D i, ArrayView<float> src, ArrayView<int> table, int segments, ArrayView<float> forward,
         ArrayView<float> input)
     {
-        int s = 0;
-        while (s + 1 < segments && table[(s + 1) * HeldConvWeights.SegmentInts] <= i)
+        int s = 0, hi = segments - 1; // a binary search: the last segment whose first element is at or below i
+        while (s < hi)
         {
-            s++;
+            int mid = (s + hi + 1) >> 1;
+            if (table[mid * HeldConvWeights.SegmentInts] <= i)
+            {
+                s = mid;
+            }
+            else
+            {
+                hi = mid - 1;
+            }
         }
         int at = s * HeldConvWeights.SegmentInts, local = i - table[at];
         int k = table[at + 2], c = table[at + 3], rs = table[at + 4], toForward = table[at + 5], toInput = table[at + 6];
