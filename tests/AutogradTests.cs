@@ -7,7 +7,8 @@ namespace Ddpm.Tests;
 
 /// <summary>The tape: gradients through the whole U-Net against finite differences, gradients of a
 /// value used twice add up, no-grad keeps nothing, and memory returns to the pool every step.</summary>
-public sealed class AutogradTests(ITestOutputHelper output)
+[Collection(IlgpuCollection.Name)]
+public sealed class AutogradTests(IlgpuFixture gpu, ITestOutputHelper output)
 {
     /// <summary>
     /// Finite differences through a whole tiny U-Net (ch=16) on 8×8 images (every level still
@@ -146,8 +147,7 @@ public sealed class AutogradTests(ITestOutputHelper output)
         }
 
         var (cpuGrads, cpuDx) = Gradients(CpuDevice.Instance);
-        using var ilgpu = DeviceCatalog.Open("ilgpu-cpu", out _);
-        var (gpuGrads, gpuDx) = Gradients(ilgpu);
+        var (gpuGrads, gpuDx) = Gradients(gpu.Device); // the collection's device: its kernels compiled once for every test
         var failures = new List<string>();
         void Compare(string name, float[] want, float[] got)
         {
