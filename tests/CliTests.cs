@@ -242,14 +242,19 @@ public sealed class CliTests : IDisposable
         Assert.True(peak >= parametersMib, $"peak {peak} MiB below the parameters' four copies, {parametersMib:F1} MiB");
     }
 
-    /// <summary>`check --ptx` writes a PTX file a loaded kernel, the tiled ones apart, for the sm asked for; a CUDA version
-    /// that is not major.minor is a usage error.</summary>
+    /// <summary>`check --ptx` writes a PTX file a loaded kernel, the tiled ones apart, for the sm asked for (here the kernels
+    /// `--only` names: every kernel's PTX is compiled by CI's compiler step and PtxTests); a CUDA version that is not
+    /// major.minor, an `--only` part that names no kernel and `--only` without `--ptx` are usage errors.</summary>
     [Fact]
     public void CheckPtxWritesEveryKernelForPtxas()
     {
         var folder = Path.Combine(_dir, "ptx");
-        var r = Run("check", "--ptx", folder, "--sm", "90", "--cuda", "12.4");
+        var r = Run("check", "--ptx", folder, "--sm", "90", "--cuda", "12.4", "--only", "TiledReduce.RowSumsKernel,TiledGemm.Kernel.ConvForwardTile,Elementwise.RowSums");
         Assert.True(r.Code == 0, r.Err);
+        Assert.Contains("wrote the PTX of 3 kernels", r.Out);
+        Assert.Equal(3, Directory.GetFiles(folder, "*.ptx", SearchOption.AllDirectories).Length);
+        OneLineError(Run("check", "--ptx", folder, "--only", "NoSuchKernel"), ExitCodes.Usage, "--only NoSuchKernel");
+        OneLineError(Run("check", "--only", "RowSums"), ExitCodes.Usage, "--only applies to --ptx");
         var rows = File.ReadAllText(Path.Combine(folder, "tiled", "TiledReduce.RowSumsKernel.ptx"));
         Assert.Contains(".entry", rows);
         Assert.Contains("bar.sync", rows);

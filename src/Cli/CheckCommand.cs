@@ -40,17 +40,30 @@ public static class CheckCommand
                 "(scripts/cuda-toolkit.sh fetches them; no GPU needed), print registers, spills, shared memory, groups per SM and each " +
                 "kernel's main-loop instruction mix, and fail when a tiled kernel breaks the rules (docs/gpu.md)",
         }.IsPath();
-        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda, sass };
-        check.SetAction(parse => Program.Guard(() => parse.GetValue(ptx) is { } folder
-            ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!)
-            : parse.GetValue(sass) is { } tools
-                ? CompilerTable(tools)
-                : Run(Program.ChosenDevice(parse, device))));
+        var only = new Option<string?>("--only")
+        {
+            Description = "with --ptx: write only the kernels whose file name contains one of these comma-separated parts " +
+                "(e.g. TiledGemm.Kernel.ConvForwardTile,RowSums); a part that names no kernel is an error",
+        };
+        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda, sass, only };
+        check.SetAction(parse => Program.Guard(() =>
+        {
+            if (parse.GetValue(only) is not null && parse.GetValue(ptx) is null)
+            {
+                throw new UsageException("--only applies to --ptx");
+            }
+            return parse.GetValue(ptx) is { } folder
+                ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!, parse.GetValue(only))
+                : parse.GetValue(sass) is { } tools
+                    ? CompilerTable(tools)
+                    : Run(Program.ChosenDevice(parse, device));
+        }));
         return check;
     }
 
-    /// <summary>Compiles every loaded kernel to PTX for sm_<paramref name="sm"/> and writes one file a kernel.</summary>
-    private static int WritePtx(string folder, int sm, string cudaVersion)
+    /// <summary>Compiles every loaded kernel (or those <paramref name="only"/> names a part of) to PTX for
+    /// sm_<paramref name="sm"/> and writes one file a kernel.</summary>
+    private static int WritePtx(string folder, int sm, string cudaVersion, string? only)
     {
         Program.RequireFolder("--ptx", folder);
         var parts = cudaVersion.Split('.');
@@ -63,9 +76,19 @@ public static class CheckCommand
         using var ilgpu = IlgpuDevice.OpenSimulator();
         var kernels = IlgpuKernels.For(ilgpu);
         using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
+        var wanted = only?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
+        if (wanted is { Length: 0 })
+        {
+            throw new UsageException("--only: no kernel name given");
+        }
+        var chosen = kernels.Compilable.Where(k => wanted is null || wanted.Any(p => KernelPtx.Name(k).Contains(p, StringComparison.Ordinal))).ToList();
+        if (wanted?.FirstOrDefault(p => !chosen.Any(k => KernelPtx.Name(k).Contains(p, StringComparison.Ordinal))) is { } unknown)
+        {
+            throw new UsageException($"--only {unknown}: no kernel's name contains it (`ddpm check --ptx DIR` writes every kernel, named as its file)");
+        }
         int tiled = 0;
         string? target = null;
-        foreach (var kernel in kernels.Compilable)
+        foreach (var kernel in chosen)
         {
             string sub = Path.Combine(folder, kernel.Grouped ? "tiled" : "implicit");
             Directory.CreateDirectory(sub);
@@ -78,8 +101,8 @@ public static class CheckCommand
         var isa = compiler.InstructionSet;
         // ILGPU 1.5 writes .target sm_80 at most: say what the files hold, and that ptxas -arch=sm_NN still compiles them for NN.
         string written = target is { Length: > 0 } && target != $"sm_{sm}" ? $"asked for sm_{sm}, written as .target {target} (ILGPU writes at most sm_80; ptxas -arch=sm_{sm} compiles it for sm_{sm})" : $"for sm_{sm}";
-        Console.WriteLine($"wrote the PTX of {kernels.Compilable.Count} kernels {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
-            $"{tiled} tiled in tiled/, {kernels.Compilable.Count - tiled} in implicit/");
+        Console.WriteLine($"wrote the PTX of {chosen.Count} kernel{(chosen.Count == 1 ? "" : "s")} {written} (PTX ISA {isa.Major}.{isa.Minor}) into {folder}: " +
+            $"{tiled} tiled in tiled/, {chosen.Count - tiled} in implicit/");
         return 0;
     }
 
