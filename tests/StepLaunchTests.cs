@@ -38,7 +38,7 @@ public sealed class StepLaunchTests(IlgpuFixture gpu, ITestOutputHelper output)
     /// against the same three steps on the managed CPU backend: no host synchronisation while queueing, under 150
     /// launches a step, the skipped step reported at the read-back and changing nothing on either device, and the
     /// losses, gradient norm, weights and EMA of the two backends agreeing. (One trainer a backend: each ILGPU step
-    /// costs the simulator tens of seconds.)
+    /// costs the simulator seconds.)
     /// </summary>
     [Fact]
     public void AQueuedIlgpuStepWaitsForNothingSkipsANonFiniteStepAndLosesWhatTheCpuLoses()

@@ -354,7 +354,7 @@ public static partial class TiledGemm
     public static KernelSpecialization Specialization => new(Threads, MinGroupsPerSm);
 
     /// <summary>The group size to launch with on <paramref name="accelerator"/>: 128, or the largest power of two
-    /// the device allows (a simulator), which then runs the tile in 128 / G passes.</summary>
+    /// the device allows (a simulator), whose threads then take 128 / G register tiles each.</summary>
     public static int GroupSize(Accelerator accelerator)
     {
         int g = Threads;
@@ -392,7 +392,7 @@ public static partial class TiledGemm
 
     /// <summary>
     /// The same product for a device whose groups are smaller than <see cref="Threads"/> (ILGPU's simulators: any power
-    /// of two G &lt; 128): the group computes the tile's 128 register tiles in 128 / G passes (<see cref="InPasses{TOp}"/>).
+    /// of two G &lt; 128): each thread computes 128 / G of the tile's register tiles, kept in shared memory (<see cref="InPasses{TOp}"/>).
     /// </summary>
     internal static void KernelInPasses<TOp>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<float> partials, ArrayView<int> counters, ArrayView<Tap> taps, TileArgs t) where TOp : struct, ITileOperands
@@ -502,8 +502,8 @@ public static partial class TiledGemm
     }
 
     /// <summary>rowS[r] += Σ_kk aS[kk][r] for the rows r this thread owns (r ≡ tid mod G), from the A buffer at float offset
-    /// <paramref name="buffer"/>: on a GPU once, over the sums of each kk the threads kept in registers; in passes (a small
-    /// group) a K step at a time, through <see cref="ITileAccumulator.AsRead"/> (<paramref name="asRead"/>).</summary>
+    /// <paramref name="buffer"/>: on a GPU once, over the sums of each kk the threads kept in registers; in
+    /// <see cref="InPasses{TOp}"/> (a small group) a K step at a time, through <see cref="ITileAccumulator.AsRead"/> (<paramref name="asRead"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void AddRowSums<TAcc>(ArrayView<float> aS, int buffer, ArrayView<float> rowS, bool asRead = true) where TAcc : struct, ITileAccumulator
     {
