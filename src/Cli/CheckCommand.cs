@@ -74,7 +74,7 @@ public static class CheckCommand
         // ILGPU's CPU accelerator shaped like a GPU (warp 32, groups up to 1,024), so every kernel is the one a GPU
         // loads (the tiled GEMM's 256-thread kernel with its launch bounds, not the simulators' multi-pass one).
         using var ilgpu = IlgpuDevice.OpenSimulator();
-        var kernels = IlgpuKernels.For(ilgpu);
+        var kernels = IlgpuKernels.Listing(ilgpu);
         using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), CudaDriverVersion.FromMajorMinor(major, minor));
         var wanted = only?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
         if (wanted is { Length: 0 })
@@ -129,7 +129,7 @@ public static class CheckCommand
         }
         var cudaVersion = CudaDriverVersion.FromMajorMinor(int.Parse(release.Groups[1].Value), int.Parse(release.Groups[2].Value));
         using var ilgpu = IlgpuDevice.OpenSimulator();
-        var kernels = IlgpuKernels.For(ilgpu);
+        var kernels = IlgpuKernels.Listing(ilgpu);
         string work = Directory.CreateTempSubdirectory(Durable.TempMark + "sass-").FullName;
         var problems = new List<string>();
         try

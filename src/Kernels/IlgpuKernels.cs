@@ -16,8 +16,11 @@ public sealed class IlgpuKernels
     private readonly List<LoadedKernel> _loaded = [];
     private readonly List<KernelLaunches> _launches = [];
 
-    private IlgpuKernels(IlgpuDevice device)
+    private readonly bool _listing;
+
+    private IlgpuKernels(IlgpuDevice device, bool listing = false)
     {
+        _listing = listing;
         Device = device;
         Accelerator = device.Accelerator;
         Simple = device.SimpleKernels;
@@ -206,6 +209,14 @@ public sealed class IlgpuKernels
     /// <summary>The kernel set of <paramref name="device"/>, compiled on first use and cached.</summary>
     public static IlgpuKernels For(IlgpuDevice device) => device.GetExtension(d => new IlgpuKernels((IlgpuDevice)d));
 
+    /// <summary>
+    /// The kernels <see cref="For(IlgpuDevice)"/> would load on <paramref name="device"/>, listed (<see cref="Compilable"/>)
+    /// but not compiled for it, for <c>check --ptx</c> and <c>check --sass</c>, which compile them for CUDA instead
+    /// (compiling the whole set for ILGPU's CPU accelerator took 5.8 s of a 6.4 s `check --ptx` of one kernel). Not cached on
+    /// the device; a launcher of this set throws.
+    /// </summary>
+    public static IlgpuKernels Listing(IlgpuDevice device) => new(device, listing: true);
+
     /// <summary>The kernel set of the device a tensor lives on.</summary>
     internal static IlgpuKernels For(Tensor t) => For((IlgpuDevice)t.Device);
 
@@ -214,7 +225,7 @@ public sealed class IlgpuKernels
     internal TLauncher Auto<TLauncher>(Delegate kernel) where TLauncher : Delegate
     {
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: false, KernelSpecialization.Empty));
-        return Counted(Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method));
+        return _listing ? Unloaded<TLauncher>() : Counted(Accelerator.LoadAutoGroupedKernel<TLauncher>(kernel.Method));
     }
 
     /// <summary>Loads an explicitly grouped kernel, launched with a <see cref="KernelConfig"/>; with
@@ -225,7 +236,16 @@ public sealed class IlgpuKernels
     {
         var specialization = bounds is { MaxNumThreadsPerGroup: int threads } && threads <= Accelerator.MaxNumThreadsPerGroup ? bounds.Value : KernelSpecialization.Empty;
         _loaded.Add(new LoadedKernel(kernel.Method, Grouped: true, bounds ?? KernelSpecialization.Empty));
-        return Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method, specialization, out _));
+        return _listing ? Unloaded<TLauncher>() : Counted(Accelerator.LoadKernel<TLauncher>(kernel.Method, specialization, out _));
+    }
+
+    /// <summary>The launcher of a kernel a <see cref="Listing"/> set names but does not compile: it throws.</summary>
+    private TLauncher Unloaded<TLauncher>() where TLauncher : Delegate
+    {
+        string name = $"{_loaded[^1].Method.DeclaringType?.Name}.{_loaded[^1].Method.Name}";
+        var args = typeof(TLauncher).GetMethod("Invoke")!.GetParameters().Select(p => Expression.Parameter(p.ParameterType, p.Name)).ToArray();
+        var fail = Expression.Throw(Expression.Constant(new InvalidOperationException($"{name}: listed, not loaded (IlgpuKernels.Listing)")));
+        return Expression.Lambda<TLauncher>(fail, args).Compile();
     }
 
     /// <summary>
