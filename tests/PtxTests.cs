@@ -13,6 +13,21 @@ namespace Ddpm.Tests;
 [Collection(IlgpuCollection.Name)]
 public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
 {
+    /// <summary>The listing `check --ptx` and `check --sass` compile (<see cref="IlgpuKernels.Listing"/>: nothing compiled for
+    /// the device) names the same kernels, with the same grouping and bounds, as the set a device loads; its launchers
+    /// throw.</summary>
+    [Fact]
+    public void TheListingNamesWhatTheDeviceLoads()
+    {
+        var listing = IlgpuKernels.Listing(fixture.Device);
+        // As sets: a kernel loaded at its first use moves from the declared part of the list to the loaded part.
+        Assert.Equal(fixture.Kernels.Compilable.OrderBy(KernelPtx.Name, StringComparer.Ordinal), listing.Compilable.OrderBy(KernelPtx.Name, StringComparer.Ordinal));
+        Assert.Empty(listing.Launches);
+        using var x = Ddpm.Tensors.Tensor.Empty(fixture.Device, 4);
+        var e = Assert.Throws<InvalidOperationException>(() => listing.Elementwise.Fill(listing.Stream, 4, x.View, 1f));
+        Assert.Contains("listed, not loaded", e.Message);
+    }
+
     [Fact]
     public void EveryLoadedKernelCompilesForSm90()
     {
