@@ -25,7 +25,7 @@ public static class CheckCommand
         var ptx = new Option<string?>("--ptx")
         {
             Description = "instead of the checks: write the PTX of every kernel the engine loads into this folder (tiled/ for the " +
-                "explicitly grouped kernels, implicit/ for the rest), compiled on ILGPU's CPU accelerator: no GPU needed; for ptxas -v",
+                "explicitly grouped kernels, implicit/ for the rest), compiled by ILGPU's PTX backend on this machine: no GPU needed; for ptxas -v",
         }.IsPath();
         var sm = new Option<int>("--sm") { Description = "the CUDA architecture --ptx compiles for, as major·10 + minor (90: sm_90, H100 and H200)", DefaultValueFactory = _ => 90 }
             .Within(30, 200);
