@@ -164,7 +164,7 @@ public static class Program
     };
 
     // The errors a user can cause: said as they are.
-    private static bool Known(Exception e) => e is ArgumentException or DeviceNotFoundException or CheckpointException or DataException or RunLockedException
+    private static bool Known(Exception e) => e is ArgumentException or DeviceNotFoundException or DeviceUnsupportedException or CheckpointException or DataException or RunLockedException
         or TrainingDivergedException or OutOfDeviceMemoryException or IOException or UnauthorizedAccessException or OutOfMemoryException
         or SelfCheckFailedException or RankFailedException;
 

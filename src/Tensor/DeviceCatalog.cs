@@ -147,6 +147,9 @@ public static class DeviceCatalog
 /// <summary>The asked-for device is not present on this machine.</summary>
 public sealed class DeviceNotFoundException(string message) : Exception(message);
 
+/// <summary>The device is present but cannot run what was asked of it (a limit it has, named in the message).</summary>
+public sealed class DeviceUnsupportedException(string message) : Exception(message);
+
 /// <summary>
 /// What the CUDA driver says when asked directly: the library that loaded (null: none of the names
 /// ILGPU's resolver tries), cuInit's result (0: CUDA_SUCCESS) with its name and text, the driver

@@ -346,6 +346,11 @@ public static partial class TiledGemm
     /// last-group flag.</summary>
     public const int SharedBytes = (2 * ATile + 2 * BTile + TM) * sizeof(float) + TN * 2 * sizeof(int) + sizeof(int);
 
+    /// <summary>Shared memory <see cref="KernelInPasses{TOp}"/> declares a group: one A and one B tile, the row sums, the
+    /// last-group flag and the 128 register tiles (45,828 B). A device with groups under 128 and less shared memory a group
+    /// cannot run the tiled kernels (none is known: OpenCL GPUs allow groups of 256 or more).</summary>
+    public const int InPassesSharedBytes = (ATile + BTile + TM + 1) * sizeof(float) + Threads * RowsPerThread * ColsPerThread * sizeof(float);
+
     /// <summary>The launch bounds' groups an SM: with 128 threads, 65,536 / (128 · 3) = 170, so ptxas keeps a thread
     /// within 168 registers (64 accumulators, 24 staged elements, 16 operands and the addressing).</summary>
     public const int MinGroupsPerSm = 3;
@@ -1253,7 +1258,14 @@ public static partial class TiledGemm
         {
             return;
         }
-        var config = Config(t, GroupSize(k.Accelerator));
+        int groupSize = GroupSize(k.Accelerator);
+        if (groupSize < Threads && k.Accelerator.MaxSharedMemoryPerGroup < InPassesSharedBytes)
+        {
+            throw new DeviceUnsupportedException($"{k.Accelerator.Name}: groups of at most {k.Accelerator.MaxNumThreadsPerGroup} threads and " +
+                $"{k.Accelerator.MaxSharedMemoryPerGroup:N0} bytes of shared memory a group; the tiled kernels need groups of {Threads} or " +
+                $"{InPassesSharedBytes:N0} bytes (--gpu-kernels simple runs without them)");
+        }
+        var config = Config(t, groupSize);
         if (t.Splits > 1 && config.GridDim.X * config.GridDim.Y > k.GridCounters.IntLength)
         {
             throw new InvalidOperationException(
