@@ -241,8 +241,7 @@ public sealed partial class Trainer : IDisposable
         int inEpoch = (int)(Step % StepsPerEpoch), imageFloats = _eps.Length / b;
         var order = Order(Epoch);
         // The weights do not change until the optimizer: the GPU's convolutions read them permuted once (UNet.HoldConvWeights).
-        var held = Model.HoldConvWeights();
-        try
+        using (Model.HoldConvWeights())
         {
             for (int k = 0; k < local; k++)
             {
@@ -300,10 +299,6 @@ public sealed partial class Trainer : IDisposable
                     _tape.Reset();
                 }
             }
-        }
-        finally
-        {
-            held.Dispose();
         }
         if (micros > 1 || Mpi is not null)
         {

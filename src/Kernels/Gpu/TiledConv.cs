@@ -16,6 +16,7 @@
 // B (x or dy) is gathered through taps (ITileOperands.Tapped): a pixel's base and mask of in-bounds taps, a tap's
 // offset and bits, so an element is an add, a mask test and a load; IndexB says the same the plain way (the simulator's
 // small-group path, and the test that holds the two together). Decoding divides by runtime sizes through FastDiv.
+using Ddpm.Tensors;
 using ILGPU;
 using ILGPU.Runtime;
 
@@ -563,12 +564,8 @@ internal static class TiledConv
         }
         // w [K][C][R·S] as [K][R·S][C]: kd = tap·C + c; held (HeldConvWeights) or permuted here (freed once queued, as the
         // partials are).
-        using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
-        if (permuted is not null)
-        {
-            Permute(k, g, w, permuted.View, input: false);
-        }
-        TiledGemm.Launch<ConvForwardTapTile>(k, k.Conv2d.TiledForwardByTap.For(), t, held ?? permuted!.View, x, y, b, channelBias ?? b, residual ?? b);
+        using var permuted = HeldOrPermuted(k, g, w, held, input: false, out var a);
+        TiledGemm.Launch<ConvForwardTapTile>(k, k.Conv2d.TiledForwardByTap.For(), t, a, x, y, b, channelBias ?? b, residual ?? b);
     }
 
     /// <summary>True when a convolution pass whose K runs over <paramref name="channels"/> (the forward's C, the input
@@ -576,23 +573,33 @@ internal static class TiledConv
     /// a whole number of K steps of channels (in strict fp32 and TF32; 3xTF32 keeps the channel-major ops).</summary>
     public static bool ByTaps(int channels) => channels % TiledGemm.TK == 0;
 
-    /// <summary>Queues one weight's copy for a pass in K steps of one tap into <paramref name="dst"/> (the forward's
-    /// [K][R·S][C], or with <paramref name="input"/> the input gradient's [C][R·S][K]): <see cref="PermuteWeightsKernel"/>
+    /// <summary>The A operand of a pass in K steps of one tap (<paramref name="a"/>): the <paramref name="held"/> copy, or
+    /// else w permuted now into a scratch tensor, returned for the caller to free once the product is queued (the
+    /// forward's [K][R·S][C], or with <paramref name="input"/> the input gradient's [C][R·S][K]): <see cref="PermuteWeightsKernel"/>
     /// with a table of one segment, the same permutation a hold makes of every weight at once.</summary>
-    private static void Permute(IlgpuKernels k, ConvShape g, ArrayView<float> w, ArrayView<float> dst, bool input)
+    private static Tensor? HeldOrPermuted(IlgpuKernels k, ConvShape g, ArrayView<float> w, ArrayView<float>? held, bool input, out ArrayView<float> a)
     {
+        if (held is { } copy)
+        {
+            a = copy;
+            return null;
+        }
+        var permuted = k.Scratch(g.K * g.Crs);
+        a = permuted.View;
         if ((long)g.K * g.Crs > 0)
         {
             var segment = k.SegmentTable([0, 0, g.K, g.C, g.R * g.S, input ? -1 : 0, input ? 0 : -1]);
-            k.Conv2d.PermuteWeights(k.Stream, g.K * g.Crs, w, segment, 1, dst, dst);
+            k.Conv2d.PermuteWeights(k.Stream, g.K * g.Crs, w, segment, 1, a, a);
         }
+        return permuted;
     }
 
     /// <summary>
     /// The weights' permutation for the K steps of one tap: every held weight in one launch (<see cref="HeldConvWeights"/>),
-    /// or one weight at its call (<see cref="Permute"/>). Element i of the launch is in
-    /// the segment whose first element is the last at or below i (found by bisection: 6 table loads at base, not 40) (a table of <see cref="HeldConvWeights.SegmentInts"/> ints a
-    /// weight: first, offset in src, K, C, R·S, forward copy, input-gradient copy), w[k][c][tap] there, written to the
+    /// or one weight at its call (<see cref="HeldOrPermuted"/>). Element i of the launch is in the segment whose first
+    /// element is the last at or below i, found by bisection (6 table loads at base, not up to 40), in a table of
+    /// <see cref="HeldConvWeights.SegmentInts"/> ints a weight (first, offset in src, K, C, R·S, forward copy, input-gradient
+    /// copy); w[k][c][tap] there is written to the
     /// forward's copy at (k·R·S + tap)·C + c and the input gradient's at (c·R·S + tap)·K + k (where each is held).
     /// </summary>
     internal static void PermuteWeightsKernel(Index1D i, ArrayView<float> src, ArrayView<int> table, int segments, ArrayView<float> forward,
@@ -661,12 +668,8 @@ internal static class TiledConv
             return;
         }
         // w [K][C·R·S] as [C·R·S][K] = [C][R·S][K]: kd = tap·K + k; held or permuted here.
-        using var permuted = held is null ? k.Scratch(g.K * g.Crs) : null;
-        if (permuted is not null)
-        {
-            Permute(k, g, w, permuted.View, input: true);
-        }
-        TiledGemm.Launch<ConvInputTapTile>(k, k.Conv2d.TiledInputByTap.For(), t, held ?? permuted!.View, dy, dx, dx, dx, dx);
+        using var permuted = HeldOrPermuted(k, g, w, held, input: true, out var a);
+        TiledGemm.Launch<ConvInputTapTile>(k, k.Conv2d.TiledInputByTap.For(), t, a, dy, dx, dx, dx, dx);
     }
 
     /// <summary>The split count of the weight gradient: a function of the shape only, so every device sums in the same order.</summary>
