@@ -421,6 +421,7 @@ public struct RoundingRead : IOperandRead
 /// <summary>TF32 mode on the planted <see cref="RoundingRead"/> tensor core.</summary>
 public struct RoundingTf32Math : ITensorMath
 {
+    public static bool OnTensorCores => Tf32Math.OnTensorCores;
     public static bool WrittenOut => Tf32Math.WrittenOut;
     public static float Stage(float x) => Tf32Math.Stage(x);
     public static float AsRead(float staged) => Tf32Math.AsRead(staged);

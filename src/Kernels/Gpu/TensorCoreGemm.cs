@@ -27,10 +27,11 @@
 // four instructions on sm_90); the tensor core reads the top 19 bits of its operand registers and so finishes it, as
 // CUTLASS's conversions count on (Tf32.Read).
 //
-// On ILGPU's CPU simulator (CudaAsm.IsSupported is false) the same kernel runs a managed emulation: the mma from the PTX
-// ISA's fragment table above, each operand read as the tensor core reads it, each lane fetching the elements it needs
-// from the lanes that hold them. So a warp-32 simulator runs the kernel's own fragment mapping and rounding against the
-// ISA's: a mapping or rounding bug fails the kernel tests without a GPU.
+// On ILGPU's CPU simulator the same kernel runs a managed emulation: the mma from the PTX ISA's fragment table above,
+// each operand read as the tensor core reads it, each lane fetching the elements it needs from the lanes that hold them.
+// So a warp-32 simulator runs the kernel's own fragment mapping and rounding against the ISA's: a mapping or rounding bug
+// fails the kernel tests without a GPU. A simulator loads the mode's emulated twin (EmulatedMath), whose compile leaves
+// the mma path out from the start; the kernel itself also emulates wherever CudaAsm.IsSupported is false.
 using System.Runtime.CompilerServices;
 using Ddpm.Tensors;
 using ILGPU;
@@ -134,6 +135,11 @@ public interface ITensorMath
     /// slot <paramref name="a"/> (low: + <see cref="Tf32.LowA"/>), B's at <paramref name="b"/> (low: + <see cref="Tf32.LowB"/>).</summary>
     static abstract void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b);
 
+    /// <summary>True: the kernel issues mma.sync where ILGPU compiles it for CUDA (and emulates elsewhere); false: it always
+    /// emulates (<see cref="EmulatedMath{TMath}"/>, what a simulator loads), so that its compile carries no PTX: ILGPU resolves
+    /// <see cref="CudaAsm.IsSupported"/> only after its general optimizations, which then worked through both paths.</summary>
+    static abstract bool OnTensorCores { get; }
+
     /// <summary>True: a K step's two k8 steps are written out (TF32: the loop cost ~80 moves of the accumulators a K step);
     /// false: a loop of two trips (3xTF32: its split fragments take twice the registers, and written out the matmul
     /// spilled).</summary>
@@ -143,6 +149,9 @@ public interface ITensorMath
 /// <summary>TF32: one product of rounded operands.</summary>
 public struct Tf32Math : ITensorMath
 {
+    /// <inheritdoc/>
+    public static bool OnTensorCores => true;
+
     /// <inheritdoc/>
     public static bool WrittenOut => true;
 
@@ -171,6 +180,9 @@ public struct Tf32Math : ITensorMath
 /// <summary>3xTF32: lo·hi + hi·lo + hi·hi, fp32-accurate.</summary>
 public struct Tf32x3Math : ITensorMath
 {
+    /// <inheritdoc/>
+    public static bool OnTensorCores => true;
+
     /// <inheritdoc/>
     public static bool WrittenOut => false;
 
@@ -209,6 +221,46 @@ public struct Tf32x3Math : ITensorMath
         Tf32.Product<TruncatingRead>(ref c, posted, a, b + Tf32.LowB);
         Tf32.Product<TruncatingRead>(ref c, posted, a, b);
     }
+}
+
+/// <summary><typeparamref name="TMath"/>'s mode, emulated on every accelerator: the kernel a simulator loads
+/// (<see cref="TiledGemm.LoadTensor{TOp, TMath, TLayout}"/>). Its compile for ILGPU's CPU accelerator leaves out the mma path
+/// from the start, which took about half the compile time there; the CUDA kernel is <typeparamref name="TMath"/>'s own.</summary>
+public struct EmulatedMath<TMath> : ITensorMath where TMath : struct, ITensorMath
+{
+    /// <inheritdoc/>
+    public static bool OnTensorCores
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        get => false;
+    }
+
+    /// <inheritdoc/>
+    public static bool WrittenOut => TMath.WrittenOut;
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float Stage(float x) => TMath.Stage(x);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static float AsRead(float staged) => TMath.AsRead(staged);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Tf32Pair Split(float x) => TMath.Split(x);
+
+    /// <inheritdoc/>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Mma(ref Frag4 c, Tf32Pair a0, Tf32Pair a1, Tf32Pair a2, Tf32Pair a3, Tf32Pair b0, Tf32Pair b1) =>
+        TMath.Mma(ref c, a0, a1, a2, a3, b0, b1);
+
+    /// <inheritdoc/>
+    /// <remarks>A call, not inlined: the k8 step's 16 products are then one function the simulator's compile works through
+    /// once (a 3xTF32 kernel compiled in 1.4 s instead of 2.2-2.7 s). The accumulators pass by reference, which on CUDA
+    /// would put them in local memory; this type never runs there.</remarks>
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    public static void Emulated(ref Frag4 c, ArrayView<float> posted, int a, int b) => TMath.Emulated(ref c, posted, a, b);
 }
 
 /// <summary>
@@ -374,16 +426,17 @@ public static partial class TiledGemm
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
-    /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode).</summary>
+    /// <summary>Loads the tensor-core kernel of one op in one mode (once per accelerator and mode): on CUDA
+    /// <typeparamref name="TMath"/>'s, elsewhere its emulated twin (<see cref="EmulatedMath{TMath}"/>).</summary>
     internal static TileLauncher LoadTensor<TOp, TMath, TLayout>(IlgpuKernels k)
         where TOp : struct, ITileOperands where TMath : struct, ITensorMath where TLayout : struct, IFragmentLayout
     {
-        var launcher = k.Grouped<TileLauncher>(TensorKernel<TOp, TMath, TLayout>, Specialization);
         if (k.Accelerator.AcceleratorType == ILGPU.Runtime.AcceleratorType.Cuda)
         {
-            return launcher;
+            return k.Grouped<TileLauncher>(TensorKernel<TOp, TMath, TLayout>, Specialization);
         }
-        // A simulator runs the mma emulation, which posts each lane's operands in dynamic shared memory.
+        var launcher = k.Grouped<TileLauncher>(TensorKernel<TOp, EmulatedMath<TMath>, TLayout>, Specialization);
+        // The emulation posts each lane's operands in dynamic shared memory.
         var emulation = SharedMemoryConfig.RequestDynamic<float>(Tf32.EmulationFloats);
         return (stream, config, a, b, c, e0, e1, e2, partials, counters, taps, t) =>
             launcher(stream, new KernelConfig(config.GridDim, config.GroupDim, emulation), a, b, c, e0, e1, e2, partials, counters, taps, t);
@@ -574,7 +627,7 @@ public static partial class TiledGemm
             Tf32Pair b02 = TMath.Split(bQ1.X), b12 = TMath.Split(bQ1.Y), b03 = TMath.Split(bQ1.Z), b13 = TMath.Split(bQ1.W);
             Tf32Pair b04 = TMath.Split(bQ2.X), b14 = TMath.Split(bQ2.Y), b05 = TMath.Split(bQ2.Z), b15 = TMath.Split(bQ2.W);
             Tf32Pair b06 = TMath.Split(bQ3.X), b16 = TMath.Split(bQ3.Y), b07 = TMath.Split(bQ3.Z), b17 = TMath.Split(bQ3.W);
-            if (CudaAsm.IsSupported)
+            if (TMath.OnTensorCores && CudaAsm.IsSupported)
             {
                 Tile(ref _00, ref _10, a00, a01, a02, a03, a10, a11, a12, a13, b00, b10);
                 Tile(ref _01, ref _11, a00, a01, a02, a03, a10, a11, a12, a13, b01, b11);
