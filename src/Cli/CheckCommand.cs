@@ -136,38 +136,70 @@ public static class CheckCommand
         {
             Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Compilable.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
                 "static SASS counts (cuobjdump -sass); the main loop is the loop with the most FFMA (docs/gpu.md)");
-            List<(LoadedKernel Kernel, string Name, string Code)>? previous = null;
-            foreach (var arch in SassArchitectures)
+            var order = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal).ToList();
+            var reports = SassArchitectures.ToDictionary(a => a, _ => new KernelReport[order.Count]);
+            // ptxas and cuobjdump (separate processes) take the PTX as ILGPU writes it: one of them beside ILGPU's backend, which
+            // is single-threaded, then as many as there are cores once it is done. (With a ptxas on every core from the start
+            // ILGPU got less than a core and the whole took longer.)
+            using var jobs = new System.Collections.Concurrent.BlockingCollection<(SmLimits Arch, int Index, string Code)>();
+            void Drain()
             {
-                int sm = int.Parse(arch.Name["sm_".Length..]);
-                using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
-                // The PTX one kernel at a time (ILGPU's backend), then ptxas and cuobjdump on every core: separate processes.
-                // ILGPU 1.5.3 writes `.target sm_80` at most, so sm_90's PTX is sm_80's, every kernel the same text: when the
-                // first kernel and the first tensor-core kernel (its inline PTX) compile to the same text for this
-                // architecture, the others are not compiled again.
-                var order = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal).ToList();
-                var ptx = previous is not null && previous.Count > 0
-                    && previous.Where((p, i) => i == 0 || p.Kernel.Method.Name == "TensorKernel").Take(2).All(p => compiler.Compile(p.Kernel) == p.Code)
-                    ? previous
-                    : order.Select(kernel => (Kernel: kernel, Name: KernelPtx.Name(kernel), Code: compiler.Compile(kernel))).ToList();
-                previous = ptx;
-                var reports = new KernelReport[ptx.Count];
-                Parallel.For(0, ptx.Count, new ParallelOptions { MaxDegreeOfParallelism = Environment.ProcessorCount }, i =>
+                foreach (var (arch, i, code) in jobs.GetConsumingEnumerable())
                 {
-                    var (kernel, name, code) = ptx[i];
-                    string file = Path.Combine(work, $"{name}.{arch.Name}");
+                    var kernel = order[i];
+                    string name = KernelPtx.Name(kernel), file = Path.Combine(work, $"{name}.{arch.Name}");
                     File.WriteAllText(file + ".ptx", code);
                     var info = PtxasInfo.Parse(Tool(ptxas, $"-arch={arch.Name} -v -o \"{file}.cubin\" \"{file}.ptx\""));
                     var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
                     var (threads, minGroups) = KernelReport.Bounds(code);
-                    reports[i] = new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
+                    reports[arch][i] = new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
                         SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode)));
-                });
+                }
+            }
+            var beside = Enumerable.Range(0, Math.Max(1, Environment.ProcessorCount - 1)).Select(_ => Task.Factory.StartNew(Drain, TaskCreationOptions.LongRunning)).ToList();
+            try
+            {
+                List<string>? previous = null;
+                // A tool that failed stops the compiles: its error is the one to show.
+                foreach (var arch in SassArchitectures.TakeWhile(_ => !beside.Any(t => t.IsFaulted)))
+                {
+                    int sm = int.Parse(arch.Name["sm_".Length..]);
+                    using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
+                    // The PTX one kernel at a time (ILGPU's backend). ILGPU 1.5.3 writes `.target sm_80` at most, so sm_90's PTX
+                    // is sm_80's, every kernel the same text: when the first kernel and the first tensor-core kernel (its
+                    // inline PTX) compile to the same text for this architecture, the others are not compiled again.
+                    bool same = previous is not null && Enumerable.Range(0, order.Count).Where(i => i == 0 || order[i].Method.Name == "TensorKernel").Take(2)
+                        .All(i => compiler.Compile(order[i]) == previous[i]);
+                    var ptx = same ? previous! : [];
+                    for (int i = 0; i < order.Count && !beside.Any(t => t.IsFaulted); i++)
+                    {
+                        if (!same)
+                        {
+                            ptx.Add(compiler.Compile(order[i]));
+                        }
+                        jobs.Add((arch, i, ptx[i]));
+                    }
+                    previous = ptx;
+                }
+            }
+            catch
+            {
+                // Let the tools beside finish what they hold before the folder goes.
+                jobs.CompleteAdding();
+                Task.WhenAll(beside).ContinueWith(_ => { }).Wait();
+                throw;
+            }
+            jobs.CompleteAdding();
+            var rest = Enumerable.Range(0, Environment.ProcessorCount - beside.Count).Select(_ => Task.Factory.StartNew(Drain, TaskCreationOptions.LongRunning));
+            // A tool's failure (one line, from Tool) as itself, not wrapped.
+            Task.WhenAll([.. beside, .. rest]).GetAwaiter().GetResult();
+            foreach (var arch in SassArchitectures)
+            {
                 Console.WriteLine();
                 Console.WriteLine($"### {arch.Name} ({arch.Card}: {arch.SharedPerSm / 1024} KB shared, 64 K registers an SM)");
                 Console.WriteLine();
                 Console.WriteLine(KernelReport.Header);
-                foreach (var r in reports)
+                foreach (var r in reports[arch])
                 {
                     Console.WriteLine(r.Row());
                     problems.AddRange(r.Problems.Select(p => $"{r.Name} ({arch.Name}): {p}"));
@@ -176,16 +208,17 @@ public static class CheckCommand
                 {
                     // Each mode's convolution kernels by pass kind ("Forward", "Input", "Weight"): the FFMA core's, then the
                     // tensor-core kernels' (TiledGemm.TensorKernel.ConvForwardTile.Tf32Math.PtxLayout).
+                    var sm90 = reports[arch];
                     IReadOnlyDictionary<string, GemmCost> Costs(string prefix, string suffix) =>
-                        reports.Where(r => r.Name.StartsWith(prefix, StringComparison.Ordinal) && r.Name.EndsWith(suffix, StringComparison.Ordinal))
+                        sm90.Where(r => r.Name.StartsWith(prefix, StringComparison.Ordinal) && r.Name.EndsWith(suffix, StringComparison.Ordinal))
                             .ToDictionary(r => r.Name[prefix.Length..^suffix.Length], r => r.GemmCost);
                     GpuForecast.Print(new Dictionary<MathPrecision, IReadOnlyDictionary<string, GemmCost>>
                     {
                         [MathPrecision.Fp32] = Costs("TiledGemm.Kernel.Conv", "Tile"),
                         [MathPrecision.Tf32] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32Math)}.{nameof(PtxLayout)}"),
                         [MathPrecision.Tf32x3] = Costs("TiledGemm.TensorKernel.Conv", $"Tile.{nameof(Tf32x3Math)}.{nameof(PtxLayout)}"),
-                    }, reports.Single(r => r.Name == "TiledConv.SingleChannelForwardKernel").Loop.Total,
-                        reports.Single(r => r.Name == "TiledConv.NarrowWeightKernel").Loop.Total);
+                    }, sm90.Single(r => r.Name == "TiledConv.SingleChannelForwardKernel").Loop.Total,
+                        sm90.Single(r => r.Name == "TiledConv.NarrowWeightKernel").Loop.Total);
                 }
             }
         }
