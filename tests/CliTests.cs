@@ -276,6 +276,29 @@ public sealed class CliTests : IDisposable
     public void CheckSassWithoutTheToolsIsAUsageError() =>
         OneLineError(Run("check", "--sass", _dir), ExitCodes.Usage, "no ptxas and cuobjdump there");
 
+    /// <summary>A ptxas that fails (here a script that knows its version and exits 3 on anything else) stops `check --sass`
+    /// with its own line and exit 1, and leaves no temporary folder.</summary>
+    [SkippableFact]
+    public void CheckSassStopsAtAFailingPtxasWithItsLine()
+    {
+        Skip.If(OperatingSystem.IsWindows(), "the planted tools are shell scripts");
+        string tools = Directory.CreateDirectory(Path.Combine(_dir, "tools")).FullName;
+        foreach (var name in new[] { "ptxas", "cuobjdump" })
+        {
+            string file = Path.Combine(tools, name);
+            File.WriteAllText(file, "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'Cuda compilation tools, release 11.8, V11.8.89'; exit 0; }\n" +
+                "echo 'ptxas fatal: planted failure' >&2\nexit 3\n");
+            if (!OperatingSystem.IsWindows())
+            {
+                File.SetUnixFileMode(file, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
+            }
+        }
+        var before = Directory.GetDirectories(Path.GetTempPath(), Ddpm.Storage.Durable.TempMark + "sass-*").ToHashSet();
+        var r = Run("check", "--sass", tools);
+        OneLineError(r, ExitCodes.Failure, "exit 3: ptxas fatal: planted failure");
+        Assert.Subset(before, Directory.GetDirectories(Path.GetTempPath(), Ddpm.Storage.Durable.TempMark + "sass-*").ToHashSet());
+    }
+
     [Fact]
     public void MissingCheckpoint()
     {
