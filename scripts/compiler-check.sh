@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NVIDIA's compiler on the engine's kernels, with no GPU: fetches ptxas and cuobjdump into a cache folder
+# NVIDIA's compiler on the engine's kernels, with no GPU: fetches ptxas and nvdisasm into a cache folder
 # (scripts/cuda-toolkit.sh), then `ddpm check --sass`: every kernel compiled for sm_80 and sm_90, one table an
 # architecture (registers, spills, stack, shared memory, groups per SM, the main loop's instruction mix) and the
 # prediction derived from it; exit 1 when a tiled kernel breaks a rule (docs/gpu.md). Then holds docs/gpu.md to the

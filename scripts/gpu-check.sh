@@ -28,7 +28,7 @@
 #      tensor-core mode at its tolerance (100 s)
 #   7. `ddpm check --ptx` and `ptxas -v` on every tiled kernel: hardware registers and spills (25 s;
 #      reported only where ptxas, from a CUDA toolkit, is on PATH), then `ddpm check --sass` with that toolkit (40 s,
-#      where cuobjdump sits beside ptxas): the compiler table and the prediction, kept in sass.txt
+#      where nvdisasm sits beside ptxas): the compiler table and the prediction, kept in sass.txt
 #   8. the same five benchmarks at the other batches (50 + 35 + 35 + 40 + 40 s each)
 # Device memory: each program's allocator peak (the engine's pool peak of live tensors, bench's
 # peak_mem_mib; the peer's torch.cuda.max_memory_allocated) and, for both, the rise of nvidia-smi's
@@ -245,9 +245,9 @@ run_ptxas() {
     smem=$(sed -n 's/.* \([0-9]*\) bytes smem.*/\1/p' "$report" | head -1)
     ptxas_rows+=("$name|${regs:-?}|${spill_st:-0}|${spill_ld:-0}|${smem:-0}")
   done
-  # The whole compiler table and the prediction derived from it (ddpm check --sass), where cuobjdump sits beside ptxas:
+  # The whole compiler table and the prediction derived from it (ddpm check --sass), where nvdisasm sits beside ptxas:
   # kept in sass.txt, so the measured step times above can be read against the predicted ones.
-  if [ -x "$(dirname "$ptxas")/cuobjdump" ]; then
+  if [ -x "$(dirname "$ptxas")/nvdisasm" ]; then
     limit=$(allot 40)
     if [ "$limit" = 0 ]; then sass_line="compiler table: skipped (budget)"; return; fi
     set +e

@@ -271,10 +271,10 @@ public sealed class CliTests : IDisposable
         Assert.Contains("ld.shared.v4.f32", forward);
     }
 
-    /// <summary>`check --sass` needs a folder holding ptxas and cuobjdump, and says so in one line otherwise.</summary>
+    /// <summary>`check --sass` needs a folder holding ptxas and nvdisasm, and says so in one line otherwise.</summary>
     [Fact]
     public void CheckSassWithoutTheToolsIsAUsageError() =>
-        OneLineError(Run("check", "--sass", _dir), ExitCodes.Usage, "no ptxas and cuobjdump there");
+        OneLineError(Run("check", "--sass", _dir), ExitCodes.Usage, "no ptxas and nvdisasm there");
 
     /// <summary>A ptxas that fails (here a script that knows its version and exits 3 on anything else) stops `check --sass`
     /// with its own line and exit 1, and leaves no temporary folder.</summary>
@@ -283,7 +283,7 @@ public sealed class CliTests : IDisposable
     {
         Skip.If(OperatingSystem.IsWindows(), "the planted tools are shell scripts");
         string tools = Directory.CreateDirectory(Path.Combine(_dir, "tools")).FullName;
-        foreach (var name in new[] { "ptxas", "cuobjdump" })
+        foreach (var name in new[] { "ptxas", "nvdisasm" })
         {
             string file = Path.Combine(tools, name);
             File.WriteAllText(file, "#!/bin/sh\n[ \"$1\" = --version ] && { echo 'Cuda compilation tools, release 11.8, V11.8.89'; exit 0; }\n" +

@@ -2,8 +2,8 @@ using Ddpm.Kernels;
 
 namespace Ddpm.Tests;
 
-/// <summary>The reading of ptxas's and cuobjdump's output behind <c>ddpm check --sass</c>, on text in their formats (the
-/// tools themselves run in scripts/compiler-check.sh, which .ci/run calls).</summary>
+/// <summary>The reading of ptxas's and nvdisasm's output behind <c>ddpm check --sass</c>, on text and files in their formats
+/// (the tools themselves run in scripts/compiler-check.sh, which .ci/run calls).</summary>
 public sealed class CompilerReportTests
 {
     private const string Ptxas = """
@@ -142,6 +142,126 @@ public sealed class CompilerReportTests
         Assert.Equal(8, SmLimits.Sm90.GroupsPerSm(256, 20, 1024));
         // Shared memory binds: 164 KB / (48 KB + 1 KB) = 3 on an sm_80.
         Assert.Equal(3, SmLimits.Sm80.GroupsPerSm(128, 32, 48 * 1024));
+    }
+
+    /// <summary>One ptxas run on several files reports each entry under its own "Compiling entry function" line.</summary>
+    [Fact]
+    public void EachEntryOfOnePtxasRunIsReadApart()
+    {
+        const string text = """
+            ptxas info    : 0 bytes gmem
+            ptxas info    : Compiling entry function 'Kernel_Kernel_k0' for 'sm_90'
+            ptxas info    : Function properties for Kernel_Kernel_k0
+                0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+            ptxas info    : Used 148 registers, 27908 bytes smem, 664 bytes cmem[0]
+            ptxas info    : Compiling entry function 'Kernel_PartialKernel_k1' for 'sm_90'
+            ptxas info    : Function properties for Kernel_PartialKernel_k1
+                8 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+            ptxas info    : Used 15 registers, 1024 bytes smem, 380 bytes cmem[0]
+            """;
+        var entries = PtxasInfo.ParseEntries(text);
+        Assert.Equal(new PtxasInfo(148, 0, 0, 0, 27908), entries["Kernel_Kernel_k0"]);
+        Assert.Equal(new PtxasInfo(15, 8, 0, 0, 1024), entries["Kernel_PartialKernel_k1"]);
+    }
+
+    /// <summary>Modules compiled together keep their symbols apart: the entry, module variables and a function's shared
+    /// arrays take the suffix; registers, parameters and instructions that merely contain a name do not.</summary>
+    [Fact]
+    public void ModulesCompiledTogetherKeepTheirSymbolsApart()
+    {
+        const string ptx = """
+            .version 7.8
+            .target sm_80
+            .address_size 64
+            .extern .shared .align 4 .b8 __dyn_shared_alloca[];
+            .global .align 4 .b8 table[16] = {0};
+
+            .visible .entry Kernel_Kernel(
+            	.param .u64 Kernel_Kernel_param_0
+            )
+            {
+            	.shared .align 16 .b8 __shared_alloca0[8704];
+            	.reg .b64 	%rd<3>;
+            	ld.param.u64 	%rd1, [Kernel_Kernel_param_0];
+            	mov.b64	%rd2, __shared_alloca0;
+            	mov.b64	%rd2, __dyn_shared_alloca;
+            	mov.b64	%rd2, table;
+            	ret;
+            }
+            """;
+        var (renamed, entry) = PtxModules.Apart(ptx, "_k7");
+        Assert.Equal("Kernel_Kernel_k7", entry);
+        Assert.Contains(".visible .entry Kernel_Kernel_k7(", renamed);
+        Assert.Contains("__shared_alloca0_k7[8704]", renamed);
+        Assert.Contains("mov.b64\t%rd2, __shared_alloca0_k7;", renamed);
+        Assert.Contains(".extern .shared .align 4 .b8 __dyn_shared_alloca_k7[];", renamed);
+        Assert.Contains("mov.b64\t%rd2, table_k7;", renamed);
+        Assert.Contains("[Kernel_Kernel_param_0]", renamed);
+        Assert.Contains(".reg .b64 \t%rd<3>;", renamed);
+        Assert.True(PtxModules.DeclaresDynamicShared(ptx));
+        Assert.False(PtxModules.DeclaresDynamicShared(ptx.Replace(".extern .shared .align 4 .b8 __dyn_shared_alloca[];", "")));
+        Assert.Throws<FormatException>(() => PtxModules.Apart(".version 7.8\n", "_k0"));
+    }
+
+    /// <summary>A cubin's code sections are found in its ELF headers, laid end to end as one raw image, and the image's
+    /// disassembly is split back into kernels, each from address 0 with its branch targets.</summary>
+    [Fact]
+    public void ACubinsCodeIsDisassembledAsOneImageAndSplitBack()
+    {
+        byte[] a = [.. Enumerable.Repeat((byte)0xa1, 0x40)], b = [.. Enumerable.Repeat((byte)0xb2, 0x30)];
+        byte[] elf = Elf(("", []), (".shstrtab", null), (".nv.info", [1, 2, 3, 4]), (".text.k0", a), (".text.k1", b));
+        var functions = Cubin.Functions(elf);
+        Assert.Equal(["k0", "k1"], functions.Select(f => f.Name));
+        Assert.Equal([.. a, .. b], Cubin.Image(elf, functions));
+        // The image's disassembly: k1 starts at 0x40; its loop branches back to 0x50, that is 0x10 in k1.
+        const string code = """
+                    /*0000*/                   MOV R1, c[0x0][0x28] ;
+                    /*0010*/                   FFMA R2, R2, R2, R2 ;
+                    /*0020*/               @!P0 BRA 0x10 ;
+                    /*0030*/                   EXIT ;
+                    /*0040*/                   MOV R1, c[0x0][0x28] ;
+                    /*0050*/                   FFMA R2, R2, R2, R2 ;
+                    /*0060*/               @!P0 BRA 0x50 ;
+            """;
+        var split = Cubin.Split(Sass.Parse(code), functions);
+        Assert.Equal([0x0, 0x10, 0x20, 0x30], split["k0"].Select(i => i.Address));
+        Assert.Equal([0x0, 0x10, 0x20], split["k1"].Select(i => i.Address));
+        Assert.Equal(0x10, split["k1"][2].Target);
+        Assert.Equal(2, Sass.MainLoop(split["k1"]).Count);
+        Assert.Throws<FormatException>(() => Cubin.Functions([0x7f, (byte)'E', (byte)'L', (byte)'F']));
+        Assert.Throws<FormatException>(() => Cubin.Functions(elf[..^8]));
+    }
+
+    /// <summary>A little-endian ELF64 file with these sections (a null one first; the section whose data is null holds the
+    /// names), their data after the header and the section headers at the end.</summary>
+    private static byte[] Elf(params (string Name, byte[]? Data)[] sections)
+    {
+        var names = new List<byte>();
+        var nameAt = sections.Select(s => { int at = names.Count; names.AddRange(System.Text.Encoding.ASCII.GetBytes(s.Name)); names.Add(0); return at; }).ToArray();
+        var data = sections.Select(s => s.Data ?? [.. names]).ToArray();
+        var file = new List<byte>(new byte[64]);
+        var offsets = new long[sections.Length];
+        for (int i = 0; i < sections.Length; i++)
+        {
+            offsets[i] = file.Count;
+            file.AddRange(data[i]);
+        }
+        long headers = file.Count;
+        for (int i = 0; i < sections.Length; i++)
+        {
+            var h = new byte[64];
+            BitConverter.GetBytes(nameAt[i]).CopyTo(h, 0);
+            BitConverter.GetBytes(offsets[i]).CopyTo(h, 24);
+            BitConverter.GetBytes((long)data[i].Length).CopyTo(h, 32);
+            file.AddRange(h);
+        }
+        var elf = file.ToArray();
+        elf[0] = 0x7f; elf[1] = (byte)'E'; elf[2] = (byte)'L'; elf[3] = (byte)'F'; elf[4] = 2; elf[5] = 1;
+        BitConverter.GetBytes(headers).CopyTo(elf, 0x28);
+        BitConverter.GetBytes((ushort)64).CopyTo(elf, 0x3a);
+        BitConverter.GetBytes((ushort)sections.Length).CopyTo(elf, 0x3c);
+        BitConverter.GetBytes((ushort)Array.FindIndex(sections, s => s.Data is null)).CopyTo(elf, 0x3e);
+        return elf;
     }
 
     [Fact]

@@ -36,7 +36,7 @@ public static class CheckCommand
         };
         var sass = new Option<string?>("--sass")
         {
-            Description = "instead of the checks: compile every kernel for sm_80 and sm_90 with the ptxas and cuobjdump in this folder " +
+            Description = "instead of the checks: compile every kernel for sm_80 and sm_90 with the ptxas and nvdisasm in this folder " +
                 "(scripts/cuda-toolkit.sh fetches them; no GPU needed), print registers, spills, shared memory, groups per SM and each " +
                 "kernel's main-loop instruction mix, and fail when a tiled kernel breaks the rules (docs/gpu.md)",
         }.IsPath();
@@ -116,10 +116,10 @@ public static class CheckCommand
     /// </summary>
     private static int CompilerTable(string tools)
     {
-        string ptxas = Path.Combine(tools, "ptxas"), cuobjdump = Path.Combine(tools, "cuobjdump");
-        if (!File.Exists(ptxas) || !File.Exists(cuobjdump))
+        string ptxas = Path.Combine(tools, "ptxas"), nvdisasm = Path.Combine(tools, "nvdisasm");
+        if (!File.Exists(ptxas) || !File.Exists(nvdisasm))
         {
-            throw new UsageException($"--sass {tools}: no ptxas and cuobjdump there (scripts/cuda-toolkit.sh fetches them and prints their folder)");
+            throw new UsageException($"--sass {tools}: no ptxas and nvdisasm there (scripts/cuda-toolkit.sh fetches them and prints their folder)");
         }
         string version = Tool(ptxas, "--version");
         var release = System.Text.RegularExpressions.Regex.Match(version, @"release (\d+)\.(\d+)");
@@ -135,24 +135,56 @@ public static class CheckCommand
         try
         {
             Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Compilable.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
-                "static SASS counts (cuobjdump -sass); the main loop is the loop with the most FFMA (docs/gpu.md)");
+                "static SASS counts (nvdisasm); the main loop is the loop with the most FFMA (docs/gpu.md)");
             var order = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal).ToList();
             var reports = SassArchitectures.ToDictionary(a => a, _ => new KernelReport[order.Count]);
-            // ptxas and cuobjdump (separate processes) take the PTX as ILGPU writes it: one of them beside ILGPU's backend, which
+            // ptxas and nvdisasm (separate processes) take the PTX as ILGPU writes it: one of them beside ILGPU's backend, which
             // is single-threaded, then as many as there are cores once it is done. (With a ptxas on every core from the start
-            // ILGPU got less than a core and the whole took longer.)
+            // ILGPU got less than a core and the whole took longer.) A worker takes what has queued up, up to BatchKernels, as
+            // one ptxas run and one nvdisasm run (PtxModules: the disassembler's start is most of what it costs a kernel).
             using var jobs = new System.Collections.Concurrent.BlockingCollection<(SmLimits Arch, int Index, string Code)>();
             void Drain()
             {
-                foreach (var (arch, i, code) in jobs.GetConsumingEnumerable())
+                foreach (var first in jobs.GetConsumingEnumerable())
                 {
-                    var kernel = order[i];
-                    string name = KernelPtx.Name(kernel), file = Path.Combine(work, $"{name}.{arch.Name}");
-                    File.WriteAllText(file + ".ptx", code);
-                    var info = PtxasInfo.Parse(Tool(ptxas, $"-arch={arch.Name} -v -o \"{file}.cubin\" \"{file}.ptx\""));
-                    var sassCode = Sass.Parse(Tool(cuobjdump, $"-sass \"{file}.cubin\""));
-                    var (threads, minGroups) = KernelReport.Bounds(code);
-                    reports[arch][i] = new KernelReport(name, kernel.Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
+                    var batch = new List<(SmLimits Arch, int Index, string Code)> { first };
+                    while (batch.Count < BatchKernels && jobs.TryTake(out var next))
+                    {
+                        batch.Add(next);
+                    }
+                    foreach (var group in batch.GroupBy(j => (j.Arch, PtxModules.DeclaresDynamicShared(j.Code))))
+                    {
+                        Compile(group.Key.Arch, [.. group.Select(j => (j.Index, j.Code))]);
+                    }
+                }
+            }
+            void Compile(SmLimits arch, List<(int Index, string Code)> batch)
+            {
+                string cubin = Path.Combine(work, $"{arch.Name}.{batch[0].Index}.cubin");
+                var files = new List<string>();
+                var entries = new Dictionary<string, int>(StringComparer.Ordinal);
+                foreach (var (i, code) in batch)
+                {
+                    string file = Path.Combine(work, $"{KernelPtx.Name(order[i])}.{arch.Name}.ptx");
+                    var (text, entry) = PtxModules.Apart(code, $"_k{i}");
+                    File.WriteAllText(file, text);
+                    files.Add(file);
+                    entries[entry] = i;
+                }
+                string what = $"-arch={arch.Name} on {KernelPtx.Name(order[batch[0].Index])}{(batch.Count > 1 ? $" and {batch.Count - 1} more kernels" : "")}";
+                var infos = PtxasInfo.ParseEntries(Tool(ptxas, $"-arch={arch.Name} -v -o \"{cubin}\" {string.Join(" ", files.Select(f => $"\"{f}\""))}", what));
+                byte[] elf = File.ReadAllBytes(cubin);
+                var sections = Cubin.Functions(elf);
+                File.WriteAllBytes(cubin + ".code", Cubin.Image(elf, sections));
+                var functions = Cubin.Split(Sass.Parse(Tool(nvdisasm, $"-b SM{arch.Name["sm_".Length..]} \"{cubin}.code\"", what)), sections);
+                foreach (var (entry, i) in entries)
+                {
+                    if (!infos.TryGetValue(entry, out var info) || !functions.TryGetValue(entry, out var sassCode))
+                    {
+                        throw new IOException($"ptxas and nvdisasm on {what}: no report or code for {KernelPtx.Name(order[i])}");
+                    }
+                    var (threads, minGroups) = KernelReport.Bounds(batch.First(j => j.Index == i).Code);
+                    reports[arch][i] = new KernelReport(KernelPtx.Name(order[i]), order[i].Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
                         SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode)));
                 }
             }
@@ -238,8 +270,13 @@ public static class CheckCommand
         return problems.Count == 0 ? 0 : 1;
     }
 
-    /// <summary>Runs one of the toolkit's programs and returns what it printed; a failure is one line naming it.</summary>
-    private static string Tool(string program, string arguments)
+    /// <summary>Kernels a worker gives one ptxas run and one nvdisasm run at most: few enough that every core gets a share
+    /// once ILGPU is done.</summary>
+    private const int BatchKernels = 8;
+
+    /// <summary>Runs one of the toolkit's programs and returns what it printed; a failure is one line naming it and
+    /// <paramref name="what"/> it was run on (the arguments when not given).</summary>
+    private static string Tool(string program, string arguments, string? what = null)
     {
         var start = new System.Diagnostics.ProcessStartInfo(program, arguments) { RedirectStandardOutput = true, RedirectStandardError = true };
         using var process = System.Diagnostics.Process.Start(start) ?? throw new IOException($"{program}: cannot start");
@@ -249,7 +286,7 @@ public static class CheckCommand
         string text = output + stderr.Result;
         if (process.ExitCode != 0)
         {
-            throw new IOException($"{Path.GetFileName(program)} {arguments}: exit {process.ExitCode}: {text.Trim().Split('\n').LastOrDefault()}");
+            throw new IOException($"{Path.GetFileName(program)} {what ?? arguments}: exit {process.ExitCode}: {text.Trim().Split('\n').LastOrDefault()}");
         }
         return text;
     }

@@ -23,6 +23,134 @@ public sealed record PtxasInfo(int Registers, int StackBytes, int SpillStores, i
         int Int(Group g) => g.Success ? int.Parse(g.Value, CultureInfo.InvariantCulture) : 0;
         return new PtxasInfo(Int(used.Groups[1]), Int(frame.Groups[1]), Int(frame.Groups[2]), Int(frame.Groups[3]), Int(used.Groups[2]));
     }
+
+    private static readonly Regex Entry = new(@"^ptxas info\s*: Compiling entry function '([^']+)'", RegexOptions.Multiline | RegexOptions.Compiled);
+
+    /// <summary>The report of each entry in the -v output of one ptxas run on several PTX files, by entry name: the text
+    /// from its "Compiling entry function" line to the next one's.</summary>
+    public static IReadOnlyDictionary<string, PtxasInfo> ParseEntries(string text)
+    {
+        var entries = Entry.Matches(text);
+        var map = new Dictionary<string, PtxasInfo>(StringComparer.Ordinal);
+        for (int i = 0; i < entries.Count; i++)
+        {
+            int end = i + 1 < entries.Count ? entries[i + 1].Index : text.Length;
+            map[entries[i].Groups[1].Value] = Parse(text[entries[i].Index..end]);
+        }
+        return map;
+    }
+}
+
+/// <summary>
+/// PTX modules made ready to be compiled together: one ptxas run on several files gives one cubin, whose code one
+/// disassembler run reads (<see cref="Cubin"/>). ILGPU names every kernel's entry after its method (all of TiledGemm's
+/// are "Kernel_Kernel") and its shared memory by the same few names, and ptxas links the files it is given, so each
+/// module's own symbols get a suffix.
+/// </summary>
+public static class PtxModules
+{
+    // Entries and functions by the name before their parameters; variables in the global, constant and shared spaces (a
+    // function's shared arrays too: ptxas gives them module scope, and two files' __shared_alloca0 became one) by the name
+    // before their extents, initializer or semicolon.
+    private static readonly Regex Function = new(@"^(?:\.(?:visible|extern|weak)\s+)*\.(?:entry|func)\s+(?:\([^)]*\)\s*)?([A-Za-z_$][\w$]*)", RegexOptions.Multiline | RegexOptions.Compiled);
+    private static readonly Regex Variable = new(@"^\s*(?:\.(?:visible|extern|weak)\s+)*\.(?:global|const|shared)\s.*?([A-Za-z_$][\w$]*)\s*(?:\[[^\]]*\])*\s*(?:=|;)", RegexOptions.Multiline | RegexOptions.Compiled);
+    private static readonly Regex EntryName = new(@"\.entry\s+([A-Za-z_$][\w$]*)", RegexOptions.Compiled);
+
+    private static readonly Regex ExternShared = new(@"^\s*\.extern\s+\.shared\b", RegexOptions.Multiline | RegexOptions.Compiled);
+
+    /// <summary>Whether <paramref name="ptx"/> declares dynamic shared memory (an extern shared array). Only such modules may
+    /// be compiled together with it: ptxas then rounds every function's static shared memory up to 16 bytes (so that the
+    /// dynamic part starts aligned), which a module without one, compiled alone, does not (TiledNorm.BackwardKernel: 4,108 B,
+    /// beside a tensor-core kernel 4,112).</summary>
+    public static bool DeclaresDynamicShared(string ptx) => ExternShared.IsMatch(ptx);
+
+    /// <summary><paramref name="ptx"/> with every symbol ptxas would link by name renamed NAME + <paramref name="suffix"/>,
+    /// and its entry's new name. Only names change: ptxas makes the same code of it.</summary>
+    public static (string Ptx, string Entry) Apart(string ptx, string suffix)
+    {
+        var entry = EntryName.Match(ptx);
+        if (!entry.Success)
+        {
+            throw new FormatException("a kernel's PTX has no .entry");
+        }
+        var names = Function.Matches(ptx).Concat(Variable.Matches(ptx)).Select(m => m.Groups[1].Value).Distinct();
+        foreach (string name in names)
+        {
+            ptx = Regex.Replace(ptx, $@"(?<![\w$]){Regex.Escape(name)}(?![\w$])", name + suffix);
+        }
+        return (ptx, entry.Groups[1].Value + suffix);
+    }
+}
+
+/// <summary>One kernel's code in a cubin: the ".text.NAME" section's place in the file.</summary>
+public readonly record struct CubinFunction(string Name, int Offset, int Size);
+
+/// <summary>
+/// The code of a cubin (an ELF64 file) as one raw image for <c>nvdisasm -b SMxy</c>, and its disassembly split back into
+/// kernels. cuobjdump -sass does the same a kernel at a time, with one disassembler process each, whose start costs about
+/// 0.3 s however short the code (most of <c>check --sass</c>'s time when every kernel had its own); raw, branch targets
+/// print as addresses, also to an instruction the disassembler does not print (a label would name nothing).
+/// </summary>
+public static class Cubin
+{
+    /// <summary>Every code section (".text.NAME") of the ELF64 file <paramref name="elf"/>, in file order.</summary>
+    public static IReadOnlyList<CubinFunction> Functions(byte[] elf)
+    {
+        if (elf.Length < 64 || elf[0] != 0x7f || elf[1] != (byte)'E' || elf[2] != (byte)'L' || elf[3] != (byte)'F' || elf[4] != 2 || elf[5] != 1)
+        {
+            throw new FormatException("not a little-endian ELF64 cubin");
+        }
+        var span = elf.AsSpan();
+        long headers = BitConverter.ToInt64(span[0x28..]);
+        int size = BitConverter.ToUInt16(span[0x3a..]), count = BitConverter.ToUInt16(span[0x3c..]), names = BitConverter.ToUInt16(span[0x3e..]);
+        if (size < 64 || names >= count || headers < 0 || headers + (long)size * count > elf.Length)
+        {
+            throw new FormatException("a cubin's section headers lie outside it");
+        }
+        ReadOnlySpan<byte> Header(int i) => elf.AsSpan((int)headers + i * size, size);
+        long strings = BitConverter.ToInt64(Header(names)[24..]);
+        var list = new List<CubinFunction>();
+        for (int i = 0; i < count; i++)
+        {
+            var h = Header(i);
+            long nameAt = strings + BitConverter.ToUInt32(h);
+            int end = nameAt >= 0 && nameAt < elf.Length ? span[(int)nameAt..].IndexOf((byte)0) : -1;
+            if (end < 0)
+            {
+                throw new FormatException("a cubin's section name lies outside it");
+            }
+            string name = System.Text.Encoding.ASCII.GetString(span.Slice((int)nameAt, end));
+            long offset = BitConverter.ToInt64(h[24..]), length = BitConverter.ToInt64(h[32..]);
+            if (name.StartsWith(".text.", StringComparison.Ordinal))
+            {
+                if (offset < 0 || length < 0 || offset + length > elf.Length || length % 16 != 0)
+                {
+                    throw new FormatException($"a cubin's section {name} lies outside it or is not whole 16-byte instructions");
+                }
+                list.Add(new CubinFunction(name[".text.".Length..], (int)offset, (int)length));
+            }
+        }
+        return list;
+    }
+
+    /// <summary>The code of <paramref name="functions"/>, one after another: a raw image whose addresses run on from one
+    /// function to the next.</summary>
+    public static byte[] Image(byte[] elf, IReadOnlyList<CubinFunction> functions) =>
+        [.. functions.SelectMany(f => elf.AsSpan(f.Offset, f.Size).ToArray())];
+
+    /// <summary>The disassembly of <see cref="Image"/> split back into its functions, each from address 0 (branch targets too).</summary>
+    public static IReadOnlyDictionary<string, IReadOnlyList<SassInstruction>> Split(IReadOnlyList<SassInstruction> code, IReadOnlyList<CubinFunction> functions)
+    {
+        var map = new Dictionary<string, IReadOnlyList<SassInstruction>>(StringComparer.Ordinal);
+        int start = 0;
+        foreach (var f in functions)
+        {
+            int from = start;
+            map[f.Name] = [.. code.Where(i => i.Address >= from && i.Address < from + f.Size).Select(i => i with { Address = i.Address - from, Target = i.Target - from })];
+            start += f.Size;
+        }
+        return map;
+    }
 }
 
 /// <summary>One SASS instruction: its address, its predicate-free opcode with modifiers ("LDS.128"), and the branch
@@ -74,7 +202,7 @@ public sealed record SassMix(int Total, int Ffma, int OtherFloat, int Lds32, int
     }
 }
 
-/// <summary>Reads <c>cuobjdump -sass</c> output.</summary>
+/// <summary>Reads SASS as <c>cuobjdump -sass</c> and <c>nvdisasm -b SMxy</c> (a raw code image) print it.</summary>
 public static class Sass
 {
     private static readonly Regex Line = new(@"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z0-9_]+(?:\.[A-Z0-9_]+)*)([^;]*);", RegexOptions.Compiled);
@@ -167,7 +295,7 @@ public sealed record SmLimits(string Name, string Card, int SharedPerSm)
     }
 }
 
-/// <summary>One kernel, compiled for one architecture by ptxas, read back by cuobjdump.</summary>
+/// <summary>One kernel, compiled for one architecture by ptxas, read back by nvdisasm.</summary>
 /// <param name="Name">"TiledGemm.Kernel.ConvForwardTile".</param>
 /// <param name="Tiled">An explicitly grouped kernel (the rules apply).</param>
 /// <param name="Arch">The limits of the architecture it was compiled for.</param>
