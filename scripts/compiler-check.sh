@@ -7,16 +7,26 @@
 # row of the strict-fp32 per-pass table must be in docs/gpu.md word for word; exit 1 naming the first that is not.
 # .ci/run runs it.
 #
-#   scripts/compiler-check.sh [--no-build]   --no-build: use the Release build already there (as .ci/run does)
+#   scripts/compiler-check.sh [--no-build] [--ptx-from DIR]
+#     --no-build: use the Release build already there (as .ci/run does)
+#     --ptx-from DIR: take the PTX the tests left in DIR (DDPM_SASS_PTX=DIR dotnet test, as .ci/run does) when it is this
+#                     build's; ddpm compiles it itself otherwise
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=()
-[ "${1:-}" = --no-build ] && build=(--no-build)
+from=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --no-build) build=(--no-build); shift ;;
+    --ptx-from) [ $# -ge 2 ] || { echo "compiler-check: --ptx-from needs a folder" >&2; exit 2; }; from=(--ptx-from "$2"); shift 2 ;;
+    *) echo "compiler-check: unknown argument $1 (usage: scripts/compiler-check.sh [--no-build] [--ptx-from DIR])" >&2; exit 2 ;;
+  esac
+done
 tools=$(scripts/cuda-toolkit.sh)
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 rc=0
-dotnet run --project src/Cli -c Release "${build[@]}" -- check --sass "$tools" | tee "$out" || rc=$?
+dotnet run --project src/Cli -c Release "${build[@]}" -- check --sass "$tools" "${from[@]}" | tee "$out" || rc=$?
 [ "$rc" -eq 0 ] || exit "$rc"
 
 # The rows docs/gpu.md must carry: the step rows of every mode, and the fp32 section's per-pass rows.

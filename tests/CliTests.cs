@@ -276,6 +276,10 @@ public sealed class CliTests : IDisposable
     public void CheckSassWithoutTheToolsIsAUsageError() =>
         OneLineError(Run("check", "--sass", _dir), ExitCodes.Usage, "no ptxas and nvdisasm there");
 
+    [Fact]
+    public void PtxFromWithoutSassIsAUsageError() =>
+        OneLineError(Run("check", "--ptx-from", _dir), ExitCodes.Usage, "--ptx-from applies to --sass");
+
     /// <summary>A ptxas that fails (here a script that knows its version and exits 3 on anything else) stops `check --sass`
     /// with its own line and exit 1, and leaves no temporary folder.</summary>
     [SkippableFact]

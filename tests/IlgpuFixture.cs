@@ -19,19 +19,45 @@ public sealed class IlgpuFixture : IDisposable
 
     private KernelPtx? _sm90;
     private readonly Dictionary<LoadedKernel, string> _sm90Ptx = [];
+    private Dictionary<LoadedKernel, string>? _gpuSm90;
 
-    /// <summary>The PTX of <paramref name="kernel"/> for sm_90 (driver 13.0), compiled once for every test that reads it.</summary>
+    /// <summary>
+    /// The PTX of <paramref name="kernel"/> for sm_90 at the toolkit's PTX ISA (CUDA 11.8), compiled once for every test
+    /// that reads it. The kernels a GPU loads are compiled all at once, as <c>ddpm check --sass</c> compiles them (a fresh
+    /// simulator's context, its tables' order, sm_80 and then sm_90: <see cref="KernelPtx.CompileInOrder"/>), so the text is
+    /// the compiler table's; with DDPM_SASS_PTX=DIR they are also left in DIR, where <c>check --sass --ptx-from DIR</c>
+    /// (CI's compiler step) takes them instead of compiling them again. The simulator's own twins compile on this context.
+    /// </summary>
     public string Sm90Ptx(LoadedKernel kernel)
     {
         lock (_sm90Ptx)
         {
-            _sm90 ??= new KernelPtx(Device.Context, ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, ILGPU.Runtime.Cuda.CudaDriverVersion.FromMajorMinor(13, 0));
+            _gpuSm90 ??= CompileGpuKernels();
+            if (_gpuSm90.TryGetValue(kernel, out var gpu))
+            {
+                return gpu;
+            }
+            _sm90 ??= new KernelPtx(Device.Context, ILGPU.Runtime.Cuda.CudaArchitecture.SM_90, Cli.CheckCommand.ToolkitCuda);
             if (!_sm90Ptx.TryGetValue(kernel, out var ptx))
             {
                 _sm90Ptx[kernel] = ptx = _sm90.Compile(kernel);
             }
             return ptx;
         }
+    }
+
+    private static Dictionary<LoadedKernel, string> CompileGpuKernels()
+    {
+        using var simulator = IlgpuDevice.OpenSimulator();
+        var order = KernelPtx.TableOrder(IlgpuKernels.Listing(simulator).Compilable);
+        var architectures = Cli.CheckCommand.SassArchitectures.Select(Cli.CheckCommand.Cuda).ToList();
+        var ptx = KernelPtx.CompileInOrder(simulator.Context, order, architectures, Cli.CheckCommand.ToolkitCuda);
+        if (Environment.GetEnvironmentVariable("DDPM_SASS_PTX") is { Length: > 0 } folder)
+        {
+            KernelPtx.Save(folder, KernelPtx.Stamp(order, architectures, Cli.CheckCommand.ToolkitCuda), order, architectures, ptx);
+        }
+        int sm90 = architectures.FindIndex(a => a == ILGPU.Runtime.Cuda.CudaArchitecture.SM_90);
+        return order.Select((k, i) => (k, i)).ToDictionary(p => p.k, p => ptx[sm90][p.i]);
     }
 
     public void Dispose()

@@ -37,6 +37,49 @@ public sealed class PtxTests(IlgpuFixture fixture, ITestOutputHelper output)
         Assert.Contains("listed, not loaded", e.Message);
     }
 
+    /// <summary>A folder of PTX is taken only under the stamp it was saved with: another build, ILGPU, CUDA version or
+    /// kernel set gives none and a reason, and so does a folder whose stamp was never written (a save cut short).</summary>
+    [Fact]
+    public void APtxFolderIsTakenOnlyUnderItsOwnStamp()
+    {
+        var order = KernelPtx.TableOrder(fixture.Kernels.Compilable.Take(3));
+        CudaArchitecture[] architectures = [CudaArchitecture.SM_80, CudaArchitecture.SM_90];
+        string[][] ptx = [[.. order.Select((k, i) => $"// {i} sm_80")], [.. order.Select((k, i) => $"// {i} sm_90")]];
+        string folder = Directory.CreateTempSubdirectory("ddpm-ptx-").FullName;
+        try
+        {
+            string stamp = KernelPtx.Stamp(order, architectures, Cli.CheckCommand.ToolkitCuda);
+            Assert.Contains(KernelPtx.Build, stamp);
+            Assert.Null(KernelPtx.Load(folder, stamp, order, architectures, out string why));
+            Assert.Contains("no stamp.txt", why);
+            KernelPtx.Save(folder, stamp, order, architectures, ptx);
+            Assert.Equal(ptx, KernelPtx.Load(folder, stamp, order, architectures, out _));
+            string other = KernelPtx.Stamp(order, architectures, CudaDriverVersion.FromMajorMinor(12, 4));
+            Assert.NotEqual(stamp, other);
+            Assert.Null(KernelPtx.Load(folder, other, order, architectures, out why));
+            Assert.Contains("another build, ILGPU, CUDA version or kernel set", why);
+            Assert.NotEqual(stamp, KernelPtx.Stamp(order.Take(2).ToList(), architectures, Cli.CheckCommand.ToolkitCuda));
+            File.Delete(Directory.GetFiles(Path.Combine(folder, "sm_90")).First());
+            Assert.Null(KernelPtx.Load(folder, stamp, order, architectures, out why));
+            Assert.StartsWith(folder, why);
+        }
+        finally
+        {
+            Directory.Delete(folder, recursive: true);
+        }
+    }
+
+    /// <summary>The tests compile at the PTX ISA of the toolkit scripts/cuda-toolkit.sh fetches, so that CI's compiler step
+    /// can take their PTX.</summary>
+    [Fact]
+    public void TheTestsCompileForTheToolkitTheScriptFetches()
+    {
+        string script = File.ReadAllText(Path.Combine(CliTests.RepoRoot(), "scripts", "cuda-toolkit.sh"));
+        var cuda = Cli.CheckCommand.ToolkitCuda;
+        Assert.Contains($"CUDA {cuda.Major}.{cuda.Minor} from Debian", script);
+        Assert.Contains($"ddpm/cuda-{cuda.Major}.{cuda.Minor}", script);
+    }
+
     [Fact]
     public void EveryLoadedKernelCompilesForSm90()
     {

@@ -45,17 +45,27 @@ public static class CheckCommand
             Description = "with --ptx: write only the kernels whose file name contains one of these comma-separated parts " +
                 "(e.g. TiledGemm.Kernel.ConvForwardTile,RowSums); a part that names no kernel is an error",
         };
-        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda, sass, only };
+        var ptxFrom = new Option<string?>("--ptx-from")
+        {
+            Description = "with --sass: take the PTX the tests compiled into this folder (DDPM_SASS_PTX=DIR dotnet test: the same " +
+                "compile, on a fresh simulator's context in the tables' order) when its stamp names this build, ILGPU, the " +
+                "toolkit's CUDA version and the kernels; otherwise compile here, and say why",
+        }.IsPath();
+        var check = new Command("check", "Check every op on an ILGPU device against the CPU backend and finite differences; print one table.") { device, ptx, sm, cuda, sass, ptxFrom, only };
         check.SetAction(parse => Program.Guard(() =>
         {
             if (parse.GetValue(only) is not null && parse.GetValue(ptx) is null)
             {
                 throw new UsageException("--only applies to --ptx");
             }
+            if (parse.GetValue(ptxFrom) is not null && parse.GetValue(sass) is null)
+            {
+                throw new UsageException("--ptx-from applies to --sass");
+            }
             return parse.GetValue(ptx) is { } folder
                 ? WritePtx(folder, parse.GetValue(sm), parse.GetValue(cuda)!, parse.GetValue(only))
                 : parse.GetValue(sass) is { } tools
-                    ? CompilerTable(tools)
+                    ? CompilerTable(tools, parse.GetValue(ptxFrom))
                     : Run(Program.ChosenDevice(parse, device));
         }));
         return check;
@@ -109,12 +119,23 @@ public static class CheckCommand
     /// <summary>The architectures <c>--sass</c> compiles for.</summary>
     public static readonly SmLimits[] SassArchitectures = [SmLimits.Sm80, SmLimits.Sm90];
 
+    /// <summary>The CUDA version of the toolkit scripts/cuda-toolkit.sh fetches (Debian bookworm's nvidia-cuda-toolkit), whose
+    /// PTX ISA the tests compile at when they leave their PTX for <c>check --sass --ptx-from</c>.</summary>
+    public static readonly CudaDriverVersion ToolkitCuda = CudaDriverVersion.FromMajorMinor(11, 8);
+
+    /// <summary>"sm_90" as ILGPU's architecture.</summary>
+    public static CudaArchitecture Cuda(SmLimits arch)
+    {
+        int sm = int.Parse(arch.Name["sm_".Length..], System.Globalization.CultureInfo.InvariantCulture);
+        return new CudaArchitecture(sm / 10, sm % 10);
+    }
+
     /// <summary>
     /// Every loaded kernel compiled by NVIDIA's own compiler for each of <see cref="SassArchitectures"/> (the PTX as a GPU
     /// would load it, at the newest ISA the toolkit's ptxas reads), read back from the machine code: one table an
     /// architecture, tiled kernels first. Exit 1, with one line a problem, when a tiled kernel breaks a rule.
     /// </summary>
-    private static int CompilerTable(string tools)
+    private static int CompilerTable(string tools, string? reuse)
     {
         string ptxas = Path.Combine(tools, "ptxas"), nvdisasm = Path.Combine(tools, "nvdisasm");
         if (!File.Exists(ptxas) || !File.Exists(nvdisasm))
@@ -136,7 +157,7 @@ public static class CheckCommand
         {
             Console.WriteLine($"NVIDIA's compiler on the engine's {kernels.Compilable.Count} kernels: ptxas CUDA {release.Groups[1].Value}.{release.Groups[2].Value}, " +
                 "static SASS counts (nvdisasm); the main loop is the loop with the most FFMA (docs/gpu.md)");
-            var order = kernels.Compilable.OrderBy(k => k.Grouped ? 0 : 1).ThenBy(KernelPtx.Name, StringComparer.Ordinal).ToList();
+            var order = KernelPtx.TableOrder(kernels.Compilable);
             var reports = SassArchitectures.ToDictionary(a => a, _ => new KernelReport[order.Count]);
             // ptxas and nvdisasm (separate processes) take the PTX as ILGPU writes it: one of them beside ILGPU's backend, which
             // is single-threaded, then as many as there are cores once it is done. (With a ptxas on every core from the start
@@ -191,27 +212,27 @@ public static class CheckCommand
             var beside = Enumerable.Range(0, Math.Max(1, Environment.ProcessorCount - 1)).Select(_ => Task.Factory.StartNew(Drain, TaskCreationOptions.LongRunning)).ToList();
             try
             {
-                List<string>? previous = null;
-                // A tool that failed stops the compiles: its error is the one to show.
-                foreach (var arch in SassArchitectures.TakeWhile(_ => !beside.Any(t => t.IsFaulted)))
+                var architectures = SassArchitectures.Select(Cuda).ToList();
+                string stamp = KernelPtx.Stamp(order, architectures, cudaVersion);
+                string why = "";
+                if (reuse is not null && KernelPtx.Load(reuse, stamp, order, architectures, out why) is { } saved)
                 {
-                    int sm = int.Parse(arch.Name["sm_".Length..]);
-                    using var compiler = new KernelPtx(ilgpu.Context, new CudaArchitecture(sm / 10, sm % 10), cudaVersion);
-                    // The PTX one kernel at a time (ILGPU's backend). ILGPU 1.5.3 writes `.target sm_80` at most, so sm_90's PTX
-                    // is sm_80's, every kernel the same text: when the first kernel and the first tensor-core kernel (its
-                    // inline PTX) compile to the same text for this architecture, the others are not compiled again.
-                    bool same = previous is not null && Enumerable.Range(0, order.Count).Where(i => i == 0 || order[i].Method.Name == "TensorKernel").Take(2)
-                        .All(i => compiler.Compile(order[i]) == previous[i]);
-                    var ptx = same ? previous! : [];
-                    for (int i = 0; i < order.Count && !beside.Any(t => t.IsFaulted); i++)
+                    Console.WriteLine($"PTX: the tests' ({reuse}), compiled from this build as below");
+                    for (int a = 0; a < saved.Length; a++)
                     {
-                        if (!same)
+                        for (int i = 0; i < order.Count; i++)
                         {
-                            ptx.Add(compiler.Compile(order[i]));
+                            jobs.Add((SassArchitectures[a], i, saved[a][i]));
                         }
-                        jobs.Add((arch, i, ptx[i]));
                     }
-                    previous = ptx;
+                }
+                else
+                {
+                    Console.WriteLine($"PTX: compiled here by ILGPU on a fresh simulator's context, in the tables' order{(reuse is null ? "" : $" ({why})")}");
+                    // The PTX one kernel at a time (ILGPU's backend) while the tools beside read what is ready; a tool that
+                    // failed stops the compiles: its error is the one to show.
+                    KernelPtx.CompileInOrder(ilgpu.Context, order, architectures, cudaVersion, (a, i, code) => jobs.Add((SassArchitectures[a], i, code)),
+                        () => beside.Any(t => t.IsFaulted));
                 }
             }
             catch

@@ -139,12 +139,9 @@ public static class SelfCheck
 
     private static bool SameKey(Verdict a, Verdict b) => a.Gpu == b.Gpu && a.Driver == b.Driver && a.Build == b.Build && a.Kernels == b.Kernels;
 
-    /// <summary>The build's identity: the module version ids of the assemblies whose code runs in the
-    /// kernels (Ddpm.Kernels and Ddpm.Tensor, whose Philox the random kernels call); any rebuild with
-    /// a change gives new ids (deterministic builds keep them when nothing changed).</summary>
-    public static string Build { get; } =
-        $"{typeof(IlgpuKernels).Assembly.ManifestModule.ModuleVersionId:N}".Substring(0, 12) + "-" +
-        $"{typeof(Tensor).Assembly.ManifestModule.ModuleVersionId:N}".Substring(0, 12);
+    /// <summary>The build's identity (<see cref="KernelPtx.Build"/>: the module version ids of the assemblies whose code
+    /// runs in the kernels).</summary>
+    public static string Build => KernelPtx.Build;
 
     private static string DriverOf(IlgpuDevice gpu) => gpu.Accelerator.Device switch
     {
