@@ -46,6 +46,20 @@ public sealed class IlgpuFixture : IDisposable
         }
     }
 
+    /// <summary>The kernels a GPU loads (<see cref="IlgpuKernels.Listing"/>), in the compiler table's order; their PTX is
+    /// <see cref="Sm90Ptx"/>'s.</summary>
+    public IReadOnlyList<LoadedKernel> GpuKernels
+    {
+        get
+        {
+            lock (_sm90Ptx)
+            {
+                _gpuSm90 ??= CompileGpuKernels();
+                return [.. _gpuSm90.Keys];
+            }
+        }
+    }
+
     private static Dictionary<LoadedKernel, string> CompileGpuKernels()
     {
         using var simulator = IlgpuDevice.OpenSimulator();
