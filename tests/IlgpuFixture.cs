@@ -19,7 +19,7 @@ public sealed class IlgpuFixture : IDisposable
 
     private KernelPtx? _sm90;
     private readonly Dictionary<LoadedKernel, string> _sm90Ptx = [];
-    private Dictionary<LoadedKernel, string>? _gpuSm90;
+    private (IReadOnlyList<LoadedKernel> Order, Dictionary<LoadedKernel, string> Sm90)? _gpu;
 
     /// <summary>
     /// The PTX of <paramref name="kernel"/> for sm_90 at the toolkit's PTX ISA (CUDA 11.8), compiled once for every test
@@ -32,8 +32,8 @@ public sealed class IlgpuFixture : IDisposable
     {
         lock (_sm90Ptx)
         {
-            _gpuSm90 ??= CompileGpuKernels();
-            if (_gpuSm90.TryGetValue(kernel, out var gpu))
+            _gpu ??= CompileGpuKernels();
+            if (_gpu.Value.Sm90.TryGetValue(kernel, out var gpu))
             {
                 return gpu;
             }
@@ -54,24 +54,24 @@ public sealed class IlgpuFixture : IDisposable
         {
             lock (_sm90Ptx)
             {
-                _gpuSm90 ??= CompileGpuKernels();
-                return [.. _gpuSm90.Keys];
+                _gpu ??= CompileGpuKernels();
+                return _gpu.Value.Order;
             }
         }
     }
 
-    private static Dictionary<LoadedKernel, string> CompileGpuKernels()
+    private static (IReadOnlyList<LoadedKernel> Order, Dictionary<LoadedKernel, string> Sm90) CompileGpuKernels()
     {
         using var simulator = IlgpuDevice.OpenSimulator();
         var order = KernelPtx.TableOrder(IlgpuKernels.Listing(simulator).Compilable);
-        var architectures = Cli.CheckCommand.SassArchitectures.Select(Cli.CheckCommand.Cuda).ToList();
+        var architectures = Cli.CheckCommand.SassArchitectures.Select(a => a.Architecture).ToList();
         var ptx = KernelPtx.CompileInOrder(simulator.Context, order, architectures, Cli.CheckCommand.ToolkitCuda);
         if (Environment.GetEnvironmentVariable("DDPM_SASS_PTX") is { Length: > 0 } folder)
         {
             KernelPtx.Save(folder, KernelPtx.Stamp(order, architectures, Cli.CheckCommand.ToolkitCuda), order, architectures, ptx);
         }
         int sm90 = architectures.FindIndex(a => a == ILGPU.Runtime.Cuda.CudaArchitecture.SM_90);
-        return order.Select((k, i) => (k, i)).ToDictionary(p => p.k, p => ptx[sm90][p.i]);
+        return (order, order.Select((k, i) => (k, i)).ToDictionary(p => p.k, p => ptx[sm90][p.i]));
     }
 
     public void Dispose()

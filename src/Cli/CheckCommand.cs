@@ -123,13 +123,6 @@ public static class CheckCommand
     /// PTX ISA the tests compile at when they leave their PTX for <c>check --sass --ptx-from</c>.</summary>
     public static readonly CudaDriverVersion ToolkitCuda = CudaDriverVersion.FromMajorMinor(11, 8);
 
-    /// <summary>"sm_90" as ILGPU's architecture.</summary>
-    public static CudaArchitecture Cuda(SmLimits arch)
-    {
-        int sm = int.Parse(arch.Name["sm_".Length..], System.Globalization.CultureInfo.InvariantCulture);
-        return new CudaArchitecture(sm / 10, sm % 10);
-    }
-
     /// <summary>
     /// Every loaded kernel compiled by NVIDIA's own compiler for each of <see cref="SassArchitectures"/> (the PTX as a GPU
     /// would load it, at the newest ISA the toolkit's ptxas reads), read back from the machine code: one table an
@@ -183,14 +176,14 @@ public static class CheckCommand
             {
                 string cubin = Path.Combine(work, $"{arch.Name}.{batch[0].Index}.cubin");
                 var files = new List<string>();
-                var entries = new Dictionary<string, int>(StringComparer.Ordinal);
+                var entries = new List<string>();
                 foreach (var (i, code) in batch)
                 {
                     string file = Path.Combine(work, $"{KernelPtx.Name(order[i])}.{arch.Name}.ptx");
                     var (text, entry) = PtxModules.Apart(code, $"_k{i}");
                     File.WriteAllText(file, text);
                     files.Add(file);
-                    entries[entry] = i;
+                    entries.Add(entry);
                 }
                 string what = $"-arch={arch.Name} on {KernelPtx.Name(order[batch[0].Index])}{(batch.Count > 1 ? $" and {batch.Count - 1} more kernels" : "")}";
                 var infos = PtxasInfo.ParseEntries(Tool(ptxas, $"-arch={arch.Name} -v -o \"{cubin}\" {string.Join(" ", files.Select(f => $"\"{f}\""))}", what));
@@ -198,13 +191,13 @@ public static class CheckCommand
                 var sections = Cubin.Functions(elf);
                 File.WriteAllBytes(cubin + ".code", Cubin.Image(elf, sections));
                 var functions = Cubin.Split(Sass.Parse(Tool(nvdisasm, $"-b SM{arch.Name["sm_".Length..]} \"{cubin}.code\"", what)), sections);
-                foreach (var (entry, i) in entries)
+                foreach (var ((i, code), entry) in batch.Zip(entries))
                 {
                     if (!infos.TryGetValue(entry, out var info) || !functions.TryGetValue(entry, out var sassCode))
                     {
                         throw new IOException($"ptxas and nvdisasm on {what}: no report or code for {KernelPtx.Name(order[i])}");
                     }
-                    var (threads, minGroups) = KernelReport.Bounds(batch.First(j => j.Index == i).Code);
+                    var (threads, minGroups) = KernelReport.Bounds(code);
                     reports[arch][i] = new KernelReport(KernelPtx.Name(order[i]), order[i].Grouped, arch, info, threads, minGroups, SassMix.Of(sassCode),
                         SassMix.Of(Sass.MainLoop(sassCode)), SassMix.Of(Sass.InnerLoop(sassCode)));
                 }
@@ -212,7 +205,7 @@ public static class CheckCommand
             var beside = Enumerable.Range(0, Math.Max(1, Environment.ProcessorCount - 1)).Select(_ => Task.Factory.StartNew(Drain, TaskCreationOptions.LongRunning)).ToList();
             try
             {
-                var architectures = SassArchitectures.Select(Cuda).ToList();
+                var architectures = SassArchitectures.Select(a => a.Architecture).ToList();
                 string stamp = KernelPtx.Stamp(order, architectures, cudaVersion);
                 string why = "";
                 if (reuse is not null && KernelPtx.Load(reuse, stamp, order, architectures, out why) is { } saved)

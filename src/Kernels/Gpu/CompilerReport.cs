@@ -135,8 +135,17 @@ public static class Cubin
 
     /// <summary>The code of <paramref name="functions"/>, one after another: a raw image whose addresses run on from one
     /// function to the next.</summary>
-    public static byte[] Image(byte[] elf, IReadOnlyList<CubinFunction> functions) =>
-        [.. functions.SelectMany(f => elf.AsSpan(f.Offset, f.Size).ToArray())];
+    public static byte[] Image(byte[] elf, IReadOnlyList<CubinFunction> functions)
+    {
+        var image = new byte[functions.Sum(f => f.Size)];
+        int at = 0;
+        foreach (var f in functions)
+        {
+            elf.AsSpan(f.Offset, f.Size).CopyTo(image.AsSpan(at));
+            at += f.Size;
+        }
+        return image;
+    }
 
     /// <summary>The disassembly of <see cref="Image"/> split back into its functions, each from address 0 (branch targets too).</summary>
     public static IReadOnlyDictionary<string, IReadOnlyList<SassInstruction>> Split(IReadOnlyList<SassInstruction> code, IReadOnlyList<CubinFunction> functions)
@@ -280,6 +289,16 @@ public sealed record SmLimits(string Name, string Card, int SharedPerSm)
 
     /// <summary>sm_80 (A100: 164 KB of shared memory an SM) and sm_90 (H100 and H200: 228 KB).</summary>
     public static readonly SmLimits Sm80 = new("sm_80", "A100", 164 * 1024), Sm90 = new("sm_90", "H100", 228 * 1024);
+
+    /// <summary>The architecture as ILGPU names it (sm_90: 9.0).</summary>
+    public ILGPU.Runtime.Cuda.CudaArchitecture Architecture
+    {
+        get
+        {
+            int sm = int.Parse(Name["sm_".Length..], CultureInfo.InvariantCulture);
+            return new ILGPU.Runtime.Cuda.CudaArchitecture(sm / 10, sm % 10);
+        }
+    }
 
     /// <summary>Groups of <paramref name="threads"/> threads, <paramref name="registers"/> registers a thread and
     /// <paramref name="shared"/> bytes of shared memory one SM runs at once (registers are allocated to warps in
