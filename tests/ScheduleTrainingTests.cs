@@ -26,9 +26,10 @@ public sealed class ScheduleTrainingTests(ITestOutputHelper output)
     // Thresholds, with what 100 steps gave on both schedules and what clipped N(0, I) gives (TheMeasuresFailOnNoise):
     // correlation per sample 0.67..0.98 (noise: |r| < 0.1), contrast 0.25..1.24 (noise: 0 ± 0.07; the background of
     // a briefly trained model is not yet at -1), total variation 0.05..0.10 (noise: about 0.9). The ranges are over the
-    // SIMD paths, whose sums round differently and so train and sample other digits of the same square: AVX-512 gave
-    // 0.85..0.97, AVX2 (an AMD EPYC without AVX-512, Dec 2026) 0.67..0.97, the 128-bit path 0.86..0.98; the 0.7 first
-    // taken from AVX-512 alone failed the AVX2 machine's cosine sample 0 (0.671, contrast 0.44, total variation 0.07).
+    // SIMD paths, whose sums round differently and so train and sample slightly different values of the same square:
+    // AVX-512 gave 0.85..0.97, AVX2 (an AMD EPYC without AVX-512, Dec 2026) 0.67..0.97, the 128-bit path 0.86..0.98; the
+    // 0.7 first taken from AVX-512 alone failed the AVX2 machine's cosine sample 0 (0.671, contrast 0.44, total
+    // variation 0.07).
     private const double MinCorrelation = 0.5, MinContrast = 0.2, MaxVariation = 0.3;
 
     private static bool Lit(int p) => p / Side is >= 8 and < 20 && p % Side is >= 8 and < 20;
