@@ -153,26 +153,34 @@ public sealed class ConditionalUNetTests
         var options = new TrainOptions { Preset = "tiny", Batch = 8, Epochs = 2, Seed = 3, Classes = 10 };
         using var straight = new Trainer(D, options, data);
         var want = Enumerable.Range(0, 6).Select(_ => straight.TrainStep()).ToArray();
-        var path = Path.Combine(Directory.CreateTempSubdirectory("ddpm-cond-resume").FullName, "model.safetensors");
-        var got = new List<float>();
-        using (var first = new Trainer(D, options, data))
+        var dir = Directory.CreateTempSubdirectory("ddpm-cond-resume").FullName;
+        try
         {
+            var path = Path.Combine(dir, "model.safetensors");
+            var got = new List<float>();
+            using (var first = new Trainer(D, options, data))
+            {
+                for (int i = 0; i < 3; i++)
+                {
+                    got.Add(first.TrainStep());
+                }
+                first.Save(path);
+            }
+            using var resumed = Trainer.Resume(D, path, data);
+            Assert.Equal(10, resumed.Options.Classes);
             for (int i = 0; i < 3; i++)
             {
-                got.Add(first.TrainStep());
+                got.Add(resumed.TrainStep());
             }
-            first.Save(path);
+            Assert.Equal(want, got);
+            Assert.Equal(straight.Model["label_emb.weight"].Value.ToArray(), resumed.Model["label_emb.weight"].Value.ToArray());
+            // The embedding trained: it moved from its initial value.
+            Assert.NotEqual(new UNet(16, D, options.Seed, 10)["label_emb.weight"].Value.ToArray(), resumed.Model["label_emb.weight"].Value.ToArray());
+            Assert.Contains("--classes cannot change", Assert.Throws<UsageException>(() => Trainer.Resume(D, path, data, o => o with { Classes = 0 })).Message);
         }
-        using var resumed = Trainer.Resume(D, path, data);
-        Assert.Equal(10, resumed.Options.Classes);
-        for (int i = 0; i < 3; i++)
+        finally
         {
-            got.Add(resumed.TrainStep());
+            Directory.Delete(dir, recursive: true);
         }
-        Assert.Equal(want, got);
-        Assert.Equal(straight.Model["label_emb.weight"].Value.ToArray(), resumed.Model["label_emb.weight"].Value.ToArray());
-        // The embedding trained: it moved from its initial value.
-        Assert.NotEqual(new UNet(16, D, options.Seed, 10)["label_emb.weight"].Value.ToArray(), resumed.Model["label_emb.weight"].Value.ToArray());
-        Assert.Contains("--classes cannot change", Assert.Throws<UsageException>(() => Trainer.Resume(D, path, data, o => o with { Classes = 0 })).Message);
     }
 }

@@ -205,25 +205,33 @@ public sealed class DiffusionTests
         using var straight = new Trainer(d, options, data);
         var want = Enumerable.Range(0, 6).Select(_ => straight.TrainStep()).ToArray();
 
-        var path = Path.Combine(Directory.CreateTempSubdirectory("ddpm-resume").FullName, "model.safetensors");
-        var got = new List<float>();
-        using (var first = new Trainer(d, options, data))
+        var dir = Directory.CreateTempSubdirectory("ddpm-resume").FullName;
+        try
         {
+            var path = Path.Combine(dir, "model.safetensors");
+            var got = new List<float>();
+            using (var first = new Trainer(d, options, data))
+            {
+                for (int i = 0; i < 3; i++)
+                {
+                    got.Add(first.TrainStep());
+                }
+                first.Save(path);
+            }
+            using var resumed = Trainer.Resume(d, path, data);
+            Assert.Equal(3, resumed.Step);
             for (int i = 0; i < 3; i++)
             {
-                got.Add(first.TrainStep());
+                got.Add(resumed.TrainStep());
             }
-            first.Save(path);
+            Assert.Equal(want, got);
+            Assert.Equal(straight.Model["conv_out.weight"].Value.ToArray(), resumed.Model["conv_out.weight"].Value.ToArray());
+            Assert.Equal(straight.Ema!.Weights[0].ToArray(), resumed.Ema!.Weights[0].ToArray());
         }
-        using var resumed = Trainer.Resume(d, path, data);
-        Assert.Equal(3, resumed.Step);
-        for (int i = 0; i < 3; i++)
+        finally
         {
-            got.Add(resumed.TrainStep());
+            Directory.Delete(dir, recursive: true);
         }
-        Assert.Equal(want, got);
-        Assert.Equal(straight.Model["conv_out.weight"].Value.ToArray(), resumed.Model["conv_out.weight"].Value.ToArray());
-        Assert.Equal(straight.Ema!.Weights[0].ToArray(), resumed.Ema!.Weights[0].ToArray());
     }
 
     /// <summary>
