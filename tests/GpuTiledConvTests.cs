@@ -334,25 +334,24 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
                      new ConvShape(1, 2, 6, 7, 2, 4, 2, 3, 2), new ConvShape(1, 1, 3, 3, 1, 3, 3, 1, 4),
                      new ConvShape(1, 1, 16, 16, 1, 15, 15, 1, 7), new ConvShape(1, 2, 15, 17, 2, 15, 3, 2, 7) })
         {
-            Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default));
-            Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default));
-            // The weight gradient's column is a tap and its kd a pixel, their bits complemented (ConvWeightTile).
-            Agree<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default));
+            Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
+            Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
+            Agree<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), alongK: true);
             // The K steps of one tap decode kd as tap·channels + channel: the same gathers in another order.
-            Agree<ConvForwardTapTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default));
-            Agree<ConvInputTapTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default));
+            Agree<ConvForwardTapTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
+            Agree<ConvInputTapTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
         }
 
-        static void Agree<TOp>(TileArgs t) where TOp : struct, ITileOperands
+        static void Agree<TOp>(TileArgs t, bool alongK) where TOp : struct, ITileOperands
         {
             Assert.True(TOp.Tapped);
-            Assert.False(TOp.BAlongK(t)); // the GPU kernel gathers a tapped B across K only
+            Assert.Equal(alongK, TOp.BAlongK(t));
             int reads = 0;
             for (int col = 0; col < t.Cols; col++)
             {
                 for (int kd = 0; kd < t.Kd; kd++)
                 {
-                    var (pixel, tap) = (TOp.PixelOfB(t, col), TOp.TapOfB(t, kd));
+                    var (pixel, tap) = alongK ? (TOp.PixelOfB(t, kd), TOp.TapOfB(t, col)) : (TOp.PixelOfB(t, col), TOp.TapOfB(t, kd));
                     int want = TOp.IndexB(t, TOp.ColumnOfB(t, col), TOp.KOfB(t, kd));
                     int got = Taps.Reads(pixel, tap) ? pixel.Base + tap.Delta : -1;
                     Assert.True(want == got, $"{typeof(TOp).Name} ({t.Conv.R}x{t.Conv.S}, stride {t.Conv.Stride}, pad {t.Conv.Pad}) col {col}, kd {kd}: taps read {got}, IndexB says {want}");

@@ -53,19 +53,19 @@ public sealed class IlgpuKernels
     /// <summary>The arrival counters, zero between launches (each kernel that counts puts them back).</summary>
     internal ArrayView<int> GridCounters => _gridCounters.View;
 
-    // One tap table a convolution geometry and K length the model runs (a few KB each; a weight gradient's 8 bytes a pixel
-    // of the batch, 0.8 MB at 128 images of 28 x 28), kept as long as the kernels: never freed.
-    private readonly Dictionary<(Type Op, int C, int H, int W, int K, int R, int S, int Stride, int Pad, int Kd), MemoryBuffer1D<Tap, Stride1D.Dense>> _tapTables = [];
+    // One tap table a convolution geometry the model runs (a few KB each), kept as long as the kernels: never freed.
+    private readonly Dictionary<(Type Op, int C, int H, int W, int K, int R, int S, int Stride, int Pad), MemoryBuffer1D<Tap, Stride1D.Dense>> _tapTables = [];
     private readonly MemoryBuffer1D<Tap, Stride1D.Dense> _noTaps;
 
     /// <summary>
-    /// The tap table of a tapped B (<see cref="ITileOperands.Tapped"/>: the convolutions): entry kd is <c>TOp.TapOfB(kd)</c>
-    /// for kd &lt; Kd (a tap of the forward and the input gradient; a pixel's window of the weight gradient, whose K runs
-    /// over the batch's pixels), then entries that read nothing up to the next multiple of the K step and one K step beyond
-    /// (the kernel fetches a step ahead, also after its last: a split's last group past the end of K, any other into the
-    /// next split's range, whose entries read inside the tensor and are dropped), and one entry of zero bits
-    /// (<see cref="TiledGemm.ZeroTap"/>). Built on the host and uploaded once a geometry and K length (the weight gradient's
-    /// grows with the batch: 8 bytes a pixel), then kept with the kernels. Any other op gets a small table it never reads.
+    /// The tap table of a tapped across-K B (<see cref="ITileOperands.Tapped"/>: the forward and input-gradient
+    /// convolutions): entry kd is <c>TOp.TapOfB(kd)</c> for kd &lt; Kd, then taps that read nothing up to the next multiple of
+    /// the K step and one K step beyond (the kernel fetches a step ahead, also after its last: a split's last group past
+    /// the end of K, any other into the next split's range, whose taps read inside the tensor and are dropped), and one entry of
+    /// zero bits (<see cref="TiledGemm.ZeroTap"/>). Built on the host and
+    /// uploaded once a geometry (it does not depend on the batch), then kept with the kernels. A tapped along-K B (the
+    /// weight gradient) gets the table of its first image's pixels instead (<see cref="ITileOperands.PixelOfBFromTable"/>:
+    /// base and mask, as taps). Any other op gets a small table it never reads.
     /// </summary>
     internal ArrayView<Tap> TapTable<TOp>(TileArgs t) where TOp : struct, ITileOperands
     {
@@ -76,17 +76,31 @@ public sealed class IlgpuKernels
         lock (_tapTables)
         {
             var g = t.Conv;
-            var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad, t.Kd);
+            var key = (typeof(TOp), g.C, g.H, g.W, g.K, g.R, g.S, g.Stride, g.Pad);
             if (!_tapTables.TryGetValue(key, out var table))
             {
-                // A K step of padding past the last: the kernel fetches one step ahead, also after the last. Then one entry
-                // of zero bits, a float 0 that a K step of one tap reads where its tap misses the pixel (TiledGemm.ZeroTap).
-                var taps = new Tap[TiledGemm.ZeroTap(t) + 1];
-                for (int kd = 0; kd < taps.Length - 1; kd++)
+                Tap[] taps;
+                if (TOp.BAlongK(t))
                 {
-                    taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
+                    // Along K: the first image's pixels (the kernel adds an image's offset), a pixel's base and mask as a tap.
+                    taps = new Tap[Math.Max(TOp.PixelsPerImage(t), 1)];
+                    for (int i = 0; i < TOp.PixelsPerImage(t); i++)
+                    {
+                        var pixel = TOp.PixelOfB(t, i);
+                        taps[i] = new Tap(pixel.Base, pixel.Mask);
+                    }
                 }
-                taps[^1] = new Tap(0, 0);
+                else
+                {
+                    // A K step of padding past the last: the kernel fetches one step ahead, also after the last. Then one entry
+                    // of zero bits, a float 0 that a K step of one tap reads where its tap misses the pixel (TiledGemm.ZeroTap).
+                    taps = new Tap[TiledGemm.ZeroTap(t) + 1];
+                    for (int kd = 0; kd < taps.Length - 1; kd++)
+                    {
+                        taps[kd] = kd < t.Kd ? TOp.TapOfB(t, kd) : new Tap(0, Taps.Nowhere);
+                    }
+                    taps[^1] = new Tap(0, 0);
+                }
                 table = Accelerator.Allocate1D(taps);
                 _tapTables[key] = table;
             }

@@ -419,10 +419,11 @@ public static partial class TiledGemm
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4);
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);
+        var columnTaps = SharedMemory.Allocate<Tap>(TN);
         var firstReads = SharedMemory.Allocate<int>(2 * Threads);
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums<TOp>(t, rowS);
-        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, firstReads, rowSums);
+        Pipelined<TOp, TensorTile<TMath, TLayout>>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, firstReads, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 

@@ -63,6 +63,12 @@ public struct ConvForwardTile : ITileOperands
     /// <inheritdoc/>
     public static bool RowSummed => false;
 
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
+
     /// <summary>Output pixel col's window: <see cref="ConvTaps.Window"/>.</summary>
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
 
@@ -130,6 +136,12 @@ public struct ConvForwardTapTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
@@ -212,6 +224,12 @@ public struct ConvInputTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => false;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
 
     /// <summary>Input pixel col = (n, h, w): base dy[n, 0, ⌊(h + pad) / stride⌋, ⌊(w + pad) / stride⌋] less
     /// <see cref="Reach"/>; the taps (r, s) that read it are those whose (h + pad - r, w + pad - s) is a multiple of the
@@ -308,6 +326,12 @@ public struct ConvInputTapTile : ITileOperands
     public static bool RowSummed => false;
 
     /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
+
+    /// <inheritdoc/>
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvInputTile.PixelOfB(t, col);
 
     /// <inheritdoc/>
@@ -325,24 +349,16 @@ public struct ConvInputTapTile : ITileOperands
     }
 }
 
-/// <summary>
-/// Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) = col(x[n])[crs, pq],
-/// added into dw [K, C·R·S] (with splits, by the last group of each tile, in split order). With <see cref="TileArgs.RowSums"/>
-/// the bias gradient Σ dy goes to e1 = db.
-/// B is gathered across K as the forward's is, with the roles turned: a thread's column is a tap, held once a launch
-/// (<see cref="PixelOfB"/>), and kd a pixel, its window read from the host's table once a step (<see cref="TapOfB"/>, a
-/// table of every pixel of the batch). Each carries its bits complemented, the column the tap's and the table the window's
-/// mask, so <see cref="Taps.Reads"/>, which asks whether the table's bits lie in the column's, asks whether the tap lies in
-/// the window: (~window &amp; tap) == 0.
-/// </summary>
+/// <summary>Convolution weight gradient as a tiled implicit GEMM: A(k, (n, pq)) = dy[n, k, pq], B((n, pq), crs) =
+/// col(x[n])[crs, pq], added into dw [K, C·R·S] (with splits, by the last group of each tile, in split order). With
+/// <see cref="TileArgs.RowSums"/> the bias gradient Σ dy goes to e1 = db.</summary>
 public struct ConvWeightTile : ITileOperands
 {
     /// <inheritdoc/>
     public static bool AAlongK(TileArgs t) => true;
 
-    /// <summary>Gathered across K (<see cref="ITileOperands.Tapped"/>): a warp's 32 columns are taps of one kd, runs of S
-    /// neighbours in x.</summary>
-    public static bool BAlongK(TileArgs t) => false;
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => true;
 
     /// <inheritdoc/>
     public static Gather RowOfA(TileArgs t, int m) => new(m * t.Conv.P * t.Conv.Q);
@@ -389,24 +405,24 @@ public struct ConvWeightTile : ITileOperands
     /// <inheritdoc/>
     public static bool RowSummed => true;
 
-    /// <summary>Column crs = (c, r, s), a tap (<see cref="ConvTaps.InputTap"/>): its delta less <see cref="Reach"/> (negative for
-    /// the first taps of channel 0), and its bits complemented.</summary>
-    public static TapPixel PixelOfB(TileArgs t, int col)
+    /// <summary>kd = (n, p, q): (p, q)'s window from the table of the first image's (<see cref="ConvTaps.Window"/>), moved to
+    /// image n.</summary>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels)
     {
-        var tap = ConvTaps.InputTap(t, col);
-        return new(tap.Delta - Reach(t), ~tap.Bits);
+        var g = t.Conv;
+        int pq = g.P * g.Q, n = t.Div.Pq.Div(kd);
+        var window = pixels[kd - n * pq];
+        return new(n * g.C * g.H * g.W + window.Delta, window.Bits);
     }
 
-    /// <summary>kd = (n, p, q), an output pixel: its window (<see cref="ConvTaps.Window"/>), its base plus <see cref="Reach"/>
-    /// (never negative) and its mask complemented.</summary>
-    public static Tap TapOfB(TileArgs t, int kd)
-    {
-        var window = ConvTaps.Window(t, kd);
-        return new(window.Base + Reach(t), ~window.Mask);
-    }
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => t.Conv.P * t.Conv.Q;
 
-    /// <summary>pad·W + pad: the most a window's base lies before its image's (the top-left padding).</summary>
-    private static int Reach(TileArgs t) => t.Conv.Pad * t.Conv.W + t.Conv.Pad;
+    /// <summary>kd = (n, p, q), an output pixel: its window (<see cref="ConvTaps.Window"/>).</summary>
+    public static TapPixel PixelOfB(TileArgs t, int kd) => ConvTaps.Window(t, kd);
+
+    /// <summary>Column crs = (c, r, s): <see cref="ConvTaps.InputTap"/>.</summary>
+    public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, col);
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,

@@ -190,13 +190,12 @@ public struct TapPair
 /// <summary>The bit arithmetic of taps and pixels (<see cref="Tap"/>, <see cref="TapPixel"/>).</summary>
 public static class Taps
 {
-    /// <summary>The largest kernel height and width the tapped gathers take (a row or column index fits in 4 bits, bits 15
-    /// and 31 stay out of every window's mask). Larger kernels run the simple twins.</summary>
+    /// <summary>The largest kernel height and width the tapped gathers take (a row or column index fits in 4 bits, bit 15
+    /// stays free for <see cref="Nowhere"/>). Larger kernels run the simple twins.</summary>
     public const int MaxKernel = 15;
 
-    /// <summary>The bits of a tap that reads nothing: all of them, which no mask holds (a window's mask leaves bit 15 out,
-    /// and the weight gradient's columns, a tap's bits complemented, leave out the tap's own two).</summary>
-    public const int Nowhere = -1;
+    /// <summary>The bits of a tap that reads nothing: bit 15 is never in a mask.</summary>
+    public const int Nowhere = 1 << 15;
 
     /// <summary>The bits of tap (r, s).</summary>
     public static int Bits(int r, int s) => 1 << r | 1 << (16 + s);
@@ -256,9 +255,10 @@ public interface ITileOperands
 
     /// <summary>
     /// True for a convolution's B: B(kd, col) = b[pixel.Base + tap.Delta] where the tap reads the pixel (<see cref="Taps.Reads"/>),
-    /// else 0. The GPU kernel gathers B across K: the column's part once a launch (<see cref="PixelOfB"/>(col)) and kd's from a
-    /// table the host fills from <see cref="TapOfB"/>, read once a step (in the weight gradient kd is the pixel and the
-    /// column the tap: <see cref="ConvWeightTile"/>). <see cref="IndexB"/> says the same, and a test holds that they agree.
+    /// else 0. Across K the pixel is the column's (<see cref="PixelOfB"/>(col), once a launch) and the tap kd's (a table
+    /// the host fills from <see cref="TapOfB"/>, read once a step); along K the pixel is kd's (once a step) and the tap the
+    /// column's (a table in shared memory, filled once a launch). The GPU kernel gathers B so; <see cref="IndexB"/> says the
+    /// same, and a test holds that they agree.
     /// </summary>
     static abstract bool Tapped { get; }
 
@@ -266,14 +266,22 @@ public interface ITileOperands
     /// gradients' bias gradients); the others compile without them (their registers and their loop's adds).</summary>
     static abstract bool RowSummed { get; }
 
-    /// <summary>The column part of B's gather (a tapped op), for column <paramref name="col"/>: its pixel, or in the weight
-    /// gradient its tap.</summary>
-    static abstract TapPixel PixelOfB(TileArgs t, int col);
+    /// <summary>The pixel part of B's gather (a tapped op): across K for column <paramref name="i"/>, along K for kd.</summary>
+    static abstract TapPixel PixelOfB(TileArgs t, int i);
 
-    /// <summary>The kd part of B's gather (a tapped op), for kd <paramref name="kd"/>: its tap, or in the weight gradient its
-    /// pixel. Its Delta is never negative (a GPU offsets the column's view by it as an unsigned 32-bit index); the column's
-    /// Base may be.</summary>
-    static abstract Tap TapOfB(TileArgs t, int kd);
+    /// <summary>A tapped B along K: kd's pixel (<see cref="PixelOfB"/>) from <paramref name="pixels"/>, the host's table of one
+    /// image's pixels (<see cref="IlgpuKernels.TapTable{TOp}"/>: PixelOfB of kd = 0 .. <see cref="PixelsPerImage"/> - 1, its
+    /// base and mask held as a tap's delta and bits), with the image's offset added: a load and a multiply-add a K step,
+    /// where decoding the pixel took ~50 instructions. Ops without a tapped B along K return PixelOfB.</summary>
+    static abstract TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels);
+
+    /// <summary>The pixels of one image along K, the length of <see cref="PixelOfBFromTable"/>'s table; 0 for an op without a
+    /// tapped B along K.</summary>
+    static abstract int PixelsPerImage(TileArgs t);
+
+    /// <summary>The tap part of B's gather (a tapped op): across K for kd <paramref name="j"/>, along K for column j. Its
+    /// Delta is never negative (a GPU offsets the pixel's view by it as an unsigned 32-bit index); a pixel's Base may be.</summary>
+    static abstract Tap TapOfB(TileArgs t, int j);
 
     /// <summary>
     /// True for a tapped B across K whose K steps are each one tap (kd = tap·channels + channel, the channels a multiple of
@@ -379,10 +387,11 @@ public static partial class TiledGemm
         var aS4 = SharedMemory.Allocate<Float4>(2 * ATile / 4); // two [TK][AStride] buffers
         var bS4 = SharedMemory.Allocate<Float4>(2 * BTile / 4);
         var rowS = SharedMemory.Allocate<float>(TM);    // this tile's row sums of A, when asked
+        var columnTaps = SharedMemory.Allocate<Tap>(TN); // a tapped along-K B's taps of this tile's columns
         var firstReads = SharedMemory.Allocate<int>(2 * Threads); // each thread's first loads of the tiles (FirstReadSlot)
         var last = SharedMemory.Allocate<int>(1);
         bool rowSums = BeginRowSums<TOp>(t, rowS);
-        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, firstReads, rowSums);
+        Pipelined<TOp, Tile8x8>(a, b, c, e0, e1, e2, partials, taps, t, aS4, bS4, rowS, columnTaps, firstReads, rowSums);
         Finish<TOp>(c, e0, e1, e2, partials, counters, t, rowS, rowSums, last);
     }
 
@@ -532,7 +541,7 @@ public static partial class TiledGemm
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void Pipelined<TOp, TAcc>(ArrayView<float> a, ArrayView<float> b, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1,
         ArrayView<float> e2, ArrayView<float> partials, ArrayView<Tap> taps, TileArgs t, ArrayView<Float4> aS4, ArrayView<Float4> bS4, ArrayView<float> rowS,
-        ArrayView<int> firstReads, bool rowSums)
+        ArrayView<Tap> columnTaps, ArrayView<int> firstReads, bool rowSums)
         where TOp : struct, ITileOperands where TAcc : struct, ITileAccumulator
     {
         int tid = Group.IdxX, col0 = Grid.IdxX * TN, m0 = Grid.IdxY * TM;
@@ -540,7 +549,14 @@ public static partial class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        var fetch = new Fetcher<TOp>(t, a, b, taps, tid, m0, col0, kEnd, TAcc.FoursRow(tid), TAcc.FoursRowStep, TAcc.FoursQuad(tid));
+        if (TOp.Tapped && bAlongK)
+        {
+            // The taps of this tile's columns, once a launch (a uniform branch: every thread reaches the barrier).
+            int col = col0 + tid;
+            columnTaps[tid] = col < t.Cols ? TOp.TapOfB(t, col) : new Tap(0, Taps.Nowhere);
+            Group.Barrier();
+        }
+        var fetch = new Fetcher<TOp>(t, a, b, taps, columnTaps, tid, m0, col0, kEnd, TAcc.FoursRow(tid), TAcc.FoursRowStep, TAcc.FoursQuad(tid));
         var acc = default(TAcc);
         int k0 = kBegin, buffer = 0;
         // This thread's first fragment or register-tile loads, kept in shared memory: held in registers, ptxas recomputed
@@ -627,19 +643,19 @@ public static partial class TiledGemm
 
     /// <summary>
     /// What a thread fetches a K step, with every part of the addressing that is fixed for the launch computed once:
-    /// across K its one row of A (tid mod 64) and column of B (tid: for a tapped B, its pixel or tap); along K its kk in
-    /// each tile, its 8 rows of A and the first of its 16 columns of B (line, line + 8, …).
+    /// across K its one row of A (tid mod 64) and column of B (tid: for a tapped B, its pixel); along K its kk in each
+    /// tile, its 8 rows of A and the first of its 16 columns of B (line, line + 8, …).
     /// </summary>
     private readonly struct Fetcher<TOp> where TOp : struct, ITileOperands
     {
         private readonly TileArgs T;
         private readonly ArrayView<float> _a, _b;
-        private readonly ArrayView<Tap> _taps;
+        private readonly ArrayView<Tap> _taps, _columnTaps;
         private readonly bool _aAlongK, _bAlongK, _okB;
         private readonly Gather _rowA, _columnB;
         private readonly PixelView _bAt;
         private readonly Rows8<TOp> _rowsA;
-        private readonly int _kkA, _kkB, _tid, _col0, _kEnd;
+        private readonly int _kkA, _kkB, _lineB, _tid, _col0, _kEnd;
 
         // A loaded in fours (TOp.TapSteps): the thread's first row as 16-byte groups, its second row's offset in groups,
         // its four kd, and which of its rows exist.
@@ -649,10 +665,10 @@ public static partial class TiledGemm
         private readonly ArrayView<float> _zero;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<Tap> taps, int tid, int m0, int col0,
+        public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<Tap> taps, ArrayView<Tap> columnTaps, int tid, int m0, int col0,
             int kEnd, int foursRow, int foursRowStep, int foursQuad)
         {
-            (T, _a, _b, _taps, _tid, _col0, _kEnd) = (t, a, b, taps, tid, col0, kEnd);
+            (T, _a, _b, _taps, _columnTaps, _tid, _col0, _kEnd) = (t, a, b, taps, columnTaps, tid, col0, kEnd);
             _aAlongK = TOp.AAlongK(t);
             _bAlongK = TOp.BAlongK(t);
             _rowA = TOp.RowOfA(t, m0 + tid % TM);
@@ -661,6 +677,7 @@ public static partial class TiledGemm
             _bAt = new PixelView(b, TOp.Tapped && !_bAlongK && _okB ? TOp.PixelOfB(t, col0 + tid) : default);
             _kkA = Element(true, tid, TM).Kk;
             _kkB = Element(true, tid, TN).Kk;
+            _lineB = Element(true, tid, TN).Line;
             _rowsA = _aAlongK && !TOp.TapSteps ? new Rows8<TOp>(t, a, m0, Element(true, tid, TM).Line) : default;
             if (TOp.TapSteps)
             {
@@ -689,8 +706,15 @@ public static partial class TiledGemm
             }
             if (TOp.Tapped)
             {
-                // The step's 16 table entries, two a 128-bit load from one address (k0 is even and not negative, and the
-                // table's buffer starts 256-byte aligned): computed once for both halves, the loads at constant offsets.
+                if (_bAlongK)
+                {
+                    // kd = k0 + kk's pixel, once a step for both halves (no tap reads it past the K range).
+                    int kd = k0 + _kkB;
+                    var at = new PixelView(_b, kd < _kEnd ? TOp.PixelOfBFromTable(T, kd, _taps) : default);
+                    return new Staged(a, EightTappedAlongK(at, 0), EightTappedAlongK(at, 8));
+                }
+                // The step's 16 taps, two a 128-bit load from one address (k0 is even and not negative, and the table's
+                // buffer starts 256-byte aligned): computed once for both halves, the loads at constant offsets.
                 var entries = _taps.Cast<TapPair>().SubView(k0 >> 1, TK / 2);
                 return new Staged(a, EightTappedAcrossK(entries, 0), EightTappedAcrossK(entries, 4));
             }
@@ -706,7 +730,8 @@ public static partial class TiledGemm
             if (CudaAsm.IsSupported)
             {
                 // Each row's element is the last one's plus the rows' stride (the views chained: one wide add an element,
-                // where j·stride + k was an integer multiply-add and a wide one).
+                // where j·stride + k was an integer multiply-add and a wide one). A simulator's views assert against a
+                // view past the end, which a row past M would be: there the rows are indexed the plain way.
                 long s = _rowsA.Stride;
                 var r0 = _rowsA.At.SubView(TOp.IndexA(T, default, k));
                 var r1 = r0.SubView(s); var r2 = r1.SubView(s); var r3 = r2.SubView(s); var r4 = r3.SubView(s);
@@ -758,9 +783,9 @@ public static partial class TiledGemm
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private float AcrossA(int kd, bool rowOk) => rowOk & kd < _kEnd ? _a[TOp.IndexA(T, _rowA, TOp.KOfA(T, kd))] : 0f;
 
-        /// <summary>A tapped B across K: this thread's pixel or tap (hoisted), the taps or pixels of kd = k0 + 2·pair + j from
-        /// the host's table, a step's <paramref name="entries"/> (every lane of a warp reads the same entry: one broadcast
-        /// load). The table reads nothing past Kd.</summary>
+        /// <summary>A tapped B across K: this thread's pixel (hoisted), the taps of kd = k0 + 2·pair + j from the host's
+        /// table, a step's <paramref name="entries"/> (every lane of a warp reads the same entry: one broadcast load). The
+        /// table reads nothing past Kd.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private Floats8 EightTappedAcrossK(ArrayView<TapPair> entries, int pair)
         {
@@ -769,6 +794,19 @@ public static partial class TiledGemm
             {
                 V0 = _bAt.Tapped(t01.First), V1 = _bAt.Tapped(t01.Second), V2 = _bAt.Tapped(t23.First), V3 = _bAt.Tapped(t23.Second),
                 V4 = _bAt.Tapped(t45.First), V5 = _bAt.Tapped(t45.Second), V6 = _bAt.Tapped(t67.First), V7 = _bAt.Tapped(t67.Second),
+            };
+        }
+
+        /// <summary>A tapped B along K: the step's pixel (<paramref name="at"/>), the taps of columns line + 8·(first + j) from the
+        /// group's shared table.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 EightTappedAlongK(PixelView at, int first)
+        {
+            var taps = _columnTaps.SubView(_lineB + 8 * first);
+            return new Floats8
+            {
+                V0 = at.Tapped(taps[0]), V1 = at.Tapped(taps[8]), V2 = at.Tapped(taps[16]), V3 = at.Tapped(taps[24]),
+                V4 = at.Tapped(taps[32]), V5 = at.Tapped(taps[40]), V6 = at.Tapped(taps[48]), V7 = at.Tapped(taps[56]),
             };
         }
 
@@ -1295,6 +1333,12 @@ public struct MatmulTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool RowSummed => true;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => PixelOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => 0;
 
     /// <inheritdoc/>
     public static TapPixel PixelOfB(TileArgs t, int i) => default;
