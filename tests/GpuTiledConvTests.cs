@@ -186,6 +186,47 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         Assert.True(counters.All(c => c == 0), $"arrival counters left non-zero: {string.Join(", ", counters.Select((c, i) => (c, i)).Where(p => p.c != 0).Take(5))}");
     });
 
+    /// <summary>The weight gradient with tap-major columns (ConvWeightTapTile, C a multiple of 64): each half of a thread's
+    /// columns is one tap's 8 channels. 64 channels of 3 x 3 are 576 columns, four and a half tiles (the last tile's second
+    /// half absent), over 2 row tiles of K = 70; whole and in 3 splits with the bias's row sums, at stride 1 and 2, bit for
+    /// bit against the CPU. The op runs in strict fp32 only: in TF32 the channel-major op takes it.</summary>
+    [Theory]
+    [InlineData(32, 1)]
+    [InlineData(4, 1)]
+    [InlineData(32, 2)]
+    [InlineData(4, 2)]
+    public void WeightGradientWithTapMajorColumnsMatchesCpu(int warp, int stride) => WithTimeout(() =>
+    {
+        var g = new ConvShape(2, 64, 5, 6, 70, 3, 3, stride, 1);
+        Assert.True(TiledConv.ByTapColumns(g.C));
+        var device = fixture[warp];
+        var rng = new Random(41 + warp + stride);
+        var dy = (Ints(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
+        var db = (Ints(rng, g.K), new[] { g.K });
+        int[] ws = [g.K, g.C, g.R, g.S];
+        float[] dw0 = Ints(rng, g.K * g.Crs);
+        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
+        var kernels = IlgpuKernels.For(device);
+        Assert.True(kernels.Conv2d.TiledWeightByTap.Runs);
+        foreach (int splits in new[] { 1, 3 })
+        {
+            Check($"warp {warp}, stride {stride}, {splits} split(s)", expected, () => Run(device, [dy, x, db], dw0, ws,
+                (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: splits), alsoInput: 2), rerun: splits > 1);
+        }
+        kernels.Precision = MathPrecision.Tf32;
+        try
+        {
+            // The warp-32 simulator has the tensor-core path (emulated), the warp-4 one computes in fp32 whatever the mode.
+            Assert.Equal(kernels.TensorCores ? MathPrecision.Tf32 : MathPrecision.Fp32, kernels.EffectivePrecision);
+            Assert.Equal(!kernels.TensorCores, kernels.Conv2d.TiledWeightByTap.Runs);
+        }
+        finally
+        {
+            kernels.Precision = MathPrecision.Fp32;
+        }
+    });
+
     [Theory]
     [InlineData(32, 8, 70)]
     [InlineData(4, 8, 70)]
@@ -337,6 +378,8 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             Agree<ConvForwardTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
             Agree<ConvInputTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);
             Agree<ConvWeightTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), alongK: true);
+            // The weight gradient's tap-major columns decode col as tap·C + c: the same gathers in another order.
+            Agree<ConvWeightTapTile>(new TileArgs(g.K, g.Crs, g.N * g.Pq, 0, true, false, g, default), alongK: true);
             // The K steps of one tap decode kd as tap·channels + channel: the same gathers in another order.
             Agree<ConvForwardTapTile>(new TileArgs(g.K, g.N * g.Pq, g.Crs, 0, false, false, g, default), alongK: false);
             Agree<ConvInputTapTile>(new TileArgs(g.C, g.N * g.H * g.W, g.K * g.R * g.S, 0, false, false, g, default), alongK: false);

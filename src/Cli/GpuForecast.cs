@@ -98,9 +98,11 @@ public static class GpuForecast
             $"read ({F(GpuPrediction.HeldPermutationMs(passes, Chip.H100))} ms on an H100, one launch), a denoising step nothing (once a sampling run).");
         foreach (var (mode, costs) in byMode)
         {
-            // A pass in K steps of one tap runs its own kernel ("ForwardTap", "InputTap") where the mode has one (not 3xTF32).
-            bool byTaps = costs.ContainsKey("ForwardTap");
-            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" } + (byTaps && GpuPrediction.ByTaps(p) ? "Tap" : "")];
+            // A pass in K steps of one tap runs its own kernel ("ForwardTap", "InputTap") where the mode has one (not 3xTF32), and
+            // a weight gradient with tap-major columns its own ("WeightTap": strict fp32 only).
+            bool byTaps = costs.ContainsKey("ForwardTap"), byTapColumns = costs.ContainsKey("WeightTap");
+            bool OwnKernel(ConvPass p) => p.Pass == "dw" ? byTapColumns && GpuPrediction.ByTapColumns(p) : byTaps && GpuPrediction.ByTaps(p);
+            GemmCost Cost(ConvPass p) => costs[p.Pass switch { "fwd" => "Forward", "dx" => "Input", _ => "Weight" } + (OwnKernel(p) ? "Tap" : "")];
             PassPrediction Predict(ConvPass p, Chip chip) => GpuPrediction.SingleChannel(p)
                 ? GpuPrediction.PredictSingleChannel(p, singleChannelTap, chip)
                 : GpuPrediction.NarrowWeight(p) ? GpuPrediction.PredictNarrowWeight(p, narrowPixel, chip)

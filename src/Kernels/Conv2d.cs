@@ -767,6 +767,11 @@ public static unsafe class Conv2d
 
         public readonly TiledKernels<ConvInputTapTile> TiledInputByTap = new(k, matmul: false, lazy: true, tf32x3: false);
 
+        /// <summary>The weight gradient with tap-major columns (<see cref="TiledConv.ByTapColumns"/>), in strict fp32 only: in
+        /// TF32 its B loads would touch 4.9 cache lines a warp load against the channel-major op's 2.2, as many line reads a K
+        /// step as the step's issue clocks (docs/gpu.md).</summary>
+        public readonly TiledKernels<ConvWeightTapTile> TiledWeightByTap = new(k, matmul: false, lazy: true, tf32x3: false, tf32: false);
+
         /// <summary>The weights' permutation for those, every held weight in one launch or one weight at its call
         /// (<see cref="TiledConv.PermuteWeightsKernel"/>).</summary>
         public readonly Action<AcceleratorStream, Index1D, ArrayView<float>, ArrayView<int>, int, ArrayView<float>, ArrayView<float>> PermuteWeights =

@@ -82,8 +82,9 @@ public sealed class IlgpuKernels
                 Tap[] taps;
                 if (TOp.BAlongK(t))
                 {
-                    // Along K: the first image's pixels (the kernel adds an image's offset), a pixel's base and mask as a tap.
-                    taps = new Tap[Math.Max(TOp.PixelsPerImage(t), 1)];
+                    // Along K: the first image's pixels (the kernel adds an image's offset), a pixel's base and mask as a tap;
+                    // then one entry of zero bits, a float 0 that a half of tap-major columns reads where its tap misses.
+                    taps = new Tap[TOp.PixelsPerImage(t) + 1];
                     for (int i = 0; i < TOp.PixelsPerImage(t); i++)
                     {
                         var pixel = TOp.PixelOfB(t, i);

@@ -29,8 +29,8 @@ public static class OpCatalog
         // rule, added in order by each pair's last group).
         Conv("conv2d 3x3 k=1, pixels split", n: 3, c: 2, h: 40, w: 40, k: 1, r: 3, s: 3, stride: 1, pad: 1),
         Conv("conv2d 5x3 s2 p2", n: 1, c: 2, h: 8, w: 5, k: 3, r: 5, s: 3, stride: 2, pad: 2),
-        // What training runs and the small cases do not: the weight gradient split over K (N·P·Q = 1,536: three splits of
-        // 512 by the automatic rule, finished by each tile's last group) and two row tiles (K = 65 > 64) in every pass.
+        // What training runs and the small cases do not: the weight gradient split over K (N·P·Q = 1,536: six splits of
+        // 256 by the automatic rule, finished by each tile's last group) and two row tiles (K = 65 > 64) in every pass.
         Conv("conv2d 3x3 split-K, 2 row tiles", n: 6, c: 2, h: 16, w: 16, k: 65, r: 3, s: 3, stride: 1, pad: 1),
         // The forward and the input gradient split over K where their tiles alone would not fill the chip (the base preset's
         // 7x7 layers): two tiles each, C·R·S = 864 and K·R·S = 810, three splits each by the automatic rule, finished through
@@ -39,6 +39,9 @@ public static class OpCatalog
         // The forward and the input gradient in K steps of one tap (C and K multiples of 16: TiledConv.ByTaps; the case above
         // takes them for its forward only), their weights permuted at the call.
         Conv("conv2d 3x3 in K steps of one tap", n: 1, c: 16, h: 4, w: 5, k: 16, r: 3, s: 3, stride: 1, pad: 1),
+        // The weight gradient with tap-major columns (C a multiple of 64: TiledConv.ByTapColumns, strict fp32), every tiled
+        // weight gradient of the base preset: 576 columns, the last tile's second half absent.
+        Conv("conv2d 3x3 weight gradient by tap-major columns", n: 1, c: 64, h: 4, w: 5, k: 8, r: 3, s: 3, stride: 1, pad: 1),
         ConvOnTf32Values(),
         ConvChannelBias("conv2d 3x3 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4),
         ConvChannelBias("conv2d 1x1 + channel bias", n: 3, c: 5, h: 7, w: 9, k: 4, r: 1),

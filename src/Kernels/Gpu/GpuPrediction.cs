@@ -73,6 +73,10 @@ public static class GpuPrediction
         };
     }
 
+    /// <summary>True for a weight gradient with tap-major columns (<see cref="TiledConv.ByTapColumns"/>), in the modes that have
+    /// its kernel (strict fp32).</summary>
+    public static bool ByTapColumns(ConvPass p) => p.Pass == "dw" && TiledConv.ByTapColumns(p.Shape.C) && !NarrowWeight(p);
+
     /// <summary>True for a pass that runs in K steps of one tap (<see cref="TiledConv.ByTaps"/>: the forward over C, the input
     /// gradient over K, a multiple of 16), its weights permuted first (<see cref="HeldPermutationMs"/>).</summary>
     public static bool ByTaps(ConvPass p) => p.Pass switch

@@ -743,10 +743,11 @@ internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
     /// <summary>Loads the FFMA kernel (with <paramref name="lazy"/>, at its first use: the K steps of one tap, which a run
     /// whose channels are not multiples of 16 never takes) and notes the tensor-core ones; <paramref name="matmul"/>: a
     /// linear layer's product (tensor cores in 3xTF32 only, as PyTorch keeps matmuls in fp32 by default), else a
-    /// convolution's.</summary>
-    public TiledKernels(IlgpuKernels k, bool matmul, bool lazy = false, bool tf32x3 = true)
+    /// convolution's; without <paramref name="tf32"/> or <paramref name="tf32x3"/> the op has no kernel in that mode
+    /// (<see cref="Runs"/>).</summary>
+    public TiledKernels(IlgpuKernels k, bool matmul, bool lazy = false, bool tf32x3 = true, bool tf32 = true)
     {
-        (_k, _matmul, _tf32x3Kernel) = (k, matmul, tf32x3);
+        (_k, _matmul, _tf32x3Kernel, _tf32Kernel) = (k, matmul, tf32x3, tf32);
         if (lazy)
         {
             k.Declare(TiledGemm.Kernel<TOp>, TiledGemm.Specialization);
@@ -756,7 +757,7 @@ internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
             _fp32 = TiledGemm.Load<TOp>(k);
         }
         // The kernels For can return: a matmul's TF32 twin never runs (tf32 keeps linear layers in fp32), so it is not listed.
-        if (!matmul)
+        if (!matmul && tf32)
         {
             k.Declare(TiledGemm.TensorKernel<TOp, Tf32Math, PtxLayout>, TiledGemm.Specialization);
         }
@@ -766,11 +767,16 @@ internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
         }
     }
 
-    private readonly bool _tf32x3Kernel;
+    private readonly bool _tf32x3Kernel, _tf32Kernel;
 
-    /// <summary>False in the one mode this op has no kernel for (3xTF32, for an op built without one: the K steps of one
-    /// tap, whose caller then takes the channel-major op).</summary>
-    public bool Runs => _tf32x3Kernel || Mode != MathPrecision.Tf32x3;
+    /// <summary>False in a mode this op has no kernel for (3xTF32 for the K steps of one tap, the tensor-core modes for the
+    /// weight gradient's tap-major columns), whose caller then takes the channel-major op.</summary>
+    public bool Runs => Mode switch
+    {
+        MathPrecision.Tf32x3 => _tf32x3Kernel,
+        MathPrecision.Tf32 => _tf32Kernel,
+        _ => true,
+    };
 
     /// <summary>The FFMA core.</summary>
     public TileLauncher Fp32 => _fp32 ??= TiledGemm.Load<TOp>(_k);
@@ -778,7 +784,8 @@ internal sealed class TiledKernels<TOp> where TOp : struct, ITileOperands
     /// <summary>The kernel the set's <see cref="IlgpuKernels.EffectivePrecision"/> asks for.</summary>
     public TileLauncher For() => Mode switch
     {
-        MathPrecision.Tf32 => _tf32 ??= TiledGemm.LoadTensor<TOp, Tf32Math, PtxLayout>(_k),
+        MathPrecision.Tf32 when _tf32Kernel => _tf32 ??= TiledGemm.LoadTensor<TOp, Tf32Math, PtxLayout>(_k),
+        MathPrecision.Tf32 => throw new InvalidOperationException($"{typeof(TOp).Name} has no TF32 kernel"),
         MathPrecision.Tf32x3 when _tf32x3Kernel => _tf32x3 ??= TiledGemm.LoadTensor<TOp, Tf32x3Math, PtxLayout>(_k),
         MathPrecision.Tf32x3 => throw new InvalidOperationException($"{typeof(TOp).Name} has no 3xTF32 kernel"),
         _ => Fp32,

@@ -58,6 +58,9 @@ public struct ConvForwardTile : ITileOperands
     public static bool TapSteps => false;
 
     /// <inheritdoc/>
+    public static bool TapColumns => false;
+
+    /// <inheritdoc/>
     public static int ChannelStride(TileArgs t) => 0;
 
     /// <inheritdoc/>
@@ -130,6 +133,9 @@ public struct ConvForwardTapTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool TapSteps => true;
+
+    /// <inheritdoc/>
+    public static bool TapColumns => false;
 
     /// <summary>x's channels are H·W apart.</summary>
     public static int ChannelStride(TileArgs t) => t.Conv.H * t.Conv.W;
@@ -218,6 +224,9 @@ public struct ConvInputTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static bool TapColumns => false;
 
     /// <inheritdoc/>
     public static int ChannelStride(TileArgs t) => 0;
@@ -319,6 +328,9 @@ public struct ConvInputTapTile : ITileOperands
     /// <inheritdoc/>
     public static bool TapSteps => true;
 
+    /// <inheritdoc/>
+    public static bool TapColumns => false;
+
     /// <summary>dy's channels are P·Q apart.</summary>
     public static int ChannelStride(TileArgs t) => t.Conv.P * t.Conv.Q;
 
@@ -400,6 +412,9 @@ public struct ConvWeightTile : ITileOperands
     public static bool TapSteps => false;
 
     /// <inheritdoc/>
+    public static bool TapColumns => false;
+
+    /// <inheritdoc/>
     public static int ChannelStride(TileArgs t) => 0;
 
     /// <inheritdoc/>
@@ -430,6 +445,77 @@ public struct ConvWeightTile : ITileOperands
     {
         int i = m * t.Cols + col;
         c[i] = t.Accumulate != 0 ? c[i] + acc : acc;
+    }
+}
+
+/// <summary>
+/// The weight gradient with its columns tap-major (<see cref="ITileOperands.TapColumns"/>; C a multiple of 64): column
+/// tap·C + c, so each half of a thread's 16 columns along K (line + 8·j, j &lt; 8, and the 64 after) is one tap's 8
+/// channels, 8 apart: one tap test a half and loads chained by 8·H·W (docs/gpu.md, "The weight gradient in K steps of a
+/// tap's channels"). dw is written in its own order, [K][C][R·S], by the epilogue; the rest is <see cref="ConvWeightTile"/>'s.
+/// </summary>
+public struct ConvWeightTapTile : ITileOperands
+{
+    /// <inheritdoc/>
+    public static bool AAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static bool BAlongK(TileArgs t) => true;
+
+    /// <inheritdoc/>
+    public static Gather RowOfA(TileArgs t, int m) => ConvWeightTile.RowOfA(t, m);
+
+    /// <inheritdoc/>
+    public static Gather KOfA(TileArgs t, int kd) => ConvWeightTile.KOfA(t, kd);
+
+    /// <inheritdoc/>
+    public static int IndexA(TileArgs t, Gather channel, Gather k) => ConvWeightTile.IndexA(t, channel, k);
+
+    /// <inheritdoc/>
+    public static Gather ColumnOfB(TileArgs t, int col) => ConvWeightTile.ColumnOfB(t, ChannelMajor(t, col));
+
+    /// <inheritdoc/>
+    public static Gather KOfB(TileArgs t, int kd) => ConvWeightTile.KOfB(t, kd);
+
+    /// <inheritdoc/>
+    public static int IndexB(TileArgs t, Gather tap, Gather pixel) => ConvWeightTile.IndexB(t, tap, pixel);
+
+    /// <inheritdoc/>
+    public static bool Tapped => true;
+
+    /// <inheritdoc/>
+    public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static bool TapColumns => true;
+
+    /// <summary>x's channels are H·W apart.</summary>
+    public static int ChannelStride(TileArgs t) => t.Conv.H * t.Conv.W;
+
+    /// <inheritdoc/>
+    public static bool RowSummed => true;
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfBFromTable(TileArgs t, int kd, ArrayView<Tap> pixels) => ConvWeightTile.PixelOfBFromTable(t, kd, pixels);
+
+    /// <inheritdoc/>
+    public static int PixelsPerImage(TileArgs t) => ConvWeightTile.PixelsPerImage(t);
+
+    /// <inheritdoc/>
+    public static TapPixel PixelOfB(TileArgs t, int kd) => ConvWeightTile.PixelOfB(t, kd);
+
+    /// <summary>Column tap·C + c: <see cref="ConvTaps.InputTap"/> of (c, tap).</summary>
+    public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, ChannelMajor(t, col));
+
+    /// <inheritdoc/>
+    public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
+        float acc) => ConvWeightTile.Store(t, c, e0, e1, e2, m, ChannelMajor(t, col), acc);
+
+    /// <summary>Column tap·C + c as w's own order, c·R·S + tap.</summary>
+    private static int ChannelMajor(TileArgs t, int col)
+    {
+        int tap = t.Div.C.Div(col);
+        return (col - tap * t.Conv.C) * t.Conv.R * t.Conv.S + tap;
     }
 }
 
@@ -713,8 +799,17 @@ internal static class TiledConv
             splits = WeightSplits(g);
         }
         var t = new TileArgs(g.K, g.Crs, kd, Chunk(kd, splits), accumulate: true, false, g, default, rowSums: db is not null);
+        if (ByTapColumns(g.C) && k.Conv2d.TiledWeightByTap.Runs)
+        {
+            TiledGemm.Launch<ConvWeightTapTile>(k, k.Conv2d.TiledWeightByTap.For(), t, dy, x, dw, dw, db ?? dw, dw);
+            return;
+        }
         TiledGemm.Launch<ConvWeightTile>(k, k.Conv2d.TiledWeight.For(), t, dy, x, dw, dw, db ?? dw, dw);
     }
+
+    /// <summary>True when the weight gradient takes tap-major columns (<see cref="ConvWeightTapTile"/>): C a multiple of 64, so
+    /// each half of a thread's columns (64 of a 128-column tile) is one tap's channels.</summary>
+    public static bool ByTapColumns(int channels) => channels % (TiledGemm.TN / 2) == 0;
 
     /// <summary>Taps a thread of <see cref="NarrowWeightKernel"/> sums: a kernel of at most 9 taps (R·S ≤ 9: 3 x 3, 1 x 9, …).</summary>
     public const int NarrowTaps = 9;

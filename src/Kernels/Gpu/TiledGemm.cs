@@ -292,7 +292,16 @@ public interface ITileOperands
     /// </summary>
     static abstract bool TapSteps { get; }
 
-    /// <summary>With <see cref="TapSteps"/>: the offset between two channels of a pixel in b (0 for other ops).</summary>
+    /// <summary>
+    /// True for a tapped B along K whose columns are tap-major (column tap·C + c, C a multiple of 64: the weight gradient's
+    /// <see cref="ConvWeightTapTile"/>): each half of a thread's 16 columns (line + 8·j, j &lt; 8, and the 64 after) is one
+    /// tap's channels, <see cref="ChannelStride"/>·8 apart, so the GPU kernel tests one tap a half and chains the loads,
+    /// where the columns' taps came from shared memory one an element.
+    /// </summary>
+    static abstract bool TapColumns { get; }
+
+    /// <summary>With <see cref="TapSteps"/> or <see cref="TapColumns"/>: the offset between two channels of a pixel in b (0
+    /// for other ops).</summary>
     static abstract int ChannelStride(TileArgs t);
 
     /// <summary>Writes C(m, col) = <paramref name="acc"/>, the whole sum over K, through the op's epilogue. e0, e1 and e2 are
@@ -549,7 +558,7 @@ public static partial class TiledGemm
         var aS = aS4.Cast<float>();
         var bS = bS4.Cast<float>();
         bool aAlongK = TOp.AAlongK(t), bAlongK = TOp.BAlongK(t);
-        if (TOp.Tapped && bAlongK)
+        if (TOp.Tapped && bAlongK && !TOp.TapColumns)
         {
             // The taps of this tile's columns, once a launch (a uniform branch: every thread reaches the barrier).
             int col = col0 + tid;
@@ -664,6 +673,9 @@ public static partial class TiledGemm
         private readonly bool _row0, _row1;
         private readonly ArrayView<float> _zero;
 
+        // Tap-major columns along K (TOp.TapColumns): the tap of each half of this thread's columns.
+        private readonly Tap _tap0, _tap1;
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Fetcher(TileArgs t, ArrayView<float> a, ArrayView<float> b, ArrayView<Tap> taps, ArrayView<Tap> columnTaps, int tid, int m0, int col0,
             int kEnd, int foursRow, int foursRowStep, int foursQuad)
@@ -679,6 +691,16 @@ public static partial class TiledGemm
             _kkB = Element(true, tid, TN).Kk;
             _lineB = Element(true, tid, TN).Line;
             _rowsA = _aAlongK && !TOp.TapSteps ? new Rows8<TOp>(t, a, m0, Element(true, tid, TM).Line) : default;
+            if (TOp.TapColumns)
+            {
+                // Each half of this thread's columns (line + 8·j and the 64 after) is one tap's channels; a half past the last
+                // column reads nothing (C is a multiple of 64: a half is whole or absent). The table's zero follows its pixels.
+                int first = col0 + _lineB;
+                _tap0 = first < t.Cols ? TOp.TapOfB(t, first) : new Tap(0, Taps.Nowhere);
+                _tap1 = first + 64 < t.Cols ? TOp.TapOfB(t, first + 64) : new Tap(0, Taps.Nowhere);
+                _channelStride = TOp.ChannelStride(t);
+                _zero = taps.Cast<float>().SubView(2 * TOp.PixelsPerImage(t), 1);
+            }
             if (TOp.TapSteps)
             {
                 // Rows of Kd floats, Kd a multiple of 16, from a 16-byte aligned start (TiledConv's permuted weights).
@@ -711,6 +733,11 @@ public static partial class TiledGemm
                     // kd = k0 + kk's pixel, once a step for both halves (no tap reads it past the K range).
                     int kd = k0 + _kkB;
                     var at = new PixelView(_b, kd < _kEnd ? TOp.PixelOfBFromTable(T, kd, _taps) : default);
+                    if (TOp.TapColumns)
+                    {
+                        // Each half one tap of 8 channels, 8 channel strides apart.
+                        return new Staged(a, at.Channels8(_tap0, 8 * _channelStride, _zero), at.Channels8(_tap1, 8 * _channelStride, _zero));
+                    }
                     return new Staged(a, EightTappedAlongK(at, 0), EightTappedAlongK(at, 8));
                 }
                 // The step's 16 taps, two a 128-bit load from one address (k0 is even and not negative, and the table's
@@ -881,6 +908,29 @@ public static partial class TiledGemm
             {
                 V0 = Channel(reads, at, 8, stride), V1 = Channel(reads, at, 9, stride), V2 = Channel(reads, at, 10, stride), V3 = Channel(reads, at, 11, stride),
                 V4 = Channel(reads, at, 12, stride), V5 = Channel(reads, at, 13, stride), V6 = Channel(reads, at, 14, stride), V7 = Channel(reads, at, 15, stride),
+            };
+        }
+
+        /// <summary>The 8 elements of a half of tap-major columns along K (<see cref="ITileOperands.TapColumns"/>): channels 0 .. 7
+        /// of <paramref name="tap"/> at the pixel, <paramref name="stride"/> apart; all zero where the tap misses the pixel. On a
+        /// GPU the loads are chained as <see cref="Channels"/>'s, reading the table's zero (stride 0) where the tap misses.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Floats8 Channels8(Tap tap, int stride, ArrayView<float> zero)
+        {
+            bool reads = Taps.Reads(_pixel, tap);
+            if (CudaAsm.IsSupported)
+            {
+                long s = reads ? stride : 0;
+                var v0 = reads ? _at.SubView(tap.Delta) : zero;
+                var v1 = v0.SubView(s); var v2 = v1.SubView(s); var v3 = v2.SubView(s); var v4 = v3.SubView(s);
+                var v5 = v4.SubView(s); var v6 = v5.SubView(s); var v7 = v6.SubView(s);
+                return new Floats8 { V0 = v0[0], V1 = v1[0], V2 = v2[0], V3 = v3[0], V4 = v4[0], V5 = v5[0], V6 = v6[0], V7 = v7[0] };
+            }
+            int at = _pixel.Base + tap.Delta;
+            return new Floats8
+            {
+                V0 = Channel(reads, at, 0, stride), V1 = Channel(reads, at, 1, stride), V2 = Channel(reads, at, 2, stride), V3 = Channel(reads, at, 3, stride),
+                V4 = Channel(reads, at, 4, stride), V5 = Channel(reads, at, 5, stride), V6 = Channel(reads, at, 6, stride), V7 = Channel(reads, at, 7, stride),
             };
         }
 
@@ -1348,6 +1398,9 @@ public struct MatmulTile : ITileOperands
 
     /// <inheritdoc/>
     public static bool TapSteps => false;
+
+    /// <inheritdoc/>
+    public static bool TapColumns => false;
 
     /// <inheritdoc/>
     public static int ChannelStride(TileArgs t) => 0;
