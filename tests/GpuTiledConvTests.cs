@@ -169,17 +169,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         // dw [70, 8·3·3 = 72]: 2 x 2 output tiles, both ragged, each finished by the last of its 3 split groups (its own
         // arrival counter), with the bias's row sums from the first column's tiles; then every counter is back at zero.
         var g = new ConvShape(2, 8, 5, 5, 70, 3, 3, 1, 1);
-        var device = fixture[warp];
-        var rng = new Random(13 + warp);
-        var dy = (Ints(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
-        var x = (Ints(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
-        var db = (Ints(rng, g.K), new[] { g.K });
-        int[] ws = [g.K, g.C, g.R, g.S];
-        float[] dw0 = Ints(rng, g.K * g.Crs);
-        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
-        var kernels = IlgpuKernels.For(device);
-        Check($"warp {warp}, 2 x 2 tiles, 3 splits", expected, () => Run(device, [dy, x, db], dw0, ws,
-            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: 3), alsoInput: 2), rerun: true);
+        var kernels = IlgpuKernels.For(fixture[warp]);
+        var (expected, tiled) = WeightGradientCase(kernels, g, 13 + warp);
+        Check($"warp {warp}, 2 x 2 tiles, 3 splits", expected, () => tiled(3), rerun: true);
         var counters = new int[IlgpuKernels.CounterSlots];
         ILGPU.Runtime.ArrayViewExtensions.CopyToCPU(kernels.GridCounters, kernels.Stream, counters);
         kernels.Stream.Synchronize();
@@ -199,20 +191,12 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     {
         var g = new ConvShape(2, 64, 5, 6, 70, 3, 3, stride, 1);
         Assert.True(TiledConv.ByTapColumns(g.C));
-        var device = fixture[warp];
-        var rng = new Random(41 + warp + stride);
-        var dy = (Ints(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
-        var x = (Ints(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
-        var db = (Ints(rng, g.K), new[] { g.K });
-        int[] ws = [g.K, g.C, g.R, g.S];
-        float[] dw0 = Ints(rng, g.K * g.Crs);
-        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
-        var kernels = IlgpuKernels.For(device);
+        var kernels = IlgpuKernels.For(fixture[warp]);
         Assert.True(kernels.Conv2d.TiledWeightByTap.Runs);
+        var (expected, tiled) = WeightGradientCase(kernels, g, 41 + warp + stride);
         foreach (int splits in new[] { 1, 3 })
         {
-            Check($"warp {warp}, stride {stride}, {splits} split(s)", expected, () => Run(device, [dy, x, db], dw0, ws,
-                (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: splits), alsoInput: 2), rerun: splits > 1);
+            Check($"warp {warp}, stride {stride}, {splits} split(s)", expected, () => tiled(splits), rerun: splits > 1);
         }
         kernels.Precision = MathPrecision.Tf32;
         try
@@ -638,6 +622,22 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
     /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
     /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output (followed by input
     /// <paramref name="alsoInput"/>'s values when the op also adds into that one).</summary>
+    /// <summary>A weight gradient of <paramref name="g"/> with the bias's row sums, on random integers added to random dw and
+    /// db: the CPU backend's result, and a function that runs <c>TiledConv.BackwardWeight</c> in a given number of splits on
+    /// the kernels' device.</summary>
+    private static (float[] Expected, Func<int, float[]> Tiled) WeightGradientCase(IlgpuKernels kernels, ConvShape g, int seed)
+    {
+        var rng = new Random(seed);
+        var dy = (Ints(rng, g.N * g.K * g.Pq), new[] { g.N, g.K, g.P, g.Q });
+        var x = (Ints(rng, g.N * g.C * g.H * g.W), new[] { g.N, g.C, g.H, g.W });
+        var db = (Ints(rng, g.K), new[] { g.K });
+        int[] ws = [g.K, g.C, g.R, g.S];
+        float[] dw0 = Ints(rng, g.K * g.Crs);
+        float[] expected = Run(CpuDevice.Instance, [dy, x, db], dw0, ws, (t, dw) => Conv2d.BackwardWeight(t[0], t[1], dw, g.Stride, g.Pad, t[2]), alsoInput: 2);
+        return (expected, splits => Run(kernels.Device, [dy, x, db], dw0, ws,
+            (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: splits), alsoInput: 2));
+    }
+
     internal static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op,
         int alsoInput = -1)
     {
