@@ -123,7 +123,7 @@ public struct ConvForwardTapTile : ITileOperands
     public static Gather ColumnOfB(TileArgs t, int col) => ConvTaps.OutputPixel(t, col);
 
     /// <inheritdoc/>
-    public static Gather KOfB(TileArgs t, int kd) => ConvTaps.Tap(t, ChannelMajor(t, kd));
+    public static Gather KOfB(TileArgs t, int kd) => ConvTaps.Tap(t, ConvTaps.ChannelMajor(t, kd));
 
     /// <inheritdoc/>
     public static int IndexB(TileArgs t, Gather pixel, Gather tap) => ConvTaps.Input(t, pixel, tap);
@@ -153,18 +153,11 @@ public struct ConvForwardTapTile : ITileOperands
     public static TapPixel PixelOfB(TileArgs t, int col) => ConvTaps.Window(t, col);
 
     /// <inheritdoc/>
-    public static Tap TapOfB(TileArgs t, int kd) => ConvTaps.InputTap(t, ChannelMajor(t, kd));
+    public static Tap TapOfB(TileArgs t, int kd) => ConvTaps.InputTap(t, ConvTaps.ChannelMajor(t, kd));
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> y, ArrayView<float> b, ArrayView<float> e, ArrayView<float> residual, int m, int col,
         float acc) => ConvForwardTile.Store(t, y, b, e, residual, m, col, acc);
-
-    /// <summary>kd = tap·C + c as w's own order, c·R·S + tap.</summary>
-    private static int ChannelMajor(TileArgs t, int kd)
-    {
-        int tap = t.Div.C.Div(kd);
-        return (kd - tap * t.Conv.C) * t.Conv.R * t.Conv.S + tap;
-    }
 }
 
 /// <summary>Convolution input gradient as a tiled implicit GEMM: A(c, (k, rs)) = w[k, c, rs], B((k, rs), (n, hw)) =
@@ -472,7 +465,7 @@ public struct ConvWeightTapTile : ITileOperands
     public static int IndexA(TileArgs t, Gather channel, Gather k) => ConvWeightTile.IndexA(t, channel, k);
 
     /// <inheritdoc/>
-    public static Gather ColumnOfB(TileArgs t, int col) => ConvWeightTile.ColumnOfB(t, ChannelMajor(t, col));
+    public static Gather ColumnOfB(TileArgs t, int col) => ConvWeightTile.ColumnOfB(t, ConvTaps.ChannelMajor(t, col));
 
     /// <inheritdoc/>
     public static Gather KOfB(TileArgs t, int kd) => ConvWeightTile.KOfB(t, kd);
@@ -505,23 +498,24 @@ public struct ConvWeightTapTile : ITileOperands
     public static TapPixel PixelOfB(TileArgs t, int kd) => ConvWeightTile.PixelOfB(t, kd);
 
     /// <summary>Column tap·C + c: <see cref="ConvTaps.InputTap"/> of (c, tap).</summary>
-    public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, ChannelMajor(t, col));
+    public static Tap TapOfB(TileArgs t, int col) => ConvTaps.InputTap(t, ConvTaps.ChannelMajor(t, col));
 
     /// <inheritdoc/>
     public static void Store(TileArgs t, ArrayView<float> c, ArrayView<float> e0, ArrayView<float> e1, ArrayView<float> e2, int m, int col,
-        float acc) => ConvWeightTile.Store(t, c, e0, e1, e2, m, ChannelMajor(t, col), acc);
-
-    /// <summary>Column tap·C + c as w's own order, c·R·S + tap.</summary>
-    private static int ChannelMajor(TileArgs t, int col)
-    {
-        int tap = t.Div.C.Div(col);
-        return (col - tap * t.Conv.C) * t.Conv.R * t.Conv.S + tap;
-    }
+        float acc) => ConvWeightTile.Store(t, c, e0, e1, e2, m, ConvTaps.ChannelMajor(t, col), acc);
 }
 
 /// <summary>Index arithmetic the convolution gathers share.</summary>
 internal static class ConvTaps
 {
+    /// <summary>Index tap·C + c (the forward's kd in K steps of one tap, the weight gradient's tap-major column) as w's own
+    /// order over (c, r, s), c·R·S + tap.</summary>
+    public static int ChannelMajor(TileArgs t, int i)
+    {
+        int tap = t.Div.C.Div(i);
+        return (i - tap * t.Conv.C) * t.Conv.R * t.Conv.S + tap;
+    }
+
     /// <summary>Output pixel col = (n, p, q) of a convolution: the image's offset in x, and the top-left input pixel of
     /// its window, (p·stride - pad, q·stride - pad).</summary>
     public static Gather OutputPixel(TileArgs t, int col)

@@ -889,26 +889,13 @@ public static partial class TiledGemm
             {
                 // Where the tap misses, all 16 loads read the table's zero (stride 0): no predicates, no zeroing moves.
                 long s = reads ? stride : 0;
-                var v0 = reads ? _at.SubView(tap.Delta) : zero;
-                var v1 = v0.SubView(s); var v2 = v1.SubView(s); var v3 = v2.SubView(s); var v4 = v3.SubView(s);
-                var v5 = v4.SubView(s); var v6 = v5.SubView(s); var v7 = v6.SubView(s); var v8 = v7.SubView(s);
-                var v9 = v8.SubView(s); var v10 = v9.SubView(s); var v11 = v10.SubView(s); var v12 = v11.SubView(s);
-                var v13 = v12.SubView(s); var v14 = v13.SubView(s); var v15 = v14.SubView(s);
-                first = new Floats8 { V0 = v0[0], V1 = v1[0], V2 = v2[0], V3 = v3[0], V4 = v4[0], V5 = v5[0], V6 = v6[0], V7 = v7[0] };
-                second = new Floats8 { V0 = v8[0], V1 = v9[0], V2 = v10[0], V3 = v11[0], V4 = v12[0], V5 = v13[0], V6 = v14[0], V7 = v15[0] };
+                first = Chained(reads ? _at.SubView(tap.Delta) : zero, s, out var last);
+                second = Chained(last.SubView(s), s, out _);
                 return;
             }
             int at = _pixel.Base + tap.Delta;
-            first = new Floats8
-            {
-                V0 = Channel(reads, at, 0, stride), V1 = Channel(reads, at, 1, stride), V2 = Channel(reads, at, 2, stride), V3 = Channel(reads, at, 3, stride),
-                V4 = Channel(reads, at, 4, stride), V5 = Channel(reads, at, 5, stride), V6 = Channel(reads, at, 6, stride), V7 = Channel(reads, at, 7, stride),
-            };
-            second = new Floats8
-            {
-                V0 = Channel(reads, at, 8, stride), V1 = Channel(reads, at, 9, stride), V2 = Channel(reads, at, 10, stride), V3 = Channel(reads, at, 11, stride),
-                V4 = Channel(reads, at, 12, stride), V5 = Channel(reads, at, 13, stride), V6 = Channel(reads, at, 14, stride), V7 = Channel(reads, at, 15, stride),
-            };
+            first = Strided(reads, at, stride);
+            second = Strided(reads, at + 8 * stride, stride);
         }
 
         /// <summary>The 8 elements of a half of tap-major columns along K (<see cref="ITileOperands.TapColumns"/>): channels 0 .. 7
@@ -920,19 +907,29 @@ public static partial class TiledGemm
             bool reads = Taps.Reads(_pixel, tap);
             if (CudaAsm.IsSupported)
             {
-                long s = reads ? stride : 0;
-                var v0 = reads ? _at.SubView(tap.Delta) : zero;
-                var v1 = v0.SubView(s); var v2 = v1.SubView(s); var v3 = v2.SubView(s); var v4 = v3.SubView(s);
-                var v5 = v4.SubView(s); var v6 = v5.SubView(s); var v7 = v6.SubView(s);
-                return new Floats8 { V0 = v0[0], V1 = v1[0], V2 = v2[0], V3 = v3[0], V4 = v4[0], V5 = v5[0], V6 = v6[0], V7 = v7[0] };
+                return Chained(reads ? _at.SubView(tap.Delta) : zero, reads ? stride : 0, out _);
             }
-            int at = _pixel.Base + tap.Delta;
-            return new Floats8
-            {
-                V0 = Channel(reads, at, 0, stride), V1 = Channel(reads, at, 1, stride), V2 = Channel(reads, at, 2, stride), V3 = Channel(reads, at, 3, stride),
-                V4 = Channel(reads, at, 4, stride), V5 = Channel(reads, at, 5, stride), V6 = Channel(reads, at, 6, stride), V7 = Channel(reads, at, 7, stride),
-            };
+            return Strided(reads, _pixel.Base + tap.Delta, stride);
         }
+
+        /// <summary>A GPU's 8 loads from <paramref name="v0"/> on, each view the last one's plus <paramref name="s"/> (one wide
+        /// add and a load an element); <paramref name="v7"/> is the last view.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Floats8 Chained(ArrayView<float> v0, long s, out ArrayView<float> v7)
+        {
+            var v1 = v0.SubView(s); var v2 = v1.SubView(s); var v3 = v2.SubView(s); var v4 = v3.SubView(s);
+            var v5 = v4.SubView(s); var v6 = v5.SubView(s);
+            v7 = v6.SubView(s);
+            return new Floats8 { V0 = v0[0], V1 = v1[0], V2 = v2[0], V3 = v3[0], V4 = v4[0], V5 = v5[0], V6 = v6[0], V7 = v7[0] };
+        }
+
+        /// <summary>A simulator's 8 elements b[at + j·stride], j &lt; 8 (<see cref="Channel"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private Floats8 Strided(bool reads, int at, int stride) => new()
+        {
+            V0 = Channel(reads, at, 0, stride), V1 = Channel(reads, at, 1, stride), V2 = Channel(reads, at, 2, stride), V3 = Channel(reads, at, 3, stride),
+            V4 = Channel(reads, at, 4, stride), V5 = Channel(reads, at, 5, stride), V6 = Channel(reads, at, 6, stride), V7 = Channel(reads, at, 7, stride),
+        };
 
         /// <summary>A simulator's element j of <see cref="Channels"/>: b[at + j·stride], bounds-checked by its view.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
