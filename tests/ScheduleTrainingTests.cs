@@ -15,6 +15,7 @@ namespace Ddpm.Tests;
 /// unclipped step (clip: false): the cosine run's samples reached values in the hundreds (correlation 0.36..0.5, total
 /// variation about 500) and failed; the linear run's correlated 0.91..0.96 but left [-1, 1].
 /// </summary>
+[Collection(ScheduleTrainingCollection.Name)]
 public sealed class ScheduleTrainingTests(ITestOutputHelper output)
 {
     /// <summary>The schedules <see cref="NoiseSchedule.ByName"/> knows (there is no list of their names to iterate: a new
@@ -216,4 +217,11 @@ public sealed class ScheduleTrainingTests(ITestOutputHelper output)
         Assert.Null(FirstFailure(samples, Samples));
         Assert.True(share <= Ddpm.Nn.EmaSchedule.MostlyInitial, $"the average is {share:P0} the initial weights after {steps} steps");
     }
+}
+
+/// <summary>The schedule training runs: one of the suite's longest collections (<see cref="LongestFirst"/>).</summary>
+[CollectionDefinition(Name)]
+public sealed class ScheduleTrainingCollection
+{
+    public const string Name = "schedule training";
 }
