@@ -619,9 +619,6 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
         Assert.True(bad.Count == 0, $"{what}: {string.Join("; ", bad)}");
     }
 
-    /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
-    /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output (followed by input
-    /// <paramref name="alsoInput"/>'s values when the op also adds into that one).</summary>
     /// <summary>A weight gradient of <paramref name="g"/> with the bias's row sums, on random integers added to random dw and
     /// db: the CPU backend's result, and a function that runs <c>TiledConv.BackwardWeight</c> in a given number of splits on
     /// the kernels' device.</summary>
@@ -638,6 +635,9 @@ public sealed class GpuTiledConvTests(GpuLikeFixture fixture, ITestOutputHelper 
             (t, dw) => TiledConv.BackwardWeight(kernels, g, t[0].View, t[1].View, dw.View, t[2].View, splits: splits), alsoInput: 2));
     }
 
+    /// <summary>Uploads the inputs and <paramref name="start"/> as the output [<paramref name="outShape"/>] to
+    /// <paramref name="device"/>, runs <paramref name="op"/>, and returns the output (followed by input
+    /// <paramref name="alsoInput"/>'s values when the op also adds into that one).</summary>
     internal static float[] Run(Device device, (float[] Data, int[] Shape)[] inputs, float[] start, int[] outShape, Action<Tensor[], Tensor> op,
         int alsoInput = -1)
     {
